@@ -1,0 +1,80 @@
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/alloc.h"
+
+static atomic_long fail_after = -1;
+static atomic_long live;
+
+static int should_fail(void)
+{
+    long n = atomic_load(&fail_after);
+    if (n < 0)
+        return 0;
+    /* Count down; once at zero every further allocation fails. */
+    while (n > 0) {
+        if (atomic_compare_exchange_weak(&fail_after, &n, n - 1))
+            return 0;
+        if (n < 0)
+            return 0;
+    }
+    return 1;
+}
+
+void moe_alloc_fail_after(long n)
+{
+    atomic_store(&fail_after, n);
+}
+
+long moe_alloc_live(void)
+{
+    return atomic_load(&live);
+}
+
+void *moe_malloc(size_t n)
+{
+    if (should_fail())
+        return NULL;
+    void *p = malloc(n ? n : 1);
+    if (p)
+        atomic_fetch_add(&live, 1);
+    return p;
+}
+
+void *moe_calloc(size_t count, size_t size)
+{
+    if (should_fail())
+        return NULL;
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (p)
+        atomic_fetch_add(&live, 1);
+    return p;
+}
+
+void *moe_realloc(void *p, size_t n)
+{
+    if (p == NULL)
+        return moe_malloc(n);
+    if (should_fail())
+        return NULL;
+    return realloc(p, n ? n : 1);
+}
+
+void moe_free(void *p)
+{
+    if (p == NULL)
+        return;
+    atomic_fetch_sub(&live, 1);
+    free(p);
+}
+
+char *moe_strndup(const char *s, size_t n)
+{
+    char *d = moe_malloc(n + 1);
+    if (d == NULL)
+        return NULL;
+    memcpy(d, s, n);
+    d[n] = '\0';
+    return d;
+}

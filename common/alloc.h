@@ -1,0 +1,33 @@
+/* Allocation wrappers with a fault-injection hook.
+ *
+ * Every allocation in the library that depends on input goes through these,
+ * so that tests can fail the Nth allocation (shared/RELIABILITY.md row 3) and
+ * check that each error path frees everything. The hook and the live counter
+ * are process-global and not meant for production use; the counters are
+ * atomic so that the wrappers stay thread-safe.
+ */
+#ifndef MOE_COMMON_ALLOC_H
+#define MOE_COMMON_ALLOC_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+void *moe_malloc(size_t n);
+void *moe_calloc(size_t count, size_t size);
+void *moe_realloc(void *p, size_t n);
+void  moe_free(void *p);
+char *moe_strndup(const char *s, size_t n);
+
+/* Fail every allocation after `n` more have succeeded; n < 0 disables. */
+void moe_alloc_fail_after(long n);
+/* Allocations made through moe_malloc/calloc/realloc(NULL,..) and not freed. */
+long moe_alloc_live(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

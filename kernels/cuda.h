@@ -1,0 +1,40 @@
+/* CUDA backend entry points visible to C code.
+ *
+ * Built into libmoe when meson's `cuda` feature is on; otherwise the
+ * functions exist and return MOE_EUNSUPPORTED, so callers need no #ifdef.
+ */
+#ifndef MOE_KERNELS_CUDA_H
+#define MOE_KERNELS_CUDA_H
+
+#include <stddef.h>
+
+#include "common/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct moe_cuda_device {
+    int    index;
+    char   name[256];
+    int    cc_major, cc_minor;   /* compute capability */
+    size_t total_mem, free_mem;  /* bytes, from cudaMemGetInfo */
+    int    n_sm;
+};
+
+/* Whether this libmoe was built with the CUDA backend. */
+int moe_cuda_built(void);
+
+/* Lists up to `max` devices into out; returns how many exist (>= 0), or a
+ * negative code. No driver or no device is 0 devices, not an error. */
+int moe_cuda_probe(struct moe_cuda_device *out, int max, struct moe_diag *diag);
+
+/* Runs a small kernel on device `dev` and checks its result on the host:
+ * proves the toolchain, driver and architecture list agree. */
+int moe_cuda_selftest(int dev, struct moe_diag *diag);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,88 @@
+// Device discovery and a toolchain self-test for the CUDA backend.
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "kernels/cuda.h"
+
+extern "C" int moe_cuda_built(void)
+{
+    return 1;
+}
+
+extern "C" int moe_cuda_probe(struct moe_cuda_device *out, int max, struct moe_diag *diag)
+{
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (e != cudaSuccess)
+        return moe_diag_set(diag, MOE_EGPU, "cudaGetDeviceCount: %s", cudaGetErrorString(e));
+    for (int i = 0; i < n && i < max; i++) {
+        cudaDeviceProp p;
+        e = cudaGetDeviceProperties(&p, i);
+        if (e != cudaSuccess)
+            return moe_diag_set(diag, MOE_EGPU, "cudaGetDeviceProperties(%d): %s", i,
+                                cudaGetErrorString(e));
+        memset(&out[i], 0, sizeof(out[i]));
+        out[i].index = i;
+        snprintf(out[i].name, sizeof(out[i].name), "%s", p.name);
+        out[i].cc_major = p.major;
+        out[i].cc_minor = p.minor;
+        out[i].n_sm = p.multiProcessorCount;
+        out[i].total_mem = p.totalGlobalMem;
+        if (cudaSetDevice(i) == cudaSuccess) {
+            size_t fr = 0, tot = 0;
+            if (cudaMemGetInfo(&fr, &tot) == cudaSuccess) {
+                out[i].free_mem = fr;
+                out[i].total_mem = tot;
+            }
+        }
+    }
+    return n;
+}
+
+__global__ static void saxpy_kernel(int n, float a, const float *x, float *y)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        y[i] = a * x[i] + y[i];
+}
+
+extern "C" int moe_cuda_selftest(int dev, struct moe_diag *diag)
+{
+    enum { N = 4099 };
+    static float hx[N], hy[N];
+    float *dx = NULL, *dy = NULL;
+    int rc = 0;
+    cudaError_t e;
+#define CK(stmt) do { e = (stmt); if (e != cudaSuccess) { \
+        rc = moe_diag_set(diag, MOE_EGPU, "%s: %s (%s:%d)", #stmt, cudaGetErrorString(e), \
+                          __FILE__, __LINE__); goto out; } } while (0)
+    for (int i = 0; i < N; i++) {
+        hx[i] = (float)i;
+        hy[i] = 1.0f;
+    }
+    CK(cudaSetDevice(dev));
+    CK(cudaMalloc(&dx, sizeof(hx)));
+    CK(cudaMalloc(&dy, sizeof(hy)));
+    CK(cudaMemcpy(dx, hx, sizeof(hx), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dy, hy, sizeof(hy), cudaMemcpyHostToDevice));
+    saxpy_kernel<<<(N + 255) / 256, 256>>>(N, 2.0f, dx, dy);
+    CK(cudaGetLastError());
+    CK(cudaMemcpy(hy, dy, sizeof(hy), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < N; i++) {
+        if (hy[i] != 2.0f * (float)i + 1.0f) {
+            rc = moe_diag_set(diag, MOE_EGPU, "selftest: y[%d] = %g, expected %g", i,
+                              (double)hy[i], 2.0 * i + 1.0);
+            goto out;
+        }
+    }
+out:
+#undef CK
+    cudaFree(dx);
+    cudaFree(dy);
+    return rc;
+}

@@ -1,0 +1,21 @@
+/* The CUDA entry points of a libmoe built without CUDA. */
+#include "kernels/cuda.h"
+
+int moe_cuda_built(void)
+{
+    return 0;
+}
+
+int moe_cuda_probe(struct moe_cuda_device *out, int max, struct moe_diag *diag)
+{
+    (void)out;
+    (void)max;
+    (void)diag;
+    return 0;
+}
+
+int moe_cuda_selftest(int dev, struct moe_diag *diag)
+{
+    return moe_diag_set(diag, MOE_EUNSUPPORTED,
+                        "device %d: this build has no CUDA backend (meson -Dcuda=enabled)", dev);
+}

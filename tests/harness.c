@@ -1,0 +1,127 @@
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tests/harness.h"
+
+int moe_test_failed;
+int moe_test_skipped;
+
+static int n_pass, n_fail, n_skip;
+
+/* Each test runs in a forked child so that a crash, an abort or a hang in
+ * one case is reported as that case's failure and the others still run. */
+void moe_test_run(const char *name, void (*fn)(void))
+{
+    unsigned timeout = 60;
+    const char *t = getenv("MOE_TEST_TIMEOUT");
+    if (t && atoi(t) > 0)
+        timeout = (unsigned)atoi(t);
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("fork");
+        n_fail++;
+        return;
+    }
+    if (pid == 0) {
+        alarm(timeout);
+        moe_test_failed = 0;
+        moe_test_skipped = 0;
+        fn();
+        fflush(stdout);
+        fflush(stderr);
+        _exit(moe_test_failed ? 1 : moe_test_skipped ? MOE_TEST_SKIP : 0);
+    }
+    int st = 0;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 0) {
+        printf("ok   %s\n", name);
+        n_pass++;
+    } else if (WIFEXITED(st) && WEXITSTATUS(st) == MOE_TEST_SKIP) {
+        printf("skip %s\n", name);
+        n_skip++;
+    } else if (WIFSIGNALED(st)) {
+        printf("FAIL %s (signal %d%s)\n", name, WTERMSIG(st),
+               WTERMSIG(st) == SIGALRM ? ": timeout" : "");
+        n_fail++;
+    } else {
+        printf("FAIL %s\n", name);
+        n_fail++;
+    }
+    fflush(stdout);
+}
+
+int moe_test_exit_code(void)
+{
+    printf("%d passed, %d failed, %d skipped\n", n_pass, n_fail, n_skip);
+    if (n_fail)
+        return 1;
+    if (n_pass == 0 && n_skip > 0)
+        return MOE_TEST_SKIP;
+    return 0;
+}
+
+const char *moe_test_ref_dir(void)
+{
+    static char buf[4096];
+    const char *d = getenv("MOE_REF_DIR");
+    if (d == NULL)
+        d = "";
+    snprintf(buf, sizeof(buf), "%s/manifest.json", d);
+    if (d[0] == '\0' || access(buf, R_OK) != 0) {
+        const char *ci = getenv("CI");
+        if (ci && strcmp(ci, "true") == 0) {
+            fprintf(stderr, "shared/ref missing at %s (required in CI)\n", d);
+            exit(1);
+        }
+        return NULL;
+    }
+    return d;
+}
+
+const char *moe_test_tmpdir(void)
+{
+    static char buf[4096];
+    if (buf[0])
+        return buf;
+    const char *base = getenv("TMPDIR");
+    snprintf(buf, sizeof(buf), "%s/moe-test-XXXXXX", base && base[0] ? base : "/tmp");
+    if (mkdtemp(buf) == NULL) {
+        perror("mkdtemp");
+        exit(1);
+    }
+    return buf;
+}
+
+void *moe_test_read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return NULL;
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        size_t r = fread(buf + n, 1, cap - n, f);
+        n += r;
+        if (n < cap)
+            break;
+        char *nb = realloc(buf, cap * 2);
+        if (nb == NULL) {
+            free(buf);
+            buf = NULL;
+            break;
+        }
+        buf = nb;
+        cap *= 2;
+    }
+    fclose(f);
+    if (buf && len)
+        *len = n;
+    return buf;
+}
