@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Installs moed's build and test dependencies on Debian 12 with apt-get and
+# configures + builds it. Idempotent: packages already present are not
+# reinstalled, an existing build directory is reused.
+#
+#   tools/setup.sh [--no-build] [--build-dir DIR] [-- extra meson options]
+#
+# CUDA: the backend is compiled when nvcc is found (meson option cuda=auto;
+# /usr/local/cuda/bin is added to PATH if present). Debian's own
+# nvidia-cuda-toolkit (non-free) is not installed by this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+build=1
+builddir=build
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-build) build=0 ;;
+    --build-dir) builddir="$2"; shift ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "setup.sh: unknown option '$1'" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+pkgs=(
+  build-essential pkg-config meson ninja-build
+  liburing-dev libzstd-dev libuv1-dev libhttp-parser-dev libjansson-dev
+  libinih-dev libxxhash-dev libpcre2-dev
+  fio clang libclang-rt-14-dev python3
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || { echo "setup: need root or sudo to apt-get install" >&2; exit 1; }
+    sudo=sudo
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ -x /usr/local/cuda/bin/nvcc ] && ! command -v nvcc >/dev/null; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
+
+if [ "$build" = 1 ]; then
+  if [ ! -f "$builddir/build.ninja" ]; then
+    meson setup "$builddir" "${extra[@]}"
+  elif [ ${#extra[@]} -gt 0 ]; then
+    meson configure "$builddir" "${extra[@]}"
+  fi
+  ninja -C "$builddir"
+fi

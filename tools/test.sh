@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The README's second command and what CI runs: set up, build the normal
+# tree (warnings as errors, CUDA compiled when nvcc exists) and the
+# sanitizer tree (ASan + UBSan, no CUDA), run the suites, and end with one
+# line "N passed, N failed, N skipped". Exit non-zero on any failure, and in
+# CI (CI=true) when ../shared/ref is missing.
+#
+# Suites: unit, integration, parity, gpu, fuzz in the normal build (gpu
+# tests skip with 77 without a GPU); unit, integration, fuzz in the
+# sanitizer build. bench is never run here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+ref="${MOE_REF_DIR:-$(cd .. && pwd)/shared/ref}"
+if [ ! -f "$ref/manifest.json" ]; then
+  if [ "${CI:-}" = true ]; then
+    echo "test: shared/ref not found at $ref (required in CI)" >&2
+    echo "0 passed, 1 failed, 0 skipped"
+    exit 1
+  fi
+  echo "test: shared/ref not found at $ref: parity tests will be skipped" >&2
+fi
+
+# One architecture keeps CI's CUDA compile short; release builds keep all.
+gpu_arch="${MOE_GPU_ARCH:-90}"
+set -e
+bash tools/setup.sh --build-dir build -- -Dwerror=true -Dgpu_arch="$gpu_arch" -Dref_dir="$ref"
+bash tools/setup.sh --no-build
+if [ ! -f build-san/build.ninja ]; then
+  meson setup build-san -Dsanitize_build=true -Dcuda=disabled -Dwerror=true -Dref_dir="$ref"
+fi
+ninja -C build-san
+set +e
+
+status=0
+meson test -C build --print-errorlogs --num-processes 2 \
+  --suite unit --suite integration --suite parity --suite gpu --suite fuzz || status=1
+meson test -C build-san --print-errorlogs --num-processes 2 \
+  --suite unit --suite integration --suite fuzz || status=1
+
+pass=0; fail=0; skip=0
+for log in build/meson-logs/testlog.json build-san/meson-logs/testlog.json; do
+  [ -f "$log" ] || continue
+  p=$(grep -o '"result": "OK"' "$log" | wc -l)
+  s=$(grep -o '"result": "SKIP"' "$log" | wc -l)
+  t=$(grep -o '"result": "[A-Z]*"' "$log" | wc -l)
+  pass=$((pass + p)); skip=$((skip + s)); fail=$((fail + t - p - s))
+done
+[ "$fail" -gt 0 ] && status=1
+echo "$pass passed, $fail failed, $skip skipped"
+exit $status
