@@ -20,38 +20,18 @@
 
 #include "common/error.h"
 #include "kernels/cpu/dequant.h"
+#include "kernels/fp16.h"
 
 #define QK_K 256
 
 static inline float f16_to_f32(const uint8_t *p)
 {
-    uint16_t h = (uint16_t)(p[0] | p[1] << 8);
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | man << 13;          /* inf / nan */
-    } else if (exp != 0) {
-        bits = sign | (exp + 112) << 23 | man << 13;     /* normal */
-    } else if (man == 0) {
-        bits = sign;                                     /* zero */
-    } else {                                             /* subnormal */
-        int e = 113;
-        while ((man & 0x400) == 0) {
-            man <<= 1;
-            e--;
-        }
-        bits = sign | (uint32_t)e << 23 | (man & 0x3ff) << 13;
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+    return moe_fp16_to_fp32((uint16_t)(p[0] | p[1] << 8));
 }
 
 static inline float bits_to_f32(uint32_t bits)
 {
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
+    return moe_bits_f32(bits);
 }
 
 static inline uint32_t rd32(const uint8_t *p)

@@ -1,0 +1,141 @@
+/* The compute backend interface: one table of operations with a CPU and a
+ * CUDA implementation. The engine, the cache and the tests see only this.
+ *
+ * Memory: pointers passed to ops are backend memory (host memory for the
+ * CPU backend, device memory for CUDA) unless a parameter says "host".
+ * Activations are float32, row-major: a [n][m] array has n rows of m floats.
+ * Weights are in their GGUF block type, one row of n_in elements per output
+ * (struct moe_weight).
+ *
+ * Ops never allocate: scratch comes from the workspace reserved with
+ * moe_backend_reserve() at model load. Ops return 0 or a negative code; the
+ * CPU backend's ops cannot fail once arguments are valid.
+ * Threading: one engine thread drives a backend; the backend may use its own
+ * worker threads inside an op.
+ */
+#ifndef MOE_KERNELS_BACKEND_H
+#define MOE_KERNELS_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct moe_backend;
+
+/* A weight matrix: n_out rows of n_in elements of type dtype. */
+struct moe_weight {
+    const void *data;
+    uint32_t dtype;      /* enum moe_dtype */
+    int64_t n_in;        /* elements per row (ne[0]) */
+    int64_t n_out;       /* rows (ne[1]) */
+    size_t row_bytes;
+};
+
+enum moe_rope_mode {
+    MOE_ROPE_NORM = 0,   /* rotate adjacent pairs (x[2i], x[2i+1]): llama */
+    MOE_ROPE_NEOX = 2,   /* rotate (x[i], x[i + n_rot/2]): qwen, gpt-oss */
+};
+
+struct moe_rope_params {
+    enum moe_rope_mode mode;
+    int n_rot;           /* rotated dims per head (<= head_dim) */
+    float freq_base;
+    float freq_scale;    /* 1 / linear scaling factor; 1 = none */
+};
+
+enum moe_gating {
+    MOE_GATING_SOFTMAX = 1,        /* softmax over all experts, then top-k */
+    MOE_GATING_SIGMOID = 2,        /* sigmoid per expert, then top-k (deepseek) */
+    MOE_GATING_SOFTMAX_TOPK = 3,   /* top-k of logits, softmax over the k (gpt-oss) */
+};
+
+struct moe_gating_params {
+    enum moe_gating func;
+    int n_expert;
+    int k;
+    int norm;             /* divide the k weights by their sum */
+    float scale;          /* multiply weights by this (1 = none) */
+    const float *bias;    /* selection bias [n_expert] or NULL (deepseek exp_probs_b) */
+};
+
+/* One attention call over a single sequence's KV cache. */
+struct moe_attn_params {
+    int n_head, n_head_kv, head_dim;
+    float scale;          /* applied to q.k */
+    int kv_f16;           /* K and V caches are f16 (else f32) */
+    const void *k_cache;  /* [n_ctx][n_head_kv * head_dim] */
+    const void *v_cache;  /* [n_ctx][n_head_kv * head_dim] */
+    int window;           /* sliding window (0 = none): attend to pos-window+1..pos */
+    const float *sinks;   /* per-head sink logits [n_head] or NULL */
+};
+
+struct moe_backend_ops {
+    const char *name;
+    void (*destroy)(struct moe_backend *be);
+
+    /* memory */
+    void *(*alloc)(struct moe_backend *be, size_t bytes);   /* NULL on failure */
+    void (*free)(struct moe_backend *be, void *p);
+    int (*upload)(struct moe_backend *be, void *dst, const void *host_src, size_t n);
+    int (*download)(struct moe_backend *be, void *host_dst, const void *src, size_t n);
+    /* Scratch for ops: `shared` bytes for one op's temporaries plus
+     * `per_worker` bytes for each worker thread (attention scores of one
+     * row: n_ctx floats). Called at load, never during a step. */
+    int (*reserve)(struct moe_backend *be, size_t shared, size_t per_worker);
+    int (*supports)(const struct moe_backend *be, uint32_t wtype);
+
+    /* y[i][:] = row ids[i] of w, as float. */
+    int (*get_rows)(struct moe_backend *be, float *y, const struct moe_weight *w,
+                    const int32_t *host_ids, int n);
+    /* y[r] = x[r] / rms(x[r]) * (w ? w : 1), rows of n. y may equal x. */
+    int (*rmsnorm)(struct moe_backend *be, float *y, const float *x, const float *w,
+                   int64_t n_rows, int64_t n, float eps);
+    /* y[t][o] = sum_i w[o][i] * x[t][i] (+ bias[o]); y is [n_tok][n_out]. */
+    int (*matmul)(struct moe_backend *be, float *y, const struct moe_weight *w,
+                  const float *bias, const float *x, int64_t n_tok);
+    /* Rotates the first n_rot dims of each head of x[n_tok][n_head][head_dim]
+     * by position host_pos[t]. */
+    int (*rope)(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_dim,
+                const int32_t *host_pos, const struct moe_rope_params *rp);
+    /* Causal attention of q[n_tok][n_head*head_dim] (token t at position
+     * host_pos[t]) over cache rows 0..pos; out is [n_tok][n_head*head_dim]. */
+    int (*attention)(struct moe_backend *be, float *out, const float *q, int64_t n_tok,
+                     const int32_t *host_pos, const struct moe_attn_params *ap);
+    /* Writes rows of k/v [n_tok][n_kv_dim] into the caches at host_pos[t]. */
+    int (*kv_store)(struct moe_backend *be, void *k_cache, void *v_cache, const float *k,
+                    const float *v, int64_t n_tok, const int32_t *host_pos, int n_kv_dim,
+                    int kv_f16);
+    /* Router: from logits[n_tok][n_expert], host ids[n_tok][k] (by
+     * descending selection value) and host weights[n_tok][k]. */
+    int (*router_topk)(struct moe_backend *be, const float *logits, int64_t n_tok,
+                       const struct moe_gating_params *gp, int32_t *host_ids,
+                       float *host_weights);
+    /* y = silu(gate) * up, elementwise over n. */
+    int (*swiglu)(struct moe_backend *be, float *y, const float *gate, const float *up,
+                  int64_t n);
+    /* y += a * x over n (a is a scalar). */
+    int (*axpy)(struct moe_backend *be, float *y, float a, const float *x, int64_t n);
+    /* y = a + b over n. y may equal a or b. */
+    int (*add)(struct moe_backend *be, float *y, const float *a, const float *b, int64_t n);
+};
+
+struct moe_backend {
+    const struct moe_backend_ops *ops;
+    void *ctx;
+};
+
+/* The CPU backend. n_threads >= 1 (the calling thread included). */
+int moe_backend_cpu_create(struct moe_backend **out, int n_threads, struct moe_diag *diag);
+
+void moe_backend_destroy(struct moe_backend *be);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,521 @@
+/* The CPU backend: the reference implementation of kernels/backend.h.
+ *
+ * Numerics follow ggml's CPU backend where it decides results: activations
+ * are converted to the weight type's dot format (vecdot.h), norms and
+ * softmax sums accumulate in double, RoPE angles are built by repeated
+ * multiplication by base^(-2/n_rot) as ggml does. Data-parallel ops run on a
+ * thread pool; none allocates. */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/alloc.h"
+#include "common/error.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/dequant.h"
+#include "kernels/cpu/threadpool.h"
+#include "kernels/cpu/vecdot.h"
+#include "kernels/dtype.h"
+#include "kernels/fp16.h"
+
+struct cpu_ctx {
+    struct moe_threadpool *pool;
+    int n_threads;
+    uint8_t *shared;          /* op temporaries */
+    size_t shared_bytes;
+    uint8_t *per_worker;      /* n_threads x per_worker_bytes */
+    size_t per_worker_bytes;
+};
+
+static struct cpu_ctx *ctx_of(struct moe_backend *be)
+{
+    return be->ctx;
+}
+
+/* ---- memory ---------------------------------------------------------- */
+
+static void *cpu_alloc(struct moe_backend *be, size_t bytes)
+{
+    (void)be;
+    void *p = NULL;
+    /* 64-byte alignment: cache lines and AVX-512 loads. */
+    if (posix_memalign(&p, 64, bytes ? bytes : 1) != 0)
+        return NULL;
+    return p;
+}
+
+static void cpu_free(struct moe_backend *be, void *p)
+{
+    (void)be;
+    free(p);
+}
+
+static int cpu_copy(struct moe_backend *be, void *dst, const void *src, size_t n)
+{
+    (void)be;
+    memcpy(dst, src, n);
+    return 0;
+}
+
+static int cpu_reserve(struct moe_backend *be, size_t shared, size_t per_worker)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    per_worker = (per_worker + 63) & ~(size_t)63;
+    if (shared > c->shared_bytes) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, shared) != 0)
+            return -ENOMEM;
+        free(c->shared);
+        c->shared = p;
+        c->shared_bytes = shared;
+    }
+    if (per_worker > c->per_worker_bytes) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, per_worker * (size_t)c->n_threads) != 0)
+            return -ENOMEM;
+        free(c->per_worker);
+        c->per_worker = p;
+        c->per_worker_bytes = per_worker;
+    }
+    return 0;
+}
+
+static int cpu_supports(const struct moe_backend *be, uint32_t wtype)
+{
+    (void)be;
+    return moe_vecdot_supported(wtype) && moe_dequantize_supported(wtype);
+}
+
+/* ---- get_rows -------------------------------------------------------- */
+
+static int cpu_get_rows(struct moe_backend *be, float *y, const struct moe_weight *w,
+                        const int32_t *ids, int n)
+{
+    (void)be;
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= w->n_out)
+            return -EINVAL;
+        const uint8_t *row = (const uint8_t *)w->data + (size_t)ids[i] * w->row_bytes;
+        int rc = moe_dequantize_row(w->dtype, row, y + (size_t)i * w->n_in, w->n_in);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+/* ---- rmsnorm --------------------------------------------------------- */
+
+static int cpu_rmsnorm(struct moe_backend *be, float *y, const float *x, const float *w,
+                       int64_t n_rows, int64_t n, float eps)
+{
+    (void)be;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; i++)
+            sum += (double)(xr[i] * xr[i]);
+        const float mean = (float)(sum / (double)n);
+        const float scale = 1.0f / sqrtf(mean + eps);
+        for (int64_t i = 0; i < n; i++)
+            yr[i] = xr[i] * scale;
+        if (w != NULL)
+            for (int64_t i = 0; i < n; i++)
+                yr[i] = yr[i] * w[i];
+    }
+    return 0;
+}
+
+/* ---- matmul ---------------------------------------------------------- */
+
+struct matmul_job {
+    const struct moe_weight *w;
+    const float *bias;
+    const float *x;
+    float *y;
+    int64_t n_tok;
+    uint8_t *act;
+    size_t act_bytes;
+    int64_t rows_per_task;
+};
+
+static void quantize_task(void *arg, int64_t t, int worker)
+{
+    (void)worker;
+    struct matmul_job *j = arg;
+    moe_vecdot_quantize_act(j->w->dtype, j->x + t * j->w->n_in, j->act + (size_t)t * j->act_bytes,
+                            j->w->n_in);
+}
+
+static void matmul_task(void *arg, int64_t task, int worker)
+{
+    (void)worker;
+    struct matmul_job *j = arg;
+    const struct moe_weight *w = j->w;
+    int64_t r0 = task * j->rows_per_task, r1 = r0 + j->rows_per_task;
+    if (r1 > w->n_out)
+        r1 = w->n_out;
+    /* Rows outer, tokens inner: a weight row stays in cache across tokens. */
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *wr = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
+        const float b = j->bias ? j->bias[r] : 0.0f;
+        for (int64_t t = 0; t < j->n_tok; t++) {
+            float v = moe_vecdot(w->dtype, wr, j->act + (size_t)t * j->act_bytes, w->n_in);
+            j->y[t * w->n_out + r] = j->bias ? v + b : v;
+        }
+    }
+}
+
+static int cpu_matmul(struct moe_backend *be, float *y, const struct moe_weight *w,
+                      const float *bias, const float *x, int64_t n_tok)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    size_t act_bytes = moe_vecdot_act_bytes(w->dtype, w->n_in);
+    if (act_bytes == 0)
+        return MOE_EUNSUPPORTED;
+    if (act_bytes * (size_t)n_tok > c->shared_bytes)
+        return MOE_ELIMIT; /* the engine reserves enough for its largest batch */
+    struct matmul_job j = {
+        .w = w, .bias = bias, .x = x, .y = y, .n_tok = n_tok,
+        .act = c->shared, .act_bytes = act_bytes,
+    };
+    moe_threadpool_run(c->pool, quantize_task, &j, n_tok);
+    /* Enough tasks to balance, few enough to keep scheduling cheap. */
+    int64_t n_tasks = (int64_t)c->n_threads * 8;
+    j.rows_per_task = (w->n_out + n_tasks - 1) / n_tasks;
+    if (j.rows_per_task < 4)
+        j.rows_per_task = 4;
+    moe_threadpool_run(c->pool, matmul_task, &j, (w->n_out + j.rows_per_task - 1) / j.rows_per_task);
+    return 0;
+}
+
+/* ---- rope ------------------------------------------------------------ */
+
+static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_dim,
+                    const int32_t *pos, const struct moe_rope_params *rp)
+{
+    (void)be;
+    const int n_rot = rp->n_rot;
+    if (n_rot <= 0 || n_rot > head_dim || n_rot % 2 != 0)
+        return -EINVAL;
+    const float theta_scale = powf(rp->freq_base, -2.0f / (float)n_rot);
+    for (int64_t t = 0; t < n_tok; t++) {
+        for (int h = 0; h < n_head; h++) {
+            float *v = x + (t * n_head + h) * head_dim;
+            float theta = (float)pos[t];
+            for (int i0 = 0; i0 < n_rot; i0 += 2) {
+                const float th = rp->freq_scale * theta;
+                const float cs = cosf(th), sn = sinf(th);
+                theta *= theta_scale;
+                int a, b;
+                if (rp->mode == MOE_ROPE_NEOX) {
+                    a = i0 / 2;
+                    b = i0 / 2 + n_rot / 2;
+                } else {
+                    a = i0;
+                    b = i0 + 1;
+                }
+                const float x0 = v[a], x1 = v[b];
+                v[a] = x0 * cs - x1 * sn;
+                v[b] = x0 * sn + x1 * cs;
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---- attention ------------------------------------------------------- */
+
+struct attn_job {
+    struct cpu_ctx *c;
+    float *out;
+    const float *q;
+    const int32_t *pos;
+    const struct moe_attn_params *ap;
+};
+
+static inline float kv_dot(const struct moe_attn_params *ap, const float *q, const uint16_t *qh,
+                           int64_t row, int kvh)
+{
+    const int64_t kv_dim = (int64_t)ap->n_head_kv * ap->head_dim;
+    if (ap->kv_f16) {
+        const uint16_t *k = (const uint16_t *)ap->k_cache + row * kv_dim + (int64_t)kvh * ap->head_dim;
+        return moe_vecdot(MOE_DTYPE_F16, k, qh, ap->head_dim);
+    }
+    const float *k = (const float *)ap->k_cache + row * kv_dim + (int64_t)kvh * ap->head_dim;
+    return moe_vecdot(MOE_DTYPE_F32, k, q, ap->head_dim);
+}
+
+static void attn_task(void *arg, int64_t task, int worker)
+{
+    struct attn_job *j = arg;
+    const struct moe_attn_params *ap = j->ap;
+    const int64_t t = task / ap->n_head;
+    const int h = (int)(task % ap->n_head);
+    const int kvh = h / (ap->n_head / ap->n_head_kv);
+    const int hd = ap->head_dim;
+    const int64_t kv_dim = (int64_t)ap->n_head_kv * hd;
+    const float *q = j->q + (t * ap->n_head + h) * hd;
+    float *out = j->out + (t * ap->n_head + h) * hd;
+    const int32_t p = j->pos[t];
+    int32_t first = 0;
+    if (ap->window > 0 && p - ap->window + 1 > 0)
+        first = p - ap->window + 1;
+
+    /* Worker scratch: scores [n_ctx], then an f16 copy of q. */
+    float *s = (float *)(j->c->per_worker + (size_t)worker * j->c->per_worker_bytes);
+    uint16_t *qh = (uint16_t *)(s + (p + 1));
+    if (ap->kv_f16)
+        for (int d = 0; d < hd; d++)
+            qh[d] = moe_fp32_to_fp16(q[d]);
+
+    float max = -INFINITY;
+    for (int32_t r = first; r <= p; r++) {
+        s[r] = kv_dot(ap, q, qh, r, kvh) * ap->scale;
+        if (s[r] > max)
+            max = s[r];
+    }
+    const float sink = ap->sinks ? ap->sinks[h] : -INFINITY;
+    if (sink > max)
+        max = sink;
+    double sum = 0.0;
+    for (int32_t r = first; r <= p; r++) {
+        s[r] = expf(s[r] - max);
+        sum += (double)s[r];
+    }
+    if (ap->sinks)
+        sum += (double)expf(sink - max);
+    const float inv = (float)(1.0 / sum);
+    for (int d = 0; d < hd; d++)
+        out[d] = 0.0f;
+    for (int32_t r = first; r <= p; r++) {
+        const float pr = s[r] * inv;
+        if (ap->kv_f16) {
+            const uint16_t *v = (const uint16_t *)ap->v_cache + r * kv_dim + (int64_t)kvh * hd;
+            const float ph = moe_fp16_to_fp32(moe_fp32_to_fp16(pr));
+            for (int d = 0; d < hd; d++)
+                out[d] += ph * moe_fp16_to_fp32(v[d]);
+        } else {
+            const float *v = (const float *)ap->v_cache + r * kv_dim + (int64_t)kvh * hd;
+            for (int d = 0; d < hd; d++)
+                out[d] += pr * v[d];
+        }
+    }
+}
+
+static int cpu_attention(struct moe_backend *be, float *out, const float *q, int64_t n_tok,
+                         const int32_t *pos, const struct moe_attn_params *ap)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0)
+        return -EINVAL;
+    for (int64_t t = 0; t < n_tok; t++) {
+        size_t need = (size_t)(pos[t] + 1) * sizeof(float) + (size_t)ap->head_dim * 2;
+        if (pos[t] < 0 || need > c->per_worker_bytes)
+            return MOE_ELIMIT;
+    }
+    struct attn_job j = { .c = c, .out = out, .q = q, .pos = pos, .ap = ap };
+    moe_threadpool_run(c->pool, attn_task, &j, n_tok * ap->n_head);
+    return 0;
+}
+
+static int cpu_kv_store(struct moe_backend *be, void *k_cache, void *v_cache, const float *k,
+                        const float *v, int64_t n_tok, const int32_t *pos, int n_kv_dim, int kv_f16)
+{
+    (void)be;
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *kr = k + t * n_kv_dim, *vr = v + t * n_kv_dim;
+        if (kv_f16) {
+            uint16_t *kd = (uint16_t *)k_cache + (int64_t)pos[t] * n_kv_dim;
+            uint16_t *vd = (uint16_t *)v_cache + (int64_t)pos[t] * n_kv_dim;
+            for (int i = 0; i < n_kv_dim; i++) {
+                kd[i] = moe_fp32_to_fp16(kr[i]);
+                vd[i] = moe_fp32_to_fp16(vr[i]);
+            }
+        } else {
+            memcpy((float *)k_cache + (int64_t)pos[t] * n_kv_dim, kr, (size_t)n_kv_dim * 4);
+            memcpy((float *)v_cache + (int64_t)pos[t] * n_kv_dim, vr, (size_t)n_kv_dim * 4);
+        }
+    }
+    return 0;
+}
+
+/* ---- router ---------------------------------------------------------- */
+
+static void softmax_row(const float *x, float *y, int n)
+{
+    float max = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (x[i] > max)
+            max = x[i];
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        y[i] = expf(x[i] - max);
+        sum += (double)y[i];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (int i = 0; i < n; i++)
+        y[i] *= inv;
+}
+
+/* Indices of the k largest values, largest first; ties keep the lower index. */
+static void topk(const float *v, int n, int k, int32_t *ids)
+{
+    for (int i = 0; i < k; i++) {
+        int best = -1;
+        for (int e = 0; e < n; e++) {
+            int taken = 0;
+            for (int m = 0; m < i; m++)
+                taken |= ids[m] == e;
+            if (!taken && (best < 0 || v[e] > v[best]))
+                best = e;
+        }
+        ids[i] = best;
+    }
+}
+
+#define MAX_EXPERTS 1024
+
+static int cpu_router_topk(struct moe_backend *be, const float *logits, int64_t n_tok,
+                           const struct moe_gating_params *gp, int32_t *ids, float *weights)
+{
+    (void)be;
+    const int n = gp->n_expert, k = gp->k;
+    if (n <= 0 || n > MAX_EXPERTS || k <= 0 || k > n)
+        return -EINVAL;
+    float probs[MAX_EXPERTS], sel[MAX_EXPERTS];
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *l = logits + t * n;
+        int32_t *id = ids + t * k;
+        float *w = weights + t * k;
+        switch (gp->func) {
+        case MOE_GATING_SOFTMAX:
+            softmax_row(l, probs, n);
+            break;
+        case MOE_GATING_SIGMOID:
+            for (int e = 0; e < n; e++)
+                probs[e] = 1.0f / (1.0f + expf(-l[e]));
+            break;
+        case MOE_GATING_SOFTMAX_TOPK:
+            memcpy(probs, l, (size_t)n * sizeof(float));
+            break;
+        default:
+            return -EINVAL;
+        }
+        const float *selv = probs;
+        if (gp->bias) {
+            for (int e = 0; e < n; e++)
+                sel[e] = probs[e] + gp->bias[e];
+            selv = sel;
+        }
+        topk(selv, n, k, id);
+        for (int i = 0; i < k; i++)
+            w[i] = probs[id[i]];
+        if (gp->func == MOE_GATING_SOFTMAX_TOPK)
+            softmax_row(w, w, k);
+        if (gp->norm) {
+            double sum = 0.0;
+            for (int i = 0; i < k; i++)
+                sum += (double)w[i];
+            const float s = (float)sum;
+            for (int i = 0; i < k; i++)
+                w[i] = w[i] / s;
+        }
+        if (gp->scale != 1.0f && gp->scale != 0.0f)
+            for (int i = 0; i < k; i++)
+                w[i] *= gp->scale;
+    }
+    return 0;
+}
+
+/* ---- elementwise ----------------------------------------------------- */
+
+static int cpu_swiglu(struct moe_backend *be, float *y, const float *gate, const float *up, int64_t n)
+{
+    (void)be;
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        y[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+    return 0;
+}
+
+static int cpu_axpy(struct moe_backend *be, float *y, float a, const float *x, int64_t n)
+{
+    (void)be;
+    for (int64_t i = 0; i < n; i++)
+        y[i] += a * x[i];
+    return 0;
+}
+
+static int cpu_add(struct moe_backend *be, float *y, const float *a, const float *b, int64_t n)
+{
+    (void)be;
+    for (int64_t i = 0; i < n; i++)
+        y[i] = a[i] + b[i];
+    return 0;
+}
+
+static void cpu_destroy(struct moe_backend *be)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    moe_threadpool_destroy(c->pool);
+    free(c->shared);
+    free(c->per_worker);
+    moe_free(c);
+    moe_free(be);
+}
+
+static const struct moe_backend_ops cpu_ops = {
+    .name = "cpu",
+    .destroy = cpu_destroy,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .reserve = cpu_reserve,
+    .supports = cpu_supports,
+    .get_rows = cpu_get_rows,
+    .rmsnorm = cpu_rmsnorm,
+    .matmul = cpu_matmul,
+    .rope = cpu_rope,
+    .attention = cpu_attention,
+    .kv_store = cpu_kv_store,
+    .router_topk = cpu_router_topk,
+    .swiglu = cpu_swiglu,
+    .axpy = cpu_axpy,
+    .add = cpu_add,
+};
+
+int moe_backend_cpu_create(struct moe_backend **out, int n_threads, struct moe_diag *diag)
+{
+    *out = NULL;
+    if (n_threads < 1 || n_threads > 1024)
+        return moe_diag_set(diag, -EINVAL, "cpu backend: threads %d, expected 1..1024", n_threads);
+    struct moe_backend *be = moe_calloc(1, sizeof(*be));
+    struct cpu_ctx *c = moe_calloc(1, sizeof(*c));
+    if (be == NULL || c == NULL) {
+        moe_free(be);
+        moe_free(c);
+        return moe_diag_set(diag, -ENOMEM, "cpu backend: out of memory");
+    }
+    int rc = moe_threadpool_create(&c->pool, n_threads);
+    if (rc) {
+        moe_free(be);
+        moe_free(c);
+        return moe_diag_set(diag, rc, "cpu backend: cannot start %d threads: %s", n_threads,
+                            moe_strerror(rc));
+    }
+    c->n_threads = n_threads;
+    be->ops = &cpu_ops;
+    be->ctx = c;
+    *out = be;
+    return 0;
+}
+
+void moe_backend_destroy(struct moe_backend *be)
+{
+    if (be != NULL)
+        be->ops->destroy(be);
+}

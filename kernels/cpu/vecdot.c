@@ -1,0 +1,640 @@
+/* Row dot products and activation quantization (see vecdot.h).
+ *
+ * The integer parts of the quantized dot products are exact, so the scalar
+ * and AVX2 paths agree on them; they differ only in how the per-block float
+ * terms are summed (the AVX2 path keeps 8 lanes, as ggml's does). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/error.h"
+#include "kernels/cpu/vecdot.h"
+#include "kernels/dtype.h"
+#include "kernels/fp16.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MOE_X86 1
+#endif
+
+#define QK 32
+#define QK_K 256
+
+struct blk_q8_0 { uint16_t d; int8_t qs[QK]; };
+struct blk_q8_1 { uint16_t d, s; int8_t qs[QK]; };
+struct blk_q8_k { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
+_Static_assert(sizeof(struct blk_q8_0) == 34, "block_q8_0 size");
+_Static_assert(sizeof(struct blk_q8_1) == 36, "block_q8_1 size");
+_Static_assert(sizeof(struct blk_q8_k) == 292, "block_q8_K size");
+
+enum act_fmt { ACT_NONE, ACT_F32, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K };
+
+static enum act_fmt act_fmt_for(uint32_t t)
+{
+    switch (t) {
+    case MOE_DTYPE_F32: return ACT_F32;
+    case MOE_DTYPE_F16: return ACT_F16;
+    case MOE_DTYPE_BF16: return ACT_BF16;
+    case MOE_DTYPE_Q4_0: case MOE_DTYPE_Q5_0: case MOE_DTYPE_Q8_0:
+    case MOE_DTYPE_IQ4_NL: case MOE_DTYPE_MXFP4: return ACT_Q8_0;
+    case MOE_DTYPE_Q4_1: case MOE_DTYPE_Q5_1: return ACT_Q8_1;
+    case MOE_DTYPE_Q2_K: case MOE_DTYPE_Q3_K: case MOE_DTYPE_Q4_K:
+    case MOE_DTYPE_Q5_K: case MOE_DTYPE_Q6_K: return ACT_Q8_K;
+    default: return ACT_NONE;
+    }
+}
+
+int moe_vecdot_supported(uint32_t t)
+{
+    return act_fmt_for(t) != ACT_NONE;
+}
+
+size_t moe_vecdot_act_bytes(uint32_t t, int64_t n)
+{
+    const struct moe_dtype_info *wi = moe_dtype_info(t);
+    if (wi == NULL || n <= 0 || n % wi->block_size != 0)
+        return 0;
+    switch (act_fmt_for(t)) {
+    case ACT_F32: return (size_t)n * 4;
+    case ACT_F16: case ACT_BF16: return (size_t)n * 2;
+    case ACT_Q8_0: return (size_t)(n / QK) * sizeof(struct blk_q8_0);
+    case ACT_Q8_1: return (size_t)(n / QK) * sizeof(struct blk_q8_1);
+    case ACT_Q8_K: return (size_t)(n / QK_K) * sizeof(struct blk_q8_k);
+    default: return 0;
+    }
+}
+
+/* ---- activation quantization ------------------------------------------ */
+
+/* ggml's x86 Q8_0/Q8_1 activation quantizer: id = 127/amax (not 1/d) and
+ * round-to-nearest-even (_mm256_round_ps); lrintf rounds that way under the
+ * default rounding mode. */
+static void quant_q8_0(const float *x, struct blk_q8_0 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; i++, x += QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++)
+            amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        y[i].d = moe_fp32_to_fp16(d);
+        for (int j = 0; j < QK; j++)
+            y[i].qs[j] = (int8_t)lrintf(x[j] * id);
+    }
+}
+
+static void quant_q8_1(const float *x, struct blk_q8_1 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; i++, x += QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++)
+            amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            y[i].qs[j] = (int8_t)lrintf(x[j] * id);
+            sum += y[i].qs[j];
+        }
+        y[i].d = moe_fp32_to_fp16(d);
+        y[i].s = moe_fp32_to_fp16(d * (float)sum);
+    }
+}
+
+/* ggml uses its reference Q8_K quantizer on every CPU: scale by -127/max
+ * where max is the signed value of largest magnitude. */
+static void quant_q8_k(const float *x, struct blk_q8_k *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; i++, x += QK_K) {
+        float max = 0.0f, amax = 0.0f;
+        for (int j = 0; j < QK_K; j++) {
+            float ax = fabsf(x[j]);
+            if (ax > amax) {
+                amax = ax;
+                max = x[j];
+            }
+        }
+        if (amax == 0.0f) {
+            memset(&y[i], 0, sizeof(y[i]));
+            continue;
+        }
+        const float iscale = -127.0f / max;
+        for (int j = 0; j < QK_K; j++) {
+            long v = lrintf(iscale * x[j]);
+            y[i].qs[j] = (int8_t)(v < 127 ? v : 127);
+        }
+        for (int j = 0; j < QK_K / 16; j++) {
+            int sum = 0;
+            for (int l = 0; l < 16; l++)
+                sum += y[i].qs[j * 16 + l];
+            y[i].bsums[j] = (int16_t)sum;
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+void moe_vecdot_quantize_act(uint32_t t, const float *x, void *act, int64_t n)
+{
+    switch (act_fmt_for(t)) {
+    case ACT_F32:
+        memcpy(act, x, (size_t)n * 4);
+        break;
+    case ACT_F16: {
+        uint16_t *h = act;
+        for (int64_t i = 0; i < n; i++)
+            h[i] = moe_fp32_to_fp16(x[i]);
+        break;
+    }
+    case ACT_BF16: {
+        uint16_t *h = act;
+        for (int64_t i = 0; i < n; i++)
+            h[i] = moe_fp32_to_bf16(x[i]);
+        break;
+    }
+    case ACT_Q8_0: quant_q8_0(x, act, n / QK); break;
+    case ACT_Q8_1: quant_q8_1(x, act, n / QK); break;
+    case ACT_Q8_K: quant_q8_k(x, act, n / QK_K); break;
+    default: MOE_ASSERT(0);
+    }
+}
+
+/* ---- scalar dot products --------------------------------------------- */
+
+static inline float h2f(const uint8_t *p)
+{
+    return moe_fp16_to_fp32((uint16_t)(p[0] | p[1] << 8));
+}
+
+static float dot_f32(const float *w, const float *x, int64_t n)
+{
+    float acc[8] = { 0 };
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += w[i + l] * x[i + l];
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++)
+        s += acc[l];
+    for (; i < n; i++)
+        s += w[i] * x[i];
+    return s;
+}
+
+static float dot_f16(const uint16_t *w, const uint16_t *x, int64_t n)
+{
+    float acc[8] = { 0 };
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += moe_fp16_to_fp32(w[i + l]) * moe_fp16_to_fp32(x[i + l]);
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++)
+        s += acc[l];
+    for (; i < n; i++)
+        s += moe_fp16_to_fp32(w[i]) * moe_fp16_to_fp32(x[i]);
+    return s;
+}
+
+static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t n)
+{
+    float acc[8] = { 0 };
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += moe_bf16_to_fp32(w[i + l]) * moe_bf16_to_fp32(x[i + l]);
+    float s = 0.0f;
+    for (int l = 0; l < 8; l++)
+        s += acc[l];
+    for (; i < n; i++)
+        s += moe_bf16_to_fp32(w[i]) * moe_bf16_to_fp32(x[i]);
+    return s;
+}
+
+static float dot_q8_0(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 34) {
+        int sumi = 0;
+        for (int j = 0; j < QK; j++)
+            sumi += (int8_t)w[2 + j] * y[i].qs[j];
+        s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
+    }
+    return s;
+}
+
+static float dot_q4_0(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 18) {
+        int sumi = 0;
+        for (int j = 0; j < 16; j++)
+            sumi += ((w[2 + j] & 0xf) - 8) * y[i].qs[j] + ((w[2 + j] >> 4) - 8) * y[i].qs[j + 16];
+        s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
+    }
+    return s;
+}
+
+static float dot_q4_1(const uint8_t *w, const struct blk_q8_1 *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 20) {
+        int sumi = 0;
+        for (int j = 0; j < 16; j++)
+            sumi += (w[4 + j] & 0xf) * y[i].qs[j] + (w[4 + j] >> 4) * y[i].qs[j + 16];
+        s += (h2f(w) * moe_fp16_to_fp32(y[i].d)) * (float)sumi + h2f(w + 2) * moe_fp16_to_fp32(y[i].s);
+    }
+    return s;
+}
+
+static inline uint32_t rd32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static float dot_q5_0(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 22) {
+        const uint32_t qh = rd32(w + 2);
+        int sumi = 0;
+        for (int j = 0; j < 16; j++) {
+            int x0 = ((w[6 + j] & 0xf) | ((qh >> j) & 1) << 4) - 16;
+            int x1 = ((w[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4) - 16;
+            sumi += x0 * y[i].qs[j] + x1 * y[i].qs[j + 16];
+        }
+        s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
+    }
+    return s;
+}
+
+static float dot_q5_1(const uint8_t *w, const struct blk_q8_1 *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 24) {
+        const uint32_t qh = rd32(w + 4);
+        int sumi = 0;
+        for (int j = 0; j < 16; j++) {
+            int x0 = (w[8 + j] & 0xf) | ((qh >> j) & 1) << 4;
+            int x1 = (w[8 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
+            sumi += x0 * y[i].qs[j] + x1 * y[i].qs[j + 16];
+        }
+        s += (h2f(w) * moe_fp16_to_fp32(y[i].d)) * (float)sumi + h2f(w + 2) * moe_fp16_to_fp32(y[i].s);
+    }
+    return s;
+}
+
+static const int8_t iq4nl_values[16] = {
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+};
+static const int8_t mxfp4_values[16] = {
+    0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
+};
+
+static float dot_iq4_nl(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 18) {
+        int sumi = 0;
+        for (int j = 0; j < 16; j++)
+            sumi += iq4nl_values[w[2 + j] & 0xf] * y[i].qs[j] + iq4nl_values[w[2 + j] >> 4] * y[i].qs[j + 16];
+        s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
+    }
+    return s;
+}
+
+static inline float e8m0_half(uint8_t e)
+{
+    return moe_bits_f32(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
+}
+
+static float dot_mxfp4(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 17) {
+        int sumi = 0;
+        for (int j = 0; j < 16; j++)
+            sumi += mxfp4_values[w[1 + j] & 0xf] * y[i].qs[j] + mxfp4_values[w[1 + j] >> 4] * y[i].qs[j + 16];
+        s += (float)sumi * (e8m0_half(w[0]) * moe_fp16_to_fp32(y[i].d));
+    }
+    return s;
+}
+
+static float dot_q2_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 84) {
+        const uint8_t *sc = w, *q2 = w + 16;
+        const int8_t *q8 = y[i].qs;
+        int summs = 0;
+        for (int j = 0; j < 16; j++)
+            summs += y[i].bsums[j] * (sc[j] >> 4);
+        const float dall = y[i].d * h2f(w + 80), dmin = y[i].d * h2f(w + 82);
+        int isum = 0, is = 0;
+        for (int k = 0; k < QK_K / 128; k++, q2 += 32) {
+            for (int shift = 0; shift < 8; shift += 2, q8 += 32) {
+                for (int half = 0; half < 2; half++, is++) {
+                    int suml = 0;
+                    for (int l = 16 * half; l < 16 * half + 16; l++)
+                        suml += q8[l] * ((q2[l] >> shift) & 3);
+                    isum += (sc[is] & 0xf) * suml;
+                }
+            }
+        }
+        s += dall * (float)isum - dmin * (float)summs;
+    }
+    return s;
+}
+
+static float dot_q3_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 110) {
+        const uint8_t *hm = w, *q = w + 32, *sb = w + 96;
+        const int8_t *q8 = y[i].qs;
+        int scales[16];
+        for (int j = 0; j < 16; j++) {
+            int lo = (sb[j % 8] >> (4 * (j / 8))) & 0xf;
+            int hi = (sb[8 + j % 4] >> (2 * (j / 4))) & 3;
+            scales[j] = (lo | hi << 4) - 32;
+        }
+        int isum = 0, is = 0;
+        uint8_t m = 1;
+        for (int n = 0; n < QK_K; n += 128, q += 32) {
+            for (int shift = 0; shift < 8; shift += 2, m <<= 1, q8 += 32) {
+                for (int half = 0; half < 2; half++, is++) {
+                    int suml = 0;
+                    for (int l = 16 * half; l < 16 * half + 16; l++)
+                        suml += q8[l] * (((q[l] >> shift) & 3) - ((hm[l] & m) ? 0 : 4));
+                    isum += scales[is] * suml;
+                }
+            }
+        }
+        s += (h2f(w + 108) * y[i].d) * (float)isum;
+    }
+    return s;
+}
+
+static inline void k4_scale_min(int j, const uint8_t *q, int *sc, int *m)
+{
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xf) | (q[j - 4] >> 6) << 4;
+        *m = (q[j + 4] >> 4) | (q[j] >> 6) << 4;
+    }
+}
+
+static float dot_q4_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 144) {
+        const uint8_t *scales = w + 4, *q4 = w + 16;
+        const int8_t *q8 = y[i].qs;
+        int isum = 0, msum = 0;
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            k4_scale_min(j, scales, &sc, &m);
+            msum += m * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+            const uint8_t *qq = q4 + 32 * (j / 2);
+            int shift = 4 * (j & 1), suml = 0;
+            for (int l = 0; l < 32; l++)
+                suml += ((qq[l] >> shift) & 0xf) * q8[32 * j + l];
+            isum += sc * suml;
+        }
+        s += (h2f(w) * y[i].d) * (float)isum - (h2f(w + 2) * y[i].d) * (float)msum;
+    }
+    return s;
+}
+
+static float dot_q5_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 176) {
+        const uint8_t *scales = w + 4, *qh = w + 16, *ql = w + 48;
+        const int8_t *q8 = y[i].qs;
+        int isum = 0, msum = 0;
+        for (int j = 0; j < 8; j++) {
+            int sc, m;
+            k4_scale_min(j, scales, &sc, &m);
+            msum += m * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+            const uint8_t *qq = ql + 32 * (j / 2);
+            int shift = 4 * (j & 1), suml = 0;
+            for (int l = 0; l < 32; l++) {
+                int v = ((qq[l] >> shift) & 0xf) | ((qh[l] >> j) & 1) << 4;
+                suml += v * q8[32 * j + l];
+            }
+            isum += sc * suml;
+        }
+        s += (h2f(w) * y[i].d) * (float)isum - (h2f(w + 2) * y[i].d) * (float)msum;
+    }
+    return s;
+}
+
+static float dot_q6_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+{
+    float s = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 210) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192), *q8 = y[i].qs;
+        int isum = 0;
+        for (int n = 0; n < QK_K; n += 128, ql += 64, qh += 32, sc += 8, q8 += 128) {
+            int sums[8] = { 0 };
+            for (int l = 0; l < 32; l++) {
+                int is = l / 16;
+                int q1 = ((ql[l] & 0xf) | ((qh[l] >> 0) & 3) << 4) - 32;
+                int q2 = ((ql[l + 32] & 0xf) | ((qh[l] >> 2) & 3) << 4) - 32;
+                int q3 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
+                int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
+                sums[is + 0] += q1 * q8[l];
+                sums[is + 2] += q2 * q8[l + 32];
+                sums[is + 4] += q3 * q8[l + 64];
+                sums[is + 6] += q4 * q8[l + 96];
+            }
+            for (int g = 0; g < 8; g++)
+                isum += sc[g] * sums[g];
+        }
+        s += (h2f(w + 208) * y[i].d) * (float)isum;
+    }
+    return s;
+}
+
+/* ---- AVX2 ------------------------------------------------------------- */
+
+#ifdef MOE_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline float hsum8(__m256 v)
+{
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+AVX2 static float dot_f32_avx2(const float *w, const float *x, int64_t n)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8)
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < n; i++)
+        s += w[i] * x[i];
+    return s;
+}
+
+AVX2 static float dot_f16_avx2(const uint16_t *w, const uint16_t *x, int64_t n)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i)));
+        __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + i + 8)));
+        __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i + 8)));
+        a0 = _mm256_fmadd_ps(w0, x0, a0);
+        a1 = _mm256_fmadd_ps(w1, x1, a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < n; i++)
+        s += moe_fp16_to_fp32(w[i]) * moe_fp16_to_fp32(x[i]);
+    return s;
+}
+
+/* Signed int8 x int8 dot of 32 lanes into 8 int32 lanes, then float. */
+AVX2 static inline __m256 mul_sum_i8(__m256i a, __m256i b)
+{
+    const __m256i ax = _mm256_sign_epi8(a, a);
+    const __m256i sy = _mm256_sign_epi8(b, a);
+    const __m256i dot16 = _mm256_maddubs_epi16(ax, sy);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16, _mm256_set1_epi16(1)));
+}
+
+AVX2 static float dot_q8_0_avx2(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, w += 34) {
+        const __m256 d = _mm256_set1_ps(h2f(w) * moe_fp16_to_fp32(y[i].d));
+        const __m256i qx = _mm256_loadu_si256((const __m256i *)(w + 2));
+        const __m256i qy = _mm256_loadu_si256((const __m256i *)y[i].qs);
+        acc = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc);
+    }
+    return hsum8(acc);
+}
+
+AVX2 static float dot_q4_0_avx2(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i lowmask = _mm256_set1_epi8(0xf), off = _mm256_set1_epi8(8);
+    for (int64_t i = 0; i < nb; i++, w += 18) {
+        const __m256 d = _mm256_set1_ps(h2f(w) * moe_fp16_to_fp32(y[i].d));
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(w + 2));
+        /* low nibbles -> lanes 0..15, high nibbles -> lanes 16..31 */
+        __m256i qx = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+        qx = _mm256_sub_epi8(_mm256_and_si256(qx, lowmask), off);
+        const __m256i qy = _mm256_loadu_si256((const __m256i *)y[i].qs);
+        acc = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc);
+    }
+    return hsum8(acc);
+}
+
+AVX2 static float dot_q4_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+{
+    float s = 0.0f;
+    const __m256i lowmask = _mm256_set1_epi8(0xf);
+    for (int64_t i = 0; i < nb; i++, w += 144) {
+        const uint8_t *scales = w + 4, *q4 = w + 16;
+        const int8_t *q8 = y[i].qs;
+        int msum = 0;
+        __m256i isum = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j += 2) {
+            int sc0, m0, sc1, m1;
+            k4_scale_min(j, scales, &sc0, &m0);
+            k4_scale_min(j + 1, scales, &sc1, &m1);
+            msum += m0 * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) +
+                    m1 * (y[i].bsums[2 * j + 2] + y[i].bsums[2 * j + 3]);
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(q4 + 16 * j));
+            const __m256i lo = _mm256_and_si256(raw, lowmask);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
+            const __m256i y0 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j));
+            const __m256i y1 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j + 32));
+            /* unsigned 4-bit x signed 8-bit: maddubs directly */
+            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16((short)sc0));
+            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16((short)sc1));
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
+        }
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        const int is = _mm_cvtsi128_si32(t);
+        s += (h2f(w) * y[i].d) * (float)is - (h2f(w + 2) * y[i].d) * (float)msum;
+    }
+    return s;
+}
+#endif
+
+/* ---- dispatch -------------------------------------------------------- */
+
+static int use_avx2 = -1;
+
+static int avx2_enabled(void)
+{
+    if (__builtin_expect(use_avx2 < 0, 0)) {
+        int ok = 0;
+#ifdef MOE_X86
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+#endif
+        const char *force = getenv("MOE_CPU_SIMD");
+        if (force != NULL && strcmp(force, "scalar") == 0)
+            ok = 0;
+        use_avx2 = ok; /* benign race: every thread computes the same value */
+    }
+    return use_avx2;
+}
+
+const char *moe_vecdot_impl(void)
+{
+    return avx2_enabled() ? "avx2" : "scalar";
+}
+
+float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
+{
+#ifdef MOE_X86
+    if (avx2_enabled()) {
+        switch (t) {
+        case MOE_DTYPE_F32: return dot_f32_avx2(w, act, n);
+        case MOE_DTYPE_F16: return dot_f16_avx2(w, act, n);
+        case MOE_DTYPE_Q8_0: return dot_q8_0_avx2(w, act, n / QK);
+        case MOE_DTYPE_Q4_0: return dot_q4_0_avx2(w, act, n / QK);
+        case MOE_DTYPE_Q4_K: return dot_q4_k_avx2(w, act, n / QK_K);
+        default: break;
+        }
+    }
+#endif
+    switch (t) {
+    case MOE_DTYPE_F32: return dot_f32(w, act, n);
+    case MOE_DTYPE_F16: return dot_f16(w, act, n);
+    case MOE_DTYPE_BF16: return dot_bf16(w, act, n);
+    case MOE_DTYPE_Q8_0: return dot_q8_0(w, act, n / QK);
+    case MOE_DTYPE_Q4_0: return dot_q4_0(w, act, n / QK);
+    case MOE_DTYPE_Q4_1: return dot_q4_1(w, act, n / QK);
+    case MOE_DTYPE_Q5_0: return dot_q5_0(w, act, n / QK);
+    case MOE_DTYPE_Q5_1: return dot_q5_1(w, act, n / QK);
+    case MOE_DTYPE_IQ4_NL: return dot_iq4_nl(w, act, n / QK);
+    case MOE_DTYPE_MXFP4: return dot_mxfp4(w, act, n / QK);
+    case MOE_DTYPE_Q2_K: return dot_q2_k(w, act, n / QK_K);
+    case MOE_DTYPE_Q3_K: return dot_q3_k(w, act, n / QK_K);
+    case MOE_DTYPE_Q4_K: return dot_q4_k(w, act, n / QK_K);
+    case MOE_DTYPE_Q5_K: return dot_q5_k(w, act, n / QK_K);
+    case MOE_DTYPE_Q6_K: return dot_q6_k(w, act, n / QK_K);
+    default: MOE_ASSERT(0); return 0.0f;
+    }
+}

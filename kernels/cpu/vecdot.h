@@ -1,0 +1,42 @@
+/* Row dot products of the CPU backend, with the activation formats ggml's
+ * CPU backend uses for each weight type:
+ *
+ *   weight type                      activation row format
+ *   F32                              F32
+ *   F16                              F16  (activations rounded to half)
+ *   BF16                             BF16 (activations rounded to bfloat16)
+ *   Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4  Q8_0 (32-blocks: f16 d, int8 q)
+ *   Q4_1, Q5_1                       Q8_1 (32-blocks: f16 d, f16 d*sum(q), int8 q)
+ *   Q2_K .. Q6_K                     Q8_K (256-blocks: f32 d, int8 q, int16 bsums)
+ *
+ * Quantizing the activations the same way matters for parity: the rounding of
+ * the activations, not only of the weights, decides the result.
+ *
+ * Usage: moe_vecdot_act_bytes() sizes a buffer for one activation row;
+ * moe_vecdot_quantize_act() fills it once per row; moe_vecdot() is then
+ * called for every weight row. None of them allocates; all are thread-safe.
+ */
+#ifndef MOE_KERNELS_CPU_VECDOT_H
+#define MOE_KERNELS_CPU_VECDOT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Whether weights of type t can be multiplied. */
+int moe_vecdot_supported(uint32_t t);
+
+/* Bytes of one activation row of n elements for weight type t (0 if t is
+ * unsupported or n is not a multiple of its block size). */
+size_t moe_vecdot_act_bytes(uint32_t t, int64_t n);
+
+/* Converts a float row x[n] into the activation format of weight type t. */
+void moe_vecdot_quantize_act(uint32_t t, const float *x, void *act, int64_t n);
+
+/* Dot product of one weight row of type t with a prepared activation row. */
+float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n);
+
+/* Which implementation runs: "avx2" or "scalar". MOE_CPU_SIMD=scalar in the
+ * environment forces the portable path (tests compare the two). */
+const char *moe_vecdot_impl(void);
+
+#endif

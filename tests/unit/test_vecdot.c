@@ -1,0 +1,175 @@
+/* CPU dot products: for every supported weight type, the quantized dot of a
+ * weight row with a prepared activation row equals the float dot of the
+ * dequantized weight with the dequantized activation (the integer parts
+ * are exact; only float summation order may differ), and the AVX2 and
+ * scalar paths agree. Plus the activation formats' rounding rules. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "kernels/cpu/dequant.h"
+#include "kernels/cpu/vecdot.h"
+#include "kernels/fp16.h"
+#include "tests/harness.h"
+
+static uint64_t rng = 88172645463325252ull;
+
+static uint32_t next32(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 11);
+}
+
+static float randn(void)
+{
+    float u1 = ((float)(next32() & 0xffffff) + 1.0f) / 16777217.0f;
+    float u2 = (float)(next32() & 0xffffff) / 16777216.0f;
+    return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853f * u2);
+}
+
+/* Random but valid weight blocks: random bytes with finite f16 scales. */
+static void random_blocks(uint32_t t, uint8_t *w, size_t bytes)
+{
+    for (size_t i = 0; i < bytes; i++)
+        w[i] = (uint8_t)next32();
+    const struct moe_dtype_info *di = moe_dtype_info(t);
+    size_t nb = bytes / di->type_size;
+    for (size_t b = 0; b < nb; b++) {
+        uint8_t *blk = w + b * di->type_size;
+        int offs[2] = { -1, -1 };
+        switch (t) {
+        case MOE_DTYPE_Q4_0: case MOE_DTYPE_Q5_0: case MOE_DTYPE_Q8_0: case MOE_DTYPE_IQ4_NL:
+            offs[0] = 0; break;
+        case MOE_DTYPE_Q4_1: case MOE_DTYPE_Q5_1: case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K:
+            offs[0] = 0; offs[1] = 2; break;
+        case MOE_DTYPE_Q2_K: offs[0] = 80; offs[1] = 82; break;
+        case MOE_DTYPE_Q3_K: offs[0] = 108; break;
+        case MOE_DTYPE_Q6_K: offs[0] = 208; break;
+        case MOE_DTYPE_MXFP4: blk[0] = (uint8_t)(118 + next32() % 12); break;
+        case MOE_DTYPE_F16: case MOE_DTYPE_BF16: {
+            uint16_t *h = (uint16_t *)blk;
+            float v = randn() * 0.1f;
+            h[0] = t == MOE_DTYPE_F16 ? moe_fp32_to_fp16(v) : moe_fp32_to_bf16(v);
+            break;
+        }
+        case MOE_DTYPE_F32: {
+            float v = randn();
+            memcpy(blk, &v, 4);
+            break;
+        }
+        default: break;
+        }
+        for (int k = 0; k < 2; k++) {
+            if (offs[k] < 0)
+                continue;
+            uint16_t h = moe_fp32_to_fp16(randn() * 0.01f);
+            blk[offs[k]] = (uint8_t)h;
+            blk[offs[k] + 1] = (uint8_t)(h >> 8);
+        }
+    }
+}
+
+/* Dequantizes an activation row (the formats are ggml types too). */
+static void act_to_float(uint32_t wt, const void *act, float *x, int64_t n)
+{
+    switch (wt) {
+    case MOE_DTYPE_F32: memcpy(x, act, (size_t)n * 4); return;
+    case MOE_DTYPE_F16: moe_dequantize_row(MOE_DTYPE_F16, act, x, n); return;
+    case MOE_DTYPE_BF16: moe_dequantize_row(MOE_DTYPE_BF16, act, x, n); return;
+    case MOE_DTYPE_Q4_1: case MOE_DTYPE_Q5_1: {
+        /* Q8_1: d, s, 32 x int8 */
+        const uint8_t *b = act;
+        for (int64_t i = 0; i < n / 32; i++, b += 36)
+            for (int j = 0; j < 32; j++)
+                x[i * 32 + j] = moe_fp16_to_fp32((uint16_t)(b[0] | b[1] << 8)) * (float)(int8_t)b[4 + j];
+        return;
+    }
+    case MOE_DTYPE_Q2_K: case MOE_DTYPE_Q3_K: case MOE_DTYPE_Q4_K: case MOE_DTYPE_Q5_K:
+    case MOE_DTYPE_Q6_K:
+        moe_dequantize_row(MOE_DTYPE_Q8_K, act, x, n);
+        return;
+    default:
+        moe_dequantize_row(MOE_DTYPE_Q8_0, act, x, n);
+    }
+}
+
+static void check_type(uint32_t t)
+{
+    const int64_t n = 1024;
+    size_t wb = moe_dtype_row_bytes(t, n, NULL);
+    uint8_t *w = malloc(wb), *act = malloc(moe_vecdot_act_bytes(t, n));
+    float *x = malloc(n * 4), *wf = malloc(n * 4), *xf = malloc(n * 4);
+    CHECK(w && act && x && wf && xf);
+    for (int rep = 0; rep < 20; rep++) {
+        random_blocks(t, w, wb);
+        for (int64_t i = 0; i < n; i++)
+            x[i] = randn();
+        moe_vecdot_quantize_act(t, x, act, n);
+        CHECK(moe_dequantize_row(t, w, wf, n) == 0);
+        act_to_float(t, act, xf, n);
+        double ref = 0.0, mag = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            ref += (double)wf[i] * (double)xf[i];
+            mag += fabs((double)wf[i] * (double)xf[i]);
+        }
+        float got = moe_vecdot(t, w, act, n);
+        CHECK_MSG(fabs(got - ref) <= 1e-5 * mag + 1e-30, "%s rep %d: %.9g vs %.9g (mag %g)",
+                  moe_dtype_name(t), rep, (double)got, ref, mag);
+        if (t != MOE_DTYPE_F32 && t != MOE_DTYPE_F16 && t != MOE_DTYPE_BF16) {
+            /* the activation quantization error stays within half a step */
+            for (int64_t i = 0; i < n; i++)
+                CHECK_MSG(fabsf(xf[i] - x[i]) <= 0.02f * fabsf(x[i]) + 0.03f,
+                          "%s act[%lld] %g -> %g", moe_dtype_name(t), (long long)i, (double)x[i],
+                          (double)xf[i]);
+        }
+    }
+    free(w); free(act); free(x); free(wf); free(xf);
+}
+
+static void test_all_types(void)
+{
+    static const uint32_t types[] = {
+        MOE_DTYPE_F32, MOE_DTYPE_F16, MOE_DTYPE_BF16, MOE_DTYPE_Q4_0, MOE_DTYPE_Q4_1,
+        MOE_DTYPE_Q5_0, MOE_DTYPE_Q5_1, MOE_DTYPE_Q8_0, MOE_DTYPE_Q2_K, MOE_DTYPE_Q3_K,
+        MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K, MOE_DTYPE_IQ4_NL, MOE_DTYPE_MXFP4,
+    };
+    printf("  implementation: %s\n", moe_vecdot_impl());
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        CHECK(moe_vecdot_supported(types[i]));
+        check_type(types[i]);
+        if (moe_test_failed)
+            return;
+    }
+}
+
+static void test_scalar_path(void)
+{
+    setenv("MOE_CPU_SIMD", "scalar", 1);
+    CHECK_STR(moe_vecdot_impl(), "scalar");
+    test_all_types();
+}
+
+/* ggml's Q8_0 activation rounding is to nearest even at exact halves. */
+static void test_q8_0_rounding(void)
+{
+    float x[32] = { 0 };
+    x[0] = 127.0f;   /* amax 127 -> id = 1 */
+    x[1] = 2.5f;     /* -> 2 (even) */
+    x[2] = 3.5f;     /* -> 4 */
+    x[3] = -2.5f;    /* -> -2 */
+    uint8_t act[34];
+    moe_vecdot_quantize_act(MOE_DTYPE_Q8_0, x, act, 32);
+    CHECK_INT((int8_t)act[2], ==, 127);
+    CHECK_INT((int8_t)act[3], ==, 2);
+    CHECK_INT((int8_t)act[4], ==, 4);
+    CHECK_INT((int8_t)act[5], ==, -2);
+}
+
+int main(void)
+{
+    MOE_TEST_RUN(test_all_types);
+    MOE_TEST_RUN(test_scalar_path);
+    MOE_TEST_RUN(test_q8_0_rounding);
+    return moe_test_exit_code();
+}
