@@ -1,0 +1,97 @@
+/* The model: weights bound from a GGUF file, and the forward pass.
+ *
+ * moe_model_load() opens a GGUF, checks that its architecture is supported
+ * and that every tensor the architecture needs is present with the right
+ * shape and a computable type (refusing with a message naming the tensor or
+ * key otherwise), maps the file and binds the weights. The dense weights
+ * are used in place (CPU backend); experts are reached through an expert
+ * source, by default slices of the mapped expert tensors.
+ *
+ * A struct moe_seq holds one sequence's KV cache and position. The forward
+ * pass runs a batch of tokens of one sequence at the next positions.
+ *
+ * Threading: a model is driven by one engine thread at a time; the backend
+ * parallelizes inside ops.
+ */
+#ifndef MOE_MODEL_MODEL_H
+#define MOE_MODEL_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/error.h"
+#include "kernels/backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct moe_model;
+struct moe_seq;
+struct moe_gguf;
+
+enum moe_arch {
+    MOE_ARCH_LLAMA = 1,   /* Mixtral layout */
+    MOE_ARCH_QWEN2MOE,
+    MOE_ARCH_QWEN3MOE,
+    MOE_ARCH_OLMOE,
+};
+
+/* What the forward pass needs, from the GGUF metadata. */
+struct moe_model_cfg {
+    enum moe_arch arch;
+    char arch_name[32];
+    int n_vocab, n_embd, n_layer, n_ctx_train;
+    int n_head, n_head_kv, head_dim;
+    int n_expert, n_expert_used, n_ff_exp;
+    int n_ff_shexp;               /* qwen2moe shared expert width, 0 if none */
+    float rms_eps;
+    struct moe_rope_params rope;
+    struct moe_gating_params gating; /* bias filled per layer */
+    bool qk_norm;                 /* per-head q/k RMSNorm (qwen3moe) */
+    bool qk_norm_full;            /* q/k RMSNorm over the whole projection (olmoe) */
+    bool qkv_bias;                /* q/k/v biases (qwen2moe) */
+};
+
+struct moe_model_opts {
+    int n_threads;        /* CPU threads; <= 0: all online CPUs */
+    int n_ctx;            /* context per sequence; <= 0: min(n_ctx_train, 4096) */
+    int n_batch;          /* max tokens per forward call; <= 0: 512 */
+    bool kv_f16;          /* f16 KV cache (default f32) */
+};
+
+/* Called for every token and MoE layer during a forward pass: the chosen
+ * experts, highest weight first, and the weights the model applies. */
+typedef void (*moe_route_fn)(void *ud, int64_t token, int layer, const int32_t *ids,
+                             const float *weights, int k);
+
+int moe_model_load(struct moe_model **out, const char *path, const struct moe_model_opts *opts,
+                   struct moe_diag *diag);
+void moe_model_free(struct moe_model *m);
+
+const struct moe_model_cfg *moe_model_cfg(const struct moe_model *m);
+/* The GGUF the model was loaded from (borrowed, valid until free). */
+const struct moe_gguf *moe_model_gguf(const struct moe_model *m);
+int moe_model_n_ctx(const struct moe_model *m);
+int moe_model_n_batch(const struct moe_model *m);
+
+/* Names of the supported architectures, comma-separated. */
+const char *moe_model_supported_archs(void);
+
+int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *diag);
+void moe_seq_free(struct moe_seq *s);
+int moe_seq_pos(const struct moe_seq *s);      /* tokens in the KV cache */
+void moe_seq_reset(struct moe_seq *s);
+
+/* Runs tokens[0..n) at positions pos..pos+n-1 of s (n may exceed n_batch:
+ * it is split). logits: NULL, or [n][n_vocab] (all_logits) or [n_vocab]
+ * (the last token's). route: optional routing callback. */
+int moe_model_forward(struct moe_model *m, struct moe_seq *s, const int32_t *tokens, int64_t n,
+                      float *logits, bool all_logits, moe_route_fn route, void *route_ud,
+                      struct moe_diag *diag);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
