@@ -1,0 +1,225 @@
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+
+#include "common/alloc.h"
+#include "model/sampling.h"
+
+struct cand {
+    int32_t id;
+    float logit;
+    float p;
+};
+
+struct moe_sampler {
+    struct moe_sampler_params p;
+    int n_vocab;
+    struct cand *c;
+    uint64_t rng[4];
+};
+
+void moe_sampler_defaults(struct moe_sampler_params *p)
+{
+    p->temperature = 0.0f;
+    p->top_k = 40;
+    p->top_p = 0.95f;
+    p->min_p = 0.05f;
+    p->repeat_penalty = 1.0f;
+    p->repeat_last_n = 64;
+    p->seed = 0xfeedfaceu;
+}
+
+int moe_sampler_params_check(const struct moe_sampler_params *p, struct moe_diag *diag)
+{
+    if (!(p->temperature >= 0.0f && p->temperature <= 100.0f))
+        return moe_diag_set(diag, -EINVAL, "temperature %g, expected 0..100", (double)p->temperature);
+    if (p->top_k < 0)
+        return moe_diag_set(diag, -EINVAL, "top_k %d, expected >= 0", p->top_k);
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f))
+        return moe_diag_set(diag, -EINVAL, "top_p %g, expected (0, 1]", (double)p->top_p);
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f))
+        return moe_diag_set(diag, -EINVAL, "min_p %g, expected 0..1", (double)p->min_p);
+    if (!(p->repeat_penalty > 0.0f && p->repeat_penalty <= 10.0f))
+        return moe_diag_set(diag, -EINVAL, "repeat_penalty %g, expected (0, 10]",
+                            (double)p->repeat_penalty);
+    if (p->repeat_last_n < 0)
+        return moe_diag_set(diag, -EINVAL, "repeat_last_n %d, expected >= 0", p->repeat_last_n);
+    return 0;
+}
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t rotl(uint64_t x, int k)
+{
+    return (x << k) | (x >> (64 - k));
+}
+
+/* xoshiro256** */
+static uint64_t next_u64(uint64_t *s)
+{
+    const uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+int moe_sampler_create(struct moe_sampler **out, const struct moe_sampler_params *p, int n_vocab,
+                       struct moe_diag *diag)
+{
+    *out = NULL;
+    int rc = moe_sampler_params_check(p, diag);
+    if (rc)
+        return rc;
+    if (n_vocab <= 0)
+        return moe_diag_set(diag, -EINVAL, "sampler: n_vocab %d", n_vocab);
+    struct moe_sampler *s = moe_calloc(1, sizeof(*s));
+    if (s == NULL || (s->c = moe_calloc((size_t)n_vocab, sizeof(struct cand))) == NULL) {
+        moe_free(s);
+        return moe_diag_set(diag, -ENOMEM, "sampler: out of memory");
+    }
+    s->p = *p;
+    s->n_vocab = n_vocab;
+    uint64_t x = p->seed;
+    for (int i = 0; i < 4; i++)
+        s->rng[i] = splitmix64(&x);
+    *out = s;
+    return 0;
+}
+
+void moe_sampler_free(struct moe_sampler *s)
+{
+    if (s == NULL)
+        return;
+    moe_free(s->c);
+    moe_free(s);
+}
+
+static int cmp_cand(const void *a, const void *b)
+{
+    const struct cand *x = a, *y = b;
+    if (x->logit != y->logit)
+        return x->logit > y->logit ? -1 : 1;
+    return x->id < y->id ? -1 : x->id > y->id;
+}
+
+int32_t moe_sampler_sample(struct moe_sampler *s, float *logits, const int32_t *history,
+                           int64_t n_history)
+{
+    const struct moe_sampler_params *p = &s->p;
+    const int n = s->n_vocab;
+    /* Repetition penalty on the distinct tokens of the last repeat_last_n. */
+    if (p->repeat_penalty != 1.0f && p->repeat_last_n > 0) {
+        int64_t from = n_history > p->repeat_last_n ? n_history - p->repeat_last_n : 0;
+        for (int64_t i = from; i < n_history; i++) {
+            int32_t t = history[i];
+            if (t < 0 || t >= n)
+                continue;
+            int seen = 0;
+            for (int64_t j = from; j < i && !seen; j++)
+                seen = history[j] == t;
+            if (seen)
+                continue;
+            logits[t] = logits[t] > 0.0f ? logits[t] / p->repeat_penalty : logits[t] * p->repeat_penalty;
+        }
+    }
+    if (p->temperature <= 0.0f) {
+        int32_t best = 0;
+        for (int i = 1; i < n; i++)
+            if (logits[i] > logits[best])
+                best = i;
+        return best;
+    }
+    int m = n;
+    if (p->top_k > 0 && p->top_k < n) {
+        /* Keep the top_k in a min-heap (root = weakest kept), then sort
+         * just those: O(n log k) instead of sorting the vocabulary. */
+        m = p->top_k;
+        struct cand *h = s->c;
+        for (int i = 0; i < n; i++) {
+            struct cand x = { .id = i, .logit = logits[i] };
+            int j;
+            if (i < m) {
+                j = i;
+                while (j > 0 && cmp_cand(&h[(j - 1) / 2], &x) < 0) {
+                    h[j] = h[(j - 1) / 2];
+                    j = (j - 1) / 2;
+                }
+                h[j] = x;
+                continue;
+            }
+            if (cmp_cand(&x, &h[0]) >= 0)
+                continue; /* not better than the weakest kept */
+            j = 0;
+            for (;;) {
+                int l = 2 * j + 1, r = l + 1, w = j;
+                const struct cand *wc = &x;
+                if (l < m && cmp_cand(&h[l], wc) > 0) {
+                    w = l;
+                    wc = &h[l];
+                }
+                if (r < m && cmp_cand(&h[r], wc) > 0)
+                    w = r;
+                if (w == j)
+                    break;
+                h[j] = h[w];
+                j = w;
+            }
+            h[j] = x;
+        }
+        qsort(s->c, (size_t)m, sizeof(struct cand), cmp_cand);
+    } else {
+        for (int i = 0; i < n; i++) {
+            s->c[i].id = i;
+            s->c[i].logit = logits[i];
+        }
+        qsort(s->c, (size_t)n, sizeof(struct cand), cmp_cand);
+    }
+    /* softmax over the kept candidates */
+    double sum = 0.0;
+    for (int i = 0; i < m; i++) {
+        s->c[i].p = expf(s->c[i].logit - s->c[0].logit);
+        sum += s->c[i].p;
+    }
+    for (int i = 0; i < m; i++)
+        s->c[i].p = (float)(s->c[i].p / sum);
+    if (p->top_p < 1.0f) {
+        double cum = 0.0;
+        for (int i = 0; i < m; i++) {
+            cum += s->c[i].p;
+            if (cum >= p->top_p) {
+                m = i + 1;
+                break;
+            }
+        }
+    }
+    if (p->min_p > 0.0f) {
+        const float floor_p = s->c[0].p * p->min_p;
+        int keep = 1;
+        while (keep < m && s->c[keep].p >= floor_p)
+            keep++;
+        m = keep;
+    }
+    /* temperature, then draw */
+    sum = 0.0;
+    for (int i = 0; i < m; i++) {
+        s->c[i].p = expf((s->c[i].logit - s->c[0].logit) / p->temperature);
+        sum += s->c[i].p;
+    }
+    double r = (double)(next_u64(s->rng) >> 11) * 0x1.0p-53 * sum, acc = 0.0;
+    for (int i = 0; i < m; i++) {
+        acc += s->c[i].p;
+        if (r < acc)
+            return s->c[i].id;
+    }
+    return s->c[m - 1].id;
+}

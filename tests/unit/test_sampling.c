@@ -1,0 +1,141 @@
+/* Sampler: greedy and its ties, top-k/top-p/min-p cut-offs, temperature,
+ * seeded reproducibility, the repetition penalty, and parameter checks. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "model/sampling.h"
+#include "tests/harness.h"
+
+static struct moe_sampler_params plain(void)
+{
+    struct moe_sampler_params p;
+    moe_sampler_defaults(&p);
+    p.top_k = 0;
+    p.top_p = 1.0f;
+    p.min_p = 0.0f;
+    p.temperature = 1.0f;
+    return p;
+}
+
+static void test_greedy(void)
+{
+    struct moe_sampler_params p;
+    moe_sampler_defaults(&p);
+    struct moe_sampler *s;
+    CHECK(moe_sampler_create(&s, &p, 5, NULL) == 0);
+    float l[5] = { 0.5f, 2.0f, -1.0f, 2.0f, 1.0f };
+    CHECK_INT(moe_sampler_sample(s, l, NULL, 0), ==, 1); /* tie -> lowest id */
+    moe_sampler_free(s);
+}
+
+static void test_distribution(void)
+{
+    struct moe_sampler_params p = plain();
+    p.seed = 42;
+    struct moe_sampler *s;
+    CHECK(moe_sampler_create(&s, &p, 2, NULL) == 0);
+    int ones = 0, N = 20000;
+    for (int i = 0; i < N; i++) {
+        float l[2] = { 0.0f, logf(3.0f) };
+        ones += moe_sampler_sample(s, l, NULL, 0) == 1;
+    }
+    moe_sampler_free(s);
+    CHECK_NEAR((double)ones / N, 0.75, 0.015);
+}
+
+static void test_seeded(void)
+{
+    struct moe_sampler_params p = plain();
+    p.seed = 7;
+    struct moe_sampler *a, *b;
+    CHECK(moe_sampler_create(&a, &p, 100, NULL) == 0);
+    CHECK(moe_sampler_create(&b, &p, 100, NULL) == 0);
+    float la[100], lb[100];
+    for (int r = 0; r < 50; r++) {
+        for (int i = 0; i < 100; i++)
+            la[i] = lb[i] = sinf((float)(i * 7 + r));
+        CHECK_INT(moe_sampler_sample(a, la, NULL, 0), ==, moe_sampler_sample(b, lb, NULL, 0));
+    }
+    moe_sampler_free(a);
+    moe_sampler_free(b);
+}
+
+static void test_cutoffs(void)
+{
+    float base[6] = { 5.0f, 4.9f, 1.0f, 0.0f, -1.0f, 4.8f };
+    struct moe_sampler_params p = plain();
+    p.top_k = 2;
+    struct moe_sampler *s;
+    CHECK(moe_sampler_create(&s, &p, 6, NULL) == 0);
+    for (int r = 0; r < 500; r++) {
+        float l[6];
+        memcpy(l, base, sizeof(l));
+        int t = moe_sampler_sample(s, l, NULL, 0);
+        CHECK_MSG(t == 0 || t == 1, "top_k 2 drew %d", t);
+    }
+    moe_sampler_free(s);
+    p = plain();
+    p.min_p = 0.5f;   /* keeps ids with p >= 0.5 * p(max): 0, 1, 5 */
+    CHECK(moe_sampler_create(&s, &p, 6, NULL) == 0);
+    int seen5 = 0;
+    for (int r = 0; r < 500; r++) {
+        float l[6];
+        memcpy(l, base, sizeof(l));
+        int t = moe_sampler_sample(s, l, NULL, 0);
+        CHECK_MSG(t == 0 || t == 1 || t == 5, "min_p drew %d", t);
+        seen5 |= t == 5;
+    }
+    CHECK(seen5);
+    moe_sampler_free(s);
+    p = plain();
+    p.top_p = 0.3f;   /* the top candidate alone holds > 0.3 */
+    CHECK(moe_sampler_create(&s, &p, 6, NULL) == 0);
+    for (int r = 0; r < 100; r++) {
+        float l[6];
+        memcpy(l, base, sizeof(l));
+        CHECK_INT(moe_sampler_sample(s, l, NULL, 0), ==, 0);
+    }
+    moe_sampler_free(s);
+}
+
+static void test_penalty(void)
+{
+    struct moe_sampler_params p;
+    moe_sampler_defaults(&p);
+    p.repeat_penalty = 2.0f;
+    struct moe_sampler *s;
+    CHECK(moe_sampler_create(&s, &p, 3, NULL) == 0);
+    float l[3] = { 3.0f, 2.0f, -1.0f };
+    int32_t hist[3] = { 0, 0, 2 };
+    CHECK_INT(moe_sampler_sample(s, l, hist, 3), ==, 1); /* 3/2 < 2 */
+    CHECK_NEAR(l[0], 1.5, 0);     /* penalised once, not twice */
+    CHECK_NEAR(l[2], -2.0, 0);    /* negative logits are multiplied */
+    moe_sampler_free(s);
+}
+
+static void test_bad_params(void)
+{
+    struct moe_sampler_params p;
+    struct moe_diag d = { 0 };
+    moe_sampler_defaults(&p);
+    p.top_p = 0.0f;
+    CHECK(moe_sampler_params_check(&p, &d) != 0);
+    CHECK(strstr(d.msg, "top_p") != NULL);
+    moe_sampler_defaults(&p);
+    p.temperature = NAN;
+    CHECK(moe_sampler_params_check(&p, NULL) != 0);
+    moe_sampler_defaults(&p);
+    p.top_k = -1;
+    CHECK(moe_sampler_params_check(&p, NULL) != 0);
+}
+
+int main(void)
+{
+    MOE_TEST_RUN(test_greedy);
+    MOE_TEST_RUN(test_distribution);
+    MOE_TEST_RUN(test_seeded);
+    MOE_TEST_RUN(test_cutoffs);
+    MOE_TEST_RUN(test_penalty);
+    MOE_TEST_RUN(test_bad_params);
+    return moe_test_exit_code();
+}
