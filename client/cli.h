@@ -1,0 +1,10 @@
+/* Subcommands of moectl: each takes its own argv (argv[0] is the
+ * subcommand's name) and returns the process exit code: 0 success, 1 bad
+ * input or failure (with a message on stderr), 2 usage error. */
+#ifndef MOE_CLIENT_CLI_H
+#define MOE_CLIENT_CLI_H
+
+int moectl_eval_main(int argc, char **argv);
+int moectl_run_main(int argc, char **argv);
+
+#endif

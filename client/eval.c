@@ -1,0 +1,389 @@
+/* moectl eval and moectl run: the CPU engine from the command line.
+ *
+ *   moectl eval --model M --tokens 1,2,3 --logits FILE [--routing FILE] [--threads N]
+ *       runs the tokens as one batch; writes the logits of every position
+ *       (float32 little-endian, [n_tokens][n_vocab], row-major) and the
+ *       expert choices (one line per token per MoE layer:
+ *       "token layer id:weight id:weight ...", highest weight first).
+ *   moectl run --model M --tokens 1,2,3 -n N [sampling flags] [--threads N]
+ *       generates N tokens and prints their ids space-separated on one line.
+ *
+ * Output files are written to a temporary name and renamed, so a failed
+ * run never leaves a half-written file under the requested name.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "client/cli.h"
+#include "model/model.h"
+#include "model/sampling.h"
+
+static int parse_int(const char *flag, const char *s, long lo, long hi, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end != '\0' || v < lo || v > hi) {
+        fprintf(stderr, "moectl: %s '%s': expected an integer in %ld..%ld\n", flag, s, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_float(const char *flag, const char *s, float *out)
+{
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || end == s || *end != '\0') {
+        fprintf(stderr, "moectl: %s '%s': expected a number\n", flag, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* "1,2,3" -> ids; every element a non-negative integer. */
+static int parse_tokens(const char *s, int32_t **out, int64_t *n)
+{
+    int64_t cap = 1;
+    for (const char *p = s; *p; p++)
+        cap += *p == ',';
+    int32_t *ids = malloc((size_t)cap * sizeof(int32_t));
+    if (ids == NULL)
+        return -1;
+    int64_t k = 0;
+    const char *p = s;
+    for (;;) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (errno || end == p || v < 0 || v > INT32_MAX || (*end != ',' && *end != '\0')) {
+            fprintf(stderr, "moectl: --tokens: element %" PRId64 " ('%.20s'): expected a"
+                    " non-negative integer\n", k, p);
+            free(ids);
+            return -1;
+        }
+        ids[k++] = (int32_t)v;
+        if (*end == '\0')
+            break;
+        p = end + 1;
+    }
+    *out = ids;
+    *n = k;
+    return 0;
+}
+
+struct route_out {
+    FILE *f;
+    int err;
+};
+
+static void write_route(void *ud, int64_t token, int layer, const int32_t *ids, const float *w, int k)
+{
+    struct route_out *r = ud;
+    /* highest weight first: ids come by selection value, which can differ
+     * from the weight order when a selection bias is used */
+    int order[64];
+    for (int i = 0; i < k && i < 64; i++)
+        order[i] = i;
+    for (int i = 1; i < k && i < 64; i++)
+        for (int j = i; j > 0 && w[order[j]] > w[order[j - 1]]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    if (fprintf(r->f, "%" PRId64 " %d", token, layer) < 0)
+        r->err = 1;
+    for (int i = 0; i < k && i < 64; i++)
+        if (fprintf(r->f, " %d:%.9g", ids[order[i]], (double)w[order[i]]) < 0)
+            r->err = 1;
+    if (fputc('\n', r->f) == EOF)
+        r->err = 1;
+}
+
+/* Temporary file beside `path`, renamed over it by commit_file(). */
+static FILE *open_tmp(const char *path, char *tmp, size_t tmp_len)
+{
+    snprintf(tmp, tmp_len, "%s.tmp.%ld", path, (long)getpid());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        fprintf(stderr, "moectl: %s: %s\n", tmp, strerror(errno));
+        return NULL;
+    }
+    FILE *f = fdopen(fd, "wb");
+    if (f == NULL)
+        close(fd);
+    return f;
+}
+
+static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
+{
+    int bad = !ok || fflush(f) != 0 || fsync(fileno(f)) != 0;
+    if (fclose(f) != 0)
+        bad = 1;
+    if (bad || rename(tmp, path) != 0) {
+        fprintf(stderr, "moectl: %s: write failed: %s\n", path, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    return 0;
+}
+
+enum {
+    OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
+    OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_HELP,
+};
+
+static const struct option long_opts[] = {
+    { "model", required_argument, NULL, OPT_MODEL },
+    { "tokens", required_argument, NULL, OPT_TOKENS },
+    { "logits", required_argument, NULL, OPT_LOGITS },
+    { "routing", required_argument, NULL, OPT_ROUTING },
+    { "threads", required_argument, NULL, OPT_THREADS },
+    { "temp", required_argument, NULL, OPT_TEMP },
+    { "top-k", required_argument, NULL, OPT_TOPK },
+    { "top-p", required_argument, NULL, OPT_TOPP },
+    { "min-p", required_argument, NULL, OPT_MINP },
+    { "repeat-penalty", required_argument, NULL, OPT_PENALTY },
+    { "repeat-last-n", required_argument, NULL, OPT_LASTN },
+    { "seed", required_argument, NULL, OPT_SEED },
+    { "ctx", required_argument, NULL, OPT_CTX },
+    { "n-predict", required_argument, NULL, 'n' },
+    { "help", no_argument, NULL, OPT_HELP },
+    { NULL, 0, NULL, 0 },
+};
+
+static void usage(FILE *f, int run)
+{
+    if (run)
+        fprintf(f, "usage: moectl run --model M --tokens 1,2,3 -n N [--temp T] [--top-k K]"
+                   " [--top-p P]\n"
+                   "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
+                   " [--seed S] [--threads N] [--ctx N]\n"
+                   "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n");
+    else
+        fprintf(f, "usage: moectl eval --model M --tokens 1,2,3 --logits FILE [--routing FILE]"
+                   " [--threads N]\n"
+                   "Writes float32 logits [n_tokens][n_vocab] and the expert choices per token"
+                   " and layer.\n");
+}
+
+static int eval_or_run(int argc, char **argv, int run)
+{
+    const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *routing_path = NULL;
+    long threads = 0, n_predict = -1, ctx = 0, v;
+    struct moe_sampler_params sp;
+    moe_sampler_defaults(&sp);
+    int c;
+    optind = 1;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, run ? ":n:h" : ":h", long_opts, NULL)) != -1) {
+        switch (c) {
+        case OPT_MODEL: model = optarg; break;
+        case OPT_TOKENS: tokens_s = optarg; break;
+        case OPT_LOGITS: if (run) goto bad_opt; logits_path = optarg; break;
+        case OPT_ROUTING: if (run) goto bad_opt; routing_path = optarg; break;
+        case OPT_THREADS:
+            if (parse_int("--threads", optarg, 1, 1024, &threads)) return 2;
+            break;
+        case OPT_CTX:
+            if (parse_int("--ctx", optarg, 1, 1 << 20, &ctx)) return 2;
+            break;
+        case 'n':
+            if (!run) goto bad_opt;
+            if (parse_int("-n", optarg, 0, 1 << 20, &n_predict)) return 2;
+            break;
+        case OPT_TEMP: if (!run || parse_float("--temp", optarg, &sp.temperature)) goto bad_val; break;
+        case OPT_TOPK:
+            if (!run || parse_int("--top-k", optarg, 0, INT_MAX, &v)) goto bad_val;
+            sp.top_k = (int)v;
+            break;
+        case OPT_TOPP: if (!run || parse_float("--top-p", optarg, &sp.top_p)) goto bad_val; break;
+        case OPT_MINP: if (!run || parse_float("--min-p", optarg, &sp.min_p)) goto bad_val; break;
+        case OPT_PENALTY:
+            if (!run || parse_float("--repeat-penalty", optarg, &sp.repeat_penalty)) goto bad_val;
+            break;
+        case OPT_LASTN:
+            if (!run || parse_int("--repeat-last-n", optarg, 0, INT_MAX, &v)) goto bad_val;
+            sp.repeat_last_n = (int)v;
+            break;
+        case OPT_SEED: {
+            char *end;
+            errno = 0;
+            unsigned long long s = strtoull(optarg, &end, 10);
+            if (!run || errno || end == optarg || *end != '\0' || optarg[0] == '-') {
+                fprintf(stderr, "moectl: --seed '%s': expected a non-negative integer\n", optarg);
+                return 2;
+            }
+            sp.seed = s;
+            break;
+        }
+        case OPT_HELP: case 'h': usage(stdout, run); return 0;
+        case ':':
+            fprintf(stderr, "moectl: option %s needs a value\n", argv[optind - 1]);
+            usage(stderr, run);
+            return 2;
+        default:
+        bad_opt:
+            fprintf(stderr, "moectl: unknown option '%s'\n", argv[optind - 1]);
+            usage(stderr, run);
+            return 2;
+        bad_val:
+            if (!run)
+                goto bad_opt;
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "moectl: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr, run);
+        return 2;
+    }
+    if (model == NULL || tokens_s == NULL || (!run && logits_path == NULL) || (run && n_predict < 0)) {
+        fprintf(stderr, "moectl: missing %s\n", model == NULL ? "--model" : tokens_s == NULL ?
+                "--tokens" : run ? "-n" : "--logits");
+        usage(stderr, run);
+        return 2;
+    }
+    struct moe_diag d = { 0 };
+    if (moe_sampler_params_check(&sp, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        return 2;
+    }
+    int32_t *tokens = NULL;
+    int64_t n_tok = 0;
+    if (parse_tokens(tokens_s, &tokens, &n_tok))
+        return 2;
+
+    int ret = 1;
+    struct moe_model *m = NULL;
+    struct moe_seq *s = NULL;
+    struct moe_sampler *smp = NULL;
+    float *logits = NULL;
+    int32_t *hist = NULL;
+    FILE *lf = NULL, *rf = NULL;
+    char ltmp[PATH_MAX + 32], rtmp[PATH_MAX + 32];
+    struct moe_model_opts mo = { .n_threads = (int)threads, .n_ctx = (int)ctx };
+    if (moe_model_load(&m, model, &mo, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        goto out;
+    }
+    const struct moe_model_cfg *cfg = moe_model_cfg(m);
+    const int V = cfg->n_vocab;
+    for (int64_t i = 0; i < n_tok; i++) {
+        if (tokens[i] >= V) {
+            fprintf(stderr, "moectl: --tokens: element %" PRId64 " is %d, but %s has %d tokens"
+                    " (ids 0..%d)\n", i, tokens[i], model, V, V - 1);
+            ret = 2;
+            goto out;
+        }
+    }
+    if (n_tok + (run ? n_predict : 0) > moe_model_n_ctx(m)) {
+        fprintf(stderr, "moectl: %" PRId64 " tokens exceed the context of %d (--ctx)\n",
+                n_tok + (run ? n_predict : 0), moe_model_n_ctx(m));
+        ret = 2;
+        goto out;
+    }
+    if (moe_seq_create(&s, m, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        goto out;
+    }
+    if (!run) {
+        logits = malloc((size_t)n_tok * V * sizeof(float));
+        if (logits == NULL) {
+            fprintf(stderr, "moectl: out of memory for %" PRId64 " x %d logits\n", n_tok, V);
+            goto out;
+        }
+        struct route_out ro = { 0 };
+        if (routing_path) {
+            if ((rf = open_tmp(routing_path, rtmp, sizeof(rtmp))) == NULL)
+                goto out;
+            ro.f = rf;
+        }
+        if (moe_model_forward(m, s, tokens, n_tok, logits, true, rf ? write_route : NULL, &ro, &d)) {
+            fprintf(stderr, "moectl: %s\n", d.msg);
+            goto out;
+        }
+        if ((lf = open_tmp(logits_path, ltmp, sizeof(ltmp))) == NULL)
+            goto out;
+        /* float32 little-endian: the host order on every supported target */
+        size_t nw = fwrite(logits, sizeof(float), (size_t)n_tok * V, lf);
+        int lok = nw == (size_t)n_tok * V;
+        FILE *lf2 = lf;
+        lf = NULL;
+        if (commit_file(lf2, ltmp, logits_path, lok))
+            goto out;
+        if (rf) {
+            FILE *rf2 = rf;
+            rf = NULL;
+            if (commit_file(rf2, rtmp, routing_path, !ro.err))
+                goto out;
+        }
+        ret = 0;
+        goto out;
+    }
+
+    logits = malloc((size_t)V * sizeof(float));
+    hist = malloc((size_t)(n_tok + n_predict + 1) * sizeof(int32_t));
+    if (logits == NULL || hist == NULL) {
+        fprintf(stderr, "moectl: out of memory\n");
+        goto out;
+    }
+    if (moe_sampler_create(&smp, &sp, V, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        goto out;
+    }
+    memcpy(hist, tokens, (size_t)n_tok * sizeof(int32_t));
+    int64_t n_hist = n_tok;
+    if (n_predict > 0 && moe_model_forward(m, s, tokens, n_tok, logits, false, NULL, NULL, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        goto out;
+    }
+    for (long i = 0; i < n_predict; i++) {
+        int32_t t = moe_sampler_sample(smp, logits, hist, n_hist);
+        hist[n_hist++] = t;
+        printf(i ? " %d" : "%d", t);
+        fflush(stdout);
+        if (i + 1 < n_predict && moe_model_forward(m, s, &t, 1, logits, false, NULL, NULL, &d)) {
+            fprintf(stderr, "\nmoectl: %s\n", d.msg);
+            goto out;
+        }
+    }
+    printf("\n");
+    ret = 0;
+out:
+    if (lf) {
+        fclose(lf);
+        unlink(ltmp);
+    }
+    if (rf) {
+        fclose(rf);
+        unlink(rtmp);
+    }
+    moe_sampler_free(smp);
+    free(hist);
+    free(logits);
+    moe_seq_free(s);
+    moe_model_free(m);
+    free(tokens);
+    return ret;
+}
+
+int moectl_eval_main(int argc, char **argv)
+{
+    return eval_or_run(argc, argv, 0);
+}
+
+int moectl_run_main(int argc, char **argv)
+{
+    return eval_or_run(argc, argv, 1);
+}

@@ -1,0 +1,191 @@
+/* moectl eval / run as a user runs them: output files and stdout compared
+ * with the llama.cpp goldens, and bad input answered with exit 1 or 2 and a
+ * message, never a signal or a half-written file. */
+#include <jansson.h>
+#include <math.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tests/harness.h"
+
+/* Runs a shell command; returns its exit status (or 128+signal) and
+ * captures stdout+stderr into out. */
+static int run_cmd(const char *cmd, char *out, size_t cap)
+{
+    char full[8192];
+    snprintf(full, sizeof(full), "%s 2>&1", cmd);
+    FILE *p = popen(full, "r");
+    if (p == NULL)
+        return -1;
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = '\0';
+    int st = pclose(p);
+    if (WIFSIGNALED(st))
+        return 128 + WTERMSIG(st);
+    return WEXITSTATUS(st);
+}
+
+static const char *moectl(void)
+{
+    const char *p = getenv("MOECTL");
+    return p ? p : "moectl";
+}
+
+/* Token list of a manifest sequence as "a,b,c". */
+static int tokens_of(const char *ref, const char *model, const char *seq, char *buf, size_t cap,
+                     int *n)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/manifest.json", ref);
+    json_t *man = json_load_file(path, 0, NULL);
+    if (man == NULL)
+        return -1;
+    json_t *a = json_object_get(json_object_get(json_object_get(json_object_get(man, "models"),
+                                                                 model), "sequences"), seq);
+    size_t len = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < json_array_size(a); i++)
+        len += (size_t)snprintf(buf + len, cap - len, i ? ",%lld" : "%lld",
+                                (long long)json_integer_value(json_array_get(a, i)));
+    *n = (int)json_array_size(a);
+    json_decref(man);
+    return 0;
+}
+
+static void test_eval_matches_goldens(void)
+{
+    const char *ref = moe_test_ref_dir();
+    if (ref == NULL)
+        MOE_SKIP("shared/ref not found");
+    char toks[4096], cmd[8192], out[65536], lpath[4096], rpath[4096];
+    int n = 0;
+    CHECK(tokens_of(ref, "tiny-mixtral", "len7", toks, sizeof(toks), &n) == 0);
+    snprintf(lpath, sizeof(lpath), "%s/logits.f32", moe_test_tmpdir());
+    snprintf(rpath, sizeof(rpath), "%s/routing.txt", moe_test_tmpdir());
+    snprintf(cmd, sizeof(cmd), "%s eval --model %s/models/tiny-mixtral-F32.gguf --tokens %s"
+             " --logits %s --routing %s --threads 2", moectl(), ref, toks, lpath, rpath);
+    int rc = run_cmd(cmd, out, sizeof(out));
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+
+    size_t len = 0, glen = 0;
+    float *got = moe_test_read_file(lpath, &len);
+    char gpath[4096];
+    snprintf(gpath, sizeof(gpath), "%s/goldens/tiny-mixtral-F32/len7.logits.f32", ref);
+    float *want = moe_test_read_file(gpath, &glen);
+    CHECK(got && want);
+    CHECK_U64(len, ==, glen);
+    double maxd = 0;
+    for (size_t i = 0; i < len / 4; i++)
+        maxd = fmax(maxd, fabs((double)got[i] - want[i]));
+    CHECK_MSG(maxd <= 1e-4, "max |dlogit| %g", maxd);
+
+    /* routing: n tokens x 4 layers, ids equal to llama.cpp's topk */
+    snprintf(gpath, sizeof(gpath), "%s/goldens/tiny-mixtral-F32/len7.moe.json", ref);
+    json_t *moe = json_load_file(gpath, 0, NULL);
+    CHECK(moe != NULL);
+    FILE *f = fopen(rpath, "r");
+    CHECK(f != NULL);
+    int lines = 0, tok, layer, id0, id1;
+    float w0, w1;
+    while (fscanf(f, "%d %d %d:%f %d:%f", &tok, &layer, &id0, &w0, &id1, &w1) == 6) {
+        char key[64];
+        snprintf(key, sizeof(key), "ffn_moe_topk-%d", layer);
+        json_t *data = json_object_get(json_object_get(json_object_get(moe, "tensors"), key), "data");
+        CHECK_INT(id0, ==, json_integer_value(json_array_get(data, (size_t)tok * 2)));
+        CHECK_INT(id1, ==, json_integer_value(json_array_get(data, (size_t)tok * 2 + 1)));
+        CHECK(w0 >= w1 && fabsf(w0 + w1 - 1.0f) < 1e-5f);
+        lines++;
+    }
+    fclose(f);
+    json_decref(moe);
+    CHECK_INT(lines, ==, n * 4);
+    free(got);
+    free(want);
+}
+
+static void test_run_greedy(void)
+{
+    const char *ref = moe_test_ref_dir();
+    if (ref == NULL)
+        MOE_SKIP("shared/ref not found");
+    char toks[4096], cmd[8192], out[65536], want[1024] = "";
+    int n = 0;
+    CHECK(tokens_of(ref, "tiny-mixtral", "len7", toks, sizeof(toks), &n) == 0);
+    /* the first 16 greedy ids; their margins are all above 1e-3 */
+    char gpath[4096];
+    snprintf(gpath, sizeof(gpath), "%s/goldens/tiny-mixtral-F32/len7.greedy.json", ref);
+    json_t *g = json_load_file(gpath, 0, NULL);
+    CHECK(g != NULL);
+    size_t len = 0;
+    for (size_t i = 0; i < 16; i++) {
+        CHECK(json_real_value(json_array_get(json_object_get(g, "margin"), i)) > 1e-3);
+        len += (size_t)snprintf(want + len, sizeof(want) - len, i ? " %lld" : "%lld",
+                                (long long)json_integer_value(json_array_get(json_object_get(g, "ids"), i)));
+    }
+    json_decref(g);
+    snprintf(cmd, sizeof(cmd), "%s run --model %s/models/tiny-mixtral-F32.gguf --tokens %s -n 16"
+             " --threads 2 2>/dev/null", moectl(), ref, toks);
+    int rc = run_cmd(cmd, out, sizeof(out));
+    CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
+    out[strcspn(out, "\n")] = '\0';
+    CHECK_STR(out, want);
+    /* seeded sampling is reproducible */
+    char out2[65536];
+    snprintf(cmd, sizeof(cmd), "%s run --model %s/models/tiny-mixtral-F32.gguf --tokens %s -n 12"
+             " --temp 0.8 --seed 5 --threads 2 2>/dev/null", moectl(), ref, toks);
+    CHECK(run_cmd(cmd, out, sizeof(out)) == 0);
+    CHECK(run_cmd(cmd, out2, sizeof(out2)) == 0);
+    CHECK_STR(out, out2);
+}
+
+static void test_bad_input(void)
+{
+    const char *ref = moe_test_ref_dir();
+    if (ref == NULL)
+        MOE_SKIP("shared/ref not found");
+    char cmd[8192], out[65536], lpath[4096], model[4096];
+    snprintf(model, sizeof(model), "%s/models/tiny-mixtral-Q4_0.gguf", ref);
+    snprintf(lpath, sizeof(lpath), "%s/bad.f32", moe_test_tmpdir());
+    struct { const char *args; int code; const char *needle; } cases[] = {
+        { "eval --model %s --tokens 1,x,3 --logits %s", 2, "element 1" },
+        { "eval --model %s --tokens 1,,3 --logits %s", 2, "element 1" },
+        { "eval --model %s --tokens 1,-4 --logits %s", 2, "element 1" },
+        { "eval --model %s --tokens 1,99999 --logits %s", 2, "element 1 is 99999" },
+        { "eval --model %s --tokens 1 --logits %s --bogus", 2, "unknown option" },
+        { "eval --model %s --logits %s", 2, "--tokens" },
+        { "eval --model %s.missing --tokens 1 --logits %s", 1, "missing" },
+        { "run --model %s --tokens 1 -n 5000 --threads 1 %s", 2, NULL },
+        { "run --model %s --tokens 1 -n 2 --temp -1 --seed 1 %s", 2, "temperature" },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char args[4096];
+        snprintf(args, sizeof(args), cases[i].args, model,
+                 strncmp(cases[i].args, "run", 3) == 0 ? "" : lpath);
+        snprintf(cmd, sizeof(cmd), "%s %s", moectl(), args);
+        int rc = run_cmd(cmd, out, sizeof(out));
+        CHECK_MSG(rc == cases[i].code, "'%s': exit %d, expected %d: %s", args, rc, cases[i].code, out);
+        if (cases[i].needle)
+            CHECK_MSG(strstr(out, cases[i].needle) != NULL, "'%s': message lacks '%s': %s", args,
+                      cases[i].needle, out);
+        struct stat st;
+        CHECK_MSG(stat(lpath, &st) != 0, "'%s' left %s behind", args, lpath);
+    }
+    /* a truncated model: exit 1 naming the file */
+    char trunc[4096];
+    snprintf(trunc, sizeof(trunc), "%s/trunc.gguf", moe_test_tmpdir());
+    snprintf(cmd, sizeof(cmd), "head -c 300000 %s > %s", model, trunc);
+    CHECK(run_cmd(cmd, out, sizeof(out)) == 0);
+    snprintf(cmd, sizeof(cmd), "%s eval --model %s --tokens 1,2 --logits %s", moectl(), trunc, lpath);
+    int rc = run_cmd(cmd, out, sizeof(out));
+    CHECK_MSG(rc == 1 && strstr(out, "trunc.gguf") != NULL, "exit %d: %s", rc, out);
+}
+
+int main(void)
+{
+    MOE_TEST_RUN(test_eval_matches_goldens);
+    MOE_TEST_RUN(test_run_greedy);
+    MOE_TEST_RUN(test_bad_input);
+    return moe_test_exit_code();
+}
