@@ -577,6 +577,46 @@ AVX2 static float dot_q4_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
     }
     return s;
 }
+
+AVX2 static float dot_q6_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+{
+    float s = 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(0xf), m2 = _mm256_set1_epi8(3);
+    for (int64_t i = 0; i < nb; i++, w += 210) {
+        const uint8_t *ql = w, *qh = w + 128;
+        const int8_t *sc = (const int8_t *)(w + 192), *q8 = y[i].qs;
+        /* q - 32 folded out: sum(sc * q8) * 32 from the block sums */
+        int corr = 0;
+        for (int g = 0; g < 16; g++)
+            corr += sc[g] * y[i].bsums[g];
+        __m256i acc = _mm256_setzero_si256();
+        for (int n = 0; n < 2; n++, ql += 64, qh += 32, sc += 8, q8 += 128) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m2), 4));
+            q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m2), 4));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m2), 4));
+            for (int j = 0; j < 4; j++) {
+                const __m256i yv = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j));
+                const __m256i p16 = _mm256_maddubs_epi16(q[j], yv);
+                const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(sc[2 * j + 1]), _mm_set1_epi16(sc[2 * j]));
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, scv));
+            }
+        }
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+        const int isum = _mm_cvtsi128_si32(t) - 32 * corr;
+        s += (h2f(w + 208) * y[i].d) * (float)isum;
+    }
+    return s;
+}
 #endif
 
 /* ---- dispatch -------------------------------------------------------- */
@@ -615,6 +655,7 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
         case MOE_DTYPE_Q8_0: return dot_q8_0_avx2(w, act, n / QK);
         case MOE_DTYPE_Q4_0: return dot_q4_0_avx2(w, act, n / QK);
         case MOE_DTYPE_Q4_K: return dot_q4_k_avx2(w, act, n / QK_K);
+        case MOE_DTYPE_Q6_K: return dot_q6_k_avx2(w, act, n / QK_K);
         default: break;
         }
     }
