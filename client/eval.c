@@ -19,11 +19,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "client/cli.h"
 #include "model/model.h"
 #include "model/sampling.h"
+#include "kernels/cpu/vecdot.h"
 
 static int parse_int(const char *flag, const char *s, long lo, long hi, long *out)
 {
@@ -80,6 +82,13 @@ static int parse_tokens(const char *s, int32_t **out, int64_t *n)
     *out = ids;
     *n = k;
     return 0;
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 struct route_out {
@@ -140,7 +149,7 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 
 enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
-    OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_HELP,
+    OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -157,6 +166,7 @@ static const struct option long_opts[] = {
     { "repeat-last-n", required_argument, NULL, OPT_LASTN },
     { "seed", required_argument, NULL, OPT_SEED },
     { "ctx", required_argument, NULL, OPT_CTX },
+    { "stats", no_argument, NULL, OPT_STATS },
     { "n-predict", required_argument, NULL, 'n' },
     { "help", no_argument, NULL, OPT_HELP },
     { NULL, 0, NULL, 0 },
@@ -168,8 +178,9 @@ static void usage(FILE *f, int run)
         fprintf(f, "usage: moectl run --model M --tokens 1,2,3 -n N [--temp T] [--top-k K]"
                    " [--top-p P]\n"
                    "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
-                   " [--seed S] [--threads N] [--ctx N]\n"
-                   "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n");
+                   " [--seed S] [--threads N] [--ctx N] [--stats]\n"
+                   "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
+                   "--stats prints prefill and decode speed as one JSON line on stderr.\n");
     else
         fprintf(f, "usage: moectl eval --model M --tokens 1,2,3 --logits FILE [--routing FILE]"
                    " [--threads N]\n"
@@ -181,6 +192,7 @@ static int eval_or_run(int argc, char **argv, int run)
 {
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *routing_path = NULL;
     long threads = 0, n_predict = -1, ctx = 0, v;
+    int stats = 0;
     struct moe_sampler_params sp;
     moe_sampler_defaults(&sp);
     int c;
@@ -227,6 +239,7 @@ static int eval_or_run(int argc, char **argv, int run)
             sp.seed = s;
             break;
         }
+        case OPT_STATS: if (!run) goto bad_opt; stats = 1; break;
         case OPT_HELP: case 'h': usage(stdout, run); return 0;
         case ':':
             fprintf(stderr, "moectl: option %s needs a value\n", argv[optind - 1]);
@@ -344,10 +357,12 @@ static int eval_or_run(int argc, char **argv, int run)
     }
     memcpy(hist, tokens, (size_t)n_tok * sizeof(int32_t));
     int64_t n_hist = n_tok;
+    double t0 = now_s();
     if (n_predict > 0 && moe_model_forward(m, s, tokens, n_tok, logits, false, NULL, NULL, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
         goto out;
     }
+    double t1 = now_s();
     for (long i = 0; i < n_predict; i++) {
         int32_t t = moe_sampler_sample(smp, logits, hist, n_hist);
         hist[n_hist++] = t;
@@ -359,6 +374,16 @@ static int eval_or_run(int argc, char **argv, int run)
         }
     }
     printf("\n");
+    fflush(stdout);
+    if (stats) {
+        double t2 = now_s();
+        /* the last sampled token is not run through the model */
+        long n_dec = n_predict > 1 ? n_predict - 1 : 0;
+        fprintf(stderr, "{\"prefill_tokens\": %" PRId64 ", \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"
+                " \"decode_tokens\": %ld, \"decode_s\": %.6f, \"decode_tok_s\": %.3f, \"simd\": \"%s\"}\n",
+                n_tok, t1 - t0, (double)n_tok / (t1 - t0), n_dec, t2 - t1,
+                n_dec ? (double)n_dec / (t2 - t1) : 0.0, moe_vecdot_impl());
+    }
     ret = 0;
 out:
     if (lf) {
