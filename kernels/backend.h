@@ -63,13 +63,17 @@ struct moe_gating_params {
     const float *bias;    /* selection bias [n_expert] or NULL (deepseek exp_probs_b) */
 };
 
-/* One attention call over a single sequence's KV cache. */
+/* One attention call over a single sequence's KV cache. q is
+ * [n_tok][n_head][head_dim], out is [n_tok][n_head][head_dim_v]. Cache row r
+ * holds position r: kv head h's key at k_cache + r*k_row + h*head_dim, its
+ * value at v_cache + r*v_row + h*head_dim_v (MLA points V into the K rows). */
 struct moe_attn_params {
-    int n_head, n_head_kv, head_dim;
+    int n_head, n_head_kv, head_dim, head_dim_v;
+    int64_t k_row, v_row; /* elements per cache row */
     float scale;          /* applied to q.k */
     int kv_f16;           /* K and V caches are f16 (else f32) */
-    const void *k_cache;  /* [n_ctx][n_head_kv * head_dim] */
-    const void *v_cache;  /* [n_ctx][n_head_kv * head_dim] */
+    const void *k_cache;
+    const void *v_cache;
     int window;           /* sliding window (0 = none): attend to pos-window+1..pos */
     const float *sinks;   /* per-head sink logits [n_head] or NULL */
 };
@@ -98,18 +102,18 @@ struct moe_backend_ops {
     /* y[t][o] = sum_i w[o][i] * x[t][i] (+ bias[o]); y is [n_tok][n_out]. */
     int (*matmul)(struct moe_backend *be, float *y, const struct moe_weight *w,
                   const float *bias, const float *x, int64_t n_tok);
-    /* Rotates the first n_rot dims of each head of x[n_tok][n_head][head_dim]
-     * by position host_pos[t]. */
-    int (*rope)(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_dim,
-                const int32_t *host_pos, const struct moe_rope_params *rp);
-    /* Causal attention of q[n_tok][n_head*head_dim] (token t at position
-     * host_pos[t]) over cache rows 0..pos; out is [n_tok][n_head*head_dim]. */
+    /* Rotates dims [offset, offset + n_rot) of each head of
+     * x[n_tok][n_head][head_stride] by position host_pos[t]. */
+    int (*rope)(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_stride,
+                int offset, const int32_t *host_pos, const struct moe_rope_params *rp);
+    /* Causal attention of q (token t at position host_pos[t]) over cache
+     * rows 0..pos (or the sliding window); see struct moe_attn_params. */
     int (*attention)(struct moe_backend *be, float *out, const float *q, int64_t n_tok,
                      const int32_t *host_pos, const struct moe_attn_params *ap);
-    /* Writes rows of k/v [n_tok][n_kv_dim] into the caches at host_pos[t]. */
-    int (*kv_store)(struct moe_backend *be, void *k_cache, void *v_cache, const float *k,
-                    const float *v, int64_t n_tok, const int32_t *host_pos, int n_kv_dim,
-                    int kv_f16);
+    /* Writes rows x[n_tok][n] into cache rows host_pos[t] (row stride
+     * `row` elements, starting at element `offset` of the row). */
+    int (*kv_store)(struct moe_backend *be, void *cache, const float *x, int64_t n_tok,
+                    const int32_t *host_pos, int n, int64_t row, int offset, int kv_f16);
     /* Router: from logits[n_tok][n_expert], host ids[n_tok][k] (by
      * descending selection value) and host weights[n_tok][k]. */
     int (*router_topk)(struct moe_backend *be, const float *logits, int64_t n_tok,

@@ -594,13 +594,15 @@ static int attention_block(struct moe_model *m, struct moe_seq *s, int il, int64
         TRY(ops->rmsnorm(be, m->q, m->q, L->q_norm, n, qd, c->rms_eps));
         TRY(ops->rmsnorm(be, m->k, m->k, L->k_norm, n, kvd, c->rms_eps));
     }
-    TRY(ops->rope(be, m->q, n, c->n_head, hd, m->pos, &c->rope));
-    TRY(ops->rope(be, m->k, n, c->n_head_kv, hd, m->pos, &c->rope));
+    TRY(ops->rope(be, m->q, n, c->n_head, hd, 0, m->pos, &c->rope));
+    TRY(ops->rope(be, m->k, n, c->n_head_kv, hd, 0, m->pos, &c->rope));
     uint8_t *kc = (uint8_t *)s->k_cache + (size_t)il * s->layer_bytes;
     uint8_t *vc = (uint8_t *)s->v_cache + (size_t)il * s->layer_bytes;
-    TRY(ops->kv_store(be, kc, vc, m->k, m->v, n, m->pos, kvd, m->kv_f16));
+    TRY(ops->kv_store(be, kc, m->k, n, m->pos, kvd, kvd, 0, m->kv_f16));
+    TRY(ops->kv_store(be, vc, m->v, n, m->pos, kvd, kvd, 0, m->kv_f16));
     struct moe_attn_params ap = {
-        .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd,
+        .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd, .head_dim_v = hd,
+        .k_row = kvd, .v_row = kvd,
         .scale = 1.0f / sqrtf((float)hd), .kv_f16 = m->kv_f16,
         .k_cache = kc, .v_cache = vc,
     };

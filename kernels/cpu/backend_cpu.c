@@ -192,17 +192,17 @@ static int cpu_matmul(struct moe_backend *be, float *y, const struct moe_weight 
 
 /* ---- rope ------------------------------------------------------------ */
 
-static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_dim,
-                    const int32_t *pos, const struct moe_rope_params *rp)
+static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_stride,
+                    int offset, const int32_t *pos, const struct moe_rope_params *rp)
 {
     (void)be;
     const int n_rot = rp->n_rot;
-    if (n_rot <= 0 || n_rot > head_dim || n_rot % 2 != 0)
+    if (n_rot <= 0 || offset < 0 || offset + n_rot > head_stride || n_rot % 2 != 0)
         return -EINVAL;
     const float theta_scale = powf(rp->freq_base, -2.0f / (float)n_rot);
     for (int64_t t = 0; t < n_tok; t++) {
         for (int h = 0; h < n_head; h++) {
-            float *v = x + (t * n_head + h) * head_dim;
+            float *v = x + (t * n_head + h) * head_stride + offset;
             float theta = (float)pos[t];
             for (int i0 = 0; i0 < n_rot; i0 += 2) {
                 const float th = rp->freq_scale * theta;
@@ -238,13 +238,10 @@ struct attn_job {
 static inline float kv_dot(const struct moe_attn_params *ap, const float *q, const uint16_t *qh,
                            int64_t row, int kvh)
 {
-    const int64_t kv_dim = (int64_t)ap->n_head_kv * ap->head_dim;
-    if (ap->kv_f16) {
-        const uint16_t *k = (const uint16_t *)ap->k_cache + row * kv_dim + (int64_t)kvh * ap->head_dim;
-        return moe_vecdot(MOE_DTYPE_F16, k, qh, ap->head_dim);
-    }
-    const float *k = (const float *)ap->k_cache + row * kv_dim + (int64_t)kvh * ap->head_dim;
-    return moe_vecdot(MOE_DTYPE_F32, k, q, ap->head_dim);
+    const int64_t off = row * ap->k_row + (int64_t)kvh * ap->head_dim;
+    if (ap->kv_f16)
+        return moe_vecdot(MOE_DTYPE_F16, (const uint16_t *)ap->k_cache + off, qh, ap->head_dim);
+    return moe_vecdot(MOE_DTYPE_F32, (const float *)ap->k_cache + off, q, ap->head_dim);
 }
 
 static void attn_task(void *arg, int64_t task, int worker)
@@ -254,10 +251,9 @@ static void attn_task(void *arg, int64_t task, int worker)
     const int64_t t = task / ap->n_head;
     const int h = (int)(task % ap->n_head);
     const int kvh = h / (ap->n_head / ap->n_head_kv);
-    const int hd = ap->head_dim;
-    const int64_t kv_dim = (int64_t)ap->n_head_kv * hd;
+    const int hd = ap->head_dim, hdv = ap->head_dim_v;
     const float *q = j->q + (t * ap->n_head + h) * hd;
-    float *out = j->out + (t * ap->n_head + h) * hd;
+    float *out = j->out + (t * ap->n_head + h) * hdv;
     const int32_t p = j->pos[t];
     int32_t first = 0;
     if (ap->window > 0 && p - ap->window + 1 > 0)
@@ -287,18 +283,19 @@ static void attn_task(void *arg, int64_t task, int worker)
     if (ap->sinks)
         sum += (double)expf(sink - max);
     const float inv = (float)(1.0 / sum);
-    for (int d = 0; d < hd; d++)
+    for (int d = 0; d < hdv; d++)
         out[d] = 0.0f;
     for (int32_t r = first; r <= p; r++) {
         const float pr = s[r] * inv;
+        const int64_t off = (int64_t)r * ap->v_row + (int64_t)kvh * hdv;
         if (ap->kv_f16) {
-            const uint16_t *v = (const uint16_t *)ap->v_cache + r * kv_dim + (int64_t)kvh * hd;
+            const uint16_t *v = (const uint16_t *)ap->v_cache + off;
             const float ph = moe_fp16_to_fp32(moe_fp32_to_fp16(pr));
-            for (int d = 0; d < hd; d++)
+            for (int d = 0; d < hdv; d++)
                 out[d] += ph * moe_fp16_to_fp32(v[d]);
         } else {
-            const float *v = (const float *)ap->v_cache + r * kv_dim + (int64_t)kvh * hd;
-            for (int d = 0; d < hd; d++)
+            const float *v = (const float *)ap->v_cache + off;
+            for (int d = 0; d < hdv; d++)
                 out[d] += pr * v[d];
         }
     }
@@ -320,22 +317,19 @@ static int cpu_attention(struct moe_backend *be, float *out, const float *q, int
     return 0;
 }
 
-static int cpu_kv_store(struct moe_backend *be, void *k_cache, void *v_cache, const float *k,
-                        const float *v, int64_t n_tok, const int32_t *pos, int n_kv_dim, int kv_f16)
+static int cpu_kv_store(struct moe_backend *be, void *cache, const float *x, int64_t n_tok,
+                        const int32_t *pos, int n, int64_t row, int offset, int kv_f16)
 {
     (void)be;
     for (int64_t t = 0; t < n_tok; t++) {
-        const float *kr = k + t * n_kv_dim, *vr = v + t * n_kv_dim;
+        const float *xr = x + t * n;
+        const int64_t at = (int64_t)pos[t] * row + offset;
         if (kv_f16) {
-            uint16_t *kd = (uint16_t *)k_cache + (int64_t)pos[t] * n_kv_dim;
-            uint16_t *vd = (uint16_t *)v_cache + (int64_t)pos[t] * n_kv_dim;
-            for (int i = 0; i < n_kv_dim; i++) {
-                kd[i] = moe_fp32_to_fp16(kr[i]);
-                vd[i] = moe_fp32_to_fp16(vr[i]);
-            }
+            uint16_t *d = (uint16_t *)cache + at;
+            for (int i = 0; i < n; i++)
+                d[i] = moe_fp32_to_fp16(xr[i]);
         } else {
-            memcpy((float *)k_cache + (int64_t)pos[t] * n_kv_dim, kr, (size_t)n_kv_dim * 4);
-            memcpy((float *)v_cache + (int64_t)pos[t] * n_kv_dim, vr, (size_t)n_kv_dim * 4);
+            memcpy((float *)cache + at, xr, (size_t)n * 4);
         }
     }
     return 0;
