@@ -61,6 +61,8 @@ struct moe_gating_params {
     int norm;             /* divide the k weights by their sum */
     float scale;          /* multiply weights by this (1 = none) */
     const float *bias;    /* selection bias [n_expert] or NULL (deepseek exp_probs_b) */
+    int n_group;          /* > 1: experts in n_group groups; only the n_group_used groups */
+    int n_group_used;     /*      with the best top-2 sums are eligible (deepseek) */
 };
 
 /* One attention call over a single sequence's KV cache. q is
@@ -122,6 +124,10 @@ struct moe_backend_ops {
     /* y = silu(gate) * up, elementwise over n. */
     int (*swiglu)(struct moe_backend *be, float *y, const float *gate, const float *up,
                   int64_t n);
+    /* gpt-oss: x = min(gate, limit), u = clamp(up, -limit, limit),
+     * y = x * sigmoid(alpha * x) * (u + 1). */
+    int (*swiglu_oai)(struct moe_backend *be, float *y, const float *gate, const float *up,
+                      int64_t n, float alpha, float limit);
     /* y += a * x over n (a is a scalar). */
     int (*axpy)(struct moe_backend *be, float *y, float a, const float *x, int64_t n);
     /* y = a + b over n. y may equal a or b. */

@@ -14,6 +14,16 @@
  *
  * and at the end logits = Wout (rmsnorm(x) * output_norm).
  *
+ * deepseek2 replaces attention with multi-head latent attention (MLA) in
+ * llama.cpp's absorbed form: the KV cache holds per token only the
+ * normalised latent c (kv_lora_rank) and the shared rotary key k_pe; each
+ * head's query is q_abs = Wk_b[h] q_nope (in latent space) followed by its
+ * rotated q_pe, values are the latent itself, and each head's output is
+ * mapped back with Wv_b[h]. Its first layers have a dense FFN, MoE layers add
+ * a shared expert, and routing is sigmoid with a selection bias.
+ * gpt-oss adds q/k/v/o biases, attention sinks, a sliding window on even
+ * layers, a router bias, expert biases and the clamped SwiGLU.
+ *
  * The MoE block groups the batch by expert, like ggml's mul_mat_id: each
  * expert's matrices are read once per batch for all the tokens routed to it.
  * The per-token sum runs over the k slots in selection order, products
@@ -42,14 +52,26 @@ struct expert_tensor {
 
 struct layer {
     struct moe_weight wq, wk, wv, wo;
-    float *bq, *bk, *bv;                 /* owned f32, or NULL */
+    float *bq, *bk, *bv, *bo;            /* owned f32, or NULL */
     float *attn_norm, *ffn_norm;         /* owned f32 */
     float *q_norm, *k_norm;              /* owned f32, or NULL */
+    float *sinks;                        /* [n_head] (gpt-oss) */
+    int window;                          /* sliding window of this layer, 0 = full */
+    /* MLA (deepseek2) */
+    struct moe_weight wq_a, wq_b, wkv_a;
+    float *q_a_norm, *kv_a_norm;
+    struct moe_weight wk_b[256], wv_b[256]; /* per head */
+    /* FFN: dense (leading deepseek2 layers) or MoE */
+    bool moe;
+    struct moe_weight ffn_gate, ffn_up, ffn_down;
     struct moe_weight router;
+    float *router_bias;                  /* [n_expert] added to logits (gpt-oss) */
+    float *sel_bias;                     /* [n_expert] selection bias (deepseek2) */
     struct expert_tensor gate, up, down;
-    /* qwen2moe shared expert */
+    float *gate_b, *up_b, *down_b;       /* [n_expert][n] expert biases (gpt-oss) */
+    /* shared expert */
     struct moe_weight sh_gate, sh_up, sh_down;
-    float *sh_gate_inp;                  /* [n_embd], or NULL */
+    float *sh_gate_inp;                  /* [n_embd], or NULL (qwen2moe) */
 };
 
 struct moe_model {
@@ -64,6 +86,7 @@ struct moe_model {
 
     /* scratch, sized for n_batch tokens */
     float *x, *xn, *q, *k, *v, *att, *tmp, *logits_tmp;
+    float *qa, *hq, *hout;               /* MLA: q_a, one head's gather/scatter rows */
     float *rlogits;
     int32_t *ids;
     float *weights;
@@ -76,13 +99,13 @@ struct moe_model {
 struct moe_seq {
     struct moe_model *m;
     int pos;
-    void *k_cache, *v_cache;             /* per layer: [n_ctx][n_kv*hd] */
-    size_t layer_bytes;
+    void *k_cache, *v_cache;             /* per layer: [n_ctx][k_row], [n_ctx][v_row] */
+    size_t layer_bytes, v_layer_bytes;
 };
 
 const char *moe_model_supported_archs(void)
 {
-    return "llama (Mixtral-style MoE), qwen2moe, qwen3moe, olmoe";
+    return "llama (Mixtral-style MoE), qwen2moe, qwen3moe, olmoe, deepseek2, gpt-oss";
 }
 
 /* ---- configuration --------------------------------------------------- */
@@ -161,6 +184,10 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
         c->arch = MOE_ARCH_QWEN3MOE;
     else if (strcmp(arch, "olmoe") == 0)
         c->arch = MOE_ARCH_OLMOE;
+    else if (strcmp(arch, "deepseek2") == 0)
+        c->arch = MOE_ARCH_DEEPSEEK2;
+    else if (strcmp(arch, "gpt-oss") == 0)
+        c->arch = MOE_ARCH_GPTOSS;
     else
         return moe_diag_set(diag, MOE_EUNSUPPORTED,
                             "%s: architecture '%s' is not supported; supported: %s", path, arch,
@@ -196,14 +223,60 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
     int hd_default = c->n_embd / c->n_head, hd_v = 0;
     if ((rc = get_u32_opt(g, arch, "attention.key_length", &c->head_dim, hd_default, diag)) ||
         (rc = get_u32_opt(g, arch, "attention.value_length", &hd_v, c->head_dim, diag)) ||
-        (rc = get_u32_opt(g, arch, "rope.dimension_count", &n_rot, c->head_dim, diag)))
+        (rc = get_u32_opt(g, arch, "rope.dimension_count", &n_rot, c->head_dim, diag)) ||
+        (rc = get_u32_opt(g, arch, "leading_dense_block_count", &c->n_layer_dense_lead, 0, diag)) ||
+        (rc = get_u32_opt(g, arch, "expert_group_count", &c->n_expert_groups, 0, diag)) ||
+        (rc = get_u32_opt(g, arch, "expert_group_used_count", &c->n_group_used, 0, diag)))
         return rc;
-    if (hd_v != c->head_dim || c->head_dim <= 0 || c->head_dim % 2 != 0)
-        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: head dims key %d / value %d: expected equal,"
-                            " even and positive", path, c->head_dim, hd_v);
-    if (n_rot <= 0 || n_rot > c->head_dim || n_rot % 2 != 0)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.rope.dimension_count %d, expected an even"
-                            " number in 2..%d", path, arch, n_rot, c->head_dim);
+    c->n_ff = n_ff;
+    c->head_dim_v = hd_v;
+    if (c->arch == MOE_ARCH_DEEPSEEK2) {
+        int n_shared = 0, k_mla = 0, v_mla = 0;
+        if ((rc = get_u32_opt(g, arch, "attention.q_lora_rank", &c->q_lora_rank, 0, diag)) ||
+            (rc = get_u32_req(g, arch, "attention.kv_lora_rank", &c->kv_lora_rank, diag)) ||
+            (rc = get_u32_opt(g, arch, "attention.key_length_mla", &k_mla, 0, diag)) ||
+            (rc = get_u32_opt(g, arch, "attention.value_length_mla", &v_mla, 0, diag)) ||
+            (rc = get_u32_opt(g, arch, "expert_shared_count", &n_shared, 0, diag)))
+            return rc;
+        if (k_mla == 0 || v_mla == 0)
+            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: deepseek2 without key_length_mla/"
+                                "value_length_mla (the pre-2025 MLA layout with a joint kv_b"
+                                " tensor) is not supported; reconvert with a current llama.cpp", path);
+        if (c->kv_lora_rank <= 0 || n_rot <= 0 || n_rot >= k_mla || n_rot % 2 != 0 ||
+            c->head_dim != c->kv_lora_rank + n_rot || hd_v != c->kv_lora_rank)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: deepseek2 MLA dims inconsistent: key_length %d,"
+                                " value_length %d, kv_lora_rank %d, rope.dimension_count %d,"
+                                " key_length_mla %d (expected key_length = kv_lora_rank + rope dims,"
+                                " value_length = kv_lora_rank)", path, c->head_dim, hd_v,
+                                c->kv_lora_rank, n_rot, k_mla);
+        if (c->n_head > 256)
+            return moe_diag_set(diag, MOE_ELIMIT, "%s: %d heads, at most 256 supported", path, c->n_head);
+        c->mla = true;
+        c->qk_rope = n_rot;
+        c->qk_nope = k_mla - n_rot;
+        c->v_head_dim = v_mla;
+        c->n_ff_shexp = n_shared * c->n_ff_exp;
+        c->n_head_kv = 1;
+        c->k_row = c->kv_lora_rank + n_rot;
+        c->v_row = 0;
+        c->kq_scale = 1.0f / sqrtf((float)k_mla);
+    } else {
+        if (hd_v != c->head_dim || c->head_dim <= 0 || c->head_dim % 2 != 0)
+            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: head dims key %d / value %d: expected"
+                                " equal, even and positive", path, c->head_dim, hd_v);
+        if (n_rot <= 0 || n_rot > c->head_dim || n_rot % 2 != 0)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.rope.dimension_count %d, expected an even"
+                                " number in 2..%d", path, arch, n_rot, c->head_dim);
+        c->k_row = c->v_row = (int64_t)c->n_head_kv * c->head_dim;
+        c->kq_scale = 1.0f / sqrtf((float)c->head_dim);
+    }
+    if (c->n_layer_dense_lead > c->n_layer)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.leading_dense_block_count %d exceeds"
+                            " block_count %d", path, arch, c->n_layer_dense_lead, c->n_layer);
+    if (c->n_expert_groups > 1 && (c->n_expert % c->n_expert_groups != 0 || c->n_group_used <= 0 ||
+                                   c->n_group_used > c->n_expert_groups))
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: expert groups %d (used %d) do not divide %d"
+                            " experts", path, c->n_expert_groups, c->n_group_used, c->n_expert);
     if ((rc = get_f32_opt(g, arch, "attention.layer_norm_rms_epsilon", &c->rms_eps, 1e-5f, diag)) ||
         (rc = get_f32_opt(g, arch, "rope.freq_base", &c->rope.freq_base, 10000.0f, diag)))
         return rc;
@@ -213,10 +286,21 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
     if (!(c->rms_eps > 0.0f) || !(c->rope.freq_base > 0.0f) || !(factor > 0.0f))
         return moe_diag_set(diag, MOE_EFORMAT, "%s: rms epsilon, rope.freq_base and"
                             " rope.scaling.factor must be positive", path);
+    struct moe_gguf_str st;
+    char key[128];
+    snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
+    rc = moe_gguf_get_str(g, key, &st, diag);
+    if (rc && rc != -ENOENT)
+        return rc;
+    if (rc == 0 && !(st.len == 4 && memcmp(st.ptr, "none", 4) == 0) &&
+        !(st.len == 6 && memcmp(st.ptr, "linear", 6) == 0))
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s = '%.*s': only linear RoPE scaling is"
+                            " implemented so far (YaRN is not)", path, key, (int)st.len, st.ptr);
     c->rope.n_rot = n_rot;
     c->rope.freq_scale = 1.0f / factor;
     /* Per-arch rules as llama.cpp applies them. */
-    c->rope.mode = c->arch == MOE_ARCH_LLAMA ? MOE_ROPE_NORM : MOE_ROPE_NEOX;
+    c->rope.mode = c->arch == MOE_ARCH_LLAMA || c->arch == MOE_ARCH_DEEPSEEK2 ? MOE_ROPE_NORM
+                                                                              : MOE_ROPE_NEOX;
     c->gating.func = MOE_GATING_SOFTMAX;
     c->gating.n_expert = c->n_expert;
     c->gating.k = c->n_expert_used;
@@ -224,7 +308,35 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
     c->gating.scale = 1.0f;
     c->qk_norm = c->arch == MOE_ARCH_QWEN3MOE;
     c->qk_norm_full = c->arch == MOE_ARCH_OLMOE;
-    c->qkv_bias = c->arch == MOE_ARCH_QWEN2MOE;
+    c->qkv_bias = c->arch == MOE_ARCH_QWEN2MOE || c->arch == MOE_ARCH_GPTOSS;
+    c->shexp_gated = c->arch == MOE_ARCH_QWEN2MOE;
+    if (c->arch == MOE_ARCH_DEEPSEEK2) {
+        int func = 1;
+        bool norm = false;
+        if ((rc = get_u32_opt(g, arch, "expert_gating_func", &func, 1, diag)) ||
+            (rc = get_f32_opt(g, arch, "expert_weights_scale", &c->gating.scale, 1.0f, diag)))
+            return rc;
+        snprintf(key, sizeof(key), "%s.expert_weights_norm", arch);
+        rc = moe_gguf_get_bool(g, key, &norm, diag);
+        if (rc && rc != -ENOENT)
+            return rc;
+        if (func != 1 && func != 2)
+            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.expert_gating_func %d, expected"
+                                " 1 (softmax) or 2 (sigmoid)", path, arch, func);
+        c->gating.func = func == 2 ? MOE_GATING_SIGMOID : MOE_GATING_SOFTMAX;
+        c->gating.norm = norm;
+    }
+    if (c->arch == MOE_ARCH_GPTOSS) {
+        c->attn_out_bias = true;
+        c->sinks = true;
+        c->swiglu_oai = true;
+        /* llama.cpp's constants for gpt-oss; no GGUF key carries them today */
+        c->swiglu_alpha = 1.702f;
+        c->swiglu_limit = 7.0f;
+        c->gating.func = MOE_GATING_SOFTMAX_TOPK;
+        if ((rc = get_u32_opt(g, arch, "attention.sliding_window", &c->swa_window, 0, diag)))
+            return rc;
+    }
     return 0;
 }
 
@@ -303,50 +415,118 @@ static int bind_experts(struct moe_model *m, const char *name, int64_t n_in, int
     return 0;
 }
 
-/* 1-D weights (norms, biases) are converted to owned float arrays. */
-static int bind_vector(struct moe_model *m, const char *name, int64_t n, bool required, float **out,
-                       struct moe_diag *diag)
+/* Small F32-convertible tensors [n] or [n, n2] (norms, biases) are
+ * converted to owned float arrays. */
+static int bind_vector2(struct moe_model *m, const char *name, int64_t n, int64_t n2, float **out,
+                        struct moe_diag *diag)
 {
     int rc;
     *out = NULL;
-    const struct moe_gguf_tensor *t = find_tensor(m->gguf, name, 1, &n, required, diag, &rc);
+    const int64_t ne[2] = { n, n2 };
+    const struct moe_gguf_tensor *t = find_tensor(m->gguf, name, n2 > 1 ? 2 : 1, ne, true, diag, &rc);
     if (t == NULL)
         return rc;
     if (!moe_dequantize_supported(t->dtype))
         return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, expected F32",
                             moe_gguf_path(m->gguf), name, moe_dtype_name(t->dtype));
-    float *v = moe_malloc((size_t)n * sizeof(float));
+    float *v = moe_malloc((size_t)n * (size_t)n2 * sizeof(float));
     if (v == NULL)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
-    moe_dequantize_row(t->dtype, moe_gguf_tensor_data(m->gguf, t), v, n);
+    const uint8_t *src = moe_gguf_tensor_data(m->gguf, t);
+    const size_t rb = moe_dtype_row_bytes(t->dtype, (uint64_t)n, NULL);
+    for (int64_t r = 0; r < n2; r++)
+        moe_dequantize_row(t->dtype, src + (size_t)r * rb, v + r * n, n);
     *out = v;
     return 0;
 }
 
-static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
+static int bind_vector(struct moe_model *m, const char *name, int64_t n, bool required, float **out,
+                       struct moe_diag *diag)
+{
+    *out = NULL;
+    if (!required && moe_gguf_find_tensor(m->gguf, name) == NULL)
+        return 0;
+    return bind_vector2(m, name, n, 1, out, diag);
+}
+
+/* A 3-D tensor [n_in, n_out, n] as n matrices (MLA's per-head k_b, v_b). */
+static int bind_stack(struct moe_model *m, const char *name, int64_t n_in, int64_t n_out, int n,
+                      struct moe_weight *w, struct moe_diag *diag)
+{
+    struct expert_tensor t;
+    const int64_t ne[3] = { n_in, n_out, n };
+    int rc;
+    const struct moe_gguf_tensor *gt = find_tensor(m->gguf, name, 3, ne, true, diag, &rc);
+    if (gt == NULL)
+        return rc;
+    if (!m->be->ops->supports(m->be, gt->dtype))
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, which the %s"
+                            " backend cannot compute", moe_gguf_path(m->gguf), name,
+                            moe_dtype_name(gt->dtype), m->be->ops->name);
+    t.data = moe_gguf_tensor_data(m->gguf, gt);
+    t.dtype = gt->dtype;
+    t.n_in = n_in;
+    t.n_out = n_out;
+    t.row_bytes = moe_dtype_row_bytes(gt->dtype, (uint64_t)n_in, NULL);
+    t.expert_bytes = t.row_bytes * (size_t)n_out;
+    for (int i = 0; i < n; i++) {
+        w[i].data = t.data + (size_t)i * t.expert_bytes;
+        w[i].dtype = t.dtype;
+        w[i].n_in = n_in;
+        w[i].n_out = n_out;
+        w[i].row_bytes = t.row_bytes;
+    }
+    return 0;
+}
+
+/* A 2-D F32-convertible tensor [n, n_expert] as owned floats (expert biases). */
+static int bind_expert_bias(struct moe_model *m, const char *name, int64_t n, float **out,
+                            struct moe_diag *diag)
+{
+    return bind_vector2(m, name, n, m->cfg.n_expert, out, diag);
+}
+
+static int bind_attention(struct moe_model *m, int il, struct layer *L, struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
-    struct layer *L = &m->layers[il];
     const int64_t E = c->n_embd, hd = c->head_dim;
     const int64_t qd = (int64_t)c->n_head * hd, kvd = (int64_t)c->n_head_kv * hd;
     char n[96];
     int rc;
 #define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
-    if ((rc = bind_vector(m, NAME("attn_norm.weight"), E, true, &L->attn_norm, diag)) ||
-        (rc = bind_matrix(m, NAME("attn_q.weight"), E, qd, true, &L->wq, diag)) ||
+    if ((rc = bind_vector(m, NAME("attn_norm.weight"), E, true, &L->attn_norm, diag)))
+        return rc;
+    if (c->mla) {
+        const int64_t qk = c->qk_nope + c->qk_rope, H = c->n_head;
+        if (c->q_lora_rank > 0) {
+            if ((rc = bind_matrix(m, NAME("attn_q_a.weight"), E, c->q_lora_rank, true, &L->wq_a, diag)) ||
+                (rc = bind_vector(m, NAME("attn_q_a_norm.weight"), c->q_lora_rank, true, &L->q_a_norm, diag)) ||
+                (rc = bind_matrix(m, NAME("attn_q_b.weight"), c->q_lora_rank, H * qk, true, &L->wq_b, diag)))
+                return rc;
+        } else if ((rc = bind_matrix(m, NAME("attn_q.weight"), E, H * qk, true, &L->wq, diag))) {
+            return rc;
+        }
+        return (rc = bind_matrix(m, NAME("attn_kv_a_mqa.weight"), E, c->kv_lora_rank + c->qk_rope, true,
+                                 &L->wkv_a, diag)) ||
+               (rc = bind_vector(m, NAME("attn_kv_a_norm.weight"), c->kv_lora_rank, true, &L->kv_a_norm, diag)) ||
+               (rc = bind_stack(m, NAME("attn_k_b.weight"), c->qk_nope, c->kv_lora_rank, c->n_head, L->wk_b, diag)) ||
+               (rc = bind_stack(m, NAME("attn_v_b.weight"), c->kv_lora_rank, c->v_head_dim, c->n_head, L->wv_b, diag)) ||
+               (rc = bind_matrix(m, NAME("attn_output.weight"), H * c->v_head_dim, E, true, &L->wo, diag))
+                   ? rc : 0;
+    }
+    if ((rc = bind_matrix(m, NAME("attn_q.weight"), E, qd, true, &L->wq, diag)) ||
         (rc = bind_matrix(m, NAME("attn_k.weight"), E, kvd, true, &L->wk, diag)) ||
         (rc = bind_matrix(m, NAME("attn_v.weight"), E, kvd, true, &L->wv, diag)) ||
-        (rc = bind_matrix(m, NAME("attn_output.weight"), qd, E, true, &L->wo, diag)) ||
-        (rc = bind_vector(m, NAME("ffn_norm.weight"), E, true, &L->ffn_norm, diag)) ||
-        (rc = bind_matrix(m, NAME("ffn_gate_inp.weight"), E, c->n_expert, true, &L->router, diag)) ||
-        (rc = bind_experts(m, NAME("ffn_gate_exps.weight"), E, c->n_ff_exp, &L->gate, diag)) ||
-        (rc = bind_experts(m, NAME("ffn_up_exps.weight"), E, c->n_ff_exp, &L->up, diag)) ||
-        (rc = bind_experts(m, NAME("ffn_down_exps.weight"), c->n_ff_exp, E, &L->down, diag)))
+        (rc = bind_matrix(m, NAME("attn_output.weight"), qd, E, true, &L->wo, diag)))
         return rc;
     if (c->qkv_bias &&
         ((rc = bind_vector(m, NAME("attn_q.bias"), qd, true, &L->bq, diag)) ||
          (rc = bind_vector(m, NAME("attn_k.bias"), kvd, true, &L->bk, diag)) ||
          (rc = bind_vector(m, NAME("attn_v.bias"), kvd, true, &L->bv, diag))))
+        return rc;
+    if (c->attn_out_bias && (rc = bind_vector(m, NAME("attn_output.bias"), E, true, &L->bo, diag)))
+        return rc;
+    if (c->sinks && (rc = bind_vector(m, NAME("attn_sinks.weight"), c->n_head, true, &L->sinks, diag)))
         return rc;
     if (c->qk_norm &&
         ((rc = bind_vector(m, NAME("attn_q_norm.weight"), hd, true, &L->q_norm, diag)) ||
@@ -356,8 +536,50 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
         ((rc = bind_vector(m, NAME("attn_q_norm.weight"), qd, true, &L->q_norm, diag)) ||
          (rc = bind_vector(m, NAME("attn_k_norm.weight"), kvd, true, &L->k_norm, diag))))
         return rc;
+    /* llama.cpp's gpt-oss pattern: even layers use the sliding window */
+    L->window = c->swa_window > 0 && il % 2 == 0 ? c->swa_window : 0;
+#undef NAME
+    return 0;
+}
+
+static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    struct layer *L = &m->layers[il];
+    const int64_t E = c->n_embd;
+    char n[96];
+    int rc;
+#define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
+    if ((rc = bind_attention(m, il, L, diag)))
+        return rc;
+    /* gpt-oss names its FFN norm post_attention_norm */
+    if ((rc = bind_vector(m, c->arch == MOE_ARCH_GPTOSS ? NAME("post_attention_norm.weight")
+                                                        : NAME("ffn_norm.weight"),
+                          E, true, &L->ffn_norm, diag)))
+        return rc;
+    L->moe = il >= c->n_layer_dense_lead;
+    if (!L->moe)
+        return (rc = bind_matrix(m, NAME("ffn_gate.weight"), E, c->n_ff, true, &L->ffn_gate, diag)) ||
+               (rc = bind_matrix(m, NAME("ffn_up.weight"), E, c->n_ff, true, &L->ffn_up, diag)) ||
+               (rc = bind_matrix(m, NAME("ffn_down.weight"), c->n_ff, E, true, &L->ffn_down, diag))
+                   ? rc : 0;
+    if ((rc = bind_matrix(m, NAME("ffn_gate_inp.weight"), E, c->n_expert, true, &L->router, diag)) ||
+        (rc = bind_experts(m, NAME("ffn_gate_exps.weight"), E, c->n_ff_exp, &L->gate, diag)) ||
+        (rc = bind_experts(m, NAME("ffn_up_exps.weight"), E, c->n_ff_exp, &L->up, diag)) ||
+        (rc = bind_experts(m, NAME("ffn_down_exps.weight"), c->n_ff_exp, E, &L->down, diag)))
+        return rc;
+    if (c->arch == MOE_ARCH_DEEPSEEK2 && c->gating.func == MOE_GATING_SIGMOID &&
+        (rc = bind_vector(m, NAME("exp_probs_b.bias"), c->n_expert, true, &L->sel_bias, diag)))
+        return rc;
+    if (c->arch == MOE_ARCH_GPTOSS &&
+        ((rc = bind_vector(m, NAME("ffn_gate_inp.bias"), c->n_expert, true, &L->router_bias, diag)) ||
+         (rc = bind_expert_bias(m, NAME("ffn_gate_exps.bias"), c->n_ff_exp, &L->gate_b, diag)) ||
+         (rc = bind_expert_bias(m, NAME("ffn_up_exps.bias"), c->n_ff_exp, &L->up_b, diag)) ||
+         (rc = bind_expert_bias(m, NAME("ffn_down_exps.bias"), E, &L->down_b, diag))))
+        return rc;
     if (c->n_ff_shexp > 0 &&
-        ((rc = bind_vector(m, NAME("ffn_gate_inp_shexp.weight"), E, true, &L->sh_gate_inp, diag)) ||
+        ((c->shexp_gated &&
+          (rc = bind_vector(m, NAME("ffn_gate_inp_shexp.weight"), E, true, &L->sh_gate_inp, diag))) ||
          (rc = bind_matrix(m, NAME("ffn_gate_shexp.weight"), E, c->n_ff_shexp, true, &L->sh_gate, diag)) ||
          (rc = bind_matrix(m, NAME("ffn_up_shexp.weight"), E, c->n_ff_shexp, true, &L->sh_up, diag)) ||
          (rc = bind_matrix(m, NAME("ffn_down_shexp.weight"), c->n_ff_shexp, E, true, &L->sh_down, diag))))
@@ -381,21 +603,34 @@ static void *scratch(struct moe_model *m, size_t bytes, int *failed)
     return p;
 }
 
+static size_t zmax(size_t a, size_t b)
+{
+    return a > b ? a : b;
+}
+
 static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const size_t B = (size_t)m->n_batch, K = (size_t)c->n_expert_used, F = sizeof(float);
-    const size_t E = (size_t)c->n_embd, qd = (size_t)c->n_head * c->head_dim;
-    const size_t kvd = (size_t)c->n_head_kv * c->head_dim;
-    size_t ff = (size_t)c->n_ff_exp > (size_t)c->n_ff_shexp ? (size_t)c->n_ff_exp : (size_t)c->n_ff_shexp;
+    const size_t E = (size_t)c->n_embd, H = (size_t)c->n_head;
+    const size_t qk = c->mla ? (size_t)(c->qk_nope + c->qk_rope) : (size_t)c->head_dim;
+    const size_t qd = H * zmax((size_t)c->head_dim, qk);
+    const size_t kvd = zmax((size_t)c->n_head_kv * c->head_dim, (size_t)c->k_row);
+    const size_t ad = H * zmax((size_t)c->head_dim_v, (size_t)c->v_head_dim);
+    const size_t ff = zmax(zmax((size_t)c->n_ff_exp, (size_t)c->n_ff_shexp),
+                           c->n_layer_dense_lead > 0 ? (size_t)c->n_ff : 0);
+    const size_t lat = zmax((size_t)c->kv_lora_rank, zmax((size_t)c->qk_nope, (size_t)c->v_head_dim));
     int failed = 0;
     m->x = scratch(m, B * E * F, &failed);
     m->xn = scratch(m, B * E * F, &failed);
     m->q = scratch(m, B * qd * F, &failed);
     m->k = scratch(m, B * kvd * F, &failed);
-    m->v = scratch(m, B * kvd * F, &failed);
-    m->att = scratch(m, B * qd * F, &failed);
-    m->tmp = scratch(m, B * E * F, &failed);
+    m->v = scratch(m, B * qd * F, &failed);   /* V rows, or MLA's assembled queries */
+    m->att = scratch(m, B * ad * F, &failed);
+    m->tmp = scratch(m, B * zmax(E, ad) * F, &failed);
+    m->qa = scratch(m, B * zmax((size_t)c->q_lora_rank, 1) * F, &failed);
+    m->hq = scratch(m, B * zmax(lat, 1) * F, &failed);
+    m->hout = scratch(m, B * zmax(lat, 1) * F, &failed);
     m->rlogits = scratch(m, B * (size_t)c->n_expert * F, &failed);
     m->ids = scratch(m, B * K * sizeof(int32_t), &failed);
     m->weights = scratch(m, B * K * F, &failed);
@@ -413,11 +648,10 @@ static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
     if (failed)
         return moe_diag_set(diag, -ENOMEM, "out of memory allocating scratch for %d tokens",
                             m->n_batch);
-    /* Backend scratch: the largest activation row set of a matmul (f32 is the
+    /* Backend scratch: the largest activation rows of a matmul (f32 is the
      * widest format), and per worker one row of attention scores. */
-    size_t widest = E > qd ? E : qd;
-    if (ff > widest)
-        widest = ff;
+    size_t widest = zmax(zmax(E, qd), zmax(ff, ad));
+    widest = zmax(widest, zmax((size_t)c->q_lora_rank, lat));
     size_t shared = B * widest * 4 + 4096;
     size_t per_worker = (size_t)m->n_ctx * F + (size_t)c->head_dim * 2 + 64;
     int rc = m->be->ops->reserve(m->be, shared, per_worker);
@@ -506,11 +740,20 @@ void moe_model_free(struct moe_model *m)
             moe_free(L->bk);
             moe_free(L->bv);
             moe_free(L->sh_gate_inp);
+            moe_free(L->bo);
+            moe_free(L->sinks);
+            moe_free(L->q_a_norm);
+            moe_free(L->kv_a_norm);
+            moe_free(L->router_bias);
+            moe_free(L->sel_bias);
+            moe_free(L->gate_b);
+            moe_free(L->up_b);
+            moe_free(L->down_b);
         }
         moe_free(m->layers);
     }
     moe_free(m->output_norm);
-    void *bufs[] = { m->x, m->xn, m->q, m->k, m->v, m->att, m->tmp, m->rlogits, m->ids, m->weights,
+    void *bufs[] = { m->x, m->xn, m->q, m->k, m->v, m->att, m->tmp, m->qa, m->hq, m->hout, m->rlogits, m->ids, m->weights,
                      m->xe, m->ge, m->ue, m->de, m->slot_out, m->sh_tmp, m->pos, m->tok_by_expert,
                      m->expert_count, m->expert_start, m->logits_tmp };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
@@ -534,14 +777,16 @@ int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *d
     if (s == NULL)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     s->m = m;
-    const size_t kvd = (size_t)m->cfg.n_head_kv * m->cfg.head_dim;
-    s->layer_bytes = (size_t)m->n_ctx * kvd * (m->kv_f16 ? 2 : 4);
-    size_t total = s->layer_bytes * (size_t)m->cfg.n_layer;
-    s->k_cache = m->be->ops->alloc(m->be, total);
-    s->v_cache = m->be->ops->alloc(m->be, total);
-    if (s->k_cache == NULL || s->v_cache == NULL) {
+    const size_t es = m->kv_f16 ? 2 : 4;
+    s->layer_bytes = (size_t)m->n_ctx * (size_t)m->cfg.k_row * es;
+    s->v_layer_bytes = (size_t)m->n_ctx * (size_t)m->cfg.v_row * es;
+    size_t kt = s->layer_bytes * (size_t)m->cfg.n_layer, vt = s->v_layer_bytes * (size_t)m->cfg.n_layer;
+    s->k_cache = m->be->ops->alloc(m->be, kt);
+    s->v_cache = vt ? m->be->ops->alloc(m->be, vt) : NULL;
+    if (s->k_cache == NULL || (vt && s->v_cache == NULL)) {
         moe_seq_free(s);
-        return moe_diag_set(diag, -ENOMEM, "KV cache: cannot allocate 2 x %zu MiB", total >> 20);
+        return moe_diag_set(diag, -ENOMEM, "KV cache: cannot allocate %zu + %zu MiB", kt >> 20,
+                            vt >> 20);
     }
     *out = s;
     return 0;
@@ -552,7 +797,8 @@ void moe_seq_free(struct moe_seq *s)
     if (s == NULL)
         return;
     s->m->be->ops->free(s->m->be, s->k_cache);
-    s->m->be->ops->free(s->m->be, s->v_cache);
+    if (s->v_cache)
+        s->m->be->ops->free(s->m->be, s->v_cache);
     moe_free(s);
 }
 
@@ -575,6 +821,64 @@ static struct moe_weight expert_weight(const struct expert_tensor *t, int e)
 
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 
+/* MLA in llama.cpp's absorbed form (see the top of this file). */
+static int attention_mla(struct moe_model *m, struct moe_seq *s, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    struct layer *L = &m->layers[il];
+    const int H = c->n_head, nope = c->qk_nope, rope = c->qk_rope, lat = c->kv_lora_rank;
+    const int qk = nope + rope, krow = lat + rope, vh = c->v_head_dim;
+
+    /* queries [n][H][nope + rope] */
+    if (c->q_lora_rank > 0) {
+        TRY(ops->matmul(be, m->qa, &L->wq_a, NULL, m->xn, n));
+        TRY(ops->rmsnorm(be, m->qa, m->qa, L->q_a_norm, n, c->q_lora_rank, c->rms_eps));
+        TRY(ops->matmul(be, m->q, &L->wq_b, NULL, m->qa, n));
+    } else {
+        TRY(ops->matmul(be, m->q, &L->wq, NULL, m->xn, n));
+    }
+    /* latent and shared rotary key [n][lat + rope]: norm the latent part */
+    TRY(ops->matmul(be, m->k, &L->wkv_a, NULL, m->xn, n));
+    for (int64_t t = 0; t < n; t++)
+        TRY(ops->rmsnorm(be, m->k + t * krow, m->k + t * krow, L->kv_a_norm, 1, lat, c->rms_eps));
+    TRY(ops->rope(be, m->q, n, H, qk, nope, m->pos, &c->rope));
+    TRY(ops->rope(be, m->k, n, 1, krow, lat, m->pos, &c->rope));
+    uint8_t *kc = (uint8_t *)s->k_cache + (size_t)il * s->layer_bytes;
+    TRY(ops->kv_store(be, kc, m->k, n, m->pos, krow, krow, 0, m->kv_f16));
+
+    /* assembled queries in m->v: [n][H][lat + rope] = (Wk_b[h] q_nope, q_pe) */
+    float *qc = m->v;
+    for (int h = 0; h < H; h++) {
+        for (int64_t t = 0; t < n; t++)
+            memcpy(m->hq + t * nope, m->q + (t * H + h) * qk, (size_t)nope * sizeof(float));
+        TRY(ops->matmul(be, m->hout, &L->wk_b[h], NULL, m->hq, n));
+        for (int64_t t = 0; t < n; t++) {
+            float *dst = qc + (t * H + h) * krow;
+            memcpy(dst, m->hout + t * lat, (size_t)lat * sizeof(float));
+            memcpy(dst + lat, m->q + (t * H + h) * qk + nope, (size_t)rope * sizeof(float));
+        }
+    }
+    struct moe_attn_params ap = {
+        .n_head = H, .n_head_kv = 1, .head_dim = krow, .head_dim_v = lat,
+        .k_row = krow, .v_row = krow, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
+        .k_cache = kc, .v_cache = kc,
+    };
+    TRY(ops->attention(be, m->att, qc, n, m->pos, &ap));
+    /* per head back from the latent: [n][H][vh] in m->tmp */
+    for (int h = 0; h < H; h++) {
+        for (int64_t t = 0; t < n; t++)
+            memcpy(m->hq + t * lat, m->att + (t * H + h) * lat, (size_t)lat * sizeof(float));
+        TRY(ops->matmul(be, m->hout, &L->wv_b[h], NULL, m->hq, n));
+        for (int64_t t = 0; t < n; t++)
+            memcpy(m->tmp + (t * H + h) * vh, m->hout + t * vh, (size_t)vh * sizeof(float));
+    }
+    TRY(ops->matmul(be, m->att, &L->wo, NULL, m->tmp, n));
+    TRY(ops->add(be, m->x, m->x, m->att, n * c->n_embd));
+    return 0;
+}
+
 static int attention_block(struct moe_model *m, struct moe_seq *s, int il, int64_t n)
 {
     const struct moe_model_cfg *c = &m->cfg;
@@ -584,6 +888,8 @@ static int attention_block(struct moe_model *m, struct moe_seq *s, int il, int64
     const int hd = c->head_dim, kvd = c->n_head_kv * hd, qd = c->n_head * hd;
 
     TRY(ops->rmsnorm(be, m->xn, m->x, L->attn_norm, n, c->n_embd, c->rms_eps));
+    if (c->mla)
+        return attention_mla(m, s, il, n);
     TRY(ops->matmul(be, m->q, &L->wq, L->bq, m->xn, n));
     TRY(ops->matmul(be, m->k, &L->wk, L->bk, m->xn, n));
     TRY(ops->matmul(be, m->v, &L->wv, L->bv, m->xn, n));
@@ -597,17 +903,40 @@ static int attention_block(struct moe_model *m, struct moe_seq *s, int il, int64
     TRY(ops->rope(be, m->q, n, c->n_head, hd, 0, m->pos, &c->rope));
     TRY(ops->rope(be, m->k, n, c->n_head_kv, hd, 0, m->pos, &c->rope));
     uint8_t *kc = (uint8_t *)s->k_cache + (size_t)il * s->layer_bytes;
-    uint8_t *vc = (uint8_t *)s->v_cache + (size_t)il * s->layer_bytes;
+    uint8_t *vc = (uint8_t *)s->v_cache + (size_t)il * s->v_layer_bytes;
     TRY(ops->kv_store(be, kc, m->k, n, m->pos, kvd, kvd, 0, m->kv_f16));
     TRY(ops->kv_store(be, vc, m->v, n, m->pos, kvd, kvd, 0, m->kv_f16));
     struct moe_attn_params ap = {
         .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd, .head_dim_v = hd,
-        .k_row = kvd, .v_row = kvd,
-        .scale = 1.0f / sqrtf((float)hd), .kv_f16 = m->kv_f16,
-        .k_cache = kc, .v_cache = vc,
+        .k_row = kvd, .v_row = kvd, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
+        .k_cache = kc, .v_cache = vc, .window = L->window, .sinks = L->sinks,
     };
     TRY(ops->attention(be, m->att, m->q, n, m->pos, &ap));
-    TRY(ops->matmul(be, m->tmp, &L->wo, NULL, m->att, n));
+    TRY(ops->matmul(be, m->tmp, &L->wo, L->bo, m->att, n));
+    TRY(ops->add(be, m->x, m->x, m->tmp, n * c->n_embd));
+    return 0;
+}
+
+/* silu(gate) * up, or gpt-oss's clamped variant */
+static int glu(struct moe_model *m, float *y, const float *g, const float *u, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    if (!c->swiglu_oai)
+        return m->be->ops->swiglu(m->be, y, g, u, n);
+    return m->be->ops->swiglu_oai(m->be, y, g, u, n, c->swiglu_alpha, c->swiglu_limit);
+}
+
+static int dense_ffn(struct moe_model *m, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    struct layer *L = &m->layers[il];
+    TRY(ops->rmsnorm(be, m->xn, m->x, L->ffn_norm, n, c->n_embd, c->rms_eps));
+    TRY(ops->matmul(be, m->ge, &L->ffn_gate, NULL, m->xn, n));
+    TRY(ops->matmul(be, m->ue, &L->ffn_up, NULL, m->xn, n));
+    TRY(ops->swiglu(be, m->ge, m->ge, m->ue, n * c->n_ff));
+    TRY(ops->matmul(be, m->tmp, &L->ffn_down, NULL, m->ge, n));
     TRY(ops->add(be, m->x, m->x, m->tmp, n * c->n_embd));
     return 0;
 }
@@ -621,9 +950,15 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
     struct layer *L = &m->layers[il];
     const int K = c->n_expert_used, E = c->n_embd;
 
+    if (!L->moe)
+        return dense_ffn(m, il, n);
     TRY(ops->rmsnorm(be, m->xn, m->x, L->ffn_norm, n, E, c->rms_eps));
-    TRY(ops->matmul(be, m->rlogits, &L->router, NULL, m->xn, n));
-    TRY(ops->router_topk(be, m->rlogits, n, &c->gating, m->ids, m->weights));
+    TRY(ops->matmul(be, m->rlogits, &L->router, L->router_bias, m->xn, n));
+    struct moe_gating_params gp = c->gating;
+    gp.bias = L->sel_bias;
+    gp.n_group = c->n_expert_groups;
+    gp.n_group_used = c->n_group_used;
+    TRY(ops->router_topk(be, m->rlogits, n, &gp, m->ids, m->weights));
     if (route)
         for (int64_t t = 0; t < n; t++)
             route(ud, tok0 + t, il, m->ids + t * K, m->weights + t * K, K);
@@ -652,10 +987,11 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
             memcpy(m->xe + (size_t)i * E, m->xn + (size_t)(list[i] / K) * E, (size_t)E * sizeof(float));
         struct moe_weight wg = expert_weight(&L->gate, e), wu = expert_weight(&L->up, e);
         struct moe_weight wd = expert_weight(&L->down, e);
-        TRY(ops->matmul(be, m->ge, &wg, NULL, m->xe, cnt));
-        TRY(ops->matmul(be, m->ue, &wu, NULL, m->xe, cnt));
-        TRY(ops->swiglu(be, m->ge, m->ge, m->ue, (int64_t)cnt * c->n_ff_exp));
-        TRY(ops->matmul(be, m->de, &wd, NULL, m->ge, cnt));
+        const int64_t F = c->n_ff_exp;
+        TRY(ops->matmul(be, m->ge, &wg, L->gate_b ? L->gate_b + e * F : NULL, m->xe, cnt));
+        TRY(ops->matmul(be, m->ue, &wu, L->up_b ? L->up_b + e * F : NULL, m->xe, cnt));
+        TRY(glu(m, m->ge, m->ge, m->ue, (int64_t)cnt * F));
+        TRY(ops->matmul(be, m->de, &wd, L->down_b ? L->down_b + (int64_t)e * E : NULL, m->ge, cnt));
         for (int i = 0; i < cnt; i++)
             memcpy(m->slot_out + (size_t)list[i] * E, m->de + (size_t)i * E, (size_t)E * sizeof(float));
     }
@@ -668,20 +1004,22 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
             TRY(ops->axpy(be, out, m->weights[t * K + k], m->slot_out + (size_t)(t * K + k) * E, E));
     }
     if (c->n_ff_shexp > 0) {
-        struct moe_weight gi = {
-            .data = L->sh_gate_inp, .dtype = MOE_DTYPE_F32, .n_in = E, .n_out = 1,
-            .row_bytes = (size_t)E * sizeof(float),
-        };
-        TRY(ops->matmul(be, m->sh_tmp, &gi, NULL, m->xn, n));
         TRY(ops->matmul(be, m->ge, &L->sh_gate, NULL, m->xn, n));
         TRY(ops->matmul(be, m->ue, &L->sh_up, NULL, m->xn, n));
         TRY(ops->swiglu(be, m->ge, m->ge, m->ue, n * c->n_ff_shexp));
         TRY(ops->matmul(be, m->de, &L->sh_down, NULL, m->ge, n));
-        for (int64_t t = 0; t < n; t++) {
-            const float g = 1.0f / (1.0f + expf(-m->sh_tmp[t]));
-            float *d = m->de + t * E;
-            for (int i = 0; i < E; i++)
-                d[i] *= g;
+        if (L->sh_gate_inp) {
+            struct moe_weight gi = {
+                .data = L->sh_gate_inp, .dtype = MOE_DTYPE_F32, .n_in = E, .n_out = 1,
+                .row_bytes = (size_t)E * sizeof(float),
+            };
+            TRY(ops->matmul(be, m->sh_tmp, &gi, NULL, m->xn, n));
+            for (int64_t t = 0; t < n; t++) {
+                const float g = 1.0f / (1.0f + expf(-m->sh_tmp[t]));
+                float *d = m->de + t * E;
+                for (int i = 0; i < E; i++)
+                    d[i] *= g;
+            }
         }
         TRY(ops->add(be, m->tmp, m->tmp, m->de, n * E));
     }

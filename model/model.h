@@ -35,6 +35,8 @@ enum moe_arch {
     MOE_ARCH_QWEN2MOE,
     MOE_ARCH_QWEN3MOE,
     MOE_ARCH_OLMOE,
+    MOE_ARCH_DEEPSEEK2,
+    MOE_ARCH_GPTOSS,
 };
 
 /* What the forward pass needs, from the GGUF metadata. */
@@ -42,15 +44,30 @@ struct moe_model_cfg {
     enum moe_arch arch;
     char arch_name[32];
     int n_vocab, n_embd, n_layer, n_ctx_train;
-    int n_head, n_head_kv, head_dim;
+    int n_head, n_head_kv;
+    int head_dim, head_dim_v;     /* per head, as attention sees it (MLA: latent + rope) */
     int n_expert, n_expert_used, n_ff_exp;
-    int n_ff_shexp;               /* qwen2moe shared expert width, 0 if none */
+    int n_ff;                     /* dense FFN width (deepseek2 leading layers) */
+    int n_layer_dense_lead;       /* leading layers with a dense FFN (deepseek2) */
+    int n_ff_shexp;               /* shared expert width, 0 if none */
+    bool shexp_gated;             /* qwen2moe: shared expert scaled by sigmoid(w . x) */
     float rms_eps;
     struct moe_rope_params rope;
     struct moe_gating_params gating; /* bias filled per layer */
+    int n_expert_groups, n_group_used; /* group-limited routing (deepseek), 0 = off */
     bool qk_norm;                 /* per-head q/k RMSNorm (qwen3moe) */
     bool qk_norm_full;            /* q/k RMSNorm over the whole projection (olmoe) */
-    bool qkv_bias;                /* q/k/v biases (qwen2moe) */
+    bool qkv_bias;                /* q/k/v biases (qwen2moe, gpt-oss) */
+    bool attn_out_bias;           /* attention output bias (gpt-oss) */
+    bool sinks;                   /* attention sinks (gpt-oss) */
+    int swa_window;               /* sliding window on alternating layers, 0 = none */
+    bool swiglu_oai;              /* clamped SwiGLU with expert biases (gpt-oss) */
+    float swiglu_alpha, swiglu_limit;
+    /* MLA (deepseek2) */
+    bool mla;
+    int q_lora_rank, kv_lora_rank, qk_nope, qk_rope, v_head_dim;
+    float kq_scale;
+    int64_t k_row, v_row;         /* KV cache row lengths in elements (v_row 0: V inside K) */
 };
 
 struct moe_model_opts {

@@ -371,6 +371,36 @@ static void topk(const float *v, int n, int k, int32_t *ids)
 
 #define MAX_EXPERTS 1024
 
+/* Group-limited routing: score each group by the sum of its two best
+ * selection values, keep the n_used best groups, exclude the others. */
+static void mask_groups(float *sel, int n, int n_group, int n_used)
+{
+    const int per = n / n_group;
+    float score[MAX_EXPERTS];
+    int32_t keep[MAX_EXPERTS];
+    for (int g = 0; g < n_group; g++) {
+        float b1 = -INFINITY, b2 = -INFINITY;
+        for (int e = g * per; e < (g + 1) * per; e++) {
+            if (sel[e] > b1) {
+                b2 = b1;
+                b1 = sel[e];
+            } else if (sel[e] > b2) {
+                b2 = sel[e];
+            }
+        }
+        score[g] = per > 1 ? b1 + b2 : b1;
+    }
+    topk(score, n_group, n_used, keep);
+    for (int g = 0; g < n_group; g++) {
+        int kept = 0;
+        for (int i = 0; i < n_used; i++)
+            kept |= keep[i] == g;
+        if (!kept)
+            for (int e = g * per; e < (g + 1) * per; e++)
+                sel[e] = -INFINITY;
+    }
+}
+
 static int cpu_router_topk(struct moe_backend *be, const float *logits, int64_t n_tok,
                            const struct moe_gating_params *gp, int32_t *ids, float *weights)
 {
@@ -398,11 +428,13 @@ static int cpu_router_topk(struct moe_backend *be, const float *logits, int64_t 
             return -EINVAL;
         }
         const float *selv = probs;
-        if (gp->bias) {
+        if (gp->bias || gp->n_group > 1) {
             for (int e = 0; e < n; e++)
-                sel[e] = probs[e] + gp->bias[e];
+                sel[e] = gp->bias ? probs[e] + gp->bias[e] : probs[e];
             selv = sel;
         }
+        if (gp->n_group > 1 && gp->n_group_used < gp->n_group)
+            mask_groups(sel, n, gp->n_group, gp->n_group_used);
         topk(selv, n, k, id);
         for (int i = 0; i < k; i++)
             w[i] = probs[id[i]];
@@ -431,6 +463,18 @@ static int cpu_swiglu(struct moe_backend *be, float *y, const float *gate, const
     for (int64_t i = 0; i < n; i++) {
         const float g = gate[i];
         y[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+    return 0;
+}
+
+static int cpu_swiglu_oai(struct moe_backend *be, float *y, const float *gate, const float *up,
+                          int64_t n, float alpha, float limit)
+{
+    (void)be;
+    for (int64_t i = 0; i < n; i++) {
+        const float x = fminf(gate[i], limit);
+        const float u = fminf(fmaxf(up[i], -limit), limit);
+        y[i] = x / (1.0f + expf(alpha * -x)) * (u + 1.0f);
     }
     return 0;
 }
@@ -478,6 +522,7 @@ static const struct moe_backend_ops cpu_ops = {
     .kv_store = cpu_kv_store,
     .router_topk = cpu_router_topk,
     .swiglu = cpu_swiglu,
+    .swiglu_oai = cpu_swiglu_oai,
     .axpy = cpu_axpy,
     .add = cpu_add,
 };

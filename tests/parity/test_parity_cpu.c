@@ -119,6 +119,8 @@ static void run_variant(const char *model, const char *variant, enum kind kind)
             char key[64];
             snprintf(key, sizeof(key), "ffn_moe_topk-%d", L);
             json_t *data = json_object_get(json_object_get(tens, key), "data");
+            if (L < c->n_layer_dense_lead)
+                continue; /* dense FFN: no routing */
             CHECK_MSG(data != NULL, "%s: no %s", path, key);
             for (int t = 0; t < n; t++) {
                 int32_t want[64];
@@ -185,6 +187,9 @@ static void test_mixtral_q4_0(void) { run_variant("tiny-mixtral", "Q4_0", KIND_Q
 static void test_qwen3moe_f16(void) { run_variant("tiny-qwen3moe", "F16", KIND_F16); }
 static void test_qwen3moe_q8_0(void) { run_variant("tiny-qwen3moe", "Q8_0", KIND_QUANT); }
 static void test_qwen3moe_q4_k_m(void) { run_variant("tiny-qwen3moe", "Q4_K_M", KIND_QUANT); }
+static void test_deepseek2_f32(void) { run_variant("tiny-deepseek2", "F32", KIND_F32); }
+static void test_gptoss_f32(void) { run_variant("tiny-gptoss", "F32", KIND_F32); }
+static void test_gptoss_mxfp4(void) { run_variant("tiny-gptoss", "MXFP4_MOE", KIND_QUANT); }
 
 int main(void)
 {
@@ -195,5 +200,8 @@ int main(void)
     MOE_TEST_RUN(test_qwen3moe_f16);
     MOE_TEST_RUN(test_qwen3moe_q8_0);
     MOE_TEST_RUN(test_qwen3moe_q4_k_m);
+    MOE_TEST_RUN(test_deepseek2_f32);
+    MOE_TEST_RUN(test_gptoss_f32);
+    MOE_TEST_RUN(test_gptoss_mxfp4);
     return moe_test_exit_code();
 }
