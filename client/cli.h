@@ -4,6 +4,7 @@
 #ifndef MOE_CLIENT_CLI_H
 #define MOE_CLIENT_CLI_H
 
+int moectl_info_main(int argc, char **argv);
 int moectl_eval_main(int argc, char **argv);
 int moectl_run_main(int argc, char **argv);
 

@@ -1,1 +1,48 @@
-int main(void) { return 0; }
+/* moectl: the client and the offline tools. Each subcommand lives in its
+ * own file and takes its own argv (client/cli.h). */
+#include <stdio.h>
+#include <string.h>
+
+#include "client/cli.h"
+
+struct command {
+    const char *name;
+    int (*main)(int argc, char **argv);
+    const char *help;
+};
+
+static const struct command commands[] = {
+    { "info", moectl_info_main, "describe a GGUF model: arch, sizes, cache sizing numbers" },
+    { "eval", moectl_eval_main, "run tokens as one batch; write logits and expert choices" },
+    { "run", moectl_run_main, "generate tokens from a prompt of token ids" },
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: moectl <command> [options]    (moectl <command> --help for its options)\n\n");
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
+    fprintf(f, "\nExit codes: 0 success, 1 bad input or failure, 2 usage error.\n");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("moectl %s\n", MOE_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+        if (strcmp(argv[1], commands[i].name) == 0)
+            return commands[i].main(argc - 1, argv + 1);
+    fprintf(stderr, "moectl: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

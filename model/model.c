@@ -41,6 +41,7 @@
 #include "io/gguf.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/dtype.h"
+#include "model/hparams.h"
 #include "model/model.h"
 
 struct expert_tensor {
@@ -110,71 +111,16 @@ const char *moe_model_supported_archs(void)
 
 /* ---- configuration --------------------------------------------------- */
 
-static int get_u32_req(const struct moe_gguf *g, const char *arch, const char *suffix, int *out,
-                       struct moe_diag *diag)
-{
-    char key[128];
-    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
-    uint32_t v;
-    int rc = moe_gguf_get_u32(g, key, &v, diag);
-    if (rc == -ENOENT)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s'", moe_gguf_path(g), key);
-    if (rc)
-        return rc;
-    if (v > (1u << 30))
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' = %u is out of range",
-                            moe_gguf_path(g), key, v);
-    *out = (int)v;
-    return 0;
-}
-
-static int get_u32_opt(const struct moe_gguf *g, const char *arch, const char *suffix, int *out,
-                       int def, struct moe_diag *diag)
-{
-    char key[128];
-    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
-    uint32_t v;
-    int rc = moe_gguf_get_u32(g, key, &v, diag);
-    if (rc == -ENOENT) {
-        *out = def;
-        return 0;
-    }
-    if (rc)
-        return rc;
-    if (v > (1u << 30))
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' = %u is out of range",
-                            moe_gguf_path(g), key, v);
-    *out = (int)v;
-    return 0;
-}
-
-static int get_f32_opt(const struct moe_gguf *g, const char *arch, const char *suffix, float *out,
-                       float def, struct moe_diag *diag)
-{
-    char key[128];
-    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
-    int rc = moe_gguf_get_f32(g, key, out, diag);
-    if (rc == -ENOENT) {
-        *out = def;
-        return 0;
-    }
-    return rc;
-}
-
 static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag)
 {
     const char *path = moe_gguf_path(g);
-    struct moe_gguf_str a;
-    int rc = moe_gguf_get_str(g, "general.architecture", &a, diag);
-    if (rc == -ENOENT)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key 'general.architecture'", path);
+    struct moe_hparams hp;
+    int rc = moe_hparams_load(&hp, g, diag);
     if (rc)
         return rc;
-    if (a.len >= sizeof(c->arch_name))
-        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: architecture name too long; supported: %s",
-                            path, moe_model_supported_archs());
-    memcpy(c->arch_name, a.ptr, a.len);
-    c->arch_name[a.len] = '\0';
+    if (hp.arch[0] == '\0')
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key 'general.architecture'", path);
+    snprintf(c->arch_name, sizeof(c->arch_name), "%s", hp.arch);
     const char *arch = c->arch_name;
     if (strcmp(arch, "llama") == 0)
         c->arch = MOE_ARCH_LLAMA;
@@ -192,19 +138,28 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
         return moe_diag_set(diag, MOE_EUNSUPPORTED,
                             "%s: architecture '%s' is not supported; supported: %s", path, arch,
                             moe_model_supported_archs());
-
-    int n_ff = 0, n_rot = 0;
-    if ((rc = get_u32_req(g, arch, "embedding_length", &c->n_embd, diag)) ||
-        (rc = get_u32_req(g, arch, "block_count", &c->n_layer, diag)) ||
-        (rc = get_u32_req(g, arch, "attention.head_count", &c->n_head, diag)) ||
-        (rc = get_u32_opt(g, arch, "attention.head_count_kv", &c->n_head_kv, c->n_head, diag)) ||
-        (rc = get_u32_opt(g, arch, "context_length", &c->n_ctx_train, 4096, diag)) ||
-        (rc = get_u32_opt(g, arch, "feed_forward_length", &n_ff, 0, diag)) ||
-        (rc = get_u32_opt(g, arch, "expert_feed_forward_length", &c->n_ff_exp, n_ff, diag)) ||
-        (rc = get_u32_opt(g, arch, "expert_shared_feed_forward_length", &c->n_ff_shexp, 0, diag)) ||
-        (rc = get_u32_req(g, arch, "expert_count", &c->n_expert, diag)) ||
-        (rc = get_u32_req(g, arch, "expert_used_count", &c->n_expert_used, diag)))
-        return rc;
+    static const char *const required[] = { "embedding_length", "block_count",
+                                            "attention.head_count", "expert_count",
+                                            "expert_used_count" };
+    const uint32_t vals[] = { hp.n_embd, hp.n_layer, hp.n_head, hp.n_expert, hp.n_expert_used };
+    for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++)
+        if (vals[i] == 0)
+            return moe_diag_set(diag, i == 3 ? MOE_EUNSUPPORTED : MOE_EFORMAT,
+                                "%s: key '%s.%s' is missing or 0%s", path, arch, required[i],
+                                i == 3 ? ": a dense model, not a mixture of experts" : "");
+    c->n_embd = (int)hp.n_embd;
+    c->n_layer = (int)hp.n_layer;
+    c->n_head = (int)hp.n_head;
+    c->n_head_kv = (int)hp.n_head_kv;
+    c->n_ctx_train = hp.n_ctx_train ? (int)hp.n_ctx_train : 4096;
+    c->n_expert = (int)hp.n_expert;
+    c->n_expert_used = (int)hp.n_expert_used;
+    c->n_ff_exp = (int)hp.n_ff_exp;
+    c->n_ff_shexp = (int)hp.n_ff_shexp;
+    c->n_layer_dense_lead = (int)hp.n_layer_dense_lead;
+    c->n_expert_groups = (int)hp.n_expert_groups;
+    c->n_group_used = (int)hp.n_group_used;
+    int n_ff = (int)hp.n_ff, n_rot = (int)hp.n_rot;
     if (c->n_embd <= 0 || c->n_layer <= 0 || c->n_head <= 0 || c->n_head_kv <= 0)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: embedding_length, block_count and head counts"
                             " must be positive", path);
@@ -220,24 +175,14 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
     if (c->n_expert_used <= 0 || c->n_expert_used > c->n_expert)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.expert_used_count %d, expected 1..%d"
                             " (expert_count)", path, arch, c->n_expert_used, c->n_expert);
-    int hd_default = c->n_embd / c->n_head, hd_v = 0;
-    if ((rc = get_u32_opt(g, arch, "attention.key_length", &c->head_dim, hd_default, diag)) ||
-        (rc = get_u32_opt(g, arch, "attention.value_length", &hd_v, c->head_dim, diag)) ||
-        (rc = get_u32_opt(g, arch, "rope.dimension_count", &n_rot, c->head_dim, diag)) ||
-        (rc = get_u32_opt(g, arch, "leading_dense_block_count", &c->n_layer_dense_lead, 0, diag)) ||
-        (rc = get_u32_opt(g, arch, "expert_group_count", &c->n_expert_groups, 0, diag)) ||
-        (rc = get_u32_opt(g, arch, "expert_group_used_count", &c->n_group_used, 0, diag)))
-        return rc;
+    c->head_dim = (int)hp.head_dim;
+    int hd_v = (int)hp.head_dim_v;
     c->n_ff = n_ff;
     c->head_dim_v = hd_v;
     if (c->arch == MOE_ARCH_DEEPSEEK2) {
-        int n_shared = 0, k_mla = 0, v_mla = 0;
-        if ((rc = get_u32_opt(g, arch, "attention.q_lora_rank", &c->q_lora_rank, 0, diag)) ||
-            (rc = get_u32_req(g, arch, "attention.kv_lora_rank", &c->kv_lora_rank, diag)) ||
-            (rc = get_u32_opt(g, arch, "attention.key_length_mla", &k_mla, 0, diag)) ||
-            (rc = get_u32_opt(g, arch, "attention.value_length_mla", &v_mla, 0, diag)) ||
-            (rc = get_u32_opt(g, arch, "expert_shared_count", &n_shared, 0, diag)))
-            return rc;
+        const int k_mla = (int)hp.key_length_mla, v_mla = (int)hp.value_length_mla;
+        c->q_lora_rank = (int)hp.q_lora_rank;
+        c->kv_lora_rank = (int)hp.kv_lora_rank;
         if (k_mla == 0 || v_mla == 0)
             return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: deepseek2 without key_length_mla/"
                                 "value_length_mla (the pre-2025 MLA layout with a joint kv_b"
@@ -255,7 +200,6 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
         c->qk_rope = n_rot;
         c->qk_nope = k_mla - n_rot;
         c->v_head_dim = v_mla;
-        c->n_ff_shexp = n_shared * c->n_ff_exp;
         c->n_head_kv = 1;
         c->k_row = c->kv_lora_rank + n_rot;
         c->v_row = 0;
@@ -277,25 +221,14 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
                                    c->n_group_used > c->n_expert_groups))
         return moe_diag_set(diag, MOE_EFORMAT, "%s: expert groups %d (used %d) do not divide %d"
                             " experts", path, c->n_expert_groups, c->n_group_used, c->n_expert);
-    if ((rc = get_f32_opt(g, arch, "attention.layer_norm_rms_epsilon", &c->rms_eps, 1e-5f, diag)) ||
-        (rc = get_f32_opt(g, arch, "rope.freq_base", &c->rope.freq_base, 10000.0f, diag)))
-        return rc;
-    float factor = 1.0f;
-    if ((rc = get_f32_opt(g, arch, "rope.scaling.factor", &factor, 1.0f, diag)))
-        return rc;
-    if (!(c->rms_eps > 0.0f) || !(c->rope.freq_base > 0.0f) || !(factor > 0.0f))
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: rms epsilon, rope.freq_base and"
-                            " rope.scaling.factor must be positive", path);
-    struct moe_gguf_str st;
-    char key[128];
-    snprintf(key, sizeof(key), "%s.rope.scaling.type", arch);
-    rc = moe_gguf_get_str(g, key, &st, diag);
-    if (rc && rc != -ENOENT)
-        return rc;
-    if (rc == 0 && !(st.len == 4 && memcmp(st.ptr, "none", 4) == 0) &&
-        !(st.len == 6 && memcmp(st.ptr, "linear", 6) == 0))
-        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s = '%.*s': only linear RoPE scaling is"
-                            " implemented so far (YaRN is not)", path, key, (int)st.len, st.ptr);
+    c->rms_eps = hp.rms_eps > 0.0f ? hp.rms_eps : 1e-5f;
+    c->rope.freq_base = hp.rope_freq_base > 0.0f ? hp.rope_freq_base : 10000.0f;
+    const float factor = hp.rope_scaling_factor > 0.0f ? hp.rope_scaling_factor : 1.0f;
+    if (hp.rope_scaling_type[0] && strcmp(hp.rope_scaling_type, "none") != 0 &&
+        strcmp(hp.rope_scaling_type, "linear") != 0)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.rope.scaling.type = '%s': only linear"
+                            " RoPE scaling is implemented so far (YaRN is not)", path, arch,
+                            hp.rope_scaling_type);
     c->rope.n_rot = n_rot;
     c->rope.freq_scale = 1.0f / factor;
     /* Per-arch rules as llama.cpp applies them. */
@@ -311,15 +244,9 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
     c->qkv_bias = c->arch == MOE_ARCH_QWEN2MOE || c->arch == MOE_ARCH_GPTOSS;
     c->shexp_gated = c->arch == MOE_ARCH_QWEN2MOE;
     if (c->arch == MOE_ARCH_DEEPSEEK2) {
-        int func = 1;
-        bool norm = false;
-        if ((rc = get_u32_opt(g, arch, "expert_gating_func", &func, 1, diag)) ||
-            (rc = get_f32_opt(g, arch, "expert_weights_scale", &c->gating.scale, 1.0f, diag)))
-            return rc;
-        snprintf(key, sizeof(key), "%s.expert_weights_norm", arch);
-        rc = moe_gguf_get_bool(g, key, &norm, diag);
-        if (rc && rc != -ENOENT)
-            return rc;
+        const int func = hp.expert_gating_func ? (int)hp.expert_gating_func : 1;
+        const bool norm = hp.expert_weights_norm;
+        c->gating.scale = hp.expert_weights_scale > 0.0f ? hp.expert_weights_scale : 1.0f;
         if (func != 1 && func != 2)
             return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.expert_gating_func %d, expected"
                                 " 1 (softmax) or 2 (sigmoid)", path, arch, func);
@@ -334,8 +261,7 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
         c->swiglu_alpha = 1.702f;
         c->swiglu_limit = 7.0f;
         c->gating.func = MOE_GATING_SOFTMAX_TOPK;
-        if ((rc = get_u32_opt(g, arch, "attention.sliding_window", &c->swa_window, 0, diag)))
-            return rc;
+        c->swa_window = (int)hp.sliding_window;
     }
     return 0;
 }
