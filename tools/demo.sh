@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 mkdir -p demo
 if [ ! -f demo/demo-moe.gguf ]; then
-  ./build/moe-gen --preset demo --seed 1 -o demo/demo-moe.gguf
+  ./build/tools/moe-gen --preset demo -o demo/demo-moe.gguf
 fi
 ./build/moectl info demo/demo-moe.gguf
