@@ -149,6 +149,8 @@ static void arena_free(struct arena_chunk *a)
 static int cur_read(struct cursor *c, void *dst, uint64_t n, const char *field)
 {
     struct moe_gguf *g = c->g;
+    if (n == 0)
+        return 0; /* dst may be NULL (an empty array) */
     if (n > left(c))
         return failf(c, MOE_EFORMAT,
                      "%s: needs %" PRIu64 " bytes at offset 0x%" PRIx64
