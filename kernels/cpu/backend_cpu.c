@@ -180,7 +180,11 @@ static int cpu_matmul(struct moe_backend *be, float *y, const struct moe_weight 
         .w = w, .bias = bias, .x = x, .y = y, .n_tok = n_tok,
         .act = c->shared, .act_bytes = act_bytes,
     };
-    moe_threadpool_run(c->pool, quantize_task, &j, n_tok);
+    if (n_tok <= 4) /* cheaper than a hand-off */
+        for (int64_t t = 0; t < n_tok; t++)
+            quantize_task(&j, t, 0);
+    else
+        moe_threadpool_run(c->pool, quantize_task, &j, n_tok);
     /* Enough tasks to balance, few enough to keep scheduling cheap. */
     int64_t n_tasks = (int64_t)c->n_threads * 8;
     j.rows_per_task = (w->n_out + n_tasks - 1) / n_tasks;

@@ -13,6 +13,7 @@
 #include "kernels/fp16.h"
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define MOE_X86 1
 #endif
@@ -462,6 +463,13 @@ static float dot_q6_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
 #ifdef MOE_X86
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
+/* half to float in hardware (F16C); the portable path's conversion is
+ * exact too, but branchy, and it sits in the inner loop here */
+AVX2 static inline float hf(const uint8_t *p)
+{
+    return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8));
+}
+
 AVX2 static inline float hsum8(__m256 v)
 {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -520,7 +528,7 @@ AVX2 static float dot_q8_0_avx2(const uint8_t *w, const struct blk_q8_0 *y, int6
 {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++, w += 34) {
-        const __m256 d = _mm256_set1_ps(h2f(w) * moe_fp16_to_fp32(y[i].d));
+        const __m256 d = _mm256_set1_ps(hf(w) * _cvtsh_ss(y[i].d));
         const __m256i qx = _mm256_loadu_si256((const __m256i *)(w + 2));
         const __m256i qy = _mm256_loadu_si256((const __m256i *)y[i].qs);
         acc = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc);
@@ -533,7 +541,7 @@ AVX2 static float dot_q4_0_avx2(const uint8_t *w, const struct blk_q8_0 *y, int6
     __m256 acc = _mm256_setzero_ps();
     const __m256i lowmask = _mm256_set1_epi8(0xf), off = _mm256_set1_epi8(8);
     for (int64_t i = 0; i < nb; i++, w += 18) {
-        const __m256 d = _mm256_set1_ps(h2f(w) * moe_fp16_to_fp32(y[i].d));
+        const __m256 d = _mm256_set1_ps(hf(w) * _cvtsh_ss(y[i].d));
         const __m128i raw = _mm_loadu_si128((const __m128i *)(w + 2));
         /* low nibbles -> lanes 0..15, high nibbles -> lanes 16..31 */
         __m256i qx = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
@@ -573,7 +581,7 @@ AVX2 static float dot_q4_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
         const int is = _mm_cvtsi128_si32(t);
-        s += (h2f(w) * y[i].d) * (float)is - (h2f(w + 2) * y[i].d) * (float)msum;
+        s += (hf(w) * y[i].d) * (float)is - (hf(w + 2) * y[i].d) * (float)msum;
     }
     return s;
 }
@@ -613,7 +621,7 @@ AVX2 static float dot_q6_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
         t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
         const int isum = _mm_cvtsi128_si32(t) - 32 * corr;
-        s += (h2f(w + 208) * y[i].d) * (float)isum;
+        s += (hf(w + 208) * y[i].d) * (float)isum;
     }
     return s;
 }
@@ -629,8 +637,10 @@ static int avx2_enabled(void)
         int ok = 0;
 #ifdef MOE_X86
         __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+        /* clang's __builtin_cpu_supports has no "f16c": ask cpuid (leaf 1, ECX bit 29) */
+        unsigned a, b, c, d;
+        const int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
 #endif
         const char *force = getenv("MOE_CPU_SIMD");
         if (force != NULL && strcmp(force, "scalar") == 0)
