@@ -625,40 +625,133 @@ AVX2 static float dot_q6_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
     }
     return s;
 }
+
+/* AVX-512 VNNI: two 32-blocks per 512-bit vector, dpbusd for the integer
+ * dot. dpbusd wants unsigned x signed bytes: Q8_0 weights use |w| with the
+ * activations' signs flipped where w < 0; Q4_0 nibbles are unsigned already
+ * and the -8 offset comes out as 8 * sum(y) from a second dpbusd with 1s. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+AVX512 static inline __m512i load2x256(const void *a, const void *b)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+
+AVX512 static inline __m512 scale2(float a, float b)
+{
+    return _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+}
+
+AVX512 static float dot_q8_0_avx512(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2, w += 68) {
+        const __m512i wx = load2x256(w + 2, w + 36);
+        const __m512i yx = load2x256(y[i].qs, y[i + 1].qs);
+        const __mmask64 neg = _mm512_movepi8_mask(wx);
+        const __m512i ax = _mm512_abs_epi8(wx);
+        const __m512i sy = _mm512_mask_sub_epi8(yx, neg, _mm512_setzero_si512(), yx);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy);
+        const __m512 d = scale2(hf(w) * _cvtsh_ss(y[i].d), hf(w + 34) * _cvtsh_ss(y[i + 1].d));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc);
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    if (i < nb)
+        s += dot_q8_0_avx2(w, y + i, nb - i);
+    return s;
+}
+
+AVX512 static inline __m256i nibbles32(const uint8_t *q)
+{
+    const __m128i raw = _mm_loadu_si128((const __m128i *)q);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0xf));
+}
+
+AVX512 static float dot_q4_0_avx512(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+{
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i ones = _mm512_set1_epi8(1);
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2, w += 36) {
+        const __m512i wx = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(w + 2)), nibbles32(w + 20), 1);
+        const __m512i yx = load2x256(y[i].qs, y[i + 1].qs);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wx, yx);
+        const __m512i sy = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, yx);
+        const __m512i v = _mm512_sub_epi32(dot, _mm512_slli_epi32(sy, 3));
+        const __m512 d = scale2(hf(w) * _cvtsh_ss(y[i].d), hf(w + 18) * _cvtsh_ss(y[i + 1].d));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), d, acc);
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    if (i < nb)
+        s += dot_q4_0_avx2(w, y + i, nb - i);
+    return s;
+}
 #endif
 
 /* ---- dispatch -------------------------------------------------------- */
 
-static int use_avx2 = -1;
+enum simd { SIMD_SCALAR, SIMD_AVX2, SIMD_AVX512 };
+static int simd_level = -1;
 
-static int avx2_enabled(void)
+#ifdef MOE_X86
+/* AVX-512 needs the CPU flags and the OS saving ZMM/opmask state (XCR0). */
+static int avx512vnni_usable(void)
 {
-    if (__builtin_expect(use_avx2 < 0, 0)) {
-        int ok = 0;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    const int flags = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31)) &&
+                      (c & (1u << 11)); /* avx512 f, dq, bw, vl; vnni */
+    if (!flags || !__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) /* OSXSAVE */
+        return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xe6) == 0xe6; /* SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM state */
+}
+#endif
+
+static int simd(void)
+{
+    if (__builtin_expect(simd_level < 0, 0)) {
+        int level = SIMD_SCALAR;
 #ifdef MOE_X86
         __builtin_cpu_init();
         /* clang's __builtin_cpu_supports has no "f16c": ask cpuid (leaf 1, ECX bit 29) */
         unsigned a, b, c, d;
         const int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
-        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
+            level = avx512vnni_usable() ? SIMD_AVX512 : SIMD_AVX2;
 #endif
         const char *force = getenv("MOE_CPU_SIMD");
         if (force != NULL && strcmp(force, "scalar") == 0)
-            ok = 0;
-        use_avx2 = ok; /* benign race: every thread computes the same value */
+            level = SIMD_SCALAR;
+        else if (force != NULL && strcmp(force, "avx2") == 0 && level > SIMD_AVX2)
+            level = SIMD_AVX2;
+        simd_level = level; /* benign race: every thread computes the same value */
     }
-    return use_avx2;
+    return simd_level;
 }
 
 const char *moe_vecdot_impl(void)
 {
-    return avx2_enabled() ? "avx2" : "scalar";
+    static const char *const names[] = { "scalar", "avx2", "avx512vnni" };
+    return names[simd()];
 }
 
 float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
 {
 #ifdef MOE_X86
-    if (avx2_enabled()) {
+    const int level = simd();
+    if (level == SIMD_AVX512) {
+        switch (t) {
+        case MOE_DTYPE_Q8_0: return dot_q8_0_avx512(w, act, n / QK);
+        case MOE_DTYPE_Q4_0: return dot_q4_0_avx512(w, act, n / QK);
+        default: break;
+        }
+    }
+    if (level >= SIMD_AVX2) {
         switch (t) {
         case MOE_DTYPE_F32: return dot_f32_avx2(w, act, n);
         case MOE_DTYPE_F16: return dot_f16_avx2(w, act, n);

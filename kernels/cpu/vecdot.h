@@ -35,8 +35,9 @@ void moe_vecdot_quantize_act(uint32_t t, const float *x, void *act, int64_t n);
 /* Dot product of one weight row of type t with a prepared activation row. */
 float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n);
 
-/* Which implementation runs: "avx2" or "scalar". MOE_CPU_SIMD=scalar in the
- * environment forces the portable path (tests compare the two). */
+/* Which implementation runs: "avx512vnni", "avx2" or "scalar" (the best
+ * the CPU and OS support). MOE_CPU_SIMD=avx2 or =scalar in the environment
+ * caps it (tests compare the paths). */
 const char *moe_vecdot_impl(void);
 
 #endif

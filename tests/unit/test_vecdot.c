@@ -96,7 +96,8 @@ static void act_to_float(uint32_t wt, const void *act, float *x, int64_t n)
 
 static void check_type(uint32_t t)
 {
-    const int64_t n = 1024;
+    /* an odd number of 32-blocks exercises the kernels' remainder paths */
+    const int64_t n = moe_dtype_info(t)->block_size == 32 ? 1056 : 1024;
     size_t wb = moe_dtype_row_bytes(t, n, NULL);
     uint8_t *w = malloc(wb), *act = malloc(moe_vecdot_act_bytes(t, n));
     float *x = malloc(n * 4), *wf = malloc(n * 4), *xf = malloc(n * 4);
@@ -143,6 +144,12 @@ static void test_all_types(void)
     }
 }
 
+static void test_avx2_path(void)
+{
+    setenv("MOE_CPU_SIMD", "avx2", 1);
+    test_all_types();
+}
+
 static void test_scalar_path(void)
 {
     setenv("MOE_CPU_SIMD", "scalar", 1);
@@ -169,6 +176,7 @@ static void test_q8_0_rounding(void)
 int main(void)
 {
     MOE_TEST_RUN(test_all_types);
+    MOE_TEST_RUN(test_avx2_path);
     MOE_TEST_RUN(test_scalar_path);
     MOE_TEST_RUN(test_q8_0_rounding);
     return moe_test_exit_code();
