@@ -554,41 +554,41 @@ AVX2 static float dot_q4_0_avx2(const uint8_t *w, const struct blk_q8_0 *y, int6
 
 AVX2 static float dot_q4_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
 {
-    float s = 0.0f;
+    /* integer sums stay in 8 lanes; each superblock adds d * lanes to a
+     * float accumulator, so there is one horizontal sum per row */
+    __m256 acc = _mm256_setzero_ps();
+    float msum_f = 0.0f;
     const __m256i lowmask = _mm256_set1_epi8(0xf);
     for (int64_t i = 0; i < nb; i++, w += 144) {
         const uint8_t *scales = w + 4, *q4 = w + 16;
         const int8_t *q8 = y[i].qs;
-        int msum = 0;
+        int sc[8], mn[8], msum = 0;
+        for (int j = 0; j < 8; j++) {
+            k4_scale_min(j, scales, &sc[j], &mn[j]);
+            msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+        }
         __m256i isum = _mm256_setzero_si256();
         for (int j = 0; j < 8; j += 2) {
-            int sc0, m0, sc1, m1;
-            k4_scale_min(j, scales, &sc0, &m0);
-            k4_scale_min(j + 1, scales, &sc1, &m1);
-            msum += m0 * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) +
-                    m1 * (y[i].bsums[2 * j + 2] + y[i].bsums[2 * j + 3]);
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(q4 + 16 * j));
             const __m256i lo = _mm256_and_si256(raw, lowmask);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask);
             const __m256i y0 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j));
             const __m256i y1 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j + 32));
             /* unsigned 4-bit x signed 8-bit: maddubs directly */
-            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16((short)sc0));
-            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16((short)sc1));
+            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16((short)sc[j]));
+            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16((short)sc[j + 1]));
             isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
         }
-        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256(isum, 1));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-        const int is = _mm_cvtsi128_si32(t);
-        s += (hf(w) * y[i].d) * (float)is - (hf(w + 2) * y[i].d) * (float)msum;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(hf(w) * y[i].d), _mm256_cvtepi32_ps(isum), acc);
+        msum_f += (hf(w + 2) * y[i].d) * (float)msum;
     }
-    return s;
+    return hsum8(acc) - msum_f;
 }
 
 AVX2 static float dot_q6_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
 {
-    float s = 0.0f;
+    __m256 accf = _mm256_setzero_ps();
+    float corr_f = 0.0f;
     const __m256i m4 = _mm256_set1_epi8(0xf), m2 = _mm256_set1_epi8(3);
     for (int64_t i = 0; i < nb; i++, w += 210) {
         const uint8_t *ql = w, *qh = w + 128;
@@ -617,13 +617,11 @@ AVX2 static float dot_q6_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, scv));
             }
         }
-        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-        const int isum = _mm_cvtsi128_si32(t) - 32 * corr;
-        s += (hf(w + 208) * y[i].d) * (float)isum;
+        const float d = hf(w + 208) * y[i].d;
+        accf = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(acc), accf);
+        corr_f += d * (float)(32 * corr);
     }
-    return s;
+    return hsum8(accf) - corr_f;
 }
 
 /* AVX-512 VNNI: two 32-blocks per 512-bit vector, dpbusd for the integer
