@@ -149,7 +149,7 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 
 enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
-    OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_HELP,
+    OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -167,6 +167,7 @@ static const struct option long_opts[] = {
     { "seed", required_argument, NULL, OPT_SEED },
     { "ctx", required_argument, NULL, OPT_CTX },
     { "stats", no_argument, NULL, OPT_STATS },
+    { "kv-f16", no_argument, NULL, OPT_KVF16 },
     { "n-predict", required_argument, NULL, 'n' },
     { "help", no_argument, NULL, OPT_HELP },
     { NULL, 0, NULL, 0 },
@@ -178,12 +179,12 @@ static void usage(FILE *f, int run)
         fprintf(f, "usage: moectl run --model M --tokens 1,2,3 -n N [--temp T] [--top-k K]"
                    " [--top-p P]\n"
                    "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
-                   " [--seed S] [--threads N] [--ctx N] [--stats]\n"
+                   " [--seed S] [--threads N] [--ctx N] [--kv-f16] [--stats]\n"
                    "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
                    "--stats prints prefill and decode speed as one JSON line on stderr.\n");
     else
         fprintf(f, "usage: moectl eval --model M --tokens 1,2,3 --logits FILE [--routing FILE]"
-                   " [--threads N]\n"
+                   " [--threads N] [--kv-f16]\n"
                    "Writes float32 logits [n_tokens][n_vocab] and the expert choices per token"
                    " and layer.\n");
 }
@@ -192,7 +193,7 @@ static int eval_or_run(int argc, char **argv, int run)
 {
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *routing_path = NULL;
     long threads = 0, n_predict = -1, ctx = 0, v;
-    int stats = 0;
+    int stats = 0, kv_f16 = 0;
     struct moe_sampler_params sp;
     moe_sampler_defaults(&sp);
     int c;
@@ -240,6 +241,7 @@ static int eval_or_run(int argc, char **argv, int run)
             break;
         }
         case OPT_STATS: if (!run) goto bad_opt; stats = 1; break;
+        case OPT_KVF16: kv_f16 = 1; break;
         case OPT_HELP: case 'h': usage(stdout, run); return 0;
         case ':':
             fprintf(stderr, "moectl: option %s needs a value\n", argv[optind - 1]);
@@ -285,7 +287,7 @@ static int eval_or_run(int argc, char **argv, int run)
     int32_t *hist = NULL;
     FILE *lf = NULL, *rf = NULL;
     char ltmp[PATH_MAX + 32], rtmp[PATH_MAX + 32];
-    struct moe_model_opts mo = { .n_threads = (int)threads, .n_ctx = (int)ctx };
+    struct moe_model_opts mo = { .n_threads = (int)threads, .n_ctx = (int)ctx, .kv_f16 = kv_f16 };
     if (moe_model_load(&m, model, &mo, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
         goto out;

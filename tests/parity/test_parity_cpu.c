@@ -186,6 +186,47 @@ static void test_mixtral_q8_0(void) { run_variant("tiny-mixtral", "Q8_0", KIND_Q
 static void test_mixtral_q4_0(void) { run_variant("tiny-mixtral", "Q4_0", KIND_QUANT); }
 static void test_qwen3moe_f16(void) { run_variant("tiny-qwen3moe", "F16", KIND_F16); }
 static void test_qwen3moe_q8_0(void) { run_variant("tiny-qwen3moe", "Q8_0", KIND_QUANT); }
+/* An F16 KV cache: llama.cpp's own F16-vs-F32 KV difference is ~3e-3
+ * (shared/ref/README.md); ours must stay in that range. */
+static void test_mixtral_f32_kv_f16(void)
+{
+    const char *ref = moe_test_ref_dir();
+    if (ref == NULL)
+        MOE_SKIP("shared/ref not found");
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/models/tiny-mixtral-F32.gguf", ref);
+    struct moe_model_opts o = { .n_threads = 2, .n_ctx = 256, .kv_f16 = true };
+    struct moe_model *m;
+    struct moe_diag d = { 0 };
+    CHECK_MSG(moe_model_load(&m, path, &o, &d) == 0, "%s", d.msg);
+    struct moe_seq *s;
+    CHECK(moe_seq_create(&s, m, &d) == 0);
+    snprintf(path, sizeof(path), "%s/manifest.json", ref);
+    json_t *man = json_load_file(path, 0, NULL);
+    json_t *jt = json_object_get(json_object_get(json_object_get(json_object_get(man, "models"),
+                                 "tiny-mixtral"), "sequences"), "len33");
+    const int n = (int)json_array_size(jt), V = moe_model_cfg(m)->n_vocab;
+    int32_t tok[64];
+    for (int i = 0; i < n; i++)
+        tok[i] = (int32_t)json_integer_value(json_array_get(jt, (size_t)i));
+    float *lg = malloc((size_t)n * V * sizeof(float));
+    CHECK(moe_model_forward(m, s, tok, n, lg, true, NULL, NULL, &d) == 0);
+    snprintf(path, sizeof(path), "%s/goldens/tiny-mixtral-F32/len33.logits.f32", ref);
+    size_t glen = 0;
+    float *gold = moe_test_read_file(path, &glen);
+    CHECK(gold && glen == (size_t)n * V * 4);
+    double maxd = 0;
+    for (size_t i = 0; i < (size_t)n * V; i++)
+        maxd = fmax(maxd, fabs((double)lg[i] - gold[i]));
+    printf("  tiny-mixtral-F32 with F16 KV: max |dlogit| %.3g\n", maxd);
+    CHECK(maxd > 0 && maxd <= 1e-2);
+    free(lg);
+    free(gold);
+    json_decref(man);
+    moe_seq_free(s);
+    moe_model_free(m);
+}
+
 static void test_qwen3moe_q4_k_m(void) { run_variant("tiny-qwen3moe", "Q4_K_M", KIND_QUANT); }
 static void test_deepseek2_f32(void) { run_variant("tiny-deepseek2", "F32", KIND_F32); }
 static void test_gptoss_f32(void) { run_variant("tiny-gptoss", "F32", KIND_F32); }
@@ -195,6 +236,7 @@ int main(void)
 {
     MOE_TEST_RUN(test_mixtral_f32);
     MOE_TEST_RUN(test_mixtral_f16);
+    MOE_TEST_RUN(test_mixtral_f32_kv_f16);
     MOE_TEST_RUN(test_mixtral_q8_0);
     MOE_TEST_RUN(test_mixtral_q4_0);
     MOE_TEST_RUN(test_qwen3moe_f16);
