@@ -1,0 +1,61 @@
+/* Eviction policies of the expert cache, shared by the cache and by
+ * `moectl cache-sim`.
+ *
+ * Keys are (layer, expert). The cache asks for a victim among the
+ * candidates it can evict (unpinned, ready slots), so a policy never has to
+ * know about pinning. Belady (MIN) needs the future and lives in the
+ * simulator (cache/sim.h).
+ *
+ *   lru    least recently used
+ *   lfu    least frequently used, counts decayed by `lfu_decay` per token step
+ *   layer  moed's policy, Belady in expectation: estimate for each cached
+ *          expert the probability p that its layer's next visit uses it
+ *          (an exponentially weighted frequency over that layer's visits,
+ *          plus a bonus if the latest visit used it), turn it into an
+ *          expected time to next use, (layers until the layer's next visit)
+ *          + n_layer * (1 - p) / p, and evict the latest. Decoding walks the
+ *          layers in a cycle, so recency alone (LRU) keeps the experts of
+ *          the layer just computed, which are needed last. doc/cache.md has
+ *          the measurements that chose the parameters.
+ */
+#ifndef MOE_CACHE_POLICY_H
+#define MOE_CACHE_POLICY_H
+
+#include <stdint.h>
+
+enum moe_policy_kind {
+    MOE_POLICY_LRU,
+    MOE_POLICY_LFU,
+    MOE_POLICY_LAYER,
+    MOE_POLICY_BELADY,   /* simulator only */
+};
+
+/* "lru", "lfu", "layer", "belady"; -1 if unknown. */
+int moe_policy_from_name(const char *name);
+const char *moe_policy_name(enum moe_policy_kind k);
+
+struct moe_policy_params {
+    double lfu_decay;     /* per token step, default 0.9 */
+    double layer_alpha;   /* frequency EMA weight per layer visit, default 0.05 */
+    double layer_beta;    /* weight of the layer distance, default 1 */
+    double layer_recent;  /* added to p when the latest visit used it, default 0.2 */
+};
+
+void moe_policy_defaults(struct moe_policy_params *p);
+
+struct moe_policy;
+
+/* NULL on allocation failure or for MOE_POLICY_BELADY. */
+struct moe_policy *moe_policy_create(enum moe_policy_kind kind, int n_layer, int n_expert,
+                                     const struct moe_policy_params *params);
+void moe_policy_free(struct moe_policy *p);
+
+/* Records an access at time `now` (a global access counter) in token step
+ * `step`. Call for hits and for loads. */
+void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now, int32_t step);
+
+/* Index into keys[0..n) (keys = layer * n_expert + expert) of the entry to
+ * evict, while layer `cur_layer` is being computed. */
+int moe_policy_victim(struct moe_policy *p, const int32_t *keys, int n, int cur_layer, int32_t step);
+
+#endif

@@ -1,0 +1,186 @@
+/* moectl cache-sim: replay a routing trace against a global expert cache.
+ *
+ *   moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]
+ *                    [--policy lru|lfu|layer|belady] [--sweep P1,P2,...] [--plot OUT.svg]
+ *
+ * One line per policy and capacity:
+ *   policy=P capacity=N accesses=A hits=H hit_rate=X
+ * Every policy (Belady included) when --policy is not given. --sweep takes
+ * capacities in percent of all (layer, expert) keys; --plot writes hit rate
+ * vs capacity per policy as an SVG.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache/sim.h"
+#include "client/cli.h"
+
+#define MAX_POINTS 64
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]\n"
+               "                        [--policy lru|lfu|layer|belady] [--sweep P1,P2,...]"
+               " [--plot OUT.svg]\n");
+}
+
+static int write_svg(const char *path, const int *pct, int n_pts, const double rates[][MAX_POINTS],
+                     const int *pols, int n_pol)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL)
+        return -errno;
+    static const char *const colors[] = { "#1f77b4", "#ff7f0e", "#2ca02c", "#000000" };
+    const int W = 640, H = 420, L = 60, R = 150, T = 30, B = 50;
+    const double xmax = pct[n_pts - 1] > 0 ? pct[n_pts - 1] : 1;
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
+               "font-family=\"sans-serif\" font-size=\"12\">\n", W, H);
+    fprintf(f, "<rect width=\"%d\" height=\"%d\" fill=\"white\"/>\n", W, H);
+    fprintf(f, "<text x=\"%d\" y=\"18\">expert cache hit rate vs capacity</text>\n", L);
+    /* axes and grid */
+    for (int i = 0; i <= 10; i += 2) {
+        double y = T + (H - T - B) * (1.0 - i / 10.0);
+        fprintf(f, "<line x1=\"%d\" x2=\"%d\" y1=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
+                   "<text x=\"%d\" y=\"%.1f\" text-anchor=\"end\">%.1f</text>\n",
+                L, W - R, y, y, L - 6, y + 4, i / 10.0);
+    }
+    for (int i = 0; i < n_pts; i++) {
+        double x = L + (W - L - R) * pct[i] / xmax;
+        fprintf(f, "<text x=\"%.1f\" y=\"%d\" text-anchor=\"middle\">%d%%</text>\n", x, H - B + 18, pct[i]);
+    }
+    fprintf(f, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">capacity (%% of experts)</text>\n",
+            (L + W - R) / 2, H - 10);
+    fprintf(f, "<line x1=\"%d\" x2=\"%d\" y1=\"%d\" y2=\"%d\" stroke=\"black\"/>\n", L, W - R, H - B, H - B);
+    fprintf(f, "<line x1=\"%d\" x2=\"%d\" y1=\"%d\" y2=\"%d\" stroke=\"black\"/>\n", L, L, T, H - B);
+    for (int p = 0; p < n_pol; p++) {
+        fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\"%s points=\"",
+                colors[pols[p] % 4], pols[p] == MOE_POLICY_BELADY ? " stroke-dasharray=\"6,4\"" : "");
+        for (int i = 0; i < n_pts; i++)
+            fprintf(f, "%.1f,%.1f ", L + (W - L - R) * pct[i] / xmax, T + (H - T - B) * (1.0 - rates[p][i]));
+        fprintf(f, "\"/>\n<text x=\"%d\" y=\"%d\" fill=\"%s\">%s</text>\n", W - R + 10, T + 20 + 18 * p,
+                colors[pols[p] % 4], moe_policy_name((enum moe_policy_kind)pols[p]));
+    }
+    fprintf(f, "</svg>\n");
+    return fclose(f) == 0 ? 0 : -errno;
+}
+
+int moectl_cachesim_main(int argc, char **argv)
+{
+    const char *trace_path = NULL, *plot = NULL, *sweep = NULL;
+    long capacity = -1;
+    double cap_pct = -1;
+    int policy = -1;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        char *end;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (strcmp(a, "--trace") == 0 && v) {
+            trace_path = v;
+            i++;
+        } else if (strcmp(a, "--capacity") == 0 && v) {
+            errno = 0;
+            capacity = strtol(v, &end, 10);
+            if (errno || *end || end == v || capacity < 1 || capacity > (1L << 30)) {
+                fprintf(stderr, "moectl: --capacity '%s': expected a positive number of experts\n", v);
+                return 2;
+            }
+            i++;
+        } else if (strcmp(a, "--capacity-pct") == 0 && v) {
+            cap_pct = strtod(v, &end);
+            if (*end || end == v || !(cap_pct > 0 && cap_pct <= 100)) {
+                fprintf(stderr, "moectl: --capacity-pct '%s': expected a percentage in (0, 100]\n", v);
+                return 2;
+            }
+            i++;
+        } else if (strcmp(a, "--policy") == 0 && v) {
+            if ((policy = moe_policy_from_name(v)) < 0) {
+                fprintf(stderr, "moectl: --policy '%s': expected lru, lfu, layer or belady\n", v);
+                return 2;
+            }
+            i++;
+        } else if (strcmp(a, "--sweep") == 0 && v) {
+            sweep = v;
+            i++;
+        } else if (strcmp(a, "--plot") == 0 && v) {
+            plot = v;
+            i++;
+        } else {
+            fprintf(stderr, "moectl: cache-sim: unknown or incomplete option '%s'\n", a);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (trace_path == NULL || (capacity < 0 && cap_pct < 0 && sweep == NULL)) {
+        fprintf(stderr, "moectl: cache-sim needs --trace and a capacity (--capacity, --capacity-pct"
+                        " or --sweep)\n");
+        usage(stderr);
+        return 2;
+    }
+    int pct[MAX_POINTS], n_pts = 0;
+    if (sweep) {
+        const char *p = sweep;
+        while (*p && n_pts < MAX_POINTS) {
+            char *end;
+            long v = strtol(p, &end, 10);
+            if (end == p || v < 1 || v > 100 || (*end != ',' && *end != '\0')) {
+                fprintf(stderr, "moectl: --sweep '%s': expected percentages like 5,10,25,50\n", sweep);
+                return 2;
+            }
+            pct[n_pts++] = (int)v;
+            p = *end ? end + 1 : end;
+        }
+    }
+    struct moe_trace t;
+    struct moe_diag d = { 0 };
+    if (moe_trace_load(&t, trace_path, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        return 1;
+    }
+    const long n_keys = (long)t.n_layer * t.n_expert;
+    int caps[MAX_POINTS], n_caps = 0;
+    if (n_pts) {
+        for (int i = 0; i < n_pts; i++)
+            caps[n_caps++] = (int)(n_keys * pct[i] / 100 > 0 ? n_keys * pct[i] / 100 : 1);
+    } else {
+        caps[n_caps++] = capacity > 0 ? (int)capacity : (int)(n_keys * cap_pct / 100.0 > 1 ? n_keys * cap_pct / 100.0 : 1);
+        pct[0] = (int)(100.0 * caps[0] / n_keys + 0.5);
+        n_pts = 1;
+    }
+    int pols[4], n_pol = 0;
+    if (policy >= 0)
+        pols[n_pol++] = policy;
+    else
+        for (int p = 0; p < 4; p++)
+            pols[n_pol++] = p;
+    static double rates[4][MAX_POINTS];
+    struct moe_policy_params prm;
+    moe_policy_defaults(&prm);
+    int rc = 0;
+    for (int c = 0; c < n_caps && rc == 0; c++) {
+        for (int p = 0; p < n_pol; p++) {
+            struct moe_sim_result r;
+            if (moe_cache_sim(&t, (enum moe_policy_kind)pols[p], caps[c], &prm, &r)) {
+                fprintf(stderr, "moectl: cache-sim: out of memory\n");
+                rc = 1;
+                break;
+            }
+            rates[p][c] = r.hit_rate;
+            printf("policy=%s capacity=%d accesses=%lld hits=%lld hit_rate=%.4f\n",
+                   moe_policy_name((enum moe_policy_kind)pols[p]), caps[c], (long long)r.accesses,
+                   (long long)r.hits, r.hit_rate);
+        }
+    }
+    if (rc == 0 && plot) {
+        int e = write_svg(plot, pct, n_pts, (const double(*)[MAX_POINTS])rates, pols, n_pol);
+        if (e) {
+            fprintf(stderr, "moectl: %s: %s\n", plot, strerror(-e));
+            rc = 1;
+        }
+    }
+    moe_trace_free(&t);
+    return rc;
+}

@@ -1,0 +1,531 @@
+/* Expert loads over io/uring.h and a decompression pool.
+ *
+ * Threads: one I/O thread owns the ring: it starts queued loads while a
+ * staging buffer is free and runs completions; N pool threads check and
+ * decode finished reads into the destinations and run the callbacks.
+ * One mutex guards the queues; the I/O thread sleeps in the ring (woken by
+ * its eventfd), the pool on a condition variable. */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/alloc.h"
+#include "io/expert_src.h"
+
+struct stage {
+    struct stage *next;
+    uint8_t *buf;
+    int index;                  /* registered buffer index */
+};
+
+struct lreq {
+    struct lreq *next;
+    struct moe_expert_src *s;
+    uint32_t layer, expert;
+    void *dst;
+    size_t dst_size;
+    moe_expert_done_fn cb;
+    void *arg;
+    struct moe_pack_blob blob;  /* packs */
+    struct stage *st;
+    size_t pos[MOE_EXPERT_MAX_SLICES]; /* GGUF: where each slice landed in the stage */
+    unsigned reads;             /* outstanding reads */
+    int status;
+    uint64_t fail_off;          /* where the failed read was */
+};
+
+struct lqueue {
+    struct lreq *head, *tail;
+};
+
+struct moe_expert_src {
+    char *path;
+    struct moe_pack *pack;
+    struct moe_gguf *gguf;
+    struct moe_expert_layout *layouts;  /* GGUF */
+    uint32_t n_layer, n_expert;
+    struct moe_uring *io;
+    size_t align, stage_cap;
+    unsigned n_stages, n_workers, n_started;
+    struct stage *stages, *free_stages;
+    pthread_t io_thread, *workers;
+    bool io_started;
+    pthread_mutex_t mu;
+    pthread_cond_t pool_cv;
+    struct lqueue urgent, prefetch, decode;
+    bool stopping, io_done;
+    _Atomic uint64_t st_ok, st_failed, st_cks, st_fmt, st_io, st_cancel, st_stored, st_raw;
+};
+
+static void q_push(struct lqueue *q, struct lreq *r)
+{
+    r->next = NULL;
+    if (q->tail)
+        q->tail->next = r;
+    else
+        q->head = r;
+    q->tail = r;
+}
+
+static struct lreq *q_pop(struct lqueue *q)
+{
+    struct lreq *r = q->head;
+    if (r) {
+        q->head = r->next;
+        if (q->head == NULL)
+            q->tail = NULL;
+    }
+    return r;
+}
+
+static uint64_t down(uint64_t x, uint64_t a) { return x / a * a; }
+static uint64_t up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+/* ---- I/O thread -------------------------------------------------------- */
+
+static void read_done(void *arg, int status)
+{
+    struct lreq *r = arg;
+    if (status < 0 && r->status == 0)
+        r->status = status;
+    if (--r->reads > 0)
+        return;
+    struct moe_expert_src *s = r->s;
+    pthread_mutex_lock(&s->mu);
+    q_push(&s->decode, r);
+    pthread_cond_signal(&s->pool_cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Queues the reads of one load (I/O thread, mutex held). */
+static void start_reads(struct moe_expert_src *s, struct lreq *r)
+{
+    const uint64_t A = s->align;
+    int rc = 0;
+    if (s->pack) {
+        size_t len = (size_t)up(r->blob.stored_size, A);
+        r->reads = 1;
+        r->fail_off = r->blob.offset;
+        rc = moe_uring_read(s->io, r->blob.offset, r->st->buf, len, (size_t)r->blob.stored_size,
+                            r->st->index, read_done, r);
+        if (rc < 0)
+            r->reads = 0;
+    } else {
+        /* one aligned superset read per slice */
+        const struct moe_expert_layout *L = &s->layouts[r->layer];
+        size_t pos = 0;
+        r->reads = L->n_slices;
+        for (uint32_t k = 0; k < L->n_slices; k++) {
+            const struct moe_expert_slice *sl = &L->s[k];
+            uint64_t off = sl->src_offset + (uint64_t)r->expert * sl->size;
+            uint64_t a0 = down(off, A), a1 = up(off + sl->size, A);
+            r->pos[k] = pos + (size_t)(off - a0);
+            rc = moe_uring_read(s->io, a0, r->st->buf + pos, (size_t)(a1 - a0),
+                                (size_t)(off + sl->size - a0), r->st->index, read_done, r);
+            if (rc < 0) {
+                r->fail_off = a0;
+                r->reads -= L->n_slices - k; /* those never start */
+                break;
+            }
+            pos += (size_t)(a1 - a0);
+        }
+    }
+    if (rc < 0) {
+        r->status = rc;
+        if (r->reads == 0)
+            q_push(&s->decode, r);
+        pthread_cond_signal(&s->pool_cv);
+    }
+}
+
+static void *io_main(void *arg)
+{
+    struct moe_expert_src *s = arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        if (s->stopping) {
+            struct lreq *r;
+            while ((r = q_pop(&s->urgent)) || (r = q_pop(&s->prefetch))) {
+                r->status = -ECANCELED;
+                q_push(&s->decode, r);
+            }
+            pthread_cond_broadcast(&s->pool_cv);
+            if (moe_uring_pending(s->io) == 0)
+                break;
+        }
+        while (s->free_stages && (s->urgent.head || s->prefetch.head)) {
+            struct lreq *r = s->urgent.head ? q_pop(&s->urgent) : q_pop(&s->prefetch);
+            r->st = s->free_stages;
+            s->free_stages = r->st->next;
+            start_reads(s, r);
+        }
+        pthread_mutex_unlock(&s->mu);
+        int rc = moe_uring_run(s->io, true);
+        pthread_mutex_lock(&s->mu);
+        if (rc < 0) {
+            /* The ring itself failed: nothing more can be read. */
+            fprintf(stderr, "moe io: %s: io_uring failed (%s); failing all loads\n", s->path,
+                    strerror(-rc));
+            s->stopping = true;
+        }
+    }
+    s->io_done = true;
+    pthread_cond_broadcast(&s->pool_cv);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* ---- pool --------------------------------------------------------------- */
+
+static int decode(struct moe_expert_src *s, struct lreq *r, struct moe_codec_dctx *d,
+                  struct moe_diag *diag)
+{
+    if (r->status < 0) {
+        if (r->status == -ECANCELED)
+            return moe_diag_set(diag, -ECANCELED, "%s: expert (layer %u, expert %u): cancelled",
+                                s->path, r->layer, r->expert);
+        return moe_diag_set(diag, r->status, "%s: expert (layer %u, expert %u): read at offset "
+                            "0x%" PRIx64 " failed: %s", s->path, r->layer, r->expert,
+                            r->fail_off, r->status == MOE_EFORMAT ? "unexpected end of file "
+                            "(truncated?)" : moe_strerror(r->status));
+    }
+    if (s->pack)
+        return moe_pack_decode_blob(s->pack, &r->blob, d, r->st->buf, r->dst, r->dst_size, diag);
+    const struct moe_expert_layout *L = &s->layouts[r->layer];
+    uint8_t *dst = r->dst;
+    uint64_t end = 0;
+    for (uint32_t k = 0; k < L->n_slices; k++) {
+        memset(dst + end, 0, (size_t)(L->s[k].offset - end));  /* padding */
+        memcpy(dst + L->s[k].offset, r->st->buf + r->pos[k], (size_t)L->s[k].size);
+        end = L->s[k].offset + L->s[k].size;
+    }
+    return 0;
+}
+
+static void *pool_main(void *arg)
+{
+    struct moe_expert_src *s = arg;
+    struct moe_codec_dctx *d = NULL;
+    int derr = moe_codec_dctx_create(&d);
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        struct lreq *r = q_pop(&s->decode);
+        if (r == NULL) {
+            if (s->io_done)
+                break;
+            pthread_cond_wait(&s->pool_cv, &s->mu);
+            continue;
+        }
+        pthread_mutex_unlock(&s->mu);
+        struct moe_diag diag = {0};
+        int rc = derr < 0 ? moe_diag_set(&diag, -ENOMEM, "%s: out of memory", s->path)
+                          : decode(s, r, d, &diag);
+        pthread_mutex_lock(&s->mu);
+        if (r->st) {
+            r->st->next = s->free_stages;
+            s->free_stages = r->st;
+        }
+        pthread_mutex_unlock(&s->mu);
+        moe_uring_wake(s->io);
+        if (rc == 0) {
+            s->st_ok++;
+            s->st_stored += s->pack ? r->blob.stored_size : r->dst_size;
+            s->st_raw += r->dst_size;
+        } else {
+            s->st_failed++;
+            if (rc == MOE_ECHECKSUM)
+                s->st_cks++;
+            else if (rc == MOE_EFORMAT)
+                s->st_fmt++;
+            else if (rc == -ECANCELED)
+                s->st_cancel++;
+            else
+                s->st_io++;
+        }
+        r->cb(r->arg, r->layer, r->expert, rc, &diag);
+        moe_free(r);
+        pthread_mutex_lock(&s->mu);
+    }
+    pthread_mutex_unlock(&s->mu);
+    moe_codec_dctx_destroy(d);
+    return NULL;
+}
+
+/* ---- open/close ------------------------------------------------------- */
+
+static void src_log(void *arg, const char *msg)
+{
+    (void)arg;
+    fprintf(stderr, "moe io: %s\n", msg);
+}
+
+int moe_expert_src_open(struct moe_expert_src **out, const char *path,
+                        const struct moe_io_config *cfg, struct moe_diag *diag)
+{
+    *out = NULL;
+    struct moe_io_config c = cfg ? *cfg : (struct moe_io_config){0};
+    if (c.n_threads == 0)
+        c.n_threads = 2;
+    if (c.n_threads > 64)
+        c.n_threads = 64;
+    if (c.uring.log == NULL)
+        c.uring.log = src_log;
+    struct moe_expert_src *s = moe_calloc(1, sizeof(*s));
+    if (s == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+    int rc;
+    bool sync_ok = false;
+    s->path = moe_strndup(path, strlen(path));
+    if (s->path == NULL) {
+        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+        goto fail;
+    }
+    char magic[8] = {0};
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        rc = moe_diag_set(diag, -errno, "%s: %s", path, strerror(errno));
+        goto fail;
+    }
+    ssize_t got = pread(fd, magic, sizeof(magic), 0);
+    close(fd);
+    uint64_t max_stage = 0;
+    if (got == 8 && memcmp(magic, "MOEPACK", 8) == 0) {
+        rc = moe_pack_open(&s->pack, path, 0, diag);
+        if (rc < 0)
+            goto fail;
+        s->n_layer = moe_pack_n_layer(s->pack);
+        s->n_expert = moe_pack_n_expert(s->pack);
+        max_stage = moe_pack_max_stored(s->pack);
+    } else if (got >= 4 && memcmp(magic, "GGUF", 4) == 0) {
+        rc = moe_gguf_open(&s->gguf, path, diag);
+        if (rc < 0)
+            goto fail;
+        rc = moe_expert_layouts_from_gguf(s->gguf, &s->layouts, &s->n_layer, &s->n_expert, diag);
+        if (rc < 0)
+            goto fail;
+    } else {
+        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: neither a .moe pack nor a GGUF (bad magic)", path);
+        goto fail;
+    }
+    rc = moe_uring_open(&s->io, path, &c.uring, diag);
+    if (rc < 0)
+        goto fail;
+    s->align = moe_uring_align(s->io) > 4096 ? moe_uring_align(s->io) : 4096;
+    if (s->gguf) {
+        for (uint32_t l = 0; l < s->n_layer; l++) {
+            uint64_t need = 0;
+            for (uint32_t k = 0; k < s->layouts[l].n_slices; k++)
+                need += up(s->layouts[l].s[k].size, s->align) + s->align;
+            if (need > max_stage)
+                max_stage = need;
+        }
+    }
+    s->stage_cap = (size_t)up(max_stage ? max_stage : 1, s->align);
+    unsigned qd = moe_uring_queue_depth(s->io);
+    size_t chunk = c.uring.chunk_bytes ? c.uring.chunk_bytes : MOE_URING_DEFAULT_CHUNK;
+    if (c.n_staging == 0) {
+        /* enough blobs to keep the queue full, plus one per decoder */
+        uint64_t fill = ((uint64_t)qd * chunk + s->stage_cap - 1) / s->stage_cap;
+        c.n_staging = c.n_threads + 1 + (unsigned)(fill < 64 ? fill : 64);
+    }
+    s->n_stages = c.n_staging;
+    s->stages = moe_calloc(s->n_stages, sizeof(*s->stages));
+    struct iovec *iov = moe_calloc(s->n_stages, sizeof(*iov));
+    if (s->stages == NULL || iov == NULL) {
+        moe_free(iov);
+        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+        goto fail;
+    }
+    for (unsigned i = 0; i < s->n_stages; i++) {
+        /* CUDA: these would be cudaHostRegister'ed too, so that raw blobs
+         * can be uploaded straight from the staging buffer. */
+        void *p = NULL;
+        if (posix_memalign(&p, s->align, s->stage_cap) != 0) {
+            moe_free(iov);
+            rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory (%u staging buffers of %zu bytes)",
+                              path, s->n_stages, s->stage_cap);
+            goto fail;
+        }
+        s->stages[i].buf = p;
+        s->stages[i].index = (int)i;
+        s->stages[i].next = s->free_stages;
+        s->free_stages = &s->stages[i];
+        iov[i] = (struct iovec){ p, s->stage_cap };
+    }
+    moe_uring_register_buffers(s->io, iov, s->n_stages);
+    moe_free(iov);
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->pool_cv, NULL);
+    sync_ok = true;
+    s->workers = moe_calloc(c.n_threads, sizeof(*s->workers));
+    if (s->workers == NULL) {
+        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+        goto fail;
+    }
+    for (; s->n_started < c.n_threads; s->n_started++)
+        if (pthread_create(&s->workers[s->n_started], NULL, pool_main, s) != 0)
+            break;
+    if (s->n_started == 0 || pthread_create(&s->io_thread, NULL, io_main, s) != 0) {
+        rc = moe_diag_set(diag, -EAGAIN, "%s: cannot start I/O threads", path);
+        goto fail;
+    }
+    s->io_started = true;
+    *out = s;
+    return 0;
+fail:
+    if (!sync_ok) {
+        pthread_mutex_init(&s->mu, NULL);
+        pthread_cond_init(&s->pool_cv, NULL);
+    }
+    moe_expert_src_close(s);
+    return rc;
+}
+
+void moe_expert_src_close(struct moe_expert_src *s)
+{
+    if (s == NULL)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->stopping = true;
+    if (!s->io_started)
+        s->io_done = true;
+    pthread_cond_broadcast(&s->pool_cv);
+    pthread_mutex_unlock(&s->mu);
+    if (s->io_started) {
+        moe_uring_wake(s->io);
+        pthread_join(s->io_thread, NULL);
+    }
+    for (unsigned i = 0; i < s->n_started; i++)
+        pthread_join(s->workers[i], NULL);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->pool_cv);
+    moe_uring_close(s->io);
+    for (unsigned i = 0; s->stages && i < s->n_stages; i++)
+        free(s->stages[i].buf);
+    moe_free(s->stages);
+    moe_free(s->workers);
+    moe_free(s->layouts);
+    moe_gguf_close(s->gguf);
+    moe_pack_close(s->pack);
+    moe_free(s->path);
+    moe_free(s);
+}
+
+bool moe_expert_src_is_pack(const struct moe_expert_src *s) { return s->pack != NULL; }
+const struct moe_pack *moe_expert_src_pack(const struct moe_expert_src *s) { return s->pack; }
+uint32_t moe_expert_src_n_layer(const struct moe_expert_src *s) { return s->n_layer; }
+uint32_t moe_expert_src_n_expert(const struct moe_expert_src *s) { return s->n_expert; }
+bool moe_expert_src_uses_uring(const struct moe_expert_src *s) { return moe_uring_is_uring(s->io); }
+bool moe_expert_src_uses_direct(const struct moe_expert_src *s) { return moe_uring_is_direct(s->io); }
+
+const struct moe_gguf *moe_expert_src_gguf(const struct moe_expert_src *s)
+{
+    return s->pack ? moe_pack_gguf(s->pack) : s->gguf;
+}
+
+const struct moe_expert_layout *moe_expert_src_layout(const struct moe_expert_src *s,
+                                                      uint32_t layer)
+{
+    if (s->pack)
+        return moe_pack_layout(s->pack, layer);
+    if (layer >= s->n_layer || s->layouts[layer].n_slices == 0)
+        return NULL;
+    return &s->layouts[layer];
+}
+
+void moe_expert_src_set_fault_hook(struct moe_expert_src *s, moe_uring_fault_fn fn, void *ctx)
+{
+    pthread_mutex_lock(&s->mu);
+    moe_uring_set_fault_hook(s->io, fn, ctx);
+    pthread_mutex_unlock(&s->mu);
+}
+
+int moe_expert_src_load(struct moe_expert_src *s, uint32_t layer, uint32_t expert, void *dst,
+                        size_t dst_size, unsigned flags, moe_expert_done_fn cb, void *arg,
+                        struct moe_diag *diag)
+{
+    const struct moe_expert_layout *L = moe_expert_src_layout(s, layer);
+    if (L == NULL || expert >= s->n_expert)
+        return moe_diag_set(diag, -ENOENT, "%s: no expert (layer %u, expert %u): %u layers x %u "
+                            "experts", s->path, layer, expert, s->n_layer, s->n_expert);
+    if (dst_size != L->raw_size || dst == NULL || cb == NULL)
+        return moe_diag_set(diag, -EINVAL, "%s: expert (layer %u, expert %u): destination of %zu "
+                            "bytes, the expert has %" PRIu64, s->path, layer, expert, dst_size,
+                            L->raw_size);
+    struct moe_pack_blob b = {0};
+    if (s->pack) {
+        int rc = moe_pack_blob(s->pack, layer, expert, &b, diag);
+        if (rc < 0) {
+            s->st_fmt += rc == MOE_EFORMAT;
+            return rc;
+        }
+    }
+    struct lreq *r = moe_calloc(1, sizeof(*r));
+    if (r == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", s->path);
+    *r = (struct lreq){ .s = s, .layer = layer, .expert = expert, .dst = dst,
+                        .dst_size = dst_size, .cb = cb, .arg = arg, .blob = b };
+    pthread_mutex_lock(&s->mu);
+    if (s->stopping) {
+        pthread_mutex_unlock(&s->mu);
+        moe_free(r);
+        return moe_diag_set(diag, -ECANCELED, "%s: closing", s->path);
+    }
+    q_push(flags & MOE_LOAD_PREFETCH ? &s->prefetch : &s->urgent, r);
+    pthread_mutex_unlock(&s->mu);
+    moe_uring_wake(s->io);
+    return 0;
+}
+
+struct waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+    int status;
+    struct moe_diag diag;
+};
+
+static void sync_done(void *arg, uint32_t layer, uint32_t expert, int status,
+                      const struct moe_diag *diag)
+{
+    (void)layer;
+    (void)expert;
+    struct waiter *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->status = status;
+    if (status < 0)
+        w->diag = *diag;
+    w->done = true;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+int moe_expert_src_load_sync(struct moe_expert_src *s, uint32_t layer, uint32_t expert,
+                             void *dst, size_t dst_size, struct moe_diag *diag)
+{
+    struct waiter w = { .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
+    int rc = moe_expert_src_load(s, layer, expert, dst, dst_size, 0, sync_done, &w, diag);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&w.mu);
+    while (!w.done)
+        pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    if (w.status < 0)
+        moe_diag_set(diag, w.status, "%s", w.diag.msg);
+    return w.status;
+}
+
+void moe_expert_src_stats(struct moe_expert_src *s, struct moe_io_stats *o)
+{
+    *o = (struct moe_io_stats){ .loads_ok = s->st_ok, .loads_failed = s->st_failed,
+                                .checksum_errors = s->st_cks, .format_errors = s->st_fmt,
+                                .io_errors = s->st_io, .cancelled = s->st_cancel,
+                                .stored_bytes = s->st_stored, .raw_bytes = s->st_raw };
+}

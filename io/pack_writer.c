@@ -1,0 +1,605 @@
+/* .moe pack writer: GGUF in, pack out (doc/pack-format.md).
+ *
+ * Blobs are produced by worker threads into a ring of slots and written in
+ * (layer, expert) order by the calling thread, so memory is bounded by the
+ * number of slots times the largest expert, not by the model. */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <xxhash.h>
+
+#include "common/alloc.h"
+#include "io/pack-impl.h"
+#include "kernels/dtype.h"
+
+#define COPY_CHUNK (4u << 20)
+
+static uint64_t align_up(uint64_t x, uint64_t a)
+{
+    return (x + a - 1) / a * a;
+}
+
+static int write_all(int fd, const void *buf, size_t n, uint64_t off)
+{
+    const uint8_t *p = buf;
+    while (n > 0) {
+        ssize_t w = pwrite(fd, p, n, (off_t)off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w < 0)
+            return -errno;
+        p += w;
+        off += (uint64_t)w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int read_all(int fd, void *buf, size_t n, uint64_t off)
+{
+    uint8_t *p = buf;
+    while (n > 0) {
+        ssize_t r = pread(fd, p, n, (off_t)off);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return -errno;
+        if (r == 0)
+            return MOE_EFORMAT;
+        p += r;
+        off += (uint64_t)r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* Encoded size of a metadata value's body (GGUF v2/v3: u64 lengths). */
+static uint64_t value_bytes(const struct moe_gguf_value *v)
+{
+    switch (v->type) {
+    case MOE_GGUF_STRING:
+        return 8 + v->v.str.len;
+    case MOE_GGUF_ARRAY: {
+        uint64_t n = 12;
+        if (v->v.arr.elem_type == MOE_GGUF_STRING) {
+            const struct moe_gguf_str *s = v->v.arr.data;
+            for (uint64_t i = 0; i < v->v.arr.n; i++)
+                n += 8 + s[i].len;
+        } else if (v->v.arr.elem_type == MOE_GGUF_ARRAY) {
+            const struct moe_gguf_value *a = v->v.arr.data;
+            for (uint64_t i = 0; i < v->v.arr.n; i++)
+                n += value_bytes(&a[i]);
+        } else {
+            n += v->v.arr.n * moe_gguf_type_size(v->v.arr.elem_type);
+        }
+        return n;
+    }
+    default:
+        return moe_gguf_type_size(v->type);
+    }
+}
+
+/* ---- the blob pipeline ----------------------------------------------- */
+
+enum { SLOT_FREE, SLOT_BUSY, SLOT_DONE };
+
+struct slot {
+    uint8_t *raw, *grp, *cbuf;
+    size_t cbuf_cap;
+    int state;
+    uint64_t idx;
+    const uint8_t *out;
+    size_t out_n;
+    uint32_t codec;
+    uint64_t xxh3;
+    int err;
+    struct moe_diag diag;
+};
+
+struct job {
+    uint32_t layer, expert;
+};
+
+struct wctx {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t next_claim, next_write, n_jobs;
+    struct job *jobs;
+    unsigned n_slots;
+    struct slot *slots;
+    bool abort;
+    int src_fd;
+    const char *src;
+    const struct moe_expert_layout *layouts;
+    int level;
+    double min_ratio;
+};
+
+static int produce(struct wctx *w, struct moe_codec_cctx *cc, struct slot *s, const struct job *j)
+{
+    const struct moe_expert_layout *L = &w->layouts[j->layer];
+    size_t raw_n = (size_t)L->raw_size;
+    memset(s->raw, 0, raw_n);
+    for (uint32_t k = 0; k < L->n_slices; k++) {
+        const struct moe_expert_slice *sl = &L->s[k];
+        int rc = read_all(w->src_fd, s->raw + sl->offset, (size_t)sl->size,
+                          sl->src_offset + (uint64_t)j->expert * sl->size);
+        if (rc < 0)
+            return moe_diag_set(&s->diag, rc, "%s: tensor %s, expert %u: read failed: %s", w->src,
+                                sl->name, j->expert, moe_strerror(rc));
+    }
+    const uint8_t *in = s->raw;
+    if (L->n_groups) {
+        moe_codec_bg16_encode(s->grp, s->raw, raw_n, L->groups, L->n_groups);
+        in = s->grp;
+    }
+    size_t cn = 0;
+    int rc = moe_codec_compress(cc, s->cbuf, s->cbuf_cap, &cn, in, raw_n);
+    if (rc < 0)
+        return moe_diag_set(&s->diag, rc, "%s: blob (layer %u, expert %u): zstd failed", w->src,
+                            j->layer, j->expert);
+    if (cn > 0 && (double)raw_n / (double)cn >= w->min_ratio) {
+        s->out = s->cbuf;
+        s->out_n = cn;
+        s->codec = L->n_groups ? MOE_CODEC_ZSTD_BG16 : MOE_CODEC_ZSTD;
+    } else {
+        s->out = s->raw;
+        s->out_n = raw_n;
+        s->codec = MOE_CODEC_RAW;
+    }
+    s->xxh3 = XXH3_64bits(s->out, s->out_n);
+    return 0;
+}
+
+static void *worker(void *arg)
+{
+    struct wctx *w = arg;
+    struct moe_codec_cctx *cc = NULL;
+    int cerr = moe_codec_cctx_create(&cc, w->level);
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        while (!w->abort && w->next_claim < w->n_jobs &&
+               w->next_claim >= w->next_write + w->n_slots)
+            pthread_cond_wait(&w->cv, &w->mu);
+        if (w->abort || w->next_claim >= w->n_jobs)
+            break;
+        uint64_t idx = w->next_claim++;
+        struct slot *s = &w->slots[idx % w->n_slots];
+        s->state = SLOT_BUSY;
+        s->idx = idx;
+        pthread_mutex_unlock(&w->mu);
+        moe_diag_clear(&s->diag);
+        s->err = cerr < 0 ? moe_diag_set(&s->diag, cerr, "%s: out of memory", w->src)
+                          : produce(w, cc, s, &w->jobs[idx]);
+        pthread_mutex_lock(&w->mu);
+        s->state = SLOT_DONE;
+        pthread_cond_broadcast(&w->cv);
+    }
+    pthread_mutex_unlock(&w->mu);
+    moe_codec_cctx_destroy(cc);
+    return NULL;
+}
+
+/* ---- temporary file -------------------------------------------------- */
+
+/* Creates "<dst>.tmp" exclusively and locks it. A leftover one nobody
+ * holds (a killed pack) is removed first; a locked one is -EBUSY. */
+static int tmp_create(const char *tmp, bool *removed, struct moe_diag *diag)
+{
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+                int e = errno;
+                close(fd);
+                return moe_diag_set(diag, -e, "%s: lock: %s", tmp, strerror(e));
+            }
+            return fd;
+        }
+        if (errno != EEXIST)
+            return moe_diag_set(diag, -errno, "%s: %s", tmp, strerror(errno));
+        int old = open(tmp, O_RDONLY | O_CLOEXEC);
+        if (old >= 0) {
+            if (flock(old, LOCK_EX | LOCK_NB) < 0) {
+                close(old);
+                return moe_diag_set(diag, -EBUSY, "%s: another pack is writing this file", tmp);
+            }
+            close(old);
+        }
+        if (unlink(tmp) < 0 && errno != ENOENT)
+            return moe_diag_set(diag, -errno, "%s: cannot remove the leftover temporary file: %s",
+                                tmp, strerror(errno));
+        *removed = true;
+    }
+    return moe_diag_set(diag, -EEXIST, "%s: keeps reappearing; another pack is running?", tmp);
+}
+
+static int fsync_dir_of(const char *path)
+{
+    char dir[4096];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash == NULL)
+        snprintf(dir, sizeof(dir), ".");
+    else if (slash == dir)
+        dir[1] = 0;
+    else
+        *slash = 0;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = fsync(fd) < 0 ? -errno : 0;
+    close(fd);
+    return rc;
+}
+
+/* ---- dense section ---------------------------------------------------- */
+
+struct dense_out {
+    int fd;
+    uint64_t pos;          /* absolute */
+    XXH3_state_t *h;
+    const char *tmp;
+};
+
+static int dense_put(struct dense_out *o, const void *p, size_t n, struct moe_diag *diag)
+{
+    int rc = write_all(o->fd, p, n, o->pos);
+    if (rc < 0)
+        return moe_diag_set(diag, rc, "%s: write: %s", o->tmp, strerror(-rc));
+    XXH3_64bits_update(o->h, p, n);
+    o->pos += n;
+    return 0;
+}
+
+static int dense_zero(struct dense_out *o, uint64_t n, struct moe_diag *diag)
+{
+    static const uint8_t z[4096];
+    while (n > 0) {
+        size_t k = n < sizeof(z) ? (size_t)n : sizeof(z);
+        int rc = dense_put(o, z, k, diag);
+        if (rc < 0)
+            return rc;
+        n -= k;
+    }
+    return 0;
+}
+
+/* Writes the embedded GGUF (v3): the source's key/values byte for byte and
+ * its non-expert tensors. */
+static int write_dense(const struct moe_gguf *g, int src_fd, struct dense_out *o,
+                       uint8_t *buf, struct moe_diag *diag)
+{
+    const char *src = moe_gguf_path(g);
+    uint64_t n_kv = moe_gguf_n_kv(g), kv_start = 24, kv_end = 24;
+    for (uint64_t i = 0; i < n_kv; i++) {
+        const struct moe_gguf_kv *kv = moe_gguf_kv_at(g, i);
+        if (kv->file_offset != kv_end)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: key %s at offset %" PRIu64 ", expected %"
+                                PRIu64 " (unexpected metadata layout)", src, kv->key,
+                                kv->file_offset, kv_end);
+        kv_end += 8 + strlen(kv->key) + 4 + value_bytes(&kv->value);
+    }
+    uint64_t n_dense = 0;
+    for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++)
+        n_dense += !moe_expert_tensor_name(moe_gguf_tensor_at(g, i)->name, NULL);
+    uint8_t hdr[24];
+    uint32_t magic_ver[2] = { 0x46554747u /* "GGUF" */, 3 };
+    memcpy(hdr, magic_ver, 8);
+    memcpy(hdr + 8, &n_dense, 8);
+    memcpy(hdr + 16, &n_kv, 8);
+    int rc = dense_put(o, hdr, sizeof(hdr), diag);
+    for (uint64_t off = kv_start; rc == 0 && off < kv_end;) {
+        size_t k = kv_end - off < COPY_CHUNK ? (size_t)(kv_end - off) : COPY_CHUNK;
+        rc = read_all(src_fd, buf, k, off);
+        if (rc < 0)
+            return moe_diag_set(diag, rc, "%s: reading metadata: %s", src, moe_strerror(rc));
+        rc = dense_put(o, buf, k, diag);
+        off += k;
+    }
+    const uint64_t a = moe_gguf_alignment(g);
+    uint64_t data_pos = 0;
+    for (uint64_t i = 0; rc == 0 && i < moe_gguf_n_tensors(g); i++) {
+        const struct moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
+        if (moe_expert_tensor_name(t->name, NULL))
+            continue;
+        uint64_t len = strlen(t->name);
+        rc = dense_put(o, &len, 8, diag);
+        if (rc == 0)
+            rc = dense_put(o, t->name, len, diag);
+        if (rc == 0)
+            rc = dense_put(o, &t->n_dims, 4, diag);
+        if (rc == 0)
+            rc = dense_put(o, t->ne, 8 * (size_t)t->n_dims, diag);
+        if (rc == 0)
+            rc = dense_put(o, &t->dtype, 4, diag);
+        data_pos = align_up(data_pos, a);
+        if (rc == 0)
+            rc = dense_put(o, &data_pos, 8, diag);
+        data_pos += t->size;
+    }
+    if (rc < 0)
+        return rc;
+    const uint64_t base = MOE_PACK_BLOB_ALIGN; /* the embedded file starts here */
+    rc = dense_zero(o, align_up(o->pos - base, a) - (o->pos - base), diag);
+    uint64_t data_start = o->pos;
+    for (uint64_t i = 0; rc == 0 && i < moe_gguf_n_tensors(g); i++) {
+        const struct moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
+        if (moe_expert_tensor_name(t->name, NULL))
+            continue;
+        uint64_t rel = o->pos - data_start;
+        rc = dense_zero(o, align_up(rel, a) - rel, diag);
+        for (uint64_t off = 0; rc == 0 && off < t->size;) {
+            size_t k = t->size - off < COPY_CHUNK ? (size_t)(t->size - off) : COPY_CHUNK;
+            rc = moe_gguf_pread(g, t, off, buf, k, diag);
+            if (rc == 0)
+                rc = dense_put(o, buf, k, diag);
+            off += k;
+        }
+    }
+    return rc;
+}
+
+/* ---- moe_pack_write ---------------------------------------------------- */
+
+int moe_pack_write(const char *src, const char *dst, const struct moe_pack_write_opts *opts,
+                   struct moe_pack_stats *stats, struct moe_diag *diag)
+{
+    struct moe_pack_write_opts o = opts ? *opts : (struct moe_pack_write_opts){0};
+    if (o.level == 0)
+        o.level = MOE_PACK_DEFAULT_LEVEL;
+    if (o.min_ratio == 0)
+        o.min_ratio = MOE_PACK_DEFAULT_MIN_RATIO;
+    if (o.threads == 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        o.threads = n > 0 ? (unsigned)n : 1;
+    }
+    if (o.threads > 256)
+        o.threads = 256;
+    struct moe_pack_stats st_local;
+    struct moe_pack_stats *st = stats ? stats : &st_local;
+    memset(st, 0, sizeof(*st));
+
+    struct moe_gguf *g = NULL;
+    struct moe_expert_layout *layouts = NULL;
+    struct wctx w = { .src = src, .src_fd = -1, .level = o.level, .min_ratio = o.min_ratio };
+    pthread_t *th = NULL;
+    unsigned n_started = 0;
+    bool sync_ok = false;
+    int out_fd = -1, rc;
+    char *tmp = NULL;
+    uint8_t *buf = NULL;
+    struct pack_entry_rec *entries = NULL;
+    struct pack_tensor_rec *recs = NULL;
+    XXH3_state_t *xs = NULL;
+    uint32_t n_layer, n_expert;
+
+    rc = moe_gguf_open(&g, src, diag);
+    if (rc < 0)
+        goto fail;
+    rc = moe_expert_layouts_from_gguf(g, &layouts, &n_layer, &n_expert, diag);
+    if (rc < 0)
+        goto fail;
+    w.layouts = layouts;
+    struct stat ss, ds;
+    if (stat(src, &ss) == 0 && stat(dst, &ds) == 0 && ss.st_dev == ds.st_dev &&
+        ss.st_ino == ds.st_ino) {
+        rc = moe_diag_set(diag, -EINVAL, "%s: output is the input file", dst);
+        goto fail;
+    }
+    w.src_fd = open(src, O_RDONLY | O_CLOEXEC);
+    if (w.src_fd < 0) {
+        rc = moe_diag_set(diag, -errno, "%s: %s", src, strerror(errno));
+        goto fail;
+    }
+    posix_fadvise(w.src_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+
+    size_t dl = strlen(dst);
+    tmp = moe_malloc(dl + 5);
+    buf = moe_malloc(COPY_CHUNK);
+    xs = XXH3_createState();
+    uint64_t n_entries = (uint64_t)n_layer * n_expert;
+    entries = moe_calloc((size_t)n_entries, sizeof(*entries));
+    w.jobs = moe_calloc((size_t)n_entries, sizeof(*w.jobs));
+    if (tmp == NULL || buf == NULL || xs == NULL || entries == NULL || w.jobs == NULL) {
+        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", dst);
+        goto fail;
+    }
+    memcpy(tmp, dst, dl);
+    memcpy(tmp + dl, ".tmp", 5);
+    out_fd = tmp_create(tmp, &st->removed_stale_tmp, diag);
+    if (out_fd < 0) {
+        rc = out_fd;
+        out_fd = -1;
+        goto fail;
+    }
+
+    /* Dense section: the embedded GGUF at 4096. */
+    XXH3_64bits_reset(xs);
+    struct dense_out d = { .fd = out_fd, .pos = MOE_PACK_BLOB_ALIGN, .h = xs, .tmp = tmp };
+    rc = write_dense(g, w.src_fd, &d, buf, diag);
+    if (rc < 0)
+        goto fail;
+    struct pack_header h = { .version = MOE_PACK_VERSION, .header_size = sizeof(h),
+                             .blob_align = MOE_PACK_BLOB_ALIGN, .n_layer = n_layer,
+                             .n_expert = n_expert, .dense_offset = MOE_PACK_BLOB_ALIGN,
+                             .dense_size = d.pos - MOE_PACK_BLOB_ALIGN,
+                             .dense_xxh3 = XXH3_64bits_digest(xs),
+                             .src_size = moe_gguf_file_size(g) };
+    memcpy(h.magic, PACK_MAGIC, 8);
+    h.blobs_offset = align_up(d.pos, MOE_PACK_BLOB_ALIGN);
+    st->dense_bytes = h.dense_size;
+
+    /* Blobs. */
+    uint64_t max_raw = 0, total = h.dense_size, done = h.dense_size;
+    bool any_groups = false;
+    for (uint32_t l = 0; l < n_layer; l++) {
+        if (layouts[l].n_slices == 0)
+            continue;
+        h.n_tensors += layouts[l].n_slices;
+        for (uint32_t e = 0; e < n_expert; e++)
+            w.jobs[w.n_jobs++] = (struct job){ l, e };
+        if (layouts[l].raw_size > max_raw)
+            max_raw = layouts[l].raw_size;
+        any_groups |= layouts[l].n_groups > 0;
+        total += layouts[l].raw_size * n_expert;
+    }
+    w.n_slots = o.threads + 1;
+    w.slots = moe_calloc(w.n_slots, sizeof(*w.slots));
+    th = moe_calloc(o.threads, sizeof(*th));
+    if (w.slots == NULL || th == NULL) {
+        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", dst);
+        goto fail;
+    }
+    for (unsigned i = 0; i < w.n_slots; i++) {
+        struct slot *s = &w.slots[i];
+        s->cbuf_cap = moe_codec_bound((size_t)max_raw);
+        s->raw = moe_malloc((size_t)max_raw);
+        s->grp = any_groups ? moe_malloc((size_t)max_raw) : NULL;
+        s->cbuf = moe_malloc(s->cbuf_cap);
+        if (s->raw == NULL || s->cbuf == NULL || (any_groups && s->grp == NULL)) {
+            rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory (%u buffers of %" PRIu64 " bytes)",
+                              dst, w.n_slots, max_raw);
+            goto fail;
+        }
+    }
+    pthread_mutex_init(&w.mu, NULL);
+    pthread_cond_init(&w.cv, NULL);
+    sync_ok = true;
+    for (; n_started < o.threads; n_started++) {
+        if (pthread_create(&th[n_started], NULL, worker, &w) != 0) {
+            rc = moe_diag_set(diag, -EAGAIN, "%s: cannot start worker threads", dst);
+            goto fail;
+        }
+    }
+    uint64_t pos = h.blobs_offset;
+    for (uint64_t i = 0; i < w.n_jobs; i++) {
+        struct slot *s = &w.slots[i % w.n_slots];
+        pthread_mutex_lock(&w.mu);
+        while (!(s->state == SLOT_DONE && s->idx == i))
+            pthread_cond_wait(&w.cv, &w.mu);
+        pthread_mutex_unlock(&w.mu);
+        if (s->err < 0) {
+            rc = moe_diag_set(diag, s->err, "%s", s->diag.msg);
+            goto fail;
+        }
+        rc = write_all(out_fd, s->out, s->out_n, pos);
+        if (rc < 0) {
+            rc = moe_diag_set(diag, rc, "%s: write: %s", tmp, strerror(-rc));
+            goto fail;
+        }
+        const struct job *j = &w.jobs[i];
+        const struct moe_expert_layout *L = &layouts[j->layer];
+        struct pack_entry_rec *er = &entries[(uint64_t)j->layer * n_expert + j->expert];
+        er->offset = pos;
+        er->stored_size = s->out_n;
+        er->raw_size = L->raw_size;
+        er->xxh3 = s->xxh3;
+        er->codec = s->codec;
+        moe_pack_stats_add(st, L, L->raw_size, s->out_n, s->codec != MOE_CODEC_RAW);
+        pos = align_up(pos + s->out_n, MOE_PACK_BLOB_ALIGN);
+        done += L->raw_size;
+        pthread_mutex_lock(&w.mu);
+        s->state = SLOT_FREE;
+        w.next_write++;
+        pthread_cond_broadcast(&w.cv);
+        pthread_mutex_unlock(&w.mu);
+        if (o.progress)
+            o.progress(o.progress_arg, done, total);
+    }
+    h.blobs_end = pos;
+
+    /* Index: tensor records, then entries. */
+    recs = moe_calloc(h.n_tensors, sizeof(*recs));
+    if (recs == NULL) {
+        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", dst);
+        goto fail;
+    }
+    uint32_t k = 0;
+    for (uint32_t l = 0; l < n_layer; l++) {
+        const struct moe_expert_layout *L = &layouts[l];
+        for (uint32_t s = 0; s < L->n_slices; s++, k++) {
+            const struct moe_gguf_tensor *t = moe_gguf_find_tensor(g, L->s[s].name);
+            struct pack_tensor_rec *r = &recs[k];
+            snprintf(r->name, sizeof(r->name), "%s", t->name);
+            r->layer = l;
+            r->dtype = t->dtype;
+            r->n_dims = t->n_dims;
+            for (unsigned dd = 0; dd < 4; dd++)
+                r->ne[dd] = t->ne[dd];
+            r->blob_offset = L->s[s].offset;
+            r->slice_size = L->s[s].size;
+        }
+    }
+    for (uint64_t i = 0; i < n_entries; i++)
+        entries[i].entry_xxh3 = XXH3_64bits(&entries[i], PACK_ENTRY_HASHED);
+    h.tensors_offset = pos;
+    size_t tsize = (size_t)h.n_tensors * sizeof(*recs);
+    h.tensors_xxh3 = XXH3_64bits(recs, tsize);
+    h.index_offset = h.tensors_offset + tsize;
+    size_t isize = (size_t)n_entries * sizeof(*entries);
+    h.file_size = align_up(h.index_offset + isize, MOE_PACK_BLOB_ALIGN);
+    h.header_xxh3 = XXH3_64bits(&h, offsetof(struct pack_header, header_xxh3));
+    if ((rc = write_all(out_fd, recs, tsize, h.tensors_offset)) < 0 ||
+        (rc = write_all(out_fd, entries, isize, h.index_offset)) < 0 ||
+        (rc = ftruncate(out_fd, (off_t)h.file_size) < 0 ? -errno : 0) < 0 ||
+        (rc = write_all(out_fd, &h, sizeof(h), 0)) < 0 ||
+        (rc = fsync(out_fd) < 0 ? -errno : 0) < 0) {
+        rc = moe_diag_set(diag, rc, "%s: %s", tmp, strerror(-rc));
+        goto fail;
+    }
+    if (rename(tmp, dst) < 0) {
+        rc = moe_diag_set(diag, -errno, "%s: rename to %s: %s", tmp, dst, strerror(errno));
+        goto fail;
+    }
+    fsync_dir_of(dst);
+    st->file_size = h.file_size;
+    rc = 0;
+    goto out;
+fail:
+    if (out_fd >= 0)
+        unlink(tmp);
+out:
+    if (sync_ok) {
+        pthread_mutex_lock(&w.mu);
+        w.abort = true;
+        pthread_cond_broadcast(&w.cv);
+        pthread_mutex_unlock(&w.mu);
+    }
+    for (unsigned i = 0; i < n_started; i++)
+        pthread_join(th[i], NULL);
+    if (sync_ok) {
+        pthread_mutex_destroy(&w.mu);
+        pthread_cond_destroy(&w.cv);
+    }
+    if (w.slots)
+        for (unsigned i = 0; i < w.n_slots; i++) {
+            moe_free(w.slots[i].raw);
+            moe_free(w.slots[i].grp);
+            moe_free(w.slots[i].cbuf);
+        }
+    moe_free(w.slots);
+    moe_free(th);
+    moe_free(w.jobs);
+    moe_free(recs);
+    moe_free(entries);
+    if (xs)
+        XXH3_freeState(xs);
+    moe_free(buf);
+    if (out_fd >= 0)
+        close(out_fd);
+    moe_free(tmp);
+    if (w.src_fd >= 0)
+        close(w.src_fd);
+    moe_free(layouts);
+    moe_gguf_close(g);
+    return rc;
+}

@@ -1,0 +1,512 @@
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <liburing.h>
+
+#include "common/alloc.h"
+#include "io/uring.h"
+
+#define MAX_RETRIES 64   /* -EAGAIN/-EINTR/zero-progress resubmissions of one request */
+
+struct rop {                 /* one moe_uring_read */
+    struct rop *next;
+    uint64_t off;
+    uint8_t *buf;
+    size_t len, need, issued; /* issued: bytes split into requests so far */
+    int buf_index;
+    unsigned outstanding;    /* requests queued or in flight */
+    int status;
+    moe_uring_done_fn cb;
+    void *arg;
+};
+
+struct req {                 /* one request (a chunk of a read) */
+    struct req *next;        /* free list / retry list */
+    struct rop *op;
+    uint64_t off;
+    uint8_t *buf;
+    size_t len;
+    unsigned retries;
+    bool buffered;           /* use the page-cache fd */
+};
+
+struct moe_uring {
+    char *path;
+    int fd_direct, fd_buf, efd;
+    bool uring, direct, efd_armed, registered;
+    size_t align, chunk;
+    unsigned qd, inflight, pending;
+    struct io_uring ring;
+    struct req *reqs, *free_reqs, *retry_head, *retry_tail;
+    struct rop *op_head, *op_tail;   /* reads with bytes not yet split */
+    struct rop *done_head;           /* finished, callbacks to run */
+    moe_uring_fault_fn fault;
+    void *fault_ctx;
+    moe_log_fn log;
+    void *log_arg;
+    bool logged_uring, logged_direct, logged_reg;
+};
+
+static void say(struct moe_uring *r, bool *once, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void say(struct moe_uring *r, bool *once, const char *fmt, ...)
+{
+    if (*once)
+        return;
+    *once = true;
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (r->log)
+        r->log(r->log_arg, msg);
+    else
+        fprintf(stderr, "moe io: %s\n", msg);
+}
+
+static size_t dio_align(int fd)
+{
+    size_t a = 4096;
+#ifdef STATX_DIOALIGN
+    struct statx sx;
+    if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN)) {
+        size_t m = sx.stx_dio_mem_align > sx.stx_dio_offset_align ? sx.stx_dio_mem_align
+                                                                  : sx.stx_dio_offset_align;
+        if (m > a)
+            a = m;
+    }
+#else
+    (void)fd;
+#endif
+    return a;
+}
+
+int moe_uring_open(struct moe_uring **out, const char *path, const struct moe_uring_config *cfg,
+                   struct moe_diag *diag)
+{
+    *out = NULL;
+    struct moe_uring_config c = cfg ? *cfg : (struct moe_uring_config){0};
+    if (c.queue_depth == 0)
+        c.queue_depth = MOE_URING_DEFAULT_QD;
+    if (c.chunk_bytes == 0)
+        c.chunk_bytes = MOE_URING_DEFAULT_CHUNK;
+    if (c.queue_depth > MOE_URING_MAX_QD || c.chunk_bytes % 4096 || c.chunk_bytes < 4096 ||
+        c.chunk_bytes > (16u << 20))
+        return moe_diag_set(diag, -EINVAL, "io: queue depth %u and request size %zu, expected "
+                            "1..%u and a multiple of 4096 in 4 KiB..16 MiB", c.queue_depth,
+                            c.chunk_bytes, MOE_URING_MAX_QD);
+    const char *env = getenv("MOE_IO_FORCE_PREAD");
+    if (env && strcmp(env, "1") == 0)
+        c.force_pread = true;
+    struct moe_uring *r = moe_calloc(1, sizeof(*r));
+    if (r == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+    r->fd_direct = r->fd_buf = r->efd = -1;
+    r->qd = c.queue_depth;
+    r->chunk = c.chunk_bytes;
+    r->log = c.log;
+    r->log_arg = c.log_arg;
+    r->align = 1;
+    int rc;
+    r->path = moe_strndup(path, strlen(path));
+    r->reqs = moe_calloc(r->qd, sizeof(*r->reqs));
+    if (r->path == NULL || r->reqs == NULL) {
+        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+        goto fail;
+    }
+    for (unsigned i = 0; i < r->qd; i++) {
+        r->reqs[i].next = r->free_reqs;
+        r->free_reqs = &r->reqs[i];
+    }
+    r->fd_buf = open(path, O_RDONLY | O_CLOEXEC);
+    if (r->fd_buf < 0) {
+        rc = moe_diag_set(diag, -errno, "%s: %s", path, strerror(errno));
+        goto fail;
+    }
+    r->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (r->efd < 0) {
+        rc = moe_diag_set(diag, -errno, "%s: eventfd: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!c.force_pread) {
+        /* one slot more than the queue depth: the eventfd poll */
+        int e = io_uring_queue_init(r->qd + 1, &r->ring, 0);
+        if (e == 0)
+            r->uring = true;
+        else
+            say(r, &r->logged_uring, "%s: io_uring unavailable (%s), using pread", path,
+                strerror(-e));
+    } else {
+        say(r, &r->logged_uring, "%s: io_uring disabled by configuration, using pread", path);
+    }
+    if (!c.no_direct) {
+        r->fd_direct = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+        if (r->fd_direct >= 0) {
+            r->direct = true;
+            r->align = dio_align(r->fd_direct);
+        } else {
+            say(r, &r->logged_direct, "%s: O_DIRECT refused (%s), reading through the page cache",
+                path, strerror(errno));
+        }
+    }
+    *out = r;
+    return 0;
+fail:
+    moe_uring_close(r);
+    return rc;
+}
+
+size_t moe_uring_align(const struct moe_uring *r) { return r->align; }
+bool moe_uring_is_uring(const struct moe_uring *r) { return r->uring; }
+bool moe_uring_is_direct(const struct moe_uring *r) { return r->direct; }
+unsigned moe_uring_queue_depth(const struct moe_uring *r) { return r->qd; }
+unsigned moe_uring_pending(const struct moe_uring *r) { return r->pending; }
+
+void moe_uring_set_fault_hook(struct moe_uring *r, moe_uring_fault_fn fn, void *ctx)
+{
+    r->fault = fn;
+    r->fault_ctx = ctx;
+}
+
+int moe_uring_register_buffers(struct moe_uring *r, const struct iovec *iov, unsigned n)
+{
+    if (!r->uring || n == 0)
+        return 0;
+    int e = io_uring_register_buffers(&r->ring, iov, n);
+    if (e < 0) {
+        say(r, &r->logged_reg, "%s: buffer registration refused (%s), using plain reads",
+            r->path, strerror(-e));
+        return 0;
+    }
+    r->registered = true;
+    return 0;
+}
+
+void moe_uring_wake(struct moe_uring *r)
+{
+    uint64_t one = 1;
+    ssize_t w = write(r->efd, &one, sizeof(one));
+    (void)w;  /* EAGAIN: the counter is already non-zero, a wake is pending */
+}
+
+int moe_uring_read(struct moe_uring *r, uint64_t offset, void *buf, size_t len, size_t need,
+                   int buf_index, moe_uring_done_fn cb, void *arg)
+{
+    if (len == 0 || need > len || cb == NULL)
+        return -EINVAL;
+    if (r->direct && (offset % r->align || len % r->align || (uintptr_t)buf % r->align))
+        return -EINVAL;
+    struct rop *op = moe_calloc(1, sizeof(*op));
+    if (op == NULL)
+        return -ENOMEM;
+    op->off = offset;
+    op->buf = buf;
+    op->len = len;
+    op->need = need;
+    op->buf_index = r->registered ? buf_index : -1;
+    op->cb = cb;
+    op->arg = arg;
+    if (r->op_tail)
+        r->op_tail->next = op;
+    else
+        r->op_head = op;
+    r->op_tail = op;
+    r->pending++;
+    return 0;
+}
+
+static void op_finish_one(struct moe_uring *r, struct rop *op)
+{
+    if (--op->outstanding > 0 || (op->issued < op->len && op->status == 0))
+        return;
+    /* all requests done, or failed with nothing more in flight */
+    if (op->issued < op->len) {
+        /* still in the split queue: unlink it */
+        struct rop **pp = &r->op_head, *prev = NULL;
+        while (*pp && *pp != op) {
+            prev = *pp;
+            pp = &(*pp)->next;
+        }
+        if (*pp) {
+            *pp = op->next;
+            if (r->op_tail == op)
+                r->op_tail = prev;
+        }
+    }
+    op->next = r->done_head;
+    r->done_head = op;
+}
+
+static void retry_push(struct moe_uring *r, struct req *q)
+{
+    q->next = NULL;
+    if (r->retry_tail)
+        r->retry_tail->next = q;
+    else
+        r->retry_head = q;
+    r->retry_tail = q;
+}
+
+/* Next request to issue: a retry first, then a new chunk. */
+static struct req *next_req(struct moe_uring *r)
+{
+    struct req *q = r->retry_head;
+    if (q) {
+        r->retry_head = q->next;
+        if (r->retry_head == NULL)
+            r->retry_tail = NULL;
+        return q;
+    }
+    while (r->op_head && r->op_head->status != 0 && r->op_head->issued < r->op_head->len) {
+        /* a failed read issues nothing more; it finishes when its
+         * outstanding requests do */
+        struct rop *op = r->op_head;
+        r->op_head = op->next;
+        if (r->op_head == NULL)
+            r->op_tail = NULL;
+        op->issued = op->len;
+        if (op->outstanding == 0) {
+            op->next = r->done_head;
+            r->done_head = op;
+        }
+    }
+    struct rop *op = r->op_head;
+    if (op == NULL || r->free_reqs == NULL)
+        return NULL;
+    q = r->free_reqs;
+    r->free_reqs = q->next;
+    size_t n = op->len - op->issued < r->chunk ? op->len - op->issued : r->chunk;
+    *q = (struct req){ .op = op, .off = op->off + op->issued, .buf = op->buf + op->issued,
+                       .len = n };
+    op->issued += n;
+    op->outstanding++;
+    if (op->issued == op->len) {
+        r->op_head = op->next;
+        if (r->op_head == NULL)
+            r->op_tail = NULL;
+    }
+    return q;
+}
+
+/* Applies a request's result; true when the request is finished. */
+static bool req_complete(struct moe_uring *r, struct req *q, int res)
+{
+    if (r->fault)
+        res = r->fault(r->fault_ctx, q->off, q->len, res);
+    if (res == -EINVAL && r->direct && !q->buffered) {
+        /* Some filesystems accept O_DIRECT at open and refuse the read. */
+        say(r, &r->logged_direct, "%s: O_DIRECT read refused (EINVAL), reading through the "
+            "page cache", r->path);
+        r->direct = false;
+        q->buffered = true;
+        retry_push(r, q);
+        return false;
+    }
+    if (res == -EAGAIN || res == -EINTR || res == 0 || (res > 0 && (size_t)res < q->len)) {
+        if (res > 0) {
+            q->off += (uint64_t)res;
+            q->buf += res;
+            q->len -= (size_t)res;
+            q->retries = 0;
+            /* an O_DIRECT remainder may be misaligned: finish it buffered */
+            if (q->off % r->align || (uintptr_t)q->buf % r->align || q->len % r->align)
+                q->buffered = true;
+            retry_push(r, q);
+            return false;
+        }
+        if (res == 0) {
+            /* end of file: fine past `need` (a superset read of the tail),
+             * else the file is shorter than its index says */
+            res = q->off >= q->op->off + q->op->need ? 0 : MOE_EFORMAT;
+        } else if (++q->retries <= MAX_RETRIES) {
+            retry_push(r, q);
+            return false;
+        }
+    }
+    struct rop *op = q->op;
+    if (res < 0 && op->status == 0)
+        op->status = res;
+    q->next = r->free_reqs;
+    r->free_reqs = q;
+    op_finish_one(r, op);
+    return true;
+}
+
+static int run_callbacks(struct moe_uring *r)
+{
+    int n = 0;
+    while (r->done_head) {
+        struct rop *op = r->done_head;
+        r->done_head = op->next;
+        r->pending--;
+        op->cb(op->arg, op->status);
+        moe_free(op);
+        n++;
+    }
+    return n;
+}
+
+static int run_pread(struct moe_uring *r, bool wait)
+{
+    struct req *q;
+    while ((q = next_req(r)) != NULL) {
+        ssize_t res = pread(r->fd_buf, q->buf, q->len, (off_t)q->off);
+        req_complete(r, q, res < 0 ? -errno : (int)res);
+    }
+    int n = run_callbacks(r);
+    if (n == 0 && wait) {
+        struct pollfd p = { .fd = r->efd, .events = POLLIN };
+        while (poll(&p, 1, -1) < 0 && errno == EINTR)
+            ;
+        uint64_t v;
+        ssize_t rd = read(r->efd, &v, sizeof(v));
+        (void)rd;
+    }
+    return n;
+}
+
+#define EFD_TAG ((void *)1)
+
+static int run_uring(struct moe_uring *r, bool wait)
+{
+    unsigned queued = 0;
+    if (!r->efd_armed) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+        if (sqe) {
+            io_uring_prep_poll_add(sqe, r->efd, POLLIN);
+            io_uring_sqe_set_data(sqe, EFD_TAG);
+            r->efd_armed = true;
+            queued++;
+        }
+    }
+    struct req *q;
+    while (r->inflight < r->qd && (q = next_req(r)) != NULL) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+        if (sqe == NULL) {
+            retry_push(r, q);
+            break;
+        }
+        bool direct = r->direct && !q->buffered;
+        int fd = direct ? r->fd_direct : r->fd_buf;
+        if (q->op->buf_index >= 0 && direct)
+            io_uring_prep_read_fixed(sqe, fd, q->buf, (unsigned)q->len, q->off, q->op->buf_index);
+        else
+            io_uring_prep_read(sqe, fd, q->buf, (unsigned)q->len, q->off);
+        io_uring_sqe_set_data(sqe, q);
+        r->inflight++;
+        queued++;
+    }
+    if (queued) {
+        int e;
+        while ((e = io_uring_submit(&r->ring)) == -EINTR || e == -EAGAIN)
+            ;
+        if (e < 0)
+            return e;
+    }
+    int n = run_callbacks(r);
+    bool block = wait && n == 0;
+    for (;;) {
+        struct io_uring_cqe *cqe;
+        int e = block ? io_uring_wait_cqe(&r->ring, &cqe) : io_uring_peek_cqe(&r->ring, &cqe);
+        if (e == -EINTR)
+            continue;
+        if (e == -EAGAIN || (!block && e < 0))
+            break;
+        if (e < 0)
+            return e;
+        block = false;
+        void *tag = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        io_uring_cqe_seen(&r->ring, cqe);
+        if (tag == EFD_TAG) {
+            uint64_t v;
+            ssize_t rd = read(r->efd, &v, sizeof(v));
+            (void)rd;
+            r->efd_armed = false;
+            continue;
+        }
+        r->inflight--;
+        req_complete(r, tag, res);
+    }
+    n += run_callbacks(r);
+    return n;
+}
+
+int moe_uring_run(struct moe_uring *r, bool wait)
+{
+    int n = r->uring ? run_uring(r, wait) : run_pread(r, wait);
+    /* a retry queued by a completion above is issued at once */
+    if (n >= 0 && r->uring && (r->retry_head || r->op_head) && r->inflight < r->qd) {
+        int m = run_uring(r, false);
+        if (m < 0)
+            return m;
+        n += m;
+    }
+    return n;
+}
+
+void moe_uring_close(struct moe_uring *r)
+{
+    if (r == NULL)
+        return;
+    if (r->uring) {
+        /* wait for what the kernel still writes into caller buffers */
+        while (r->inflight > 0) {
+            struct io_uring_cqe *cqe;
+            if (io_uring_wait_cqe(&r->ring, &cqe) < 0)
+                break;
+            void *tag = io_uring_cqe_get_data(cqe);
+            io_uring_cqe_seen(&r->ring, cqe);
+            if (tag == EFD_TAG)
+                continue;
+            r->inflight--;
+            struct req *q = tag;
+            if (q->op->status == 0)
+                q->op->status = -ECANCELED;
+            q->next = r->free_reqs;
+            r->free_reqs = q;
+            op_finish_one(r, q->op);
+        }
+    }
+    while (r->retry_head) {
+        struct req *q = r->retry_head;
+        r->retry_head = q->next;
+        if (q->op->status == 0)
+            q->op->status = -ECANCELED;
+        op_finish_one(r, q->op);
+    }
+    while (r->op_head) {
+        struct rop *op = r->op_head;
+        r->op_head = op->next;
+        op->issued = op->len;
+        if (op->status == 0)
+            op->status = -ECANCELED;
+        if (op->outstanding == 0) {
+            op->next = r->done_head;
+            r->done_head = op;
+        }
+    }
+    run_callbacks(r);
+    if (r->uring)
+        io_uring_queue_exit(&r->ring);
+    if (r->fd_direct >= 0)
+        close(r->fd_direct);
+    if (r->fd_buf >= 0)
+        close(r->fd_buf);
+    if (r->efd >= 0)
+        close(r->efd);
+    moe_free(r->reqs);
+    moe_free(r->path);
+    moe_free(r);
+}
