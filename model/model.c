@@ -41,14 +41,22 @@
 #include "io/gguf.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/dtype.h"
+#include "cache/expert_cache.h"
+#include "io/expert_src.h"
 #include "model/hparams.h"
 #include "model/model.h"
 
 struct expert_tensor {
-    const uint8_t *data;       /* start of the 3-D tensor */
+    const uint8_t *data;       /* start of the 3-D tensor (resident experts) */
     uint32_t dtype;
     int64_t n_in, n_out;
     size_t row_bytes, expert_bytes;
+    uint64_t slot_offset;      /* where the slice sits in a cached expert's blob */
+};
+
+/* gpt-oss expert biases inside a cached expert's blob (offset, or -1) */
+struct bias_slices {
+    int64_t gate, up, down;
 };
 
 struct layer {
@@ -70,6 +78,7 @@ struct layer {
     float *sel_bias;                     /* [n_expert] selection bias (deepseek2) */
     struct expert_tensor gate, up, down;
     float *gate_b, *up_b, *down_b;       /* [n_expert][n] expert biases (gpt-oss) */
+    struct bias_slices bias_off;         /* the same, cached experts */
     /* shared expert */
     struct moe_weight sh_gate, sh_up, sh_down;
     float *sh_gate_inp;                  /* [n_embd], or NULL (qwen2moe) */
@@ -77,7 +86,9 @@ struct layer {
 
 struct moe_model {
     struct moe_model_cfg cfg;
-    struct moe_gguf *gguf;
+    struct moe_gguf *gguf;               /* owned unless src is set (then the source's) */
+    struct moe_expert_src *src;          /* experts through the cache, or NULL (resident) */
+    struct moe_expert_cache *cache;
     struct moe_backend *be;
     int n_ctx, n_batch;
     bool kv_f16;
@@ -95,6 +106,8 @@ struct moe_model {
     int32_t *pos;
     int32_t *tok_by_expert;              /* [n_batch * k]: (token*k + slot) grouped by expert */
     int32_t *expert_count, *expert_start;
+    int32_t *pend_l, *pend_e, *pend_state; /* per-layer acquisition bookkeeping [n_expert] */
+    int32_t step;                        /* token steps run, for the cache policy */
 };
 
 struct moe_seq {
@@ -320,10 +333,54 @@ static int bind_matrix(struct moe_model *m, const char *name, int64_t n_in, int6
     return 0;
 }
 
+/* A slice of the cached experts' blob (cache mode): found by name in the
+ * source's layout, shape checked like a tensor's. */
+static const struct moe_expert_slice *find_slice(struct moe_model *m, const char *name, int n_dims,
+                                                 const int64_t *ne, struct moe_diag *diag, int *rc)
+{
+    *rc = 0;
+    const int layer = moe_tensor_layer(name);
+    const struct moe_expert_layout *lay = layer >= 0 ? moe_expert_src_layout(m->src, (uint32_t)layer) : NULL;
+    for (uint32_t i = 0; lay && i < lay->n_slices; i++) {
+        const struct moe_expert_slice *sl = &lay->s[i];
+        if (strcmp(sl->name, name) != 0)
+            continue;
+        for (int d = 0; d < 4; d++)
+            if ((int64_t)sl->ne[d] != (d < n_dims ? ne[d] : 1)) {
+                *rc = moe_diag_set(diag, MOE_EFORMAT, "%s: expert tensor '%s' has slices of shape"
+                                   " [%llu, %llu], expected [%lld, %lld]", moe_gguf_path(m->gguf), name,
+                                   (unsigned long long)sl->ne[0], (unsigned long long)sl->ne[1],
+                                   (long long)ne[0], (long long)(n_dims > 1 ? ne[1] : 1));
+                return NULL;
+            }
+        return sl;
+    }
+    *rc = moe_diag_set(diag, MOE_EFORMAT, "%s: missing expert tensor '%s'", moe_gguf_path(m->gguf), name);
+    return NULL;
+}
+
 static int bind_experts(struct moe_model *m, const char *name, int64_t n_in, int64_t n_out,
                         struct expert_tensor *e, struct moe_diag *diag)
 {
     int rc;
+    if (m->src != NULL) {
+        const int64_t ne[2] = { n_in, n_out };
+        const struct moe_expert_slice *sl = find_slice(m, name, 2, ne, diag, &rc);
+        if (sl == NULL)
+            return rc;
+        if (!m->be->ops->supports(m->be, sl->dtype))
+            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, which the %s"
+                                " backend cannot compute", moe_gguf_path(m->gguf), name,
+                                moe_dtype_name(sl->dtype), m->be->ops->name);
+        e->data = NULL;
+        e->dtype = sl->dtype;
+        e->n_in = n_in;
+        e->n_out = n_out;
+        e->row_bytes = moe_dtype_row_bytes(sl->dtype, (uint64_t)n_in, NULL);
+        e->expert_bytes = sl->size;
+        e->slot_offset = sl->offset;
+        return 0;
+    }
     const int64_t ne[3] = { n_in, n_out, m->cfg.n_expert };
     const struct moe_gguf_tensor *t = find_tensor(m->gguf, name, 3, ne, true, diag, &rc);
     if (t == NULL)
@@ -497,7 +554,25 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
     if (c->arch == MOE_ARCH_DEEPSEEK2 && c->gating.func == MOE_GATING_SIGMOID &&
         (rc = bind_vector(m, NAME("exp_probs_b.bias"), c->n_expert, true, &L->sel_bias, diag)))
         return rc;
-    if (c->arch == MOE_ARCH_GPTOSS &&
+    L->bias_off = (struct bias_slices){ -1, -1, -1 };
+    if (c->arch == MOE_ARCH_GPTOSS && m->src != NULL) {
+        const char *names[3] = { "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias" };
+        int64_t *offs[3] = { &L->bias_off.gate, &L->bias_off.up, &L->bias_off.down };
+        const int64_t lens[3] = { c->n_ff_exp, c->n_ff_exp, E };
+        for (int b = 0; b < 3; b++) {
+            char bn[96];
+            snprintf(bn, sizeof(bn), "blk.%d.%s", il, names[b]);
+            const struct moe_expert_slice *sl = find_slice(m, bn, 1, &lens[b], diag, &rc);
+            if (sl == NULL)
+                return rc;
+            if (sl->dtype != MOE_DTYPE_F32)
+                return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: '%s' has type %s, expected F32",
+                                    moe_gguf_path(m->gguf), bn, moe_dtype_name(sl->dtype));
+            *offs[b] = (int64_t)sl->offset;
+        }
+        if ((rc = bind_vector(m, NAME("ffn_gate_inp.bias"), c->n_expert, true, &L->router_bias, diag)))
+            return rc;
+    } else if (c->arch == MOE_ARCH_GPTOSS &&
         ((rc = bind_vector(m, NAME("ffn_gate_inp.bias"), c->n_expert, true, &L->router_bias, diag)) ||
          (rc = bind_expert_bias(m, NAME("ffn_gate_exps.bias"), c->n_ff_exp, &L->gate_b, diag)) ||
          (rc = bind_expert_bias(m, NAME("ffn_up_exps.bias"), c->n_ff_exp, &L->up_b, diag)) ||
@@ -586,6 +661,48 @@ static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
     return 0;
 }
 
+static int create_cache(struct moe_model *m, const struct moe_model_opts *o, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    size_t slot = 0;
+    int n_moe = 0;
+    for (uint32_t l = 0; l < moe_expert_src_n_layer(m->src); l++) {
+        const struct moe_expert_layout *lay = moe_expert_src_layout(m->src, l);
+        if (lay && lay->n_slices) {
+            n_moe++;
+            if (lay->raw_size > slot)
+                slot = (size_t)lay->raw_size;
+        }
+    }
+    if (slot == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: no expert tensors", moe_gguf_path(m->gguf));
+    long n_slots = o->cache_experts > 0 ? o->cache_experts
+                 : o->cache_bytes > 0 ? (long)(o->cache_bytes / slot)
+                 : (long)n_moe * c->n_expert;
+    if (n_slots < c->n_expert_used)
+        return moe_diag_set(diag, MOE_ELIMIT, "expert cache of %ld experts (%zu bytes each) is below"
+                            " the minimum of %d: one layer's top-k must fit", n_slots, slot,
+                            c->n_expert_used);
+    if (n_slots > (long)n_moe * c->n_expert)
+        n_slots = (long)n_moe * c->n_expert;
+    const long working_set = (long)n_moe * c->n_expert_used;
+    if (n_slots < working_set)
+        fprintf(stderr, "moe: warning: the expert cache holds %ld experts, below one token's working"
+                " set of %ld (%d MoE layers x top-%d): LRU will hit about 0%%\n", n_slots, working_set,
+                n_moe, c->n_expert_used);
+    int pol = moe_policy_from_name(o->cache_policy ? o->cache_policy : "layer");
+    if (pol < 0 || pol == MOE_POLICY_BELADY)
+        return moe_diag_set(diag, -EINVAL, "cache policy '%s': expected lru, lfu or layer",
+                            o->cache_policy);
+    m->pend_l = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
+    m->pend_e = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
+    m->pend_state = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
+    if (!m->pend_l || !m->pend_e || !m->pend_state)
+        return moe_diag_set(diag, -ENOMEM, "out of memory");
+    return moe_expert_cache_create(&m->cache, m->src, m->be, slot, (int)n_slots,
+                                   (enum moe_policy_kind)pol, diag);
+}
+
 int moe_model_load(struct moe_model **out, const char *path, const struct moe_model_opts *opts,
                    struct moe_diag *diag)
 {
@@ -594,9 +711,26 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     struct moe_model *m = moe_calloc(1, sizeof(*m));
     if (m == NULL)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
-    int rc = moe_gguf_open(&m->gguf, path, diag);
-    if (rc)
+    /* A pack (or a GGUF with a cache budget) goes through an expert source;
+     * its GGUF view holds the metadata and dense tensors. */
+    bool is_pack = false;
+    {
+        FILE *f = fopen(path, "rb");
+        char magic[8] = { 0 };
+        if (f) {
+            is_pack = fread(magic, 1, 8, f) == 8 && memcmp(magic, "MOEPACK", 8) == 0;
+            fclose(f);
+        }
+    }
+    int rc;
+    if (is_pack || o.cache_bytes > 0 || o.cache_experts > 0) {
+        struct moe_io_config io = { .uring = { .force_pread = o.force_pread } };
+        if ((rc = moe_expert_src_open(&m->src, path, &io, diag)))
+            goto fail;
+        m->gguf = (struct moe_gguf *)moe_expert_src_gguf(m->src); /* borrowed; map() is idempotent */
+    } else if ((rc = moe_gguf_open(&m->gguf, path, diag))) {
         goto fail;
+    }
     if ((rc = read_cfg(m->gguf, &m->cfg, diag)))
         goto fail;
     struct moe_model_cfg *c = &m->cfg;
@@ -633,6 +767,8 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         if ((rc = bind_layer(m, il, diag)))
             goto fail;
 
+    if (m->src != NULL && (rc = create_cache(m, &o, diag)))
+        goto fail;
     m->n_ctx = o.n_ctx > 0 ? o.n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
     if (m->n_ctx <= 0 || m->n_ctx > (1 << 20)) {
         rc = moe_diag_set(diag, -EINVAL, "context length %d, expected 1..1048576", m->n_ctx);
@@ -684,9 +820,29 @@ void moe_model_free(struct moe_model *m)
                      m->expert_count, m->expert_start, m->logits_tmp };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         moe_free(bufs[i]);
+    moe_free(m->pend_l);
+    moe_free(m->pend_e);
+    moe_free(m->pend_state);
+    moe_expert_cache_destroy(m->cache);
     moe_backend_destroy(m->be);
-    moe_gguf_close(m->gguf);
+    if (m->src)
+        moe_expert_src_close(m->src); /* owns the GGUF view */
+    else
+        moe_gguf_close(m->gguf);
     moe_free(m);
+}
+
+bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out)
+{
+    if (m->cache == NULL)
+        return false;
+    moe_expert_cache_stats(m->cache, out);
+    return true;
+}
+
+int moe_model_cache_pinned(struct moe_model *m)
+{
+    return m->cache ? moe_expert_cache_pinned(m->cache) : -1;
 }
 
 const struct moe_model_cfg *moe_model_cfg(const struct moe_model *m) { return &m->cfg; }
@@ -867,6 +1023,123 @@ static int dense_ffn(struct moe_model *m, int il, int64_t n)
     return 0;
 }
 
+/* One expert's FFN over the tokens routed to it (grouped by moe_block);
+ * outputs land in slot_out per (token, slot), so the order in which
+ * experts are computed never changes the result. */
+static int expert_ffn(struct moe_model *m, int e, const struct moe_weight *wg, const struct moe_weight *wu,
+                      const struct moe_weight *wd, const float *bg, const float *bu, const float *bd)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    const int K = c->n_expert_used, E = c->n_embd;
+    const int cnt = m->expert_count[e];
+    const int32_t *list = m->tok_by_expert + m->expert_start[e];
+    for (int i = 0; i < cnt; i++)
+        memcpy(m->xe + (size_t)i * E, m->xn + (size_t)(list[i] / K) * E, (size_t)E * sizeof(float));
+    TRY(ops->matmul(be, m->ge, wg, bg, m->xe, cnt));
+    TRY(ops->matmul(be, m->ue, wu, bu, m->xe, cnt));
+    TRY(glu(m, m->ge, m->ge, m->ue, (int64_t)cnt * c->n_ff_exp));
+    TRY(ops->matmul(be, m->de, wd, bd, m->ge, cnt));
+    for (int i = 0; i < cnt; i++)
+        memcpy(m->slot_out + (size_t)list[i] * E, m->de + (size_t)i * E, (size_t)E * sizeof(float));
+    return 0;
+}
+
+static struct moe_weight slot_weight(const struct expert_tensor *t, const uint8_t *blob)
+{
+    struct moe_weight w = {
+        .data = blob + t->slot_offset, .dtype = t->dtype, .n_in = t->n_in, .n_out = t->n_out,
+        .row_bytes = t->row_bytes,
+    };
+    return w;
+}
+
+static int expert_ffn_cached(struct moe_model *m, const struct layer *L, int e, const uint8_t *blob)
+{
+    struct moe_weight wg = slot_weight(&L->gate, blob), wu = slot_weight(&L->up, blob);
+    struct moe_weight wd = slot_weight(&L->down, blob);
+    const struct bias_slices *b = &L->bias_off;
+    return expert_ffn(m, e, &wg, &wu, &wd, b->gate >= 0 ? (const float *)(blob + b->gate) : NULL,
+                      b->up >= 0 ? (const float *)(blob + b->up) : NULL,
+                      b->down >= 0 ? (const float *)(blob + b->down) : NULL);
+}
+
+/* The layer's experts through the cache: pin the ready ones and start loads
+ * for the others, compute what is ready, then each missing expert as soon as
+ * it arrives; release each right after its compute so that a cache of one
+ * layer's top-k slots still serves batches that touch more experts. */
+static int experts_cached(struct moe_model *m, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct layer *L = &m->layers[il];
+    enum { TODO = 0, LOADING = 1, DONE = 2 };
+    int np = 0;
+    for (int e = 0; e < c->n_expert; e++)
+        if (m->expert_count[e] > 0) {
+            m->pend_e[np] = e;
+            m->pend_l[np] = il;
+            m->pend_state[np++] = TODO;
+        }
+    (void)n;
+    int remaining = np, rc = 0;
+    struct moe_diag d = { 0 };
+    int32_t wl[1024], we[1024], wi[1024];
+    while (remaining > 0 && rc == 0) {
+        for (int j = 0; j < np && rc == 0; j++) {
+            if (m->pend_state[j] != TODO)
+                continue;
+            const uint8_t *blob = NULL;
+            int r = moe_expert_cache_acquire(m->cache, il, m->pend_e[j], m->step, &blob, &d);
+            if (r == -EAGAIN)
+                break; /* every slot pinned: compute what we hold first */
+            if (r < 0) {
+                rc = r;
+                break;
+            }
+            if (r == 1) {
+                rc = expert_ffn_cached(m, L, m->pend_e[j], blob);
+                moe_expert_cache_release(m->cache, il, m->pend_e[j]);
+                m->pend_state[j] = DONE;
+                remaining--;
+            } else {
+                m->pend_state[j] = LOADING;
+            }
+        }
+        if (rc != 0 || remaining == 0)
+            break;
+        int nw = 0;
+        for (int j = 0; j < np; j++)
+            if (m->pend_state[j] == LOADING) {
+                wl[nw] = il;
+                we[nw] = m->pend_e[j];
+                wi[nw++] = j;
+            }
+        if (nw == 0) {
+            rc = moe_diag_set(&d, MOE_ELIMIT, "expert cache: no slot can be freed for layer %d", il);
+            break;
+        }
+        int which = 0;
+        const uint8_t *blob = NULL;
+        rc = moe_expert_cache_wait_any(m->cache, wl, we, nw, &which, &blob, &d);
+        const int j = wi[which];
+        if (rc == 0)
+            rc = expert_ffn_cached(m, L, m->pend_e[j], blob);
+        moe_expert_cache_release(m->cache, il, m->pend_e[j]);
+        m->pend_state[j] = DONE;
+        remaining--;
+    }
+    if (rc != 0) {
+        /* unpin what this layer still holds; loads in flight finish into
+         * unpinned slots and stay cached */
+        for (int j = 0; j < np; j++)
+            if (m->pend_state[j] == LOADING)
+                moe_expert_cache_release(m->cache, il, m->pend_e[j]);
+        fprintf(stderr, "moe: %s\n", d.msg);
+    }
+    return rc;
+}
+
 static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_route_fn route,
                      void *ud)
 {
@@ -904,22 +1177,18 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
         m->tok_by_expert[m->expert_start[e] + m->expert_count[e]++] = (int32_t)i;
     }
 
-    for (int e = 0; e < c->n_expert; e++) {
-        const int cnt = m->expert_count[e];
-        if (cnt == 0)
-            continue;
-        const int32_t *list = m->tok_by_expert + m->expert_start[e];
-        for (int i = 0; i < cnt; i++)
-            memcpy(m->xe + (size_t)i * E, m->xn + (size_t)(list[i] / K) * E, (size_t)E * sizeof(float));
-        struct moe_weight wg = expert_weight(&L->gate, e), wu = expert_weight(&L->up, e);
-        struct moe_weight wd = expert_weight(&L->down, e);
-        const int64_t F = c->n_ff_exp;
-        TRY(ops->matmul(be, m->ge, &wg, L->gate_b ? L->gate_b + e * F : NULL, m->xe, cnt));
-        TRY(ops->matmul(be, m->ue, &wu, L->up_b ? L->up_b + e * F : NULL, m->xe, cnt));
-        TRY(glu(m, m->ge, m->ge, m->ue, (int64_t)cnt * F));
-        TRY(ops->matmul(be, m->de, &wd, L->down_b ? L->down_b + (int64_t)e * E : NULL, m->ge, cnt));
-        for (int i = 0; i < cnt; i++)
-            memcpy(m->slot_out + (size_t)list[i] * E, m->de + (size_t)i * E, (size_t)E * sizeof(float));
+    if (m->cache != NULL) {
+        TRY(experts_cached(m, il, n));
+    } else {
+        for (int e = 0; e < c->n_expert; e++) {
+            if (m->expert_count[e] == 0)
+                continue;
+            struct moe_weight wg = expert_weight(&L->gate, e), wu = expert_weight(&L->up, e);
+            struct moe_weight wd = expert_weight(&L->down, e);
+            const int64_t F = c->n_ff_exp;
+            TRY(expert_ffn(m, e, &wg, &wu, &wd, L->gate_b ? L->gate_b + e * F : NULL,
+                           L->up_b ? L->up_b + e * F : NULL, L->down_b ? L->down_b + (int64_t)e * E : NULL));
+        }
     }
 
     /* moe_out = sum over slots of weight * expert output, then the residual. */
@@ -967,6 +1236,7 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
         TRY(moe_block(m, il, n, tok0, route, ud));
     }
     s->pos += (int)n;
+    m->step++;
     if (logits == NULL)
         return 0;
     if (all_logits) {

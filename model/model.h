@@ -75,7 +75,21 @@ struct moe_model_opts {
     int n_ctx;            /* context per sequence; <= 0: min(n_ctx_train, 4096) */
     int n_batch;          /* max tokens per forward call; <= 0: 512 */
     bool kv_f16;          /* f16 KV cache (default f32) */
+    /* Expert cache. A .moe pack always goes through it; a GGUF does when a
+     * budget is given (else its experts are used in place, all resident).
+     * Budget: cache_experts slots, or cache_bytes / slot size; with neither,
+     * room for every expert. The minimum is n_expert_used (one layer's top-k). */
+    size_t cache_bytes;
+    int cache_experts;
+    const char *cache_policy;   /* "lru", "lfu", "layer" (default) */
+    bool force_pread;           /* expert reads without io_uring */
 };
+
+struct moe_cache_stats;
+/* Cache statistics; false when the model has no expert cache. */
+bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out);
+/* Experts pinned right now (0 between forward passes), -1 without a cache. */
+int moe_model_cache_pinned(struct moe_model *m);
 
 /* Called for every token and MoE layer during a forward pass: the chosen
  * experts, highest weight first, and the weights the model applies. */

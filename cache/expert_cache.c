@@ -1,0 +1,280 @@
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "cache/expert_cache.h"
+#include "common/alloc.h"
+#include "io/expert_src.h"
+#include "kernels/backend.h"
+
+enum slot_state { SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_FAILED };
+
+struct slot {
+    enum slot_state state;
+    int32_t key;          /* layer * n_expert + expert, or -1 */
+    int pins;
+    int status;           /* load error for SLOT_FAILED */
+    char msg[MOE_DIAG_MSG_MAX];
+    uint8_t *data;
+    struct moe_expert_cache *c;
+};
+
+struct moe_expert_cache {
+    struct moe_expert_src *src;
+    struct moe_backend *be;
+    int n_layer, n_expert, n_slots;
+    size_t slot_bytes;
+    uint8_t *mem;
+    struct slot *slots;
+    int32_t *slot_of;     /* [key] -> slot or -1 */
+    int32_t *cand;        /* scratch: candidate keys for the policy */
+    int32_t *cand_slot;
+    struct moe_policy *policy;
+    int64_t clock;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct moe_cache_stats st;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src *src,
+                            struct moe_backend *be, size_t slot_bytes, int n_slots,
+                            enum moe_policy_kind policy, struct moe_diag *diag)
+{
+    *out = NULL;
+    if (n_slots < 1 || slot_bytes == 0 || policy == MOE_POLICY_BELADY)
+        return moe_diag_set(diag, -EINVAL, "expert cache: %d slots of %zu bytes, policy %s",
+                            n_slots, slot_bytes, moe_policy_name(policy));
+    struct moe_expert_cache *c = moe_calloc(1, sizeof(*c));
+    if (c == NULL)
+        return moe_diag_set(diag, -ENOMEM, "expert cache: out of memory");
+    c->src = src;
+    c->be = be;
+    c->n_layer = (int)moe_expert_src_n_layer(src);
+    c->n_expert = (int)moe_expert_src_n_expert(src);
+    c->n_slots = n_slots;
+    c->slot_bytes = (slot_bytes + 4095) & ~(size_t)4095;
+    pthread_mutex_init(&c->mu, NULL);
+    pthread_cond_init(&c->cv, NULL);
+    const size_t n_keys = (size_t)c->n_layer * (size_t)c->n_expert;
+    c->slots = moe_calloc((size_t)n_slots, sizeof(struct slot));
+    c->slot_of = moe_malloc(n_keys * sizeof(int32_t));
+    c->cand = moe_malloc((size_t)n_slots * sizeof(int32_t));
+    c->cand_slot = moe_malloc((size_t)n_slots * sizeof(int32_t));
+    c->policy = moe_policy_create(policy, c->n_layer, c->n_expert, NULL);
+    if (c->n_layer > 0 && c->n_expert > 0 && n_slots > 0 &&
+        (size_t)n_slots > SIZE_MAX / c->slot_bytes) {
+        moe_expert_cache_destroy(c);
+        return moe_diag_set(diag, MOE_ELIMIT, "expert cache: %d slots of %zu bytes overflow", n_slots,
+                            c->slot_bytes);
+    }
+    c->mem = c->slots ? be->ops->alloc(be, (size_t)n_slots * c->slot_bytes) : NULL;
+    if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem) {
+        size_t mib = ((size_t)n_slots * c->slot_bytes) >> 20;
+        moe_expert_cache_destroy(c);
+        return moe_diag_set(diag, -ENOMEM, "expert cache: cannot allocate %d slots x %zu bytes"
+                            " (%zu MiB)", n_slots, slot_bytes, mib);
+    }
+    for (size_t k = 0; k < n_keys; k++)
+        c->slot_of[k] = -1;
+    for (int i = 0; i < n_slots; i++) {
+        c->slots[i].key = -1;
+        c->slots[i].data = c->mem + (size_t)i * c->slot_bytes;
+        c->slots[i].c = c;
+    }
+    c->st.n_slots = n_slots;
+    c->st.slot_bytes = c->slot_bytes;
+    *out = c;
+    return 0;
+}
+
+void moe_expert_cache_destroy(struct moe_expert_cache *c)
+{
+    if (c == NULL)
+        return;
+    /* loads in flight write into our slots: wait for them */
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        int loading = 0;
+        for (int i = 0; c->slots && i < c->n_slots; i++)
+            loading += c->slots[i].state == SLOT_LOADING;
+        if (!loading)
+            break;
+        pthread_cond_wait(&c->cv, &c->mu);
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (c->mem)
+        c->be->ops->free(c->be, c->mem);
+    moe_policy_free(c->policy);
+    moe_free(c->slots);
+    moe_free(c->slot_of);
+    moe_free(c->cand);
+    moe_free(c->cand_slot);
+    pthread_cond_destroy(&c->cv);
+    pthread_mutex_destroy(&c->mu);
+    moe_free(c);
+}
+
+static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, const struct moe_diag *diag)
+{
+    struct slot *s = arg;
+    struct moe_expert_cache *c = s->c;
+    (void)layer;
+    (void)expert;
+    pthread_mutex_lock(&c->mu);
+    if (status == 0) {
+        s->state = SLOT_READY;
+        c->st.loads_ok++;
+        c->st.bytes_loaded += c->slot_bytes;
+    } else {
+        s->state = SLOT_FAILED;
+        s->status = status;
+        snprintf(s->msg, sizeof(s->msg), "%s", diag && diag->msg[0] ? diag->msg : moe_strerror(status));
+        c->st.loads_failed++;
+    }
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* A free slot or the policy's victim among unpinned READY slots; -1 if
+ * none. Called with the mutex held. */
+static int find_slot(struct moe_expert_cache *c, int cur_layer, int32_t step)
+{
+    int n = 0;
+    for (int i = 0; i < c->n_slots; i++) {
+        const struct slot *s = &c->slots[i];
+        if (s->state == SLOT_EMPTY)
+            return i;
+        if (s->state == SLOT_READY && s->pins == 0) {
+            c->cand[n] = s->key;
+            c->cand_slot[n++] = i;
+        }
+    }
+    if (n == 0)
+        return -1;
+    const int v = c->cand_slot[moe_policy_victim(c->policy, c->cand, n, cur_layer, step)];
+    c->slot_of[c->slots[v].key] = -1;
+    c->slots[v].key = -1;
+    c->slots[v].state = SLOT_EMPTY;
+    c->st.evictions++;
+    return v;
+}
+
+int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, int32_t step,
+                             const uint8_t **data, struct moe_diag *diag)
+{
+    if (layer < 0 || layer >= c->n_layer || expert < 0 || expert >= c->n_expert)
+        return moe_diag_set(diag, -EINVAL, "expert cache: no expert (layer %d, expert %d)", layer, expert);
+    const int32_t key = layer * c->n_expert + expert;
+    pthread_mutex_lock(&c->mu);
+    int i = c->slot_of[key];
+    if (i >= 0) {
+        struct slot *s = &c->slots[i];
+        s->pins++;
+        moe_policy_access(c->policy, layer, expert, c->clock++, step);
+        c->st.hits++;
+        int ready = s->state == SLOT_READY;
+        if (ready)
+            *data = s->data;
+        pthread_mutex_unlock(&c->mu);
+        return ready ? 1 : 0; /* LOADING or FAILED: wait_any reports which */
+    }
+    i = find_slot(c, layer, step);
+    if (i < 0) {
+        pthread_mutex_unlock(&c->mu);
+        return -EAGAIN;
+    }
+    struct slot *s = &c->slots[i];
+    s->key = key;
+    s->state = SLOT_LOADING;
+    s->pins = 1;
+    s->status = 0;
+    c->slot_of[key] = i;
+    moe_policy_access(c->policy, layer, expert, c->clock++, step);
+    c->st.misses++;
+    pthread_mutex_unlock(&c->mu);
+    const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
+    int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, s->data,
+                                      (size_t)lay->raw_size, 0, load_done, s, diag)
+                 : moe_diag_set(diag, -ENOENT, "expert cache: layer %d has no experts", layer);
+    if (rc != 0) {
+        pthread_mutex_lock(&c->mu);
+        s->state = SLOT_EMPTY;
+        s->key = -1;
+        s->pins = 0;
+        c->slot_of[key] = -1;
+        c->st.loads_failed++;
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    return 0;
+}
+
+int moe_expert_cache_wait_any(struct moe_expert_cache *c, const int32_t *layers,
+                              const int32_t *experts, int n, int *which, const uint8_t **data,
+                              struct moe_diag *diag)
+{
+    const double t0 = now_s();
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        for (int j = 0; j < n; j++) {
+            const int i = c->slot_of[layers[j] * c->n_expert + experts[j]];
+            if (i < 0)
+                continue;
+            struct slot *s = &c->slots[i];
+            if (s->state == SLOT_READY || s->state == SLOT_FAILED) {
+                *which = j;
+                int rc = 0;
+                if (s->state == SLOT_READY)
+                    *data = s->data;
+                else
+                    rc = moe_diag_set(diag, s->status, "%s", s->msg);
+                c->st.stall_s += now_s() - t0;
+                pthread_mutex_unlock(&c->mu);
+                return rc;
+            }
+        }
+        pthread_cond_wait(&c->cv, &c->mu);
+    }
+}
+
+void moe_expert_cache_release(struct moe_expert_cache *c, int layer, int expert)
+{
+    pthread_mutex_lock(&c->mu);
+    const int i = c->slot_of[layer * c->n_expert + expert];
+    if (i >= 0 && c->slots[i].pins > 0) {
+        struct slot *s = &c->slots[i];
+        if (--s->pins == 0 && s->state == SLOT_FAILED) {
+            /* a failed load never stays cached: the next acquire retries */
+            c->slot_of[s->key] = -1;
+            s->key = -1;
+            s->state = SLOT_EMPTY;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out)
+{
+    pthread_mutex_lock(&c->mu);
+    *out = c->st;
+    pthread_mutex_unlock(&c->mu);
+}
+
+int moe_expert_cache_pinned(struct moe_expert_cache *c)
+{
+    int n = 0;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_slots; i++)
+        n += c->slots[i].pins > 0;
+    pthread_mutex_unlock(&c->mu);
+    return n;
+}

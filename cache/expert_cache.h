@@ -1,0 +1,64 @@
+/* The expert cache: equal-size slots in backend memory holding experts
+ * loaded from an expert source (a .moe pack or a GGUF, io/expert_src.h).
+ *
+ * Slot states: EMPTY -> LOADING (read, verify, decompress: the expert
+ * source's pipeline; UPLOADING joins here on CUDA) -> READY, or FAILED when
+ * the load reported an error. A slot is pinned while a caller uses it
+ * (acquire ... release, with a reference count) and is never evicted while
+ * pinned or loading: victims are chosen by the policy (cache/policy.h) among
+ * unpinned READY slots only, so a completion can never land in a slot that
+ * was reused.
+ *
+ * Threading: acquire/wait/release are called by the engine thread; load
+ * completions arrive on the expert source's worker threads. One mutex
+ * guards the slot table; waiting uses a condition variable.
+ */
+#ifndef MOE_CACHE_EXPERT_CACHE_H
+#define MOE_CACHE_EXPERT_CACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache/policy.h"
+#include "common/error.h"
+
+struct moe_backend;
+struct moe_expert_src;
+struct moe_expert_cache;
+
+struct moe_cache_stats {
+    uint64_t hits, misses;          /* acquires that found the expert / started a load */
+    uint64_t loads_ok, loads_failed, evictions;
+    uint64_t bytes_loaded;
+    double stall_s;                 /* time the engine spent waiting for loads */
+    int n_slots;
+    size_t slot_bytes;
+};
+
+/* n_slots slots of slot_bytes each (slot_bytes >= the largest expert). */
+int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src *src,
+                            struct moe_backend *be, size_t slot_bytes, int n_slots,
+                            enum moe_policy_kind policy, struct moe_diag *diag);
+void moe_expert_cache_destroy(struct moe_expert_cache *c);
+
+/* Makes (layer, expert) resident and pins it. Returns 1 when it is ready
+ * (*data set), 0 when a load is under way (pinned; use wait_any), -EAGAIN
+ * when every slot is pinned or loading (nothing pinned: try again after a
+ * release), or a negative error from starting the load (diag set). */
+int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, int32_t step,
+                             const uint8_t **data, struct moe_diag *diag);
+
+/* Waits until one of the n pinned, loading experts is ready or failed;
+ * *which is its index. Returns 0 (ready, *data set) or the load's error
+ * (diag names the layer and expert; the expert stays pinned: release it). */
+int moe_expert_cache_wait_any(struct moe_expert_cache *c, const int32_t *layers,
+                              const int32_t *experts, int n, int *which, const uint8_t **data,
+                              struct moe_diag *diag);
+
+void moe_expert_cache_release(struct moe_expert_cache *c, int layer, int expert);
+
+void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out);
+/* Experts currently pinned (0 between forward passes). */
+int moe_expert_cache_pinned(struct moe_expert_cache *c);
+
+#endif
