@@ -26,6 +26,7 @@
 #include "model/model.h"
 #include "model/sampling.h"
 #include "kernels/cpu/vecdot.h"
+#include "cache/expert_cache.h"
 
 static int parse_int(const char *flag, const char *s, long lo, long hi, long *out)
 {
@@ -94,7 +95,14 @@ static double now_s(void)
 struct route_out {
     FILE *f;
     int err;
+    int64_t base;   /* added to token indices (generation steps) */
 };
+
+static void write_trace_header(FILE *f, const struct moe_model_cfg *c)
+{
+    fprintf(f, "# moe_trace v1 arch=%s n_layer=%d n_expert=%d n_expert_used=%d\n", c->arch_name,
+            c->n_layer, c->n_expert, c->n_expert_used);
+}
 
 static void write_route(void *ud, int64_t token, int layer, const int32_t *ids, const float *w, int k)
 {
@@ -110,7 +118,7 @@ static void write_route(void *ud, int64_t token, int layer, const int32_t *ids, 
             order[j] = order[j - 1];
             order[j - 1] = t;
         }
-    if (fprintf(r->f, "%" PRId64 " %d", token, layer) < 0)
+    if (fprintf(r->f, "%" PRId64 " %d", r->base + token, layer) < 0)
         r->err = 1;
     for (int i = 0; i < k && i < 64; i++)
         if (fprintf(r->f, " %d:%.9g", ids[order[i]], (double)w[order[i]]) < 0)
@@ -149,7 +157,8 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 
 enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
-    OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_HELP,
+    OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_CACHE_BYTES, OPT_CACHE_EXPERTS, OPT_CACHE_POLICY,
+    OPT_TRACE, OPT_PREAD, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -168,6 +177,11 @@ static const struct option long_opts[] = {
     { "ctx", required_argument, NULL, OPT_CTX },
     { "stats", no_argument, NULL, OPT_STATS },
     { "kv-f16", no_argument, NULL, OPT_KVF16 },
+    { "cache-bytes", required_argument, NULL, OPT_CACHE_BYTES },
+    { "cache-experts", required_argument, NULL, OPT_CACHE_EXPERTS },
+    { "cache-policy", required_argument, NULL, OPT_CACHE_POLICY },
+    { "trace", required_argument, NULL, OPT_TRACE },
+    { "force-pread", no_argument, NULL, OPT_PREAD },
     { "n-predict", required_argument, NULL, 'n' },
     { "help", no_argument, NULL, OPT_HELP },
     { NULL, 0, NULL, 0 },
@@ -180,11 +194,14 @@ static void usage(FILE *f, int run)
                    " [--top-p P]\n"
                    "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
                    " [--seed S] [--threads N] [--ctx N] [--kv-f16] [--stats]\n"
+                   "                  [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy lru|lfu|layer]\n"
+                   "                  [--force-pread]   (MODEL may be a GGUF or a .moe pack)\n"
                    "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
                    "--stats prints prefill and decode speed as one JSON line on stderr.\n");
     else
         fprintf(f, "usage: moectl eval --model M --tokens 1,2,3 --logits FILE [--routing FILE]"
                    " [--threads N] [--kv-f16]\n"
+                   "                   [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy P]\n"
                    "Writes float32 logits [n_tokens][n_vocab] and the expert choices per token"
                    " and layer.\n");
 }
@@ -193,7 +210,10 @@ static int eval_or_run(int argc, char **argv, int run)
 {
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *routing_path = NULL;
     long threads = 0, n_predict = -1, ctx = 0, v;
-    int stats = 0, kv_f16 = 0;
+    int stats = 0, kv_f16 = 0, force_pread = 0;
+    long cache_experts = 0;
+    unsigned long long cache_bytes = 0;
+    const char *cache_policy = NULL, *trace_path = NULL;
     struct moe_sampler_params sp;
     moe_sampler_defaults(&sp);
     int c;
@@ -242,6 +262,27 @@ static int eval_or_run(int argc, char **argv, int run)
         }
         case OPT_STATS: if (!run) goto bad_opt; stats = 1; break;
         case OPT_KVF16: kv_f16 = 1; break;
+        case OPT_PREAD: force_pread = 1; break;
+        case OPT_TRACE: trace_path = optarg; break;
+        case OPT_CACHE_POLICY: cache_policy = optarg; break;
+        case OPT_CACHE_EXPERTS:
+            if (parse_int("--cache-experts", optarg, 1, 1L << 24, &cache_experts)) return 2;
+            break;
+        case OPT_CACHE_BYTES: {
+            char *end;
+            errno = 0;
+            double b = strtod(optarg, &end);
+            double mul = *end == 'K' || *end == 'k' ? 1024.0 : *end == 'M' || *end == 'm' ? 1048576.0
+                       : *end == 'G' || *end == 'g' ? 1073741824.0 : 1.0;
+            if (mul != 1.0)
+                end++;
+            if (errno || end == optarg || *end != '\0' || !(b * mul >= 1.0) || b * mul > 1e15) {
+                fprintf(stderr, "moectl: --cache-bytes '%s': expected a size like 512M or 2G\n", optarg);
+                return 2;
+            }
+            cache_bytes = (unsigned long long)(b * mul);
+            break;
+        }
         case OPT_HELP: case 'h': usage(stdout, run); return 0;
         case ':':
             fprintf(stderr, "moectl: option %s needs a value\n", argv[optind - 1]);
@@ -287,7 +328,11 @@ static int eval_or_run(int argc, char **argv, int run)
     int32_t *hist = NULL;
     FILE *lf = NULL, *rf = NULL;
     char ltmp[PATH_MAX + 32], rtmp[PATH_MAX + 32];
-    struct moe_model_opts mo = { .n_threads = (int)threads, .n_ctx = (int)ctx, .kv_f16 = kv_f16 };
+    struct moe_model_opts mo = {
+        .n_threads = (int)threads, .n_ctx = (int)ctx, .kv_f16 = kv_f16,
+        .cache_bytes = (size_t)cache_bytes, .cache_experts = (int)cache_experts,
+        .cache_policy = cache_policy, .force_pread = force_pread,
+    };
     if (moe_model_load(&m, model, &mo, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
         goto out;
@@ -319,10 +364,13 @@ static int eval_or_run(int argc, char **argv, int run)
             goto out;
         }
         struct route_out ro = { 0 };
+        if (routing_path == NULL)
+            routing_path = trace_path;
         if (routing_path) {
             if ((rf = open_tmp(routing_path, rtmp, sizeof(rtmp))) == NULL)
                 goto out;
             ro.f = rf;
+            write_trace_header(rf, cfg);
         }
         if (moe_model_forward(m, s, tokens, n_tok, logits, true, rf ? write_route : NULL, &ro, &d)) {
             fprintf(stderr, "moectl: %s\n", d.msg);
@@ -359,8 +407,16 @@ static int eval_or_run(int argc, char **argv, int run)
     }
     memcpy(hist, tokens, (size_t)n_tok * sizeof(int32_t));
     int64_t n_hist = n_tok;
+    struct route_out rro = { 0 };
+    if (trace_path) {
+        if ((rf = open_tmp(trace_path, rtmp, sizeof(rtmp))) == NULL)
+            goto out;
+        rro.f = rf;
+        write_trace_header(rf, cfg);
+    }
+    moe_route_fn rfn = rf ? write_route : NULL;
     double t0 = now_s();
-    if (n_predict > 0 && moe_model_forward(m, s, tokens, n_tok, logits, false, NULL, NULL, &d)) {
+    if (n_predict > 0 && moe_model_forward(m, s, tokens, n_tok, logits, false, rfn, &rro, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
         goto out;
     }
@@ -370,15 +426,31 @@ static int eval_or_run(int argc, char **argv, int run)
         hist[n_hist++] = t;
         printf(i ? " %d" : "%d", t);
         fflush(stdout);
-        if (i + 1 < n_predict && moe_model_forward(m, s, &t, 1, logits, false, NULL, NULL, &d)) {
+        rro.base = n_hist - 1; /* the token's position in the routing lines */
+        if (i + 1 < n_predict && moe_model_forward(m, s, &t, 1, logits, false, rfn, &rro, &d)) {
             fprintf(stderr, "\nmoectl: %s\n", d.msg);
             goto out;
         }
     }
     printf("\n");
     fflush(stdout);
+    if (rf) {
+        FILE *rf2 = rf;
+        rf = NULL;
+        if (commit_file(rf2, rtmp, trace_path, !rro.err))
+            goto out;
+    }
     if (stats) {
         double t2 = now_s();
+        struct moe_cache_stats cs;
+        if (moe_model_cache_stats(m, &cs))
+            fprintf(stderr, "{\"cache_slots\": %d, \"slot_bytes\": %zu, \"hits\": %llu, \"misses\": %llu,"
+                    " \"hit_rate\": %.4f, \"evictions\": %llu, \"bytes_loaded\": %llu, \"stall_s\": %.6f,"
+                    " \"load_errors\": %llu}\n", cs.n_slots, cs.slot_bytes, (unsigned long long)cs.hits,
+                    (unsigned long long)cs.misses,
+                    cs.hits + cs.misses ? (double)cs.hits / (double)(cs.hits + cs.misses) : 0.0,
+                    (unsigned long long)cs.evictions, (unsigned long long)cs.bytes_loaded, cs.stall_s,
+                    (unsigned long long)cs.loads_failed);
         /* the last sampled token is not run through the model */
         long n_dec = n_predict > 1 ? n_predict - 1 : 0;
         fprintf(stderr, "{\"prefill_tokens\": %" PRId64 ", \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"
