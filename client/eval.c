@@ -364,13 +364,17 @@ static int eval_or_run(int argc, char **argv, int run)
             goto out;
         }
         struct route_out ro = { 0 };
+        /* --routing: exactly the routing lines; --trace: the same with a
+         * header naming the model's dims (cache-sim reads both) */
+        const int with_header = routing_path == NULL && trace_path != NULL;
         if (routing_path == NULL)
             routing_path = trace_path;
         if (routing_path) {
             if ((rf = open_tmp(routing_path, rtmp, sizeof(rtmp))) == NULL)
                 goto out;
             ro.f = rf;
-            write_trace_header(rf, cfg);
+            if (with_header)
+                write_trace_header(rf, cfg);
         }
         if (moe_model_forward(m, s, tokens, n_tok, logits, true, rf ? write_route : NULL, &ro, &d)) {
             fprintf(stderr, "moectl: %s\n", d.msg);
