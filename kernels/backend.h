@@ -45,7 +45,14 @@ struct moe_rope_params {
     enum moe_rope_mode mode;
     int n_rot;           /* rotated dims per head (<= head_dim) */
     float freq_base;
-    float freq_scale;    /* 1 / linear scaling factor; 1 = none */
+    float freq_scale;    /* 1 / scaling factor; 1 = none */
+    /* YaRN (ggml's formulation): with ext_factor != 0, each pair's angle
+     * blends interpolated and original frequencies by a ramp over the
+     * correction dims, and cos/sin are scaled by
+     * attn_factor * (1 + 0.1 ln(1 / freq_scale)); otherwise by attn_factor. */
+    float ext_factor;    /* 0 = no YaRN */
+    float attn_factor;   /* 1 = none */
+    float corr_dims[2];
 };
 
 enum moe_gating {

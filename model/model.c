@@ -124,6 +124,78 @@ const char *moe_model_supported_archs(void)
 
 /* ---- configuration --------------------------------------------------- */
 
+static float f32_or(const struct moe_gguf *g, const char *arch, const char *suffix, float def,
+                    int *rc, struct moe_diag *diag)
+{
+    char key[160];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    float v;
+    int r = moe_gguf_get_f32(g, key, &v, diag);
+    if (r == -ENOENT)
+        return def;
+    if (r == 0 && !(v == v && v > -1e30f && v < 1e30f))
+        r = moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' is not a finite number", moe_gguf_path(g), key);
+    if (r)
+        *rc = r;
+    return v;
+}
+
+static float yarn_get_mscale(float scale, float mscale)
+{
+    return scale <= 1.0f ? 1.0f : 0.1f * mscale * logf(scale) + 1.0f;
+}
+
+/* YaRN parameters as llama.cpp derives them from the metadata (its context
+ * set-up and, for deepseek2, its graph): the ramp's correction dims from
+ * beta_fast/beta_slow over the original context, the magnitude factor that
+ * rope multiplies into cos/sin, and deepseek2's kq_scale adjustment from
+ * rope.scaling.yarn_log_multiplier (stored x0.1 by the converter). */
+static int read_yarn(const struct moe_gguf *g, struct moe_model_cfg *c, bool yarn, float factor,
+                     struct moe_diag *diag)
+{
+    const char *arch = c->arch_name;
+    int rc = 0;
+    const float ext = f32_or(g, arch, "rope.scaling.yarn_ext_factor", -1.0f, &rc, diag);
+    const float beta_fast = f32_or(g, arch, "rope.scaling.yarn_beta_fast", 32.0f, &rc, diag);
+    const float beta_slow = f32_or(g, arch, "rope.scaling.yarn_beta_slow", 1.0f, &rc, diag);
+    const float rope_attn = f32_or(g, arch, "rope.scaling.attn_factor", 1.0f, &rc, diag);
+    float log_mul = f32_or(g, arch, "rope.scaling.yarn_log_multiplier", 0.0f, &rc, diag);
+    if (rc)
+        return rc;
+    uint32_t n_ctx_orig = (uint32_t)c->n_ctx_train;
+    char key[160];
+    snprintf(key, sizeof(key), "%s.rope.scaling.original_context_length", arch);
+    rc = moe_gguf_get_u32(g, key, &n_ctx_orig, diag);
+    if (rc && rc != -ENOENT)
+        return rc;
+    if (c->arch == MOE_ARCH_DEEPSEEK2)
+        log_mul /= 0.1f;
+    c->rope.ext_factor = ext >= 0.0f ? ext : (yarn ? 1.0f : 0.0f);
+    float af = 1.0f;
+    if (c->rope.ext_factor != 0.0f) {
+        if (log_mul != 0.0f) {
+            const float m = c->arch == MOE_ARCH_DEEPSEEK2 && log_mul != 1.0f ? log_mul : 1.0f;
+            af = yarn_get_mscale(factor, m) / yarn_get_mscale(factor, log_mul);
+        } else {
+            af = yarn_get_mscale(factor, 1.0f);
+        }
+        af *= 1.0f / (1.0f + 0.1f * logf(factor));
+    }
+    af *= rope_attn;
+    c->rope.attn_factor = af;
+    const float n_dims = (float)c->rope.n_rot, base = c->rope.freq_base;
+    const float lo = floorf(n_dims * logf((float)n_ctx_orig / (beta_fast * 2.0f * (float)M_PI)) / (2.0f * logf(base)));
+    const float hi = ceilf(n_dims * logf((float)n_ctx_orig / (beta_slow * 2.0f * (float)M_PI)) / (2.0f * logf(base)));
+    c->rope.corr_dims[0] = fmaxf(0.0f, lo);
+    c->rope.corr_dims[1] = fminf(n_dims - 1.0f, hi);
+    if (c->mla && c->rope.ext_factor != 0.0f) {
+        const float org = af * (1.0f + 0.1f * logf(factor));
+        const float ms = org * (1.0f + 0.1f * log_mul * logf(factor));
+        c->kq_scale = ms * ms / sqrtf((float)(c->qk_nope + c->qk_rope));
+    }
+    return 0;
+}
+
 static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag)
 {
     const char *path = moe_gguf_path(g);
@@ -237,13 +309,15 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
     c->rms_eps = hp.rms_eps > 0.0f ? hp.rms_eps : 1e-5f;
     c->rope.freq_base = hp.rope_freq_base > 0.0f ? hp.rope_freq_base : 10000.0f;
     const float factor = hp.rope_scaling_factor > 0.0f ? hp.rope_scaling_factor : 1.0f;
+    const bool yarn = strcmp(hp.rope_scaling_type, "yarn") == 0;
     if (hp.rope_scaling_type[0] && strcmp(hp.rope_scaling_type, "none") != 0 &&
-        strcmp(hp.rope_scaling_type, "linear") != 0)
-        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.rope.scaling.type = '%s': only linear"
-                            " RoPE scaling is implemented so far (YaRN is not)", path, arch,
-                            hp.rope_scaling_type);
+        strcmp(hp.rope_scaling_type, "linear") != 0 && !yarn)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.rope.scaling.type = '%s': expected none,"
+                            " linear or yarn", path, arch, hp.rope_scaling_type);
     c->rope.n_rot = n_rot;
     c->rope.freq_scale = 1.0f / factor;
+    if ((rc = read_yarn(g, c, yarn, factor, diag)))
+        return rc;
     /* Per-arch rules as llama.cpp applies them. */
     c->rope.mode = c->arch == MOE_ARCH_LLAMA || c->arch == MOE_ARCH_DEEPSEEK2 ? MOE_ROPE_NORM
                                                                               : MOE_ROPE_NEOX;

@@ -204,13 +204,23 @@ static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head,
     if (n_rot <= 0 || offset < 0 || offset + n_rot > head_stride || n_rot % 2 != 0)
         return -EINVAL;
     const float theta_scale = powf(rp->freq_base, -2.0f / (float)n_rot);
+    float mscale = rp->attn_factor != 0.0f ? rp->attn_factor : 1.0f;
+    if (rp->ext_factor != 0.0f)
+        mscale *= 1.0f + 0.1f * logf(1.0f / rp->freq_scale);
     for (int64_t t = 0; t < n_tok; t++) {
         for (int h = 0; h < n_head; h++) {
             float *v = x + (t * n_head + h) * head_stride + offset;
             float theta = (float)pos[t];
             for (int i0 = 0; i0 < n_rot; i0 += 2) {
-                const float th = rp->freq_scale * theta;
-                const float cs = cosf(th), sn = sinf(th);
+                float th = rp->freq_scale * theta;
+                if (rp->ext_factor != 0.0f) {
+                    /* ramp from extrapolation (low dims) to interpolation */
+                    const float y = (float)(i0 / 2 - rp->corr_dims[0]) /
+                                    fmaxf(0.001f, rp->corr_dims[1] - rp->corr_dims[0]);
+                    const float mix = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * rp->ext_factor;
+                    th = th * (1.0f - mix) + theta * mix;
+                }
+                const float cs = cosf(th) * mscale, sn = sinf(th) * mscale;
                 theta *= theta_scale;
                 int a, b;
                 if (rp->mode == MOE_ROPE_NEOX) {
