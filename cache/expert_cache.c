@@ -13,6 +13,7 @@ enum slot_state { SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_FAILED };
 
 struct slot {
     enum slot_state state;
+    int prefetched;       /* loaded by a prefetch and not used yet */
     int32_t key;          /* layer * n_expert + expert, or -1 */
     int pins;
     int status;           /* load error for SLOT_FAILED */
@@ -31,6 +32,8 @@ struct moe_expert_cache {
     int32_t *slot_of;     /* [key] -> slot or -1 */
     int32_t *cand;        /* scratch: candidate keys for the policy */
     int32_t *cand_slot;
+    int32_t *predicted;   /* [key] step for which the expert was predicted, or -1 */
+    int prefetch_inflight;
     struct moe_policy *policy;
     int64_t clock;
     pthread_mutex_t mu;
@@ -70,6 +73,7 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
     c->cand = moe_malloc((size_t)n_slots * sizeof(int32_t));
     c->cand_slot = moe_malloc((size_t)n_slots * sizeof(int32_t));
     c->policy = moe_policy_create(policy, c->n_layer, c->n_expert, NULL);
+    c->predicted = moe_malloc(n_keys * sizeof(int32_t));
     if (c->n_layer > 0 && c->n_expert > 0 && n_slots > 0 &&
         (size_t)n_slots > SIZE_MAX / c->slot_bytes) {
         moe_expert_cache_destroy(c);
@@ -77,14 +81,16 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
                             c->slot_bytes);
     }
     c->mem = c->slots ? be->ops->alloc(be, (size_t)n_slots * c->slot_bytes) : NULL;
-    if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem) {
+    if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem || !c->predicted) {
         size_t mib = ((size_t)n_slots * c->slot_bytes) >> 20;
         moe_expert_cache_destroy(c);
         return moe_diag_set(diag, -ENOMEM, "expert cache: cannot allocate %d slots x %zu bytes"
                             " (%zu MiB)", n_slots, slot_bytes, mib);
     }
-    for (size_t k = 0; k < n_keys; k++)
+    for (size_t k = 0; k < n_keys; k++) {
         c->slot_of[k] = -1;
+        c->predicted[k] = -1;
+    }
     for (int i = 0; i < n_slots; i++) {
         c->slots[i].key = -1;
         c->slots[i].data = c->mem + (size_t)i * c->slot_bytes;
@@ -118,6 +124,7 @@ void moe_expert_cache_destroy(struct moe_expert_cache *c)
     moe_free(c->slot_of);
     moe_free(c->cand);
     moe_free(c->cand_slot);
+    moe_free(c->predicted);
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);
     moe_free(c);
@@ -130,10 +137,19 @@ static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, co
     (void)layer;
     (void)expert;
     pthread_mutex_lock(&c->mu);
+    if (s->prefetched)
+        c->prefetch_inflight--;
     if (status == 0) {
         s->state = SLOT_READY;
         c->st.loads_ok++;
         c->st.bytes_loaded += c->slot_bytes;
+    } else if (s->pins == 0) {
+        /* a failed prefetch nobody waits for: forget it, a demand load retries */
+        c->slot_of[s->key] = -1;
+        s->key = -1;
+        s->state = SLOT_EMPTY;
+        s->prefetched = 0;
+        c->st.loads_failed++;
     } else {
         s->state = SLOT_FAILED;
         s->status = status;
@@ -146,14 +162,15 @@ static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, co
 
 /* A free slot or the policy's victim among unpinned READY slots; -1 if
  * none. Called with the mutex held. */
-static int find_slot(struct moe_expert_cache *c, int cur_layer, int32_t step)
+static int find_slot(struct moe_expert_cache *c, int cur_layer, int32_t step, int for_prefetch)
 {
     int n = 0;
     for (int i = 0; i < c->n_slots; i++) {
         const struct slot *s = &c->slots[i];
         if (s->state == SLOT_EMPTY)
             return i;
-        if (s->state == SLOT_READY && s->pins == 0) {
+        /* a prefetch never evicts an expert predicted for this step */
+        if (s->state == SLOT_READY && s->pins == 0 && !(for_prefetch && c->predicted[s->key] == step)) {
             c->cand[n] = s->key;
             c->cand_slot[n++] = i;
         }
@@ -161,6 +178,10 @@ static int find_slot(struct moe_expert_cache *c, int cur_layer, int32_t step)
     if (n == 0)
         return -1;
     const int v = c->cand_slot[moe_policy_victim(c->policy, c->cand, n, cur_layer, step)];
+    if (c->slots[v].prefetched) {
+        c->st.prefetch_wasted++;
+        c->slots[v].prefetched = 0;
+    }
     c->slot_of[c->slots[v].key] = -1;
     c->slots[v].key = -1;
     c->slots[v].state = SLOT_EMPTY;
@@ -179,6 +200,10 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
     if (i >= 0) {
         struct slot *s = &c->slots[i];
         s->pins++;
+        if (s->prefetched) {
+            s->prefetched = 0;
+            c->st.prefetch_used++;
+        }
         moe_policy_access(c->policy, layer, expert, c->clock++, step);
         c->st.hits++;
         int ready = s->state == SLOT_READY;
@@ -187,7 +212,7 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
         pthread_mutex_unlock(&c->mu);
         return ready ? 1 : 0; /* LOADING or FAILED: wait_any reports which */
     }
-    i = find_slot(c, layer, step);
+    i = find_slot(c, layer, step, 0);
     if (i < 0) {
         pthread_mutex_unlock(&c->mu);
         return -EAGAIN;
@@ -195,6 +220,7 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
     struct slot *s = &c->slots[i];
     s->key = key;
     s->state = SLOT_LOADING;
+    s->prefetched = 0;
     s->pins = 1;
     s->status = 0;
     c->slot_of[key] = i;
@@ -260,6 +286,52 @@ void moe_expert_cache_release(struct moe_expert_cache *c, int layer, int expert)
         }
     }
     pthread_mutex_unlock(&c->mu);
+}
+
+int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert, int32_t step,
+                              int max_inflight)
+{
+    if (layer < 0 || layer >= c->n_layer || expert < 0 || expert >= c->n_expert)
+        return -EINVAL;
+    const int32_t key = layer * c->n_expert + expert;
+    pthread_mutex_lock(&c->mu);
+    c->predicted[key] = step;
+    if (c->slot_of[key] >= 0) {
+        pthread_mutex_unlock(&c->mu);
+        return 0;
+    }
+    int i = c->prefetch_inflight < max_inflight ? find_slot(c, layer, step, 1) : -1;
+    if (i < 0) {
+        c->st.prefetch_dropped++;
+        pthread_mutex_unlock(&c->mu);
+        return 0;
+    }
+    struct slot *s = &c->slots[i];
+    s->key = key;
+    s->state = SLOT_LOADING;
+    s->prefetched = 1;
+    s->pins = 0;
+    s->status = 0;
+    c->slot_of[key] = i;
+    c->prefetch_inflight++;
+    c->st.prefetch_issued++;
+    pthread_mutex_unlock(&c->mu);
+    const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
+    struct moe_diag d = { 0 };
+    int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, s->data,
+                                      (size_t)lay->raw_size, MOE_LOAD_PREFETCH, load_done, s, &d)
+                 : -ENOENT;
+    if (rc != 0) {
+        pthread_mutex_lock(&c->mu);
+        s->state = SLOT_EMPTY;
+        s->key = -1;
+        s->prefetched = 0;
+        c->slot_of[key] = -1;
+        c->prefetch_inflight--;
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    return 1;
 }
 
 void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out)

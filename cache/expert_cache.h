@@ -31,6 +31,7 @@ struct moe_cache_stats {
     uint64_t loads_ok, loads_failed, evictions;
     uint64_t bytes_loaded;
     double stall_s;                 /* time the engine spent waiting for loads */
+    uint64_t prefetch_issued, prefetch_used, prefetch_wasted, prefetch_dropped;
     int n_slots;
     size_t slot_bytes;
 };
@@ -56,6 +57,16 @@ int moe_expert_cache_wait_any(struct moe_expert_cache *c, const int32_t *layers,
                               struct moe_diag *diag);
 
 void moe_expert_cache_release(struct moe_expert_cache *c, int layer, int expert);
+
+/* Starts a low-priority load of (layer, expert), unpinned, if it is not
+ * cached, a slot can be freed without evicting an expert predicted for this
+ * step or pinned, and fewer than max_inflight prefetches are in flight
+ * (else it is dropped and counted). Marks the expert as predicted for
+ * `step` either way, so that later prefetches of the step do not evict it.
+ * Returns 1 when a load started, 0 when not needed or dropped, or a
+ * negative error. */
+int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert, int32_t step,
+                              int max_inflight);
 
 void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out);
 /* Experts currently pinned (0 between forward passes). */

@@ -158,7 +158,7 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
     OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_CACHE_BYTES, OPT_CACHE_EXPERTS, OPT_CACHE_POLICY,
-    OPT_TRACE, OPT_PREAD, OPT_HELP,
+    OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -182,6 +182,8 @@ static const struct option long_opts[] = {
     { "cache-policy", required_argument, NULL, OPT_CACHE_POLICY },
     { "trace", required_argument, NULL, OPT_TRACE },
     { "force-pread", no_argument, NULL, OPT_PREAD },
+    { "prefetch", required_argument, NULL, OPT_PREFETCH },
+    { "prefetch-depth", required_argument, NULL, OPT_PREFETCH_DEPTH },
     { "n-predict", required_argument, NULL, 'n' },
     { "help", no_argument, NULL, OPT_HELP },
     { NULL, 0, NULL, 0 },
@@ -195,7 +197,8 @@ static void usage(FILE *f, int run)
                    "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
                    " [--seed S] [--threads N] [--ctx N] [--kv-f16] [--stats]\n"
                    "                  [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy lru|lfu|layer]\n"
-                   "                  [--force-pread]   (MODEL may be a GGUF or a .moe pack)\n"
+                   "                  [--prefetch none|gate] [--prefetch-depth D] [--force-pread]\n"
+                   "                  (MODEL may be a GGUF or a .moe pack)\n"
                    "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
                    "--stats prints prefill and decode speed as one JSON line on stderr.\n");
     else
@@ -213,7 +216,8 @@ static int eval_or_run(int argc, char **argv, int run)
     int stats = 0, kv_f16 = 0, force_pread = 0;
     long cache_experts = 0;
     unsigned long long cache_bytes = 0;
-    const char *cache_policy = NULL, *trace_path = NULL;
+    const char *cache_policy = NULL, *trace_path = NULL, *prefetch = NULL;
+    long prefetch_depth = 0;
     struct moe_sampler_params sp;
     moe_sampler_defaults(&sp);
     int c;
@@ -264,6 +268,16 @@ static int eval_or_run(int argc, char **argv, int run)
         case OPT_KVF16: kv_f16 = 1; break;
         case OPT_PREAD: force_pread = 1; break;
         case OPT_TRACE: trace_path = optarg; break;
+        case OPT_PREFETCH:
+            if (strcmp(optarg, "none") != 0 && strcmp(optarg, "gate") != 0) {
+                fprintf(stderr, "moectl: --prefetch '%s': expected none or gate\n", optarg);
+                return 2;
+            }
+            prefetch = optarg;
+            break;
+        case OPT_PREFETCH_DEPTH:
+            if (parse_int("--prefetch-depth", optarg, 1, 64, &prefetch_depth)) return 2;
+            break;
         case OPT_CACHE_POLICY: cache_policy = optarg; break;
         case OPT_CACHE_EXPERTS:
             if (parse_int("--cache-experts", optarg, 1, 1L << 24, &cache_experts)) return 2;
@@ -332,6 +346,7 @@ static int eval_or_run(int argc, char **argv, int run)
         .n_threads = (int)threads, .n_ctx = (int)ctx, .kv_f16 = kv_f16,
         .cache_bytes = (size_t)cache_bytes, .cache_experts = (int)cache_experts,
         .cache_policy = cache_policy, .force_pread = force_pread,
+        .prefetch = prefetch, .prefetch_depth = (int)prefetch_depth,
     };
     if (moe_model_load(&m, model, &mo, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
@@ -450,11 +465,15 @@ static int eval_or_run(int argc, char **argv, int run)
         if (moe_model_cache_stats(m, &cs))
             fprintf(stderr, "{\"cache_slots\": %d, \"slot_bytes\": %zu, \"hits\": %llu, \"misses\": %llu,"
                     " \"hit_rate\": %.4f, \"evictions\": %llu, \"bytes_loaded\": %llu, \"stall_s\": %.6f,"
-                    " \"load_errors\": %llu}\n", cs.n_slots, cs.slot_bytes, (unsigned long long)cs.hits,
+                    " \"load_errors\": %llu, \"prefetch_issued\": %llu, \"prefetch_used\": %llu,"
+                    " \"prefetch_wasted\": %llu, \"prefetch_dropped\": %llu}\n", cs.n_slots, cs.slot_bytes,
+                    (unsigned long long)cs.hits,
                     (unsigned long long)cs.misses,
                     cs.hits + cs.misses ? (double)cs.hits / (double)(cs.hits + cs.misses) : 0.0,
                     (unsigned long long)cs.evictions, (unsigned long long)cs.bytes_loaded, cs.stall_s,
-                    (unsigned long long)cs.loads_failed);
+                    (unsigned long long)cs.loads_failed, (unsigned long long)cs.prefetch_issued,
+                    (unsigned long long)cs.prefetch_used, (unsigned long long)cs.prefetch_wasted,
+                    (unsigned long long)cs.prefetch_dropped);
         /* the last sampled token is not run through the model */
         long n_dec = n_predict > 1 ? n_predict - 1 : 0;
         fprintf(stderr, "{\"prefill_tokens\": %" PRId64 ", \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"

@@ -108,6 +108,8 @@ struct moe_model {
     int32_t *expert_count, *expert_start;
     int32_t *pend_l, *pend_e, *pend_state; /* per-layer acquisition bookkeeping [n_expert] */
     int32_t step;                        /* token steps run, for the cache policy */
+    int prefetch_depth;                  /* 0 = off */
+    float *pf_x;                         /* [n_embd] prefetch scratch */
 };
 
 struct moe_seq {
@@ -768,10 +770,18 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
     if (pol < 0 || pol == MOE_POLICY_BELADY)
         return moe_diag_set(diag, -EINVAL, "cache policy '%s': expected lru, lfu or layer",
                             o->cache_policy);
+    if (o->prefetch && strcmp(o->prefetch, "none") != 0) {
+        if (strcmp(o->prefetch, "gate") != 0)
+            return moe_diag_set(diag, -EINVAL, "prefetch '%s': expected none or gate", o->prefetch);
+        m->prefetch_depth = o->prefetch_depth > 0 ? o->prefetch_depth : 1;
+        if (m->prefetch_depth > c->n_layer)
+            m->prefetch_depth = c->n_layer;
+    }
+    m->pf_x = moe_malloc((size_t)c->n_embd * sizeof(float));
     m->pend_l = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
     m->pend_e = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
     m->pend_state = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
-    if (!m->pend_l || !m->pend_e || !m->pend_state)
+    if (!m->pend_l || !m->pend_e || !m->pend_state || !m->pf_x)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     return moe_expert_cache_create(&m->cache, m->src, m->be, slot, (int)n_slots,
                                    (enum moe_policy_kind)pol, diag);
@@ -894,6 +904,7 @@ void moe_model_free(struct moe_model *m)
                      m->expert_count, m->expert_start, m->logits_tmp };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         moe_free(bufs[i]);
+    moe_free(m->pf_x);
     moe_free(m->pend_l);
     moe_free(m->pend_e);
     moe_free(m->pend_state);
@@ -1296,6 +1307,39 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
     return 0;
 }
 
+/* Speculative gating: the hidden state after layer L, normed and routed by
+ * the routers of layers L+1..L+depth, predicts their experts well enough
+ * (residual streams change slowly) to start loading them while layer L+1's
+ * attention runs. Loads are low priority, bounded, and never evict an
+ * expert pinned or predicted for this step. */
+static void prefetch_gate(struct moe_model *m, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    const int K = c->n_expert_used, E = c->n_embd;
+    const int max_inflight = c->n_expert_used * m->prefetch_depth;
+    for (int d = 1; d <= m->prefetch_depth && il + d < c->n_layer; d++) {
+        const struct layer *L = &m->layers[il + d];
+        if (!L->moe)
+            continue;
+        for (int64_t t = 0; t < n; t++) {
+            int32_t ids[64];
+            float w[64], logits[1024];
+            if (ops->rmsnorm(m->be, m->pf_x, m->x + t * E, L->ffn_norm, 1, E, c->rms_eps) ||
+                ops->matmul(m->be, logits, &L->router, L->router_bias, m->pf_x, 1))
+                return;
+            struct moe_gating_params gp = c->gating;
+            gp.bias = L->sel_bias;
+            gp.n_group = c->n_expert_groups;
+            gp.n_group_used = c->n_group_used;
+            if (K > 64 || ops->router_topk(m->be, logits, 1, &gp, ids, w))
+                return;
+            for (int k = 0; k < K; k++)
+                moe_expert_cache_prefetch(m->cache, il + d, ids[k], m->step, max_inflight);
+        }
+    }
+}
+
 static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *tokens, int64_t n,
                          int64_t tok0, float *logits, bool all_logits, moe_route_fn route, void *ud)
 {
@@ -1308,6 +1352,8 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
     for (int il = 0; il < c->n_layer; il++) {
         TRY(attention_block(m, s, il, n));
         TRY(moe_block(m, il, n, tok0, route, ud));
+        if (m->prefetch_depth > 0 && n <= 4)
+            prefetch_gate(m, il, n);
     }
     s->pos += (int)n;
     m->step++;

@@ -78,14 +78,18 @@ static void check_model(const char *file, int k)
     CHECK_MSG(moe_pack_write(path, pack_raw, &po, NULL, &d) == 0, "%s", d.msg);
 
     unsigned seed = 7;
-    struct { const char *src; int experts; const char *policy; } runs[] = {
-        { path, k, "lru" }, { path, k + 1, "layer" }, { path, 0, "lfu" },
-        { pack, k, "layer" }, { pack, 0, "lru" }, { pack_raw, k, "lfu" }, { pack_raw, -1, "layer" },
-        { path, -1, "lru" }, { pack, -1, "lfu" },
+    struct { const char *src; int experts; const char *policy; int prefetch; } runs[] = {
+        { path, k, "lru", 0 }, { path, k + 1, "layer", 0 }, { path, 0, "lfu", 0 },
+        { pack, k, "layer", 0 }, { pack, 0, "lru", 0 }, { pack_raw, k, "lfu", 0 },
+        { pack_raw, -1, "layer", 0 }, { path, -1, "lru", 0 }, { pack, -1, "lfu", 0 },
+        /* prefetch on: still bit-identical, at the minimum and random budgets */
+        { path, k, "layer", 1 }, { pack, -1, "lru", 2 }, { pack_raw, -1, "layer", 1 },
     };
     for (size_t r = 0; r < sizeof(runs) / sizeof(runs[0]); r++) {
         struct moe_model_opts o = base;
         o.cache_policy = runs[r].policy;
+        o.prefetch = runs[r].prefetch ? "gate" : NULL;
+        o.prefetch_depth = runs[r].prefetch;
         o.cache_experts = runs[r].experts;
         if (runs[r].experts < 0) /* a random budget between the minimum and 3x it */
             o.cache_experts = k + (int)(rand_r(&seed) % (unsigned)(2 * k + 1));
@@ -101,10 +105,12 @@ static void check_model(const char *file, int k)
         CHECK_INT(V2, ==, V);
         CHECK_MSG(memcmp(got, want, bytes) == 0, "%s via %s, %d slots, %s: logits differ from the"
                   " resident run", file, runs[r].src == path ? "GGUF" : "pack", st.n_slots, runs[r].policy);
-        printf("  %s %-5s %3d slots %-5s: hits %llu misses %llu evictions %llu stall %.3f s\n", file,
+        printf("  %s %-5s %3d slots %-5s pf %d: hits %llu misses %llu evictions %llu prefetch %llu"
+               " (used %llu) stall %.3f s\n", file,
                runs[r].src == path ? "gguf" : runs[r].src == pack ? "pack" : "raw", st.n_slots,
-               runs[r].policy, (unsigned long long)st.hits, (unsigned long long)st.misses,
-               (unsigned long long)st.evictions, st.stall_s);
+               runs[r].policy, runs[r].prefetch, (unsigned long long)st.hits, (unsigned long long)st.misses,
+               (unsigned long long)st.evictions, (unsigned long long)st.prefetch_issued,
+               (unsigned long long)st.prefetch_used, st.stall_s);
         if (st.n_slots <= k + 1)
             CHECK(st.evictions > 0);
         free(got);
