@@ -334,6 +334,26 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
     return 1;
 }
 
+int moe_expert_cache_wait_slot(struct moe_expert_cache *c)
+{
+    const double t0 = now_s();
+    pthread_mutex_lock(&c->mu);
+    for (;;) {
+        int usable = 0, unpinned = 0;
+        for (int i = 0; i < c->n_slots; i++) {
+            const struct slot *s = &c->slots[i];
+            usable |= s->state == SLOT_EMPTY || (s->state == SLOT_READY && s->pins == 0);
+            unpinned |= s->pins == 0;
+        }
+        if (usable || !unpinned) {
+            c->st.stall_s += now_s() - t0;
+            pthread_mutex_unlock(&c->mu);
+            return usable ? 0 : -EAGAIN;
+        }
+        pthread_cond_wait(&c->cv, &c->mu);
+    }
+}
+
 void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out)
 {
     pthread_mutex_lock(&c->mu);

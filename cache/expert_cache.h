@@ -58,6 +58,12 @@ int moe_expert_cache_wait_any(struct moe_expert_cache *c, const int32_t *layers,
 
 void moe_expert_cache_release(struct moe_expert_cache *c, int layer, int expert);
 
+/* Blocks until some slot could be taken by an acquire (empty, or ready and
+ * unpinned): for a caller whose acquire got -EAGAIN while only prefetches
+ * were in flight. Returns -EAGAIN at once if every slot is pinned (waiting
+ * could not help). */
+int moe_expert_cache_wait_slot(struct moe_expert_cache *c);
+
 /* Starts a low-priority load of (layer, expert), unpinned, if it is not
  * cached, a slot can be freed without evicting an expert predicted for this
  * step or pinned, and fewer than max_inflight prefetches are in flight

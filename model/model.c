@@ -1201,8 +1201,14 @@ static int experts_cached(struct moe_model *m, int il, int64_t n)
                 wi[nw++] = j;
             }
         if (nw == 0) {
-            rc = moe_diag_set(&d, MOE_ELIMIT, "expert cache: no slot can be freed for layer %d", il);
-            break;
+            /* nothing of ours in flight: the slots are held by prefetches
+             * (or by another user); wait for one to become usable */
+            if (moe_expert_cache_wait_slot(m->cache) != 0) {
+                rc = moe_diag_set(&d, MOE_ELIMIT, "expert cache: every slot is pinned; no slot for"
+                                  " layer %d", il);
+                break;
+            }
+            continue;
         }
         int which = 0;
         const uint8_t *blob = NULL;
