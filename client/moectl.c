@@ -33,18 +33,30 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    /* `moectl help CMD` is `moectl CMD --help` */
+    if (strcmp(argv[1], "help") == 0 && argc == 3) {
+        for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+            if (strcmp(argv[2], commands[i].name) == 0) {
+                char help[] = "--help";
+                char *sub[] = { argv[2], help, NULL };
+                return commands[i].main(2, sub);
+            }
+        fprintf(stderr, "moectl: help: unknown command '%s'\n", argv[2]);
+        usage(stderr);
+        return 2;
+    }
     if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
         usage(stdout);
         return 0;
     }
-    if (strcmp(argv[1], "--version") == 0) {
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-V") == 0) {
         printf("moectl %s\n", MOE_VERSION);
         return 0;
     }
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         if (strcmp(argv[1], commands[i].name) == 0)
             return commands[i].main(argc - 1, argv + 1);
-    fprintf(stderr, "moectl: unknown command '%s'\n", argv[1]);
+    fprintf(stderr, "moectl: unknown %s '%s'\n", argv[1][0] == '-' ? "option" : "command", argv[1]);
     usage(stderr);
     return 2;
 }

@@ -1,4 +1,5 @@
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +10,14 @@
 /* Values above this are absurd for any dimension we know of and would only
  * overflow size arithmetic later. */
 #define DIM_CAP (1u << 26)
+/* Tighter caps for counts that size per-head or per-expert tables. The
+ * largest real models have 128 heads and 384 experts. */
+#define HEAD_CAP (1u << 14)
+#define HEAD_DIM_CAP (1u << 16)
+#define EXPERT_CAP (1u << 16)
+#define SHARED_EXPERT_CAP 256u
+
+/* ---- reading keys ------------------------------------------------------ */
 
 static int u32_key(const struct moe_gguf *g, const char *arch, const char *suffix, uint32_t *out,
                    uint32_t cap, struct moe_diag *diag)
@@ -92,6 +101,7 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
             { "attention.key_length", &hp->head_dim },
             { "attention.value_length", &hp->head_dim_v },
             { "rope.dimension_count", &hp->n_rot },
+            { "rope.scaling.original_context_length", &hp->rope_scaling_orig_ctx },
             { "expert_count", &hp->n_expert },
             { "expert_used_count", &hp->n_expert_used },
             { "expert_shared_count", &hp->n_expert_shared },
@@ -110,8 +120,11 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
             if ((rc = u32_key(g, a, keys[i].k, keys[i].v, DIM_CAP, diag)))
                 return rc;
         if ((rc = f32_key(g, a, "attention.layer_norm_rms_epsilon", &hp->rms_eps, diag)) ||
+            (rc = f32_key(g, a, "attention.layer_norm_epsilon", &hp->norm_eps, diag)) ||
             (rc = f32_key(g, a, "rope.freq_base", &hp->rope_freq_base, diag)) ||
             (rc = f32_key(g, a, "rope.scaling.factor", &hp->rope_scaling_factor, diag)) ||
+            (rc = f32_key(g, a, "rope.scaling.attn_factor", &hp->rope_scaling_attn_factor, diag)) ||
+            (rc = f32_key(g, a, "rope.scaling.yarn_log_multiplier", &hp->rope_yarn_log_mul, diag)) ||
             (rc = f32_key(g, a, "expert_weights_scale", &hp->expert_weights_scale, diag)))
             return rc;
         char key[160];
@@ -145,6 +158,7 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
         if (t && t->n_dims == 2 && t->ne[1] <= DIM_CAP)
             hp->n_vocab = (uint32_t)t->ne[1];
     }
+    hp->is_moe = hp->n_expert > 0;
     if (hp->n_expert_used > hp->n_expert)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.expert_used_count' = %u exceeds"
                             " '%s.expert_count' = %u", moe_gguf_path(g), hp->arch, hp->n_expert_used,
@@ -152,9 +166,321 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
     return 0;
 }
 
+/* ---- architectures ----------------------------------------------------- */
+
+/* What model/model.c runs (keep in step with its read_cfg()). */
+static const struct moe_arch_desc archs[] = {
+    { "llama", false, false, true },     /* Mixtral layout when expert_count > 0 */
+    { "qwen2moe", true, false, true },
+    { "qwen3moe", true, false, true },
+    { "olmoe", true, false, true },
+    { "deepseek2", true, true, true },
+    { "gpt-oss", true, false, true },
+};
+
+size_t moe_arch_desc_count(void)
+{
+    return sizeof(archs) / sizeof(archs[0]);
+}
+
+const struct moe_arch_desc *moe_arch_desc_at(size_t i)
+{
+    return i < moe_arch_desc_count() ? &archs[i] : NULL;
+}
+
+const struct moe_arch_desc *moe_arch_desc_find(const char *name)
+{
+    if (name == NULL)
+        return NULL;
+    for (size_t i = 0; i < moe_arch_desc_count(); i++)
+        if (strcmp(archs[i].name, name) == 0)
+            return &archs[i];
+    return NULL;
+}
+
+const char *moe_hparams_supported_archs(char *buf, size_t cap)
+{
+    if (cap == 0)
+        return buf;
+    buf[0] = '\0';
+    size_t len = 0;
+    for (size_t i = 0; i < moe_arch_desc_count(); i++) {
+        if (!archs[i].engine_supported)
+            continue;
+        int n = snprintf(buf + len, cap - len, "%s%s%s", len ? ", " : "", archs[i].name,
+                         archs[i].always_moe ? "" : " (with experts)");
+        if (n < 0 || (size_t)n >= cap - len)
+            break; /* truncated, still terminated */
+        len += (size_t)n;
+    }
+    return buf;
+}
+
+int moe_hparams_check_supported(const struct moe_hparams *hp, const char *path,
+                                struct moe_diag *diag)
+{
+    char list[256];
+    moe_hparams_supported_archs(list, sizeof(list));
+    if (hp->arch[0] == '\0')
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key 'general.architecture'", path);
+    const struct moe_arch_desc *d = moe_arch_desc_find(hp->arch);
+    if (d == NULL)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: architecture '%s' is not supported;"
+                            " supported: %s", path, hp->arch, list);
+    if (!d->engine_supported)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: architecture '%s' is known but the engine"
+                            " does not run it yet; supported: %s", path, hp->arch, list);
+    if (!hp->is_moe)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: architecture '%s' without experts"
+                            " ('%s.expert_count' absent or 0) is a dense model; moed serves"
+                            " mixture-of-experts models; supported: %s", path, hp->arch, hp->arch, list);
+    return 0;
+}
+
+/* ---- validation -------------------------------------------------------- */
+
+/* A key that must be present (required) or, when present, nonzero. The
+ * value is read from the file: load() replaces some zeros by defaults. */
+static int need_nonzero(const struct moe_gguf *g, const char *arch, const char *suffix,
+                        bool required, struct moe_diag *diag)
+{
+    char key[160];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    uint64_t v = 0;
+    int rc = moe_gguf_get_u64(g, key, &v, diag);
+    if (rc == -ENOENT && required)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s' (required for"
+                            " architecture '%s')", moe_gguf_path(g), key, arch);
+    if (rc == -ENOENT)
+        return 0;
+    if (rc)
+        return rc;
+    if (v == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' = 0, expected at least 1",
+                            moe_gguf_path(g), key);
+    return 0;
+}
+
+static int over_cap(const struct moe_gguf *g, const char *arch, const char *suffix, uint32_t v,
+                    uint32_t cap, struct moe_diag *diag)
+{
+    if (v <= cap)
+        return 0;
+    return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.%s' = %u, expected at most %u",
+                        moe_gguf_path(g), arch, suffix, v, cap);
+}
+
+int moe_hparams_validate(const struct moe_hparams *hp, const struct moe_gguf *g,
+                         struct moe_diag *diag)
+{
+    const char *path = moe_gguf_path(g);
+    if (hp->arch[0] == '\0')
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key 'general.architecture'", path);
+    const char *a = hp->arch;
+    const struct moe_arch_desc *d = moe_arch_desc_find(a);
+    const bool known = d != NULL;
+    const bool moe = known && (d->always_moe || hp->n_expert > 0);
+    int rc;
+
+    /* Presence: required keys of a known architecture; for any, a key
+     * present must not be 0 where 0 is meaningless (it would divide). */
+    if ((rc = need_nonzero(g, a, "embedding_length", known, diag)) ||
+        (rc = need_nonzero(g, a, "block_count", known, diag)) ||
+        (rc = need_nonzero(g, a, "attention.head_count", known, diag)) ||
+        (rc = need_nonzero(g, a, "attention.head_count_kv", false, diag)) ||
+        (rc = need_nonzero(g, a, "attention.key_length", false, diag)) ||
+        (rc = need_nonzero(g, a, "attention.value_length", false, diag)) ||
+        (rc = need_nonzero(g, a, "rope.dimension_count", false, diag)) ||
+        (rc = need_nonzero(g, a, "expert_count", moe, diag)) ||
+        (rc = need_nonzero(g, a, "expert_used_count", moe, diag)))
+        return rc;
+    if (hp->n_expert > 0 && hp->n_expert_used == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.expert_count' = %u but"
+                            " '%s.expert_used_count' is missing", path, a, hp->n_expert, a);
+    if (hp->n_expert > 0 && hp->n_ff_exp == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s.expert_feed_forward_length'"
+                            " (or '%s.feed_forward_length'): the expert FFN width", path, a, a);
+    if (known && d->mla && hp->kv_lora_rank == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s.attention.kv_lora_rank'"
+                            " (required for architecture '%s')", path, a, a);
+    if (known && hp->n_vocab == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: no vocabulary size: none of '%s.vocab_size',"
+                            " 'tokenizer.ggml.tokens' or tensor 'token_embd.weight'", path, a);
+
+    /* Caps against absurd values. */
+    if ((rc = over_cap(g, a, "block_count", hp->n_layer, MOE_MAX_LAYERS, diag)) ||
+        (rc = over_cap(g, a, "attention.head_count", hp->n_head, HEAD_CAP, diag)) ||
+        (rc = over_cap(g, a, "attention.key_length", hp->head_dim, HEAD_DIM_CAP, diag)) ||
+        (rc = over_cap(g, a, "attention.value_length", hp->head_dim_v, HEAD_DIM_CAP, diag)) ||
+        (rc = over_cap(g, a, "expert_count", hp->n_expert, EXPERT_CAP, diag)) ||
+        (rc = over_cap(g, a, "expert_shared_count", hp->n_expert_shared, SHARED_EXPERT_CAP, diag)) ||
+        (rc = over_cap(g, a, "expert_gating_func", hp->expert_gating_func, 3, diag)))
+        return rc;
+
+    /* Consistency. */
+    if (hp->n_head > 0 && hp->head_dim == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: head dim is 0: '%s.attention.key_length' is"
+                            " absent and '%s.embedding_length' = %u < '%s.attention.head_count' = %u",
+                            path, a, a, hp->n_embd, a, hp->n_head);
+    if (hp->n_head_kv > hp->n_head)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.attention.head_count_kv' = %u exceeds"
+                            " '%s.attention.head_count' = %u", path, a, hp->n_head_kv, a, hp->n_head);
+    if (hp->n_head_kv > 0 && hp->n_head % hp->n_head_kv != 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.attention.head_count' = %u is not a"
+                            " multiple of '%s.attention.head_count_kv' = %u", path, a, hp->n_head,
+                            a, hp->n_head_kv);
+    if (hp->n_rot > hp->head_dim && hp->head_dim > 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.rope.dimension_count' = %u exceeds the"
+                            " head dim %u", path, a, hp->n_rot, hp->head_dim);
+    if (hp->n_expert_used > hp->n_expert)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.expert_used_count' = %u exceeds"
+                            " '%s.expert_count' = %u", path, a, hp->n_expert_used, a, hp->n_expert);
+    if (hp->n_layer_dense_lead > hp->n_layer)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.leading_dense_block_count' = %u exceeds"
+                            " '%s.block_count' = %u", path, a, hp->n_layer_dense_lead, a, hp->n_layer);
+    if (moe && hp->n_layer_dense_lead == hp->n_layer)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.leading_dense_block_count' = %u leaves"
+                            " no MoE layer of %u", path, a, hp->n_layer_dense_lead, hp->n_layer);
+    if (hp->n_group_used > 0 && hp->n_expert_groups == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.expert_group_used_count' = %u without"
+                            " '%s.expert_group_count'", path, a, hp->n_group_used, a);
+    if (hp->n_expert_groups > 0 &&
+        (hp->n_expert == 0 || hp->n_expert % hp->n_expert_groups != 0 ||
+         hp->n_group_used > hp->n_expert_groups))
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.expert_group_count' = %u (used %u) does"
+                            " not divide '%s.expert_count' = %u into groups", path, a,
+                            hp->n_expert_groups, hp->n_group_used, a, hp->n_expert);
+    if (hp->rms_eps >= 1.0f || hp->norm_eps >= 1.0f)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.attention.layer_norm_%sepsilon' = %g,"
+                            " expected below 1", path, a, hp->rms_eps >= 1.0f ? "rms_" : "",
+                            (double)(hp->rms_eps >= 1.0f ? hp->rms_eps : hp->norm_eps));
+    return 0;
+}
+
+/* The part of a tensor name after "blk.N.", or NULL. */
+static const char *layer_suffix(const char *name)
+{
+    if (moe_tensor_layer(name) < 0)
+        return NULL;
+    const char *p = strchr(name + 4, '.');
+    return p ? p + 1 : NULL;
+}
+
+static void shape_str(char *buf, size_t cap, const struct moe_gguf_tensor *t)
+{
+    size_t len = 0;
+    buf[0] = '\0';
+    for (uint32_t i = 0; i < t->n_dims && len < cap; i++) {
+        int n = snprintf(buf + len, cap - len, "%s%" PRIu64, i ? ", " : "", t->ne[i]);
+        if (n < 0)
+            break;
+        len += (size_t)n;
+    }
+}
+
+static int want_shape(const struct moe_gguf *g, const struct moe_gguf_tensor *t, uint32_t n_dims,
+                      const uint64_t *ne, const char *what, struct moe_diag *diag)
+{
+    bool ok = t->n_dims == n_dims;
+    for (uint32_t i = 0; ok && i < n_dims; i++)
+        ok = t->ne[i] == ne[i];
+    if (ok)
+        return 0;
+    char have[96];
+    shape_str(have, sizeof(have), t);
+    return moe_diag_set(diag, MOE_EFORMAT, "%s: tensor '%s' has shape [%s], expected %s",
+                        moe_gguf_path(g), t->name, have, what);
+}
+
+int moe_hparams_check_tensors(const struct moe_hparams *hp, const struct moe_gguf *g,
+                              struct moe_diag *diag)
+{
+    const char *path = moe_gguf_path(g);
+    const uint64_t n = moe_gguf_n_tensors(g);
+    if (n == 0)
+        return 0;
+    char what[160];
+    int rc;
+    const uint64_t emb[2] = { hp->n_embd, hp->n_vocab };
+    snprintf(what, sizeof(what), "[n_embd %u, n_vocab %u]", hp->n_embd, hp->n_vocab);
+    const struct moe_gguf_tensor *t = moe_gguf_find_tensor(g, "token_embd.weight");
+    if (t == NULL)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing tensor 'token_embd.weight'", path);
+    if ((rc = want_shape(g, t, 2, emb, what, diag)))
+        return rc;
+    t = moe_gguf_find_tensor(g, "output.weight");
+    if (t != NULL && (rc = want_shape(g, t, 2, emb, what, diag)))
+        return rc;
+
+    uint64_t n_expert_tensors = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        t = moe_gguf_tensor_at(g, i);
+        const int layer = moe_tensor_layer(t->name);
+        if (layer < 0)
+            continue;
+        if ((uint32_t)layer >= hp->n_layer)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: tensor '%s' is in layer %d, but"
+                                " '%s.block_count' = %u", path, t->name, layer, hp->arch, hp->n_layer);
+        const char *sfx = layer_suffix(t->name);
+        if (sfx != NULL && strcmp(sfx, "ffn_gate_inp.weight") == 0 && hp->n_expert > 0) {
+            const uint64_t ne[2] = { hp->n_embd, hp->n_expert };
+            snprintf(what, sizeof(what), "[n_embd %u, n_expert %u]", hp->n_embd, hp->n_expert);
+            if ((rc = want_shape(g, t, 2, ne, what, diag)))
+                return rc;
+        }
+        if (!moe_tensor_is_expert(t->name))
+            continue;
+        n_expert_tensors++;
+        if (hp->n_expert == 0)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: expert tensor '%s', but '%s.expert_count'"
+                                " is absent or 0", path, t->name, hp->arch);
+        if (t->n_dims < 2 || t->ne[t->n_dims - 1] != hp->n_expert) {
+            char have[96];
+            shape_str(have, sizeof(have), t);
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: expert tensor '%s' has shape [%s], expected"
+                                " its last dim to be n_expert %u", path, t->name, have, hp->n_expert);
+        }
+        const bool gate_up = strcmp(sfx, "ffn_gate_exps.weight") == 0 ||
+                             strcmp(sfx, "ffn_up_exps.weight") == 0;
+        const bool down = strcmp(sfx, "ffn_down_exps.weight") == 0;
+        if (gate_up || down) {
+            const uint64_t ne[3] = { gate_up ? hp->n_embd : hp->n_ff_exp,
+                                     gate_up ? hp->n_ff_exp : hp->n_embd, hp->n_expert };
+            snprintf(what, sizeof(what), gate_up ? "[n_embd %u, n_ff_exp %u, n_expert %u]"
+                                                 : "[n_ff_exp %u, n_embd %u, n_expert %u]",
+                     (unsigned)ne[0], (unsigned)ne[1], hp->n_expert);
+            if ((rc = want_shape(g, t, 3, ne, what, diag)))
+                return rc;
+        }
+    }
+    if (hp->n_expert > 0 && n_expert_tensors == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: '%s.expert_count' = %u but no expert tensors"
+                            " (blk.N.*_exps.*)", path, hp->arch, hp->n_expert);
+    return 0;
+}
+
+const char *moe_file_type_name(uint32_t file_type)
+{
+    /* llama.h enum llama_ftype (LLAMA_FTYPE_MOSTLY_*); gaps are removed types. */
+    static const char *const names[] = {
+        [0] = "F32", [1] = "F16", [2] = "Q4_0", [3] = "Q4_1", [7] = "Q8_0", [8] = "Q5_0",
+        [9] = "Q5_1", [10] = "Q2_K", [11] = "Q3_K_S", [12] = "Q3_K_M", [13] = "Q3_K_L",
+        [14] = "Q4_K_S", [15] = "Q4_K_M", [16] = "Q5_K_S", [17] = "Q5_K_M", [18] = "Q6_K",
+        [19] = "IQ2_XXS", [20] = "IQ2_XS", [21] = "Q2_K_S", [22] = "IQ3_XS", [23] = "IQ3_XXS",
+        [24] = "IQ1_S", [25] = "IQ4_NL", [26] = "IQ3_S", [27] = "IQ3_M", [28] = "IQ2_S",
+        [29] = "IQ2_M", [30] = "IQ4_XS", [31] = "IQ1_M", [32] = "BF16", [36] = "TQ1_0",
+        [37] = "TQ2_0", [38] = "MXFP4_MOE", [39] = "NVFP4", [40] = "Q1_0",
+    };
+    file_type &= ~1024u; /* LLAMA_FTYPE_GUESSED */
+    return file_type < sizeof(names) / sizeof(names[0]) ? names[file_type] : NULL;
+}
+
+/* ---- tensors ----------------------------------------------------------- */
+
 int moe_tensor_layer(const char *name)
 {
-    if (strncmp(name, "blk.", 4) != 0)
+    /* digits only: strtol alone would take "blk. +1." */
+    if (strncmp(name, "blk.", 4) != 0 || name[4] < '0' || name[4] > '9')
         return -1;
     char *end;
     long l = strtol(name + 4, &end, 10);
@@ -173,7 +499,6 @@ bool moe_tensor_is_expert(const char *name)
 void moe_sizes_compute(struct moe_sizes *s, const struct moe_gguf *g, const struct moe_hparams *hp)
 {
     memset(s, 0, sizeof(*s));
-    uint64_t per_layer[MOE_MAX_LAYERS] = { 0 }; /* 32 KiB of stack */
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const struct moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
         s->total_bytes += t->size;
@@ -181,21 +506,27 @@ void moe_sizes_compute(struct moe_sizes *s, const struct moe_gguf *g, const stru
             s->bytes_by_type[t->dtype] += t->size;
             s->tensors_by_type[t->dtype]++;
         }
+        const int layer = moe_tensor_layer(t->name);
+        if (layer >= 0 && (uint32_t)layer + 1 > s->n_layers_seen)
+            s->n_layers_seen = (uint32_t)layer + 1;
         if (moe_tensor_is_expert(t->name)) {
             s->expert_bytes += t->size;
-            per_layer[moe_tensor_layer(t->name)] += t->size;
+            s->layer_expert_bytes[layer] += t->size;
+            s->n_expert_tensors++;
         } else {
             s->dense_bytes += t->size;
         }
     }
     uint64_t sum = 0;
-    for (int l = 0; l < MOE_MAX_LAYERS; l++) {
-        if (per_layer[l] == 0)
+    for (uint32_t l = 0; l < s->n_layers_seen; l++) {
+        if (s->layer_expert_bytes[l] == 0)
             continue;
         s->n_moe_layers++;
         if (hp->n_expert == 0)
             continue;
-        uint64_t b = per_layer[l] / hp->n_expert;
+        /* Exact when the tensors agree with n_expert (their last dim);
+         * rounded up otherwise, since a slot must hold a whole expert. */
+        uint64_t b = (s->layer_expert_bytes[l] + hp->n_expert - 1) / hp->n_expert;
         sum += b;
         if (b > s->bytes_per_expert)
             s->bytes_per_expert = b;

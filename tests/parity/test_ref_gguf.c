@@ -2,7 +2,9 @@
  * type and shape equal manifest.json's, the file size and file type match,
  * tensor bytes read by pread equal those seen through the mapping, F32
  * tensors are finite, and each vocab file has the token count its
- * tokenizer golden states. */
+ * tokenizer golden states. Every .gguf under models/ and vocab/ is covered:
+ * a file added there without a manifest entry or golden fails the test. */
+#include <dirent.h>
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
@@ -55,6 +57,13 @@ static void test_models_match_manifest(void)
                 CHECK_MSG(moe_gguf_pread(g, t, 0, buf, t->size, &d) == 0, "%s", d.msg);
                 CHECK_MSG(memcmp(buf, moe_gguf_tensor_data(g, t), t->size) == 0,
                           "%s: %s: pread and mmap differ", path, tname);
+                CHECK_U64(t->offset % moe_gguf_alignment(g), ==, 0);
+                /* a read inside the tensor, at an odd offset */
+                if (t->size > 8) {
+                    uint8_t part[7];
+                    CHECK(moe_gguf_pread(g, t, t->size / 2 + 1, part, sizeof(part), &d) == 0);
+                    CHECK(memcmp(part, buf + t->size / 2 + 1, sizeof(part)) == 0);
+                }
                 if (t->dtype == MOE_DTYPE_F32)
                     for (uint64_t i = 0; i < t->n_elements; i++) {
                         float v;
@@ -103,8 +112,70 @@ static void test_vocab_files(void)
     }
 }
 
+/* Names of the *.gguf files in dir (at most cap); their count, -1 on error. */
+static int list_gguf(const char *dir, char names[][256], int cap)
+{
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        size_t l = strlen(e->d_name);
+        if (l < 5 || l >= 256 || strcmp(e->d_name + l - 5, ".gguf") != 0 || n == cap)
+            continue;
+        snprintf(names[n++], 256, "%s", e->d_name);
+    }
+    closedir(d);
+    return n;
+}
+
+static void test_every_file_covered(void)
+{
+    const char *ref = moe_test_ref_dir();
+    if (ref == NULL)
+        MOE_SKIP("shared/ref not found");
+    static char names[64][256];
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/manifest.json", ref);
+    json_t *man = json_load_file(path, 0, NULL);
+    CHECK(man != NULL);
+    snprintf(path, sizeof(path), "%s/models", ref);
+    int n = list_gguf(path, names, 64);
+    CHECK_INT(n, ==, 10);
+    for (int i = 0; i < n; i++) {
+        int found = 0;
+        const char *model;
+        json_t *mj;
+        json_object_foreach(json_object_get(man, "models"), model, mj) {
+            const char *vname;
+            json_t *vj;
+            json_object_foreach(json_object_get(mj, "variants"), vname, vj)
+                found += strcmp(json_string_value(json_object_get(vj, "file")), names[i]) == 0;
+        }
+        CHECK_MSG(found == 1, "models/%s: %d manifest.json entries", names[i], found);
+    }
+    json_decref(man);
+    snprintf(path, sizeof(path), "%s/vocab", ref);
+    n = list_gguf(path, names, 64);
+    CHECK_INT(n, ==, 6);
+    for (int i = 0; i < n; i++) {
+        CHECK(strncmp(names[i], "ggml-vocab-", 11) == 0);
+        snprintf(path, sizeof(path), "%s/tokenizer/tokenizer-%.*s.json", ref,
+                 (int)(strlen(names[i]) - 16), names[i] + 11);
+        json_t *tj = json_load_file(path, 0, NULL);
+        CHECK_MSG(tj != NULL, "vocab/%s: no tokenizer golden %s", names[i], path);
+        const char *vf = json_string_value(json_object_get(tj, "vocab_file"));
+        CHECK_MSG(vf != NULL, "%s: no vocab_file", path);
+        const char *base = strrchr(vf, '/') ? strrchr(vf, '/') + 1 : vf;
+        CHECK_STR(base, names[i]);
+        json_decref(tj);
+    }
+}
+
 int main(void)
 {
+    MOE_TEST_RUN(test_every_file_covered);
     MOE_TEST_RUN(test_models_match_manifest);
     MOE_TEST_RUN(test_vocab_files);
     return moe_test_exit_code();
