@@ -14,6 +14,7 @@ enum slot_state { SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_FAILED };
 struct slot {
     enum slot_state state;
     int prefetched;       /* loaded by a prefetch and not used yet */
+    int pf_inflight;      /* a prefetch's load is in flight (counts against the bound) */
     int32_t key;          /* layer * n_expert + expert, or -1 */
     int pins;
     int status;           /* load error for SLOT_FAILED */
@@ -137,8 +138,10 @@ static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, co
     (void)layer;
     (void)expert;
     pthread_mutex_lock(&c->mu);
-    if (s->prefetched)
+    if (s->pf_inflight) {
+        s->pf_inflight = 0;
         c->prefetch_inflight--;
+    }
     if (status == 0) {
         s->state = SLOT_READY;
         c->st.loads_ok++;
@@ -310,6 +313,7 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
     s->key = key;
     s->state = SLOT_LOADING;
     s->prefetched = 1;
+    s->pf_inflight = 1;
     s->pins = 0;
     s->status = 0;
     c->slot_of[key] = i;
@@ -326,6 +330,7 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
         s->state = SLOT_EMPTY;
         s->key = -1;
         s->prefetched = 0;
+        s->pf_inflight = 0;
         c->slot_of[key] = -1;
         c->prefetch_inflight--;
         pthread_mutex_unlock(&c->mu);
