@@ -7,6 +7,7 @@
 int moectl_info_main(int argc, char **argv);
 int moectl_eval_main(int argc, char **argv);
 int moectl_run_main(int argc, char **argv);
+int moectl_chat_main(int argc, char **argv);
 int moectl_cachesim_main(int argc, char **argv);
 int moectl_pack_main(int argc, char **argv);
 int moectl_tokenize_main(int argc, char **argv);

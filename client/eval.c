@@ -27,6 +27,9 @@
 #include "model/sampling.h"
 #include "kernels/cpu/vecdot.h"
 #include "cache/expert_cache.h"
+#include "common/alloc.h"
+#include "model/chat_template.h"
+#include "model/tokenizer.h"
 
 static int parse_int(const char *flag, const char *s, long lo, long hi, long *out)
 {
@@ -158,7 +161,8 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
     OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_CACHE_BYTES, OPT_CACHE_EXPERTS, OPT_CACHE_POLICY,
-    OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_HELP,
+    OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
+    OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -184,6 +188,9 @@ static const struct option long_opts[] = {
     { "force-pread", no_argument, NULL, OPT_PREAD },
     { "prefetch", required_argument, NULL, OPT_PREFETCH },
     { "prefetch-depth", required_argument, NULL, OPT_PREFETCH_DEPTH },
+    { "prompt", required_argument, NULL, OPT_PROMPT },
+    { "system", required_argument, NULL, OPT_SYSTEM },
+    { "chat-template", required_argument, NULL, OPT_TEMPLATE },
     { "n-predict", required_argument, NULL, 'n' },
     { "help", no_argument, NULL, OPT_HELP },
     { NULL, 0, NULL, 0 },
@@ -191,6 +198,11 @@ static const struct option long_opts[] = {
 
 static void usage(FILE *f, int run)
 {
+    if (run)
+        fprintf(f, "usage: moectl run --model M (--tokens 1,2,3 | --prompt TEXT) -n N [options]\n"
+                   "       moectl chat --model M --prompt TEXT [--system TEXT] [--chat-template NAME]"
+                   " [-n N] [options]\n"
+                   "--prompt prints text (stopping at end of generation); --tokens prints ids.\n");
     if (run)
         fprintf(f, "usage: moectl run --model M --tokens 1,2,3 -n N [--temp T] [--top-k K]"
                    " [--top-p P]\n"
@@ -209,8 +221,11 @@ static void usage(FILE *f, int run)
                    " and layer.\n");
 }
 
-static int eval_or_run(int argc, char **argv, int run)
+/* mode: 0 eval, 1 run, 2 chat (run with the prompt as a chat turn) */
+static int eval_or_run(int argc, char **argv, int mode)
 {
+    const int run = mode != 0, chat = mode == 2;
+    const char *prompt = NULL, *system_msg = NULL, *template_name = NULL;
     const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *routing_path = NULL;
     long threads = 0, n_predict = -1, ctx = 0, v;
     int stats = 0, kv_f16 = 0, force_pread = 0;
@@ -268,6 +283,9 @@ static int eval_or_run(int argc, char **argv, int run)
         case OPT_KVF16: kv_f16 = 1; break;
         case OPT_PREAD: force_pread = 1; break;
         case OPT_TRACE: trace_path = optarg; break;
+        case OPT_PROMPT: if (!run) goto bad_opt; prompt = optarg; break;
+        case OPT_SYSTEM: if (!chat) goto bad_opt; system_msg = optarg; break;
+        case OPT_TEMPLATE: if (!chat) goto bad_opt; template_name = optarg; break;
         case OPT_PREFETCH:
             if (strcmp(optarg, "none") != 0 && strcmp(optarg, "gate") != 0) {
                 fprintf(stderr, "moectl: --prefetch '%s': expected none or gate\n", optarg);
@@ -318,9 +336,14 @@ static int eval_or_run(int argc, char **argv, int run)
         usage(stderr, run);
         return 2;
     }
-    if (model == NULL || tokens_s == NULL || (!run && logits_path == NULL) || (run && n_predict < 0)) {
-        fprintf(stderr, "moectl: missing %s\n", model == NULL ? "--model" : tokens_s == NULL ?
-                "--tokens" : run ? "-n" : "--logits");
+    if (chat && n_predict < 0)
+        n_predict = 256;
+    if (model == NULL || (tokens_s == NULL && prompt == NULL) || (chat && prompt == NULL) ||
+        (tokens_s && prompt) || (!run && logits_path == NULL) || (run && n_predict < 0)) {
+        fprintf(stderr, "moectl: %s\n", model == NULL ? "missing --model" : tokens_s && prompt ?
+                "give --tokens or --prompt, not both" : tokens_s == NULL && prompt == NULL ?
+                "missing --tokens (or --prompt)" : chat && prompt == NULL ? "missing --prompt" :
+                run ? "missing -n" : "missing --logits");
         usage(stderr, run);
         return 2;
     }
@@ -331,8 +354,10 @@ static int eval_or_run(int argc, char **argv, int run)
     }
     int32_t *tokens = NULL;
     int64_t n_tok = 0;
-    if (parse_tokens(tokens_s, &tokens, &n_tok))
+    if (tokens_s && parse_tokens(tokens_s, &tokens, &n_tok))
         return 2;
+    struct moe_tokenizer *tok = NULL;
+    char *rendered = NULL;
 
     int ret = 1;
     struct moe_model *m = NULL;
@@ -354,6 +379,60 @@ static int eval_or_run(int argc, char **argv, int run)
     }
     const struct moe_model_cfg *cfg = moe_model_cfg(m);
     const int V = cfg->n_vocab;
+    if (prompt != NULL) {
+        if (moe_tokenizer_load(&tok, moe_model_gguf(m), &d)) {
+            fprintf(stderr, "moectl: %s\n", d.msg);
+            goto out;
+        }
+        const char *text = prompt;
+        size_t text_len = strlen(prompt);
+        if (chat) {
+            enum moe_chat_template tpl;
+            const char *src = moe_tokenizer_chat_template(tok);
+            int trc = template_name ? moe_chat_template_from_name(template_name, &tpl, &d)
+                                    : moe_chat_template_detect(src, src ? strlen(src) : 0, &tpl, &d);
+            if (trc) {
+                fprintf(stderr, "moectl: %s\n", d.msg);
+                ret = 2;
+                goto out;
+            }
+            struct moe_chat_msg msgs[2];
+            size_t nm = 0;
+            if (system_msg)
+                msgs[nm++] = (struct moe_chat_msg){ "system", system_msg };
+            msgs[nm++] = (struct moe_chat_msg){ "user", prompt };
+            size_t eos_len = 0;
+            const char *eos = moe_tokenizer_eos(tok) >= 0
+                                  ? moe_tokenizer_token_text(tok, moe_tokenizer_eos(tok), &eos_len) : NULL;
+            char eos_buf[128] = "";
+            if (eos && eos_len < sizeof(eos_buf)) {
+                memcpy(eos_buf, eos, eos_len);
+                eos_buf[eos_len] = '\0';
+            }
+            if (moe_chat_template_apply(tpl, msgs, nm, true, eos_buf[0] ? eos_buf : NULL, &rendered,
+                                        &text_len, &d)) {
+                fprintf(stderr, "moectl: %s\n", d.msg);
+                goto out;
+            }
+            text = rendered;
+        }
+        size_t need = 0;
+        int trc = moe_tokenize(tok, text, text_len, true, chat, NULL, 0, &need);
+        if (trc == -ENOSPC || trc == 0) {
+            tokens = malloc((need ? need : 1) * sizeof(int32_t));
+            trc = tokens ? moe_tokenize(tok, text, text_len, true, chat, tokens, need, &need) : -ENOMEM;
+        }
+        if (trc) {
+            fprintf(stderr, "moectl: --prompt: %s\n", moe_strerror(trc));
+            goto out;
+        }
+        n_tok = (int64_t)need;
+        if (n_tok == 0) {
+            fprintf(stderr, "moectl: --prompt gives no tokens\n");
+            ret = 2;
+            goto out;
+        }
+    }
     for (int64_t i = 0; i < n_tok; i++) {
         if (tokens[i] >= V) {
             fprintf(stderr, "moectl: --tokens: element %" PRId64 " is %d, but %s has %d tokens"
@@ -440,16 +519,33 @@ static int eval_or_run(int argc, char **argv, int run)
         goto out;
     }
     double t1 = now_s();
+    struct moe_detok_stream ds;
+    char piece[1024];
+    if (tok)
+        moe_detok_stream_init(&ds, tok, false);
     for (long i = 0; i < n_predict; i++) {
         int32_t t = moe_sampler_sample(smp, logits, hist, n_hist);
         hist[n_hist++] = t;
-        printf(i ? " %d" : "%d", t);
+        if (tok) {
+            if (moe_tokenizer_is_eog(tok, t))
+                break;
+            size_t pl = 0;
+            if (moe_detok_stream_push(&ds, t, piece, sizeof(piece), &pl) == 0)
+                fwrite(piece, 1, pl, stdout);
+        } else {
+            printf(i ? " %d" : "%d", t);
+        }
         fflush(stdout);
         rro.base = n_hist - 1; /* the token's position in the routing lines */
         if (i + 1 < n_predict && moe_model_forward(m, s, &t, 1, logits, false, rfn, &rro, &d)) {
             fprintf(stderr, "\nmoectl: %s\n", d.msg);
             goto out;
         }
+    }
+    if (tok) {
+        size_t pl = 0;
+        if (moe_detok_stream_flush(&ds, piece, sizeof(piece), &pl) == 0)
+            fwrite(piece, 1, pl, stdout);
     }
     printf("\n");
     fflush(stdout);
@@ -492,6 +588,8 @@ out:
         unlink(rtmp);
     }
     moe_sampler_free(smp);
+    moe_tokenizer_free(tok);
+    moe_free(rendered);
     free(hist);
     free(logits);
     moe_seq_free(s);
@@ -508,4 +606,9 @@ int moectl_eval_main(int argc, char **argv)
 int moectl_run_main(int argc, char **argv)
 {
     return eval_or_run(argc, argv, 1);
+}
+
+int moectl_chat_main(int argc, char **argv)
+{
+    return eval_or_run(argc, argv, 2);
 }

@@ -14,7 +14,8 @@ struct command {
 static const struct command commands[] = {
     { "info", moectl_info_main, "describe a GGUF model: arch, sizes, cache sizing numbers" },
     { "eval", moectl_eval_main, "run tokens as one batch; write logits and expert choices" },
-    { "run", moectl_run_main, "generate tokens from a prompt of token ids" },
+    { "run", moectl_run_main, "generate from token ids or a text prompt" },
+    { "chat", moectl_chat_main, "one chat turn offline (the model's chat template)" },
     { "tokenize", moectl_tokenize_main, "text to token ids (one JSON array)" },
     { "detokenize", moectl_detokenize_main, "token ids to text" },
     { "pack", moectl_pack_main, "write a compressed expert store from a GGUF (--verify checks one)" },

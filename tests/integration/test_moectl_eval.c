@@ -182,10 +182,52 @@ static void test_bad_input(void)
     CHECK_MSG(rc == 1 && strstr(out, "trunc.gguf") != NULL, "exit %d: %s", rc, out);
 }
 
+/* --prompt: the text printed is the detokenization of the ids that
+ * `run --tokens` generates from the prompt's ids (greedy, same model) */
+static void test_prompt_text(void)
+{
+    const char *ref = moe_test_ref_dir();
+    if (ref == NULL)
+        MOE_SKIP("shared/ref not found");
+    char cmd[8192], ids[4096], gen[4096], text[8192], detok[8192], model[4096];
+    snprintf(model, sizeof(model), "%s/models/tiny-qwen3moe-F16.gguf", ref);
+    snprintf(cmd, sizeof(cmd), "%s tokenize --model %s 'The quick brown fox'", moectl(), model);
+    CHECK(run_cmd(cmd, ids, sizeof(ids)) == 0);
+    /* "[1, 2, 3]\n" -> "1,2,3" */
+    char csv[4096];
+    size_t k = 0;
+    for (const char *p = ids; *p && k + 1 < sizeof(csv); p++)
+        if ((*p >= '0' && *p <= '9') || *p == ',')
+            csv[k++] = *p;
+    csv[k] = '\0';
+    CHECK(k > 0);
+    snprintf(cmd, sizeof(cmd), "%s run --model %s --tokens %s -n 12 --threads 2 2>/dev/null", moectl(), model, csv);
+    CHECK(run_cmd(cmd, gen, sizeof(gen)) == 0);
+    gen[strcspn(gen, "\n")] = '\0';
+    snprintf(cmd, sizeof(cmd), "%s run --model %s --prompt 'The quick brown fox' -n 12 --threads 2 2>/dev/null",
+             moectl(), model);
+    CHECK(run_cmd(cmd, text, sizeof(text)) == 0);
+    snprintf(cmd, sizeof(cmd), "%s detokenize --model %s %s", moectl(), model, gen);
+    CHECK(run_cmd(cmd, detok, sizeof(detok)) == 0);
+    text[strcspn(text, "\n")] = '\0';
+    detok[strcspn(detok, "\n")] = '\0';
+    CHECK_MSG(strcmp(text, detok) == 0, "--prompt printed '%s', detokenized ids give '%s'", text, detok);
+    /* chat: the model's ChatML template; a model without one: exit 2 naming the flag */
+    snprintf(cmd, sizeof(cmd), "%s chat --model %s --prompt hi -n 4 --threads 2", moectl(), model);
+    CHECK(run_cmd(cmd, text, sizeof(text)) == 0);
+    snprintf(cmd, sizeof(cmd), "%s chat --model %s/models/tiny-mixtral-F32.gguf --prompt hi -n 4", moectl(), ref);
+    int rc = run_cmd(cmd, text, sizeof(text));
+    CHECK_MSG(rc == 2 && strstr(text, "--chat-template") != NULL, "exit %d: %s", rc, text);
+    snprintf(cmd, sizeof(cmd), "%s chat --model %s/models/tiny-mixtral-F32.gguf --prompt hi -n 4"
+             " --chat-template mistral-v1 --threads 2", moectl(), ref);
+    CHECK(run_cmd(cmd, text, sizeof(text)) == 0);
+}
+
 int main(void)
 {
     MOE_TEST_RUN(test_eval_matches_goldens);
     MOE_TEST_RUN(test_run_greedy);
     MOE_TEST_RUN(test_bad_input);
+    MOE_TEST_RUN(test_prompt_text);
     return moe_test_exit_code();
 }
