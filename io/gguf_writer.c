@@ -1,3 +1,12 @@
+/* Streaming GGUF v3 writer (see io/gguf_writer.h for the contract).
+ *
+ * Key/values and tensor infos are serialized into one growing buffer as
+ * they are added (so that the header can be written in one go once the
+ * offsets are known); tensor bytes stream through an 8 MiB buffer into
+ * `<path>.tmp`, with large chunks written directly. The encoding matches
+ * ggml's gguf writer byte for byte (tests/unit/test_gguf_writer.c copies
+ * llama-quantize outputs and compares).
+ */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -11,7 +20,14 @@
 #include "io/gguf_writer.h"
 #include "kernels/dtype.h"
 
+/* Values are copied as they lie in memory: GGUF is little-endian. */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "little-endian hosts only");
+
+/* Tensor data goes out in 8 MiB write(2) calls: large enough that a 4 GB
+ * model is bound by the disk, not by system calls. */
 #define OUT_BUF (8u << 20)
+/* writeback is started every SYNC_EVERY bytes */
+#define SYNC_EVERY (64u << 20)
 
 struct tinfo {
     char *name;
@@ -39,6 +55,7 @@ struct moe_gguf_writer {
     uint64_t cur, cur_written, pos;
     uint8_t *out;
     size_t out_len;
+    uint64_t on_disk, kicked;   /* bytes written to the fd; writeback started up to */
 };
 
 static int fail(struct moe_gguf_writer *w, int code, const char *fmt, ...)
@@ -109,7 +126,8 @@ static int kv_put(struct moe_gguf_writer *w, const void *p, size_t n)
         w->kv = nb;
         w->kv_cap = cap;
     }
-    memcpy(w->kv + w->kv_len, p, n);
+    if (n > 0) /* an empty array may come with data == NULL */
+        memcpy(w->kv + w->kv_len, p, n);
     w->kv_len += n;
     return 0;
 }
@@ -130,6 +148,9 @@ static int put_u64(struct moe_gguf_writer *w, uint64_t v)
 
 static int put_str(struct moe_gguf_writer *w, const char *s, size_t n)
 {
+    if (n > MOE_GGUF_MAX_STRING)
+        return fail(w, MOE_ELIMIT, "string of %zu bytes exceeds the cap of %llu", n,
+                    (unsigned long long)MOE_GGUF_MAX_STRING);
     int rc = put_u64(w, n);
     return rc ? rc : kv_put(w, s, n);
 }
@@ -140,6 +161,12 @@ static int begin_kv(struct moe_gguf_writer *w, const char *key, enum moe_gguf_ty
         return w->err;
     if (w->in_data)
         return fail(w, -EINVAL, "key '%s' added after begin_data", key);
+    /* never write what the reader (io/gguf.c) would refuse */
+    size_t kl = strlen(key);
+    if (kl == 0 || kl > MOE_GGUF_MAX_KEY)
+        return fail(w, -EINVAL, "key '%.64s': length %zu, expected 1..%u", key, kl, MOE_GGUF_MAX_KEY);
+    if (strcmp(key, "general.alignment") == 0 && t != MOE_GGUF_UINT32)
+        return fail(w, -EINVAL, "general.alignment must be UINT32, not %s", moe_gguf_type_name(t));
     for (uint64_t i = 0; i < w->n_kv; i++)
         if (strcmp(w->keys[i], key) == 0)
             return fail(w, -EINVAL, "duplicate key '%s'", key);
@@ -154,6 +181,15 @@ static int begin_kv(struct moe_gguf_writer *w, const char *key, enum moe_gguf_ty
     return rc ? rc : put_u32(w, (uint32_t)t);
 }
 
+static int set_alignment(struct moe_gguf_writer *w, uint64_t a)
+{
+    if (a == 0 || (a & (a - 1)) || a > MOE_GGUF_MAX_ALIGNMENT)
+        return fail(w, -EINVAL, "general.alignment %llu: expected a power of two up to %u",
+                    (unsigned long long)a, MOE_GGUF_MAX_ALIGNMENT);
+    w->alignment = (uint32_t)a;
+    return 0;
+}
+
 int moe_gguf_writer_add_scalar(struct moe_gguf_writer *w, const char *key, enum moe_gguf_type t,
                                const void *v)
 {
@@ -161,12 +197,10 @@ int moe_gguf_writer_add_scalar(struct moe_gguf_writer *w, const char *key, enum 
     if (sz == 0)
         return fail(w, -EINVAL, "key '%s': not a scalar type", key);
     int rc = begin_kv(w, key, t);
-    if (rc == 0 && strcmp(key, "general.alignment") == 0 && t == MOE_GGUF_UINT32) {
+    if (rc == 0 && strcmp(key, "general.alignment") == 0) {
         uint32_t a;
         memcpy(&a, v, 4);
-        if (a == 0 || (a & (a - 1)) || a > MOE_GGUF_MAX_ALIGNMENT)
-            return fail(w, -EINVAL, "%s must be a power of two up to %u", key, MOE_GGUF_MAX_ALIGNMENT);
-        w->alignment = a;
+        rc = set_alignment(w, a);
     }
     return rc ? rc : kv_put(w, v, sz);
 }
@@ -209,10 +243,14 @@ int moe_gguf_writer_add_arr(struct moe_gguf_writer *w, const char *key, enum moe
     size_t sz = moe_gguf_type_size(t);
     if (sz == 0)
         return fail(w, -EINVAL, "key '%s': array elements must be scalars here", key);
+    uint64_t bytes;
+    if (__builtin_mul_overflow(n, (uint64_t)sz, &bytes) || bytes > MOE_GGUF_MAX_META_BYTES)
+        return fail(w, MOE_ELIMIT, "key '%s': array of %llu elements is too large", key,
+                    (unsigned long long)n);
     int rc = begin_kv(w, key, MOE_GGUF_ARRAY);
     if (rc || (rc = put_u32(w, (uint32_t)t)) || (rc = put_u64(w, n)))
         return rc;
-    return kv_put(w, data, (size_t)n * sz);
+    return kv_put(w, data, (size_t)bytes);
 }
 
 int moe_gguf_writer_add_str_arr(struct moe_gguf_writer *w, const char *key, uint64_t n,
@@ -248,7 +286,13 @@ static int put_value_body(struct moe_gguf_writer *w, const struct moe_gguf_value
                 rc = put_value_body(w, &a[i]);
             return rc;
         }
-        return kv_put(w, v->v.arr.data, (size_t)v->v.arr.n * moe_gguf_type_size(et));
+        uint64_t bytes;
+        if (moe_gguf_type_size(et) == 0 ||
+            __builtin_mul_overflow(v->v.arr.n, (uint64_t)moe_gguf_type_size(et), &bytes) ||
+            bytes > MOE_GGUF_MAX_META_BYTES)
+            return fail(w, -EINVAL, "array of %llu elements of type %u cannot be written",
+                        (unsigned long long)v->v.arr.n, (unsigned)et);
+        return kv_put(w, v->v.arr.data, (size_t)bytes);
     }
     case MOE_GGUF_BOOL: {
         uint8_t b = v->v.b;
@@ -271,9 +315,11 @@ static int put_value_body(struct moe_gguf_writer *w, const struct moe_gguf_value
 int moe_gguf_writer_add_value(struct moe_gguf_writer *w, const char *key,
                               const struct moe_gguf_value *v)
 {
+    if ((uint32_t)v->type >= MOE_GGUF_TYPE_COUNT)
+        return fail(w, -EINVAL, "key '%s': unknown value type %u", key, (unsigned)v->type);
     int rc = begin_kv(w, key, v->type);
-    if (rc == 0 && strcmp(key, "general.alignment") == 0 && v->type == MOE_GGUF_UINT32)
-        w->alignment = (uint32_t)v->v.u64; /* validated by the reader */
+    if (rc == 0 && strcmp(key, "general.alignment") == 0)
+        rc = set_alignment(w, v->v.u64);
     return rc ? rc : put_value_body(w, v);
 }
 
@@ -321,24 +367,51 @@ int moe_gguf_writer_add_tensor(struct moe_gguf_writer *w, const char *name, uint
     return 0;
 }
 
+static int write_all(struct moe_gguf_writer *w, const uint8_t *p, size_t n);
+
 static int out_flush(struct moe_gguf_writer *w)
 {
-    size_t done = 0;
-    while (done < w->out_len) {
-        ssize_t r = write(w->fd, w->out + done, w->out_len - done);
+    if (write_all(w, w->out, w->out_len))
+        return w->err;
+    w->out_len = 0;
+    return 0;
+}
+
+static int write_all(struct moe_gguf_writer *w, const uint8_t *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t r = write(w->fd, p, n);
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
-            return fail(w, -errno, "write: %s", strerror(errno));
-        done += (size_t)r;
+            return fail(w, -errno, "write to %s: %s", w->tmp, strerror(errno));
+        p += r;
+        n -= (size_t)r;
+        w->on_disk += (uint64_t)r;
     }
-    w->out_len = 0;
+    /* Start writeback of what is written so far, so that the disk works
+     * while the caller produces the next bytes and the fsync in finish
+     * has little left to do (without this, a multi-GB file is flushed
+     * only when the kernel's dirty limits are hit, or at the end).
+     * Asynchronous and best effort: fsync reports any error. */
+    if (w->on_disk - w->kicked >= SYNC_EVERY) {
+        (void)sync_file_range(w->fd, (off_t)w->kicked, (off_t)(w->on_disk - w->kicked), SYNC_FILE_RANGE_WRITE);
+        w->kicked = w->on_disk;
+    }
     return 0;
 }
 
 static int out_put(struct moe_gguf_writer *w, const void *p, size_t n)
 {
     const uint8_t *b = p;
+    if (n >= OUT_BUF) {
+        /* a large chunk: write what is buffered, then the chunk itself
+         * rather than copying it through the buffer */
+        if (out_flush(w) || write_all(w, b, n))
+            return w->err;
+        w->pos += n;
+        return 0;
+    }
     while (n > 0) {
         if (w->out_len == OUT_BUF && out_flush(w))
             return w->err;
@@ -374,8 +447,8 @@ int moe_gguf_writer_begin_data(struct moe_gguf_writer *w)
         w->t[i].offset = off;
         off += w->t[i].size;
     }
-    /* header: reuse the kv buffer machinery for the tensor infos */
-    size_t kv_len = w->kv_len;
+    /* the tensor infos follow the key/values: serialize them into the
+     * same buffer */
     for (uint64_t i = 0; i < w->n_t; i++) {
         const struct tinfo *t = &w->t[i];
         int rc = put_str(w, t->name, strlen(t->name));
@@ -393,9 +466,11 @@ int moe_gguf_writer_begin_data(struct moe_gguf_writer *w)
     memcpy(head + 4, &version, 4);
     memcpy(head + 8, &w->n_t, 8);
     memcpy(head + 16, &w->n_kv, 8);
+    if (w->kv_len > MOE_GGUF_MAX_META_BYTES)
+        return fail(w, MOE_ELIMIT, "metadata of %zu bytes exceeds the cap of %llu MiB", w->kv_len,
+                    (unsigned long long)(MOE_GGUF_MAX_META_BYTES >> 20));
     if (out_put(w, head, sizeof(head)) || out_put(w, w->kv, w->kv_len))
         return w->err;
-    (void)kv_len;
     if (w->n_t > 0 && out_pad(w))
         return w->err;
     w->in_data = true;
@@ -458,15 +533,40 @@ void moe_gguf_writer_abort(struct moe_gguf_writer *w)
     writer_free(w);
 }
 
+/* Makes the rename durable. Best effort: the file itself is complete
+ * either way, and some file systems refuse fsync on a directory. */
+static void sync_dir(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    char dir[4096];
+    if (slash == NULL)
+        snprintf(dir, sizeof(dir), ".");
+    else if (slash == path)
+        snprintf(dir, sizeof(dir), "/");
+    else if ((size_t)(slash - path) < sizeof(dir))
+        snprintf(dir, sizeof(dir), "%.*s", (int)(slash - path), path);
+    else
+        return;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void)fsync(fd);
+        close(fd);
+    }
+}
+
 int moe_gguf_writer_finish(struct moe_gguf_writer *w, struct moe_diag *diag)
 {
     if (!w->err && !w->in_data)
         moe_gguf_writer_begin_data(w);
-    if (!w->err && (w->cur != w->n_t || w->cur_written != 0)) {
-        char what[128];
-        snprintf(what, sizeof(what), "tensor #%" PRIu64 " of %" PRIu64, w->cur, w->n_t);
-        fail(w, -EINVAL, "finished before all tensor data was written (at %s)", what);
+    if (!w->err && w->cur < w->n_t) {
+        const struct tinfo *t = &w->t[w->cur];
+        fail(w, -EINVAL, "finished before all tensor data was written: tensor '%s' (#%" PRIu64 " of %" PRIu64
+             ") got %" PRIu64 " of its %" PRIu64 " bytes", t->name, w->cur, w->n_t, w->cur_written, t->size);
     }
+    /* pad the last tensor too: ggml's reader (no_alloc = false) reads the
+     * whole data section as the sum of padded tensor sizes */
+    if (!w->err && w->n_t > 0)
+        out_pad(w);
     if (!w->err)
         out_flush(w);
     if (!w->err && fsync(w->fd) != 0)
@@ -477,7 +577,9 @@ int moe_gguf_writer_finish(struct moe_gguf_writer *w, struct moe_diag *diag)
     } else if (!w->err) {
         w->fd = -1;
         if (rename(w->tmp, w->path) != 0)
-            fail(w, -errno, "rename: %s", strerror(errno));
+            fail(w, -errno, "rename from %s: %s", w->tmp, strerror(errno));
+        else
+            sync_dir(w->path);
     }
     int rc = w->err;
     if (rc) {

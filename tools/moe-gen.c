@@ -4,31 +4,46 @@
  *   moe-gen --preset tiny-mixtral|tiny-qwen3moe|demo|bench-4g [options] -o OUT.gguf
  *   moe-gen --arch llama|qwen3moe --n-embd N ... -o OUT.gguf
  *
- * Files use the tensor names, shapes and metadata keys of the shared/ref
- * models of the same architecture (tests/parity/test_gen_vs_ref.c checks
- * this), with a small built-in vocabulary: SentencePiece-style for `llama`
- * and byte-level BPE (merges learned from a built-in text) for `qwen3moe`.
+ * Layout: the files look like shared/ref's models of the same architecture
+ * (tests/parity/test_gen_vs_ref.c checks this): the same tensor names and
+ * shapes, the same metadata keys with the same value types, in the same
+ * order. --type F32 gives the layout of an F32 master as gen_tiny_moe.py
+ * writes it (tensors in model order, general.file_type third); other types
+ * give the layout llama-quantize writes (tensors sorted by layer, then by
+ * name; general.quantization_version and general.file_type last), with the
+ * per-tensor types llama-quantize picks (see tensor_type()).
+ *
+ * Vocabulary: built in. `llama`: SentencePiece style; `qwen3moe`: byte-level
+ * BPE with merges learned from a built-in text and ChatML control tokens.
  *
  * Weights: every matrix ~ N(0, (gain / sqrt(fan_in))^2) with gain 1 (3 for
  * the router), embeddings ~ N(0, 1), norm weights 1 + 0.1 N(0, 1), as in
- * shared/ref/gen_tiny_moe.py. Normal values come from a sum of four uniforms
- * (Irwin-Hall), which is plenty for random weights and keeps a 4 GB model
- * to seconds. The same arguments give a byte-identical file: each tensor
- * has its own PRNG stream derived from the seed and the tensor's index.
- * Memory stays at one row per tensor, whatever the model size.
+ * shared/ref/gen_tiny_moe.py. Normal values come from a sum of four 16-bit
+ * uniforms (Irwin-Hall), plenty for random weights and cheap. Every row has
+ * its own xoshiro256** stream keyed by (seed, tensor, row), so the output
+ * does not depend on the thread count, and the F32 and quantized files of
+ * one seed hold the same weights (a Q8_0 file is the F32 file quantized).
+ *
+ * Memory: rows are generated in batches of at most BATCH_BYTES of output by
+ * worker threads while the main thread writes the previous batch; no tensor
+ * is ever held whole.
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "io/gguf_writer.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/dtype.h"
+
+#define BATCH_BYTES (16u << 20)
+#define MAX_THREADS 16
+#define MAX_LAYERS 256
 
 struct spec {
     const char *arch;       /* "llama" or "qwen3moe" */
@@ -48,9 +63,30 @@ static const struct {
     { "tiny-qwen3moe", { "qwen3moe", 256, 4, 4, 2, 64, 16, 4, 256, 0, 256, MOE_DTYPE_F16, 1234 } },
     /* the README quick start's model: small, but every part of the engine runs */
     { "demo", { "llama", 256, 4, 8, 4, 32, 8, 2, 512, 0, 1024, MOE_DTYPE_Q8_0, 1 } },
-    /* Mixtral-shaped, ~3.8 GB in Q4_0, for I/O, cache and engine benchmarks */
+    /* Mixtral-shaped, ~3.9 GB in Q4_0, for I/O, cache and engine benchmarks */
     { "bench-4g", { "llama", 2048, 16, 16, 4, 128, 8, 2, 8192, 32000, 4096, MOE_DTYPE_Q4_0, 7 } },
 };
+#define N_PRESETS (sizeof(presets) / sizeof(presets[0]))
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (p == NULL) {
+        fprintf(stderr, "moe-gen: out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+    p = realloc(p, n ? n : 1);
+    if (p == NULL) {
+        fprintf(stderr, "moe-gen: out of memory (%zu bytes)\n", n);
+        exit(1);
+    }
+    return p;
+}
 
 /* ---- PRNG ------------------------------------------------------------ */
 
@@ -66,11 +102,14 @@ static uint64_t splitmix64(uint64_t *x)
     return z ^ (z >> 31);
 }
 
-static void rng_seed(struct rng *r, uint64_t seed, uint64_t stream)
+/* One stream per (seed, tensor, row): the key is unique for a given seed
+ * (tensor < 2^24, row < 2^40) and splitmix64 spreads it over the state. */
+static void rng_seed(struct rng *r, uint64_t seed, uint64_t tensor, uint64_t row)
 {
-    uint64_t x = seed ^ (stream * 0xd1342543de82ef95ull);
+    uint64_t x = seed;
+    uint64_t k = splitmix64(&x) ^ (tensor << 40) ^ row;
     for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&x);
+        r->s[i] = splitmix64(&k);
 }
 
 static inline uint64_t rotl(uint64_t x, int k)
@@ -92,7 +131,7 @@ static inline uint64_t rng_next(struct rng *r)
 }
 
 /* Approximately N(0, 1): the sum of four 16-bit uniforms, centred and
- * scaled to unit variance (Irwin-Hall, n = 4). */
+ * scaled to unit variance (Irwin-Hall, n = 4; bounded at +-3.46). */
 static inline float rng_normal(struct rng *r)
 {
     uint64_t v = rng_next(r);
@@ -116,62 +155,118 @@ static const char corpus[] =
     "router , prefetch , latency , bandwidth , compute , decode , prefill and sample appear in "
     "the text many times : cache cache memory memory token token expert expert layer layer .";
 
+enum { TT_NORMAL = 1, TT_UNKNOWN = 2, TT_CONTROL = 3, TT_BYTE = 6 }; /* llama_token_type */
+
 struct vocab {
     char **tok;
     size_t *len;
     int32_t *type;
     float *score;
     int n, cap;
+    int *hash;              /* open addressing over token ids, -1 empty */
+    size_t hash_cap;
     char **merges;
-    int n_merges;
+    int n_merges, cap_merges;
     int bos, eos, unk, pad;
 };
 
-static int vocab_add(struct vocab *v, const char *s, size_t len, int32_t type, float score)
+static uint64_t hash_bytes(const char *s, size_t n)
 {
-    if (v->n == v->cap) {
-        int cap = v->cap ? v->cap * 2 : 1024;
-        char **t = realloc(v->tok, (size_t)cap * sizeof(char *));
-        size_t *l = realloc(v->len, (size_t)cap * sizeof(size_t));
-        int32_t *ty = realloc(v->type, (size_t)cap * sizeof(int32_t));
-        float *sc = realloc(v->score, (size_t)cap * sizeof(float));
-        if (t)
-            v->tok = t;
-        if (l)
-            v->len = l;
-        if (ty)
-            v->type = ty;
-        if (sc)
-            v->score = sc;
-        if (!t || !l || !ty || !sc)
-            return -ENOMEM;
-        v->cap = cap;
-    }
-    for (int i = 0; i < v->n; i++)
-        if (v->len[i] == len && memcmp(v->tok[i], s, len) == 0)
-            return 1; /* already there */
-    char *c = malloc(len + 1);
-    if (c == NULL)
-        return -ENOMEM;
-    memcpy(c, s, len);
-    c[len] = '\0';
-    v->tok[v->n] = c;
-    v->len[v->n] = len;
-    v->type[v->n] = type;
-    v->score[v->n] = score;
-    v->n++;
-    return 0;
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ (uint8_t)s[i]) * 1099511628211ull;
+    return h;
 }
 
-enum { TT_NORMAL = 1, TT_UNKNOWN = 2, TT_CONTROL = 3, TT_BYTE = 6 };
+static int vocab_find(const struct vocab *v, const char *s, size_t len)
+{
+    if (v->hash_cap == 0)
+        return -1;
+    for (size_t i = hash_bytes(s, len) & (v->hash_cap - 1);; i = (i + 1) & (v->hash_cap - 1)) {
+        int id = v->hash[i];
+        if (id < 0)
+            return -1;
+        if (v->len[id] == len && memcmp(v->tok[id], s, len) == 0)
+            return id;
+    }
+}
 
-/* SentencePiece-style: <unk> <s> </s>, the 256 byte-fallback tokens, then
- * "▁word" pieces and characters from the corpus, scored by order. */
+static void hash_insert(struct vocab *v, int id)
+{
+    size_t i = hash_bytes(v->tok[id], v->len[id]) & (v->hash_cap - 1);
+    while (v->hash[i] >= 0)
+        i = (i + 1) & (v->hash_cap - 1);
+    v->hash[i] = id;
+}
+
+/* Appends a token; returns its id, or -1 when it is already there. */
+static int vocab_add(struct vocab *v, const char *s, size_t len, int32_t type, float score)
+{
+    if (vocab_find(v, s, len) >= 0)
+        return -1;
+    if (v->n == v->cap) {
+        v->cap = v->cap ? v->cap * 2 : 1024;
+        v->tok = xrealloc(v->tok, (size_t)v->cap * sizeof(char *));
+        v->len = xrealloc(v->len, (size_t)v->cap * sizeof(size_t));
+        v->type = xrealloc(v->type, (size_t)v->cap * sizeof(int32_t));
+        v->score = xrealloc(v->score, (size_t)v->cap * sizeof(float));
+    }
+    if ((size_t)(v->n + 1) * 2 > v->hash_cap) {
+        free(v->hash);
+        v->hash_cap = v->hash_cap ? v->hash_cap * 2 : 4096;
+        v->hash = xmalloc(v->hash_cap * sizeof(int));
+        for (size_t i = 0; i < v->hash_cap; i++)
+            v->hash[i] = -1;
+        for (int i = 0; i < v->n; i++)
+            hash_insert(v, i);
+    }
+    char *c = xmalloc(len + 1);
+    memcpy(c, s, len);
+    c[len] = '\0';
+    int id = v->n++;
+    v->tok[id] = c;
+    v->len[id] = len;
+    v->type[id] = type;
+    v->score[id] = score;
+    hash_insert(v, id);
+    return id;
+}
+
+static void vocab_free(struct vocab *v)
+{
+    for (int i = 0; i < v->n; i++)
+        free(v->tok[i]);
+    for (int i = 0; i < v->n_merges; i++)
+        free(v->merges[i]);
+    free(v->tok);
+    free(v->len);
+    free(v->type);
+    free(v->score);
+    free(v->hash);
+    free(v->merges);
+}
+
+/* Pads with generated pieces "<prefix>x0", "<prefix>x1", ... up to n
+ * tokens, skipping any that happen to exist. */
+static void vocab_pad(struct vocab *v, int n, const char *prefix, float *score)
+{
+    for (int i = 0; v->n < n; i++) {
+        char s[48];
+        int len = snprintf(s, sizeof(s), "%sx%d", prefix, i);
+        if (vocab_add(v, s, (size_t)len, TT_NORMAL, score ? *score : 0.0f) >= 0 && score)
+            *score -= 1.0f;
+    }
+}
+
+/* SentencePiece-style, as llama's tokenizer.ggml.model "llama": <unk>,
+ * <s>, </s>, the 256 byte-fallback tokens <0x00>..<0xFF> (type BYTE), then
+ * "▁word" pieces and single characters from the corpus in order of first
+ * appearance, scored -1, -2, ... (earlier = preferred). */
 static int vocab_spm(struct vocab *v, int n_vocab)
 {
-    int rc = vocab_add(v, "<unk>", 5, TT_UNKNOWN, 0.0f);
-    rc |= vocab_add(v, "<s>", 3, TT_CONTROL, 0.0f);
-    rc |= vocab_add(v, "</s>", 4, TT_CONTROL, 0.0f);
+    vocab_add(v, "<unk>", 5, TT_UNKNOWN, 0.0f);
+    vocab_add(v, "<s>", 3, TT_CONTROL, 0.0f);
+    vocab_add(v, "</s>", 4, TT_CONTROL, 0.0f);
     v->unk = 0;
     v->bos = 1;
     v->eos = 2;
@@ -179,11 +274,10 @@ static int vocab_spm(struct vocab *v, int n_vocab)
     for (int b = 0; b < 256; b++) {
         char s[8];
         snprintf(s, sizeof(s), "<0x%02X>", b);
-        rc |= vocab_add(v, s, 6, TT_BYTE, 0.0f);
+        vocab_add(v, s, 6, TT_BYTE, 0.0f);
     }
-    const char *p = corpus;
     float score = -1.0f;
-    while (*p && rc >= 0) {
+    for (const char *p = corpus; *p;) {
         while (*p == ' ')
             p++;
         const char *w = p;
@@ -195,39 +289,34 @@ static int vocab_spm(struct vocab *v, int n_vocab)
         size_t n = (size_t)(p - w) < 40 ? (size_t)(p - w) : 40;
         memcpy(piece, "\xe2\x96\x81", 3); /* U+2581, SentencePiece's space */
         memcpy(piece + 3, w, n);
-        int r = vocab_add(v, piece, n + 3, TT_NORMAL, score);
-        if (r == 0)
+        if (vocab_add(v, piece, n + 3, TT_NORMAL, score) >= 0)
             score -= 1.0f;
-        rc = r < 0 ? r : 0;
-        for (size_t i = 0; i < n && rc >= 0; i++) {
-            r = vocab_add(v, w + i, 1, TT_NORMAL, score);
-            if (r == 0)
+        for (size_t i = 0; i < n; i++)
+            if (vocab_add(v, w + i, 1, TT_NORMAL, score) >= 0)
                 score -= 1.0f;
-            rc = r < 0 ? r : 0;
-        }
     }
-    for (int i = 0; v->n < n_vocab && rc >= 0; i++) {
-        char s[32];
-        int n = snprintf(s, sizeof(s), "\xe2\x96\x81x%d", i);
-        rc = vocab_add(v, s, (size_t)n, TT_NORMAL, score--);
-        rc = rc < 0 ? rc : 0;
-    }
-    return rc < 0 ? rc : 0;
+    if (n_vocab > 0 && n_vocab < v->n)
+        return v->n;
+    vocab_pad(v, n_vocab, "\xe2\x96\x81", &score);
+    return 0;
 }
 
-/* GPT-2's byte-to-unicode mapping: printable bytes map to themselves, the
- * others to U+0100 onwards in byte order. Returns the UTF-8 length. */
+/* GPT-2's byte-to-unicode mapping: the printable bytes ! .. ~, ¡ .. ¬,
+ * ® .. ÿ stand for themselves; the others map to U+0100 onwards in byte
+ * order. */
+static int byte_printable(int b)
+{
+    return (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+}
+
+/* UTF-8 of byte b's stand-in character; returns its length. */
 static int byte_char(int b, char *out)
 {
-    int cp;
-    if ((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255)) {
-        cp = b;
-    } else {
-        int k = 0;
+    int cp = b;
+    if (!byte_printable(b)) {
+        cp = 256;
         for (int x = 0; x < b; x++)
-            if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255)))
-                k++;
-        cp = 256 + k;
+            cp += !byte_printable(x);
     }
     if (cp < 0x80) {
         out[0] = (char)cp;
@@ -243,24 +332,29 @@ struct sym {
     int len;
 };
 
-/* Byte-level BPE: 256 byte tokens, then merges learned greedily from the
- * corpus (most frequent adjacent pair first, ties by the pair's text), then
- * the ChatML control tokens. */
+enum { MAX_WORDS = 512, MAX_SYMS = 48, MAX_MERGES = 1000 };
+
+/* Byte-level BPE, as tokenizer.ggml.model "gpt2" (pre "qwen2"): the 256
+ * byte tokens in GPT-2's id order (the printable ones first, so '!' is 0
+ * and 'Ġ' 220, as in GPT-2 and Qwen2), then the merges learned on the
+ * corpus split GPT-2 style (a word keeps its leading space, 'Ġ'): most
+ * frequent adjacent pair first, ties broken by the pair's text, until no
+ * pair occurs twice; then generated pieces up to --n-vocab; then the ChatML
+ * control tokens <|endoftext|> (BOS, EOS and padding), <|im_start|> and
+ * <|im_end|>. */
 static int vocab_bpe(struct vocab *v, int n_vocab)
 {
-    int rc = 0;
-    for (int b = 0; b < 256 && rc >= 0; b++) {
-        char s[4];
-        int n = byte_char(b, s);
-        rc = vocab_add(v, s, (size_t)n, TT_NORMAL, 0.0f);
-    }
-    /* words: leading space as its mapped char (U+0120 'Ġ') */
-    enum { MAXW = 512, MAXS = 48 };
-    static struct sym words[MAXW][MAXS];
-    static int wlen[MAXW];
+    for (int pass = 0; pass < 2; pass++)
+        for (int b = 0; b < 256; b++)
+            if (byte_printable(b) == (pass == 0)) {
+                char s[4];
+                int n = byte_char(b, s);
+                vocab_add(v, s, (size_t)n, TT_NORMAL, 0.0f);
+            }
+    static struct sym words[MAX_WORDS][MAX_SYMS];
+    static int wlen[MAX_WORDS];
     int nw = 0;
-    const char *p = corpus;
-    while (*p && nw < MAXW) {
+    for (const char *p = corpus; *p && nw < MAX_WORDS;) {
         int first = p == corpus;
         while (*p == ' ')
             p++;
@@ -274,25 +368,23 @@ static int vocab_bpe(struct vocab *v, int n_vocab)
             words[nw][k].len = byte_char(' ', words[nw][k].s);
             k++;
         }
-        for (const char *c = w; c < p && k < MAXS; c++, k++)
+        for (const char *c = w; c < p && k < MAX_SYMS; c++, k++)
             words[nw][k].len = byte_char((unsigned char)*c, words[nw][k].s);
         wlen[nw++] = k;
     }
-    const int n_control = 3, target = n_vocab > 0 ? n_vocab - n_control : 256 + 400;
-    v->merges = calloc((size_t)(target > 256 ? target : 1), sizeof(char *));
-    if (v->merges == NULL)
-        return -ENOMEM;
-    while (v->n < target && rc >= 0) {
-        /* count pairs (quadratic but tiny) */
-        int best_c = 0;
-        char best[128] = "";
-        int bl = 0, br = 0;
+    const int n_control = 3;
+    const int limit = n_vocab > 0 ? n_vocab - n_control : 256 + MAX_MERGES;
+    while (v->n < limit && v->n_merges < MAX_MERGES) {
+        /* count every distinct adjacent pair (quadratic, but the corpus is
+         * tiny) and keep the best */
+        int best_c = 0, bl = 0, br = 0;
+        char best[160] = "";
         for (int i = 0; i < nw; i++)
             for (int j = 0; j + 1 < wlen[i]; j++) {
                 const struct sym *a = &words[i][j], *b = &words[i][j + 1];
-                if (a->len + b->len >= (int)sizeof(words[0][0].s))
+                if (a->len + b->len >= (int)sizeof(a->s))
                     continue;
-                char key[128];
+                char key[160];
                 snprintf(key, sizeof(key), "%.*s %.*s", a->len, a->s, b->len, b->s);
                 int c = 0;
                 for (int i2 = 0; i2 < nw; i2++)
@@ -312,11 +404,14 @@ static int vocab_bpe(struct vocab *v, int n_vocab)
         char merged[128];
         memcpy(merged, best, (size_t)bl);
         memcpy(merged + bl, best + bl + 1, (size_t)br);
-        rc = vocab_add(v, merged, (size_t)(bl + br), TT_NORMAL, 0.0f);
-        if (rc < 0)
-            break;
-        v->merges[v->n_merges++] = strdup(best);
-        /* apply the merge */
+        vocab_add(v, merged, (size_t)(bl + br), TT_NORMAL, 0.0f);
+        if (v->n_merges == v->cap_merges) {
+            v->cap_merges = v->cap_merges ? v->cap_merges * 2 : 256;
+            v->merges = xrealloc(v->merges, (size_t)v->cap_merges * sizeof(char *));
+        }
+        size_t ml = strlen(best);
+        v->merges[v->n_merges] = xmalloc(ml + 1);
+        memcpy(v->merges[v->n_merges++], best, ml + 1);
         for (int i = 0; i < nw; i++)
             for (int j = 0; j + 1 < wlen[i]; j++) {
                 struct sym *a = &words[i][j], *b = &words[i][j + 1];
@@ -324,27 +419,30 @@ static int vocab_bpe(struct vocab *v, int n_vocab)
                     memcmp(b->s, best + bl + 1, (size_t)br) == 0) {
                     memcpy(a->s + a->len, b->s, (size_t)b->len);
                     a->len += b->len;
-                    memmove(&words[i][j + 1], &words[i][j + 2], (size_t)(wlen[i] - j - 2) * sizeof(struct sym));
+                    memmove(&words[i][j + 1], &words[i][j + 2],
+                            (size_t)(wlen[i] - j - 2) * sizeof(struct sym));
                     wlen[i]--;
                 }
             }
-        rc = 0;
     }
-    for (int i = 0; v->n < target && rc >= 0; i++) {
-        char s[32];
-        int n = snprintf(s, sizeof(s), "\xc4\xa0x%d", i);
-        rc = vocab_add(v, s, (size_t)n, TT_NORMAL, 0.0f);
-        rc = rc < 0 ? rc : 0;
-    }
-    v->eos = v->n;
-    rc |= vocab_add(v, "<|endoftext|>", 13, TT_CONTROL, 0.0f);
-    rc |= vocab_add(v, "<|im_start|>", 12, TT_CONTROL, 0.0f);
-    rc |= vocab_add(v, "<|im_end|>", 10, TT_CONTROL, 0.0f);
+    if (n_vocab > 0 && n_vocab - n_control < v->n)
+        return v->n + n_control;
+    vocab_pad(v, n_vocab - n_control, "\xc4\xa0", NULL); /* 'Ġ' */
+    v->eos = vocab_add(v, "<|endoftext|>", 13, TT_CONTROL, 0.0f);
+    vocab_add(v, "<|im_start|>", 12, TT_CONTROL, 0.0f);
+    vocab_add(v, "<|im_end|>", 10, TT_CONTROL, 0.0f);
     v->bos = v->eos;
     v->pad = v->eos;
     v->unk = -1;
-    return rc < 0 ? rc : 0;
+    return 0;
 }
+
+/* Qwen's ChatML template, as in shared/ref's tiny-qwen3moe. */
+static const char chatml[] =
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /* ---- tensors --------------------------------------------------------- */
 
@@ -356,117 +454,148 @@ struct tensor {
     uint64_t ne[3];
     uint32_t type;
     enum init init;
+    int stream;             /* index in model order: keys the PRNG */
+    int layer;              /* -1 outside blk.N */
 };
 
-static int n_tensors;
-static struct tensor tensors[4096];
+struct model {
+    struct tensor t[MAX_LAYERS * 16 + 8];
+    int n;
+    int quiet;
+};
 
-static void add_tensor(const char *name, uint32_t n_dims, uint64_t ne0, uint64_t ne1, uint64_t ne2,
-                       uint32_t type, enum init init)
+/* The type llama-quantize gives a tensor for the file types offered here
+ * (llama_tensor_get_type; observable in shared/ref/models/quant-*.log and
+ * manifest.json):
+ *  - 1-D tensors and the router (ffn_gate_inp) are never quantized: F32;
+ *  - F16/BF16: every other tensor in that type;
+ *  - Q8_0: every other tensor Q8_0;
+ *  - Q4_0: attn_k and attn_v go to Q8_0 when the model has exactly 8
+ *    experts (llama.cpp's Mixtral rule); output.weight gets Q6_K, or Q8_0
+ *    when its rows are not a multiple of 256. moe-gen has no Q6_K
+ *    quantizer and always writes Q8_0 there (noted on stderr when
+ *    llama-quantize would have used Q6_K).
+ * A row length that is not a multiple of the block size falls back to F32
+ * (llama-quantize would refuse the file), with a warning. */
+static uint32_t tensor_type(const struct spec *s, struct model *m, const char *name, uint32_t n_dims,
+                            uint64_t ne0, enum init init)
 {
-    struct tensor *t = &tensors[n_tensors++];
-    snprintf(t->name, sizeof(t->name), "%s", name);
+    uint32_t t = s->type;
+    if (t == MOE_DTYPE_F32 || n_dims < 2 || init == INIT_ROUTER || init == INIT_NORM)
+        return MOE_DTYPE_F32;
+    if (t == MOE_DTYPE_Q4_0) {
+        if (strcmp(name, "output.weight") == 0) {
+            if (ne0 % 256 == 0 && !m->quiet)
+                fprintf(stderr, "moe-gen: note: output.weight is Q8_0 (llama-quantize would use Q6_K, "
+                                "which moe-gen cannot write)\n");
+            t = MOE_DTYPE_Q8_0;
+        } else if (s->n_expert == 8 && (strstr(name, ".attn_k.") || strstr(name, ".attn_v."))) {
+            t = MOE_DTYPE_Q8_0;
+        }
+    }
+    const struct moe_dtype_info *di = moe_dtype_info(t);
+    if (ne0 % di->block_size != 0) {
+        fprintf(stderr, "moe-gen: warning: %s: rows of %" PRIu64 " are not a multiple of the %s block size %u:"
+                        " written as F32\n", name, ne0, di->name, di->block_size);
+        t = MOE_DTYPE_F32;
+    }
+    return t;
+}
+
+static void add_tensor(const struct spec *s, struct model *m, int layer, const char *name, uint32_t n_dims,
+                       uint64_t ne0, uint64_t ne1, uint64_t ne2, enum init init)
+{
+    struct tensor *t = &m->t[m->n];
+    if (layer >= 0)
+        snprintf(t->name, sizeof(t->name), "blk.%d.%s", layer, name);
+    else
+        snprintf(t->name, sizeof(t->name), "%s", name);
     t->n_dims = n_dims;
     t->ne[0] = ne0;
     t->ne[1] = ne1;
     t->ne[2] = ne2;
-    const struct moe_dtype_info *di = moe_dtype_info(type);
-    if (n_dims == 1 || init == INIT_ROUTER || init == INIT_NORM) {
-        type = MOE_DTYPE_F32; /* as llama-quantize: 1-D tensors and routers stay F32 */
-    } else if (ne0 % di->block_size != 0) {
-        fprintf(stderr, "moe-gen: %s: row of %" PRIu64 " is not a multiple of the %s block size %u:"
-                " kept as F32\n", name, ne0, di->name, di->block_size);
-        type = MOE_DTYPE_F32;
-    }
-    t->type = type;
     t->init = init;
+    t->stream = m->n;
+    t->layer = layer;
+    t->type = tensor_type(s, m, t->name, n_dims, ne0, init);
+    m->n++;
 }
 
-static void build_tensors(const struct spec *s, int n_vocab)
+/* llama.cpp's model loader order (llama_model_loader's weight map): by
+ * layer, tensors outside blk.N first, then by name. llama-quantize writes
+ * tensors in this order. */
+static int cmp_loader_order(const void *pa, const void *pb)
+{
+    const struct tensor *a = pa, *b = pb;
+    if (a->layer != b->layer)
+        return a->layer < b->layer ? -1 : 1;
+    return strcmp(a->name, b->name);
+}
+
+/* Model order as gen_tiny_moe.py writes its F32 masters. */
+static void build_tensors(const struct spec *s, struct model *m, int n_vocab)
 {
     const uint64_t E = (uint64_t)s->n_embd, hd = (uint64_t)s->head_dim;
     const uint64_t qd = (uint64_t)s->n_head * hd, kvd = (uint64_t)s->n_head_kv * hd;
     const uint64_t F = (uint64_t)s->n_ff_exp, X = (uint64_t)s->n_expert;
     const int qwen = strcmp(s->arch, "qwen3moe") == 0;
-    char n[64];
-    n_tensors = 0;
-    add_tensor("token_embd.weight", 2, E, (uint64_t)n_vocab, 1, s->type, INIT_EMBED);
+    m->n = 0;
+    add_tensor(s, m, -1, "token_embd.weight", 2, E, (uint64_t)n_vocab, 1, INIT_EMBED);
     for (int l = 0; l < s->n_layer; l++) {
-#define T(suffix) (snprintf(n, sizeof(n), "blk.%d." suffix, l), n)
-        add_tensor(T("attn_norm.weight"), 1, E, 1, 1, s->type, INIT_NORM);
-        add_tensor(T("attn_q.weight"), 2, E, qd, 1, s->type, INIT_MATRIX);
-        add_tensor(T("attn_k.weight"), 2, E, kvd, 1, s->type, INIT_MATRIX);
-        add_tensor(T("attn_v.weight"), 2, E, kvd, 1, s->type, INIT_MATRIX);
+        add_tensor(s, m, l, "attn_norm.weight", 1, E, 1, 1, INIT_NORM);
+        add_tensor(s, m, l, "attn_q.weight", 2, E, qd, 1, INIT_MATRIX);
+        add_tensor(s, m, l, "attn_k.weight", 2, E, kvd, 1, INIT_MATRIX);
+        add_tensor(s, m, l, "attn_v.weight", 2, E, kvd, 1, INIT_MATRIX);
         if (qwen) {
-            add_tensor(T("attn_q_norm.weight"), 1, hd, 1, 1, s->type, INIT_NORM);
-            add_tensor(T("attn_k_norm.weight"), 1, hd, 1, 1, s->type, INIT_NORM);
+            add_tensor(s, m, l, "attn_q_norm.weight", 1, hd, 1, 1, INIT_NORM);
+            add_tensor(s, m, l, "attn_k_norm.weight", 1, hd, 1, 1, INIT_NORM);
         }
-        add_tensor(T("attn_output.weight"), 2, qd, E, 1, s->type, INIT_MATRIX);
-        add_tensor(T("ffn_norm.weight"), 1, E, 1, 1, s->type, INIT_NORM);
-        add_tensor(T("ffn_gate_inp.weight"), 2, E, X, 1, s->type, INIT_ROUTER);
-        add_tensor(T("ffn_gate_exps.weight"), 3, E, F, X, s->type, INIT_MATRIX);
-        add_tensor(T("ffn_up_exps.weight"), 3, E, F, X, s->type, INIT_MATRIX);
-        add_tensor(T("ffn_down_exps.weight"), 3, F, E, X, s->type, INIT_MATRIX);
-#undef T
+        add_tensor(s, m, l, "attn_output.weight", 2, qd, E, 1, INIT_MATRIX);
+        add_tensor(s, m, l, "ffn_norm.weight", 1, E, 1, 1, INIT_NORM);
+        add_tensor(s, m, l, "ffn_gate_inp.weight", 2, E, X, 1, INIT_ROUTER);
+        add_tensor(s, m, l, "ffn_gate_exps.weight", 3, E, F, X, INIT_MATRIX);
+        add_tensor(s, m, l, "ffn_up_exps.weight", 3, E, F, X, INIT_MATRIX);
+        add_tensor(s, m, l, "ffn_down_exps.weight", 3, F, E, X, INIT_MATRIX);
     }
-    add_tensor("output_norm.weight", 1, E, 1, 1, s->type, INIT_NORM);
-    add_tensor("output.weight", 2, E, (uint64_t)n_vocab, 1, s->type, INIT_MATRIX);
+    add_tensor(s, m, -1, "output_norm.weight", 1, E, 1, 1, INIT_NORM);
+    add_tensor(s, m, -1, "output.weight", 2, E, (uint64_t)n_vocab, 1, INIT_MATRIX);
+    if (s->type != MOE_DTYPE_F32)
+        qsort(m->t, (size_t)m->n, sizeof(m->t[0]), cmp_loader_order);
 }
 
+/* general.file_type: llama_ftype values */
 static uint32_t file_type_of(uint32_t t)
 {
     switch (t) {
-    case MOE_DTYPE_F32: return 0;
-    case MOE_DTYPE_F16: return 1;
-    case MOE_DTYPE_Q4_0: return 2;
-    case MOE_DTYPE_Q8_0: return 7;
-    case MOE_DTYPE_BF16: return 32;
-    default: return 0;
+    case MOE_DTYPE_F16: return 1;   /* MOSTLY_F16 */
+    case MOE_DTYPE_Q4_0: return 2;  /* MOSTLY_Q4_0 */
+    case MOE_DTYPE_Q8_0: return 7;  /* MOSTLY_Q8_0 */
+    case MOE_DTYPE_BF16: return 32; /* MOSTLY_BF16 */
+    default: return 0;              /* ALL_F32 */
     }
 }
 
-static const char chatml[] =
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-static int write_model(const struct spec *s, const char *out, int quiet)
+static void add_metadata(struct moe_gguf_writer *w, const struct spec *s, const struct vocab *v,
+                         const char *name)
 {
-    struct vocab v = { 0 };
     const int qwen = strcmp(s->arch, "qwen3moe") == 0;
-    int rc = qwen ? vocab_bpe(&v, s->n_vocab) : vocab_spm(&v, s->n_vocab);
-    if (rc) {
-        fprintf(stderr, "moe-gen: out of memory building the vocabulary\n");
-        return 1;
-    }
-    if (s->n_vocab > 0 && v.n != s->n_vocab) {
-        fprintf(stderr, "moe-gen: --n-vocab %d is smaller than the built-in vocabulary (%d tokens)\n",
-                s->n_vocab, v.n);
-        return 2;
-    }
-    build_tensors(s, v.n);
-
-    struct moe_diag d = { 0 };
-    struct moe_gguf_writer *w;
-    if (moe_gguf_writer_create(&w, out, &d)) {
-        fprintf(stderr, "moe-gen: %s\n", d.msg);
-        return 1;
-    }
-    char key[128], name[96];
-    const char *a = s->arch;
-#define K(suffix) (snprintf(key, sizeof(key), "%s." suffix, a), key)
-    snprintf(name, sizeof(name), "moe-gen-%s-seed%" PRIu64, a, s->seed);
-    moe_gguf_writer_add_str(w, "general.architecture", a);
+    const int master = s->type == MOE_DTYPE_F32;
+    char key[128];
+#define K(suffix) (snprintf(key, sizeof(key), "%s." suffix, s->arch), key)
+    moe_gguf_writer_add_str(w, "general.architecture", s->arch);
     moe_gguf_writer_add_str(w, "general.name", name);
-    if (!qwen)
-        moe_gguf_writer_add_u32(w, "general.file_type", file_type_of(s->type));
+    if (master)
+        moe_gguf_writer_add_u32(w, "general.file_type", 0);
     moe_gguf_writer_add_u32(w, K("context_length"), (uint32_t)s->n_ctx);
     moe_gguf_writer_add_u32(w, K("embedding_length"), (uint32_t)s->n_embd);
     moe_gguf_writer_add_u32(w, K("block_count"), (uint32_t)s->n_layer);
-    moe_gguf_writer_add_u32(w, K("feed_forward_length"), (uint32_t)(qwen ? 4 * s->n_ff_exp : s->n_ff_exp));
-    if (qwen)
+    if (qwen) {
+        /* as gen_tiny_moe.py: the dense-equivalent FFN width of the used experts */
+        moe_gguf_writer_add_u32(w, K("feed_forward_length"), (uint32_t)(s->n_ff_exp * s->n_expert_used));
         moe_gguf_writer_add_u32(w, K("expert_feed_forward_length"), (uint32_t)s->n_ff_exp);
+    } else {
+        moe_gguf_writer_add_u32(w, K("feed_forward_length"), (uint32_t)s->n_ff_exp);
+    }
     moe_gguf_writer_add_u32(w, K("attention.head_count"), (uint32_t)s->n_head);
     moe_gguf_writer_add_u32(w, K("attention.head_count_kv"), (uint32_t)s->n_head_kv);
     if (qwen) {
@@ -480,95 +609,248 @@ static int write_model(const struct spec *s, const char *out, int quiet)
     moe_gguf_writer_add_u32(w, K("expert_count"), (uint32_t)s->n_expert);
     moe_gguf_writer_add_u32(w, K("expert_used_count"), (uint32_t)s->n_expert_used);
     if (!qwen)
-        moe_gguf_writer_add_u32(w, K("vocab_size"), (uint32_t)v.n);
+        moe_gguf_writer_add_u32(w, K("vocab_size"), (uint32_t)v->n);
 #undef K
     moe_gguf_writer_add_str(w, "tokenizer.ggml.model", qwen ? "gpt2" : "llama");
     moe_gguf_writer_add_str(w, "tokenizer.ggml.pre", qwen ? "qwen2" : "default");
-    moe_gguf_writer_add_str_arr(w, "tokenizer.ggml.tokens", (uint64_t)v.n, (const char *const *)v.tok, v.len);
-    moe_gguf_writer_add_arr(w, "tokenizer.ggml.token_type", MOE_GGUF_INT32, (uint64_t)v.n, v.type);
+    moe_gguf_writer_add_str_arr(w, "tokenizer.ggml.tokens", (uint64_t)v->n, (const char *const *)v->tok, v->len);
+    moe_gguf_writer_add_arr(w, "tokenizer.ggml.token_type", MOE_GGUF_INT32, (uint64_t)v->n, v->type);
     if (qwen) {
-        moe_gguf_writer_add_str_arr(w, "tokenizer.ggml.merges", (uint64_t)v.n_merges,
-                                    (const char *const *)v.merges, NULL);
-        moe_gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", (uint32_t)v.bos);
-        moe_gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", (uint32_t)v.eos);
-        moe_gguf_writer_add_u32(w, "tokenizer.ggml.padding_token_id", (uint32_t)v.pad);
+        moe_gguf_writer_add_str_arr(w, "tokenizer.ggml.merges", (uint64_t)v->n_merges,
+                                    (const char *const *)v->merges, NULL);
+        moe_gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", (uint32_t)v->bos);
+        moe_gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", (uint32_t)v->eos);
+        moe_gguf_writer_add_u32(w, "tokenizer.ggml.padding_token_id", (uint32_t)v->pad);
         moe_gguf_writer_add_str(w, "tokenizer.chat_template", chatml);
-        if (s->type != MOE_DTYPE_F32)
-            moe_gguf_writer_add_u32(w, "general.quantization_version", 2);
-        moe_gguf_writer_add_u32(w, "general.file_type", file_type_of(s->type));
     } else {
-        moe_gguf_writer_add_arr(w, "tokenizer.ggml.scores", MOE_GGUF_FLOAT32, (uint64_t)v.n, v.score);
-        moe_gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", (uint32_t)v.bos);
-        moe_gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", (uint32_t)v.eos);
-        moe_gguf_writer_add_u32(w, "tokenizer.ggml.unknown_token_id", (uint32_t)v.unk);
+        moe_gguf_writer_add_arr(w, "tokenizer.ggml.scores", MOE_GGUF_FLOAT32, (uint64_t)v->n, v->score);
+        moe_gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", (uint32_t)v->bos);
+        moe_gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", (uint32_t)v->eos);
+        moe_gguf_writer_add_u32(w, "tokenizer.ggml.unknown_token_id", (uint32_t)v->unk);
         moe_gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", true);
         moe_gguf_writer_add_bool(w, "tokenizer.ggml.add_eos_token", false);
-        if (s->type != MOE_DTYPE_F32)
-            moe_gguf_writer_add_u32(w, "general.quantization_version", 2);
     }
+    if (!master) {
+        /* llama-quantize sets these last (replacing the master's file_type) */
+        moe_gguf_writer_add_u32(w, "general.quantization_version", 2);
+        moe_gguf_writer_add_u32(w, "general.file_type", file_type_of(s->type));
+    }
+}
+
+/* ---- row generation on worker threads --------------------------------- */
+
+/* One batch: rows [row0, row0 + n_rows) of tensor t into out. Each worker
+ * takes a contiguous share of the rows. */
+struct batch {
+    const struct tensor *t;
+    uint64_t row0, n_rows;
+    size_t row_bytes;
+    uint8_t *out;
+};
+
+struct pool {
+    pthread_mutex_t mu;
+    pthread_cond_t work, done;
+    pthread_t th[MAX_THREADS];
+    int n_threads;
+    uint64_t epoch;         /* bumped for every batch */
+    int busy;               /* workers still on the current batch */
+    int stop;
+    struct batch b;
+    uint64_t seed;
+    size_t max_row;
+};
+
+static void gen_rows(const struct pool *p, const struct batch *b, uint64_t r0, uint64_t r1, float *row)
+{
+    const struct tensor *t = b->t;
+    const uint64_t n = t->ne[0];
+    const float gain = t->init == INIT_ROUTER ? 3.0f : 1.0f;
+    const float scale = t->init == INIT_EMBED ? 1.0f : gain / sqrtf((float)n);
+    for (uint64_t r = r0; r < r1; r++) {
+        struct rng g;
+        rng_seed(&g, p->seed, (uint64_t)t->stream, b->row0 + r);
+        if (t->init == INIT_NORM)
+            for (uint64_t j = 0; j < n; j++)
+                row[j] = 1.0f + 0.1f * rng_normal(&g);
+        else
+            for (uint64_t j = 0; j < n; j++)
+                row[j] = scale * rng_normal(&g);
+        moe_quantize_row(t->type, row, b->out + r * b->row_bytes, (int64_t)n);
+    }
+}
+
+struct worker_arg {
+    struct pool *p;
+    int index;
+};
+
+static void *worker_main(void *arg)
+{
+    struct worker_arg *wa = arg;
+    struct pool *p = wa->p;
+    float *row = xmalloc(p->max_row * sizeof(float));
+    uint64_t seen = 0;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->stop && p->epoch == seen)
+            pthread_cond_wait(&p->work, &p->mu);
+        if (p->stop)
+            break;
+        seen = p->epoch;
+        struct batch b = p->b;
+        pthread_mutex_unlock(&p->mu);
+        uint64_t per = (b.n_rows + (uint64_t)p->n_threads - 1) / (uint64_t)p->n_threads;
+        uint64_t r0 = per * (uint64_t)wa->index, r1 = r0 + per;
+        if (r1 > b.n_rows)
+            r1 = b.n_rows;
+        if (r0 < r1)
+            gen_rows(p, &b, r0, r1, row);
+        pthread_mutex_lock(&p->mu);
+        if (--p->busy == 0)
+            pthread_cond_signal(&p->done);
+    }
+    pthread_mutex_unlock(&p->mu);
+    free(row);
+    return NULL;
+}
+
+static void pool_start(struct pool *p, const struct batch *b)
+{
+    pthread_mutex_lock(&p->mu);
+    p->b = *b;
+    p->busy = p->n_threads;
+    p->epoch++;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->mu);
+}
+
+static void pool_wait(struct pool *p)
+{
+    pthread_mutex_lock(&p->mu);
+    while (p->busy > 0)
+        pthread_cond_wait(&p->done, &p->mu);
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* ---- the file ---------------------------------------------------------- */
+
+static int write_model(const struct spec *s, const char *out, const char *label, int n_threads, int quiet)
+{
+    struct vocab v = { 0 };
+    const int qwen = strcmp(s->arch, "qwen3moe") == 0;
+    int need = qwen ? vocab_bpe(&v, s->n_vocab) : vocab_spm(&v, s->n_vocab);
+    if (need > 0) {
+        fprintf(stderr, "moe-gen: --n-vocab %d is smaller than the built-in vocabulary (%d tokens)\n",
+                s->n_vocab, need);
+        vocab_free(&v);
+        return 2;
+    }
+    static struct model m;
+    m.quiet = quiet;
+    build_tensors(s, &m, v.n);
+
+    struct moe_diag d = { 0 };
+    struct moe_gguf_writer *w;
+    if (moe_gguf_writer_create(&w, out, &d)) {
+        fprintf(stderr, "moe-gen: %s\n", d.msg);
+        vocab_free(&v);
+        return 1;
+    }
+    char name[96];
+    snprintf(name, sizeof(name), "moe-gen-%s-seed%" PRIu64, label, s->seed);
+    add_metadata(w, s, &v, name);
     uint64_t total = 0;
-    for (int i = 0; i < n_tensors; i++) {
+    size_t max_row = 0, max_rb = 0;
+    for (int i = 0; i < m.n; i++) {
+        const struct tensor *t = &m.t[i];
         uint64_t sz = 0;
-        moe_gguf_writer_add_tensor(w, tensors[i].name, tensors[i].n_dims, tensors[i].ne, tensors[i].type, &sz);
+        moe_gguf_writer_add_tensor(w, t->name, t->n_dims, t->ne, t->type, &sz);
         total += sz;
+        size_t rb = moe_dtype_row_bytes(t->type, t->ne[0], NULL);
+        if (t->ne[0] > max_row)
+            max_row = (size_t)t->ne[0];
+        if (rb > max_rb)
+            max_rb = rb;
     }
     moe_gguf_writer_begin_data(w);
 
-    uint64_t max_row = 0;
-    for (int i = 0; i < n_tensors; i++)
-        if (tensors[i].ne[0] > max_row)
-            max_row = tensors[i].ne[0];
-    float *row = malloc(max_row * sizeof(float));
-    uint8_t *q = malloc(max_row * sizeof(float));
-    if (row == NULL || q == NULL) {
-        fprintf(stderr, "moe-gen: out of memory\n");
-        moe_gguf_writer_abort(w);
-        return 1;
+    /* two batch buffers: workers fill one while this thread writes the other */
+    const size_t buf_bytes = max_rb > BATCH_BYTES ? max_rb : BATCH_BYTES;
+    uint8_t *buf[2] = { xmalloc(buf_bytes), xmalloc(buf_bytes) };
+    static struct pool p;
+    struct worker_arg wa[MAX_THREADS];
+    pthread_mutex_init(&p.mu, NULL);
+    pthread_cond_init(&p.work, NULL);
+    pthread_cond_init(&p.done, NULL);
+    p.n_threads = n_threads;
+    p.seed = s->seed;
+    p.max_row = max_row;
+    for (int i = 0; i < n_threads; i++) {
+        wa[i] = (struct worker_arg){ &p, i };
+        if (pthread_create(&p.th[i], NULL, worker_main, &wa[i]) != 0) {
+            fprintf(stderr, "moe-gen: cannot start thread %d\n", i);
+            exit(1);
+        }
     }
     uint64_t done = 0, next_report = 0;
     const int tty = !quiet && isatty(STDERR_FILENO);
-    for (int i = 0; i < n_tensors && !moe_gguf_writer_error(w); i++) {
-        const struct tensor *t = &tensors[i];
-        struct rng r;
-        rng_seed(&r, s->seed, (uint64_t)i);
-        const uint64_t rows = t->ne[1] * t->ne[2];
-        const float gain = t->init == INIT_ROUTER ? 3.0f : 1.0f;
-        const float scale = t->init == INIT_EMBED ? 1.0f : gain / sqrtf((float)t->ne[0]);
-        const size_t rb = moe_dtype_row_bytes(t->type, t->ne[0], NULL);
-        for (uint64_t rr = 0; rr < rows; rr++) {
-            for (uint64_t j = 0; j < t->ne[0]; j++)
-                row[j] = t->init == INIT_NORM ? 1.0f + 0.1f * rng_normal(&r) : scale * rng_normal(&r);
-            moe_quantize_row(t->type, row, q, (int64_t)t->ne[0]);
-            if (moe_gguf_writer_write(w, q, rb))
-                break;
-            done += rb;
-            if (tty && done >= next_report) {
-                fprintf(stderr, "\rmoe-gen: %5.1f%% of %.2f GiB", 100.0 * (double)done / (double)total,
-                        (double)total / (1 << 30));
-                next_report = done + (total >> 8);
+    struct batch pending = { 0 };
+    int have_pending = 0, cur = 0;
+    for (int i = 0; i <= m.n && !moe_gguf_writer_error(w); i++) {
+        const struct tensor *t = i < m.n ? &m.t[i] : NULL;
+        const uint64_t rows = t ? t->ne[1] * t->ne[2] : 0;
+        const size_t rb = t ? moe_dtype_row_bytes(t->type, t->ne[0], NULL) : 0;
+        const uint64_t per_batch = t ? (buf_bytes / rb) : 0;
+        uint64_t r = 0;
+        do {
+            /* start the next batch (if any), then write the one before it */
+            struct batch b = { 0 };
+            if (t) {
+                b = (struct batch){ t, r, rows - r < per_batch ? rows - r : per_batch, rb, buf[cur] };
+                r += b.n_rows;
             }
-        }
+            if (have_pending)
+                pool_wait(&p);
+            if (t)
+                pool_start(&p, &b);
+            if (have_pending) {
+                size_t n = (size_t)(pending.n_rows * pending.row_bytes);
+                if (moe_gguf_writer_write(w, pending.out, n))
+                    break;
+                done += n;
+                if (tty && done >= next_report) {
+                    fprintf(stderr, "\rmoe-gen: %5.1f%% of %.2f GiB", 100.0 * (double)done / (double)total,
+                            (double)total / (1 << 30));
+                    next_report = done + (total >> 8);
+                }
+            }
+            pending = b;
+            have_pending = t != NULL;
+            cur ^= 1;
+        } while (t && r < rows);
     }
+    if (have_pending)
+        pool_wait(&p);
+    pthread_mutex_lock(&p.mu);
+    p.stop = 1;
+    pthread_cond_broadcast(&p.work);
+    pthread_mutex_unlock(&p.mu);
+    for (int i = 0; i < n_threads; i++)
+        pthread_join(p.th[i], NULL);
     if (tty)
         fprintf(stderr, "\n");
-    free(row);
-    free(q);
-    for (int i = 0; i < v.n; i++)
-        free(v.tok[i]);
-    for (int i = 0; i < v.n_merges; i++)
-        free(v.merges[i]);
-    free(v.tok);
-    free(v.len);
-    free(v.type);
-    free(v.score);
-    free(v.merges);
+    free(buf[0]);
+    free(buf[1]);
+    int n_vocab = v.n;
+    vocab_free(&v);
     if (moe_gguf_writer_finish(w, &d)) {
         fprintf(stderr, "moe-gen: %s\n", d.msg);
         return 1;
     }
     if (!quiet)
-        fprintf(stderr, "moe-gen: wrote %s: %s, %d tensors, %.2f MiB of weights, %d-token vocabulary\n",
-                out, s->arch, n_tensors, (double)total / (1 << 20), v.n);
+        fprintf(stderr, "moe-gen: wrote %s: %s %s, %d tensors, %.2f MiB of weights, %d-token vocabulary\n",
+                out, s->arch, moe_dtype_name(s->type), m.n, (double)total / (1 << 20), n_vocab);
     return 0;
 }
 
@@ -580,9 +862,11 @@ static void usage(FILE *f)
             "usage: moe-gen [--preset NAME] [--arch llama|qwen3moe] [--type F32|F16|BF16|Q8_0|Q4_0]\n"
             "               [--seed N] [--n-embd N] [--n-layer N] [--n-head N] [--n-head-kv N]\n"
             "               [--head-dim N] [--n-expert N] [--n-expert-used N] [--n-ff-exp N]\n"
-            "               [--n-vocab N] [--ctx N] [--quiet] -o OUT.gguf\n"
-            "presets (flags after --preset override its values):");
-    for (size_t i = 0; i < sizeof(presets) / sizeof(presets[0]); i++)
+            "               [--n-vocab N] [--ctx N] [--threads N] [--quiet] -o OUT.gguf\n"
+            "A preset gives every value; other flags override it wherever they stand.\n"
+            "Without --preset, --arch llama starts from tiny-mixtral, --arch qwen3moe from\n"
+            "tiny-qwen3moe. presets:");
+    for (size_t i = 0; i < N_PRESETS; i++)
         fprintf(f, " %s", presets[i].name);
     fprintf(f, "\n");
 }
@@ -593,31 +877,63 @@ static int parse_num(const char *flag, const char *v, long lo, long hi, long *ou
     errno = 0;
     long x = v ? strtol(v, &end, 10) : 0;
     if (v == NULL || errno || end == v || *end || x < lo || x > hi) {
-        fprintf(stderr, "moe-gen: %s '%s': expected an integer in %ld..%ld\n", flag, v ? v : "",
-                lo, hi);
+        fprintf(stderr, "moe-gen: %s '%s': expected an integer in %ld..%ld\n", flag, v ? v : "", lo, hi);
         return -1;
     }
     *out = x;
     return 0;
 }
 
+static int find_preset(const char *name)
+{
+    for (size_t k = 0; k < N_PRESETS; k++)
+        if (strcmp(presets[k].name, name) == 0)
+            return (int)k;
+    return -1;
+}
+
 int main(int argc, char **argv)
 {
-    struct spec s = presets[0].s;
+    /* pass 1: the base values (--preset, else --arch's tiny model) */
+    int base = 0;
+    const char *label = NULL;
+    for (int i = 1; i + 1 < argc; i++) {
+        if (strcmp(argv[i], "--preset") == 0) {
+            base = find_preset(argv[i + 1]);
+            if (base < 0) {
+                fprintf(stderr, "moe-gen: unknown preset '%s'\n", argv[i + 1]);
+                usage(stderr);
+                return 2;
+            }
+            label = argv[i + 1];
+        }
+    }
+    if (label == NULL) {
+        for (int i = 1; i + 1 < argc; i++)
+            if (strcmp(argv[i], "--arch") == 0 && strcmp(argv[i + 1], "qwen3moe") == 0)
+                base = find_preset("tiny-qwen3moe");
+    }
+    struct spec s = presets[base].s;
     const char *out = NULL;
     int quiet = 0;
+    long n_threads = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n_threads < 1)
+        n_threads = 1;
+    if (n_threads > MAX_THREADS)
+        n_threads = MAX_THREADS;
+    /* pass 2: everything */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         long x = 0;
-        struct { const char *flag; int *dst; long lo, hi; } nums[] = {
-            { "--n-embd", &s.n_embd, 32, 65536 }, { "--n-layer", &s.n_layer, 1, 256 },
+        const struct { const char *flag; int *dst; long lo, hi; } nums[] = {
+            { "--n-embd", &s.n_embd, 32, 65536 }, { "--n-layer", &s.n_layer, 1, MAX_LAYERS },
             { "--n-head", &s.n_head, 1, 1024 }, { "--n-head-kv", &s.n_head_kv, 1, 1024 },
             { "--head-dim", &s.head_dim, 2, 1024 }, { "--n-expert", &s.n_expert, 1, 1024 },
-            { "--n-expert-used", &s.n_expert_used, 1, 1024 }, { "--n-ff-exp", &s.n_ff_exp, 32, 1 << 20 },
+            { "--n-expert-used", &s.n_expert_used, 1, 1024 }, { "--n-ff-exp", &s.n_ff_exp, 1, 1 << 20 },
             { "--n-vocab", &s.n_vocab, 0, 1 << 22 }, { "--ctx", &s.n_ctx, 1, 1 << 24 },
         };
         int matched = 0;
-        for (size_t k = 0; k < sizeof(nums) / sizeof(nums[0]); k++) {
+        for (size_t k = 0; k < sizeof(nums) / sizeof(nums[0]) && !matched; k++) {
             if (strcmp(a, nums[k].flag) == 0) {
                 if (parse_num(a, v, nums[k].lo, nums[k].hi, &x))
                     return 2;
@@ -629,16 +945,7 @@ int main(int argc, char **argv)
         if (matched)
             continue;
         if (strcmp(a, "--preset") == 0 && v) {
-            size_t k = 0;
-            while (k < sizeof(presets) / sizeof(presets[0]) && strcmp(presets[k].name, v) != 0)
-                k++;
-            if (k == sizeof(presets) / sizeof(presets[0])) {
-                fprintf(stderr, "moe-gen: unknown preset '%s'\n", v);
-                usage(stderr);
-                return 2;
-            }
-            s = presets[k].s;
-            i++;
+            i++; /* applied in pass 1 */
         } else if (strcmp(a, "--arch") == 0 && v) {
             if (strcmp(v, "llama") != 0 && strcmp(v, "qwen3moe") != 0) {
                 fprintf(stderr, "moe-gen: --arch '%s': expected llama or qwen3moe\n", v);
@@ -664,6 +971,10 @@ int main(int argc, char **argv)
             }
             s.seed = sd;
             i++;
+        } else if (strcmp(a, "--threads") == 0) {
+            if (parse_num(a, v, 1, MAX_THREADS, &n_threads))
+                return 2;
+            i++;
         } else if (strcmp(a, "-o") == 0 && v) {
             out = v;
             i++;
@@ -687,13 +998,22 @@ int main(int argc, char **argv)
         fprintf(stderr, "moe-gen: --n-head %d is not a multiple of --n-head-kv %d\n", s.n_head, s.n_head_kv);
         return 2;
     }
-    if (s.n_expert_used > s.n_expert) {
-        fprintf(stderr, "moe-gen: --n-expert-used %d exceeds --n-expert %d\n", s.n_expert_used, s.n_expert);
-        return 2;
-    }
     if (s.head_dim % 2 != 0) {
         fprintf(stderr, "moe-gen: --head-dim %d must be even (RoPE rotates pairs)\n", s.head_dim);
         return 2;
     }
-    return write_model(&s, out, quiet);
+    if (strcmp(s.arch, "llama") == 0 && s.n_head * s.head_dim != s.n_embd) {
+        /* llama files carry no key_length: llama.cpp derives the head size
+         * as n_embd / n_head */
+        fprintf(stderr, "moe-gen: --arch llama needs --n-head x --head-dim = --n-embd (%d x %d = %d, not %d)\n",
+                s.n_head, s.head_dim, s.n_head * s.head_dim, s.n_embd);
+        return 2;
+    }
+    if (s.n_expert_used > s.n_expert) {
+        fprintf(stderr, "moe-gen: --n-expert-used %d exceeds --n-expert %d\n", s.n_expert_used, s.n_expert);
+        return 2;
+    }
+    if (label == NULL)
+        label = s.arch;
+    return write_model(&s, out, label, (int)n_threads, quiet);
 }

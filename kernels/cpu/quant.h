@@ -1,19 +1,80 @@
 /* Weight quantizers: float32 rows to GGUF block types, bit-exact with
- * llama-quantize (ggml's reference quantizers, no importance matrix) for
- * the types here: F16 and BF16 (round to nearest even), Q8_0 (d = amax/127,
- * q = roundf(x/d)), Q4_0 (d = max/-8 with max the signed largest-magnitude
- * value, q = min(15, (int8)(x/d + 8.5))).
- * Used by the test-model generator; never on a hot path. */
+ * llama-quantize (ggml's reference quantizers quantize_row_*_ref, no
+ * importance matrix), and the matching dequantizers for the same types.
+ *
+ * Rules (facts of the formats, see ggml-common.h / ggml-quants.c):
+ *   F16   IEEE binary16, round to nearest even, overflow to inf, subnormals
+ *         kept, NaN stays a quiet NaN (kernels/fp16.h).
+ *   BF16  the high half of the float32, rounded to nearest even; NaN forced
+ *         quiet (ggml_compute_fp32_to_bf16).
+ *   Q8_0  blocks of 32: d = amax / 127, q = roundf(x / d) (as x * (1/d)).
+ *   Q4_0  blocks of 32: max = the element of largest magnitude (first one on
+ *         ties), with its sign; d = max / -8; q = min(15, (int8)(x/d + 8.5));
+ *         byte j holds element j in its low nibble and j + 16 in its high one.
+ * d is stored as F16 (a block whose d underflows F16 dequantizes to zeros).
+ * An all-zero block gets d = +0 and codes 0 (Q8_0) or d = -0 (0 / -8, as
+ * ggml computes it) and codes 8 (Q4_0); both dequantize to 0.
+ *
+ * Every function here is pure: no allocation, no global state, thread-safe.
+ * Row lengths n must be a multiple of the block size for the block types
+ * (checked by moe_quantize_row; the typed functions assert it). Multi-byte
+ * fields are little-endian, like the host (asserted at compile time).
+ * Used by the test-model generator and the tests; never on a hot path.
+ */
 #ifndef MOE_KERNELS_CPU_QUANT_H
 #define MOE_KERNELS_CPU_QUANT_H
 
 #include <stdint.h>
 
-/* Whether moe_quantize_row can write type t. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_QK8_0 32
+#define MOE_QK4_0 32
+
+/* ggml's block_q8_0: 34 bytes. d is F16 bits. */
+struct moe_block_q8_0 {
+    uint16_t d;
+    int8_t   qs[MOE_QK8_0];
+};
+
+/* ggml's block_q4_0: 18 bytes. d is F16 bits; nibbles as described above. */
+struct moe_block_q4_0 {
+    uint16_t d;
+    uint8_t  qs[MOE_QK4_0 / 2];
+};
+
+#ifndef __cplusplus
+/* Must match the type sizes in kernels/dtype.c (tests/unit/test_quant.c
+ * checks the table too). */
+_Static_assert(sizeof(struct moe_block_q8_0) == 34, "block_q8_0 is 34 bytes");
+_Static_assert(sizeof(struct moe_block_q4_0) == 18, "block_q4_0 is 18 bytes");
+#endif
+
+/* Element-wise conversions of n values. */
+void moe_quantize_row_f16(const float *x, uint16_t *y, int64_t n);
+void moe_quantize_row_bf16(const float *x, uint16_t *y, int64_t n);
+void moe_dequantize_row_f16(const uint16_t *x, float *y, int64_t n);
+void moe_dequantize_row_bf16(const uint16_t *x, float *y, int64_t n);
+
+/* n floats (a multiple of 32) to n / 32 blocks, and back. */
+void moe_quantize_row_q8_0(const float *x, struct moe_block_q8_0 *y, int64_t n);
+void moe_quantize_row_q4_0(const float *x, struct moe_block_q4_0 *y, int64_t n);
+void moe_dequantize_row_q8_0(const struct moe_block_q8_0 *x, float *y, int64_t n);
+void moe_dequantize_row_q4_0(const struct moe_block_q4_0 *x, float *y, int64_t n);
+
+/* Whether moe_quantize_row can write type t (an enum moe_dtype id):
+ * F32, F16, BF16, Q8_0, Q4_0. */
 int moe_quantize_supported(uint32_t t);
 
-/* Writes n floats as type t; n a multiple of the block size. Returns 0,
- * -EINVAL (bad n) or MOE_EUNSUPPORTED. */
+/* Writes n floats as type t into dst (moe_dtype_row_bytes(t, n) bytes, no
+ * alignment needed). Returns 0, -EINVAL when n is negative or not a
+ * multiple of the block size, MOE_EUNSUPPORTED for other types. */
 int moe_quantize_row(uint32_t t, const float *src, void *dst, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
