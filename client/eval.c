@@ -209,7 +209,7 @@ static void usage(FILE *f, int run)
                    "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
                    " [--seed S] [--threads N] [--ctx N] [--kv-f16] [--stats]\n"
                    "                  [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy lru|lfu|layer]\n"
-                   "                  [--prefetch none|gate] [--prefetch-depth D] [--force-pread]\n"
+                   "                  [--prefetch none|gate|history] [--prefetch-depth D] [--force-pread]\n"
                    "                  (MODEL may be a GGUF or a .moe pack)\n"
                    "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
                    "--stats prints prefill and decode speed as one JSON line on stderr.\n");
@@ -287,8 +287,8 @@ static int eval_or_run(int argc, char **argv, int mode)
         case OPT_SYSTEM: if (!chat) goto bad_opt; system_msg = optarg; break;
         case OPT_TEMPLATE: if (!chat) goto bad_opt; template_name = optarg; break;
         case OPT_PREFETCH:
-            if (strcmp(optarg, "none") != 0 && strcmp(optarg, "gate") != 0) {
-                fprintf(stderr, "moectl: --prefetch '%s': expected none or gate\n", optarg);
+            if (strcmp(optarg, "none") != 0 && strcmp(optarg, "gate") != 0 && strcmp(optarg, "history") != 0) {
+                fprintf(stderr, "moectl: --prefetch '%s': expected none, gate or history\n", optarg);
                 return 2;
             }
             prefetch = optarg;

@@ -109,7 +109,13 @@ struct moe_model {
     int32_t *pend_l, *pend_e, *pend_state; /* per-layer acquisition bookkeeping [n_expert] */
     int32_t step;                        /* token steps run, for the cache policy */
     int prefetch_depth;                  /* 0 = off */
+    bool prefetch_history;               /* history predictor instead of speculative gating */
     float *pf_x;                         /* [n_embd] prefetch scratch */
+    /* history predictor: per layer, counts of (expert chosen at the previous
+     * token) -> (expert chosen now), and of (expert chosen at the previous
+     * layer, same token) -> (expert chosen now) */
+    uint32_t *tr_tok, *tr_layer;         /* [n_layer][n_expert][n_expert] */
+    int32_t *last_ids;                   /* [n_layer][k]: the latest token's choice, -1 = none */
 };
 
 struct moe_seq {
@@ -771,8 +777,20 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
         return moe_diag_set(diag, -EINVAL, "cache policy '%s': expected lru, lfu or layer",
                             o->cache_policy);
     if (o->prefetch && strcmp(o->prefetch, "none") != 0) {
-        if (strcmp(o->prefetch, "gate") != 0)
-            return moe_diag_set(diag, -EINVAL, "prefetch '%s': expected none or gate", o->prefetch);
+        if (strcmp(o->prefetch, "gate") != 0 && strcmp(o->prefetch, "history") != 0)
+            return moe_diag_set(diag, -EINVAL, "prefetch '%s': expected none, gate or history",
+                                o->prefetch);
+        m->prefetch_history = strcmp(o->prefetch, "history") == 0;
+        if (m->prefetch_history) {
+            const size_t nn = (size_t)c->n_layer * (size_t)c->n_expert * (size_t)c->n_expert;
+            m->tr_tok = moe_calloc(nn, sizeof(uint32_t));
+            m->tr_layer = moe_calloc(nn, sizeof(uint32_t));
+            m->last_ids = moe_malloc((size_t)c->n_layer * (size_t)c->n_expert_used * sizeof(int32_t));
+            if (!m->tr_tok || !m->tr_layer || !m->last_ids)
+                return moe_diag_set(diag, -ENOMEM, "history predictor: out of memory");
+            for (int i = 0; i < c->n_layer * c->n_expert_used; i++)
+                m->last_ids[i] = -1;
+        }
         m->prefetch_depth = o->prefetch_depth > 0 ? o->prefetch_depth : 1;
         if (m->prefetch_depth > c->n_layer)
             m->prefetch_depth = c->n_layer;
@@ -905,6 +923,9 @@ void moe_model_free(struct moe_model *m)
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         moe_free(bufs[i]);
     moe_free(m->pf_x);
+    moe_free(m->tr_tok);
+    moe_free(m->tr_layer);
+    moe_free(m->last_ids);
     moe_free(m->pend_l);
     moe_free(m->pend_e);
     moe_free(m->pend_state);
@@ -1231,6 +1252,8 @@ static int experts_cached(struct moe_model *m, int il, int64_t n)
     return rc;
 }
 
+static void history_learn(struct moe_model *m, int il, int64_t n);
+
 static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_route_fn route,
                      void *ud)
 {
@@ -1252,6 +1275,8 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
     if (route)
         for (int64_t t = 0; t < n; t++)
             route(ud, tok0 + t, il, m->ids + t * K, m->weights + t * K, K);
+    if (m->prefetch_history)
+        history_learn(m, il, n);
 
     /* Group (token, slot) pairs by expert. */
     memset(m->expert_count, 0, (size_t)c->n_expert * sizeof(int32_t));
@@ -1318,6 +1343,73 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
  * (residual streams change slowly) to start loading them while layer L+1's
  * attention runs. Loads are low priority, bounded, and never evict an
  * expert pinned or predicted for this step. */
+/* Learns the transitions of layer il from this batch's routing (token by
+ * token: the previous token's choice at il, and this token's at il - 1),
+ * then remembers the last token's choice. */
+static void history_learn(struct moe_model *m, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const int K = c->n_expert_used, X = c->n_expert;
+    uint32_t *tt = m->tr_tok + (size_t)il * X * X, *tl = m->tr_layer + (size_t)il * X * X;
+    int32_t *last = m->last_ids + (size_t)il * K;
+    const int prev_l = il - 1 >= 0 && m->layers[il - 1].moe ? il - 1 : -1;
+    for (int64_t t = 0; t < n; t++) {
+        const int32_t *cur = m->ids + t * K;
+        for (int a = 0; a < K; a++) {
+            if (last[a] >= 0)
+                for (int b = 0; b < K; b++)
+                    tt[(size_t)last[a] * X + cur[b]]++;
+            /* the previous layer's choice for this token: only the last
+             * token's is kept (last_ids of il - 1 was updated before us) */
+            if (prev_l >= 0 && t == n - 1) {
+                const int32_t p = m->last_ids[(size_t)prev_l * K + a];
+                if (p >= 0)
+                    for (int b = 0; b < K; b++)
+                        tl[(size_t)p * X + cur[b]]++;
+            }
+        }
+        memcpy(last, cur, (size_t)K * sizeof(int32_t));
+    }
+}
+
+/* History predictor: after layer il, predict layer il + d's experts from the
+ * counts: what followed the previous token's experts at that layer, plus (for
+ * the next layer) what followed this token's experts at layer il. */
+static void prefetch_history(struct moe_model *m, int il)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const int K = c->n_expert_used, X = c->n_expert;
+    const int max_inflight = K * m->prefetch_depth;
+    float score[1024];
+    for (int d = 1; d <= m->prefetch_depth && il + d < c->n_layer; d++) {
+        const int l = il + d;
+        if (!m->layers[l].moe)
+            continue;
+        memset(score, 0, (size_t)X * sizeof(float));
+        const uint32_t *tt = m->tr_tok + (size_t)l * X * X, *tl = m->tr_layer + (size_t)l * X * X;
+        for (int a = 0; a < K; a++) {
+            const int32_t p = m->last_ids[(size_t)l * K + a];
+            if (p >= 0)
+                for (int e = 0; e < X; e++)
+                    score[e] += (float)tt[(size_t)p * X + e];
+            const int32_t q = d == 1 && m->layers[il].moe ? m->last_ids[(size_t)il * K + a] : -1;
+            if (q >= 0)
+                for (int e = 0; e < X; e++)
+                    score[e] += (float)tl[(size_t)q * X + e];
+        }
+        for (int k = 0; k < K; k++) {
+            int best = -1;
+            for (int e = 0; e < X; e++)
+                if (score[e] > 0.0f && (best < 0 || score[e] > score[best]))
+                    best = e;
+            if (best < 0)
+                break;
+            score[best] = -1.0f;
+            moe_expert_cache_prefetch(m->cache, l, best, m->step, max_inflight);
+        }
+    }
+}
+
 static void prefetch_gate(struct moe_model *m, int il, int64_t n)
 {
     const struct moe_model_cfg *c = &m->cfg;
@@ -1358,8 +1450,12 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
     for (int il = 0; il < c->n_layer; il++) {
         TRY(attention_block(m, s, il, n));
         TRY(moe_block(m, il, n, tok0, route, ud));
-        if (m->prefetch_depth > 0 && n <= 4)
-            prefetch_gate(m, il, n);
+        if (m->prefetch_depth > 0 && n <= 4) {
+            if (m->prefetch_history)
+                prefetch_history(m, il);
+            else
+                prefetch_gate(m, il, n);
+        }
     }
     s->pos += (int)n;
     m->step++;

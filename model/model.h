@@ -82,9 +82,10 @@ struct moe_model_opts {
     size_t cache_bytes;
     int cache_experts;
     const char *cache_policy;   /* "lru", "lfu", "layer" (default) */
-    const char *prefetch;       /* "none" (default) or "gate": after layer L, apply the routers
+    const char *prefetch;       /* "none" (default); "gate": after layer L, apply the routers
                                  * of layers L+1..L+depth to the hidden state and load their
-                                 * predicted experts at low priority */
+                                 * predicted experts at low priority; "history": predict them
+                                 * from transition counts (previous token, previous layer) */
     int prefetch_depth;         /* default 1 */
     bool force_pread;           /* expert reads without io_uring */
 };

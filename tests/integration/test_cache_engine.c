@@ -84,12 +84,14 @@ static void check_model(const char *file, int k)
         { pack_raw, -1, "layer", 0 }, { path, -1, "lru", 0 }, { pack, -1, "lfu", 0 },
         /* prefetch on: still bit-identical, at the minimum and random budgets */
         { path, k, "layer", 1 }, { pack, -1, "lru", 2 }, { pack_raw, -1, "layer", 1 },
+        /* history predictor (prefetch -1 below: mode history, depth 1 or 2) */
+        { path, k, "lru", -1 }, { pack, -1, "layer", -2 },
     };
     for (size_t r = 0; r < sizeof(runs) / sizeof(runs[0]); r++) {
         struct moe_model_opts o = base;
         o.cache_policy = runs[r].policy;
-        o.prefetch = runs[r].prefetch ? "gate" : NULL;
-        o.prefetch_depth = runs[r].prefetch;
+        o.prefetch = runs[r].prefetch > 0 ? "gate" : runs[r].prefetch < 0 ? "history" : NULL;
+        o.prefetch_depth = runs[r].prefetch < 0 ? -runs[r].prefetch : runs[r].prefetch;
         o.cache_experts = runs[r].experts;
         if (runs[r].experts < 0) /* a random budget between the minimum and 3x it */
             o.cache_experts = k + (int)(rand_r(&seed) % (unsigned)(2 * k + 1));
