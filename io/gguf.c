@@ -912,6 +912,8 @@ int moe_gguf_pread(const struct moe_gguf *g, const struct moe_gguf_tensor *t,
     if (off > t->size || n > t->size - off)
         return moe_diag_set(diag, -EINVAL, "%s: tensor '%s': read of %zu bytes at %" PRIu64
                             " past its %" PRIu64 " bytes", g->name, t->name, n, off, t->size);
+    if (n == 0)
+        return 0; /* dst may be NULL */
     uint64_t pos = g->data_offset + t->offset + off;
     if (g->mem != NULL) {
         memcpy(dst, g->mem + pos, n);

@@ -9,8 +9,10 @@
  * for overflow; caps below bound metadata, strings, dims and alignment.
  * Tensors must be known types, have 1..4 dims each >= 1, rows a multiple of
  * the block size, offsets aligned, inside the data section, not overlapping.
- * Keys and tensor names must be unique. Any violation is MOE_EFORMAT (or
- * MOE_ELIMIT for a cap) with a message naming the file and the field.
+ * Keys and tensor names must be unique. Any violation is MOE_EFORMAT with a
+ * message naming the file and the field, except: MOE_ELIMIT for the string,
+ * nesting and total-metadata caps, MOE_EUNSUPPORTED for GGUF v1 and
+ * big-endian files (doc/gguf.md has the table).
  *
  * Ownership: the struct moe_gguf owns everything it returns; pointers from
  * getters stay valid until moe_gguf_close(). Strings in values are NOT

@@ -1,7 +1,8 @@
 /* Writes the handmade part of the GGUF seed corpus (tests/corpus/gguf/):
  * the builder's valid file, its vocab-only and v2 forms, and one file per
  * corruption of the corrupt-file table. Run once when the table grows:
- *   build/tests/fuzz/make_corpus_gguf tests/corpus/gguf */
+ *   build/tests/fuzz/make_corpus_gguf tests/corpus/gguf
+ * (the builder is deterministic: existing files are rewritten unchanged). */
 #include <stdio.h>
 
 #include "tests/unit/gguf_builder.h"
@@ -61,5 +62,29 @@ int main(int argc, char **argv)
     CASE("dup-tensor", s.t[1].name = "t.f32");
     CASE("truncated-data", s.cut_tail = 10);
     CASE("truncated-header", s.cut_tail = 700);
+    CASE("type-5", s.t[1].type = 5);
+    CASE("n-dims-0", s.t[1].n_dims = 0);
+    CASE("bytes-overflow", s.t[0].ne[0] = 1ull << 40; s.t[0].ne[1] = 1ull << 22);
+    CASE("row-not-block", s.t[2].ne[0] = 48);
+    CASE("size-crosses-eof", s.t[2].offset = 384);
+    CASE("overlap-partial", s.t[2].offset = 224);
+    CASE("name-63", s.t[0].name = "012345678901234567890123456789012345678901234567890123456789012");
+    CASE("nesting-8", s.nest_depth = MOE_GGUF_MAX_DEPTH);
+    CASE("align-1", s.alignment = 1);
+    CASE("align-0", s.alignment = 0);
+    CASE("array-len-u8-2-62", s.empty_len = 1ull << 62);
+    /* raw extra kvs: a bool array with a 2, a u64 array whose byte size wraps */
+    static const uint8_t bools[] = { 7, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0 };
+    static const uint8_t wrap[] = { 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20, 0, 0, 0, 0 };
+    struct gb kv;
+    gb_kv_raw(&kv, "test.bools", 10, MOE_GGUF_ARRAY, bools, sizeof(bools));
+    CASE("bool-array-2", s.extra_kv = kv.p; s.extra_kv_len = kv.len);
+    free(kv.p);
+    gb_kv_raw(&kv, "test.big", 8, MOE_GGUF_ARRAY, wrap, sizeof(wrap));
+    CASE("array-bytes-wrap", s.extra_kv = kv.p; s.extra_kv_len = kv.len);
+    free(kv.p);
+    gb_kv_raw(&kv, "bad\0key", 7, MOE_GGUF_UINT8, "", 1);
+    CASE("key-nul", s.extra_kv = kv.p; s.extra_kv_len = kv.len);
+    free(kv.p);
     return rc;
 }

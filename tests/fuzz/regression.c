@@ -1,8 +1,16 @@
-/* Replays fuzz inputs through LLVMFuzzerTestOneInput in ordinary builds:
- * every regular file under the directories (or files) given, in sorted
- * order, each with a time limit (MOE_FUZZ_TIMEOUT seconds, default 10).
- * A crash or sanitizer report ends the process; a hang is killed by the
- * alarm. Prints how many inputs ran. */
+/* Replays fuzz inputs through LLVMFuzzerTestOneInput in ordinary builds (the
+ * zstd tests/fuzz/regression_driver.c pattern), so that CI runs every
+ * corpus file without libFuzzer:
+ *
+ *   fuzz_<x>_replay DIR|FILE...
+ *
+ * Every regular file under the arguments (directories recursively, entries
+ * in sorted order, dot files skipped) is read into an exact-size heap buffer
+ * (so ASan sees any read past the input) and run under a time limit
+ * (MOE_FUZZ_TIMEOUT seconds, default 10). A hang, a crash or a sanitizer
+ * report ends the process with the input's path on stderr; otherwise it
+ * prints how many inputs ran and exits 0 (1 if an argument could not be
+ * read or held no input). */
 #include <dirent.h>
 #include <signal.h>
 #include <stdint.h>
@@ -14,33 +22,57 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+/* Present in ASan/UBSan builds only: run when a sanitizer ends the process. */
+void __sanitizer_set_death_callback(void (*callback)(void)) __attribute__((weak));
+
 static const char *current;
 static int n_run;
+
+static void say_current(const char *what)
+{
+    /* async-signal-safe: write(2) only */
+    if (current == NULL)
+        return;
+    ssize_t r = write(2, what, strlen(what));
+    r += write(2, current, strlen(current));
+    r += write(2, "\n", 1);
+    (void)r;
+}
 
 static void on_alarm(int sig)
 {
     (void)sig;
-    static const char msg[] = "regression: input timed out: ";
-    write(2, msg, sizeof(msg) - 1);
-    write(2, current, strlen(current));
-    write(2, "\n", 1);
+    say_current("regression: input timed out: ");
     _exit(1);
 }
 
-static int run_file(const char *path)
+static void on_fatal(int sig)
+{
+    say_current("regression: crashed on input: ");
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void on_sanitizer_death(void)
+{
+    say_current("regression: sanitizer report on input: ");
+}
+
+static uint8_t *read_all(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");
-    if (f == NULL) {
-        perror(path);
-        return -1;
-    }
+    if (f == NULL)
+        return NULL;
     size_t cap = 4096, n = 0;
     uint8_t *buf = malloc(cap);
-    for (;;) {
+    while (buf != NULL) {
         if (n == cap) {
             uint8_t *nb = realloc(buf, cap *= 2);
-            if (nb == NULL)
+            if (nb == NULL) {
+                free(buf);
+                buf = NULL;
                 break;
+            }
             buf = nb;
         }
         size_t r = fread(buf + n, 1, cap - n, f);
@@ -48,17 +80,36 @@ static int run_file(const char *path)
             break;
         n += r;
     }
+    if (buf != NULL && ferror(f)) {
+        free(buf);
+        buf = NULL;
+    }
     fclose(f);
-    /* exact-size copy so that sanitizers catch reads past the input */
+    if (buf == NULL)
+        return NULL;
+    /* exact size, so that a read one past the end is an ASan report */
     uint8_t *exact = malloc(n ? n : 1);
-    memcpy(exact, buf, n);
+    if (exact != NULL && n)
+        memcpy(exact, buf, n);
     free(buf);
-    const char *t = getenv("MOE_FUZZ_TIMEOUT");
+    *len = n;
+    return exact;
+}
+
+static int run_file(const char *path, unsigned timeout)
+{
+    size_t n = 0;
+    uint8_t *data = read_all(path, &n);
+    if (data == NULL) {
+        perror(path);
+        return -1;
+    }
     current = path;
-    alarm(t && atoi(t) > 0 ? (unsigned)atoi(t) : 10);
-    LLVMFuzzerTestOneInput(exact, n);
+    alarm(timeout);
+    LLVMFuzzerTestOneInput(data, n);
     alarm(0);
-    free(exact);
+    current = NULL;
+    free(data);
     n_run++;
     return 0;
 }
@@ -68,7 +119,7 @@ static int cmp(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-static int run_path(const char *path)
+static int run_path(const char *path, unsigned timeout)
 {
     struct stat st;
     if (stat(path, &st) != 0) {
@@ -76,29 +127,43 @@ static int run_path(const char *path)
         return -1;
     }
     if (!S_ISDIR(st.st_mode))
-        return S_ISREG(st.st_mode) ? run_file(path) : 0;
+        return S_ISREG(st.st_mode) ? run_file(path, timeout) : 0;
     DIR *d = opendir(path);
     if (d == NULL) {
         perror(path);
         return -1;
     }
     char **names = NULL;
-    size_t n = 0;
+    size_t n = 0, cap = 0;
+    int rc = 0;
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         if (e->d_name[0] == '.')
             continue;
-        names = realloc(names, (n + 1) * sizeof(char *));
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            char **nn = realloc(names, cap * sizeof(char *));
+            if (nn == NULL) {
+                rc = -1;
+                break;
+            }
+            names = nn;
+        }
         size_t len = strlen(path) + strlen(e->d_name) + 2;
-        names[n] = malloc(len);
+        if ((names[n] = malloc(len)) == NULL) {
+            rc = -1;
+            break;
+        }
         snprintf(names[n], len, "%s/%s", path, e->d_name);
         n++;
     }
     closedir(d);
-    qsort(names, n, sizeof(char *), cmp);
-    int rc = 0;
+    if (rc != 0)
+        fprintf(stderr, "%s: out of memory listing the directory\n", path);
+    if (n)
+        qsort(names, n, sizeof(char *), cmp);
     for (size_t i = 0; i < n; i++) {
-        rc |= run_path(names[i]);
+        rc |= run_path(names[i], timeout);
         free(names[i]);
     }
     free(names);
@@ -108,13 +173,28 @@ static int run_path(const char *path)
 int main(int argc, char **argv)
 {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s DIR|FILE...\n", argv[0]);
+        fprintf(stderr, "usage: %s DIR|FILE...\n"
+                "Replays every file through the fuzz entry; MOE_FUZZ_TIMEOUT = seconds per input"
+                " (default 10).\n", argv[0]);
         return 2;
     }
+    const char *t = getenv("MOE_FUZZ_TIMEOUT");
+    unsigned timeout = t && atoi(t) > 0 ? (unsigned)atoi(t) : 10;
     signal(SIGALRM, on_alarm);
+    /* A trap (SIGILL) or abort names the input in every build; SEGV and the
+     * like are left to the sanitizers' own handlers when they are there. */
+    signal(SIGILL, on_fatal);
+    signal(SIGABRT, on_fatal);
+    if (__sanitizer_set_death_callback != NULL) {
+        __sanitizer_set_death_callback(on_sanitizer_death);
+    } else {
+        signal(SIGSEGV, on_fatal);
+        signal(SIGBUS, on_fatal);
+        signal(SIGFPE, on_fatal);
+    }
     int rc = 0;
     for (int i = 1; i < argc; i++)
-        rc |= run_path(argv[i]);
+        rc |= run_path(argv[i], timeout);
     printf("regression: %d inputs replayed\n", n_run);
     if (n_run == 0) {
         fprintf(stderr, "regression: no inputs found\n");
