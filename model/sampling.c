@@ -3,6 +3,7 @@
 #include <stdlib.h>
 
 #include "common/alloc.h"
+#include "common/rng.h"
 #include "model/sampling.h"
 
 struct cand {
@@ -47,32 +48,6 @@ int moe_sampler_params_check(const struct moe_sampler_params *p, struct moe_diag
     return 0;
 }
 
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static uint64_t rotl(uint64_t x, int k)
-{
-    return (x << k) | (x >> (64 - k));
-}
-
-/* xoshiro256** */
-static uint64_t next_u64(uint64_t *s)
-{
-    const uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return r;
-}
-
 int moe_sampler_create(struct moe_sampler **out, const struct moe_sampler_params *p, int n_vocab,
                        struct moe_diag *diag)
 {
@@ -91,7 +66,7 @@ int moe_sampler_create(struct moe_sampler **out, const struct moe_sampler_params
     s->n_vocab = n_vocab;
     uint64_t x = p->seed;
     for (int i = 0; i < 4; i++)
-        s->rng[i] = splitmix64(&x);
+        s->rng[i] = moe_splitmix64(&x);
     *out = s;
     return 0;
 }
@@ -215,7 +190,7 @@ int32_t moe_sampler_sample(struct moe_sampler *s, float *logits, const int32_t *
         s->c[i].p = expf((s->c[i].logit - s->c[0].logit) / p->temperature);
         sum += s->c[i].p;
     }
-    double r = (double)(next_u64(s->rng) >> 11) * 0x1.0p-53 * sum, acc = 0.0;
+    double r = (double)(moe_xoshiro256ss(s->rng) >> 11) * 0x1.0p-53 * sum, acc = 0.0;
     for (int i = 0; i < m; i++) {
         acc += s->c[i].p;
         if (r < acc)

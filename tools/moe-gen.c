@@ -37,6 +37,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/rng.h"
 #include "io/gguf_writer.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/dtype.h"
@@ -94,40 +95,19 @@ struct rng {
     uint64_t s[4];
 };
 
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* One stream per (seed, tensor, row): the key is unique for a given seed
  * (tensor < 2^24, row < 2^40) and splitmix64 spreads it over the state. */
 static void rng_seed(struct rng *r, uint64_t seed, uint64_t tensor, uint64_t row)
 {
     uint64_t x = seed;
-    uint64_t k = splitmix64(&x) ^ (tensor << 40) ^ row;
+    uint64_t k = moe_splitmix64(&x) ^ (tensor << 40) ^ row;
     for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&k);
-}
-
-static inline uint64_t rotl(uint64_t x, int k)
-{
-    return (x << k) | (x >> (64 - k));
+        r->s[i] = moe_splitmix64(&k);
 }
 
 static inline uint64_t rng_next(struct rng *r)
 {
-    uint64_t *s = r->s;
-    const uint64_t out = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return out;
+    return moe_xoshiro256ss(r->s);
 }
 
 /* Approximately N(0, 1): the sum of four 16-bit uniforms, centred and

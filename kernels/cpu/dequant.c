@@ -20,6 +20,7 @@
 
 #include "common/error.h"
 #include "kernels/cpu/dequant.h"
+#include "kernels/cpu/blocks-impl.h"
 #include "kernels/fp16.h"
 
 #define QK_K 256
@@ -155,29 +156,16 @@ static void dq_q3_k(const uint8_t *b, float *y, int64_t nb)
     }
 }
 
-/* The 12-byte scale/min packing of Q4_K and Q5_K: 8 six-bit scales and 8
- * six-bit mins. */
-static inline void k4_scale_min(int j, const uint8_t *q, uint8_t *sc, uint8_t *m)
-{
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (uint8_t)((q[j + 4] & 0xf) | (q[j - 4] >> 6) << 4);
-        *m = (uint8_t)((q[j + 4] >> 4) | (q[j] >> 6) << 4);
-    }
-}
-
 static void dq_q4_k(const uint8_t *b, float *y, int64_t nb)
 {
     for (int64_t i = 0; i < nb; i++, b += 144) {
         const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
         const uint8_t *scales = b + 4, *q = b + 16;
         for (int j = 0, is = 0; j < QK_K; j += 64, is += 2, q += 32) {
-            uint8_t sc, m;
-            k4_scale_min(is, scales, &sc, &m);
+            int sc, m;
+            moe_k4_scale_min(is, scales, &sc, &m);
             const float d1 = d * (float)sc, m1 = dmin * (float)m;
-            k4_scale_min(is + 1, scales, &sc, &m);
+            moe_k4_scale_min(is + 1, scales, &sc, &m);
             const float d2 = d * (float)sc, m2 = dmin * (float)m;
             for (int l = 0; l < 32; l++)
                 *y++ = d1 * (float)(q[l] & 0xf) - m1;
@@ -194,10 +182,10 @@ static void dq_q5_k(const uint8_t *b, float *y, int64_t nb)
         const uint8_t *scales = b + 4, *qh = b + 16, *ql = b + 48;
         uint8_t u1 = 1, u2 = 2;
         for (int j = 0, is = 0; j < QK_K; j += 64, is += 2, ql += 32, u1 <<= 2, u2 <<= 2) {
-            uint8_t sc, m;
-            k4_scale_min(is, scales, &sc, &m);
+            int sc, m;
+            moe_k4_scale_min(is, scales, &sc, &m);
             const float d1 = d * (float)sc, m1 = dmin * (float)m;
-            k4_scale_min(is + 1, scales, &sc, &m);
+            moe_k4_scale_min(is + 1, scales, &sc, &m);
             const float d2 = d * (float)sc, m2 = dmin * (float)m;
             for (int l = 0; l < 32; l++)
                 *y++ = d1 * (float)((ql[l] & 0xf) + ((qh[l] & u1) ? 16 : 0)) - m1;
@@ -238,41 +226,24 @@ static void dq_q8_k(const uint8_t *b, float *y, int64_t nb)
     }
 }
 
-/* IQ4_NL's non-linear 4-bit grid (ggml kvalues_iq4nl). */
-static const int8_t iq4nl_values[16] = {
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-};
-
 static void dq_iq4_nl(const uint8_t *b, float *y, int64_t nb)
 {
     for (int64_t i = 0; i < nb; i++, b += 18, y += 32) {
         const float d = f16_to_f32(b);
         for (int j = 0; j < 16; j++) {
-            y[j] = d * (float)iq4nl_values[b[2 + j] & 0xf];
-            y[j + 16] = d * (float)iq4nl_values[b[2 + j] >> 4];
+            y[j] = d * (float)moe_iq4nl_values[b[2 + j] & 0xf];
+            y[j + 16] = d * (float)moe_iq4nl_values[b[2 + j] >> 4];
         }
     }
-}
-
-/* E2M1 values times two (ggml kvalues_mxfp4); the scale is halved to match. */
-static const int8_t mxfp4_values[16] = {
-    0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
-};
-
-/* 2^(e-127) / 2 as a float: e < 2 falls in the subnormal range. */
-static inline float e8m0_half(uint8_t e)
-{
-    uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
-    return bits_to_f32(bits);
 }
 
 static void dq_mxfp4(const uint8_t *b, float *y, int64_t nb)
 {
     for (int64_t i = 0; i < nb; i++, b += 17, y += 32) {
-        const float d = e8m0_half(b[0]);
+        const float d = moe_e8m0_half(b[0]);
         for (int j = 0; j < 16; j++) {
-            y[j] = d * (float)mxfp4_values[b[1 + j] & 0xf];
-            y[j + 16] = d * (float)mxfp4_values[b[1 + j] >> 4];
+            y[j] = d * (float)moe_mxfp4_values[b[1 + j] & 0xf];
+            y[j + 16] = d * (float)moe_mxfp4_values[b[1 + j] >> 4];
         }
     }
 }

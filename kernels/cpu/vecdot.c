@@ -10,6 +10,7 @@
 #include "common/error.h"
 #include "kernels/cpu/vecdot.h"
 #include "kernels/dtype.h"
+#include "kernels/cpu/blocks-impl.h"
 #include "kernels/fp16.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -282,28 +283,16 @@ static float dot_q5_1(const uint8_t *w, const struct blk_q8_1 *y, int64_t nb)
     return s;
 }
 
-static const int8_t iq4nl_values[16] = {
-    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
-};
-static const int8_t mxfp4_values[16] = {
-    0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12,
-};
-
 static float dot_iq4_nl(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
 {
     float s = 0.0f;
     for (int64_t i = 0; i < nb; i++, w += 18) {
         int sumi = 0;
         for (int j = 0; j < 16; j++)
-            sumi += iq4nl_values[w[2 + j] & 0xf] * y[i].qs[j] + iq4nl_values[w[2 + j] >> 4] * y[i].qs[j + 16];
+            sumi += moe_iq4nl_values[w[2 + j] & 0xf] * y[i].qs[j] + moe_iq4nl_values[w[2 + j] >> 4] * y[i].qs[j + 16];
         s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
     }
     return s;
-}
-
-static inline float e8m0_half(uint8_t e)
-{
-    return moe_bits_f32(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
 }
 
 static float dot_mxfp4(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
@@ -312,8 +301,8 @@ static float dot_mxfp4(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
     for (int64_t i = 0; i < nb; i++, w += 17) {
         int sumi = 0;
         for (int j = 0; j < 16; j++)
-            sumi += mxfp4_values[w[1 + j] & 0xf] * y[i].qs[j] + mxfp4_values[w[1 + j] >> 4] * y[i].qs[j + 16];
-        s += (float)sumi * (e8m0_half(w[0]) * moe_fp16_to_fp32(y[i].d));
+            sumi += moe_mxfp4_values[w[1 + j] & 0xf] * y[i].qs[j] + moe_mxfp4_values[w[1 + j] >> 4] * y[i].qs[j + 16];
+        s += (float)sumi * (moe_e8m0_half(w[0]) * moe_fp16_to_fp32(y[i].d));
     }
     return s;
 }
@@ -373,17 +362,6 @@ static float dot_q3_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
     return s;
 }
 
-static inline void k4_scale_min(int j, const uint8_t *q, int *sc, int *m)
-{
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xf) | (q[j - 4] >> 6) << 4;
-        *m = (q[j + 4] >> 4) | (q[j] >> 6) << 4;
-    }
-}
-
 static float dot_q4_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
 {
     float s = 0.0f;
@@ -393,7 +371,7 @@ static float dot_q4_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
         int isum = 0, msum = 0;
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            k4_scale_min(j, scales, &sc, &m);
+            moe_k4_scale_min(j, scales, &sc, &m);
             msum += m * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
             const uint8_t *qq = q4 + 32 * (j / 2);
             int shift = 4 * (j & 1), suml = 0;
@@ -415,7 +393,7 @@ static float dot_q5_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
         int isum = 0, msum = 0;
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            k4_scale_min(j, scales, &sc, &m);
+            moe_k4_scale_min(j, scales, &sc, &m);
             msum += m * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
             const uint8_t *qq = ql + 32 * (j / 2);
             int shift = 4 * (j & 1), suml = 0;
@@ -564,7 +542,7 @@ AVX2 static float dot_q4_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
         const int8_t *q8 = y[i].qs;
         int sc[8], mn[8], msum = 0;
         for (int j = 0; j < 8; j++) {
-            k4_scale_min(j, scales, &sc[j], &mn[j]);
+            moe_k4_scale_min(j, scales, &sc[j], &mn[j]);
             msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
         }
         __m256i isum = _mm256_setzero_si256();
