@@ -34,6 +34,7 @@ struct moe_expert_cache {
     int32_t *cand;        /* scratch: candidate keys for the policy */
     int32_t *cand_slot;
     int32_t *predicted;   /* [key] step for which the expert was predicted, or -1 */
+    uint64_t *layer_hits, *layer_misses; /* [n_layer] */
     int prefetch_inflight;
     struct moe_policy *policy;
     int64_t clock;
@@ -75,6 +76,8 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
     c->cand_slot = moe_malloc((size_t)n_slots * sizeof(int32_t));
     c->policy = moe_policy_create(policy, c->n_layer, c->n_expert, NULL);
     c->predicted = moe_malloc(n_keys * sizeof(int32_t));
+    c->layer_hits = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(uint64_t));
+    c->layer_misses = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(uint64_t));
     if (c->n_layer > 0 && c->n_expert > 0 && n_slots > 0 &&
         (size_t)n_slots > SIZE_MAX / c->slot_bytes) {
         moe_expert_cache_destroy(c);
@@ -82,7 +85,8 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
                             c->slot_bytes);
     }
     c->mem = c->slots ? be->ops->alloc(be, (size_t)n_slots * c->slot_bytes) : NULL;
-    if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem || !c->predicted) {
+    if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem || !c->predicted ||
+        !c->layer_hits || !c->layer_misses) {
         size_t mib = ((size_t)n_slots * c->slot_bytes) >> 20;
         moe_expert_cache_destroy(c);
         return moe_diag_set(diag, -ENOMEM, "expert cache: cannot allocate %d slots x %zu bytes"
@@ -126,6 +130,8 @@ void moe_expert_cache_destroy(struct moe_expert_cache *c)
     moe_free(c->cand);
     moe_free(c->cand_slot);
     moe_free(c->predicted);
+    moe_free(c->layer_hits);
+    moe_free(c->layer_misses);
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);
     moe_free(c);
@@ -209,6 +215,7 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
         }
         moe_policy_access(c->policy, layer, expert, c->clock++, step);
         c->st.hits++;
+        c->layer_hits[layer]++;
         int ready = s->state == SLOT_READY;
         if (ready)
             *data = s->data;
@@ -229,6 +236,7 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
     c->slot_of[key] = i;
     moe_policy_access(c->policy, layer, expert, c->clock++, step);
     c->st.misses++;
+    c->layer_misses[layer]++;
     pthread_mutex_unlock(&c->mu);
     const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
     int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, s->data,
@@ -364,6 +372,17 @@ void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *
     pthread_mutex_lock(&c->mu);
     *out = c->st;
     pthread_mutex_unlock(&c->mu);
+}
+
+int moe_expert_cache_layer_stats(struct moe_expert_cache *c, uint64_t *hits, uint64_t *misses, int max)
+{
+    pthread_mutex_lock(&c->mu);
+    for (int l = 0; l < c->n_layer && l < max; l++) {
+        hits[l] = c->layer_hits[l];
+        misses[l] = c->layer_misses[l];
+    }
+    pthread_mutex_unlock(&c->mu);
+    return c->n_layer;
 }
 
 int moe_expert_cache_pinned(struct moe_expert_cache *c)

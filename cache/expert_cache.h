@@ -75,6 +75,9 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
                               int max_inflight);
 
 void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out);
+/* Per-layer hits and misses (arrays of n_layer, filled up to max entries);
+ * returns n_layer. */
+int moe_expert_cache_layer_stats(struct moe_expert_cache *c, uint64_t *hits, uint64_t *misses, int max);
 /* Experts currently pinned (0 between forward passes). */
 int moe_expert_cache_pinned(struct moe_expert_cache *c);
 

@@ -570,6 +570,14 @@ static int eval_or_run(int argc, char **argv, int mode)
                     (unsigned long long)cs.loads_failed, (unsigned long long)cs.prefetch_issued,
                     (unsigned long long)cs.prefetch_used, (unsigned long long)cs.prefetch_wasted,
                     (unsigned long long)cs.prefetch_dropped);
+        uint64_t lh[1024], lm[1024];
+        int nl = moe_model_cache_layer_stats(m, lh, lm, 1024);
+        if (nl > 0) {
+            fprintf(stderr, "{\"layer_hit_rate\": [");
+            for (int l = 0; l < nl && l < 1024; l++)
+                fprintf(stderr, "%s%.3f", l ? ", " : "", lh[l] + lm[l] ? (double)lh[l] / (double)(lh[l] + lm[l]) : 0.0);
+            fprintf(stderr, "]}\n");
+        }
         /* the last sampled token is not run through the model */
         long n_dec = n_predict > 1 ? n_predict - 1 : 0;
         fprintf(stderr, "{\"prefill_tokens\": %" PRId64 ", \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"

@@ -946,6 +946,11 @@ bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out)
     return true;
 }
 
+int moe_model_cache_layer_stats(struct moe_model *m, uint64_t *hits, uint64_t *misses, int max)
+{
+    return m->cache ? moe_expert_cache_layer_stats(m->cache, hits, misses, max) : -1;
+}
+
 int moe_model_cache_pinned(struct moe_model *m)
 {
     return m->cache ? moe_expert_cache_pinned(m->cache) : -1;

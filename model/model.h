@@ -93,6 +93,9 @@ struct moe_model_opts {
 struct moe_cache_stats;
 /* Cache statistics; false when the model has no expert cache. */
 bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out);
+/* Per-layer cache hits/misses (arrays of at least n_layer); -1 without a
+ * cache, else n_layer. */
+int moe_model_cache_layer_stats(struct moe_model *m, uint64_t *hits, uint64_t *misses, int max);
 /* Experts pinned right now (0 between forward passes), -1 without a cache. */
 int moe_model_cache_pinned(struct moe_model *m);
 

@@ -47,6 +47,20 @@ static float *run(const char *path, const struct moe_model_opts *o, int *n_vocab
         fprintf(stderr, "  forward %s: %s\n", path, d.msg);
     if (st && !moe_model_cache_stats(m, st))
         memset(st, 0, sizeof(*st));
+    if (st && st->n_slots > 0) {
+        /* per-layer counters add up to the totals */
+        uint64_t lh[256], lm[256], sh = 0, sm = 0;
+        int nl = moe_model_cache_layer_stats(m, lh, lm, 256);
+        for (int l = 0; l < nl && l < 256; l++) {
+            sh += lh[l];
+            sm += lm[l];
+        }
+        if (sh != st->hits || sm != st->misses) {
+            fprintf(stderr, "  per-layer counters %llu/%llu, totals %llu/%llu\n", (unsigned long long)sh,
+                    (unsigned long long)sm, (unsigned long long)st->hits, (unsigned long long)st->misses);
+            ok = 0;
+        }
+    }
     moe_seq_free(s);
     moe_model_free(m);
     if (!ok) {
