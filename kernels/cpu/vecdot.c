@@ -619,6 +619,36 @@ AVX512 static inline __m512 scale2(float a, float b)
     return _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
 }
 
+AVX512 static float dot_f16_avx512(const uint16_t *w, const uint16_t *x, int64_t n)
+{
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i))),
+                             _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i))), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + i + 16))),
+                             _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i + 16))), a1);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    if (i < n)
+        s += dot_f16_avx2(w + i, x + i, n - i);
+    return s;
+}
+
+AVX512 static float dot_f32_avx512(const float *w, const float *x, int64_t n)
+{
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    if (i < n)
+        s += dot_f32_avx2(w + i, x + i, n - i);
+    return s;
+}
+
 AVX512 static float dot_q8_0_avx512(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
 {
     __m512 acc = _mm512_setzero_ps();
@@ -722,6 +752,8 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
     const int level = simd();
     if (level == SIMD_AVX512) {
         switch (t) {
+        case MOE_DTYPE_F32: return dot_f32_avx512(w, act, n);
+        case MOE_DTYPE_F16: return dot_f16_avx512(w, act, n);
         case MOE_DTYPE_Q8_0: return dot_q8_0_avx512(w, act, n / QK);
         case MOE_DTYPE_Q4_0: return dot_q4_0_avx512(w, act, n / QK);
         default: break;

@@ -97,7 +97,8 @@ static void act_to_float(uint32_t wt, const void *act, float *x, int64_t n)
 static void check_type(uint32_t t)
 {
     /* an odd number of 32-blocks exercises the kernels' remainder paths */
-    const int64_t n = moe_dtype_info(t)->block_size == 32 ? 1056 : 1024;
+    const int64_t n = moe_dtype_info(t)->block_size == 32 ? 1056
+                    : moe_dtype_info(t)->block_size == 1 ? 1037 : 1024;
     size_t wb = moe_dtype_row_bytes(t, n, NULL);
     uint8_t *w = malloc(wb), *act = malloc(moe_vecdot_act_bytes(t, n));
     float *x = malloc(n * 4), *wf = malloc(n * 4), *xf = malloc(n * 4);
