@@ -5,6 +5,7 @@
 #include <time.h>
 
 #include "cache/expert_cache.h"
+#include "cache/host_tier.h"
 #include "common/alloc.h"
 #include "io/expert_src.h"
 #include "kernels/backend.h"
@@ -35,6 +36,7 @@ struct moe_expert_cache {
     int32_t *cand_slot;
     int32_t *predicted;   /* [key] step for which the expert was predicted, or -1 */
     uint64_t *layer_hits, *layer_misses; /* [n_layer] */
+    struct moe_host_tier *host;
     int prefetch_inflight;
     struct moe_policy *policy;
     int64_t clock;
@@ -137,12 +139,27 @@ void moe_expert_cache_destroy(struct moe_expert_cache *c)
     moe_free(c);
 }
 
+void moe_expert_cache_set_host_tier(struct moe_expert_cache *c, struct moe_host_tier *t)
+{
+    c->host = t;
+}
+
 static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, const struct moe_diag *diag)
 {
     struct slot *s = arg;
     struct moe_expert_cache *c = s->c;
-    (void)layer;
-    (void)expert;
+    if (status == 0 && c->host != NULL) {
+        /* keep a copy in the host tier; the slot is ours until we publish it */
+        const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, layer);
+        void *buf = NULL;
+        if (lay && moe_host_tier_reserve(c->host, layer, expert, (size_t)lay->raw_size, &buf) == 0) {
+            memcpy(buf, s->data, (size_t)lay->raw_size);
+            moe_host_tier_commit(c->host, layer, expert, true);
+            pthread_mutex_lock(&c->mu);
+            c->st.host_inserts++;
+            pthread_mutex_unlock(&c->mu);
+        }
+    }
     pthread_mutex_lock(&c->mu);
     if (s->pf_inflight) {
         s->pf_inflight = 0;
@@ -239,6 +256,19 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
     c->layer_misses[layer]++;
     pthread_mutex_unlock(&c->mu);
     const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
+    const void *hdata;
+    size_t hsize;
+    if (lay && c->host && moe_host_tier_acquire(c->host, (uint32_t)layer, (uint32_t)expert, &hdata, &hsize)) {
+        memcpy(s->data, hdata, hsize < c->slot_bytes ? hsize : c->slot_bytes);
+        moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
+        pthread_mutex_lock(&c->mu);
+        s->state = SLOT_READY;
+        c->st.host_hits++;
+        *data = s->data;
+        pthread_cond_broadcast(&c->cv);
+        pthread_mutex_unlock(&c->mu);
+        return 1;
+    }
     int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, s->data,
                                       (size_t)lay->raw_size, 0, load_done, s, diag)
                  : moe_diag_set(diag, -ENOENT, "expert cache: layer %d has no experts", layer);

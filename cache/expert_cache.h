@@ -32,6 +32,7 @@ struct moe_cache_stats {
     uint64_t bytes_loaded;
     double stall_s;                 /* time the engine spent waiting for loads */
     uint64_t prefetch_issued, prefetch_used, prefetch_wasted, prefetch_dropped;
+    uint64_t host_hits, host_inserts;  /* host-RAM tier below the slots */
     int n_slots;
     size_t slot_bytes;
 };
@@ -41,6 +42,13 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
                             struct moe_backend *be, size_t slot_bytes, int n_slots,
                             enum moe_policy_kind policy, struct moe_diag *diag);
 void moe_expert_cache_destroy(struct moe_expert_cache *c);
+
+struct moe_host_tier;
+/* Puts a host-RAM tier (cache/host_tier.h, borrowed; set before the first
+ * acquire) below the slots: a slot miss that the tier holds is copied from
+ * RAM instead of read from disk (on CUDA this is the pinned-memory upload),
+ * and every expert loaded from disk is also kept in the tier. */
+void moe_expert_cache_set_host_tier(struct moe_expert_cache *c, struct moe_host_tier *t);
 
 /* Makes (layer, expert) resident and pins it. Returns 1 when it is ready
  * (*data set), 0 when a load is under way (pinned; use wait_any), -EAGAIN

@@ -162,7 +162,7 @@ enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
     OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_CACHE_BYTES, OPT_CACHE_EXPERTS, OPT_CACHE_POLICY,
     OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
-    OPT_HELP,
+    OPT_HOST_BYTES, OPT_HELP,
 };
 
 static const struct option long_opts[] = {
@@ -189,6 +189,7 @@ static const struct option long_opts[] = {
     { "prefetch", required_argument, NULL, OPT_PREFETCH },
     { "prefetch-depth", required_argument, NULL, OPT_PREFETCH_DEPTH },
     { "prompt", required_argument, NULL, OPT_PROMPT },
+    { "host-bytes", required_argument, NULL, OPT_HOST_BYTES },
     { "system", required_argument, NULL, OPT_SYSTEM },
     { "chat-template", required_argument, NULL, OPT_TEMPLATE },
     { "n-predict", required_argument, NULL, 'n' },
@@ -209,7 +210,8 @@ static void usage(FILE *f, int run)
                    "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
                    " [--seed S] [--threads N] [--ctx N] [--kv-f16] [--stats]\n"
                    "                  [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy lru|lfu|layer]\n"
-                   "                  [--prefetch none|gate|history] [--prefetch-depth D] [--force-pread]\n"
+                   "                  [--prefetch none|gate|history] [--prefetch-depth D] [--host-bytes SIZE]\n"
+                   "                  [--force-pread]\n"
                    "                  (MODEL may be a GGUF or a .moe pack)\n"
                    "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
                    "--stats prints prefill and decode speed as one JSON line on stderr.\n");
@@ -230,7 +232,7 @@ static int eval_or_run(int argc, char **argv, int mode)
     long threads = 0, n_predict = -1, ctx = 0, v;
     int stats = 0, kv_f16 = 0, force_pread = 0;
     long cache_experts = 0;
-    unsigned long long cache_bytes = 0;
+    unsigned long long cache_bytes = 0, host_bytes = 0;
     const char *cache_policy = NULL, *trace_path = NULL, *prefetch = NULL;
     long prefetch_depth = 0;
     struct moe_sampler_params sp;
@@ -300,7 +302,8 @@ static int eval_or_run(int argc, char **argv, int mode)
         case OPT_CACHE_EXPERTS:
             if (parse_int("--cache-experts", optarg, 1, 1L << 24, &cache_experts)) return 2;
             break;
-        case OPT_CACHE_BYTES: {
+        case OPT_CACHE_BYTES:
+        case OPT_HOST_BYTES: {
             char *end;
             errno = 0;
             double b = strtod(optarg, &end);
@@ -309,10 +312,14 @@ static int eval_or_run(int argc, char **argv, int mode)
             if (mul != 1.0)
                 end++;
             if (errno || end == optarg || *end != '\0' || !(b * mul >= 1.0) || b * mul > 1e15) {
-                fprintf(stderr, "moectl: --cache-bytes '%s': expected a size like 512M or 2G\n", optarg);
+                fprintf(stderr, "moectl: %s '%s': expected a size like 512M or 2G\n",
+                        c == OPT_HOST_BYTES ? "--host-bytes" : "--cache-bytes", optarg);
                 return 2;
             }
-            cache_bytes = (unsigned long long)(b * mul);
+            if (c == OPT_HOST_BYTES)
+                host_bytes = (unsigned long long)(b * mul);
+            else
+                cache_bytes = (unsigned long long)(b * mul);
             break;
         }
         case OPT_HELP: case 'h': usage(stdout, run); return 0;
@@ -372,6 +379,7 @@ static int eval_or_run(int argc, char **argv, int mode)
         .cache_bytes = (size_t)cache_bytes, .cache_experts = (int)cache_experts,
         .cache_policy = cache_policy, .force_pread = force_pread,
         .prefetch = prefetch, .prefetch_depth = (int)prefetch_depth,
+        .host_bytes = (size_t)host_bytes,
     };
     if (moe_model_load(&m, model, &mo, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
@@ -562,14 +570,16 @@ static int eval_or_run(int argc, char **argv, int mode)
             fprintf(stderr, "{\"cache_slots\": %d, \"slot_bytes\": %zu, \"hits\": %llu, \"misses\": %llu,"
                     " \"hit_rate\": %.4f, \"evictions\": %llu, \"bytes_loaded\": %llu, \"stall_s\": %.6f,"
                     " \"load_errors\": %llu, \"prefetch_issued\": %llu, \"prefetch_used\": %llu,"
-                    " \"prefetch_wasted\": %llu, \"prefetch_dropped\": %llu}\n", cs.n_slots, cs.slot_bytes,
+                    " \"prefetch_wasted\": %llu, \"prefetch_dropped\": %llu, \"host_hits\": %llu,"
+                    " \"host_inserts\": %llu}\n", cs.n_slots, cs.slot_bytes,
                     (unsigned long long)cs.hits,
                     (unsigned long long)cs.misses,
                     cs.hits + cs.misses ? (double)cs.hits / (double)(cs.hits + cs.misses) : 0.0,
                     (unsigned long long)cs.evictions, (unsigned long long)cs.bytes_loaded, cs.stall_s,
                     (unsigned long long)cs.loads_failed, (unsigned long long)cs.prefetch_issued,
                     (unsigned long long)cs.prefetch_used, (unsigned long long)cs.prefetch_wasted,
-                    (unsigned long long)cs.prefetch_dropped);
+                    (unsigned long long)cs.prefetch_dropped, (unsigned long long)cs.host_hits,
+                    (unsigned long long)cs.host_inserts);
         uint64_t lh[1024], lm[1024];
         int nl = moe_model_cache_layer_stats(m, lh, lm, 1024);
         if (nl > 0) {

@@ -42,6 +42,7 @@
 #include "kernels/cpu/dequant.h"
 #include "kernels/dtype.h"
 #include "cache/expert_cache.h"
+#include "cache/host_tier.h"
 #include "io/expert_src.h"
 #include "model/hparams.h"
 #include "model/model.h"
@@ -89,6 +90,7 @@ struct moe_model {
     struct moe_gguf *gguf;               /* owned unless src is set (then the source's) */
     struct moe_expert_src *src;          /* experts through the cache, or NULL (resident) */
     struct moe_expert_cache *cache;
+    struct moe_host_tier *host;
     struct moe_backend *be;
     int n_ctx, n_batch;
     bool kv_f16;
@@ -801,8 +803,13 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
     m->pend_state = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
     if (!m->pend_l || !m->pend_e || !m->pend_state || !m->pf_x)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
-    return moe_expert_cache_create(&m->cache, m->src, m->be, slot, (int)n_slots,
-                                   (enum moe_policy_kind)pol, diag);
+    int rc = moe_expert_cache_create(&m->cache, m->src, m->be, slot, (int)n_slots,
+                                     (enum moe_policy_kind)pol, diag);
+    if (rc == 0 && o->host_bytes > 0) {
+        if ((rc = moe_host_tier_create(&m->host, o->host_bytes, diag)) == 0)
+            moe_expert_cache_set_host_tier(m->cache, m->host);
+    }
+    return rc;
 }
 
 int moe_model_load(struct moe_model **out, const char *path, const struct moe_model_opts *opts,
@@ -929,7 +936,8 @@ void moe_model_free(struct moe_model *m)
     moe_free(m->pend_l);
     moe_free(m->pend_e);
     moe_free(m->pend_state);
-    moe_expert_cache_destroy(m->cache);
+    moe_expert_cache_destroy(m->cache);   /* waits for loads, which may fill the tier */
+    moe_host_tier_destroy(m->host);
     moe_backend_destroy(m->be);
     if (m->src)
         moe_expert_src_close(m->src); /* owns the GGUF view */

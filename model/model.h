@@ -88,6 +88,7 @@ struct moe_model_opts {
                                  * from transition counts (previous token, previous layer) */
     int prefetch_depth;         /* default 1 */
     bool force_pread;           /* expert reads without io_uring */
+    size_t host_bytes;          /* host-RAM tier below the cache (0 = none) */
 };
 
 struct moe_cache_stats;

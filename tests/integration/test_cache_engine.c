@@ -100,6 +100,8 @@ static void check_model(const char *file, int k)
         { path, k, "layer", 1 }, { pack, -1, "lru", 2 }, { pack_raw, -1, "layer", 1 },
         /* history predictor (prefetch -1 below: mode history, depth 1 or 2) */
         { path, k, "lru", -1 }, { pack, -1, "layer", -2 },
+        /* a host-RAM tier below the minimum slots (experts 1000 + k: see below) */
+        { pack, 1000 + k, "lru", 0 }, { path, 1000 + k, "layer", 1 },
     };
     for (size_t r = 0; r < sizeof(runs) / sizeof(runs[0]); r++) {
         struct moe_model_opts o = base;
@@ -107,6 +109,11 @@ static void check_model(const char *file, int k)
         o.prefetch = runs[r].prefetch > 0 ? "gate" : runs[r].prefetch < 0 ? "history" : NULL;
         o.prefetch_depth = runs[r].prefetch < 0 ? -runs[r].prefetch : runs[r].prefetch;
         o.cache_experts = runs[r].experts;
+        const int host = runs[r].experts >= 1000;
+        if (host) {
+            o.cache_experts = runs[r].experts - 1000;
+            o.host_bytes = 64u << 20;
+        }
         if (runs[r].experts < 0) /* a random budget between the minimum and 3x it */
             o.cache_experts = k + (int)(rand_r(&seed) % (unsigned)(2 * k + 1));
         if (runs[r].experts == 0 && runs[r].src == path)
@@ -129,6 +136,11 @@ static void check_model(const char *file, int k)
                (unsigned long long)st.prefetch_used, st.stall_s);
         if (st.n_slots <= k + 1)
             CHECK(st.evictions > 0);
+        if (host) {
+            printf("    host tier: %llu hits, %llu inserts\n", (unsigned long long)st.host_hits,
+                   (unsigned long long)st.host_inserts);
+            CHECK(st.host_hits > 0 && st.host_inserts > 0);
+        }
         free(got);
     }
     free(want);
