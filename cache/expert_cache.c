@@ -341,7 +341,14 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
         pthread_mutex_unlock(&c->mu);
         return 0;
     }
-    int i = c->prefetch_inflight < max_inflight ? find_slot(c, layer, step, 1) : -1;
+    /* never more than a quarter of the slots hold prefetched, unused experts
+     * (in flight or loaded), so prefetches cannot crowd out what demand loads
+     * still need */
+    int held = 0;
+    for (int j = 0; j < c->n_slots; j++)
+        held += c->slots[j].prefetched;
+    const int share = c->n_slots / 4 > 0 ? c->n_slots / 4 : 1;
+    int i = c->prefetch_inflight < max_inflight && held < share ? find_slot(c, layer, step, 1) : -1;
     if (i < 0) {
         c->st.prefetch_dropped++;
         pthread_mutex_unlock(&c->mu);

@@ -74,7 +74,8 @@ int moe_expert_cache_wait_slot(struct moe_expert_cache *c);
 
 /* Starts a low-priority load of (layer, expert), unpinned, if it is not
  * cached, a slot can be freed without evicting an expert predicted for this
- * step or pinned, and fewer than max_inflight prefetches are in flight
+ * step or pinned, fewer than max_inflight prefetches are in flight, and
+ * fewer than a quarter of the slots hold prefetched experts not used yet
  * (else it is dropped and counted). Marks the expert as predicted for
  * `step` either way, so that later prefetches of the step do not evict it.
  * Returns 1 when a load started, 0 when not needed or dropped, or a
