@@ -396,6 +396,16 @@ static const struct moe_gguf_tensor *find_tensor(const struct moe_gguf *g, const
     return t;
 }
 
+/* The backend must be able to multiply the weight type; say which tensor. */
+static int check_computable(struct moe_model *m, const char *name, uint32_t dtype, struct moe_diag *diag)
+{
+    if (m->be->ops->supports(m->be, dtype))
+        return 0;
+    return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, which the %s backend"
+                        " cannot compute", moe_gguf_path(m->gguf), name, moe_dtype_name(dtype),
+                        m->be->ops->name);
+}
+
 static int bind_matrix(struct moe_model *m, const char *name, int64_t n_in, int64_t n_out,
                        bool required, struct moe_weight *w, struct moe_diag *diag)
 {
@@ -405,10 +415,8 @@ static int bind_matrix(struct moe_model *m, const char *name, int64_t n_in, int6
     memset(w, 0, sizeof(*w));
     if (t == NULL)
         return rc;
-    if (!m->be->ops->supports(m->be, t->dtype))
-        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, which the %s"
-                            " backend cannot compute", moe_gguf_path(m->gguf), name,
-                            moe_dtype_name(t->dtype), m->be->ops->name);
+    if ((rc = check_computable(m, name, t->dtype, diag)))
+        return rc;
     w->data = moe_gguf_tensor_data(m->gguf, t);
     w->dtype = t->dtype;
     w->n_in = n_in;
@@ -452,10 +460,8 @@ static int bind_experts(struct moe_model *m, const char *name, int64_t n_in, int
         const struct moe_expert_slice *sl = find_slice(m, name, 2, ne, diag, &rc);
         if (sl == NULL)
             return rc;
-        if (!m->be->ops->supports(m->be, sl->dtype))
-            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, which the %s"
-                                " backend cannot compute", moe_gguf_path(m->gguf), name,
-                                moe_dtype_name(sl->dtype), m->be->ops->name);
+        if ((rc = check_computable(m, name, sl->dtype, diag)))
+            return rc;
         e->data = NULL;
         e->dtype = sl->dtype;
         e->n_in = n_in;
@@ -469,10 +475,8 @@ static int bind_experts(struct moe_model *m, const char *name, int64_t n_in, int
     const struct moe_gguf_tensor *t = find_tensor(m->gguf, name, 3, ne, true, diag, &rc);
     if (t == NULL)
         return rc;
-    if (!m->be->ops->supports(m->be, t->dtype))
-        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, which the %s"
-                            " backend cannot compute", moe_gguf_path(m->gguf), name,
-                            moe_dtype_name(t->dtype), m->be->ops->name);
+    if ((rc = check_computable(m, name, t->dtype, diag)))
+        return rc;
     e->data = moe_gguf_tensor_data(m->gguf, t);
     e->dtype = t->dtype;
     e->n_in = n_in;
@@ -526,10 +530,8 @@ static int bind_stack(struct moe_model *m, const char *name, int64_t n_in, int64
     const struct moe_gguf_tensor *gt = find_tensor(m->gguf, name, 3, ne, true, diag, &rc);
     if (gt == NULL)
         return rc;
-    if (!m->be->ops->supports(m->be, gt->dtype))
-        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, which the %s"
-                            " backend cannot compute", moe_gguf_path(m->gguf), name,
-                            moe_dtype_name(gt->dtype), m->be->ops->name);
+    if ((rc = check_computable(m, name, gt->dtype, diag)))
+        return rc;
     t.data = moe_gguf_tensor_data(m->gguf, gt);
     t.dtype = gt->dtype;
     t.n_in = n_in;
