@@ -99,6 +99,25 @@ const char *moe_test_tmpdir(void)
     return buf;
 }
 
+int moe_test_run_cmd(const char *cmd, char *out, size_t cap)
+{
+    fflush(stdout);
+    FILE *p = popen(cmd, "r");
+    if (p == NULL)
+        return -1;
+    size_t n = 0, r;
+    /* read everything, keep what fits: the child must not block on a full pipe */
+    char sink[4096];
+    while ((r = fread(n + 1 < cap ? out + n : sink, 1, n + 1 < cap ? cap - 1 - n : sizeof(sink), p)) > 0)
+        if (n + 1 < cap)
+            n += r;
+    out[n] = '\0';
+    int st = pclose(p);
+    if (st < 0)
+        return -1;
+    return WIFSIGNALED(st) ? 128 + WTERMSIG(st) : WEXITSTATUS(st);
+}
+
 void *moe_test_read_file(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");

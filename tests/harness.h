@@ -27,6 +27,10 @@ int moe_test_exit_code(void);
 const char *moe_test_ref_dir(void);
 /* Directory for scratch files of this test program (created, unique). */
 const char *moe_test_tmpdir(void);
+/* Runs a shell command, its stdout into out (NUL-terminated, truncated to
+ * cap - 1); returns the exit status, 128 + signal, or -1 if it could not
+ * start. Redirect stderr in cmd to capture it. */
+int moe_test_run_cmd(const char *cmd, char *out, size_t cap);
 /* Reads a whole file; returns NULL on error. Caller frees with free(). */
 void *moe_test_read_file(const char *path, size_t *len);
 

@@ -10,21 +10,12 @@
 
 #include "tests/harness.h"
 
-/* Runs a shell command; returns its exit status (or 128+signal) and
- * captures stdout+stderr into out. */
+/* Runs a shell command with stderr merged into out. */
 static int run_cmd(const char *cmd, char *out, size_t cap)
 {
-    char full[8192];
+    char full[8200];
     snprintf(full, sizeof(full), "%s 2>&1", cmd);
-    FILE *p = popen(full, "r");
-    if (p == NULL)
-        return -1;
-    size_t n = fread(out, 1, cap - 1, p);
-    out[n] = '\0';
-    int st = pclose(p);
-    if (WIFSIGNALED(st))
-        return 128 + WTERMSIG(st);
-    return WEXITSTATUS(st);
+    return moe_test_run_cmd(full, out, cap);
 }
 
 static const char *moectl(void)
@@ -158,11 +149,26 @@ static void test_bad_input(void)
         { "eval --model %s.missing --tokens 1 --logits %s", 1, "missing" },
         { "run --model %s --tokens 1 -n 5000 --threads 1 %s", 2, NULL },
         { "run --model %s --tokens 1 -n 2 --temp -1 --seed 1 %s", 2, "temperature" },
+        { "run --model %s --tokens 1 -n 2 --cache-bytes 12Q %s", 2, "--cache-bytes" },
+        { "run --model %s --tokens 1 -n 2 --cache-bytes -5 %s", 2, "--cache-bytes" },
+        { "run --model %s --tokens 1 -n 2 --host-bytes 1x %s", 2, "--host-bytes" },
+        { "run --model %s --tokens 1 -n 2 --cache-experts 0 %s", 2, "--cache-experts" },
+        { "run --model %s --tokens 1 -n 2 --cache-experts 1 %s", 1, "minimum" },
+        { "run --model %s --tokens 1 -n 2 --cache-experts 4 --cache-policy belady %s", 1, "policy" },
+        { "run --model %s --tokens 1 -n 2 --prefetch sometimes %s", 2, "--prefetch" },
+        { "run --model %s --tokens 1 -n 2 --prefetch-depth 0 %s", 2, "--prefetch-depth" },
+        { "run --model %s --tokens 1 --prompt hi -n 2 %s", 2, "not both" },
+        { "chat --model %s -n 2 %s", 2, "--prompt" },
+        { "cache-sim --trace %s.missing --capacity 4 %s", 1, "missing" },
+        { "cache-sim --trace %s --capacity 0 %s", 2, "--capacity" },
+        { "cache-sim --trace %s --sweep 5,x %s", 2, "--sweep" },
+        { "cache-sim --trace %s --capacity 4 --policy mru %s", 2, "--policy" },
+        { "cache-sim --trace %s --capacity 4 %s", 1, ".gguf:1: expected" }, /* not a trace */
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         char args[4096];
-        snprintf(args, sizeof(args), cases[i].args, model,
-                 strncmp(cases[i].args, "run", 3) == 0 ? "" : lpath);
+        const int is_eval = strncmp(cases[i].args, "eval", 4) == 0;
+        snprintf(args, sizeof(args), cases[i].args, model, is_eval ? lpath : "");
         snprintf(cmd, sizeof(cmd), "%s %s", moectl(), args);
         int rc = run_cmd(cmd, out, sizeof(out));
         CHECK_MSG(rc == cases[i].code, "'%s': exit %d, expected %d: %s", args, rc, cases[i].code, out);

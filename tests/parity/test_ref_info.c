@@ -49,13 +49,7 @@ static int run(const char *args, int merge, char *out, size_t cap)
 {
     char cmd[8192];
     snprintf(cmd, sizeof(cmd), "%s %s%s", getenv("MOECTL"), args, merge ? " 2>&1" : " 2>/dev/null");
-    FILE *p = popen(cmd, "r");
-    if (p == NULL)
-        return -1;
-    size_t n = fread(out, 1, cap - 1, p);
-    out[n] = '\0';
-    int st = pclose(p);
-    return WIFSIGNALED(st) ? 128 + WTERMSIG(st) : WEXITSTATUS(st);
+    return moe_test_run_cmd(cmd, out, cap);
 }
 
 static char outbuf[1 << 20];
