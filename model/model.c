@@ -85,6 +85,12 @@ struct layer {
     float *sh_gate_inp;                  /* [n_embd], or NULL (qwen2moe) */
 };
 
+/* One sequence's tokens inside a batch: rows off..off+n-1 of the scratch. */
+struct seg {
+    struct moe_seq *s;
+    int64_t off, n;
+};
+
 struct moe_model {
     struct moe_model_cfg cfg;
     struct moe_gguf *gguf;               /* owned unless src is set (then the source's) */
@@ -106,6 +112,8 @@ struct moe_model {
     float *weights;
     float *xe, *ge, *ue, *de, *slot_out, *sh_tmp;
     int32_t *pos;
+    struct seg *segs;                    /* [n_batch]: the sequences of this batch */
+    int n_segs;
     int32_t *tok_by_expert;              /* [n_batch * k]: (token*k + slot) grouped by expert */
     int32_t *expert_count, *expert_start;
     int32_t *pend_l, *pend_e, *pend_state; /* per-layer acquisition bookkeeping [n_expert] */
@@ -728,6 +736,7 @@ static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
     m->slot_out = scratch(m, B * K * E * F, &failed);
     m->sh_tmp = scratch(m, B * F, &failed);
     m->pos = scratch(m, B * sizeof(int32_t), &failed);
+    m->segs = scratch(m, B * sizeof(struct seg), &failed);
     m->tok_by_expert = scratch(m, B * K * sizeof(int32_t), &failed);
     m->expert_count = scratch(m, (size_t)c->n_expert * sizeof(int32_t), &failed);
     m->expert_start = scratch(m, (size_t)c->n_expert * sizeof(int32_t), &failed);
@@ -927,7 +936,7 @@ void moe_model_free(struct moe_model *m)
     }
     moe_free(m->output_norm);
     void *bufs[] = { m->x, m->xn, m->q, m->k, m->v, m->att, m->tmp, m->qa, m->hq, m->hout, m->rlogits, m->ids, m->weights,
-                     m->xe, m->ge, m->ue, m->de, m->slot_out, m->sh_tmp, m->pos, m->tok_by_expert,
+                     m->xe, m->ge, m->ue, m->de, m->slot_out, m->sh_tmp, m->pos, m->segs, m->tok_by_expert,
                      m->expert_count, m->expert_start, m->logits_tmp };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         moe_free(bufs[i]);
@@ -1025,7 +1034,7 @@ static struct moe_weight expert_weight(const struct expert_tensor *t, int e)
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 
 /* MLA in llama.cpp's absorbed form (see the top of this file). */
-static int attention_mla(struct moe_model *m, struct moe_seq *s, int il, int64_t n)
+static int attention_mla(struct moe_model *m, int il, int64_t n)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const struct moe_backend_ops *ops = m->be->ops;
@@ -1048,8 +1057,12 @@ static int attention_mla(struct moe_model *m, struct moe_seq *s, int il, int64_t
         TRY(ops->rmsnorm(be, m->k + t * krow, m->k + t * krow, L->kv_a_norm, 1, lat, c->rms_eps));
     TRY(ops->rope(be, m->q, n, H, qk, nope, m->pos, &c->rope));
     TRY(ops->rope(be, m->k, n, 1, krow, lat, m->pos, &c->rope));
-    uint8_t *kc = (uint8_t *)s->k_cache + (size_t)il * s->layer_bytes;
-    TRY(ops->kv_store(be, kc, m->k, n, m->pos, krow, krow, 0, m->kv_f16));
+    for (int i = 0; i < m->n_segs; i++) {
+        const struct seg *g = &m->segs[i];
+        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
+        TRY(ops->kv_store(be, kc, m->k + g->off * krow, g->n, m->pos + g->off, krow, krow, 0,
+                          m->kv_f16));
+    }
 
     /* assembled queries in m->v: [n][H][lat + rope] = (Wk_b[h] q_nope, q_pe) */
     float *qc = m->v;
@@ -1063,12 +1076,17 @@ static int attention_mla(struct moe_model *m, struct moe_seq *s, int il, int64_t
             memcpy(dst + lat, m->q + (t * H + h) * qk + nope, (size_t)rope * sizeof(float));
         }
     }
-    struct moe_attn_params ap = {
-        .n_head = H, .n_head_kv = 1, .head_dim = krow, .head_dim_v = lat,
-        .k_row = krow, .v_row = krow, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
-        .k_cache = kc, .v_cache = kc,
-    };
-    TRY(ops->attention(be, m->att, qc, n, m->pos, &ap));
+    for (int i = 0; i < m->n_segs; i++) {
+        const struct seg *g = &m->segs[i];
+        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
+        struct moe_attn_params ap = {
+            .n_head = H, .n_head_kv = 1, .head_dim = krow, .head_dim_v = lat,
+            .k_row = krow, .v_row = krow, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
+            .k_cache = kc, .v_cache = kc,
+        };
+        TRY(ops->attention(be, m->att + g->off * H * lat, qc + g->off * H * krow, g->n,
+                           m->pos + g->off, &ap));
+    }
     /* per head back from the latent: [n][H][vh] in m->tmp */
     for (int h = 0; h < H; h++) {
         for (int64_t t = 0; t < n; t++)
@@ -1082,7 +1100,7 @@ static int attention_mla(struct moe_model *m, struct moe_seq *s, int il, int64_t
     return 0;
 }
 
-static int attention_block(struct moe_model *m, struct moe_seq *s, int il, int64_t n)
+static int attention_block(struct moe_model *m, int il, int64_t n)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const struct moe_backend_ops *ops = m->be->ops;
@@ -1092,7 +1110,7 @@ static int attention_block(struct moe_model *m, struct moe_seq *s, int il, int64
 
     TRY(ops->rmsnorm(be, m->xn, m->x, L->attn_norm, n, c->n_embd, c->rms_eps));
     if (c->mla)
-        return attention_mla(m, s, il, n);
+        return attention_mla(m, il, n);
     TRY(ops->matmul(be, m->q, &L->wq, L->bq, m->xn, n));
     TRY(ops->matmul(be, m->k, &L->wk, L->bk, m->xn, n));
     TRY(ops->matmul(be, m->v, &L->wv, L->bv, m->xn, n));
@@ -1105,16 +1123,20 @@ static int attention_block(struct moe_model *m, struct moe_seq *s, int il, int64
     }
     TRY(ops->rope(be, m->q, n, c->n_head, hd, 0, m->pos, &c->rope));
     TRY(ops->rope(be, m->k, n, c->n_head_kv, hd, 0, m->pos, &c->rope));
-    uint8_t *kc = (uint8_t *)s->k_cache + (size_t)il * s->layer_bytes;
-    uint8_t *vc = (uint8_t *)s->v_cache + (size_t)il * s->v_layer_bytes;
-    TRY(ops->kv_store(be, kc, m->k, n, m->pos, kvd, kvd, 0, m->kv_f16));
-    TRY(ops->kv_store(be, vc, m->v, n, m->pos, kvd, kvd, 0, m->kv_f16));
-    struct moe_attn_params ap = {
-        .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd, .head_dim_v = hd,
-        .k_row = kvd, .v_row = kvd, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
-        .k_cache = kc, .v_cache = vc, .window = L->window, .sinks = L->sinks,
-    };
-    TRY(ops->attention(be, m->att, m->q, n, m->pos, &ap));
+    for (int i = 0; i < m->n_segs; i++) {
+        const struct seg *g = &m->segs[i];
+        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
+        uint8_t *vc = (uint8_t *)g->s->v_cache + (size_t)il * g->s->v_layer_bytes;
+        const int32_t *pos = m->pos + g->off;
+        TRY(ops->kv_store(be, kc, m->k + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_f16));
+        TRY(ops->kv_store(be, vc, m->v + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_f16));
+        struct moe_attn_params ap = {
+            .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd, .head_dim_v = hd,
+            .k_row = kvd, .v_row = kvd, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
+            .k_cache = kc, .v_cache = vc, .window = L->window, .sinks = L->sinks,
+        };
+        TRY(ops->attention(be, m->att + g->off * qd, m->q + g->off * qd, g->n, pos, &ap));
+    }
     TRY(ops->matmul(be, m->tmp, &L->wo, L->bo, m->att, n));
     TRY(ops->add(be, m->x, m->x, m->tmp, n * c->n_embd));
     return 0;
@@ -1453,17 +1475,13 @@ static void prefetch_gate(struct moe_model *m, int il, int64_t n)
     }
 }
 
-static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *tokens, int64_t n,
-                         int64_t tok0, float *logits, bool all_logits, moe_route_fn route, void *ud)
+/* Runs the n tokens laid out by m->segs (positions in m->pos, embeddings
+ * gathered by the caller into m->x) through every layer. */
+static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_route_fn route, void *ud)
 {
     const struct moe_model_cfg *c = &m->cfg;
-    const struct moe_backend_ops *ops = m->be->ops;
-    struct moe_backend *be = m->be;
-    for (int64_t t = 0; t < n; t++)
-        m->pos[t] = s->pos + (int32_t)t;
-    TRY(ops->get_rows(be, m->x, &m->tok_embd, tokens, (int)n));
     for (int il = 0; il < c->n_layer; il++) {
-        TRY(attention_block(m, s, il, n));
+        TRY(attention_block(m, il, n));
         TRY(moe_block(m, il, n, tok0, route, ud));
         if (m->prefetch_depth > 0 && n <= 4) {
             if (m->prefetch_history)
@@ -1472,8 +1490,24 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
                 prefetch_gate(m, il, n);
         }
     }
-    s->pos += (int)n;
+    for (int i = 0; i < m->n_segs; i++)
+        m->segs[i].s->pos += (int)m->segs[i].n;
     m->step++;
+    return 0;
+}
+
+static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *tokens, int64_t n,
+                         int64_t tok0, float *logits, bool all_logits, moe_route_fn route, void *ud)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    for (int64_t t = 0; t < n; t++)
+        m->pos[t] = s->pos + (int32_t)t;
+    m->segs[0] = (struct seg){ .s = s, .off = 0, .n = n };
+    m->n_segs = 1;
+    TRY(ops->get_rows(be, m->x, &m->tok_embd, tokens, (int)n));
+    TRY(forward_layers(m, n, tok0, route, ud));
     if (logits == NULL)
         return 0;
     if (all_logits) {
@@ -1484,6 +1518,64 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
         TRY(ops->rmsnorm(be, m->xn, last, m->output_norm, 1, c->n_embd, c->rms_eps));
         TRY(ops->matmul(be, logits, &m->output, NULL, m->xn, 1));
     }
+    return 0;
+}
+
+int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, int n_segs,
+                            struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    if (n_segs <= 0)
+        return moe_diag_set(diag, -EINVAL, "forward: empty batch");
+    int64_t n = 0;
+    for (int i = 0; i < n_segs; i++) {
+        const struct moe_batch_seg *g = &segs[i];
+        if (g->seq == NULL || g->seq->m != m || g->n <= 0 || g->tokens == NULL)
+            return moe_diag_set(diag, -EINVAL, "forward: batch entry %d has no sequence or tokens",
+                                i);
+        for (int j = 0; j < i; j++)
+            if (segs[j].seq == g->seq)
+                return moe_diag_set(diag, -EINVAL, "forward: batch entries %d and %d are the same"
+                                    " sequence", j, i);
+        if (g->n > m->n_ctx - g->seq->pos)
+            return moe_diag_set(diag, MOE_ELIMIT, "forward: batch entry %d: %d tokens at position"
+                                " %d exceed the context of %d", i, g->n, g->seq->pos, m->n_ctx);
+        for (int t = 0; t < g->n; t++)
+            if (g->tokens[t] < 0 || g->tokens[t] >= c->n_vocab)
+                return moe_diag_set(diag, -EINVAL, "forward: batch entry %d token %d is id %d,"
+                                    " expected 0..%d", i, t, g->tokens[t], c->n_vocab - 1);
+        n += g->n;
+    }
+    if (n > m->n_batch)
+        return moe_diag_set(diag, MOE_ELIMIT, "forward: %" PRId64 " tokens in one batch, the"
+                            " model was loaded for at most %d", n, m->n_batch);
+    int64_t off = 0;
+    int rc = 0;
+    for (int i = 0; i < n_segs && rc == 0; i++) {
+        const struct moe_batch_seg *g = &segs[i];
+        m->segs[i] = (struct seg){ .s = g->seq, .off = off, .n = g->n };
+        for (int t = 0; t < g->n; t++)
+            m->pos[off + t] = g->seq->pos + t;
+        rc = ops->get_rows(be, m->x + off * c->n_embd, &m->tok_embd, g->tokens, g->n);
+        off += g->n;
+    }
+    m->n_segs = n_segs;
+    if (rc == 0)
+        rc = forward_layers(m, n, 0, NULL, NULL);
+    for (int i = 0; i < n_segs && rc == 0; i++) {
+        const struct moe_batch_seg *g = &segs[i];
+        if (g->logits == NULL)
+            continue;
+        const float *last = m->x + (m->segs[i].off + g->n - 1) * c->n_embd;
+        rc = ops->rmsnorm(be, m->xn, last, m->output_norm, 1, c->n_embd, c->rms_eps);
+        if (rc == 0)
+            rc = ops->matmul(be, g->logits, &m->output, NULL, m->xn, 1);
+    }
+    if (rc)
+        return moe_diag_set(diag, rc, "forward of %d sequences (%" PRId64 " tokens): %s", n_segs,
+                            n, moe_strerror(rc));
     return 0;
 }
 

@@ -130,6 +130,22 @@ int moe_model_forward(struct moe_model *m, struct moe_seq *s, const int32_t *tok
                       float *logits, bool all_logits, moe_route_fn route, void *route_ud,
                       struct moe_diag *diag);
 
+/* One sequence's part of a multi-sequence batch. */
+struct moe_batch_seg {
+    struct moe_seq *seq;
+    const int32_t *tokens;
+    int n;                  /* tokens, at positions seq's pos..pos+n-1 */
+    float *logits;          /* NULL, or [n_vocab]: the logits after the last token */
+};
+
+/* Runs several sequences in one pass (continuous batching): tokens of every
+ * sequence share each layer's matmuls and, above all, each expert's load and
+ * compute. Each sequence's result equals moe_model_forward() of its own
+ * tokens. The sequences must be distinct; the tokens in all must not exceed
+ * n_batch. On error, positions are unchanged only if validation failed. */
+int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, int n_segs,
+                            struct moe_diag *diag);
+
 #ifdef __cplusplus
 }
 #endif
