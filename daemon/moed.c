@@ -1,33 +1,133 @@
-/* moed: the daemon. Serving (socket, API, scheduler) arrives with the
- * daemon issue; until then the program answers --help and --version and
- * refuses to start with a message saying so, so that no script mistakes
- * it for a running server. */
+/* moed: loads a model once and serves it over a Unix socket (HTTP/1.1,
+ * OpenAI-compatible API) until SIGTERM. See doc/daemon.md and
+ * doc/config.md. */
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
+
+#include "cache/expert_cache.h"
+#include "daemon/config.h"
+#include "daemon/engine.h"
+#include "daemon/log.h"
+#include "daemon/server.h"
+#include "model/hparams.h"
+#include "model/model.h"
 
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: moed [--config FILE] [--model MODEL]\n"
+            "usage: moed --model MODEL [--config FILE] [--KEY VALUE ...]\n"
+            "       moed --check-config [--config FILE] [--KEY VALUE ...]\n"
             "       moed --help | --version\n"
             "\n"
-            "moed serves Mixture-of-Experts models over a Unix socket.\n"
-            "This build does not serve yet: use `moectl info MODEL` to inspect a model.\n");
+            "Serves a Mixture-of-Experts model (GGUF or .moe pack) over a Unix socket with an\n"
+            "OpenAI-compatible HTTP API. Every key of the config file is also a flag; flags\n"
+            "override the file. SIGHUP reloads the [reloadable] keys; SIGTERM/SIGINT stop.\n"
+            "\n"
+            "  --config FILE              INI file ([moed] section or top-level keys)\n"
+            "  --check-config             validate, print the effective config and the memory\n"
+            "                             plan, and exit\n");
+    moed_config_usage(f);
+}
+
+static double mib(uint64_t b) { return (double)b / 1048576.0; }
+
+/* What the loaded model occupies, by component. */
+static void print_plan(FILE *f, const struct moed_config *cfg, struct moed_engine *e)
+{
+    struct moe_model *m = moed_engine_model(e);
+    const struct moe_model_cfg *mc = moe_model_cfg(m);
+    struct moe_hparams hp;
+    struct moe_sizes sz;
+    memset(&sz, 0, sizeof(sz));
+    if (moe_hparams_load(&hp, moe_model_gguf(m), NULL) == 0)
+        moe_sizes_compute(&sz, moe_model_gguf(m), &hp);
+    const uint64_t es = cfg->kv_f16 ? 2 : 4;
+    const uint64_t kv_seq = (uint64_t)moed_engine_n_ctx(e) * (uint64_t)(mc->k_row + mc->v_row) * es *
+                            (uint64_t)mc->n_layer;
+    struct moe_cache_stats cs;
+    uint64_t cache = 0;
+    const bool cached = moe_model_cache_stats(m, &cs);
+    if (cached)
+        cache = (uint64_t)cs.n_slots * cs.slot_bytes;
+    const uint64_t total = sz.dense_bytes + kv_seq * (uint64_t)cfg->max_seqs + cache +
+                           (uint64_t)cfg->host_bytes;
+    fprintf(f, "memory plan (backend: cpu):\n");
+    fprintf(f, "  dense weights        %10.1f MiB\n", mib(sz.dense_bytes));
+    fprintf(f, "  KV cache             %10.1f MiB  (%d sequences x %.1f MiB, ctx %d, %s)\n",
+            mib(kv_seq * (uint64_t)cfg->max_seqs), cfg->max_seqs, mib(kv_seq), moed_engine_n_ctx(e),
+            cfg->kv_f16 ? "f16" : "f32");
+    if (cached)
+        fprintf(f, "  expert cache         %10.1f MiB  (%d slots x %.2f MiB; experts total %.1f MiB,"
+                " %.0f%% of them)\n", mib(cache), cs.n_slots, mib(cs.slot_bytes), mib(sz.expert_bytes),
+                sz.expert_bytes ? 100.0 * (double)cache / (double)sz.expert_bytes : 0.0);
+    else
+        fprintf(f, "  experts (resident)   %10.1f MiB  (mapped from the file)\n", mib(sz.expert_bytes));
+    fprintf(f, "  host tier            %10.1f MiB\n", mib((uint64_t)cfg->host_bytes));
+    fprintf(f, "  total                %10.1f MiB%s\n", mib(total + (cached ? 0 : sz.expert_bytes)),
+            cached ? "" : " (resident experts are page cache, not reserved)");
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && psz > 0)
+        fprintf(f, "  host memory          %10.1f MiB\n", mib((uint64_t)pages * (uint64_t)psz));
 }
 
 int main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            usage(stdout);
-            return 0;
-        }
-        if (strcmp(argv[i], "--version") == 0) {
-            printf("moed %s\n", MOE_VERSION);
-            return 0;
-        }
+    struct moed_config cfg;
+    struct moed_args a;
+    struct moe_diag d = { 0 };
+    moed_config_defaults(&cfg);
+    if (moed_config_from_args(&cfg, argc, argv, &a, &d) != 0) {
+        fprintf(stderr, "moed: %s\n", d.msg);
+        return 2;
     }
-    fprintf(stderr, "moed: serving is not implemented in this build yet\n");
-    usage(stderr);
-    return 2;
+    if (a.help) {
+        usage(stdout);
+        return 0;
+    }
+    if (a.version) {
+        printf("moed %s\n", MOE_VERSION);
+        return 0;
+    }
+    if (moed_config_validate(&cfg, &d) != 0) {
+        fprintf(stderr, "moed: %s\n", d.msg);
+        return 2;
+    }
+    moed_log_set_level(cfg.log_level);
+    signal(SIGPIPE, SIG_IGN);   /* write errors come back as EPIPE */
+
+    struct server *srv = moed_server_new(&cfg, argc, argv);
+    if (srv == NULL) {
+        fprintf(stderr, "moed: out of memory\n");
+        return 1;
+    }
+    struct moed_engine *eng = NULL;
+    if (!a.check_only)
+        LOG_I("loading %s", cfg.model);
+    if (moed_engine_create(&eng, &cfg, moed_server_notify, srv, &d) != 0) {
+        fprintf(stderr, "moed: %s\n", d.msg);
+        moed_server_free(srv);
+        return 1;
+    }
+    if (a.check_only) {
+        moed_config_print(&cfg, stdout);
+        print_plan(stdout, &cfg, eng);
+        moed_engine_free(eng);
+        moed_server_free(srv);
+        return 0;
+    }
+    print_plan(stderr, &cfg, eng);
+    if (moed_engine_start(eng, &d) != 0) {
+        fprintf(stderr, "moed: %s\n", d.msg);
+        moed_engine_free(eng);
+        moed_server_free(srv);
+        return 1;
+    }
+    int rc = moed_server_run(srv, eng, &d);
+    if (rc)
+        fprintf(stderr, "moed: %s\n", d.msg);
+    moed_engine_free(eng);
+    moed_server_free(srv);
+    return rc ? 1 : 0;
 }

@@ -1,0 +1,987 @@
+/* The HTTP API: OpenAI-compatible completions and chat completions (with
+ * server-sent-event streaming), models, tokenize/detokenize, health,
+ * Prometheus metrics and moed's own stats. Request bodies are checked field
+ * by field; every error is OpenAI's error object naming the field. */
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cache/expert_cache.h"
+#include "common/alloc.h"
+#include "daemon/log.h"
+#include "daemon/server.h"
+#include "model/model.h"
+#include "model/tokenizer.h"
+
+enum { EP_NONE = 0, EP_COMPLETIONS, EP_CHAT };
+
+#define MAX_STOP_LEN 256
+#define MAX_MESSAGES 4096
+
+/* ---- JSON helpers ---------------------------------------------------- */
+
+/* A JSON string of bytes that may not be valid UTF-8 (a token piece can be
+ * half a character): invalid bytes become U+FFFD. */
+static json_t *json_bytes(const char *p, size_t n)
+{
+    json_t *j = json_stringn(p, n);
+    if (j)
+        return j;
+    char *out = malloc(n * 3 + 1);
+    if (out == NULL)
+        return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        const unsigned char b = (unsigned char)p[i];
+        size_t len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
+        bool ok = len > 0 && i + len <= n;
+        for (size_t k = 1; ok && k < len; k++)
+            ok = ((unsigned char)p[i + k] >> 6) == 2;
+        if (ok && len > 1) {
+            json_t *t = json_stringn(p + i, len);   /* rejects overlongs and surrogates */
+            ok = t != NULL;
+            json_decref(t);
+        }
+        if (ok) {
+            memcpy(out + o, p + i, len);
+            o += len;
+            i += len;
+        } else {
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i++;
+        }
+    }
+    j = json_stringn(out, o);
+    free(out);
+    return j;
+}
+
+static void send_json(struct conn *c, int status, json_t *j)
+{
+    char *txt = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    if (txt == NULL)
+        conn_send_error(c, 500, "server_error", NULL, "out of memory building the response");
+    else
+        conn_send(c, status, "application/json", txt, strlen(txt), NULL);
+    free(txt);
+    json_decref(j);
+}
+
+static void bad(struct conn *c, const char *param, const char *fmt, const char *a)
+{
+    conn_send_error(c, 400, "invalid_request_error", param, fmt, a);
+    conn_response_done(c);
+}
+
+/* ---- request fields -------------------------------------------------- */
+
+struct fields {
+    struct moed_req *r;
+    char err[512];
+    const char *err_param;
+};
+
+static bool get_number(struct fields *f, json_t *root, const char *key, double lo, double hi,
+                       double *out)
+{
+    json_t *v = json_object_get(root, key);
+    if (v == NULL || json_is_null(v))
+        return true;
+    if (!json_is_number(v)) {
+        snprintf(f->err, sizeof(f->err), "'%s' must be a number", key);
+        f->err_param = key;
+        return false;
+    }
+    double x = json_number_value(v);
+    if (!(x >= lo && x <= hi)) {
+        snprintf(f->err, sizeof(f->err), "'%s' is %g, expected %g..%g", key, x, lo, hi);
+        f->err_param = key;
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
+static bool get_int(struct fields *f, json_t *root, const char *key, long long lo, long long hi,
+                    long long *out)
+{
+    json_t *v = json_object_get(root, key);
+    if (v == NULL || json_is_null(v))
+        return true;
+    if (!json_is_integer(v)) {
+        snprintf(f->err, sizeof(f->err), "'%s' must be an integer", key);
+        f->err_param = key;
+        return false;
+    }
+    long long x = json_integer_value(v);
+    if (x < lo || x > hi) {
+        snprintf(f->err, sizeof(f->err), "'%s' is %lld, expected %lld..%lld", key, x, lo, hi);
+        f->err_param = key;
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
+static bool get_bool(struct fields *f, json_t *root, const char *key, bool *out)
+{
+    json_t *v = json_object_get(root, key);
+    if (v == NULL || json_is_null(v))
+        return true;
+    if (!json_is_boolean(v)) {
+        snprintf(f->err, sizeof(f->err), "'%s' must be true or false", key);
+        f->err_param = key;
+        return false;
+    }
+    *out = json_is_true(v);
+    return true;
+}
+
+static bool fail(struct fields *f, const char *param, const char *msg)
+{
+    snprintf(f->err, sizeof(f->err), "%s", msg);
+    f->err_param = param;
+    return false;
+}
+
+/* Sampling and output fields shared by completions and chat. */
+static bool parse_common(struct fields *f, json_t *root, bool chat, const struct moed_config *cfg,
+                         int n_ctx)
+{
+    struct moed_req *r = f->r;
+    moe_sampler_defaults(&r->sp);
+    r->sp.temperature = 1.0f;     /* OpenAI's default */
+    r->sp.top_k = 0;
+    r->sp.top_p = 1.0f;
+    r->sp.min_p = 0.0f;
+    double x;
+    long long n;
+    bool b = false;
+    x = r->sp.temperature;
+    if (!get_number(f, root, "temperature", 0, 2, &x))
+        return false;
+    r->sp.temperature = (float)x;
+    x = r->sp.top_p;
+    if (!get_number(f, root, "top_p", 0, 1, &x))
+        return false;
+    r->sp.top_p = x <= 0 ? 1e-9f : (float)x;
+    x = r->sp.min_p;
+    if (!get_number(f, root, "min_p", 0, 1, &x))
+        return false;
+    r->sp.min_p = (float)x;
+    n = r->sp.top_k;
+    if (!get_int(f, root, "top_k", -1, 1 << 20, &n))
+        return false;
+    r->sp.top_k = n < 0 ? 0 : (int)n;
+    x = r->sp.repeat_penalty;
+    if (!get_number(f, root, "repeat_penalty", 0.01, 10, &x))
+        return false;
+    r->sp.repeat_penalty = (float)x;
+    n = (long long)(time(NULL) ^ (long long)r->id * 0x9E3779B97F4A7C15ull);
+    if (!get_int(f, root, "seed", INT64_MIN, INT64_MAX, &n))
+        return false;
+    r->sp.seed = (uint64_t)n;
+    n = 1;
+    if (!get_int(f, root, "n", 1, 1, &n))
+        return fail(f, "n", "'n': only 1 choice per request is supported");
+    r->max_tokens = cfg->max_tokens_default;
+    n = r->max_tokens;
+    if (!get_int(f, root, "max_tokens", 1, n_ctx, &n))
+        return false;
+    if (chat && !get_int(f, root, "max_completion_tokens", 1, n_ctx, &n))
+        return false;
+    r->max_tokens = (int)n;
+    if (!get_bool(f, root, "stream", &b))
+        return false;
+    r->stream = b;
+    json_t *st = json_object_get(root, "stop");
+    if (st && !json_is_null(st)) {
+        json_t *one = json_is_string(st) ? st : NULL;
+        size_t cnt = one ? 1 : json_is_array(st) ? json_array_size(st) : (size_t)-1;
+        if (cnt == (size_t)-1)
+            return fail(f, "stop", "'stop' must be a string or an array of strings");
+        if (cnt > MOED_MAX_STOP)
+            return fail(f, "stop", "'stop': at most 8 strings");
+        for (size_t i = 0; i < cnt; i++) {
+            json_t *s = one ? one : json_array_get(st, i);
+            if (!json_is_string(s))
+                return fail(f, "stop", "'stop' must be a string or an array of strings");
+            size_t len = json_string_length(s);
+            if (len == 0 || len > MAX_STOP_LEN)
+                return fail(f, "stop", "'stop': each string must be 1..256 bytes");
+            if (memchr(json_string_value(s), '\0', len))
+                return fail(f, "stop", "'stop': strings must not contain NUL");
+            r->stop[r->n_stop] = strdup(json_string_value(s));
+            if (r->stop[r->n_stop] == NULL)
+                return fail(f, "stop", "out of memory");
+            r->n_stop++;
+        }
+    }
+    if (chat) {
+        bool lp = false;
+        if (!get_bool(f, root, "logprobs", &lp))
+            return false;
+        n = 0;
+        if (!get_int(f, root, "top_logprobs", 0, 20, &n))
+            return false;
+        if (n > 0 && !lp)
+            return fail(f, "top_logprobs", "'top_logprobs' needs 'logprobs': true");
+        r->logprobs = lp ? (int)n : -1;
+    } else {
+        n = -1;
+        json_t *v = json_object_get(root, "logprobs");
+        if (v && json_is_boolean(v))
+            return fail(f, "logprobs", "'logprobs' must be an integer 0..5 (completions)");
+        if (!get_int(f, root, "logprobs", 0, 5, &n))
+            return false;
+        r->logprobs = (int)n;
+    }
+    struct moe_diag d = { 0 };
+    if (moe_sampler_params_check(&r->sp, &d) != 0)
+        return fail(f, NULL, d.msg);
+    return true;
+}
+
+static bool tokenize_into(struct fields *f, const struct moe_tokenizer *tok, const char *text,
+                          size_t len, bool parse_special, const char *param)
+{
+    struct moed_req *r = f->r;
+    size_t need = 0;
+    int rc = moe_tokenize(tok, text, len, true, parse_special, NULL, 0, &need);
+    if (rc == 0 || rc == -ENOSPC) {
+        r->prompt = malloc((need ? need : 1) * sizeof(int32_t));
+        rc = r->prompt ? moe_tokenize(tok, text, len, true, parse_special, r->prompt, need, &need)
+                       : -ENOMEM;
+    }
+    if (rc) {
+        snprintf(f->err, sizeof(f->err), "'%s': cannot tokenize: %s", param, moe_strerror(rc));
+        f->err_param = param;
+        return false;
+    }
+    r->n_prompt = (int)need;
+    return true;
+}
+
+static bool parse_prompt(struct fields *f, json_t *root, struct moed_engine *e)
+{
+    json_t *p = json_object_get(root, "prompt");
+    if (p == NULL)
+        return fail(f, "prompt", "'prompt' is required");
+    if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
+        p = json_array_get(p, 0);
+    if (json_is_string(p))
+        return tokenize_into(f, moed_engine_tokenizer(e), json_string_value(p), json_string_length(p),
+                             false, "prompt");
+    if (!json_is_array(p) || json_array_size(p) == 0)
+        return fail(f, "prompt", "'prompt' must be a string or a non-empty array of token ids");
+    const size_t n = json_array_size(p);
+    if (n > (size_t)moed_engine_n_ctx(e))
+        return fail(f, "prompt", "'prompt' has more tokens than the context");
+    f->r->prompt = malloc(n * sizeof(int32_t));
+    if (f->r->prompt == NULL)
+        return fail(f, "prompt", "out of memory");
+    const int V = moed_engine_n_vocab(e);
+    for (size_t i = 0; i < n; i++) {
+        json_t *t = json_array_get(p, i);
+        if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) >= V) {
+            snprintf(f->err, sizeof(f->err), "'prompt'[%zu]: expected a token id 0..%d (one prompt"
+                     " per request)", i, V - 1);
+            f->err_param = "prompt";
+            return false;
+        }
+        f->r->prompt[i] = (int32_t)json_integer_value(t);
+    }
+    f->r->n_prompt = (int)n;
+    return true;
+}
+
+static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e)
+{
+    json_t *ms = json_object_get(root, "messages");
+    if (!json_is_array(ms) || json_array_size(ms) == 0)
+        return fail(f, "messages", "'messages' must be a non-empty array");
+    const size_t n = json_array_size(ms);
+    if (n > MAX_MESSAGES)
+        return fail(f, "messages", "'messages': too many messages");
+    enum moe_chat_template tpl;
+    const char *eos = NULL;
+    if (!moed_engine_chat_template(e, &tpl, &eos))
+        return fail(f, "messages", "this model has no chat template moed knows; set chat_template"
+                    " in the config, or use /v1/completions");
+    struct moe_chat_msg *msgs = calloc(n, sizeof(*msgs));
+    char **owned = calloc(n, sizeof(char *));
+    bool ok = msgs && owned;
+    if (!ok)
+        fail(f, "messages", "out of memory");
+    for (size_t i = 0; ok && i < n; i++) {
+        json_t *m = json_array_get(ms, i);
+        json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
+        if (!json_is_object(m) || !json_is_string(role)) {
+            snprintf(f->err, sizeof(f->err), "'messages'[%zu]: expected an object with a string"
+                     " 'role'", i);
+            f->err_param = "messages";
+            ok = false;
+            break;
+        }
+        const char *rv = json_string_value(role);
+        if (strcmp(rv, "system") && strcmp(rv, "user") && strcmp(rv, "assistant") &&
+            strcmp(rv, "developer") && strcmp(rv, "tool")) {
+            snprintf(f->err, sizeof(f->err), "'messages'[%zu].role: '%.32s' is not system, user,"
+                     " assistant, developer or tool", i, rv);
+            f->err_param = "messages";
+            ok = false;
+            break;
+        }
+        msgs[i].role = strcmp(rv, "developer") == 0 ? "system" : rv;
+        if (json_is_string(content)) {
+            if (memchr(json_string_value(content), '\0', json_string_length(content))) {
+                snprintf(f->err, sizeof(f->err), "'messages'[%zu].content contains NUL", i);
+                f->err_param = "messages";
+                ok = false;
+                break;
+            }
+            msgs[i].content = json_string_value(content);
+        } else if (content == NULL || json_is_null(content)) {
+            msgs[i].content = "";
+        } else if (json_is_array(content)) {
+            /* text parts, concatenated */
+            size_t total = 0;
+            for (size_t k = 0; k < json_array_size(content); k++) {
+                json_t *part = json_array_get(content, k);
+                json_t *ty = json_object_get(part, "type"), *tx = json_object_get(part, "text");
+                if (!json_is_string(ty) || strcmp(json_string_value(ty), "text") != 0 ||
+                    !json_is_string(tx)) {
+                    snprintf(f->err, sizeof(f->err), "'messages'[%zu].content[%zu]: only"
+                             " {\"type\": \"text\", \"text\": ...} parts are supported", i, k);
+                    f->err_param = "messages";
+                    ok = false;
+                    break;
+                }
+                total += json_string_length(tx);
+            }
+            if (!ok)
+                break;
+            owned[i] = malloc(total + 1);
+            if (owned[i] == NULL) {
+                ok = fail(f, "messages", "out of memory");
+                break;
+            }
+            size_t o = 0;
+            for (size_t k = 0; k < json_array_size(content); k++) {
+                json_t *tx = json_object_get(json_array_get(content, k), "text");
+                memcpy(owned[i] + o, json_string_value(tx), json_string_length(tx));
+                o += json_string_length(tx);
+            }
+            owned[i][o] = '\0';
+            if (strlen(owned[i]) != o) {
+                snprintf(f->err, sizeof(f->err), "'messages'[%zu].content contains NUL", i);
+                f->err_param = "messages";
+                ok = false;
+                break;
+            }
+            msgs[i].content = owned[i];
+        } else {
+            snprintf(f->err, sizeof(f->err), "'messages'[%zu].content must be a string or an array"
+                     " of text parts", i);
+            f->err_param = "messages";
+            ok = false;
+            break;
+        }
+    }
+    char *text = NULL;
+    size_t len = 0;
+    if (ok) {
+        struct moe_diag d = { 0 };
+        if (moe_chat_template_apply(tpl, msgs, n, true, eos, &text, &len, &d) != 0)
+            ok = fail(f, "messages", d.msg);
+    }
+    if (ok)
+        ok = tokenize_into(f, moed_engine_tokenizer(e), text, len, true, "messages");
+    moe_free(text);
+    for (size_t i = 0; owned && i < n; i++)
+        free(owned[i]);
+    free(owned);
+    free(msgs);
+    return ok;
+}
+
+/* ---- generation ------------------------------------------------------ */
+
+static const char *finish_name(enum moed_finish f)
+{
+    return f == MOED_STOP ? "stop" : f == MOED_LENGTH ? "length" : NULL;
+}
+
+static json_t *usage_obj(const struct moed_req *r)
+{
+    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", r->n_prompt, "completion_tokens", r->n_gen,
+                     "total_tokens", r->n_prompt + r->n_gen);
+}
+
+static json_t *piece_json(struct moed_engine *e, int32_t id, json_t **bytes_out)
+{
+    char buf[512];
+    size_t len = 0;
+    int rc = moe_token_to_piece(moed_engine_tokenizer(e), id, buf, sizeof(buf), 0, false, &len);
+    if (rc != 0 || len > sizeof(buf))
+        len = 0;
+    if (bytes_out) {
+        *bytes_out = json_array();
+        for (size_t i = 0; i < len; i++)
+            json_array_append_new(*bytes_out, json_integer((unsigned char)buf[i]));
+    }
+    return json_bytes(buf, len);
+}
+
+/* Logprobs of tokens [from, to) in OpenAI's shape for the endpoint. */
+static json_t *logprobs_json(struct conn *c, const struct moed_req *r, int from, int to,
+                             size_t text_offset)
+{
+    struct moed_engine *e = c->srv->eng;
+    if (r->logprobs < 0)
+        return json_null();
+    if (c->endpoint == EP_CHAT) {
+        json_t *content = json_array();
+        for (int i = from; i < to; i++) {
+            const struct moed_logprob *lp = &r->lps[i];
+            json_t *bytes, *top = json_array();
+            json_t *tokj = piece_json(e, lp->id, &bytes);
+            for (int k = 0; k < lp->n_top; k++) {
+                json_t *tb;
+                json_t *tt = piece_json(e, lp->top_id[k], &tb);
+                json_array_append_new(top, json_pack("{s:o, s:f, s:o}", "token", tt, "logprob",
+                                                     (double)lp->top_lp[k], "bytes", tb));
+            }
+            json_array_append_new(content, json_pack("{s:o, s:f, s:o, s:o}", "token", tokj,
+                                                     "logprob", (double)lp->lp, "bytes", bytes,
+                                                     "top_logprobs", top));
+        }
+        return json_pack("{s:o}", "content", content);
+    }
+    json_t *toks = json_array(), *tlp = json_array(), *top = json_array(), *off = json_array();
+    size_t o = text_offset;
+    for (int i = from; i < to; i++) {
+        const struct moed_logprob *lp = &r->lps[i];
+        json_t *t = piece_json(e, lp->id, NULL);
+        json_array_append_new(off, json_integer((json_int_t)o));
+        o += t ? json_string_length(t) : 0;
+        json_array_append_new(toks, t);
+        json_array_append_new(tlp, json_real(lp->lp));
+        json_t *alt = json_object();
+        for (int k = 0; k < lp->n_top; k++) {
+            json_t *at = piece_json(e, lp->top_id[k], NULL);
+            if (at)
+                json_object_set_new(alt, json_string_value(at), json_real(lp->top_lp[k]));
+            json_decref(at);
+        }
+        json_array_append_new(top, alt);
+    }
+    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", toks, "token_logprobs", tlp, "top_logprobs",
+                     top, "text_offset", off);
+}
+
+static json_t *base_obj(struct conn *c, const struct moed_req *r, const char *object)
+{
+    char id[48];
+    snprintf(id, sizeof(id), "%s-%" PRIu64, c->endpoint == EP_CHAT ? "chatcmpl" : "cmpl", r->id);
+    return json_pack("{s:s, s:s, s:I, s:s}", "id", id, "object", object, "created",
+                     (json_int_t)time(NULL), "model", c->srv->model_id);
+}
+
+static void send_sse(struct conn *c, json_t *obj)
+{
+    char *txt = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
+    json_decref(obj);
+    if (txt == NULL)
+        return;
+    size_t n = strlen(txt);
+    char *ev = malloc(n + 9);
+    if (ev) {
+        memcpy(ev, "data: ", 6);
+        memcpy(ev + 6, txt, n);
+        memcpy(ev + 6 + n, "\n\n", 2);
+        conn_chunk(c, ev, n + 8);
+        free(ev);
+    }
+    free(txt);
+}
+
+static void log_request(struct conn *c, const struct moed_req *r, const char *how)
+{
+    const double now = moed_now();
+    LOG_I("req=%" PRIu64 " %s tokens_in=%d tokens_out=%d ttft_ms=%.1f total_ms=%.1f finish=%s"
+          " expert_hits=%" PRIu64 " expert_misses=%" PRIu64, r->id,
+          c->endpoint == EP_CHAT ? "chat" : "completion", r->n_prompt, r->n_gen,
+          r->t_first > 0 ? (r->t_first - r->t_submit) * 1e3 : 0.0, (now - r->t_submit) * 1e3, how,
+          r->hits, r->misses);
+}
+
+void api_on_engine(struct conn *c, struct moed_req *r)
+{
+    pthread_mutex_lock(&r->mu);
+    const enum moed_finish fin = r->finish;
+    const size_t ready = r->ready;
+    const int n_lps = r->n_lps;
+    pthread_mutex_unlock(&r->mu);
+    /* the engine only appends: text[0..ready) and lps[0..n_lps) are stable */
+    const bool chat = c->endpoint == EP_CHAT;
+    if (r->stream) {
+        if (ready > r->sent || n_lps > r->sent_lps) {
+            json_t *o = base_obj(c, r, chat ? "chat.completion.chunk" : "text_completion");
+            json_t *delta = json_bytes(r->text + r->sent, ready - r->sent);
+            json_t *ch;
+            if (chat)
+                ch = json_pack("{s:i, s:{s:s, s:o}, s:o, s:n}", "index", 0, "delta", "role",
+                               "assistant", "content", delta, "logprobs",
+                               logprobs_json(c, r, r->sent_lps, n_lps, r->sent), "finish_reason");
+            else
+                ch = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text", delta, "logprobs",
+                               logprobs_json(c, r, r->sent_lps, n_lps, r->sent), "finish_reason");
+            json_object_set_new(o, "choices", json_pack("[o]", ch));
+            r->sent = ready;
+            r->sent_lps = n_lps;
+            send_sse(c, o);
+        }
+        if (fin == MOED_RUNNING)
+            return;
+        if (fin == MOED_STOP || fin == MOED_LENGTH) {
+            json_t *o = base_obj(c, r, chat ? "chat.completion.chunk" : "text_completion");
+            json_t *ch = chat ? json_pack("{s:i, s:{}, s:n, s:s}", "index", 0, "delta", "logprobs",
+                                          "finish_reason", finish_name(fin))
+                              : json_pack("{s:i, s:s, s:n, s:s}", "index", 0, "text", "", "logprobs",
+                                          "finish_reason", finish_name(fin));
+            json_object_set_new(o, "choices", json_pack("[o]", ch));
+            json_object_set_new(o, "usage", usage_obj(r));
+            send_sse(c, o);
+        } else {
+            json_t *o = json_pack("{s:{s:s, s:s, s:n, s:n}}", "error", "message",
+                                  fin == MOED_CANCELLED ? "request cancelled (moed is shutting"
+                                  " down)" : r->err, "type", "server_error", "param", "code");
+            send_sse(c, o);
+        }
+        conn_chunk(c, "data: [DONE]\n\n", 14);
+        conn_end_chunks(c);
+    } else {
+        if (fin == MOED_RUNNING)
+            return;
+        if (fin == MOED_CANCELLED) {
+            conn_send_error(c, 503, "server_error", NULL, "request cancelled (moed is shutting down)");
+        } else if (fin == MOED_ERROR) {
+            conn_send_error(c, 500, "server_error", NULL, "generation failed: %s", r->err);
+        } else {
+            json_t *o = base_obj(c, r, chat ? "chat.completion" : "text_completion");
+            json_t *text = json_bytes(r->text ? r->text : "", r->len);
+            json_t *ch = chat ? json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message",
+                                          "role", "assistant", "content", text, "logprobs",
+                                          logprobs_json(c, r, 0, n_lps, 0), "finish_reason",
+                                          finish_name(fin))
+                              : json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text,
+                                          "logprobs", logprobs_json(c, r, 0, n_lps, 0),
+                                          "finish_reason", finish_name(fin));
+            json_object_set_new(o, "choices", json_pack("[o]", ch));
+            json_object_set_new(o, "usage", usage_obj(r));
+            send_json(c, 200, o);
+        }
+    }
+    log_request(c, r, fin == MOED_STOP ? "stop" : fin == MOED_LENGTH ? "length"
+                      : fin == MOED_CANCELLED ? "cancelled" : "error");
+    conn_response_done(c);
+}
+
+void api_abandon(struct conn *c)
+{
+    struct moed_req *r = c->req;
+    moed_engine_cancel(c->srv->eng, r);
+    r->conn = NULL;
+    LOG_I("req=%" PRIu64 " cancelled: client disconnected", r->id);
+    moed_req_unref(r);
+    c->req = NULL;
+    c->srv->active_requests--;
+}
+
+static void handle_generate(struct conn *c, const char *body, size_t len, bool chat)
+{
+    struct server *s = c->srv;
+    json_error_t jerr;
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+    if (root == NULL) {
+        conn_send_error(c, 400, "invalid_request_error", NULL, "invalid JSON at line %d column %d:"
+                        " %s", jerr.line, jerr.column, jerr.text);
+        conn_response_done(c);
+        return;
+    }
+    if (!json_is_object(root)) {
+        json_decref(root);
+        bad(c, NULL, "%s", "request body must be a JSON object");
+        return;
+    }
+    struct moed_req *r = moed_req_new();
+    if (r == NULL) {
+        json_decref(root);
+        conn_send_error(c, 500, "server_error", NULL, "out of memory");
+        conn_response_done(c);
+        return;
+    }
+    r->id = ++s->next_req_id;
+    r->chat = chat;
+    struct fields f = { .r = r };
+    const int n_ctx = moed_engine_n_ctx(s->eng);
+    bool ok = parse_common(&f, root, chat, &s->cfg, n_ctx) &&
+              (chat ? parse_messages(&f, root, s->eng) : parse_prompt(&f, root, s->eng));
+    json_decref(root);
+    if (ok && r->n_prompt == 0)
+        ok = fail(&f, chat ? "messages" : "prompt", "the prompt gives no tokens");
+    if (ok && r->n_prompt >= n_ctx) {
+        snprintf(f.err, sizeof(f.err), "the prompt is %d tokens; the context is %d (ctx_size)",
+                 r->n_prompt, n_ctx);
+        f.err_param = chat ? "messages" : "prompt";
+        ok = false;
+    }
+    if (!ok) {
+        conn_send_error(c, 400, "invalid_request_error", f.err_param, "%s", f.err);
+        conn_response_done(c);
+        moed_req_unref(r);
+        return;
+    }
+    if (r->max_tokens > n_ctx - r->n_prompt)
+        r->max_tokens = n_ctx - r->n_prompt;
+    r->t_submit = moed_now();
+    if (s->cfg.request_timeout_s > 0)
+        r->deadline = r->t_submit + s->cfg.request_timeout_s;
+    r->conn = c;
+    c->endpoint = chat ? EP_CHAT : EP_COMPLETIONS;
+    int rc = moed_engine_submit(s->eng, r);
+    if (rc) {
+        if (rc == -EBUSY)
+            conn_send_error(c, 503, "server_error", NULL, "queue full (%d waiting, queue_size); retry"
+                            " later", s->cfg.queue_size);
+        else
+            conn_send_error(c, 503, "server_error", NULL, "moed is shutting down");
+        conn_response_done(c);
+        moed_req_unref(r);
+        return;
+    }
+    c->req = r;   /* the reference from moed_req_new */
+    s->active_requests++;
+    if (r->stream)
+        conn_start_stream(c);
+}
+
+/* ---- other endpoints ------------------------------------------------- */
+
+static void handle_tokenize(struct conn *c, const char *body, size_t len)
+{
+    json_error_t jerr;
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *content = root ? json_object_get(root, "content") : NULL;
+    if (root == NULL) {
+        conn_send_error(c, 400, "invalid_request_error", NULL, "invalid JSON at line %d column %d:"
+                        " %s", jerr.line, jerr.column, jerr.text);
+    } else if (!json_is_string(content)) {
+        conn_send_error(c, 400, "invalid_request_error", "content", "'content' must be a string");
+    } else {
+        bool add_special = false, parse_special = false;
+        struct fields f = { 0 };
+        if (!get_bool(&f, root, "add_special", &add_special) ||
+            !get_bool(&f, root, "parse_special", &parse_special)) {
+            conn_send_error(c, 400, "invalid_request_error", f.err_param, "%s", f.err);
+        } else {
+            const struct moe_tokenizer *tok = moed_engine_tokenizer(c->srv->eng);
+            size_t need = 0;
+            int32_t *ids = NULL;
+            const char *t = json_string_value(content);
+            size_t tl = json_string_length(content);
+            int rc = moe_tokenize(tok, t, tl, add_special, parse_special, NULL, 0, &need);
+            if (rc == 0 || rc == -ENOSPC) {
+                ids = malloc((need ? need : 1) * sizeof(int32_t));
+                rc = ids ? moe_tokenize(tok, t, tl, add_special, parse_special, ids, need, &need)
+                         : -ENOMEM;
+            }
+            if (rc) {
+                conn_send_error(c, 400, "invalid_request_error", "content", "cannot tokenize: %s",
+                                moe_strerror(rc));
+            } else {
+                json_t *arr = json_array();
+                for (size_t i = 0; i < need; i++)
+                    json_array_append_new(arr, json_integer(ids[i]));
+                send_json(c, 200, json_pack("{s:o}", "tokens", arr));
+            }
+            free(ids);
+        }
+    }
+    json_decref(root);
+    conn_response_done(c);
+}
+
+static void handle_detokenize(struct conn *c, const char *body, size_t len)
+{
+    json_error_t jerr;
+    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *toks = root ? json_object_get(root, "tokens") : NULL;
+    const int V = moed_engine_n_vocab(c->srv->eng);
+    if (root == NULL) {
+        conn_send_error(c, 400, "invalid_request_error", NULL, "invalid JSON at line %d column %d:"
+                        " %s", jerr.line, jerr.column, jerr.text);
+    } else if (!json_is_array(toks)) {
+        conn_send_error(c, 400, "invalid_request_error", "tokens", "'tokens' must be an array of"
+                        " token ids");
+    } else {
+        const size_t n = json_array_size(toks);
+        int32_t *ids = malloc((n ? n : 1) * sizeof(int32_t));
+        size_t bad_i = SIZE_MAX;
+        for (size_t i = 0; ids && i < n; i++) {
+            json_t *t = json_array_get(toks, i);
+            if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) >= V) {
+                bad_i = i;
+                break;
+            }
+            ids[i] = (int32_t)json_integer_value(t);
+        }
+        if (ids == NULL) {
+            conn_send_error(c, 500, "server_error", NULL, "out of memory");
+        } else if (bad_i != SIZE_MAX) {
+            conn_send_error(c, 400, "invalid_request_error", "tokens", "'tokens'[%zu]: expected a"
+                            " token id 0..%d", bad_i, V - 1);
+        } else {
+            const struct moe_tokenizer *tok = moed_engine_tokenizer(c->srv->eng);
+            size_t need = 0;
+            char *txt = NULL;
+            int rc = moe_detokenize(tok, ids, n, NULL, 0, false, false, &need);
+            if (rc == 0 || rc == -ENOSPC) {
+                txt = malloc(need + 1);
+                rc = txt ? moe_detokenize(tok, ids, n, txt, need, false, false, &need) : -ENOMEM;
+            }
+            if (rc)
+                conn_send_error(c, 400, "invalid_request_error", "tokens", "cannot detokenize: %s",
+                                moe_strerror(rc));
+            else
+                send_json(c, 200, json_pack("{s:o}", "content", json_bytes(txt, need)));
+            free(txt);
+        }
+        free(ids);
+    }
+    json_decref(root);
+    conn_response_done(c);
+}
+
+/* The counters behind /metrics and /v1/moed/stats. */
+static json_t *stats_json(struct server *s)
+{
+    struct moed_engine_stats es;
+    moed_engine_stats(s->eng, &es);
+    struct moe_model *m = moed_engine_model(s->eng);
+    json_t *o = json_pack("{s:s, s:f, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I},"
+                          " s:{s:I, s:I, s:f, s:I, s:i, s:i, s:i}}",
+                          "model", s->model_id, "uptime_s", moed_now() - s->t_start,
+                          "http", "requests", (json_int_t)s->http_requests,
+                          "1xx", (json_int_t)s->http_by_class[1], "2xx", (json_int_t)s->http_by_class[2],
+                          "3xx", (json_int_t)s->http_by_class[3], "4xx", (json_int_t)s->http_by_class[4],
+                          "5xx", (json_int_t)s->http_by_class[5],
+                          "completed", (json_int_t)es.requests_done,
+                          "cancelled", (json_int_t)es.requests_cancelled,
+                          "failed", (json_int_t)es.requests_failed,
+                          "engine", "tokens_in", (json_int_t)es.tokens_in,
+                          "tokens_out", (json_int_t)es.tokens_out,
+                          "busy_s", es.busy_s, "steps", (json_int_t)es.steps,
+                          "queue_depth", es.queue_depth, "running", es.running,
+                          "max_seqs", s->cfg.max_seqs);
+    json_object_set_new(json_object_get(o, "http"), "rejected", json_integer((json_int_t)es.requests_rejected));
+    json_object_set_new(json_object_get(o, "engine"), "tokens_per_s",
+                        json_real(es.busy_s > 0 ? (double)es.tokens_out / es.busy_s : 0.0));
+    struct moe_cache_stats cs;
+    if (moe_model_cache_stats(m, &cs)) {
+        json_t *c = json_pack("{s:i, s:I, s:{s:I, s:I}, s:{s:I, s:I}, s:I, s:I, s:f, s:{s:I, s:I, s:I, s:I}}",
+                              "slots", cs.n_slots, "slot_bytes", (json_int_t)cs.slot_bytes,
+                              "device", "hits", (json_int_t)cs.hits, "misses", (json_int_t)cs.misses,
+                              "host", "hits", (json_int_t)cs.host_hits,
+                              "misses", (json_int_t)(cs.misses - cs.host_hits),
+                              "bytes_loaded", (json_int_t)cs.bytes_loaded,
+                              "evictions", (json_int_t)cs.evictions, "stall_s", cs.stall_s,
+                              "prefetch", "issued", (json_int_t)cs.prefetch_issued,
+                              "used", (json_int_t)cs.prefetch_used,
+                              "wasted", (json_int_t)cs.prefetch_wasted,
+                              "cancelled", (json_int_t)cs.prefetch_dropped);
+        uint64_t lh[1024], lm[1024];
+        int nl = moe_model_cache_layer_stats(m, lh, lm, 1024);
+        json_t *layers = json_array();
+        for (int l = 0; l < nl && l < 1024; l++)
+            json_array_append_new(layers, json_pack("{s:I, s:I}", "hits", (json_int_t)lh[l],
+                                                    "misses", (json_int_t)lm[l]));
+        json_object_set_new(c, "layers", layers);
+        json_object_set_new(o, "expert_cache", c);
+    } else {
+        json_object_set_new(o, "expert_cache", json_null());
+    }
+    return o;
+}
+
+static void handle_metrics(struct conn *c)
+{
+    json_t *st = stats_json(c->srv);
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap);
+    if (buf == NULL || st == NULL) {
+        free(buf);
+        json_decref(st);
+        conn_send_error(c, 500, "server_error", NULL, "out of memory");
+        conn_response_done(c);
+        return;
+    }
+#define EMIT(...)                                                                        \
+    do {                                                                                 \
+        int n_ = snprintf(buf + len, cap - len, __VA_ARGS__);                            \
+        if (n_ > 0 && (size_t)n_ >= cap - len) {                                         \
+            char *nb_ = realloc(buf, (cap + (size_t)n_) * 2);                             \
+            if (nb_ == NULL)                                                             \
+                break;                                                                   \
+            buf = nb_;                                                                   \
+            cap = (cap + (size_t)n_) * 2;                                                 \
+            n_ = snprintf(buf + len, cap - len, __VA_ARGS__);                            \
+        }                                                                                \
+        if (n_ > 0)                                                                      \
+            len += (size_t)n_;                                                           \
+    } while (0)
+#define JI(o, k) ((unsigned long long)json_integer_value(json_object_get((o), (k))))
+    json_t *h = json_object_get(st, "http"), *e = json_object_get(st, "engine");
+    EMIT("# HELP moed_http_responses_total HTTP responses by status class.\n"
+         "# TYPE moed_http_responses_total counter\n");
+    for (int k = 1; k <= 5; k++) {
+        char key[8];
+        snprintf(key, sizeof(key), "%dxx", k);
+        EMIT("moed_http_responses_total{code=\"%s\"} %llu\n", key, JI(h, key));
+    }
+    EMIT("# HELP moed_requests_total Generation requests by outcome.\n"
+         "# TYPE moed_requests_total counter\n"
+         "moed_requests_total{outcome=\"completed\"} %llu\n"
+         "moed_requests_total{outcome=\"cancelled\"} %llu\n"
+         "moed_requests_total{outcome=\"failed\"} %llu\n"
+         "moed_requests_total{outcome=\"rejected\"} %llu\n",
+         JI(h, "completed"), JI(h, "cancelled"), JI(h, "failed"), JI(h, "rejected"));
+    EMIT("# HELP moed_tokens_in_total Prompt tokens run.\n# TYPE moed_tokens_in_total counter\n"
+         "moed_tokens_in_total %llu\n", JI(e, "tokens_in"));
+    EMIT("# HELP moed_tokens_out_total Tokens generated.\n# TYPE moed_tokens_out_total counter\n"
+         "moed_tokens_out_total %llu\n", JI(e, "tokens_out"));
+    EMIT("# HELP moed_tokens_per_second Generated tokens per second of engine busy time.\n"
+         "# TYPE moed_tokens_per_second gauge\nmoed_tokens_per_second %.3f\n",
+         json_real_value(json_object_get(e, "tokens_per_s")));
+    EMIT("# HELP moed_engine_busy_seconds_total Time in forward passes.\n"
+         "# TYPE moed_engine_busy_seconds_total counter\nmoed_engine_busy_seconds_total %.6f\n",
+         json_real_value(json_object_get(e, "busy_s")));
+    EMIT("# HELP moed_queue_depth Requests waiting for a sequence.\n# TYPE moed_queue_depth gauge\n"
+         "moed_queue_depth %llu\n", JI(e, "queue_depth"));
+    EMIT("# HELP moed_running_sequences Sequences being decoded.\n"
+         "# TYPE moed_running_sequences gauge\nmoed_running_sequences %llu\n", JI(e, "running"));
+    json_t *ec = json_object_get(st, "expert_cache");
+    if (json_is_object(ec)) {
+        json_t *dv = json_object_get(ec, "device"), *ho = json_object_get(ec, "host");
+        json_t *pf = json_object_get(ec, "prefetch");
+        EMIT("# HELP moed_expert_cache_hits_total Expert lookups served by a tier.\n"
+             "# TYPE moed_expert_cache_hits_total counter\n"
+             "moed_expert_cache_hits_total{tier=\"device\"} %llu\n"
+             "moed_expert_cache_hits_total{tier=\"host\"} %llu\n", JI(dv, "hits"), JI(ho, "hits"));
+        EMIT("# HELP moed_expert_cache_misses_total Expert lookups a tier did not hold.\n"
+             "# TYPE moed_expert_cache_misses_total counter\n"
+             "moed_expert_cache_misses_total{tier=\"device\"} %llu\n"
+             "moed_expert_cache_misses_total{tier=\"host\"} %llu\n", JI(dv, "misses"),
+             JI(ho, "misses"));
+        EMIT("# HELP moed_expert_bytes_loaded_total Expert bytes loaded into the cache.\n"
+             "# TYPE moed_expert_bytes_loaded_total counter\nmoed_expert_bytes_loaded_total %llu\n",
+             JI(ec, "bytes_loaded"));
+        EMIT("# HELP moed_expert_stall_seconds_total Engine time spent waiting for expert loads.\n"
+             "# TYPE moed_expert_stall_seconds_total counter\nmoed_expert_stall_seconds_total %.6f\n",
+             json_real_value(json_object_get(ec, "stall_s")));
+        EMIT("# HELP moed_expert_prefetch_total Prefetches by outcome.\n"
+             "# TYPE moed_expert_prefetch_total counter\n"
+             "moed_expert_prefetch_total{outcome=\"issued\"} %llu\n"
+             "moed_expert_prefetch_total{outcome=\"used\"} %llu\n"
+             "moed_expert_prefetch_total{outcome=\"wasted\"} %llu\n"
+             "moed_expert_prefetch_total{outcome=\"cancelled\"} %llu\n",
+             JI(pf, "issued"), JI(pf, "used"), JI(pf, "wasted"), JI(pf, "cancelled"));
+        json_t *layers = json_object_get(ec, "layers");
+        EMIT("# HELP moed_expert_layer_hits_total Device-tier expert hits per layer.\n"
+             "# TYPE moed_expert_layer_hits_total counter\n");
+        for (size_t l = 0; l < json_array_size(layers); l++)
+            EMIT("moed_expert_layer_hits_total{layer=\"%zu\"} %llu\n", l,
+                 JI(json_array_get(layers, l), "hits"));
+        EMIT("# HELP moed_expert_layer_misses_total Device-tier expert misses per layer.\n"
+             "# TYPE moed_expert_layer_misses_total counter\n");
+        for (size_t l = 0; l < json_array_size(layers); l++)
+            EMIT("moed_expert_layer_misses_total{layer=\"%zu\"} %llu\n", l,
+                 JI(json_array_get(layers, l), "misses"));
+    }
+#undef EMIT
+#undef JI
+    json_decref(st);
+    conn_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", buf, len, NULL);
+    free(buf);
+    conn_response_done(c);
+}
+
+/* ---- routing --------------------------------------------------------- */
+
+struct route {
+    const char *path;
+    const char *method;
+};
+
+static const struct route routes[] = {
+    { "/v1/completions", "POST" }, { "/v1/chat/completions", "POST" }, { "/v1/models", "GET" },
+    { "/tokenize", "POST" }, { "/detokenize", "POST" }, { "/health", "GET" },
+    { "/metrics", "GET" }, { "/v1/moed/stats", "GET" },
+};
+
+void api_dispatch(struct conn *c, const char *method, const char *path, const char *body, size_t len)
+{
+    c->endpoint = EP_NONE;
+    const struct route *rt = NULL;
+    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++)
+        if (strcmp(routes[i].path, path) == 0)
+            rt = &routes[i];
+    if (rt == NULL) {
+        conn_send_error(c, 404, "invalid_request_error", NULL, "no endpoint %.200s", path);
+        conn_response_done(c);
+        return;
+    }
+    if (strcmp(rt->method, method) != 0) {
+        char allow[64];
+        snprintf(allow, sizeof(allow), "Allow: %s\r\n", rt->method);
+        char msg[512];
+        snprintf(msg, sizeof(msg), "{\"error\":{\"message\":\"%s takes %s, not %s\",\"type\":"
+                 "\"invalid_request_error\",\"param\":null,\"code\":null}}", rt->path, rt->method,
+                 method);
+        conn_send(c, 405, "application/json", msg, strlen(msg), allow);
+        conn_response_done(c);
+        return;
+    }
+    struct server *s = c->srv;
+    if (!strcmp(path, "/v1/completions")) {
+        handle_generate(c, body, len, false);
+    } else if (!strcmp(path, "/v1/chat/completions")) {
+        handle_generate(c, body, len, true);
+    } else if (!strcmp(path, "/health")) {
+        send_json(c, 200, json_pack("{s:s}", "status", "ok"));
+        conn_response_done(c);
+    } else if (!strcmp(path, "/v1/models")) {
+        const struct moe_model_cfg *mc = moe_model_cfg(moed_engine_model(s->eng));
+        send_json(c, 200, json_pack("{s:s, s:[{s:s, s:s, s:I, s:s, s:s, s:i, s:i}]}", "object", "list",
+                                    "data", "id", s->model_id, "object", "model", "created",
+                                    (json_int_t)time(NULL), "owned_by", "moed", "architecture",
+                                    mc->arch_name, "context_length", moed_engine_n_ctx(s->eng),
+                                    "n_vocab", mc->n_vocab));
+        conn_response_done(c);
+    } else if (!strcmp(path, "/tokenize")) {
+        handle_tokenize(c, body, len);
+    } else if (!strcmp(path, "/detokenize")) {
+        handle_detokenize(c, body, len);
+    } else if (!strcmp(path, "/metrics")) {
+        handle_metrics(c);
+    } else if (!strcmp(path, "/v1/moed/stats")) {
+        send_json(c, 200, stats_json(s));
+        conn_response_done(c);
+    }
+}

@@ -1,0 +1,87 @@
+/* moed's configuration: one table of keys, read from an INI file (inih) and
+ * from flags of the same names (`cache_bytes` in the file is `--cache-bytes`
+ * on the command line; flags win). Every key has a type, bounds and a note
+ * of whether SIGHUP can change it while the daemon runs (doc/config.md). */
+#ifndef MOE_DAEMON_CONFIG_H
+#define MOE_DAEMON_CONFIG_H
+
+#include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "common/error.h"
+
+struct moed_config {
+    /* model and engine (restart) */
+    char model[PATH_MAX];
+    char model_name[128];      /* id in /v1/models; default: the file's base name */
+    int threads;
+    int ctx_size;              /* tokens per sequence */
+    int batch_size;            /* tokens per engine step, all sequences together */
+    int max_seqs;              /* sequences decoded together */
+    bool kv_f16;
+    int64_t cache_bytes;
+    int cache_experts;
+    char cache_policy[16];
+    int64_t host_bytes;
+    char prefetch[16];
+    int prefetch_depth;
+    bool force_pread;
+    char chat_template[32];    /* "" = from the model */
+    /* server (restart) */
+    char socket[PATH_MAX];
+    unsigned socket_mode;
+    int tcp_port;              /* 0 = off; 127.0.0.1 only */
+    /* run time (SIGHUP) */
+    int prefill_chunk;
+    int queue_size;
+    int64_t max_body_bytes;
+    int max_header_bytes;
+    int read_timeout_ms;
+    int idle_timeout_ms;
+    int request_timeout_s;
+    int max_tokens_default;
+    int shutdown_grace_s;
+    char log_level[8];
+};
+
+/* Defaults (the socket path depends on $XDG_RUNTIME_DIR). */
+void moed_config_defaults(struct moed_config *c);
+
+/* Sets one key from text; key may use '_' or '-'. Errors name the key, the
+ * value and what was expected. */
+int moed_config_set(struct moed_config *c, const char *key, const char *value, struct moe_diag *d);
+
+/* Reads an INI file: keys at the top or in a [moed] section. */
+int moed_config_load_file(struct moed_config *c, const char *path, struct moe_diag *d);
+
+/* Command line: --config FILE is read first (wherever it appears), then the
+ * other flags in order. *check_only is set by --check-config; *help and
+ * *version by those flags (parsing stops there). */
+struct moed_args {
+    const char *config_path;
+    bool check_only, help, version;
+};
+int moed_config_from_args(struct moed_config *c, int argc, char **argv, struct moed_args *a,
+                          struct moe_diag *d);
+
+/* Cross-key checks once everything is read (model given, ...). */
+int moed_config_validate(const struct moed_config *c, struct moe_diag *d);
+
+/* Prints `key = value` for every key, with a comment for keys that need a
+ * restart to change. */
+void moed_config_print(const struct moed_config *c, FILE *f);
+
+/* After a reload: copies the run-time keys of next into cur and calls
+ * restart_cb for every other key whose value differs (left unchanged). */
+void moed_config_apply_reload(struct moed_config *cur, const struct moed_config *next,
+                              void (*restart_cb)(void *ud, const char *key), void *ud);
+
+/* Flag help text for every key. */
+void moed_config_usage(FILE *f);
+
+/* Parses "12G", "512M", "4096", "1.5G" (binary units). */
+int moed_parse_size(const char *s, int64_t *out);
+
+#endif

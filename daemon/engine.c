@@ -1,0 +1,678 @@
+#include "daemon/engine.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cache/expert_cache.h"
+#include "common/alloc.h"
+#include "model/model.h"
+#include "model/tokenizer.h"
+
+double moed_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- requests -------------------------------------------------------- */
+
+struct moed_req *moed_req_new(void)
+{
+    struct moed_req *r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return NULL;
+    pthread_mutex_init(&r->mu, NULL);
+    r->refs = 1;
+    r->slot = -1;
+    r->logprobs = -1;
+    atomic_init(&r->cancel, false);
+    return r;
+}
+
+void moed_req_ref(struct moed_req *r)
+{
+    pthread_mutex_lock(&r->mu);
+    r->refs++;
+    pthread_mutex_unlock(&r->mu);
+}
+
+void moed_req_unref(struct moed_req *r)
+{
+    if (r == NULL)
+        return;
+    pthread_mutex_lock(&r->mu);
+    int left = --r->refs;
+    pthread_mutex_unlock(&r->mu);
+    if (left > 0)
+        return;
+    pthread_mutex_destroy(&r->mu);
+    free(r->prompt);
+    for (int i = 0; i < r->n_stop; i++)
+        free(r->stop[i]);
+    free(r->text);
+    free(r->lps);
+    free(r);
+}
+
+/* ---- engine ---------------------------------------------------------- */
+
+struct slot {
+    struct moe_seq *seq;
+    struct moe_sampler *smp;
+    struct moe_detok_stream ds;
+    struct moed_req *req;
+    int32_t *hist;
+    int64_t n_hist;
+    float *logits;
+};
+
+struct moed_engine {
+    struct moed_config cfg;       /* under mu for the run-time keys */
+    struct moe_model *model;
+    struct moe_tokenizer *tok;
+    bool have_tpl;
+    enum moe_chat_template tpl;
+    char eos_text[128];
+    int n_ctx, n_vocab;
+
+    struct slot *slots;
+    int n_slots;
+
+    pthread_t thread;
+    bool started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct moed_req *q_head, *q_tail;
+    int q_len;
+    bool stopping;
+    struct moed_req *notify_head;
+    moed_notify_fn notify;
+    void *notify_ud;
+    struct moed_engine_stats st;
+    int rr;                       /* round-robin start among prefilling slots */
+    float *lp_tmp;
+};
+
+static void free_slots(struct moed_engine *e)
+{
+    if (e->slots == NULL)
+        return;
+    for (int i = 0; i < e->n_slots; i++) {
+        moe_seq_free(e->slots[i].seq);
+        moe_sampler_free(e->slots[i].smp);
+        free(e->slots[i].hist);
+        free(e->slots[i].logits);
+    }
+    free(e->slots);
+    e->slots = NULL;
+}
+
+int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, moed_notify_fn notify,
+                       void *notify_ud, struct moe_diag *d)
+{
+    *out = NULL;
+    struct moed_engine *e = calloc(1, sizeof(*e));
+    if (e == NULL)
+        return moe_diag_set(d, -ENOMEM, "out of memory");
+    e->cfg = *cfg;
+    e->notify = notify;
+    e->notify_ud = notify_ud;
+    pthread_mutex_init(&e->mu, NULL);
+    pthread_cond_init(&e->cv, NULL);
+    struct moe_model_opts mo = {
+        .n_threads = cfg->threads, .n_ctx = cfg->ctx_size, .n_batch = cfg->batch_size,
+        .kv_f16 = cfg->kv_f16, .cache_bytes = (size_t)cfg->cache_bytes,
+        .cache_experts = cfg->cache_experts, .cache_policy = cfg->cache_policy,
+        .prefetch = cfg->prefetch, .prefetch_depth = cfg->prefetch_depth,
+        .force_pread = cfg->force_pread, .host_bytes = (size_t)cfg->host_bytes,
+    };
+    int rc = moe_model_load(&e->model, cfg->model, &mo, d);
+    if (rc)
+        goto fail;
+    e->n_ctx = moe_model_n_ctx(e->model);
+    e->n_vocab = moe_model_cfg(e->model)->n_vocab;
+    rc = moe_tokenizer_load(&e->tok, moe_model_gguf(e->model), d);
+    if (rc)
+        goto fail;
+    if (cfg->chat_template[0]) {
+        rc = moe_chat_template_from_name(cfg->chat_template, &e->tpl, d);
+        if (rc)
+            goto fail;
+        e->have_tpl = true;
+    } else {
+        const char *src = moe_tokenizer_chat_template(e->tok);
+        struct moe_diag td = { 0 };
+        e->have_tpl = src && moe_chat_template_detect(src, strlen(src), &e->tpl, &td) == 0;
+    }
+    int32_t eos = moe_tokenizer_eos(e->tok);
+    if (eos >= 0) {
+        size_t el = 0;
+        const char *et = moe_tokenizer_token_text(e->tok, eos, &el);
+        if (et && el < sizeof(e->eos_text)) {
+            memcpy(e->eos_text, et, el);
+            e->eos_text[el] = '\0';
+        }
+    }
+    e->n_slots = cfg->max_seqs;
+    e->slots = calloc((size_t)e->n_slots, sizeof(struct slot));
+    e->lp_tmp = malloc((size_t)e->n_vocab * sizeof(float));
+    if (e->slots == NULL || e->lp_tmp == NULL) {
+        rc = moe_diag_set(d, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < e->n_slots; i++) {
+        struct slot *s = &e->slots[i];
+        rc = moe_seq_create(&s->seq, e->model, d);
+        if (rc) {
+            moe_diag_clear(d);
+            rc = moe_diag_set(d, rc, "KV cache for sequence %d of max_seqs %d (ctx_size %d): %s",
+                              i + 1, e->n_slots, e->n_ctx, moe_strerror(rc));
+            goto fail;
+        }
+        s->hist = malloc((size_t)(e->n_ctx + 1) * sizeof(int32_t));
+        s->logits = malloc((size_t)e->n_vocab * sizeof(float));
+        if (s->hist == NULL || s->logits == NULL) {
+            rc = moe_diag_set(d, -ENOMEM, "out of memory");
+            goto fail;
+        }
+    }
+    *out = e;
+    return 0;
+fail:
+    moed_engine_free(e);
+    return rc;
+}
+
+void moed_engine_free(struct moed_engine *e)
+{
+    if (e == NULL)
+        return;
+    moed_engine_stop(e);
+    free_slots(e);
+    moe_tokenizer_free(e->tok);
+    moe_model_free(e->model);
+    free(e->lp_tmp);
+    pthread_mutex_destroy(&e->mu);
+    pthread_cond_destroy(&e->cv);
+    free(e);
+}
+
+struct moe_model *moed_engine_model(struct moed_engine *e) { return e->model; }
+const struct moe_tokenizer *moed_engine_tokenizer(struct moed_engine *e) { return e->tok; }
+int moed_engine_n_ctx(struct moed_engine *e) { return e->n_ctx; }
+int moed_engine_n_vocab(struct moed_engine *e) { return e->n_vocab; }
+
+bool moed_engine_chat_template(struct moed_engine *e, enum moe_chat_template *t, const char **eos_text)
+{
+    *t = e->tpl;
+    *eos_text = e->eos_text[0] ? e->eos_text : NULL;
+    return e->have_tpl;
+}
+
+/* Queues r for the loop (caller holds r->mu). */
+static void notify_locked(struct moed_engine *e, struct moed_req *r)
+{
+    if (r->queued_notify)
+        return;
+    r->queued_notify = true;
+    r->refs++;
+    pthread_mutex_lock(&e->mu);
+    r->notify_next = e->notify_head;
+    e->notify_head = r;
+    pthread_mutex_unlock(&e->mu);
+}
+
+struct moed_req *moed_engine_take_notified(struct moed_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    struct moed_req *h = e->notify_head;
+    e->notify_head = NULL;
+    pthread_mutex_unlock(&e->mu);
+    /* oldest first */
+    struct moed_req *rev = NULL;
+    while (h) {
+        struct moed_req *n = h->notify_next;
+        pthread_mutex_lock(&h->mu);
+        h->queued_notify = false;
+        pthread_mutex_unlock(&h->mu);
+        h->notify_next = rev;
+        rev = h;
+        h = n;
+    }
+    return rev;
+}
+
+int moed_engine_submit(struct moed_engine *e, struct moed_req *r)
+{
+    pthread_mutex_lock(&e->mu);
+    if (e->stopping) {
+        pthread_mutex_unlock(&e->mu);
+        return -ESHUTDOWN;
+    }
+    int running = e->st.running;
+    if (running >= e->n_slots && e->q_len >= e->cfg.queue_size) {
+        e->st.requests_rejected++;
+        pthread_mutex_unlock(&e->mu);
+        return -EBUSY;
+    }
+    moed_req_ref(r);
+    r->q_next = NULL;
+    if (e->q_tail)
+        e->q_tail->q_next = r;
+    else
+        e->q_head = r;
+    e->q_tail = r;
+    e->q_len++;
+    e->st.queue_depth = e->q_len;
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+    return 0;
+}
+
+void moed_engine_cancel(struct moed_engine *e, struct moed_req *r)
+{
+    atomic_store(&r->cancel, true);
+    pthread_mutex_lock(&e->mu);
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void moed_engine_cancel_all(struct moed_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    for (struct moed_req *r = e->q_head; r; r = r->q_next)
+        atomic_store(&r->cancel, true);
+    for (int i = 0; i < e->n_slots; i++)
+        if (e->slots[i].req)
+            atomic_store(&e->slots[i].req->cancel, true);
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
+void moed_engine_reconfigure(struct moed_engine *e, const struct moed_config *cfg)
+{
+    pthread_mutex_lock(&e->mu);
+    e->cfg.prefill_chunk = cfg->prefill_chunk;
+    e->cfg.queue_size = cfg->queue_size;
+    pthread_mutex_unlock(&e->mu);
+}
+
+void moed_engine_stats(struct moed_engine *e, struct moed_engine_stats *out)
+{
+    pthread_mutex_lock(&e->mu);
+    *out = e->st;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Ends r: final state, flag, notification; frees its slot. */
+static void finish(struct moed_engine *e, struct moed_req *r, enum moed_finish f, const char *err)
+{
+    pthread_mutex_lock(&r->mu);
+    if (r->finish == MOED_RUNNING) {
+        r->finish = f;
+        r->ready = r->len;
+        if (err)
+            snprintf(r->err, sizeof(r->err), "%s", err);
+    }
+    notify_locked(e, r);
+    pthread_mutex_unlock(&r->mu);
+    pthread_mutex_lock(&e->mu);
+    if (f == MOED_CANCELLED)
+        e->st.requests_cancelled++;
+    else if (f == MOED_ERROR)
+        e->st.requests_failed++;
+    else
+        e->st.requests_done++;
+    if (r->slot >= 0) {
+        e->slots[r->slot].req = NULL;
+        e->st.running--;
+    }
+    pthread_mutex_unlock(&e->mu);
+    r->slot = -1;
+    moed_req_unref(r);
+    e->notify(e->notify_ud);
+}
+
+/* Appends generated bytes (caller holds r->mu). */
+static int append_text(struct moed_req *r, const char *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    if (r->len + n + 1 > r->cap) {
+        size_t cap = r->cap ? r->cap * 2 : 256;
+        while (cap < r->len + n + 1)
+            cap *= 2;
+        char *t = realloc(r->text, cap);
+        if (t == NULL)
+            return -ENOMEM;
+        r->text = t;
+        r->cap = cap;
+    }
+    memcpy(r->text + r->len, p, n);
+    r->len += n;
+    r->text[r->len] = '\0';
+    return 0;
+}
+
+/* Applies the stop strings to the text (caller holds r->mu): true when one
+ * matched (text cut before it); otherwise moves `ready` up to the longest
+ * tail that could still begin a stop string. */
+static bool check_stop(struct moed_req *r)
+{
+    if (r->n_stop == 0) {
+        r->ready = r->len;
+        return false;
+    }
+    size_t best = SIZE_MAX;
+    for (int i = 0; i < r->n_stop; i++) {
+        const size_t sl = strlen(r->stop[i]);
+        if (sl == 0 || r->len - r->ready < sl)
+            continue;
+        const char *p = memmem(r->text + r->ready, r->len - r->ready, r->stop[i], sl);
+        if (p && (size_t)(p - r->text) < best)
+            best = (size_t)(p - r->text);
+    }
+    if (best != SIZE_MAX) {
+        r->len = best;
+        r->text[r->len] = '\0';
+        r->ready = r->len;
+        return true;
+    }
+    size_t hold = 0;
+    for (int i = 0; i < r->n_stop; i++) {
+        const size_t sl = strlen(r->stop[i]);
+        for (size_t k = sl - 1; k > hold; k--)
+            if (k <= r->len - r->ready && memcmp(r->text + r->len - k, r->stop[i], k) == 0) {
+                hold = k;
+                break;
+            }
+    }
+    r->ready = r->len - hold;
+    return false;
+}
+
+static void fill_logprobs(struct moed_engine *e, struct moed_req *r, const float *logits, int32_t tok)
+{
+    const int V = e->n_vocab;
+    float mx = -INFINITY;
+    for (int i = 0; i < V; i++)
+        mx = fmaxf(mx, logits[i]);
+    double sum = 0;
+    for (int i = 0; i < V; i++)
+        sum += exp((double)(logits[i] - mx));
+    const float lse = mx + (float)log(sum);
+    if (r->n_lps == r->cap_lps) {
+        int cap = r->cap_lps ? r->cap_lps * 2 : 16;
+        struct moed_logprob *p = realloc(r->lps, (size_t)cap * sizeof(*p));
+        if (p == NULL)
+            return;
+        r->lps = p;
+        r->cap_lps = cap;
+    }
+    struct moed_logprob *lp = &r->lps[r->n_lps++];
+    lp->id = tok;
+    lp->lp = logits[tok] - lse;
+    lp->n_top = 0;
+    const int n = r->logprobs < MOED_MAX_TOP_LOGPROBS ? r->logprobs : MOED_MAX_TOP_LOGPROBS;
+    for (int k = 0; k < n && k < V; k++) {
+        int best = -1;
+        for (int i = 0; i < V; i++) {
+            bool taken = false;
+            for (int j = 0; j < k; j++)
+                taken |= lp->top_id[j] == i;
+            if (!taken && (best < 0 || logits[i] > logits[best]))
+                best = i;
+        }
+        lp->top_id[k] = best;
+        lp->top_lp[k] = logits[best] - lse;
+        lp->n_top = k + 1;
+    }
+}
+
+/* Samples the next token of the request in slot si after its logits. */
+static void after_logits(struct moed_engine *e, int si)
+{
+    struct slot *s = &e->slots[si];
+    struct moed_req *r = s->req;
+    if (r->logprobs >= 0)
+        memcpy(e->lp_tmp, s->logits, (size_t)e->n_vocab * sizeof(float));
+    int32_t t = moe_sampler_sample(s->smp, s->logits, s->hist, s->n_hist);
+    s->hist[s->n_hist++] = t;
+    const double now = moed_now();
+    pthread_mutex_lock(&r->mu);
+    if (r->t_first == 0)
+        r->t_first = now;
+    r->n_gen++;
+    enum moed_finish f = MOED_RUNNING;
+    char piece[1024];
+    size_t pl = 0;
+    if (moe_tokenizer_is_eog(e->tok, t)) {
+        /* like moectl run: what the stream still holds, then stop */
+        if (moe_detok_stream_flush(&s->ds, piece, sizeof(piece), &pl) == 0)
+            append_text(r, piece, pl);
+        check_stop(r);
+        f = MOED_STOP;
+    } else {
+        if (r->logprobs >= 0)
+            fill_logprobs(e, r, e->lp_tmp, t);
+        if (moe_detok_stream_push(&s->ds, t, piece, sizeof(piece), &pl) == 0 &&
+            append_text(r, piece, pl) != 0)
+            f = MOED_ERROR;
+        if (f == MOED_RUNNING && check_stop(r))
+            f = MOED_STOP;
+        if (f == MOED_RUNNING && (r->n_gen >= r->max_tokens || moe_seq_pos(s->seq) + 1 >= e->n_ctx))
+            f = MOED_LENGTH;
+        if (f == MOED_RUNNING && r->deadline > 0 && now > r->deadline)
+            f = MOED_LENGTH;
+        if (f == MOED_LENGTH) {
+            pl = 0;
+            if (moe_detok_stream_flush(&s->ds, piece, sizeof(piece), &pl) == 0)
+                append_text(r, piece, pl);
+            if (check_stop(r))
+                f = MOED_STOP;
+        }
+    }
+    r->last = t;
+    if (f == MOED_RUNNING)
+        notify_locked(e, r);
+    pthread_mutex_unlock(&r->mu);
+    pthread_mutex_lock(&e->mu);
+    e->st.tokens_out++;
+    pthread_mutex_unlock(&e->mu);
+    if (f != MOED_RUNNING)
+        finish(e, r, f, f == MOED_ERROR ? "out of memory for the output" : NULL);
+    else
+        e->notify(e->notify_ud);
+}
+
+static int start_slot(struct moed_engine *e, int si, struct moed_req *r, struct moe_diag *d)
+{
+    struct slot *s = &e->slots[si];
+    moe_seq_reset(s->seq);
+    moe_sampler_free(s->smp);
+    s->smp = NULL;
+    int rc = moe_sampler_create(&s->smp, &r->sp, e->n_vocab, d);
+    if (rc)
+        return rc;
+    moe_detok_stream_init(&s->ds, e->tok, false);
+    memcpy(s->hist, r->prompt, (size_t)r->n_prompt * sizeof(int32_t));
+    s->n_hist = r->n_prompt;
+    s->req = r;
+    r->slot = si;
+    r->n_fed = 0;
+    return 0;
+}
+
+static void step(struct moed_engine *e)
+{
+    struct moe_batch_seg segs[256];
+    int owner[256];
+    int ns = 0;
+    pthread_mutex_lock(&e->mu);
+    int budget = e->cfg.batch_size;
+    const int chunk = e->cfg.prefill_chunk;
+    pthread_mutex_unlock(&e->mu);
+    const double now = moed_now();
+
+    /* cancelled and timed-out requests leave first */
+    for (int i = 0; i < e->n_slots; i++) {
+        struct moed_req *r = e->slots[i].req;
+        if (r == NULL)
+            continue;
+        if (atomic_load(&r->cancel))
+            finish(e, r, MOED_CANCELLED, NULL);
+        else if (r->deadline > 0 && now > r->deadline && r->n_fed < r->n_prompt)
+            finish(e, r, MOED_LENGTH, NULL);
+    }
+    /* decoding sequences: one token each */
+    for (int i = 0; i < e->n_slots && budget > 0; i++) {
+        struct moed_req *r = e->slots[i].req;
+        if (r == NULL || r->n_fed < r->n_prompt)
+            continue;
+        segs[ns] = (struct moe_batch_seg){ .seq = e->slots[i].seq, .tokens = &r->last, .n = 1,
+                                           .logits = e->slots[i].logits };
+        owner[ns++] = i;
+        budget--;
+    }
+    /* prefilling sequences: chunks, round-robin */
+    for (int k = 0; k < e->n_slots && budget > 0; k++) {
+        const int i = (e->rr + k) % e->n_slots;
+        struct moed_req *r = e->slots[i].req;
+        if (r == NULL || r->n_fed >= r->n_prompt)
+            continue;
+        int n = r->n_prompt - r->n_fed;
+        if (n > chunk)
+            n = chunk;
+        if (n > budget)
+            n = budget;
+        const bool last = r->n_fed + n == r->n_prompt;
+        segs[ns] = (struct moe_batch_seg){ .seq = e->slots[i].seq, .tokens = r->prompt + r->n_fed,
+                                           .n = n, .logits = last ? e->slots[i].logits : NULL };
+        owner[ns++] = i;
+        budget -= n;
+    }
+    e->rr = (e->rr + 1) % e->n_slots;
+    if (ns == 0)
+        return;
+
+    struct moe_cache_stats c0 = { 0 }, c1 = { 0 };
+    const bool cached = moe_model_cache_stats(e->model, &c0);
+    struct moe_diag d = { 0 };
+    const double t0 = moed_now();
+    int rc = moe_model_forward_multi(e->model, segs, ns, &d);
+    const double t1 = moed_now();
+    if (cached)
+        moe_model_cache_stats(e->model, &c1);
+    pthread_mutex_lock(&e->mu);
+    e->st.steps++;
+    e->st.busy_s += t1 - t0;
+    pthread_mutex_unlock(&e->mu);
+    for (int j = 0; j < ns; j++) {
+        struct moed_req *r = e->slots[owner[j]].req;
+        pthread_mutex_lock(&r->mu);
+        r->hits += c1.hits - c0.hits;
+        r->misses += c1.misses - c0.misses;
+        pthread_mutex_unlock(&r->mu);
+        if (rc) {
+            finish(e, r, MOED_ERROR, d.msg);
+            continue;
+        }
+        if (r->n_fed < r->n_prompt) {
+            r->n_fed += segs[j].n;
+            pthread_mutex_lock(&e->mu);
+            e->st.tokens_in += (uint64_t)segs[j].n;
+            pthread_mutex_unlock(&e->mu);
+        }
+        if (segs[j].logits)
+            after_logits(e, owner[j]);
+    }
+}
+
+static void *engine_main(void *arg)
+{
+    struct moed_engine *e = arg;
+    for (;;) {
+        pthread_mutex_lock(&e->mu);
+        for (;;) {
+            /* drop cancelled requests still in the queue */
+            struct moed_req **pp = &e->q_head, *prev = NULL;
+            while (*pp) {
+                struct moed_req *r = *pp;
+                if (atomic_load(&r->cancel)) {
+                    *pp = r->q_next;
+                    if (e->q_tail == r)
+                        e->q_tail = prev;
+                    e->q_len--;
+                    pthread_mutex_unlock(&e->mu);
+                    finish(e, r, MOED_CANCELLED, NULL);
+                    pthread_mutex_lock(&e->mu);
+                    pp = &e->q_head;
+                    prev = NULL;
+                    continue;
+                }
+                prev = r;
+                pp = &r->q_next;
+            }
+            /* admit into free slots */
+            for (int i = 0; i < e->n_slots && e->q_head; i++) {
+                if (e->slots[i].req)
+                    continue;
+                struct moed_req *r = e->q_head;
+                e->q_head = r->q_next;
+                if (e->q_head == NULL)
+                    e->q_tail = NULL;
+                e->q_len--;
+                struct moe_diag d = { 0 };
+                if (start_slot(e, i, r, &d)) {
+                    pthread_mutex_unlock(&e->mu);
+                    finish(e, r, MOED_ERROR, d.msg);
+                    pthread_mutex_lock(&e->mu);
+                    continue;
+                }
+                e->st.running++;
+            }
+            e->st.queue_depth = e->q_len;
+            if (e->st.running > 0 || (e->stopping && e->q_head == NULL))
+                break;
+            if (e->q_head == NULL)
+                pthread_cond_wait(&e->cv, &e->mu);
+        }
+        const bool quit = e->stopping && e->st.running == 0 && e->q_head == NULL;
+        pthread_mutex_unlock(&e->mu);
+        if (quit)
+            break;
+        step(e);
+    }
+    return NULL;
+}
+
+int moed_engine_start(struct moed_engine *e, struct moe_diag *d)
+{
+    int rc = pthread_create(&e->thread, NULL, engine_main, e);
+    if (rc)
+        return moe_diag_set(d, -rc, "cannot start the engine thread: %s", strerror(rc));
+    e->started = true;
+    return 0;
+}
+
+void moed_engine_stop(struct moed_engine *e)
+{
+    if (!e->started)
+        return;
+    pthread_mutex_lock(&e->mu);
+    e->stopping = true;
+    pthread_mutex_unlock(&e->mu);
+    moed_engine_cancel_all(e);
+    pthread_join(e->thread, NULL);
+    e->started = false;
+    /* notifications nobody will take */
+    for (struct moed_req *r = moed_engine_take_notified(e), *n; r; r = n) {
+        n = r->notify_next;
+        moed_req_unref(r);
+    }
+}

@@ -1,0 +1,136 @@
+/* The engine: one thread that owns the model, and the scheduler that feeds
+ * it. Requests wait in a bounded queue for one of max_seqs sequences; every
+ * step runs one forward pass over all running sequences together
+ * (continuous batching): one token of each decoding sequence plus a chunk of
+ * at most prefill_chunk prompt tokens of those still prefilling, within
+ * batch_size tokens. Tokens of every sequence routed to one expert share its
+ * load and its compute.
+ *
+ * Threads: the event loop submits and cancels requests and reads their
+ * output under the request's mutex; the engine thread writes the output and
+ * calls the notify function (uv_async_send) when there is something new. */
+#ifndef MOE_DAEMON_ENGINE_H
+#define MOE_DAEMON_ENGINE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/error.h"
+#include "daemon/config.h"
+#include "model/chat_template.h"
+#include "model/sampling.h"
+
+#define MOED_MAX_STOP 8
+#define MOED_MAX_TOP_LOGPROBS 20
+
+struct moe_model;
+struct moe_tokenizer;
+struct moed_engine;
+
+struct moed_logprob {
+    int32_t id;
+    float lp;
+    int n_top;
+    int32_t top_id[MOED_MAX_TOP_LOGPROBS];
+    float top_lp[MOED_MAX_TOP_LOGPROBS];
+};
+
+enum moed_finish { MOED_RUNNING = 0, MOED_STOP, MOED_LENGTH, MOED_CANCELLED, MOED_ERROR };
+
+struct moed_req {
+    /* set before submit, then read-only */
+    uint64_t id;
+    bool chat, stream;
+    int32_t *prompt;
+    int n_prompt;
+    int max_tokens;
+    struct moe_sampler_params sp;
+    char *stop[MOED_MAX_STOP];
+    int n_stop;
+    int logprobs;                 /* -1: none; else top alternatives per token (0..20) */
+    double t_submit;              /* monotonic seconds */
+    double deadline;              /* monotonic seconds, 0 = none */
+
+    /* shared, under mu */
+    pthread_mutex_t mu;
+    int refs;
+    char *text;                   /* generated text (after stop truncation) */
+    size_t len, cap;
+    size_t ready;                 /* bytes of text that can be sent (no stop prefix) */
+    struct moed_logprob *lps;     /* per generated token */
+    int n_lps, cap_lps;
+    int n_gen;                    /* tokens generated */
+    enum moed_finish finish;      /* set once, when done */
+    char err[256];
+    double t_first;               /* first token, monotonic seconds (0 = none yet) */
+    uint64_t hits, misses;        /* expert cache, over the steps it took part in */
+    bool queued_notify;
+    struct moed_req *notify_next;
+
+    atomic_bool cancel;
+
+    /* engine side only */
+    int slot;                     /* sequence slot, -1 while queued */
+    int n_fed;                    /* prompt tokens run so far */
+    int32_t last;                 /* the token to run next when decoding */
+    struct moed_req *q_next;
+
+    /* loop side only */
+    void *conn;
+    size_t sent;                  /* text bytes written to the client */
+    int sent_lps;
+};
+
+/* Allocates a request with one reference. */
+struct moed_req *moed_req_new(void);
+void moed_req_ref(struct moed_req *r);
+void moed_req_unref(struct moed_req *r);
+
+struct moed_engine_stats {
+    uint64_t requests_done, requests_cancelled, requests_failed, requests_rejected;
+    uint64_t tokens_in, tokens_out;
+    uint64_t steps;
+    double busy_s;                /* time in forward passes */
+    int queue_depth, running;
+};
+
+typedef void (*moed_notify_fn)(void *ud);
+
+/* Loads the model, tokenizer and chat template and allocates max_seqs
+ * sequences. Prints nothing; diag names what failed. */
+int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, moed_notify_fn notify,
+                       void *notify_ud, struct moe_diag *d);
+/* Starts the engine thread. */
+int moed_engine_start(struct moed_engine *e, struct moe_diag *d);
+/* Stops the thread: running requests end as cancelled. */
+void moed_engine_stop(struct moed_engine *e);
+void moed_engine_free(struct moed_engine *e);
+
+/* Takes a reference. -EBUSY when the queue is full; -ESHUTDOWN after stop
+ * was requested. */
+int moed_engine_submit(struct moed_engine *e, struct moed_req *r);
+/* Marks r cancelled; the engine frees its sequence at the next step. */
+void moed_engine_cancel(struct moed_engine *e, struct moed_req *r);
+/* Cancels everything queued or running (shutdown after the grace period). */
+void moed_engine_cancel_all(struct moed_engine *e);
+/* Requests with news since the last call, as a list through notify_next;
+ * each carries a reference the caller must drop. */
+struct moed_req *moed_engine_take_notified(struct moed_engine *e);
+
+/* Run-time keys (SIGHUP). */
+void moed_engine_reconfigure(struct moed_engine *e, const struct moed_config *cfg);
+
+void moed_engine_stats(struct moed_engine *e, struct moed_engine_stats *out);
+
+struct moe_model *moed_engine_model(struct moed_engine *e);
+const struct moe_tokenizer *moed_engine_tokenizer(struct moed_engine *e);
+/* The chat template; false when the model has none and none was configured. */
+bool moed_engine_chat_template(struct moed_engine *e, enum moe_chat_template *t, const char **eos_text);
+int moed_engine_n_ctx(struct moed_engine *e);
+int moed_engine_n_vocab(struct moed_engine *e);
+
+double moed_now(void);
+
+#endif

@@ -1,0 +1,15 @@
+/* Leveled logging to stderr: one line per event, with a UTC timestamp. */
+#ifndef MOE_DAEMON_LOG_H
+#define MOE_DAEMON_LOG_H
+
+enum moed_log_level { MOED_LOG_ERROR = 0, MOED_LOG_WARN, MOED_LOG_INFO, MOED_LOG_DEBUG };
+
+void moed_log_set_level(const char *name);   /* "error", "warn", "info", "debug" */
+void moed_log(enum moed_log_level lv, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define LOG_E(...) moed_log(MOED_LOG_ERROR, __VA_ARGS__)
+#define LOG_W(...) moed_log(MOED_LOG_WARN, __VA_ARGS__)
+#define LOG_I(...) moed_log(MOED_LOG_INFO, __VA_ARGS__)
+#define LOG_D(...) moed_log(MOED_LOG_DEBUG, __VA_ARGS__)
+
+#endif

@@ -1,0 +1,793 @@
+/* Connections, HTTP/1.1, the listening sockets, signals and shutdown. */
+#include "daemon/server.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "daemon/log.h"
+
+#define MAX_WRITE_QUEUE (16u << 20)   /* a client that reads slower than this is dropped */
+
+static const char *status_text(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 413: return "Payload Too Large";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 503: return "Service Unavailable";
+    default: return "Status";
+    }
+}
+
+/* ---- connection lifetime --------------------------------------------- */
+
+static void conn_free(struct conn *c)
+{
+    struct server *s = c->srv;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->n_conns--;
+    free(c->body);
+    free(c->pending);
+    free(c);
+}
+
+static void server_maybe_exit(struct server *s);
+
+static void on_handle_closed(uv_handle_t *h)
+{
+    struct conn *c = h->data;
+    if (--c->open_handles == 0) {
+        struct server *s = c->srv;
+        conn_free(c);
+        server_maybe_exit(s);
+    }
+}
+
+static void conn_close(struct conn *c)
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    if (c->req)
+        api_abandon(c);
+    uv_timer_stop(&c->timer);
+    uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+    uv_close(&c->io.h, on_handle_closed);
+    server_maybe_exit(c->srv);
+}
+
+struct wreq {
+    uv_write_t w;
+    struct conn *c;
+    bool close_after;
+    char data[];
+};
+
+static void on_written(uv_write_t *w, int status)
+{
+    struct wreq *wr = (struct wreq *)w;
+    struct conn *c = wr->c;
+    if ((status < 0 || wr->close_after) && !c->closing)
+        conn_close(c);
+    free(wr);
+}
+
+static void conn_write_ex(struct conn *c, const char *a, size_t al, const char *b, size_t bl,
+                          bool close_after)
+{
+    if (c->closing)
+        return;
+    struct wreq *wr = malloc(sizeof(*wr) + al + bl);
+    if (wr == NULL) {
+        conn_close(c);
+        return;
+    }
+    wr->c = c;
+    wr->close_after = close_after;
+    memcpy(wr->data, a, al);
+    if (bl)
+        memcpy(wr->data + al, b, bl);
+    uv_buf_t buf = uv_buf_init(wr->data, (unsigned)(al + bl));
+    if (uv_write(&wr->w, &c->io.s, &buf, 1, on_written) != 0) {
+        free(wr);
+        conn_close(c);
+        return;
+    }
+    if (uv_stream_get_write_queue_size(&c->io.s) > MAX_WRITE_QUEUE) {
+        LOG_W("conn %llu: client is not reading (%zu bytes queued); closing",
+              (unsigned long long)c->id, uv_stream_get_write_queue_size(&c->io.s));
+        conn_close(c);
+    }
+}
+
+/* ---- responses ------------------------------------------------------- */
+
+static void count_status(struct server *s, int status)
+{
+    if (status >= 100 && status < 600)
+        s->http_by_class[status / 100]++;
+}
+
+void conn_send(struct conn *c, int status, const char *ctype, const char *body, size_t len,
+               const char *extra_headers)
+{
+    char head[1024];
+    const bool close_after = !c->keep_alive || c->srv->shutting_down;
+    if (close_after)
+        c->keep_alive = false;
+    int n = snprintf(head, sizeof(head),
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                     "Connection: %s\r\n%s\r\n",
+                     status, status_text(status), ctype, len, close_after ? "close" : "keep-alive",
+                     extra_headers ? extra_headers : "");
+    count_status(c->srv, status);
+    conn_write_ex(c, head, (size_t)n, body, len, close_after);
+}
+
+void conn_send_error(struct conn *c, int status, const char *type, const char *param,
+                     const char *fmt, ...)
+{
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    json_t *j = json_pack("{s:{s:s, s:s, s:s?, s:n}}", "error", "message", msg, "type", type,
+                          "param", param, "code");
+    char *txt = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    const char *extra = status == 503 ? "Retry-After: 1\r\n" : NULL;
+    if (txt)
+        conn_send(c, status, "application/json", txt, strlen(txt), extra);
+    else
+        conn_send(c, 500, "text/plain", "out of memory\n", 14, NULL);
+    free(txt);
+    json_decref(j);
+    LOG_D("conn %llu: %d %s", (unsigned long long)c->id, status, msg);
+}
+
+void conn_start_stream(struct conn *c)
+{
+    static const char head[] = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                               "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n";
+    char buf[256];
+    if (c->srv->shutting_down)
+        c->keep_alive = false;
+    int n = snprintf(buf, sizeof(buf), "%sConnection: %s\r\n\r\n", head,
+                     c->keep_alive ? "keep-alive" : "close");
+    count_status(c->srv, 200);
+    c->streaming = true;
+    conn_write_ex(c, buf, (size_t)n, NULL, 0, false);
+}
+
+void conn_chunk(struct conn *c, const char *data, size_t len)
+{
+    if (len == 0)
+        return;
+    char head[32];
+    int n = snprintf(head, sizeof(head), "%zx\r\n", len);
+    /* size line, data, CRLF in one write */
+    char *tmp = malloc(len + 2);
+    if (tmp == NULL) {
+        conn_close(c);
+        return;
+    }
+    memcpy(tmp, data, len);
+    memcpy(tmp + len, "\r\n", 2);
+    conn_write_ex(c, head, (size_t)n, tmp, len + 2, false);
+    free(tmp);
+}
+
+void conn_end_chunks(struct conn *c)
+{
+    c->streaming = false;
+    conn_write_ex(c, "0\r\n\r\n", 5, NULL, 0, !c->keep_alive);
+}
+
+static void conn_feed(struct conn *c, const char *data, size_t len);
+static void arm_idle(struct conn *c);
+
+void conn_response_done(struct conn *c)
+{
+    struct server *s = c->srv;
+    c->busy = false;
+    if (c->req) {
+        moed_req_unref(c->req);
+        c->req = NULL;
+        s->active_requests--;
+    }
+    if (c->closing || !c->keep_alive) {
+        server_maybe_exit(s);
+        return;
+    }
+    arm_idle(c);
+    if (c->pending_len > 0) {
+        char *p = c->pending;
+        size_t n = c->pending_len;
+        c->pending = NULL;
+        c->pending_len = c->pending_cap = 0;
+        conn_feed(c, p, n);
+        free(p);
+    }
+    server_maybe_exit(s);
+}
+
+/* ---- deadlines ------------------------------------------------------- */
+
+static void on_idle_timeout(uv_timer_t *t)
+{
+    struct conn *c = t->data;
+    LOG_D("conn %llu: idle for %d ms; closing", (unsigned long long)c->id, c->srv->cfg.idle_timeout_ms);
+    conn_close(c);
+}
+
+static void on_read_timeout(uv_timer_t *t)
+{
+    struct conn *c = t->data;
+    LOG_I("conn %llu: request not received within %d ms; 408", (unsigned long long)c->id,
+          c->srv->cfg.read_timeout_ms);
+    c->keep_alive = false;
+    c->busy = true;
+    conn_send_error(c, 408, "invalid_request_error", NULL,
+                    "request not received within %d ms (read_timeout_ms)", c->srv->cfg.read_timeout_ms);
+}
+
+static void arm_idle(struct conn *c)
+{
+    uv_timer_start(&c->timer, on_idle_timeout, (uint64_t)c->srv->cfg.idle_timeout_ms, 0);
+}
+
+static void arm_read(struct conn *c)
+{
+    uv_timer_start(&c->timer, on_read_timeout, (uint64_t)c->srv->cfg.read_timeout_ms, 0);
+}
+
+/* ---- HTTP parsing ---------------------------------------------------- */
+
+static int on_message_begin(http_parser *p)
+{
+    struct conn *c = p->data;
+    c->in_message = true;
+    c->url_len = 0;
+    c->url[0] = '\0';
+    c->header_bytes = 0;
+    c->hname_len = 0;
+    c->hname_done = false;
+    c->expect_continue = false;
+    c->too_large_headers = c->too_large_body = false;
+    c->body_len = 0;
+    c->t_start = moed_now();
+    arm_read(c);
+    return 0;
+}
+
+static int count_header(struct conn *c, size_t n)
+{
+    c->header_bytes += n;
+    if (c->header_bytes > (size_t)c->srv->cfg.max_header_bytes) {
+        c->too_large_headers = true;
+        return 1;
+    }
+    return 0;
+}
+
+static int on_url(http_parser *p, const char *at, size_t n)
+{
+    struct conn *c = p->data;
+    if (count_header(c, n))
+        return 1;
+    if (c->url_len + n >= sizeof(c->url)) {
+        c->too_large_headers = true;
+        return 1;
+    }
+    memcpy(c->url + c->url_len, at, n);
+    c->url_len += n;
+    c->url[c->url_len] = '\0';
+    return 0;
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t n)
+{
+    struct conn *c = p->data;
+    if (count_header(c, n))
+        return 1;
+    if (c->hname_done) {
+        c->hname_len = 0;
+        c->hname_done = false;
+    }
+    size_t room = sizeof(c->hname) - 1 - c->hname_len;
+    size_t k = n < room ? n : room;
+    memcpy(c->hname + c->hname_len, at, k);
+    c->hname_len += k;
+    c->hname[c->hname_len] = '\0';
+    return 0;
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t n)
+{
+    struct conn *c = p->data;
+    if (count_header(c, n))
+        return 1;
+    c->hname_done = true;
+    if (strcasecmp(c->hname, "expect") == 0 && n >= 12 && strncasecmp(at, "100-continue", 12) == 0)
+        c->expect_continue = true;
+    return 0;
+}
+
+static int on_headers_complete(http_parser *p)
+{
+    struct conn *c = p->data;
+    if ((p->flags & F_CONTENTLENGTH) && p->content_length > (uint64_t)c->srv->cfg.max_body_bytes) {
+        c->too_large_body = true;
+        return -1;
+    }
+    if (c->expect_continue)
+        conn_write_ex(c, "HTTP/1.1 100 Continue\r\n\r\n", 25, NULL, 0, false);
+    return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t n)
+{
+    struct conn *c = p->data;
+    if (c->body_len + n > (size_t)c->srv->cfg.max_body_bytes) {
+        c->too_large_body = true;
+        return 1;
+    }
+    if (c->body_len + n + 1 > c->body_cap) {
+        size_t cap = c->body_cap ? c->body_cap : 4096;
+        while (cap < c->body_len + n + 1)
+            cap *= 2;
+        char *b = realloc(c->body, cap);
+        if (b == NULL)
+            return 1;
+        c->body = b;
+        c->body_cap = cap;
+    }
+    memcpy(c->body + c->body_len, at, n);
+    c->body_len += n;
+    c->body[c->body_len] = '\0';
+    return 0;
+}
+
+static int on_message_complete(http_parser *p)
+{
+    struct conn *c = p->data;
+    struct server *s = c->srv;
+    c->in_message = false;
+    uv_timer_stop(&c->timer);
+    c->keep_alive = http_should_keep_alive(p) != 0;
+    c->busy = true;
+    s->http_requests++;
+    /* stop here: bytes after this message wait until the response is done */
+    http_parser_pause(p, 1);
+    char path[sizeof(c->url)];
+    memcpy(path, c->url, c->url_len + 1);
+    char *q = strchr(path, '?');
+    if (q)
+        *q = '\0';
+    if (s->shutting_down) {
+        c->keep_alive = false;
+        conn_send_error(c, 503, "server_error", NULL, "moed is shutting down");
+        conn_response_done(c);
+        return 0;
+    }
+    api_dispatch(c, http_method_str((enum http_method)p->method), path, c->body ? c->body : "",
+                 c->body_len);
+    return 0;
+}
+
+static const http_parser_settings settings = {
+    .on_message_begin = on_message_begin,
+    .on_url = on_url,
+    .on_header_field = on_header_field,
+    .on_header_value = on_header_value,
+    .on_headers_complete = on_headers_complete,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
+
+static void stash(struct conn *c, const char *data, size_t len)
+{
+    const size_t limit = (size_t)c->srv->cfg.max_body_bytes + (size_t)c->srv->cfg.max_header_bytes;
+    if (c->pending_len + len > limit) {
+        LOG_I("conn %llu: %zu bytes pipelined behind a request; closing", (unsigned long long)c->id,
+              c->pending_len + len);
+        conn_close(c);
+        return;
+    }
+    if (c->pending_len + len > c->pending_cap) {
+        size_t cap = c->pending_cap ? c->pending_cap : 4096;
+        while (cap < c->pending_len + len)
+            cap *= 2;
+        char *b = realloc(c->pending, cap);
+        if (b == NULL) {
+            conn_close(c);
+            return;
+        }
+        c->pending = b;
+        c->pending_cap = cap;
+    }
+    memcpy(c->pending + c->pending_len, data, len);
+    c->pending_len += len;
+}
+
+static void conn_feed(struct conn *c, const char *data, size_t len)
+{
+    while (len > 0 && !c->closing) {
+        if (c->busy) {
+            stash(c, data, len);
+            return;
+        }
+        http_parser_pause(&c->parser, 0);
+        size_t used = http_parser_execute(&c->parser, &settings, data, len);
+        enum http_errno err = HTTP_PARSER_ERRNO(&c->parser);
+        if (err == HPE_PAUSED) {
+            data += used;
+            len -= used;
+            continue;   /* the next loop iteration stashes what is left */
+        }
+        if (err != HPE_OK) {
+            uv_timer_stop(&c->timer);
+            c->keep_alive = false;
+            c->busy = true;
+            if (c->too_large_headers)
+                conn_send_error(c, 431, "invalid_request_error", NULL,
+                                "request line and headers exceed %d bytes (max_header_bytes)",
+                                c->srv->cfg.max_header_bytes);
+            else if (c->too_large_body)
+                conn_send_error(c, 413, "invalid_request_error", NULL,
+                                "request body exceeds %lld bytes (max_body_bytes)",
+                                (long long)c->srv->cfg.max_body_bytes);
+            else
+                conn_send_error(c, 400, "invalid_request_error", NULL, "malformed HTTP: %s",
+                                http_errno_description(err));
+            return;
+        }
+        if (used < len) {
+            /* an upgrade request; we do not speak anything else */
+            c->keep_alive = false;
+            c->busy = true;
+            conn_send_error(c, 400, "invalid_request_error", NULL, "protocol upgrade not supported");
+            return;
+        }
+        return;
+    }
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    (void)h;
+    (void)suggested;
+    static char slab[65536];   /* the loop is single-threaded: one read at a time */
+    *buf = uv_buf_init(slab, sizeof(slab));
+}
+
+static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
+{
+    struct conn *c = st->data;
+    if (nread < 0) {
+        if (c->req)
+            LOG_I("conn %llu: client went away during request %llu", (unsigned long long)c->id,
+                  (unsigned long long)c->req->id);
+        conn_close(c);
+        return;
+    }
+    if (nread == 0 || c->closing)
+        return;
+    if (!c->busy && !c->in_message)
+        arm_read(c);
+    conn_feed(c, buf->base, (size_t)nread);
+}
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    struct server *s = server->data;
+    if (status < 0) {
+        LOG_W("accept: %s", uv_strerror(status));
+        return;
+    }
+    struct conn *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return;
+    c->srv = s;
+    c->id = ++s->next_conn_id;
+    int rc = server == (uv_stream_t *)&s->pipe ? uv_pipe_init(s->loop, &c->io.pipe, 0)
+                                                : uv_tcp_init(s->loop, &c->io.tcp);
+    if (rc) {
+        free(c);
+        return;
+    }
+    c->io.h.data = c;
+    uv_timer_init(s->loop, &c->timer);
+    c->timer.data = c;
+    c->open_handles = 2;
+    c->next = s->conns;
+    if (s->conns)
+        s->conns->prev = c;
+    s->conns = c;
+    s->n_conns++;
+    http_parser_init(&c->parser, HTTP_REQUEST);
+    c->parser.data = c;
+    c->keep_alive = true;
+    if (uv_accept(server, &c->io.s) != 0 || s->shutting_down) {
+        conn_close(c);
+        return;
+    }
+    arm_idle(c);
+    uv_read_start(&c->io.s, on_alloc, on_read);
+}
+
+/* ---- engine notifications -------------------------------------------- */
+
+static void on_async(uv_async_t *a)
+{
+    struct server *s = a->data;
+    for (struct moed_req *r = moed_engine_take_notified(s->eng), *n; r; r = n) {
+        n = r->notify_next;
+        struct conn *c = r->conn;
+        if (c && c->req == r && !c->closing)
+            api_on_engine(c, r);
+        moed_req_unref(r);
+    }
+    server_maybe_exit(s);
+}
+
+/* ---- socket ---------------------------------------------------------- */
+
+static void unlink_socket(struct server *s)
+{
+    if (s->socket_bound) {
+        struct stat st;
+        if (lstat(s->cfg.socket, &st) == 0 && S_ISSOCK(st.st_mode))
+            unlink(s->cfg.socket);
+        s->socket_bound = false;
+    }
+    if (s->lock_fd >= 0) {
+        unlink(s->lock_path);
+        close(s->lock_fd);
+        s->lock_fd = -1;
+    }
+}
+
+/* Takes the lock beside the socket, removes a stale socket, binds with the
+ * configured mode from the start (umask), and listens. */
+static int open_socket(struct server *s, struct moe_diag *d)
+{
+    const char *path = s->cfg.socket;
+    snprintf(s->lock_path, sizeof(s->lock_path), "%s.lock", path);
+    s->lock_fd = open(s->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (s->lock_fd < 0)
+        return moe_diag_set(d, -errno, "socket: cannot open lock %s: %s", s->lock_path, strerror(errno));
+    if (flock(s->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        close(s->lock_fd);
+        s->lock_fd = -1;
+        if (e == EWOULDBLOCK)
+            return moe_diag_set(d, -EADDRINUSE, "socket: another moed is serving on %s (it holds"
+                                " %s)", path, s->lock_path);
+        return moe_diag_set(d, -e, "socket: cannot lock %s: %s", s->lock_path, strerror(e));
+    }
+    struct stat st;
+    if (lstat(path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            close(s->lock_fd);
+            s->lock_fd = -1;
+            unlink(s->lock_path);
+            return moe_diag_set(d, -EEXIST, "socket: %s exists and is not a socket; not removing"
+                                " it", path);
+        }
+        LOG_I("removing stale socket %s (no daemon holds its lock)", path);
+        unlink(path);
+    }
+    int rc = uv_pipe_init(s->loop, &s->pipe, 0);
+    if (rc)
+        return moe_diag_set(d, rc, "socket: %s", uv_strerror(rc));
+    s->pipe.data = s;
+    s->pipe_open = true;
+    mode_t old = umask(0777 & ~s->cfg.socket_mode);
+    rc = uv_pipe_bind(&s->pipe, path);
+    umask(old);
+    if (rc)
+        return moe_diag_set(d, rc, "socket: cannot bind %s: %s", path, uv_strerror(rc));
+    s->socket_bound = true;
+    if (chmod(path, s->cfg.socket_mode) != 0)
+        return moe_diag_set(d, -errno, "socket: chmod %s: %s", path, strerror(errno));
+    rc = uv_listen((uv_stream_t *)&s->pipe, 128, on_connection);
+    if (rc)
+        return moe_diag_set(d, rc, "socket: cannot listen on %s: %s", path, uv_strerror(rc));
+    if (s->cfg.tcp_port > 0) {
+        struct sockaddr_in addr;
+        uv_ip4_addr("127.0.0.1", s->cfg.tcp_port, &addr);
+        uv_tcp_init(s->loop, &s->tcp);
+        s->tcp.data = s;
+        s->tcp_open = true;
+        rc = uv_tcp_bind(&s->tcp, (const struct sockaddr *)&addr, 0);
+        if (rc == 0)
+            rc = uv_listen((uv_stream_t *)&s->tcp, 128, on_connection);
+        if (rc)
+            return moe_diag_set(d, rc, "tcp_port: cannot listen on 127.0.0.1:%d: %s",
+                                s->cfg.tcp_port, uv_strerror(rc));
+    }
+    return 0;
+}
+
+/* ---- signals and shutdown -------------------------------------------- */
+
+static void close_listeners(struct server *s)
+{
+    if (s->pipe_open) {
+        uv_close((uv_handle_t *)&s->pipe, NULL);
+        s->pipe_open = false;
+    }
+    if (s->tcp_open) {
+        uv_close((uv_handle_t *)&s->tcp, NULL);
+        s->tcp_open = false;
+    }
+    unlink_socket(s);
+}
+
+static void close_all(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+/* During shutdown: once no request is in flight, close the idle
+ * connections and stop the loop. */
+static void server_maybe_exit(struct server *s)
+{
+    if (!s->shutting_down || s->active_requests > 0)
+        return;
+    for (struct conn *c = s->conns, *n; c; c = n) {
+        n = c->next;
+        if (!c->busy && !c->closing)
+            conn_close(c);
+    }
+    if (s->n_conns == 0)
+        uv_stop(s->loop);
+}
+
+static void on_grace(uv_timer_t *t)
+{
+    struct server *s = t->data;
+    if (s->active_requests > 0)
+        LOG_W("shutdown: grace period over; cancelling %llu request(s)",
+              (unsigned long long)s->active_requests);
+    s->grace_expired = true;
+    moed_engine_cancel_all(s->eng);
+    for (struct conn *c = s->conns; c; c = c->next)
+        if (c->busy && c->streaming)
+            conn_end_chunks(c);
+}
+
+static void on_stop_signal(uv_signal_t *h, int signum)
+{
+    struct server *s = h->data;
+    if (s->shutting_down) {
+        LOG_W("second %s: exiting now", signum == SIGINT ? "SIGINT" : "SIGTERM");
+        unlink_socket(s);
+        _exit(1);
+    }
+    LOG_I("%s: no new connections; %llu request(s) in flight get %d s", signum == SIGINT ? "SIGINT"
+          : "SIGTERM", (unsigned long long)s->active_requests, s->cfg.shutdown_grace_s);
+    s->shutting_down = true;
+    close_listeners(s);
+    uv_timer_start(&s->grace, on_grace, (uint64_t)s->cfg.shutdown_grace_s * 1000, 0);
+    server_maybe_exit(s);
+}
+
+static void log_restart_key(void *ud, const char *key)
+{
+    (void)ud;
+    LOG_W("reload: '%s' changed, but it takes effect only after a restart; keeping the old value",
+          key);
+}
+
+static void on_hup(uv_signal_t *h, int signum)
+{
+    (void)signum;
+    struct server *s = h->data;
+    struct moed_config next;
+    struct moed_args a;
+    struct moe_diag d = { 0 };
+    moed_config_defaults(&next);
+    if (moed_config_from_args(&next, s->argc, s->argv, &a, &d) != 0 ||
+        moed_config_validate(&next, &d) != 0) {
+        LOG_E("reload: %s; keeping the running configuration", d.msg);
+        return;
+    }
+    moed_config_apply_reload(&s->cfg, &next, log_restart_key, NULL);
+    moed_engine_reconfigure(s->eng, &s->cfg);
+    moed_log_set_level(s->cfg.log_level);
+    LOG_I("reload: configuration%s%s applied", a.config_path ? " from " : "",
+          a.config_path ? a.config_path : "");
+}
+
+/* ---- entry ----------------------------------------------------------- */
+
+static void notify_loop(void *ud)
+{
+    struct server *s = ud;
+    uv_async_send(&s->async);
+}
+
+struct server *moed_server_new(const struct moed_config *cfg, int argc, char **argv)
+{
+    struct server *s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        return NULL;
+    s->loop = uv_default_loop();
+    s->cfg = *cfg;
+    s->argc = argc;
+    s->argv = argv;
+    s->lock_fd = -1;
+    s->t_start = moed_now();
+    uv_async_init(s->loop, &s->async, on_async);
+    s->async.data = s;
+    return s;
+}
+
+void moed_server_notify(void *ud) { notify_loop(ud); }
+
+int moed_server_run(struct server *s, struct moed_engine *eng, struct moe_diag *d)
+{
+    s->eng = eng;
+    const char *base = strrchr(s->cfg.model, '/');
+    const char *id = s->cfg.model_name[0] ? s->cfg.model_name : base ? base + 1 : s->cfg.model;
+    size_t idl = strlen(id) < sizeof(s->model_id) - 1 ? strlen(id) : sizeof(s->model_id) - 1;
+    memcpy(s->model_id, id, idl);
+    s->model_id[idl] = '\0';
+    int rc = open_socket(s, d);
+    if (rc) {
+        close_listeners(s);
+        return rc;
+    }
+    uv_signal_init(s->loop, &s->sig_term);
+    uv_signal_init(s->loop, &s->sig_int);
+    uv_signal_init(s->loop, &s->sig_hup);
+    s->sig_term.data = s->sig_int.data = s->sig_hup.data = s;
+    uv_signal_start(&s->sig_term, on_stop_signal, SIGTERM);
+    uv_signal_start(&s->sig_int, on_stop_signal, SIGINT);
+    uv_signal_start(&s->sig_hup, on_hup, SIGHUP);
+    uv_timer_init(s->loop, &s->grace);
+    s->grace.data = s;
+    LOG_I("serving %s on %s (mode 0%03o)%s", s->model_id, s->cfg.socket, s->cfg.socket_mode,
+          s->cfg.tcp_port ? " and 127.0.0.1" : "");
+    if (s->cfg.tcp_port)
+        LOG_I("also on http://127.0.0.1:%d", s->cfg.tcp_port);
+    uv_run(s->loop, UV_RUN_DEFAULT);
+    /* stopped: the engine first (it may still notify), then every handle */
+    moed_engine_stop(eng);
+    close_listeners(s);
+    uv_walk(s->loop, close_all, NULL);
+    uv_run(s->loop, UV_RUN_DEFAULT);
+    uv_loop_close(s->loop);
+    LOG_I("stopped");
+    return 0;
+}
+
+void moed_server_free(struct server *s)
+{
+    if (s == NULL)
+        return;
+    unlink_socket(s);
+    free(s);
+}
