@@ -521,32 +521,51 @@ static void log_request(struct conn *c, const struct moed_req *r, const char *ho
           r->hits, r->misses);
 }
 
+/* One SSE event: text delta and the logprobs of tokens [t0, t1). */
+static void stream_event(struct conn *c, struct moed_req *r, size_t from, size_t to, int t0, int t1)
+{
+    const bool chat = c->endpoint == EP_CHAT;
+    json_t *delta = json_bytes(r->text + from, to - from);
+    json_t *lpj = t1 > t0 && r->logprobs >= 0 && t1 <= r->n_lps ? logprobs_json(c, r, t0, t1, from)
+                                                                 : json_null();
+    json_t *o = base_obj(c, r, chat ? "chat.completion.chunk" : "text_completion");
+    json_t *ch;
+    if (chat)
+        ch = json_pack("{s:i, s:{s:s, s:o}, s:o, s:n}", "index", 0, "delta", "role", "assistant",
+                       "content", delta, "logprobs", lpj, "finish_reason");
+    else
+        ch = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text", delta, "logprobs", lpj,
+                       "finish_reason");
+    json_object_set_new(o, "choices", json_pack("[o]", ch));
+    send_sse(c, o);
+}
+
 void api_on_engine(struct conn *c, struct moed_req *r)
 {
+    /* The engine may grow (move) text, lps and tok_end while it runs: read
+     * them under the lock. After it finishes it writes nothing. Streams get
+     * one event per token (text that could begin a stop string waits). */
     pthread_mutex_lock(&r->mu);
     const enum moed_finish fin = r->finish;
-    const size_t ready = r->ready;
-    const int n_lps = r->n_lps;
-    pthread_mutex_unlock(&r->mu);
-    /* the engine only appends: text[0..ready) and lps[0..n_lps) are stable */
     const bool chat = c->endpoint == EP_CHAT;
     if (r->stream) {
-        if (ready > r->sent || n_lps > r->sent_lps) {
-            json_t *o = base_obj(c, r, chat ? "chat.completion.chunk" : "text_completion");
-            json_t *delta = json_bytes(r->text + r->sent, ready - r->sent);
-            json_t *ch;
-            if (chat)
-                ch = json_pack("{s:i, s:{s:s, s:o}, s:o, s:n}", "index", 0, "delta", "role",
-                               "assistant", "content", delta, "logprobs",
-                               logprobs_json(c, r, r->sent_lps, n_lps, r->sent), "finish_reason");
-            else
-                ch = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text", delta, "logprobs",
-                               logprobs_json(c, r, r->sent_lps, n_lps, r->sent), "finish_reason");
-            json_object_set_new(o, "choices", json_pack("[o]", ch));
-            r->sent = ready;
-            r->sent_lps = n_lps;
-            send_sse(c, o);
+        while (r->sent_tok < r->n_tok && r->tok_end[r->sent_tok] <= r->ready) {
+            const size_t end = r->tok_end[r->sent_tok];
+            if (end > r->sent || r->logprobs >= 0)
+                stream_event(c, r, r->sent, end > r->sent ? end : r->sent, r->sent_tok,
+                             r->sent_tok + 1);
+            if (end > r->sent)
+                r->sent = end;
+            r->sent_tok++;
         }
+        if (fin != MOED_RUNNING && r->ready > r->sent) {
+            stream_event(c, r, r->sent, r->ready, 0, 0);
+            r->sent = r->ready;
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    const int n_lps = r->n_lps;
+    if (r->stream) {
         if (fin == MOED_RUNNING)
             return;
         if (fin == MOED_STOP || fin == MOED_LENGTH) {

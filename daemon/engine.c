@@ -56,6 +56,7 @@ void moed_req_unref(struct moed_req *r)
         free(r->stop[i]);
     free(r->text);
     free(r->lps);
+    free(r->tok_end);
     free(r);
 }
 
@@ -463,6 +464,16 @@ static void after_logits(struct moed_engine *e, int si)
         if (moe_detok_stream_push(&s->ds, t, piece, sizeof(piece), &pl) == 0 &&
             append_text(r, piece, pl) != 0)
             f = MOED_ERROR;
+        if (r->n_tok == r->cap_tok) {
+            int cap = r->cap_tok ? r->cap_tok * 2 : 64;
+            size_t *p = realloc(r->tok_end, (size_t)cap * sizeof(*p));
+            if (p) {
+                r->tok_end = p;
+                r->cap_tok = cap;
+            }
+        }
+        if (r->n_tok < r->cap_tok)
+            r->tok_end[r->n_tok++] = r->len;
         if (f == MOED_RUNNING && check_stop(r))
             f = MOED_STOP;
         if (f == MOED_RUNNING && (r->n_gen >= r->max_tokens || moe_seq_pos(s->seq) + 1 >= e->n_ctx))

@@ -59,8 +59,10 @@ struct moed_req {
     char *text;                   /* generated text (after stop truncation) */
     size_t len, cap;
     size_t ready;                 /* bytes of text that can be sent (no stop prefix) */
-    struct moed_logprob *lps;     /* per generated token */
+    struct moed_logprob *lps;     /* per generated token (when logprobs >= 0) */
     int n_lps, cap_lps;
+    size_t *tok_end;              /* per generated token: text length after it */
+    int n_tok, cap_tok;
     int n_gen;                    /* tokens generated */
     enum moed_finish finish;      /* set once, when done */
     char err[256];
@@ -80,7 +82,7 @@ struct moed_req {
     /* loop side only */
     void *conn;
     size_t sent;                  /* text bytes written to the client */
-    int sent_lps;
+    int sent_tok;                 /* tokens streamed */
 };
 
 /* Allocates a request with one reference. */

@@ -1,0 +1,970 @@
+/* The daemon, end to end: the real moed binary on a real Unix socket with a
+ * shared/ref model and an expert cache smaller than its experts.
+ * shared/RELIABILITY.md rows 8-16 and 21: every endpoint, streaming,
+ * concurrent clients equal to `moectl run`, disconnects (mid-stream,
+ * mid-prefill, queued), malformed and hostile input, slow clients, queue
+ * full, SIGHUP, SIGTERM, socket mode, second-daemon refusal, stale socket,
+ * and the real clients curl and the openai Python package. */
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tests/harness.h"
+
+static char model[4096];
+static char sock[256];
+static char logf_path[512];
+static pid_t daemon_pid = -1;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int connect_sock(const char *path)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un a = { .sun_family = AF_UNIX };
+    snprintf(a.sun_path, sizeof(a.sun_path), "%s", path);
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        close(fd);
+        return -1;
+    }
+    struct timeval tv = { .tv_sec = 60 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    return fd;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+/* Reads until the peer closes (all requests here send Connection: close). */
+static char *read_all(int fd, size_t *len)
+{
+    size_t cap = 65536, n = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (n + 1 >= cap)
+            buf = realloc(buf, cap *= 2);
+        ssize_t r = recv(fd, buf + n, cap - n - 1, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        n += (size_t)r;
+    }
+    buf[n] = '\0';
+    if (len)
+        *len = n;
+    return buf;
+}
+
+struct resp {
+    int status;
+    char *raw;          /* whole response */
+    const char *body;   /* after the blank line */
+};
+
+static void resp_free(struct resp *r) { free(r->raw); }
+
+static int raw_request(const char *path, const char *data, size_t n, struct resp *out)
+{
+    memset(out, 0, sizeof(*out));
+    int fd = connect_sock(path);
+    if (fd < 0)
+        return -1;
+    write_all(fd, data, n);
+    out->raw = read_all(fd, NULL);
+    close(fd);
+    sscanf(out->raw, "HTTP/1.1 %d", &out->status);
+    const char *b = strstr(out->raw, "\r\n\r\n");
+    out->body = b ? b + 4 : out->raw;
+    return 0;
+}
+
+static int request(const char *method, const char *url, const char *body, struct resp *out)
+{
+    char *req = malloc(strlen(body ? body : "") + 512);
+    int n = sprintf(req, "%s %s HTTP/1.1\r\nHost: moed\r\nConnection: close\r\n"
+                    "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
+                    method, url, body ? strlen(body) : 0, body ? body : "");
+    int rc = raw_request(sock, req, (size_t)n, out);
+    free(req);
+    return rc;
+}
+
+/* Decodes a chunked body in place; returns its length. */
+static size_t dechunk(const char *in, char *out)
+{
+    size_t o = 0;
+    for (;;) {
+        char *end;
+        unsigned long n = strtoul(in, &end, 16);
+        if (end == in || strncmp(end, "\r\n", 2) != 0 || n == 0)
+            break;
+        memcpy(out + o, end + 2, n);
+        o += n;
+        in = end + 2 + n + 2;
+    }
+    out[o] = '\0';
+    return o;
+}
+
+static pid_t spawn_moed(const char *const *extra, const char *logpath)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);   /* a failed case leaves no daemon behind */
+        const char *argv[64];
+        int a = 0;
+        argv[a++] = getenv("MOED");
+        argv[a++] = "--model";
+        argv[a++] = model;
+        argv[a++] = "--socket";
+        argv[a++] = sock;
+        argv[a++] = "--threads";
+        argv[a++] = "2";
+        for (int i = 0; extra && extra[i]; i++)
+            argv[a++] = extra[i];
+        argv[a] = NULL;
+        int fd = open(logpath, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        dup2(fd, 2);
+        dup2(fd, 1);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static bool wait_ready(pid_t pid)
+{
+    for (int i = 0; i < 300; i++) {
+        struct resp r;
+        if (request("GET", "/health", NULL, &r) == 0) {
+            bool ok = r.status == 200;
+            resp_free(&r);
+            if (ok)
+                return true;
+        }
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return false;
+        usleep(50000);
+    }
+    return false;
+}
+
+static int wait_exit(pid_t pid, double timeout)
+{
+    double t0 = now_s();
+    while (now_s() - t0 < timeout) {
+        int st;
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        usleep(20000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    return -1;
+}
+
+static const char *const base_args[] = {
+    "--cache-experts", "5", "--max-seqs", "4", "--ctx-size", "512", "--batch-size", "64",
+    "--prefill-chunk", "16", "--chat-template", "chatml", "--read-timeout-ms", "1500",
+    "--max-body-bytes", "65536", "--max-header-bytes", "4096", "--queue-size", "32", NULL,
+};
+
+/* Each case runs its own daemon (cases are forked processes). */
+static bool up(const char *const *args)
+{
+    daemon_pid = spawn_moed(args ? args : base_args, logf_path);
+    return wait_ready(daemon_pid);
+}
+
+#define UP(args) CHECK_MSG(up(args), "moed did not start: see %s", logf_path)
+#define DOWN() do { kill(daemon_pid, SIGTERM); CHECK_INT(wait_exit(daemon_pid, 30), ==, 0); \
+                    daemon_pid = -1; } while (0)
+
+static char *log_text(void)
+{
+    size_t n;
+    char *t = moe_test_read_file(logf_path, &n);
+    return t ? t : strdup("");
+}
+
+/* What `moectl run --prompt P -n N` prints (greedy), without the newline. */
+static void moectl_greedy(const char *prompt, int n, bool chat, char *out, size_t cap)
+{
+    char cmd[8192];
+    snprintf(cmd, sizeof(cmd), "%s %s --model %s --prompt '%s' -n %d --threads 2 %s 2>/dev/null",
+             getenv("MOECTL"), chat ? "chat" : "run", model, prompt, n,
+             chat ? "--chat-template chatml" : "");
+    out[0] = '\0';
+    moe_test_run_cmd(cmd, out, cap);
+    size_t l = strlen(out);
+    if (l && out[l - 1] == '\n')
+        out[--l] = '\0';
+    /* JSON carries only UTF-8: the daemon sends U+FFFD for each byte of an
+     * invalid sequence (a tiny random model makes them); do the same */
+    char *fixed = malloc(l * 3 + 1);
+    size_t o = 0;
+    for (size_t i = 0; i < l;) {
+        const unsigned char b = (unsigned char)out[i];
+        size_t len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
+        bool ok = len > 0 && i + len <= l;
+        for (size_t k = 1; ok && k < len; k++)
+            ok = ((unsigned char)out[i + k] >> 6) == 2;
+        if (ok && len > 1) {
+            json_t *t = json_stringn(out + i, len);
+            ok = t != NULL;
+            json_decref(t);
+        }
+        if (ok) {
+            memcpy(fixed + o, out + i, len);
+            o += len;
+            i += len;
+        } else {
+            memcpy(fixed + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i++;
+        }
+    }
+    fixed[o] = '\0';
+    snprintf(out, cap, "%s", fixed);
+    free(fixed);
+}
+
+static json_t *body_json(const struct resp *r)
+{
+    return json_loads(r->body, 0, NULL);
+}
+
+static const char *completion_text(json_t *j)
+{
+    json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
+    json_t *t = json_object_get(c0, "text");
+    if (t == NULL)
+        t = json_object_get(json_object_get(c0, "message"), "content");
+    return json_string_value(t);
+}
+
+/* ---- endpoints --------------------------------------------------------- */
+
+static void test_endpoints(void)
+{
+    UP(NULL);
+    struct resp r;
+    CHECK(request("GET", "/health", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    CHECK(strstr(r.body, "\"ok\"") != NULL);
+    resp_free(&r);
+
+    CHECK(request("GET", "/v1/models", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    json_t *j = body_json(&r);
+    CHECK(j != NULL);
+    CHECK_STR(json_string_value(json_object_get(json_array_get(json_object_get(j, "data"), 0), "id")),
+              "tiny-mixtral-Q4_0.gguf");
+    json_decref(j);
+    resp_free(&r);
+
+    CHECK(request("POST", "/tokenize", "{\"content\": \"Hello world\"}", &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    j = body_json(&r);
+    json_t *toks = json_object_get(j, "tokens");
+    CHECK(json_array_size(toks) > 0);
+    char *tj = json_dumps(j, JSON_COMPACT);
+    resp_free(&r);
+    char body[1024];
+    snprintf(body, sizeof(body), "%s", tj);
+    free(tj);
+    json_decref(j);
+    CHECK(request("POST", "/detokenize", body, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    j = body_json(&r);
+    CHECK_STR(json_string_value(json_object_get(j, "content")), "Hello world");
+    json_decref(j);
+    resp_free(&r);
+
+    CHECK(request("GET", "/v1/moed/stats", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    j = body_json(&r);
+    CHECK(json_is_object(json_object_get(j, "expert_cache")));
+    CHECK_INT(json_integer_value(json_object_get(json_object_get(j, "expert_cache"), "slots")), ==, 5);
+    json_decref(j);
+    resp_free(&r);
+
+    CHECK(request("GET", "/nope", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 404);
+    CHECK(strstr(r.body, "\"error\"") != NULL);
+    resp_free(&r);
+    CHECK(request("GET", "/v1/completions", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 405);
+    CHECK(strstr(r.raw, "Allow: POST") != NULL);
+    resp_free(&r);
+    DOWN();
+}
+
+static void test_completion_equals_moectl(void)
+{
+    UP(NULL);
+    char want[4096];
+    moectl_greedy("Once upon a time", 12, false, want, sizeof(want));
+    CHECK(want[0] != '\0');
+    struct resp r;
+    CHECK(request("POST", "/v1/completions",
+                  "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12, \"temperature\": 0}", &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    json_t *j = body_json(&r);
+    CHECK(j != NULL);
+    CHECK_STR(completion_text(j), want);
+    json_t *u = json_object_get(j, "usage");
+    CHECK_INT(json_integer_value(json_object_get(u, "completion_tokens")), ==, 12);
+    CHECK_STR(json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
+                                                "finish_reason")), "length");
+    json_decref(j);
+    resp_free(&r);
+
+    /* chat through the template, against moectl chat */
+    moectl_greedy("hi there", 10, true, want, sizeof(want));
+    CHECK(request("POST", "/v1/chat/completions",
+                  "{\"messages\": [{\"role\": \"user\", \"content\": \"hi there\"}], \"max_tokens\": 10,"
+                  " \"temperature\": 0}", &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    j = body_json(&r);
+    CHECK_STR(completion_text(j), want);
+    CHECK_STR(json_string_value(json_object_get(json_object_get(json_array_get(
+                  json_object_get(j, "choices"), 0), "message"), "role")), "assistant");
+    json_decref(j);
+    resp_free(&r);
+    DOWN();
+}
+
+static void test_stream(void)
+{
+    UP(NULL);
+    const char *body = "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12, \"temperature\": 0,"
+                       " \"stream\": true, \"logprobs\": 1}";
+    struct resp r;
+    CHECK(request("POST", "/v1/completions", body, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    CHECK(strstr(r.raw, "Transfer-Encoding: chunked") != NULL);
+    CHECK(strstr(r.raw, "text/event-stream") != NULL);
+    char *sse = malloc(strlen(r.body) + 1);
+    dechunk(r.body, sse);
+    char text[4096] = "";
+    int events = 0;
+    bool done = false, usage = false;
+    for (char *line = strtok(sse, "\n"); line; line = strtok(NULL, "\n")) {
+        CHECK(strncmp(line, "data: ", 6) == 0);
+        CHECK(!done);
+        if (strcmp(line + 6, "[DONE]") == 0) {
+            done = true;
+            continue;
+        }
+        json_t *j = json_loads(line + 6, 0, NULL);
+        CHECK(j != NULL);
+        strcat(text, completion_text(j));
+        usage |= json_object_get(j, "usage") != NULL;
+        events++;
+        json_decref(j);
+    }
+    CHECK(done && usage);
+    CHECK_INT(events, ==, 13);   /* one event per token, then the finish chunk */
+    char want[4096];
+    moectl_greedy("Once upon a time", 12, false, want, sizeof(want));
+    CHECK_STR(text, want);
+    free(sse);
+    resp_free(&r);
+
+    /* stop strings end the text before the match, streamed or not */
+    char stop[8];
+    snprintf(stop, sizeof(stop), "%.3s", want + 4);
+    char req[512];
+    snprintf(req, sizeof(req), "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12,"
+             " \"temperature\": 0, \"stop\": [\"%s\"]}", stop);
+    CHECK(request("POST", "/v1/completions", req, &r) == 0);
+    json_t *j = body_json(&r);
+    const char *got = completion_text(j);
+    CHECK(got != NULL);
+    CHECK(strstr(want, got) == want);
+    CHECK(strstr(got, stop) == NULL);
+    CHECK_STR(json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
+                                                "finish_reason")), "stop");
+    json_decref(j);
+    resp_free(&r);
+
+    /* logprobs */
+    CHECK(request("POST", "/v1/chat/completions",
+                  "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 3,"
+                  " \"temperature\": 0, \"logprobs\": true, \"top_logprobs\": 2}", &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    j = body_json(&r);
+    json_t *content = json_object_get(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
+                                                      "logprobs"), "content");
+    CHECK(json_array_size(content) >= 1);
+    json_t *first = json_array_get(content, 0);
+    CHECK(json_number_value(json_object_get(first, "logprob")) <= 0);
+    CHECK_INT(json_array_size(json_object_get(first, "top_logprobs")), ==, 2);
+    json_decref(j);
+    resp_free(&r);
+    DOWN();
+}
+
+/* ---- concurrency ------------------------------------------------------- */
+
+struct client {
+    char prompt[64];
+    int n;
+    char want[4096];
+    char got[4096];
+    int status;
+    bool stream;
+};
+
+static void *client_main(void *arg)
+{
+    struct client *c = arg;
+    char body[512];
+    snprintf(body, sizeof(body), "{\"prompt\": \"%s\", \"max_tokens\": %d, \"temperature\": 0%s}",
+             c->prompt, c->n, c->stream ? ", \"stream\": true" : "");
+    struct resp r;
+    if (request("POST", "/v1/completions", body, &r) != 0)
+        return NULL;
+    c->status = r.status;
+    if (c->stream) {
+        char *sse = malloc(strlen(r.body) + 1);
+        dechunk(r.body, sse);
+        char *save = NULL;
+        for (char *line = strtok_r(sse, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+            json_t *j = strncmp(line, "data: {", 7) == 0 ? json_loads(line + 6, 0, NULL) : NULL;
+            if (j && completion_text(j))
+                strcat(c->got, completion_text(j));
+            json_decref(j);
+        }
+        free(sse);
+    } else {
+        json_t *j = body_json(&r);
+        if (j && completion_text(j))
+            snprintf(c->got, sizeof(c->got), "%s", completion_text(j));
+        json_decref(j);
+    }
+    resp_free(&r);
+    return NULL;
+}
+
+static const char *prompts[] = {
+    "Once upon a time", "The cat", "In a galaxy far far away there was a small planet where",
+    "Hello", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26",
+};
+
+static void test_concurrent(void)
+{
+    UP(NULL);
+    enum { N = 16 };
+    static struct client cl[N];
+    memset(cl, 0, sizeof(cl));
+    for (int i = 0; i < N; i++) {
+        snprintf(cl[i].prompt, sizeof(cl[i].prompt), "%s", prompts[i % 5]);
+        cl[i].n = 4 + (i * 7) % 29;
+        cl[i].stream = i % 2 == 1;
+        moectl_greedy(cl[i].prompt, cl[i].n, false, cl[i].want, sizeof(cl[i].want));
+    }
+    pthread_t th[N];
+    for (int i = 0; i < N; i++)
+        pthread_create(&th[i], NULL, client_main, &cl[i]);
+    for (int i = 0; i < N; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < N; i++) {
+        CHECK_INT(cl[i].status, ==, 200);
+        CHECK_MSG(strcmp(cl[i].got, cl[i].want) == 0, "client %d (%s, n=%d%s): got '%s', moectl run"
+                  " says '%s'", i, cl[i].prompt, cl[i].n, cl[i].stream ? ", stream" : "", cl[i].got,
+                  cl[i].want);
+    }
+    printf("  16 concurrent clients (4 sequences at once) match moectl run\n");
+    DOWN();
+}
+
+static json_t *stats(void)
+{
+    struct resp r;
+    if (request("GET", "/v1/moed/stats", NULL, &r) != 0)
+        return NULL;
+    json_t *j = body_json(&r);
+    resp_free(&r);
+    return j;
+}
+
+static long long engine_stat(const char *key)
+{
+    json_t *j = stats();
+    long long v = json_integer_value(json_object_get(json_object_get(j, "engine"), key));
+    json_decref(j);
+    return v;
+}
+
+static long long http_stat(const char *key)
+{
+    json_t *j = stats();
+    long long v = json_integer_value(json_object_get(json_object_get(j, "http"), key));
+    json_decref(j);
+    return v;
+}
+
+static bool wait_idle(void)
+{
+    for (int i = 0; i < 200; i++) {
+        if (engine_stat("running") == 0 && engine_stat("queue_depth") == 0)
+            return true;
+        usleep(50000);
+    }
+    return false;
+}
+
+static void test_disconnects(void)
+{
+    UP(NULL);
+    const long long cancelled0 = http_stat("cancelled");
+    /* mid-stream: read the headers and one event, then go */
+    int fd = connect_sock(sock);
+    CHECK(fd >= 0);
+    const char *body = "{\"prompt\": \"Once upon a time\", \"max_tokens\": 400, \"temperature\": 0,"
+                       " \"stream\": true}";
+    char req[1024];
+    int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    write_all(fd, req, (size_t)n);
+    char buf[4096];
+    CHECK(recv(fd, buf, sizeof(buf), 0) > 0);
+    close(fd);
+
+    /* mid-prefill: a long prompt, gone right after sending */
+    char big[16384];
+    int o = snprintf(big, sizeof(big), "{\"prompt\": \"");
+    for (int i = 0; i < 100; i++)
+        o += snprintf(big + o, sizeof(big) - (size_t)o, "word%d ", i);
+    snprintf(big + o, sizeof(big) - (size_t)o, "\", \"max_tokens\": 50}");
+    fd = connect_sock(sock);
+    n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nContent-Length: %zu\r\n\r\n",
+                 strlen(big));
+    write_all(fd, req, (size_t)n);
+    write_all(fd, big, strlen(big));
+    usleep(20000);
+    close(fd);
+
+    /* a normal client beside them is undisturbed */
+    struct client c = { .n = 9 };
+    snprintf(c.prompt, sizeof(c.prompt), "The cat");
+    moectl_greedy(c.prompt, c.n, false, c.want, sizeof(c.want));
+    client_main(&c);
+    CHECK_INT(c.status, ==, 200);
+    CHECK_STR(c.got, c.want);
+    CHECK(wait_idle());
+    CHECK_INT(http_stat("cancelled"), >=, cancelled0 + 2);
+    DOWN();
+}
+
+static void test_queued_disconnect_and_queue_full(void)
+{
+    /* a daemon with one sequence and a queue of one */
+    const char *args[] = { "--cache-experts", "5", "--max-seqs", "1", "--queue-size", "1",
+                           "--ctx-size", "2048", NULL };
+    UP(args);
+    const char *body = "{\"prompt\": \"Once upon a time\", \"max_tokens\": 1500, \"temperature\": 0}";
+    char req[512];
+    int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    int running = connect_sock(sock);
+    write_all(running, req, (size_t)n);
+    for (int i = 0; i < 100 && engine_stat("running") < 1; i++)
+        usleep(20000);
+    int queued = connect_sock(sock);
+    write_all(queued, req, (size_t)n);
+    for (int i = 0; i < 100 && engine_stat("queue_depth") < 1; i++)
+        usleep(20000);
+    CHECK_INT(engine_stat("queue_depth"), ==, 1);
+    /* the queue is full: 503 with Retry-After */
+    struct resp r;
+    CHECK(request("POST", "/v1/completions", body, &r) == 0);
+    CHECK_INT(r.status, ==, 503);
+    CHECK(strstr(r.raw, "Retry-After:") != NULL);
+    resp_free(&r);
+    /* the queued client goes away; then the running one */
+    close(queued);
+    for (int i = 0; i < 100 && engine_stat("queue_depth") > 0; i++)
+        usleep(20000);
+    CHECK_INT(engine_stat("queue_depth"), ==, 0);
+    close(running);
+    CHECK(wait_idle());
+    /* and the daemon serves the next one */
+    struct client c = { .n = 5 };
+    snprintf(c.prompt, sizeof(c.prompt), "Hello");
+    moectl_greedy(c.prompt, c.n, false, c.want, sizeof(c.want));
+    client_main(&c);
+    CHECK_STR(c.got, c.want);
+    DOWN();
+}
+
+/* ---- bad input ---------------------------------------------------------- */
+
+static void expect_status(const char *what, const char *raw, size_t n, int status, const char *needle)
+{
+    struct resp r;
+    if (raw_request(sock, raw, n, &r) != 0) {
+        MOE_FAIL_AT("%s: cannot connect", what);
+        return;
+    }
+    if (r.status != status || (needle && strstr(r.body, needle) == NULL))
+        MOE_FAIL_AT("%s: got %d '%.300s', expected %d with '%s'", what, r.status, r.body, status,
+                    needle ? needle : "");
+    resp_free(&r);
+}
+
+static void post(const char *what, const char *body, int status, const char *needle)
+{
+    char req[70000];
+    int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nConnection: close\r\n"
+                     "Content-Length: %zu\r\n\r\n%s", strlen(body), body);
+    expect_status(what, req, (size_t)n, status, needle);
+}
+
+static void test_bad_input(void)
+{
+    UP(NULL);
+    const char garbage[] = "HELLO THERE\r\n\r\n";
+    expect_status("garbage", garbage, sizeof(garbage) - 1, 400, "malformed HTTP");
+    post("invalid JSON", "{\"prompt\": ", 400, "invalid JSON");
+    post("not an object", "[1, 2]", 400, "JSON object");
+    post("missing prompt", "{\"max_tokens\": 3}", 400, "'prompt' is required");
+    post("wrong type", "{\"prompt\": \"hi\", \"max_tokens\": \"many\"}", 400, "\"param\":\"max_tokens\"");
+    post("out of range", "{\"prompt\": \"hi\", \"temperature\": 7}", 400, "\"param\":\"temperature\"");
+    post("bad stop", "{\"prompt\": \"hi\", \"stop\": [1]}", 400, "\"param\":\"stop\"");
+    post("bad token id", "{\"prompt\": [1, 99999999]}", 400, "token id");
+    post("n > 1", "{\"prompt\": \"hi\", \"n\": 2}", 400, "\"param\":\"n\"");
+    post("prompt too long", "{\"prompt\": [1], \"max_tokens\": 100000}", 400, "max_tokens");
+    post("invalid UTF-8", "{\"prompt\": \"\xff\xfe\"}", 400, "invalid JSON");
+    post("duplicate key", "{\"prompt\": \"a\", \"prompt\": \"b\"}", 400, "invalid JSON");
+
+    /* 413: declared and streamed (chunked) bodies over max_body_bytes */
+    const char big_decl[] = "POST /v1/completions HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n{";
+    expect_status("huge Content-Length", big_decl, sizeof(big_decl) - 1, 413, "max_body_bytes");
+    size_t bn = 200000;
+    char *chunked = malloc(bn + 256);
+    int o = sprintf(chunked, "POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%zx\r\n",
+                    bn - 300);
+    memset(chunked + o, 'a', bn - 300);
+    o += (int)(bn - 300);
+    o += sprintf(chunked + o, "\r\n0\r\n\r\n");
+    expect_status("huge chunked body", chunked, (size_t)o, 413, "max_body_bytes");
+    /* 431: headers over max_header_bytes */
+    o = sprintf(chunked, "GET /health HTTP/1.1\r\nX-Big: ");
+    memset(chunked + o, 'b', 8000);
+    o += 8000;
+    o += sprintf(chunked + o, "\r\n\r\n");
+    expect_status("huge header", chunked, (size_t)o, 431, "max_header_bytes");
+    free(chunked);
+
+    /* the daemon still serves */
+    struct resp r;
+    CHECK(request("GET", "/health", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    resp_free(&r);
+    DOWN();
+}
+
+static void test_slowloris(void)
+{
+    UP(NULL);
+    /* half a request line, then nothing: 408 after read_timeout_ms (1.5 s) */
+    int slow = connect_sock(sock);
+    CHECK(slow >= 0);
+    write_all(slow, "POST /v1/completions HTTP/1.1\r\nContent-Le", 41);
+    const double t0 = now_s();
+    /* others are served meanwhile */
+    struct resp r;
+    CHECK(request("GET", "/health", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    resp_free(&r);
+    size_t n;
+    char *got = read_all(slow, &n);
+    const double dt = now_s() - t0;
+    close(slow);
+    CHECK_MSG(strncmp(got, "HTTP/1.1 408", 12) == 0, "slow client got '%.100s'", got);
+    CHECK_MSG(dt > 1.0 && dt < 10, "408 after %.2f s", dt);
+    free(got);
+    /* a connection that never sends anything is closed after idle_timeout */
+    DOWN();
+}
+
+static void test_keepalive_pipelined(void)
+{
+    UP(NULL);
+    int fd = connect_sock(sock);
+    CHECK(fd >= 0);
+    const char two[] = "GET /health HTTP/1.1\r\n\r\nGET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n";
+    write_all(fd, two, sizeof(two) - 1);
+    char *got = read_all(fd, NULL);
+    close(fd);
+    char *second = strstr(got + 1, "HTTP/1.1 200");
+    CHECK(strncmp(got, "HTTP/1.1 200", 12) == 0 && second != NULL);
+    CHECK(strstr(second, "\"list\"") != NULL);
+    free(got);
+    DOWN();
+}
+
+/* ---- signals, socket --------------------------------------------------- */
+
+static void test_socket_mode_and_second_daemon(void)
+{
+    UP(NULL);
+    struct stat st;
+    CHECK(lstat(sock, &st) == 0);
+    CHECK(S_ISSOCK(st.st_mode));
+    CHECK_INT(st.st_mode & 0777, ==, 0600);
+    char log2[600];
+    snprintf(log2, sizeof(log2), "%s.second", logf_path);
+    pid_t p = spawn_moed(base_args, log2);
+    CHECK_INT(wait_exit(p, 30), ==, 1);
+    size_t n;
+    char *t = moe_test_read_file(log2, &n);
+    CHECK(t && strstr(t, "another moed is serving on") != NULL);
+    free(t);
+    struct resp r;
+    CHECK(request("GET", "/health", NULL, &r) == 0);   /* the first one is untouched */
+    CHECK_INT(r.status, ==, 200);
+    resp_free(&r);
+    DOWN();
+}
+
+static void test_sighup(void)
+{
+    char cfg[600];
+    snprintf(cfg, sizeof(cfg), "%s/moed.ini", moe_test_tmpdir());
+    FILE *f = fopen(cfg, "w");
+    fprintf(f, "[moed]\nqueue_size = 7\n");
+    fclose(f);
+    const char *args[] = { "--config", cfg, "--cache-experts", "5", "--max-seqs", "2", NULL };
+    UP(args);
+    f = fopen(cfg, "w");
+    fprintf(f, "[moed]\nqueue_size = 9\nctx_size = 1024\nlog_level = debug\n");
+    fclose(f);
+    kill(daemon_pid, SIGHUP);
+    usleep(300000);
+    char *t = log_text();
+    CHECK_MSG(strstr(t, "'ctx_size' changed") != NULL, "log: %s", t);
+    CHECK(strstr(t, "reload: configuration from") != NULL);
+    free(t);
+    /* a broken file keeps the old config, and the daemon serves */
+    f = fopen(cfg, "w");
+    fprintf(f, "[moed]\nqueue_size = lots\n");
+    fclose(f);
+    kill(daemon_pid, SIGHUP);
+    usleep(300000);
+    t = log_text();
+    CHECK_MSG(strstr(t, "queue_size: 'lots' is not an integer") != NULL &&
+              strstr(t, "keeping the running configuration") != NULL, "log: %s", t);
+    free(t);
+    struct resp r;
+    CHECK(request("GET", "/health", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    resp_free(&r);
+    DOWN();
+}
+
+static void test_sigterm_finishes_in_flight(void)
+{
+    char want[4096];
+    moectl_greedy("The cat", 60, false, want, sizeof(want));
+    UP(NULL);
+    int fd = connect_sock(sock);
+    const char *body = "{\"prompt\": \"The cat\", \"max_tokens\": 60, \"temperature\": 0}";
+    char req[512];
+    int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    write_all(fd, req, (size_t)n);
+    for (int i = 0; i < 100 && engine_stat("running") < 1; i++)
+        usleep(10000);
+    kill(daemon_pid, SIGTERM);
+    char *got = read_all(fd, NULL);
+    close(fd);
+    CHECK(strncmp(got, "HTTP/1.1 200", 12) == 0);
+    const char *b = strstr(got, "\r\n\r\n");
+    json_t *j = b ? json_loads(b + 4, 0, NULL) : NULL;
+    CHECK(j != NULL);
+    CHECK_STR(completion_text(j), want);
+    json_decref(j);
+    free(got);
+    CHECK_INT(wait_exit(daemon_pid, 30), ==, 0);
+    daemon_pid = -1;
+    struct stat st;
+    CHECK(lstat(sock, &st) != 0);   /* socket removed */
+    char lock[300];
+    snprintf(lock, sizeof(lock), "%s.lock", sock);
+    CHECK(lstat(lock, &st) != 0);
+}
+
+static void test_stale_and_foreign_files(void)
+{
+    /* a socket left by a dead daemon is taken over */
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = { .sun_family = AF_UNIX };
+    snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock);
+    CHECK(bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0);
+    close(fd);
+    UP(NULL);
+    DOWN();
+    /* a regular file at the path is never removed */
+    FILE *f = fopen(sock, "w");
+    fputs("precious", f);
+    fclose(f);
+    pid_t p = spawn_moed(base_args, logf_path);
+    CHECK_INT(wait_exit(p, 30), ==, 1);
+    char *t = log_text();
+    CHECK(strstr(t, "is not a socket; not removing it") != NULL);
+    free(t);
+    size_t n;
+    char *kept = moe_test_read_file(sock, &n);
+    CHECK(kept && n == 8 && memcmp(kept, "precious", 8) == 0);
+    free(kept);
+    unlink(sock);
+}
+
+/* ---- real clients ------------------------------------------------------ */
+
+static void test_curl(void)
+{
+    if (system("command -v curl >/dev/null 2>&1") != 0)
+        MOE_SKIP("curl not installed");
+    UP(NULL);
+    char cmd[1024], out[8192];
+    snprintf(cmd, sizeof(cmd), "curl -sS --unix-socket %s http://moed/v1/completions"
+             " -H 'Content-Type: application/json'"
+             " -d '{\"prompt\": \"Hello\", \"max_tokens\": 6, \"temperature\": 0}'", sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    json_t *j = json_loads(out, 0, NULL);
+    CHECK_MSG(j != NULL, "curl: %s", out);
+    char want[4096];
+    moectl_greedy("Hello", 6, false, want, sizeof(want));
+    CHECK_STR(completion_text(j), want);
+    json_decref(j);
+    snprintf(cmd, sizeof(cmd), "curl -sSN --unix-socket %s http://moed/v1/chat/completions"
+             " -d '{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 4,"
+             " \"stream\": true}'", sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    CHECK(strstr(out, "data: [DONE]") != NULL);
+    DOWN();
+}
+
+static void test_openai_python(void)
+{
+    if (system("python3 -c 'import openai' >/dev/null 2>&1") != 0)
+        MOE_SKIP("the openai Python package is not installed (tools/setup.sh installs it)");
+    /* the openai package speaks TCP: serve loopback TCP on a free port */
+    int port = 20000 + (int)(getpid() % 20000);
+    char ps[16];
+    snprintf(ps, sizeof(ps), "%d", port);
+    const char *args[] = { "--cache-experts", "5", "--max-seqs", "4", "--tcp-port", ps,
+                           "--chat-template", "chatml", NULL };
+    UP(args);
+    char script[600];
+    snprintf(script, sizeof(script), "%s/openai_client.py", moe_test_tmpdir());
+    FILE *f = fopen(script, "w");
+    fprintf(f,
+            "import sys, openai\n"
+            "c = openai.OpenAI(base_url='http://127.0.0.1:%d/v1', api_key='none', max_retries=0)\n"
+            "m = c.models.list().data[0].id\n"
+            "r = c.completions.create(model=m, prompt='Hello', max_tokens=6, temperature=0)\n"
+            "print('COMPLETION=' + r.choices[0].text.replace('\\n', '\\\\n'))\n"
+            "s = c.chat.completions.create(model=m, messages=[{'role': 'user', 'content': 'hi'}],"
+            " max_tokens=5, temperature=0, stream=True)\n"
+            "print('CHAT=' + ''.join((ch.choices[0].delta.content or '') for ch in s if ch.choices))\n"
+            "try:\n"
+            "    c.completions.create(model=m, prompt='x', temperature=9)\n"
+            "except openai.BadRequestError as e:\n"
+            "    print('ERROR=%%d' %% e.status_code)\n", port);
+    fclose(f);
+    char cmd[800], out[8192];
+    snprintf(cmd, sizeof(cmd), "python3 %s 2>&1", script);
+    int rc = moe_test_run_cmd(cmd, out, sizeof(out));
+    CHECK_MSG(rc == 0, "openai client: %s", out);
+    char want[4096], line[4200];
+    moectl_greedy("Hello", 6, false, want, sizeof(want));
+    snprintf(line, sizeof(line), "COMPLETION=%s\n", want);
+    CHECK_MSG(strstr(out, line) != NULL, "openai client printed: %s (want %s)", out, want);
+    CHECK(strstr(out, "CHAT=") != NULL);
+    CHECK(strstr(out, "ERROR=400") != NULL);
+    DOWN();
+}
+
+static void test_check_config(void)
+{
+    char cmd[8192], out[16384];
+    snprintf(cmd, sizeof(cmd), "%s --model %s --cache-experts 5 --check-config --socket %s.x",
+             getenv("MOED"), model, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    CHECK(strstr(out, "cache_experts = 5") != NULL);
+    CHECK(strstr(out, "memory plan") != NULL && strstr(out, "expert cache") != NULL);
+    snprintf(cmd, sizeof(cmd), "%s --model %s --cache-policy fifo 2>&1", getenv("MOED"), model);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 2);
+    CHECK(strstr(out, "cache_policy: 'fifo' is not one of lru|lfu|layer") != NULL);
+    snprintf(cmd, sizeof(cmd), "%s --model %s --ctx-size 0 2>&1", getenv("MOED"), model);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 2);
+    CHECK(strstr(out, "ctx_size: 0 is out of range") != NULL);
+    snprintf(cmd, sizeof(cmd), "%s --model /nonexistent.gguf --check-config 2>&1", getenv("MOED"));
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 1);
+    CHECK(strstr(out, "/nonexistent.gguf") != NULL);
+}
+
+int main(void)
+{
+    if (moe_test_ref_dir() == NULL || getenv("MOED") == NULL)
+        return 77;
+    signal(SIGPIPE, SIG_IGN);
+    snprintf(model, sizeof(model), "%s/models/tiny-mixtral-Q4_0.gguf", moe_test_ref_dir());
+    snprintf(sock, sizeof(sock), "%s/moed.sock", moe_test_tmpdir());
+    snprintf(logf_path, sizeof(logf_path), "%s/moed.log", moe_test_tmpdir());
+    moe_test_run("check-config and bad flags", test_check_config);
+    moe_test_run("endpoints", test_endpoints);
+    moe_test_run("completion and chat equal moectl", test_completion_equals_moectl);
+    moe_test_run("streaming, stop, logprobs", test_stream);
+    moe_test_run("16 concurrent clients", test_concurrent);
+    moe_test_run("disconnect mid-stream and mid-prefill", test_disconnects);
+    moe_test_run("bad input", test_bad_input);
+    moe_test_run("slowloris", test_slowloris);
+    moe_test_run("keep-alive and pipelining", test_keepalive_pipelined);
+    moe_test_run("socket mode, second daemon", test_socket_mode_and_second_daemon);
+    moe_test_run("queued disconnect, queue full", test_queued_disconnect_and_queue_full);
+    moe_test_run("SIGHUP", test_sighup);
+    moe_test_run("curl", test_curl);
+    moe_test_run("openai python", test_openai_python);
+    moe_test_run("SIGTERM finishes in-flight", test_sigterm_finishes_in_flight);
+    moe_test_run("stale socket, foreign file", test_stale_and_foreign_files);
+    return moe_test_exit_code();
+}
