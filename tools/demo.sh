@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 mkdir -p demo
 [ -f demo/demo-moe.gguf ] || ./build/tools/moe-gen --preset demo -o demo/demo-moe.gguf
-./build/moectl info demo/demo-moe.gguf
-[ -f demo/demo-moe.moe ] || ./build/moectl pack demo/demo-moe.gguf -o demo/demo-moe.moe
+./build/client/moectl info demo/demo-moe.gguf
+[ -f demo/demo-moe.moe ] || ./build/client/moectl pack demo/demo-moe.gguf -o demo/demo-moe.moe
 echo "== generating from the pack with an 8-expert cache (of 32 experts):"
-./build/moectl run --model demo/demo-moe.moe --prompt "the router decides which experts" -n 24 \
+./build/client/moectl run --model demo/demo-moe.moe --prompt "the router decides which experts" -n 24 \
   --cache-experts 8 --prefetch gate --stats
