@@ -52,7 +52,7 @@ static const struct key keys[] = {
     { "force_pread", K_BOOL, OFF(force_pread), 0, 0, 1, false, NULL,
       "read experts with pread instead of io_uring" },
     { "chat_template", K_STR, OFF(chat_template), CAP(chat_template), 0, 0, false, NULL,
-      "chat template by name (chatml, llama2, llama3, mistral-v7, ...); empty: from the model" },
+      "chat template by name (chatml, llama2, mistral-v7, deepseek3, ...); empty: from the model" },
     { "socket", K_STR, OFF(socket), CAP(socket), 0, 0, false, NULL,
       "Unix socket path (default $XDG_RUNTIME_DIR/moed.sock, else ./moed.sock)" },
     { "socket_mode", K_MODE, OFF(socket_mode), 0, 0, 0777, false, NULL,

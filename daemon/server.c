@@ -150,7 +150,15 @@ void conn_send_error(struct conn *c, int status, const char *type, const char *p
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    json_t *j = json_pack("{s:{s:s, s:s, s:s?, s:n}}", "error", "message", msg, "type", type,
+    json_t *jm = json_string(msg);
+    if (jm == NULL) {
+        /* the message quotes client bytes that are not UTF-8 */
+        for (char *p = msg; *p; p++)
+            if ((unsigned char)*p >= 0x80)
+                *p = '?';
+        jm = json_string(msg);
+    }
+    json_t *j = json_pack("{s:{s:o, s:s, s:s?, s:n}}", "error", "message", jm, "type", type,
                           "param", param, "code");
     char *txt = j ? json_dumps(j, JSON_COMPACT) : NULL;
     const char *extra = status == 503 ? "Retry-After: 1\r\n" : NULL;
