@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cache/expert_cache.h"
 #include "common/alloc.h"
@@ -160,6 +161,21 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
         }
     }
     e->n_slots = cfg->max_seqs;
+    {
+        /* refuse before allocating: a KV plan beyond the host's memory */
+        const struct moe_model_cfg *mc = moe_model_cfg(e->model);
+        const double kv_seq = (double)e->n_ctx * (double)(mc->k_row + mc->v_row) *
+                              (cfg->kv_f16 ? 2.0 : 4.0) * (double)mc->n_layer;
+        const long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+        const double ram = pages > 0 && psz > 0 ? (double)pages * (double)psz : 0;
+        if (ram > 0 && kv_seq * e->n_slots > ram) {
+            rc = moe_diag_set(d, -ENOMEM, "KV cache: %d sequences (max_seqs) x %.1f MiB (ctx_size"
+                              " %d) = %.1f MiB exceed the host's memory of %.1f MiB: lower"
+                              " max_seqs or ctx_size", e->n_slots, kv_seq / 1048576.0, e->n_ctx,
+                              kv_seq * e->n_slots / 1048576.0, ram / 1048576.0);
+            goto fail;
+        }
+    }
     e->slots = calloc((size_t)e->n_slots, sizeof(struct slot));
     e->lp_tmp = malloc((size_t)e->n_vocab * sizeof(float));
     if (e->slots == NULL || e->lp_tmp == NULL) {

@@ -2,6 +2,7 @@
  * OpenAI-compatible API) until SIGTERM. See doc/daemon.md and
  * doc/config.md. */
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -33,8 +34,9 @@ static void usage(FILE *f)
 
 static double mib(uint64_t b) { return (double)b / 1048576.0; }
 
-/* What the loaded model occupies, by component. */
-static void print_plan(FILE *f, const struct moed_config *cfg, struct moed_engine *e)
+/* What the loaded model occupies, by component; false when the memory moed
+ * reserves (KV caches, expert cache, host tier) exceeds the host's RAM. */
+static bool print_plan(FILE *f, const struct moed_config *cfg, struct moed_engine *e)
 {
     struct moe_model *m = moed_engine_model(e);
     const struct moe_model_cfg *mc = moe_model_cfg(m);
@@ -68,8 +70,12 @@ static void print_plan(FILE *f, const struct moed_config *cfg, struct moed_engin
     fprintf(f, "  total                %10.1f MiB%s\n", mib(total + (cached ? 0 : sz.expert_bytes)),
             cached ? "" : " (resident experts are page cache, not reserved)");
     long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-    if (pages > 0 && psz > 0)
-        fprintf(f, "  host memory          %10.1f MiB\n", mib((uint64_t)pages * (uint64_t)psz));
+    if (pages <= 0 || psz <= 0)
+        return true;
+    const uint64_t ram = (uint64_t)pages * (uint64_t)psz;
+    fprintf(f, "  host memory          %10.1f MiB\n", mib(ram));
+    const uint64_t reserved = kv_seq * (uint64_t)cfg->max_seqs + cache + (uint64_t)cfg->host_bytes;
+    return reserved <= ram;
 }
 
 int main(int argc, char **argv)
@@ -112,12 +118,21 @@ int main(int argc, char **argv)
     }
     if (a.check_only) {
         moed_config_print(&cfg, stdout);
-        print_plan(stdout, &cfg, eng);
+        bool fits = print_plan(stdout, &cfg, eng);
+        if (!fits)
+            fprintf(stderr, "moed: the KV caches, expert cache and host tier above exceed the host's"
+                    " memory: lower max_seqs, ctx_size, cache_bytes or host_bytes\n");
         moed_engine_free(eng);
         moed_server_free(srv);
-        return 0;
+        return fits ? 0 : 1;
     }
-    print_plan(stderr, &cfg, eng);
+    if (!print_plan(stderr, &cfg, eng)) {
+        fprintf(stderr, "moed: the KV caches, expert cache and host tier above exceed the host's"
+                " memory: lower max_seqs, ctx_size, cache_bytes or host_bytes\n");
+        moed_engine_free(eng);
+        moed_server_free(srv);
+        return 1;
+    }
     if (moed_engine_start(eng, &d) != 0) {
         fprintf(stderr, "moed: %s\n", d.msg);
         moed_engine_free(eng);

@@ -1016,6 +1016,12 @@ static void test_check_config(void)
     snprintf(cmd, sizeof(cmd), "%s --model %s --ctx-size 0 2>&1", getenv("MOED"), model);
     CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 2);
     CHECK(strstr(out, "ctx_size: 0 is out of range") != NULL);
+    /* a plan larger than the host's memory is refused, naming the components */
+    snprintf(cmd, sizeof(cmd), "%s --model %s --check-config --max-seqs 256 --ctx-size 1048576"
+             " --socket %s.x 2>&1", getenv("MOED"), model, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 1);
+    CHECK_MSG(strstr(out, "KV cache: 256 sequences (max_seqs)") != NULL &&
+              strstr(out, "exceed the host's memory") != NULL, "%s", out);
     snprintf(cmd, sizeof(cmd), "%s --model /nonexistent.gguf --check-config 2>&1", getenv("MOED"));
     CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 1);
     CHECK(strstr(out, "/nonexistent.gguf") != NULL);
