@@ -161,7 +161,7 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
     OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_CACHE_BYTES, OPT_CACHE_EXPERTS, OPT_CACHE_POLICY,
-    OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
+    OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_PREFETCH_ALWAYS, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
     OPT_HOST_BYTES, OPT_HELP,
 };
 
@@ -188,6 +188,7 @@ static const struct option long_opts[] = {
     { "force-pread", no_argument, NULL, OPT_PREAD },
     { "prefetch", required_argument, NULL, OPT_PREFETCH },
     { "prefetch-depth", required_argument, NULL, OPT_PREFETCH_DEPTH },
+    { "prefetch-always", no_argument, NULL, OPT_PREFETCH_ALWAYS },
     { "prompt", required_argument, NULL, OPT_PROMPT },
     { "host-bytes", required_argument, NULL, OPT_HOST_BYTES },
     { "system", required_argument, NULL, OPT_SYSTEM },
@@ -210,7 +211,8 @@ static void usage(FILE *f, int run)
                    "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
                    " [--seed S] [--threads N] [--ctx N] [--kv-f16] [--stats]\n"
                    "                  [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy lru|lfu|layer]\n"
-                   "                  [--prefetch none|gate|history] [--prefetch-depth D] [--host-bytes SIZE]\n"
+                   "                  [--prefetch none|gate|history] [--prefetch-depth D] [--prefetch-always]\n"
+                   "                  [--host-bytes SIZE]\n"
                    "                  [--force-pread]\n"
                    "                  (MODEL may be a GGUF or a .moe pack)\n"
                    "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
@@ -235,6 +237,7 @@ static int eval_or_run(int argc, char **argv, int mode)
     unsigned long long cache_bytes = 0, host_bytes = 0;
     const char *cache_policy = NULL, *trace_path = NULL, *prefetch = NULL;
     long prefetch_depth = 0;
+    bool prefetch_always = false;
     struct moe_sampler_params sp;
     moe_sampler_defaults(&sp);
     int c;
@@ -294,6 +297,9 @@ static int eval_or_run(int argc, char **argv, int mode)
                 return 2;
             }
             prefetch = optarg;
+            break;
+        case OPT_PREFETCH_ALWAYS:
+            prefetch_always = true;
             break;
         case OPT_PREFETCH_DEPTH:
             if (parse_int("--prefetch-depth", optarg, 1, 64, &prefetch_depth)) return 2;
@@ -379,6 +385,7 @@ static int eval_or_run(int argc, char **argv, int mode)
         .cache_bytes = (size_t)cache_bytes, .cache_experts = (int)cache_experts,
         .cache_policy = cache_policy, .force_pread = force_pread,
         .prefetch = prefetch, .prefetch_depth = (int)prefetch_depth,
+        .prefetch_always = prefetch_always,
         .host_bytes = (size_t)host_bytes,
     };
     if (moe_model_load(&m, model, &mo, &d)) {
@@ -580,6 +587,10 @@ static int eval_or_run(int argc, char **argv, int mode)
                     (unsigned long long)cs.prefetch_used, (unsigned long long)cs.prefetch_wasted,
                     (unsigned long long)cs.prefetch_dropped, (unsigned long long)cs.host_hits,
                     (unsigned long long)cs.host_inserts);
+        uint64_t pf_on = 0, pf_off = 0;
+        if (moe_model_prefetch_steps(m, &pf_on, &pf_off))
+            fprintf(stderr, "{\"prefetch_steps_on\": %llu, \"prefetch_steps_off\": %llu}\n",
+                    (unsigned long long)pf_on, (unsigned long long)pf_off);
         uint64_t lh[1024], lm[1024];
         int nl = moe_model_cache_layer_stats(m, lh, lm, 1024);
         if (nl > 0) {

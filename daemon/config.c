@@ -49,6 +49,8 @@ static const struct key keys[] = {
       "expert prefetch predictor" },
     { "prefetch_depth", K_INT, OFF(prefetch_depth), 0, 1, 8, false, NULL,
       "layers ahead the prefetcher predicts" },
+    { "prefetch_always", K_BOOL, OFF(prefetch_always), 0, 0, 1, false, NULL,
+      "prefetch on every decode step (default: a governor keeps it only while it makes decoding faster)" },
     { "force_pread", K_BOOL, OFF(force_pread), 0, 0, 1, false, NULL,
       "read experts with pread instead of io_uring" },
     { "chat_template", K_STR, OFF(chat_template), CAP(chat_template), 0, 0, false, NULL,

@@ -27,6 +27,7 @@ struct moed_config {
     int64_t host_bytes;
     char prefetch[16];
     int prefetch_depth;
+    bool prefetch_always;
     bool force_pread;
     char chat_template[32];    /* "" = from the model */
     /* server (restart) */

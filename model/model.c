@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/alloc.h"
@@ -85,6 +86,8 @@ struct layer {
     float *sh_gate_inp;                  /* [n_embd], or NULL (qwen2moe) */
 };
 
+enum { PF_PROBE = 8, PF_EXPLOIT = 48 };   /* prefetch governor, in decode steps */
+
 /* One sequence's tokens inside a batch: rows off..off+n-1 of the scratch. */
 struct seg {
     struct moe_seq *s;
@@ -120,6 +123,17 @@ struct moe_model {
     int32_t step;                        /* token steps run, for the cache policy */
     int prefetch_depth;                  /* 0 = off */
     bool prefetch_history;               /* history predictor instead of speculative gating */
+    /* Prefetch governor: accurate prediction can still slow decoding (when
+     * the disk is the bottleneck, every prefetch is one more load), so the
+     * effect is measured end to end. Decode steps alternate a probe with
+     * prefetch on and one with it off (PF_PROBE steps each), the faster
+     * setting runs for PF_EXPLOIT steps, then it probes again. */
+    bool prefetch_always;
+    int pf_phase, pf_left;               /* 0 probe on, 1 probe off, 2 exploit */
+    bool pf_use;                         /* the setting exploited */
+    double pf_sum[2];
+    int pf_n[2];
+    uint64_t pf_steps[2];                /* decode steps run with prefetch off / on */
     float *pf_x;                         /* [n_embd] prefetch scratch */
     /* history predictor: per layer, counts of (expert chosen at the previous
      * token) -> (expert chosen now), and of (expert chosen at the previous
@@ -807,6 +821,9 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
         m->prefetch_depth = o->prefetch_depth > 0 ? o->prefetch_depth : 1;
         if (m->prefetch_depth > c->n_layer)
             m->prefetch_depth = c->n_layer;
+        m->prefetch_always = o->prefetch_always;
+        m->pf_phase = 0;
+        m->pf_left = PF_PROBE;
     }
     m->pf_x = moe_malloc((size_t)c->n_embd * sizeof(float));
     m->pend_l = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
@@ -1475,21 +1492,76 @@ static void prefetch_gate(struct moe_model *m, int il, int64_t n)
     }
 }
 
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static bool prefetch_gov_on(const struct moe_model *m)
+{
+    if (m->prefetch_always)
+        return true;
+    return m->pf_phase == 0 || (m->pf_phase == 2 && m->pf_use);
+}
+
+static void prefetch_gov_step(struct moe_model *m, bool on, double dt)
+{
+    m->pf_steps[on]++;
+    if (m->prefetch_always)
+        return;
+    if (m->pf_phase < 2) {
+        m->pf_sum[on] += dt;
+        m->pf_n[on]++;
+    }
+    if (--m->pf_left > 0)
+        return;
+    if (m->pf_phase == 0) {
+        m->pf_phase = 1;
+        m->pf_left = PF_PROBE;
+    } else if (m->pf_phase == 1) {
+        /* prefetch must win clearly: it costs disk bandwidth */
+        const double on_t = m->pf_sum[1] / (m->pf_n[1] ? m->pf_n[1] : 1);
+        const double off_t = m->pf_sum[0] / (m->pf_n[0] ? m->pf_n[0] : 1);
+        m->pf_use = on_t < 0.97 * off_t;
+        m->pf_phase = 2;
+        m->pf_left = PF_EXPLOIT;
+    } else {
+        m->pf_phase = 0;
+        m->pf_left = PF_PROBE;
+        m->pf_sum[0] = m->pf_sum[1] = 0;
+        m->pf_n[0] = m->pf_n[1] = 0;
+    }
+}
+
+bool moe_model_prefetch_steps(const struct moe_model *m, uint64_t *on, uint64_t *off)
+{
+    *on = m->pf_steps[1];
+    *off = m->pf_steps[0];
+    return m->prefetch_depth > 0;
+}
+
 /* Runs the n tokens laid out by m->segs (positions in m->pos, embeddings
  * gathered by the caller into m->x) through every layer. */
 static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_route_fn route, void *ud)
 {
     const struct moe_model_cfg *c = &m->cfg;
+    const bool decode = m->prefetch_depth > 0 && n <= 4;
+    const bool pf = decode && prefetch_gov_on(m);
+    const double t0 = decode ? mono_s() : 0;
     for (int il = 0; il < c->n_layer; il++) {
         TRY(attention_block(m, il, n));
         TRY(moe_block(m, il, n, tok0, route, ud));
-        if (m->prefetch_depth > 0 && n <= 4) {
+        if (pf) {
             if (m->prefetch_history)
                 prefetch_history(m, il);
             else
                 prefetch_gate(m, il, n);
         }
     }
+    if (decode)
+        prefetch_gov_step(m, pf, mono_s() - t0);
     for (int i = 0; i < m->n_segs; i++)
         m->segs[i].s->pos += (int)m->segs[i].n;
     m->step++;

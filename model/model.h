@@ -87,6 +87,9 @@ struct moe_model_opts {
                                  * predicted experts at low priority; "history": predict them
                                  * from transition counts (previous token, previous layer) */
     int prefetch_depth;         /* default 1 */
+    bool prefetch_always;       /* no governor: prefetch on every decode step (by default
+                                 * decode steps alternate probes with it on and off and keep
+                                 * whichever is faster, re-probing every 64 steps) */
     bool force_pread;           /* expert reads without io_uring */
     size_t host_bytes;          /* host-RAM tier below the cache (0 = none) */
 };
@@ -97,6 +100,9 @@ bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out);
 /* Per-layer cache hits/misses (arrays of at least n_layer); -1 without a
  * cache, else n_layer. */
 int moe_model_cache_layer_stats(struct moe_model *m, uint64_t *hits, uint64_t *misses, int max);
+/* Decode steps run with prefetch on and off (the governor's choices);
+ * false when prefetch is not configured. */
+bool moe_model_prefetch_steps(const struct moe_model *m, uint64_t *on, uint64_t *off);
 /* Experts pinned right now (0 between forward passes), -1 without a cache. */
 int moe_model_cache_pinned(struct moe_model *m);
 
