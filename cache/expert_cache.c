@@ -16,6 +16,7 @@ struct slot {
     enum slot_state state;
     int prefetched;       /* loaded by a prefetch and not used yet */
     int pf_inflight;      /* a prefetch's load is in flight (counts against the bound) */
+    int cancel_req;       /* cancel_stale chose it (under mu; read by the source's stale test) */
     int32_t key;          /* layer * n_expert + expert, or -1 */
     int pins;
     int status;           /* load error for SLOT_FAILED */
@@ -144,10 +145,48 @@ void moe_expert_cache_set_host_tier(struct moe_expert_cache *c, struct moe_host_
     c->host = t;
 }
 
+static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, const struct moe_diag *diag);
+
+/* A cancelled prefetch: forgotten, or (if a demand acquire pinned it in the
+ * meantime) loaded again at once as an urgent load. */
+static void prefetch_cancelled(struct slot *s, uint32_t layer, uint32_t expert)
+{
+    struct moe_expert_cache *c = s->c;
+    pthread_mutex_lock(&c->mu);
+    s->cancel_req = 0;
+    if (s->pf_inflight) {
+        s->pf_inflight = 0;
+        c->prefetch_inflight--;
+    }
+    if (s->pins == 0) {
+        c->slot_of[s->key] = -1;
+        s->key = -1;
+        s->state = SLOT_EMPTY;
+        s->prefetched = 0;
+        c->st.prefetch_cancelled++;
+        pthread_cond_broadcast(&c->cv);
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    s->prefetched = 0;
+    pthread_mutex_unlock(&c->mu);
+    const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, layer);
+    struct moe_diag d = { 0 };
+    int rc = lay ? moe_expert_src_load(c->src, layer, expert, s->data, (size_t)lay->raw_size, 0,
+                                      load_done, s, &d)
+                 : -ENOENT;
+    if (rc != 0)
+        load_done(s, layer, expert, rc, &d);
+}
+
 static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, const struct moe_diag *diag)
 {
     struct slot *s = arg;
     struct moe_expert_cache *c = s->c;
+    if (status == -ECANCELED && s->cancel_req) {
+        prefetch_cancelled(s, layer, expert);
+        return;
+    }
     if (status == 0 && c->host != NULL) {
         /* keep a copy in the host tier; the slot is ours until we publish it */
         const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, layer);
@@ -382,6 +421,45 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
         return rc;
     }
     return 1;
+}
+
+/* Under the source's lock (lock order: source, then cache). A demand
+ * acquire may have pinned the slot since it was chosen: keep it then. */
+static bool is_stale(void *ctx, void *arg, uint32_t layer, uint32_t expert)
+{
+    struct moe_expert_cache *c = ctx;
+    struct slot *s = arg;
+    (void)layer;
+    (void)expert;
+    pthread_mutex_lock(&c->mu);
+    bool stale = s->cancel_req && s->pins == 0;
+    if (!stale)
+        s->cancel_req = 0;
+    pthread_mutex_unlock(&c->mu);
+    return stale;
+}
+
+int moe_expert_cache_cancel_stale(struct moe_expert_cache *c, int cur_layer)
+{
+    int n = 0;
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_slots; i++) {
+        struct slot *s = &c->slots[i];
+        if (s->pf_inflight && s->pins == 0 && s->key >= 0 && s->key / c->n_expert <= cur_layer) {
+            s->cancel_req = 1;
+            n++;
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+    if (n == 0)
+        return 0;
+    int done = (int)moe_expert_src_cancel_prefetches(c->src, is_stale, c);
+    /* the rest had started: they complete normally */
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; i < c->n_slots; i++)
+        c->slots[i].cancel_req = 0;
+    pthread_mutex_unlock(&c->mu);
+    return done;
 }
 
 int moe_expert_cache_wait_slot(struct moe_expert_cache *c)

@@ -32,6 +32,7 @@ struct moe_cache_stats {
     uint64_t bytes_loaded;
     double stall_s;                 /* time the engine spent waiting for loads */
     uint64_t prefetch_issued, prefetch_used, prefetch_wasted, prefetch_dropped;
+    uint64_t prefetch_cancelled;    /* queued prefetches dropped as stale before they started */
     uint64_t host_hits, host_inserts;  /* host-RAM tier below the slots */
     int n_slots;
     size_t slot_bytes;
@@ -70,6 +71,12 @@ void moe_expert_cache_release(struct moe_expert_cache *c, int layer, int expert)
  * unpinned): for a caller whose acquire got -EAGAIN while only prefetches
  * were in flight. Returns -EAGAIN at once if every slot is pinned (waiting
  * could not help). */
+/* Cancels queued prefetches that have not started, nobody pinned, and whose
+ * layer is cur_layer or earlier (the engine is past them: the prediction was
+ * wrong). A prefetch pinned by a demand acquire meanwhile is re-issued as an
+ * urgent load instead. Returns how many were cancelled. */
+int moe_expert_cache_cancel_stale(struct moe_expert_cache *c, int cur_layer);
+
 int moe_expert_cache_wait_slot(struct moe_expert_cache *c);
 
 /* Starts a low-priority load of (layer, expert), unpinned, if it is not

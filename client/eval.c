@@ -577,7 +577,8 @@ static int eval_or_run(int argc, char **argv, int mode)
             fprintf(stderr, "{\"cache_slots\": %d, \"slot_bytes\": %zu, \"hits\": %llu, \"misses\": %llu,"
                     " \"hit_rate\": %.4f, \"evictions\": %llu, \"bytes_loaded\": %llu, \"stall_s\": %.6f,"
                     " \"load_errors\": %llu, \"prefetch_issued\": %llu, \"prefetch_used\": %llu,"
-                    " \"prefetch_wasted\": %llu, \"prefetch_dropped\": %llu, \"host_hits\": %llu,"
+                    " \"prefetch_wasted\": %llu, \"prefetch_dropped\": %llu, \"prefetch_cancelled\": %llu,"
+                    " \"host_hits\": %llu,"
                     " \"host_inserts\": %llu}\n", cs.n_slots, cs.slot_bytes,
                     (unsigned long long)cs.hits,
                     (unsigned long long)cs.misses,
@@ -585,7 +586,8 @@ static int eval_or_run(int argc, char **argv, int mode)
                     (unsigned long long)cs.evictions, (unsigned long long)cs.bytes_loaded, cs.stall_s,
                     (unsigned long long)cs.loads_failed, (unsigned long long)cs.prefetch_issued,
                     (unsigned long long)cs.prefetch_used, (unsigned long long)cs.prefetch_wasted,
-                    (unsigned long long)cs.prefetch_dropped, (unsigned long long)cs.host_hits,
+                    (unsigned long long)cs.prefetch_dropped, (unsigned long long)cs.prefetch_cancelled,
+                    (unsigned long long)cs.host_hits,
                     (unsigned long long)cs.host_inserts);
         uint64_t pf_on = 0, pf_off = 0;
         if (moe_model_prefetch_steps(m, &pf_on, &pf_off))

@@ -824,7 +824,9 @@ static json_t *stats_json(struct server *s)
                               "prefetch", "issued", (json_int_t)cs.prefetch_issued,
                               "used", (json_int_t)cs.prefetch_used,
                               "wasted", (json_int_t)cs.prefetch_wasted,
-                              "cancelled", (json_int_t)cs.prefetch_dropped);
+                              "cancelled", (json_int_t)cs.prefetch_cancelled);
+        json_object_set_new(json_object_get(c, "prefetch"), "dropped",
+                            json_integer((json_int_t)cs.prefetch_dropped));
         uint64_t lh[1024], lm[1024];
         int nl = moe_model_cache_layer_stats(m, lh, lm, 1024);
         json_t *layers = json_array();
@@ -919,8 +921,9 @@ static void handle_metrics(struct conn *c)
              "moed_expert_prefetch_total{outcome=\"issued\"} %llu\n"
              "moed_expert_prefetch_total{outcome=\"used\"} %llu\n"
              "moed_expert_prefetch_total{outcome=\"wasted\"} %llu\n"
-             "moed_expert_prefetch_total{outcome=\"cancelled\"} %llu\n",
-             JI(pf, "issued"), JI(pf, "used"), JI(pf, "wasted"), JI(pf, "cancelled"));
+             "moed_expert_prefetch_total{outcome=\"cancelled\"} %llu\n"
+             "moed_expert_prefetch_total{outcome=\"dropped\"} %llu\n",
+             JI(pf, "issued"), JI(pf, "used"), JI(pf, "wasted"), JI(pf, "cancelled"), JI(pf, "dropped"));
         json_t *layers = json_object_get(ec, "layers");
         EMIT("# HELP moed_expert_layer_hits_total Device-tier expert hits per layer.\n"
              "# TYPE moed_expert_layer_hits_total counter\n");

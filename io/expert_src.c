@@ -483,6 +483,43 @@ int moe_expert_src_load(struct moe_expert_src *s, uint32_t layer, uint32_t exper
     return 0;
 }
 
+unsigned moe_expert_src_cancel_prefetches(struct moe_expert_src *s,
+                                          bool (*stale)(void *ctx, void *arg, uint32_t layer,
+                                                        uint32_t expert),
+                                          void *ctx)
+{
+    struct lreq *gone = NULL;
+    unsigned n = 0;
+    pthread_mutex_lock(&s->mu);
+    struct lreq **pp = &s->prefetch.head, *prev = NULL;
+    while (*pp) {
+        struct lreq *r = *pp;
+        if (stale(ctx, r->arg, r->layer, r->expert)) {
+            *pp = r->next;
+            if (s->prefetch.tail == r)
+                s->prefetch.tail = prev;
+            r->next = gone;
+            gone = r;
+            n++;
+            continue;
+        }
+        prev = r;
+        pp = &r->next;
+    }
+    pthread_mutex_unlock(&s->mu);
+    while (gone) {
+        struct lreq *r = gone;
+        gone = r->next;
+        struct moe_diag d = { 0 };
+        moe_diag_set(&d, -ECANCELED, "%s: expert (layer %u, expert %u): prefetch cancelled", s->path,
+                     r->layer, r->expert);
+        s->st_cancel++;
+        r->cb(r->arg, r->layer, r->expert, -ECANCELED, &d);
+        moe_free(r);
+    }
+    return n;
+}
+
 struct waiter {
     pthread_mutex_t mu;
     pthread_cond_t cv;

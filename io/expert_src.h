@@ -93,6 +93,16 @@ int moe_expert_src_load(struct moe_expert_src *s, uint32_t layer, uint32_t exper
                         size_t dst_size, unsigned flags, moe_expert_done_fn cb, void *arg,
                         struct moe_diag *diag);
 
+/* Cancels queued prefetches (MOE_LOAD_PREFETCH loads not started yet) for
+ * which stale(ctx, arg, layer, expert) returns true (arg: the load's
+ * callback argument). Their callbacks run in the calling thread with
+ * -ECANCELED before this returns. Returns how many were cancelled. The stale
+ * function runs under the source's lock: it must not call into the source. */
+unsigned moe_expert_src_cancel_prefetches(struct moe_expert_src *s,
+                                          bool (*stale)(void *ctx, void *arg, uint32_t layer,
+                                                        uint32_t expert),
+                                          void *ctx);
+
 /* Blocking convenience: load and wait. */
 int moe_expert_src_load_sync(struct moe_expert_src *s, uint32_t layer, uint32_t expert,
                              void *dst, size_t dst_size, struct moe_diag *diag);

@@ -1245,6 +1245,7 @@ static int experts_cached(struct moe_model *m, int il, int64_t n)
     int remaining = np, rc = 0;
     struct moe_diag d = { 0 };
     int32_t wl[1024], we[1024], wi[1024];
+    bool swept = m->prefetch_depth == 0;
     while (remaining > 0 && rc == 0) {
         for (int j = 0; j < np && rc == 0; j++) {
             if (m->pend_state[j] != TODO)
@@ -1268,6 +1269,12 @@ static int experts_cached(struct moe_model *m, int il, int64_t n)
         }
         if (rc != 0 || remaining == 0)
             break;
+        if (!swept) {
+            /* this layer's experts are pinned: queued prefetches for it (or
+             * earlier layers) that nobody pinned were wrong predictions */
+            moe_expert_cache_cancel_stale(m->cache, il);
+            swept = true;
+        }
         int nw = 0;
         for (int j = 0; j < np; j++)
             if (m->pend_state[j] == LOADING) {

@@ -1,5 +1,6 @@
 /* The expert cache's invariants under random load (shared/RELIABILITY.md
- * row 20): random sequences of acquire / wait / release over random budgets,
+ * row 20): random sequences of acquire / wait / release / prefetch /
+ * cancel-stale (and so evictions) over random budgets,
  * checked against a simple model of what is pinned. A pinned expert's bytes
  * never change while pinned (it is never evicted or overwritten), every
  * ready expert holds exactly its own bytes (no completion lands in a reused
@@ -47,7 +48,7 @@ static void run(int use_pread)
     struct moe_backend *be;
     CHECK(moe_backend_cpu_create(&be, 1, &d) == 0);
     unsigned seed = 1234u + (unsigned)use_pread;
-    long ops = 0, again = 0, waits = 0;
+    long ops = 0, again = 0, waits = 0, prefetches = 0, cancels = 0;
     for (int round = 0; round < 12; round++) {
         const int n_slots = 1 + (int)(rand_r(&seed) % 10);
         struct moe_expert_cache *c;
@@ -56,15 +57,27 @@ static void run(int use_pread)
         int pins[MAXK] = { 0 }, loading[MAXK] = { 0 }, n_pinned_keys = 0;
         const uint8_t *ptr[MAXK] = { 0 };
         for (int step = 0; step < 400; step++, ops++) {
-            const int k = (int)(rand_r(&seed) % (unsigned)(L * E)), op = (int)(rand_r(&seed) % 10);
+            const int k = (int)(rand_r(&seed) % (unsigned)(L * E)), op = (int)(rand_r(&seed) % 12);
+            if (op == 10) { /* prefetch: never evicts a pinned expert */
+                int r = moe_expert_cache_prefetch(c, k / E, k % E, step, 1 + (int)(rand_r(&seed) % 3));
+                CHECK_MSG(r >= 0, "prefetch: %d", r);
+                prefetches += r == 1;
+                continue;
+            }
+            if (op == 11) { /* drop stale queued prefetches */
+                cancels += moe_expert_cache_cancel_stale(c, (int)(rand_r(&seed) % (unsigned)L));
+                continue;
+            }
             if (op < 5) { /* acquire */
                 const uint8_t *data = NULL;
                 int r = moe_expert_cache_acquire(c, k / E, k % E, step, &data, &d);
                 if (r == -EAGAIN) {
                     again++;
-                    /* only when every slot is held by a pinned expert */
-                    CHECK_MSG(n_pinned_keys >= n_slots, "EAGAIN with %d of %d slots pinned",
-                              n_pinned_keys, n_slots);
+                    /* only when every slot is held by a pinned expert, or by a
+                     * prefetch in flight (at most a quarter of the slots) */
+                    const int pf_share = n_slots / 4 > 0 ? n_slots / 4 : 1;
+                    CHECK_MSG(n_pinned_keys >= n_slots - pf_share, "EAGAIN with %d of %d slots"
+                              " pinned", n_pinned_keys, n_slots);
                     continue;
                 }
                 CHECK_MSG(r == 0 || r == 1, "acquire: %d %s", r, d.msg);
@@ -133,7 +146,8 @@ static void run(int use_pread)
         CHECK(st.loads_failed == 0);
         moe_expert_cache_destroy(c);
     }
-    printf("  %ld operations (%ld waits, %ld EAGAIN) over 12 random budgets\n", ops, waits, again);
+    printf("  %ld operations (%ld waits, %ld EAGAIN, %ld prefetches, %ld cancelled) over 12 random"
+           " budgets\n", ops, waits, again, prefetches, cancels);
     for (int k = 0; k < L * E; k++)
         free(ref[k]);
     moe_backend_destroy(be);
