@@ -13,14 +13,13 @@
 #include "cache/expert_cache.h"
 #include "common/alloc.h"
 #include "daemon/log.h"
+#include "daemon/request.h"
 #include "daemon/server.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
 
 enum { EP_NONE = 0, EP_COMPLETIONS, EP_CHAT };
 
-#define MAX_STOP_LEN 256
-#define MAX_MESSAGES 4096
 
 /* ---- JSON helpers ---------------------------------------------------- */
 
@@ -76,338 +75,6 @@ static void bad(struct conn *c, const char *param, const char *fmt, const char *
 {
     conn_send_error(c, 400, "invalid_request_error", param, fmt, a);
     conn_response_done(c);
-}
-
-/* ---- request fields -------------------------------------------------- */
-
-struct fields {
-    struct moed_req *r;
-    char err[512];
-    const char *err_param;
-};
-
-static bool get_number(struct fields *f, json_t *root, const char *key, double lo, double hi,
-                       double *out)
-{
-    json_t *v = json_object_get(root, key);
-    if (v == NULL || json_is_null(v))
-        return true;
-    if (!json_is_number(v)) {
-        snprintf(f->err, sizeof(f->err), "'%s' must be a number", key);
-        f->err_param = key;
-        return false;
-    }
-    double x = json_number_value(v);
-    if (!(x >= lo && x <= hi)) {
-        snprintf(f->err, sizeof(f->err), "'%s' is %g, expected %g..%g", key, x, lo, hi);
-        f->err_param = key;
-        return false;
-    }
-    *out = x;
-    return true;
-}
-
-static bool get_int(struct fields *f, json_t *root, const char *key, long long lo, long long hi,
-                    long long *out)
-{
-    json_t *v = json_object_get(root, key);
-    if (v == NULL || json_is_null(v))
-        return true;
-    if (!json_is_integer(v)) {
-        snprintf(f->err, sizeof(f->err), "'%s' must be an integer", key);
-        f->err_param = key;
-        return false;
-    }
-    long long x = json_integer_value(v);
-    if (x < lo || x > hi) {
-        snprintf(f->err, sizeof(f->err), "'%s' is %lld, expected %lld..%lld", key, x, lo, hi);
-        f->err_param = key;
-        return false;
-    }
-    *out = x;
-    return true;
-}
-
-static bool get_bool(struct fields *f, json_t *root, const char *key, bool *out)
-{
-    json_t *v = json_object_get(root, key);
-    if (v == NULL || json_is_null(v))
-        return true;
-    if (!json_is_boolean(v)) {
-        snprintf(f->err, sizeof(f->err), "'%s' must be true or false", key);
-        f->err_param = key;
-        return false;
-    }
-    *out = json_is_true(v);
-    return true;
-}
-
-static bool fail(struct fields *f, const char *param, const char *msg)
-{
-    snprintf(f->err, sizeof(f->err), "%s", msg);
-    f->err_param = param;
-    return false;
-}
-
-/* Sampling and output fields shared by completions and chat. */
-static bool parse_common(struct fields *f, json_t *root, bool chat, const struct moed_config *cfg,
-                         int n_ctx)
-{
-    struct moed_req *r = f->r;
-    moe_sampler_defaults(&r->sp);
-    r->sp.temperature = 1.0f;     /* OpenAI's default */
-    r->sp.top_k = 0;
-    r->sp.top_p = 1.0f;
-    r->sp.min_p = 0.0f;
-    double x;
-    long long n;
-    bool b = false;
-    x = r->sp.temperature;
-    if (!get_number(f, root, "temperature", 0, 2, &x))
-        return false;
-    r->sp.temperature = (float)x;
-    x = r->sp.top_p;
-    if (!get_number(f, root, "top_p", 0, 1, &x))
-        return false;
-    r->sp.top_p = x <= 0 ? 1e-9f : (float)x;
-    x = r->sp.min_p;
-    if (!get_number(f, root, "min_p", 0, 1, &x))
-        return false;
-    r->sp.min_p = (float)x;
-    n = r->sp.top_k;
-    if (!get_int(f, root, "top_k", -1, 1 << 20, &n))
-        return false;
-    r->sp.top_k = n < 0 ? 0 : (int)n;
-    x = r->sp.repeat_penalty;
-    if (!get_number(f, root, "repeat_penalty", 0.01, 10, &x))
-        return false;
-    r->sp.repeat_penalty = (float)x;
-    n = (long long)(time(NULL) ^ (long long)r->id * 0x9E3779B97F4A7C15ull);
-    if (!get_int(f, root, "seed", INT64_MIN, INT64_MAX, &n))
-        return false;
-    r->sp.seed = (uint64_t)n;
-    n = 1;
-    if (!get_int(f, root, "n", 1, 1, &n))
-        return fail(f, "n", "'n': only 1 choice per request is supported");
-    r->max_tokens = cfg->max_tokens_default;
-    n = r->max_tokens;
-    if (!get_int(f, root, "max_tokens", 1, n_ctx, &n))
-        return false;
-    if (chat && !get_int(f, root, "max_completion_tokens", 1, n_ctx, &n))
-        return false;
-    r->max_tokens = (int)n;
-    if (!get_bool(f, root, "stream", &b))
-        return false;
-    r->stream = b;
-    json_t *st = json_object_get(root, "stop");
-    if (st && !json_is_null(st)) {
-        json_t *one = json_is_string(st) ? st : NULL;
-        size_t cnt = one ? 1 : json_is_array(st) ? json_array_size(st) : (size_t)-1;
-        if (cnt == (size_t)-1)
-            return fail(f, "stop", "'stop' must be a string or an array of strings");
-        if (cnt > MOED_MAX_STOP)
-            return fail(f, "stop", "'stop': at most 8 strings");
-        for (size_t i = 0; i < cnt; i++) {
-            json_t *s = one ? one : json_array_get(st, i);
-            if (!json_is_string(s))
-                return fail(f, "stop", "'stop' must be a string or an array of strings");
-            size_t len = json_string_length(s);
-            if (len == 0 || len > MAX_STOP_LEN)
-                return fail(f, "stop", "'stop': each string must be 1..256 bytes");
-            if (memchr(json_string_value(s), '\0', len))
-                return fail(f, "stop", "'stop': strings must not contain NUL");
-            r->stop[r->n_stop] = strdup(json_string_value(s));
-            if (r->stop[r->n_stop] == NULL)
-                return fail(f, "stop", "out of memory");
-            r->n_stop++;
-        }
-    }
-    if (chat) {
-        bool lp = false;
-        if (!get_bool(f, root, "logprobs", &lp))
-            return false;
-        n = 0;
-        if (!get_int(f, root, "top_logprobs", 0, 20, &n))
-            return false;
-        if (n > 0 && !lp)
-            return fail(f, "top_logprobs", "'top_logprobs' needs 'logprobs': true");
-        r->logprobs = lp ? (int)n : -1;
-    } else {
-        n = -1;
-        json_t *v = json_object_get(root, "logprobs");
-        if (v && json_is_boolean(v))
-            return fail(f, "logprobs", "'logprobs' must be an integer 0..5 (completions)");
-        if (!get_int(f, root, "logprobs", 0, 5, &n))
-            return false;
-        r->logprobs = (int)n;
-    }
-    struct moe_diag d = { 0 };
-    if (moe_sampler_params_check(&r->sp, &d) != 0)
-        return fail(f, NULL, d.msg);
-    return true;
-}
-
-static bool tokenize_into(struct fields *f, const struct moe_tokenizer *tok, const char *text,
-                          size_t len, bool parse_special, const char *param)
-{
-    struct moed_req *r = f->r;
-    size_t need = 0;
-    int rc = moe_tokenize(tok, text, len, true, parse_special, NULL, 0, &need);
-    if (rc == 0 || rc == -ENOSPC) {
-        r->prompt = malloc((need ? need : 1) * sizeof(int32_t));
-        rc = r->prompt ? moe_tokenize(tok, text, len, true, parse_special, r->prompt, need, &need)
-                       : -ENOMEM;
-    }
-    if (rc) {
-        snprintf(f->err, sizeof(f->err), "'%s': cannot tokenize: %s", param, moe_strerror(rc));
-        f->err_param = param;
-        return false;
-    }
-    r->n_prompt = (int)need;
-    return true;
-}
-
-static bool parse_prompt(struct fields *f, json_t *root, struct moed_engine *e)
-{
-    json_t *p = json_object_get(root, "prompt");
-    if (p == NULL)
-        return fail(f, "prompt", "'prompt' is required");
-    if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
-        p = json_array_get(p, 0);
-    if (json_is_string(p))
-        return tokenize_into(f, moed_engine_tokenizer(e), json_string_value(p), json_string_length(p),
-                             false, "prompt");
-    if (!json_is_array(p) || json_array_size(p) == 0)
-        return fail(f, "prompt", "'prompt' must be a string or a non-empty array of token ids");
-    const size_t n = json_array_size(p);
-    if (n > (size_t)moed_engine_n_ctx(e))
-        return fail(f, "prompt", "'prompt' has more tokens than the context");
-    f->r->prompt = malloc(n * sizeof(int32_t));
-    if (f->r->prompt == NULL)
-        return fail(f, "prompt", "out of memory");
-    const int V = moed_engine_n_vocab(e);
-    for (size_t i = 0; i < n; i++) {
-        json_t *t = json_array_get(p, i);
-        if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) >= V) {
-            snprintf(f->err, sizeof(f->err), "'prompt'[%zu]: expected a token id 0..%d (one prompt"
-                     " per request)", i, V - 1);
-            f->err_param = "prompt";
-            return false;
-        }
-        f->r->prompt[i] = (int32_t)json_integer_value(t);
-    }
-    f->r->n_prompt = (int)n;
-    return true;
-}
-
-static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e)
-{
-    json_t *ms = json_object_get(root, "messages");
-    if (!json_is_array(ms) || json_array_size(ms) == 0)
-        return fail(f, "messages", "'messages' must be a non-empty array");
-    const size_t n = json_array_size(ms);
-    if (n > MAX_MESSAGES)
-        return fail(f, "messages", "'messages': too many messages");
-    enum moe_chat_template tpl;
-    const char *eos = NULL;
-    if (!moed_engine_chat_template(e, &tpl, &eos))
-        return fail(f, "messages", "this model has no chat template moed knows; set chat_template"
-                    " in the config, or use /v1/completions");
-    struct moe_chat_msg *msgs = calloc(n, sizeof(*msgs));
-    char **owned = calloc(n, sizeof(char *));
-    bool ok = msgs && owned;
-    if (!ok)
-        fail(f, "messages", "out of memory");
-    for (size_t i = 0; ok && i < n; i++) {
-        json_t *m = json_array_get(ms, i);
-        json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
-        if (!json_is_object(m) || !json_is_string(role)) {
-            snprintf(f->err, sizeof(f->err), "'messages'[%zu]: expected an object with a string"
-                     " 'role'", i);
-            f->err_param = "messages";
-            ok = false;
-            break;
-        }
-        const char *rv = json_string_value(role);
-        if (strcmp(rv, "system") && strcmp(rv, "user") && strcmp(rv, "assistant") &&
-            strcmp(rv, "developer") && strcmp(rv, "tool")) {
-            snprintf(f->err, sizeof(f->err), "'messages'[%zu].role: '%.32s' is not system, user,"
-                     " assistant, developer or tool", i, rv);
-            f->err_param = "messages";
-            ok = false;
-            break;
-        }
-        msgs[i].role = strcmp(rv, "developer") == 0 ? "system" : rv;
-        if (json_is_string(content)) {
-            if (memchr(json_string_value(content), '\0', json_string_length(content))) {
-                snprintf(f->err, sizeof(f->err), "'messages'[%zu].content contains NUL", i);
-                f->err_param = "messages";
-                ok = false;
-                break;
-            }
-            msgs[i].content = json_string_value(content);
-        } else if (content == NULL || json_is_null(content)) {
-            msgs[i].content = "";
-        } else if (json_is_array(content)) {
-            /* text parts, concatenated */
-            size_t total = 0;
-            for (size_t k = 0; k < json_array_size(content); k++) {
-                json_t *part = json_array_get(content, k);
-                json_t *ty = json_object_get(part, "type"), *tx = json_object_get(part, "text");
-                if (!json_is_string(ty) || strcmp(json_string_value(ty), "text") != 0 ||
-                    !json_is_string(tx)) {
-                    snprintf(f->err, sizeof(f->err), "'messages'[%zu].content[%zu]: only"
-                             " {\"type\": \"text\", \"text\": ...} parts are supported", i, k);
-                    f->err_param = "messages";
-                    ok = false;
-                    break;
-                }
-                total += json_string_length(tx);
-            }
-            if (!ok)
-                break;
-            owned[i] = malloc(total + 1);
-            if (owned[i] == NULL) {
-                ok = fail(f, "messages", "out of memory");
-                break;
-            }
-            size_t o = 0;
-            for (size_t k = 0; k < json_array_size(content); k++) {
-                json_t *tx = json_object_get(json_array_get(content, k), "text");
-                memcpy(owned[i] + o, json_string_value(tx), json_string_length(tx));
-                o += json_string_length(tx);
-            }
-            owned[i][o] = '\0';
-            if (strlen(owned[i]) != o) {
-                snprintf(f->err, sizeof(f->err), "'messages'[%zu].content contains NUL", i);
-                f->err_param = "messages";
-                ok = false;
-                break;
-            }
-            msgs[i].content = owned[i];
-        } else {
-            snprintf(f->err, sizeof(f->err), "'messages'[%zu].content must be a string or an array"
-                     " of text parts", i);
-            f->err_param = "messages";
-            ok = false;
-            break;
-        }
-    }
-    char *text = NULL;
-    size_t len = 0;
-    if (ok) {
-        struct moe_diag d = { 0 };
-        if (moe_chat_template_apply(tpl, msgs, n, true, eos, &text, &len, &d) != 0)
-            ok = fail(f, "messages", d.msg);
-    }
-    if (ok)
-        ok = tokenize_into(f, moed_engine_tokenizer(e), text, len, true, "messages");
-    moe_free(text);
-    for (size_t i = 0; owned && i < n; i++)
-        free(owned[i]);
-    free(owned);
-    free(msgs);
-    return ok;
 }
 
 /* ---- generation ------------------------------------------------------ */
@@ -648,27 +315,15 @@ static void handle_generate(struct conn *c, const char *body, size_t len, bool c
     }
     r->id = ++s->next_req_id;
     r->chat = chat;
-    struct fields f = { .r = r };
-    const int n_ctx = moed_engine_n_ctx(s->eng);
-    bool ok = parse_common(&f, root, chat, &s->cfg, n_ctx) &&
-              (chat ? parse_messages(&f, root, s->eng) : parse_prompt(&f, root, s->eng));
+    struct moed_parse_error pe;
+    bool ok = moed_parse_generate(s->eng, &s->cfg, root, chat, r, &pe);
     json_decref(root);
-    if (ok && r->n_prompt == 0)
-        ok = fail(&f, chat ? "messages" : "prompt", "the prompt gives no tokens");
-    if (ok && r->n_prompt >= n_ctx) {
-        snprintf(f.err, sizeof(f.err), "the prompt is %d tokens; the context is %d (ctx_size)",
-                 r->n_prompt, n_ctx);
-        f.err_param = chat ? "messages" : "prompt";
-        ok = false;
-    }
     if (!ok) {
-        conn_send_error(c, 400, "invalid_request_error", f.err_param, "%s", f.err);
+        conn_send_error(c, 400, "invalid_request_error", pe.param, "%s", pe.msg);
         conn_response_done(c);
         moed_req_unref(r);
         return;
     }
-    if (r->max_tokens > n_ctx - r->n_prompt)
-        r->max_tokens = n_ctx - r->n_prompt;
     r->t_submit = moed_now();
     if (s->cfg.request_timeout_s > 0)
         r->deadline = r->t_submit + s->cfg.request_timeout_s;
@@ -705,10 +360,10 @@ static void handle_tokenize(struct conn *c, const char *body, size_t len)
         conn_send_error(c, 400, "invalid_request_error", "content", "'content' must be a string");
     } else {
         bool add_special = false, parse_special = false;
-        struct fields f = { 0 };
-        if (!get_bool(&f, root, "add_special", &add_special) ||
-            !get_bool(&f, root, "parse_special", &parse_special)) {
-            conn_send_error(c, 400, "invalid_request_error", f.err_param, "%s", f.err);
+        struct moed_parse_error pe;
+        if (!moed_get_bool(root, "add_special", &add_special, &pe) ||
+            !moed_get_bool(root, "parse_special", &parse_special, &pe)) {
+            conn_send_error(c, 400, "invalid_request_error", pe.param, "%s", pe.msg);
         } else {
             const struct moe_tokenizer *tok = moed_engine_tokenizer(c->srv->eng);
             size_t need = 0;

@@ -1,0 +1,80 @@
+/* Fuzz entry for the daemon's request parser (daemon/request.c): any bytes
+ * as the body of /v1/completions and of /v1/chat/completions. The parser must
+ * never crash or over-read, and what it accepts must be runnable: a prompt of
+ * 1..ctx-1 valid token ids, max_tokens within what the context leaves, at
+ * most 8 stop strings. Model: MOE_FUZZ_MODEL, else shared/ref's
+ * tiny-mixtral-Q4_0 under MOE_REF_DIR (the engine is loaded once, its thread
+ * never started). */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/config.h"
+#include "daemon/engine.h"
+#include "daemon/request.h"
+
+static struct moed_engine *eng;
+static struct moed_config cfg;
+static int loaded;
+
+static void no_notify(void *ud) { (void)ud; }
+
+static void load_once(void)
+{
+    if (loaded)
+        return;
+    loaded = 1;
+    moed_config_defaults(&cfg);
+    const char *m = getenv("MOE_FUZZ_MODEL"), *ref = getenv("MOE_REF_DIR");
+    if (m)
+        snprintf(cfg.model, sizeof(cfg.model), "%s", m);
+    else if (ref)
+        snprintf(cfg.model, sizeof(cfg.model), "%s/models/tiny-mixtral-Q4_0.gguf", ref);
+    else
+        return;
+    strcpy(cfg.chat_template, "chatml");
+    cfg.max_seqs = 1;
+    cfg.ctx_size = 256;
+    cfg.threads = 1;
+    struct moe_diag d = { 0 };
+    if (moed_engine_create(&eng, &cfg, no_notify, NULL, &d) != 0) {
+        fprintf(stderr, "fuzz_request: %s\n", d.msg);
+        abort();
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    load_once();
+    if (eng == NULL)
+        return 0;
+    json_error_t jerr;
+    json_t *root = json_loadb((const char *)data, size, JSON_REJECT_DUPLICATES, &jerr);
+    if (root == NULL)
+        return 0;
+    const int n_ctx = moed_engine_n_ctx(eng), V = moed_engine_n_vocab(eng);
+    for (int chat = 0; chat < 2; chat++) {
+        struct moed_req *r = moed_req_new();
+        if (r == NULL)
+            break;
+        struct moed_parse_error pe;
+        if (moed_parse_generate(eng, &cfg, root, chat, r, &pe)) {
+            if (r->n_prompt < 1 || r->n_prompt >= n_ctx || r->max_tokens < 1 ||
+                r->n_prompt + r->max_tokens > n_ctx || r->n_stop > MOED_MAX_STOP ||
+                r->logprobs > MOED_MAX_TOP_LOGPROBS)
+                abort();
+            for (int i = 0; i < r->n_prompt; i++)
+                if (r->prompt[i] < 0 || r->prompt[i] >= V)
+                    abort();
+            for (int i = 0; i < r->n_stop; i++)
+                if (r->stop[i] == NULL || r->stop[i][0] == '\0')
+                    abort();
+        } else if (pe.msg[0] == '\0') {
+            abort();   /* every refusal says why */
+        }
+        moed_req_unref(r);
+    }
+    json_decref(root);
+    return 0;
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Issue 6's target: with prefetch on, time per decode token within 1.5x of
+max(compute time per token, expert bytes missed per token / disk rate).
+
+All three are measured in the same run on the same machine:
+  - disk rate: fio, O_DIRECT io_uring random reads of the pack, 1 MiB blocks,
+    depth 16 (the reader's request size and a depth it keeps in flight);
+  - compute per token: the model decoding with every expert resident (the
+    GGUF mmapped and already in the page cache: no I/O);
+  - bytes missed per token and time per token: `moectl run --stats` from the
+    pack at each budget, decode only (a prefill-only run is subtracted).
+
+  python3 tools/bench/cache_bound.py --moectl build/client/moectl \
+      --gguf /tmp/moe-cache-bench/bench-4g.gguf --pack /tmp/moe-cache-bench/bench-4g.moe
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+
+def run(moectl, model, n, extra, threads):
+    toks = ",".join(str(100 + i) for i in range(8))
+    cmd = [moectl, "run", "--model", model, "--tokens", toks, "-n", str(n), "--threads", str(threads),
+           "--stats"] + extra
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    d = {}
+    for line in p.stderr.splitlines():
+        if line.startswith("{"):
+            d.update(json.loads(line))
+    return d
+
+
+def fio_rate(path):
+    cmd = ["fio", "--name=r", "--filename=" + path, "--rw=randread", "--bs=1M", "--iodepth=16",
+           "--ioengine=io_uring", "--direct=1", "--runtime=8", "--time_based", "--readonly",
+           "--output-format=json"]
+    j = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return j["jobs"][0]["read"]["bw_bytes"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moectl", default="build/client/moectl")
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--pack", required=True)
+    ap.add_argument("--experts", type=int, default=128, help="experts in the model (layers x experts)")
+    ap.add_argument("--budgets", default="12.5,25,50")
+    ap.add_argument("--modes", default="none,gate,history")
+    ap.add_argument("--tokens", type=int, default=49)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    disk = fio_rate(a.pack)
+    run(a.moectl, a.gguf, 2, [], a.threads)                       # warm the page cache
+    base = run(a.moectl, a.gguf, a.tokens, [], a.threads)
+    compute = 1.0 / base["decode_tok_s"]
+    print("disk %.2f GB/s (fio randread 1 MiB depth 16 O_DIRECT); compute %.3f s/token (all resident)"
+          % (disk / 1e9, compute), file=sys.stderr)
+    print("| budget | prefetch | s/token | bytes missed / token | bound s/token | ratio | hit rate |"
+          " prefetch steps on/off |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for pct in [float(x) for x in a.budgets.split(",")]:
+        slots = max(2, int(a.experts * pct / 100))
+        for mode in a.modes.split(","):
+            extra = ["--cache-experts", str(slots), "--prefetch", mode]
+            pre = run(a.moectl, a.pack, 1, extra, a.threads)
+            full = run(a.moectl, a.pack, a.tokens, extra, a.threads)
+            ntok = full["decode_tokens"]
+            missed = (full["bytes_loaded"] - pre["bytes_loaded"]) / ntok
+            spt = full["decode_s"] / ntok
+            bound = max(compute, missed / disk)
+            steps = "%d/%d" % (full.get("prefetch_steps_on", 0), full.get("prefetch_steps_off", 0)) \
+                if mode != "none" else "-"
+            print("| %.1f%% (%d) | %s | %.3f | %.0f MB | %.3f | %.2f | %.3f | %s |" % (
+                pct, slots, mode, spt, missed / 1e6, bound, spt / bound, full["hit_rate"], steps))
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
