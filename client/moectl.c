@@ -15,7 +15,10 @@ static const struct command commands[] = {
     { "info", moectl_info_main, "describe a GGUF model: arch, sizes, cache sizing numbers" },
     { "eval", moectl_eval_main, "run tokens as one batch; write logits and expert choices" },
     { "run", moectl_run_main, "generate from token ids or a text prompt" },
-    { "chat", moectl_chat_main, "one chat turn offline (the model's chat template)" },
+    { "complete", moectl_complete_main, "moed: a completion (text from -p or stdin)" },
+    { "chat", moectl_chat_dispatch, "moed: chat (interactive, or -p); --model M: offline" },
+    { "stats", moectl_stats_main, "moed: requests, tokens and expert cache counters" },
+    { "health", moectl_health_main, "moed: is it up" },
     { "tokenize", moectl_tokenize_main, "text to token ids (one JSON array)" },
     { "detokenize", moectl_detokenize_main, "token ids to text" },
     { "pack", moectl_pack_main, "write a compressed expert store from a GGUF (--verify checks one)" },
@@ -27,7 +30,7 @@ static void usage(FILE *f)
     fprintf(f, "usage: moectl <command> [options]    (moectl <command> --help for its options)\n\n");
     for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].help);
-    fprintf(f, "\nExit codes: 0 success, 1 bad input or failure, 2 usage error.\n");
+    fprintf(f, "\nExit codes: 0 success, 1 bad input or failure, 2 usage error, 3 cannot reach moed.\n");
 }
 
 int main(int argc, char **argv)

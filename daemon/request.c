@@ -245,8 +245,8 @@ static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e
     enum moe_chat_template tpl;
     const char *eos = NULL;
     if (!moed_engine_chat_template(e, &tpl, &eos))
-        return fail(f, "messages", "this model has no chat template moed knows; set chat_template"
-                    " in the config, or use /v1/completions");
+        return fail(f, "messages", "this model has no chat template moed knows: start moed with"
+                    " --chat-template NAME (config key chat_template), or use /v1/completions");
     struct moe_chat_msg *msgs = calloc(n, sizeof(*msgs));
     char **owned = calloc(n, sizeof(char *));
     bool ok = msgs && owned;

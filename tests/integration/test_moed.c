@@ -961,6 +961,54 @@ static void test_curl(void)
     DOWN();
 }
 
+static void test_moectl_client(void)
+{
+    UP(NULL);
+    char cmd[8192], out[16384], want[4096];
+    moectl_greedy("Once upon a time", 10, false, want, sizeof(want));
+    const char *ctl = getenv("MOECTL");
+    /* the same text, plain and streamed, from -p and from stdin */
+    snprintf(cmd, sizeof(cmd), "%s complete --socket %s -p 'Once upon a time' -n 10 --temp 0", ctl, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    out[strcspn(out, "\n")] = '\0';
+    /* moectl prints the daemon's UTF-8 as is; compare through the same repair */
+    CHECK_MSG(strcmp(out, want) == 0, "complete: '%s' vs '%s'", out, want);
+    snprintf(cmd, sizeof(cmd), "printf 'Once upon a time' | %s complete --socket %s -n 10 --temp 0"
+             " --stream", ctl, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    out[strcspn(out, "\n")] = '\0';
+    CHECK_MSG(strcmp(out, want) == 0, "complete --stream: '%s' vs '%s'", out, want);
+    /* chat, one-shot, against moectl chat --model */
+    moectl_greedy("hi there", 8, true, want, sizeof(want));
+    snprintf(cmd, sizeof(cmd), "%s chat --socket %s -p 'hi there' -n 8 --temp 0", ctl, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    out[strcspn(out, "\n")] = '\0';
+    CHECK_MSG(strcmp(out, want) == 0, "chat -p: '%s' vs '%s'", out, want);
+    /* interactive: two turns from stdin */
+    snprintf(cmd, sizeof(cmd), "printf 'hello\\nagain\\n' | %s chat --socket %s -n 4 --temp 0"
+             " 2>/dev/null | wc -l", ctl, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    CHECK_INT(atoi(out), ==, 2);
+    snprintf(cmd, sizeof(cmd), "%s stats --socket %s", ctl, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    CHECK(strstr(out, "\"expert_cache\"") != NULL && strstr(out, "\"tokens_out\"") != NULL);
+    snprintf(cmd, sizeof(cmd), "%s health --socket %s", ctl, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 0);
+    CHECK(strstr(out, "\"ok\"") != NULL);
+    /* the server's error, exit 1; usage, exit 2 */
+    snprintf(cmd, sizeof(cmd), "%s complete --socket %s -p x --top-p 0.5 --seed 1 --stop zz"
+             " -n 100000 2>&1", ctl, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 1);
+    CHECK(strstr(out, "moed answered 400") != NULL && strstr(out, "max_tokens") != NULL);
+    snprintf(cmd, sizeof(cmd), "%s complete --bogus 2>&1", ctl);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 2);
+    DOWN();
+    /* no daemon: exit 3, naming the socket */
+    snprintf(cmd, sizeof(cmd), "%s health --socket %s 2>&1", ctl, sock);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 3);
+    CHECK(strstr(out, sock) != NULL && strstr(out, "is moed running?") != NULL);
+}
+
 static void test_openai_python(void)
 {
     if (system("python3 -c 'import openai' >/dev/null 2>&1") != 0)
@@ -1049,6 +1097,7 @@ int main(void)
     moe_test_run("socket mode, second daemon", test_socket_mode_and_second_daemon);
     moe_test_run("queued disconnect, queue full", test_queued_disconnect_and_queue_full);
     moe_test_run("SIGHUP", test_sighup);
+    moe_test_run("moectl complete, chat, stats, health", test_moectl_client);
     moe_test_run("curl", test_curl);
     moe_test_run("openai python", test_openai_python);
     moe_test_run("SIGTERM finishes in-flight", test_sigterm_finishes_in_flight);
