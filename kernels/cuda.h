@@ -33,6 +33,13 @@ int moe_cuda_probe(struct moe_cuda_device *out, int max, struct moe_diag *diag);
  * proves the toolchain, driver and architecture list agree. */
 int moe_cuda_selftest(int dev, struct moe_diag *diag);
 
+struct moe_backend;
+/* The CUDA backend on device `dev` (kernels/backend.h; every pointer an op
+ * takes is device memory, except those the table marks "host" and the
+ * router's gating bias, which is host memory: the top-k runs on the host).
+ * MOE_EUNSUPPORTED without CUDA or without a device. */
+int moe_backend_cuda_create(struct moe_backend **out, int dev, struct moe_diag *diag);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,4 +1,6 @@
 /* The CUDA entry points of a libmoe built without CUDA. */
+#include <stddef.h>
+
 #include "kernels/cuda.h"
 
 int moe_cuda_built(void)
@@ -16,6 +18,13 @@ int moe_cuda_probe(struct moe_cuda_device *out, int max, struct moe_diag *diag)
 
 int moe_cuda_selftest(int dev, struct moe_diag *diag)
 {
+    return moe_diag_set(diag, MOE_EUNSUPPORTED,
+                        "device %d: this build has no CUDA backend (meson -Dcuda=enabled)", dev);
+}
+
+int moe_backend_cuda_create(struct moe_backend **out, int dev, struct moe_diag *diag)
+{
+    *out = NULL;
     return moe_diag_set(diag, MOE_EUNSUPPORTED,
                         "device %d: this build has no CUDA backend (meson -Dcuda=enabled)", dev);
 }
