@@ -489,6 +489,7 @@ static json_t *stats_json(struct server *s)
             json_array_append_new(layers, json_pack("{s:I, s:I}", "hits", (json_int_t)lh[l],
                                                     "misses", (json_int_t)lm[l]));
         json_object_set_new(c, "layers", layers);
+        json_object_set_new(c, "pinned", json_integer(moe_model_cache_pinned(m)));
         json_object_set_new(o, "expert_cache", c);
     } else {
         json_object_set_new(o, "expert_cache", json_null());

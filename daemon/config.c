@@ -37,13 +37,13 @@ static const struct key keys[] = {
     { "max_seqs", K_INT, OFF(max_seqs), 0, 1, 256, false, NULL,
       "sequences decoded together (continuous batching); each has its own KV cache" },
     { "kv_f16", K_BOOL, OFF(kv_f16), 0, 0, 1, false, NULL, "f16 KV cache (default f32)" },
-    { "cache_bytes", K_SIZE, OFF(cache_bytes), 0, 0, INT64_MAX, false, NULL,
+    { "cache_bytes", K_SIZE, OFF(cache_bytes), 0, 0, (int64_t)1 << 50, false, NULL,
       "expert cache budget (e.g. 12G); 0 with cache_experts 0: every expert resident" },
     { "cache_experts", K_INT, OFF(cache_experts), 0, 0, 1 << 24, false, NULL,
       "expert cache budget in experts (instead of cache_bytes)" },
     { "cache_policy", K_ENUM, OFF(cache_policy), CAP(cache_policy), 0, 0, false, "lru|lfu|layer",
       "eviction policy of the expert cache" },
-    { "host_bytes", K_SIZE, OFF(host_bytes), 0, 0, INT64_MAX, false, NULL,
+    { "host_bytes", K_SIZE, OFF(host_bytes), 0, 0, (int64_t)1 << 50, false, NULL,
       "host-RAM tier below the expert cache (0: none)" },
     { "prefetch", K_ENUM, OFF(prefetch), CAP(prefetch), 0, 0, false, "none|gate|history",
       "expert prefetch predictor" },
@@ -69,6 +69,11 @@ static const struct key keys[] = {
       "largest request body (413 above)" },
     { "max_header_bytes", K_INT, OFF(max_header_bytes), 0, 1024, 1 << 20, true, NULL,
       "largest request line + headers (431 above)" },
+    { "max_connections", K_INT, OFF(max_connections), 0, 1, 1 << 20, true, NULL,
+      "open client connections; the next one gets 503 and is closed" },
+    { "max_output_bytes", K_SIZE, OFF(max_output_bytes), 0, 65536, (int64_t)1 << 32, true, NULL,
+      "response bytes queued for a client that does not read: its generation pauses, and it is"
+      " dropped after read_timeout_ms without progress" },
     { "read_timeout_ms", K_INT, OFF(read_timeout_ms), 0, 100, 3600000, true, NULL,
       "time to receive a whole request once it has started (408 after)" },
     { "idle_timeout_ms", K_INT, OFF(idle_timeout_ms), 0, 100, 3600000, true, NULL,
@@ -106,6 +111,8 @@ void moed_config_defaults(struct moed_config *c)
     c->max_body_bytes = 8 << 20;
     c->max_header_bytes = 16 << 10;
     c->read_timeout_ms = 30000;
+    c->max_connections = 1024;
+    c->max_output_bytes = 4 << 20;
     c->idle_timeout_ms = 60000;
     c->request_timeout_s = 0;
     c->max_tokens_default = 256;
@@ -233,29 +240,38 @@ int moed_config_set(struct moed_config *c, const char *key, const char *value, s
 
 struct ini_ctx {
     struct moed_config *c;
-    struct moe_diag *d;
-    const char *path;
     int rc;
-    int line;
+    char msg[MOE_DIAG_MSG_MAX];
 };
 
+/* Returns 0 on a bad pair: inih then reports that line as the first error. */
 static int on_ini_pair(void *user, const char *section, const char *name, const char *value)
 {
     struct ini_ctx *x = user;
     if (x->rc)
-        return 0;
+        return 1;
     if (section[0] && strcmp(section, "moed") != 0) {
-        x->rc = moe_diag_set(x->d, -EINVAL, "%s: section [%s]: only [moed] (or no section) is"
-                             " read", x->path, section);
+        x->rc = -EINVAL;
+        snprintf(x->msg, sizeof(x->msg), "section [%s]: only [moed] (or no section) is read", section);
         return 0;
     }
     struct moe_diag kd = { 0 };
     int rc = moed_config_set(x->c, name, value, &kd);
     if (rc) {
-        x->rc = moe_diag_set(x->d, rc, "%s: %s", x->path, kd.msg);
+        x->rc = rc;
+        snprintf(x->msg, sizeof(x->msg), "%s", kd.msg);
         return 0;
     }
     return 1;
+}
+
+static int ini_result(const struct ini_ctx *x, int line, const char *name, struct moe_diag *d)
+{
+    if (x->rc)
+        return moe_diag_set(d, x->rc, "%s:%d: %s", name, line, x->msg);
+    if (line != 0)
+        return moe_diag_set(d, -EINVAL, "%s:%d: not `key = value` or `[section]`", name, line);
+    return 0;
 }
 
 int moed_config_load_file(struct moed_config *c, const char *path, struct moe_diag *d)
@@ -263,14 +279,37 @@ int moed_config_load_file(struct moed_config *c, const char *path, struct moe_di
     FILE *f = fopen(path, "r");
     if (f == NULL)
         return moe_diag_set(d, -errno, "%s: %s", path, strerror(errno));
-    struct ini_ctx x = { .c = c, .d = d, .path = path };
+    struct ini_ctx x = { .c = c };
     int line = ini_parse_file(f, on_ini_pair, &x);
     fclose(f);
-    if (x.rc)
-        return x.rc;
-    if (line != 0)
-        return moe_diag_set(d, -EINVAL, "%s:%d: not `key = value` or `[section]`", path, line);
-    return 0;
+    return ini_result(&x, line, path, d);
+}
+
+int moed_config_load_string(struct moed_config *c, const char *text, const char *name,
+                            struct moe_diag *d)
+{
+    struct ini_ctx x = { .c = c };
+    int line = ini_parse_string(text, on_ini_pair, &x);
+    return ini_result(&x, line, name, d);
+}
+
+int moed_config_n_keys(void)
+{
+    return (int)N_KEYS;
+}
+
+bool moed_config_key(int i, struct moed_key_info *out)
+{
+    if (i < 0 || i >= (int)N_KEYS)
+        return false;
+    static const char kinds[] = { [K_STR] = 's', [K_INT] = 'i', [K_SIZE] = 'z', [K_BOOL] = 'b',
+                                  [K_MODE] = 'm', [K_ENUM] = 'e' };
+    out->name = keys[i].name;
+    out->kind = kinds[keys[i].kind];
+    out->min = keys[i].min;
+    out->max = keys[i].max;
+    out->runtime = keys[i].runtime;
+    return true;
 }
 
 int moed_config_from_args(struct moed_config *c, int argc, char **argv, struct moed_args *a,

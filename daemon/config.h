@@ -39,6 +39,8 @@ struct moed_config {
     int queue_size;
     int64_t max_body_bytes;
     int max_header_bytes;
+    int max_connections;
+    int64_t max_output_bytes;
     int read_timeout_ms;
     int idle_timeout_ms;
     int request_timeout_s;
@@ -56,6 +58,20 @@ int moed_config_set(struct moed_config *c, const char *key, const char *value, s
 
 /* Reads an INI file: keys at the top or in a [moed] section. */
 int moed_config_load_file(struct moed_config *c, const char *path, struct moe_diag *d);
+/* The same from text (name is used in messages). */
+int moed_config_load_string(struct moed_config *c, const char *text, const char *name,
+                            struct moe_diag *d);
+
+/* The key table, for tests and docs: index 0..n-1. kind: 's' string, 'i'
+ * int, 'z' size, 'b' bool, 'm' mode, 'e' enum. */
+struct moed_key_info {
+    const char *name;
+    char kind;
+    long long min, max;
+    bool runtime;
+};
+int moed_config_n_keys(void);
+bool moed_config_key(int i, struct moed_key_info *out);
 
 /* Command line: --config FILE is read first (wherever it appears), then the
  * other flags in order. *check_only is set by --check-config; *help and

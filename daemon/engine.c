@@ -32,6 +32,7 @@ struct moed_req *moed_req_new(void)
     r->slot = -1;
     r->logprobs = -1;
     atomic_init(&r->cancel, false);
+    atomic_init(&r->paused, false);
     return r;
 }
 
@@ -300,6 +301,13 @@ void moed_engine_cancel(struct moed_engine *e, struct moed_req *r)
     pthread_mutex_unlock(&e->mu);
 }
 
+void moed_engine_kick(struct moed_engine *e)
+{
+    pthread_mutex_lock(&e->mu);
+    pthread_cond_signal(&e->cv);
+    pthread_mutex_unlock(&e->mu);
+}
+
 void moed_engine_cancel_all(struct moed_engine *e)
 {
     pthread_mutex_lock(&e->mu);
@@ -536,7 +544,8 @@ static int start_slot(struct moed_engine *e, int si, struct moed_req *r, struct 
     return 0;
 }
 
-static void step(struct moed_engine *e)
+/* One engine step; false when every running request is paused. */
+static bool step(struct moed_engine *e)
 {
     struct moe_batch_seg segs[256];
     int owner[256];
@@ -560,7 +569,7 @@ static void step(struct moed_engine *e)
     /* decoding sequences: one token each */
     for (int i = 0; i < e->n_slots && budget > 0; i++) {
         struct moed_req *r = e->slots[i].req;
-        if (r == NULL || r->n_fed < r->n_prompt)
+        if (r == NULL || r->n_fed < r->n_prompt || atomic_load(&r->paused))
             continue;
         segs[ns] = (struct moe_batch_seg){ .seq = e->slots[i].seq, .tokens = &r->last, .n = 1,
                                            .logits = e->slots[i].logits };
@@ -586,7 +595,7 @@ static void step(struct moed_engine *e)
     }
     e->rr = (e->rr + 1) % e->n_slots;
     if (ns == 0)
-        return;
+        return false;
 
     struct moe_cache_stats c0 = { 0 }, c1 = { 0 };
     const bool cached = moe_model_cache_stats(e->model, &c0);
@@ -619,6 +628,7 @@ static void step(struct moed_engine *e)
         if (segs[j].logits)
             after_logits(e, owner[j]);
     }
+    return true;
 }
 
 static void *engine_main(void *arg)
@@ -674,7 +684,20 @@ static void *engine_main(void *arg)
         pthread_mutex_unlock(&e->mu);
         if (quit)
             break;
-        step(e);
+        if (!step(e)) {
+            /* every running request waits for its client: sleep until a
+             * kick (resume, cancel, new request) or 50 ms */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 50000000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_mutex_lock(&e->mu);
+            pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+            pthread_mutex_unlock(&e->mu);
+        }
     }
     return NULL;
 }

@@ -72,6 +72,7 @@ struct moed_req {
     struct moed_req *notify_next;
 
     atomic_bool cancel;
+    atomic_bool paused;           /* the client is not reading: skip it in steps */
 
     /* engine side only */
     int slot;                     /* sequence slot, -1 while queued */
@@ -115,6 +116,8 @@ void moed_engine_free(struct moed_engine *e);
 int moed_engine_submit(struct moed_engine *e, struct moed_req *r);
 /* Marks r cancelled; the engine frees its sequence at the next step. */
 void moed_engine_cancel(struct moed_engine *e, struct moed_req *r);
+/* Wakes the engine after a request's pause was lifted. */
+void moed_engine_kick(struct moed_engine *e);
 /* Cancels everything queued or running (shutdown after the grace period). */
 void moed_engine_cancel_all(struct moed_engine *e);
 /* Requests with news since the last call, as a list through notify_next;

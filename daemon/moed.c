@@ -1,6 +1,7 @@
 /* moed: loads a model once and serves it over a Unix socket (HTTP/1.1,
  * OpenAI-compatible API) until SIGTERM. See doc/daemon.md and
  * doc/config.md. */
+#include <dirent.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -12,6 +13,7 @@
 #include "daemon/engine.h"
 #include "daemon/log.h"
 #include "daemon/server.h"
+#include <uv.h>
 #include "model/hparams.h"
 #include "model/model.h"
 
@@ -78,6 +80,20 @@ static bool print_plan(FILE *f, const struct moed_config *cfg, struct moed_engin
     return reserved <= ram;
 }
 
+/* Open file descriptors of this process. */
+static int count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (d == NULL)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n - 1;   /* the directory's own fd */
+}
+
 int main(int argc, char **argv)
 {
     struct moed_config cfg;
@@ -103,6 +119,7 @@ int main(int argc, char **argv)
     moed_log_set_level(cfg.log_level);
     signal(SIGPIPE, SIG_IGN);   /* write errors come back as EPIPE */
 
+    const int fds0 = count_fds();
     struct server *srv = moed_server_new(&cfg, argc, argv);
     if (srv == NULL) {
         fprintf(stderr, "moed: out of memory\n");
@@ -144,5 +161,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "moed: %s\n", d.msg);
     moed_engine_free(eng);
     moed_server_free(srv);
+    uv_library_shutdown();   /* libuv's process-wide signal pipe */
+    /* everything opened since start must be closed (RELIABILITY.md row 21) */
+    const int fds1 = count_fds();
+    if (fds0 >= 0 && fds1 > fds0) {
+        LOG_E("shutdown: %d file descriptors left open (%d at start)", fds1, fds0);
+        rc = 1;
+    }
     return rc ? 1 : 0;
 }

@@ -13,7 +13,6 @@
 
 #include "daemon/log.h"
 
-#define MAX_WRITE_QUEUE (16u << 20)   /* a client that reads slower than this is dropped */
 
 static const char *status_text(int status)
 {
@@ -88,6 +87,22 @@ static void on_written(uv_write_t *w, int status)
     if ((status < 0 || wr->close_after) && !c->closing)
         conn_close(c);
     free(wr);
+    /* a paused generation resumes once the client has read half the backlog */
+    if (!c->closing && c->req && atomic_load(&c->req->paused) &&
+        uv_stream_get_write_queue_size(&c->io.s) <= (size_t)c->srv->cfg.max_output_bytes / 2) {
+        atomic_store(&c->req->paused, false);
+        uv_timer_stop(&c->timer);
+        moed_engine_kick(c->srv->eng);
+    }
+}
+
+static void on_stalled(uv_timer_t *t)
+{
+    struct conn *c = t->data;
+    LOG_I("conn %llu: client read nothing of %zu queued bytes for %d ms; dropping it",
+          (unsigned long long)c->id, uv_stream_get_write_queue_size(&c->io.s),
+          c->srv->cfg.read_timeout_ms);
+    conn_close(c);
 }
 
 static void conn_write_ex(struct conn *c, const char *a, size_t al, const char *b, size_t bl,
@@ -111,10 +126,18 @@ static void conn_write_ex(struct conn *c, const char *a, size_t al, const char *
         conn_close(c);
         return;
     }
-    if (uv_stream_get_write_queue_size(&c->io.s) > MAX_WRITE_QUEUE) {
+    const size_t queued = uv_stream_get_write_queue_size(&c->io.s);
+    const size_t cap = (size_t)c->srv->cfg.max_output_bytes;
+    if (queued > 4 * cap) {
         LOG_W("conn %llu: client is not reading (%zu bytes queued); closing",
-              (unsigned long long)c->id, uv_stream_get_write_queue_size(&c->io.s));
+              (unsigned long long)c->id, queued);
         conn_close(c);
+    } else if (queued > cap && c->req && c->streaming && !atomic_load(&c->req->paused)) {
+        /* stop generating for it; drop it if it stays stuck */
+        atomic_store(&c->req->paused, true);
+        LOG_D("conn %llu: %zu bytes queued (max_output_bytes %zu): generation paused",
+              (unsigned long long)c->id, queued, cap);
+        uv_timer_start(&c->timer, on_stalled, (uint64_t)c->srv->cfg.read_timeout_ms, 0);
     }
 }
 
@@ -538,6 +561,15 @@ static void on_connection(uv_stream_t *server, int status)
         conn_close(c);
         return;
     }
+    if (s->n_conns > s->cfg.max_connections) {
+        LOG_W("conn %llu: %d connections open (max_connections %d): 503", (unsigned long long)c->id,
+              s->n_conns - 1, s->cfg.max_connections);
+        c->keep_alive = false;
+        c->busy = true;
+        conn_send_error(c, 503, "server_error", NULL, "too many connections (max_connections %d);"
+                        " retry later", s->cfg.max_connections);
+        return;
+    }
     arm_idle(c);
     uv_read_start(&c->io.s, on_alloc, on_read);
 }
@@ -787,7 +819,11 @@ int moed_server_run(struct server *s, struct moed_engine *eng, struct moe_diag *
     close_listeners(s);
     uv_walk(s->loop, close_all, NULL);
     uv_run(s->loop, UV_RUN_DEFAULT);
-    uv_loop_close(s->loop);
+    int lc = uv_loop_close(s->loop);
+    if (lc != 0) {
+        LOG_E("shutdown: the event loop still has open handles (%s)", uv_strerror(lc));
+        return moe_diag_set(d, MOE_ELIMIT, "shutdown: event loop handles left open");
+    }
     LOG_I("stopped");
     return 0;
 }

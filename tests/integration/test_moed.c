@@ -588,6 +588,9 @@ static void test_disconnects(void)
     CHECK_STR(c.got, c.want);
     CHECK(wait_idle());
     CHECK_INT(http_stat("cancelled"), >=, cancelled0 + 2);
+    json_t *st = stats();   /* no expert stays pinned between steps */
+    CHECK_INT(json_integer_value(json_object_get(json_object_get(st, "expert_cache"), "pinned")), ==, 0);
+    json_decref(st);
     DOWN();
 }
 
@@ -739,6 +742,64 @@ static void test_keepalive_pipelined(void)
     DOWN();
 }
 
+/* RELIABILITY.md row 11: the connection cap. */
+static void test_connection_cap(void)
+{
+    const char *args[] = { "--cache-experts", "5", "--max-connections", "2", NULL };
+    UP(args);
+    /* wait_ready's connections are closed; hold two */
+    int a = connect_sock(sock), b = connect_sock(sock);
+    CHECK(a >= 0 && b >= 0);
+    usleep(100000);
+    int c = connect_sock(sock);
+    CHECK(c >= 0);
+    char *got = read_all(c, NULL);
+    close(c);
+    CHECK_MSG(strncmp(got, "HTTP/1.1 503", 12) == 0 && strstr(got, "Retry-After:") &&
+              strstr(got, "max_connections"), "third connection got '%.200s'", got);
+    free(got);
+    close(a);
+    close(b);
+    usleep(100000);
+    struct resp r;
+    CHECK(request("GET", "/health", NULL, &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    resp_free(&r);
+    DOWN();
+}
+
+/* RELIABILITY.md row 12, second half: a client that stops reading a long
+ * stream pauses its generation, then is dropped. */
+static void test_stalled_reader(void)
+{
+    const char *args[] = { "--cache-experts", "5", "--ctx-size", "4096", "--max-output-bytes", "65536",
+                           "--read-timeout-ms", "1500", "--log-level", "debug", NULL };
+    UP(args);
+    int fd = connect_sock(sock);
+    int small = 4096;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    const char *body = "{\"prompt\": \"Hello\", \"max_tokens\": 4000, \"temperature\": 0,"
+                       " \"stream\": true, \"logprobs\": 5}";
+    char req[512];
+    int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    write_all(fd, req, (size_t)n);
+    /* never read; the daemon pauses, then drops us */
+    bool paused = false, dropped = false;
+    for (int i = 0; i < 200 && !dropped; i++) {
+        usleep(50000);
+        char *t = log_text();
+        paused |= strstr(t, "generation paused") != NULL;
+        dropped = strstr(t, "dropping it") != NULL;
+        free(t);
+    }
+    close(fd);
+    CHECK_MSG(paused && dropped, "paused %d dropped %d", paused, dropped);
+    CHECK(wait_idle());
+    CHECK_INT(engine_stat("running"), ==, 0);
+    DOWN();
+}
+
 static void test_request_timeout(void)
 {
     const char *args[] = { "--cache-experts", "5", "--ctx-size", "4096", "--request-timeout-s", "1",
@@ -839,6 +900,32 @@ static void test_socket_mode_and_second_daemon(void)
     CHECK(request("GET", "/health", NULL, &r) == 0);   /* the first one is untouched */
     CHECK_INT(r.status, ==, 200);
     resp_free(&r);
+    /* another uid cannot connect (root here: a child drops to nobody) */
+    if (getuid() == 0) {
+        pid_t p2 = fork();
+        if (p2 == 0) {
+            if (setgid(65534) != 0 || setuid(65534) != 0)
+                _exit(3);
+            int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+            struct sockaddr_un a = { .sun_family = AF_UNIX };
+            snprintf(a.sun_path, sizeof(a.sun_path), "%s", sock);
+            _exit(connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0 ? 1 : errno == EACCES ? 0 : 2);
+        }
+        int st2 = 0;
+        waitpid(p2, &st2, 0);
+        CHECK_MSG(WIFEXITED(st2) && WEXITSTATUS(st2) == 0, "uid 65534: connect was not refused with"
+                  " EACCES (status %d)", WEXITSTATUS(st2));
+    } else {
+        printf("  (not root: the other-uid check is skipped)\n");
+    }
+    /* a socket path longer than a sockaddr_un holds */
+    char cmd[8192], out[4096], longp[300];
+    memset(longp, 'x', 200);
+    longp[0] = '/';
+    longp[200] = '\0';
+    snprintf(cmd, sizeof(cmd), "%s --model %s --socket %s 2>&1", getenv("MOED"), model, longp);
+    CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 2);
+    CHECK_MSG(strstr(out, "is 200 bytes, a Unix socket path has at most 107") != NULL, "%s", out);
     DOWN();
 }
 
@@ -867,8 +954,17 @@ static void test_sighup(void)
     kill(daemon_pid, SIGHUP);
     usleep(300000);
     t = log_text();
-    CHECK_MSG(strstr(t, "queue_size: 'lots' is not an integer") != NULL &&
+    CHECK_MSG(strstr(t, "moed.ini:2: queue_size: 'lots' is not an integer") != NULL &&
               strstr(t, "keeping the running configuration") != NULL, "log: %s", t);
+    free(t);
+    /* a syntax error names file:line; nothing is applied */
+    f = fopen(cfg, "w");
+    fprintf(f, "[moed]\nqueue_size = 3\nthis line is not ini\n");
+    fclose(f);
+    kill(daemon_pid, SIGHUP);
+    usleep(300000);
+    t = log_text();
+    CHECK_MSG(strstr(t, "moed.ini:3: not `key = value`") != NULL, "log: %s", t);
     free(t);
     struct resp r;
     CHECK(request("GET", "/health", NULL, &r) == 0);
@@ -1093,6 +1189,8 @@ int main(void)
     moe_test_run("slowloris", test_slowloris);
     moe_test_run("keep-alive and pipelining", test_keepalive_pipelined);
     moe_test_run("request time limit", test_request_timeout);
+    moe_test_run("connection cap", test_connection_cap);
+    moe_test_run("client that stops reading", test_stalled_reader);
     moe_test_run("mutated requests", test_mutated_requests);
     moe_test_run("socket mode, second daemon", test_socket_mode_and_second_daemon);
     moe_test_run("queued disconnect, queue full", test_queued_disconnect_and_queue_full);
