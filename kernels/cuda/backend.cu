@@ -284,7 +284,12 @@ __global__ void rope_kernel(float *x, int64_t n_tok, int n_head, int head_stride
         const int64_t th_idx = idx / half;
         const int64_t t = th_idx / n_head;
         float *v = x + th_idx * head_stride + offset;
-        const float theta = (float)pos[t] * powf(a.theta_scale, (float)p);
+        /* theta = pos * theta_scale^p by p float multiplies, as the CPU
+         * backend accumulates it (powf would differ by ulps that grow with
+         * the position) */
+        float theta = (float)pos[t];
+        for (int i = 0; i < p; i++)
+            theta *= a.theta_scale;
         float th = a.freq_scale * theta;
         if (a.ext_factor != 0.0f) {
             const float yv = ((float)p - a.corr0) / fmaxf(0.001f, a.corr1 - a.corr0);
