@@ -139,6 +139,18 @@ struct moe_backend_ops {
     int (*axpy)(struct moe_backend *be, float *y, float a, const float *x, int64_t n);
     /* y = a + b over n. y may equal a or b. */
     int (*add)(struct moe_backend *be, float *y, const float *a, const float *b, int64_t n);
+
+    /* Moves rows of `len` floats: for i < n, row di of dst (dst + di *
+     * dst_stride) = row si of src, with di = host_dst_idx ? host_dst_idx[i]
+     * : i and si likewise. Gathers, scatters and strided copies between
+     * activation buffers; rows must not overlap. */
+    int (*copy_rows)(struct moe_backend *be, float *dst, int64_t dst_stride,
+                     const int32_t *host_dst_idx, const float *src, int64_t src_stride,
+                     const int32_t *host_src_idx, int64_t n, int64_t len);
+    /* y = v over n. */
+    int (*fill)(struct moe_backend *be, float *y, float v, int64_t n);
+    /* y[r][i] *= sigmoid(g[r]) for rows of n (a gate per row). */
+    int (*gate_rows)(struct moe_backend *be, float *y, const float *g, int64_t n_rows, int64_t n);
 };
 
 struct moe_backend {

@@ -108,7 +108,8 @@ struct moe_model {
     struct layer *layers;
 
     /* scratch, sized for n_batch tokens */
-    float *x, *xn, *q, *k, *v, *att, *tmp, *logits_tmp;
+    float *x, *xn, *q, *k, *v, *att, *tmp;   /* activations: backend memory, like every
+                                              * float buffer below unless marked host */
     float *qa, *hq, *hout;               /* MLA: q_a, one head's gather/scatter rows */
     float *rlogits;
     int32_t *ids;
@@ -118,6 +119,10 @@ struct moe_model {
     struct seg *segs;                    /* [n_batch]: the sequences of this batch */
     int n_segs;
     int32_t *tok_by_expert;              /* [n_batch * k]: (token*k + slot) grouped by expert */
+    int32_t *row_idx;                    /* [n_batch * k] host: token rows of one expert's batch */
+    float *logits_dev;                   /* [logit_rows][n_vocab] backend memory */
+    int logit_rows;
+    float *pf_logits;                    /* [n_expert] backend memory (prefetch gate) */
     int32_t *expert_count, *expert_start;
     int32_t *pend_l, *pend_e, *pend_state; /* per-layer acquisition bookkeeping [n_expert] */
     int32_t step;                        /* token steps run, for the cache policy */
@@ -703,12 +708,22 @@ static int n_online_cpus(void)
     return n > 0 && n < 1024 ? (int)n : 1;
 }
 
+/* Host bookkeeping (ids, positions, lists). */
 static void *scratch(struct moe_model *m, size_t bytes, int *failed)
 {
     void *p = moe_calloc(1, bytes ? bytes : 1);
     if (p == NULL)
         *failed = 1;
     (void)m;
+    return p;
+}
+
+/* Activations: backend memory (device memory on a GPU backend). */
+static void *bscratch(struct moe_model *m, size_t bytes, int *failed)
+{
+    void *p = m->be->ops->alloc(m->be, bytes ? bytes : 1);
+    if (p == NULL)
+        *failed = 1;
     return p;
 }
 
@@ -730,31 +745,37 @@ static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
                            c->n_layer_dense_lead > 0 ? (size_t)c->n_ff : 0);
     const size_t lat = zmax((size_t)c->kv_lora_rank, zmax((size_t)c->qk_nope, (size_t)c->v_head_dim));
     int failed = 0;
-    m->x = scratch(m, B * E * F, &failed);
-    m->xn = scratch(m, B * E * F, &failed);
-    m->q = scratch(m, B * qd * F, &failed);
-    m->k = scratch(m, B * kvd * F, &failed);
-    m->v = scratch(m, B * qd * F, &failed);   /* V rows, or MLA's assembled queries */
-    m->att = scratch(m, B * ad * F, &failed);
-    m->tmp = scratch(m, B * zmax(E, ad) * F, &failed);
-    m->qa = scratch(m, B * zmax((size_t)c->q_lora_rank, 1) * F, &failed);
-    m->hq = scratch(m, B * zmax(lat, 1) * F, &failed);
-    m->hout = scratch(m, B * zmax(lat, 1) * F, &failed);
-    m->rlogits = scratch(m, B * (size_t)c->n_expert * F, &failed);
+    m->x = bscratch(m, B * E * F, &failed);
+    m->xn = bscratch(m, B * E * F, &failed);
+    m->q = bscratch(m, B * qd * F, &failed);
+    m->k = bscratch(m, B * kvd * F, &failed);
+    m->v = bscratch(m, B * qd * F, &failed);   /* V rows, or MLA's assembled queries */
+    m->att = bscratch(m, B * ad * F, &failed);
+    m->tmp = bscratch(m, B * zmax(E, ad) * F, &failed);
+    m->qa = bscratch(m, B * zmax((size_t)c->q_lora_rank, 1) * F, &failed);
+    m->hq = bscratch(m, B * zmax(lat, 1) * F, &failed);
+    m->hout = bscratch(m, B * zmax(lat, 1) * F, &failed);
+    m->rlogits = bscratch(m, B * (size_t)c->n_expert * F, &failed);
+    m->xe = bscratch(m, B * E * F, &failed);
+    m->ge = bscratch(m, B * ff * F, &failed);
+    m->ue = bscratch(m, B * ff * F, &failed);
+    m->de = bscratch(m, B * E * F, &failed);
+    m->slot_out = bscratch(m, B * K * E * F, &failed);
+    m->sh_tmp = bscratch(m, B * F, &failed);
+    /* logits: up to 64 rows at a time through the backend */
+    m->logit_rows = m->n_batch < 64 ? m->n_batch : 64;
+    m->logits_dev = bscratch(m, (size_t)m->logit_rows * (size_t)c->n_vocab * F, &failed);
+    m->pf_logits = bscratch(m, (size_t)c->n_expert * F, &failed);
+    m->pf_x = bscratch(m, E * F, &failed);
+    /* host */
     m->ids = scratch(m, B * K * sizeof(int32_t), &failed);
     m->weights = scratch(m, B * K * F, &failed);
-    m->xe = scratch(m, B * E * F, &failed);
-    m->ge = scratch(m, B * ff * F, &failed);
-    m->ue = scratch(m, B * ff * F, &failed);
-    m->de = scratch(m, B * E * F, &failed);
-    m->slot_out = scratch(m, B * K * E * F, &failed);
-    m->sh_tmp = scratch(m, B * F, &failed);
     m->pos = scratch(m, B * sizeof(int32_t), &failed);
     m->segs = scratch(m, B * sizeof(struct seg), &failed);
     m->tok_by_expert = scratch(m, B * K * sizeof(int32_t), &failed);
+    m->row_idx = scratch(m, B * K * sizeof(int32_t), &failed);
     m->expert_count = scratch(m, (size_t)c->n_expert * sizeof(int32_t), &failed);
     m->expert_start = scratch(m, (size_t)c->n_expert * sizeof(int32_t), &failed);
-    m->logits_tmp = scratch(m, (size_t)c->n_vocab * F, &failed);
     if (failed)
         return moe_diag_set(diag, -ENOMEM, "out of memory allocating scratch for %d tokens",
                             m->n_batch);
@@ -825,11 +846,10 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
         m->pf_phase = 0;
         m->pf_left = PF_PROBE;
     }
-    m->pf_x = moe_malloc((size_t)c->n_embd * sizeof(float));
     m->pend_l = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
     m->pend_e = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
     m->pend_state = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
-    if (!m->pend_l || !m->pend_e || !m->pend_state || !m->pf_x)
+    if (!m->pend_l || !m->pend_e || !m->pend_state)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     int rc = moe_expert_cache_create(&m->cache, m->src, m->be, slot, (int)n_slots,
                                      (enum moe_policy_kind)pol, diag);
@@ -952,12 +972,16 @@ void moe_model_free(struct moe_model *m)
         moe_free(m->layers);
     }
     moe_free(m->output_norm);
-    void *bufs[] = { m->x, m->xn, m->q, m->k, m->v, m->att, m->tmp, m->qa, m->hq, m->hout, m->rlogits, m->ids, m->weights,
-                     m->xe, m->ge, m->ue, m->de, m->slot_out, m->sh_tmp, m->pos, m->segs, m->tok_by_expert,
-                     m->expert_count, m->expert_start, m->logits_tmp };
+    void *bufs[] = { m->ids, m->weights, m->pos, m->segs, m->tok_by_expert, m->row_idx,
+                     m->expert_count, m->expert_start };
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         moe_free(bufs[i]);
-    moe_free(m->pf_x);
+    void *dbufs[] = { m->x, m->xn, m->q, m->k, m->v, m->att, m->tmp, m->qa, m->hq, m->hout,
+                      m->rlogits, m->xe, m->ge, m->ue, m->de, m->slot_out, m->sh_tmp,
+                      m->logits_dev, m->pf_logits, m->pf_x };
+    for (size_t i = 0; m->be && i < sizeof(dbufs) / sizeof(dbufs[0]); i++)
+        if (dbufs[i])
+            m->be->ops->free(m->be, dbufs[i]);
     moe_free(m->tr_tok);
     moe_free(m->tr_layer);
     moe_free(m->last_ids);
@@ -1084,14 +1108,11 @@ static int attention_mla(struct moe_model *m, int il, int64_t n)
     /* assembled queries in m->v: [n][H][lat + rope] = (Wk_b[h] q_nope, q_pe) */
     float *qc = m->v;
     for (int h = 0; h < H; h++) {
-        for (int64_t t = 0; t < n; t++)
-            memcpy(m->hq + t * nope, m->q + (t * H + h) * qk, (size_t)nope * sizeof(float));
+        TRY(ops->copy_rows(be, m->hq, nope, NULL, m->q + h * qk, (int64_t)H * qk, NULL, n, nope));
         TRY(ops->matmul(be, m->hout, &L->wk_b[h], NULL, m->hq, n));
-        for (int64_t t = 0; t < n; t++) {
-            float *dst = qc + (t * H + h) * krow;
-            memcpy(dst, m->hout + t * lat, (size_t)lat * sizeof(float));
-            memcpy(dst + lat, m->q + (t * H + h) * qk + nope, (size_t)rope * sizeof(float));
-        }
+        TRY(ops->copy_rows(be, qc + h * krow, (int64_t)H * krow, NULL, m->hout, lat, NULL, n, lat));
+        TRY(ops->copy_rows(be, qc + h * krow + lat, (int64_t)H * krow, NULL, m->q + h * qk + nope,
+                           (int64_t)H * qk, NULL, n, rope));
     }
     for (int i = 0; i < m->n_segs; i++) {
         const struct seg *g = &m->segs[i];
@@ -1106,11 +1127,9 @@ static int attention_mla(struct moe_model *m, int il, int64_t n)
     }
     /* per head back from the latent: [n][H][vh] in m->tmp */
     for (int h = 0; h < H; h++) {
-        for (int64_t t = 0; t < n; t++)
-            memcpy(m->hq + t * lat, m->att + (t * H + h) * lat, (size_t)lat * sizeof(float));
+        TRY(ops->copy_rows(be, m->hq, lat, NULL, m->att + h * lat, (int64_t)H * lat, NULL, n, lat));
         TRY(ops->matmul(be, m->hout, &L->wv_b[h], NULL, m->hq, n));
-        for (int64_t t = 0; t < n; t++)
-            memcpy(m->tmp + (t * H + h) * vh, m->hout + t * vh, (size_t)vh * sizeof(float));
+        TRY(ops->copy_rows(be, m->tmp + h * vh, (int64_t)H * vh, NULL, m->hout, vh, NULL, n, vh));
     }
     TRY(ops->matmul(be, m->att, &L->wo, NULL, m->tmp, n));
     TRY(ops->add(be, m->x, m->x, m->att, n * c->n_embd));
@@ -1196,13 +1215,13 @@ static int expert_ffn(struct moe_model *m, int e, const struct moe_weight *wg, c
     const int cnt = m->expert_count[e];
     const int32_t *list = m->tok_by_expert + m->expert_start[e];
     for (int i = 0; i < cnt; i++)
-        memcpy(m->xe + (size_t)i * E, m->xn + (size_t)(list[i] / K) * E, (size_t)E * sizeof(float));
+        m->row_idx[i] = list[i] / K;   /* (token, slot) -> token row */
+    TRY(ops->copy_rows(be, m->xe, E, NULL, m->xn, E, m->row_idx, cnt, E));
     TRY(ops->matmul(be, m->ge, wg, bg, m->xe, cnt));
     TRY(ops->matmul(be, m->ue, wu, bu, m->xe, cnt));
     TRY(glu(m, m->ge, m->ge, m->ue, (int64_t)cnt * c->n_ff_exp));
     TRY(ops->matmul(be, m->de, wd, bd, m->ge, cnt));
-    for (int i = 0; i < cnt; i++)
-        memcpy(m->slot_out + (size_t)list[i] * E, m->de + (size_t)i * E, (size_t)E * sizeof(float));
+    TRY(ops->copy_rows(be, m->slot_out, E, list, m->de, E, NULL, cnt, E));
     return 0;
 }
 
@@ -1369,9 +1388,9 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
     }
 
     /* moe_out = sum over slots of weight * expert output, then the residual. */
+    TRY(ops->fill(be, m->tmp, 0.0f, n * E));
     for (int64_t t = 0; t < n; t++) {
         float *out = m->tmp + t * E;
-        memset(out, 0, (size_t)E * sizeof(float));
         for (int k = 0; k < K; k++)
             TRY(ops->axpy(be, out, m->weights[t * K + k], m->slot_out + (size_t)(t * K + k) * E, E));
     }
@@ -1386,12 +1405,7 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
                 .row_bytes = (size_t)E * sizeof(float),
             };
             TRY(ops->matmul(be, m->sh_tmp, &gi, NULL, m->xn, n));
-            for (int64_t t = 0; t < n; t++) {
-                const float g = 1.0f / (1.0f + expf(-m->sh_tmp[t]));
-                float *d = m->de + t * E;
-                for (int i = 0; i < E; i++)
-                    d[i] *= g;
-            }
+            TRY(ops->gate_rows(be, m->de, m->sh_tmp, n, E));
         }
         TRY(ops->add(be, m->tmp, m->tmp, m->de, n * E));
     }
@@ -1483,7 +1497,8 @@ static void prefetch_gate(struct moe_model *m, int il, int64_t n)
             continue;
         for (int64_t t = 0; t < n; t++) {
             int32_t ids[64];
-            float w[64], logits[1024];
+            float w[64];
+            float *logits = m->pf_logits;
             if (ops->rmsnorm(m->be, m->pf_x, m->x + t * E, L->ffn_norm, 1, E, c->rms_eps) ||
                 ops->matmul(m->be, logits, &L->router, L->router_bias, m->pf_x, 1))
                 return;
@@ -1575,6 +1590,21 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     return 0;
 }
 
+/* Logits of n normed rows xn (backend memory) into host memory, through
+ * the backend's logits buffer logit_rows rows at a time. */
+static int output_logits(struct moe_model *m, const float *xn, int64_t n, float *host)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    for (int64_t r0 = 0; r0 < n; r0 += m->logit_rows) {
+        const int64_t nr = n - r0 < m->logit_rows ? n - r0 : m->logit_rows;
+        TRY(ops->matmul(m->be, m->logits_dev, &m->output, NULL, xn + r0 * c->n_embd, nr));
+        TRY(ops->download(m->be, host + r0 * c->n_vocab, m->logits_dev,
+                          (size_t)nr * (size_t)c->n_vocab * sizeof(float)));
+    }
+    return 0;
+}
+
 static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *tokens, int64_t n,
                          int64_t tok0, float *logits, bool all_logits, moe_route_fn route, void *ud)
 {
@@ -1591,11 +1621,11 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
         return 0;
     if (all_logits) {
         TRY(ops->rmsnorm(be, m->xn, m->x, m->output_norm, n, c->n_embd, c->rms_eps));
-        TRY(ops->matmul(be, logits + tok0 * c->n_vocab, &m->output, NULL, m->xn, n));
+        TRY(output_logits(m, m->xn, n, logits + tok0 * c->n_vocab));
     } else {
         const float *last = m->x + (n - 1) * c->n_embd;
         TRY(ops->rmsnorm(be, m->xn, last, m->output_norm, 1, c->n_embd, c->rms_eps));
-        TRY(ops->matmul(be, logits, &m->output, NULL, m->xn, 1));
+        TRY(output_logits(m, m->xn, 1, logits));
     }
     return 0;
 }
@@ -1650,7 +1680,7 @@ int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *seg
         const float *last = m->x + (m->segs[i].off + g->n - 1) * c->n_embd;
         rc = ops->rmsnorm(be, m->xn, last, m->output_norm, 1, c->n_embd, c->rms_eps);
         if (rc == 0)
-            rc = ops->matmul(be, g->logits, &m->output, NULL, m->xn, 1);
+            rc = output_logits(m, m->xn, 1, g->logits);
     }
     if (rc)
         return moe_diag_set(diag, rc, "forward of %d sequences (%" PRId64 " tokens): %s", n_segs,

@@ -509,6 +509,37 @@ static int cpu_add(struct moe_backend *be, float *y, const float *a, const float
     return 0;
 }
 
+static int cpu_copy_rows(struct moe_backend *be, float *dst, int64_t dst_stride, const int32_t *di,
+                         const float *src, int64_t src_stride, const int32_t *si, int64_t n,
+                         int64_t len)
+{
+    (void)be;
+    for (int64_t i = 0; i < n; i++)
+        memcpy(dst + (di ? di[i] : i) * dst_stride, src + (si ? si[i] : i) * src_stride,
+               (size_t)len * sizeof(float));
+    return 0;
+}
+
+static int cpu_fill(struct moe_backend *be, float *y, float v, int64_t n)
+{
+    (void)be;
+    for (int64_t i = 0; i < n; i++)
+        y[i] = v;
+    return 0;
+}
+
+static int cpu_gate_rows(struct moe_backend *be, float *y, const float *g, int64_t n_rows, int64_t n)
+{
+    (void)be;
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float s = 1.0f / (1.0f + expf(-g[r]));
+        float *yr = y + r * n;
+        for (int64_t i = 0; i < n; i++)
+            yr[i] *= s;
+    }
+    return 0;
+}
+
 static void cpu_destroy(struct moe_backend *be)
 {
     struct cpu_ctx *c = ctx_of(be);
@@ -539,6 +570,9 @@ static const struct moe_backend_ops cpu_ops = {
     .swiglu_oai = cpu_swiglu_oai,
     .axpy = cpu_axpy,
     .add = cpu_add,
+    .copy_rows = cpu_copy_rows,
+    .fill = cpu_fill,
+    .gate_rows = cpu_gate_rows,
 };
 
 int moe_backend_cpu_create(struct moe_backend **out, int n_threads, struct moe_diag *diag)

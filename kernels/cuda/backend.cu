@@ -434,6 +434,30 @@ __global__ void add_kernel(float *y, const float *a, const float *b, int64_t n)
         y[i] = a[i] + b[i];
 }
 
+__global__ void copy_rows_kernel(float *dst, int64_t ds, const int32_t *di, const float *src,
+                                 int64_t ss, const int32_t *si, int64_t n, int64_t len)
+{
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n * len;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = idx / len, k = idx % len;
+        dst[(di ? di[i] : i) * ds + k] = src[(si ? si[i] : i) * ss + k];
+    }
+}
+
+__global__ void fill_kernel(float *y, float v, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = v;
+}
+
+__global__ void gate_rows_kernel(float *y, const float *g, int64_t n_rows, int64_t n)
+{
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n_rows * n;
+         idx += (int64_t)gridDim.x * blockDim.x)
+        y[idx] *= 1.0f / (1.0f + expf(-g[idx / n]));
+}
+
 unsigned grid_for(int64_t n, int threads = 256)
 {
     int64_t g = (n + threads - 1) / threads;
@@ -738,6 +762,46 @@ int cu_add(struct moe_backend *be, float *y, const float *a, const float *b, int
     return LAUNCHED(c, "add");
 }
 
+int cu_copy_rows(struct moe_backend *be, float *dst, int64_t ds, const int32_t *di, const float *src,
+                 int64_t ss, const int32_t *si, int64_t n, int64_t len)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    if (n <= 0)
+        return 0;
+    /* both index lists in one device buffer: [di | si] */
+    int32_t *host = (int32_t *)malloc((size_t)(2 * n) * sizeof(int32_t));
+    if (host == nullptr)
+        return -ENOMEM;
+    for (int64_t i = 0; i < n; i++) {
+        host[i] = di ? di[i] : (int32_t)i;
+        host[n + i] = si ? si[i] : (int32_t)i;
+    }
+    int32_t *dev = nullptr;
+    int rc = dev_ints(c, host, 2 * n, &dev);
+    free(host);
+    if (rc)
+        return rc;
+    copy_rows_kernel<<<grid_for(n * len), 256, 0, c->stream>>>(dst, ds, dev, src, ss, dev + n, n, len);
+    return LAUNCHED(c, "copy_rows");
+}
+
+int cu_fill(struct moe_backend *be, float *y, float v, int64_t n)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    fill_kernel<<<grid_for(n), 256, 0, c->stream>>>(y, v, n);
+    return LAUNCHED(c, "fill");
+}
+
+int cu_gate_rows(struct moe_backend *be, float *y, const float *g, int64_t n_rows, int64_t n)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    gate_rows_kernel<<<grid_for(n_rows * n), 256, 0, c->stream>>>(y, g, n_rows, n);
+    return LAUNCHED(c, "gate_rows");
+}
+
 void cu_destroy(struct moe_backend *be)
 {
     cuda_ctx *c = ctx_of(be);
@@ -779,6 +843,9 @@ const struct moe_backend_ops cuda_ops = {
     cu_swiglu_oai,
     cu_axpy,
     cu_add,
+    cu_copy_rows,
+    cu_fill,
+    cu_gate_rows,
 };
 
 } // namespace
