@@ -21,7 +21,8 @@ struct slot {
     int pins;
     int status;           /* load error for SLOT_FAILED */
     char msg[MOE_DIAG_MSG_MAX];
-    uint8_t *data;
+    uint8_t *data;        /* backend memory */
+    uint8_t *stage;       /* host memory the load lands in first (staging), or NULL */
     struct moe_expert_cache *c;
 };
 
@@ -31,6 +32,7 @@ struct moe_expert_cache {
     int n_layer, n_expert, n_slots;
     size_t slot_bytes;
     uint8_t *mem;
+    uint8_t *stage_mem;   /* staging: one host buffer per slot */
     struct slot *slots;
     int32_t *slot_of;     /* [key] -> slot or -1 */
     int32_t *cand;        /* scratch: candidate keys for the policy */
@@ -45,6 +47,13 @@ struct moe_expert_cache {
     pthread_cond_t cv;
     struct moe_cache_stats st;
 };
+
+/* Where a load writes: the slot itself when backend memory is host memory,
+ * else the slot's host staging buffer (uploaded when the load completes). */
+static void *load_dst(struct slot *s)
+{
+    return s->stage ? s->stage : s->data;
+}
 
 static double now_s(void)
 {
@@ -127,6 +136,7 @@ void moe_expert_cache_destroy(struct moe_expert_cache *c)
     pthread_mutex_unlock(&c->mu);
     if (c->mem)
         c->be->ops->free(c->be, c->mem);
+    moe_free(c->stage_mem);
     moe_policy_free(c->policy);
     moe_free(c->slots);
     moe_free(c->slot_of);
@@ -138,6 +148,19 @@ void moe_expert_cache_destroy(struct moe_expert_cache *c)
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);
     moe_free(c);
+}
+
+int moe_expert_cache_set_staging(struct moe_expert_cache *c, struct moe_diag *diag)
+{
+    if (c->stage_mem)
+        return 0;
+    c->stage_mem = moe_malloc((size_t)c->n_slots * c->slot_bytes);
+    if (c->stage_mem == NULL)
+        return moe_diag_set(diag, -ENOMEM, "expert cache: cannot allocate %zu MiB of host staging",
+                            ((size_t)c->n_slots * c->slot_bytes) >> 20);
+    for (int i = 0; i < c->n_slots; i++)
+        c->slots[i].stage = c->stage_mem + (size_t)i * c->slot_bytes;
+    return 0;
 }
 
 void moe_expert_cache_set_host_tier(struct moe_expert_cache *c, struct moe_host_tier *t)
@@ -172,7 +195,7 @@ static void prefetch_cancelled(struct slot *s, uint32_t layer, uint32_t expert)
     pthread_mutex_unlock(&c->mu);
     const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, layer);
     struct moe_diag d = { 0 };
-    int rc = lay ? moe_expert_src_load(c->src, layer, expert, s->data, (size_t)lay->raw_size, 0,
+    int rc = lay ? moe_expert_src_load(c->src, layer, expert, load_dst(s), (size_t)lay->raw_size, 0,
                                       load_done, s, &d)
                  : -ENOENT;
     if (rc != 0)
@@ -187,12 +210,22 @@ static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, co
         prefetch_cancelled(s, layer, expert);
         return;
     }
+    if (status == 0 && s->stage) {
+        /* staged: into backend memory before anyone sees the slot READY */
+        const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, layer);
+        int rc = lay ? c->be->ops->upload(c->be, s->data, s->stage, (size_t)lay->raw_size) : -ENOENT;
+        if (rc != 0) {
+            status = rc;
+            snprintf(s->msg, sizeof(s->msg), "expert (layer %u, expert %u): upload to %s memory"
+                     " failed: %s", layer, expert, c->be->ops->name, moe_strerror(rc));
+        }
+    }
     if (status == 0 && c->host != NULL) {
         /* keep a copy in the host tier; the slot is ours until we publish it */
         const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, layer);
         void *buf = NULL;
         if (lay && moe_host_tier_reserve(c->host, layer, expert, (size_t)lay->raw_size, &buf) == 0) {
-            memcpy(buf, s->data, (size_t)lay->raw_size);
+            memcpy(buf, load_dst(s), (size_t)lay->raw_size);
             moe_host_tier_commit(c->host, layer, expert, true);
             pthread_mutex_lock(&c->mu);
             c->st.host_inserts++;
@@ -298,8 +331,25 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
     const void *hdata;
     size_t hsize;
     if (lay && c->host && moe_host_tier_acquire(c->host, (uint32_t)layer, (uint32_t)expert, &hdata, &hsize)) {
-        memcpy(s->data, hdata, hsize < c->slot_bytes ? hsize : c->slot_bytes);
+        /* host tier -> slot: the pinned-memory upload on a GPU backend */
+        int urc = 0;
+        if (s->stage)
+            urc = c->be->ops->upload(c->be, s->data, hdata, hsize < c->slot_bytes ? hsize : c->slot_bytes);
+        else
+            memcpy(s->data, hdata, hsize < c->slot_bytes ? hsize : c->slot_bytes);
         moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
+        if (urc != 0) {
+            pthread_mutex_lock(&c->mu);
+            s->state = SLOT_EMPTY;
+            s->key = -1;
+            s->pins = 0;
+            c->slot_of[key] = -1;
+            c->st.loads_failed++;
+            pthread_cond_broadcast(&c->cv);
+            pthread_mutex_unlock(&c->mu);
+            return moe_diag_set(diag, urc, "expert (layer %d, expert %d): upload from the host tier"
+                                " failed: %s", layer, expert, moe_strerror(urc));
+        }
         pthread_mutex_lock(&c->mu);
         s->state = SLOT_READY;
         c->st.host_hits++;
@@ -308,7 +358,7 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
         pthread_mutex_unlock(&c->mu);
         return 1;
     }
-    int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, s->data,
+    int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, load_dst(s),
                                       (size_t)lay->raw_size, 0, load_done, s, diag)
                  : moe_diag_set(diag, -ENOENT, "expert cache: layer %d has no experts", layer);
     if (rc != 0) {
@@ -406,7 +456,7 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
     pthread_mutex_unlock(&c->mu);
     const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
     struct moe_diag d = { 0 };
-    int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, s->data,
+    int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, load_dst(s),
                                       (size_t)lay->raw_size, MOE_LOAD_PREFETCH, load_done, s, &d)
                  : -ENOENT;
     if (rc != 0) {

@@ -44,6 +44,11 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
                             enum moe_policy_kind policy, struct moe_diag *diag);
 void moe_expert_cache_destroy(struct moe_expert_cache *c);
 
+/* Loads land in a host buffer per slot and are uploaded into the slot when
+ * they complete (a backend whose memory is not host memory). Call before the
+ * first acquire. -ENOMEM naming the size. */
+int moe_expert_cache_set_staging(struct moe_expert_cache *c, struct moe_diag *diag);
+
 struct moe_host_tier;
 /* Puts a host-RAM tier (cache/host_tier.h, borrowed; set before the first
  * acquire) below the slots: a slot miss that the tier holds is copied from

@@ -151,6 +151,11 @@ struct moe_backend_ops {
     int (*fill)(struct moe_backend *be, float *y, float v, int64_t n);
     /* y[r][i] *= sigmoid(g[r]) for rows of n (a gate per row). */
     int (*gate_rows)(struct moe_backend *be, float *y, const float *g, int64_t n_rows, int64_t n);
+
+    /* 1: backend memory is host memory (the CPU backend): weights are used
+     * in place and loads land directly in cache slots. 0: the model uploads
+     * its weights and stages expert loads in host memory. */
+    int host_memory;
 };
 
 struct moe_backend {

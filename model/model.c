@@ -88,6 +88,16 @@ struct layer {
 
 enum { PF_PROBE = 8, PF_EXPLOIT = 48 };   /* prefetch governor, in decode steps */
 
+/* A weight the model binds: a matrix's data, a stack's slice, a resident
+ * expert tensor or a model-owned f32 vector. On a backend whose memory is
+ * not host memory each one is uploaded at load; `host` keeps the original
+ * pointer so that freeing restores it. */
+struct bound {
+    void **field;
+    size_t bytes;
+    void *host;          /* non-NULL once uploaded */
+};
+
 /* One sequence's tokens inside a batch: rows off..off+n-1 of the scratch. */
 struct seg {
     struct moe_seq *s;
@@ -106,6 +116,9 @@ struct moe_model {
     struct moe_weight tok_embd, output;
     float *output_norm;
     struct layer *layers;
+    struct bound *bound;                 /* everything bound, for the upload */
+    int n_bound, cap_bound;
+    bool upload;                         /* weights live in backend memory */
 
     /* scratch, sized for n_batch tokens */
     float *x, *xn, *q, *k, *v, *att, *tmp;   /* activations: backend memory, like every
@@ -433,6 +446,23 @@ static int check_computable(struct moe_model *m, const char *name, uint32_t dtyp
                         m->be->ops->name);
 }
 
+/* Remembers a bound weight (the upload pass may move it to the backend). */
+static int remember(struct moe_model *m, void **field, size_t bytes, struct moe_diag *diag)
+{
+    if (*field == NULL || bytes == 0)
+        return 0;
+    if (m->n_bound == m->cap_bound) {
+        int cap = m->cap_bound ? m->cap_bound * 2 : 256;
+        struct bound *b = moe_realloc(m->bound, (size_t)cap * sizeof(*b));
+        if (b == NULL)
+            return moe_diag_set(diag, -ENOMEM, "out of memory");
+        m->bound = b;
+        m->cap_bound = cap;
+    }
+    m->bound[m->n_bound++] = (struct bound){ .field = field, .bytes = bytes, .host = NULL };
+    return 0;
+}
+
 static int bind_matrix(struct moe_model *m, const char *name, int64_t n_in, int64_t n_out,
                        bool required, struct moe_weight *w, struct moe_diag *diag)
 {
@@ -449,7 +479,7 @@ static int bind_matrix(struct moe_model *m, const char *name, int64_t n_in, int6
     w->n_in = n_in;
     w->n_out = n_out;
     w->row_bytes = moe_dtype_row_bytes(t->dtype, (uint64_t)n_in, NULL);
-    return 0;
+    return remember(m, (void **)(void *)&w->data, w->row_bytes * (size_t)n_out, diag);
 }
 
 /* A slice of the cached experts' blob (cache mode): found by name in the
@@ -510,7 +540,7 @@ static int bind_experts(struct moe_model *m, const char *name, int64_t n_in, int
     e->n_out = n_out;
     e->row_bytes = moe_dtype_row_bytes(t->dtype, (uint64_t)n_in, NULL);
     e->expert_bytes = e->row_bytes * (size_t)n_out;
-    return 0;
+    return remember(m, (void **)(void *)&e->data, e->expert_bytes * (size_t)m->cfg.n_expert, diag);
 }
 
 /* Small F32-convertible tensors [n] or [n, n2] (norms, biases) are
@@ -535,7 +565,7 @@ static int bind_vector2(struct moe_model *m, const char *name, int64_t n, int64_
     for (int64_t r = 0; r < n2; r++)
         moe_dequantize_row(t->dtype, src + (size_t)r * rb, v + r * n, n);
     *out = v;
-    return 0;
+    return remember(m, (void **)out, (size_t)n * (size_t)n2 * sizeof(float), diag);
 }
 
 static int bind_vector(struct moe_model *m, const char *name, int64_t n, bool required, float **out,
@@ -571,6 +601,8 @@ static int bind_stack(struct moe_model *m, const char *name, int64_t n_in, int64
         w[i].n_in = n_in;
         w[i].n_out = n_out;
         w[i].row_bytes = t.row_bytes;
+        if ((rc = remember(m, (void **)(void *)&w[i].data, t.expert_bytes, diag)))
+            return rc;
     }
     return 0;
 }
@@ -853,11 +885,43 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     int rc = moe_expert_cache_create(&m->cache, m->src, m->be, slot, (int)n_slots,
                                      (enum moe_policy_kind)pol, diag);
+    if (rc == 0 && (!m->be->ops->host_memory || o->upload_weights))
+        rc = moe_expert_cache_set_staging(m->cache, diag);
     if (rc == 0 && o->host_bytes > 0) {
         if ((rc = moe_host_tier_create(&m->host, o->host_bytes, diag)) == 0)
             moe_expert_cache_set_host_tier(m->cache, m->host);
     }
     return rc;
+}
+
+/* Moves every bound weight into backend memory (a GPU backend; or the CPU
+ * backend when asked, which tests this path). The deepseek selection bias
+ * stays on the host: the router's top-k runs there. */
+static int upload_weights(struct moe_model *m, struct moe_diag *diag)
+{
+    if (!m->upload)
+        return 0;
+    size_t total = 0;
+    for (int i = 0; i < m->n_bound; i++) {
+        struct bound *b = &m->bound[i];
+        bool host_only = false;
+        for (int il = 0; il < m->cfg.n_layer; il++)
+            host_only |= b->field == (void **)&m->layers[il].sel_bias;
+        if (host_only)
+            continue;
+        void *d = m->be->ops->alloc(m->be, b->bytes);
+        if (d == NULL)
+            return moe_diag_set(diag, -ENOMEM, "weights: cannot allocate %zu MiB more in %s memory"
+                                " (%zu MiB uploaded so far)", b->bytes >> 20, m->be->ops->name,
+                                total >> 20);
+        int rc = m->be->ops->upload(m->be, d, *b->field, b->bytes);
+        b->host = *b->field;
+        *b->field = d;
+        if (rc)
+            return moe_diag_set(diag, rc, "weights: upload of %zu bytes failed", b->bytes);
+        total += b->bytes;
+    }
+    return 0;
 }
 
 int moe_model_load(struct moe_model **out, const char *path, const struct moe_model_opts *opts,
@@ -913,7 +977,8 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         (rc = bind_vector(m, "output_norm.weight", c->n_embd, true, &m->output_norm, diag)) ||
         (rc = bind_matrix(m, "output.weight", c->n_embd, c->n_vocab, false, &m->output, diag)))
         goto fail;
-    if (m->output.data == NULL)
+    const bool tied = m->output.data == NULL;
+    if (tied)
         m->output = m->tok_embd; /* tied embeddings */
     m->layers = moe_calloc((size_t)c->n_layer, sizeof(struct layer));
     if (m->layers == NULL) {
@@ -935,6 +1000,11 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     if (m->n_batch > m->n_ctx)
         m->n_batch = m->n_ctx;
     m->kv_f16 = o.kv_f16;
+    m->upload = !m->be->ops->host_memory || o.upload_weights;
+    if ((rc = upload_weights(m, diag)))
+        goto fail;
+    if (tied)
+        m->output = m->tok_embd;
     if ((rc = alloc_scratch(m, diag)))
         goto fail;
     *out = m;
@@ -948,6 +1018,13 @@ void moe_model_free(struct moe_model *m)
 {
     if (m == NULL)
         return;
+    /* uploaded weights: free the backend copies, restore the host pointers */
+    for (int i = 0; i < m->n_bound; i++)
+        if (m->bound[i].host) {
+            m->be->ops->free(m->be, *m->bound[i].field);
+            *m->bound[i].field = m->bound[i].host;
+        }
+    moe_free(m->bound);
     if (m->layers) {
         for (int il = 0; il < m->cfg.n_layer; il++) {
             struct layer *L = &m->layers[il];

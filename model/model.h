@@ -92,6 +92,10 @@ struct moe_model_opts {
                                  * whichever is faster, re-probing every 64 steps) */
     bool force_pread;           /* expert reads without io_uring */
     size_t host_bytes;          /* host-RAM tier below the cache (0 = none) */
+    /* Weights copied into backend memory and expert loads staged in host
+     * memory even on the CPU backend (always so on a GPU backend): tests
+     * the GPU data path where there is no GPU. */
+    bool upload_weights;
 };
 
 struct moe_cache_stats;

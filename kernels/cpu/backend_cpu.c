@@ -573,6 +573,7 @@ static const struct moe_backend_ops cpu_ops = {
     .copy_rows = cpu_copy_rows,
     .fill = cpu_fill,
     .gate_rows = cpu_gate_rows,
+    .host_memory = 1,
 };
 
 int moe_backend_cpu_create(struct moe_backend **out, int n_threads, struct moe_diag *diag)

@@ -846,6 +846,7 @@ const struct moe_backend_ops cuda_ops = {
     cu_copy_rows,
     cu_fill,
     cu_gate_rows,
+    0,   // host_memory: device memory
 };
 
 } // namespace

@@ -773,20 +773,23 @@ static void test_connection_cap(void)
 static void test_stalled_reader(void)
 {
     const char *args[] = { "--cache-experts", "5", "--ctx-size", "4096", "--max-output-bytes", "65536",
-                           "--read-timeout-ms", "1500", "--log-level", "debug", NULL };
+                           "--read-timeout-ms", "1500", "--log-level", "debug", "--chat-template",
+                           "chatml", NULL };
     UP(args);
     int fd = connect_sock(sock);
     int small = 4096;
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
-    const char *body = "{\"prompt\": \"Hello\", \"max_tokens\": 4000, \"temperature\": 0,"
-                       " \"stream\": true, \"logprobs\": 5}";
+    /* big events (20 alternatives per token) fill the socket buffers fast */
+    const char *body = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}],"
+                       " \"max_tokens\": 4000, \"temperature\": 0, \"stream\": true,"
+                       " \"logprobs\": true, \"top_logprobs\": 20}";
     char req[512];
-    int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
-                     strlen(body), body);
+    int n = snprintf(req, sizeof(req), "POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %zu"
+                     "\r\n\r\n%s", strlen(body), body);
     write_all(fd, req, (size_t)n);
     /* never read; the daemon pauses, then drops us */
     bool paused = false, dropped = false;
-    for (int i = 0; i < 200 && !dropped; i++) {
+    for (int i = 0; i < 600 && !dropped; i++) {   /* up to 30 s on a loaded machine */
         usleep(50000);
         char *t = log_text();
         paused |= strstr(t, "generation paused") != NULL;
