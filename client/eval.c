@@ -161,7 +161,7 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
     OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_CACHE_BYTES, OPT_CACHE_EXPERTS, OPT_CACHE_POLICY,
-    OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_PREFETCH_ALWAYS, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
+    OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_PREFETCH_ALWAYS, OPT_BACKEND, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
     OPT_HOST_BYTES, OPT_HELP,
 };
 
@@ -189,6 +189,7 @@ static const struct option long_opts[] = {
     { "prefetch", required_argument, NULL, OPT_PREFETCH },
     { "prefetch-depth", required_argument, NULL, OPT_PREFETCH_DEPTH },
     { "prefetch-always", no_argument, NULL, OPT_PREFETCH_ALWAYS },
+    { "backend", required_argument, NULL, OPT_BACKEND },
     { "prompt", required_argument, NULL, OPT_PROMPT },
     { "host-bytes", required_argument, NULL, OPT_HOST_BYTES },
     { "system", required_argument, NULL, OPT_SYSTEM },
@@ -212,7 +213,7 @@ static void usage(FILE *f, int run)
                    " [--seed S] [--threads N] [--ctx N] [--kv-f16] [--stats]\n"
                    "                  [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy lru|lfu|layer]\n"
                    "                  [--prefetch none|gate|history] [--prefetch-depth D] [--prefetch-always]\n"
-                   "                  [--host-bytes SIZE]\n"
+                   "                  [--host-bytes SIZE] [--backend cpu|cuda]\n"
                    "                  [--force-pread]\n"
                    "                  (MODEL may be a GGUF or a .moe pack)\n"
                    "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
@@ -238,6 +239,7 @@ static int eval_or_run(int argc, char **argv, int mode)
     const char *cache_policy = NULL, *trace_path = NULL, *prefetch = NULL;
     long prefetch_depth = 0;
     bool prefetch_always = false;
+    const char *backend = NULL;
     struct moe_sampler_params sp;
     moe_sampler_defaults(&sp);
     int c;
@@ -300,6 +302,13 @@ static int eval_or_run(int argc, char **argv, int mode)
             break;
         case OPT_PREFETCH_ALWAYS:
             prefetch_always = true;
+            break;
+        case OPT_BACKEND:
+            if (strcmp(optarg, "cpu") != 0 && strcmp(optarg, "cuda") != 0) {
+                fprintf(stderr, "moectl: --backend: '%s', expected cpu or cuda\n", optarg);
+                return 2;
+            }
+            backend = optarg;
             break;
         case OPT_PREFETCH_DEPTH:
             if (parse_int("--prefetch-depth", optarg, 1, 64, &prefetch_depth)) return 2;
@@ -385,7 +394,7 @@ static int eval_or_run(int argc, char **argv, int mode)
         .cache_bytes = (size_t)cache_bytes, .cache_experts = (int)cache_experts,
         .cache_policy = cache_policy, .force_pread = force_pread,
         .prefetch = prefetch, .prefetch_depth = (int)prefetch_depth,
-        .prefetch_always = prefetch_always,
+        .prefetch_always = prefetch_always, .backend = backend,
         .host_bytes = (size_t)host_bytes,
     };
     if (moe_model_load(&m, model, &mo, &d)) {

@@ -51,6 +51,8 @@ static const struct key keys[] = {
       "layers ahead the prefetcher predicts" },
     { "prefetch_always", K_BOOL, OFF(prefetch_always), 0, 0, 1, false, NULL,
       "prefetch on every decode step (default: a governor keeps it only while it makes decoding faster)" },
+    { "backend", K_ENUM, OFF(backend), CAP(backend), 0, 0, false, "cpu|cuda",
+      "compute backend (cuda: device 0; not yet run on a GPU, see doc/cuda.md)" },
     { "force_pread", K_BOOL, OFF(force_pread), 0, 0, 1, false, NULL,
       "read experts with pread instead of io_uring" },
     { "chat_template", K_STR, OFF(chat_template), CAP(chat_template), 0, 0, false, NULL,
@@ -99,6 +101,7 @@ void moed_config_defaults(struct moed_config *c)
     c->max_seqs = 16;
     strcpy(c->cache_policy, "layer");
     strcpy(c->prefetch, "none");
+    strcpy(c->backend, "cpu");
     c->prefetch_depth = 1;
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     if (xdg && xdg[0] && strlen(xdg) + sizeof("/moed.sock") < sizeof(c->socket))

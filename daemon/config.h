@@ -29,6 +29,7 @@ struct moed_config {
     int prefetch_depth;
     bool prefetch_always;
     bool force_pread;
+    char backend[8];
     char chat_template[32];    /* "" = from the model */
     /* server (restart) */
     char socket[PATH_MAX];

@@ -132,7 +132,7 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
         .kv_f16 = cfg->kv_f16, .cache_bytes = (size_t)cfg->cache_bytes,
         .cache_experts = cfg->cache_experts, .cache_policy = cfg->cache_policy,
         .prefetch = cfg->prefetch, .prefetch_depth = cfg->prefetch_depth,
-        .prefetch_always = cfg->prefetch_always,
+        .prefetch_always = cfg->prefetch_always, .backend = cfg->backend,
         .force_pread = cfg->force_pread, .host_bytes = (size_t)cfg->host_bytes,
     };
     int rc = moe_model_load(&e->model, cfg->model, &mo, d);

@@ -57,7 +57,7 @@ static bool print_plan(FILE *f, const struct moed_config *cfg, struct moed_engin
         cache = (uint64_t)cs.n_slots * cs.slot_bytes;
     const uint64_t total = sz.dense_bytes + kv_seq * (uint64_t)cfg->max_seqs + cache +
                            (uint64_t)cfg->host_bytes;
-    fprintf(f, "memory plan (backend: cpu):\n");
+    fprintf(f, "memory plan (backend: %s):\n", cfg->backend);
     fprintf(f, "  dense weights        %10.1f MiB\n", mib(sz.dense_bytes));
     fprintf(f, "  KV cache             %10.1f MiB  (%d sequences x %.1f MiB, ctx %d, %s)\n",
             mib(kv_seq * (uint64_t)cfg->max_seqs), cfg->max_seqs, mib(kv_seq), moed_engine_n_ctx(e),

@@ -41,6 +41,7 @@
 #include "common/alloc.h"
 #include "io/gguf.h"
 #include "kernels/cpu/dequant.h"
+#include "kernels/cuda.h"
 #include "kernels/dtype.h"
 #include "cache/expert_cache.h"
 #include "cache/host_tier.h"
@@ -957,7 +958,13 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     struct moe_model_cfg *c = &m->cfg;
     if ((rc = moe_gguf_map(m->gguf, diag)))
         goto fail;
-    if ((rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : n_online_cpus(), diag)))
+    if (o.backend && strcmp(o.backend, "cuda") == 0)
+        rc = moe_backend_cuda_create(&m->be, 0, diag);
+    else if (o.backend && strcmp(o.backend, "cpu") != 0)
+        rc = moe_diag_set(diag, -EINVAL, "backend '%s': expected cpu or cuda", o.backend);
+    else
+        rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : n_online_cpus(), diag);
+    if (rc)
         goto fail;
 
     /* Vocabulary size from the embedding matrix, which must exist. */

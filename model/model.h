@@ -96,6 +96,7 @@ struct moe_model_opts {
      * memory even on the CPU backend (always so on a GPU backend): tests
      * the GPU data path where there is no GPU. */
     bool upload_weights;
+    const char *backend;        /* "cpu" (default) or "cuda" (device 0) */
 };
 
 struct moe_cache_stats;
