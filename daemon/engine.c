@@ -98,6 +98,8 @@ struct moed_engine {
     void *notify_ud;
     struct moed_engine_stats st;
     int rr;                       /* round-robin start among prefilling slots */
+    atomic_bool fatal;
+    long fault_fatal_at;          /* test hook: MOED_FAULT_FATAL_STEP, else -1 */
     float *lp_tmp;
 };
 
@@ -123,6 +125,9 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
     if (e == NULL)
         return moe_diag_set(d, -ENOMEM, "out of memory");
     e->cfg = *cfg;
+    atomic_init(&e->fatal, false);
+    const char *ff = getenv("MOED_FAULT_FATAL_STEP");
+    e->fault_fatal_at = ff ? atol(ff) : -1;
     e->notify = notify;
     e->notify_ud = notify_ud;
     pthread_mutex_init(&e->mu, NULL);
@@ -222,6 +227,7 @@ void moed_engine_free(struct moed_engine *e)
 }
 
 struct moe_model *moed_engine_model(struct moed_engine *e) { return e->model; }
+bool moed_engine_fatal(struct moed_engine *e) { return atomic_load(&e->fatal); }
 const struct moe_tokenizer *moed_engine_tokenizer(struct moed_engine *e) { return e->tok; }
 int moed_engine_n_ctx(struct moed_engine *e) { return e->n_ctx; }
 int moed_engine_n_vocab(struct moed_engine *e) { return e->n_vocab; }
@@ -601,7 +607,12 @@ static bool step(struct moed_engine *e)
     const bool cached = moe_model_cache_stats(e->model, &c0);
     struct moe_diag d = { 0 };
     const double t0 = moed_now();
-    int rc = moe_model_forward_multi(e->model, segs, ns, &d);
+    int rc = atomic_load(&e->fatal) ? MOE_EGPU_FATAL : moe_model_forward_multi(e->model, segs, ns, &d);
+    if (rc == 0 && e->fault_fatal_at >= 0 && (long)e->st.steps >= e->fault_fatal_at)
+        rc = moe_diag_set(&d, MOE_EGPU_FATAL, "injected fatal backend error (MOED_FAULT_FATAL_STEP)");
+    if (rc == MOE_EGPU_FATAL && !atomic_exchange(&e->fatal, true))
+        fprintf(stderr, "moed: the compute backend failed for good: %s\n", d.msg[0] ? d.msg : "sticky"
+                " device error");
     const double t1 = moed_now();
     if (cached)
         moe_model_cache_stats(e->model, &c1);

@@ -129,6 +129,11 @@ void moed_engine_reconfigure(struct moed_engine *e, const struct moed_config *cf
 
 void moed_engine_stats(struct moed_engine *e, struct moed_engine_stats *out);
 
+/* True once the backend reported an unrecoverable error (a sticky CUDA
+ * error): every request fails from then on, and moed exits non-zero so that
+ * its supervisor restarts it. */
+bool moed_engine_fatal(struct moed_engine *e);
+
 struct moe_model *moed_engine_model(struct moed_engine *e);
 const struct moe_tokenizer *moed_engine_tokenizer(struct moed_engine *e);
 /* The chat template; false when the model has none and none was configured. */

@@ -576,6 +576,8 @@ static void on_connection(uv_stream_t *server, int status)
 
 /* ---- engine notifications -------------------------------------------- */
 
+static void begin_shutdown(struct server *s, const char *why);
+
 static void on_async(uv_async_t *a)
 {
     struct server *s = a->data;
@@ -585,6 +587,12 @@ static void on_async(uv_async_t *a)
         if (c && c->req == r && !c->closing)
             api_on_engine(c, r);
         moed_req_unref(r);
+    }
+    if (moed_engine_fatal(s->eng) && !s->shutting_down) {
+        /* the device is gone for good: stop, and tell the supervisor */
+        s->exit_code = 1;
+        begin_shutdown(s, "fatal backend error");
+        moed_engine_cancel_all(s->eng);
     }
     server_maybe_exit(s);
 }
@@ -718,6 +726,15 @@ static void on_grace(uv_timer_t *t)
             conn_end_chunks(c);
 }
 
+static void begin_shutdown(struct server *s, const char *why)
+{
+    LOG_I("%s: no new connections; %llu request(s) in flight get %d s", why,
+          (unsigned long long)s->active_requests, s->cfg.shutdown_grace_s);
+    s->shutting_down = true;
+    close_listeners(s);
+    uv_timer_start(&s->grace, on_grace, (uint64_t)s->cfg.shutdown_grace_s * 1000, 0);
+}
+
 static void on_stop_signal(uv_signal_t *h, int signum)
 {
     struct server *s = h->data;
@@ -726,11 +743,7 @@ static void on_stop_signal(uv_signal_t *h, int signum)
         unlink_socket(s);
         _exit(1);
     }
-    LOG_I("%s: no new connections; %llu request(s) in flight get %d s", signum == SIGINT ? "SIGINT"
-          : "SIGTERM", (unsigned long long)s->active_requests, s->cfg.shutdown_grace_s);
-    s->shutting_down = true;
-    close_listeners(s);
-    uv_timer_start(&s->grace, on_grace, (uint64_t)s->cfg.shutdown_grace_s * 1000, 0);
+    begin_shutdown(s, signum == SIGINT ? "SIGINT" : "SIGTERM");
     server_maybe_exit(s);
 }
 
@@ -825,6 +838,8 @@ int moed_server_run(struct server *s, struct moed_engine *eng, struct moe_diag *
         return moe_diag_set(d, MOE_ELIMIT, "shutdown: event loop handles left open");
     }
     LOG_I("stopped");
+    if (s->exit_code)
+        return moe_diag_set(d, MOE_EGPU_FATAL, "stopped after a fatal backend error");
     return 0;
 }
 

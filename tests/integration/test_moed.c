@@ -803,6 +803,30 @@ static void test_stalled_reader(void)
     DOWN();
 }
 
+/* A fatal backend error (a sticky CUDA error; injected here): the request in
+ * flight fails with 500, the daemon stops accepting, removes its socket and
+ * exits 1 so that its supervisor restarts it. */
+static void test_fatal_backend(void)
+{
+    setenv("MOED_FAULT_FATAL_STEP", "3", 1);
+    const bool ok = up(NULL);
+    unsetenv("MOED_FAULT_FATAL_STEP");
+    CHECK(ok);
+    struct resp r;
+    CHECK(request("POST", "/v1/completions", "{\"prompt\": \"Hello\", \"max_tokens\": 20,"
+                  " \"temperature\": 0}", &r) == 0);
+    CHECK_MSG(r.status == 500 && strstr(r.body, "injected fatal backend error"), "%d %s", r.status,
+              r.body);
+    resp_free(&r);
+    CHECK_INT(wait_exit(daemon_pid, 30), ==, 1);
+    daemon_pid = -1;
+    struct stat st;
+    CHECK(lstat(sock, &st) != 0);
+    char *t = log_text();
+    CHECK_MSG(strstr(t, "failed for good") != NULL, "log: %s", t);
+    free(t);
+}
+
 static void test_request_timeout(void)
 {
     const char *args[] = { "--cache-experts", "5", "--ctx-size", "4096", "--request-timeout-s", "1",
@@ -1193,6 +1217,7 @@ int main(void)
     moe_test_run("keep-alive and pipelining", test_keepalive_pipelined);
     moe_test_run("request time limit", test_request_timeout);
     moe_test_run("connection cap", test_connection_cap);
+    moe_test_run("fatal backend error", test_fatal_backend);
     moe_test_run("client that stops reading", test_stalled_reader);
     moe_test_run("mutated requests", test_mutated_requests);
     moe_test_run("socket mode, second daemon", test_socket_mode_and_second_daemon);
