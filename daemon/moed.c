@@ -14,6 +14,8 @@
 #include "daemon/log.h"
 #include "daemon/server.h"
 #include <uv.h>
+#include "io/expert_src.h"
+#include "kernels/cuda.h"
 #include "model/hparams.h"
 #include "model/model.h"
 
@@ -80,6 +82,66 @@ static bool print_plan(FILE *f, const struct moed_config *cfg, struct moed_engin
     return reserved <= ram;
 }
 
+/* The CUDA backend's plan, before anything is allocated on the device:
+ * dense weights + KV caches + expert cache + workspace against the device's
+ * free memory (RELIABILITY.md row 19). Prints the plan; false (with the
+ * components listed) when it does not fit or there is no device. */
+static bool gpu_plan_fits(const struct moed_config *cfg)
+{
+    struct moe_cuda_device dev[4];
+    struct moe_diag d = { 0 };
+    int n = moe_cuda_probe(dev, 4, &d);
+    if (n <= 0) {
+        fprintf(stderr, "moed: backend cuda: no CUDA device%s%s\n", d.msg[0] ? ": " : "", d.msg);
+        return false;
+    }
+    struct moe_expert_src *src = NULL;
+    struct moe_io_config io = { 0 };
+    if (moe_expert_src_open(&src, cfg->model, &io, &d) != 0) {
+        fprintf(stderr, "moed: %s\n", d.msg);
+        return false;
+    }
+    struct moe_hparams hp;
+    struct moe_sizes sz;
+    memset(&sz, 0, sizeof(sz));
+    bool ok = moe_hparams_load(&hp, moe_expert_src_gguf(src), &d) == 0;
+    if (ok)
+        moe_sizes_compute(&sz, moe_expert_src_gguf(src), &hp);
+    const bool pack = moe_expert_src_is_pack(src);
+    moe_expert_src_close(src);
+    if (!ok) {
+        fprintf(stderr, "moed: %s\n", d.msg);
+        return false;
+    }
+    const uint64_t es = cfg->kv_f16 ? 2 : 4;
+    const uint64_t row = hp.kv_lora_rank > 0 ? (uint64_t)hp.kv_lora_rank + hp.n_rot
+                                             : (uint64_t)hp.n_head_kv * (hp.head_dim + hp.head_dim_v);
+    const uint64_t kv = (uint64_t)cfg->ctx_size * row * es * hp.n_layer * (uint64_t)cfg->max_seqs;
+    uint64_t cache;
+    if (cfg->cache_bytes > 0)
+        cache = (uint64_t)cfg->cache_bytes;
+    else if (cfg->cache_experts > 0)
+        cache = (uint64_t)cfg->cache_experts * sz.bytes_per_expert;
+    else
+        cache = sz.expert_bytes;   /* every expert on the device */
+    (void)pack;
+    const uint64_t work = (64ull << 20) + (uint64_t)cfg->batch_size * hp.n_embd * 4 * 24;
+    const uint64_t total = sz.dense_bytes + kv + cache + work;
+    const uint64_t free_b = dev[0].free_mem;
+    fprintf(stderr, "GPU plan (%s, %.0f MiB free of %.0f):\n", dev[0].name, mib(free_b),
+            mib(dev[0].total_mem));
+    fprintf(stderr, "  dense weights %10.1f MiB\n  KV caches     %10.1f MiB (%d x ctx %d)\n"
+            "  expert cache  %10.1f MiB\n  workspace     %10.1f MiB\n  total         %10.1f MiB\n",
+            mib(sz.dense_bytes), mib(kv), cfg->max_seqs, cfg->ctx_size, mib(cache), mib(work),
+            mib(total));
+    if (total > free_b) {
+        fprintf(stderr, "moed: the plan needs %.0f MiB of GPU memory, %.0f MiB are free: lower"
+                " cache_bytes, max_seqs or ctx_size\n", mib(total), mib(free_b));
+        return false;
+    }
+    return true;
+}
+
 /* Open file descriptors of this process. */
 static int count_fds(void)
 {
@@ -126,6 +188,10 @@ int main(int argc, char **argv)
         return 1;
     }
     struct moed_engine *eng = NULL;
+    if (strcmp(cfg.backend, "cuda") == 0 && !gpu_plan_fits(&cfg)) {
+        moed_server_free(srv);
+        return 1;
+    }
     if (!a.check_only)
         LOG_I("loading %s", cfg.model);
     if (moed_engine_create(&eng, &cfg, moed_server_notify, srv, &d) != 0) {
