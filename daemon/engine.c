@@ -557,7 +557,7 @@ static bool step(struct moed_engine *e)
     int owner[256];
     int ns = 0;
     pthread_mutex_lock(&e->mu);
-    int budget = e->cfg.batch_size;
+    int budget = moe_model_n_batch(e->model);   /* batch_size, at most ctx_size */
     const int chunk = e->cfg.prefill_chunk;
     pthread_mutex_unlock(&e->mu);
     const double now = moed_now();
