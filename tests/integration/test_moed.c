@@ -827,6 +827,23 @@ static void test_fatal_backend(void)
     free(t);
 }
 
+/* A context smaller than batch_size: the answer is cut at the context. */
+static void test_small_context(void)
+{
+    const char *args[] = { "--cache-experts", "5", "--ctx-size", "32", "--batch-size", "512", NULL };
+    UP(args);
+    struct resp r;
+    CHECK(request("POST", "/v1/completions", "{\"prompt\": \"Hello there\", \"max_tokens\": 30,"
+                  " \"temperature\": 0}", &r) == 0);
+    CHECK_MSG(r.status == 200, "%d %s", r.status, r.body);
+    json_t *j = body_json(&r);
+    json_t *u = json_object_get(j, "usage");
+    CHECK(json_integer_value(json_object_get(u, "total_tokens")) <= 32);
+    json_decref(j);
+    resp_free(&r);
+    DOWN();
+}
+
 static void test_request_timeout(void)
 {
     const char *args[] = { "--cache-experts", "5", "--ctx-size", "4096", "--request-timeout-s", "1",
@@ -1216,6 +1233,7 @@ int main(void)
     moe_test_run("slowloris", test_slowloris);
     moe_test_run("keep-alive and pipelining", test_keepalive_pipelined);
     moe_test_run("request time limit", test_request_timeout);
+    moe_test_run("context smaller than the batch", test_small_context);
     moe_test_run("connection cap", test_connection_cap);
     moe_test_run("fatal backend error", test_fatal_backend);
     moe_test_run("client that stops reading", test_stalled_reader);
