@@ -720,10 +720,9 @@ static void on_grace(uv_timer_t *t)
         LOG_W("shutdown: grace period over; cancelling %llu request(s)",
               (unsigned long long)s->active_requests);
     s->grace_expired = true;
+    /* the engine ends each request as cancelled at its next step; the
+     * responses (a final error event for streams) go out from on_async */
     moed_engine_cancel_all(s->eng);
-    for (struct conn *c = s->conns; c; c = c->next)
-        if (c->busy && c->streaming)
-            conn_end_chunks(c);
 }
 
 static void begin_shutdown(struct server *s, const char *why)

@@ -1049,6 +1049,34 @@ static void test_sigterm_finishes_in_flight(void)
     CHECK(lstat(lock, &st) != 0);
 }
 
+/* SIGTERM with a stream that outlives the grace period: it ends with an
+ * error event, [DONE] and the last chunk; the daemon exits 0. */
+static void test_sigterm_grace_expires(void)
+{
+    const char *args[] = { "--cache-experts", "5", "--ctx-size", "4096", "--shutdown-grace-s", "1",
+                           NULL };
+    UP(args);
+    int fd = connect_sock(sock);
+    const char *body = "{\"prompt\": \"Hello\", \"max_tokens\": 4000, \"temperature\": 0,"
+                       " \"stream\": true}";
+    char req[512];
+    int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    write_all(fd, req, (size_t)n);
+    char first[256];
+    CHECK(recv(fd, first, sizeof(first), 0) > 0);
+    kill(daemon_pid, SIGTERM);
+    char *rest = read_all(fd, NULL);
+    close(fd);
+    const size_t rl = strlen(rest);
+    CHECK_MSG(strstr(rest, "shutting down") != NULL && strstr(rest, "data: [DONE]") != NULL &&
+              rl >= 5 && strcmp(rest + rl - 5, "0\r\n\r\n") == 0, "stream ended with '%s'",
+              rl > 200 ? rest + rl - 200 : rest);
+    free(rest);
+    CHECK_INT(wait_exit(daemon_pid, 30), ==, 0);
+    daemon_pid = -1;
+}
+
 static void test_stale_and_foreign_files(void)
 {
     /* a socket left by a dead daemon is taken over */
@@ -1245,6 +1273,7 @@ int main(void)
     moe_test_run("curl", test_curl);
     moe_test_run("openai python", test_openai_python);
     moe_test_run("SIGTERM finishes in-flight", test_sigterm_finishes_in_flight);
+    moe_test_run("SIGTERM: grace period runs out", test_sigterm_grace_expires);
     moe_test_run("stale socket, foreign file", test_stale_and_foreign_files);
     return moe_test_exit_code();
 }
