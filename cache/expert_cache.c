@@ -38,7 +38,8 @@ struct moe_expert_cache {
     int32_t *cand;        /* scratch: candidate keys for the policy */
     int32_t *cand_slot;
     int32_t *predicted;   /* [key] step for which the expert was predicted, or -1 */
-    uint64_t *layer_hits, *layer_misses; /* [n_layer] */
+    uint64_t *layer_hits, *layer_misses, *layer_bytes; /* [n_layer] */
+    double *layer_stall;                  /* [n_layer] waits for that layer's experts */
     struct moe_host_tier *host;
     int prefetch_inflight;
     struct moe_policy *policy;
@@ -90,6 +91,8 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
     c->predicted = moe_malloc(n_keys * sizeof(int32_t));
     c->layer_hits = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(uint64_t));
     c->layer_misses = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(uint64_t));
+    c->layer_bytes = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(uint64_t));
+    c->layer_stall = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(double));
     if (c->n_layer > 0 && c->n_expert > 0 && n_slots > 0 &&
         (size_t)n_slots > SIZE_MAX / c->slot_bytes) {
         moe_expert_cache_destroy(c);
@@ -98,7 +101,7 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
     }
     c->mem = c->slots ? be->ops->alloc(be, (size_t)n_slots * c->slot_bytes) : NULL;
     if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem || !c->predicted ||
-        !c->layer_hits || !c->layer_misses) {
+        !c->layer_hits || !c->layer_misses || !c->layer_bytes || !c->layer_stall) {
         size_t mib = ((size_t)n_slots * c->slot_bytes) >> 20;
         moe_expert_cache_destroy(c);
         return moe_diag_set(diag, -ENOMEM, "expert cache: cannot allocate %d slots x %zu bytes"
@@ -145,6 +148,8 @@ void moe_expert_cache_destroy(struct moe_expert_cache *c)
     moe_free(c->predicted);
     moe_free(c->layer_hits);
     moe_free(c->layer_misses);
+    moe_free(c->layer_bytes);
+    moe_free(c->layer_stall);
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);
     moe_free(c);
@@ -241,6 +246,8 @@ static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, co
         s->state = SLOT_READY;
         c->st.loads_ok++;
         c->st.bytes_loaded += c->slot_bytes;
+        if ((int)layer < c->n_layer)
+            c->layer_bytes[layer] += c->slot_bytes;
     } else if (s->pins == 0) {
         /* a failed prefetch nobody waits for: forget it, a demand load retries */
         c->slot_of[s->key] = -1;
@@ -393,7 +400,9 @@ int moe_expert_cache_wait_any(struct moe_expert_cache *c, const int32_t *layers,
                     *data = s->data;
                 else
                     rc = moe_diag_set(diag, s->status, "%s", s->msg);
-                c->st.stall_s += now_s() - t0;
+                const double waited = now_s() - t0;
+                c->st.stall_s += waited;
+                c->layer_stall[layers[j]] += waited;
                 pthread_mutex_unlock(&c->mu);
                 return rc;
             }
@@ -546,6 +555,18 @@ int moe_expert_cache_layer_stats(struct moe_expert_cache *c, uint64_t *hits, uin
         hits[l] = c->layer_hits[l];
         misses[l] = c->layer_misses[l];
     }
+    pthread_mutex_unlock(&c->mu);
+    return c->n_layer;
+}
+
+int moe_expert_cache_layer_stats_ex(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,
+                                    int max)
+{
+    pthread_mutex_lock(&c->mu);
+    for (int l = 0; l < c->n_layer && l < max; l++)
+        out[l] = (struct moe_cache_layer_stats){ .hits = c->layer_hits[l], .misses = c->layer_misses[l],
+                                                 .bytes_loaded = c->layer_bytes[l],
+                                                 .stall_s = c->layer_stall[l] };
     pthread_mutex_unlock(&c->mu);
     return c->n_layer;
 }

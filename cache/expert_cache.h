@@ -98,6 +98,13 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
 void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out);
 /* Per-layer hits and misses (arrays of n_layer, filled up to max entries);
  * returns n_layer. */
+struct moe_cache_layer_stats {
+    uint64_t hits, misses, bytes_loaded;
+    double stall_s;               /* time the engine waited for this layer's experts */
+};
+/* Per layer: hits, misses, bytes loaded into slots, stall; returns n_layer. */
+int moe_expert_cache_layer_stats_ex(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,
+                                    int max);
 int moe_expert_cache_layer_stats(struct moe_expert_cache *c, uint64_t *hits, uint64_t *misses, int max);
 /* Experts currently pinned (0 between forward passes). */
 int moe_expert_cache_pinned(struct moe_expert_cache *c);

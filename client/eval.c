@@ -602,12 +602,19 @@ static int eval_or_run(int argc, char **argv, int mode)
         if (moe_model_prefetch_steps(m, &pf_on, &pf_off))
             fprintf(stderr, "{\"prefetch_steps_on\": %llu, \"prefetch_steps_off\": %llu}\n",
                     (unsigned long long)pf_on, (unsigned long long)pf_off);
-        uint64_t lh[1024], lm[1024];
-        int nl = moe_model_cache_layer_stats(m, lh, lm, 1024);
+        static struct moe_cache_layer_stats ls[1024];
+        int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
         if (nl > 0) {
             fprintf(stderr, "{\"layer_hit_rate\": [");
             for (int l = 0; l < nl && l < 1024; l++)
-                fprintf(stderr, "%s%.3f", l ? ", " : "", lh[l] + lm[l] ? (double)lh[l] / (double)(lh[l] + lm[l]) : 0.0);
+                fprintf(stderr, "%s%.3f", l ? ", " : "", ls[l].hits + ls[l].misses
+                        ? (double)ls[l].hits / (double)(ls[l].hits + ls[l].misses) : 0.0);
+            fprintf(stderr, "], \"layer_bytes_loaded\": [");
+            for (int l = 0; l < nl && l < 1024; l++)
+                fprintf(stderr, "%s%llu", l ? ", " : "", (unsigned long long)ls[l].bytes_loaded);
+            fprintf(stderr, "], \"layer_stall_s\": [");
+            for (int l = 0; l < nl && l < 1024; l++)
+                fprintf(stderr, "%s%.6f", l ? ", " : "", ls[l].stall_s);
             fprintf(stderr, "]}\n");
         }
         /* the last sampled token is not run through the model */

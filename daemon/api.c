@@ -482,12 +482,14 @@ static json_t *stats_json(struct server *s)
                               "cancelled", (json_int_t)cs.prefetch_cancelled);
         json_object_set_new(json_object_get(c, "prefetch"), "dropped",
                             json_integer((json_int_t)cs.prefetch_dropped));
-        uint64_t lh[1024], lm[1024];
-        int nl = moe_model_cache_layer_stats(m, lh, lm, 1024);
+        static struct moe_cache_layer_stats ls[1024];   /* loop thread only */
+        int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
         json_t *layers = json_array();
         for (int l = 0; l < nl && l < 1024; l++)
-            json_array_append_new(layers, json_pack("{s:I, s:I}", "hits", (json_int_t)lh[l],
-                                                    "misses", (json_int_t)lm[l]));
+            json_array_append_new(layers, json_pack("{s:I, s:I, s:I, s:f}", "hits", (json_int_t)ls[l].hits,
+                                                    "misses", (json_int_t)ls[l].misses, "bytes_loaded",
+                                                    (json_int_t)ls[l].bytes_loaded, "stall_s",
+                                                    ls[l].stall_s));
         json_object_set_new(c, "layers", layers);
         json_object_set_new(c, "pinned", json_integer(moe_model_cache_pinned(m)));
         json_object_set_new(o, "expert_cache", c);
@@ -591,6 +593,16 @@ static void handle_metrics(struct conn *c)
         for (size_t l = 0; l < json_array_size(layers); l++)
             EMIT("moed_expert_layer_misses_total{layer=\"%zu\"} %llu\n", l,
                  JI(json_array_get(layers, l), "misses"));
+        EMIT("# HELP moed_expert_layer_bytes_loaded_total Expert bytes loaded per layer.\n"
+             "# TYPE moed_expert_layer_bytes_loaded_total counter\n");
+        for (size_t l = 0; l < json_array_size(layers); l++)
+            EMIT("moed_expert_layer_bytes_loaded_total{layer=\"%zu\"} %llu\n", l,
+                 JI(json_array_get(layers, l), "bytes_loaded"));
+        EMIT("# HELP moed_expert_layer_stall_seconds_total Engine time waiting for a layer's experts.\n"
+             "# TYPE moed_expert_layer_stall_seconds_total counter\n");
+        for (size_t l = 0; l < json_array_size(layers); l++)
+            EMIT("moed_expert_layer_stall_seconds_total{layer=\"%zu\"} %.6f\n", l,
+                 json_real_value(json_object_get(json_array_get(layers, l), "stall_s")));
     }
 #undef EMIT
 #undef JI

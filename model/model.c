@@ -1095,6 +1095,11 @@ int moe_model_cache_layer_stats(struct moe_model *m, uint64_t *hits, uint64_t *m
     return m->cache ? moe_expert_cache_layer_stats(m->cache, hits, misses, max) : -1;
 }
 
+int moe_model_cache_layer_stats_ex(struct moe_model *m, struct moe_cache_layer_stats *out, int max)
+{
+    return m->cache ? moe_expert_cache_layer_stats_ex(m->cache, out, max) : -1;
+}
+
 int moe_model_cache_pinned(struct moe_model *m)
 {
     return m->cache ? moe_expert_cache_pinned(m->cache) : -1;

@@ -108,6 +108,10 @@ int moe_model_cache_layer_stats(struct moe_model *m, uint64_t *hits, uint64_t *m
 /* Decode steps run with prefetch on and off (the governor's choices);
  * false when prefetch is not configured. */
 bool moe_model_prefetch_steps(const struct moe_model *m, uint64_t *on, uint64_t *off);
+struct moe_cache_layer_stats;
+/* Per-layer hits, misses, bytes loaded and stall (array of at least
+ * n_layer); -1 without a cache, else n_layer. */
+int moe_model_cache_layer_stats_ex(struct moe_model *m, struct moe_cache_layer_stats *out, int max);
 /* Experts pinned right now (0 between forward passes), -1 without a cache. */
 int moe_model_cache_pinned(struct moe_model *m);
 
