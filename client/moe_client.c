@@ -21,6 +21,9 @@
 #define LINE_MAX_BYTES 8192
 /* 1xx interim answers skipped before the final one */
 #define MAX_INTERIM 4
+/* "\u0000" is valid JSON, and a sampled token can decode to it: accept it
+ * (texts carry their length, so a NUL inside does not cut them) */
+#define JSON_FLAGS JSON_ALLOW_NUL
 
 const char *moe_client_default_socket(char *buf, size_t cap)
 {
@@ -64,7 +67,7 @@ const char *moe_client_error_message(const char *body, char *buf, size_t cap)
 {
     if (body == NULL || cap == 0)
         return NULL;
-    json_t *j = json_loads(body, 0, NULL);
+    json_t *j = json_loads(body, JSON_FLAGS, NULL);
     const char *m = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
     const char *ret = NULL;
     if (m) {
@@ -209,7 +212,8 @@ static int conn_fill(struct conn *k, struct moe_diag *d)
     for (;;) {
         int w = wait_fd(k->fd, POLLIN, k->timeout_ms);
         if (w == -ETIMEDOUT)
-            return moe_diag_set(d, -ETIMEDOUT, "%s: no answer within %d ms", k->path, k->timeout_ms);
+            return moe_diag_set(d, -ETIMEDOUT, "%s: no answer within %d ms", k->path,
+                                k->timeout_ms);
         if (w)
             return moe_diag_set(d, w, "%s: poll: %s", k->path, strerror(-w));
         ssize_t got = recv(k->fd, k->rbuf, sizeof(k->rbuf), 0);
@@ -348,6 +352,9 @@ static int sink_put(struct sink *s, const char *p, size_t n, struct moe_diag *d)
         int rc = buf_add(&s->body, p, n, MOE_CLIENT_MAX_BODY);
         return rc ? limit_error(rc, s->path, "response body", d) : 0;
     }
+    /* events are text: a NUL byte would cut what the callback sees */
+    if (memchr(p, '\0', n) != NULL)
+        return moe_diag_set(d, MOE_EFORMAT, "%s: a NUL byte in the event stream", s->path);
     while (n > 0 && !s->stop) {
         const char *nl = memchr(p, '\n', n);
         const size_t k = nl ? (size_t)(nl - p) : n;
@@ -734,7 +741,7 @@ static int err_status(struct moe_client_err *e, const struct moe_client_resp *r)
 {
     e->status = r->status;
     e->retry_after = r->retry_after;
-    json_t *j = r->body ? json_loadb(r->body, r->len, 0, NULL) : NULL;
+    json_t *j = r->body ? json_loadb(r->body, r->len, JSON_FLAGS, NULL) : NULL;
     char text[MOE_DIAG_MSG_MAX];
     if (j && err_api(e, j) && e->api_message[0]) {
         snprintf(text, sizeof(text), "%s", e->api_message);
@@ -828,7 +835,7 @@ static int on_stream_event(void *ud, const char *data, size_t len)
     }
     /* an error inside a stream comes as an event holding an error object */
     if (memmem(data, len, "\"error\"", 7) != NULL) {
-        json_t *j = json_loadb(data, len, 0, NULL);
+        json_t *j = json_loadb(data, len, JSON_FLAGS, NULL);
         bool is_err = json_is_object(j) && err_api(x->e, j);
         json_decref(j);
         if (is_err) {
@@ -853,11 +860,11 @@ static int call_stream_(const struct moe_client *c, const char *target, const ch
     struct moe_diag d = { 0 };
     bool cf = false;
     int rc = stream_(c, target, body, len, on_stream_event, &x, &r, &cf, &d);
+    e->status = r.status;
     if (rc && x.errored)
         return err_set(e, rc, "the stream was stopped (%d)", rc);   /* e is set already */
     if (rc)
         return err_diag(e, rc, cf, &d);
-    e->status = r.status;
     if (r.status != 200)
         rc = err_status(e, &r);
     else if (r.body)
@@ -890,7 +897,7 @@ static int get_json(const struct moe_client *c, const char *target, json_t **out
     if (rc)
         return rc;
     json_error_t je;
-    *out = json_loadb(b.p, b.len, 0, &je);
+    *out = json_loadb(b.p, b.len, JSON_FLAGS, &je);
     buf_free(&b);
     if (*out == NULL)
         return err_set(e, MOE_EFORMAT, "%s: %s: the answer is not JSON (%s)", c->path, target,
@@ -909,8 +916,8 @@ int moe_client_health(const struct moe_client *c, struct moe_client_err *e)
         return rc;
     const char *st = json_string_value(json_object_get(j, "status"));
     if (st == NULL || strcmp(st, "ok") != 0)
-        rc = err_set(e, MOE_EFORMAT, "%s: /health: expected {\"status\": \"ok\"}, got status '%.60s'",
-                     c->path, st ? st : "(none)");
+        rc = err_set(e, MOE_EFORMAT, "%s: /health: expected {\"status\": \"ok\"}, got status"
+                     " '%.60s'", c->path, st ? st : "(none)");
     json_decref(j);
     return rc;
 }
@@ -925,7 +932,7 @@ int moe_client_stats(const struct moe_client *c, char **json, struct moe_client_
     int rc = call_(c, "GET", "/v1/moed/stats", NULL, 0, &b, e);
     if (rc)
         return rc;
-    json_t *j = json_loadb(b.p, b.len, 0, NULL);
+    json_t *j = json_loadb(b.p, b.len, JSON_FLAGS, NULL);
     if (!json_is_object(j)) {
         json_decref(j);
         buf_free(&b);
@@ -967,7 +974,8 @@ int moe_client_models(const struct moe_client *c, char ***ids, size_t *n,
     for (size_t i = 0; rc == 0 && i < cnt; i++) {
         const char *id = json_string_value(json_object_get(json_array_get(data, i), "id"));
         if (id == NULL)
-            rc = err_set(e, MOE_EFORMAT, "%s: /v1/models: data[%zu] has no \"id\" string", c->path, i);
+            rc = err_set(e, MOE_EFORMAT, "%s: /v1/models: data[%zu] has no \"id\" string",
+                         c->path, i);
         else if ((v[i] = strdup(id)) == NULL)
             rc = err_set(e, -ENOMEM, "out of memory");
     }
@@ -1121,11 +1129,14 @@ static int on_chunk(void *ud, const char *data, size_t len)
 {
     struct gen_ctx *g = ud;
     json_error_t je;
-    json_t *j = json_loadb(data, len, 0, &je);
+    json_t *j = json_loadb(data, len, JSON_FLAGS, &je);
+    if (j == NULL)
+        return err_set(g->e, MOE_EFORMAT, "%s: a stream event is not valid JSON (%s): '%.60s'",
+                       g->path, je.text, data);
     if (!json_is_object(j)) {
         json_decref(j);
-        return err_set(g->e, MOE_EFORMAT, "%s: a stream event is not a JSON object (%s): '%.60s'",
-                       g->path, j ? "not an object" : je.text, data);
+        return err_set(g->e, MOE_EFORMAT, "%s: a stream event is not a JSON object: '%.60s'",
+                       g->path, data);
     }
     /* a usage-only chunk has "choices": [] */
     json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
@@ -1157,7 +1168,8 @@ static int generate(const struct moe_client *c, bool chat, const char *body,
     const char *target = chat ? "/v1/chat/completions" : "/v1/completions";
     int rc;
     if (fn) {
-        struct gen_ctx g = { .chat = chat, .fn = fn, .ud = ud, .res = res, .e = e, .path = c->path };
+        struct gen_ctx g = { .chat = chat, .fn = fn, .ud = ud, .res = res, .e = e,
+                             .path = c->path };
         rc = call_stream_(c, target, body, strlen(body), on_chunk, &g, e);
         if (rc == 0 && g.text.p == NULL && buf_add(&g.text, "", 0, 1) != 0)
             rc = err_set(e, -ENOMEM, "out of memory");
@@ -1174,12 +1186,13 @@ static int generate(const struct moe_client *c, bool chat, const char *body,
     if (rc)
         return rc;
     json_error_t je;
-    json_t *j = json_loadb(b.p, b.len, 0, &je);
+    json_t *j = json_loadb(b.p, b.len, JSON_FLAGS, &je);
     json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
     json_t *t = chat ? json_object_get(json_object_get(c0, "message"), "content")
                      : json_object_get(c0, "text");
     if (j == NULL)
-        rc = err_set(e, MOE_EFORMAT, "%s: %s: the answer is not JSON (%s)", c->path, target, je.text);
+        rc = err_set(e, MOE_EFORMAT, "%s: %s: the answer is not JSON (%s)", c->path, target,
+                     je.text);
     else if (!json_is_string(t))
         rc = err_set(e, MOE_EFORMAT, "%s: %s: the answer has no %s string", c->path, target,
                      chat ? "choices[0].message.content" : "choices[0].text");
@@ -1266,7 +1279,7 @@ static int post_json(const struct moe_client *c, const char *target, json_t *req
     if (rc)
         return rc;
     json_error_t je;
-    *out = json_loadb(b.p, b.len, 0, &je);
+    *out = json_loadb(b.p, b.len, JSON_FLAGS, &je);
     buf_free(&b);
     if (*out == NULL)
         return err_set(e, MOE_EFORMAT, "%s: %s: the answer is not JSON (%s)", c->path, target,
@@ -1299,7 +1312,8 @@ int moe_client_tokenize(const struct moe_client *c, const char *text, bool add_s
     for (size_t i = 0; rc == 0 && i < cnt; i++) {
         json_t *t = json_array_get(a, i);
         if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) > INT32_MAX)
-            rc = err_set(e, MOE_EFORMAT, "%s: /tokenize: tokens[%zu] is not a token id", c->path, i);
+            rc = err_set(e, MOE_EFORMAT, "%s: /tokenize: tokens[%zu] is not a token id",
+                         c->path, i);
         else
             v[i] = (int32_t)json_integer_value(t);
     }

@@ -48,7 +48,9 @@ extern "C" {
 struct moe_client {
     char path[108];            /* sun_path */
     int connect_timeout_ms;    /* default 5000; <= 0: no limit */
-    int timeout_ms;            /* each read or write; default 600000 (long generations); <= 0: no limit */
+    int timeout_ms;            /* each read or write; default 600000 (a long generation
+                                  streams, but a long prompt may be silent for a while);
+                                  <= 0: no limit */
 };
 
 struct moe_client_resp {
