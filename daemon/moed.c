@@ -95,6 +95,11 @@ static bool gpu_plan_fits(const struct moed_config *cfg)
         fprintf(stderr, "moed: backend cuda: no CUDA device%s%s\n", d.msg[0] ? ": " : "", d.msg);
         return false;
     }
+    /* the toolchain, driver and architecture list agree (a tiny kernel) */
+    if (moe_cuda_selftest(0, &d) != 0) {
+        fprintf(stderr, "moed: backend cuda: %s\n", d.msg);
+        return false;
+    }
     struct moe_expert_src *src = NULL;
     struct moe_io_config io = { 0 };
     if (moe_expert_src_open(&src, cfg->model, &io, &d) != 0) {
