@@ -1,18 +1,24 @@
 // The CUDA backend: the ops table of kernels/backend.h on one device.
 //
-// Written for correctness first (tests/gpu/test_gpu_ops.c checks every op
-// against the CPU backend): weights are dequantized on the device, a tile of
-// rows at a time, into an f32 workspace and multiplied with cuBLAS (SGEMM,
-// no TF32); attention is one block per (token, head) with an online softmax
-// over chunks of the cache; the router's top-k runs on the host after a
-// small device-to-host copy of the logits (the one sync the design allows).
-// Fast decode GEMV kernels, split-K flash-decoding and quantized activations
-// are the next step (doc/cuda.md).
+// Every op runs on the backend's compute stream and returns without
+// waiting for the device, except where host memory must be read back
+// (download, router_topk) or a host index array is too long to travel in
+// the kernel's parameters (make_ints).
 //
-// Every op runs on the backend's compute stream. Errors: a failed launch or
-// allocation returns MOE_EGPU; a sticky error (the context is unusable)
-// returns MOE_EGPU_FATAL and every later op fails the same way.
+// matmul: up to MV_MAX_TOK tokens take the GEMV kernels of matvec.cu
+// (activations quantized as the CPU backend does); more tokens take cuBLAS:
+// F32 weights with SGEMM (no TF32), F16 and BF16 weights in place with
+// GemmEx (activations rounded to the weight's 16-bit type, f32 accumulate),
+// the block types dequantized into an f16 tile of rows with f16
+// activations. attention: attention.cu. The router's top-k runs on the
+// host after a copy of the logits (the ids are needed there anyway to
+// fetch the experts), through the CPU backend's rules.
+//
+// Errors: a failed launch or allocation returns MOE_EGPU with the CUDA
+// message on stderr; a sticky error (the context is unusable) returns
+// MOE_EGPU_FATAL and every later op fails the same way.
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <errno.h>
@@ -23,28 +29,11 @@
 
 #include "kernels/backend.h"
 #include "kernels/cuda.h"
+#include "kernels/cuda/cuda-impl.h"
+#include "kernels/cuda/reduce-impl.h"
 #include "kernels/dtype.h"
 
-namespace {
-
-struct cuda_ctx {
-    int device;
-    cudaStream_t stream;
-    cublasHandle_t blas;
-    struct moe_backend *host;      // CPU backend for the router's top-k
-    float *tile;                   // dequantized weight rows
-    size_t tile_bytes;
-    int32_t *dev_ints;             // positions
-    size_t dev_ints_cap;
-    float *host_logits;            // pinned, router logits
-    size_t host_logits_cap;
-    bool fatal;
-};
-
-cuda_ctx *ctx_of(struct moe_backend *be)
-{
-    return static_cast<cuda_ctx *>(be->ctx);
-}
+namespace moecu {
 
 int check(cuda_ctx *c, cudaError_t e, const char *what)
 {
@@ -53,11 +42,55 @@ int check(cuda_ctx *c, cudaError_t e, const char *what)
     const bool sticky = e == cudaErrorIllegalAddress || e == cudaErrorLaunchFailure ||
                         e == cudaErrorHardwareStackError || e == cudaErrorIllegalInstruction ||
                         e == cudaErrorMisalignedAddress || e == cudaErrorInvalidPc ||
-                        e == cudaErrorECCUncorrectable;
+                        e == cudaErrorECCUncorrectable || e == cudaErrorInvalidAddressSpace;
     if (sticky)
         c->fatal = true;
     fprintf(stderr, "moe cuda: %s: %s\n", what, cudaGetErrorString(e));
     return sticky ? MOE_EGPU_FATAL : MOE_EGPU;
+}
+
+unsigned grid_for(int64_t n, int threads)
+{
+    int64_t g = (n + threads - 1) / threads;
+    if (g < 1)
+        g = 1;
+    return (unsigned)(g > 65535 ? 65535 : g);
+}
+
+int make_ints(cuda_ctx *c, const int32_t *host, int64_t n, ints_arg *out)
+{
+    out->p = nullptr;
+    if (n <= INLINE_INTS) {
+        if (n > 0)
+            memcpy(out->v, host, (size_t)n * sizeof(int32_t));
+        return 0;
+    }
+    const size_t need = (size_t)n * sizeof(int32_t);
+    if (need > c->dev_ints_cap) {
+        if (c->dev_ints)
+            cudaFree(c->dev_ints);
+        c->dev_ints = nullptr;
+        c->dev_ints_cap = 0;
+        int rc = check(c, cudaMalloc(&c->dev_ints, need * 2), "index array");
+        if (rc)
+            return rc;
+        c->dev_ints_cap = need * 2;
+    }
+    // a kernel still reading the previous array runs before this copy on the
+    // stream; the host array may change after we return, so wait for it
+    int rc = check(c, cudaMemcpyAsync(c->dev_ints, host, need, cudaMemcpyHostToDevice, c->stream),
+                   "index array");
+    if (rc == 0)
+        rc = check(c, cudaStreamSynchronize(c->stream), "index array");
+    out->p = c->dev_ints;
+    return rc;
+}
+
+namespace {
+
+cuda_ctx *ctx_of(struct moe_backend *be)
+{
+    return static_cast<cuda_ctx *>(be->ctx);
 }
 
 #define LAUNCHED(c, what) check((c), cudaGetLastError(), (what))
@@ -177,22 +210,22 @@ __device__ float block_elem(uint32_t t, const uint8_t *b, int i)
     }
 }
 
-// rows [row0, row0 + n_rows) of w -> out[n_rows][n_in]
-__global__ void dequant_rows_kernel(uint32_t t, const uint8_t *w, size_t row_bytes, int64_t n_in,
-                                    int64_t n_rows, int blk, int blk_bytes, float *out)
+// rows [0, n_rows) of w -> out[n_rows][n_in] as f16 (cuBLAS tile)
+__global__ void dequant_rows_f16_kernel(uint32_t t, const uint8_t *w, size_t row_bytes, int64_t n_in,
+                                        int64_t n_rows, int blk, int blk_bytes, __half *out)
 {
     const int64_t total = n_rows * n_in;
     for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
          idx += (int64_t)gridDim.x * blockDim.x) {
         const int64_t r = idx / n_in, col = idx % n_in;
         const uint8_t *b = w + r * row_bytes + (col / blk) * blk_bytes;
-        out[idx] = block_elem(t, b, (int)(col % blk));
+        out[idx] = __float2half_rn(block_elem(t, b, (int)(col % blk)));
     }
 }
 
 // rows ids[i] of w -> out[i][n_in]
 __global__ void gather_rows_kernel(uint32_t t, const uint8_t *w, size_t row_bytes, int64_t n_in,
-                                   const int32_t *ids, int n, int blk, int blk_bytes, float *out)
+                                   const ints_arg ids, int n, int blk, int blk_bytes, float *out)
 {
     const int64_t total = (int64_t)n * n_in;
     for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
@@ -210,50 +243,6 @@ __global__ void add_bias_kernel(float *y, const float *bias, int64_t n_tok, int6
         y[i] += bias[i % n_out];
 }
 
-__device__ float block_sum(float v, float *sh)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v += __shfl_down_sync(0xffffffffu, v, o);
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0)
-        sh[wid] = v;
-    __syncthreads();
-    const int nw = (blockDim.x + 31) >> 5;
-    v = threadIdx.x < nw ? sh[threadIdx.x] : 0.0f;
-    if (wid == 0)
-        for (int o = 16; o > 0; o >>= 1)
-            v += __shfl_down_sync(0xffffffffu, v, o);
-    if (threadIdx.x == 0)
-        sh[0] = v;
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
-__device__ float block_max(float v, float *sh)
-{
-    for (int o = 16; o > 0; o >>= 1)
-        v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0)
-        sh[wid] = v;
-    __syncthreads();
-    const int nw = (blockDim.x + 31) >> 5;
-    v = threadIdx.x < nw ? sh[threadIdx.x] : -INFINITY;
-    if (wid == 0)
-        for (int o = 16; o > 0; o >>= 1)
-            v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o));
-    if (threadIdx.x == 0)
-        sh[0] = v;
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
 __global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int64_t n, float eps)
 {
     __shared__ float sh[32];
@@ -263,10 +252,11 @@ __global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int64_t
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
         s += xr[i] * xr[i];
     s = block_sum(s, sh);
-    const float scale = rsqrtf(s / (float)n + eps);
+    const float scale = 1.0f / sqrtf(s / (float)n + eps);
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
         yr[i] = w ? xr[i] * scale * w[i] : xr[i] * scale;
 }
+
 
 struct rope_args {
     int mode, n_rot;
@@ -274,7 +264,7 @@ struct rope_args {
 };
 
 __global__ void rope_kernel(float *x, int64_t n_tok, int n_head, int head_stride, int offset,
-                            const int32_t *pos, rope_args a)
+                            const ints_arg pos, rope_args a)
 {
     const int half = a.n_rot / 2;
     const int64_t total = n_tok * n_head * half;
@@ -305,7 +295,7 @@ __global__ void rope_kernel(float *x, int64_t n_tok, int n_head, int head_stride
     }
 }
 
-__global__ void kv_store_kernel(void *cache, const float *x, int64_t n_tok, const int32_t *pos, int n,
+__global__ void kv_store_kernel(void *cache, const float *x, int64_t n_tok, const ints_arg pos, int n,
                                 int64_t row, int offset, int kv_f16)
 {
     for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n_tok * n;
@@ -317,89 +307,6 @@ __global__ void kv_store_kernel(void *cache, const float *x, int64_t n_tok, cons
         else
             ((float *)cache)[at] = x[idx];
     }
-}
-
-__device__ __forceinline__ float cache_at(const void *c, int64_t i, int f16)
-{
-    return f16 ? __half2float(((const __half *)c)[i]) : ((const float *)c)[i];
-}
-
-// One block per (token, head): scores of a chunk of cache rows, an online
-// softmax across chunks, and the weighted sum of V rows.
-constexpr int ATT_CHUNK = 128;
-
-__global__ void attention_kernel(float *out, const float *q, const int32_t *pos,
-                                 struct moe_attn_params ap)
-{
-    extern __shared__ float sm[];
-    float *qv = sm;                          // [head_dim]
-    float *acc = qv + ap.head_dim;           // [head_dim_v]
-    float *sc = acc + ap.head_dim_v;         // [ATT_CHUNK]
-    __shared__ float red[32];
-    const int64_t t = blockIdx.x / ap.n_head;
-    const int h = blockIdx.x % ap.n_head;
-    const int kvh = h / (ap.n_head / ap.n_head_kv);
-    const float *qr = q + ((int64_t)t * ap.n_head + h) * ap.head_dim;
-    for (int d = threadIdx.x; d < ap.head_dim; d += blockDim.x)
-        qv[d] = ap.kv_f16 ? __half2float(__float2half_rn(qr[d])) : qr[d];
-    for (int d = threadIdx.x; d < ap.head_dim_v; d += blockDim.x)
-        acc[d] = 0.0f;
-    __syncthreads();
-    const int p = pos[t];
-    const int first = ap.window > 0 && p - ap.window + 1 > 0 ? p - ap.window + 1 : 0;
-    float m = -INFINITY, l = 0.0f;
-    for (int c0 = first; c0 <= p; c0 += ATT_CHUNK) {
-        const int nc = min(ATT_CHUNK, p - c0 + 1);
-        // scores: one warp per row, lanes over the head dims
-        const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-        for (int j = wid; j < nc; j += nw) {
-            const int64_t off = (int64_t)(c0 + j) * ap.k_row + (int64_t)kvh * ap.head_dim;
-            float s = 0.0f;
-            for (int d = lane; d < ap.head_dim; d += 32)
-                s += qv[d] * cache_at(ap.k_cache, off + d, ap.kv_f16);
-            for (int o = 16; o > 0; o >>= 1)
-                s += __shfl_down_sync(0xffffffffu, s, o);
-            if (lane == 0)
-                sc[j] = s * ap.scale;
-        }
-        __syncthreads();
-        float cm = -INFINITY;
-        for (int j = threadIdx.x; j < nc; j += blockDim.x)
-            cm = fmaxf(cm, sc[j]);
-        cm = block_max(cm, red);
-        const float nm = fmaxf(m, cm);
-        const float fac = m == -INFINITY ? 0.0f : __expf(m - nm);
-        float cs = 0.0f;
-        for (int j = threadIdx.x; j < nc; j += blockDim.x) {
-            sc[j] = __expf(sc[j] - nm);
-            cs += sc[j];
-        }
-        cs = block_sum(cs, red);
-        l = l * fac + cs;
-        for (int d = threadIdx.x; d < ap.head_dim_v; d += blockDim.x) {
-            float a = acc[d] * fac;
-            for (int j = 0; j < nc; j++) {
-                const int64_t off = (int64_t)(c0 + j) * ap.v_row + (int64_t)kvh * ap.head_dim_v + d;
-                a += sc[j] * cache_at(ap.v_cache, off, ap.kv_f16);
-            }
-            acc[d] = a;
-        }
-        m = nm;
-        __syncthreads();
-    }
-    if (ap.sinks) {
-        const float s = ap.sinks[h];
-        const float nm = fmaxf(m, s);
-        const float fac = m == -INFINITY ? 0.0f : __expf(m - nm);
-        l = l * fac + __expf(s - nm);
-        for (int d = threadIdx.x; d < ap.head_dim_v; d += blockDim.x)
-            acc[d] *= fac;
-        __syncthreads();
-    }
-    float *o = out + ((int64_t)t * ap.n_head + h) * ap.head_dim_v;
-    const float inv = 1.0f / l;
-    for (int d = threadIdx.x; d < ap.head_dim_v; d += blockDim.x)
-        o[d] = acc[d] * inv;
 }
 
 __global__ void swiglu_kernel(float *y, const float *g, const float *u, int64_t n)
@@ -434,13 +341,16 @@ __global__ void add_kernel(float *y, const float *a, const float *b, int64_t n)
         y[i] = a[i] + b[i];
 }
 
-__global__ void copy_rows_kernel(float *dst, int64_t ds, const int32_t *di, const float *src,
-                                 int64_t ss, const int32_t *si, int64_t n, int64_t len)
+// idx holds the destination rows (when has_d) then the source rows (when
+// has_s) of the n moves
+__global__ void copy_rows_kernel(float *dst, int64_t ds, const float *src, int64_t ss,
+                                 const ints_arg idx, bool has_d, bool has_s, int64_t n, int64_t len)
 {
-    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n * len;
-         idx += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t i = idx / len, k = idx % len;
-        dst[(di ? di[i] : i) * ds + k] = src[(si ? si[i] : i) * ss + k];
+    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n * len;
+         e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = e / len, k = e % len;
+        const int64_t di = has_d ? idx[i] : i, si = has_s ? idx[has_d ? n + i : i] : i;
+        dst[di * ds + k] = src[si * ss + k];
     }
 }
 
@@ -457,23 +367,19 @@ __global__ void gate_rows_kernel(float *y, const float *g, int64_t n_rows, int64
          idx += (int64_t)gridDim.x * blockDim.x)
         y[idx] *= 1.0f / (1.0f + expf(-g[idx / n]));
 }
-
-unsigned grid_for(int64_t n, int threads = 256)
-{
-    int64_t g = (n + threads - 1) / threads;
-    if (g < 1)
-        g = 1;
-    return (unsigned)(g > 65535 ? 65535 : g);
-}
-
 // ---- ops ---------------------------------------------------------------
 
 void *cu_alloc(struct moe_backend *be, size_t bytes)
 {
     cuda_ctx *c = ctx_of(be);
     void *p = nullptr;
-    if (c->fatal || cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
-        cudaGetLastError();
+    if (c->fatal)
+        return nullptr;
+    cudaError_t e = cudaMalloc(&p, bytes ? bytes : 1);
+    if (e != cudaSuccess) {
+        cudaGetLastError();   // out of memory is not sticky: clear it
+        if (e != cudaErrorMemoryAllocation)
+            check(c, e, "alloc");
         return nullptr;
     }
     return p;
@@ -502,21 +408,39 @@ int cu_download(struct moe_backend *be, void *dst, const void *src, size_t n)
     return rc ? rc : check(c, cudaStreamSynchronize(c->stream), "download");
 }
 
+// (Re)allocates *p to at least `want` bytes; keeps a larger one.
+int grow(cuda_ctx *c, void **p, size_t *have, size_t want, const char *what)
+{
+    if (*have >= want)
+        return 0;
+    if (*p) {
+        cudaStreamSynchronize(c->stream);   // an op may still use it
+        cudaFree(*p);
+    }
+    *p = nullptr;
+    *have = 0;
+    int rc = check(c, cudaMalloc(p, want), what);
+    if (rc == 0)
+        *have = want;
+    return rc;
+}
+
+// The model reserves `shared` = its largest batch of f32 activation rows;
+// that also holds them as f16 or int8. The f16 weight tile is 64 MiB (or
+// `shared`), the attention partials 8 MiB (64 splits of 128 heads of 256).
 int cu_reserve(struct moe_backend *be, size_t shared, size_t per_worker)
 {
     cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
     (void)per_worker;
-    // a dequantization tile of at least 64 MiB (and at least `shared`)
-    size_t want = shared > ((size_t)64 << 20) ? shared : ((size_t)64 << 20);
-    if (c->tile_bytes >= want)
-        return 0;
-    if (c->tile)
-        cudaFree(c->tile);
-    c->tile = nullptr;
-    c->tile_bytes = 0;
-    int rc = check(c, cudaMalloc(&c->tile, want), "reserve");
+    const size_t mib = (size_t)1 << 20;
+    const size_t act = shared > 4 * mib ? shared : 4 * mib;
+    const size_t tile = shared > 64 * mib ? shared : 64 * mib;
+    int rc = grow(c, &c->act, &c->act_bytes, act, "reserve activations");
     if (rc == 0)
-        c->tile_bytes = want;
+        rc = grow(c, &c->tile, &c->tile_bytes, tile, "reserve weight tile");
+    if (rc == 0)
+        rc = grow(c, (void **)&c->part, &c->part_bytes, 8 * mib, "reserve attention");
     return rc;
 }
 
@@ -534,40 +458,19 @@ int cu_supports(const struct moe_backend *be, uint32_t t)
     }
 }
 
-// Device copy of host integers (positions, row ids), on the stream.
-int dev_ints(cuda_ctx *c, const int32_t *host, int64_t n, int32_t **out)
-{
-    const size_t need = (size_t)(n > 0 ? n : 1) * sizeof(int32_t);
-    if (need > c->dev_ints_cap) {
-        if (c->dev_ints)
-            cudaFree(c->dev_ints);
-        c->dev_ints = nullptr;
-        c->dev_ints_cap = 0;
-        int rc = check(c, cudaMalloc(&c->dev_ints, need * 2), "positions");
-        if (rc)
-            return rc;
-        c->dev_ints_cap = need * 2;
-    }
-    int rc = check(c, cudaMemcpyAsync(c->dev_ints, host, (size_t)n * sizeof(int32_t),
-                                      cudaMemcpyHostToDevice, c->stream), "positions");
-    // the host array may change after we return: the copy must have happened
-    if (rc == 0)
-        rc = check(c, cudaStreamSynchronize(c->stream), "positions");
-    *out = c->dev_ints;
-    return rc;
-}
-
 int cu_get_rows(struct moe_backend *be, float *y, const struct moe_weight *w, const int32_t *ids, int n)
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (!cu_supports(be, w->dtype))
+        return MOE_EUNSUPPORTED;
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= w->n_out)
             return -EINVAL;
-    if (!cu_supports(be, w->dtype))
-        return MOE_EUNSUPPORTED;
-    int32_t *d_ids;
-    int rc = dev_ints(c, ids, n, &d_ids);
+    if (n <= 0)
+        return 0;
+    ints_arg d_ids;
+    int rc = make_ints(c, ids, n, &d_ids);
     if (rc)
         return rc;
     const struct moe_dtype_info *inf = moe_dtype_info(w->dtype);
@@ -591,6 +494,68 @@ int cu_rmsnorm(struct moe_backend *be, float *y, const float *x, const float *w,
     return LAUNCHED(c, "rmsnorm");
 }
 
+int blas_check(cublasStatus_t st, const char *what)
+{
+    if (st == CUBLAS_STATUS_SUCCESS)
+        return 0;
+    fprintf(stderr, "moe cuda: %s: %s\n", what, cublasGetStatusString(st));
+    return MOE_EGPU;
+}
+
+// The cuBLAS path: Y(n_out x nt, column-major) = W^T X, W's rows as the
+// columns of a column-major (n_in x rows) matrix.
+int matmul_blas(cuda_ctx *c, float *y, const struct moe_weight *w, const float *x, int64_t n_tok)
+{
+    const float one = 1.0f, zero = 0.0f;
+    const int64_t n_in = w->n_in, n_out = w->n_out;
+    if (w->dtype == MOE_DTYPE_F32) {
+        if (w->row_bytes % 4 != 0)
+            return -EINVAL;
+        return blas_check(cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)n_tok, (int)n_in,
+                                      &one, (const float *)w->data, (int)(w->row_bytes / 4), x, (int)n_in,
+                                      &zero, y, (int)n_out), "cublasSgemm");
+    }
+    const bool bf16 = w->dtype == MOE_DTYPE_BF16;
+    const bool in_place = w->dtype == MOE_DTYPE_F16 || bf16;
+    const cudaDataType_t ty = bf16 ? CUDA_R_16BF : CUDA_R_16F;
+    const int64_t stride = (n_in + 7) / 8 * 8;   // 16-byte activation rows
+    const int64_t chunk = (int64_t)(c->act_bytes / ((size_t)stride * 2));
+    const int64_t rows_per_tile = (int64_t)(c->tile_bytes / ((size_t)n_in * 2));
+    if (chunk < 1 || (!in_place && rows_per_tile < 1) || (in_place && w->row_bytes % 2 != 0))
+        return MOE_ELIMIT;
+    const struct moe_dtype_info *inf = moe_dtype_info(w->dtype);
+    for (int64_t t0 = 0; t0 < n_tok; t0 += chunk) {
+        const int64_t nt = n_tok - t0 < chunk ? n_tok - t0 : chunk;
+        int rc = convert_act(c, c->act, stride, x + t0 * n_in, nt, n_in, bf16);
+        if (rc)
+            return rc;
+        if (in_place) {
+            rc = blas_check(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, (int)nt, (int)n_in, &one,
+                                         w->data, ty, (int)(w->row_bytes / 2), c->act, ty, (int)stride, &zero,
+                                         y + t0 * n_out, CUDA_R_32F, (int)n_out, CUBLAS_COMPUTE_32F,
+                                         CUBLAS_GEMM_DEFAULT), "cublasGemmEx");
+            if (rc)
+                return rc;
+            continue;
+        }
+        for (int64_t r0 = 0; r0 < n_out; r0 += rows_per_tile) {
+            const int64_t nr = n_out - r0 < rows_per_tile ? n_out - r0 : rows_per_tile;
+            dequant_rows_f16_kernel<<<grid_for(nr * n_in), 256, 0, c->stream>>>(
+                w->dtype, (const uint8_t *)w->data + r0 * w->row_bytes, w->row_bytes, n_in, nr,
+                (int)inf->block_size, (int)inf->type_size, (__half *)c->tile);
+            if ((rc = LAUNCHED(c, "matmul dequant")) != 0)
+                return rc;
+            rc = blas_check(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, (int)nt, (int)n_in, &one,
+                                         c->tile, CUDA_R_16F, (int)n_in, c->act, CUDA_R_16F, (int)stride,
+                                         &zero, y + t0 * n_out + r0, CUDA_R_32F, (int)n_out,
+                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmEx");
+            if (rc)
+                return rc;
+        }
+    }
+    return 0;
+}
+
 int cu_matmul(struct moe_backend *be, float *y, const struct moe_weight *w, const float *bias,
               const float *x, int64_t n_tok)
 {
@@ -598,43 +563,23 @@ int cu_matmul(struct moe_backend *be, float *y, const struct moe_weight *w, cons
     FATAL_GUARD(c);
     if (!cu_supports(be, w->dtype))
         return MOE_EUNSUPPORTED;
-    if (c->tile == nullptr)
-        return MOE_ELIMIT;
-    const struct moe_dtype_info *inf = moe_dtype_info(w->dtype);
-    const int blk = (int)inf->block_size, bb = (int)inf->type_size;
-    int64_t rows_per_tile = (int64_t)(c->tile_bytes / ((size_t)w->n_in * sizeof(float)));
-    if (rows_per_tile < 1)
-        return MOE_ELIMIT;
-    const float one = 1.0f, zero = 0.0f;
-    for (int64_t r0 = 0; r0 < w->n_out; r0 += rows_per_tile) {
-        const int64_t nr = w->n_out - r0 < rows_per_tile ? w->n_out - r0 : rows_per_tile;
-        const float *wf;
-        if (w->dtype == MOE_DTYPE_F32) {
-            wf = (const float *)((const uint8_t *)w->data + r0 * w->row_bytes);
-        } else {
-            dequant_rows_kernel<<<grid_for(nr * w->n_in), 256, 0, c->stream>>>(
-                w->dtype, (const uint8_t *)w->data + r0 * w->row_bytes, w->row_bytes, w->n_in, nr,
-                blk, bb, c->tile);
-            int rc = LAUNCHED(c, "matmul dequant");
-            if (rc)
-                return rc;
-            wf = c->tile;
-        }
-        // column-major view: Y(n_out x n_tok) = W^T(n_out x n_in) * X(n_in x n_tok)
-        // (an F32 weight is used in place: its row stride is n_in floats too)
-        cublasStatus_t st = cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, (int)n_tok,
-                                        (int)w->n_in, &one, wf, (int)w->n_in, x, (int)w->n_in, &zero,
-                                        y + r0, (int)w->n_out);
-        if (st != CUBLAS_STATUS_SUCCESS) {
-            fprintf(stderr, "moe cuda: cublasSgemm: status %d\n", (int)st);
-            return MOE_EGPU;
-        }
+    if (w->n_in <= 0 || w->n_out <= 0 || w->n_in > INT32_MAX || w->n_out > INT32_MAX)
+        return -EINVAL;
+    if (n_tok <= 0)
+        return 0;
+    if (c->act == nullptr)
+        return MOE_ELIMIT;   // reserve() was not called
+    if (n_tok <= MV_MAX_TOK) {
+        int rc = matvec(c, y, w, bias, x, n_tok);
+        if (rc != MOE_EUNSUPPORTED)
+            return rc;
     }
-    if (bias) {
+    int rc = matmul_blas(c, y, w, x, n_tok);
+    if (rc == 0 && bias) {
         add_bias_kernel<<<grid_for(n_tok * w->n_out), 256, 0, c->stream>>>(y, bias, n_tok, w->n_out);
-        return LAUNCHED(c, "matmul bias");
+        rc = LAUNCHED(c, "matmul bias");
     }
-    return 0;
+    return rc;
 }
 
 int cu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_stride, int offset,
@@ -644,6 +589,8 @@ int cu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int hea
     FATAL_GUARD(c);
     if (rp->n_rot <= 0 || offset < 0 || offset + rp->n_rot > head_stride || rp->n_rot % 2 != 0)
         return -EINVAL;
+    if (n_tok <= 0 || n_head <= 0)
+        return 0;
     rope_args a;
     a.mode = rp->mode;
     a.n_rot = rp->n_rot;
@@ -655,8 +602,8 @@ int cu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int hea
         a.mscale *= 1.0f + 0.1f * logf(1.0f / rp->freq_scale);
     a.corr0 = rp->corr_dims[0];
     a.corr1 = rp->corr_dims[1];
-    int32_t *d_pos;
-    int rc = dev_ints(c, pos, n_tok, &d_pos);
+    ints_arg d_pos;
+    int rc = make_ints(c, pos, n_tok, &d_pos);
     if (rc)
         return rc;
     rope_kernel<<<grid_for(n_tok * n_head * (rp->n_rot / 2)), 256, 0, c->stream>>>(
@@ -669,24 +616,7 @@ int cu_attention(struct moe_backend *be, float *out, const float *q, int64_t n_t
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
-    if (ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0)
-        return -EINVAL;
-    for (int64_t t = 0; t < n_tok; t++)
-        if (pos[t] < 0)
-            return -EINVAL;
-    int32_t *d_pos;
-    int rc = dev_ints(c, pos, n_tok, &d_pos);
-    if (rc)
-        return rc;
-    const size_t sm = (size_t)(ap->head_dim + ap->head_dim_v + ATT_CHUNK) * sizeof(float);
-    for (int64_t t0 = 0; t0 < n_tok; t0 += 65535 / ap->n_head) {
-        const int64_t nt = n_tok - t0 < 65535 / ap->n_head ? n_tok - t0 : 65535 / ap->n_head;
-        attention_kernel<<<(unsigned)(nt * ap->n_head), 128, sm, c->stream>>>(
-            out + t0 * ap->n_head * ap->head_dim_v, q + t0 * ap->n_head * ap->head_dim, d_pos + t0, *ap);
-        if ((rc = LAUNCHED(c, "attention")) != 0)
-            return rc;
-    }
-    return 0;
+    return attention(c, out, q, n_tok, pos, ap);
 }
 
 int cu_kv_store(struct moe_backend *be, void *cache, const float *x, int64_t n_tok, const int32_t *pos,
@@ -694,8 +624,13 @@ int cu_kv_store(struct moe_backend *be, void *cache, const float *x, int64_t n_t
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
-    int32_t *d_pos;
-    int rc = dev_ints(c, pos, n_tok, &d_pos);
+    if (n_tok <= 0 || n <= 0)
+        return 0;
+    for (int64_t t = 0; t < n_tok; t++)
+        if (pos[t] < 0)
+            return -EINVAL;
+    ints_arg d_pos;
+    int rc = make_ints(c, pos, n_tok, &d_pos);
     if (rc)
         return rc;
     kv_store_kernel<<<grid_for(n_tok * n), 256, 0, c->stream>>>(cache, x, n_tok, d_pos, n, row, offset,
@@ -704,14 +639,19 @@ int cu_kv_store(struct moe_backend *be, void *cache, const float *x, int64_t n_t
 }
 
 // The logits come to the host (n_tok x n_expert floats) and the CPU
-// backend's router picks the experts: identical selection rules, and the
-// ids are needed on the host anyway to fetch the experts.
+// backend's router picks the experts: identical selection rules and
+// tie-breaking, and the ids are needed on the host anyway to fetch the
+// experts. The gating bias is host memory.
 int cu_router_topk(struct moe_backend *be, const float *logits, int64_t n_tok,
                    const struct moe_gating_params *gp, int32_t *ids, float *weights)
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (gp->n_expert <= 0 || n_tok < 0)
+        return -EINVAL;
     const size_t need = (size_t)n_tok * (size_t)gp->n_expert * sizeof(float);
+    if (need == 0)
+        return 0;
     if (need > c->host_logits_cap) {
         if (c->host_logits)
             cudaFreeHost(c->host_logits);
@@ -733,6 +673,8 @@ int cu_swiglu(struct moe_backend *be, float *y, const float *g, const float *u, 
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (n <= 0)
+        return 0;
     swiglu_kernel<<<grid_for(n), 256, 0, c->stream>>>(y, g, u, n);
     return LAUNCHED(c, "swiglu");
 }
@@ -742,6 +684,8 @@ int cu_swiglu_oai(struct moe_backend *be, float *y, const float *g, const float 
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (n <= 0)
+        return 0;
     swiglu_oai_kernel<<<grid_for(n), 256, 0, c->stream>>>(y, g, u, n, alpha, limit);
     return LAUNCHED(c, "swiglu_oai");
 }
@@ -750,6 +694,8 @@ int cu_axpy(struct moe_backend *be, float *y, float a, const float *x, int64_t n
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (n <= 0)
+        return 0;
     axpy_kernel<<<grid_for(n), 256, 0, c->stream>>>(y, a, x, n);
     return LAUNCHED(c, "axpy");
 }
@@ -758,6 +704,8 @@ int cu_add(struct moe_backend *be, float *y, const float *a, const float *b, int
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (n <= 0)
+        return 0;
     add_kernel<<<grid_for(n), 256, 0, c->stream>>>(y, a, b, n);
     return LAUNCHED(c, "add");
 }
@@ -767,22 +715,26 @@ int cu_copy_rows(struct moe_backend *be, float *dst, int64_t ds, const int32_t *
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
-    if (n <= 0)
+    if (n <= 0 || len <= 0)
         return 0;
-    /* both index lists in one device buffer: [di | si] */
-    int32_t *host = (int32_t *)malloc((size_t)(2 * n) * sizeof(int32_t));
+    // the index lists, as given, in one array: [di | si]
+    const int64_t m = (di ? n : 0) + (si ? n : 0);
+    int32_t small[INLINE_INTS] = { 0 };
+    int32_t *host = m <= INLINE_INTS ? small : (int32_t *)malloc((size_t)(m ? m : 1) * sizeof(int32_t));
     if (host == nullptr)
         return -ENOMEM;
-    for (int64_t i = 0; i < n; i++) {
-        host[i] = di ? di[i] : (int32_t)i;
-        host[n + i] = si ? si[i] : (int32_t)i;
-    }
-    int32_t *dev = nullptr;
-    int rc = dev_ints(c, host, 2 * n, &dev);
-    free(host);
+    if (di)
+        memcpy(host, di, (size_t)n * sizeof(int32_t));
+    if (si)
+        memcpy(host + (di ? n : 0), si, (size_t)n * sizeof(int32_t));
+    ints_arg idx;
+    int rc = make_ints(c, host, m, &idx);
+    if (host != small)
+        free(host);
     if (rc)
         return rc;
-    copy_rows_kernel<<<grid_for(n * len), 256, 0, c->stream>>>(dst, ds, dev, src, ss, dev + n, n, len);
+    copy_rows_kernel<<<grid_for(n * len), 256, 0, c->stream>>>(dst, ds, src, ss, idx, di != nullptr,
+                                                                si != nullptr, n, len);
     return LAUNCHED(c, "copy_rows");
 }
 
@@ -790,6 +742,8 @@ int cu_fill(struct moe_backend *be, float *y, float v, int64_t n)
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (n <= 0)
+        return 0;
     fill_kernel<<<grid_for(n), 256, 0, c->stream>>>(y, v, n);
     return LAUNCHED(c, "fill");
 }
@@ -798,6 +752,8 @@ int cu_gate_rows(struct moe_backend *be, float *y, const float *g, int64_t n_row
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (n_rows <= 0 || n <= 0)
+        return 0;
     gate_rows_kernel<<<grid_for(n_rows * n), 256, 0, c->stream>>>(y, g, n_rows, n);
     return LAUNCHED(c, "gate_rows");
 }
@@ -806,11 +762,12 @@ void cu_destroy(struct moe_backend *be)
 {
     cuda_ctx *c = ctx_of(be);
     if (c) {
-        cudaStreamSynchronize(c->stream);
-        if (c->tile)
-            cudaFree(c->tile);
-        if (c->dev_ints)
-            cudaFree(c->dev_ints);
+        if (c->stream)
+            cudaStreamSynchronize(c->stream);
+        cudaFree(c->tile);
+        cudaFree(c->act);
+        cudaFree(c->part);
+        cudaFree(c->dev_ints);
         if (c->host_logits)
             cudaFreeHost(c->host_logits);
         if (c->blas)
@@ -850,9 +807,11 @@ const struct moe_backend_ops cuda_ops = {
 };
 
 } // namespace
+} // namespace moecu
 
 extern "C" int moe_backend_cuda_create(struct moe_backend **out, int device, struct moe_diag *diag)
 {
+    using namespace moecu;
     *out = nullptr;
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
@@ -870,19 +829,24 @@ extern "C" int moe_backend_cuda_create(struct moe_backend **out, int device, str
     if (be == nullptr || c == nullptr) {
         free(be);
         free(c);
-        return moe_diag_set(diag, -ENOMEM, "out of memory");
+        return moe_diag_set(diag, -ENOMEM, "CUDA backend: out of memory");
     }
     be->ops = &cuda_ops;
     be->ctx = c;
     c->device = device;
     int rc = 0;
-    if ((e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)
+    if ((e = cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
+        rc = moe_diag_set(diag, MOE_EGPU, "cudaDeviceGetAttribute: %s", cudaGetErrorString(e));
+    if (rc == 0 && (e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)
         rc = moe_diag_set(diag, MOE_EGPU, "cudaStreamCreate: %s", cudaGetErrorString(e));
-    if (rc == 0 && cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS)
-        rc = moe_diag_set(diag, MOE_EGPU, "cublasCreate failed");
+    cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+    if (rc == 0 && (st = cublasCreate(&c->blas)) != CUBLAS_STATUS_SUCCESS) {
+        c->blas = nullptr;
+        rc = moe_diag_set(diag, MOE_EGPU, "cublasCreate: %s", cublasGetStatusString(st));
+    }
     if (rc == 0) {
         cublasSetStream(c->blas, c->stream);
-        cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH);   // FP32, no TF32: parity first
+        cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH);   // FP32 SGEMM, no TF32: parity first
     }
     if (rc == 0)
         rc = moe_backend_cpu_create(&c->host, 1, diag);

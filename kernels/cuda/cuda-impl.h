@@ -1,0 +1,80 @@
+// What the CUDA backend's translation units share: the backend context, the
+// error mapping and the launchers each .cu file provides. Private to
+// kernels/cuda. C++ (nvcc) only.
+#ifndef MOE_KERNELS_CUDA_CUDA_IMPL_H
+#define MOE_KERNELS_CUDA_CUDA_IMPL_H
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/backend.h"
+
+namespace moecu {
+
+struct cuda_ctx {
+    int device;
+    int n_sm;
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    struct moe_backend *host;      // CPU backend for the router's top-k
+    void *tile;                    // dequantized weight rows (f16) for cuBLAS
+    size_t tile_bytes;
+    void *act;                     // converted / quantized activations
+    size_t act_bytes;
+    float *part;                   // split-K attention partials
+    size_t part_bytes;
+    int32_t *dev_ints;             // positions and ids too long to pass inline
+    size_t dev_ints_cap;
+    float *host_logits;            // pinned, router logits
+    size_t host_logits_cap;
+    bool fatal;
+};
+
+// cudaError_t to a moe code, with the CUDA message on stderr (ops have no
+// diag). A sticky error marks the context fatal: later ops fail at once.
+int check(cuda_ctx *c, cudaError_t e, const char *what);
+
+// Small host integer arrays (positions, row ids) travel inside the kernel's
+// parameters, so an op does not have to wait for a copy before it returns
+// (the host array may change right after). Longer ones go through
+// dev_ints with a synchronous copy.
+constexpr int INLINE_INTS = 256;
+
+struct ints_arg {
+    const int32_t *p;              // device copy, or NULL: use v
+    int32_t v[INLINE_INTS];
+#ifdef __CUDACC__
+    __device__ __forceinline__ int32_t operator[](int64_t i) const { return p ? p[i] : v[i]; }
+#endif
+};
+
+// Fills `out` from host[0..n): inline when n <= INLINE_INTS, else copied to
+// the device (the stream is synchronized before returning).
+int make_ints(cuda_ctx *c, const int32_t *host, int64_t n, ints_arg *out);
+
+// Decode GEMV (kernels/cuda/matvec.cu): y[t][o] = w[o] . x[t] (+ bias) for
+// n_tok <= MV_MAX_TOK tokens with the activations in the CPU backend's
+// formats. MOE_EUNSUPPORTED when w's type has no GEMV kernel (the caller
+// then takes the cuBLAS path); MOE_ELIMIT when the activation workspace
+// from reserve() is too small.
+constexpr int MV_MAX_TOK = 8;
+int matvec(cuda_ctx *c, float *y, const struct moe_weight *w, const float *bias, const float *x,
+           int64_t n_tok);
+
+// Activations to f16 (bf16 = false) or bf16 rows of `stride` elements.
+int convert_act(cuda_ctx *c, void *dst, int64_t stride, const float *x, int64_t n_tok, int64_t n_in,
+                bool bf16);
+
+// Attention (kernels/cuda/attention.cu): split-K flash decoding when few
+// (token, head) pairs would leave the device idle, one block per pair
+// otherwise.
+int attention(cuda_ctx *c, float *out, const float *q, int64_t n_tok, const int32_t *host_pos,
+              const struct moe_attn_params *ap);
+
+unsigned grid_for(int64_t n, int threads = 256);
+
+} // namespace moecu
+
+#endif
