@@ -15,12 +15,28 @@ struct moe_policy {
     int32_t *visit;         /* [layer] visits so far (layer policy) */
     int32_t *visit_step;    /* [layer] step of the current visit */
     int32_t *seen;          /* [key] visit in which the key was last counted */
+    /* predict */
+    int words;              /* 64-bit words of one layer's expert set */
+    uint64_t *set;          /* [layer][words] experts used at the latest visit */
+    uint64_t *pset;         /* [layer][words] ... at the visit before */
+    float *tc;              /* [layer][a][b] visits using b right after a visit using a */
+    float *tn;              /* [layer][a] visits using a that were followed by a visit */
+    int cur_layer;          /* layer of the latest visit, -1 before any */
+    int layer_major;        /* the latest visit repeated the layer before it (prefill) */
 };
+
+/* predict's fixed shape parameters (doc/cache.md: chosen by a search on the
+ * gemma trace at 10% capacity) */
+#define PRED_RECENT_F 16.0  /* recent bonus grows with the frequency: + 16 f */
+#define PRED_OLDER_F 2.0    /* older bonus: + 2 f */
+#define PRED_OLDER_DECAY 0.8
+#define PRED_TRANS_PRIOR 20.0
+#define PRED_OTHER_LAYERS 100.0 /* layer-major order: other layers wait this many cycles */
 
 int moe_policy_from_name(const char *name)
 {
-    static const char *const names[] = { "lru", "lfu", "layer", "belady" };
-    for (int i = 0; i < 4; i++)
+    static const char *const names[] = { "lru", "lfu", "layer", "belady", "predict" };
+    for (int i = 0; i < MOE_POLICY_COUNT; i++)
         if (strcmp(name, names[i]) == 0)
             return i;
     return -1;
@@ -28,8 +44,8 @@ int moe_policy_from_name(const char *name)
 
 const char *moe_policy_name(enum moe_policy_kind k)
 {
-    static const char *const names[] = { "lru", "lfu", "layer", "belady" };
-    return (unsigned)k < 4 ? names[k] : "?";
+    static const char *const names[] = { "lru", "lfu", "layer", "belady", "predict" };
+    return (unsigned)k < MOE_POLICY_COUNT ? names[k] : "?";
 }
 
 void moe_policy_defaults(struct moe_policy_params *p)
@@ -38,6 +54,11 @@ void moe_policy_defaults(struct moe_policy_params *p)
     p->layer_alpha = 0.05;
     p->layer_beta = 1.0;
     p->layer_recent = 0.2;
+    p->pred_alpha = 0.005;
+    p->pred_recent = 0.4;
+    p->pred_older = 0.08;
+    p->pred_trans = 1.2;
+    p->pred_dist = 1.0;
 }
 
 struct moe_policy *moe_policy_create(enum moe_policy_kind kind, int n_layer, int n_expert,
@@ -66,6 +87,18 @@ struct moe_policy *moe_policy_create(enum moe_policy_kind kind, int n_layer, int
         moe_policy_free(p);
         return NULL;
     }
+    p->cur_layer = -1;
+    if (kind == MOE_POLICY_PREDICT) {
+        p->words = (n_expert + 63) / 64;
+        p->set = moe_calloc((size_t)n_layer * (size_t)p->words, sizeof(uint64_t));
+        p->pset = moe_calloc((size_t)n_layer * (size_t)p->words, sizeof(uint64_t));
+        p->tc = moe_calloc(nk * (size_t)n_expert, sizeof(float));
+        p->tn = moe_calloc(nk, sizeof(float));
+        if (!p->set || !p->pset || !p->tc || !p->tn) {
+            moe_policy_free(p);
+            return NULL;
+        }
+    }
     for (int l = 0; l < n_layer; l++)
         p->visit_step[l] = -1;
     for (size_t k = 0; k < nk; k++)
@@ -83,6 +116,10 @@ void moe_policy_free(struct moe_policy *p)
     moe_free(p->seen);
     moe_free(p->visit);
     moe_free(p->visit_step);
+    moe_free(p->set);
+    moe_free(p->pset);
+    moe_free(p->tc);
+    moe_free(p->tn);
     moe_free(p);
 }
 
@@ -92,9 +129,85 @@ static double lfu_now(const struct moe_policy *p, int32_t key, int32_t step)
 }
 
 /* frequency of key at its layer's current visit count */
+static double ema_alpha(const struct moe_policy *p)
+{
+    return p->kind == MOE_POLICY_PREDICT ? p->prm.pred_alpha : p->prm.layer_alpha;
+}
+
 static double freq_now(const struct moe_policy *p, int32_t key, int layer)
 {
-    return p->count[key] * pow(1.0 - p->prm.layer_alpha, (double)(p->visit[layer] - p->stamp[key]));
+    return p->count[key] * pow(1.0 - ema_alpha(p), (double)(p->visit[layer] - p->stamp[key]));
+}
+
+/* predict: a new token step at `layer` starts a new visit. The finished
+ * visit's experts become the "previous" set, and each of them counts one
+ * more visit that was followed by another. */
+static void pred_visit(struct moe_policy *p, int layer, int32_t step)
+{
+    if (p->visit_step[layer] == step)
+        return;
+    uint64_t *set = p->set + (size_t)layer * p->words, *pset = p->pset + (size_t)layer * p->words;
+    float *tn = p->tn + (size_t)layer * p->n_expert;
+    for (int w = 0; w < p->words; w++) {
+        for (uint64_t m = set[w]; m; m &= m - 1)
+            tn[w * 64 + __builtin_ctzll(m)] += 1.0f;
+        pset[w] = set[w];
+        set[w] = 0;
+    }
+    p->visit_step[layer] = step;
+    p->visit[layer]++;
+    if (p->cur_layer >= 0)
+        p->layer_major = layer == p->cur_layer;
+    p->cur_layer = layer;
+}
+
+/* predict: mean over the experts a of `from` of P(expert at the next visit | a) */
+static double pred_trans(const struct moe_policy *p, int layer, int expert, const uint64_t *from)
+{
+    const float *tc = p->tc + (size_t)layer * p->n_expert * p->n_expert;
+    const float *tn = p->tn + (size_t)layer * p->n_expert;
+    double c = 0.0, n = 0.0;
+    for (int w = 0; w < p->words; w++) {
+        for (uint64_t m = from[w]; m; m &= m - 1) {
+            const int a = w * 64 + __builtin_ctzll(m);
+            c += tc[(size_t)a * p->n_expert + expert];
+            n += tn[a];
+        }
+    }
+    return n > 0.0 ? c / (n + PRED_TRANS_PRIOR) : 0.0;
+}
+
+/* predict: expected wait (in layer visits) until the key's next use */
+static double pred_wait(const struct moe_policy *p, int32_t key, int cur_layer)
+{
+    const int layer = key / p->n_expert, expert = key % p->n_expert, nl = p->n_layer;
+    const double f = freq_now(p, key, layer);
+    /* the layer being computed: its latest visit is the current one */
+    const int cur = layer == cur_layer;
+    const int32_t last = p->seen[key];
+    double pr = f;
+    if (last >= p->visit[layer] - cur) {
+        pr += p->prm.pred_recent + PRED_RECENT_F * f;
+    } else {
+        const int since = p->visit[layer] - last - cur; /* >= 1 */
+        pr += (p->prm.pred_older + PRED_OLDER_F * f) * pow(PRED_OLDER_DECAY, since - 1);
+    }
+    /* the current layer's experts not used yet in this visit may be needed
+     * now: predicted from the previous visit; the others from the latest */
+    const int pending = cur && last < p->visit[layer];
+    const uint64_t *from = (pending ? p->pset : p->set) + (size_t)layer * p->words;
+    pr += p->prm.pred_trans * pred_trans(p, layer, expert, from);
+    if (pr > 1.0)
+        pr = 1.0;
+    if (pr < 1e-6)
+        pr = 1e-6;
+    const double cycles = (1.0 - pr) / pr;
+    if (p->layer_major) /* prefill: the current layer is the one visited next */
+        return cur ? cycles : nl * (PRED_OTHER_LAYERS + cycles);
+    int dist = (layer - cur_layer + nl) % nl;
+    if (dist == 0)
+        dist = pending ? 1 : nl;
+    return p->prm.pred_dist * dist + nl * cycles;
 }
 
 void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now, int32_t step)
@@ -118,6 +231,21 @@ void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now,
             p->seen[key] = p->visit[layer];
         }
         break;
+    case MOE_POLICY_PREDICT:
+        pred_visit(p, layer, step);
+        if (p->seen[key] != p->visit[layer]) { /* first use in this visit */
+            uint64_t *set = p->set + (size_t)layer * p->words;
+            const uint64_t *pset = p->pset + (size_t)layer * p->words;
+            float *tc = p->tc + (size_t)layer * p->n_expert * p->n_expert;
+            for (int w = 0; w < p->words; w++)
+                for (uint64_t m = pset[w]; m; m &= m - 1)
+                    tc[(size_t)(w * 64 + __builtin_ctzll(m)) * p->n_expert + expert] += 1.0f;
+            set[expert / 64] |= 1ull << (expert % 64);
+            p->count[key] = freq_now(p, key, layer) + p->prm.pred_alpha;
+            p->stamp[key] = p->visit[layer];
+            p->seen[key] = p->visit[layer];
+        }
+        break;
     default:
         break;
     }
@@ -125,6 +253,8 @@ void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now,
 
 int moe_policy_victim(struct moe_policy *p, const int32_t *keys, int n, int cur_layer, int32_t step)
 {
+    if (p->kind == MOE_POLICY_PREDICT && cur_layer >= 0 && cur_layer < p->n_layer)
+        pred_visit(p, cur_layer, step);
     int best = 0;
     double best_score = INFINITY;
     for (int i = 0; i < n; i++) {
@@ -155,6 +285,9 @@ int moe_policy_victim(struct moe_policy *p, const int32_t *keys, int n, int cur_
             score = -((double)dist * p->prm.layer_beta + (double)p->n_layer * (1.0 - pr) / pr);
             break;
         }
+        case MOE_POLICY_PREDICT:
+            score = -pred_wait(p, key, cur_layer);
+            break;
         default:
             score = 0.0;
             break;

@@ -17,6 +17,14 @@
  *          layers in a cycle, so recency alone (LRU) keeps the experts of
  *          the layer just computed, which are needed last. doc/cache.md has
  *          the measurements that chose the parameters.
+ *   predict the same expected-wait ranking with a better estimate of p,
+ *          learned online from the routing stream only: a long-memory
+ *          frequency, a recency bonus that decays with the visits since the
+ *          last use, and a per-layer transition model P(expert b at this
+ *          visit | experts used at the layer's previous visit), counted from
+ *          past token steps. It also notices layer-major (prefill) order,
+ *          where the layer being computed is the one needed next. The
+ *          closest to Belady on shared/traces (doc/cache.md).
  */
 #ifndef MOE_CACHE_POLICY_H
 #define MOE_CACHE_POLICY_H
@@ -28,9 +36,12 @@ enum moe_policy_kind {
     MOE_POLICY_LFU,
     MOE_POLICY_LAYER,
     MOE_POLICY_BELADY,   /* simulator only */
+    MOE_POLICY_PREDICT,
 };
 
-/* "lru", "lfu", "layer", "belady"; -1 if unknown. */
+#define MOE_POLICY_COUNT 5
+
+/* "lru", "lfu", "layer", "belady", "predict"; -1 if unknown. */
 int moe_policy_from_name(const char *name);
 const char *moe_policy_name(enum moe_policy_kind k);
 
@@ -39,13 +50,20 @@ struct moe_policy_params {
     double layer_alpha;   /* frequency EMA weight per layer visit, default 0.05 */
     double layer_beta;    /* weight of the layer distance, default 1 */
     double layer_recent;  /* added to p when the latest visit used it, default 0.2 */
+    /* predict: p = f + recency + transition, see policy.c */
+    double pred_alpha;    /* frequency EMA weight per layer visit, default 0.005 */
+    double pred_recent;   /* bonus when the latest visit used it, default 0.4 (+ 16 f) */
+    double pred_older;    /* bonus one visit later, default 0.08 (+ 2 f), x0.8 per further visit */
+    double pred_trans;    /* weight of the transition estimate, default 1.2 */
+    double pred_dist;     /* weight of the layers until the next visit, default 1 */
 };
 
 void moe_policy_defaults(struct moe_policy_params *p);
 
 struct moe_policy;
 
-/* NULL on allocation failure or for MOE_POLICY_BELADY. */
+/* NULL on allocation failure or for MOE_POLICY_BELADY. `predict` keeps
+ * n_layer * n_expert^2 float transition counts (2 MB for 30 x 128). */
 struct moe_policy *moe_policy_create(enum moe_policy_kind kind, int n_layer, int n_expert,
                                      const struct moe_policy_params *params);
 void moe_policy_free(struct moe_policy *p);

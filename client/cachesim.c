@@ -1,7 +1,7 @@
 /* moectl cache-sim: replay a routing trace against a global expert cache.
  *
  *   moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]
- *                    [--policy lru|lfu|layer|belady] [--sweep P1,P2,...] [--plot OUT.svg]
+ *                    [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...] [--plot OUT.svg]
  *
  * One line per policy and capacity:
  *   policy=P capacity=N accesses=A hits=H hit_rate=X
@@ -22,7 +22,7 @@
 static void usage(FILE *f)
 {
     fprintf(f, "usage: moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]\n"
-               "                        [--policy lru|lfu|layer|belady] [--sweep P1,P2,...]"
+               "                        [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...]"
                " [--plot OUT.svg]\n");
 }
 
@@ -32,7 +32,7 @@ static int write_svg(const char *path, const int *pct, int n_pts, const double r
     FILE *f = fopen(path, "w");
     if (f == NULL)
         return -errno;
-    static const char *const colors[] = { "#1f77b4", "#ff7f0e", "#2ca02c", "#000000" };
+    static const char *const colors[] = { "#1f77b4", "#ff7f0e", "#2ca02c", "#000000", "#d62728" };
     const int W = 640, H = 420, L = 60, R = 150, T = 30, B = 50;
     const double xmax = pct[n_pts - 1] > 0 ? pct[n_pts - 1] : 1;
     fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
@@ -56,11 +56,11 @@ static int write_svg(const char *path, const int *pct, int n_pts, const double r
     fprintf(f, "<line x1=\"%d\" x2=\"%d\" y1=\"%d\" y2=\"%d\" stroke=\"black\"/>\n", L, L, T, H - B);
     for (int p = 0; p < n_pol; p++) {
         fprintf(f, "<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\"%s points=\"",
-                colors[pols[p] % 4], pols[p] == MOE_POLICY_BELADY ? " stroke-dasharray=\"6,4\"" : "");
+                colors[pols[p] % 5], pols[p] == MOE_POLICY_BELADY ? " stroke-dasharray=\"6,4\"" : "");
         for (int i = 0; i < n_pts; i++)
             fprintf(f, "%.1f,%.1f ", L + (W - L - R) * pct[i] / xmax, T + (H - T - B) * (1.0 - rates[p][i]));
         fprintf(f, "\"/>\n<text x=\"%d\" y=\"%d\" fill=\"%s\">%s</text>\n", W - R + 10, T + 20 + 18 * p,
-                colors[pols[p] % 4], moe_policy_name((enum moe_policy_kind)pols[p]));
+                colors[pols[p] % 5], moe_policy_name((enum moe_policy_kind)pols[p]));
     }
     fprintf(f, "</svg>\n");
     return fclose(f) == 0 ? 0 : -errno;
@@ -98,7 +98,7 @@ int moectl_cachesim_main(int argc, char **argv)
             i++;
         } else if (strcmp(a, "--policy") == 0 && v) {
             if ((policy = moe_policy_from_name(v)) < 0) {
-                fprintf(stderr, "moectl: --policy '%s': expected lru, lfu, layer or belady\n", v);
+                fprintf(stderr, "moectl: --policy '%s': expected lru, lfu, layer, predict or belady\n", v);
                 return 2;
             }
             i++;
@@ -150,13 +150,13 @@ int moectl_cachesim_main(int argc, char **argv)
         pct[0] = (int)(100.0 * caps[0] / n_keys + 0.5);
         n_pts = 1;
     }
-    int pols[4], n_pol = 0;
+    int pols[MOE_POLICY_COUNT], n_pol = 0;
     if (policy >= 0)
         pols[n_pol++] = policy;
     else
-        for (int p = 0; p < 4; p++)
+        for (int p = 0; p < MOE_POLICY_COUNT; p++)
             pols[n_pol++] = p;
-    static double rates[4][MAX_POINTS];
+    static double rates[MOE_POLICY_COUNT][MAX_POINTS];
     struct moe_policy_params prm;
     moe_policy_defaults(&prm);
     int rc = 0;

@@ -41,7 +41,7 @@ static const struct key keys[] = {
       "expert cache budget (e.g. 12G); 0 with cache_experts 0: every expert resident" },
     { "cache_experts", K_INT, OFF(cache_experts), 0, 0, 1 << 24, false, NULL,
       "expert cache budget in experts (instead of cache_bytes)" },
-    { "cache_policy", K_ENUM, OFF(cache_policy), CAP(cache_policy), 0, 0, false, "lru|lfu|layer",
+    { "cache_policy", K_ENUM, OFF(cache_policy), CAP(cache_policy), 0, 0, false, "lru|lfu|layer|predict",
       "eviction policy of the expert cache" },
     { "host_bytes", K_SIZE, OFF(host_bytes), 0, 0, (int64_t)1 << 50, false, NULL,
       "host-RAM tier below the expert cache (0: none)" },

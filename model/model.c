@@ -855,7 +855,7 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
                 n_moe, c->n_expert_used);
     int pol = moe_policy_from_name(o->cache_policy ? o->cache_policy : "layer");
     if (pol < 0 || pol == MOE_POLICY_BELADY)
-        return moe_diag_set(diag, -EINVAL, "cache policy '%s': expected lru, lfu or layer",
+        return moe_diag_set(diag, -EINVAL, "cache policy '%s': expected lru, lfu, layer or predict",
                             o->cache_policy);
     if (o->prefetch && strcmp(o->prefetch, "none") != 0) {
         if (strcmp(o->prefetch, "gate") != 0 && strcmp(o->prefetch, "history") != 0)
