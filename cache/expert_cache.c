@@ -294,6 +294,19 @@ static int find_slot(struct moe_expert_cache *c, int cur_layer, int32_t step, in
     return v;
 }
 
+/* A demand load that could not start: the slot is empty again and unpinned. */
+static void abandon_slot(struct moe_expert_cache *c, struct slot *s, int32_t key)
+{
+    pthread_mutex_lock(&c->mu);
+    s->state = SLOT_EMPTY;
+    s->key = -1;
+    s->pins = 0;
+    c->slot_of[key] = -1;
+    c->st.loads_failed++;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
 int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, int32_t step,
                              const uint8_t **data, struct moe_diag *diag)
 {
@@ -346,14 +359,7 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
             memcpy(s->data, hdata, hsize < c->slot_bytes ? hsize : c->slot_bytes);
         moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
         if (urc != 0) {
-            pthread_mutex_lock(&c->mu);
-            s->state = SLOT_EMPTY;
-            s->key = -1;
-            s->pins = 0;
-            c->slot_of[key] = -1;
-            c->st.loads_failed++;
-            pthread_cond_broadcast(&c->cv);
-            pthread_mutex_unlock(&c->mu);
+            abandon_slot(c, s, key);
             return moe_diag_set(diag, urc, "expert (layer %d, expert %d): upload from the host tier"
                                 " failed: %s", layer, expert, moe_strerror(urc));
         }
@@ -369,13 +375,7 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
                                       (size_t)lay->raw_size, 0, load_done, s, diag)
                  : moe_diag_set(diag, -ENOENT, "expert cache: layer %d has no experts", layer);
     if (rc != 0) {
-        pthread_mutex_lock(&c->mu);
-        s->state = SLOT_EMPTY;
-        s->key = -1;
-        s->pins = 0;
-        c->slot_of[key] = -1;
-        c->st.loads_failed++;
-        pthread_mutex_unlock(&c->mu);
+        abandon_slot(c, s, key);
         return rc;
     }
     return 0;

@@ -126,8 +126,15 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
         return moe_diag_set(d, -ENOMEM, "out of memory");
     e->cfg = *cfg;
     atomic_init(&e->fatal, false);
+    /* test hook: only a plain non-negative number arms it */
     const char *ff = getenv("MOED_FAULT_FATAL_STEP");
-    e->fault_fatal_at = ff ? atol(ff) : -1;
+    char *ffe = NULL;
+    e->fault_fatal_at = -1;
+    if (ff && ff[0]) {
+        long v = strtol(ff, &ffe, 10);
+        if (*ffe == '\0' && v >= 0)
+            e->fault_fatal_at = v;
+    }
     e->notify = notify;
     e->notify_ud = notify_ud;
     pthread_mutex_init(&e->mu, NULL);
