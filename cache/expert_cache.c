@@ -462,6 +462,7 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
     c->slot_of[key] = i;
     c->prefetch_inflight++;
     c->st.prefetch_issued++;
+    moe_policy_touch(c->policy, layer, expert, c->clock++);
     pthread_mutex_unlock(&c->mu);
     const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
     struct moe_diag d = { 0 };

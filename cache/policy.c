@@ -251,6 +251,11 @@ void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now,
     }
 }
 
+void moe_policy_touch(struct moe_policy *p, int layer, int expert, int64_t now)
+{
+    p->last[layer * p->n_expert + expert] = now;
+}
+
 int moe_policy_victim(struct moe_policy *p, const int32_t *keys, int n, int cur_layer, int32_t step)
 {
     if (p->kind == MOE_POLICY_PREDICT && cur_layer >= 0 && cur_layer < p->n_layer)

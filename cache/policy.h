@@ -72,6 +72,11 @@ void moe_policy_free(struct moe_policy *p);
  * `step`. Call for hits and for loads. */
 void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now, int32_t step);
 
+/* Records that the expert was loaded without being used (a prefetch) at
+ * time `now`: recency only (LRU's order, the tie rule); no policy counts it
+ * as a use. */
+void moe_policy_touch(struct moe_policy *p, int layer, int expert, int64_t now);
+
 /* Index into keys[0..n) (keys = layer * n_expert + expert) of the entry to
  * evict, while layer `cur_layer` is being computed. */
 int moe_policy_victim(struct moe_policy *p, const int32_t *keys, int n, int cur_layer, int32_t step);

@@ -2,46 +2,110 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cache/history.h"
 #include "cache/sim.h"
 #include "common/alloc.h"
 
-int moe_cache_sim(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
-                  const struct moe_policy_params *params, struct moe_sim_result *r)
+int moe_sim_prefetch_from_name(const char *name)
 {
-    memset(r, 0, sizeof(*r));
-    if (capacity < 1)
-        return -EINVAL;
+    static const char *const names[] = { "none", "history", "oracle" };
+    for (int i = 0; i < 3; i++)
+        if (strcmp(name, names[i]) == 0)
+            return i;
+    return -1;
+}
+
+const char *moe_sim_prefetch_name(enum moe_sim_prefetch_kind k)
+{
+    static const char *const names[] = { "none", "history", "oracle" };
+    return (unsigned)k < 3 ? names[k] : "?";
+}
+
+struct sim {
+    const struct moe_trace *t;
+    struct moe_policy *p;
+    int capacity, n_cached;
+    int32_t *slot_of;       /* [key] slot, -1 = absent */
+    int32_t *keys;          /* [slot] key */
+    uint8_t *prefetched;    /* [slot] loaded by a prefetch and not used yet */
+    int32_t *predicted;     /* [key] step of the latest prediction, -1 = none */
+    int32_t *cand, *cand_slot;
+    int held;               /* slots with prefetched set */
+    struct moe_sim_result *r;
+};
+
+/* Empties a slot for `key` at `layer`, step `step` (the policy's victim when
+ * full) and fills it; -1 when a prefetch finds no candidate. */
+static int sim_insert(struct sim *s, int32_t key, int layer, int32_t step, int for_prefetch)
+{
+    int slot;
+    if (s->n_cached < s->capacity) {
+        slot = s->n_cached++;
+    } else {
+        int n = 0;
+        for (int i = 0; i < s->capacity; i++)
+            if (!for_prefetch || s->predicted[s->keys[i]] != step) {
+                s->cand[n] = s->keys[i];
+                s->cand_slot[n++] = i;
+            }
+        if (n == 0)
+            return -1;
+        slot = s->cand_slot[moe_policy_victim(s->p, s->cand, n, layer, step)];
+        if (s->prefetched[slot]) {
+            s->prefetched[slot] = 0;
+            s->held--;
+            s->r->pf_wasted++;
+        }
+        s->slot_of[s->keys[slot]] = -1;
+    }
+    s->keys[slot] = key;
+    s->slot_of[key] = slot;
+    return slot;
+}
+
+static void sim_prefetch(struct sim *s, int layer, int expert, int32_t step, int64_t now)
+{
+    const int32_t key = layer * s->t->n_expert + expert;
+    s->predicted[key] = step;
+    if (s->slot_of[key] >= 0)
+        return;
+    const int share = s->capacity / 4 > 0 ? s->capacity / 4 : 1;
+    const int slot = s->held < share ? sim_insert(s, key, layer, step, 1) : -1;
+    if (slot < 0) {
+        s->r->pf_dropped++;
+        return;
+    }
+    s->prefetched[slot] = 1;
+    s->held++;
+    moe_policy_touch(s->p, layer, expert, now);
+    s->r->pf_issued++;
+}
+
+/* Belady: the victim is the cached key whose next use is furthest. */
+static int belady_run(const struct moe_trace *t, int capacity, struct moe_sim_result *r)
+{
     const int64_t nk = (int64_t)t->n_layer * t->n_expert;
     int32_t *slot_of = moe_malloc((size_t)nk * sizeof(int32_t));
     int32_t *keys = moe_malloc((size_t)capacity * sizeof(int32_t));
-    int64_t *next_use = NULL, *next_of_key = NULL, *last_pos = NULL;
-    struct moe_policy *p = NULL;
+    int64_t *next_use = moe_malloc((size_t)t->n * sizeof(int64_t));
+    int64_t *next_of_key = moe_malloc((size_t)nk * sizeof(int64_t));
+    int64_t *last_pos = moe_malloc((size_t)nk * sizeof(int64_t));
     int rc = -ENOMEM;
-    if (slot_of == NULL || keys == NULL)
+    if (!slot_of || !keys || (t->n && !next_use) || !next_of_key || !last_pos)
         goto out;
-    for (int64_t k = 0; k < nk; k++)
+    for (int64_t k = 0; k < nk; k++) {
         slot_of[k] = -1;
-    if (kind == MOE_POLICY_BELADY) {
-        /* next_use[i]: position of the next access to the same key, or n */
-        next_use = moe_malloc((size_t)t->n * sizeof(int64_t));
-        next_of_key = moe_malloc((size_t)nk * sizeof(int64_t));
-        last_pos = moe_malloc((size_t)nk * sizeof(int64_t));
-        if (next_use == NULL || next_of_key == NULL || last_pos == NULL)
-            goto out;
-        for (int64_t k = 0; k < nk; k++)
-            last_pos[k] = t->n;
-        for (int64_t i = t->n - 1; i >= 0; i--) {
-            const int64_t k = (int64_t)t->a[i].layer * t->n_expert + t->a[i].expert;
-            next_use[i] = last_pos[k];
-            last_pos[k] = i;
-        }
-    } else if ((p = moe_policy_create(kind, t->n_layer, t->n_expert, params)) == NULL) {
-        goto out;
+        last_pos[k] = t->n;
+    }
+    /* next_use[i]: position of the next access to the same key, or n */
+    for (int64_t i = t->n - 1; i >= 0; i--) {
+        const int64_t k = (int64_t)t->a[i].layer * t->n_expert + t->a[i].expert;
+        next_use[i] = last_pos[k];
+        last_pos[k] = i;
     }
     int n_cached = 0;
     for (int64_t i = 0; i < t->n; i++) {
-        const struct moe_access *a = &t->a[i];
-        const int32_t key = a->layer * t->n_expert + a->expert;
+        const int32_t key = t->a[i].layer * t->n_expert + t->a[i].expert;
         if (slot_of[key] >= 0) {
             r->hits++;
         } else {
@@ -49,33 +113,181 @@ int moe_cache_sim(const struct moe_trace *t, enum moe_policy_kind kind, int capa
             if (n_cached < capacity) {
                 slot = n_cached++;
             } else {
-                if (kind == MOE_POLICY_BELADY) {
-                    slot = 0;
-                    for (int s = 1; s < capacity; s++)
-                        if (next_of_key[keys[s]] > next_of_key[keys[slot]])
-                            slot = s;
-                } else {
-                    slot = moe_policy_victim(p, keys, capacity, a->layer, a->step);
-                }
+                slot = 0;
+                for (int s = 1; s < capacity; s++)
+                    if (next_of_key[keys[s]] > next_of_key[keys[slot]])
+                        slot = s;
                 slot_of[keys[slot]] = -1;
             }
             keys[slot] = key;
             slot_of[key] = slot;
+            r->loads++;
         }
-        if (kind == MOE_POLICY_BELADY)
-            next_of_key[key] = next_use[i];
-        else
-            moe_policy_access(p, a->layer, a->expert, i, a->step);
+        next_of_key[key] = next_use[i];
     }
-    r->accesses = t->n;
-    r->hit_rate = t->n ? (double)r->hits / (double)t->n : 0.0;
     rc = 0;
 out:
-    moe_policy_free(p);
     moe_free(slot_of);
     moe_free(keys);
     moe_free(next_use);
     moe_free(next_of_key);
     moe_free(last_pos);
     return rc;
+}
+
+/* index of the first access of the visit after the one holding access i
+ * (the same layer and step), or t->n */
+static int64_t visit_end(const struct moe_trace *t, int64_t i)
+{
+    int64_t j = i + 1;
+    while (j < t->n && t->a[j].layer == t->a[i].layer && t->a[j].step == t->a[i].step)
+        j++;
+    return j;
+}
+
+int moe_cache_sim_ex(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
+                     const struct moe_policy_params *params, const struct moe_sim_prefetch *pf,
+                     struct moe_sim_result *r)
+{
+    memset(r, 0, sizeof(*r));
+    const enum moe_sim_prefetch_kind pk = pf ? pf->kind : MOE_SIM_PREFETCH_NONE;
+    if (capacity < 1 || (unsigned)pk > MOE_SIM_PREFETCH_ORACLE ||
+        (pk != MOE_SIM_PREFETCH_NONE && (pf->depth < 1 || kind == MOE_POLICY_BELADY)))
+        return -EINVAL;
+    r->accesses = t->n;
+    if (kind == MOE_POLICY_BELADY) {
+        int rc = belady_run(t, capacity, r);
+        r->hit_rate = rc == 0 && t->n ? (double)r->hits / (double)t->n : 0.0;
+        return rc;
+    }
+    const int64_t nk = (int64_t)t->n_layer * t->n_expert;
+    const int K = t->n_expert_used > 0 ? t->n_expert_used : 1;
+    struct sim s = { .t = t, .capacity = capacity, .r = r };
+    struct moe_history hist = { 0 };
+    int32_t *ids = NULL;
+    int64_t *vis = NULL, *vis_first = NULL, *cursor = NULL; /* oracle: visits per layer */
+    int rc = -ENOMEM;
+    s.slot_of = moe_malloc((size_t)nk * sizeof(int32_t));
+    s.keys = moe_malloc((size_t)capacity * sizeof(int32_t));
+    s.prefetched = moe_calloc((size_t)capacity, 1);
+    s.predicted = moe_malloc((size_t)nk * sizeof(int32_t));
+    s.cand = moe_malloc((size_t)capacity * sizeof(int32_t));
+    s.cand_slot = moe_malloc((size_t)capacity * sizeof(int32_t));
+    ids = moe_malloc((size_t)K * sizeof(int32_t));
+    if (!s.slot_of || !s.keys || !s.prefetched || !s.predicted || !s.cand || !s.cand_slot || !ids)
+        goto out;
+    if ((s.p = moe_policy_create(kind, t->n_layer, t->n_expert, params)) == NULL)
+        goto out;
+    for (int64_t k = 0; k < nk; k++) {
+        s.slot_of[k] = -1;
+        s.predicted[k] = -1;
+    }
+    if (pk == MOE_SIM_PREFETCH_HISTORY) {
+        if ((rc = moe_history_init(&hist, t->n_layer, t->n_expert, K)) != 0)
+            goto out;
+        rc = -ENOMEM;
+    }
+    if (pk == MOE_SIM_PREFETCH_ORACLE) {
+        /* vis[vis_first[l] ..]: the start of every visit to layer l, in order */
+        vis = moe_malloc((size_t)(t->n ? t->n : 1) * sizeof(int64_t));
+        vis_first = moe_calloc((size_t)t->n_layer + 1, sizeof(int64_t));
+        cursor = moe_calloc((size_t)t->n_layer, sizeof(int64_t));
+        if (!vis || !vis_first || !cursor)
+            goto out;
+        for (int64_t i = 0; i < t->n; i = visit_end(t, i))
+            vis_first[t->a[i].layer + 1]++;
+        for (int l = 0; l < t->n_layer; l++) {
+            vis_first[l + 1] += vis_first[l];
+            cursor[l] = vis_first[l];
+        }
+        for (int64_t i = 0; i < t->n; i = visit_end(t, i))
+            vis[cursor[t->a[i].layer]++] = i;
+        for (int l = 0; l < t->n_layer; l++)
+            cursor[l] = vis_first[l];
+    }
+    int prev_run_layer = -1;  /* layer of the run before the current one */
+    for (int64_t i = 0; i < t->n; i++) {
+        const struct moe_access *a = &t->a[i];
+        const int32_t key = a->layer * t->n_expert + a->expert;
+        const int slot = s.slot_of[key];
+        if (slot >= 0) {
+            r->hits++;
+            if (s.prefetched[slot]) {
+                s.prefetched[slot] = 0;
+                s.held--;
+                r->pf_used++;
+            }
+        } else {
+            sim_insert(&s, key, a->layer, a->step, 0);
+            r->loads++;
+        }
+        moe_policy_access(s.p, a->layer, a->expert, i, a->step);
+        const int last_of_visit = i + 1 == t->n || t->a[i + 1].layer != a->layer ||
+                                  t->a[i + 1].step != a->step;
+        if (!last_of_visit || pk == MOE_SIM_PREFETCH_NONE)
+            continue;
+        const int run_end = i + 1 == t->n || t->a[i + 1].layer != a->layer;
+        if (pk == MOE_SIM_PREFETCH_HISTORY) {
+            /* this visit's choice, in trace order */
+            int n = 0;
+            for (int64_t j = i; j >= 0 && t->a[j].layer == a->layer && t->a[j].step == a->step; j--)
+                n++;
+            for (int k = 0; k < K; k++)
+                ids[k] = k < n ? t->a[i - n + 1 + k].expert : -1;
+            /* the last visit of a run follows the previous layer's run: in
+             * decode the same token, in layer-major prefill the last token
+             * (as the engine learns from the batch's last token) */
+            const int link = run_end && prev_run_layer == a->layer - 1 ? a->layer - 1 : -1;
+            moe_history_learn(&hist, a->layer, ids, link);
+        }
+        if (pk == MOE_SIM_PREFETCH_ORACLE) {
+            /* every visit to this layer up to here is in the past */
+            const int64_t end = vis_first[a->layer + 1];
+            while (cursor[a->layer] < end && vis[cursor[a->layer]] <= i)
+                cursor[a->layer]++;
+        }
+        if (!run_end)
+            continue;
+        prev_run_layer = a->layer;
+        for (int d = 1; d <= pf->depth && a->layer + d < t->n_layer; d++) {
+            const int l = a->layer + d;
+            if (pk == MOE_SIM_PREFETCH_HISTORY) {
+                const int n = moe_history_predict(&hist, l, d == 1 ? a->layer : -1, ids);
+                for (int k = 0; k < n; k++)
+                    sim_prefetch(&s, l, ids[k], a->step, i);
+            } else {
+                while (cursor[l] < vis_first[l + 1] && vis[cursor[l]] <= i)
+                    cursor[l]++;
+                if (cursor[l] == vis_first[l + 1])
+                    continue;
+                const int64_t v = vis[cursor[l]], e = visit_end(t, v);
+                for (int64_t j = v; j < e; j++)
+                    sim_prefetch(&s, l, t->a[j].expert, a->step, i);
+            }
+        }
+    }
+    r->pf_wasted += s.held; /* never used before the end */
+    r->loads += r->pf_issued;
+    r->hit_rate = t->n ? (double)r->hits / (double)t->n : 0.0;
+    rc = 0;
+out:
+    moe_policy_free(s.p);
+    moe_history_free(&hist);
+    moe_free(s.slot_of);
+    moe_free(s.keys);
+    moe_free(s.prefetched);
+    moe_free(s.predicted);
+    moe_free(s.cand);
+    moe_free(s.cand_slot);
+    moe_free(ids);
+    moe_free(vis);
+    moe_free(vis_first);
+    moe_free(cursor);
+    return rc;
+}
+
+int moe_cache_sim(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
+                  const struct moe_policy_params *params, struct moe_sim_result *r)
+{
+    return moe_cache_sim_ex(t, kind, capacity, params, NULL, r);
 }

@@ -2,7 +2,22 @@
  * by (layer, expert): every access in file order is a hit or a miss; a miss
  * loads the expert, evicting the policy's victim when the cache is full.
  * MOE_POLICY_BELADY evicts the expert whose next use is furthest away (or
- * never): the offline optimum for the same capacity (Belady's MIN). */
+ * never): the offline optimum for the same capacity (Belady's MIN).
+ *
+ * Prefetch (not with Belady, which stays the demand-paging optimum) replays
+ * what the engine does after each layer: when a run of visits to layer L
+ * ends (a visit is one token step's accesses to one layer), the experts
+ * predicted for layers L+1..L+depth are loaded if absent, as the engine's
+ * moe_expert_cache_prefetch does: the victim comes from the policy but is
+ * never an expert predicted for the same step, prefetched experts not yet
+ * used hold at most a quarter of the slots (more are dropped), and a
+ * prefetch does not count as a use for the policy. Loads are instant, so
+ * the simulation measures what prediction does to hits and to traffic, not
+ * whether loads arrive in time.
+ *   history  cache/history.h, learning from the trace as it replays
+ *   oracle   the experts the trace really uses at the next visit of each
+ *            layer: the ceiling for any predictor at that depth
+ */
 #ifndef MOE_CACHE_SIM_H
 #define MOE_CACHE_SIM_H
 
@@ -11,12 +26,35 @@
 #include "cache/policy.h"
 #include "cache/trace.h"
 
+enum moe_sim_prefetch_kind {
+    MOE_SIM_PREFETCH_NONE,
+    MOE_SIM_PREFETCH_HISTORY,
+    MOE_SIM_PREFETCH_ORACLE,
+};
+
+/* "none", "history", "oracle"; -1 if unknown. */
+int moe_sim_prefetch_from_name(const char *name);
+const char *moe_sim_prefetch_name(enum moe_sim_prefetch_kind k);
+
+struct moe_sim_prefetch {
+    enum moe_sim_prefetch_kind kind;
+    int depth;                  /* layers ahead, >= 1 */
+};
+
 struct moe_sim_result {
     int64_t accesses, hits;
     double hit_rate;
+    /* prefetch: loaded, hit by a demand access before eviction, evicted or
+     * left unused at the end, not loaded for the slot share */
+    int64_t pf_issued, pf_used, pf_wasted, pf_dropped;
+    int64_t loads;              /* misses + prefetches loaded: the traffic */
 };
 
-/* 0, -EINVAL (capacity < 1) or -ENOMEM. */
+/* 0, -EINVAL (capacity < 1, a bad prefetch, prefetch with Belady) or
+ * -ENOMEM. pf NULL = no prefetch. */
+int moe_cache_sim_ex(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
+                     const struct moe_policy_params *params, const struct moe_sim_prefetch *pf,
+                     struct moe_sim_result *r);
 int moe_cache_sim(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
                   const struct moe_policy_params *params, struct moe_sim_result *r);
 

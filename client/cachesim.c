@@ -2,9 +2,14 @@
  *
  *   moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]
  *                    [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...] [--plot OUT.svg]
+ *                    [--prefetch none|history|oracle] [--prefetch-depth D]
  *
  * One line per policy and capacity:
  *   policy=P capacity=N accesses=A hits=H hit_rate=X
+ * and with --prefetch, on every policy but Belady (the demand-paging
+ * optimum, printed without prefetch):
+ *   ... prefetch=K depth=D issued=I used=U wasted=W dropped=R loads=L
+ * (cache/sim.h: what the simulated prefetch does).
  * Every policy (Belady included) when --policy is not given. --sweep takes
  * capacities in percent of all (layer, expert) keys; --plot writes hit rate
  * vs capacity per policy as an SVG.
@@ -23,7 +28,8 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]\n"
                "                        [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...]"
-               " [--plot OUT.svg]\n");
+               " [--plot OUT.svg]\n"
+               "                        [--prefetch none|history|oracle] [--prefetch-depth D]\n");
 }
 
 static int write_svg(const char *path, const int *pct, int n_pts, const double rates[][MAX_POINTS],
@@ -72,6 +78,7 @@ int moectl_cachesim_main(int argc, char **argv)
     long capacity = -1;
     double cap_pct = -1;
     int policy = -1;
+    struct moe_sim_prefetch pf = { MOE_SIM_PREFETCH_NONE, 1 };
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end;
@@ -101,6 +108,24 @@ int moectl_cachesim_main(int argc, char **argv)
                 fprintf(stderr, "moectl: --policy '%s': expected lru, lfu, layer, predict or belady\n", v);
                 return 2;
             }
+            i++;
+        } else if (strcmp(a, "--prefetch") == 0 && v) {
+            const int k = moe_sim_prefetch_from_name(v);
+            if (k < 0) {
+                fprintf(stderr, "moectl: --prefetch '%s': expected none, history or oracle (gate needs"
+                                " hidden states, which a trace does not have)\n", v);
+                return 2;
+            }
+            pf.kind = (enum moe_sim_prefetch_kind)k;
+            i++;
+        } else if (strcmp(a, "--prefetch-depth") == 0 && v) {
+            errno = 0;
+            const long dv = strtol(v, &end, 10);
+            if (errno || *end || end == v || dv < 1 || dv > 64) {
+                fprintf(stderr, "moectl: --prefetch-depth '%s': expected a number of layers, 1-64\n", v);
+                return 2;
+            }
+            pf.depth = (int)dv;
             i++;
         } else if (strcmp(a, "--sweep") == 0 && v) {
             sweep = v;
@@ -163,15 +188,23 @@ int moectl_cachesim_main(int argc, char **argv)
     for (int c = 0; c < n_caps && rc == 0; c++) {
         for (int p = 0; p < n_pol; p++) {
             struct moe_sim_result r;
-            if (moe_cache_sim(&t, (enum moe_policy_kind)pols[p], caps[c], &prm, &r)) {
+            const int with_pf = pf.kind != MOE_SIM_PREFETCH_NONE && pols[p] != MOE_POLICY_BELADY;
+            if (moe_cache_sim_ex(&t, (enum moe_policy_kind)pols[p], caps[c], &prm, with_pf ? &pf : NULL,
+                                 &r)) {
                 fprintf(stderr, "moectl: cache-sim: out of memory\n");
                 rc = 1;
                 break;
             }
             rates[p][c] = r.hit_rate;
-            printf("policy=%s capacity=%d accesses=%lld hits=%lld hit_rate=%.4f\n",
+            printf("policy=%s capacity=%d accesses=%lld hits=%lld hit_rate=%.4f",
                    moe_policy_name((enum moe_policy_kind)pols[p]), caps[c], (long long)r.accesses,
                    (long long)r.hits, r.hit_rate);
+            if (with_pf)
+                printf(" prefetch=%s depth=%d issued=%lld used=%lld wasted=%lld dropped=%lld loads=%lld",
+                       moe_sim_prefetch_name(pf.kind), pf.depth, (long long)r.pf_issued,
+                       (long long)r.pf_used, (long long)r.pf_wasted, (long long)r.pf_dropped,
+                       (long long)r.loads);
+            printf("\n");
         }
     }
     if (rc == 0 && plot) {

@@ -44,6 +44,7 @@
 #include "kernels/cuda.h"
 #include "kernels/dtype.h"
 #include "cache/expert_cache.h"
+#include "cache/history.h"
 #include "cache/host_tier.h"
 #include "io/expert_src.h"
 #include "model/hparams.h"
@@ -154,11 +155,7 @@ struct moe_model {
     int pf_n[2];
     uint64_t pf_steps[2];                /* decode steps run with prefetch off / on */
     float *pf_x;                         /* [n_embd] prefetch scratch */
-    /* history predictor: per layer, counts of (expert chosen at the previous
-     * token) -> (expert chosen now), and of (expert chosen at the previous
-     * layer, same token) -> (expert chosen now) */
-    uint32_t *tr_tok, *tr_layer;         /* [n_layer][n_expert][n_expert] */
-    int32_t *last_ids;                   /* [n_layer][k]: the latest token's choice, -1 = none */
+    struct moe_history hist;             /* history predictor (cache/history.h) */
 };
 
 struct moe_seq {
@@ -863,14 +860,8 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
                                 o->prefetch);
         m->prefetch_history = strcmp(o->prefetch, "history") == 0;
         if (m->prefetch_history) {
-            const size_t nn = (size_t)c->n_layer * (size_t)c->n_expert * (size_t)c->n_expert;
-            m->tr_tok = moe_calloc(nn, sizeof(uint32_t));
-            m->tr_layer = moe_calloc(nn, sizeof(uint32_t));
-            m->last_ids = moe_malloc((size_t)c->n_layer * (size_t)c->n_expert_used * sizeof(int32_t));
-            if (!m->tr_tok || !m->tr_layer || !m->last_ids)
+            if (moe_history_init(&m->hist, c->n_layer, c->n_expert, c->n_expert_used) != 0)
                 return moe_diag_set(diag, -ENOMEM, "history predictor: out of memory");
-            for (int i = 0; i < c->n_layer * c->n_expert_used; i++)
-                m->last_ids[i] = -1;
         }
         m->prefetch_depth = o->prefetch_depth > 0 ? o->prefetch_depth : 1;
         if (m->prefetch_depth > c->n_layer)
@@ -1066,9 +1057,7 @@ void moe_model_free(struct moe_model *m)
     for (size_t i = 0; m->be && i < sizeof(dbufs) / sizeof(dbufs[0]); i++)
         if (dbufs[i])
             m->be->ops->free(m->be, dbufs[i]);
-    moe_free(m->tr_tok);
-    moe_free(m->tr_layer);
-    moe_free(m->last_ids);
+    moe_history_free(&m->hist);
     moe_free(m->pend_l);
     moe_free(m->pend_e);
     moe_free(m->pend_state);
@@ -1502,38 +1491,16 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
     return 0;
 }
 
-/* Speculative gating: the hidden state after layer L, normed and routed by
- * the routers of layers L+1..L+depth, predicts their experts well enough
- * (residual streams change slowly) to start loading them while layer L+1's
- * attention runs. Loads are low priority, bounded, and never evict an
- * expert pinned or predicted for this step. */
-/* Learns the transitions of layer il from this batch's routing (token by
- * token: the previous token's choice at il, and this token's at il - 1),
- * then remembers the last token's choice. */
+/* Learns the transitions of layer il from this batch's routing, token by
+ * token: the previous token's choice at il, and for the batch's last token
+ * (the only one whose choice at il - 1 is still remembered) this token's
+ * choice at il - 1. */
 static void history_learn(struct moe_model *m, int il, int64_t n)
 {
-    const struct moe_model_cfg *c = &m->cfg;
-    const int K = c->n_expert_used, X = c->n_expert;
-    uint32_t *tt = m->tr_tok + (size_t)il * X * X, *tl = m->tr_layer + (size_t)il * X * X;
-    int32_t *last = m->last_ids + (size_t)il * K;
+    const int K = m->cfg.n_expert_used;
     const int prev_l = il - 1 >= 0 && m->layers[il - 1].moe ? il - 1 : -1;
-    for (int64_t t = 0; t < n; t++) {
-        const int32_t *cur = m->ids + t * K;
-        for (int a = 0; a < K; a++) {
-            if (last[a] >= 0)
-                for (int b = 0; b < K; b++)
-                    tt[(size_t)last[a] * X + cur[b]]++;
-            /* the previous layer's choice for this token: only the last
-             * token's is kept (last_ids of il - 1 was updated before us) */
-            if (prev_l >= 0 && t == n - 1) {
-                const int32_t p = m->last_ids[(size_t)prev_l * K + a];
-                if (p >= 0)
-                    for (int b = 0; b < K; b++)
-                        tl[(size_t)p * X + cur[b]]++;
-            }
-        }
-        memcpy(last, cur, (size_t)K * sizeof(int32_t));
-    }
+    for (int64_t t = 0; t < n; t++)
+        moe_history_learn(&m->hist, il, m->ids + t * K, t == n - 1 ? prev_l : -1);
 }
 
 /* History predictor: after layer il, predict layer il + d's experts from the
@@ -1542,38 +1509,25 @@ static void history_learn(struct moe_model *m, int il, int64_t n)
 static void prefetch_history(struct moe_model *m, int il)
 {
     const struct moe_model_cfg *c = &m->cfg;
-    const int K = c->n_expert_used, X = c->n_expert;
-    const int max_inflight = K * m->prefetch_depth;
-    float score[1024];
+    const int max_inflight = c->n_expert_used * m->prefetch_depth;
+    int32_t ids[1024];
+    if (c->n_expert_used > 1024)
+        return;
     for (int d = 1; d <= m->prefetch_depth && il + d < c->n_layer; d++) {
         const int l = il + d;
         if (!m->layers[l].moe)
             continue;
-        memset(score, 0, (size_t)X * sizeof(float));
-        const uint32_t *tt = m->tr_tok + (size_t)l * X * X, *tl = m->tr_layer + (size_t)l * X * X;
-        for (int a = 0; a < K; a++) {
-            const int32_t p = m->last_ids[(size_t)l * K + a];
-            if (p >= 0)
-                for (int e = 0; e < X; e++)
-                    score[e] += (float)tt[(size_t)p * X + e];
-            const int32_t q = d == 1 && m->layers[il].moe ? m->last_ids[(size_t)il * K + a] : -1;
-            if (q >= 0)
-                for (int e = 0; e < X; e++)
-                    score[e] += (float)tl[(size_t)q * X + e];
-        }
-        for (int k = 0; k < K; k++) {
-            int best = -1;
-            for (int e = 0; e < X; e++)
-                if (score[e] > 0.0f && (best < 0 || score[e] > score[best]))
-                    best = e;
-            if (best < 0)
-                break;
-            score[best] = -1.0f;
-            moe_expert_cache_prefetch(m->cache, l, best, m->step, max_inflight);
-        }
+        const int n = moe_history_predict(&m->hist, l, d == 1 && m->layers[il].moe ? il : -1, ids);
+        for (int k = 0; k < n; k++)
+            moe_expert_cache_prefetch(m->cache, l, ids[k], m->step, max_inflight);
     }
 }
 
+/* Speculative gating: the hidden state after layer L, normed and routed by
+ * the routers of layers L+1..L+depth, predicts their experts well enough
+ * (residual streams change slowly) to start loading them while layer L+1's
+ * attention runs. Loads are low priority, bounded, and never evict an
+ * expert pinned or predicted for this step. */
 static void prefetch_gate(struct moe_model *m, int il, int64_t n)
 {
     const struct moe_model_cfg *c = &m->cfg;

@@ -3,6 +3,7 @@
  * exhaustive search for the optimum on small random traces (it must be
  * exact), `predict` against a from-scratch reference and on hand-made
  * traces, and the policies on the real gemma trace of shared/traces. */
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 
@@ -300,6 +301,236 @@ static void make_layered_trace(struct moe_trace *t, int n_layer, int n_expert, i
     }
 }
 
+/* Reference for the simulator's prefetch, with LRU: the trace cut into
+ * visits first, the history predictor's counts recomputed from every
+ * earlier visit at each prediction, the oracle read from the visit list,
+ * the cache an array of slots with last-use times (ties: the lower slot, as
+ * the policy's candidate order). */
+struct ref_visit {
+    int64_t start, end;
+    int layer;
+    int32_t step;
+};
+
+static int ref_in(const struct moe_trace *t, const struct ref_visit *v, int e)
+{
+    for (int64_t j = v->start; j < v->end; j++)
+        if (t->a[j].expert == e)
+            return 1;
+    return 0;
+}
+
+/* the visit learned with a link to the previous layer: the last of its run,
+ * the run before being the previous layer's */
+static int ref_linked(const struct ref_visit *vs, int nv, int w)
+{
+    if (w + 1 < nv && vs[w + 1].layer == vs[w].layer)
+        return 0;
+    int u = w;
+    while (u > 0 && vs[u - 1].layer == vs[w].layer)
+        u--;
+    return u > 0 && vs[u - 1].layer == vs[w].layer - 1;
+}
+
+static int ref_latest(const struct ref_visit *vs, int upto, int layer)
+{
+    for (int w = upto; w >= 0; w--)
+        if (vs[w].layer == layer)
+            return w;
+    return -1;
+}
+
+/* history prediction for layer l after visit v (learned from visits 0..v) */
+static int ref_history(const struct moe_trace *t, const struct ref_visit *vs, int nv, int v, int l,
+                       int from_layer, int32_t *out)
+{
+    const int X = t->n_expert;
+    double score[16] = { 0 };
+    const int lat = ref_latest(vs, v, l), from = from_layer >= 0 ? ref_latest(vs, v, from_layer) : -1;
+    for (int w = 0; w <= v; w++) {
+        if (vs[w].layer != l)
+            continue;
+        const int pw = ref_latest(vs, w - 1, l);
+        const int lw = ref_linked(vs, nv, w) ? ref_latest(vs, w - 1, l - 1) : -1;
+        for (int b = 0; b < X; b++) {
+            if (!ref_in(t, &vs[w], b))
+                continue;
+            for (int a = 0; a < X; a++) {
+                if (pw >= 0 && lat >= 0 && ref_in(t, &vs[pw], a) && ref_in(t, &vs[lat], a))
+                    score[b] += 1.0;
+                if (lw >= 0 && from >= 0 && ref_in(t, &vs[lw], a) && ref_in(t, &vs[from], a))
+                    score[b] += 1.0;
+            }
+        }
+    }
+    int n = 0;
+    for (; n < t->n_expert_used; n++) {
+        int best = -1;
+        for (int e = 0; e < X; e++)
+            if (score[e] > 0.0 && (best < 0 || score[e] > score[best]))
+                best = e;
+        if (best < 0)
+            break;
+        out[n] = best;
+        score[best] = 0.0;
+    }
+    return n;
+}
+
+struct ref_cache {
+    int keys[64], pf[64], n, cap, held;
+    int64_t last[64];           /* by key */
+    int32_t predicted[64];      /* by key */
+    struct moe_sim_result r;
+};
+
+static int ref_find(const struct ref_cache *c, int key)
+{
+    for (int j = 0; j < c->n; j++)
+        if (c->keys[j] == key)
+            return j;
+    return -1;
+}
+
+static int ref_insert(struct ref_cache *c, int key, int32_t step, int for_prefetch)
+{
+    int slot = -1;
+    if (c->n < c->cap) {
+        slot = c->n++;
+    } else {
+        for (int j = 0; j < c->n; j++)
+            if ((!for_prefetch || c->predicted[c->keys[j]] != step) &&
+                (slot < 0 || c->last[c->keys[j]] < c->last[c->keys[slot]]))
+                slot = j;
+        if (slot < 0)
+            return -1;
+        if (c->pf[slot]) {
+            c->r.pf_wasted++;
+            c->held--;
+        }
+    }
+    c->keys[slot] = key;
+    c->pf[slot] = 0;
+    return slot;
+}
+
+static void ref_prefetch_one(struct ref_cache *c, int key, int32_t step, int64_t now)
+{
+    c->predicted[key] = step;
+    if (ref_find(c, key) >= 0)
+        return;
+    const int slot = c->held < (c->cap / 4 > 0 ? c->cap / 4 : 1) ? ref_insert(c, key, step, 1) : -1;
+    if (slot < 0) {
+        c->r.pf_dropped++;
+        return;
+    }
+    c->pf[slot] = 1;
+    c->held++;
+    c->r.pf_issued++;
+    c->last[key] = now;
+}
+
+static struct moe_sim_result ref_prefetch_sim(const struct moe_trace *t, int cap,
+                                              enum moe_sim_prefetch_kind kind, int depth)
+{
+    struct ref_visit vs[1024];
+    int nv = 0;
+    for (int64_t i = 0; i < t->n; i++) {
+        if (nv == 0 || t->a[i].layer != vs[nv - 1].layer || t->a[i].step != vs[nv - 1].step)
+            vs[nv++] = (struct ref_visit){ i, i, t->a[i].layer, t->a[i].step };
+        vs[nv - 1].end = i + 1;
+    }
+    struct ref_cache c = { .cap = cap };
+    for (int k = 0; k < 64; k++)
+        c.predicted[k] = -1;
+    for (int v = 0; v < nv; v++) {
+        for (int64_t i = vs[v].start; i < vs[v].end; i++) {
+            const int key = t->a[i].layer * t->n_expert + t->a[i].expert, slot = ref_find(&c, key);
+            if (slot >= 0) {
+                c.r.hits++;
+                if (c.pf[slot]) {
+                    c.pf[slot] = 0;
+                    c.held--;
+                    c.r.pf_used++;
+                }
+            } else {
+                ref_insert(&c, key, t->a[i].step, 0);
+            }
+            c.last[key] = i;
+        }
+        if (v + 1 < nv && vs[v + 1].layer == vs[v].layer)
+            continue; /* not the end of a run of this layer */
+        const int64_t now = vs[v].end - 1;
+        for (int d = 1; d <= depth && vs[v].layer + d < t->n_layer; d++) {
+            const int l = vs[v].layer + d;
+            int32_t ids[16];
+            int n = 0;
+            if (kind == MOE_SIM_PREFETCH_HISTORY) {
+                n = ref_history(t, vs, nv, v, l, d == 1 ? vs[v].layer : -1, ids);
+            } else {
+                for (int w = v + 1; w < nv && n == 0; w++)
+                    if (vs[w].layer == l)
+                        for (int64_t j = vs[w].start; j < vs[w].end; j++)
+                            ids[n++] = t->a[j].expert;
+            }
+            for (int k = 0; k < n; k++)
+                ref_prefetch_one(&c, l * t->n_expert + ids[k], vs[v].step, now);
+        }
+    }
+    c.r.pf_wasted += c.held;
+    return c.r;
+}
+
+static void test_prefetch_matches_reference(void)
+{
+    for (int rep = 0; rep < 300; rep++) {
+        struct moe_trace t;
+        const int n_layer = 2 + (int)rnd(2), n_expert = 2 + (int)rnd(4);
+        make_layered_trace(&t, n_layer, n_expert, 3 + (int)rnd(10), rep % 3 == 0);
+        if (rep % 3 == 0) { /* prefill (layer-major), then decode */
+            struct moe_trace dec;
+            make_layered_trace(&dec, n_layer, n_expert, 2 + (int)rnd(6), 0);
+            const int32_t step0 = t.a[t.n - 1].step + 1;
+            t.a = realloc(t.a, (size_t)(t.n + dec.n) * sizeof(struct moe_access));
+            CHECK(t.a != NULL);
+            for (int64_t i = 0; i < dec.n; i++) {
+                t.a[t.n + i] = dec.a[i];
+                t.a[t.n + i].step += step0;
+            }
+            t.n += dec.n;
+            free(dec.a);
+        }
+        const int cap = 1 + (int)rnd((uint32_t)(n_layer * n_expert - 1));
+        const enum moe_sim_prefetch_kind kind = rep % 2 ? MOE_SIM_PREFETCH_HISTORY : MOE_SIM_PREFETCH_ORACLE;
+        const struct moe_sim_prefetch pf = { kind, 1 + (int)rnd(2) };
+        struct moe_sim_result r, b;
+        CHECK(moe_cache_sim_ex(&t, MOE_POLICY_LRU, cap, NULL, &pf, &r) == 0);
+        const struct moe_sim_result e = ref_prefetch_sim(&t, cap, kind, pf.depth);
+        CHECK_MSG(r.hits == e.hits && r.pf_issued == e.pf_issued && r.pf_used == e.pf_used &&
+                      r.pf_wasted == e.pf_wasted && r.pf_dropped == e.pf_dropped,
+                  "rep %d (%s depth %d cap %d): hits %lld/%lld issued %lld/%lld used %lld/%lld "
+                  "wasted %lld/%lld dropped %lld/%lld", rep, moe_sim_prefetch_name(kind), pf.depth, cap,
+                  (long long)r.hits, (long long)e.hits, (long long)r.pf_issued, (long long)e.pf_issued,
+                  (long long)r.pf_used, (long long)e.pf_used, (long long)r.pf_wasted,
+                  (long long)e.pf_wasted, (long long)r.pf_dropped, (long long)e.pf_dropped);
+        CHECK(r.pf_used + r.pf_wasted == r.pf_issued);
+        CHECK(r.loads == t.n - r.hits + r.pf_issued);
+        /* the other policies run the same prefetch; Belady refuses it */
+        for (int p = 0; p < MOE_POLICY_COUNT; p++)
+            CHECK(moe_cache_sim_ex(&t, (enum moe_policy_kind)p, cap, NULL, &pf, &b) ==
+                  (p == MOE_POLICY_BELADY ? -EINVAL : 0));
+        free(t.a);
+    }
+    struct moe_trace t;
+    make_layered_trace(&t, 2, 3, 4, 0);
+    struct moe_sim_result r;
+    const struct moe_sim_prefetch bad = { MOE_SIM_PREFETCH_HISTORY, 0 };
+    CHECK(moe_cache_sim_ex(&t, MOE_POLICY_LRU, 2, NULL, &bad, &r) == -EINVAL);
+    CHECK(moe_sim_prefetch_from_name("history") == MOE_SIM_PREFETCH_HISTORY);
+    CHECK(moe_sim_prefetch_from_name("gate") == -1);
+    free(t.a);
+}
+
 static void test_predict_matches_reference(void)
 {
     for (int rep = 0; rep < 200; rep++) {
@@ -449,6 +680,22 @@ static void test_gemma_trace(void)
         if (p == MOE_POLICY_PREDICT)
             CHECK(r.hit_rate >= 0.84 * b.hit_rate && r.hit_rate > layer_rate);
     }
+    /* prefetch on the real trace: the oracle bounds the history predictor,
+     * which (with `predict`) turns some misses into hits for a little more
+     * traffic (doc/cache.md) */
+    struct moe_sim_result none, hist, orc;
+    const struct moe_sim_prefetch ph = { MOE_SIM_PREFETCH_HISTORY, 1 }, po = { MOE_SIM_PREFETCH_ORACLE, 1 };
+    CHECK(moe_cache_sim(&t, MOE_POLICY_PREDICT, cap, NULL, &none) == 0);
+    CHECK(moe_cache_sim_ex(&t, MOE_POLICY_PREDICT, cap, NULL, &ph, &hist) == 0);
+    CHECK(moe_cache_sim_ex(&t, MOE_POLICY_PREDICT, cap, NULL, &po, &orc) == 0);
+    printf("  10%% predict: hits %lld loads %lld; history prefetch: hits %lld loads %lld (used %lld of %lld);"
+           " oracle: hits %lld loads %lld\n", (long long)none.hits, (long long)none.loads,
+           (long long)hist.hits, (long long)hist.loads, (long long)hist.pf_used, (long long)hist.pf_issued,
+           (long long)orc.hits, (long long)orc.loads);
+    CHECK(none.loads == t.n - none.hits && none.pf_issued == 0);
+    CHECK(hist.hits > none.hits && orc.hits > hist.hits);
+    CHECK(hist.pf_used + hist.pf_wasted == hist.pf_issued && orc.pf_used + orc.pf_wasted == orc.pf_issued);
+    CHECK(orc.pf_wasted == 0); /* depth 1: the oracle's prefetches are all used right away */
     moe_trace_free(&t);
 }
 
@@ -457,6 +704,7 @@ int main(void)
     MOE_TEST_RUN(test_belady_is_optimal_and_lru_exact);
     MOE_TEST_RUN(test_lfu_matches_reference);
     MOE_TEST_RUN(test_predict_matches_reference);
+    MOE_TEST_RUN(test_prefetch_matches_reference);
     MOE_TEST_RUN(test_predict_policy_direct);
     MOE_TEST_RUN(test_predict_small_traces);
     MOE_TEST_RUN(test_parse_formats);
