@@ -17,7 +17,8 @@
  * BPE with merges learned from a built-in text and ChatML control tokens.
  *
  * Weights: every matrix ~ N(0, (gain / sqrt(fan_in))^2) with gain 1 (3 for
- * the router), embeddings ~ N(0, 1), norm weights 1 + 0.1 N(0, 1), as in
+ * the router; --residual-gain G for attn_output and ffn_down*, the matrices
+ * that write into the residual stream), embeddings ~ N(0, 1), norm weights 1 + 0.1 N(0, 1), as in
  * shared/ref/gen_tiny_moe.py. Normal values come from a sum of four 16-bit
  * uniforms (Irwin-Hall), plenty for random weights and cheap. Every row has
  * its own xoshiro256** stream keyed by (seed, tensor, row), so the output
@@ -53,6 +54,7 @@ struct spec {
     int n_ctx;
     uint32_t type;
     uint64_t seed;
+    float residual_gain;    /* gain of attn_output and ffn_down*; 0 = 1 */
 };
 
 static const struct {
@@ -638,6 +640,7 @@ struct pool {
     int stop;
     struct batch b;
     uint64_t seed;
+    float residual_gain;
     size_t max_row;
 };
 
@@ -645,7 +648,12 @@ static void gen_rows(const struct pool *p, const struct batch *b, uint64_t r0, u
 {
     const struct tensor *t = b->t;
     const uint64_t n = t->ne[0];
-    const float gain = t->init == INIT_ROUTER ? 3.0f : 1.0f;
+    /* matrices that add to the residual stream: a small gain makes each layer
+     * change the hidden state a little, as in trained models, so that a
+     * layer's router applied to the previous layer's output predicts its
+     * choice (what speculative gating relies on) */
+    const int residual = strstr(t->name, "attn_output") != NULL || strstr(t->name, "ffn_down") != NULL;
+    const float gain = t->init == INIT_ROUTER ? 3.0f : residual && p->residual_gain > 0.0f ? p->residual_gain : 1.0f;
     const float scale = t->init == INIT_EMBED ? 1.0f : gain / sqrtf((float)n);
     for (uint64_t r = r0; r < r1; r++) {
         struct rng g;
@@ -765,6 +773,7 @@ static int write_model(const struct spec *s, const char *out, const char *label,
     pthread_cond_init(&p.done, NULL);
     p.n_threads = n_threads;
     p.seed = s->seed;
+    p.residual_gain = s->residual_gain;
     p.max_row = max_row;
     for (int i = 0; i < n_threads; i++) {
         wa[i] = (struct worker_arg){ &p, i };
@@ -842,7 +851,8 @@ static void usage(FILE *f)
             "usage: moe-gen [--preset NAME] [--arch llama|qwen3moe] [--type F32|F16|BF16|Q8_0|Q4_0]\n"
             "               [--seed N] [--n-embd N] [--n-layer N] [--n-head N] [--n-head-kv N]\n"
             "               [--head-dim N] [--n-expert N] [--n-expert-used N] [--n-ff-exp N]\n"
-            "               [--n-vocab N] [--ctx N] [--threads N] [--quiet] -o OUT.gguf\n"
+            "               [--n-vocab N] [--ctx N] [--residual-gain G] [--threads N] [--quiet]\n"
+            "               -o OUT.gguf\n"
             "A preset gives every value; other flags override it wherever they stand.\n"
             "Without --preset, --arch llama starts from tiny-mixtral, --arch qwen3moe from\n"
             "tiny-qwen3moe. presets:");
@@ -950,6 +960,15 @@ int main(int argc, char **argv)
                 return 2;
             }
             s.seed = sd;
+            i++;
+        } else if (strcmp(a, "--residual-gain") == 0 && v) {
+            char *end;
+            const double g = strtod(v, &end);
+            if (end == v || *end || !(g > 0.0 && g <= 16.0)) {
+                fprintf(stderr, "moe-gen: --residual-gain '%s': expected a number in (0, 16]\n", v);
+                return 2;
+            }
+            s.residual_gain = (float)g;
             i++;
         } else if (strcmp(a, "--threads") == 0) {
             if (parse_num(a, v, 1, MAX_THREADS, &n_threads))

@@ -3,8 +3,10 @@
 max(compute time per token, expert bytes missed per token / disk rate).
 
 All three are measured in the same run on the same machine:
-  - disk rate: fio, O_DIRECT io_uring random reads of the pack, 1 MiB blocks,
-    depth 16 (the reader's request size and a depth it keeps in flight);
+  - disk rate: fio, O_DIRECT io_uring random reads of the pack, 1 MiB blocks
+    (the reader's request size), the best of depth 16 and 64 (moed's reader
+    keeps up to 64 requests in flight), so the bound is the disk's, not a
+    rate moed's reader beats;
   - compute per token: the model decoding with every expert resident (the
     GGUF mmapped and already in the page cache: no I/O);
   - bytes missed per token and time per token: `moectl run --stats` from the
@@ -31,8 +33,8 @@ def run(moectl, model, n, extra, threads):
     return d
 
 
-def fio_rate(path):
-    cmd = ["fio", "--name=r", "--filename=" + path, "--rw=randread", "--bs=1M", "--iodepth=16",
+def fio_rate(path, depth):
+    cmd = ["fio", "--name=r", "--filename=" + path, "--rw=randread", "--bs=1M", "--iodepth=%d" % depth,
            "--ioengine=io_uring", "--direct=1", "--runtime=8", "--time_based", "--readonly",
            "--output-format=json"]
     j = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
@@ -46,24 +48,30 @@ def main():
     ap.add_argument("--pack", required=True)
     ap.add_argument("--experts", type=int, default=128, help="experts in the model (layers x experts)")
     ap.add_argument("--budgets", default="12.5,25,50")
-    ap.add_argument("--modes", default="none,gate,history")
+    ap.add_argument("--modes", default="none,gate,history",
+                    help="prefetch modes, comma-separated; MODE:always disables the governor")
+    ap.add_argument("--depth", type=int, default=1, help="--prefetch-depth")
     ap.add_argument("--tokens", type=int, default=49)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
 
-    disk = fio_rate(a.pack)
+    rates = {d: fio_rate(a.pack, d) for d in (16, 64)}
+    disk = max(rates.values())
     run(a.moectl, a.gguf, 2, [], a.threads)                       # warm the page cache
     base = run(a.moectl, a.gguf, a.tokens, [], a.threads)
     compute = 1.0 / base["decode_tok_s"]
-    print("disk %.2f GB/s (fio randread 1 MiB depth 16 O_DIRECT); compute %.3f s/token (all resident)"
-          % (disk / 1e9, compute), file=sys.stderr)
+    print("disk %.2f GB/s (fio randread 1 MiB O_DIRECT: depth 16 %.2f, depth 64 %.2f); compute %.3f"
+          " s/token (all resident)" % (disk / 1e9, rates[16] / 1e9, rates[64] / 1e9, compute), file=sys.stderr)
     print("| budget | prefetch | s/token | bytes missed / token | bound s/token | ratio | hit rate |"
-          " prefetch steps on/off |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+          " stall fraction | prefetch steps on/off | prefetch used/issued |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
     for pct in [float(x) for x in a.budgets.split(",")]:
         slots = max(2, int(a.experts * pct / 100))
         for mode in a.modes.split(","):
-            extra = ["--cache-experts", str(slots), "--prefetch", mode]
+            # "gate:always" keeps prefetch on at every step (no governor)
+            pf, _, always = mode.partition(":")
+            extra = ["--cache-experts", str(slots), "--prefetch", pf] + (["--prefetch-always"] if always else []) \
+                + (["--prefetch-depth", str(a.depth)] if pf != "none" else [])
             pre = run(a.moectl, a.pack, 1, extra, a.threads)
             full = run(a.moectl, a.pack, a.tokens, extra, a.threads)
             ntok = full["decode_tokens"]
@@ -71,9 +79,12 @@ def main():
             spt = full["decode_s"] / ntok
             bound = max(compute, missed / disk)
             steps = "%d/%d" % (full.get("prefetch_steps_on", 0), full.get("prefetch_steps_off", 0)) \
-                if mode != "none" else "-"
-            print("| %.1f%% (%d) | %s | %.3f | %.0f MB | %.3f | %.2f | %.3f | %s |" % (
-                pct, slots, mode, spt, missed / 1e6, bound, spt / bound, full["hit_rate"], steps))
+                if pf != "none" else "-"
+            stall = (full["stall_s"] - pre["stall_s"]) / full["decode_s"]
+            used = "%d/%d" % (full["prefetch_used"], full["prefetch_issued"]) if pf != "none" else "-"
+            print("| %.1f%% (%d) | %s | %.3f | %.0f MB | %.3f | %.2f | %.3f | %.2f | %s | %s |" % (
+                pct, slots, mode, spt, missed / 1e6, bound, spt / bound, full["hit_rate"], stall, steps,
+                used))
             sys.stdout.flush()
 
 
