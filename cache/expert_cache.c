@@ -159,7 +159,9 @@ int moe_expert_cache_set_staging(struct moe_expert_cache *c, struct moe_diag *di
 {
     if (c->stage_mem)
         return 0;
-    c->stage_mem = moe_malloc((size_t)c->n_slots * c->slot_bytes);
+    /* page-aligned like the slots: the expert store reads raw blobs into
+     * them directly (O_DIRECT) */
+    c->stage_mem = moe_malloc_aligned(4096, (size_t)c->n_slots * c->slot_bytes);
     if (c->stage_mem == NULL)
         return moe_diag_set(diag, -ENOMEM, "expert cache: cannot allocate %zu MiB of host staging",
                             ((size_t)c->n_slots * c->slot_bytes) >> 20);

@@ -42,6 +42,17 @@ void *moe_malloc(size_t n)
     return p;
 }
 
+void *moe_malloc_aligned(size_t align, size_t n)
+{
+    if (should_fail())
+        return NULL;
+    void *p = NULL;
+    if (posix_memalign(&p, align, n ? n : 1) != 0)
+        return NULL;
+    atomic_fetch_add(&live, 1);
+    return p;
+}
+
 void *moe_calloc(size_t count, size_t size)
 {
     if (should_fail())

@@ -18,6 +18,9 @@ extern "C" {
 void *moe_malloc(size_t n);
 void *moe_calloc(size_t count, size_t size);
 void *moe_realloc(void *p, size_t n);
+/* `align` (a power of two, a multiple of sizeof(void *)) aligned; freed by
+ * moe_free. Never moe_realloc it. */
+void *moe_malloc_aligned(size_t align, size_t n);
 void  moe_free(void *p);
 char *moe_strndup(const char *s, size_t n);
 

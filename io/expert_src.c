@@ -35,6 +35,7 @@ struct lreq {
     struct moe_pack_blob blob;  /* packs */
     struct stage *st;
     size_t pos[MOE_EXPERT_MAX_SLICES]; /* GGUF: where each slice landed in the stage */
+    bool direct;                /* raw blob read into dst; only its unaligned tail is staged */
     unsigned reads;             /* outstanding reads */
     int status;
     uint64_t fail_off;          /* where the failed read was */
@@ -108,7 +109,28 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
 {
     const uint64_t A = s->align;
     int rc = 0;
-    if (s->pack) {
+    const uint64_t n = r->blob.stored_size;
+    r->direct = s->pack && r->blob.codec == MOE_CODEC_RAW && n == r->dst_size && n == r->blob.raw_size &&
+                r->blob.offset % A == 0 && (uintptr_t)r->dst % A == 0 && n >= A;
+    if (r->direct) {
+        /* A raw blob is the expert itself: its aligned bulk goes straight
+         * into the destination (no copy on the decode worker, which on a
+         * small machine competes with compute), the tail through the stage */
+        const uint64_t bulk = down(n, A), tail = n - bulk;
+        r->reads = tail ? 2 : 1;
+        r->fail_off = r->blob.offset;
+        rc = moe_uring_read(s->io, r->blob.offset, r->dst, (size_t)bulk, (size_t)bulk, -1, read_done, r);
+        if (rc < 0) {
+            r->reads = 0;
+        } else if (tail) {
+            rc = moe_uring_read(s->io, r->blob.offset + bulk, r->st->buf, (size_t)up(tail, A), (size_t)tail,
+                                r->st->index, read_done, r);
+            if (rc < 0) {
+                r->fail_off = r->blob.offset + bulk;
+                r->reads--; /* the bulk read still completes */
+            }
+        }
+    } else if (s->pack) {
         size_t len = (size_t)up(r->blob.stored_size, A);
         r->reads = 1;
         r->fail_off = r->blob.offset;
@@ -194,6 +216,11 @@ static int decode(struct moe_expert_src *s, struct lreq *r, struct moe_codec_dct
                             "0x%" PRIx64 " failed: %s", s->path, r->layer, r->expert,
                             r->fail_off, r->status == MOE_EFORMAT ? "unexpected end of file "
                             "(truncated?)" : moe_strerror(r->status));
+    }
+    if (r->direct) {
+        const uint64_t bulk = down(r->blob.stored_size, s->align);
+        memcpy((uint8_t *)r->dst + bulk, r->st->buf, (size_t)(r->blob.stored_size - bulk));
+        return moe_pack_check_blob(s->pack, &r->blob, r->dst, diag);
     }
     if (s->pack)
         return moe_pack_decode_blob(s->pack, &r->blob, d, r->st->buf, r->dst, r->dst_size, diag);

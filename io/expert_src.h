@@ -4,7 +4,11 @@
  * with io/uring.h (O_DIRECT into registered, aligned staging buffers; one
  * read per pack blob, three or so aligned superset reads per GGUF expert),
  * then a worker of the decompression pool (one ZSTD_DCtx each) checks the
- * blob's XXH3, decodes it into dst and runs the callback. dst receives the
+ * blob's XXH3, decodes it into dst and runs the callback. A raw (stored
+ * uncompressed) pack blob is read straight into dst when dst is aligned
+ * like O_DIRECT wants (4096: the expert cache's slots are), all but its
+ * last partial block, which goes through the stage; the worker then only
+ * copies that tail and checks the XXH3 on dst. No copy of the expert. dst receives the
  * expert's raw blob: moe_expert_src_layout(layer) gives each tensor's
  * offset and size in it (identical for packs and GGUFs).
  *
@@ -15,7 +19,9 @@
  * (corrupt frame, truncated file), an I/O error (-EIO, ...) or -ECANCELED
  * (moe_expert_src_close). The diag passed to it names file, layer, expert
  * and offset and lives until the callback returns. On an error the
- * contents of dst are unspecified; on a checksum error dst is untouched.
+ * contents of dst are unspecified (a raw blob read into dst directly is
+ * there before its checksum fails); a compressed blob never reaches dst
+ * unless its checksum holds.
  * dst must stay valid until the callback has run.
  *
  * Memory: n_staging buffers of the largest stored expert, plus one scratch

@@ -3,7 +3,9 @@
  * tmpfs without O_DIRECT); injected short reads, EAGAIN, EINTR are retried;
  * EIO, a flipped blob byte, a bad index entry and a truncated file fail
  * only the expert concerned, with its layer and expert in the message
- * (shared/RELIABILITY.md rows 4-6). */
+ * (shared/RELIABILITY.md rows 4-6). Packs are made twice, every blob
+ * compressed and every blob raw (read straight into page-aligned
+ * destinations; one destination in three is unaligned and staged). */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -42,6 +44,7 @@ static int pack_of(const char *src, const char *name, double min_ratio, char *ou
 
 struct job {
     uint32_t layer, expert;
+    uint8_t *base;          /* page-aligned allocation holding dst */
     uint8_t *dst;
     size_t size;
     _Atomic int calls;
@@ -88,7 +91,10 @@ static struct job *load_all(struct moe_expert_src *s, unsigned *n_out, uint8_t f
             j->layer = l;
             j->expert = e;
             j->size = (size_t)L->raw_size;
-            j->dst = malloc(j->size);
+            /* two in three page-aligned (raw blobs are read straight into
+             * them), one not (read through a staging buffer) */
+            j->base = aligned_alloc(4096, (j->size + 2 * 4096) / 4096 * 4096);
+            j->dst = j->base + (n % 3 == 0 ? 64 : 0);
             memset(j->dst, fill, j->size);
         }
     }
@@ -121,7 +127,7 @@ static struct job *load_all(struct moe_expert_src *s, unsigned *n_out, uint8_t f
 static void free_jobs(struct job *jobs, unsigned n)
 {
     for (unsigned i = 0; i < n; i++)
-        free(jobs[i].dst);
+        free(jobs[i].base);
     free(jobs);
 }
 
@@ -235,7 +241,11 @@ static void test_every_mode_same_bytes(void)
         char src[600], pk[600];
         if (ref_model(names[m], src, sizeof(src)) == NULL)
             continue;
-        CHECK(pack_of(src, names[m], 0, pk, sizeof(pk)) == 0);
+        char raw[600];
+        CHECK(pack_of(src, names[m], 1e-9, pk, sizeof(pk)) == 0);   /* every blob compressed */
+        char rname[80];
+        snprintf(rname, sizeof(rname), "%s-raw", names[m]);
+        CHECK(pack_of(src, rname, 1e9, raw, sizeof(raw)) == 0);     /* every blob raw */
         for (unsigned mode = 0; mode < 3; mode++) {
             /* small requests and a shallow queue: blobs are split and the
              * queue is full most of the time */
@@ -247,6 +257,7 @@ static void test_every_mode_same_bytes(void)
                 c.uring = (struct moe_uring_config){0};
             bool eu = ur && mode != 1;
             CHECK_MSG(run_source(pk, &c, eu, true) == 0, "%s pack mode %u", names[m], mode);
+            CHECK_MSG(run_source(raw, &c, eu, true) == 0, "%s raw pack mode %u", names[m], mode);
             CHECK_MSG(run_source(src, &c, eu, true) == 0, "%s gguf mode %u", names[m], mode);
         }
         tested++;
@@ -355,10 +366,12 @@ static void test_injected_faults(void)
     char src[600], pk[600];
     if (ref_model("tiny-qwen3moe-Q8_0", src, sizeof(src)) == NULL)
         MOE_SKIP("no model");
-    CHECK(pack_of(src, "flaky", 0, pk, sizeof(pk)) == 0);
-    for (unsigned mode = 0; mode < 2; mode++) {
+    for (unsigned mode = 0; mode < 4; mode++) {
+        /* modes 0, 1: every blob compressed; 2, 3: every blob raw (read
+         * into the destination directly); odd: pread */
+        CHECK(pack_of(src, mode < 2 ? "flaky" : "flaky-raw", mode < 2 ? 1e-9 : 1e9, pk, sizeof(pk)) == 0);
         struct moe_io_config c = { .uring = { .queue_depth = 8, .chunk_bytes = 16384,
-                                              .force_pread = mode == 1 } };
+                                              .force_pread = mode % 2 == 1 } };
         struct moe_diag d = {0};
         struct moe_expert_src *s = NULL;
         struct moe_pack *p = NULL;
@@ -407,12 +420,10 @@ static int patch(const char *path, uint64_t off, const void *p, size_t n)
     return ok ? 0 : -1;
 }
 
-static void test_corruption_and_truncation(void)
+static void corruption_and_truncation(const char *src, bool raw)
 {
-    char src[600], pk[600];
-    if (ref_model("tiny-mixtral-F16", src, sizeof(src)) == NULL)
-        MOE_SKIP("no model");
-    CHECK(pack_of(src, "corrupt", 0, pk, sizeof(pk)) == 0);
+    char pk[600];
+    CHECK(pack_of(src, raw ? "corrupt-raw" : "corrupt", raw ? 1e9 : 1e-9, pk, sizeof(pk)) == 0);
     struct moe_diag d = {0};
     struct moe_pack *p = NULL;
     CHECK(moe_pack_open(&p, pk, 0, &d) == 0);
@@ -440,7 +451,9 @@ static void test_corruption_and_truncation(void)
             CHECK_INT(j->status, ==, MOE_ECHECKSUM);
             CHECK_INT(j->calls, ==, 1);
             CHECK_MSG(strstr(j->msg, "layer 2, expert 5") != NULL, "%s", j->msg);
-            for (size_t k = 0; k < j->size; k++)
+            /* a compressed blob never reaches dst; a raw one is read into
+             * it before the check (its contents are then unspecified) */
+            for (size_t k = 0; k < j->size && !raw; k++)
                 CHECK(j->dst[k] == 0xee);
         } else if (j->layer == 0 && j->expert == 1) {
             CHECK_INT(j->status, ==, MOE_EFORMAT);   /* refused at submit */
@@ -474,6 +487,15 @@ static void test_corruption_and_truncation(void)
     CHECK(moe_expert_src_load_sync(s, 0, 0, dst, first.raw_size, &d) == 0);
     free(dst);
     moe_expert_src_close(s);
+}
+
+static void test_corruption_and_truncation(void)
+{
+    char src[600];
+    if (ref_model("tiny-mixtral-F16", src, sizeof(src)) == NULL)
+        MOE_SKIP("no model");
+    corruption_and_truncation(src, false);
+    corruption_and_truncation(src, true);
 }
 
 static void test_close_cancels_queued_loads(void)
