@@ -32,6 +32,7 @@ struct moe_expert_cache {
     int n_layer, n_expert, n_slots;
     size_t slot_bytes;
     uint8_t *mem;
+    uint8_t *slot_base;   /* mem rounded up to a page */
     uint8_t *stage_mem;   /* staging: one host buffer per slot */
     struct slot *slots;
     int32_t *slot_of;     /* [key] -> slot or -1 */
@@ -99,7 +100,10 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
         return moe_diag_set(diag, MOE_ELIMIT, "expert cache: %d slots of %zu bytes overflow", n_slots,
                             c->slot_bytes);
     }
-    c->mem = c->slots ? be->ops->alloc(be, (size_t)n_slots * c->slot_bytes) : NULL;
+    /* one page more, so that every slot starts on a page: the expert store
+     * reads raw blobs into host slots directly (O_DIRECT) */
+    c->mem = c->slots ? be->ops->alloc(be, (size_t)n_slots * c->slot_bytes + 4096) : NULL;
+    c->slot_base = c->mem + (-(uintptr_t)c->mem & 4095);
     if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem || !c->predicted ||
         !c->layer_hits || !c->layer_misses || !c->layer_bytes || !c->layer_stall) {
         size_t mib = ((size_t)n_slots * c->slot_bytes) >> 20;
@@ -113,7 +117,7 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
     }
     for (int i = 0; i < n_slots; i++) {
         c->slots[i].key = -1;
-        c->slots[i].data = c->mem + (size_t)i * c->slot_bytes;
+        c->slots[i].data = c->slot_base + (size_t)i * c->slot_bytes;
         c->slots[i].c = c;
     }
     c->st.n_slots = n_slots;

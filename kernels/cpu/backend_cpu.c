@@ -39,10 +39,8 @@ static void *cpu_alloc(struct moe_backend *be, size_t bytes)
 {
     (void)be;
     void *p = NULL;
-    /* 64-byte alignment: cache lines and AVX-512 loads; pages for large
-     * buffers, so that the expert store can read into expert slots directly
-     * (O_DIRECT needs page-aligned buffers) */
-    if (posix_memalign(&p, bytes >= (64u << 10) ? 4096 : 64, bytes ? bytes : 1) != 0)
+    /* 64-byte alignment: cache lines and AVX-512 loads. */
+    if (posix_memalign(&p, 64, bytes ? bytes : 1) != 0)
         return NULL;
     return p;
 }

@@ -6,14 +6,17 @@ All three are measured in the same run on the same machine:
   - disk rate: fio, O_DIRECT io_uring random reads of the pack, 1 MiB blocks
     (the reader's request size), the best of depth 16 and 64 (moed's reader
     keeps up to 64 requests in flight), so the bound is the disk's, not a
-    rate moed's reader beats;
+    rate moed's reader beats; with --fio-each, measured again before and
+    after each configuration (the faster of the two), for disks whose rate
+    drifts;
   - compute per token: the model decoding with every expert resident (the
     GGUF mmapped and already in the page cache: no I/O);
   - bytes missed per token and time per token: `moectl run --stats` from the
     pack at each budget, decode only (a prefill-only run is subtracted).
 
   python3 tools/bench/cache_bound.py --moectl build/client/moectl \
-      --gguf /tmp/moe-cache-bench/bench-4g.gguf --pack /tmp/moe-cache-bench/bench-4g.moe
+      --gguf /tmp/moe-cache-bench/bench-4g.gguf --pack /tmp/moe-cache-bench/bench-4g.moe \
+      [--modes none,gate,gate:always,history] [--depth 2] [--fio-each]
 """
 import argparse
 import json
@@ -33,9 +36,9 @@ def run(moectl, model, n, extra, threads):
     return d
 
 
-def fio_rate(path, depth):
+def fio_rate(path, depth, runtime=8):
     cmd = ["fio", "--name=r", "--filename=" + path, "--rw=randread", "--bs=1M", "--iodepth=%d" % depth,
-           "--ioengine=io_uring", "--direct=1", "--runtime=8", "--time_based", "--readonly",
+           "--ioengine=io_uring", "--direct=1", "--runtime=%d" % runtime, "--time_based", "--readonly",
            "--output-format=json"]
     j = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     return j["jobs"][0]["read"]["bw_bytes"]
@@ -53,6 +56,10 @@ def main():
     ap.add_argument("--depth", type=int, default=1, help="--prefetch-depth")
     ap.add_argument("--tokens", type=int, default=49)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fio-each", action="store_true",
+                    help="measure the disk again (fio depth 64, 4 s) right before and after each"
+                         " configuration and use the faster of the two for its bound: on a disk"
+                         " whose throughput drifts, the rate of the moment")
     a = ap.parse_args()
 
     rates = {d: fio_rate(a.pack, d) for d in (16, 64)}
@@ -63,8 +70,8 @@ def main():
     print("disk %.2f GB/s (fio randread 1 MiB O_DIRECT: depth 16 %.2f, depth 64 %.2f); compute %.3f"
           " s/token (all resident)" % (disk / 1e9, rates[16] / 1e9, rates[64] / 1e9, compute), file=sys.stderr)
     print("| budget | prefetch | s/token | bytes missed / token | bound s/token | ratio | hit rate |"
-          " stall fraction | prefetch steps on/off | prefetch used/issued |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+          " stall fraction | prefetch steps on/off | prefetch used/issued | disk GB/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for pct in [float(x) for x in a.budgets.split(",")]:
         slots = max(2, int(a.experts * pct / 100))
         for mode in a.modes.split(","):
@@ -73,18 +80,20 @@ def main():
             extra = ["--cache-experts", str(slots), "--prefetch", pf] + (["--prefetch-always"] if always else []) \
                 + (["--prefetch-depth", str(a.depth)] if pf != "none" else [])
             pre = run(a.moectl, a.pack, 1, extra, a.threads)
+            before = fio_rate(a.pack, 64, 4) if a.fio_each else disk
             full = run(a.moectl, a.pack, a.tokens, extra, a.threads)
+            rate = max(before, fio_rate(a.pack, 64, 4)) if a.fio_each else disk
             ntok = full["decode_tokens"]
             missed = (full["bytes_loaded"] - pre["bytes_loaded"]) / ntok
             spt = full["decode_s"] / ntok
-            bound = max(compute, missed / disk)
+            bound = max(compute, missed / rate)
             steps = "%d/%d" % (full.get("prefetch_steps_on", 0), full.get("prefetch_steps_off", 0)) \
                 if pf != "none" else "-"
             stall = (full["stall_s"] - pre["stall_s"]) / full["decode_s"]
             used = "%d/%d" % (full["prefetch_used"], full["prefetch_issued"]) if pf != "none" else "-"
-            print("| %.1f%% (%d) | %s | %.3f | %.0f MB | %.3f | %.2f | %.3f | %.2f | %s | %s |" % (
+            print("| %.1f%% (%d) | %s | %.3f | %.0f MB | %.3f | %.2f | %.3f | %.2f | %s | %s | %.2f |" % (
                 pct, slots, mode, spt, missed / 1e6, bound, spt / bound, full["hit_rate"], stall, steps,
-                used))
+                used, rate / 1e9))
             sys.stdout.flush()
 
 
