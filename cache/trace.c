@@ -194,6 +194,20 @@ int moe_trace_parse(struct moe_trace *t, const char *text, size_t len, const cha
                           " / n_expert %d", name, max_l, max_e, t->n_layer, t->n_expert);
         goto fail;
     }
+    if (t->n_expert_used > t->n_expert) {
+        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: header's n_expert_used %d exceeds n_expert %d", name,
+                          t->n_expert_used, t->n_expert);
+        goto fail;
+    }
+    if (t->n_expert_used == 0) {
+        /* the most experts one visit (a token step at a layer) used */
+        int run = 0;
+        for (int64_t i = 0; i < t->n; i++) {
+            run = i > 0 && t->a[i].layer == t->a[i - 1].layer && t->a[i].step == t->a[i - 1].step ? run + 1 : 1;
+            if (run > t->n_expert_used)
+                t->n_expert_used = run < t->n_expert ? run : t->n_expert;
+        }
+    }
     return 0;
 fail:
     moe_free(t->a);

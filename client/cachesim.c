@@ -189,9 +189,11 @@ int moectl_cachesim_main(int argc, char **argv)
         for (int p = 0; p < n_pol; p++) {
             struct moe_sim_result r;
             const int with_pf = pf.kind != MOE_SIM_PREFETCH_NONE && pols[p] != MOE_POLICY_BELADY;
-            if (moe_cache_sim_ex(&t, (enum moe_policy_kind)pols[p], caps[c], &prm, with_pf ? &pf : NULL,
-                                 &r)) {
-                fprintf(stderr, "moectl: cache-sim: out of memory\n");
+            const int e = moe_cache_sim_ex(&t, (enum moe_policy_kind)pols[p], caps[c], &prm,
+                                           with_pf ? &pf : NULL, &r);
+            if (e) {
+                fprintf(stderr, "moectl: cache-sim: %s: %s\n", trace_path,
+                        e == -ENOMEM ? "out of memory" : "the trace's sizes do not allow this simulation");
                 rc = 1;
                 break;
             }

@@ -637,10 +637,12 @@ static void test_parse_formats(void)
     static const char own[] = "0 0 5:0.7 2:0.3\n0 1 1:0.5 0:0.5\n1 0 5:0.6 4:0.4\n";
     CHECK_MSG(moe_trace_parse(&t, own, sizeof(own) - 1, "t.txt", &d) == 0, "%s", d.msg);
     CHECK(t.n == 6 && t.n_layer == 2 && t.n_expert == 6 && t.a[4].expert == 5 && t.a[4].step == 1);
+    CHECK(t.n_expert_used == 2); /* inferred: the most experts of one visit */
     moe_trace_free(&t);
     static const char *const bad[] = {
         "0 0 5:0.7 x:0.3\n", "0 0\n", "zero 0 1:1\n", "0 0 5\n", "0 99999 1:1\n", "",
         "# route_trace v1\nturn,phase\n0,1,0,0,0\n", "# n_layer=1 n_expert=2\n0 0 7:1\n",
+        "# moe_trace v1 n_layer=1 n_expert=2 n_expert_used=3\n0 0 1:1\n",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         moe_diag_clear(&d);
