@@ -34,8 +34,12 @@ static void header_ints(const char *line, size_t len, struct moe_trace *t)
         size_t kl = strlen(keys[k]);
         for (size_t i = 0; i + kl < len; i++) {
             if ((i == 0 || line[i - 1] == ' ') && memcmp(line + i, keys[k], kl) == 0) {
-                long v = strtol(line + i + kl, NULL, 10);
-                if (v > 0 && v < MAX_EXPERTS)
+                /* the line is not NUL-terminated: digits up to its end only */
+                long v = 0;
+                size_t j = i + kl;
+                for (; j < len && line[j] >= '0' && line[j] <= '9' && v < MAX_EXPERTS; j++)
+                    v = v * 10 + (line[j] - '0');
+                if (j > i + kl && v > 0 && v < MAX_EXPERTS)
                     *dst[k] = (int)v;
             }
         }

@@ -4,7 +4,7 @@
 #   tools/fuzz.sh TARGET [SECONDS] [extra libFuzzer flags]
 #   e.g. tools/fuzz.sh gguf 300
 #
-# TARGET is a fuzz entry of tests/fuzz/ (fuzz_TARGET.c: gguf, pack). The
+# TARGET is a fuzz entry of tests/fuzz/ (fuzz_TARGET.c: gguf, pack, trace, ...). The
 # build goes to $MOE_FUZZ_BUILD (default build-fuzz; set up on first use
 # with CC=clang -Dfuzzer=true -Dsanitize_build=true -Dcuda=disabled). The
 # run starts from a copy of tests/corpus/TARGET in $MOE_FUZZ_BUILD/corpus-TARGET,
