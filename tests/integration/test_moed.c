@@ -445,6 +445,7 @@ struct client {
     int n;
     char want[4096];
     char got[4096];
+    char tail[512];         /* the end of the raw response, for a failure message */
     int status;
     bool stream;
 };
@@ -459,6 +460,8 @@ static void *client_main(void *arg)
     if (request("POST", "/v1/completions", body, &r) != 0)
         return NULL;
     c->status = r.status;
+    const size_t rl = strlen(r.raw);
+    snprintf(c->tail, sizeof(c->tail), "%s", r.raw + (rl > sizeof(c->tail) - 1 ? rl - (sizeof(c->tail) - 1) : 0));
     if (c->stream) {
         char *sse = malloc(strlen(r.body) + 1);
         dechunk(r.body, sse);
@@ -505,8 +508,14 @@ static void test_concurrent(void)
     for (int i = 0; i < N; i++) {
         CHECK_INT(cl[i].status, ==, 200);
         CHECK_MSG(strcmp(cl[i].got, cl[i].want) == 0, "client %d (%s, n=%d%s): got '%s', moectl run"
-                  " says '%s'", i, cl[i].prompt, cl[i].n, cl[i].stream ? ", stream" : "", cl[i].got,
-                  cl[i].want);
+                  " says '%s'; the response ended with:\n%s\n(daemon log: %s)", i, cl[i].prompt, cl[i].n,
+                  cl[i].stream ? ", stream" : "", cl[i].got, cl[i].want, cl[i].tail, logf_path);
+        if (strcmp(cl[i].got, cl[i].want) != 0) {
+            char *log = log_text();
+            const size_t ll = strlen(log);
+            fprintf(stderr, "  daemon log (end):\n%s\n", log + (ll > 3000 ? ll - 3000 : 0));
+            free(log);
+        }
     }
     printf("  16 concurrent clients (4 sequences at once) match moectl run\n");
     DOWN();
