@@ -103,7 +103,7 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
     /* one page more, so that every slot starts on a page: the expert store
      * reads raw blobs into host slots directly (O_DIRECT) */
     c->mem = c->slots ? be->ops->alloc(be, (size_t)n_slots * c->slot_bytes + 4096) : NULL;
-    c->slot_base = c->mem + (-(uintptr_t)c->mem & 4095);
+    c->slot_base = c->mem ? c->mem + (-(uintptr_t)c->mem & 4095) : NULL;
     if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem || !c->predicted ||
         !c->layer_hits || !c->layer_misses || !c->layer_bytes || !c->layer_stall) {
         size_t mib = ((size_t)n_slots * c->slot_bytes) >> 20;

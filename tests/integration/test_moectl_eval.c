@@ -163,6 +163,10 @@ static void test_bad_input(void)
         { "cache-sim --trace %s --capacity 0 %s", 2, "--capacity" },
         { "cache-sim --trace %s --sweep 5,x %s", 2, "--sweep" },
         { "cache-sim --trace %s --capacity 4 --policy mru %s", 2, "--policy" },
+        { "cache-sim --trace %s --capacity 4 --prefetch gate %s", 2, "--prefetch" },
+        { "cache-sim --trace %s --capacity 4 --prefetch history --prefetch-depth 0 %s", 2, "--prefetch-depth" },
+        { "cache-sim --trace %s --capacity 4 --prefetch history --prefetch-depth 99 %s", 2, "--prefetch-depth" },
+        { "cache-sim --trace %s --capacity 4 --prefetch-depth x %s", 2, "--prefetch-depth" },
         { "cache-sim --trace %s --capacity 4 %s", 1, ".gguf:1: expected" }, /* not a trace */
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {

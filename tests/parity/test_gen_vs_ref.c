@@ -331,6 +331,42 @@ static void test_deterministic(void)
     moe_gguf_close(g);
 }
 
+/* --residual-gain scales exactly the matrices that write into the residual
+ * stream (F32, gain 0.5: a power of two, so exactly half) and nothing else */
+static void test_residual_gain(void)
+{
+    char a[4096], b[4096];
+    snprintf(a, sizeof(a), "%s/gain1.gguf", moe_test_tmpdir());
+    snprintf(b, sizeof(b), "%s/gain05.gguf", moe_test_tmpdir());
+    CHECK_INT(gen("--preset tiny-mixtral --type F32", a), ==, 0);
+    CHECK_INT(gen("--preset tiny-mixtral --type F32 --residual-gain 0.5", b), ==, 0);
+    struct moe_diag d = { 0 };
+    struct moe_gguf *ga = NULL, *gb = NULL;
+    CHECK_MSG(moe_gguf_open(&ga, a, &d) == 0 && moe_gguf_open(&gb, b, &d) == 0, "%s", d.msg);
+    int halved = 0, same = 0;
+    for (uint64_t i = 0; i < moe_gguf_n_tensors(ga); i++) {
+        const struct moe_gguf_tensor *ta = moe_gguf_tensor_at(ga, i);
+        const struct moe_gguf_tensor *tb = moe_gguf_find_tensor(gb, ta->name);
+        CHECK(tb != NULL && tb->size == ta->size && ta->dtype == MOE_DTYPE_F32);
+        float *x = malloc(ta->size), *y = malloc(ta->size);
+        CHECK(moe_gguf_pread(ga, ta, 0, x, ta->size, &d) == 0 && moe_gguf_pread(gb, tb, 0, y, tb->size, &d) == 0);
+        const int residual = strstr(ta->name, "attn_output") != NULL || strstr(ta->name, "ffn_down") != NULL;
+        int ok = 1;
+        for (uint64_t k = 0; k < ta->n_elements; k++)
+            ok &= residual ? y[k] == 0.5f * x[k] : y[k] == x[k];
+        CHECK_MSG(ok, "%s: not %s", ta->name, residual ? "halved" : "unchanged");
+        halved += residual;
+        same += !residual;
+        free(x);
+        free(y);
+    }
+    CHECK(halved == 2 * 4 && same > 0); /* attn_output and ffn_down_exps of 4 layers */
+    moe_gguf_close(ga);
+    moe_gguf_close(gb);
+    unlink(a);
+    unlink(b);
+}
+
 static void test_usage_errors(void)
 {
     char out[4096], tmp[4200];
@@ -340,7 +376,8 @@ static void test_usage_errors(void)
         "--preset nope", "--n-head 5 --n-head-kv 2 --head-dim 16 --n-embd 80", "--n-expert 4 --n-expert-used 5",
         "--type Q4_K", "--n-embd 12x", "--n-embd", "--bogus", "--n-vocab 10", "--arch qwen3moe --n-vocab 100",
         "--n-head 4 --head-dim 32" /* llama: 4 x 32 != 64 */, "--head-dim 15", "--threads 0", "--seed -1",
-        "--arch gptoss", "--n-layer 0",
+        "--arch gptoss", "--n-layer 0", "--residual-gain 0", "--residual-gain x", "--residual-gain 17",
+        "--residual-gain nan", "--residual-gain",
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
         CHECK_MSG(gen(bad[i], out) == 2, "'%s' should exit 2", bad[i]);
@@ -371,5 +408,6 @@ int main(void)
     MOE_TEST_RUN(test_quantized_from_f32);
     MOE_TEST_RUN(test_deterministic);
     MOE_TEST_RUN(test_usage_errors);
+    MOE_TEST_RUN(test_residual_gain);
     return moe_test_exit_code();
 }
