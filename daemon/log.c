@@ -1,5 +1,10 @@
 #include "daemon/log.h"
 
+#include "common/log.h"
+
+_Static_assert((int)MOED_LOG_ERROR == (int)MOE_LOG_ERROR && (int)MOED_LOG_DEBUG == (int)MOE_LOG_DEBUG,
+               "moed and library log levels are the same numbers");
+
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -37,4 +42,16 @@ void moed_log(enum moed_log_level lv, const char *fmt, ...)
     va_end(ap);
     /* one write per line, so lines from two threads never interleave */
     fprintf(stderr, "%s\n", line);
+}
+
+/* The library's messages land in this log, at the same levels. */
+static void library_log(enum moe_log_level lv, const char *msg, void *user)
+{
+    (void)user;
+    moed_log((enum moed_log_level)lv, "%s", msg);
+}
+
+void moed_log_capture_library(void)
+{
+    moe_log_set(library_log, NULL);
 }

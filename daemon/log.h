@@ -5,6 +5,8 @@
 enum moed_log_level { MOED_LOG_ERROR = 0, MOED_LOG_WARN, MOED_LOG_INFO, MOED_LOG_DEBUG };
 
 void moed_log_set_level(const char *name);   /* "error", "warn", "info", "debug" */
+/* Routes the library's log hook (common/log.h) into this log. */
+void moed_log_capture_library(void);
 void moed_log(enum moed_log_level lv, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define LOG_E(...) moed_log(MOED_LOG_ERROR, __VA_ARGS__)

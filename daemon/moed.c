@@ -184,6 +184,7 @@ int main(int argc, char **argv)
         return 2;
     }
     moed_log_set_level(cfg.log_level);
+    moed_log_capture_library();
     signal(SIGPIPE, SIG_IGN);   /* write errors come back as EPIPE */
 
     const int fds0 = count_fds();

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "common/alloc.h"
+#include "common/log.h"
 #include "io/expert_src.h"
 
 struct stage {
@@ -192,7 +193,7 @@ static void *io_main(void *arg)
         pthread_mutex_lock(&s->mu);
         if (rc < 0) {
             /* The ring itself failed: nothing more can be read. */
-            fprintf(stderr, "moe io: %s: io_uring failed (%s); failing all loads\n", s->path,
+            moe_log(MOE_LOG_ERROR, "io: %s: io_uring failed (%s); failing all loads", s->path,
                     strerror(-rc));
             s->stopping = true;
         }
@@ -286,12 +287,6 @@ static void *pool_main(void *arg)
 
 /* ---- open/close ------------------------------------------------------- */
 
-static void src_log(void *arg, const char *msg)
-{
-    (void)arg;
-    fprintf(stderr, "moe io: %s\n", msg);
-}
-
 int moe_expert_src_open(struct moe_expert_src **out, const char *path,
                         const struct moe_io_config *cfg, struct moe_diag *diag)
 {
@@ -301,8 +296,6 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
         c.n_threads = 2;
     if (c.n_threads > 64)
         c.n_threads = 64;
-    if (c.uring.log == NULL)
-        c.uring.log = src_log;
     struct moe_expert_src *s = moe_calloc(1, sizeof(*s));
     if (s == NULL)
         return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);

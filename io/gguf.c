@@ -27,7 +27,7 @@
 
 #include "common/alloc.h"
 #include "io/gguf.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 #define CURSOR_BUF (1u << 20)
 

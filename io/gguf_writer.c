@@ -18,7 +18,7 @@
 
 #include "common/alloc.h"
 #include "io/gguf_writer.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 /* Values are copied as they lie in memory: GGUF is little-endian. */
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "little-endian hosts only");

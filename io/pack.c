@@ -13,7 +13,7 @@
 
 #include "common/alloc.h"
 #include "io/pack-impl.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 /* ---- expert layouts -------------------------------------------------- */
 

@@ -18,7 +18,7 @@
 
 #include "common/alloc.h"
 #include "io/pack-impl.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 #define COPY_CHUNK (4u << 20)
 

@@ -13,6 +13,7 @@
 #include <liburing.h>
 
 #include "common/alloc.h"
+#include "common/log.h"
 #include "io/uring.h"
 
 #define MAX_RETRIES 64   /* -EAGAIN/-EINTR/zero-progress resubmissions of one request */
@@ -51,15 +52,13 @@ struct moe_uring {
     struct rop *done_head;           /* finished, callbacks to run */
     moe_uring_fault_fn fault;
     void *fault_ctx;
-    moe_log_fn log;
-    void *log_arg;
     bool logged_uring, logged_direct, logged_reg;
 };
 
-static void say(struct moe_uring *r, bool *once, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+static void say(bool *once, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 
-static void say(struct moe_uring *r, bool *once, const char *fmt, ...)
+static void say(bool *once, const char *fmt, ...)
 {
     if (*once)
         return;
@@ -69,10 +68,7 @@ static void say(struct moe_uring *r, bool *once, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    if (r->log)
-        r->log(r->log_arg, msg);
-    else
-        fprintf(stderr, "moe io: %s\n", msg);
+    moe_log(MOE_LOG_WARN, "io: %s", msg);
 }
 
 static size_t dio_align(int fd)
@@ -115,8 +111,6 @@ int moe_uring_open(struct moe_uring **out, const char *path, const struct moe_ur
     r->fd_direct = r->fd_buf = r->efd = -1;
     r->qd = c.queue_depth;
     r->chunk = c.chunk_bytes;
-    r->log = c.log;
-    r->log_arg = c.log_arg;
     r->align = 1;
     int rc;
     r->path = moe_strndup(path, strlen(path));
@@ -145,10 +139,10 @@ int moe_uring_open(struct moe_uring **out, const char *path, const struct moe_ur
         if (e == 0)
             r->uring = true;
         else
-            say(r, &r->logged_uring, "%s: io_uring unavailable (%s), using pread", path,
+            say(&r->logged_uring, "%s: io_uring unavailable (%s), using pread", path,
                 strerror(-e));
     } else {
-        say(r, &r->logged_uring, "%s: io_uring disabled by configuration, using pread", path);
+        say(&r->logged_uring, "%s: io_uring disabled by configuration, using pread", path);
     }
     if (!c.no_direct) {
         r->fd_direct = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
@@ -156,7 +150,7 @@ int moe_uring_open(struct moe_uring **out, const char *path, const struct moe_ur
             r->direct = true;
             r->align = dio_align(r->fd_direct);
         } else {
-            say(r, &r->logged_direct, "%s: O_DIRECT refused (%s), reading through the page cache",
+            say(&r->logged_direct, "%s: O_DIRECT refused (%s), reading through the page cache",
                 path, strerror(errno));
         }
     }
@@ -185,7 +179,7 @@ int moe_uring_register_buffers(struct moe_uring *r, const struct iovec *iov, uns
         return 0;
     int e = io_uring_register_buffers(&r->ring, iov, n);
     if (e < 0) {
-        say(r, &r->logged_reg, "%s: buffer registration refused (%s), using plain reads",
+        say(&r->logged_reg, "%s: buffer registration refused (%s), using plain reads",
             r->path, strerror(-e));
         return 0;
     }
@@ -306,7 +300,7 @@ static bool req_complete(struct moe_uring *r, struct req *q, int res)
         res = r->fault(r->fault_ctx, q->off, q->len, res);
     if (res == -EINVAL && r->direct && !q->buffered) {
         /* Some filesystems accept O_DIRECT at open and refuse the read. */
-        say(r, &r->logged_direct, "%s: O_DIRECT read refused (EINVAL), reading through the "
+        say(&r->logged_direct, "%s: O_DIRECT read refused (EINVAL), reading through the "
             "page cache", r->path);
         r->direct = false;
         q->buffered = true;

@@ -11,7 +11,7 @@
  * has MOE_IO_FORCE_PREAD=1, reads run as buffered pread on the thread that
  * calls moe_uring_run. When O_DIRECT is refused (tmpfs: EINVAL at open or
  * on the first read), reads go through the page cache. Each fallback is
- * logged once through the config's log function (stderr by default). The
+ * logged once through the library's log hook (common/log.h). The
  * bytes read are the same in every mode.
  *
  * Alignment: with O_DIRECT, offsets, lengths and buffers must be multiples
@@ -41,15 +41,11 @@ extern "C" {
 #define MOE_URING_MAX_QD        256u
 #define MOE_URING_DEFAULT_CHUNK (1u << 20)
 
-typedef void (*moe_log_fn)(void *arg, const char *msg);
-
 struct moe_uring_config {
     unsigned queue_depth;   /* requests in flight, 1..256; 0 = 32 */
     size_t chunk_bytes;     /* request size, multiple of 4096, 4 KiB..16 MiB; 0 = 1 MiB */
     bool force_pread;       /* no io_uring (also env MOE_IO_FORCE_PREAD=1) */
     bool no_direct;         /* buffered reads even where O_DIRECT works */
-    moe_log_fn log;         /* fallback notices; NULL = stderr */
-    void *log_arg;
 };
 
 /* status: 0, or a negative code (CQE results pass through unchanged). */

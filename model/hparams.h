@@ -30,7 +30,7 @@
 #include <stdint.h>
 
 #include "common/error.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 struct moe_gguf;
 

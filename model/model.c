@@ -39,10 +39,11 @@
 #include <unistd.h>
 
 #include "common/alloc.h"
+#include "common/log.h"
 #include "io/gguf.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cuda.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "cache/expert_cache.h"
 #include "cache/history.h"
 #include "cache/host_tier.h"
@@ -847,8 +848,8 @@ static int create_cache(struct moe_model *m, const struct moe_model_opts *o, str
         n_slots = (long)n_moe * c->n_expert;
     const long working_set = (long)n_moe * c->n_expert_used;
     if (n_slots < working_set)
-        fprintf(stderr, "moe: warning: the expert cache holds %ld experts, below one token's working"
-                " set of %ld (%d MoE layers x top-%d): LRU will hit about 0%%\n", n_slots, working_set,
+        moe_log(MOE_LOG_WARN, "the expert cache holds %ld experts, below one token's working"
+                " set of %ld (%d MoE layers x top-%d): LRU will hit about 0%%", n_slots, working_set,
                 n_moe, c->n_expert_used);
     int pol = moe_policy_from_name(o->cache_policy ? o->cache_policy : "layer");
     if (pol < 0 || pol == MOE_POLICY_BELADY)
@@ -1326,7 +1327,7 @@ static int expert_ffn_cached(struct moe_model *m, const struct layer *L, int e, 
  * for the others, compute what is ready, then each missing expert as soon as
  * it arrives; release each right after its compute so that a cache of one
  * layer's top-k slots still serves batches that touch more experts. */
-static int experts_cached(struct moe_model *m, int il, int64_t n)
+static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const struct layer *L = &m->layers[il];
@@ -1405,7 +1406,11 @@ static int experts_cached(struct moe_model *m, int il, int64_t n)
         for (int j = 0; j < np; j++)
             if (m->pend_state[j] == LOADING)
                 moe_expert_cache_release(m->cache, il, m->pend_e[j]);
-        fprintf(stderr, "moe: %s\n", d.msg);
+        /* the load's own message names the file, layer, expert and offset */
+        if (d.code != 0)
+            moe_diag_set(diag, rc, "%s", d.msg);
+        else
+            moe_diag_set(diag, rc, "layer %d: experts: %s", il, moe_strerror(rc));
     }
     return rc;
 }
@@ -1413,7 +1418,7 @@ static int experts_cached(struct moe_model *m, int il, int64_t n)
 static void history_learn(struct moe_model *m, int il, int64_t n);
 
 static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_route_fn route,
-                     void *ud)
+                     void *ud, struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const struct moe_backend_ops *ops = m->be->ops;
@@ -1452,7 +1457,7 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
     }
 
     if (m->cache != NULL) {
-        TRY(experts_cached(m, il, n));
+        TRY(experts_cached(m, il, n, diag));
     } else {
         for (int e = 0; e < c->n_expert; e++) {
             if (m->expert_count[e] == 0)
@@ -1609,7 +1614,8 @@ bool moe_model_prefetch_steps(const struct moe_model *m, uint64_t *on, uint64_t 
 
 /* Runs the n tokens laid out by m->segs (positions in m->pos, embeddings
  * gathered by the caller into m->x) through every layer. */
-static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_route_fn route, void *ud)
+static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_route_fn route, void *ud,
+                          struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const bool decode = m->prefetch_depth > 0 && n <= 4;
@@ -1617,7 +1623,7 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     const double t0 = decode ? mono_s() : 0;
     for (int il = 0; il < c->n_layer; il++) {
         TRY(attention_block(m, il, n));
-        TRY(moe_block(m, il, n, tok0, route, ud));
+        TRY(moe_block(m, il, n, tok0, route, ud, diag));
         if (pf) {
             if (m->prefetch_history)
                 prefetch_history(m, il);
@@ -1649,7 +1655,8 @@ static int output_logits(struct moe_model *m, const float *xn, int64_t n, float 
 }
 
 static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *tokens, int64_t n,
-                         int64_t tok0, float *logits, bool all_logits, moe_route_fn route, void *ud)
+                         int64_t tok0, float *logits, bool all_logits, moe_route_fn route, void *ud,
+                         struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const struct moe_backend_ops *ops = m->be->ops;
@@ -1659,7 +1666,7 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
     m->segs[0] = (struct seg){ .s = s, .off = 0, .n = n };
     m->n_segs = 1;
     TRY(ops->get_rows(be, m->x, &m->tok_embd, tokens, (int)n));
-    TRY(forward_layers(m, n, tok0, route, ud));
+    TRY(forward_layers(m, n, tok0, route, ud, diag));
     if (logits == NULL)
         return 0;
     if (all_logits) {
@@ -1715,7 +1722,7 @@ int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *seg
     }
     m->n_segs = n_segs;
     if (rc == 0)
-        rc = forward_layers(m, n, 0, NULL, NULL);
+        rc = forward_layers(m, n, 0, NULL, NULL, diag);
     for (int i = 0; i < n_segs && rc == 0; i++) {
         const struct moe_batch_seg *g = &segs[i];
         if (g->logits == NULL)
@@ -1753,7 +1760,7 @@ int moe_model_forward(struct moe_model *m, struct moe_seq *s, const int32_t *tok
             lg = logits;
         else if (logits && last)
             lg = logits;
-        int rc = forward_batch(m, s, tokens + t0, nb, t0, lg, all_logits, route, route_ud);
+        int rc = forward_batch(m, s, tokens + t0, nb, t0, lg, all_logits, route, route_ud, diag);
         if (rc)
             return moe_diag_set(diag, rc, "forward at position %d: %s", s->pos, moe_strerror(rc));
     }

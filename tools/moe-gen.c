@@ -41,7 +41,7 @@
 #include "common/rng.h"
 #include "io/gguf_writer.h"
 #include "kernels/cpu/quant.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 #define BATCH_BYTES (16u << 20)
 #define MAX_THREADS 16

@@ -16,7 +16,7 @@
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/threadpool.h"
 #include "kernels/cpu/vecdot.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/fp16.h"
 
 struct cpu_ctx {

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -13,7 +13,7 @@
 
 #include "common/error.h"
 #include "kernels/cpu/quant.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/fp16.h"
 
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,

@@ -46,7 +46,7 @@ struct moe_block_q4_0 {
 };
 
 #ifndef __cplusplus
-/* Must match the type sizes in kernels/dtype.c (tests/unit/test_quant.c
+/* Must match the type sizes in common/dtype.c (tests/unit/test_quant.c
  * checks the table too). */
 _Static_assert(sizeof(struct moe_block_q8_0) == 34, "block_q8_0 is 34 bytes");
 _Static_assert(sizeof(struct moe_block_q4_0) == 18, "block_q4_0 is 18 bytes");

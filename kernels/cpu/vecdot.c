@@ -9,7 +9,7 @@
 
 #include "common/error.h"
 #include "kernels/cpu/vecdot.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/cpu/blocks-impl.h"
 #include "kernels/fp16.h"
 

@@ -31,7 +31,8 @@
 #include "kernels/cuda.h"
 #include "kernels/cuda/cuda-impl.h"
 #include "kernels/cuda/reduce-impl.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
+#include "common/log.h"
 
 namespace moecu {
 
@@ -45,7 +46,7 @@ int check(cuda_ctx *c, cudaError_t e, const char *what)
                         e == cudaErrorECCUncorrectable || e == cudaErrorInvalidAddressSpace;
     if (sticky)
         c->fatal = true;
-    fprintf(stderr, "moe cuda: %s: %s\n", what, cudaGetErrorString(e));
+    moe_log(sticky ? MOE_LOG_ERROR : MOE_LOG_WARN, "cuda: %s: %s", what, cudaGetErrorString(e));
     return sticky ? MOE_EGPU_FATAL : MOE_EGPU;
 }
 
@@ -498,7 +499,7 @@ int blas_check(cublasStatus_t st, const char *what)
 {
     if (st == CUBLAS_STATUS_SUCCESS)
         return 0;
-    fprintf(stderr, "moe cuda: %s: %s\n", what, cublasGetStatusString(st));
+    moe_log(MOE_LOG_WARN, "cuda: %s: %s", what, cublasGetStatusString(st));
     return MOE_EGPU;
 }
 

@@ -19,7 +19,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 #define MOE_HD __host__ __device__ __forceinline__
 #ifdef __CUDA_ARCH__

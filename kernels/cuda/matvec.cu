@@ -17,7 +17,7 @@
 
 #include "kernels/cuda/cuda-impl.h"
 #include "kernels/cuda/matvec-impl.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 namespace moecu {
 

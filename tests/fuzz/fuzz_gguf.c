@@ -21,7 +21,7 @@
 
 #include "common/alloc.h"
 #include "io/gguf.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/fp16.h"
 
 /* uniform in [-1, 1) */

@@ -20,7 +20,7 @@
 #include <string.h>
 
 #include "kernels/cuda/matvec-impl.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/cpu/dequant.h"
 extern "C" {
 #include "kernels/cpu/blocks-impl.h"

@@ -32,7 +32,7 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cuda.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/fp16.h"
 #include "tests/gpu/fill-impl.h"
 #include "tests/gpu/probe-impl.h"

@@ -17,7 +17,7 @@
 
 #include "io/gguf.h"
 #include "kernels/cpu/quant.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "model/model.h"
 #include "tests/harness.h"
 

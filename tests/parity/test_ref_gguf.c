@@ -11,7 +11,7 @@
 #include <stdlib.h>
 
 #include "io/gguf.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "tests/harness.h"
 
 static void test_models_match_manifest(void)

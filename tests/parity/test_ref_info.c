@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <sys/wait.h>
 
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "tests/harness.h"
 
 struct want {

@@ -18,7 +18,7 @@
 #include <string.h>
 
 #include "io/gguf.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 struct gb {
     uint8_t *p;

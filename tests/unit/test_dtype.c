@@ -3,7 +3,7 @@
 #include <errno.h>
 #include <stdint.h>
 
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "tests/harness.h"
 
 static void test_known_sizes(void)

@@ -22,7 +22,7 @@
 #include "common/error.h"
 #include "io/gguf.h"
 #include "io/gguf_writer.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "tests/harness.h"
 
 static int exists(const char *p)

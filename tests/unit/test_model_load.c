@@ -9,7 +9,7 @@
 #include "common/error.h"
 #include "io/gguf.h"
 #include "io/gguf_writer.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "model/model.h"
 #include "tests/harness.h"
 

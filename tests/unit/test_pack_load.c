@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "common/alloc.h"
+#include "common/log.h"
 #include "io/expert_src.h"
 #include "io/pack-impl.h"
 #include "tests/harness.h"
@@ -171,10 +172,10 @@ static int check_jobs(struct job *jobs, unsigned n, const struct moe_pack *p,
 
 static int log_calls;
 
-static void count_log(void *arg, const char *msg)
+static void count_log(enum moe_log_level level, const char *msg, void *arg)
 {
     (void)arg;
-    fprintf(stderr, "  log: %s\n", msg);
+    fprintf(stderr, "  log (%s): %s\n", moe_log_level_name(level), msg);
     log_calls++;
 }
 
@@ -223,7 +224,7 @@ static bool uring_works(void)
     if (fd >= 0)
         close(fd);
     struct moe_uring *r = NULL;
-    struct moe_uring_config c = { .log = count_log };
+    struct moe_uring_config c = { 0 };
     if (moe_uring_open(&r, tmp, &c, NULL) < 0)
         return false;
     bool ok = moe_uring_is_uring(r);
@@ -274,7 +275,7 @@ static void test_env_forces_pread(void)
     CHECK(pack_of(src, "env", 0, pk, sizeof(pk)) == 0);
     setenv("MOE_IO_FORCE_PREAD", "1", 1);
     log_calls = 0;
-    struct moe_io_config c = { .uring = { .log = count_log } };
+    struct moe_io_config c = { 0 };
     CHECK(run_source(pk, &c, false, true) == 0);
     CHECK_INT(log_calls, ==, 1);  /* "disabled by configuration", once */
     unsetenv("MOE_IO_FORCE_PREAD");
@@ -315,7 +316,7 @@ static void test_tmpfs_falls_back_to_buffered(void)
     fclose(f);
     free(bytes);
     log_calls = 0;
-    struct moe_io_config c = { .uring = { .log = count_log, .queue_depth = 8 } };
+    struct moe_io_config c = { .uring = { .queue_depth = 8 } };
     struct moe_diag d = {0};
     struct moe_expert_src *s = NULL;
     CHECK(moe_expert_src_open(&s, shm, &c, &d) == 0);
@@ -536,6 +537,7 @@ static void test_close_cancels_queued_loads(void)
 
 int main(void)
 {
+    moe_log_set(count_log, NULL); /* the fallback notices go through the library's log hook */
     MOE_TEST_RUN(test_every_mode_same_bytes);
     MOE_TEST_RUN(test_env_forces_pread);
     MOE_TEST_RUN(test_tmpfs_falls_back_to_buffered);

@@ -23,7 +23,7 @@
 #include "io/gguf.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/quant.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 #include "kernels/fp16.h"
 #include "tests/harness.h"
 

@@ -18,7 +18,7 @@
 
 #include "common/alloc.h"
 #include "io/expert_src.h"
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 static double now(void)
 {

@@ -1,7 +1,7 @@
 #include <errno.h>
 #include <string.h>
 
-#include "kernels/dtype.h"
+#include "common/dtype.h"
 
 /* Block geometry from ggml-common.h's block structs (QK_K = 256). Q8_1 is
  * ggml's 36-byte block (two halves + 32 int8); older gguf-py tables say 40,

@@ -6,8 +6,8 @@
  * business; this table only names and sizes them so that any file can be
  * read, sized and described.
  */
-#ifndef MOE_KERNELS_DTYPE_H
-#define MOE_KERNELS_DTYPE_H
+#ifndef MOE_COMMON_DTYPE_H
+#define MOE_COMMON_DTYPE_H
 
 #include <stddef.h>
 #include <stdint.h>
