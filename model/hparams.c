@@ -168,36 +168,6 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
 
 /* ---- architectures ----------------------------------------------------- */
 
-/* What model/model.c runs (keep in step with its read_cfg()). */
-static const struct moe_arch_desc archs[] = {
-    { "llama", false, false, true },     /* Mixtral layout when expert_count > 0 */
-    { "qwen2moe", true, false, true },
-    { "qwen3moe", true, false, true },
-    { "olmoe", true, false, true },
-    { "deepseek2", true, true, true },
-    { "gpt-oss", true, false, true },
-};
-
-size_t moe_arch_desc_count(void)
-{
-    return sizeof(archs) / sizeof(archs[0]);
-}
-
-const struct moe_arch_desc *moe_arch_desc_at(size_t i)
-{
-    return i < moe_arch_desc_count() ? &archs[i] : NULL;
-}
-
-const struct moe_arch_desc *moe_arch_desc_find(const char *name)
-{
-    if (name == NULL)
-        return NULL;
-    for (size_t i = 0; i < moe_arch_desc_count(); i++)
-        if (strcmp(archs[i].name, name) == 0)
-            return &archs[i];
-    return NULL;
-}
-
 const char *moe_hparams_supported_archs(char *buf, size_t cap)
 {
     if (cap == 0)
@@ -205,10 +175,11 @@ const char *moe_hparams_supported_archs(char *buf, size_t cap)
     buf[0] = '\0';
     size_t len = 0;
     for (size_t i = 0; i < moe_arch_desc_count(); i++) {
-        if (!archs[i].engine_supported)
+        const struct moe_arch_desc *d = moe_arch_desc_at(i);
+        if (!d->engine_supported)
             continue;
-        int n = snprintf(buf + len, cap - len, "%s%s%s", len ? ", " : "", archs[i].name,
-                         archs[i].always_moe ? "" : " (with experts)");
+        int n = snprintf(buf + len, cap - len, "%s%s%s", len ? ", " : "", d->name,
+                         d->always_moe ? "" : " (with experts)");
         if (n < 0 || (size_t)n >= cap - len)
             break; /* truncated, still terminated */
         len += (size_t)n;

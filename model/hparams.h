@@ -31,6 +31,7 @@
 
 #include "common/error.h"
 #include "common/dtype.h"
+#include "model/arch.h"
 
 struct moe_gguf;
 
@@ -74,17 +75,7 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
 
 /* ---- architectures --------------------------------------------------- */
 
-struct moe_arch_desc {
-    const char *name;           /* general.architecture */
-    bool always_moe;            /* false: MoE only when expert_count > 0 (llama) */
-    bool mla;                   /* multi-head latent attention: kv_lora_rank required */
-    bool engine_supported;      /* the CPU engine (model/model.c) runs it */
-};
-
-/* The table of known architectures; NULL for an unknown name. */
-const struct moe_arch_desc *moe_arch_desc_find(const char *name);
-size_t moe_arch_desc_count(void);
-const struct moe_arch_desc *moe_arch_desc_at(size_t i);   /* NULL past the end */
+/* The table of known architectures is model/arch.h. */
 
 /* Writes the architectures the engine runs, comma-separated, into buf
  * (always NUL-terminated when cap > 0); returns buf. */

@@ -166,11 +166,6 @@ struct moe_seq {
     size_t layer_bytes, v_layer_bytes;
 };
 
-const char *moe_model_supported_archs(void)
-{
-    return "llama (Mixtral-style MoE), qwen2moe, qwen3moe, olmoe, deepseek2, gpt-oss";
-}
-
 /* ---- configuration --------------------------------------------------- */
 
 static float f32_or(const struct moe_gguf *g, const char *arch, const char *suffix, float def,
@@ -217,13 +212,13 @@ static int read_yarn(const struct moe_gguf *g, struct moe_model_cfg *c, bool yar
     rc = moe_gguf_get_u32(g, key, &n_ctx_orig, diag);
     if (rc && rc != -ENOENT)
         return rc;
-    if (c->arch == MOE_ARCH_DEEPSEEK2)
+    if (c->ad->yarn_log_mul_x10)
         log_mul /= 0.1f;
     c->rope.ext_factor = ext >= 0.0f ? ext : (yarn ? 1.0f : 0.0f);
     float af = 1.0f;
     if (c->rope.ext_factor != 0.0f) {
         if (log_mul != 0.0f) {
-            const float m = c->arch == MOE_ARCH_DEEPSEEK2 && log_mul != 1.0f ? log_mul : 1.0f;
+            const float m = c->ad->yarn_log_mul_x10 && log_mul != 1.0f ? log_mul : 1.0f;
             af = yarn_get_mscale(factor, m) / yarn_get_mscale(factor, log_mul);
         } else {
             af = yarn_get_mscale(factor, 1.0f);
@@ -237,7 +232,7 @@ static int read_yarn(const struct moe_gguf *g, struct moe_model_cfg *c, bool yar
     const float hi = ceilf(n_dims * logf((float)n_ctx_orig / (beta_slow * 2.0f * (float)M_PI)) / (2.0f * logf(base)));
     c->rope.corr_dims[0] = fmaxf(0.0f, lo);
     c->rope.corr_dims[1] = fminf(n_dims - 1.0f, hi);
-    if (c->mla && c->rope.ext_factor != 0.0f) {
+    if (c->ad->mla && c->rope.ext_factor != 0.0f) {
         const float org = af * (1.0f + 0.1f * logf(factor));
         const float ms = org * (1.0f + 0.1f * log_mul * logf(factor));
         c->kq_scale = ms * ms / sqrtf((float)(c->qk_nope + c->qk_rope));
@@ -245,100 +240,17 @@ static int read_yarn(const struct moe_gguf *g, struct moe_model_cfg *c, bool yar
     return 0;
 }
 
-static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag)
+/* Attention dims: MLA's latent layout or plain heads. The metadata was
+ * validated by moe_hparams_validate(); these are the shapes the engine
+ * computes, and what it cannot compute is refused here. */
+static int read_attention_dims(const struct moe_hparams *hp, struct moe_model_cfg *c, const char *path,
+                               struct moe_diag *diag)
 {
-    const char *path = moe_gguf_path(g);
-    struct moe_hparams hp;
-    int rc = moe_hparams_load(&hp, g, diag);
-    if (rc)
-        return rc;
-    if (hp.arch[0] == '\0')
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key 'general.architecture'", path);
-    snprintf(c->arch_name, sizeof(c->arch_name), "%s", hp.arch);
     const char *arch = c->arch_name;
-    if (strcmp(arch, "llama") == 0)
-        c->arch = MOE_ARCH_LLAMA;
-    else if (strcmp(arch, "qwen2moe") == 0)
-        c->arch = MOE_ARCH_QWEN2MOE;
-    else if (strcmp(arch, "qwen3moe") == 0)
-        c->arch = MOE_ARCH_QWEN3MOE;
-    else if (strcmp(arch, "olmoe") == 0)
-        c->arch = MOE_ARCH_OLMOE;
-    else if (strcmp(arch, "deepseek2") == 0)
-        c->arch = MOE_ARCH_DEEPSEEK2;
-    else if (strcmp(arch, "gpt-oss") == 0)
-        c->arch = MOE_ARCH_GPTOSS;
-    else
-        return moe_diag_set(diag, MOE_EUNSUPPORTED,
-                            "%s: architecture '%s' is not supported; supported: %s", path, arch,
-                            moe_model_supported_archs());
-    static const char *const required[] = { "embedding_length", "block_count",
-                                            "attention.head_count", "expert_count",
-                                            "expert_used_count" };
-    const uint32_t vals[] = { hp.n_embd, hp.n_layer, hp.n_head, hp.n_expert, hp.n_expert_used };
-    for (size_t i = 0; i < sizeof(vals) / sizeof(vals[0]); i++)
-        if (vals[i] == 0)
-            return moe_diag_set(diag, i == 3 ? MOE_EUNSUPPORTED : MOE_EFORMAT,
-                                "%s: key '%s.%s' is missing or 0%s", path, arch, required[i],
-                                i == 3 ? ": a dense model, not a mixture of experts" : "");
-    c->n_embd = (int)hp.n_embd;
-    c->n_layer = (int)hp.n_layer;
-    c->n_head = (int)hp.n_head;
-    c->n_head_kv = (int)hp.n_head_kv;
-    c->n_ctx_train = hp.n_ctx_train ? (int)hp.n_ctx_train : 4096;
-    c->n_expert = (int)hp.n_expert;
-    c->n_expert_used = (int)hp.n_expert_used;
-    c->n_ff_exp = (int)hp.n_ff_exp;
-    c->n_ff_shexp = (int)hp.n_ff_shexp;
-    c->n_layer_dense_lead = (int)hp.n_layer_dense_lead;
-    c->n_expert_groups = (int)hp.n_expert_groups;
-    c->n_group_used = (int)hp.n_group_used;
-    int n_ff = (int)hp.n_ff, n_rot = (int)hp.n_rot;
-    if (c->n_embd <= 0 || c->n_layer <= 0 || c->n_head <= 0 || c->n_head_kv <= 0)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: embedding_length, block_count and head counts"
-                            " must be positive", path);
-    if (c->n_head % c->n_head_kv != 0)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.attention.head_count %d is not a multiple of"
-                            " head_count_kv %d", path, arch, c->n_head, c->n_head_kv);
-    if (c->n_expert <= 0)
-        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.expert_count is 0: a dense model, not"
-                            " a mixture of experts", path, arch);
-    if (c->n_expert > 1024)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.expert_count %d exceeds 1024", path, arch,
-                            c->n_expert);
-    if (c->n_expert_used <= 0 || c->n_expert_used > c->n_expert)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.expert_used_count %d, expected 1..%d"
-                            " (expert_count)", path, arch, c->n_expert_used, c->n_expert);
-    c->head_dim = (int)hp.head_dim;
-    int hd_v = (int)hp.head_dim_v;
-    c->n_ff = n_ff;
+    const int n_rot = (int)hp->n_rot, hd_v = (int)hp->head_dim_v;
+    c->head_dim = (int)hp->head_dim;
     c->head_dim_v = hd_v;
-    if (c->arch == MOE_ARCH_DEEPSEEK2) {
-        const int k_mla = (int)hp.key_length_mla, v_mla = (int)hp.value_length_mla;
-        c->q_lora_rank = (int)hp.q_lora_rank;
-        c->kv_lora_rank = (int)hp.kv_lora_rank;
-        if (k_mla == 0 || v_mla == 0)
-            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: deepseek2 without key_length_mla/"
-                                "value_length_mla (the pre-2025 MLA layout with a joint kv_b"
-                                " tensor) is not supported; reconvert with a current llama.cpp", path);
-        if (c->kv_lora_rank <= 0 || n_rot <= 0 || n_rot >= k_mla || n_rot % 2 != 0 ||
-            c->head_dim != c->kv_lora_rank + n_rot || hd_v != c->kv_lora_rank)
-            return moe_diag_set(diag, MOE_EFORMAT, "%s: deepseek2 MLA dims inconsistent: key_length %d,"
-                                " value_length %d, kv_lora_rank %d, rope.dimension_count %d,"
-                                " key_length_mla %d (expected key_length = kv_lora_rank + rope dims,"
-                                " value_length = kv_lora_rank)", path, c->head_dim, hd_v,
-                                c->kv_lora_rank, n_rot, k_mla);
-        if (c->n_head > 256)
-            return moe_diag_set(diag, MOE_ELIMIT, "%s: %d heads, at most 256 supported", path, c->n_head);
-        c->mla = true;
-        c->qk_rope = n_rot;
-        c->qk_nope = k_mla - n_rot;
-        c->v_head_dim = v_mla;
-        c->n_head_kv = 1;
-        c->k_row = c->kv_lora_rank + n_rot;
-        c->v_row = 0;
-        c->kq_scale = 1.0f / sqrtf((float)k_mla);
-    } else {
+    if (!c->ad->mla) {
         if (hd_v != c->head_dim || c->head_dim <= 0 || c->head_dim % 2 != 0)
             return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: head dims key %d / value %d: expected"
                                 " equal, even and positive", path, c->head_dim, hd_v);
@@ -347,15 +259,94 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
                                 " number in 2..%d", path, arch, n_rot, c->head_dim);
         c->k_row = c->v_row = (int64_t)c->n_head_kv * c->head_dim;
         c->kq_scale = 1.0f / sqrtf((float)c->head_dim);
+        return 0;
     }
-    if (c->n_layer_dense_lead > c->n_layer)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.leading_dense_block_count %d exceeds"
-                            " block_count %d", path, arch, c->n_layer_dense_lead, c->n_layer);
-    if (c->n_expert_groups > 1 && (c->n_expert % c->n_expert_groups != 0 || c->n_group_used <= 0 ||
-                                   c->n_group_used > c->n_expert_groups))
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: expert groups %d (used %d) do not divide %d"
-                            " experts", path, c->n_expert_groups, c->n_group_used, c->n_expert);
+    const int k_mla = (int)hp->key_length_mla, v_mla = (int)hp->value_length_mla;
+    c->q_lora_rank = (int)hp->q_lora_rank;
+    c->kv_lora_rank = (int)hp->kv_lora_rank;
+    if (k_mla == 0 || v_mla == 0)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s without key_length_mla/value_length_mla"
+                            " (the pre-2025 MLA layout with a joint kv_b tensor) is not supported;"
+                            " reconvert with a current llama.cpp", path, arch);
+    if (c->kv_lora_rank <= 0 || n_rot <= 0 || n_rot >= k_mla || n_rot % 2 != 0 ||
+        c->head_dim != c->kv_lora_rank + n_rot || hd_v != c->kv_lora_rank)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s MLA dims inconsistent: key_length %d,"
+                            " value_length %d, kv_lora_rank %d, rope.dimension_count %d,"
+                            " key_length_mla %d (expected key_length = kv_lora_rank + rope dims,"
+                            " value_length = kv_lora_rank)", path, arch, c->head_dim, hd_v,
+                            c->kv_lora_rank, n_rot, k_mla);
+    if (c->n_head > 256)
+        return moe_diag_set(diag, MOE_ELIMIT, "%s: %d heads, at most 256 supported", path, c->n_head);
+    c->qk_rope = n_rot;
+    c->qk_nope = k_mla - n_rot;
+    c->v_head_dim = v_mla;
+    c->n_head_kv = 1;
+    c->k_row = c->kv_lora_rank + n_rot;
+    c->v_row = 0;
+    c->kq_scale = 1.0f / sqrtf((float)k_mla);
+    return 0;
+}
+
+/* Routing: the row's defaults, overridden by the expert_gating_func /
+ * expert_weights_* keys where the row reads them. */
+static int read_gating(const struct moe_hparams *hp, struct moe_model_cfg *c, const char *path,
+                       struct moe_diag *diag)
+{
+    const struct moe_arch_desc *ad = c->ad;
+    c->gating = (struct moe_gating_params){
+        .func = ad->gating, .n_expert = c->n_expert, .k = c->n_expert_used,
+        .norm = ad->gating_norm, .scale = 1.0f,
+    };
+    if (!ad->gating_from_keys)
+        return 0;
+    const int func = hp->expert_gating_func ? (int)hp->expert_gating_func : 1;
+    if (func != 1 && func != 2)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.expert_gating_func %d, expected"
+                            " 1 (softmax) or 2 (sigmoid)", path, c->arch_name, func);
+    c->gating.func = func == 2 ? MOE_GATING_SIGMOID : MOE_GATING_SOFTMAX;
+    c->gating.norm = hp->expert_weights_norm;
+    c->gating.scale = hp->expert_weights_scale > 0.0f ? hp->expert_weights_scale : 1.0f;
+    return 0;
+}
+
+/* The forward pass's configuration: hyper-parameters loaded and validated
+ * by model/hparams.c, the architecture's row, and the few limits of the
+ * engine itself. */
+static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag)
+{
+    const char *path = moe_gguf_path(g);
+    struct moe_hparams hp;
+    int rc;
+    if ((rc = moe_hparams_load(&hp, g, diag)) || (rc = moe_hparams_check_supported(&hp, path, diag)) ||
+        (rc = moe_hparams_validate(&hp, g, diag)))
+        return rc;
+    c->ad = moe_arch_desc_find(hp.arch);
+    snprintf(c->arch_name, sizeof(c->arch_name), "%s", hp.arch);
+    const char *arch = c->arch_name;
+    c->n_embd = (int)hp.n_embd;
+    c->n_layer = (int)hp.n_layer;
+    c->n_head = (int)hp.n_head;
+    c->n_head_kv = (int)hp.n_head_kv;
+    c->n_ctx_train = hp.n_ctx_train ? (int)hp.n_ctx_train : 4096;
+    c->n_expert = (int)hp.n_expert;
+    c->n_expert_used = (int)hp.n_expert_used;
+    c->n_ff = (int)hp.n_ff;
+    c->n_ff_exp = (int)hp.n_ff_exp;
+    c->n_ff_shexp = (int)hp.n_ff_shexp;
+    c->n_layer_dense_lead = (int)hp.n_layer_dense_lead;
+    c->n_expert_groups = (int)hp.n_expert_groups;
+    c->n_group_used = (int)hp.n_group_used;
+    /* the per-layer acquisition bookkeeping holds at most 1024 experts */
+    if (c->n_expert > 1024)
+        return moe_diag_set(diag, MOE_ELIMIT, "%s: %s.expert_count %d exceeds the engine's 1024",
+                            path, arch, c->n_expert);
+    if (c->n_expert_groups > 1 && c->n_group_used <= 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.expert_group_count %d without"
+                            " expert_group_used_count", path, arch, c->n_expert_groups);
+    if ((rc = read_attention_dims(&hp, c, path, diag)) || (rc = read_gating(&hp, c, path, diag)))
+        return rc;
     c->rms_eps = hp.rms_eps > 0.0f ? hp.rms_eps : 1e-5f;
+    c->rope.mode = c->ad->rope_mode;
     c->rope.freq_base = hp.rope_freq_base > 0.0f ? hp.rope_freq_base : 10000.0f;
     const float factor = hp.rope_scaling_factor > 0.0f ? hp.rope_scaling_factor : 1.0f;
     const bool yarn = strcmp(hp.rope_scaling_type, "yarn") == 0;
@@ -363,43 +354,10 @@ static int read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct mo
         strcmp(hp.rope_scaling_type, "linear") != 0 && !yarn)
         return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.rope.scaling.type = '%s': expected none,"
                             " linear or yarn", path, arch, hp.rope_scaling_type);
-    c->rope.n_rot = n_rot;
+    c->rope.n_rot = (int)hp.n_rot;
     c->rope.freq_scale = 1.0f / factor;
-    if ((rc = read_yarn(g, c, yarn, factor, diag)))
-        return rc;
-    /* Per-arch rules as llama.cpp applies them. */
-    c->rope.mode = c->arch == MOE_ARCH_LLAMA || c->arch == MOE_ARCH_DEEPSEEK2 ? MOE_ROPE_NORM
-                                                                              : MOE_ROPE_NEOX;
-    c->gating.func = MOE_GATING_SOFTMAX;
-    c->gating.n_expert = c->n_expert;
-    c->gating.k = c->n_expert_used;
-    c->gating.norm = c->arch == MOE_ARCH_LLAMA || c->arch == MOE_ARCH_QWEN3MOE;
-    c->gating.scale = 1.0f;
-    c->qk_norm = c->arch == MOE_ARCH_QWEN3MOE;
-    c->qk_norm_full = c->arch == MOE_ARCH_OLMOE;
-    c->qkv_bias = c->arch == MOE_ARCH_QWEN2MOE || c->arch == MOE_ARCH_GPTOSS;
-    c->shexp_gated = c->arch == MOE_ARCH_QWEN2MOE;
-    if (c->arch == MOE_ARCH_DEEPSEEK2) {
-        const int func = hp.expert_gating_func ? (int)hp.expert_gating_func : 1;
-        const bool norm = hp.expert_weights_norm;
-        c->gating.scale = hp.expert_weights_scale > 0.0f ? hp.expert_weights_scale : 1.0f;
-        if (func != 1 && func != 2)
-            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.expert_gating_func %d, expected"
-                                " 1 (softmax) or 2 (sigmoid)", path, arch, func);
-        c->gating.func = func == 2 ? MOE_GATING_SIGMOID : MOE_GATING_SOFTMAX;
-        c->gating.norm = norm;
-    }
-    if (c->arch == MOE_ARCH_GPTOSS) {
-        c->attn_out_bias = true;
-        c->sinks = true;
-        c->swiglu_oai = true;
-        /* llama.cpp's constants for gpt-oss; no GGUF key carries them today */
-        c->swiglu_alpha = 1.702f;
-        c->swiglu_limit = 7.0f;
-        c->gating.func = MOE_GATING_SOFTMAX_TOPK;
-        c->swa_window = (int)hp.sliding_window;
-    }
-    return 0;
+    c->swa_window = c->ad->swa_even_layers ? (int)hp.sliding_window : 0;
+    return read_yarn(g, c, yarn, factor, diag);
 }
 
 /* ---- tensor binding -------------------------------------------------- */
@@ -623,7 +581,7 @@ static int bind_attention(struct moe_model *m, int il, struct layer *L, struct m
 #define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
     if ((rc = bind_vector(m, NAME("attn_norm.weight"), E, true, &L->attn_norm, diag)))
         return rc;
-    if (c->mla) {
+    if (c->ad->mla) {
         const int64_t qk = c->qk_nope + c->qk_rope, H = c->n_head;
         if (c->q_lora_rank > 0) {
             if ((rc = bind_matrix(m, NAME("attn_q_a.weight"), E, c->q_lora_rank, true, &L->wq_a, diag)) ||
@@ -646,20 +604,20 @@ static int bind_attention(struct moe_model *m, int il, struct layer *L, struct m
         (rc = bind_matrix(m, NAME("attn_v.weight"), E, kvd, true, &L->wv, diag)) ||
         (rc = bind_matrix(m, NAME("attn_output.weight"), qd, E, true, &L->wo, diag)))
         return rc;
-    if (c->qkv_bias &&
+    if (c->ad->qkv_bias &&
         ((rc = bind_vector(m, NAME("attn_q.bias"), qd, true, &L->bq, diag)) ||
          (rc = bind_vector(m, NAME("attn_k.bias"), kvd, true, &L->bk, diag)) ||
          (rc = bind_vector(m, NAME("attn_v.bias"), kvd, true, &L->bv, diag))))
         return rc;
-    if (c->attn_out_bias && (rc = bind_vector(m, NAME("attn_output.bias"), E, true, &L->bo, diag)))
+    if (c->ad->attn_out_bias && (rc = bind_vector(m, NAME("attn_output.bias"), E, true, &L->bo, diag)))
         return rc;
-    if (c->sinks && (rc = bind_vector(m, NAME("attn_sinks.weight"), c->n_head, true, &L->sinks, diag)))
+    if (c->ad->sinks && (rc = bind_vector(m, NAME("attn_sinks.weight"), c->n_head, true, &L->sinks, diag)))
         return rc;
-    if (c->qk_norm &&
+    if (c->ad->qk_norm &&
         ((rc = bind_vector(m, NAME("attn_q_norm.weight"), hd, true, &L->q_norm, diag)) ||
          (rc = bind_vector(m, NAME("attn_k_norm.weight"), hd, true, &L->k_norm, diag))))
         return rc;
-    if (c->qk_norm_full &&
+    if (c->ad->qk_norm_full &&
         ((rc = bind_vector(m, NAME("attn_q_norm.weight"), qd, true, &L->q_norm, diag)) ||
          (rc = bind_vector(m, NAME("attn_k_norm.weight"), kvd, true, &L->k_norm, diag))))
         return rc;
@@ -680,9 +638,9 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
     if ((rc = bind_attention(m, il, L, diag)))
         return rc;
     /* gpt-oss names its FFN norm post_attention_norm */
-    if ((rc = bind_vector(m, c->arch == MOE_ARCH_GPTOSS ? NAME("post_attention_norm.weight")
-                                                        : NAME("ffn_norm.weight"),
-                          E, true, &L->ffn_norm, diag)))
+    char norm[96];
+    snprintf(norm, sizeof(norm), "blk.%d.%s.weight", il, c->ad->ffn_norm);
+    if ((rc = bind_vector(m, norm, E, true, &L->ffn_norm, diag)))
         return rc;
     L->moe = il >= c->n_layer_dense_lead;
     if (!L->moe)
@@ -695,11 +653,14 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
         (rc = bind_experts(m, NAME("ffn_up_exps.weight"), E, c->n_ff_exp, &L->up, diag)) ||
         (rc = bind_experts(m, NAME("ffn_down_exps.weight"), c->n_ff_exp, E, &L->down, diag)))
         return rc;
-    if (c->arch == MOE_ARCH_DEEPSEEK2 && c->gating.func == MOE_GATING_SIGMOID &&
+    if (c->ad->gating_from_keys && c->gating.func == MOE_GATING_SIGMOID &&
         (rc = bind_vector(m, NAME("exp_probs_b.bias"), c->n_expert, true, &L->sel_bias, diag)))
         return rc;
     L->bias_off = (struct bias_slices){ -1, -1, -1 };
-    if (c->arch == MOE_ARCH_GPTOSS && m->src != NULL) {
+    if (c->ad->router_bias &&
+        (rc = bind_vector(m, NAME("ffn_gate_inp.bias"), c->n_expert, true, &L->router_bias, diag)))
+        return rc;
+    if (c->ad->expert_bias && m->src != NULL) {
         const char *names[3] = { "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias" };
         int64_t *offs[3] = { &L->bias_off.gate, &L->bias_off.up, &L->bias_off.down };
         const int64_t lens[3] = { c->n_ff_exp, c->n_ff_exp, E };
@@ -714,16 +675,13 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
                                     moe_gguf_path(m->gguf), bn, moe_dtype_name(sl->dtype));
             *offs[b] = (int64_t)sl->offset;
         }
-        if ((rc = bind_vector(m, NAME("ffn_gate_inp.bias"), c->n_expert, true, &L->router_bias, diag)))
-            return rc;
-    } else if (c->arch == MOE_ARCH_GPTOSS &&
-        ((rc = bind_vector(m, NAME("ffn_gate_inp.bias"), c->n_expert, true, &L->router_bias, diag)) ||
-         (rc = bind_expert_bias(m, NAME("ffn_gate_exps.bias"), c->n_ff_exp, &L->gate_b, diag)) ||
+    } else if (c->ad->expert_bias &&
+        ((rc = bind_expert_bias(m, NAME("ffn_gate_exps.bias"), c->n_ff_exp, &L->gate_b, diag)) ||
          (rc = bind_expert_bias(m, NAME("ffn_up_exps.bias"), c->n_ff_exp, &L->up_b, diag)) ||
          (rc = bind_expert_bias(m, NAME("ffn_down_exps.bias"), E, &L->down_b, diag))))
         return rc;
     if (c->n_ff_shexp > 0 &&
-        ((c->shexp_gated &&
+        ((c->ad->shexp_gated &&
           (rc = bind_vector(m, NAME("ffn_gate_inp_shexp.weight"), E, true, &L->sh_gate_inp, diag))) ||
          (rc = bind_matrix(m, NAME("ffn_gate_shexp.weight"), E, c->n_ff_shexp, true, &L->sh_gate, diag)) ||
          (rc = bind_matrix(m, NAME("ffn_up_shexp.weight"), E, c->n_ff_shexp, true, &L->sh_up, diag)) ||
@@ -768,7 +726,7 @@ static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
     const struct moe_model_cfg *c = &m->cfg;
     const size_t B = (size_t)m->n_batch, K = (size_t)c->n_expert_used, F = sizeof(float);
     const size_t E = (size_t)c->n_embd, H = (size_t)c->n_head;
-    const size_t qk = c->mla ? (size_t)(c->qk_nope + c->qk_rope) : (size_t)c->head_dim;
+    const size_t qk = c->ad->mla ? (size_t)(c->qk_nope + c->qk_rope) : (size_t)c->head_dim;
     const size_t qd = H * zmax((size_t)c->head_dim, qk);
     const size_t kvd = zmax((size_t)c->n_head_kv * c->head_dim, (size_t)c->k_row);
     const size_t ad = H * zmax((size_t)c->head_dim_v, (size_t)c->v_head_dim);
@@ -1224,15 +1182,15 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
     const int hd = c->head_dim, kvd = c->n_head_kv * hd, qd = c->n_head * hd;
 
     TRY(ops->rmsnorm(be, m->xn, m->x, L->attn_norm, n, c->n_embd, c->rms_eps));
-    if (c->mla)
+    if (c->ad->mla)
         return attention_mla(m, il, n);
     TRY(ops->matmul(be, m->q, &L->wq, L->bq, m->xn, n));
     TRY(ops->matmul(be, m->k, &L->wk, L->bk, m->xn, n));
     TRY(ops->matmul(be, m->v, &L->wv, L->bv, m->xn, n));
-    if (c->qk_norm) {
+    if (c->ad->qk_norm) {
         TRY(ops->rmsnorm(be, m->q, m->q, L->q_norm, n * c->n_head, hd, c->rms_eps));
         TRY(ops->rmsnorm(be, m->k, m->k, L->k_norm, n * c->n_head_kv, hd, c->rms_eps));
-    } else if (c->qk_norm_full) {
+    } else if (c->ad->qk_norm_full) {
         TRY(ops->rmsnorm(be, m->q, m->q, L->q_norm, n, qd, c->rms_eps));
         TRY(ops->rmsnorm(be, m->k, m->k, L->k_norm, n, kvd, c->rms_eps));
     }
@@ -1261,9 +1219,9 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
 static int glu(struct moe_model *m, float *y, const float *g, const float *u, int64_t n)
 {
     const struct moe_model_cfg *c = &m->cfg;
-    if (!c->swiglu_oai)
+    if (!c->ad->swiglu_oai)
         return m->be->ops->swiglu(m->be, y, g, u, n);
-    return m->be->ops->swiglu_oai(m->be, y, g, u, n, c->swiglu_alpha, c->swiglu_limit);
+    return m->be->ops->swiglu_oai(m->be, y, g, u, n, c->ad->swiglu_alpha, c->ad->swiglu_limit);
 }
 
 static int dense_ffn(struct moe_model *m, int il, int64_t n)

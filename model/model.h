@@ -21,6 +21,7 @@
 
 #include "common/error.h"
 #include "kernels/backend.h"
+#include "model/arch.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -30,18 +31,10 @@ struct moe_model;
 struct moe_seq;
 struct moe_gguf;
 
-enum moe_arch {
-    MOE_ARCH_LLAMA = 1,   /* Mixtral layout */
-    MOE_ARCH_QWEN2MOE,
-    MOE_ARCH_QWEN3MOE,
-    MOE_ARCH_OLMOE,
-    MOE_ARCH_DEEPSEEK2,
-    MOE_ARCH_GPTOSS,
-};
-
-/* What the forward pass needs, from the GGUF metadata. */
+/* What the forward pass needs, from the GGUF metadata and the
+ * architecture's row (model/arch.h), whose flags it reads directly. */
 struct moe_model_cfg {
-    enum moe_arch arch;
+    const struct moe_arch_desc *ad;   /* the architecture's row */
     char arch_name[32];
     int n_vocab, n_embd, n_layer, n_ctx_train;
     int n_head, n_head_kv;
@@ -50,19 +43,12 @@ struct moe_model_cfg {
     int n_ff;                     /* dense FFN width (deepseek2 leading layers) */
     int n_layer_dense_lead;       /* leading layers with a dense FFN (deepseek2) */
     int n_ff_shexp;               /* shared expert width, 0 if none */
-    bool shexp_gated;             /* qwen2moe: shared expert scaled by sigmoid(w . x) */
     float rms_eps;
     struct moe_rope_params rope;
     struct moe_gating_params gating; /* bias filled per layer */
     int n_expert_groups, n_group_used; /* group-limited routing (deepseek), 0 = off */
-    bool qk_norm;                 /* per-head q/k RMSNorm (qwen3moe) */
-    bool qk_norm_full;            /* q/k RMSNorm over the whole projection (olmoe) */
-    bool qkv_bias;                /* q/k/v biases (qwen2moe, gpt-oss) */
-    bool attn_out_bias;           /* attention output bias (gpt-oss) */
     bool sinks;                   /* attention sinks (gpt-oss) */
     int swa_window;               /* sliding window on alternating layers, 0 = none */
-    bool swiglu_oai;              /* clamped SwiGLU with expert biases (gpt-oss) */
-    float swiglu_alpha, swiglu_limit;
     /* MLA (deepseek2) */
     bool mla;
     int q_lora_rank, kv_lora_rank, qk_nope, qk_rope, v_head_dim;
@@ -129,9 +115,6 @@ const struct moe_model_cfg *moe_model_cfg(const struct moe_model *m);
 const struct moe_gguf *moe_model_gguf(const struct moe_model *m);
 int moe_model_n_ctx(const struct moe_model *m);
 int moe_model_n_batch(const struct moe_model *m);
-
-/* Names of the supported architectures, comma-separated. */
-const char *moe_model_supported_archs(void);
 
 int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *diag);
 void moe_seq_free(struct moe_seq *s);

@@ -859,6 +859,28 @@ static void test_file_type_names(void)
     CHECK(moe_file_type_name(999) == NULL);
 }
 
+/* Every row the engine runs states the rules the forward pass reads: a
+ * gating function, the FFN norm's name, distinct names and enums, and the
+ * clamped SwiGLU's constants where it is used. */
+static void test_arch_rows_complete(void)
+{
+    for (size_t i = 0; i < moe_arch_desc_count(); i++) {
+        const struct moe_arch_desc *a = moe_arch_desc_at(i);
+        if (!a->engine_supported)
+            continue;
+        CHECK_MSG(a->gating == MOE_GATING_SOFTMAX || a->gating == MOE_GATING_SIGMOID ||
+                  a->gating == MOE_GATING_SOFTMAX_TOPK, "%s: gating %d", a->name, (int)a->gating);
+        CHECK_MSG(a->rope_mode == MOE_ROPE_NORM || a->rope_mode == MOE_ROPE_NEOX, "%s", a->name);
+        CHECK_MSG(a->ffn_norm != NULL && a->ffn_norm[0], "%s: no FFN norm name", a->name);
+        CHECK_MSG(!a->swiglu_oai || (a->swiglu_alpha > 0.0f && a->swiglu_limit > 0.0f), "%s", a->name);
+        CHECK_MSG(!(a->qk_norm && a->qk_norm_full), "%s: two q/k norms", a->name);
+        for (size_t j = 0; j < i; j++) {
+            CHECK(strcmp(moe_arch_desc_at(j)->name, a->name) != 0);
+            CHECK(moe_arch_desc_at(j)->arch != a->arch);
+        }
+    }
+}
+
 int main(void)
 {
     MOE_TEST_RUN(test_base_model);
@@ -872,5 +894,6 @@ int main(void)
     MOE_TEST_RUN(test_classification);
     MOE_TEST_RUN(test_sizes_uneven_layers);
     MOE_TEST_RUN(test_file_type_names);
+    MOE_TEST_RUN(test_arch_rows_complete);
     return moe_test_exit_code();
 }

@@ -1,0 +1,73 @@
+/* The architectures moed knows: one row per `general.architecture`, with
+ * every rule the forward pass applies per family. Adding a family means
+ * adding a row here (and, where it brings a new kind of layer, the code
+ * that the row's flags select); nothing else keeps a list of families.
+ *
+ * The rows follow what llama.cpp computes for each architecture (its
+ * llm_arch names and per-arch graph rules); the flags name the difference,
+ * not the family, so that the forward pass never compares architectures.
+ * Everything here is constant data; thread-safe.
+ */
+#ifndef MOE_MODEL_ARCH_H
+#define MOE_MODEL_ARCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "kernels/backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum moe_arch {
+    MOE_ARCH_LLAMA = 1,   /* Mixtral layout */
+    MOE_ARCH_QWEN2MOE,
+    MOE_ARCH_QWEN3MOE,
+    MOE_ARCH_OLMOE,
+    MOE_ARCH_DEEPSEEK2,
+    MOE_ARCH_GPTOSS,
+};
+
+struct moe_arch_desc {
+    const char *name;           /* general.architecture */
+    enum moe_arch arch;
+    bool always_moe;            /* false: MoE only when expert_count > 0 (llama) */
+    bool engine_supported;      /* the engine runs it */
+    /* attention */
+    bool mla;                   /* multi-head latent attention: kv_lora_rank required */
+    enum moe_rope_mode rope_mode;
+    bool qk_norm;               /* per-head q/k RMSNorm */
+    bool qk_norm_full;          /* q/k RMSNorm over the whole projection */
+    bool qkv_bias;              /* q/k/v biases */
+    bool attn_out_bias;         /* attention output bias */
+    bool sinks;                 /* attention sinks [n_head] */
+    bool swa_even_layers;       /* attention.sliding_window applies to even layers */
+    /* routing */
+    enum moe_gating gating;     /* default gating function */
+    bool gating_norm;           /* renormalise the top-k weights (default) */
+    bool gating_from_keys;      /* expert_gating_func / expert_weights_norm / _scale keys
+                                 * override the defaults, and sigmoid gating adds the
+                                 * exp_probs_b selection bias (deepseek2) */
+    bool router_bias;           /* ffn_gate_inp.bias */
+    /* FFN */
+    bool expert_bias;           /* ffn_{gate,up,down}_exps.bias */
+    bool swiglu_oai;            /* clamped SwiGLU: swiglu_alpha, swiglu_limit */
+    float swiglu_alpha, swiglu_limit;
+    bool shexp_gated;           /* shared expert scaled by sigmoid(ffn_gate_inp_shexp . x) */
+    const char *ffn_norm;       /* name of the FFN norm tensor of a layer */
+    /* YaRN: rope.scaling.yarn_log_multiplier is stored x0.1 and also scales
+     * the magnitude of both mscale terms (deepseek2) */
+    bool yarn_log_mul_x10;
+};
+
+/* The row for an architecture name; NULL for an unknown one. */
+const struct moe_arch_desc *moe_arch_desc_find(const char *name);
+size_t moe_arch_desc_count(void);
+const struct moe_arch_desc *moe_arch_desc_at(size_t i);   /* NULL past the end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
