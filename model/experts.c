@@ -1,0 +1,413 @@
+/* The experts of a MoE layer: resident in the mapped file, or through the
+ * expert cache (pinned while computed, loaded on a miss), and the
+ * predictors that prefetch the next layers' experts.
+ *
+ * The MoE block groups the batch by expert, like ggml's mul_mat_id: each
+ * expert's matrices are read once per batch for all the tokens routed to
+ * it, and each output lands in its (token, slot) row, so the order in which
+ * experts are computed never changes the result. */
+#include <errno.h>
+#include <string.h>
+
+#include "cache/expert_cache.h"
+#include "cache/host_tier.h"
+#include "common/alloc.h"
+#include "common/log.h"
+#include "io/expert_src.h"
+#include "io/gguf.h"
+#include "model/model-impl.h"
+
+int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    size_t slot = 0;
+    int n_moe = 0;
+    for (uint32_t l = 0; l < moe_expert_src_n_layer(m->ex.src); l++) {
+        const struct moe_expert_layout *lay = moe_expert_src_layout(m->ex.src, l);
+        if (lay && lay->n_slices) {
+            n_moe++;
+            if (lay->raw_size > slot)
+                slot = (size_t)lay->raw_size;
+        }
+    }
+    if (slot == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: no expert tensors", moe_gguf_path(m->gguf));
+    long n_slots = o->cache_experts > 0 ? o->cache_experts
+                 : o->cache_bytes > 0 ? (long)(o->cache_bytes / slot)
+                 : (long)n_moe * c->n_expert;
+    if (n_slots < c->n_expert_used)
+        return moe_diag_set(diag, MOE_ELIMIT, "expert cache of %ld experts (%zu bytes each) is below"
+                            " the minimum of %d: one layer's top-k must fit", n_slots, slot,
+                            c->n_expert_used);
+    if (n_slots > (long)n_moe * c->n_expert)
+        n_slots = (long)n_moe * c->n_expert;
+    const long working_set = (long)n_moe * c->n_expert_used;
+    if (n_slots < working_set)
+        moe_log(MOE_LOG_WARN, "the expert cache holds %ld experts, below one token's working"
+                " set of %ld (%d MoE layers x top-%d): LRU will hit about 0%%", n_slots, working_set,
+                n_moe, c->n_expert_used);
+    int pol = moe_policy_from_name(o->cache_policy ? o->cache_policy : "layer");
+    if (pol < 0 || pol == MOE_POLICY_BELADY)
+        return moe_diag_set(diag, -EINVAL, "cache policy '%s': expected lru, lfu, layer or predict",
+                            o->cache_policy);
+    if (o->prefetch && strcmp(o->prefetch, "none") != 0) {
+        if (strcmp(o->prefetch, "gate") != 0 && strcmp(o->prefetch, "history") != 0)
+            return moe_diag_set(diag, -EINVAL, "prefetch '%s': expected none, gate or history",
+                                o->prefetch);
+        m->ex.prefetch_history = strcmp(o->prefetch, "history") == 0;
+        if (m->ex.prefetch_history) {
+            if (moe_history_init(&m->ex.hist, c->n_layer, c->n_expert, c->n_expert_used) != 0)
+                return moe_diag_set(diag, -ENOMEM, "history predictor: out of memory");
+        }
+        m->ex.prefetch_depth = o->prefetch_depth > 0 ? o->prefetch_depth : 1;
+        if (m->ex.prefetch_depth > c->n_layer)
+            m->ex.prefetch_depth = c->n_layer;
+        moe_prefetch_gov_init(&m->ex.gov, o->prefetch_always);
+        if (!m->ex.prefetch_history) {
+            /* the gate predictor's scratch: one normed row and its router logits */
+            m->ex.pf_logits = m->be->ops->alloc(m->be, (size_t)c->n_expert * sizeof(float));
+            m->ex.pf_x = m->be->ops->alloc(m->be, (size_t)c->n_embd * sizeof(float));
+            if (m->ex.pf_logits == NULL || m->ex.pf_x == NULL)
+                return moe_diag_set(diag, -ENOMEM, "prefetch: out of %s memory", m->be->ops->name);
+        }
+    }
+    m->ex.pend_l = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
+    m->ex.pend_e = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
+    m->ex.pend_state = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
+    if (!m->ex.pend_l || !m->ex.pend_e || !m->ex.pend_state)
+        return moe_diag_set(diag, -ENOMEM, "out of memory");
+    int rc = moe_expert_cache_create(&m->ex.cache, m->ex.src, m->be, slot, (int)n_slots,
+                                     (enum moe_policy_kind)pol, diag);
+    if (rc == 0 && (!m->be->ops->host_memory || o->upload_weights))
+        rc = moe_expert_cache_set_staging(m->ex.cache, diag);
+    if (rc == 0 && o->host_bytes > 0) {
+        if ((rc = moe_host_tier_create(&m->ex.host, o->host_bytes, diag)) == 0)
+            moe_expert_cache_set_host_tier(m->ex.cache, m->ex.host);
+    }
+    return rc;
+}
+
+void moe_model_experts_free(struct moe_model *m)
+{
+    struct model_experts *ex = &m->ex;
+    moe_history_free(&ex->hist);
+    moe_free(ex->pend_l);
+    moe_free(ex->pend_e);
+    moe_free(ex->pend_state);
+    moe_expert_cache_destroy(ex->cache);   /* waits for loads, which may fill the tier */
+    moe_host_tier_destroy(ex->host);
+    if (m->be) {
+        if (ex->pf_logits)
+            m->be->ops->free(m->be, ex->pf_logits);
+        if (ex->pf_x)
+            m->be->ops->free(m->be, ex->pf_x);
+    }
+}
+
+bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out)
+{
+    if (m->ex.cache == NULL)
+        return false;
+    moe_expert_cache_stats(m->ex.cache, out);
+    return true;
+}
+
+int moe_model_cache_layer_stats(struct moe_model *m, uint64_t *hits, uint64_t *misses, int max)
+{
+    return m->ex.cache ? moe_expert_cache_layer_stats(m->ex.cache, hits, misses, max) : -1;
+}
+
+int moe_model_cache_layer_stats_ex(struct moe_model *m, struct moe_cache_layer_stats *out, int max)
+{
+    return m->ex.cache ? moe_expert_cache_layer_stats_ex(m->ex.cache, out, max) : -1;
+}
+
+int moe_model_cache_pinned(struct moe_model *m)
+{
+    return m->ex.cache ? moe_expert_cache_pinned(m->ex.cache) : -1;
+}
+
+/* ---- computing experts ------------------------------------------------ */
+
+/* ---- forward --------------------------------------------------------- */
+
+static struct moe_weight expert_weight(const struct expert_tensor *t, int e)
+{
+    struct moe_weight w = {
+        .data = t->data + (size_t)e * t->expert_bytes,
+        .dtype = t->dtype,
+        .n_in = t->n_in,
+        .n_out = t->n_out,
+        .row_bytes = t->row_bytes,
+    };
+    return w;
+}
+
+/* silu(gate) * up, or gpt-oss's clamped variant */
+static int glu(struct moe_model *m, float *y, const float *g, const float *u, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    if (!c->ad->swiglu_oai)
+        return m->be->ops->swiglu(m->be, y, g, u, n);
+    return m->be->ops->swiglu_oai(m->be, y, g, u, n, c->ad->swiglu_alpha, c->ad->swiglu_limit);
+}
+
+/* One expert's FFN over the tokens routed to it (grouped by moe_block);
+ * outputs land in slot_out per (token, slot), so the order in which
+ * experts are computed never changes the result. */
+static int expert_ffn(struct moe_model *m, int e, const struct moe_weight *wg, const struct moe_weight *wu,
+                      const struct moe_weight *wd, const float *bg, const float *bu, const float *bd)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    const int K = c->n_expert_used, E = c->n_embd;
+    const int cnt = m->a.expert_count[e];
+    const int32_t *list = m->a.tok_by_expert + m->a.expert_start[e];
+    for (int i = 0; i < cnt; i++)
+        m->a.row_idx[i] = list[i] / K;   /* (token, slot) -> token row */
+    TRY(ops->copy_rows(be, m->a.xe, E, NULL, m->a.xn, E, m->a.row_idx, cnt, E));
+    TRY(ops->matmul(be, m->a.ge, wg, bg, m->a.xe, cnt));
+    TRY(ops->matmul(be, m->a.ue, wu, bu, m->a.xe, cnt));
+    TRY(glu(m, m->a.ge, m->a.ge, m->a.ue, (int64_t)cnt * c->n_ff_exp));
+    TRY(ops->matmul(be, m->a.de, wd, bd, m->a.ge, cnt));
+    TRY(ops->copy_rows(be, m->a.slot_out, E, list, m->a.de, E, NULL, cnt, E));
+    return 0;
+}
+
+static struct moe_weight slot_weight(const struct expert_tensor *t, const uint8_t *blob)
+{
+    struct moe_weight w = {
+        .data = blob + t->slot_offset, .dtype = t->dtype, .n_in = t->n_in, .n_out = t->n_out,
+        .row_bytes = t->row_bytes,
+    };
+    return w;
+}
+
+static int expert_ffn_cached(struct moe_model *m, const struct layer *L, int e, const uint8_t *blob)
+{
+    struct moe_weight wg = slot_weight(&L->gate, blob), wu = slot_weight(&L->up, blob);
+    struct moe_weight wd = slot_weight(&L->down, blob);
+    const struct bias_slices *b = &L->bias_off;
+    return expert_ffn(m, e, &wg, &wu, &wd, b->gate >= 0 ? (const float *)(blob + b->gate) : NULL,
+                      b->up >= 0 ? (const float *)(blob + b->up) : NULL,
+                      b->down >= 0 ? (const float *)(blob + b->down) : NULL);
+}
+
+/* The layer's experts through the cache: pin the ready ones and start loads
+ * for the others, compute what is ready, then each missing expert as soon as
+ * it arrives; release each right after its compute so that a cache of one
+ * layer's top-k slots still serves batches that touch more experts. */
+static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct layer *L = &m->w.layers[il];
+    enum { TODO = 0, LOADING = 1, DONE = 2 };
+    int np = 0;
+    for (int e = 0; e < c->n_expert; e++)
+        if (m->a.expert_count[e] > 0) {
+            m->ex.pend_e[np] = e;
+            m->ex.pend_l[np] = il;
+            m->ex.pend_state[np++] = TODO;
+        }
+    (void)n;
+    int remaining = np, rc = 0;
+    struct moe_diag d = { 0 };
+    int32_t wl[1024], we[1024], wi[1024];
+    bool swept = m->ex.prefetch_depth == 0;
+    while (remaining > 0 && rc == 0) {
+        for (int j = 0; j < np && rc == 0; j++) {
+            if (m->ex.pend_state[j] != TODO)
+                continue;
+            const uint8_t *blob = NULL;
+            int r = moe_expert_cache_acquire(m->ex.cache, il, m->ex.pend_e[j], m->step, &blob, &d);
+            if (r == -EAGAIN)
+                break; /* every slot pinned: compute what we hold first */
+            if (r < 0) {
+                rc = r;
+                break;
+            }
+            if (r == 1) {
+                rc = expert_ffn_cached(m, L, m->ex.pend_e[j], blob);
+                moe_expert_cache_release(m->ex.cache, il, m->ex.pend_e[j]);
+                m->ex.pend_state[j] = DONE;
+                remaining--;
+            } else {
+                m->ex.pend_state[j] = LOADING;
+            }
+        }
+        if (rc != 0 || remaining == 0)
+            break;
+        if (!swept) {
+            /* this layer's experts are pinned: queued prefetches for it (or
+             * earlier layers) that nobody pinned were wrong predictions */
+            moe_expert_cache_cancel_stale(m->ex.cache, il);
+            swept = true;
+        }
+        int nw = 0;
+        for (int j = 0; j < np; j++)
+            if (m->ex.pend_state[j] == LOADING) {
+                wl[nw] = il;
+                we[nw] = m->ex.pend_e[j];
+                wi[nw++] = j;
+            }
+        if (nw == 0) {
+            /* nothing of ours in flight: the slots are held by prefetches
+             * (or by another user); wait for one to become usable */
+            if (moe_expert_cache_wait_slot(m->ex.cache) != 0) {
+                rc = moe_diag_set(&d, MOE_ELIMIT, "expert cache: every slot is pinned; no slot for"
+                                  " layer %d", il);
+                break;
+            }
+            continue;
+        }
+        int which = 0;
+        const uint8_t *blob = NULL;
+        rc = moe_expert_cache_wait_any(m->ex.cache, wl, we, nw, &which, &blob, &d);
+        const int j = wi[which];
+        if (rc == 0)
+            rc = expert_ffn_cached(m, L, m->ex.pend_e[j], blob);
+        moe_expert_cache_release(m->ex.cache, il, m->ex.pend_e[j]);
+        m->ex.pend_state[j] = DONE;
+        remaining--;
+    }
+    if (rc != 0) {
+        /* unpin what this layer still holds; loads in flight finish into
+         * unpinned slots and stay cached */
+        for (int j = 0; j < np; j++)
+            if (m->ex.pend_state[j] == LOADING)
+                moe_expert_cache_release(m->ex.cache, il, m->ex.pend_e[j]);
+        /* the load's own message names the file, layer, expert and offset */
+        if (d.code != 0)
+            moe_diag_set(diag, rc, "%s", d.msg);
+        else
+            moe_diag_set(diag, rc, "layer %d: experts: %s", il, moe_strerror(rc));
+    }
+    return rc;
+}
+
+/* Learns the transitions of layer il from this batch's routing, token by
+ * token: the previous token's choice at il, and for the batch's last token
+ * (the only one whose choice at il - 1 is still remembered) this token's
+ * choice at il - 1. */
+static void history_learn(struct moe_model *m, int il, int64_t n)
+{
+    const int K = m->cfg.n_expert_used;
+    const int prev_l = il - 1 >= 0 && m->w.layers[il - 1].moe ? il - 1 : -1;
+    for (int64_t t = 0; t < n; t++)
+        moe_history_learn(&m->ex.hist, il, m->a.ids + t * K, t == n - 1 ? prev_l : -1);
+}
+
+
+/* Group the (token, slot) pairs of the batch by expert. */
+static void group_by_expert(struct moe_model *m, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const int K = c->n_expert_used;
+    struct model_acts *a = &m->a;
+    memset(a->expert_count, 0, (size_t)c->n_expert * sizeof(int32_t));
+    for (int64_t i = 0; i < n * K; i++)
+        a->expert_count[a->ids[i]]++;
+    int32_t acc = 0;
+    for (int e = 0; e < c->n_expert; e++) {
+        a->expert_start[e] = acc;
+        acc += a->expert_count[e];
+        a->expert_count[e] = 0;
+    }
+    for (int64_t i = 0; i < n * K; i++) {
+        int e = a->ids[i];
+        a->tok_by_expert[a->expert_start[e] + a->expert_count[e]++] = (int32_t)i;
+    }
+}
+
+int moe_model_experts_run(struct moe_model *m, int il, int64_t n, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct layer *L = &m->w.layers[il];
+    if (m->ex.prefetch_history)
+        history_learn(m, il, n);
+    group_by_expert(m, n);
+    if (m->ex.cache != NULL)
+        return experts_cached(m, il, n, diag);
+    const int64_t E = c->n_embd, F = c->n_ff_exp;
+    for (int e = 0; e < c->n_expert; e++) {
+        if (m->a.expert_count[e] == 0)
+            continue;
+        struct moe_weight wg = expert_weight(&L->gate, e), wu = expert_weight(&L->up, e);
+        struct moe_weight wd = expert_weight(&L->down, e);
+        TRY(expert_ffn(m, e, &wg, &wu, &wd, L->gate_b ? L->gate_b + e * F : NULL,
+                       L->up_b ? L->up_b + e * F : NULL, L->down_b ? L->down_b + e * E : NULL));
+    }
+    return 0;
+}
+
+/* ---- prefetch ---------------------------------------------------------- */
+
+/* History predictor: after layer il, predict layer il + d's experts from the
+ * counts: what followed the previous token's experts at that layer, plus (for
+ * the next layer) what followed this token's experts at layer il. */
+static void prefetch_history(struct moe_model *m, int il)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const int max_inflight = c->n_expert_used * m->ex.prefetch_depth;
+    int32_t ids[1024];
+    if (c->n_expert_used > 1024)
+        return;
+    for (int d = 1; d <= m->ex.prefetch_depth && il + d < c->n_layer; d++) {
+        const int l = il + d;
+        if (!m->w.layers[l].moe)
+            continue;
+        const int n = moe_history_predict(&m->ex.hist, l, d == 1 && m->w.layers[il].moe ? il : -1, ids);
+        for (int k = 0; k < n; k++)
+            moe_expert_cache_prefetch(m->ex.cache, l, ids[k], m->step, max_inflight);
+    }
+}
+
+/* Speculative gating: the hidden state after layer L, normed and routed by
+ * the routers of layers L+1..L+depth, predicts their experts well enough
+ * (residual streams change slowly) to start loading them while layer L+1's
+ * attention runs. Loads are low priority, bounded, and never evict an
+ * expert pinned or predicted for this step. */
+static void prefetch_gate(struct moe_model *m, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    const int K = c->n_expert_used, E = c->n_embd;
+    const int max_inflight = c->n_expert_used * m->ex.prefetch_depth;
+    for (int d = 1; d <= m->ex.prefetch_depth && il + d < c->n_layer; d++) {
+        const struct layer *L = &m->w.layers[il + d];
+        if (!L->moe)
+            continue;
+        for (int64_t t = 0; t < n; t++) {
+            int32_t ids[64];
+            float w[64];
+            float *logits = m->ex.pf_logits;
+            if (ops->rmsnorm(m->be, m->ex.pf_x, m->a.x + t * E, L->ffn_norm, 1, E, c->rms_eps) ||
+                ops->matmul(m->be, logits, &L->router, L->router_bias, m->ex.pf_x, 1))
+                return;
+            struct moe_gating_params gp = c->gating;
+            gp.bias = L->sel_bias;
+            gp.n_group = c->n_expert_groups;
+            gp.n_group_used = c->n_group_used;
+            if (K > 64 || ops->router_topk(m->be, logits, 1, &gp, ids, w))
+                return;
+            for (int k = 0; k < K; k++)
+                moe_expert_cache_prefetch(m->ex.cache, il + d, ids[k], m->step, max_inflight);
+        }
+    }
+}
+
+bool moe_model_prefetch_steps(const struct moe_model *m, uint64_t *on, uint64_t *off)
+{
+    *on = m->ex.gov.steps[1];
+    *off = m->ex.gov.steps[0];
+    return m->ex.prefetch_depth > 0;
+}
+
+void moe_model_experts_prefetch(struct moe_model *m, int il, int64_t n)
+{
+    if (m->ex.prefetch_history)
+        prefetch_history(m, il);
+    else
+        prefetch_gate(m, il, n);
+}

@@ -1,0 +1,366 @@
+/* The forward pass (see model.h).
+ *
+ * One layer, for a batch of n tokens of one sequence (shapes in floats):
+ *
+ *   xn   = rmsnorm(x) * attn_norm                       [n][n_embd]
+ *   q,k,v = Wq xn (+bq), Wk xn (+bk), Wv xn (+bv)       [n][n_head*hd], [n][n_kv*hd]
+ *   q,k  = qk-norm (qwen3moe: per head; olmoe: whole)   then RoPE at each position
+ *   KV cache rows pos..pos+n-1 = k, v
+ *   a    = softmax(q.k * scale, causal) . v              [n][n_head*hd]
+ *   x   += Wo a
+ *   xn   = rmsnorm(x) * ffn_norm
+ *   ids, w = gating(Wr xn)                              [n][k]
+ *   x   += sum_k w_k * down_e(silu(gate_e xn) * up_e xn)   (+ shared expert)
+ *
+ * and at the end logits = Wout (rmsnorm(x) * output_norm).
+ *
+ * deepseek2 replaces attention with multi-head latent attention (MLA) in
+ * llama.cpp's absorbed form: the KV cache holds per token only the
+ * normalised latent c (kv_lora_rank) and the shared rotary key k_pe; each
+ * head's query is q_abs = Wk_b[h] q_nope (in latent space) followed by its
+ * rotated q_pe, values are the latent itself, and each head's output is
+ * mapped back with Wv_b[h]. Its first layers have a dense FFN, MoE layers add
+ * a shared expert, and routing is sigmoid with a selection bias.
+ * gpt-oss adds q/k/v/o biases, attention sinks, a sliding window on even
+ * layers, a router bias, expert biases and the clamped SwiGLU.
+ *
+ * The experts themselves run in experts.c; the per-token sum of their
+ * outputs runs here over the k slots in selection order, products first,
+ * as ggml does.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/dtype.h"
+#include "model/model-impl.h"
+
+/* MLA in llama.cpp's absorbed form (see the top of this file). The
+ * architecture row's flags select this and every other variant below. */
+static int attention_mla(struct moe_model *m, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    struct layer *L = &m->w.layers[il];
+    const int H = c->n_head, nope = c->qk_nope, rope = c->qk_rope, lat = c->kv_lora_rank;
+    const int qk = nope + rope, krow = lat + rope, vh = c->v_head_dim;
+
+    /* queries [n][H][nope + rope] */
+    if (c->q_lora_rank > 0) {
+        TRY(ops->matmul(be, m->a.qa, &L->wq_a, NULL, m->a.xn, n));
+        TRY(ops->rmsnorm(be, m->a.qa, m->a.qa, L->q_a_norm, n, c->q_lora_rank, c->rms_eps));
+        TRY(ops->matmul(be, m->a.q, &L->wq_b, NULL, m->a.qa, n));
+    } else {
+        TRY(ops->matmul(be, m->a.q, &L->wq, NULL, m->a.xn, n));
+    }
+    /* latent and shared rotary key [n][lat + rope]: norm the latent part */
+    TRY(ops->matmul(be, m->a.k, &L->wkv_a, NULL, m->a.xn, n));
+    for (int64_t t = 0; t < n; t++)
+        TRY(ops->rmsnorm(be, m->a.k + t * krow, m->a.k + t * krow, L->kv_a_norm, 1, lat, c->rms_eps));
+    TRY(ops->rope(be, m->a.q, n, H, qk, nope, m->a.pos, &c->rope));
+    TRY(ops->rope(be, m->a.k, n, 1, krow, lat, m->a.pos, &c->rope));
+    for (int i = 0; i < m->a.n_segs; i++) {
+        const struct seg *g = &m->a.segs[i];
+        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
+        TRY(ops->kv_store(be, kc, m->a.k + g->off * krow, g->n, m->a.pos + g->off, krow, krow, 0,
+                          m->kv_f16));
+    }
+
+    /* assembled queries in m->a.v: [n][H][lat + rope] = (Wk_b[h] q_nope, q_pe) */
+    float *qc = m->a.v;
+    for (int h = 0; h < H; h++) {
+        TRY(ops->copy_rows(be, m->a.hq, nope, NULL, m->a.q + h * qk, (int64_t)H * qk, NULL, n, nope));
+        TRY(ops->matmul(be, m->a.hout, &L->wk_b[h], NULL, m->a.hq, n));
+        TRY(ops->copy_rows(be, qc + h * krow, (int64_t)H * krow, NULL, m->a.hout, lat, NULL, n, lat));
+        TRY(ops->copy_rows(be, qc + h * krow + lat, (int64_t)H * krow, NULL, m->a.q + h * qk + nope,
+                           (int64_t)H * qk, NULL, n, rope));
+    }
+    for (int i = 0; i < m->a.n_segs; i++) {
+        const struct seg *g = &m->a.segs[i];
+        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
+        struct moe_attn_params ap = {
+            .n_head = H, .n_head_kv = 1, .head_dim = krow, .head_dim_v = lat,
+            .k_row = krow, .v_row = krow, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
+            .k_cache = kc, .v_cache = kc,
+        };
+        TRY(ops->attention(be, m->a.att + g->off * H * lat, qc + g->off * H * krow, g->n,
+                           m->a.pos + g->off, &ap));
+    }
+    /* per head back from the latent: [n][H][vh] in m->a.tmp */
+    for (int h = 0; h < H; h++) {
+        TRY(ops->copy_rows(be, m->a.hq, lat, NULL, m->a.att + h * lat, (int64_t)H * lat, NULL, n, lat));
+        TRY(ops->matmul(be, m->a.hout, &L->wv_b[h], NULL, m->a.hq, n));
+        TRY(ops->copy_rows(be, m->a.tmp + h * vh, (int64_t)H * vh, NULL, m->a.hout, vh, NULL, n, vh));
+    }
+    TRY(ops->matmul(be, m->a.att, &L->wo, NULL, m->a.tmp, n));
+    TRY(ops->add(be, m->a.x, m->a.x, m->a.att, n * c->n_embd));
+    return 0;
+}
+
+static int attention_block(struct moe_model *m, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    struct layer *L = &m->w.layers[il];
+    const int hd = c->head_dim, kvd = c->n_head_kv * hd, qd = c->n_head * hd;
+
+    TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->attn_norm, n, c->n_embd, c->rms_eps));
+    if (c->ad->mla)
+        return attention_mla(m, il, n);
+    TRY(ops->matmul(be, m->a.q, &L->wq, L->bq, m->a.xn, n));
+    TRY(ops->matmul(be, m->a.k, &L->wk, L->bk, m->a.xn, n));
+    TRY(ops->matmul(be, m->a.v, &L->wv, L->bv, m->a.xn, n));
+    if (c->ad->qk_norm) {
+        TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n * c->n_head, hd, c->rms_eps));
+        TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n * c->n_head_kv, hd, c->rms_eps));
+    } else if (c->ad->qk_norm_full) {
+        TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n, qd, c->rms_eps));
+        TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n, kvd, c->rms_eps));
+    }
+    TRY(ops->rope(be, m->a.q, n, c->n_head, hd, 0, m->a.pos, &c->rope));
+    TRY(ops->rope(be, m->a.k, n, c->n_head_kv, hd, 0, m->a.pos, &c->rope));
+    for (int i = 0; i < m->a.n_segs; i++) {
+        const struct seg *g = &m->a.segs[i];
+        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
+        uint8_t *vc = (uint8_t *)g->s->v_cache + (size_t)il * g->s->v_layer_bytes;
+        const int32_t *pos = m->a.pos + g->off;
+        TRY(ops->kv_store(be, kc, m->a.k + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_f16));
+        TRY(ops->kv_store(be, vc, m->a.v + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_f16));
+        struct moe_attn_params ap = {
+            .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd, .head_dim_v = hd,
+            .k_row = kvd, .v_row = kvd, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
+            .k_cache = kc, .v_cache = vc, .window = L->window, .sinks = L->sinks,
+        };
+        TRY(ops->attention(be, m->a.att + g->off * qd, m->a.q + g->off * qd, g->n, pos, &ap));
+    }
+    TRY(ops->matmul(be, m->a.tmp, &L->wo, L->bo, m->a.att, n));
+    TRY(ops->add(be, m->a.x, m->a.x, m->a.tmp, n * c->n_embd));
+    return 0;
+}
+
+static int dense_ffn(struct moe_model *m, int il, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    struct layer *L = &m->w.layers[il];
+    TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->ffn_norm, n, c->n_embd, c->rms_eps));
+    TRY(ops->matmul(be, m->a.ge, &L->ffn_gate, NULL, m->a.xn, n));
+    TRY(ops->matmul(be, m->a.ue, &L->ffn_up, NULL, m->a.xn, n));
+    TRY(ops->swiglu(be, m->a.ge, m->a.ge, m->a.ue, n * c->n_ff));
+    TRY(ops->matmul(be, m->a.tmp, &L->ffn_down, NULL, m->a.ge, n));
+    TRY(ops->add(be, m->a.x, m->a.x, m->a.tmp, n * c->n_embd));
+    return 0;
+}
+
+/* Route the batch, run each chosen expert over its tokens (experts.c), sum
+ * the k outputs of each token with their weights in selection order
+ * (products first, as ggml does), add the shared expert, then the
+ * residual. */
+static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_route_fn route,
+                     void *ud, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    struct layer *L = &m->w.layers[il];
+    const int K = c->n_expert_used, E = c->n_embd;
+
+    if (!L->moe)
+        return dense_ffn(m, il, n);
+    TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->ffn_norm, n, E, c->rms_eps));
+    TRY(ops->matmul(be, m->a.rlogits, &L->router, L->router_bias, m->a.xn, n));
+    struct moe_gating_params gp = c->gating;
+    gp.bias = L->sel_bias;
+    gp.n_group = c->n_expert_groups;
+    gp.n_group_used = c->n_group_used;
+    TRY(ops->router_topk(be, m->a.rlogits, n, &gp, m->a.ids, m->a.weights));
+    if (route)
+        for (int64_t t = 0; t < n; t++)
+            route(ud, tok0 + t, il, m->a.ids + t * K, m->a.weights + t * K, K);
+    TRY(moe_model_experts_run(m, il, n, diag));
+
+    TRY(ops->fill(be, m->a.tmp, 0.0f, n * E));
+    for (int64_t t = 0; t < n; t++) {
+        float *out = m->a.tmp + t * E;
+        for (int k = 0; k < K; k++)
+            TRY(ops->axpy(be, out, m->a.weights[t * K + k], m->a.slot_out + (size_t)(t * K + k) * E, E));
+    }
+    if (c->n_ff_shexp > 0) {
+        TRY(ops->matmul(be, m->a.ge, &L->sh_gate, NULL, m->a.xn, n));
+        TRY(ops->matmul(be, m->a.ue, &L->sh_up, NULL, m->a.xn, n));
+        TRY(ops->swiglu(be, m->a.ge, m->a.ge, m->a.ue, n * c->n_ff_shexp));
+        TRY(ops->matmul(be, m->a.de, &L->sh_down, NULL, m->a.ge, n));
+        if (L->sh_gate_inp) {
+            struct moe_weight gi = {
+                .data = L->sh_gate_inp, .dtype = MOE_DTYPE_F32, .n_in = E, .n_out = 1,
+                .row_bytes = (size_t)E * sizeof(float),
+            };
+            TRY(ops->matmul(be, m->a.sh_tmp, &gi, NULL, m->a.xn, n));
+            TRY(ops->gate_rows(be, m->a.de, m->a.sh_tmp, n, E));
+        }
+        TRY(ops->add(be, m->a.tmp, m->a.tmp, m->a.de, n * E));
+    }
+    TRY(ops->add(be, m->a.x, m->a.x, m->a.tmp, n * E));
+    return 0;
+}
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Runs the n tokens laid out by m->a.segs (positions in m->a.pos, embeddings
+ * gathered by the caller into m->a.x) through every layer. */
+static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_route_fn route, void *ud,
+                          struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const bool decode = m->ex.prefetch_depth > 0 && n <= 4;
+    const bool pf = decode && moe_prefetch_gov_on(&m->ex.gov);
+    const double t0 = decode ? mono_s() : 0;
+    for (int il = 0; il < c->n_layer; il++) {
+        TRY(attention_block(m, il, n));
+        TRY(moe_block(m, il, n, tok0, route, ud, diag));
+        if (pf)
+            moe_model_experts_prefetch(m, il, n);
+    }
+    if (decode)
+        moe_prefetch_gov_step(&m->ex.gov, pf, mono_s() - t0);
+    for (int i = 0; i < m->a.n_segs; i++)
+        m->a.segs[i].s->pos += (int)m->a.segs[i].n;
+    m->step++;
+    return 0;
+}
+
+/* Logits of n normed rows xn (backend memory) into host memory, through
+ * the backend's logits buffer logit_rows rows at a time. */
+static int output_logits(struct moe_model *m, const float *xn, int64_t n, float *host)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    for (int64_t r0 = 0; r0 < n; r0 += m->a.logit_rows) {
+        const int64_t nr = n - r0 < m->a.logit_rows ? n - r0 : m->a.logit_rows;
+        TRY(ops->matmul(m->be, m->a.logits_dev, &m->w.output, NULL, xn + r0 * c->n_embd, nr));
+        TRY(ops->download(m->be, host + r0 * c->n_vocab, m->a.logits_dev,
+                          (size_t)nr * (size_t)c->n_vocab * sizeof(float)));
+    }
+    return 0;
+}
+
+static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *tokens, int64_t n,
+                         int64_t tok0, float *logits, bool all_logits, moe_route_fn route, void *ud,
+                         struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    for (int64_t t = 0; t < n; t++)
+        m->a.pos[t] = s->pos + (int32_t)t;
+    m->a.segs[0] = (struct seg){ .s = s, .off = 0, .n = n };
+    m->a.n_segs = 1;
+    TRY(ops->get_rows(be, m->a.x, &m->w.tok_embd, tokens, (int)n));
+    TRY(forward_layers(m, n, tok0, route, ud, diag));
+    if (logits == NULL)
+        return 0;
+    if (all_logits) {
+        TRY(ops->rmsnorm(be, m->a.xn, m->a.x, m->w.output_norm, n, c->n_embd, c->rms_eps));
+        TRY(output_logits(m, m->a.xn, n, logits + tok0 * c->n_vocab));
+    } else {
+        const float *last = m->a.x + (n - 1) * c->n_embd;
+        TRY(ops->rmsnorm(be, m->a.xn, last, m->w.output_norm, 1, c->n_embd, c->rms_eps));
+        TRY(output_logits(m, m->a.xn, 1, logits));
+    }
+    return 0;
+}
+
+int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, int n_segs,
+                            struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    if (n_segs <= 0)
+        return moe_diag_set(diag, -EINVAL, "forward: empty batch");
+    int64_t n = 0;
+    for (int i = 0; i < n_segs; i++) {
+        const struct moe_batch_seg *g = &segs[i];
+        if (g->seq == NULL || g->seq->m != m || g->n <= 0 || g->tokens == NULL)
+            return moe_diag_set(diag, -EINVAL, "forward: batch entry %d has no sequence or tokens",
+                                i);
+        for (int j = 0; j < i; j++)
+            if (segs[j].seq == g->seq)
+                return moe_diag_set(diag, -EINVAL, "forward: batch entries %d and %d are the same"
+                                    " sequence", j, i);
+        if (g->n > m->n_ctx - g->seq->pos)
+            return moe_diag_set(diag, MOE_ELIMIT, "forward: batch entry %d: %d tokens at position"
+                                " %d exceed the context of %d", i, g->n, g->seq->pos, m->n_ctx);
+        for (int t = 0; t < g->n; t++)
+            if (g->tokens[t] < 0 || g->tokens[t] >= c->n_vocab)
+                return moe_diag_set(diag, -EINVAL, "forward: batch entry %d token %d is id %d,"
+                                    " expected 0..%d", i, t, g->tokens[t], c->n_vocab - 1);
+        n += g->n;
+    }
+    if (n > m->n_batch)
+        return moe_diag_set(diag, MOE_ELIMIT, "forward: %" PRId64 " tokens in one batch, the"
+                            " model was loaded for at most %d", n, m->n_batch);
+    int64_t off = 0;
+    int rc = 0;
+    for (int i = 0; i < n_segs && rc == 0; i++) {
+        const struct moe_batch_seg *g = &segs[i];
+        m->a.segs[i] = (struct seg){ .s = g->seq, .off = off, .n = g->n };
+        for (int t = 0; t < g->n; t++)
+            m->a.pos[off + t] = g->seq->pos + t;
+        rc = ops->get_rows(be, m->a.x + off * c->n_embd, &m->w.tok_embd, g->tokens, g->n);
+        off += g->n;
+    }
+    m->a.n_segs = n_segs;
+    if (rc == 0)
+        rc = forward_layers(m, n, 0, NULL, NULL, diag);
+    for (int i = 0; i < n_segs && rc == 0; i++) {
+        const struct moe_batch_seg *g = &segs[i];
+        if (g->logits == NULL)
+            continue;
+        const float *last = m->a.x + (m->a.segs[i].off + g->n - 1) * c->n_embd;
+        rc = ops->rmsnorm(be, m->a.xn, last, m->w.output_norm, 1, c->n_embd, c->rms_eps);
+        if (rc == 0)
+            rc = output_logits(m, m->a.xn, 1, g->logits);
+    }
+    if (rc)
+        return moe_diag_set(diag, rc, "forward of %d sequences (%" PRId64 " tokens): %s", n_segs,
+                            n, moe_strerror(rc));
+    return 0;
+}
+
+int moe_model_forward(struct moe_model *m, struct moe_seq *s, const int32_t *tokens, int64_t n,
+                      float *logits, bool all_logits, moe_route_fn route, void *route_ud,
+                      struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    if (n <= 0)
+        return moe_diag_set(diag, -EINVAL, "forward: empty batch");
+    if (n > m->n_ctx - s->pos)
+        return moe_diag_set(diag, MOE_ELIMIT, "forward: %" PRId64 " tokens at position %d exceed"
+                            " the context of %d", n, s->pos, m->n_ctx);
+    for (int64_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= c->n_vocab)
+            return moe_diag_set(diag, -EINVAL, "forward: token %" PRId64 " is id %d, expected"
+                                " 0..%d", i, tokens[i], c->n_vocab - 1);
+    for (int64_t t0 = 0; t0 < n; t0 += m->n_batch) {
+        int64_t nb = n - t0 < m->n_batch ? n - t0 : m->n_batch;
+        bool last = t0 + nb == n;
+        float *lg = NULL;
+        if (logits && all_logits)
+            lg = logits;
+        else if (logits && last)
+            lg = logits;
+        int rc = forward_batch(m, s, tokens + t0, nb, t0, lg, all_logits, route, route_ud, diag);
+        if (rc)
+            return moe_diag_set(diag, rc, "forward at position %d: %s", s->pos, moe_strerror(rc));
+    }
+    return 0;
+}

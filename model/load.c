@@ -1,0 +1,663 @@
+/* Loading a model: binding every tensor the architecture needs (shapes and
+ * types checked, messages naming the tensor), uploading the weights where
+ * the backend's memory is not host memory, scratch, freeing; and the
+ * sequences' KV caches. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/alloc.h"
+#include "common/dtype.h"
+#include "io/expert_src.h"
+#include "io/gguf.h"
+#include "kernels/cpu/dequant.h"
+#include "kernels/cuda.h"
+#include "model/hparams.h"
+#include "model/model-impl.h"
+
+/* ---- tensor binding -------------------------------------------------- */
+
+/* ---- tensor binding -------------------------------------------------- */
+
+static const struct moe_gguf_tensor *find_tensor(const struct moe_gguf *g, const char *name,
+                                                 int n_dims, const int64_t *ne, bool required,
+                                                 struct moe_diag *diag, int *rc)
+{
+    const struct moe_gguf_tensor *t = moe_gguf_find_tensor(g, name);
+    *rc = 0;
+    if (t == NULL) {
+        if (required)
+            *rc = moe_diag_set(diag, MOE_EFORMAT, "%s: missing tensor '%s'", moe_gguf_path(g), name);
+        return NULL;
+    }
+    /* Trailing dims of 1 are equivalent to fewer dims. */
+    bool ok = true;
+    for (int d = 0; d < 4; d++) {
+        int64_t want = d < n_dims ? ne[d] : 1;
+        if ((int64_t)t->ne[d] != want)
+            ok = false;
+    }
+    if (!ok) {
+        char want[96], got[96];
+        snprintf(want, sizeof(want), "[%" PRId64 ", %" PRId64 ", %" PRId64 "]", ne[0],
+                 n_dims > 1 ? ne[1] : 1, n_dims > 2 ? ne[2] : 1);
+        snprintf(got, sizeof(got), "[%" PRIu64 ", %" PRIu64 ", %" PRIu64 "]", t->ne[0], t->ne[1],
+                 t->ne[2]);
+        *rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tensor '%s' has shape %s, expected %s",
+                           moe_gguf_path(g), name, got, want);
+        return NULL;
+    }
+    return t;
+}
+
+/* The backend must be able to multiply the weight type; say which tensor. */
+static int check_computable(struct moe_model *m, const char *name, uint32_t dtype, struct moe_diag *diag)
+{
+    if (m->be->ops->supports(m->be, dtype))
+        return 0;
+    return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, which the %s backend"
+                        " cannot compute", moe_gguf_path(m->gguf), name, moe_dtype_name(dtype),
+                        m->be->ops->name);
+}
+
+/* Remembers a bound weight (the upload pass may move it to the backend). */
+static int remember(struct moe_model *m, void **field, size_t bytes, struct moe_diag *diag)
+{
+    if (*field == NULL || bytes == 0)
+        return 0;
+    if (m->w.n_bound == m->w.cap_bound) {
+        int cap = m->w.cap_bound ? m->w.cap_bound * 2 : 256;
+        struct bound *b = moe_realloc(m->w.bound, (size_t)cap * sizeof(*b));
+        if (b == NULL)
+            return moe_diag_set(diag, -ENOMEM, "out of memory");
+        m->w.bound = b;
+        m->w.cap_bound = cap;
+    }
+    m->w.bound[m->w.n_bound++] = (struct bound){ .field = field, .bytes = bytes, .host = NULL };
+    return 0;
+}
+
+static int bind_matrix(struct moe_model *m, const char *name, int64_t n_in, int64_t n_out,
+                       bool required, struct moe_weight *w, struct moe_diag *diag)
+{
+    int rc;
+    const int64_t ne[2] = { n_in, n_out };
+    const struct moe_gguf_tensor *t = find_tensor(m->gguf, name, 2, ne, required, diag, &rc);
+    memset(w, 0, sizeof(*w));
+    if (t == NULL)
+        return rc;
+    if ((rc = check_computable(m, name, t->dtype, diag)))
+        return rc;
+    w->data = moe_gguf_tensor_data(m->gguf, t);
+    w->dtype = t->dtype;
+    w->n_in = n_in;
+    w->n_out = n_out;
+    w->row_bytes = moe_dtype_row_bytes(t->dtype, (uint64_t)n_in, NULL);
+    return remember(m, (void **)(void *)&w->data, w->row_bytes * (size_t)n_out, diag);
+}
+
+/* A slice of the cached experts' blob (cache mode): found by name in the
+ * source's layout, shape checked like a tensor's. */
+static const struct moe_expert_slice *find_slice(struct moe_model *m, const char *name, int n_dims,
+                                                 const int64_t *ne, struct moe_diag *diag, int *rc)
+{
+    *rc = 0;
+    const int layer = moe_tensor_layer(name);
+    const struct moe_expert_layout *lay = layer >= 0 ? moe_expert_src_layout(m->ex.src, (uint32_t)layer) : NULL;
+    for (uint32_t i = 0; lay && i < lay->n_slices; i++) {
+        const struct moe_expert_slice *sl = &lay->s[i];
+        if (strcmp(sl->name, name) != 0)
+            continue;
+        for (int d = 0; d < 4; d++)
+            if ((int64_t)sl->ne[d] != (d < n_dims ? ne[d] : 1)) {
+                *rc = moe_diag_set(diag, MOE_EFORMAT, "%s: expert tensor '%s' has slices of shape"
+                                   " [%llu, %llu], expected [%lld, %lld]", moe_gguf_path(m->gguf), name,
+                                   (unsigned long long)sl->ne[0], (unsigned long long)sl->ne[1],
+                                   (long long)ne[0], (long long)(n_dims > 1 ? ne[1] : 1));
+                return NULL;
+            }
+        return sl;
+    }
+    *rc = moe_diag_set(diag, MOE_EFORMAT, "%s: missing expert tensor '%s'", moe_gguf_path(m->gguf), name);
+    return NULL;
+}
+
+static int bind_experts(struct moe_model *m, const char *name, int64_t n_in, int64_t n_out,
+                        struct expert_tensor *e, struct moe_diag *diag)
+{
+    int rc;
+    if (m->ex.src != NULL) {
+        const int64_t ne[2] = { n_in, n_out };
+        const struct moe_expert_slice *sl = find_slice(m, name, 2, ne, diag, &rc);
+        if (sl == NULL)
+            return rc;
+        if ((rc = check_computable(m, name, sl->dtype, diag)))
+            return rc;
+        e->data = NULL;
+        e->dtype = sl->dtype;
+        e->n_in = n_in;
+        e->n_out = n_out;
+        e->row_bytes = moe_dtype_row_bytes(sl->dtype, (uint64_t)n_in, NULL);
+        e->expert_bytes = sl->size;
+        e->slot_offset = sl->offset;
+        return 0;
+    }
+    const int64_t ne[3] = { n_in, n_out, m->cfg.n_expert };
+    const struct moe_gguf_tensor *t = find_tensor(m->gguf, name, 3, ne, true, diag, &rc);
+    if (t == NULL)
+        return rc;
+    if ((rc = check_computable(m, name, t->dtype, diag)))
+        return rc;
+    e->data = moe_gguf_tensor_data(m->gguf, t);
+    e->dtype = t->dtype;
+    e->n_in = n_in;
+    e->n_out = n_out;
+    e->row_bytes = moe_dtype_row_bytes(t->dtype, (uint64_t)n_in, NULL);
+    e->expert_bytes = e->row_bytes * (size_t)n_out;
+    return remember(m, (void **)(void *)&e->data, e->expert_bytes * (size_t)m->cfg.n_expert, diag);
+}
+
+/* Small F32-convertible tensors [n] or [n, n2] (norms, biases) are
+ * converted to owned float arrays. */
+static int bind_vector2(struct moe_model *m, const char *name, int64_t n, int64_t n2, float **out,
+                        struct moe_diag *diag)
+{
+    int rc;
+    *out = NULL;
+    const int64_t ne[2] = { n, n2 };
+    const struct moe_gguf_tensor *t = find_tensor(m->gguf, name, n2 > 1 ? 2 : 1, ne, true, diag, &rc);
+    if (t == NULL)
+        return rc;
+    if (!moe_dequantize_supported(t->dtype))
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, expected F32",
+                            moe_gguf_path(m->gguf), name, moe_dtype_name(t->dtype));
+    float *v = moe_malloc((size_t)n * (size_t)n2 * sizeof(float));
+    if (v == NULL)
+        return moe_diag_set(diag, -ENOMEM, "out of memory");
+    const uint8_t *src = moe_gguf_tensor_data(m->gguf, t);
+    const size_t rb = moe_dtype_row_bytes(t->dtype, (uint64_t)n, NULL);
+    for (int64_t r = 0; r < n2; r++)
+        moe_dequantize_row(t->dtype, src + (size_t)r * rb, v + r * n, n);
+    *out = v;
+    return remember(m, (void **)out, (size_t)n * (size_t)n2 * sizeof(float), diag);
+}
+
+static int bind_vector(struct moe_model *m, const char *name, int64_t n, bool required, float **out,
+                       struct moe_diag *diag)
+{
+    *out = NULL;
+    if (!required && moe_gguf_find_tensor(m->gguf, name) == NULL)
+        return 0;
+    return bind_vector2(m, name, n, 1, out, diag);
+}
+
+/* A 3-D tensor [n_in, n_out, n] as n matrices (MLA's per-head k_b, v_b). */
+static int bind_stack(struct moe_model *m, const char *name, int64_t n_in, int64_t n_out, int n,
+                      struct moe_weight *w, struct moe_diag *diag)
+{
+    struct expert_tensor t;
+    const int64_t ne[3] = { n_in, n_out, n };
+    int rc;
+    const struct moe_gguf_tensor *gt = find_tensor(m->gguf, name, 3, ne, true, diag, &rc);
+    if (gt == NULL)
+        return rc;
+    if ((rc = check_computable(m, name, gt->dtype, diag)))
+        return rc;
+    t.data = moe_gguf_tensor_data(m->gguf, gt);
+    t.dtype = gt->dtype;
+    t.n_in = n_in;
+    t.n_out = n_out;
+    t.row_bytes = moe_dtype_row_bytes(gt->dtype, (uint64_t)n_in, NULL);
+    t.expert_bytes = t.row_bytes * (size_t)n_out;
+    for (int i = 0; i < n; i++) {
+        w[i].data = t.data + (size_t)i * t.expert_bytes;
+        w[i].dtype = t.dtype;
+        w[i].n_in = n_in;
+        w[i].n_out = n_out;
+        w[i].row_bytes = t.row_bytes;
+        if ((rc = remember(m, (void **)(void *)&w[i].data, t.expert_bytes, diag)))
+            return rc;
+    }
+    return 0;
+}
+
+/* A 2-D F32-convertible tensor [n, n_expert] as owned floats (expert biases). */
+static int bind_expert_bias(struct moe_model *m, const char *name, int64_t n, float **out,
+                            struct moe_diag *diag)
+{
+    return bind_vector2(m, name, n, m->cfg.n_expert, out, diag);
+}
+
+static int bind_attention(struct moe_model *m, int il, struct layer *L, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const int64_t E = c->n_embd, hd = c->head_dim;
+    const int64_t qd = (int64_t)c->n_head * hd, kvd = (int64_t)c->n_head_kv * hd;
+    char n[96];
+    int rc;
+#define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
+    if ((rc = bind_vector(m, NAME("attn_norm.weight"), E, true, &L->attn_norm, diag)))
+        return rc;
+    if (c->ad->mla) {
+        const int64_t qk = c->qk_nope + c->qk_rope, H = c->n_head;
+        if (c->q_lora_rank > 0) {
+            if ((rc = bind_matrix(m, NAME("attn_q_a.weight"), E, c->q_lora_rank, true, &L->wq_a, diag)) ||
+                (rc = bind_vector(m, NAME("attn_q_a_norm.weight"), c->q_lora_rank, true, &L->q_a_norm, diag)) ||
+                (rc = bind_matrix(m, NAME("attn_q_b.weight"), c->q_lora_rank, H * qk, true, &L->wq_b, diag)))
+                return rc;
+        } else if ((rc = bind_matrix(m, NAME("attn_q.weight"), E, H * qk, true, &L->wq, diag))) {
+            return rc;
+        }
+        return (rc = bind_matrix(m, NAME("attn_kv_a_mqa.weight"), E, c->kv_lora_rank + c->qk_rope, true,
+                                 &L->wkv_a, diag)) ||
+               (rc = bind_vector(m, NAME("attn_kv_a_norm.weight"), c->kv_lora_rank, true, &L->kv_a_norm, diag)) ||
+               (rc = bind_stack(m, NAME("attn_k_b.weight"), c->qk_nope, c->kv_lora_rank, c->n_head, L->wk_b, diag)) ||
+               (rc = bind_stack(m, NAME("attn_v_b.weight"), c->kv_lora_rank, c->v_head_dim, c->n_head, L->wv_b, diag)) ||
+               (rc = bind_matrix(m, NAME("attn_output.weight"), H * c->v_head_dim, E, true, &L->wo, diag))
+                   ? rc : 0;
+    }
+    if ((rc = bind_matrix(m, NAME("attn_q.weight"), E, qd, true, &L->wq, diag)) ||
+        (rc = bind_matrix(m, NAME("attn_k.weight"), E, kvd, true, &L->wk, diag)) ||
+        (rc = bind_matrix(m, NAME("attn_v.weight"), E, kvd, true, &L->wv, diag)) ||
+        (rc = bind_matrix(m, NAME("attn_output.weight"), qd, E, true, &L->wo, diag)))
+        return rc;
+    if (c->ad->qkv_bias &&
+        ((rc = bind_vector(m, NAME("attn_q.bias"), qd, true, &L->bq, diag)) ||
+         (rc = bind_vector(m, NAME("attn_k.bias"), kvd, true, &L->bk, diag)) ||
+         (rc = bind_vector(m, NAME("attn_v.bias"), kvd, true, &L->bv, diag))))
+        return rc;
+    if (c->ad->attn_out_bias && (rc = bind_vector(m, NAME("attn_output.bias"), E, true, &L->bo, diag)))
+        return rc;
+    if (c->ad->sinks && (rc = bind_vector(m, NAME("attn_sinks.weight"), c->n_head, true, &L->sinks, diag)))
+        return rc;
+    if (c->ad->qk_norm &&
+        ((rc = bind_vector(m, NAME("attn_q_norm.weight"), hd, true, &L->q_norm, diag)) ||
+         (rc = bind_vector(m, NAME("attn_k_norm.weight"), hd, true, &L->k_norm, diag))))
+        return rc;
+    if (c->ad->qk_norm_full &&
+        ((rc = bind_vector(m, NAME("attn_q_norm.weight"), qd, true, &L->q_norm, diag)) ||
+         (rc = bind_vector(m, NAME("attn_k_norm.weight"), kvd, true, &L->k_norm, diag))))
+        return rc;
+    /* llama.cpp's gpt-oss pattern: even layers use the sliding window */
+    L->window = c->swa_window > 0 && il % 2 == 0 ? c->swa_window : 0;
+#undef NAME
+    return 0;
+}
+
+static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    struct layer *L = &m->w.layers[il];
+    const int64_t E = c->n_embd;
+    char n[96];
+    int rc;
+#define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
+    if ((rc = bind_attention(m, il, L, diag)))
+        return rc;
+    /* gpt-oss names its FFN norm post_attention_norm */
+    char norm[96];
+    snprintf(norm, sizeof(norm), "blk.%d.%s.weight", il, c->ad->ffn_norm);
+    if ((rc = bind_vector(m, norm, E, true, &L->ffn_norm, diag)))
+        return rc;
+    L->moe = il >= c->n_layer_dense_lead;
+    if (!L->moe)
+        return (rc = bind_matrix(m, NAME("ffn_gate.weight"), E, c->n_ff, true, &L->ffn_gate, diag)) ||
+               (rc = bind_matrix(m, NAME("ffn_up.weight"), E, c->n_ff, true, &L->ffn_up, diag)) ||
+               (rc = bind_matrix(m, NAME("ffn_down.weight"), c->n_ff, E, true, &L->ffn_down, diag))
+                   ? rc : 0;
+    if ((rc = bind_matrix(m, NAME("ffn_gate_inp.weight"), E, c->n_expert, true, &L->router, diag)) ||
+        (rc = bind_experts(m, NAME("ffn_gate_exps.weight"), E, c->n_ff_exp, &L->gate, diag)) ||
+        (rc = bind_experts(m, NAME("ffn_up_exps.weight"), E, c->n_ff_exp, &L->up, diag)) ||
+        (rc = bind_experts(m, NAME("ffn_down_exps.weight"), c->n_ff_exp, E, &L->down, diag)))
+        return rc;
+    if (c->ad->gating_from_keys && c->gating.func == MOE_GATING_SIGMOID &&
+        (rc = bind_vector(m, NAME("exp_probs_b.bias"), c->n_expert, true, &L->sel_bias, diag)))
+        return rc;
+    L->bias_off = (struct bias_slices){ -1, -1, -1 };
+    if (c->ad->router_bias &&
+        (rc = bind_vector(m, NAME("ffn_gate_inp.bias"), c->n_expert, true, &L->router_bias, diag)))
+        return rc;
+    if (c->ad->expert_bias && m->ex.src != NULL) {
+        const char *names[3] = { "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias" };
+        int64_t *offs[3] = { &L->bias_off.gate, &L->bias_off.up, &L->bias_off.down };
+        const int64_t lens[3] = { c->n_ff_exp, c->n_ff_exp, E };
+        for (int b = 0; b < 3; b++) {
+            char bn[96];
+            snprintf(bn, sizeof(bn), "blk.%d.%s", il, names[b]);
+            const struct moe_expert_slice *sl = find_slice(m, bn, 1, &lens[b], diag, &rc);
+            if (sl == NULL)
+                return rc;
+            if (sl->dtype != MOE_DTYPE_F32)
+                return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: '%s' has type %s, expected F32",
+                                    moe_gguf_path(m->gguf), bn, moe_dtype_name(sl->dtype));
+            *offs[b] = (int64_t)sl->offset;
+        }
+    } else if (c->ad->expert_bias &&
+        ((rc = bind_expert_bias(m, NAME("ffn_gate_exps.bias"), c->n_ff_exp, &L->gate_b, diag)) ||
+         (rc = bind_expert_bias(m, NAME("ffn_up_exps.bias"), c->n_ff_exp, &L->up_b, diag)) ||
+         (rc = bind_expert_bias(m, NAME("ffn_down_exps.bias"), E, &L->down_b, diag))))
+        return rc;
+    if (c->n_ff_shexp > 0 &&
+        ((c->ad->shexp_gated &&
+          (rc = bind_vector(m, NAME("ffn_gate_inp_shexp.weight"), E, true, &L->sh_gate_inp, diag))) ||
+         (rc = bind_matrix(m, NAME("ffn_gate_shexp.weight"), E, c->n_ff_shexp, true, &L->sh_gate, diag)) ||
+         (rc = bind_matrix(m, NAME("ffn_up_shexp.weight"), E, c->n_ff_shexp, true, &L->sh_up, diag)) ||
+         (rc = bind_matrix(m, NAME("ffn_down_shexp.weight"), c->n_ff_shexp, E, true, &L->sh_down, diag))))
+        return rc;
+#undef NAME
+    return 0;
+}
+
+static int n_online_cpus(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 && n < 1024 ? (int)n : 1;
+}
+
+/* Host bookkeeping (ids, positions, lists). */
+static void *scratch(struct moe_model *m, size_t bytes, int *failed)
+{
+    void *p = moe_calloc(1, bytes ? bytes : 1);
+    if (p == NULL)
+        *failed = 1;
+    (void)m;
+    return p;
+}
+
+/* Activations: backend memory (device memory on a GPU backend). */
+static void *bscratch(struct moe_model *m, size_t bytes, int *failed)
+{
+    void *p = m->be->ops->alloc(m->be, bytes ? bytes : 1);
+    if (p == NULL)
+        *failed = 1;
+    return p;
+}
+
+static size_t zmax(size_t a, size_t b)
+{
+    return a > b ? a : b;
+}
+
+static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const size_t B = (size_t)m->n_batch, K = (size_t)c->n_expert_used, F = sizeof(float);
+    const size_t E = (size_t)c->n_embd, H = (size_t)c->n_head;
+    const size_t qk = c->ad->mla ? (size_t)(c->qk_nope + c->qk_rope) : (size_t)c->head_dim;
+    const size_t qd = H * zmax((size_t)c->head_dim, qk);
+    const size_t kvd = zmax((size_t)c->n_head_kv * c->head_dim, (size_t)c->k_row);
+    const size_t ad = H * zmax((size_t)c->head_dim_v, (size_t)c->v_head_dim);
+    const size_t ff = zmax(zmax((size_t)c->n_ff_exp, (size_t)c->n_ff_shexp),
+                           c->n_layer_dense_lead > 0 ? (size_t)c->n_ff : 0);
+    const size_t lat = zmax((size_t)c->kv_lora_rank, zmax((size_t)c->qk_nope, (size_t)c->v_head_dim));
+    int failed = 0;
+    m->a.x = bscratch(m, B * E * F, &failed);
+    m->a.xn = bscratch(m, B * E * F, &failed);
+    m->a.q = bscratch(m, B * qd * F, &failed);
+    m->a.k = bscratch(m, B * kvd * F, &failed);
+    m->a.v = bscratch(m, B * qd * F, &failed);   /* V rows, or MLA's assembled queries */
+    m->a.att = bscratch(m, B * ad * F, &failed);
+    m->a.tmp = bscratch(m, B * zmax(E, ad) * F, &failed);
+    m->a.qa = bscratch(m, B * zmax((size_t)c->q_lora_rank, 1) * F, &failed);
+    m->a.hq = bscratch(m, B * zmax(lat, 1) * F, &failed);
+    m->a.hout = bscratch(m, B * zmax(lat, 1) * F, &failed);
+    m->a.rlogits = bscratch(m, B * (size_t)c->n_expert * F, &failed);
+    m->a.xe = bscratch(m, B * E * F, &failed);
+    m->a.ge = bscratch(m, B * ff * F, &failed);
+    m->a.ue = bscratch(m, B * ff * F, &failed);
+    m->a.de = bscratch(m, B * E * F, &failed);
+    m->a.slot_out = bscratch(m, B * K * E * F, &failed);
+    m->a.sh_tmp = bscratch(m, B * F, &failed);
+    /* logits: up to 64 rows at a time through the backend */
+    m->a.logit_rows = m->n_batch < 64 ? m->n_batch : 64;
+    m->a.logits_dev = bscratch(m, (size_t)m->a.logit_rows * (size_t)c->n_vocab * F, &failed);
+    /* host */
+    m->a.ids = scratch(m, B * K * sizeof(int32_t), &failed);
+    m->a.weights = scratch(m, B * K * F, &failed);
+    m->a.pos = scratch(m, B * sizeof(int32_t), &failed);
+    m->a.segs = scratch(m, B * sizeof(struct seg), &failed);
+    m->a.tok_by_expert = scratch(m, B * K * sizeof(int32_t), &failed);
+    m->a.row_idx = scratch(m, B * K * sizeof(int32_t), &failed);
+    m->a.expert_count = scratch(m, (size_t)c->n_expert * sizeof(int32_t), &failed);
+    m->a.expert_start = scratch(m, (size_t)c->n_expert * sizeof(int32_t), &failed);
+    if (failed)
+        return moe_diag_set(diag, -ENOMEM, "out of memory allocating scratch for %d tokens",
+                            m->n_batch);
+    /* Backend scratch: the largest activation rows of a matmul (f32 is the
+     * widest format), and per worker one row of attention scores. */
+    size_t widest = zmax(zmax(E, qd), zmax(ff, ad));
+    widest = zmax(widest, zmax((size_t)c->q_lora_rank, lat));
+    size_t shared = B * widest * 4 + 4096;
+    size_t per_worker = (size_t)m->n_ctx * F + (size_t)c->head_dim * 2 + 64;
+    int rc = m->be->ops->reserve(m->be, shared, per_worker);
+    if (rc)
+        return moe_diag_set(diag, rc, "backend: cannot reserve %zu bytes of scratch", shared);
+    return 0;
+}
+
+/* Moves every bound weight into backend memory (a GPU backend; or the CPU
+ * backend when asked, which tests this path). The deepseek selection bias
+ * stays on the host: the router's top-k runs there. */
+static int upload_weights(struct moe_model *m, struct moe_diag *diag)
+{
+    if (!m->w.upload)
+        return 0;
+    size_t total = 0;
+    for (int i = 0; i < m->w.n_bound; i++) {
+        struct bound *b = &m->w.bound[i];
+        bool host_only = false;
+        for (int il = 0; il < m->cfg.n_layer; il++)
+            host_only |= b->field == (void **)&m->w.layers[il].sel_bias;
+        if (host_only)
+            continue;
+        void *d = m->be->ops->alloc(m->be, b->bytes);
+        if (d == NULL)
+            return moe_diag_set(diag, -ENOMEM, "weights: cannot allocate %zu MiB more in %s memory"
+                                " (%zu MiB uploaded so far)", b->bytes >> 20, m->be->ops->name,
+                                total >> 20);
+        int rc = m->be->ops->upload(m->be, d, *b->field, b->bytes);
+        b->host = *b->field;
+        *b->field = d;
+        if (rc)
+            return moe_diag_set(diag, rc, "weights: upload of %zu bytes failed", b->bytes);
+        total += b->bytes;
+    }
+    return 0;
+}
+
+int moe_model_load(struct moe_model **out, const char *path, const struct moe_model_opts *opts,
+                   struct moe_diag *diag)
+{
+    *out = NULL;
+    struct moe_model_opts o = opts ? *opts : (struct moe_model_opts){ 0 };
+    struct moe_model *m = moe_calloc(1, sizeof(*m));
+    if (m == NULL)
+        return moe_diag_set(diag, -ENOMEM, "out of memory");
+    /* A pack (or a GGUF with a cache budget) goes through an expert source;
+     * its GGUF view holds the metadata and dense tensors. */
+    bool is_pack = false;
+    {
+        FILE *f = fopen(path, "rb");
+        char magic[8] = { 0 };
+        if (f) {
+            is_pack = fread(magic, 1, 8, f) == 8 && memcmp(magic, "MOEPACK", 8) == 0;
+            fclose(f);
+        }
+    }
+    int rc;
+    if (is_pack || o.cache_bytes > 0 || o.cache_experts > 0) {
+        struct moe_io_config io = { .uring = { .force_pread = o.force_pread } };
+        if ((rc = moe_expert_src_open(&m->ex.src, path, &io, diag)))
+            goto fail;
+        m->gguf = (struct moe_gguf *)moe_expert_src_gguf(m->ex.src); /* borrowed; map() is idempotent */
+    } else if ((rc = moe_gguf_open(&m->gguf, path, diag))) {
+        goto fail;
+    }
+    if ((rc = moe_model_read_cfg(m->gguf, &m->cfg, diag)))
+        goto fail;
+    struct moe_model_cfg *c = &m->cfg;
+    if ((rc = moe_gguf_map(m->gguf, diag)))
+        goto fail;
+    if (o.backend && strcmp(o.backend, "cuda") == 0)
+        rc = moe_backend_cuda_create(&m->be, 0, diag);
+    else if (o.backend && strcmp(o.backend, "cpu") != 0)
+        rc = moe_diag_set(diag, -EINVAL, "backend '%s': expected cpu or cuda", o.backend);
+    else
+        rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : n_online_cpus(), diag);
+    if (rc)
+        goto fail;
+
+    /* Vocabulary size from the embedding matrix, which must exist. */
+    const struct moe_gguf_tensor *te = moe_gguf_find_tensor(m->gguf, "token_embd.weight");
+    if (te == NULL) {
+        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: missing tensor 'token_embd.weight'", path);
+        goto fail;
+    }
+    if (te->n_dims != 2 || te->ne[0] != (uint64_t)c->n_embd || te->ne[1] > (1u << 24)) {
+        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tensor 'token_embd.weight' has shape [%" PRIu64
+                          ", %" PRIu64 "], expected [%d, n_vocab]", path, te->ne[0], te->ne[1],
+                          c->n_embd);
+        goto fail;
+    }
+    c->n_vocab = (int)te->ne[1];
+    if ((rc = bind_matrix(m, "token_embd.weight", c->n_embd, c->n_vocab, true, &m->w.tok_embd, diag)) ||
+        (rc = bind_vector(m, "output_norm.weight", c->n_embd, true, &m->w.output_norm, diag)) ||
+        (rc = bind_matrix(m, "output.weight", c->n_embd, c->n_vocab, false, &m->w.output, diag)))
+        goto fail;
+    const bool tied = m->w.output.data == NULL;
+    if (tied)
+        m->w.output = m->w.tok_embd; /* tied embeddings */
+    m->w.layers = moe_calloc((size_t)c->n_layer, sizeof(struct layer));
+    if (m->w.layers == NULL) {
+        rc = moe_diag_set(diag, -ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (int il = 0; il < c->n_layer; il++)
+        if ((rc = bind_layer(m, il, diag)))
+            goto fail;
+
+    if (m->ex.src != NULL && (rc = moe_model_experts_create(m, &o, diag)))
+        goto fail;
+    m->n_ctx = o.n_ctx > 0 ? o.n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
+    if (m->n_ctx <= 0 || m->n_ctx > (1 << 20)) {
+        rc = moe_diag_set(diag, -EINVAL, "context length %d, expected 1..1048576", m->n_ctx);
+        goto fail;
+    }
+    m->n_batch = o.n_batch > 0 ? o.n_batch : 512;
+    if (m->n_batch > m->n_ctx)
+        m->n_batch = m->n_ctx;
+    m->kv_f16 = o.kv_f16;
+    m->w.upload = !m->be->ops->host_memory || o.upload_weights;
+    if ((rc = upload_weights(m, diag)))
+        goto fail;
+    if (tied)
+        m->w.output = m->w.tok_embd;
+    if ((rc = alloc_scratch(m, diag)))
+        goto fail;
+    *out = m;
+    return 0;
+fail:
+    moe_model_free(m);
+    return rc;
+}
+
+void moe_model_free(struct moe_model *m)
+{
+    if (m == NULL)
+        return;
+    /* uploaded weights: free the backend copies, restore the host pointers */
+    for (int i = 0; i < m->w.n_bound; i++)
+        if (m->w.bound[i].host) {
+            m->be->ops->free(m->be, *m->w.bound[i].field);
+            *m->w.bound[i].field = m->w.bound[i].host;
+        }
+    moe_free(m->w.bound);
+    if (m->w.layers) {
+        for (int il = 0; il < m->cfg.n_layer; il++) {
+            struct layer *L = &m->w.layers[il];
+            moe_free(L->attn_norm);
+            moe_free(L->ffn_norm);
+            moe_free(L->q_norm);
+            moe_free(L->k_norm);
+            moe_free(L->bq);
+            moe_free(L->bk);
+            moe_free(L->bv);
+            moe_free(L->sh_gate_inp);
+            moe_free(L->bo);
+            moe_free(L->sinks);
+            moe_free(L->q_a_norm);
+            moe_free(L->kv_a_norm);
+            moe_free(L->router_bias);
+            moe_free(L->sel_bias);
+            moe_free(L->gate_b);
+            moe_free(L->up_b);
+            moe_free(L->down_b);
+        }
+        moe_free(m->w.layers);
+    }
+    moe_free(m->w.output_norm);
+    void *bufs[] = { m->a.ids, m->a.weights, m->a.pos, m->a.segs, m->a.tok_by_expert, m->a.row_idx,
+                     m->a.expert_count, m->a.expert_start };
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
+        moe_free(bufs[i]);
+    void *dbufs[] = { m->a.x, m->a.xn, m->a.q, m->a.k, m->a.v, m->a.att, m->a.tmp, m->a.qa, m->a.hq, m->a.hout,
+                      m->a.rlogits, m->a.xe, m->a.ge, m->a.ue, m->a.de, m->a.slot_out, m->a.sh_tmp,
+                      m->a.logits_dev };
+    for (size_t i = 0; m->be && i < sizeof(dbufs) / sizeof(dbufs[0]); i++)
+        if (dbufs[i])
+            m->be->ops->free(m->be, dbufs[i]);
+    moe_model_experts_free(m);   /* waits for loads before the backend goes */
+    moe_backend_destroy(m->be);
+    if (m->ex.src)
+        moe_expert_src_close(m->ex.src); /* owns the GGUF view */
+    else
+        moe_gguf_close(m->gguf);
+    moe_free(m);
+}
+
+const struct moe_model_cfg *moe_model_cfg(const struct moe_model *m) { return &m->cfg; }
+const struct moe_gguf *moe_model_gguf(const struct moe_model *m) { return m->gguf; }
+int moe_model_n_ctx(const struct moe_model *m) { return m->n_ctx; }
+int moe_model_n_batch(const struct moe_model *m) { return m->n_batch; }
+
+/* ---- sequences ------------------------------------------------------- */
+
+/* ---- sequences ------------------------------------------------------- */
+
+int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *diag)
+{
+    *out = NULL;
+    struct moe_seq *s = moe_calloc(1, sizeof(*s));
+    if (s == NULL)
+        return moe_diag_set(diag, -ENOMEM, "out of memory");
+    s->m = m;
+    const size_t es = m->kv_f16 ? 2 : 4;
+    s->layer_bytes = (size_t)m->n_ctx * (size_t)m->cfg.k_row * es;
+    s->v_layer_bytes = (size_t)m->n_ctx * (size_t)m->cfg.v_row * es;
+    size_t kt = s->layer_bytes * (size_t)m->cfg.n_layer, vt = s->v_layer_bytes * (size_t)m->cfg.n_layer;
+    s->k_cache = m->be->ops->alloc(m->be, kt);
+    s->v_cache = vt ? m->be->ops->alloc(m->be, vt) : NULL;
+    if (s->k_cache == NULL || (vt && s->v_cache == NULL)) {
+        moe_seq_free(s);
+        return moe_diag_set(diag, -ENOMEM, "KV cache: cannot allocate %zu + %zu MiB", kt >> 20,
+                            vt >> 20);
+    }
+    *out = s;
+    return 0;
+}
+
+void moe_seq_free(struct moe_seq *s)
+{
+    if (s == NULL)
+        return;
+    s->m->be->ops->free(s->m->be, s->k_cache);
+    if (s->v_cache)
+        s->m->be->ops->free(s->m->be, s->v_cache);
+    moe_free(s);
+}
+
+int moe_seq_pos(const struct moe_seq *s) { return s->pos; }
+void moe_seq_reset(struct moe_seq *s) { s->pos = 0; }

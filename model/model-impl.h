@@ -1,0 +1,159 @@
+/* Private to model/: the loaded model's pieces and the functions the
+ * files of model/ call across each other.
+ *
+ *   config.c   the forward pass's configuration from GGUF metadata
+ *   load.c     binding tensors, uploading weights, scratch, load/free, sequences
+ *   forward.c  the forward pass: attention, dense FFN, the MoE block, logits
+ *   experts.c  the experts: resident or through the cache, with the predictors
+ *
+ * Threading: one engine thread drives a model at a time.
+ */
+#ifndef MOE_MODEL_MODEL_IMPL_H
+#define MOE_MODEL_MODEL_IMPL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "cache/governor.h"
+#include "cache/history.h"
+#include "model/model.h"
+
+struct moe_gguf;
+struct moe_expert_src;
+struct moe_expert_cache;
+struct moe_host_tier;
+
+struct expert_tensor {
+    const uint8_t *data;       /* start of the 3-D tensor (resident experts) */
+    uint32_t dtype;
+    int64_t n_in, n_out;
+    size_t row_bytes, expert_bytes;
+    uint64_t slot_offset;      /* where the slice sits in a cached expert's blob */
+};
+
+/* gpt-oss expert biases inside a cached expert's blob (offset, or -1) */
+struct bias_slices {
+    int64_t gate, up, down;
+};
+
+struct layer {
+    struct moe_weight wq, wk, wv, wo;
+    float *bq, *bk, *bv, *bo;            /* owned f32, or NULL */
+    float *attn_norm, *ffn_norm;         /* owned f32 */
+    float *q_norm, *k_norm;              /* owned f32, or NULL */
+    float *sinks;                        /* [n_head] (gpt-oss) */
+    int window;                          /* sliding window of this layer, 0 = full */
+    /* MLA (deepseek2) */
+    struct moe_weight wq_a, wq_b, wkv_a;
+    float *q_a_norm, *kv_a_norm;
+    struct moe_weight wk_b[256], wv_b[256]; /* per head */
+    /* FFN: dense (leading deepseek2 layers) or MoE */
+    bool moe;
+    struct moe_weight ffn_gate, ffn_up, ffn_down;
+    struct moe_weight router;
+    float *router_bias;                  /* [n_expert] added to logits (gpt-oss) */
+    float *sel_bias;                     /* [n_expert] selection bias (deepseek2) */
+    struct expert_tensor gate, up, down;
+    float *gate_b, *up_b, *down_b;       /* [n_expert][n] expert biases (gpt-oss) */
+    struct bias_slices bias_off;         /* the same, cached experts */
+    /* shared expert */
+    struct moe_weight sh_gate, sh_up, sh_down;
+    float *sh_gate_inp;                  /* [n_embd], or NULL (qwen2moe) */
+};
+
+/* A weight the model binds: a matrix's data, a stack's slice, a resident
+ * expert tensor or a model-owned f32 vector. On a backend whose memory is
+ * not host memory each one is uploaded at load; `host` keeps the original
+ * pointer so that freeing restores it. */
+struct bound {
+    void **field;
+    size_t bytes;
+    void *host;          /* non-NULL once uploaded */
+};
+
+/* One sequence's tokens inside a batch: rows off..off+n-1 of the scratch. */
+struct seg {
+    struct moe_seq *s;
+    int64_t off, n;
+};
+
+/* Weights bound from the file, or their copies in backend memory. */
+struct model_weights {
+    struct moe_weight tok_embd, output;
+    float *output_norm;
+    struct layer *layers;                /* [n_layer] */
+    struct bound *bound;                 /* everything bound, for the upload */
+    int n_bound, cap_bound;
+    bool upload;                         /* weights live in backend memory */
+};
+
+/* Activations (backend memory, like every float buffer here unless marked
+ * host) and host bookkeeping, sized for n_batch tokens. */
+struct model_acts {
+    float *x, *xn, *q, *k, *v, *att, *tmp;
+    float *qa, *hq, *hout;               /* MLA: q_a, one head's gather/scatter rows */
+    float *rlogits;
+    int32_t *ids;                        /* host [n_batch][k]: routing */
+    float *weights;                      /* host [n_batch][k] */
+    float *xe, *ge, *ue, *de, *slot_out, *sh_tmp;
+    int32_t *pos;                        /* host [n_batch] */
+    struct seg *segs;                    /* host [n_batch]: the sequences of this batch */
+    int n_segs;
+    int32_t *tok_by_expert;              /* host [n_batch * k]: (token*k + slot) grouped by expert */
+    int32_t *row_idx;                    /* host [n_batch * k]: token rows of one expert's batch */
+    float *logits_dev;                   /* [logit_rows][n_vocab] */
+    int logit_rows;
+    int32_t *expert_count, *expert_start;   /* host [n_expert] */
+};
+
+/* The experts when they go through a cache: the source, the cache and its
+ * host tier, the per-layer acquisition bookkeeping and the predictors. */
+struct model_experts {
+    struct moe_expert_src *src;          /* NULL: experts resident in the mapped file */
+    struct moe_expert_cache *cache;
+    struct moe_host_tier *host;
+    int32_t *pend_l, *pend_e, *pend_state;   /* host [n_expert] */
+    int prefetch_depth;                  /* 0 = off */
+    bool prefetch_history;               /* history predictor instead of speculative gating */
+    struct moe_history hist;
+    struct moe_prefetch_gov gov;
+    float *pf_logits;                    /* [n_expert] (prefetch gate) */
+    float *pf_x;                         /* [n_embd] */
+};
+
+struct moe_model {
+    struct moe_model_cfg cfg;
+    struct moe_gguf *gguf;               /* owned unless ex.src is set (then the source's) */
+    struct moe_backend *be;
+    int n_ctx, n_batch;
+    bool kv_f16;
+    int32_t step;                        /* token steps run, for the cache policy */
+    struct model_weights w;
+    struct model_acts a;
+    struct model_experts ex;
+};
+
+struct moe_seq {
+    struct moe_model *m;
+    int pos;
+    void *k_cache, *v_cache;             /* per layer: [n_ctx][k_row], [n_ctx][v_row] */
+    size_t layer_bytes, v_layer_bytes;
+};
+
+#define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
+
+/* config.c */
+int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag);
+
+/* experts.c */
+/* The expert cache, its host tier and the predictors, when m->ex.src is set. */
+int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o,
+                             struct moe_diag *diag);
+void moe_model_experts_free(struct moe_model *m);
+/* Layer il's experts over the n tokens routed in m->a.ids/weights: each
+ * expert's output per (token, slot) into m->a.slot_out. */
+int moe_model_experts_run(struct moe_model *m, int il, int64_t n, struct moe_diag *diag);
+/* After layer il: prefetch the predicted experts of the next layers. */
+void moe_model_experts_prefetch(struct moe_model *m, int il, int64_t n);
+
+#endif
