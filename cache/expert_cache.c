@@ -1,5 +1,6 @@
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -64,6 +65,19 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+size_t moe_expert_cache_slot_stride(size_t slot_bytes)
+{
+    return (slot_bytes + MOE_CACHE_SLOT_ALIGN - 1) & ~(size_t)(MOE_CACHE_SLOT_ALIGN - 1);
+}
+
+size_t moe_expert_cache_pool_bytes(size_t slot_bytes, int n_slots)
+{
+    const size_t stride = moe_expert_cache_slot_stride(slot_bytes);
+    if (n_slots < 0 || (n_slots > 0 && (size_t)n_slots > (SIZE_MAX - MOE_CACHE_SLOT_ALIGN) / stride))
+        return 0;
+    return (size_t)n_slots * stride + MOE_CACHE_SLOT_ALIGN;
+}
+
 int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src *src,
                             struct moe_backend *be, size_t slot_bytes, int n_slots,
                             enum moe_policy_kind policy, struct moe_diag *diag)
@@ -80,7 +94,7 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
     c->n_layer = (int)moe_expert_src_n_layer(src);
     c->n_expert = (int)moe_expert_src_n_expert(src);
     c->n_slots = n_slots;
-    c->slot_bytes = (slot_bytes + 4095) & ~(size_t)4095;
+    c->slot_bytes = moe_expert_cache_slot_stride(slot_bytes);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->cv, NULL);
     const size_t n_keys = (size_t)c->n_layer * (size_t)c->n_expert;
@@ -94,16 +108,14 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
     c->layer_misses = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(uint64_t));
     c->layer_bytes = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(uint64_t));
     c->layer_stall = moe_calloc((size_t)(c->n_layer > 0 ? c->n_layer : 1), sizeof(double));
-    if (c->n_layer > 0 && c->n_expert > 0 && n_slots > 0 &&
-        (size_t)n_slots > SIZE_MAX / c->slot_bytes) {
+    const size_t pool = moe_expert_cache_pool_bytes(slot_bytes, n_slots);
+    if (pool == 0) {
         moe_expert_cache_destroy(c);
         return moe_diag_set(diag, MOE_ELIMIT, "expert cache: %d slots of %zu bytes overflow", n_slots,
                             c->slot_bytes);
     }
-    /* one page more, so that every slot starts on a page: the expert store
-     * reads raw blobs into host slots directly (O_DIRECT) */
-    c->mem = c->slots ? be->ops->alloc(be, (size_t)n_slots * c->slot_bytes + 4096) : NULL;
-    c->slot_base = c->mem ? c->mem + (-(uintptr_t)c->mem & 4095) : NULL;
+    c->mem = c->slots ? be->ops->alloc(be, pool) : NULL;
+    c->slot_base = c->mem ? c->mem + (-(uintptr_t)c->mem & (MOE_CACHE_SLOT_ALIGN - 1)) : NULL;
     if (!c->slots || !c->slot_of || !c->cand || !c->cand_slot || !c->policy || !c->mem || !c->predicted ||
         !c->layer_hits || !c->layer_misses || !c->layer_bytes || !c->layer_stall) {
         size_t mib = ((size_t)n_slots * c->slot_bytes) >> 20;

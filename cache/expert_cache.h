@@ -38,6 +38,14 @@ struct moe_cache_stats {
     size_t slot_bytes;
 };
 
+/* Slots start on a page (the expert store reads raw blobs straight into
+ * them with O_DIRECT): each takes its size rounded up to a page, and the
+ * pool one page more to align the first. */
+#define MOE_CACHE_SLOT_ALIGN 4096u
+size_t moe_expert_cache_slot_stride(size_t slot_bytes);
+/* Bytes the pool of n_slots slots of slot_bytes takes; 0 on overflow. */
+size_t moe_expert_cache_pool_bytes(size_t slot_bytes, int n_slots);
+
 /* n_slots slots of slot_bytes each (slot_bytes >= the largest expert). */
 int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src *src,
                             struct moe_backend *be, size_t slot_bytes, int n_slots,

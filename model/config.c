@@ -3,6 +3,7 @@
  * model/arch.c, and what follows from them (attention dims, gating, RoPE
  * and YaRN), with the engine's own limits. */
 #include <errno.h>
+#include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -202,5 +203,16 @@ int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct
     c->rope.n_rot = (int)hp.n_rot;
     c->rope.freq_scale = 1.0f / factor;
     c->swa_window = c->ad->swa_even_layers ? (int)hp.sliding_window : 0;
-    return read_yarn(g, c, yarn, factor, diag);
+    if ((rc = read_yarn(g, c, yarn, factor, diag)))
+        return rc;
+    /* the vocabulary size from the embedding matrix, which must exist */
+    const struct moe_gguf_tensor *te = moe_gguf_find_tensor(g, "token_embd.weight");
+    if (te == NULL)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing tensor 'token_embd.weight'", path);
+    if (te->n_dims != 2 || te->ne[0] != (uint64_t)c->n_embd || te->ne[1] > (1u << 24))
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: tensor 'token_embd.weight' has shape [%" PRIu64
+                            ", %" PRIu64 "], expected [%d, n_vocab]", path, te->ne[0], te->ne[1],
+                            c->n_embd);
+    c->n_vocab = (int)te->ne[1];
+    return 0;
 }

@@ -20,32 +20,12 @@
 int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o, struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
-    size_t slot = 0;
-    int n_moe = 0;
-    for (uint32_t l = 0; l < moe_expert_src_n_layer(m->ex.src); l++) {
-        const struct moe_expert_layout *lay = moe_expert_src_layout(m->ex.src, l);
-        if (lay && lay->n_slices) {
-            n_moe++;
-            if (lay->raw_size > slot)
-                slot = (size_t)lay->raw_size;
-        }
-    }
-    if (slot == 0)
-        return moe_diag_set(diag, MOE_EFORMAT, "%s: no expert tensors", moe_gguf_path(m->gguf));
-    long n_slots = o->cache_experts > 0 ? o->cache_experts
-                 : o->cache_bytes > 0 ? (long)(o->cache_bytes / slot)
-                 : (long)n_moe * c->n_expert;
-    if (n_slots < c->n_expert_used)
-        return moe_diag_set(diag, MOE_ELIMIT, "expert cache of %ld experts (%zu bytes each) is below"
-                            " the minimum of %d: one layer's top-k must fit", n_slots, slot,
-                            c->n_expert_used);
-    if (n_slots > (long)n_moe * c->n_expert)
-        n_slots = (long)n_moe * c->n_expert;
-    const long working_set = (long)n_moe * c->n_expert_used;
+    const struct moe_model_plan *p = &m->plan;
+    const long n_slots = p->n_slots, working_set = (long)p->n_moe_layers * c->n_expert_used;
     if (n_slots < working_set)
         moe_log(MOE_LOG_WARN, "the expert cache holds %ld experts, below one token's working"
                 " set of %ld (%d MoE layers x top-%d): LRU will hit about 0%%", n_slots, working_set,
-                n_moe, c->n_expert_used);
+                p->n_moe_layers, c->n_expert_used);
     int pol = moe_policy_from_name(o->cache_policy ? o->cache_policy : "layer");
     if (pol < 0 || pol == MOE_POLICY_BELADY)
         return moe_diag_set(diag, -EINVAL, "cache policy '%s': expected lru, lfu, layer or predict",
@@ -76,7 +56,7 @@ int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o
     m->ex.pend_state = moe_malloc((size_t)c->n_expert * sizeof(int32_t));
     if (!m->ex.pend_l || !m->ex.pend_e || !m->ex.pend_state)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
-    int rc = moe_expert_cache_create(&m->ex.cache, m->ex.src, m->be, slot, (int)n_slots,
+    int rc = moe_expert_cache_create(&m->ex.cache, m->ex.src, m->be, p->slot_bytes, p->n_slots,
                                      (enum moe_policy_kind)pol, diag);
     if (rc == 0 && (!m->be->ops->host_memory || o->upload_weights))
         rc = moe_expert_cache_set_staging(m->ex.cache, diag);

@@ -376,62 +376,20 @@ static void *bscratch(struct moe_model *m, size_t bytes, int *failed)
     return p;
 }
 
-static size_t zmax(size_t a, size_t b)
-{
-    return a > b ? a : b;
-}
 
 static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
 {
-    const struct moe_model_cfg *c = &m->cfg;
-    const size_t B = (size_t)m->n_batch, K = (size_t)c->n_expert_used, F = sizeof(float);
-    const size_t E = (size_t)c->n_embd, H = (size_t)c->n_head;
-    const size_t qk = c->ad->mla ? (size_t)(c->qk_nope + c->qk_rope) : (size_t)c->head_dim;
-    const size_t qd = H * zmax((size_t)c->head_dim, qk);
-    const size_t kvd = zmax((size_t)c->n_head_kv * c->head_dim, (size_t)c->k_row);
-    const size_t ad = H * zmax((size_t)c->head_dim_v, (size_t)c->v_head_dim);
-    const size_t ff = zmax(zmax((size_t)c->n_ff_exp, (size_t)c->n_ff_shexp),
-                           c->n_layer_dense_lead > 0 ? (size_t)c->n_ff : 0);
-    const size_t lat = zmax((size_t)c->kv_lora_rank, zmax((size_t)c->qk_nope, (size_t)c->v_head_dim));
+    struct model_act_item items[MODEL_ACT_ITEMS];
+    size_t shared, per_worker;
+    const int n = moe_model_acts_layout(&m->cfg, m->n_batch, m->n_ctx, &m->a, items, &shared,
+                                        &per_worker);
     int failed = 0;
-    m->a.x = bscratch(m, B * E * F, &failed);
-    m->a.xn = bscratch(m, B * E * F, &failed);
-    m->a.q = bscratch(m, B * qd * F, &failed);
-    m->a.k = bscratch(m, B * kvd * F, &failed);
-    m->a.v = bscratch(m, B * qd * F, &failed);   /* V rows, or MLA's assembled queries */
-    m->a.att = bscratch(m, B * ad * F, &failed);
-    m->a.tmp = bscratch(m, B * zmax(E, ad) * F, &failed);
-    m->a.qa = bscratch(m, B * zmax((size_t)c->q_lora_rank, 1) * F, &failed);
-    m->a.hq = bscratch(m, B * zmax(lat, 1) * F, &failed);
-    m->a.hout = bscratch(m, B * zmax(lat, 1) * F, &failed);
-    m->a.rlogits = bscratch(m, B * (size_t)c->n_expert * F, &failed);
-    m->a.xe = bscratch(m, B * E * F, &failed);
-    m->a.ge = bscratch(m, B * ff * F, &failed);
-    m->a.ue = bscratch(m, B * ff * F, &failed);
-    m->a.de = bscratch(m, B * E * F, &failed);
-    m->a.slot_out = bscratch(m, B * K * E * F, &failed);
-    m->a.sh_tmp = bscratch(m, B * F, &failed);
-    /* logits: up to 64 rows at a time through the backend */
-    m->a.logit_rows = m->n_batch < 64 ? m->n_batch : 64;
-    m->a.logits_dev = bscratch(m, (size_t)m->a.logit_rows * (size_t)c->n_vocab * F, &failed);
-    /* host */
-    m->a.ids = scratch(m, B * K * sizeof(int32_t), &failed);
-    m->a.weights = scratch(m, B * K * F, &failed);
-    m->a.pos = scratch(m, B * sizeof(int32_t), &failed);
-    m->a.segs = scratch(m, B * sizeof(struct seg), &failed);
-    m->a.tok_by_expert = scratch(m, B * K * sizeof(int32_t), &failed);
-    m->a.row_idx = scratch(m, B * K * sizeof(int32_t), &failed);
-    m->a.expert_count = scratch(m, (size_t)c->n_expert * sizeof(int32_t), &failed);
-    m->a.expert_start = scratch(m, (size_t)c->n_expert * sizeof(int32_t), &failed);
+    for (int i = 0; i < n; i++)
+        *items[i].field = items[i].host ? scratch(m, items[i].bytes, &failed)
+                                        : bscratch(m, items[i].bytes, &failed);
     if (failed)
         return moe_diag_set(diag, -ENOMEM, "out of memory allocating scratch for %d tokens",
                             m->n_batch);
-    /* Backend scratch: the largest activation rows of a matmul (f32 is the
-     * widest format), and per worker one row of attention scores. */
-    size_t widest = zmax(zmax(E, qd), zmax(ff, ad));
-    widest = zmax(widest, zmax((size_t)c->q_lora_rank, lat));
-    size_t shared = B * widest * 4 + 4096;
-    size_t per_worker = (size_t)m->n_ctx * F + (size_t)c->head_dim * 2 + 64;
     int rc = m->be->ops->reserve(m->be, shared, per_worker);
     if (rc)
         return moe_diag_set(diag, rc, "backend: cannot reserve %zu bytes of scratch", shared);
@@ -468,6 +426,49 @@ static int upload_weights(struct moe_model *m, struct moe_diag *diag)
     return 0;
 }
 
+int moe_model_is_pack(const char *path, bool *pack, struct moe_diag *diag)
+{
+    *pack = false;
+    FILE *f = fopen(path, "rb");
+    if (f == NULL)
+        return moe_diag_set(diag, -errno, "%s: %s", path, strerror(errno));
+    char magic[8] = { 0 };
+    *pack = fread(magic, 1, 8, f) == 8 && memcmp(magic, "MOEPACK", 8) == 0;
+    fclose(f);
+    return 0;
+}
+
+/* The plan of what this load opened (the same terms moe_model_plan() gives
+ * for the path); context, batch and cache sizes come from it. */
+static int plan_loaded(struct moe_model *m, const struct moe_model_opts *o, bool is_pack,
+                       struct moe_diag *diag)
+{
+    struct moe_model_plan *p = &m->plan;
+    struct moe_hparams hp;
+    struct moe_sizes sz;
+    int rc = moe_hparams_load(&hp, m->gguf, diag);
+    if (rc)
+        return rc;
+    moe_sizes_compute(&sz, m->gguf, &hp);
+    p->pack = is_pack;
+    p->dense_bytes = sz.dense_bytes;
+    p->expert_cache = m->ex.src != NULL;
+    if ((rc = moe_model_plan_opts(&m->cfg, o, p, diag)))
+        return rc;
+    size_t slot = 0;
+    int n_moe = 0;
+    if (m->ex.src != NULL)
+        moe_model_slot_of_src(m->ex.src, &slot, &n_moe);
+    else if ((rc = moe_model_slot_of_gguf(m->gguf, &slot, &n_moe, diag)))
+        return rc;
+    if ((rc = moe_model_plan_cache(o, slot, n_moe, p, diag)))
+        return rc;
+    m->n_ctx = p->n_ctx;
+    m->n_batch = p->n_batch;
+    m->kv_f16 = p->kv_f16;
+    return 0;
+}
+
 int moe_model_load(struct moe_model **out, const char *path, const struct moe_model_opts *opts,
                    struct moe_diag *diag)
 {
@@ -479,15 +480,9 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     /* A pack (or a GGUF with a cache budget) goes through an expert source;
      * its GGUF view holds the metadata and dense tensors. */
     bool is_pack = false;
-    {
-        FILE *f = fopen(path, "rb");
-        char magic[8] = { 0 };
-        if (f) {
-            is_pack = fread(magic, 1, 8, f) == 8 && memcmp(magic, "MOEPACK", 8) == 0;
-            fclose(f);
-        }
-    }
-    int rc;
+    int rc = moe_model_is_pack(path, &is_pack, diag);
+    if (rc)
+        goto fail;
     if (is_pack || o.cache_bytes > 0 || o.cache_experts > 0) {
         struct moe_io_config io = { .uring = { .force_pread = o.force_pread } };
         if ((rc = moe_expert_src_open(&m->ex.src, path, &io, diag)))
@@ -499,6 +494,8 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     if ((rc = moe_model_read_cfg(m->gguf, &m->cfg, diag)))
         goto fail;
     struct moe_model_cfg *c = &m->cfg;
+    if ((rc = plan_loaded(m, &o, is_pack, diag)))
+        goto fail;
     if ((rc = moe_gguf_map(m->gguf, diag)))
         goto fail;
     if (o.backend && strcmp(o.backend, "cuda") == 0)
@@ -510,19 +507,6 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     if (rc)
         goto fail;
 
-    /* Vocabulary size from the embedding matrix, which must exist. */
-    const struct moe_gguf_tensor *te = moe_gguf_find_tensor(m->gguf, "token_embd.weight");
-    if (te == NULL) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: missing tensor 'token_embd.weight'", path);
-        goto fail;
-    }
-    if (te->n_dims != 2 || te->ne[0] != (uint64_t)c->n_embd || te->ne[1] > (1u << 24)) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tensor 'token_embd.weight' has shape [%" PRIu64
-                          ", %" PRIu64 "], expected [%d, n_vocab]", path, te->ne[0], te->ne[1],
-                          c->n_embd);
-        goto fail;
-    }
-    c->n_vocab = (int)te->ne[1];
     if ((rc = bind_matrix(m, "token_embd.weight", c->n_embd, c->n_vocab, true, &m->w.tok_embd, diag)) ||
         (rc = bind_vector(m, "output_norm.weight", c->n_embd, true, &m->w.output_norm, diag)) ||
         (rc = bind_matrix(m, "output.weight", c->n_embd, c->n_vocab, false, &m->w.output, diag)))
@@ -541,15 +525,6 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
 
     if (m->ex.src != NULL && (rc = moe_model_experts_create(m, &o, diag)))
         goto fail;
-    m->n_ctx = o.n_ctx > 0 ? o.n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
-    if (m->n_ctx <= 0 || m->n_ctx > (1 << 20)) {
-        rc = moe_diag_set(diag, -EINVAL, "context length %d, expected 1..1048576", m->n_ctx);
-        goto fail;
-    }
-    m->n_batch = o.n_batch > 0 ? o.n_batch : 512;
-    if (m->n_batch > m->n_ctx)
-        m->n_batch = m->n_ctx;
-    m->kv_f16 = o.kv_f16;
     m->w.upload = !m->be->ops->host_memory || o.upload_weights;
     if ((rc = upload_weights(m, diag)))
         goto fail;
@@ -599,16 +574,18 @@ void moe_model_free(struct moe_model *m)
         moe_free(m->w.layers);
     }
     moe_free(m->w.output_norm);
-    void *bufs[] = { m->a.ids, m->a.weights, m->a.pos, m->a.segs, m->a.tok_by_expert, m->a.row_idx,
-                     m->a.expert_count, m->a.expert_start };
-    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
-        moe_free(bufs[i]);
-    void *dbufs[] = { m->a.x, m->a.xn, m->a.q, m->a.k, m->a.v, m->a.att, m->a.tmp, m->a.qa, m->a.hq, m->a.hout,
-                      m->a.rlogits, m->a.xe, m->a.ge, m->a.ue, m->a.de, m->a.slot_out, m->a.sh_tmp,
-                      m->a.logits_dev };
-    for (size_t i = 0; m->be && i < sizeof(dbufs) / sizeof(dbufs[0]); i++)
-        if (dbufs[i])
-            m->be->ops->free(m->be, dbufs[i]);
+    if (m->cfg.ad != NULL) {
+        struct model_act_item items[MODEL_ACT_ITEMS];
+        size_t shared, per_worker;
+        const int n = moe_model_acts_layout(&m->cfg, m->n_batch, m->n_ctx, &m->a, items, &shared,
+                                            &per_worker);
+        for (int i = 0; i < n; i++) {
+            if (items[i].host)
+                moe_free(*items[i].field);
+            else if (*items[i].field && m->be)
+                m->be->ops->free(m->be, *items[i].field);
+        }
+    }
     moe_model_experts_free(m);   /* waits for loads before the backend goes */
     moe_backend_destroy(m->be);
     if (m->ex.src)
@@ -622,6 +599,7 @@ const struct moe_model_cfg *moe_model_cfg(const struct moe_model *m) { return &m
 const struct moe_gguf *moe_model_gguf(const struct moe_model *m) { return m->gguf; }
 int moe_model_n_ctx(const struct moe_model *m) { return m->n_ctx; }
 int moe_model_n_batch(const struct moe_model *m) { return m->n_batch; }
+const struct moe_model_plan *moe_model_plan_of(const struct moe_model *m) { return &m->plan; }
 
 /* ---- sequences ------------------------------------------------------- */
 
@@ -638,6 +616,7 @@ int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *d
     s->layer_bytes = (size_t)m->n_ctx * (size_t)m->cfg.k_row * es;
     s->v_layer_bytes = (size_t)m->n_ctx * (size_t)m->cfg.v_row * es;
     size_t kt = s->layer_bytes * (size_t)m->cfg.n_layer, vt = s->v_layer_bytes * (size_t)m->cfg.n_layer;
+    MOE_ASSERT(kt + vt == m->plan.kv_bytes_per_seq);   /* the plan's KV term is this */
     s->k_cache = m->be->ops->alloc(m->be, kt);
     s->v_cache = vt ? m->be->ops->alloc(m->be, vt) : NULL;
     if (s->k_cache == NULL || (vt && s->v_cache == NULL)) {

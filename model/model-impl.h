@@ -17,6 +17,7 @@
 #include "cache/governor.h"
 #include "cache/history.h"
 #include "model/model.h"
+#include "model/plan.h"
 
 struct moe_gguf;
 struct moe_expert_src;
@@ -123,6 +124,7 @@ struct model_experts {
 
 struct moe_model {
     struct moe_model_cfg cfg;
+    struct moe_model_plan plan;          /* what everything below was sized from */
     struct moe_gguf *gguf;               /* owned unless ex.src is set (then the source's) */
     struct moe_backend *be;
     int n_ctx, n_batch;
@@ -142,13 +144,43 @@ struct moe_seq {
 
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 
+/* One buffer of the activations: backend memory, or host (bookkeeping). */
+struct model_act_item {
+    void **field;
+    size_t bytes;
+    bool host;
+};
+#define MODEL_ACT_ITEMS 32
+
+/* plan.c: the sizes the plan and the loader share */
+/* Lays out a's buffers for n_batch tokens (items[] point into a; returns
+ * their count) and the backend scratch to reserve. */
+int moe_model_acts_layout(const struct moe_model_cfg *c, int n_batch, int n_ctx, struct model_acts *a,
+                          struct model_act_item *items, size_t *shared, size_t *per_worker);
+/* The plan's option-driven terms (context, batch, KV, workspace, host
+ * tier); p->expert_cache must be set. */
+int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_opts *o,
+                        struct moe_model_plan *p, struct moe_diag *diag);
+/* The expert cache's slots from the largest expert and the MoE layers. */
+int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int n_moe_layers,
+                         struct moe_model_plan *p, struct moe_diag *diag);
+/* The largest expert (what a slot holds) and the layers with experts, from
+ * an expert source's layouts or a GGUF's expert tensors. */
+int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n_moe);
+int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, struct moe_diag *diag);
+
+/* load.c */
+/* Whether path is a .moe pack (by its magic); -errno naming the file when
+ * it cannot be read. */
+int moe_model_is_pack(const char *path, bool *pack, struct moe_diag *diag);
+
 /* config.c */
 int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag);
 
 /* experts.c */
 /* The expert cache, its host tier and the predictors, when m->ex.src is set. */
 int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o,
-                             struct moe_diag *diag);
+                             struct moe_diag *diag);   /* sized by m->plan */
 void moe_model_experts_free(struct moe_model *m);
 /* Layer il's experts over the n tokens routed in m->a.ids/weights: each
  * expert's output per (token, slot) into m->a.slot_out. */

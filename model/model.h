@@ -60,6 +60,7 @@ struct moe_model_opts {
     int n_threads;        /* CPU threads; <= 0: all online CPUs */
     int n_ctx;            /* context per sequence; <= 0: min(n_ctx_train, 4096) */
     int n_batch;          /* max tokens per forward call; <= 0: 512 */
+    int n_seqs;           /* sequences the caller will run, for the plan's KV term; <= 0: 1 */
     bool kv_f16;          /* f16 KV cache (default f32) */
     /* Expert cache. A .moe pack always goes through it; a GGUF does when a
      * budget is given (else its experts are used in place, all resident).
@@ -115,6 +116,9 @@ const struct moe_model_cfg *moe_model_cfg(const struct moe_model *m);
 const struct moe_gguf *moe_model_gguf(const struct moe_model *m);
 int moe_model_n_ctx(const struct moe_model *m);
 int moe_model_n_batch(const struct moe_model *m);
+struct moe_model_plan;
+/* The memory plan the model was loaded with (model/plan.h; borrowed). */
+const struct moe_model_plan *moe_model_plan_of(const struct moe_model *m);
 
 int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *diag);
 void moe_seq_free(struct moe_seq *s);

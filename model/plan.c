@@ -1,0 +1,274 @@
+/* The memory plan (plan.h) and the sizes it shares with the loader: the
+ * activations for n_batch tokens, the KV cache per sequence, the expert
+ * cache's slots. moe_model_load() sizes everything through these
+ * functions, so a plan and a loaded model cannot disagree. */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cache/expert_cache.h"
+#include "common/alloc.h"
+#include "io/expert_src.h"
+#include "io/gguf.h"
+#include "io/pack.h"
+#include "model/hparams.h"
+#include "model/model-impl.h"
+#include "model/plan.h"
+
+static size_t zmax(size_t a, size_t b)
+{
+    return a > b ? a : b;
+}
+
+int moe_model_acts_layout(const struct moe_model_cfg *c, int n_batch, int n_ctx, struct model_acts *a,
+                          struct model_act_item *items, size_t *shared, size_t *per_worker)
+{
+    const size_t B = (size_t)n_batch, K = (size_t)c->n_expert_used, F = sizeof(float);
+    const size_t E = (size_t)c->n_embd, H = (size_t)c->n_head, I32 = sizeof(int32_t);
+    const size_t qk = c->ad->mla ? (size_t)(c->qk_nope + c->qk_rope) : (size_t)c->head_dim;
+    const size_t qd = H * zmax((size_t)c->head_dim, qk);
+    const size_t kvd = zmax((size_t)c->n_head_kv * c->head_dim, (size_t)c->k_row);
+    const size_t ad = H * zmax((size_t)c->head_dim_v, (size_t)c->v_head_dim);
+    const size_t ff = zmax(zmax((size_t)c->n_ff_exp, (size_t)c->n_ff_shexp),
+                           c->n_layer_dense_lead > 0 ? (size_t)c->n_ff : 0);
+    const size_t lat = zmax((size_t)c->kv_lora_rank, zmax((size_t)c->qk_nope, (size_t)c->v_head_dim));
+    /* logits go through the backend up to 64 rows at a time */
+    a->logit_rows = n_batch < 64 ? n_batch : 64;
+    const struct model_act_item list[] = {
+        { (void **)&a->x, B * E * F, false },
+        { (void **)&a->xn, B * E * F, false },
+        { (void **)&a->q, B * qd * F, false },
+        { (void **)&a->k, B * kvd * F, false },
+        { (void **)&a->v, B * qd * F, false },   /* V rows, or MLA's assembled queries */
+        { (void **)&a->att, B * ad * F, false },
+        { (void **)&a->tmp, B * zmax(E, ad) * F, false },
+        { (void **)&a->qa, B * zmax((size_t)c->q_lora_rank, 1) * F, false },
+        { (void **)&a->hq, B * zmax(lat, 1) * F, false },
+        { (void **)&a->hout, B * zmax(lat, 1) * F, false },
+        { (void **)&a->rlogits, B * (size_t)c->n_expert * F, false },
+        { (void **)&a->xe, B * E * F, false },
+        { (void **)&a->ge, B * ff * F, false },
+        { (void **)&a->ue, B * ff * F, false },
+        { (void **)&a->de, B * E * F, false },
+        { (void **)&a->slot_out, B * K * E * F, false },
+        { (void **)&a->sh_tmp, B * F, false },
+        { (void **)&a->logits_dev, (size_t)a->logit_rows * (size_t)c->n_vocab * F, false },
+        { (void **)&a->ids, B * K * I32, true },
+        { (void **)&a->weights, B * K * F, true },
+        { (void **)&a->pos, B * I32, true },
+        { (void **)&a->segs, B * sizeof(struct seg), true },
+        { (void **)&a->tok_by_expert, B * K * I32, true },
+        { (void **)&a->row_idx, B * K * I32, true },
+        { (void **)&a->expert_count, (size_t)c->n_expert * I32, true },
+        { (void **)&a->expert_start, (size_t)c->n_expert * I32, true },
+    };
+    const int n = (int)(sizeof(list) / sizeof(list[0]));
+    MOE_ASSERT(n <= MODEL_ACT_ITEMS);
+    memcpy(items, list, sizeof(list));
+    /* Backend scratch: the largest activation rows of a matmul (f32 is the
+     * widest format), and per worker one row of attention scores. */
+    size_t widest = zmax(zmax(E, qd), zmax(ff, ad));
+    widest = zmax(widest, zmax((size_t)c->q_lora_rank, lat));
+    *shared = B * widest * 4 + 4096;
+    *per_worker = (size_t)n_ctx * F + (size_t)c->head_dim * 2 + 64;
+    return n;
+}
+
+int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_opts *o,
+                        struct moe_model_plan *p, struct moe_diag *diag)
+{
+    p->n_ctx = o->n_ctx > 0 ? o->n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
+    if (p->n_ctx <= 0 || p->n_ctx > (1 << 20))
+        return moe_diag_set(diag, -EINVAL, "context length %d, expected 1..1048576", p->n_ctx);
+    p->n_batch = o->n_batch > 0 ? o->n_batch : 512;
+    if (p->n_batch > p->n_ctx)
+        p->n_batch = p->n_ctx;
+    p->n_seqs = o->n_seqs > 0 ? o->n_seqs : 1;
+    p->kv_f16 = o->kv_f16;
+    const uint64_t es = o->kv_f16 ? 2 : 4;
+    p->kv_bytes_per_seq = (uint64_t)c->n_layer * (uint64_t)p->n_ctx *
+                          (uint64_t)(c->k_row + c->v_row) * es;
+    p->kv_bytes = p->kv_bytes_per_seq * (uint64_t)p->n_seqs;
+    p->n_expert = c->n_expert;
+    p->n_expert_used = c->n_expert_used;
+    p->min_slots = c->n_expert_used;
+    p->host_bytes = p->expert_cache ? o->host_bytes : 0;
+    struct model_acts a;
+    struct model_act_item items[MODEL_ACT_ITEMS];
+    size_t shared, per_worker;
+    const int n = moe_model_acts_layout(c, p->n_batch, p->n_ctx, &a, items, &shared, &per_worker);
+    const int workers = o->n_threads > 0 ? o->n_threads : 1;
+    p->workspace_bytes = shared + per_worker * (uint64_t)workers;
+    for (int i = 0; i < n; i++)
+        p->workspace_bytes += items[i].bytes;
+    return 0;
+}
+
+int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int n_moe_layers,
+                         struct moe_model_plan *p, struct moe_diag *diag)
+{
+    p->slot_bytes = slot_bytes;
+    p->slot_stride = moe_expert_cache_slot_stride(slot_bytes);
+    p->n_moe_layers = n_moe_layers;
+    p->all_slots = n_moe_layers * p->n_expert;
+    p->expert_bytes = (uint64_t)p->slot_bytes * (uint64_t)p->all_slots;
+    if (!p->expert_cache) {
+        p->n_slots = 0;
+        p->cache_bytes = 0;
+        return 0;
+    }
+    if (slot_bytes == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "no expert tensors");
+    /* a slot count wins over a byte budget; a budget is met exactly,
+     * alignment included; no budget: every expert */
+    long n_slots = p->all_slots;
+    if (o->cache_experts > 0)
+        n_slots = o->cache_experts;
+    else if (o->cache_bytes > 0)
+        n_slots = o->cache_bytes > MOE_CACHE_SLOT_ALIGN
+                      ? (long)((o->cache_bytes - MOE_CACHE_SLOT_ALIGN) / p->slot_stride) : 0;
+    if (n_slots < p->min_slots)
+        return moe_diag_set(diag, MOE_ELIMIT, "expert cache of %ld experts (%zu bytes each) is below"
+                            " the minimum of %d: one layer's top-k must fit", n_slots, slot_bytes,
+                            p->min_slots);
+    if (n_slots > p->all_slots)
+        n_slots = p->all_slots;
+    p->n_slots = (int)n_slots;
+    p->cache_bytes = moe_expert_cache_pool_bytes(slot_bytes, p->n_slots);
+    if (p->cache_bytes == 0)
+        return moe_diag_set(diag, MOE_ELIMIT, "expert cache: %d slots of %zu bytes overflow",
+                            p->n_slots, slot_bytes);
+    return 0;
+}
+
+/* The largest layer's expert blob and the layers that have experts. */
+static void slot_of_layouts(const struct moe_expert_layout *const *lay, uint32_t n, size_t *slot,
+                            int *n_moe)
+{
+    *slot = 0;
+    *n_moe = 0;
+    for (uint32_t l = 0; l < n; l++) {
+        if (lay[l] == NULL || lay[l]->n_slices == 0)
+            continue;
+        (*n_moe)++;
+        if (lay[l]->raw_size > *slot)
+            *slot = (size_t)lay[l]->raw_size;
+    }
+}
+
+int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n_moe)
+{
+    const uint32_t n = moe_expert_src_n_layer(src);
+    const struct moe_expert_layout *lay[MOE_MAX_LAYERS];
+    for (uint32_t l = 0; l < n && l < MOE_MAX_LAYERS; l++)
+        lay[l] = moe_expert_src_layout(src, l);
+    slot_of_layouts(lay, n < MOE_MAX_LAYERS ? n : MOE_MAX_LAYERS, slot, n_moe);
+    return 0;
+}
+
+int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, struct moe_diag *diag)
+{
+    struct moe_expert_layout *lays = NULL;
+    uint32_t n_layer = 0, n_expert = 0;
+    int rc = moe_expert_layouts_from_gguf(g, &lays, &n_layer, &n_expert, diag);
+    if (rc)
+        return rc;
+    const struct moe_expert_layout *lay[MOE_MAX_LAYERS];
+    const uint32_t n = n_layer < MOE_MAX_LAYERS ? n_layer : MOE_MAX_LAYERS;
+    for (uint32_t l = 0; l < n; l++)
+        lay[l] = &lays[l];
+    slot_of_layouts(lay, n, slot, n_moe);
+    moe_free(lays);
+    return 0;
+}
+
+/* Header-only: the GGUF (or the pack's embedded one) and the experts'
+ * layouts, never the data. */
+int moe_model_plan(const char *path, const struct moe_model_opts *opts, struct moe_model_plan *p,
+                   struct moe_diag *diag)
+{
+    memset(p, 0, sizeof(*p));
+    const struct moe_model_opts o = opts ? *opts : (struct moe_model_opts){ 0 };
+    struct moe_pack *pack = NULL;
+    struct moe_gguf *own = NULL;
+    size_t slot = 0;
+    int n_moe = 0;
+    int rc = moe_model_is_pack(path, &p->pack, diag);
+    if (rc)
+        return rc;
+    const struct moe_gguf *g;
+    if (p->pack) {
+        if ((rc = moe_pack_open(&pack, path, 0, diag)))
+            return rc;
+        g = moe_pack_gguf(pack);
+        const uint32_t n = moe_pack_n_layer(pack) < MOE_MAX_LAYERS ? moe_pack_n_layer(pack) : MOE_MAX_LAYERS;
+        const struct moe_expert_layout *lay[MOE_MAX_LAYERS];
+        for (uint32_t l = 0; l < n; l++)
+            lay[l] = moe_pack_layout(pack, l);
+        slot_of_layouts(lay, n, &slot, &n_moe);
+    } else {
+        if ((rc = moe_gguf_open(&own, path, diag)))
+            return rc;
+        g = own;
+        if ((rc = moe_model_slot_of_gguf(g, &slot, &n_moe, diag)))
+            goto done;
+    }
+    struct moe_model_cfg c;
+    memset(&c, 0, sizeof(c));
+    if ((rc = moe_model_read_cfg(g, &c, diag)))
+        goto done;
+    struct moe_hparams hp;
+    struct moe_sizes sz;
+    if ((rc = moe_hparams_load(&hp, g, diag)))
+        goto done;
+    moe_sizes_compute(&sz, g, &hp);
+    p->dense_bytes = sz.dense_bytes;
+    p->expert_cache = p->pack || o.cache_bytes > 0 || o.cache_experts > 0;
+    if ((rc = moe_model_plan_opts(&c, &o, p, diag)) ||
+        (rc = moe_model_plan_cache(&o, slot, n_moe, p, diag)))
+        goto done;
+done:
+    if (rc && diag && diag->code == rc && strncmp(diag->msg, path, strlen(path)) != 0) {
+        /* name the file in messages that do not */
+        char msg[MOE_DIAG_MSG_MAX];
+        snprintf(msg, sizeof(msg), "%s", diag->msg);
+        moe_diag_clear(diag);
+        moe_diag_set(diag, rc, "%s: %s", path, msg);
+    }
+    moe_gguf_close(own);
+    moe_pack_close(pack);
+    return rc;
+}
+
+static double mib(uint64_t b)
+{
+    return (double)b / (1024.0 * 1024.0);
+}
+
+int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
+{
+    int rc = 0;
+#define LINE(...) do { if (rc == 0) rc = moe_buf_printf(out, __VA_ARGS__); } while (0)
+    const uint64_t total = p->dense_bytes + p->kv_bytes + p->cache_bytes + p->host_bytes +
+                           p->workspace_bytes + (p->expert_cache ? 0 : p->expert_bytes);
+    LINE("  %-16s %12s  %s\n", "component", "MiB", "why");
+    LINE("  %-16s %12.1f  dense tensors (embeddings, attention, norms, routers, output)\n",
+         "dense weights", mib(p->dense_bytes));
+    LINE("  %-16s %12.1f  %d sequence%s x %.1f MiB (ctx %d, %s)\n", "KV cache", mib(p->kv_bytes),
+         p->n_seqs, p->n_seqs == 1 ? "" : "s", mib(p->kv_bytes_per_seq), p->n_ctx,
+         p->kv_f16 ? "f16" : "f32");
+    if (p->expert_cache)
+        LINE("  %-16s %12.1f  %d of %d experts (%.0f%%), %.2f MiB each; at least %d (one layer's"
+             " top-k)\n", "expert cache", mib(p->cache_bytes), p->n_slots, p->all_slots,
+             p->all_slots ? 100.0 * p->n_slots / p->all_slots : 0.0, mib(p->slot_stride), p->min_slots);
+    else
+        LINE("  %-16s %12.1f  every expert, mapped from the file (no cache budget given)\n",
+             "experts", mib(p->expert_bytes));
+    if (p->host_bytes)
+        LINE("  %-16s %12.1f  host-RAM tier below the expert cache\n", "host tier", mib(p->host_bytes));
+    LINE("  %-16s %12.1f  activations and scratch for %d tokens per step\n", "workspace",
+         mib(p->workspace_bytes), p->n_batch);
+    LINE("  %-16s %12.1f\n", "total", mib(total));
+#undef LINE
+    return rc;
+}

@@ -1,0 +1,63 @@
+/* The memory plan: what a model with given options will occupy, term by
+ * term, computed from the file's header without allocating. The model's
+ * loader sizes everything from the same plan, so what the plan says is
+ * what the engine takes.
+ *
+ * Errors: 0, or a negative code with a message naming the file or option.
+ * Thread-safe (no shared state).
+ */
+#ifndef MOE_MODEL_PLAN_H
+#define MOE_MODEL_PLAN_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+#include "common/error.h"
+#include "model/model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct moe_model_plan {
+    /* resolved options */
+    int n_ctx;                  /* per sequence */
+    int n_batch;                /* tokens per forward pass */
+    int n_seqs;                 /* sequences the KV term covers */
+    bool kv_f16;
+    /* the model */
+    bool pack;                  /* a .moe expert store (else a GGUF) */
+    uint64_t dense_bytes;       /* dense tensors as stored */
+    uint64_t expert_bytes;      /* every expert, as a cache slot holds it */
+    int n_moe_layers, n_expert, n_expert_used;
+    /* terms */
+    uint64_t kv_bytes_per_seq;  /* n_layer x n_ctx x (K row + V row) x element */
+    uint64_t kv_bytes;          /* x n_seqs */
+    bool expert_cache;          /* experts through the cache (a pack, or a budget) */
+    size_t slot_bytes;          /* one expert: the largest layer's blob */
+    size_t slot_stride;         /* what a slot takes (page-aligned) */
+    int n_slots;                /* the cache's slots (0 without a cache) */
+    int min_slots;              /* one layer's top-k */
+    int all_slots;              /* every expert */
+    uint64_t cache_bytes;       /* n_slots x slot_stride + alignment */
+    uint64_t host_bytes;        /* host-RAM tier below the cache */
+    uint64_t workspace_bytes;   /* activations and backend scratch for n_batch tokens */
+};
+
+/* The plan of `path` (GGUF or .moe pack) loaded with opts (NULL: defaults).
+ * Refuses what moe_model_load() would refuse for its configuration or
+ * sizes (an expert budget below one layer's top-k: MOE_ELIMIT). */
+int moe_model_plan(const char *path, const struct moe_model_opts *opts,
+                   struct moe_model_plan *plan, struct moe_diag *diag);
+
+/* The plan as a table, one line per term (component, MiB, why), appended
+ * to out. 0 or -ENOMEM / MOE_ELIMIT from the buffer. */
+int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
