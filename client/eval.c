@@ -27,6 +27,7 @@
 #include "model/sampling.h"
 #include "kernels/cpu/vecdot.h"
 #include "cache/expert_cache.h"
+#include "model/options.h"
 #include "common/alloc.h"
 #include "model/chat_template.h"
 #include "model/tokenizer.h"
@@ -159,18 +160,17 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 }
 
 enum {
-    OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_THREADS, OPT_TEMP, OPT_TOPK,
-    OPT_TOPP, OPT_MINP, OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_CTX, OPT_STATS, OPT_KVF16, OPT_CACHE_BYTES, OPT_CACHE_EXPERTS, OPT_CACHE_POLICY,
-    OPT_TRACE, OPT_PREAD, OPT_PREFETCH, OPT_PREFETCH_DEPTH, OPT_PREFETCH_ALWAYS, OPT_BACKEND, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
-    OPT_HOST_BYTES, OPT_HELP,
+    OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP,
+    OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_STATS, OPT_TRACE, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
+    OPT_HELP,
+    OPT_ENGINE = 2000,   /* + the row of model/options.c's table (x2 + 1 for its alias) */
 };
 
-static const struct option long_opts[] = {
+static const struct option fixed_opts[] = {
     { "model", required_argument, NULL, OPT_MODEL },
     { "tokens", required_argument, NULL, OPT_TOKENS },
     { "logits", required_argument, NULL, OPT_LOGITS },
     { "routing", required_argument, NULL, OPT_ROUTING },
-    { "threads", required_argument, NULL, OPT_THREADS },
     { "temp", required_argument, NULL, OPT_TEMP },
     { "top-k", required_argument, NULL, OPT_TOPK },
     { "top-p", required_argument, NULL, OPT_TOPP },
@@ -178,26 +178,81 @@ static const struct option long_opts[] = {
     { "repeat-penalty", required_argument, NULL, OPT_PENALTY },
     { "repeat-last-n", required_argument, NULL, OPT_LASTN },
     { "seed", required_argument, NULL, OPT_SEED },
-    { "ctx", required_argument, NULL, OPT_CTX },
     { "stats", no_argument, NULL, OPT_STATS },
-    { "kv-f16", no_argument, NULL, OPT_KVF16 },
-    { "cache-bytes", required_argument, NULL, OPT_CACHE_BYTES },
-    { "cache-experts", required_argument, NULL, OPT_CACHE_EXPERTS },
-    { "cache-policy", required_argument, NULL, OPT_CACHE_POLICY },
     { "trace", required_argument, NULL, OPT_TRACE },
-    { "force-pread", no_argument, NULL, OPT_PREAD },
-    { "prefetch", required_argument, NULL, OPT_PREFETCH },
-    { "prefetch-depth", required_argument, NULL, OPT_PREFETCH_DEPTH },
-    { "prefetch-always", no_argument, NULL, OPT_PREFETCH_ALWAYS },
-    { "backend", required_argument, NULL, OPT_BACKEND },
     { "prompt", required_argument, NULL, OPT_PROMPT },
-    { "host-bytes", required_argument, NULL, OPT_HOST_BYTES },
     { "system", required_argument, NULL, OPT_SYSTEM },
     { "chat-template", required_argument, NULL, OPT_TEMPLATE },
     { "n-predict", required_argument, NULL, 'n' },
+    { "max-tokens", required_argument, NULL, 'n' },   /* moed's name for it */
     { "help", no_argument, NULL, OPT_HELP },
-    { NULL, 0, NULL, 0 },
 };
+
+#define N_FIXED (sizeof(fixed_opts) / sizeof(fixed_opts[0]))
+#define MAX_ENGINE 64
+
+/* What the command line asked for. */
+struct eval_args {
+    bool run, chat;
+    const char *model, *tokens_s, *logits_path, *routing_path, *trace_path;
+    const char *prompt, *system_msg, *template_name;
+    long n_predict;
+    bool stats;
+    struct moe_sampler_params sp;
+    struct moe_model_opts mo;
+};
+
+/* The engine's flags are the rows of its option table (model/options.c),
+ * the keys moed reads too: `--cache-bytes 12G` here is `cache_bytes = 12G`
+ * in moed.conf, with the same bounds. Flag names are the keys with '-'. */
+static void flag_name(char *buf, size_t cap, const char *key)
+{
+    snprintf(buf, cap, "%s", key);
+    for (char *c = buf; *c; c++)
+        if (*c == '_')
+            *c = '-';
+}
+
+static int build_opts(struct option *opts, char names[][40])
+{
+    size_t n_eng;
+    const struct moe_opt *eng = moe_model_opt_table(&n_eng);
+    int n = 0;
+    memcpy(opts, fixed_opts, sizeof(fixed_opts));
+    n = (int)N_FIXED;
+    for (size_t i = 0; i < n_eng && i < MAX_ENGINE; i++) {
+        const char *spell[2] = { eng[i].name, eng[i].alias };
+        for (int k = 0; k < 2; k++) {
+            if (spell[k] == NULL)
+                continue;
+            flag_name(names[2 * i + (size_t)k], 40, spell[k]);
+            opts[n++] = (struct option){ names[2 * i + (size_t)k],
+                                         eng[i].kind == MOE_OPT_BOOL ? optional_argument
+                                                                     : required_argument,
+                                         NULL, OPT_ENGINE + (int)i };
+        }
+    }
+    opts[n] = (struct option){ NULL, 0, NULL, 0 };
+    return n;
+}
+
+/* The engine's options, one line each, from the table moed reads too. */
+static void usage_engine(FILE *f)
+{
+    size_t n;
+    const struct moe_opt *t = moe_model_opt_table(&n);
+    fprintf(f, "engine options (the same keys as moed.conf; sizes take K/M/G/T):\n");
+    for (size_t i = 0; i < n; i++) {
+        char flag[48], choices[128] = "";
+        flag_name(flag, sizeof(flag), t[i].name);
+        if (t[i].kind == MOE_OPT_ENUM)
+            moe_opt_choices(&t[i], choices, sizeof(choices));
+        fprintf(f, "  --%s%s%s%s  %s%s%s\n", flag, t[i].kind == MOE_OPT_BOOL ? "" : " ",
+                t[i].kind == MOE_OPT_BOOL ? "" : t[i].kind == MOE_OPT_ENUM ? choices
+                : t[i].kind == MOE_OPT_SIZE ? "SIZE" : "N", "", t[i].help,
+                t[i].def && t[i].def[0] ? "; default " : "", t[i].def ? t[i].def : "");
+    }
+}
 
 static void usage(FILE *f, int run)
 {
@@ -205,444 +260,476 @@ static void usage(FILE *f, int run)
         fprintf(f, "usage: moectl run --model M (--tokens 1,2,3 | --prompt TEXT) -n N [options]\n"
                    "       moectl chat --model M --prompt TEXT [--system TEXT] [--chat-template NAME]"
                    " [-n N] [options]\n"
-                   "--prompt prints text (stopping at end of generation); --tokens prints ids.\n");
-    if (run)
-        fprintf(f, "usage: moectl run --model M --tokens 1,2,3 -n N [--temp T] [--top-k K]"
-                   " [--top-p P]\n"
-                   "                  [--min-p P] [--repeat-penalty R] [--repeat-last-n N]"
-                   " [--seed S] [--threads N] [--ctx N] [--kv-f16] [--stats]\n"
-                   "                  [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy lru|lfu|layer]\n"
-                   "                  [--prefetch none|gate|history] [--prefetch-depth D] [--prefetch-always]\n"
-                   "                  [--host-bytes SIZE] [--backend cpu|cuda]\n"
-                   "                  [--force-pread]\n"
-                   "                  (MODEL may be a GGUF or a .moe pack)\n"
-                   "Generates N tokens (greedy unless --temp > 0) and prints their ids.\n"
-                   "--stats prints prefill and decode speed as one JSON line on stderr.\n");
+                   "Generates N tokens (greedy unless --temp > 0): --prompt prints text (stopping at"
+                   " end of generation), --tokens prints ids. MODEL: a GGUF or a .moe pack.\n"
+                   "  -n, --max-tokens N    tokens to generate\n"
+                   "  --temp T --top-k K --top-p P --min-p P --repeat-penalty R --repeat-last-n N"
+                   " --seed S\n"
+                   "  --stats               prefill and decode speed, cache statistics (JSON lines on"
+                   " stderr)\n"
+                   "  --trace FILE          routing trace for `moectl cache-sim`\n");
     else
         fprintf(f, "usage: moectl eval --model M --tokens 1,2,3 --logits FILE [--routing FILE]"
-                   " [--threads N] [--kv-f16]\n"
-                   "                   [--trace FILE] [--cache-bytes SIZE | --cache-experts N] [--cache-policy P]\n"
+                   " [--trace FILE] [options]\n"
                    "Writes float32 logits [n_tokens][n_vocab] and the expert choices per token"
                    " and layer.\n");
+    usage_engine(f);
 }
 
-/* mode: 0 eval, 1 run, 2 chat (run with the prompt as a chat turn) */
-static int eval_or_run(int argc, char **argv, int mode)
+/* A sampling flag (run and chat only): 0, or the exit code. */
+static int sampling_flag(struct eval_args *a, int c, const char *arg)
 {
-    const int run = mode != 0, chat = mode == 2;
-    const char *prompt = NULL, *system_msg = NULL, *template_name = NULL;
-    const char *model = NULL, *tokens_s = NULL, *logits_path = NULL, *routing_path = NULL;
-    long threads = 0, n_predict = -1, ctx = 0, v;
-    int stats = 0, kv_f16 = 0, force_pread = 0;
-    long cache_experts = 0;
-    unsigned long long cache_bytes = 0, host_bytes = 0;
-    const char *cache_policy = NULL, *trace_path = NULL, *prefetch = NULL;
-    long prefetch_depth = 0;
-    bool prefetch_always = false;
-    const char *backend = NULL;
-    struct moe_sampler_params sp;
-    moe_sampler_defaults(&sp);
+    long v;
+    struct moe_sampler_params *sp = &a->sp;
+    switch (c) {
+    case OPT_TEMP: return parse_float("--temp", arg, &sp->temperature) ? 2 : 0;
+    case OPT_TOPP: return parse_float("--top-p", arg, &sp->top_p) ? 2 : 0;
+    case OPT_MINP: return parse_float("--min-p", arg, &sp->min_p) ? 2 : 0;
+    case OPT_PENALTY: return parse_float("--repeat-penalty", arg, &sp->repeat_penalty) ? 2 : 0;
+    case OPT_TOPK:
+        if (parse_int("--top-k", arg, 0, INT_MAX, &v))
+            return 2;
+        sp->top_k = (int)v;
+        return 0;
+    case OPT_LASTN:
+        if (parse_int("--repeat-last-n", arg, 0, INT_MAX, &v))
+            return 2;
+        sp->repeat_last_n = (int)v;
+        return 0;
+    case OPT_SEED: {
+        char *end;
+        errno = 0;
+        unsigned long long s = strtoull(arg, &end, 10);
+        if (errno || end == arg || *end != '\0' || arg[0] == '-') {
+            fprintf(stderr, "moectl: --seed '%s': expected a non-negative integer\n", arg);
+            return 2;
+        }
+        sp->seed = s;
+        return 0;
+    }
+    }
+    return 2;
+}
+
+/* An engine flag: parsed by its table row. 0, or 2 with the message. */
+static int engine_flag(struct eval_args *a, int row, const char *arg)
+{
+    size_t n_eng;
+    const struct moe_opt *o = &moe_model_opt_table(&n_eng)[row];
+    struct moe_diag d = { 0 };
+    if (moe_opt_set(o, &a->mo, arg ? arg : "true", &d) == 0)
+        return 0;
+    /* the table's message names the key; name the flag */
+    char flag[48];
+    flag_name(flag, sizeof(flag), o->name);
+    const char *why = strchr(d.msg, ':');
+    fprintf(stderr, "moectl: --%s:%s\n", flag, why ? why + 1 : d.msg);
+    return 2;
+}
+
+/* One flag: 0 to go on, else the exit code (-1: help printed, exit 0). */
+static int one_flag(struct eval_args *a, int c, char **argv)
+{
+    const bool run = a->run;
+    if (c >= OPT_ENGINE)
+        return engine_flag(a, c - OPT_ENGINE, optarg);
+    switch (c) {
+    case OPT_MODEL: a->model = optarg; return 0;
+    case OPT_TOKENS: a->tokens_s = optarg; return 0;
+    case OPT_LOGITS: if (run) break; a->logits_path = optarg; return 0;
+    case OPT_ROUTING: if (run) break; a->routing_path = optarg; return 0;
+    case OPT_TRACE: a->trace_path = optarg; return 0;
+    case 'n':
+        if (!run)
+            break;
+        return parse_int("-n", optarg, 0, 1 << 20, &a->n_predict) ? 2 : 0;
+    case OPT_TEMP: case OPT_TOPK: case OPT_TOPP: case OPT_MINP: case OPT_PENALTY: case OPT_LASTN:
+    case OPT_SEED:
+        if (!run)
+            break;
+        return sampling_flag(a, c, optarg);
+    case OPT_STATS: if (!run) break; a->stats = true; return 0;
+    case OPT_PROMPT: if (!run) break; a->prompt = optarg; return 0;
+    case OPT_SYSTEM: if (!a->chat) break; a->system_msg = optarg; return 0;
+    case OPT_TEMPLATE: if (!a->chat) break; a->template_name = optarg; return 0;
+    case OPT_HELP: case 'h': usage(stdout, run); return -1;
+    case ':':
+        fprintf(stderr, "moectl: option %s needs a value\n", argv[optind - 1]);
+        usage(stderr, run);
+        return 2;
+    default:
+        break;
+    }
+    fprintf(stderr, "moectl: unknown option '%s'\n", argv[optind - 1]);
+    usage(stderr, run);
+    return 2;
+}
+
+/* mode: 0 eval, 1 run, 2 chat (run with the prompt as a chat turn).
+ * 0 to go on, else the exit code. */
+static int parse_args(int argc, char **argv, int mode, struct eval_args *a)
+{
+    memset(a, 0, sizeof(*a));
+    a->run = mode != 0;
+    a->chat = mode == 2;
+    a->n_predict = -1;
+    moe_sampler_defaults(&a->sp);
+    moe_model_opts_defaults(&a->mo);
+    struct option opts[N_FIXED + 2 * MAX_ENGINE + 1];
+    char names[2 * MAX_ENGINE][40];
+    build_opts(opts, names);
     int c;
     optind = 1;
     opterr = 0;
-    while ((c = getopt_long(argc, argv, run ? ":n:h" : ":h", long_opts, NULL)) != -1) {
-        switch (c) {
-        case OPT_MODEL: model = optarg; break;
-        case OPT_TOKENS: tokens_s = optarg; break;
-        case OPT_LOGITS: if (run) goto bad_opt; logits_path = optarg; break;
-        case OPT_ROUTING: if (run) goto bad_opt; routing_path = optarg; break;
-        case OPT_THREADS:
-            if (parse_int("--threads", optarg, 1, 1024, &threads)) return 2;
-            break;
-        case OPT_CTX:
-            if (parse_int("--ctx", optarg, 1, 1 << 20, &ctx)) return 2;
-            break;
-        case 'n':
-            if (!run) goto bad_opt;
-            if (parse_int("-n", optarg, 0, 1 << 20, &n_predict)) return 2;
-            break;
-        case OPT_TEMP: if (!run || parse_float("--temp", optarg, &sp.temperature)) goto bad_val; break;
-        case OPT_TOPK:
-            if (!run || parse_int("--top-k", optarg, 0, INT_MAX, &v)) goto bad_val;
-            sp.top_k = (int)v;
-            break;
-        case OPT_TOPP: if (!run || parse_float("--top-p", optarg, &sp.top_p)) goto bad_val; break;
-        case OPT_MINP: if (!run || parse_float("--min-p", optarg, &sp.min_p)) goto bad_val; break;
-        case OPT_PENALTY:
-            if (!run || parse_float("--repeat-penalty", optarg, &sp.repeat_penalty)) goto bad_val;
-            break;
-        case OPT_LASTN:
-            if (!run || parse_int("--repeat-last-n", optarg, 0, INT_MAX, &v)) goto bad_val;
-            sp.repeat_last_n = (int)v;
-            break;
-        case OPT_SEED: {
-            char *end;
-            errno = 0;
-            unsigned long long s = strtoull(optarg, &end, 10);
-            if (!run || errno || end == optarg || *end != '\0' || optarg[0] == '-') {
-                fprintf(stderr, "moectl: --seed '%s': expected a non-negative integer\n", optarg);
-                return 2;
-            }
-            sp.seed = s;
-            break;
-        }
-        case OPT_STATS: if (!run) goto bad_opt; stats = 1; break;
-        case OPT_KVF16: kv_f16 = 1; break;
-        case OPT_PREAD: force_pread = 1; break;
-        case OPT_TRACE: trace_path = optarg; break;
-        case OPT_PROMPT: if (!run) goto bad_opt; prompt = optarg; break;
-        case OPT_SYSTEM: if (!chat) goto bad_opt; system_msg = optarg; break;
-        case OPT_TEMPLATE: if (!chat) goto bad_opt; template_name = optarg; break;
-        case OPT_PREFETCH:
-            if (strcmp(optarg, "none") != 0 && strcmp(optarg, "gate") != 0 && strcmp(optarg, "history") != 0) {
-                fprintf(stderr, "moectl: --prefetch '%s': expected none, gate or history\n", optarg);
-                return 2;
-            }
-            prefetch = optarg;
-            break;
-        case OPT_PREFETCH_ALWAYS:
-            prefetch_always = true;
-            break;
-        case OPT_BACKEND:
-            if (strcmp(optarg, "cpu") != 0 && strcmp(optarg, "cuda") != 0) {
-                fprintf(stderr, "moectl: --backend: '%s', expected cpu or cuda\n", optarg);
-                return 2;
-            }
-            backend = optarg;
-            break;
-        case OPT_PREFETCH_DEPTH:
-            if (parse_int("--prefetch-depth", optarg, 1, 64, &prefetch_depth)) return 2;
-            break;
-        case OPT_CACHE_POLICY: cache_policy = optarg; break;
-        case OPT_CACHE_EXPERTS:
-            if (parse_int("--cache-experts", optarg, 1, 1L << 24, &cache_experts)) return 2;
-            break;
-        case OPT_CACHE_BYTES:
-        case OPT_HOST_BYTES: {
-            char *end;
-            errno = 0;
-            double b = strtod(optarg, &end);
-            double mul = *end == 'K' || *end == 'k' ? 1024.0 : *end == 'M' || *end == 'm' ? 1048576.0
-                       : *end == 'G' || *end == 'g' ? 1073741824.0 : 1.0;
-            if (mul != 1.0)
-                end++;
-            if (errno || end == optarg || *end != '\0' || !(b * mul >= 1.0) || b * mul > 1e15) {
-                fprintf(stderr, "moectl: %s '%s': expected a size like 512M or 2G\n",
-                        c == OPT_HOST_BYTES ? "--host-bytes" : "--cache-bytes", optarg);
-                return 2;
-            }
-            if (c == OPT_HOST_BYTES)
-                host_bytes = (unsigned long long)(b * mul);
-            else
-                cache_bytes = (unsigned long long)(b * mul);
-            break;
-        }
-        case OPT_HELP: case 'h': usage(stdout, run); return 0;
-        case ':':
-            fprintf(stderr, "moectl: option %s needs a value\n", argv[optind - 1]);
-            usage(stderr, run);
-            return 2;
-        default:
-        bad_opt:
-            fprintf(stderr, "moectl: unknown option '%s'\n", argv[optind - 1]);
-            usage(stderr, run);
-            return 2;
-        bad_val:
-            if (!run)
-                goto bad_opt;
-            return 2;
-        }
+    while ((c = getopt_long(argc, argv, a->run ? ":n:h" : ":h", opts, NULL)) != -1) {
+        int rc = one_flag(a, c, argv);
+        if (rc)
+            return rc < 0 ? -1 : rc;
     }
     if (optind < argc) {
         fprintf(stderr, "moectl: unexpected argument '%s'\n", argv[optind]);
-        usage(stderr, run);
+        usage(stderr, a->run);
         return 2;
     }
-    if (chat && n_predict < 0)
-        n_predict = 256;
-    if (model == NULL || (tokens_s == NULL && prompt == NULL) || (chat && prompt == NULL) ||
-        (tokens_s && prompt) || (!run && logits_path == NULL) || (run && n_predict < 0)) {
-        fprintf(stderr, "moectl: %s\n", model == NULL ? "missing --model" : tokens_s && prompt ?
-                "give --tokens or --prompt, not both" : tokens_s == NULL && prompt == NULL ?
-                "missing --tokens (or --prompt)" : chat && prompt == NULL ? "missing --prompt" :
-                run ? "missing -n" : "missing --logits");
-        usage(stderr, run);
+    if (a->chat && a->n_predict < 0)
+        a->n_predict = 256;
+    const char *missing = a->model == NULL ? "missing --model"
+        : a->tokens_s && a->prompt ? "give --tokens or --prompt, not both"
+        : a->tokens_s == NULL && a->prompt == NULL ? "missing --tokens (or --prompt)"
+        : a->chat && a->prompt == NULL ? "missing --prompt"
+        : a->run && a->n_predict < 0 ? "missing -n"
+        : !a->run && a->logits_path == NULL ? "missing --logits" : NULL;
+    if (missing) {
+        fprintf(stderr, "moectl: %s\n", missing);
+        usage(stderr, a->run);
         return 2;
     }
     struct moe_diag d = { 0 };
-    if (moe_sampler_params_check(&sp, &d)) {
+    if (moe_sampler_params_check(&a->sp, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
         return 2;
     }
-    int32_t *tokens = NULL;
-    int64_t n_tok = 0;
-    if (tokens_s && parse_tokens(tokens_s, &tokens, &n_tok))
-        return 2;
-    struct moe_tokenizer *tok = NULL;
-    char *rendered = NULL;
+    return 0;
+}
 
-    int ret = 1;
-    struct moe_model *m = NULL;
-    struct moe_seq *s = NULL;
-    struct moe_sampler *smp = NULL;
-    float *logits = NULL;
-    int32_t *hist = NULL;
-    FILE *lf = NULL, *rf = NULL;
+/* What one command holds while it runs; freed by ctx_free(). */
+struct eval_ctx {
+    struct eval_args a;
+    struct moe_model *m;
+    struct moe_seq *s;
+    struct moe_tokenizer *tok;
+    char *rendered;
+    int32_t *tokens;
+    int64_t n_tok;
+    float *logits;
+    FILE *lf, *rf;
     char ltmp[PATH_MAX + 32], rtmp[PATH_MAX + 32];
-    struct moe_model_opts mo = {
-        .n_threads = (int)threads, .n_ctx = (int)ctx, .kv_f16 = kv_f16,
-        .cache_bytes = (size_t)cache_bytes, .cache_experts = (int)cache_experts,
-        .cache_policy = cache_policy, .force_pread = force_pread,
-        .prefetch = prefetch, .prefetch_depth = (int)prefetch_depth,
-        .prefetch_always = prefetch_always, .backend = backend,
-        .host_bytes = (size_t)host_bytes,
-    };
-    if (moe_model_load(&m, model, &mo, &d)) {
-        fprintf(stderr, "moectl: %s\n", d.msg);
-        goto out;
-    }
-    const struct moe_model_cfg *cfg = moe_model_cfg(m);
-    const int V = cfg->n_vocab;
-    if (prompt != NULL) {
-        if (moe_tokenizer_load(&tok, moe_model_gguf(m), &d)) {
-            fprintf(stderr, "moectl: %s\n", d.msg);
-            goto out;
-        }
-        const char *text = prompt;
-        size_t text_len = strlen(prompt);
-        if (chat) {
-            enum moe_chat_template tpl;
-            const char *src = moe_tokenizer_chat_template(tok);
-            int trc = template_name ? moe_chat_template_from_name(template_name, &tpl, &d)
-                                    : moe_chat_template_detect(src, src ? strlen(src) : 0, &tpl, &d);
-            if (trc) {
-                fprintf(stderr, "moectl: %s\n", d.msg);
-                ret = 2;
-                goto out;
-            }
-            struct moe_chat_msg msgs[2];
-            size_t nm = 0;
-            if (system_msg)
-                msgs[nm++] = (struct moe_chat_msg){ "system", system_msg };
-            msgs[nm++] = (struct moe_chat_msg){ "user", prompt };
-            size_t eos_len = 0;
-            const char *eos = moe_tokenizer_eos(tok) >= 0
-                                  ? moe_tokenizer_token_text(tok, moe_tokenizer_eos(tok), &eos_len) : NULL;
-            char eos_buf[128] = "";
-            if (eos && eos_len < sizeof(eos_buf)) {
-                memcpy(eos_buf, eos, eos_len);
-                eos_buf[eos_len] = '\0';
-            }
-            if (moe_chat_template_apply(tpl, msgs, nm, true, eos_buf[0] ? eos_buf : NULL, &rendered,
-                                        &text_len, &d)) {
-                fprintf(stderr, "moectl: %s\n", d.msg);
-                goto out;
-            }
-            text = rendered;
-        }
-        size_t need = 0;
-        int trc = moe_tokenize(tok, text, text_len, true, chat, NULL, 0, &need);
-        if (trc == -ENOSPC || trc == 0) {
-            tokens = malloc((need ? need : 1) * sizeof(int32_t));
-            trc = tokens ? moe_tokenize(tok, text, text_len, true, chat, tokens, need, &need) : -ENOMEM;
-        }
-        if (trc) {
-            fprintf(stderr, "moectl: --prompt: %s\n", moe_strerror(trc));
-            goto out;
-        }
-        n_tok = (int64_t)need;
-        if (n_tok == 0) {
-            fprintf(stderr, "moectl: --prompt gives no tokens\n");
-            ret = 2;
-            goto out;
-        }
-    }
-    for (int64_t i = 0; i < n_tok; i++) {
-        if (tokens[i] >= V) {
-            fprintf(stderr, "moectl: --tokens: element %" PRId64 " is %d, but %s has %d tokens"
-                    " (ids 0..%d)\n", i, tokens[i], model, V, V - 1);
-            ret = 2;
-            goto out;
-        }
-    }
-    if (n_tok + (run ? n_predict : 0) > moe_model_n_ctx(m)) {
-        fprintf(stderr, "moectl: %" PRId64 " tokens exceed the context of %d (--ctx)\n",
-                n_tok + (run ? n_predict : 0), moe_model_n_ctx(m));
-        ret = 2;
-        goto out;
-    }
-    if (moe_seq_create(&s, m, &d)) {
-        fprintf(stderr, "moectl: %s\n", d.msg);
-        goto out;
-    }
-    if (!run) {
-        logits = malloc((size_t)n_tok * V * sizeof(float));
-        if (logits == NULL) {
-            fprintf(stderr, "moectl: out of memory for %" PRId64 " x %d logits\n", n_tok, V);
-            goto out;
-        }
-        struct route_out ro = { 0 };
-        /* --routing: exactly the routing lines; --trace: the same with a
-         * header naming the model's dims (cache-sim reads both) */
-        const int with_header = routing_path == NULL && trace_path != NULL;
-        if (routing_path == NULL)
-            routing_path = trace_path;
-        if (routing_path) {
-            if ((rf = open_tmp(routing_path, rtmp, sizeof(rtmp))) == NULL)
-                goto out;
-            ro.f = rf;
-            if (with_header)
-                write_trace_header(rf, cfg);
-        }
-        if (moe_model_forward(m, s, tokens, n_tok, logits, true, rf ? write_route : NULL, &ro, &d)) {
-            fprintf(stderr, "moectl: %s\n", d.msg);
-            goto out;
-        }
-        if ((lf = open_tmp(logits_path, ltmp, sizeof(ltmp))) == NULL)
-            goto out;
-        /* float32 little-endian: the host order on every supported target */
-        size_t nw = fwrite(logits, sizeof(float), (size_t)n_tok * V, lf);
-        int lok = nw == (size_t)n_tok * V;
-        FILE *lf2 = lf;
-        lf = NULL;
-        if (commit_file(lf2, ltmp, logits_path, lok))
-            goto out;
-        if (rf) {
-            FILE *rf2 = rf;
-            rf = NULL;
-            if (commit_file(rf2, rtmp, routing_path, !ro.err))
-                goto out;
-        }
-        ret = 0;
-        goto out;
-    }
+};
 
-    logits = malloc((size_t)V * sizeof(float));
-    hist = malloc((size_t)(n_tok + n_predict + 1) * sizeof(int32_t));
-    if (logits == NULL || hist == NULL) {
+static void ctx_free(struct eval_ctx *x)
+{
+    if (x->lf) {
+        fclose(x->lf);
+        unlink(x->ltmp);
+    }
+    if (x->rf) {
+        fclose(x->rf);
+        unlink(x->rtmp);
+    }
+    moe_tokenizer_free(x->tok);
+    moe_free(x->rendered);
+    free(x->logits);
+    moe_seq_free(x->s);
+    moe_model_free(x->m);
+    free(x->tokens);
+}
+
+/* The chat turn rendered with the model's (or the named) template. */
+static int render_chat(struct eval_ctx *x, const char **text, size_t *text_len)
+{
+    struct moe_diag d = { 0 };
+    enum moe_chat_template tpl;
+    const char *src = moe_tokenizer_chat_template(x->tok);
+    int trc = x->a.template_name ? moe_chat_template_from_name(x->a.template_name, &tpl, &d)
+                                 : moe_chat_template_detect(src, src ? strlen(src) : 0, &tpl, &d);
+    if (trc) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        return 2;
+    }
+    struct moe_chat_msg msgs[2];
+    size_t nm = 0;
+    if (x->a.system_msg)
+        msgs[nm++] = (struct moe_chat_msg){ "system", x->a.system_msg };
+    msgs[nm++] = (struct moe_chat_msg){ "user", x->a.prompt };
+    size_t eos_len = 0;
+    const char *eos = moe_tokenizer_eos(x->tok) >= 0
+                          ? moe_tokenizer_token_text(x->tok, moe_tokenizer_eos(x->tok), &eos_len) : NULL;
+    char eos_buf[128] = "";
+    if (eos && eos_len < sizeof(eos_buf)) {
+        memcpy(eos_buf, eos, eos_len);
+        eos_buf[eos_len] = '\0';
+    }
+    if (moe_chat_template_apply(tpl, msgs, nm, true, eos_buf[0] ? eos_buf : NULL, &x->rendered,
+                                text_len, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        return 1;
+    }
+    *text = x->rendered;
+    return 0;
+}
+
+/* --prompt (or the chat turn) into x->tokens. 0, or the exit code. */
+static int prompt_tokens(struct eval_ctx *x)
+{
+    struct moe_diag d = { 0 };
+    if (moe_tokenizer_load(&x->tok, moe_model_gguf(x->m), &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        return 1;
+    }
+    const char *text = x->a.prompt;
+    size_t text_len = strlen(text);
+    int rc;
+    if (x->a.chat && (rc = render_chat(x, &text, &text_len)))
+        return rc;
+    size_t need = 0;
+    int trc = moe_tokenize(x->tok, text, text_len, true, x->a.chat, NULL, 0, &need);
+    if (trc == -ENOSPC || trc == 0) {
+        x->tokens = malloc((need ? need : 1) * sizeof(int32_t));
+        trc = x->tokens ? moe_tokenize(x->tok, text, text_len, true, x->a.chat, x->tokens, need, &need)
+                        : -ENOMEM;
+    }
+    if (trc) {
+        fprintf(stderr, "moectl: --prompt: %s\n", moe_strerror(trc));
+        return 1;
+    }
+    x->n_tok = (int64_t)need;
+    if (x->n_tok == 0) {
+        fprintf(stderr, "moectl: --prompt gives no tokens\n");
+        return 2;
+    }
+    return 0;
+}
+
+/* Loads the model, the tokens and a sequence; checks the tokens fit. */
+static int prepare(struct eval_ctx *x)
+{
+    struct moe_diag d = { 0 };
+    if (x->a.tokens_s && parse_tokens(x->a.tokens_s, &x->tokens, &x->n_tok))
+        return 2;
+    if (moe_model_load(&x->m, x->a.model, &x->a.mo, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        return 1;
+    }
+    int rc;
+    if (x->a.prompt != NULL && (rc = prompt_tokens(x)))
+        return rc;
+    const int V = moe_model_cfg(x->m)->n_vocab;
+    for (int64_t i = 0; i < x->n_tok; i++) {
+        if (x->tokens[i] >= V) {
+            fprintf(stderr, "moectl: --tokens: element %" PRId64 " is %d, but %s has %d tokens"
+                    " (ids 0..%d)\n", i, x->tokens[i], x->a.model, V, V - 1);
+            return 2;
+        }
+    }
+    const int64_t total = x->n_tok + (x->a.run ? x->a.n_predict : 0);
+    if (total > moe_model_n_ctx(x->m)) {
+        fprintf(stderr, "moectl: %" PRId64 " tokens exceed the context of %d (--ctx-size)\n", total,
+                moe_model_n_ctx(x->m));
+        return 2;
+    }
+    if (moe_seq_create(&x->s, x->m, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        return 1;
+    }
+    return 0;
+}
+
+/* eval: one batch; logits of every position and the routing to files. */
+static int do_eval(struct eval_ctx *x)
+{
+    const struct moe_model_cfg *cfg = moe_model_cfg(x->m);
+    const int V = cfg->n_vocab;
+    const int64_t n_tok = x->n_tok;
+    struct moe_diag d = { 0 };
+    x->logits = malloc((size_t)n_tok * V * sizeof(float));
+    if (x->logits == NULL) {
+        fprintf(stderr, "moectl: out of memory for %" PRId64 " x %d logits\n", n_tok, V);
+        return 1;
+    }
+    struct route_out ro = { 0 };
+    /* --routing: exactly the routing lines; --trace: the same with a
+     * header naming the model's dims (cache-sim reads both) */
+    const char *routing_path = x->a.routing_path ? x->a.routing_path : x->a.trace_path;
+    if (routing_path) {
+        if ((x->rf = open_tmp(routing_path, x->rtmp, sizeof(x->rtmp))) == NULL)
+            return 1;
+        ro.f = x->rf;
+        if (x->a.routing_path == NULL)
+            write_trace_header(x->rf, cfg);
+    }
+    if (moe_model_forward(x->m, x->s, x->tokens, n_tok, x->logits, true, x->rf ? write_route : NULL,
+                          &ro, &d)) {
+        fprintf(stderr, "moectl: %s\n", d.msg);
+        return 1;
+    }
+    if ((x->lf = open_tmp(x->a.logits_path, x->ltmp, sizeof(x->ltmp))) == NULL)
+        return 1;
+    /* float32 little-endian: the host order on every supported target */
+    size_t nw = fwrite(x->logits, sizeof(float), (size_t)n_tok * V, x->lf);
+    FILE *lf = x->lf;
+    x->lf = NULL;
+    if (commit_file(lf, x->ltmp, x->a.logits_path, nw == (size_t)n_tok * V))
+        return 1;
+    if (x->rf) {
+        FILE *rf = x->rf;
+        x->rf = NULL;
+        if (commit_file(rf, x->rtmp, routing_path, !ro.err))
+            return 1;
+    }
+    return 0;
+}
+
+static void print_cache_stats(struct moe_model *m)
+{
+    struct moe_cache_stats cs;
+    if (moe_model_cache_stats(m, &cs))
+        fprintf(stderr, "{\"cache_slots\": %d, \"slot_bytes\": %zu, \"hits\": %llu, \"misses\": %llu,"
+                " \"hit_rate\": %.4f, \"evictions\": %llu, \"bytes_loaded\": %llu, \"stall_s\": %.6f,"
+                " \"load_errors\": %llu, \"prefetch_issued\": %llu, \"prefetch_used\": %llu,"
+                " \"prefetch_wasted\": %llu, \"prefetch_dropped\": %llu, \"prefetch_cancelled\": %llu,"
+                " \"host_hits\": %llu, \"host_inserts\": %llu}\n", cs.n_slots, cs.slot_bytes,
+                (unsigned long long)cs.hits, (unsigned long long)cs.misses,
+                cs.hits + cs.misses ? (double)cs.hits / (double)(cs.hits + cs.misses) : 0.0,
+                (unsigned long long)cs.evictions, (unsigned long long)cs.bytes_loaded, cs.stall_s,
+                (unsigned long long)cs.loads_failed, (unsigned long long)cs.prefetch_issued,
+                (unsigned long long)cs.prefetch_used, (unsigned long long)cs.prefetch_wasted,
+                (unsigned long long)cs.prefetch_dropped, (unsigned long long)cs.prefetch_cancelled,
+                (unsigned long long)cs.host_hits, (unsigned long long)cs.host_inserts);
+    uint64_t pf_on = 0, pf_off = 0;
+    if (moe_model_prefetch_steps(m, &pf_on, &pf_off))
+        fprintf(stderr, "{\"prefetch_steps_on\": %llu, \"prefetch_steps_off\": %llu}\n",
+                (unsigned long long)pf_on, (unsigned long long)pf_off);
+    static struct moe_cache_layer_stats ls[1024];
+    int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
+    if (nl <= 0)
+        return;
+    fprintf(stderr, "{\"layer_hit_rate\": [");
+    for (int l = 0; l < nl && l < 1024; l++)
+        fprintf(stderr, "%s%.3f", l ? ", " : "", ls[l].hits + ls[l].misses
+                ? (double)ls[l].hits / (double)(ls[l].hits + ls[l].misses) : 0.0);
+    fprintf(stderr, "], \"layer_bytes_loaded\": [");
+    for (int l = 0; l < nl && l < 1024; l++)
+        fprintf(stderr, "%s%llu", l ? ", " : "", (unsigned long long)ls[l].bytes_loaded);
+    fprintf(stderr, "], \"layer_stall_s\": [");
+    for (int l = 0; l < nl && l < 1024; l++)
+        fprintf(stderr, "%s%.6f", l ? ", " : "", ls[l].stall_s);
+    fprintf(stderr, "]}\n");
+}
+
+/* Prints sampled token t: its text with a tokenizer, else its id. */
+static void emit(struct eval_ctx *x, struct moe_detok_stream *ds, int32_t t, long i)
+{
+    char piece[1024];
+    size_t pl = 0;
+    if (x->tok == NULL)
+        printf(i ? " %d" : "%d", t);
+    else if (moe_detok_stream_push(ds, t, piece, sizeof(piece), &pl) == 0)
+        fwrite(piece, 1, pl, stdout);
+    fflush(stdout);
+}
+
+/* run/chat: prefill, then sample n_predict tokens. */
+static int do_run(struct eval_ctx *x)
+{
+    const struct moe_model_cfg *cfg = moe_model_cfg(x->m);
+    const int V = cfg->n_vocab;
+    const long n_predict = x->a.n_predict;
+    struct moe_diag d = { 0 };
+    struct moe_sampler *smp = NULL;
+    int32_t *hist = malloc((size_t)(x->n_tok + n_predict + 1) * sizeof(int32_t));
+    x->logits = malloc((size_t)V * sizeof(float));
+    int ret = 1;
+    if (x->logits == NULL || hist == NULL) {
         fprintf(stderr, "moectl: out of memory\n");
         goto out;
     }
-    if (moe_sampler_create(&smp, &sp, V, &d)) {
+    if (moe_sampler_create(&smp, &x->a.sp, V, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
         goto out;
     }
-    memcpy(hist, tokens, (size_t)n_tok * sizeof(int32_t));
-    int64_t n_hist = n_tok;
+    memcpy(hist, x->tokens, (size_t)x->n_tok * sizeof(int32_t));
+    int64_t n_hist = x->n_tok;
     struct route_out rro = { 0 };
-    if (trace_path) {
-        if ((rf = open_tmp(trace_path, rtmp, sizeof(rtmp))) == NULL)
+    if (x->a.trace_path) {
+        if ((x->rf = open_tmp(x->a.trace_path, x->rtmp, sizeof(x->rtmp))) == NULL)
             goto out;
-        rro.f = rf;
-        write_trace_header(rf, cfg);
+        rro.f = x->rf;
+        write_trace_header(x->rf, cfg);
     }
-    moe_route_fn rfn = rf ? write_route : NULL;
-    double t0 = now_s();
-    if (n_predict > 0 && moe_model_forward(m, s, tokens, n_tok, logits, false, rfn, &rro, &d)) {
+    moe_route_fn rfn = x->rf ? write_route : NULL;
+    const double t0 = now_s();
+    if (n_predict > 0 && moe_model_forward(x->m, x->s, x->tokens, x->n_tok, x->logits, false, rfn,
+                                           &rro, &d)) {
         fprintf(stderr, "moectl: %s\n", d.msg);
         goto out;
     }
-    double t1 = now_s();
+    const double t1 = now_s();
     struct moe_detok_stream ds;
-    char piece[1024];
-    if (tok)
-        moe_detok_stream_init(&ds, tok, false);
+    if (x->tok)
+        moe_detok_stream_init(&ds, x->tok, false);
     for (long i = 0; i < n_predict; i++) {
-        int32_t t = moe_sampler_sample(smp, logits, hist, n_hist);
+        int32_t t = moe_sampler_sample(smp, x->logits, hist, n_hist);
         hist[n_hist++] = t;
-        if (tok) {
-            if (moe_tokenizer_is_eog(tok, t))
-                break;
-            size_t pl = 0;
-            if (moe_detok_stream_push(&ds, t, piece, sizeof(piece), &pl) == 0)
-                fwrite(piece, 1, pl, stdout);
-        } else {
-            printf(i ? " %d" : "%d", t);
-        }
-        fflush(stdout);
+        if (x->tok && moe_tokenizer_is_eog(x->tok, t))
+            break;
+        emit(x, &ds, t, i);
         rro.base = n_hist - 1; /* the token's position in the routing lines */
-        if (i + 1 < n_predict && moe_model_forward(m, s, &t, 1, logits, false, rfn, &rro, &d)) {
+        if (i + 1 < n_predict && moe_model_forward(x->m, x->s, &t, 1, x->logits, false, rfn, &rro, &d)) {
             fprintf(stderr, "\nmoectl: %s\n", d.msg);
             goto out;
         }
     }
-    if (tok) {
-        size_t pl = 0;
-        if (moe_detok_stream_flush(&ds, piece, sizeof(piece), &pl) == 0)
-            fwrite(piece, 1, pl, stdout);
-    }
+    char piece[1024];
+    size_t pl = 0;
+    if (x->tok && moe_detok_stream_flush(&ds, piece, sizeof(piece), &pl) == 0)
+        fwrite(piece, 1, pl, stdout);
     printf("\n");
     fflush(stdout);
-    if (rf) {
-        FILE *rf2 = rf;
-        rf = NULL;
-        if (commit_file(rf2, rtmp, trace_path, !rro.err))
+    if (x->rf) {
+        FILE *rf = x->rf;
+        x->rf = NULL;
+        if (commit_file(rf, x->rtmp, x->a.trace_path, !rro.err))
             goto out;
     }
-    if (stats) {
-        double t2 = now_s();
-        struct moe_cache_stats cs;
-        if (moe_model_cache_stats(m, &cs))
-            fprintf(stderr, "{\"cache_slots\": %d, \"slot_bytes\": %zu, \"hits\": %llu, \"misses\": %llu,"
-                    " \"hit_rate\": %.4f, \"evictions\": %llu, \"bytes_loaded\": %llu, \"stall_s\": %.6f,"
-                    " \"load_errors\": %llu, \"prefetch_issued\": %llu, \"prefetch_used\": %llu,"
-                    " \"prefetch_wasted\": %llu, \"prefetch_dropped\": %llu, \"prefetch_cancelled\": %llu,"
-                    " \"host_hits\": %llu,"
-                    " \"host_inserts\": %llu}\n", cs.n_slots, cs.slot_bytes,
-                    (unsigned long long)cs.hits,
-                    (unsigned long long)cs.misses,
-                    cs.hits + cs.misses ? (double)cs.hits / (double)(cs.hits + cs.misses) : 0.0,
-                    (unsigned long long)cs.evictions, (unsigned long long)cs.bytes_loaded, cs.stall_s,
-                    (unsigned long long)cs.loads_failed, (unsigned long long)cs.prefetch_issued,
-                    (unsigned long long)cs.prefetch_used, (unsigned long long)cs.prefetch_wasted,
-                    (unsigned long long)cs.prefetch_dropped, (unsigned long long)cs.prefetch_cancelled,
-                    (unsigned long long)cs.host_hits,
-                    (unsigned long long)cs.host_inserts);
-        uint64_t pf_on = 0, pf_off = 0;
-        if (moe_model_prefetch_steps(m, &pf_on, &pf_off))
-            fprintf(stderr, "{\"prefetch_steps_on\": %llu, \"prefetch_steps_off\": %llu}\n",
-                    (unsigned long long)pf_on, (unsigned long long)pf_off);
-        static struct moe_cache_layer_stats ls[1024];
-        int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
-        if (nl > 0) {
-            fprintf(stderr, "{\"layer_hit_rate\": [");
-            for (int l = 0; l < nl && l < 1024; l++)
-                fprintf(stderr, "%s%.3f", l ? ", " : "", ls[l].hits + ls[l].misses
-                        ? (double)ls[l].hits / (double)(ls[l].hits + ls[l].misses) : 0.0);
-            fprintf(stderr, "], \"layer_bytes_loaded\": [");
-            for (int l = 0; l < nl && l < 1024; l++)
-                fprintf(stderr, "%s%llu", l ? ", " : "", (unsigned long long)ls[l].bytes_loaded);
-            fprintf(stderr, "], \"layer_stall_s\": [");
-            for (int l = 0; l < nl && l < 1024; l++)
-                fprintf(stderr, "%s%.6f", l ? ", " : "", ls[l].stall_s);
-            fprintf(stderr, "]}\n");
-        }
+    if (x->a.stats) {
+        const double t2 = now_s();
+        print_cache_stats(x->m);
         /* the last sampled token is not run through the model */
-        long n_dec = n_predict > 1 ? n_predict - 1 : 0;
+        const long n_dec = n_predict > 1 ? n_predict - 1 : 0;
         fprintf(stderr, "{\"prefill_tokens\": %" PRId64 ", \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"
                 " \"decode_tokens\": %ld, \"decode_s\": %.6f, \"decode_tok_s\": %.3f, \"simd\": \"%s\"}\n",
-                n_tok, t1 - t0, (double)n_tok / (t1 - t0), n_dec, t2 - t1,
+                x->n_tok, t1 - t0, (double)x->n_tok / (t1 - t0), n_dec, t2 - t1,
                 n_dec ? (double)n_dec / (t2 - t1) : 0.0, moe_vecdot_impl());
     }
     ret = 0;
 out:
-    if (lf) {
-        fclose(lf);
-        unlink(ltmp);
-    }
-    if (rf) {
-        fclose(rf);
-        unlink(rtmp);
-    }
     moe_sampler_free(smp);
-    moe_tokenizer_free(tok);
-    moe_free(rendered);
     free(hist);
-    free(logits);
-    moe_seq_free(s);
-    moe_model_free(m);
-    free(tokens);
     return ret;
+}
+
+static int eval_or_run(int argc, char **argv, int mode)
+{
+    struct eval_ctx x;
+    memset(&x, 0, sizeof(x));
+    int rc = parse_args(argc, argv, mode, &x.a);
+    if (rc)
+        return rc < 0 ? 0 : rc;
+    rc = prepare(&x);
+    if (rc == 0)
+        rc = x.a.run ? do_run(&x) : do_eval(&x);
+    ctx_free(&x);
+    return rc;
 }
 
 int moectl_eval_main(int argc, char **argv)

@@ -11,6 +11,7 @@
 #include "cache/expert_cache.h"
 #include "common/alloc.h"
 #include "model/model.h"
+#include "model/options.h"
 #include "model/tokenizer.h"
 
 double moed_now(void)
@@ -141,13 +142,17 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
     pthread_cond_init(&e->cv, NULL);
     struct moe_model_opts mo = {
         .n_threads = cfg->threads, .n_ctx = cfg->ctx_size, .n_batch = cfg->batch_size,
-        .kv_f16 = cfg->kv_f16, .cache_bytes = (size_t)cfg->cache_bytes,
-        .cache_experts = cfg->cache_experts, .cache_policy = cfg->cache_policy,
-        .prefetch = cfg->prefetch, .prefetch_depth = cfg->prefetch_depth,
-        .prefetch_always = cfg->prefetch_always, .backend = cfg->backend,
-        .force_pread = cfg->force_pread, .host_bytes = (size_t)cfg->host_bytes,
+        .kv_f16 = cfg->kv_f16, .cache_bytes = (uint64_t)cfg->cache_bytes,
+        .cache_experts = cfg->cache_experts, .prefetch_depth = cfg->prefetch_depth,
+        .prefetch_always = cfg->prefetch_always, .n_seqs = cfg->max_seqs,
+        .force_pread = cfg->force_pread, .host_bytes = (uint64_t)cfg->host_bytes,
     };
-    int rc = moe_model_load(&e->model, cfg->model, &mo, d);
+    int rc;
+    if ((rc = moe_model_opts_set(&mo, "cache_policy", cfg->cache_policy, d)) ||
+        (rc = moe_model_opts_set(&mo, "prefetch", cfg->prefetch, d)) ||
+        (rc = moe_model_opts_set(&mo, "backend", cfg->backend, d)))
+        goto fail;
+    rc = moe_model_load(&e->model, cfg->model, &mo, d);
     if (rc)
         goto fail;
     e->n_ctx = moe_model_n_ctx(e->model);

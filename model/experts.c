@@ -26,15 +26,9 @@ int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o
         moe_log(MOE_LOG_WARN, "the expert cache holds %ld experts, below one token's working"
                 " set of %ld (%d MoE layers x top-%d): LRU will hit about 0%%", n_slots, working_set,
                 p->n_moe_layers, c->n_expert_used);
-    int pol = moe_policy_from_name(o->cache_policy ? o->cache_policy : "layer");
-    if (pol < 0 || pol == MOE_POLICY_BELADY)
-        return moe_diag_set(diag, -EINVAL, "cache policy '%s': expected lru, lfu, layer or predict",
-                            o->cache_policy);
-    if (o->prefetch && strcmp(o->prefetch, "none") != 0) {
-        if (strcmp(o->prefetch, "gate") != 0 && strcmp(o->prefetch, "history") != 0)
-            return moe_diag_set(diag, -EINVAL, "prefetch '%s': expected none, gate or history",
-                                o->prefetch);
-        m->ex.prefetch_history = strcmp(o->prefetch, "history") == 0;
+    const int pol = o->cache_policy;
+    if (o->prefetch != MOE_PREFETCH_NONE) {
+        m->ex.prefetch_history = o->prefetch == MOE_PREFETCH_HISTORY;
         if (m->ex.prefetch_history) {
             if (moe_history_init(&m->ex.hist, c->n_layer, c->n_expert, c->n_expert_used) != 0)
                 return moe_diag_set(diag, -ENOMEM, "history predictor: out of memory");

@@ -17,6 +17,7 @@
 #include "kernels/cuda.h"
 #include "model/hparams.h"
 #include "model/model-impl.h"
+#include "model/options.h"
 
 /* ---- tensor binding -------------------------------------------------- */
 
@@ -474,13 +475,16 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
 {
     *out = NULL;
     struct moe_model_opts o = opts ? *opts : (struct moe_model_opts){ 0 };
+    int rc = moe_model_opts_check(&o, diag);
+    if (rc)
+        return rc;
     struct moe_model *m = moe_calloc(1, sizeof(*m));
     if (m == NULL)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     /* A pack (or a GGUF with a cache budget) goes through an expert source;
      * its GGUF view holds the metadata and dense tensors. */
     bool is_pack = false;
-    int rc = moe_model_is_pack(path, &is_pack, diag);
+    rc = moe_model_is_pack(path, &is_pack, diag);
     if (rc)
         goto fail;
     if (is_pack || o.cache_bytes > 0 || o.cache_experts > 0) {
@@ -498,10 +502,8 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         goto fail;
     if ((rc = moe_gguf_map(m->gguf, diag)))
         goto fail;
-    if (o.backend && strcmp(o.backend, "cuda") == 0)
+    if (o.backend == MOE_BACKEND_CUDA)
         rc = moe_backend_cuda_create(&m->be, 0, diag);
-    else if (o.backend && strcmp(o.backend, "cpu") != 0)
-        rc = moe_diag_set(diag, -EINVAL, "backend '%s': expected cpu or cuda", o.backend);
     else
         rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : n_online_cpus(), diag);
     if (rc)

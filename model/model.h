@@ -56,34 +56,49 @@ struct moe_model_cfg {
     int64_t k_row, v_row;         /* KV cache row lengths in elements (v_row 0: V inside K) */
 };
 
+enum moe_prefetch_mode {
+    MOE_PREFETCH_NONE = 0,
+    MOE_PREFETCH_GATE,      /* after layer L, apply the routers of layers L+1..L+depth to the
+                             * hidden state and load their predicted experts at low priority */
+    MOE_PREFETCH_HISTORY,   /* predict them from transition counts (previous token, layer) */
+};
+
+enum moe_backend_kind {
+    MOE_BACKEND_CPU = 0,
+    MOE_BACKEND_CUDA,       /* device 0 */
+};
+
+/* The engine's options. Each field is a row of the option table in
+ * model/options.c (key, bounds, default, help), which moed's config and
+ * moectl's flags both read; moe_model_opts_defaults() gives the table's
+ * defaults. A zeroed struct is valid too: zero means "the built-in
+ * default" for the counts below, and LRU / no prefetch / CPU for the enums. */
 struct moe_model_opts {
-    int n_threads;        /* CPU threads; <= 0: all online CPUs */
-    int n_ctx;            /* context per sequence; <= 0: min(n_ctx_train, 4096) */
-    int n_batch;          /* max tokens per forward call; <= 0: 512 */
+    int n_threads;        /* threads: CPU threads; <= 0: all online CPUs */
+    int n_ctx;            /* ctx_size: context per sequence; <= 0: min(n_ctx_train, 4096) */
+    int n_batch;          /* batch_size: max tokens per forward call; <= 0: 512 */
     int n_seqs;           /* sequences the caller will run, for the plan's KV term; <= 0: 1 */
     bool kv_f16;          /* f16 KV cache (default f32) */
     /* Expert cache. A .moe pack always goes through it; a GGUF does when a
      * budget is given (else its experts are used in place, all resident).
-     * Budget: cache_experts slots, or cache_bytes / slot size; with neither,
-     * room for every expert. The minimum is n_expert_used (one layer's top-k). */
-    size_t cache_bytes;
+     * Budget: cache_experts slots, else cache_bytes (slots and their
+     * alignment within it); with neither, room for every expert. The
+     * minimum is n_expert_used (one layer's top-k). */
+    uint64_t cache_bytes;
     int cache_experts;
-    const char *cache_policy;   /* "lru", "lfu", "layer" (default) */
-    const char *prefetch;       /* "none" (default); "gate": after layer L, apply the routers
-                                 * of layers L+1..L+depth to the hidden state and load their
-                                 * predicted experts at low priority; "history": predict them
-                                 * from transition counts (previous token, previous layer) */
-    int prefetch_depth;         /* default 1 */
+    int cache_policy;           /* enum moe_policy_kind (cache/policy.h), not BELADY */
+    int prefetch;               /* enum moe_prefetch_mode */
+    int prefetch_depth;         /* <= 0: 1 */
     bool prefetch_always;       /* no governor: prefetch on every decode step (by default
                                  * decode steps alternate probes with it on and off and keep
-                                 * whichever is faster, re-probing every 64 steps) */
+                                 * whichever is faster; cache/governor.h) */
     bool force_pread;           /* expert reads without io_uring */
-    size_t host_bytes;          /* host-RAM tier below the cache (0 = none) */
+    uint64_t host_bytes;        /* host-RAM tier below the cache (0 = none) */
     /* Weights copied into backend memory and expert loads staged in host
      * memory even on the CPU backend (always so on a GPU backend): tests
      * the GPU data path where there is no GPU. */
     bool upload_weights;
-    const char *backend;        /* "cpu" (default) or "cuda" (device 0) */
+    int backend;                /* enum moe_backend_kind */
 };
 
 struct moe_cache_stats;

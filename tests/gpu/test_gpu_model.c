@@ -10,6 +10,7 @@
 
 #include "kernels/cuda.h"
 #include "model/model.h"
+#include "model/options.h"
 #include "tests/gpu/probe-impl.h"
 #include "tests/harness.h"
 
@@ -35,7 +36,9 @@ static float *run(const char *file, const char *backend, int cache, const int32_
 {
     char path[4096];
     snprintf(path, sizeof(path), "%s/models/%s", moe_test_ref_dir(), file);
-    struct moe_model_opts o = { .n_threads = 4, .n_ctx = 128, .backend = backend, .cache_experts = cache };
+    struct moe_model_opts o = { .n_threads = 4, .n_ctx = 128, .cache_experts = cache };
+    if (moe_model_opts_set(&o, "backend", backend, NULL) != 0)
+        return NULL;
     struct moe_model *m;
     struct moe_diag d = { 0 };
     if (moe_model_load(&m, path, &o, &d) != 0) {

@@ -10,6 +10,7 @@
 #include "cache/expert_cache.h"
 #include "io/pack.h"
 #include "model/model.h"
+#include "model/options.h"
 #include "tests/harness.h"
 
 static const int32_t toks[] = { 1, 2088, 1350, 2664, 3094, 1125, 519, 7, 99, 1000, 2000, 3000, 40, 41 };
@@ -107,8 +108,9 @@ static void check_model(const char *file, int k)
     };
     for (size_t r = 0; r < sizeof(runs) / sizeof(runs[0]); r++) {
         struct moe_model_opts o = base;
-        o.cache_policy = runs[r].policy;
-        o.prefetch = runs[r].prefetch > 0 ? "gate" : runs[r].prefetch < 0 ? "history" : NULL;
+        CHECK(moe_model_opts_set(&o, "cache_policy", runs[r].policy, NULL) == 0);
+        o.prefetch = runs[r].prefetch > 0 ? MOE_PREFETCH_GATE
+                   : runs[r].prefetch < 0 ? MOE_PREFETCH_HISTORY : MOE_PREFETCH_NONE;
         o.prefetch_depth = runs[r].prefetch < 0 ? -runs[r].prefetch : runs[r].prefetch;
         o.cache_experts = runs[r].experts;
         const int host = runs[r].experts >= 1000;

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "model/model.h"
+#include "model/options.h"
 #include "tests/harness.h"
 
 static float *run(const char *file, bool upload, int cache_experts, size_t host_bytes,
@@ -18,8 +19,10 @@ static float *run(const char *file, bool upload, int cache_experts, size_t host_
     char path[4096];
     snprintf(path, sizeof(path), "%s/models/%s", moe_test_ref_dir(), file);
     struct moe_model_opts o = { .n_threads = 2, .n_ctx = 128, .cache_experts = cache_experts,
-                                .host_bytes = host_bytes, .prefetch = prefetch,
-                                .prefetch_always = true, .upload_weights = upload };
+                                .host_bytes = host_bytes, .prefetch_always = true,
+                                .upload_weights = upload };
+    if (prefetch != NULL && moe_model_opts_set(&o, "prefetch", prefetch, NULL) != 0)
+        return NULL;
     struct moe_model *m;
     struct moe_diag d = { 0 };
     if (moe_model_load(&m, path, &o, &d) != 0) {

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "model/model.h"
+#include "model/options.h"
 #include "tests/harness.h"
 
 #define NSEQ 4
@@ -22,9 +23,11 @@ static void run_model(const char *file, int cache_experts, const char *prefetch)
     char path[4096];
     snprintf(path, sizeof(path), "%s/models/%s", moe_test_ref_dir(), file);
     struct moe_model_opts o = { .n_threads = 2, .n_ctx = 64, .n_batch = 16,
-                                .cache_experts = cache_experts, .prefetch = prefetch };
+                                .cache_experts = cache_experts };
     struct moe_model *m;
     struct moe_diag d = { 0 };
+    if (prefetch != NULL)
+        CHECK_MSG(moe_model_opts_set(&o, "prefetch", prefetch, &d) == 0, "%s", d.msg);
     CHECK_MSG(moe_model_load(&m, path, &o, &d) == 0, "%s: %s", file, d.msg);
     const int V = moe_model_cfg(m)->n_vocab;
 

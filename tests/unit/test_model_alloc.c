@@ -50,7 +50,7 @@ static void test_resident(void)
 static void test_cache_host_tier(void)
 {
     struct moe_model_opts o = { .n_threads = 1, .n_ctx = 64, .cache_experts = 4,
-                                .host_bytes = 8 << 20, .prefetch = "history" };
+                                .host_bytes = 8 << 20, .prefetch = MOE_PREFETCH_HISTORY };
     sweep("tiny-qwen3moe-Q8_0.gguf", &o);
 }
 

@@ -1,0 +1,94 @@
+#include "model/options.h"
+
+#include <errno.h>
+#include <stddef.h>
+
+#include "cache/policy.h"
+#include "common/log.h"
+
+#define OFF(f) offsetof(struct moe_model_opts, f)
+
+static const struct moe_opt_choice policies[] = {
+    { "lru", MOE_POLICY_LRU }, { "lfu", MOE_POLICY_LFU }, { "layer", MOE_POLICY_LAYER },
+    { "predict", MOE_POLICY_PREDICT }, { NULL, 0 },
+};
+static const struct moe_opt_choice prefetches[] = {
+    { "none", MOE_PREFETCH_NONE }, { "gate", MOE_PREFETCH_GATE },
+    { "history", MOE_PREFETCH_HISTORY }, { NULL, 0 },
+};
+static const struct moe_opt_choice backends[] = {
+    { "cpu", MOE_BACKEND_CPU }, { "cuda", MOE_BACKEND_CUDA }, { NULL, 0 },
+};
+
+static const struct moe_opt table[] = {
+    { "threads", NULL, MOE_OPT_INT, OFF(n_threads), 0, 0, 1024, NULL, "0", 0,
+      "CPU threads for compute (0: all online CPUs)" },
+    { "ctx_size", "ctx", MOE_OPT_INT, OFF(n_ctx), 0, 16, 1 << 20, NULL, "4096", 0,
+      "context (prompt + output) per sequence, tokens" },
+    { "batch_size", NULL, MOE_OPT_INT, OFF(n_batch), 0, 1, 8192, NULL, "512", 0,
+      "tokens per engine step, all sequences together" },
+    { "kv_f16", NULL, MOE_OPT_BOOL, OFF(kv_f16), 0, 0, 1, NULL, "false", 0,
+      "f16 KV cache (default f32)" },
+    { "cache_bytes", NULL, MOE_OPT_SIZE, OFF(cache_bytes), 0, 0, (int64_t)1 << 50, NULL, "0", 0,
+      "expert cache budget (e.g. 12G), slot alignment included; 0 with cache_experts 0:"
+      " every expert resident (a pack: every expert cached)" },
+    { "cache_experts", NULL, MOE_OPT_INT, OFF(cache_experts), 0, 0, 1 << 24, NULL, "0", 0,
+      "expert cache budget in experts; wins over cache_bytes" },
+    { "cache_policy", NULL, MOE_OPT_ENUM, OFF(cache_policy), 0, 0, 0, policies, "layer", 0,
+      "eviction policy of the expert cache" },
+    { "host_bytes", NULL, MOE_OPT_SIZE, OFF(host_bytes), 0, 0, (int64_t)1 << 50, NULL, "0", 0,
+      "host-RAM tier below the expert cache (0: none)" },
+    { "prefetch", NULL, MOE_OPT_ENUM, OFF(prefetch), 0, 0, 0, prefetches, "none", 0,
+      "expert prefetch predictor" },
+    { "prefetch_depth", NULL, MOE_OPT_INT, OFF(prefetch_depth), 0, 1, 8, NULL, "1", 0,
+      "layers ahead the prefetcher predicts" },
+    { "prefetch_always", NULL, MOE_OPT_BOOL, OFF(prefetch_always), 0, 0, 1, NULL, "false", 0,
+      "prefetch on every decode step (default: a governor keeps it only while it makes"
+      " decoding faster)" },
+    { "backend", NULL, MOE_OPT_ENUM, OFF(backend), 0, 0, 0, backends, "cpu", 0,
+      "compute backend (cuda: device 0; see doc/cuda.md)" },
+    { "force_pread", NULL, MOE_OPT_BOOL, OFF(force_pread), 0, 0, 1, NULL, "false", 0,
+      "read experts with pread instead of io_uring" },
+};
+
+const struct moe_opt *moe_model_opt_table(size_t *n)
+{
+    *n = sizeof(table) / sizeof(table[0]);
+    return table;
+}
+
+void moe_model_opts_defaults(struct moe_model_opts *o)
+{
+    *o = (struct moe_model_opts){ 0 };
+    struct moe_diag d = { 0 };
+    if (moe_opt_defaults(table, sizeof(table) / sizeof(table[0]), o, &d) != 0)
+        moe_assert_fail(d.msg, __FILE__, __LINE__);   /* a default outside its own bounds */
+}
+
+int moe_model_opts_set(struct moe_model_opts *o, const char *key, const char *value,
+                       struct moe_diag *d)
+{
+    const struct moe_opt *t = moe_opt_find(table, sizeof(table) / sizeof(table[0]), key);
+    if (t == NULL)
+        return moe_diag_set(d, -EINVAL, "unknown engine option '%s'", key);
+    return moe_opt_set(t, o, value, d);
+}
+
+int moe_model_opts_check(const struct moe_model_opts *o, struct moe_diag *d)
+{
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
+        const struct moe_opt *t = &table[i];
+        const char *p = (const char *)o + t->off;
+        if (t->kind == MOE_OPT_ENUM && moe_opt_choice_name(t->choices, *(const int *)p) == NULL)
+            return moe_diag_set(d, -EINVAL, "%s: value %d is not one of its choices", t->name,
+                                *(const int *)p);
+        /* counts: 0 (and below) means the built-in default, checked at use */
+        if (t->kind == MOE_OPT_INT && *(const int *)p > t->max)
+            return moe_diag_set(d, -ERANGE, "%s: %d is above its maximum %lld", t->name,
+                                *(const int *)p, (long long)t->max);
+        if (t->kind == MOE_OPT_SIZE && *(const uint64_t *)p > (uint64_t)t->max)
+            return moe_diag_set(d, -ERANGE, "%s: %llu is above its maximum %lld", t->name,
+                                (unsigned long long)*(const uint64_t *)p, (long long)t->max);
+    }
+    return 0;
+}
