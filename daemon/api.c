@@ -5,6 +5,8 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +14,7 @@
 
 #include "cache/expert_cache.h"
 #include "common/alloc.h"
+#include "common/buf.h"
 #include "daemon/log.h"
 #include "daemon/request.h"
 #include "daemon/server.h"
@@ -443,172 +446,218 @@ static void handle_detokenize(struct conn *c, const char *body, size_t len)
     conn_response_done(c);
 }
 
-/* The counters behind /metrics and /v1/moed/stats. */
+/* ---- stats and metrics ----------------------------------------------- */
+
+/* One reading of every counter, taken once per request so that /metrics
+ * and /v1/moed/stats render the same numbers from the same structs. */
+struct stats_snapshot {
+    uint64_t http_requests;
+    uint64_t http_by_class[6];
+    struct moed_engine_stats es;
+    double tokens_per_s;
+    bool cached;                  /* an expert cache exists (else experts are resident) */
+    struct moe_cache_stats cs;
+    int n_layers;
+    const struct moe_cache_layer_stats *ls;
+    int pinned;
+};
+
+static void stats_take(struct server *s, struct stats_snapshot *st)
+{
+    static struct moe_cache_layer_stats ls[1024];   /* loop thread only */
+    memset(st, 0, sizeof(*st));
+    st->http_requests = s->http_requests;
+    memcpy(st->http_by_class, s->http_by_class, sizeof(st->http_by_class));
+    moed_engine_stats(s->eng, &st->es);
+    st->tokens_per_s = st->es.busy_s > 0 ? (double)st->es.tokens_out / st->es.busy_s : 0.0;
+    struct moe_model *m = moed_engine_model(s->eng);
+    st->cached = moe_model_cache_stats(m, &st->cs);
+    if (st->cached) {
+        const int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
+        st->n_layers = nl < 1024 ? nl : 1024;
+        st->ls = ls;
+        st->pinned = moe_model_cache_pinned(m);
+    }
+}
+
+static json_t *cache_json(const struct stats_snapshot *st)
+{
+    const struct moe_cache_stats *cs = &st->cs;
+    json_t *c = json_pack("{s:i, s:I, s:{s:I, s:I}, s:{s:I, s:I}, s:I, s:I, s:f,"
+                          " s:{s:I, s:I, s:I, s:I, s:I}}",
+                          "slots", cs->n_slots, "slot_bytes", (json_int_t)cs->slot_bytes,
+                          "device", "hits", (json_int_t)cs->hits, "misses", (json_int_t)cs->misses,
+                          "host", "hits", (json_int_t)cs->host_hits,
+                          "misses", (json_int_t)(cs->misses - cs->host_hits),
+                          "bytes_loaded", (json_int_t)cs->bytes_loaded,
+                          "evictions", (json_int_t)cs->evictions, "stall_s", cs->stall_s,
+                          "prefetch", "issued", (json_int_t)cs->prefetch_issued,
+                          "used", (json_int_t)cs->prefetch_used,
+                          "wasted", (json_int_t)cs->prefetch_wasted,
+                          "cancelled", (json_int_t)cs->prefetch_cancelled,
+                          "dropped", (json_int_t)cs->prefetch_dropped);
+    json_t *layers = json_array();
+    for (int l = 0; l < st->n_layers; l++)
+        json_array_append_new(layers, json_pack("{s:I, s:I, s:I, s:f}",
+                                                "hits", (json_int_t)st->ls[l].hits,
+                                                "misses", (json_int_t)st->ls[l].misses,
+                                                "bytes_loaded", (json_int_t)st->ls[l].bytes_loaded,
+                                                "stall_s", st->ls[l].stall_s));
+    json_object_set_new(c, "layers", layers);
+    json_object_set_new(c, "pinned", json_integer(st->pinned));
+    return c;
+}
+
+/* /v1/moed/stats */
 static json_t *stats_json(struct server *s)
 {
-    struct moed_engine_stats es;
-    moed_engine_stats(s->eng, &es);
-    struct moe_model *m = moed_engine_model(s->eng);
-    json_t *o = json_pack("{s:s, s:f, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I},"
-                          " s:{s:I, s:I, s:f, s:I, s:i, s:i, s:i}}",
+    struct stats_snapshot st;
+    stats_take(s, &st);
+    const struct moed_engine_stats *es = &st.es;
+    json_t *o = json_pack("{s:s, s:f, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I},"
+                          " s:{s:I, s:I, s:f, s:I, s:i, s:i, s:i, s:f}}",
                           "model", s->model_id, "uptime_s", moed_now() - s->t_start,
-                          "http", "requests", (json_int_t)s->http_requests,
-                          "1xx", (json_int_t)s->http_by_class[1], "2xx", (json_int_t)s->http_by_class[2],
-                          "3xx", (json_int_t)s->http_by_class[3], "4xx", (json_int_t)s->http_by_class[4],
-                          "5xx", (json_int_t)s->http_by_class[5],
-                          "completed", (json_int_t)es.requests_done,
-                          "cancelled", (json_int_t)es.requests_cancelled,
-                          "failed", (json_int_t)es.requests_failed,
-                          "engine", "tokens_in", (json_int_t)es.tokens_in,
-                          "tokens_out", (json_int_t)es.tokens_out,
-                          "busy_s", es.busy_s, "steps", (json_int_t)es.steps,
-                          "queue_depth", es.queue_depth, "running", es.running,
-                          "max_seqs", s->cfg.max_seqs);
-    json_object_set_new(json_object_get(o, "http"), "rejected", json_integer((json_int_t)es.requests_rejected));
-    json_object_set_new(json_object_get(o, "engine"), "tokens_per_s",
-                        json_real(es.busy_s > 0 ? (double)es.tokens_out / es.busy_s : 0.0));
-    struct moe_cache_stats cs;
-    if (moe_model_cache_stats(m, &cs)) {
-        json_t *c = json_pack("{s:i, s:I, s:{s:I, s:I}, s:{s:I, s:I}, s:I, s:I, s:f, s:{s:I, s:I, s:I, s:I}}",
-                              "slots", cs.n_slots, "slot_bytes", (json_int_t)cs.slot_bytes,
-                              "device", "hits", (json_int_t)cs.hits, "misses", (json_int_t)cs.misses,
-                              "host", "hits", (json_int_t)cs.host_hits,
-                              "misses", (json_int_t)(cs.misses - cs.host_hits),
-                              "bytes_loaded", (json_int_t)cs.bytes_loaded,
-                              "evictions", (json_int_t)cs.evictions, "stall_s", cs.stall_s,
-                              "prefetch", "issued", (json_int_t)cs.prefetch_issued,
-                              "used", (json_int_t)cs.prefetch_used,
-                              "wasted", (json_int_t)cs.prefetch_wasted,
-                              "cancelled", (json_int_t)cs.prefetch_cancelled);
-        json_object_set_new(json_object_get(c, "prefetch"), "dropped",
-                            json_integer((json_int_t)cs.prefetch_dropped));
-        static struct moe_cache_layer_stats ls[1024];   /* loop thread only */
-        int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
-        json_t *layers = json_array();
-        for (int l = 0; l < nl && l < 1024; l++)
-            json_array_append_new(layers, json_pack("{s:I, s:I, s:I, s:f}", "hits", (json_int_t)ls[l].hits,
-                                                    "misses", (json_int_t)ls[l].misses, "bytes_loaded",
-                                                    (json_int_t)ls[l].bytes_loaded, "stall_s",
-                                                    ls[l].stall_s));
-        json_object_set_new(c, "layers", layers);
-        json_object_set_new(c, "pinned", json_integer(moe_model_cache_pinned(m)));
-        json_object_set_new(o, "expert_cache", c);
-    } else {
-        json_object_set_new(o, "expert_cache", json_null());
-    }
+                          "http", "requests", (json_int_t)st.http_requests,
+                          "1xx", (json_int_t)st.http_by_class[1], "2xx", (json_int_t)st.http_by_class[2],
+                          "3xx", (json_int_t)st.http_by_class[3], "4xx", (json_int_t)st.http_by_class[4],
+                          "5xx", (json_int_t)st.http_by_class[5],
+                          "completed", (json_int_t)es->requests_done,
+                          "cancelled", (json_int_t)es->requests_cancelled,
+                          "failed", (json_int_t)es->requests_failed,
+                          "rejected", (json_int_t)es->requests_rejected,
+                          "engine", "tokens_in", (json_int_t)es->tokens_in,
+                          "tokens_out", (json_int_t)es->tokens_out,
+                          "busy_s", es->busy_s, "steps", (json_int_t)es->steps,
+                          "queue_depth", es->queue_depth, "running", es->running,
+                          "max_seqs", s->cfg.max_seqs, "tokens_per_s", st.tokens_per_s);
+    if (o)
+        json_object_set_new(o, "expert_cache", st.cached ? cache_json(&st) : json_null());
     return o;
+}
+
+/* Prometheus text (exposition format 0.0.4), appended with a sticky error
+ * so that the writer checks once at the end. */
+struct prom {
+    struct moe_buf b;
+    int rc;
+};
+
+static void prom_printf(struct prom *p, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void prom_printf(struct prom *p, const char *fmt, ...)
+{
+    if (p->rc)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    p->rc = moe_buf_vprintf(&p->b, fmt, ap);
+    va_end(ap);
+}
+
+static void prom_family(struct prom *p, const char *name, const char *type, const char *help)
+{
+    prom_printf(p, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* The per-layer families: one row per metric, read from moe_cache_layer_stats. */
+static const struct {
+    const char *name, *help;
+    size_t off;
+    bool seconds;                 /* a double in seconds, else a uint64_t count */
+} layer_metrics[] = {
+    { "moed_expert_layer_hits_total", "Device-tier expert hits per layer.",
+      offsetof(struct moe_cache_layer_stats, hits), false },
+    { "moed_expert_layer_misses_total", "Device-tier expert misses per layer.",
+      offsetof(struct moe_cache_layer_stats, misses), false },
+    { "moed_expert_layer_bytes_loaded_total", "Expert bytes loaded per layer.",
+      offsetof(struct moe_cache_layer_stats, bytes_loaded), false },
+    { "moed_expert_layer_stall_seconds_total", "Engine time waiting for a layer's experts.",
+      offsetof(struct moe_cache_layer_stats, stall_s), true },
+};
+
+static void prom_cache(struct prom *p, const struct stats_snapshot *st)
+{
+    const struct moe_cache_stats *cs = &st->cs;
+    prom_family(p, "moed_expert_cache_hits_total", "counter", "Expert lookups served by a tier.");
+    prom_printf(p, "moed_expert_cache_hits_total{tier=\"device\"} %llu\n"
+                "moed_expert_cache_hits_total{tier=\"host\"} %llu\n",
+                (unsigned long long)cs->hits, (unsigned long long)cs->host_hits);
+    prom_family(p, "moed_expert_cache_misses_total", "counter",
+                "Expert lookups a tier did not hold.");
+    prom_printf(p, "moed_expert_cache_misses_total{tier=\"device\"} %llu\n"
+                "moed_expert_cache_misses_total{tier=\"host\"} %llu\n",
+                (unsigned long long)cs->misses, (unsigned long long)(cs->misses - cs->host_hits));
+    prom_family(p, "moed_expert_bytes_loaded_total", "counter",
+                "Expert bytes loaded into the cache.");
+    prom_printf(p, "moed_expert_bytes_loaded_total %llu\n", (unsigned long long)cs->bytes_loaded);
+    prom_family(p, "moed_expert_stall_seconds_total", "counter",
+                "Engine time spent waiting for expert loads.");
+    prom_printf(p, "moed_expert_stall_seconds_total %.6f\n", cs->stall_s);
+    prom_family(p, "moed_expert_prefetch_total", "counter", "Prefetches by outcome.");
+    const struct { const char *outcome; uint64_t v; } pf[] = {
+        { "issued", cs->prefetch_issued }, { "used", cs->prefetch_used },
+        { "wasted", cs->prefetch_wasted }, { "cancelled", cs->prefetch_cancelled },
+        { "dropped", cs->prefetch_dropped },
+    };
+    for (size_t k = 0; k < sizeof(pf) / sizeof(pf[0]); k++)
+        prom_printf(p, "moed_expert_prefetch_total{outcome=\"%s\"} %llu\n", pf[k].outcome,
+                    (unsigned long long)pf[k].v);
+    for (size_t k = 0; k < sizeof(layer_metrics) / sizeof(layer_metrics[0]); k++) {
+        prom_family(p, layer_metrics[k].name, "counter", layer_metrics[k].help);
+        for (int l = 0; l < st->n_layers; l++) {
+            const char *field = (const char *)&st->ls[l] + layer_metrics[k].off;
+            if (layer_metrics[k].seconds)
+                prom_printf(p, "%s{layer=\"%d\"} %.6f\n", layer_metrics[k].name, l,
+                            *(const double *)field);
+            else
+                prom_printf(p, "%s{layer=\"%d\"} %llu\n", layer_metrics[k].name, l,
+                            (unsigned long long)*(const uint64_t *)field);
+        }
+    }
+}
+
+static int prom_write(struct prom *p, const struct stats_snapshot *st)
+{
+    const struct moed_engine_stats *es = &st->es;
+    prom_family(p, "moed_http_responses_total", "counter", "HTTP responses by status class.");
+    for (int k = 1; k <= 5; k++)
+        prom_printf(p, "moed_http_responses_total{code=\"%dxx\"} %llu\n", k,
+                    (unsigned long long)st->http_by_class[k]);
+    prom_family(p, "moed_requests_total", "counter", "Generation requests by outcome.");
+    prom_printf(p, "moed_requests_total{outcome=\"completed\"} %llu\n"
+                "moed_requests_total{outcome=\"cancelled\"} %llu\n"
+                "moed_requests_total{outcome=\"failed\"} %llu\n"
+                "moed_requests_total{outcome=\"rejected\"} %llu\n",
+                (unsigned long long)es->requests_done, (unsigned long long)es->requests_cancelled,
+                (unsigned long long)es->requests_failed, (unsigned long long)es->requests_rejected);
+    prom_family(p, "moed_tokens_in_total", "counter", "Prompt tokens run.");
+    prom_printf(p, "moed_tokens_in_total %llu\n", (unsigned long long)es->tokens_in);
+    prom_family(p, "moed_tokens_out_total", "counter", "Tokens generated.");
+    prom_printf(p, "moed_tokens_out_total %llu\n", (unsigned long long)es->tokens_out);
+    prom_family(p, "moed_tokens_per_second", "gauge",
+                "Generated tokens per second of engine busy time.");
+    prom_printf(p, "moed_tokens_per_second %.3f\n", st->tokens_per_s);
+    prom_family(p, "moed_engine_busy_seconds_total", "counter", "Time in forward passes.");
+    prom_printf(p, "moed_engine_busy_seconds_total %.6f\n", es->busy_s);
+    prom_family(p, "moed_queue_depth", "gauge", "Requests waiting for a sequence.");
+    prom_printf(p, "moed_queue_depth %llu\n", (unsigned long long)es->queue_depth);
+    prom_family(p, "moed_running_sequences", "gauge", "Sequences being decoded.");
+    prom_printf(p, "moed_running_sequences %llu\n", (unsigned long long)es->running);
+    if (st->cached)
+        prom_cache(p, st);
+    return p->rc;
 }
 
 static void handle_metrics(struct conn *c)
 {
-    json_t *st = stats_json(c->srv);
-    size_t cap = 1 << 16, len = 0;
-    char *buf = malloc(cap);
-    if (buf == NULL || st == NULL) {
-        free(buf);
-        json_decref(st);
+    struct stats_snapshot st;
+    stats_take(c->srv, &st);
+    struct prom p = { .rc = 0 };
+    moe_buf_init(&p.b, 0);
+    if (prom_write(&p, &st) != 0)
         conn_send_error(c, 500, "server_error", NULL, "out of memory");
-        conn_response_done(c);
-        return;
-    }
-#define EMIT(...)                                                                        \
-    do {                                                                                 \
-        int n_ = snprintf(buf + len, cap - len, __VA_ARGS__);                            \
-        if (n_ > 0 && (size_t)n_ >= cap - len) {                                         \
-            char *nb_ = realloc(buf, (cap + (size_t)n_) * 2);                             \
-            if (nb_ == NULL)                                                             \
-                break;                                                                   \
-            buf = nb_;                                                                   \
-            cap = (cap + (size_t)n_) * 2;                                                 \
-            n_ = snprintf(buf + len, cap - len, __VA_ARGS__);                            \
-        }                                                                                \
-        if (n_ > 0)                                                                      \
-            len += (size_t)n_;                                                           \
-    } while (0)
-#define JI(o, k) ((unsigned long long)json_integer_value(json_object_get((o), (k))))
-    json_t *h = json_object_get(st, "http"), *e = json_object_get(st, "engine");
-    EMIT("# HELP moed_http_responses_total HTTP responses by status class.\n"
-         "# TYPE moed_http_responses_total counter\n");
-    for (int k = 1; k <= 5; k++) {
-        char key[8];
-        snprintf(key, sizeof(key), "%dxx", k);
-        EMIT("moed_http_responses_total{code=\"%s\"} %llu\n", key, JI(h, key));
-    }
-    EMIT("# HELP moed_requests_total Generation requests by outcome.\n"
-         "# TYPE moed_requests_total counter\n"
-         "moed_requests_total{outcome=\"completed\"} %llu\n"
-         "moed_requests_total{outcome=\"cancelled\"} %llu\n"
-         "moed_requests_total{outcome=\"failed\"} %llu\n"
-         "moed_requests_total{outcome=\"rejected\"} %llu\n",
-         JI(h, "completed"), JI(h, "cancelled"), JI(h, "failed"), JI(h, "rejected"));
-    EMIT("# HELP moed_tokens_in_total Prompt tokens run.\n# TYPE moed_tokens_in_total counter\n"
-         "moed_tokens_in_total %llu\n", JI(e, "tokens_in"));
-    EMIT("# HELP moed_tokens_out_total Tokens generated.\n# TYPE moed_tokens_out_total counter\n"
-         "moed_tokens_out_total %llu\n", JI(e, "tokens_out"));
-    EMIT("# HELP moed_tokens_per_second Generated tokens per second of engine busy time.\n"
-         "# TYPE moed_tokens_per_second gauge\nmoed_tokens_per_second %.3f\n",
-         json_real_value(json_object_get(e, "tokens_per_s")));
-    EMIT("# HELP moed_engine_busy_seconds_total Time in forward passes.\n"
-         "# TYPE moed_engine_busy_seconds_total counter\nmoed_engine_busy_seconds_total %.6f\n",
-         json_real_value(json_object_get(e, "busy_s")));
-    EMIT("# HELP moed_queue_depth Requests waiting for a sequence.\n# TYPE moed_queue_depth gauge\n"
-         "moed_queue_depth %llu\n", JI(e, "queue_depth"));
-    EMIT("# HELP moed_running_sequences Sequences being decoded.\n"
-         "# TYPE moed_running_sequences gauge\nmoed_running_sequences %llu\n", JI(e, "running"));
-    json_t *ec = json_object_get(st, "expert_cache");
-    if (json_is_object(ec)) {
-        json_t *dv = json_object_get(ec, "device"), *ho = json_object_get(ec, "host");
-        json_t *pf = json_object_get(ec, "prefetch");
-        EMIT("# HELP moed_expert_cache_hits_total Expert lookups served by a tier.\n"
-             "# TYPE moed_expert_cache_hits_total counter\n"
-             "moed_expert_cache_hits_total{tier=\"device\"} %llu\n"
-             "moed_expert_cache_hits_total{tier=\"host\"} %llu\n", JI(dv, "hits"), JI(ho, "hits"));
-        EMIT("# HELP moed_expert_cache_misses_total Expert lookups a tier did not hold.\n"
-             "# TYPE moed_expert_cache_misses_total counter\n"
-             "moed_expert_cache_misses_total{tier=\"device\"} %llu\n"
-             "moed_expert_cache_misses_total{tier=\"host\"} %llu\n", JI(dv, "misses"),
-             JI(ho, "misses"));
-        EMIT("# HELP moed_expert_bytes_loaded_total Expert bytes loaded into the cache.\n"
-             "# TYPE moed_expert_bytes_loaded_total counter\nmoed_expert_bytes_loaded_total %llu\n",
-             JI(ec, "bytes_loaded"));
-        EMIT("# HELP moed_expert_stall_seconds_total Engine time spent waiting for expert loads.\n"
-             "# TYPE moed_expert_stall_seconds_total counter\nmoed_expert_stall_seconds_total %.6f\n",
-             json_real_value(json_object_get(ec, "stall_s")));
-        EMIT("# HELP moed_expert_prefetch_total Prefetches by outcome.\n"
-             "# TYPE moed_expert_prefetch_total counter\n"
-             "moed_expert_prefetch_total{outcome=\"issued\"} %llu\n"
-             "moed_expert_prefetch_total{outcome=\"used\"} %llu\n"
-             "moed_expert_prefetch_total{outcome=\"wasted\"} %llu\n"
-             "moed_expert_prefetch_total{outcome=\"cancelled\"} %llu\n"
-             "moed_expert_prefetch_total{outcome=\"dropped\"} %llu\n",
-             JI(pf, "issued"), JI(pf, "used"), JI(pf, "wasted"), JI(pf, "cancelled"), JI(pf, "dropped"));
-        json_t *layers = json_object_get(ec, "layers");
-        EMIT("# HELP moed_expert_layer_hits_total Device-tier expert hits per layer.\n"
-             "# TYPE moed_expert_layer_hits_total counter\n");
-        for (size_t l = 0; l < json_array_size(layers); l++)
-            EMIT("moed_expert_layer_hits_total{layer=\"%zu\"} %llu\n", l,
-                 JI(json_array_get(layers, l), "hits"));
-        EMIT("# HELP moed_expert_layer_misses_total Device-tier expert misses per layer.\n"
-             "# TYPE moed_expert_layer_misses_total counter\n");
-        for (size_t l = 0; l < json_array_size(layers); l++)
-            EMIT("moed_expert_layer_misses_total{layer=\"%zu\"} %llu\n", l,
-                 JI(json_array_get(layers, l), "misses"));
-        EMIT("# HELP moed_expert_layer_bytes_loaded_total Expert bytes loaded per layer.\n"
-             "# TYPE moed_expert_layer_bytes_loaded_total counter\n");
-        for (size_t l = 0; l < json_array_size(layers); l++)
-            EMIT("moed_expert_layer_bytes_loaded_total{layer=\"%zu\"} %llu\n", l,
-                 JI(json_array_get(layers, l), "bytes_loaded"));
-        EMIT("# HELP moed_expert_layer_stall_seconds_total Engine time waiting for a layer's experts.\n"
-             "# TYPE moed_expert_layer_stall_seconds_total counter\n");
-        for (size_t l = 0; l < json_array_size(layers); l++)
-            EMIT("moed_expert_layer_stall_seconds_total{layer=\"%zu\"} %.6f\n", l,
-                 json_real_value(json_object_get(json_array_get(layers, l), "stall_s")));
-    }
-#undef EMIT
-#undef JI
-    json_decref(st);
-    conn_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", buf, len, NULL);
-    free(buf);
+    else
+        conn_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", p.b.data, p.b.len, NULL);
+    moe_buf_free(&p.b);
     conn_response_done(c);
 }
 

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <math.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -555,6 +556,123 @@ static bool wait_idle(void)
         usleep(50000);
     }
     return false;
+}
+
+/* The value of one sample of the Prometheus text ("name{labels}"), or
+ * NAN when the line is missing. */
+static double metric(const char *text, const char *sample)
+{
+    const size_t n = strlen(sample);
+    for (const char *p = text; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL)
+        if (strncmp(p, sample, n) == 0 && p[n] == ' ')
+            return strtod(p + n + 1, NULL);
+    return NAN;
+}
+
+/* /metrics and /v1/moed/stats render the same counters: every sample of the
+ * Prometheus text equals its JSON field (the HTTP counters differ by the one
+ * response to /v1/moed/stats itself), each family has its HELP and TYPE. */
+static void test_metrics_equal_stats(void)
+{
+    UP(NULL);
+    struct resp r;
+    CHECK(request("POST", "/v1/completions", "{\"prompt\": \"Hello\", \"max_tokens\": 5,"
+                  " \"temperature\": 0}", &r) == 0);
+    CHECK_INT(r.status, ==, 200);
+    resp_free(&r);
+    CHECK(request("GET", "/nope", NULL, &r) == 0);
+    resp_free(&r);
+    CHECK(wait_idle());
+    struct resp rs, rm;
+    CHECK(request("GET", "/v1/moed/stats", NULL, &rs) == 0);
+    CHECK(request("GET", "/metrics", NULL, &rm) == 0);
+    CHECK_INT(rm.status, ==, 200);
+    CHECK(strstr(rm.raw, "Content-Type: text/plain; version=0.0.4; charset=utf-8") != NULL);
+    json_t *j = body_json(&rs);
+    CHECK(j != NULL);
+    const char *m = rm.body;
+    json_t *h = json_object_get(j, "http"), *e = json_object_get(j, "engine");
+    json_t *ec = json_object_get(j, "expert_cache");
+    CHECK(json_is_object(ec));
+#define JV(o, k) json_number_value(json_object_get((o), (k)))
+    static const char *classes[] = { "1xx", "2xx", "3xx", "4xx", "5xx" };
+    for (int k = 0; k < 5; k++) {
+        char s[64];
+        snprintf(s, sizeof(s), "moed_http_responses_total{code=\"%s\"}", classes[k]);
+        CHECK_NEAR(metric(m, s), JV(h, classes[k]) + (k == 1), 0);
+    }
+    static const char *outcomes[] = { "completed", "cancelled", "failed", "rejected" };
+    for (int k = 0; k < 4; k++) {
+        char s[64];
+        snprintf(s, sizeof(s), "moed_requests_total{outcome=\"%s\"}", outcomes[k]);
+        CHECK_NEAR(metric(m, s), JV(h, outcomes[k]), 0);
+    }
+    CHECK_NEAR(JV(h, "completed"), 1, 0);
+    CHECK_NEAR(metric(m, "moed_tokens_in_total"), JV(e, "tokens_in"), 0);
+    CHECK_NEAR(metric(m, "moed_tokens_out_total"), JV(e, "tokens_out"), 0);
+    CHECK_NEAR(metric(m, "moed_tokens_per_second"), JV(e, "tokens_per_s"), 0.0005);
+    CHECK_NEAR(metric(m, "moed_engine_busy_seconds_total"), JV(e, "busy_s"), 0.0000005);
+    CHECK_NEAR(metric(m, "moed_queue_depth"), JV(e, "queue_depth"), 0);
+    CHECK_NEAR(metric(m, "moed_running_sequences"), JV(e, "running"), 0);
+    json_t *dv = json_object_get(ec, "device"), *ho = json_object_get(ec, "host");
+    json_t *pf = json_object_get(ec, "prefetch");
+    CHECK_NEAR(metric(m, "moed_expert_cache_hits_total{tier=\"device\"}"), JV(dv, "hits"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_cache_hits_total{tier=\"host\"}"), JV(ho, "hits"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_cache_misses_total{tier=\"device\"}"), JV(dv, "misses"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_cache_misses_total{tier=\"host\"}"), JV(ho, "misses"), 0);
+    CHECK(JV(dv, "misses") > 0);
+    CHECK_NEAR(metric(m, "moed_expert_bytes_loaded_total"), JV(ec, "bytes_loaded"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_stall_seconds_total"), JV(ec, "stall_s"), 0.0000005);
+    static const char *pfo[] = { "issued", "used", "wasted", "cancelled", "dropped" };
+    for (int k = 0; k < 5; k++) {
+        char s[80];
+        snprintf(s, sizeof(s), "moed_expert_prefetch_total{outcome=\"%s\"}", pfo[k]);
+        CHECK_NEAR(metric(m, s), JV(pf, pfo[k]), 0);
+    }
+    json_t *layers = json_object_get(ec, "layers");
+    CHECK(json_array_size(layers) > 0);
+    for (size_t l = 0; l < json_array_size(layers); l++) {
+        json_t *lo = json_array_get(layers, l);
+        static const char *fam[] = { "hits", "misses", "bytes_loaded", "stall_seconds" };
+        static const char *key[] = { "hits", "misses", "bytes_loaded", "stall_s" };
+        for (int k = 0; k < 4; k++) {
+            char s[96];
+            snprintf(s, sizeof(s), "moed_expert_layer_%s_total{layer=\"%zu\"}", fam[k], l);
+            CHECK_NEAR(metric(m, s), JV(lo, key[k]), k == 3 ? 0.0000005 : 0);
+        }
+    }
+    char s[96];
+    snprintf(s, sizeof(s), "moed_expert_layer_hits_total{layer=\"%zu\"}", json_array_size(layers));
+    CHECK(isnan(metric(m, s)));
+#undef JV
+    /* every family: HELP, TYPE, then its samples */
+    static const char *families[] = {
+        "moed_http_responses_total counter", "moed_requests_total counter",
+        "moed_tokens_in_total counter", "moed_tokens_out_total counter",
+        "moed_tokens_per_second gauge", "moed_engine_busy_seconds_total counter",
+        "moed_queue_depth gauge", "moed_running_sequences gauge",
+        "moed_expert_cache_hits_total counter", "moed_expert_cache_misses_total counter",
+        "moed_expert_bytes_loaded_total counter", "moed_expert_stall_seconds_total counter",
+        "moed_expert_prefetch_total counter", "moed_expert_layer_hits_total counter",
+        "moed_expert_layer_misses_total counter", "moed_expert_layer_bytes_loaded_total counter",
+        "moed_expert_layer_stall_seconds_total counter",
+    };
+    int n_types = 0;
+    for (const char *p = strstr(m, "# TYPE "); p; p = strstr(p + 1, "# TYPE "))
+        n_types++;
+    CHECK_INT(n_types, ==, (int)(sizeof(families) / sizeof(families[0])));
+    for (size_t k = 0; k < sizeof(families) / sizeof(families[0]); k++) {
+        char t[128], help[96];
+        snprintf(t, sizeof(t), "# TYPE %s\n", families[k]);
+        const char *sp = strchr(families[k], ' ');
+        snprintf(help, sizeof(help), "# HELP %.*s ", (int)(sp - families[k]), families[k]);
+        const char *ph = strstr(m, help), *pt = strstr(m, t);
+        CHECK_MSG(ph && pt && ph < pt, "family %s", families[k]);
+    }
+    json_decref(j);
+    resp_free(&rs);
+    resp_free(&rm);
+    DOWN();
 }
 
 static void test_disconnects(void)
@@ -1262,6 +1380,7 @@ int main(void)
     snprintf(logf_path, sizeof(logf_path), "%s/moed.log", moe_test_tmpdir());
     moe_test_run("check-config and bad flags", test_check_config);
     moe_test_run("endpoints", test_endpoints);
+    moe_test_run("metrics equal stats", test_metrics_equal_stats);
     moe_test_run("completion and chat equal moectl", test_completion_equals_moectl);
     moe_test_run("streaming, stop, logprobs", test_stream);
     moe_test_run("16 concurrent clients", test_concurrent);
