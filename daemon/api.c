@@ -33,7 +33,7 @@ static json_t *json_bytes(const char *p, size_t n)
     json_t *j = json_stringn(p, n);
     if (j)
         return j;
-    char *out = malloc(n * 3 + 1);
+    char *out = moe_malloc(n * 3 + 1);
     if (out == NULL)
         return NULL;
     size_t o = 0;
@@ -59,8 +59,14 @@ static json_t *json_bytes(const char *p, size_t n)
         }
     }
     j = json_stringn(out, o);
-    free(out);
+    moe_free(out);
     return j;
+}
+
+/* json_dump_callback's sink: appends to a moe_buf. */
+static int sse_append(const char *p, size_t n, void *ud)
+{
+    return moe_buf_append(ud, p, n) == 0 ? 0 : -1;
 }
 
 static void send_json(struct conn *c, int status, json_t *j)
@@ -70,7 +76,7 @@ static void send_json(struct conn *c, int status, json_t *j)
         conn_send_error(c, 500, "server_error", NULL, "out of memory building the response");
     else
         conn_send(c, status, "application/json", txt, strlen(txt), NULL);
-    free(txt);
+    moe_free(txt);   /* jansson allocates through moe_malloc (moed.c) */
     json_decref(j);
 }
 
@@ -163,22 +169,17 @@ static json_t *base_obj(struct conn *c, const struct moed_req *r, const char *ob
                      (json_int_t)time(NULL), "model", c->srv->model_id);
 }
 
+/* One server-sent event, "data: JSON\n\n", as one chunk. */
 static void send_sse(struct conn *c, json_t *obj)
 {
-    char *txt = obj ? json_dumps(obj, JSON_COMPACT) : NULL;
+    struct moe_buf ev;
+    moe_buf_init(&ev, 0);
+    if (obj && moe_buf_puts(&ev, "data: ") == 0 &&
+        json_dump_callback(obj, sse_append, &ev, JSON_COMPACT) == 0 &&
+        moe_buf_puts(&ev, "\n\n") == 0)
+        conn_chunk(c, ev.data, ev.len);
     json_decref(obj);
-    if (txt == NULL)
-        return;
-    size_t n = strlen(txt);
-    char *ev = malloc(n + 9);
-    if (ev) {
-        memcpy(ev, "data: ", 6);
-        memcpy(ev + 6, txt, n);
-        memcpy(ev + 6 + n, "\n\n", 2);
-        conn_chunk(c, ev, n + 8);
-        free(ev);
-    }
-    free(txt);
+    moe_buf_free(&ev);
 }
 
 static void log_request(struct conn *c, const struct moed_req *r, const char *how)
@@ -191,11 +192,17 @@ static void log_request(struct conn *c, const struct moed_req *r, const char *ho
           r->hits, r->misses);
 }
 
+/* Text bytes [from, to) generated so far ("" when there are none). */
+static const char *text_at(const struct moed_req *r, size_t from)
+{
+    return r->text.data ? r->text.data + from : "";
+}
+
 /* One SSE event: text delta and the logprobs of tokens [t0, t1). */
 static void stream_event(struct conn *c, struct moed_req *r, size_t from, size_t to, int t0, int t1)
 {
     const bool chat = c->endpoint == EP_CHAT;
-    json_t *delta = json_bytes(r->text + from, to - from);
+    json_t *delta = json_bytes(text_at(r, from), to - from);
     json_t *lpj = t1 > t0 && r->logprobs >= 0 && t1 <= r->n_lps ? logprobs_json(c, r, t0, t1, from)
                                                                  : json_null();
     json_t *o = base_obj(c, r, chat ? "chat.completion.chunk" : "text_completion");
@@ -264,7 +271,7 @@ void api_on_engine(struct conn *c, struct moed_req *r)
             conn_send_error(c, 500, "server_error", NULL, "generation failed: %s", r->err);
         } else {
             json_t *o = base_obj(c, r, chat ? "chat.completion" : "text_completion");
-            json_t *text = json_bytes(r->text ? r->text : "", r->len);
+            json_t *text = json_bytes(text_at(r, 0), r->text.len);
             json_t *ch = chat ? json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message",
                                           "role", "assistant", "content", text, "logprobs",
                                           logprobs_json(c, r, 0, n_lps, 0), "finish_reason",
@@ -375,7 +382,7 @@ static void handle_tokenize(struct conn *c, const char *body, size_t len)
             size_t tl = json_string_length(content);
             int rc = moe_tokenize(tok, t, tl, add_special, parse_special, NULL, 0, &need);
             if (rc == 0 || rc == -ENOSPC) {
-                ids = malloc((need ? need : 1) * sizeof(int32_t));
+                ids = moe_malloc((need ? need : 1) * sizeof(int32_t));
                 rc = ids ? moe_tokenize(tok, t, tl, add_special, parse_special, ids, need, &need)
                          : -ENOMEM;
             }
@@ -388,7 +395,7 @@ static void handle_tokenize(struct conn *c, const char *body, size_t len)
                     json_array_append_new(arr, json_integer(ids[i]));
                 send_json(c, 200, json_pack("{s:o}", "tokens", arr));
             }
-            free(ids);
+            moe_free(ids);
         }
     }
     json_decref(root);
@@ -409,7 +416,7 @@ static void handle_detokenize(struct conn *c, const char *body, size_t len)
                         " token ids");
     } else {
         const size_t n = json_array_size(toks);
-        int32_t *ids = malloc((n ? n : 1) * sizeof(int32_t));
+        int32_t *ids = moe_malloc((n ? n : 1) * sizeof(int32_t));
         size_t bad_i = SIZE_MAX;
         for (size_t i = 0; ids && i < n; i++) {
             json_t *t = json_array_get(toks, i);
@@ -430,7 +437,7 @@ static void handle_detokenize(struct conn *c, const char *body, size_t len)
             char *txt = NULL;
             int rc = moe_detokenize(tok, ids, n, NULL, 0, false, false, &need);
             if (rc == 0 || rc == -ENOSPC) {
-                txt = malloc(need + 1);
+                txt = moe_malloc(need + 1);
                 rc = txt ? moe_detokenize(tok, ids, n, txt, need, false, false, &need) : -ENOMEM;
             }
             if (rc)
@@ -438,9 +445,9 @@ static void handle_detokenize(struct conn *c, const char *body, size_t len)
                                 moe_strerror(rc));
             else
                 send_json(c, 200, json_pack("{s:o}", "content", json_bytes(txt, need)));
-            free(txt);
+            moe_free(txt);
         }
-        free(ids);
+        moe_free(ids);
     }
     json_decref(root);
     conn_response_done(c);

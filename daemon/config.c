@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/buf.h"
+
 enum kind { K_STR, K_INT, K_SIZE, K_BOOL, K_MODE, K_ENUM };
 
 struct key {
@@ -277,14 +279,48 @@ static int ini_result(const struct ini_ctx *x, int line, const char *name, struc
     return 0;
 }
 
+/* A config file is a few KiB; this bounds what a wrong path can cost. */
+#define CONFIG_FILE_MAX (1 << 20)
+
+struct text_reader {
+    const char *p, *end;
+};
+
+/* inih's reader over bytes in memory with fgets' semantics (a line up to
+ * '\n' or num - 1 bytes, NUL bytes included), so a file parses exactly as
+ * ini_parse_file would parse it. */
+static char *read_line(char *str, int num, void *stream)
+{
+    struct text_reader *t = stream;
+    if (t->p == t->end || num < 2)
+        return NULL;
+    int n = 0;
+    while (n < num - 1 && t->p < t->end) {
+        const char ch = *t->p++;
+        str[n++] = ch;
+        if (ch == '\n')
+            break;
+    }
+    str[n] = '\0';
+    return str;
+}
+
 int moed_config_load_file(struct moed_config *c, const char *path, struct moe_diag *d)
 {
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return moe_diag_set(d, -errno, "%s: %s", path, strerror(errno));
+    struct moe_buf b;
+    moe_buf_init(&b, CONFIG_FILE_MAX);
+    int rc = moe_buf_read_file(&b, path);
+    if (rc) {
+        moe_buf_free(&b);
+        if (rc == MOE_ELIMIT)
+            return moe_diag_set(d, rc, "%s: larger than %d bytes; not a config file", path,
+                                CONFIG_FILE_MAX);
+        return moe_diag_set(d, rc, "%s: %s", path, moe_strerror(rc));
+    }
+    struct text_reader t = { .p = b.data, .end = b.data ? b.data + b.len : NULL };
     struct ini_ctx x = { .c = c };
-    int line = ini_parse_file(f, on_ini_pair, &x);
-    fclose(f);
+    int line = ini_parse_stream(read_line, &t, on_ini_pair, &x);
+    moe_buf_free(&b);
     return ini_result(&x, line, path, d);
 }
 

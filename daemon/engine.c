@@ -25,7 +25,7 @@ double moed_now(void)
 
 struct moed_req *moed_req_new(void)
 {
-    struct moed_req *r = calloc(1, sizeof(*r));
+    struct moed_req *r = moe_calloc(1, sizeof(*r));
     if (r == NULL)
         return NULL;
     pthread_mutex_init(&r->mu, NULL);
@@ -54,13 +54,13 @@ void moed_req_unref(struct moed_req *r)
     if (left > 0)
         return;
     pthread_mutex_destroy(&r->mu);
-    free(r->prompt);
+    moe_free(r->prompt);
     for (int i = 0; i < r->n_stop; i++)
-        free(r->stop[i]);
-    free(r->text);
-    free(r->lps);
-    free(r->tok_end);
-    free(r);
+        moe_free(r->stop[i]);
+    moe_buf_free(&r->text);
+    moe_free(r->lps);
+    moe_free(r->tok_end);
+    moe_free(r);
 }
 
 /* ---- engine ---------------------------------------------------------- */
@@ -91,10 +91,9 @@ struct moed_engine {
     bool started;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    struct moed_req *q_head, *q_tail;
-    int q_len;
+    struct moe_queue queue;       /* requests waiting for a slot, FIFO */
     bool stopping;
-    struct moed_req *notify_head;
+    struct moe_queue notified;    /* requests with news for the loop */
     moed_notify_fn notify;
     void *notify_ud;
     struct moed_engine_stats st;
@@ -111,10 +110,10 @@ static void free_slots(struct moed_engine *e)
     for (int i = 0; i < e->n_slots; i++) {
         moe_seq_free(e->slots[i].seq);
         moe_sampler_free(e->slots[i].smp);
-        free(e->slots[i].hist);
-        free(e->slots[i].logits);
+        moe_free(e->slots[i].hist);
+        moe_free(e->slots[i].logits);
     }
-    free(e->slots);
+    moe_free(e->slots);
     e->slots = NULL;
 }
 
@@ -122,7 +121,7 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
                        void *notify_ud, struct moe_diag *d)
 {
     *out = NULL;
-    struct moed_engine *e = calloc(1, sizeof(*e));
+    struct moed_engine *e = moe_calloc(1, sizeof(*e));
     if (e == NULL)
         return moe_diag_set(d, -ENOMEM, "out of memory");
     e->cfg = *cfg;
@@ -195,8 +194,8 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
             goto fail;
         }
     }
-    e->slots = calloc((size_t)e->n_slots, sizeof(struct slot));
-    e->lp_tmp = malloc((size_t)e->n_vocab * sizeof(float));
+    e->slots = moe_calloc((size_t)e->n_slots, sizeof(struct slot));
+    e->lp_tmp = moe_malloc((size_t)e->n_vocab * sizeof(float));
     if (e->slots == NULL || e->lp_tmp == NULL) {
         rc = moe_diag_set(d, -ENOMEM, "out of memory");
         goto fail;
@@ -210,8 +209,8 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
                               i + 1, e->n_slots, e->n_ctx, moe_strerror(rc));
             goto fail;
         }
-        s->hist = malloc((size_t)(e->n_ctx + 1) * sizeof(int32_t));
-        s->logits = malloc((size_t)e->n_vocab * sizeof(float));
+        s->hist = moe_malloc((size_t)(e->n_ctx + 1) * sizeof(int32_t));
+        s->logits = moe_malloc((size_t)e->n_vocab * sizeof(float));
         if (s->hist == NULL || s->logits == NULL) {
             rc = moe_diag_set(d, -ENOMEM, "out of memory");
             goto fail;
@@ -232,10 +231,10 @@ void moed_engine_free(struct moed_engine *e)
     free_slots(e);
     moe_tokenizer_free(e->tok);
     moe_model_free(e->model);
-    free(e->lp_tmp);
+    moe_free(e->lp_tmp);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
-    free(e);
+    moe_free(e);
 }
 
 struct moe_model *moed_engine_model(struct moed_engine *e) { return e->model; }
@@ -259,29 +258,30 @@ static void notify_locked(struct moed_engine *e, struct moed_req *r)
     r->queued_notify = true;
     r->refs++;
     pthread_mutex_lock(&e->mu);
-    r->notify_next = e->notify_head;
-    e->notify_head = r;
+    moe_queue_push(&e->notified, &r->notify_node);
     pthread_mutex_unlock(&e->mu);
 }
 
-struct moed_req *moed_engine_take_notified(struct moed_engine *e)
+void moed_engine_take_notified(struct moed_engine *e, struct moe_queue *out)
 {
     pthread_mutex_lock(&e->mu);
-    struct moed_req *h = e->notify_head;
-    e->notify_head = NULL;
+    *out = e->notified;
+    e->notified = (struct moe_queue){ 0 };
     pthread_mutex_unlock(&e->mu);
-    /* oldest first */
-    struct moed_req *rev = NULL;
-    while (h) {
-        struct moed_req *n = h->notify_next;
-        pthread_mutex_lock(&h->mu);
-        h->queued_notify = false;
-        pthread_mutex_unlock(&h->mu);
-        h->notify_next = rev;
-        rev = h;
-        h = n;
-    }
-    return rev;
+}
+
+struct moed_req *moed_req_pop_notified(struct moe_queue *batch)
+{
+    struct moe_qnode *n = moe_queue_pop(batch);
+    if (n == NULL)
+        return NULL;
+    /* Only now may the engine queue it again: its node is out of the batch.
+     * News that arrives before the loop reads the request is read with it. */
+    struct moed_req *r = moe_container_of(n, struct moed_req, notify_node);
+    pthread_mutex_lock(&r->mu);
+    r->queued_notify = false;
+    pthread_mutex_unlock(&r->mu);
+    return r;
 }
 
 int moed_engine_submit(struct moed_engine *e, struct moed_req *r)
@@ -292,20 +292,14 @@ int moed_engine_submit(struct moed_engine *e, struct moed_req *r)
         return -ESHUTDOWN;
     }
     int running = e->st.running;
-    if (running >= e->n_slots && e->q_len >= e->cfg.queue_size) {
+    if (running >= e->n_slots && e->queue.n >= (size_t)e->cfg.queue_size) {
         e->st.requests_rejected++;
         pthread_mutex_unlock(&e->mu);
         return -EBUSY;
     }
     moed_req_ref(r);
-    r->q_next = NULL;
-    if (e->q_tail)
-        e->q_tail->q_next = r;
-    else
-        e->q_head = r;
-    e->q_tail = r;
-    e->q_len++;
-    e->st.queue_depth = e->q_len;
+    moe_queue_push(&e->queue, &r->q_node);
+    e->st.queue_depth = (int)e->queue.n;
     pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
     return 0;
@@ -329,8 +323,8 @@ void moed_engine_kick(struct moed_engine *e)
 void moed_engine_cancel_all(struct moed_engine *e)
 {
     pthread_mutex_lock(&e->mu);
-    for (struct moed_req *r = e->q_head; r; r = r->q_next)
-        atomic_store(&r->cancel, true);
+    for (struct moe_qnode *n = e->queue.head; n; n = n->next)
+        atomic_store(&moe_container_of(n, struct moed_req, q_node)->cancel, true);
     for (int i = 0; i < e->n_slots; i++)
         if (e->slots[i].req)
             atomic_store(&e->slots[i].req->cancel, true);
@@ -359,7 +353,7 @@ static void finish(struct moed_engine *e, struct moed_req *r, enum moed_finish f
     pthread_mutex_lock(&r->mu);
     if (r->finish == MOED_RUNNING) {
         r->finish = f;
-        r->ready = r->len;
+        r->ready = r->text.len;
         if (err)
             snprintf(r->err, sizeof(r->err), "%s", err);
     }
@@ -385,22 +379,7 @@ static void finish(struct moed_engine *e, struct moed_req *r, enum moed_finish f
 /* Appends generated bytes (caller holds r->mu). */
 static int append_text(struct moed_req *r, const char *p, size_t n)
 {
-    if (n == 0)
-        return 0;
-    if (r->len + n + 1 > r->cap) {
-        size_t cap = r->cap ? r->cap * 2 : 256;
-        while (cap < r->len + n + 1)
-            cap *= 2;
-        char *t = realloc(r->text, cap);
-        if (t == NULL)
-            return -ENOMEM;
-        r->text = t;
-        r->cap = cap;
-    }
-    memcpy(r->text + r->len, p, n);
-    r->len += n;
-    r->text[r->len] = '\0';
-    return 0;
+    return n == 0 ? 0 : moe_buf_append(&r->text, p, n);
 }
 
 /* Applies the stop strings to the text (caller holds r->mu): true when one
@@ -408,35 +387,38 @@ static int append_text(struct moed_req *r, const char *p, size_t n)
  * tail that could still begin a stop string. */
 static bool check_stop(struct moed_req *r)
 {
+    const char *text = r->text.data;
+    const size_t len = r->text.len;
     if (r->n_stop == 0) {
-        r->ready = r->len;
+        r->ready = len;
         return false;
     }
     size_t best = SIZE_MAX;
     for (int i = 0; i < r->n_stop; i++) {
         const size_t sl = strlen(r->stop[i]);
-        if (sl == 0 || r->len - r->ready < sl)
+        if (sl == 0 || len - r->ready < sl)
             continue;
-        const char *p = memmem(r->text + r->ready, r->len - r->ready, r->stop[i], sl);
-        if (p && (size_t)(p - r->text) < best)
-            best = (size_t)(p - r->text);
+        const char *p = memmem(text + r->ready, len - r->ready, r->stop[i], sl);
+        if (p && (size_t)(p - text) < best)
+            best = (size_t)(p - text);
     }
     if (best != SIZE_MAX) {
-        r->len = best;
-        r->text[r->len] = '\0';
-        r->ready = r->len;
+        /* cut the text before the stop string (the buffer keeps its memory) */
+        r->text.len = best;
+        r->text.data[best] = '\0';
+        r->ready = best;
         return true;
     }
     size_t hold = 0;
     for (int i = 0; i < r->n_stop; i++) {
         const size_t sl = strlen(r->stop[i]);
         for (size_t k = sl - 1; k > hold; k--)
-            if (k <= r->len - r->ready && memcmp(r->text + r->len - k, r->stop[i], k) == 0) {
+            if (k <= len - r->ready && memcmp(text + len - k, r->stop[i], k) == 0) {
                 hold = k;
                 break;
             }
     }
-    r->ready = r->len - hold;
+    r->ready = len - hold;
     return false;
 }
 
@@ -450,14 +432,8 @@ static void fill_logprobs(struct moed_engine *e, struct moed_req *r, const float
     for (int i = 0; i < V; i++)
         sum += exp((double)(logits[i] - mx));
     const float lse = mx + (float)log(sum);
-    if (r->n_lps == r->cap_lps) {
-        int cap = r->cap_lps ? r->cap_lps * 2 : 16;
-        struct moed_logprob *p = realloc(r->lps, (size_t)cap * sizeof(*p));
-        if (p == NULL)
-            return;
-        r->lps = p;
-        r->cap_lps = cap;
-    }
+    if (moe_array_grow((void **)&r->lps, &r->cap_lps, (size_t)r->n_lps + 1, sizeof(*r->lps), 0))
+        return;
     struct moed_logprob *lp = &r->lps[r->n_lps++];
     lp->id = tok;
     lp->lp = logits[tok] - lse;
@@ -507,16 +483,9 @@ static void after_logits(struct moed_engine *e, int si)
         if (moe_detok_stream_push(&s->ds, t, piece, sizeof(piece), &pl) == 0 &&
             append_text(r, piece, pl) != 0)
             f = MOED_ERROR;
-        if (r->n_tok == r->cap_tok) {
-            int cap = r->cap_tok ? r->cap_tok * 2 : 64;
-            size_t *p = realloc(r->tok_end, (size_t)cap * sizeof(*p));
-            if (p) {
-                r->tok_end = p;
-                r->cap_tok = cap;
-            }
-        }
-        if (r->n_tok < r->cap_tok)
-            r->tok_end[r->n_tok++] = r->len;
+        if (moe_array_grow((void **)&r->tok_end, &r->cap_tok, (size_t)r->n_tok + 1,
+                           sizeof(*r->tok_end), 0) == 0)
+            r->tok_end[r->n_tok++] = r->text.len;
         if (f == MOED_RUNNING && check_stop(r))
             f = MOED_STOP;
         if (f == MOED_RUNNING && (r->n_gen >= r->max_tokens || moe_seq_pos(s->seq) + 1 >= e->n_ctx))
@@ -654,56 +623,57 @@ static bool step(struct moed_engine *e)
     return true;
 }
 
+/* Ends the queued requests whose client went away (caller holds e->mu; it
+ * is released while they finish). */
+static void drop_cancelled_locked(struct moed_engine *e)
+{
+    struct moe_queue dropped = { 0 };
+    for (size_t k = e->queue.n; k > 0; k--) {
+        struct moe_qnode *n = moe_queue_pop(&e->queue);
+        const bool cancel = atomic_load(&moe_container_of(n, struct moed_req, q_node)->cancel);
+        moe_queue_push(cancel ? &dropped : &e->queue, n);
+    }
+    if (moe_queue_empty(&dropped))
+        return;
+    pthread_mutex_unlock(&e->mu);
+    for (struct moe_qnode *n; (n = moe_queue_pop(&dropped)) != NULL;)
+        finish(e, moe_container_of(n, struct moed_req, q_node), MOED_CANCELLED, NULL);
+    pthread_mutex_lock(&e->mu);
+}
+
+/* Moves queued requests into free slots, oldest first (caller holds e->mu). */
+static void admit_locked(struct moed_engine *e)
+{
+    for (int i = 0; i < e->n_slots && !moe_queue_empty(&e->queue); i++) {
+        if (e->slots[i].req)
+            continue;
+        struct moed_req *r = moe_container_of(moe_queue_pop(&e->queue), struct moed_req, q_node);
+        struct moe_diag d = { 0 };
+        if (start_slot(e, i, r, &d)) {
+            pthread_mutex_unlock(&e->mu);
+            finish(e, r, MOED_ERROR, d.msg);
+            pthread_mutex_lock(&e->mu);
+            continue;
+        }
+        e->st.running++;
+    }
+    e->st.queue_depth = (int)e->queue.n;
+}
+
 static void *engine_main(void *arg)
 {
     struct moed_engine *e = arg;
     for (;;) {
         pthread_mutex_lock(&e->mu);
         for (;;) {
-            /* drop cancelled requests still in the queue */
-            struct moed_req **pp = &e->q_head, *prev = NULL;
-            while (*pp) {
-                struct moed_req *r = *pp;
-                if (atomic_load(&r->cancel)) {
-                    *pp = r->q_next;
-                    if (e->q_tail == r)
-                        e->q_tail = prev;
-                    e->q_len--;
-                    pthread_mutex_unlock(&e->mu);
-                    finish(e, r, MOED_CANCELLED, NULL);
-                    pthread_mutex_lock(&e->mu);
-                    pp = &e->q_head;
-                    prev = NULL;
-                    continue;
-                }
-                prev = r;
-                pp = &r->q_next;
-            }
-            /* admit into free slots */
-            for (int i = 0; i < e->n_slots && e->q_head; i++) {
-                if (e->slots[i].req)
-                    continue;
-                struct moed_req *r = e->q_head;
-                e->q_head = r->q_next;
-                if (e->q_head == NULL)
-                    e->q_tail = NULL;
-                e->q_len--;
-                struct moe_diag d = { 0 };
-                if (start_slot(e, i, r, &d)) {
-                    pthread_mutex_unlock(&e->mu);
-                    finish(e, r, MOED_ERROR, d.msg);
-                    pthread_mutex_lock(&e->mu);
-                    continue;
-                }
-                e->st.running++;
-            }
-            e->st.queue_depth = e->q_len;
-            if (e->st.running > 0 || (e->stopping && e->q_head == NULL))
+            drop_cancelled_locked(e);
+            admit_locked(e);
+            if (e->st.running > 0 || (e->stopping && moe_queue_empty(&e->queue)))
                 break;
-            if (e->q_head == NULL)
+            if (moe_queue_empty(&e->queue))
                 pthread_cond_wait(&e->cv, &e->mu);
         }
-        const bool quit = e->stopping && e->st.running == 0 && e->q_head == NULL;
+        const bool quit = e->stopping && e->st.running == 0 && moe_queue_empty(&e->queue);
         pthread_mutex_unlock(&e->mu);
         if (quit)
             break;
@@ -745,8 +715,8 @@ void moed_engine_stop(struct moed_engine *e)
     pthread_join(e->thread, NULL);
     e->started = false;
     /* notifications nobody will take */
-    for (struct moed_req *r = moed_engine_take_notified(e), *n; r; r = n) {
-        n = r->notify_next;
+    struct moe_queue batch;
+    moed_engine_take_notified(e, &batch);
+    for (struct moed_req *r; (r = moed_req_pop_notified(&batch)) != NULL;)
         moed_req_unref(r);
-    }
 }

@@ -17,7 +17,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "common/buf.h"
 #include "common/error.h"
+#include "common/queue.h"
 #include "daemon/config.h"
 #include "model/chat_template.h"
 #include "model/sampling.h"
@@ -56,20 +58,22 @@ struct moed_req {
     /* shared, under mu */
     pthread_mutex_t mu;
     int refs;
-    char *text;                   /* generated text (after stop truncation) */
-    size_t len, cap;
+    struct moe_buf text;          /* generated text (after stop truncation); data NULL until
+                                     the first byte */
     size_t ready;                 /* bytes of text that can be sent (no stop prefix) */
     struct moed_logprob *lps;     /* per generated token (when logprobs >= 0) */
-    int n_lps, cap_lps;
+    int n_lps;
+    size_t cap_lps;
     size_t *tok_end;              /* per generated token: text length after it */
-    int n_tok, cap_tok;
+    int n_tok;
+    size_t cap_tok;
     int n_gen;                    /* tokens generated */
     enum moed_finish finish;      /* set once, when done */
     char err[256];
     double t_first;               /* first token, monotonic seconds (0 = none yet) */
     uint64_t hits, misses;        /* expert cache, over the steps it took part in */
-    bool queued_notify;
-    struct moed_req *notify_next;
+    bool queued_notify;           /* in the engine's notify queue or the loop's batch */
+    struct moe_qnode notify_node;
 
     atomic_bool cancel;
     atomic_bool paused;           /* the client is not reading: skip it in steps */
@@ -78,7 +82,7 @@ struct moed_req {
     int slot;                     /* sequence slot, -1 while queued */
     int n_fed;                    /* prompt tokens run so far */
     int32_t last;                 /* the token to run next when decoding */
-    struct moed_req *q_next;
+    struct moe_qnode q_node;      /* in the engine's queue while waiting (under its mutex) */
 
     /* loop side only */
     void *conn;
@@ -86,7 +90,8 @@ struct moed_req {
     int sent_tok;                 /* tokens streamed */
 };
 
-/* Allocates a request with one reference. */
+/* Allocates a request with one reference (moe_calloc; every buffer it owns
+ * is freed with moe_free by the last unref). */
 struct moed_req *moed_req_new(void);
 void moed_req_ref(struct moed_req *r);
 void moed_req_unref(struct moed_req *r);
@@ -120,9 +125,13 @@ void moed_engine_cancel(struct moed_engine *e, struct moed_req *r);
 void moed_engine_kick(struct moed_engine *e);
 /* Cancels everything queued or running (shutdown after the grace period). */
 void moed_engine_cancel_all(struct moed_engine *e);
-/* Requests with news since the last call, as a list through notify_next;
- * each carries a reference the caller must drop. */
-struct moed_req *moed_engine_take_notified(struct moed_engine *e);
+/* Moves the requests with news since the last call, oldest first, into
+ * *out (the whole queue at once: one lock per wake-up). Take them out with
+ * moed_req_pop_notified(); each carries a reference the caller must drop. */
+void moed_engine_take_notified(struct moed_engine *e, struct moe_queue *out);
+/* The next request of a batch from moed_engine_take_notified(), or NULL.
+ * From then on the engine may queue it again for later news. */
+struct moed_req *moed_req_pop_notified(struct moe_queue *batch);
 
 /* Run-time keys (SIGHUP). */
 void moed_engine_reconfigure(struct moed_engine *e, const struct moed_config *cfg);

@@ -2,6 +2,7 @@
  * OpenAI-compatible API) until SIGTERM. See doc/daemon.md and
  * doc/config.md. */
 #include <dirent.h>
+#include <jansson.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include "cache/expert_cache.h"
+#include "common/alloc.h"
 #include "daemon/config.h"
 #include "daemon/engine.h"
 #include "daemon/log.h"
@@ -166,6 +168,9 @@ int main(int argc, char **argv)
     struct moed_config cfg;
     struct moed_args a;
     struct moe_diag d = { 0 };
+    /* before any JSON exists: jansson allocates through the same hook as
+     * the rest of moed, so allocation-failure tests reach it too */
+    json_set_alloc_funcs(moe_malloc, moe_free);
     moed_config_defaults(&cfg);
     if (moed_config_from_args(&cfg, argc, argv, &a, &d) != 0) {
         fprintf(stderr, "moed: %s\n", d.msg);

@@ -1,12 +1,14 @@
 #include "daemon/request.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
 #include "common/alloc.h"
+#include "common/buf.h"
 #include "model/tokenizer.h"
 
 #define MAX_STOP_LEN 256
@@ -83,6 +85,18 @@ static bool fail(struct fields *f, const char *param, const char *msg)
     return false;
 }
 
+static bool failf(struct fields *f, const char *param, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static bool failf(struct fields *f, const char *param, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(f->err, sizeof(f->err), fmt, ap);
+    va_end(ap);
+    f->err_param = param;
+    return false;
+}
+
 /* Sampling and output fields shared by completions and chat. */
 static bool parse_common(struct fields *f, json_t *root, bool chat, const struct moed_config *cfg,
                          int n_ctx)
@@ -150,7 +164,7 @@ static bool parse_common(struct fields *f, json_t *root, bool chat, const struct
                 return fail(f, "stop", "'stop': each string must be 1..256 bytes");
             if (memchr(json_string_value(s), '\0', len))
                 return fail(f, "stop", "'stop': strings must not contain NUL");
-            r->stop[r->n_stop] = strdup(json_string_value(s));
+            r->stop[r->n_stop] = moe_strndup(json_string_value(s), len);
             if (r->stop[r->n_stop] == NULL)
                 return fail(f, "stop", "out of memory");
             r->n_stop++;
@@ -188,7 +202,7 @@ static bool tokenize_into(struct fields *f, const struct moe_tokenizer *tok, con
     size_t need = 0;
     int rc = moe_tokenize(tok, text, len, true, parse_special, NULL, 0, &need);
     if (rc == 0 || rc == -ENOSPC) {
-        r->prompt = malloc((need ? need : 1) * sizeof(int32_t));
+        r->prompt = moe_malloc((need ? need : 1) * sizeof(int32_t));
         rc = r->prompt ? moe_tokenize(tok, text, len, true, parse_special, r->prompt, need, &need)
                        : -ENOMEM;
     }
@@ -216,7 +230,7 @@ static bool parse_prompt(struct fields *f, json_t *root, struct moed_engine *e)
     const size_t n = json_array_size(p);
     if (n > (size_t)moed_engine_n_ctx(e))
         return fail(f, "prompt", "'prompt' has more tokens than the context");
-    f->r->prompt = malloc(n * sizeof(int32_t));
+    f->r->prompt = moe_malloc(n * sizeof(int32_t));
     if (f->r->prompt == NULL)
         return fail(f, "prompt", "out of memory");
     const int V = moed_engine_n_vocab(e);
@@ -234,6 +248,65 @@ static bool parse_prompt(struct fields *f, json_t *root, struct moed_engine *e)
     return true;
 }
 
+/* The text parts of one message's content, concatenated into *owned. */
+static bool text_parts(struct fields *f, size_t i, json_t *content, char **owned)
+{
+    struct moe_buf b;
+    moe_buf_init(&b, 0);
+    for (size_t k = 0; k < json_array_size(content); k++) {
+        json_t *part = json_array_get(content, k);
+        json_t *ty = json_object_get(part, "type"), *tx = json_object_get(part, "text");
+        if (!json_is_string(ty) || strcmp(json_string_value(ty), "text") != 0 ||
+            !json_is_string(tx)) {
+            moe_buf_free(&b);
+            return failf(f, "messages", "'messages'[%zu].content[%zu]: only {\"type\": \"text\","
+                         " \"text\": ...} parts are supported", i, k);
+        }
+        if (moe_buf_append(&b, json_string_value(tx), json_string_length(tx)) != 0) {
+            moe_buf_free(&b);
+            return fail(f, "messages", "out of memory");
+        }
+    }
+    size_t len = 0;
+    *owned = moe_buf_take(&b, &len);
+    if (*owned == NULL)
+        return fail(f, "messages", "out of memory");
+    if (strlen(*owned) != len)
+        return failf(f, "messages", "'messages'[%zu].content contains NUL", i);
+    return true;
+}
+
+/* One element of 'messages': its role and content into *msg (content either
+ * borrowed from the JSON or built in *owned). */
+static bool parse_message(struct fields *f, size_t i, json_t *m, struct moe_chat_msg *msg,
+                          char **owned)
+{
+    json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
+    if (!json_is_object(m) || !json_is_string(role))
+        return failf(f, "messages", "'messages'[%zu]: expected an object with a string 'role'", i);
+    const char *rv = json_string_value(role);
+    if (strcmp(rv, "system") && strcmp(rv, "user") && strcmp(rv, "assistant") &&
+        strcmp(rv, "developer") && strcmp(rv, "tool"))
+        return failf(f, "messages", "'messages'[%zu].role: '%.32s' is not system, user,"
+                     " assistant, developer or tool", i, rv);
+    msg->role = strcmp(rv, "developer") == 0 ? "system" : rv;
+    if (json_is_string(content)) {
+        if (memchr(json_string_value(content), '\0', json_string_length(content)))
+            return failf(f, "messages", "'messages'[%zu].content contains NUL", i);
+        msg->content = json_string_value(content);
+    } else if (content == NULL || json_is_null(content)) {
+        msg->content = "";
+    } else if (json_is_array(content)) {
+        if (!text_parts(f, i, content, owned))
+            return false;
+        msg->content = *owned;
+    } else {
+        return failf(f, "messages", "'messages'[%zu].content must be a string or an array of text"
+                     " parts", i);
+    }
+    return true;
+}
+
 static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e)
 {
     json_t *ms = json_object_get(root, "messages");
@@ -247,86 +320,13 @@ static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e
     if (!moed_engine_chat_template(e, &tpl, &eos))
         return fail(f, "messages", "this model has no chat template moed knows: start moed with"
                     " --chat-template NAME (config key chat_template), or use /v1/completions");
-    struct moe_chat_msg *msgs = calloc(n, sizeof(*msgs));
-    char **owned = calloc(n, sizeof(char *));
+    struct moe_chat_msg *msgs = moe_calloc(n, sizeof(*msgs));
+    char **owned = moe_calloc(n, sizeof(char *));
     bool ok = msgs && owned;
     if (!ok)
         fail(f, "messages", "out of memory");
-    for (size_t i = 0; ok && i < n; i++) {
-        json_t *m = json_array_get(ms, i);
-        json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
-        if (!json_is_object(m) || !json_is_string(role)) {
-            snprintf(f->err, sizeof(f->err), "'messages'[%zu]: expected an object with a string"
-                     " 'role'", i);
-            f->err_param = "messages";
-            ok = false;
-            break;
-        }
-        const char *rv = json_string_value(role);
-        if (strcmp(rv, "system") && strcmp(rv, "user") && strcmp(rv, "assistant") &&
-            strcmp(rv, "developer") && strcmp(rv, "tool")) {
-            snprintf(f->err, sizeof(f->err), "'messages'[%zu].role: '%.32s' is not system, user,"
-                     " assistant, developer or tool", i, rv);
-            f->err_param = "messages";
-            ok = false;
-            break;
-        }
-        msgs[i].role = strcmp(rv, "developer") == 0 ? "system" : rv;
-        if (json_is_string(content)) {
-            if (memchr(json_string_value(content), '\0', json_string_length(content))) {
-                snprintf(f->err, sizeof(f->err), "'messages'[%zu].content contains NUL", i);
-                f->err_param = "messages";
-                ok = false;
-                break;
-            }
-            msgs[i].content = json_string_value(content);
-        } else if (content == NULL || json_is_null(content)) {
-            msgs[i].content = "";
-        } else if (json_is_array(content)) {
-            /* text parts, concatenated */
-            size_t total = 0;
-            for (size_t k = 0; k < json_array_size(content); k++) {
-                json_t *part = json_array_get(content, k);
-                json_t *ty = json_object_get(part, "type"), *tx = json_object_get(part, "text");
-                if (!json_is_string(ty) || strcmp(json_string_value(ty), "text") != 0 ||
-                    !json_is_string(tx)) {
-                    snprintf(f->err, sizeof(f->err), "'messages'[%zu].content[%zu]: only"
-                             " {\"type\": \"text\", \"text\": ...} parts are supported", i, k);
-                    f->err_param = "messages";
-                    ok = false;
-                    break;
-                }
-                total += json_string_length(tx);
-            }
-            if (!ok)
-                break;
-            owned[i] = malloc(total + 1);
-            if (owned[i] == NULL) {
-                ok = fail(f, "messages", "out of memory");
-                break;
-            }
-            size_t o = 0;
-            for (size_t k = 0; k < json_array_size(content); k++) {
-                json_t *tx = json_object_get(json_array_get(content, k), "text");
-                memcpy(owned[i] + o, json_string_value(tx), json_string_length(tx));
-                o += json_string_length(tx);
-            }
-            owned[i][o] = '\0';
-            if (strlen(owned[i]) != o) {
-                snprintf(f->err, sizeof(f->err), "'messages'[%zu].content contains NUL", i);
-                f->err_param = "messages";
-                ok = false;
-                break;
-            }
-            msgs[i].content = owned[i];
-        } else {
-            snprintf(f->err, sizeof(f->err), "'messages'[%zu].content must be a string or an array"
-                     " of text parts", i);
-            f->err_param = "messages";
-            ok = false;
-            break;
-        }
-    }
+    for (size_t i = 0; ok && i < n; i++)
+        ok = parse_message(f, i, json_array_get(ms, i), &msgs[i], &owned[i]);
     char *text = NULL;
     size_t len = 0;
     if (ok) {
@@ -338,9 +338,9 @@ static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e
         ok = tokenize_into(f, moed_engine_tokenizer(e), text, len, true, "messages");
     moe_free(text);
     for (size_t i = 0; owned && i < n; i++)
-        free(owned[i]);
-    free(owned);
-    free(msgs);
+        moe_free(owned[i]);
+    moe_free(owned);
+    moe_free(msgs);
     return ok;
 }
 

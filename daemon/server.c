@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "common/alloc.h"
 #include "daemon/log.h"
 
 
@@ -43,9 +44,9 @@ static void conn_free(struct conn *c)
     if (c->next)
         c->next->prev = c->prev;
     s->n_conns--;
-    free(c->body);
-    free(c->pending);
-    free(c);
+    moe_buf_free(&c->body);
+    moe_buf_free(&c->pending);
+    moe_free(c);
 }
 
 static void server_maybe_exit(struct server *s);
@@ -86,7 +87,7 @@ static void on_written(uv_write_t *w, int status)
     struct conn *c = wr->c;
     if ((status < 0 || wr->close_after) && !c->closing)
         conn_close(c);
-    free(wr);
+    moe_free(wr);
     /* a paused generation resumes once the client has read half the backlog */
     if (!c->closing && c->req && atomic_load(&c->req->paused) &&
         uv_stream_get_write_queue_size(&c->io.s) <= (size_t)c->srv->cfg.max_output_bytes / 2) {
@@ -105,24 +106,31 @@ static void on_stalled(uv_timer_t *t)
     conn_close(c);
 }
 
-static void conn_write_ex(struct conn *c, const char *a, size_t al, const char *b, size_t bl,
-                          bool close_after)
+/* Queues the parts as one write (one allocation: the request and a copy of
+ * the bytes, freed when written). */
+static void conn_writev(struct conn *c, const uv_buf_t *parts, int n, bool close_after)
 {
     if (c->closing)
         return;
-    struct wreq *wr = malloc(sizeof(*wr) + al + bl);
+    size_t total = 0;
+    for (int i = 0; i < n; i++)
+        total += parts[i].len;
+    struct wreq *wr = moe_malloc(sizeof(*wr) + total);
     if (wr == NULL) {
         conn_close(c);
         return;
     }
     wr->c = c;
     wr->close_after = close_after;
-    memcpy(wr->data, a, al);
-    if (bl)
-        memcpy(wr->data + al, b, bl);
-    uv_buf_t buf = uv_buf_init(wr->data, (unsigned)(al + bl));
+    size_t o = 0;
+    for (int i = 0; i < n; i++) {
+        if (parts[i].len)
+            memcpy(wr->data + o, parts[i].base, parts[i].len);
+        o += parts[i].len;
+    }
+    uv_buf_t buf = uv_buf_init(wr->data, (unsigned)total);
     if (uv_write(&wr->w, &c->io.s, &buf, 1, on_written) != 0) {
-        free(wr);
+        moe_free(wr);
         conn_close(c);
         return;
     }
@@ -139,6 +147,14 @@ static void conn_write_ex(struct conn *c, const char *a, size_t al, const char *
               (unsigned long long)c->id, queued, cap);
         uv_timer_start(&c->timer, on_stalled, (uint64_t)c->srv->cfg.read_timeout_ms, 0);
     }
+}
+
+static void conn_write_ex(struct conn *c, const char *a, size_t al, const char *b, size_t bl,
+                          bool close_after)
+{
+    const uv_buf_t parts[2] = { uv_buf_init((char *)a, (unsigned)al),
+                                uv_buf_init((char *)b, (unsigned)bl) };
+    conn_writev(c, parts, 2, close_after);
 }
 
 /* ---- responses ------------------------------------------------------- */
@@ -189,7 +205,7 @@ void conn_send_error(struct conn *c, int status, const char *type, const char *p
         conn_send(c, status, "application/json", txt, strlen(txt), extra);
     else
         conn_send(c, 500, "text/plain", "out of memory\n", 14, NULL);
-    free(txt);
+    moe_free(txt);   /* jansson allocates through moe_malloc (moed.c) */
     json_decref(j);
     LOG_D("conn %llu: %d %s", (unsigned long long)c->id, status, msg);
 }
@@ -215,15 +231,9 @@ void conn_chunk(struct conn *c, const char *data, size_t len)
     char head[32];
     int n = snprintf(head, sizeof(head), "%zx\r\n", len);
     /* size line, data, CRLF in one write */
-    char *tmp = malloc(len + 2);
-    if (tmp == NULL) {
-        conn_close(c);
-        return;
-    }
-    memcpy(tmp, data, len);
-    memcpy(tmp + len, "\r\n", 2);
-    conn_write_ex(c, head, (size_t)n, tmp, len + 2, false);
-    free(tmp);
+    const uv_buf_t parts[3] = { uv_buf_init(head, (unsigned)n), uv_buf_init((char *)data, (unsigned)len),
+                                uv_buf_init((char *)"\r\n", 2) };
+    conn_writev(c, parts, 3, false);
 }
 
 void conn_end_chunks(struct conn *c)
@@ -249,13 +259,12 @@ void conn_response_done(struct conn *c)
         return;
     }
     arm_idle(c);
-    if (c->pending_len > 0) {
-        char *p = c->pending;
-        size_t n = c->pending_len;
-        c->pending = NULL;
-        c->pending_len = c->pending_cap = 0;
-        conn_feed(c, p, n);
-        free(p);
+    if (c->pending.len > 0) {
+        /* feeding may stash again: into a fresh buffer */
+        struct moe_buf p = c->pending;
+        moe_buf_init(&c->pending, 0);
+        conn_feed(c, p.data, p.len);
+        moe_buf_free(&p);
     }
     server_maybe_exit(s);
 }
@@ -303,7 +312,8 @@ static int on_message_begin(http_parser *p)
     c->hname_done = false;
     c->expect_continue = false;
     c->too_large_headers = c->too_large_body = false;
-    c->body_len = 0;
+    moe_buf_clear(&c->body);   /* keeps its memory for the next request */
+    c->body.limit = (size_t)c->srv->cfg.max_body_bytes;
     c->t_start = moed_now();
     arm_read(c);
     return 0;
@@ -377,24 +387,10 @@ static int on_headers_complete(http_parser *p)
 static int on_body(http_parser *p, const char *at, size_t n)
 {
     struct conn *c = p->data;
-    if (c->body_len + n > (size_t)c->srv->cfg.max_body_bytes) {
+    int rc = moe_buf_append(&c->body, at, n);   /* limit: max_body_bytes */
+    if (rc == MOE_ELIMIT)
         c->too_large_body = true;
-        return 1;
-    }
-    if (c->body_len + n + 1 > c->body_cap) {
-        size_t cap = c->body_cap ? c->body_cap : 4096;
-        while (cap < c->body_len + n + 1)
-            cap *= 2;
-        char *b = realloc(c->body, cap);
-        if (b == NULL)
-            return 1;
-        c->body = b;
-        c->body_cap = cap;
-    }
-    memcpy(c->body + c->body_len, at, n);
-    c->body_len += n;
-    c->body[c->body_len] = '\0';
-    return 0;
+    return rc != 0;
 }
 
 static int on_message_complete(http_parser *p)
@@ -419,8 +415,8 @@ static int on_message_complete(http_parser *p)
         conn_response_done(c);
         return 0;
     }
-    api_dispatch(c, http_method_str((enum http_method)p->method), path, c->body ? c->body : "",
-                 c->body_len);
+    api_dispatch(c, http_method_str((enum http_method)p->method), path,
+                 c->body.data ? c->body.data : "", c->body.len);
     return 0;
 }
 
@@ -436,27 +432,14 @@ static const http_parser_settings settings = {
 
 static void stash(struct conn *c, const char *data, size_t len)
 {
-    const size_t limit = (size_t)c->srv->cfg.max_body_bytes + (size_t)c->srv->cfg.max_header_bytes;
-    if (c->pending_len + len > limit) {
+    /* at most one maximal request waits */
+    c->pending.limit = (size_t)c->srv->cfg.max_body_bytes + (size_t)c->srv->cfg.max_header_bytes;
+    int rc = moe_buf_append(&c->pending, data, len);
+    if (rc == MOE_ELIMIT)
         LOG_I("conn %llu: %zu bytes pipelined behind a request; closing", (unsigned long long)c->id,
-              c->pending_len + len);
+              c->pending.len + len);
+    if (rc)
         conn_close(c);
-        return;
-    }
-    if (c->pending_len + len > c->pending_cap) {
-        size_t cap = c->pending_cap ? c->pending_cap : 4096;
-        while (cap < c->pending_len + len)
-            cap *= 2;
-        char *b = realloc(c->pending, cap);
-        if (b == NULL) {
-            conn_close(c);
-            return;
-        }
-        c->pending = b;
-        c->pending_cap = cap;
-    }
-    memcpy(c->pending + c->pending_len, data, len);
-    c->pending_len += len;
 }
 
 static void conn_feed(struct conn *c, const char *data, size_t len)
@@ -534,7 +517,7 @@ static void on_connection(uv_stream_t *server, int status)
         LOG_W("accept: %s", uv_strerror(status));
         return;
     }
-    struct conn *c = calloc(1, sizeof(*c));
+    struct conn *c = moe_calloc(1, sizeof(*c));
     if (c == NULL)
         return;
     c->srv = s;
@@ -542,7 +525,7 @@ static void on_connection(uv_stream_t *server, int status)
     int rc = server == (uv_stream_t *)&s->pipe ? uv_pipe_init(s->loop, &c->io.pipe, 0)
                                                 : uv_tcp_init(s->loop, &c->io.tcp);
     if (rc) {
-        free(c);
+        moe_free(c);
         return;
     }
     c->io.h.data = c;
@@ -581,8 +564,9 @@ static void begin_shutdown(struct server *s, const char *why);
 static void on_async(uv_async_t *a)
 {
     struct server *s = a->data;
-    for (struct moed_req *r = moed_engine_take_notified(s->eng), *n; r; r = n) {
-        n = r->notify_next;
+    struct moe_queue batch;
+    moed_engine_take_notified(s->eng, &batch);
+    for (struct moed_req *r; (r = moed_req_pop_notified(&batch)) != NULL;) {
         struct conn *c = r->conn;
         if (c && c->req == r && !c->closing)
             api_on_engine(c, r);
@@ -783,7 +767,7 @@ static void notify_loop(void *ud)
 
 struct server *moed_server_new(const struct moed_config *cfg, int argc, char **argv)
 {
-    struct server *s = calloc(1, sizeof(*s));
+    struct server *s = moe_calloc(1, sizeof(*s));
     if (s == NULL)
         return NULL;
     s->loop = uv_default_loop();
@@ -847,5 +831,5 @@ void moed_server_free(struct server *s)
     if (s == NULL)
         return;
     unlink_socket(s);
-    free(s);
+    moe_free(s);
 }

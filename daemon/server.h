@@ -11,6 +11,7 @@
 #include <jansson.h>
 #include <uv.h>
 
+#include "common/buf.h"
 #include "daemon/config.h"
 #include "daemon/engine.h"
 
@@ -40,11 +41,9 @@ struct conn {
     bool hname_done;
     bool expect_continue;
     bool too_large_headers, too_large_body;
-    char *body;
-    size_t body_len, body_cap;
+    struct moe_buf body;          /* limit: max_body_bytes */
     /* bytes that arrived while a response was in progress (pipelining) */
-    char *pending;
-    size_t pending_len, pending_cap;
+    struct moe_buf pending;       /* limit: one maximal request */
 
     bool busy;                 /* a request is being answered */
     bool keep_alive;
