@@ -1,10 +1,18 @@
-/* The HTTP API: OpenAI-compatible completions and chat completions (with
- * server-sent-event streaming), models, tokenize/detokenize, health,
- * Prometheus metrics and moed's own stats. Request bodies are checked field
- * by field; every error is OpenAI's error object naming the field. */
+/* moed's HTTP API (api.h): OpenAI-compatible completions and chat
+ * completions (with server-sent-event streaming), models,
+ * tokenize/detokenize, health, Prometheus metrics and moed's own stats, as
+ * one table of routes behind the transport's handler table (server.h).
+ * Request bodies are checked field by field (request.c); every error is
+ * OpenAI's error object naming the field.
+ *
+ * A generation request lives across calls: the route submits it to the
+ * engine and keeps it as the connection's data (the reference from
+ * moed_req_new); the engine's news arrive through on_wake; the answer ends
+ * in answer_done(), or in abandon when the client goes first. */
+#include "daemon/api.h"
+
 #include <errno.h>
 #include <inttypes.h>
-#include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -17,12 +25,15 @@
 #include "common/buf.h"
 #include "daemon/log.h"
 #include "daemon/request.h"
-#include "daemon/server.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
 
-enum { EP_NONE = 0, EP_COMPLETIONS, EP_CHAT };
-
+struct moed_api {
+    struct moed_server *srv;      /* borrowed: the transport */
+    struct moed_engine *eng;      /* borrowed */
+    char model_id[128];           /* what /v1/models reports */
+    uint64_t next_req_id;
+};
 
 /* ---- JSON helpers ---------------------------------------------------- */
 
@@ -64,29 +75,36 @@ static json_t *json_bytes(const char *p, size_t n)
 }
 
 /* json_dump_callback's sink: appends to a moe_buf. */
-static int sse_append(const char *p, size_t n, void *ud)
+static int buf_sink(const char *p, size_t n, void *ud)
 {
     return moe_buf_append(ud, p, n) == 0 ? 0 : -1;
 }
 
-static void send_json(struct conn *c, int status, json_t *j)
+/* Sends j (consumed) as the whole response. */
+static void send_json(struct moed_conn *c, int status, json_t *j)
 {
-    char *txt = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    if (txt == NULL)
-        conn_send_error(c, 500, "server_error", NULL, "out of memory building the response");
+    struct moe_buf b;
+    moe_buf_init(&b, 0);
+    if (j == NULL || json_dump_callback(j, buf_sink, &b, JSON_COMPACT) != 0 || b.data == NULL)
+        moed_conn_send_error(c, 500, "server_error", NULL, "out of memory building the response");
     else
-        conn_send(c, status, "application/json", txt, strlen(txt), NULL);
-    moe_free(txt);   /* jansson allocates through moe_malloc (moed.c) */
+        moed_conn_send(c, status, "application/json", b.data, b.len, NULL);
+    moe_buf_free(&b);
     json_decref(j);
 }
 
-static void bad(struct conn *c, const char *param, const char *fmt, const char *a)
+/* The request body as JSON; NULL after answering 400 when it is not. */
+static json_t *load_body(struct moed_conn *c, const struct moed_http_request *rq)
 {
-    conn_send_error(c, 400, "invalid_request_error", param, fmt, a);
-    conn_response_done(c);
+    json_error_t jerr;
+    json_t *root = json_loadb(rq->body, rq->body_len, JSON_REJECT_DUPLICATES, &jerr);
+    if (root == NULL)
+        moed_conn_send_error(c, 400, "invalid_request_error", NULL, "invalid JSON at line %d"
+                             " column %d: %s", jerr.line, jerr.column, jerr.text);
+    return root;
 }
 
-/* ---- generation ------------------------------------------------------ */
+/* ---- generation: answers ----------------------------------------------- */
 
 static const char *finish_name(enum moed_finish f)
 {
@@ -114,31 +132,36 @@ static json_t *piece_json(struct moed_engine *e, int32_t id, json_t **bytes_out)
     return json_bytes(buf, len);
 }
 
+/* Logprobs of tokens [from, to) in chat's shape. */
+static json_t *chat_logprobs_json(struct moed_engine *e, const struct moed_req *r, int from, int to)
+{
+    json_t *content = json_array();
+    for (int i = from; i < to; i++) {
+        const struct moed_logprob *lp = &r->lps[i];
+        json_t *bytes, *top = json_array();
+        json_t *tokj = piece_json(e, lp->id, &bytes);
+        for (int k = 0; k < lp->n_top; k++) {
+            json_t *tb;
+            json_t *tt = piece_json(e, lp->top_id[k], &tb);
+            json_array_append_new(top, json_pack("{s:o, s:f, s:o}", "token", tt, "logprob",
+                                                 (double)lp->top_lp[k], "bytes", tb));
+        }
+        json_array_append_new(content, json_pack("{s:o, s:f, s:o, s:o}", "token", tokj,
+                                                 "logprob", (double)lp->lp, "bytes", bytes,
+                                                 "top_logprobs", top));
+    }
+    return json_pack("{s:o}", "content", content);
+}
+
 /* Logprobs of tokens [from, to) in OpenAI's shape for the endpoint. */
-static json_t *logprobs_json(struct conn *c, const struct moed_req *r, int from, int to,
+static json_t *logprobs_json(struct moed_api *a, const struct moed_req *r, int from, int to,
                              size_t text_offset)
 {
-    struct moed_engine *e = c->srv->eng;
+    struct moed_engine *e = a->eng;
     if (r->logprobs < 0)
         return json_null();
-    if (c->endpoint == EP_CHAT) {
-        json_t *content = json_array();
-        for (int i = from; i < to; i++) {
-            const struct moed_logprob *lp = &r->lps[i];
-            json_t *bytes, *top = json_array();
-            json_t *tokj = piece_json(e, lp->id, &bytes);
-            for (int k = 0; k < lp->n_top; k++) {
-                json_t *tb;
-                json_t *tt = piece_json(e, lp->top_id[k], &tb);
-                json_array_append_new(top, json_pack("{s:o, s:f, s:o}", "token", tt, "logprob",
-                                                     (double)lp->top_lp[k], "bytes", tb));
-            }
-            json_array_append_new(content, json_pack("{s:o, s:f, s:o, s:o}", "token", tokj,
-                                                     "logprob", (double)lp->lp, "bytes", bytes,
-                                                     "top_logprobs", top));
-        }
-        return json_pack("{s:o}", "content", content);
-    }
+    if (r->chat)
+        return chat_logprobs_json(e, r, from, to);
     json_t *toks = json_array(), *tlp = json_array(), *top = json_array(), *off = json_array();
     size_t o = text_offset;
     for (int i = from; i < to; i++) {
@@ -161,53 +184,53 @@ static json_t *logprobs_json(struct conn *c, const struct moed_req *r, int from,
                      top, "text_offset", off);
 }
 
-static json_t *base_obj(struct conn *c, const struct moed_req *r, const char *object)
+static json_t *base_obj(struct moed_api *a, const struct moed_req *r, const char *object)
 {
     char id[48];
-    snprintf(id, sizeof(id), "%s-%" PRIu64, c->endpoint == EP_CHAT ? "chatcmpl" : "cmpl", r->id);
+    snprintf(id, sizeof(id), "%s-%" PRIu64, r->chat ? "chatcmpl" : "cmpl", r->id);
     return json_pack("{s:s, s:s, s:I, s:s}", "id", id, "object", object, "created",
-                     (json_int_t)time(NULL), "model", c->srv->model_id);
+                     (json_int_t)time(NULL), "model", a->model_id);
 }
 
 /* One server-sent event, "data: JSON\n\n", as one chunk. */
-static void send_sse(struct conn *c, json_t *obj)
+static void send_sse(struct moed_conn *c, json_t *obj)
 {
     struct moe_buf ev;
     moe_buf_init(&ev, 0);
     if (obj && moe_buf_puts(&ev, "data: ") == 0 &&
-        json_dump_callback(obj, sse_append, &ev, JSON_COMPACT) == 0 &&
+        json_dump_callback(obj, buf_sink, &ev, JSON_COMPACT) == 0 &&
         moe_buf_puts(&ev, "\n\n") == 0)
-        conn_chunk(c, ev.data, ev.len);
+        moed_conn_chunk(c, ev.data, ev.len);
     json_decref(obj);
     moe_buf_free(&ev);
 }
 
-static void log_request(struct conn *c, const struct moed_req *r, const char *how)
+static void log_request(const struct moed_req *r, const char *how)
 {
     const double now = moed_now();
     LOG_I("req=%" PRIu64 " %s tokens_in=%d tokens_out=%d ttft_ms=%.1f total_ms=%.1f finish=%s"
           " expert_hits=%" PRIu64 " expert_misses=%" PRIu64, r->id,
-          c->endpoint == EP_CHAT ? "chat" : "completion", r->n_prompt, r->n_gen,
+          r->chat ? "chat" : "completion", r->n_prompt, r->n_gen,
           r->t_first > 0 ? (r->t_first - r->t_submit) * 1e3 : 0.0, (now - r->t_submit) * 1e3, how,
           r->hits, r->misses);
 }
 
-/* Text bytes [from, to) generated so far ("" when there are none). */
+/* Text bytes from `from` on, generated so far ("" when there are none). */
 static const char *text_at(const struct moed_req *r, size_t from)
 {
     return r->text.data ? r->text.data + from : "";
 }
 
 /* One SSE event: text delta and the logprobs of tokens [t0, t1). */
-static void stream_event(struct conn *c, struct moed_req *r, size_t from, size_t to, int t0, int t1)
+static void stream_event(struct moed_api *a, struct moed_conn *c, struct moed_req *r, size_t from,
+                         size_t to, int t0, int t1)
 {
-    const bool chat = c->endpoint == EP_CHAT;
     json_t *delta = json_bytes(text_at(r, from), to - from);
-    json_t *lpj = t1 > t0 && r->logprobs >= 0 && t1 <= r->n_lps ? logprobs_json(c, r, t0, t1, from)
+    json_t *lpj = t1 > t0 && r->logprobs >= 0 && t1 <= r->n_lps ? logprobs_json(a, r, t0, t1, from)
                                                                  : json_null();
-    json_t *o = base_obj(c, r, chat ? "chat.completion.chunk" : "text_completion");
+    json_t *o = base_obj(a, r, r->chat ? "chat.completion.chunk" : "text_completion");
     json_t *ch;
-    if (chat)
+    if (r->chat)
         ch = json_pack("{s:i, s:{s:s, s:o}, s:o, s:n}", "index", 0, "delta", "role", "assistant",
                        "content", delta, "logprobs", lpj, "finish_reason");
     else
@@ -217,240 +240,308 @@ static void stream_event(struct conn *c, struct moed_req *r, size_t from, size_t
     send_sse(c, o);
 }
 
-void api_on_engine(struct conn *c, struct moed_req *r)
+/* The events of a stream that are ready: one per token (text that could
+ * begin a stop string waits), and the rest of the text once it finished.
+ * The engine may grow (move) text, lps and tok_end while it runs: read
+ * them under the lock. After it finishes it writes nothing. */
+static enum moed_finish stream_ready(struct moed_api *a, struct moed_conn *c, struct moed_req *r)
 {
-    /* The engine may grow (move) text, lps and tok_end while it runs: read
-     * them under the lock. After it finishes it writes nothing. Streams get
-     * one event per token (text that could begin a stop string waits). */
     pthread_mutex_lock(&r->mu);
     const enum moed_finish fin = r->finish;
-    const bool chat = c->endpoint == EP_CHAT;
     if (r->stream) {
         while (r->sent_tok < r->n_tok && r->tok_end[r->sent_tok] <= r->ready) {
             const size_t end = r->tok_end[r->sent_tok];
             if (end > r->sent || r->logprobs >= 0)
-                stream_event(c, r, r->sent, end > r->sent ? end : r->sent, r->sent_tok,
+                stream_event(a, c, r, r->sent, end > r->sent ? end : r->sent, r->sent_tok,
                              r->sent_tok + 1);
             if (end > r->sent)
                 r->sent = end;
             r->sent_tok++;
         }
         if (fin != MOED_RUNNING && r->ready > r->sent) {
-            stream_event(c, r, r->sent, r->ready, 0, 0);
+            stream_event(a, c, r, r->sent, r->ready, 0, 0);
             r->sent = r->ready;
         }
     }
     pthread_mutex_unlock(&r->mu);
-    const int n_lps = r->n_lps;
-    if (r->stream) {
-        if (fin == MOED_RUNNING)
-            return;
-        if (fin == MOED_STOP || fin == MOED_LENGTH) {
-            json_t *o = base_obj(c, r, chat ? "chat.completion.chunk" : "text_completion");
-            json_t *ch = chat ? json_pack("{s:i, s:{}, s:n, s:s}", "index", 0, "delta", "logprobs",
-                                          "finish_reason", finish_name(fin))
-                              : json_pack("{s:i, s:s, s:n, s:s}", "index", 0, "text", "", "logprobs",
-                                          "finish_reason", finish_name(fin));
-            json_object_set_new(o, "choices", json_pack("[o]", ch));
-            json_object_set_new(o, "usage", usage_obj(r));
-            send_sse(c, o);
-        } else {
-            json_t *o = json_pack("{s:{s:s, s:s, s:n, s:n}}", "error", "message",
-                                  fin == MOED_CANCELLED ? "request cancelled (moed is shutting"
-                                  " down)" : r->err, "type", "server_error", "param", "code");
-            send_sse(c, o);
-        }
-        conn_chunk(c, "data: [DONE]\n\n", 14);
-        conn_end_chunks(c);
+    return fin;
+}
+
+/* The end of a stream: finish_reason and usage (or OpenAI's error object),
+ * then [DONE]. */
+static void stream_end(struct moed_api *a, struct moed_conn *c, struct moed_req *r,
+                       enum moed_finish fin)
+{
+    const bool chat = r->chat;
+    if (fin == MOED_STOP || fin == MOED_LENGTH) {
+        json_t *o = base_obj(a, r, chat ? "chat.completion.chunk" : "text_completion");
+        json_t *ch = chat ? json_pack("{s:i, s:{}, s:n, s:s}", "index", 0, "delta", "logprobs",
+                                      "finish_reason", finish_name(fin))
+                          : json_pack("{s:i, s:s, s:n, s:s}", "index", 0, "text", "", "logprobs",
+                                      "finish_reason", finish_name(fin));
+        json_object_set_new(o, "choices", json_pack("[o]", ch));
+        json_object_set_new(o, "usage", usage_obj(r));
+        send_sse(c, o);
     } else {
-        if (fin == MOED_RUNNING)
-            return;
-        if (fin == MOED_CANCELLED) {
-            conn_send_error(c, 503, "server_error", NULL, "request cancelled (moed is shutting down)");
-        } else if (fin == MOED_ERROR) {
-            conn_send_error(c, 500, "server_error", NULL, "generation failed: %s", r->err);
-        } else {
-            json_t *o = base_obj(c, r, chat ? "chat.completion" : "text_completion");
-            json_t *text = json_bytes(text_at(r, 0), r->text.len);
-            json_t *ch = chat ? json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message",
-                                          "role", "assistant", "content", text, "logprobs",
-                                          logprobs_json(c, r, 0, n_lps, 0), "finish_reason",
-                                          finish_name(fin))
-                              : json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text,
-                                          "logprobs", logprobs_json(c, r, 0, n_lps, 0),
-                                          "finish_reason", finish_name(fin));
-            json_object_set_new(o, "choices", json_pack("[o]", ch));
-            json_object_set_new(o, "usage", usage_obj(r));
-            send_json(c, 200, o);
-        }
+        json_t *o = json_pack("{s:{s:s, s:s, s:n, s:n}}", "error", "message",
+                              fin == MOED_CANCELLED ? "request cancelled (moed is shutting"
+                              " down)" : r->err, "type", "server_error", "param", "code");
+        send_sse(c, o);
     }
-    log_request(c, r, fin == MOED_STOP ? "stop" : fin == MOED_LENGTH ? "length"
-                      : fin == MOED_CANCELLED ? "cancelled" : "error");
-    conn_response_done(c);
+    moed_conn_chunk(c, "data: [DONE]\n\n", 14);
+    moed_conn_end_stream(c);
 }
 
-void api_abandon(struct conn *c)
+/* The whole answer of a request that did not stream. */
+static void answer_whole(struct moed_api *a, struct moed_conn *c, struct moed_req *r,
+                         enum moed_finish fin)
 {
-    struct moed_req *r = c->req;
-    moed_engine_cancel(c->srv->eng, r);
-    r->conn = NULL;
-    LOG_I("req=%" PRIu64 " cancelled: client disconnected", r->id);
-    moed_req_unref(r);
-    c->req = NULL;
-    c->srv->active_requests--;
+    const bool chat = r->chat;
+    if (fin == MOED_CANCELLED) {
+        moed_conn_send_error(c, 503, "server_error", NULL, "request cancelled (moed is shutting down)");
+        return;
+    }
+    if (fin == MOED_ERROR) {
+        moed_conn_send_error(c, 500, "server_error", NULL, "generation failed: %s", r->err);
+        return;
+    }
+    const int n_lps = r->n_lps;
+    json_t *o = base_obj(a, r, chat ? "chat.completion" : "text_completion");
+    json_t *text = json_bytes(text_at(r, 0), r->text.len);
+    json_t *ch = chat ? json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message",
+                                  "role", "assistant", "content", text, "logprobs",
+                                  logprobs_json(a, r, 0, n_lps, 0), "finish_reason",
+                                  finish_name(fin))
+                      : json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text,
+                                  "logprobs", logprobs_json(a, r, 0, n_lps, 0),
+                                  "finish_reason", finish_name(fin));
+    json_object_set_new(o, "choices", json_pack("[o]", ch));
+    json_object_set_new(o, "usage", usage_obj(r));
+    send_json(c, 200, o);
 }
 
-static void handle_generate(struct conn *c, const char *body, size_t len, bool chat)
+/* The answer on c is complete: its request (if any) is released. */
+static void answer_done(struct moed_conn *c)
 {
-    struct server *s = c->srv;
-    json_error_t jerr;
-    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
-    if (root == NULL) {
-        conn_send_error(c, 400, "invalid_request_error", NULL, "invalid JSON at line %d column %d:"
-                        " %s", jerr.line, jerr.column, jerr.text);
-        conn_response_done(c);
-        return;
+    struct moed_req *r = moed_conn_data(c);
+    if (r) {
+        r->conn = NULL;
+        moed_conn_set_data(c, NULL);
+        moed_req_unref(r);
     }
-    if (!json_is_object(root)) {
-        json_decref(root);
-        bad(c, NULL, "%s", "request body must be a JSON object");
+    moed_conn_done(c);
+}
+
+/* Engine output for the request of c. */
+static void on_engine(struct moed_api *a, struct moed_conn *c, struct moed_req *r)
+{
+    const enum moed_finish fin = stream_ready(a, c, r);
+    if (fin == MOED_RUNNING)
         return;
-    }
+    if (r->stream)
+        stream_end(a, c, r, fin);
+    else
+        answer_whole(a, c, r, fin);
+    log_request(r, fin == MOED_STOP ? "stop" : fin == MOED_LENGTH ? "length"
+                   : fin == MOED_CANCELLED ? "cancelled" : "error");
+    answer_done(c);
+}
+
+/* ---- generation: requests ---------------------------------------------- */
+
+/* Checks and submits a generation request; false when it was answered at
+ * once (an error), true when the engine has it. */
+static bool submit_generate(struct moed_api *a, struct moed_conn *c, json_t *root, bool chat)
+{
+    const struct moed_config *cfg = moed_server_config(a->srv);
     struct moed_req *r = moed_req_new();
     if (r == NULL) {
-        json_decref(root);
-        conn_send_error(c, 500, "server_error", NULL, "out of memory");
-        conn_response_done(c);
-        return;
+        moed_conn_send_error(c, 500, "server_error", NULL, "out of memory");
+        return false;
     }
-    r->id = ++s->next_req_id;
+    r->id = ++a->next_req_id;
     r->chat = chat;
     struct moed_parse_error pe;
-    bool ok = moed_parse_generate(s->eng, &s->cfg, root, chat, r, &pe);
-    json_decref(root);
-    if (!ok) {
-        conn_send_error(c, 400, "invalid_request_error", pe.param, "%s", pe.msg);
-        conn_response_done(c);
+    if (!moed_parse_generate(a->eng, cfg, root, chat, r, &pe)) {
+        moed_conn_send_error(c, 400, "invalid_request_error", pe.param, "%s", pe.msg);
         moed_req_unref(r);
-        return;
+        return false;
     }
     r->t_submit = moed_now();
-    if (s->cfg.request_timeout_s > 0)
-        r->deadline = r->t_submit + s->cfg.request_timeout_s;
+    if (cfg->request_timeout_s > 0)
+        r->deadline = r->t_submit + cfg->request_timeout_s;
     r->conn = c;
-    c->endpoint = chat ? EP_CHAT : EP_COMPLETIONS;
-    int rc = moed_engine_submit(s->eng, r);
+    int rc = moed_engine_submit(a->eng, r);
     if (rc) {
         if (rc == -EBUSY)
-            conn_send_error(c, 503, "server_error", NULL, "queue full (%d waiting, queue_size); retry"
-                            " later", s->cfg.queue_size);
+            moed_conn_send_error(c, 503, "server_error", NULL, "queue full (%d waiting,"
+                                 " queue_size); retry later", cfg->queue_size);
         else
-            conn_send_error(c, 503, "server_error", NULL, "moed is shutting down");
-        conn_response_done(c);
+            moed_conn_send_error(c, 503, "server_error", NULL, "moed is shutting down");
         moed_req_unref(r);
-        return;
+        return false;
     }
-    c->req = r;   /* the reference from moed_req_new */
-    s->active_requests++;
+    moed_conn_set_data(c, r);   /* the reference from moed_req_new */
     if (r->stream)
-        conn_start_stream(c);
+        moed_conn_start_stream(c);
+    return true;
+}
+
+static bool generate(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq,
+                     bool chat)
+{
+    json_t *root = load_body(c, rq);
+    if (root == NULL)
+        return true;
+    bool pending = false;
+    if (!json_is_object(root))
+        moed_conn_send_error(c, 400, "invalid_request_error", NULL, "%s",
+                             "request body must be a JSON object");
+    else
+        pending = submit_generate(a, c, root, chat);
+    json_decref(root);
+    return !pending;
+}
+
+static bool route_completions(struct moed_api *a, struct moed_conn *c,
+                              const struct moed_http_request *rq)
+{
+    return generate(a, c, rq, false);
+}
+
+static bool route_chat(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq)
+{
+    return generate(a, c, rq, true);
 }
 
 /* ---- other endpoints ------------------------------------------------- */
 
-static void handle_tokenize(struct conn *c, const char *body, size_t len)
+static bool route_health(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq)
 {
-    json_error_t jerr;
-    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
-    json_t *content = root ? json_object_get(root, "content") : NULL;
-    if (root == NULL) {
-        conn_send_error(c, 400, "invalid_request_error", NULL, "invalid JSON at line %d column %d:"
-                        " %s", jerr.line, jerr.column, jerr.text);
-    } else if (!json_is_string(content)) {
-        conn_send_error(c, 400, "invalid_request_error", "content", "'content' must be a string");
-    } else {
-        bool add_special = false, parse_special = false;
-        struct moed_parse_error pe;
-        if (!moed_get_bool(root, "add_special", &add_special, &pe) ||
-            !moed_get_bool(root, "parse_special", &parse_special, &pe)) {
-            conn_send_error(c, 400, "invalid_request_error", pe.param, "%s", pe.msg);
-        } else {
-            const struct moe_tokenizer *tok = moed_engine_tokenizer(c->srv->eng);
-            size_t need = 0;
-            int32_t *ids = NULL;
-            const char *t = json_string_value(content);
-            size_t tl = json_string_length(content);
-            int rc = moe_tokenize(tok, t, tl, add_special, parse_special, NULL, 0, &need);
-            if (rc == 0 || rc == -ENOSPC) {
-                ids = moe_malloc((need ? need : 1) * sizeof(int32_t));
-                rc = ids ? moe_tokenize(tok, t, tl, add_special, parse_special, ids, need, &need)
-                         : -ENOMEM;
-            }
-            if (rc) {
-                conn_send_error(c, 400, "invalid_request_error", "content", "cannot tokenize: %s",
-                                moe_strerror(rc));
-            } else {
-                json_t *arr = json_array();
-                for (size_t i = 0; i < need; i++)
-                    json_array_append_new(arr, json_integer(ids[i]));
-                send_json(c, 200, json_pack("{s:o}", "tokens", arr));
-            }
-            moe_free(ids);
-        }
-    }
-    json_decref(root);
-    conn_response_done(c);
+    (void)a;
+    (void)rq;
+    send_json(c, 200, json_pack("{s:s}", "status", "ok"));
+    return true;
 }
 
-static void handle_detokenize(struct conn *c, const char *body, size_t len)
+static bool route_models(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq)
 {
-    json_error_t jerr;
-    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
-    json_t *toks = root ? json_object_get(root, "tokens") : NULL;
-    const int V = moed_engine_n_vocab(c->srv->eng);
-    if (root == NULL) {
-        conn_send_error(c, 400, "invalid_request_error", NULL, "invalid JSON at line %d column %d:"
-                        " %s", jerr.line, jerr.column, jerr.text);
-    } else if (!json_is_array(toks)) {
-        conn_send_error(c, 400, "invalid_request_error", "tokens", "'tokens' must be an array of"
-                        " token ids");
-    } else {
-        const size_t n = json_array_size(toks);
-        int32_t *ids = moe_malloc((n ? n : 1) * sizeof(int32_t));
-        size_t bad_i = SIZE_MAX;
-        for (size_t i = 0; ids && i < n; i++) {
-            json_t *t = json_array_get(toks, i);
-            if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) >= V) {
-                bad_i = i;
-                break;
-            }
-            ids[i] = (int32_t)json_integer_value(t);
-        }
-        if (ids == NULL) {
-            conn_send_error(c, 500, "server_error", NULL, "out of memory");
-        } else if (bad_i != SIZE_MAX) {
-            conn_send_error(c, 400, "invalid_request_error", "tokens", "'tokens'[%zu]: expected a"
-                            " token id 0..%d", bad_i, V - 1);
-        } else {
-            const struct moe_tokenizer *tok = moed_engine_tokenizer(c->srv->eng);
-            size_t need = 0;
-            char *txt = NULL;
-            int rc = moe_detokenize(tok, ids, n, NULL, 0, false, false, &need);
-            if (rc == 0 || rc == -ENOSPC) {
-                txt = moe_malloc(need + 1);
-                rc = txt ? moe_detokenize(tok, ids, n, txt, need, false, false, &need) : -ENOMEM;
-            }
-            if (rc)
-                conn_send_error(c, 400, "invalid_request_error", "tokens", "cannot detokenize: %s",
-                                moe_strerror(rc));
-            else
-                send_json(c, 200, json_pack("{s:o}", "content", json_bytes(txt, need)));
-            moe_free(txt);
-        }
-        moe_free(ids);
+    (void)rq;
+    const struct moe_model_cfg *mc = moe_model_cfg(moed_engine_model(a->eng));
+    send_json(c, 200, json_pack("{s:s, s:[{s:s, s:s, s:I, s:s, s:s, s:i, s:i}]}", "object", "list",
+                                "data", "id", a->model_id, "object", "model", "created",
+                                (json_int_t)time(NULL), "owned_by", "moed", "architecture",
+                                mc->arch_name, "context_length", moed_engine_n_ctx(a->eng),
+                                "n_vocab", mc->n_vocab));
+    return true;
+}
+
+static void tokenize_answer(struct moed_api *a, struct moed_conn *c, json_t *root)
+{
+    json_t *content = json_object_get(root, "content");
+    if (!json_is_string(content)) {
+        moed_conn_send_error(c, 400, "invalid_request_error", "content", "'content' must be a string");
+        return;
     }
-    json_decref(root);
-    conn_response_done(c);
+    bool add_special = false, parse_special = false;
+    struct moed_parse_error pe;
+    if (!moed_get_bool(root, "add_special", &add_special, &pe) ||
+        !moed_get_bool(root, "parse_special", &parse_special, &pe)) {
+        moed_conn_send_error(c, 400, "invalid_request_error", pe.param, "%s", pe.msg);
+        return;
+    }
+    const struct moe_tokenizer *tok = moed_engine_tokenizer(a->eng);
+    size_t need = 0;
+    int32_t *ids = NULL;
+    const char *t = json_string_value(content);
+    size_t tl = json_string_length(content);
+    int rc = moe_tokenize(tok, t, tl, add_special, parse_special, NULL, 0, &need);
+    if (rc == 0 || rc == -ENOSPC) {
+        ids = moe_malloc((need ? need : 1) * sizeof(int32_t));
+        rc = ids ? moe_tokenize(tok, t, tl, add_special, parse_special, ids, need, &need) : -ENOMEM;
+    }
+    if (rc) {
+        moed_conn_send_error(c, 400, "invalid_request_error", "content", "cannot tokenize: %s",
+                             moe_strerror(rc));
+    } else {
+        json_t *arr = json_array();
+        for (size_t i = 0; i < need; i++)
+            json_array_append_new(arr, json_integer(ids[i]));
+        send_json(c, 200, json_pack("{s:o}", "tokens", arr));
+    }
+    moe_free(ids);
+}
+
+static bool route_tokenize(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq)
+{
+    json_t *root = load_body(c, rq);
+    if (root) {
+        tokenize_answer(a, c, root);
+        json_decref(root);
+    }
+    return true;
+}
+
+/* 'tokens' as ids into *ids (moe_malloc); false after answering. */
+static bool token_ids(struct moed_api *a, struct moed_conn *c, json_t *toks, int32_t **ids)
+{
+    const int V = moed_engine_n_vocab(a->eng);
+    const size_t n = json_array_size(toks);
+    *ids = moe_malloc((n ? n : 1) * sizeof(int32_t));
+    if (*ids == NULL) {
+        moed_conn_send_error(c, 500, "server_error", NULL, "out of memory");
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *t = json_array_get(toks, i);
+        if (!json_is_integer(t) || json_integer_value(t) < 0 || json_integer_value(t) >= V) {
+            moed_conn_send_error(c, 400, "invalid_request_error", "tokens", "'tokens'[%zu]: expected"
+                                 " a token id 0..%d", i, V - 1);
+            return false;
+        }
+        (*ids)[i] = (int32_t)json_integer_value(t);
+    }
+    return true;
+}
+
+static void detokenize_answer(struct moed_api *a, struct moed_conn *c, json_t *root)
+{
+    json_t *toks = json_object_get(root, "tokens");
+    if (!json_is_array(toks)) {
+        moed_conn_send_error(c, 400, "invalid_request_error", "tokens", "'tokens' must be an array"
+                             " of token ids");
+        return;
+    }
+    int32_t *ids = NULL;
+    if (token_ids(a, c, toks, &ids)) {
+        const size_t n = json_array_size(toks);
+        const struct moe_tokenizer *tok = moed_engine_tokenizer(a->eng);
+        size_t need = 0;
+        char *txt = NULL;
+        int rc = moe_detokenize(tok, ids, n, NULL, 0, false, false, &need);
+        if (rc == 0 || rc == -ENOSPC) {
+            txt = moe_malloc(need + 1);
+            rc = txt ? moe_detokenize(tok, ids, n, txt, need, false, false, &need) : -ENOMEM;
+        }
+        if (rc)
+            moed_conn_send_error(c, 400, "invalid_request_error", "tokens", "cannot detokenize: %s",
+                                 moe_strerror(rc));
+        else
+            send_json(c, 200, json_pack("{s:o}", "content", json_bytes(txt, need)));
+        moe_free(txt);
+    }
+    moe_free(ids);
+}
+
+static bool route_detokenize(struct moed_api *a, struct moed_conn *c,
+                             const struct moed_http_request *rq)
+{
+    json_t *root = load_body(c, rq);
+    if (root) {
+        detokenize_answer(a, c, root);
+        json_decref(root);
+    }
+    return true;
 }
 
 /* ---- stats and metrics ----------------------------------------------- */
@@ -458,8 +549,7 @@ static void handle_detokenize(struct conn *c, const char *body, size_t len)
 /* One reading of every counter, taken once per request so that /metrics
  * and /v1/moed/stats render the same numbers from the same structs. */
 struct stats_snapshot {
-    uint64_t http_requests;
-    uint64_t http_by_class[6];
+    struct moed_server_stats srv;
     struct moed_engine_stats es;
     double tokens_per_s;
     bool cached;                  /* an expert cache exists (else experts are resident) */
@@ -469,15 +559,14 @@ struct stats_snapshot {
     int pinned;
 };
 
-static void stats_take(struct server *s, struct stats_snapshot *st)
+static void stats_take(struct moed_api *a, struct stats_snapshot *st)
 {
     static struct moe_cache_layer_stats ls[1024];   /* loop thread only */
     memset(st, 0, sizeof(*st));
-    st->http_requests = s->http_requests;
-    memcpy(st->http_by_class, s->http_by_class, sizeof(st->http_by_class));
-    moed_engine_stats(s->eng, &st->es);
+    moed_server_stats(a->srv, &st->srv);
+    moed_engine_stats(a->eng, &st->es);
     st->tokens_per_s = st->es.busy_s > 0 ? (double)st->es.tokens_out / st->es.busy_s : 0.0;
-    struct moe_model *m = moed_engine_model(s->eng);
+    struct moe_model *m = moed_engine_model(a->eng);
     st->cached = moe_model_cache_stats(m, &st->cs);
     if (st->cached) {
         const int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
@@ -516,18 +605,20 @@ static json_t *cache_json(const struct stats_snapshot *st)
 }
 
 /* /v1/moed/stats */
-static json_t *stats_json(struct server *s)
+static json_t *stats_json(struct moed_api *a)
 {
     struct stats_snapshot st;
-    stats_take(s, &st);
+    stats_take(a, &st);
     const struct moed_engine_stats *es = &st.es;
     json_t *o = json_pack("{s:s, s:f, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I},"
                           " s:{s:I, s:I, s:f, s:I, s:i, s:i, s:i, s:f}}",
-                          "model", s->model_id, "uptime_s", moed_now() - s->t_start,
-                          "http", "requests", (json_int_t)st.http_requests,
-                          "1xx", (json_int_t)st.http_by_class[1], "2xx", (json_int_t)st.http_by_class[2],
-                          "3xx", (json_int_t)st.http_by_class[3], "4xx", (json_int_t)st.http_by_class[4],
-                          "5xx", (json_int_t)st.http_by_class[5],
+                          "model", a->model_id, "uptime_s", st.srv.uptime_s,
+                          "http", "requests", (json_int_t)st.srv.http_requests,
+                          "1xx", (json_int_t)st.srv.http_by_class[1],
+                          "2xx", (json_int_t)st.srv.http_by_class[2],
+                          "3xx", (json_int_t)st.srv.http_by_class[3],
+                          "4xx", (json_int_t)st.srv.http_by_class[4],
+                          "5xx", (json_int_t)st.srv.http_by_class[5],
                           "completed", (json_int_t)es->requests_done,
                           "cancelled", (json_int_t)es->requests_cancelled,
                           "failed", (json_int_t)es->requests_failed,
@@ -536,7 +627,8 @@ static json_t *stats_json(struct server *s)
                           "tokens_out", (json_int_t)es->tokens_out,
                           "busy_s", es->busy_s, "steps", (json_int_t)es->steps,
                           "queue_depth", es->queue_depth, "running", es->running,
-                          "max_seqs", s->cfg.max_seqs, "tokens_per_s", st.tokens_per_s);
+                          "max_seqs", moed_server_config(a->srv)->max_seqs,
+                          "tokens_per_s", st.tokens_per_s);
     if (o)
         json_object_set_new(o, "expert_cache", st.cached ? cache_json(&st) : json_null());
     return o;
@@ -628,7 +720,7 @@ static int prom_write(struct prom *p, const struct stats_snapshot *st)
     prom_family(p, "moed_http_responses_total", "counter", "HTTP responses by status class.");
     for (int k = 1; k <= 5; k++)
         prom_printf(p, "moed_http_responses_total{code=\"%dxx\"} %llu\n", k,
-                    (unsigned long long)st->http_by_class[k]);
+                    (unsigned long long)st->srv.http_by_class[k]);
     prom_family(p, "moed_requests_total", "counter", "Generation requests by outcome.");
     prom_printf(p, "moed_requests_total{outcome=\"completed\"} %llu\n"
                 "moed_requests_total{outcome=\"cancelled\"} %llu\n"
@@ -654,80 +746,173 @@ static int prom_write(struct prom *p, const struct stats_snapshot *st)
     return p->rc;
 }
 
-static void handle_metrics(struct conn *c)
+static bool route_metrics(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq)
 {
+    (void)rq;
     struct stats_snapshot st;
-    stats_take(c->srv, &st);
+    stats_take(a, &st);
     struct prom p = { .rc = 0 };
     moe_buf_init(&p.b, 0);
     if (prom_write(&p, &st) != 0)
-        conn_send_error(c, 500, "server_error", NULL, "out of memory");
+        moed_conn_send_error(c, 500, "server_error", NULL, "out of memory");
     else
-        conn_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", p.b.data, p.b.len, NULL);
+        moed_conn_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", p.b.data, p.b.len, NULL);
     moe_buf_free(&p.b);
-    conn_response_done(c);
+    return true;
+}
+
+static bool route_stats(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq)
+{
+    (void)rq;
+    send_json(c, 200, stats_json(a));
+    return true;
 }
 
 /* ---- routing --------------------------------------------------------- */
 
-struct route {
-    const char *path;
+/* A route answers its request and returns true, or returns false when the
+ * answer is still to come (a generation: the engine has it). */
+typedef bool (*route_fn)(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq);
+
+/* Every endpoint, one row each (redis's command table): a path with
+ * another method gets 405 with Allow, an unknown path 404. */
+static const struct route {
     const char *method;
+    const char *path;
+    route_fn handler;
+} routes[] = {
+    { "POST", "/v1/completions", route_completions },
+    { "POST", "/v1/chat/completions", route_chat },
+    { "GET", "/v1/models", route_models },
+    { "POST", "/tokenize", route_tokenize },
+    { "POST", "/detokenize", route_detokenize },
+    { "GET", "/health", route_health },
+    { "GET", "/metrics", route_metrics },
+    { "GET", "/v1/moed/stats", route_stats },
 };
 
-static const struct route routes[] = {
-    { "/v1/completions", "POST" }, { "/v1/chat/completions", "POST" }, { "/v1/models", "GET" },
-    { "/tokenize", "POST" }, { "/detokenize", "POST" }, { "/health", "GET" },
-    { "/metrics", "GET" }, { "/v1/moed/stats", "GET" },
-};
-
-void api_dispatch(struct conn *c, const char *method, const char *path, const char *body, size_t len)
+static void dispatch(void *ud, struct moed_conn *c, const struct moed_http_request *rq)
 {
-    c->endpoint = EP_NONE;
+    struct moed_api *a = ud;
     const struct route *rt = NULL;
-    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++)
-        if (strcmp(routes[i].path, path) == 0)
+    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]) && rt == NULL; i++)
+        if (strcmp(routes[i].path, rq->path) == 0)
             rt = &routes[i];
     if (rt == NULL) {
-        conn_send_error(c, 404, "invalid_request_error", NULL, "no endpoint %.200s", path);
-        conn_response_done(c);
-        return;
-    }
-    if (strcmp(rt->method, method) != 0) {
+        moed_conn_send_error(c, 404, "invalid_request_error", NULL, "no endpoint %.200s", rq->path);
+    } else if (strcmp(rt->method, rq->method) != 0) {
         char allow[64];
         snprintf(allow, sizeof(allow), "Allow: %s\r\n", rt->method);
         char msg[512];
         snprintf(msg, sizeof(msg), "{\"error\":{\"message\":\"%s takes %s, not %s\",\"type\":"
                  "\"invalid_request_error\",\"param\":null,\"code\":null}}", rt->path, rt->method,
-                 method);
-        conn_send(c, 405, "application/json", msg, strlen(msg), allow);
-        conn_response_done(c);
+                 rq->method);
+        moed_conn_send(c, 405, "application/json", msg, strlen(msg), allow);
+    } else if (!rt->handler(a, c, rq)) {
+        return;   /* answered later, from on_wake */
+    }
+    answer_done(c);
+}
+
+/* ---- the transport's events ------------------------------------------ */
+
+/* Drains the engine's news: each request's connection gets what is new. */
+static void on_wake(void *ud)
+{
+    struct moed_api *a = ud;
+    struct moe_queue batch;
+    moed_engine_take_notified(a->eng, &batch);
+    for (struct moed_req *r; (r = moed_req_pop_notified(&batch)) != NULL;) {
+        struct moed_conn *c = r->conn;
+        if (c && moed_conn_data(c) == r)
+            on_engine(a, c, r);
+        moed_req_unref(r);
+    }
+    /* the device is gone for good: stop, and tell the supervisor */
+    if (moed_engine_fatal(a->eng) && moed_server_shutdown(a->srv, "fatal backend error",
+                                                          MOE_EGPU_FATAL))
+        moed_engine_cancel_all(a->eng);
+}
+
+/* The client went away: the engine frees the sequence at its next step. */
+static void abandon(void *ud, struct moed_conn *c)
+{
+    struct moed_api *a = ud;
+    struct moed_req *r = moed_conn_data(c);
+    if (r == NULL)
         return;
-    }
-    struct server *s = c->srv;
-    if (!strcmp(path, "/v1/completions")) {
-        handle_generate(c, body, len, false);
-    } else if (!strcmp(path, "/v1/chat/completions")) {
-        handle_generate(c, body, len, true);
-    } else if (!strcmp(path, "/health")) {
-        send_json(c, 200, json_pack("{s:s}", "status", "ok"));
-        conn_response_done(c);
-    } else if (!strcmp(path, "/v1/models")) {
-        const struct moe_model_cfg *mc = moe_model_cfg(moed_engine_model(s->eng));
-        send_json(c, 200, json_pack("{s:s, s:[{s:s, s:s, s:I, s:s, s:s, s:i, s:i}]}", "object", "list",
-                                    "data", "id", s->model_id, "object", "model", "created",
-                                    (json_int_t)time(NULL), "owned_by", "moed", "architecture",
-                                    mc->arch_name, "context_length", moed_engine_n_ctx(s->eng),
-                                    "n_vocab", mc->n_vocab));
-        conn_response_done(c);
-    } else if (!strcmp(path, "/tokenize")) {
-        handle_tokenize(c, body, len);
-    } else if (!strcmp(path, "/detokenize")) {
-        handle_detokenize(c, body, len);
-    } else if (!strcmp(path, "/metrics")) {
-        handle_metrics(c);
-    } else if (!strcmp(path, "/v1/moed/stats")) {
-        send_json(c, 200, stats_json(s));
-        conn_response_done(c);
-    }
+    moed_engine_cancel(a->eng, r);
+    r->conn = NULL;
+    LOG_I("req=%" PRIu64 " cancelled: client disconnected", r->id);
+    moed_conn_set_data(c, NULL);
+    moed_req_unref(r);
+}
+
+/* The client stopped reading its stream: the scheduler skips the request
+ * while paused (its KV cache is kept). */
+static void backpressure(void *ud, struct moed_conn *c, bool paused)
+{
+    struct moed_api *a = ud;
+    struct moed_req *r = moed_conn_data(c);
+    if (r == NULL)
+        return;
+    atomic_store(&r->paused, paused);
+    if (!paused)
+        moed_engine_kick(a->eng);
+}
+
+static void grace_over(void *ud)
+{
+    struct moed_api *a = ud;
+    /* each request ends as cancelled at the engine's next step; the answers
+     * (a final error event for streams) go out from on_wake */
+    moed_engine_cancel_all(a->eng);
+}
+
+static void reloaded(void *ud, const struct moed_config *cfg)
+{
+    struct moed_api *a = ud;
+    moed_engine_reconfigure(a->eng, cfg);
+}
+
+static void stopped(void *ud)
+{
+    struct moed_api *a = ud;
+    moed_engine_stop(a->eng);   /* it may still wake the loop until then */
+}
+
+const struct moed_handlers moed_api_handlers = {
+    .dispatch = dispatch,
+    .on_wake = on_wake,
+    .abandon = abandon,
+    .backpressure = backpressure,
+    .grace_over = grace_over,
+    .reloaded = reloaded,
+    .stopped = stopped,
+};
+
+struct moed_api *moed_api_new(struct moed_server *srv, struct moed_engine *eng)
+{
+    struct moed_api *a = moe_calloc(1, sizeof(*a));
+    if (a == NULL)
+        return NULL;
+    a->srv = srv;
+    a->eng = eng;
+    const struct moed_config *cfg = moed_server_config(srv);
+    const char *base = strrchr(cfg->model, '/');
+    const char *id = cfg->model_name[0] ? cfg->model_name : base ? base + 1 : cfg->model;
+    const size_t n = strlen(id) < sizeof(a->model_id) - 1 ? strlen(id) : sizeof(a->model_id) - 1;
+    memcpy(a->model_id, id, n);   /* a longer name is cut, as it always was */
+    a->model_id[n] = '\0';
+    return a;
+}
+
+void moed_api_free(struct moed_api *a)
+{
+    moe_free(a);
+}
+
+const char *moed_api_model_id(const struct moed_api *a)
+{
+    return a->model_id;
 }

@@ -8,14 +8,15 @@
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#include <uv.h>
 
 #include "cache/expert_cache.h"
 #include "common/alloc.h"
+#include "daemon/api.h"
 #include "daemon/config.h"
 #include "daemon/engine.h"
 #include "daemon/log.h"
 #include "daemon/server.h"
-#include <uv.h>
 #include "io/expert_src.h"
 #include "kernels/cuda.h"
 #include "model/hparams.h"
@@ -193,7 +194,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);   /* write errors come back as EPIPE */
 
     const int fds0 = count_fds();
-    struct server *srv = moed_server_new(&cfg, argc, argv);
+    struct moed_server *srv = moed_server_new(&cfg, argc, argv);
     if (srv == NULL) {
         fprintf(stderr, "moed: out of memory\n");
         return 1;
@@ -205,7 +206,7 @@ int main(int argc, char **argv)
     }
     if (!a.check_only)
         LOG_I("loading %s", cfg.model);
-    if (moed_engine_create(&eng, &cfg, moed_server_notify, srv, &d) != 0) {
+    if (moed_engine_create(&eng, &cfg, moed_server_wake, srv, &d) != 0) {
         fprintf(stderr, "moed: %s\n", d.msg);
         moed_server_free(srv);
         return 1;
@@ -227,16 +228,19 @@ int main(int argc, char **argv)
         moed_server_free(srv);
         return 1;
     }
-    if (moed_engine_start(eng, &d) != 0) {
-        fprintf(stderr, "moed: %s\n", d.msg);
+    struct moed_api *api = moed_api_new(srv, eng);
+    if (api == NULL || moed_engine_start(eng, &d) != 0) {
+        fprintf(stderr, "moed: %s\n", api ? d.msg : "out of memory");
+        moed_api_free(api);
         moed_engine_free(eng);
         moed_server_free(srv);
         return 1;
     }
-    int rc = moed_server_run(srv, eng, &d);
+    int rc = moed_server_run(srv, moed_api_model_id(api), &moed_api_handlers, api, &d);
     if (rc)
         fprintf(stderr, "moed: %s\n", d.msg);
     moed_engine_free(eng);
+    moed_api_free(api);
     moed_server_free(srv);
     uv_library_shutdown();   /* libuv's process-wide signal pipe */
     /* everything opened since start must be closed (RELIABILITY.md row 21) */

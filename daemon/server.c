@@ -1,8 +1,13 @@
-/* Connections, HTTP/1.1, the listening sockets, signals and shutdown. */
+/* The transport (server.h): connections, HTTP/1.1, the listening sockets,
+ * deadlines, back-pressure, signals and shutdown. What a request means is
+ * the handlers' business; this file only calls them through the table. */
 #include "daemon/server.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <http_parser.h>
+#include <jansson.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,9 +15,77 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <uv.h>
 
 #include "common/alloc.h"
+#include "common/buf.h"
 #include "daemon/log.h"
+
+struct moed_conn {
+    union {
+        uv_handle_t h;
+        uv_stream_t s;
+        uv_pipe_t pipe;
+        uv_tcp_t tcp;
+    } io;
+    uv_timer_t timer;             /* one deadline at a time: idle, read or stalled */
+    int open_handles;
+    struct moed_server *srv;
+    struct moed_conn *prev, *next;
+    uint64_t id;
+
+    http_parser parser;
+    /* the request being read */
+    bool in_message;
+    char url[2048];
+    size_t url_len;
+    size_t header_bytes;
+    char hname[64];
+    size_t hname_len;
+    bool hname_done;
+    bool expect_continue;
+    bool too_large_headers, too_large_body;
+    struct moe_buf body;          /* limit: max_body_bytes */
+    /* bytes that arrived while a response was in progress (pipelining) */
+    struct moe_buf pending;       /* limit: one maximal request */
+
+    bool busy;                    /* a request is being answered */
+    bool answering;               /* dispatched, moed_conn_done not yet called */
+    bool out_paused;              /* the backpressure handler was told to pause */
+    bool keep_alive;
+    bool closing;
+    bool streaming;               /* chunked SSE response under way */
+    void *data;                   /* the handler's, for the current answer */
+};
+
+struct moed_server {
+    uv_loop_t *loop;
+    struct moed_config cfg;
+    int argc;
+    char **argv;
+    const struct moed_handlers *h;
+    void *ud;
+    uv_pipe_t pipe;
+    uv_tcp_t tcp;
+    bool pipe_open, tcp_open;
+    uv_async_t async;
+    uv_signal_t sig_term, sig_int, sig_hup;
+    uv_timer_t grace;
+    int lock_fd;
+    char lock_path[PATH_MAX + 8];
+    bool socket_bound;
+    bool shutting_down;
+    int exit_status;              /* moed_server_shutdown's status */
+    char exit_why[64];
+    struct moed_conn *conns;
+    int n_conns;
+    uint64_t next_conn_id;
+    uint64_t t_start;             /* uv_hrtime() at moed_server_new */
+    /* counters (loop thread) */
+    uint64_t http_by_class[6];    /* 1xx..5xx */
+    uint64_t http_requests;
+    uint64_t answering;           /* connections with an answer in progress */
+};
 
 
 static const char *status_text(int status)
@@ -34,9 +107,9 @@ static const char *status_text(int status)
 
 /* ---- connection lifetime --------------------------------------------- */
 
-static void conn_free(struct conn *c)
+static void conn_free(struct moed_conn *c)
 {
-    struct server *s = c->srv;
+    struct moed_server *s = c->srv;
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -49,25 +122,30 @@ static void conn_free(struct conn *c)
     moe_free(c);
 }
 
-static void server_maybe_exit(struct server *s);
+static void server_maybe_exit(struct moed_server *s);
 
 static void on_handle_closed(uv_handle_t *h)
 {
-    struct conn *c = h->data;
+    struct moed_conn *c = h->data;
     if (--c->open_handles == 0) {
-        struct server *s = c->srv;
+        struct moed_server *s = c->srv;
         conn_free(c);
         server_maybe_exit(s);
     }
 }
 
-static void conn_close(struct conn *c)
+static void conn_close(struct moed_conn *c)
 {
     if (c->closing)
         return;
     c->closing = true;
-    if (c->req)
-        api_abandon(c);
+    if (c->answering) {
+        struct moed_server *s = c->srv;
+        c->answering = false;
+        s->answering--;
+        if (s->h->abandon)
+            s->h->abandon(s->ud, c);
+    }
     uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->timer, on_handle_closed);
     uv_close(&c->io.h, on_handle_closed);
@@ -76,7 +154,7 @@ static void conn_close(struct conn *c)
 
 struct wreq {
     uv_write_t w;
-    struct conn *c;
+    struct moed_conn *c;
     bool close_after;
     char data[];
 };
@@ -84,22 +162,23 @@ struct wreq {
 static void on_written(uv_write_t *w, int status)
 {
     struct wreq *wr = (struct wreq *)w;
-    struct conn *c = wr->c;
+    struct moed_conn *c = wr->c;
     if ((status < 0 || wr->close_after) && !c->closing)
         conn_close(c);
     moe_free(wr);
-    /* a paused generation resumes once the client has read half the backlog */
-    if (!c->closing && c->req && atomic_load(&c->req->paused) &&
+    /* a paused answer resumes once the client has read half the backlog */
+    if (!c->closing && c->answering && c->out_paused &&
         uv_stream_get_write_queue_size(&c->io.s) <= (size_t)c->srv->cfg.max_output_bytes / 2) {
-        atomic_store(&c->req->paused, false);
+        c->out_paused = false;
         uv_timer_stop(&c->timer);
-        moed_engine_kick(c->srv->eng);
+        if (c->srv->h->backpressure)
+            c->srv->h->backpressure(c->srv->ud, c, false);
     }
 }
 
 static void on_stalled(uv_timer_t *t)
 {
-    struct conn *c = t->data;
+    struct moed_conn *c = t->data;
     LOG_I("conn %llu: client read nothing of %zu queued bytes for %d ms; dropping it",
           (unsigned long long)c->id, uv_stream_get_write_queue_size(&c->io.s),
           c->srv->cfg.read_timeout_ms);
@@ -108,7 +187,7 @@ static void on_stalled(uv_timer_t *t)
 
 /* Queues the parts as one write (one allocation: the request and a copy of
  * the bytes, freed when written). */
-static void conn_writev(struct conn *c, const uv_buf_t *parts, int n, bool close_after)
+static void conn_writev(struct moed_conn *c, const uv_buf_t *parts, int n, bool close_after)
 {
     if (c->closing)
         return;
@@ -140,16 +219,18 @@ static void conn_writev(struct conn *c, const uv_buf_t *parts, int n, bool close
         LOG_W("conn %llu: client is not reading (%zu bytes queued); closing",
               (unsigned long long)c->id, queued);
         conn_close(c);
-    } else if (queued > cap && c->req && c->streaming && !atomic_load(&c->req->paused)) {
-        /* stop generating for it; drop it if it stays stuck */
-        atomic_store(&c->req->paused, true);
+    } else if (queued > cap && c->answering && c->streaming && !c->out_paused) {
+        /* stop producing for it; drop it if it stays stuck */
+        c->out_paused = true;
+        if (c->srv->h->backpressure)
+            c->srv->h->backpressure(c->srv->ud, c, true);
         LOG_D("conn %llu: %zu bytes queued (max_output_bytes %zu): generation paused",
               (unsigned long long)c->id, queued, cap);
         uv_timer_start(&c->timer, on_stalled, (uint64_t)c->srv->cfg.read_timeout_ms, 0);
     }
 }
 
-static void conn_write_ex(struct conn *c, const char *a, size_t al, const char *b, size_t bl,
+static void conn_write_ex(struct moed_conn *c, const char *a, size_t al, const char *b, size_t bl,
                           bool close_after)
 {
     const uv_buf_t parts[2] = { uv_buf_init((char *)a, (unsigned)al),
@@ -159,14 +240,14 @@ static void conn_write_ex(struct conn *c, const char *a, size_t al, const char *
 
 /* ---- responses ------------------------------------------------------- */
 
-static void count_status(struct server *s, int status)
+static void count_status(struct moed_server *s, int status)
 {
     if (status >= 100 && status < 600)
         s->http_by_class[status / 100]++;
 }
 
-void conn_send(struct conn *c, int status, const char *ctype, const char *body, size_t len,
-               const char *extra_headers)
+void moed_conn_send(struct moed_conn *c, int status, const char *ctype, const char *body,
+                    size_t len, const char *extra_headers)
 {
     char head[1024];
     const bool close_after = !c->keep_alive || c->srv->shutting_down;
@@ -181,8 +262,14 @@ void conn_send(struct conn *c, int status, const char *ctype, const char *body, 
     conn_write_ex(c, head, (size_t)n, body, len, close_after);
 }
 
-void conn_send_error(struct conn *c, int status, const char *type, const char *param,
-                     const char *fmt, ...)
+/* json_dump_callback's sink: appends to a moe_buf. */
+static int buf_sink(const char *p, size_t n, void *ud)
+{
+    return moe_buf_append(ud, p, n) == 0 ? 0 : -1;
+}
+
+void moed_conn_send_error(struct moed_conn *c, int status, const char *type, const char *param,
+                          const char *fmt, ...)
 {
     char msg[768];
     va_list ap;
@@ -199,18 +286,19 @@ void conn_send_error(struct conn *c, int status, const char *type, const char *p
     }
     json_t *j = json_pack("{s:{s:o, s:s, s:s?, s:n}}", "error", "message", jm, "type", type,
                           "param", param, "code");
-    char *txt = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    struct moe_buf b;
+    moe_buf_init(&b, 0);
     const char *extra = status == 503 ? "Retry-After: 1\r\n" : NULL;
-    if (txt)
-        conn_send(c, status, "application/json", txt, strlen(txt), extra);
+    if (j && json_dump_callback(j, buf_sink, &b, JSON_COMPACT) == 0 && b.data)
+        moed_conn_send(c, status, "application/json", b.data, b.len, extra);
     else
-        conn_send(c, 500, "text/plain", "out of memory\n", 14, NULL);
-    moe_free(txt);   /* jansson allocates through moe_malloc (moed.c) */
+        moed_conn_send(c, 500, "text/plain", "out of memory\n", 14, NULL);
+    moe_buf_free(&b);
     json_decref(j);
     LOG_D("conn %llu: %d %s", (unsigned long long)c->id, status, msg);
 }
 
-void conn_start_stream(struct conn *c)
+void moed_conn_start_stream(struct moed_conn *c)
 {
     static const char head[] = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                                "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n";
@@ -224,7 +312,7 @@ void conn_start_stream(struct conn *c)
     conn_write_ex(c, buf, (size_t)n, NULL, 0, false);
 }
 
-void conn_chunk(struct conn *c, const char *data, size_t len)
+void moed_conn_chunk(struct moed_conn *c, const char *data, size_t len)
 {
     if (len == 0)
         return;
@@ -236,23 +324,23 @@ void conn_chunk(struct conn *c, const char *data, size_t len)
     conn_writev(c, parts, 3, false);
 }
 
-void conn_end_chunks(struct conn *c)
+void moed_conn_end_stream(struct moed_conn *c)
 {
     c->streaming = false;
     conn_write_ex(c, "0\r\n\r\n", 5, NULL, 0, !c->keep_alive);
 }
 
-static void conn_feed(struct conn *c, const char *data, size_t len);
-static void arm_idle(struct conn *c);
+static void conn_feed(struct moed_conn *c, const char *data, size_t len);
+static void arm_idle(struct moed_conn *c);
 
-void conn_response_done(struct conn *c)
+void moed_conn_done(struct moed_conn *c)
 {
-    struct server *s = c->srv;
+    struct moed_server *s = c->srv;
     c->busy = false;
-    if (c->req) {
-        moed_req_unref(c->req);
-        c->req = NULL;
-        s->active_requests--;
+    c->out_paused = false;
+    if (c->answering) {
+        c->answering = false;
+        s->answering--;
     }
     if (c->closing || !c->keep_alive) {
         server_maybe_exit(s);
@@ -269,32 +357,36 @@ void conn_response_done(struct conn *c)
     server_maybe_exit(s);
 }
 
+void *moed_conn_data(const struct moed_conn *c) { return c->data; }
+void moed_conn_set_data(struct moed_conn *c, void *data) { c->data = data; }
+uint64_t moed_conn_id(const struct moed_conn *c) { return c->id; }
+
 /* ---- deadlines ------------------------------------------------------- */
 
 static void on_idle_timeout(uv_timer_t *t)
 {
-    struct conn *c = t->data;
+    struct moed_conn *c = t->data;
     LOG_D("conn %llu: idle for %d ms; closing", (unsigned long long)c->id, c->srv->cfg.idle_timeout_ms);
     conn_close(c);
 }
 
 static void on_read_timeout(uv_timer_t *t)
 {
-    struct conn *c = t->data;
+    struct moed_conn *c = t->data;
     LOG_I("conn %llu: request not received within %d ms; 408", (unsigned long long)c->id,
           c->srv->cfg.read_timeout_ms);
     c->keep_alive = false;
     c->busy = true;
-    conn_send_error(c, 408, "invalid_request_error", NULL,
+    moed_conn_send_error(c, 408, "invalid_request_error", NULL,
                     "request not received within %d ms (read_timeout_ms)", c->srv->cfg.read_timeout_ms);
 }
 
-static void arm_idle(struct conn *c)
+static void arm_idle(struct moed_conn *c)
 {
     uv_timer_start(&c->timer, on_idle_timeout, (uint64_t)c->srv->cfg.idle_timeout_ms, 0);
 }
 
-static void arm_read(struct conn *c)
+static void arm_read(struct moed_conn *c)
 {
     uv_timer_start(&c->timer, on_read_timeout, (uint64_t)c->srv->cfg.read_timeout_ms, 0);
 }
@@ -303,7 +395,7 @@ static void arm_read(struct conn *c)
 
 static int on_message_begin(http_parser *p)
 {
-    struct conn *c = p->data;
+    struct moed_conn *c = p->data;
     c->in_message = true;
     c->url_len = 0;
     c->url[0] = '\0';
@@ -314,12 +406,11 @@ static int on_message_begin(http_parser *p)
     c->too_large_headers = c->too_large_body = false;
     moe_buf_clear(&c->body);   /* keeps its memory for the next request */
     c->body.limit = (size_t)c->srv->cfg.max_body_bytes;
-    c->t_start = moed_now();
     arm_read(c);
     return 0;
 }
 
-static int count_header(struct conn *c, size_t n)
+static int count_header(struct moed_conn *c, size_t n)
 {
     c->header_bytes += n;
     if (c->header_bytes > (size_t)c->srv->cfg.max_header_bytes) {
@@ -331,7 +422,7 @@ static int count_header(struct conn *c, size_t n)
 
 static int on_url(http_parser *p, const char *at, size_t n)
 {
-    struct conn *c = p->data;
+    struct moed_conn *c = p->data;
     if (count_header(c, n))
         return 1;
     if (c->url_len + n >= sizeof(c->url)) {
@@ -346,7 +437,7 @@ static int on_url(http_parser *p, const char *at, size_t n)
 
 static int on_header_field(http_parser *p, const char *at, size_t n)
 {
-    struct conn *c = p->data;
+    struct moed_conn *c = p->data;
     if (count_header(c, n))
         return 1;
     if (c->hname_done) {
@@ -363,7 +454,7 @@ static int on_header_field(http_parser *p, const char *at, size_t n)
 
 static int on_header_value(http_parser *p, const char *at, size_t n)
 {
-    struct conn *c = p->data;
+    struct moed_conn *c = p->data;
     if (count_header(c, n))
         return 1;
     c->hname_done = true;
@@ -374,7 +465,7 @@ static int on_header_value(http_parser *p, const char *at, size_t n)
 
 static int on_headers_complete(http_parser *p)
 {
-    struct conn *c = p->data;
+    struct moed_conn *c = p->data;
     if ((p->flags & F_CONTENTLENGTH) && p->content_length > (uint64_t)c->srv->cfg.max_body_bytes) {
         c->too_large_body = true;
         return -1;
@@ -386,7 +477,7 @@ static int on_headers_complete(http_parser *p)
 
 static int on_body(http_parser *p, const char *at, size_t n)
 {
-    struct conn *c = p->data;
+    struct moed_conn *c = p->data;
     int rc = moe_buf_append(&c->body, at, n);   /* limit: max_body_bytes */
     if (rc == MOE_ELIMIT)
         c->too_large_body = true;
@@ -395,8 +486,8 @@ static int on_body(http_parser *p, const char *at, size_t n)
 
 static int on_message_complete(http_parser *p)
 {
-    struct conn *c = p->data;
-    struct server *s = c->srv;
+    struct moed_conn *c = p->data;
+    struct moed_server *s = c->srv;
     c->in_message = false;
     uv_timer_stop(&c->timer);
     c->keep_alive = http_should_keep_alive(p) != 0;
@@ -411,12 +502,17 @@ static int on_message_complete(http_parser *p)
         *q = '\0';
     if (s->shutting_down) {
         c->keep_alive = false;
-        conn_send_error(c, 503, "server_error", NULL, "moed is shutting down");
-        conn_response_done(c);
+        moed_conn_send_error(c, 503, "server_error", NULL, "moed is shutting down");
+        moed_conn_done(c);
         return 0;
     }
-    api_dispatch(c, http_method_str((enum http_method)p->method), path,
-                 c->body.data ? c->body.data : "", c->body.len);
+    const struct moed_http_request rq = {
+        .method = http_method_str((enum http_method)p->method), .path = path,
+        .body = c->body.data ? c->body.data : "", .body_len = c->body.len,
+    };
+    c->answering = true;
+    s->answering++;
+    s->h->dispatch(s->ud, c, &rq);
     return 0;
 }
 
@@ -430,7 +526,7 @@ static const http_parser_settings settings = {
     .on_message_complete = on_message_complete,
 };
 
-static void stash(struct conn *c, const char *data, size_t len)
+static void stash(struct moed_conn *c, const char *data, size_t len)
 {
     /* at most one maximal request waits */
     c->pending.limit = (size_t)c->srv->cfg.max_body_bytes + (size_t)c->srv->cfg.max_header_bytes;
@@ -442,7 +538,7 @@ static void stash(struct conn *c, const char *data, size_t len)
         conn_close(c);
 }
 
-static void conn_feed(struct conn *c, const char *data, size_t len)
+static void conn_feed(struct moed_conn *c, const char *data, size_t len)
 {
     while (len > 0 && !c->closing) {
         if (c->busy) {
@@ -462,15 +558,15 @@ static void conn_feed(struct conn *c, const char *data, size_t len)
             c->keep_alive = false;
             c->busy = true;
             if (c->too_large_headers)
-                conn_send_error(c, 431, "invalid_request_error", NULL,
+                moed_conn_send_error(c, 431, "invalid_request_error", NULL,
                                 "request line and headers exceed %d bytes (max_header_bytes)",
                                 c->srv->cfg.max_header_bytes);
             else if (c->too_large_body)
-                conn_send_error(c, 413, "invalid_request_error", NULL,
+                moed_conn_send_error(c, 413, "invalid_request_error", NULL,
                                 "request body exceeds %lld bytes (max_body_bytes)",
                                 (long long)c->srv->cfg.max_body_bytes);
             else
-                conn_send_error(c, 400, "invalid_request_error", NULL, "malformed HTTP: %s",
+                moed_conn_send_error(c, 400, "invalid_request_error", NULL, "malformed HTTP: %s",
                                 http_errno_description(err));
             return;
         }
@@ -478,7 +574,7 @@ static void conn_feed(struct conn *c, const char *data, size_t len)
             /* an upgrade request; we do not speak anything else */
             c->keep_alive = false;
             c->busy = true;
-            conn_send_error(c, 400, "invalid_request_error", NULL, "protocol upgrade not supported");
+            moed_conn_send_error(c, 400, "invalid_request_error", NULL, "protocol upgrade not supported");
             return;
         }
         return;
@@ -495,11 +591,11 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 
 static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 {
-    struct conn *c = st->data;
+    struct moed_conn *c = st->data;
     if (nread < 0) {
-        if (c->req)
-            LOG_I("conn %llu: client went away during request %llu", (unsigned long long)c->id,
-                  (unsigned long long)c->req->id);
+        if (c->answering)
+            LOG_I("conn %llu: client went away before its answer was complete",
+                  (unsigned long long)c->id);
         conn_close(c);
         return;
     }
@@ -512,12 +608,12 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 
 static void on_connection(uv_stream_t *server, int status)
 {
-    struct server *s = server->data;
+    struct moed_server *s = server->data;
     if (status < 0) {
         LOG_W("accept: %s", uv_strerror(status));
         return;
     }
-    struct conn *c = moe_calloc(1, sizeof(*c));
+    struct moed_conn *c = moe_calloc(1, sizeof(*c));
     if (c == NULL)
         return;
     c->srv = s;
@@ -549,7 +645,7 @@ static void on_connection(uv_stream_t *server, int status)
               s->n_conns - 1, s->cfg.max_connections);
         c->keep_alive = false;
         c->busy = true;
-        conn_send_error(c, 503, "server_error", NULL, "too many connections (max_connections %d);"
+        moed_conn_send_error(c, 503, "server_error", NULL, "too many connections (max_connections %d);"
                         " retry later", s->cfg.max_connections);
         return;
     }
@@ -557,33 +653,19 @@ static void on_connection(uv_stream_t *server, int status)
     uv_read_start(&c->io.s, on_alloc, on_read);
 }
 
-/* ---- engine notifications -------------------------------------------- */
-
-static void begin_shutdown(struct server *s, const char *why);
+/* ---- wake-ups from other threads -------------------------------------- */
 
 static void on_async(uv_async_t *a)
 {
-    struct server *s = a->data;
-    struct moe_queue batch;
-    moed_engine_take_notified(s->eng, &batch);
-    for (struct moed_req *r; (r = moed_req_pop_notified(&batch)) != NULL;) {
-        struct conn *c = r->conn;
-        if (c && c->req == r && !c->closing)
-            api_on_engine(c, r);
-        moed_req_unref(r);
-    }
-    if (moed_engine_fatal(s->eng) && !s->shutting_down) {
-        /* the device is gone for good: stop, and tell the supervisor */
-        s->exit_code = 1;
-        begin_shutdown(s, "fatal backend error");
-        moed_engine_cancel_all(s->eng);
-    }
+    struct moed_server *s = a->data;
+    if (s->h && s->h->on_wake)
+        s->h->on_wake(s->ud);
     server_maybe_exit(s);
 }
 
 /* ---- socket ---------------------------------------------------------- */
 
-static void unlink_socket(struct server *s)
+static void unlink_socket(struct moed_server *s)
 {
     if (s->socket_bound) {
         struct stat st;
@@ -600,7 +682,7 @@ static void unlink_socket(struct server *s)
 
 /* Takes the lock beside the socket, removes a stale socket, binds with the
  * configured mode from the start (umask), and listens. */
-static int open_socket(struct server *s, struct moe_diag *d)
+static int open_socket(struct moed_server *s, struct moe_diag *d)
 {
     const char *path = s->cfg.socket;
     snprintf(s->lock_path, sizeof(s->lock_path), "%s.lock", path);
@@ -662,7 +744,7 @@ static int open_socket(struct server *s, struct moe_diag *d)
 
 /* ---- signals and shutdown -------------------------------------------- */
 
-static void close_listeners(struct server *s)
+static void close_listeners(struct moed_server *s)
 {
     if (s->pipe_open) {
         uv_close((uv_handle_t *)&s->pipe, NULL);
@@ -684,11 +766,11 @@ static void close_all(uv_handle_t *h, void *arg)
 
 /* During shutdown: once no request is in flight, close the idle
  * connections and stop the loop. */
-static void server_maybe_exit(struct server *s)
+static void server_maybe_exit(struct moed_server *s)
 {
-    if (!s->shutting_down || s->active_requests > 0)
+    if (!s->shutting_down || s->answering > 0)
         return;
-    for (struct conn *c = s->conns, *n; c; c = n) {
+    for (struct moed_conn *c = s->conns, *n; c; c = n) {
         n = c->next;
         if (!c->busy && !c->closing)
             conn_close(c);
@@ -699,28 +781,39 @@ static void server_maybe_exit(struct server *s)
 
 static void on_grace(uv_timer_t *t)
 {
-    struct server *s = t->data;
-    if (s->active_requests > 0)
+    struct moed_server *s = t->data;
+    if (s->answering > 0)
         LOG_W("shutdown: grace period over; cancelling %llu request(s)",
-              (unsigned long long)s->active_requests);
-    s->grace_expired = true;
-    /* the engine ends each request as cancelled at its next step; the
-     * responses (a final error event for streams) go out from on_async */
-    moed_engine_cancel_all(s->eng);
+              (unsigned long long)s->answering);
+    /* the handlers end what is in progress; the answers (for moed's API a
+     * final error event on streams) still go out */
+    if (s->h->grace_over)
+        s->h->grace_over(s->ud);
 }
 
-static void begin_shutdown(struct server *s, const char *why)
+static void begin_shutdown(struct moed_server *s, const char *why)
 {
     LOG_I("%s: no new connections; %llu request(s) in flight get %d s", why,
-          (unsigned long long)s->active_requests, s->cfg.shutdown_grace_s);
+          (unsigned long long)s->answering, s->cfg.shutdown_grace_s);
     s->shutting_down = true;
     close_listeners(s);
     uv_timer_start(&s->grace, on_grace, (uint64_t)s->cfg.shutdown_grace_s * 1000, 0);
 }
 
+bool moed_server_shutdown(struct moed_server *s, const char *why, int status)
+{
+    if (s->shutting_down)
+        return false;
+    s->exit_status = status < 0 ? status : 0;
+    snprintf(s->exit_why, sizeof(s->exit_why), "%s", why);
+    begin_shutdown(s, why);
+    server_maybe_exit(s);
+    return true;
+}
+
 static void on_stop_signal(uv_signal_t *h, int signum)
 {
-    struct server *s = h->data;
+    struct moed_server *s = h->data;
     if (s->shutting_down) {
         LOG_W("second %s: exiting now", signum == SIGINT ? "SIGINT" : "SIGTERM");
         unlink_socket(s);
@@ -740,7 +833,7 @@ static void log_restart_key(void *ud, const char *key)
 static void on_hup(uv_signal_t *h, int signum)
 {
     (void)signum;
-    struct server *s = h->data;
+    struct moed_server *s = h->data;
     struct moed_config next;
     struct moed_args a;
     struct moe_diag d = { 0 };
@@ -751,7 +844,8 @@ static void on_hup(uv_signal_t *h, int signum)
         return;
     }
     moed_config_apply_reload(&s->cfg, &next, log_restart_key, NULL);
-    moed_engine_reconfigure(s->eng, &s->cfg);
+    if (s->h->reloaded)
+        s->h->reloaded(s->ud, &s->cfg);
     moed_log_set_level(s->cfg.log_level);
     LOG_I("reload: configuration%s%s applied", a.config_path ? " from " : "",
           a.config_path ? a.config_path : "");
@@ -759,15 +853,9 @@ static void on_hup(uv_signal_t *h, int signum)
 
 /* ---- entry ----------------------------------------------------------- */
 
-static void notify_loop(void *ud)
+struct moed_server *moed_server_new(const struct moed_config *cfg, int argc, char **argv)
 {
-    struct server *s = ud;
-    uv_async_send(&s->async);
-}
-
-struct server *moed_server_new(const struct moed_config *cfg, int argc, char **argv)
-{
-    struct server *s = moe_calloc(1, sizeof(*s));
+    struct moed_server *s = moe_calloc(1, sizeof(*s));
     if (s == NULL)
         return NULL;
     s->loop = uv_default_loop();
@@ -775,22 +863,36 @@ struct server *moed_server_new(const struct moed_config *cfg, int argc, char **a
     s->argc = argc;
     s->argv = argv;
     s->lock_fd = -1;
-    s->t_start = moed_now();
+    s->t_start = uv_hrtime();
     uv_async_init(s->loop, &s->async, on_async);
     s->async.data = s;
     return s;
 }
 
-void moed_server_notify(void *ud) { notify_loop(ud); }
-
-int moed_server_run(struct server *s, struct moed_engine *eng, struct moe_diag *d)
+void moed_server_wake(void *server)
 {
-    s->eng = eng;
-    const char *base = strrchr(s->cfg.model, '/');
-    const char *id = s->cfg.model_name[0] ? s->cfg.model_name : base ? base + 1 : s->cfg.model;
-    size_t idl = strlen(id) < sizeof(s->model_id) - 1 ? strlen(id) : sizeof(s->model_id) - 1;
-    memcpy(s->model_id, id, idl);
-    s->model_id[idl] = '\0';
+    struct moed_server *s = server;
+    uv_async_send(&s->async);
+}
+
+const struct moed_config *moed_server_config(const struct moed_server *s)
+{
+    return &s->cfg;
+}
+
+void moed_server_stats(const struct moed_server *s, struct moed_server_stats *out)
+{
+    out->http_requests = s->http_requests;
+    memcpy(out->http_by_class, s->http_by_class, sizeof(out->http_by_class));
+    out->uptime_s = (double)(uv_hrtime() - s->t_start) * 1e-9;
+}
+
+int moed_server_run(struct moed_server *s, const char *name, const struct moed_handlers *h,
+                    void *ud, struct moe_diag *d)
+{
+    MOE_ASSERT(h != NULL && h->dispatch != NULL);
+    s->h = h;
+    s->ud = ud;
     int rc = open_socket(s, d);
     if (rc) {
         close_listeners(s);
@@ -805,13 +907,14 @@ int moed_server_run(struct server *s, struct moed_engine *eng, struct moe_diag *
     uv_signal_start(&s->sig_hup, on_hup, SIGHUP);
     uv_timer_init(s->loop, &s->grace);
     s->grace.data = s;
-    LOG_I("serving %s on %s (mode 0%03o)%s", s->model_id, s->cfg.socket, s->cfg.socket_mode,
+    LOG_I("serving %s on %s (mode 0%03o)%s", name, s->cfg.socket, s->cfg.socket_mode,
           s->cfg.tcp_port ? " and 127.0.0.1" : "");
     if (s->cfg.tcp_port)
         LOG_I("also on http://127.0.0.1:%d", s->cfg.tcp_port);
     uv_run(s->loop, UV_RUN_DEFAULT);
-    /* stopped: the engine first (it may still notify), then every handle */
-    moed_engine_stop(eng);
+    /* stopped: the producers first (they may still wake us), then every handle */
+    if (h->stopped)
+        h->stopped(ud);
     close_listeners(s);
     uv_walk(s->loop, close_all, NULL);
     uv_run(s->loop, UV_RUN_DEFAULT);
@@ -821,12 +924,12 @@ int moed_server_run(struct server *s, struct moed_engine *eng, struct moe_diag *
         return moe_diag_set(d, MOE_ELIMIT, "shutdown: event loop handles left open");
     }
     LOG_I("stopped");
-    if (s->exit_code)
-        return moe_diag_set(d, MOE_EGPU_FATAL, "stopped after a fatal backend error");
+    if (s->exit_status)
+        return moe_diag_set(d, s->exit_status, "stopped after a %s", s->exit_why);
     return 0;
 }
 
-void moed_server_free(struct server *s)
+void moed_server_free(struct moed_server *s)
 {
     if (s == NULL)
         return;
