@@ -567,19 +567,8 @@ void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *
     pthread_mutex_unlock(&c->mu);
 }
 
-int moe_expert_cache_layer_stats(struct moe_expert_cache *c, uint64_t *hits, uint64_t *misses, int max)
-{
-    pthread_mutex_lock(&c->mu);
-    for (int l = 0; l < c->n_layer && l < max; l++) {
-        hits[l] = c->layer_hits[l];
-        misses[l] = c->layer_misses[l];
-    }
-    pthread_mutex_unlock(&c->mu);
-    return c->n_layer;
-}
-
-int moe_expert_cache_layer_stats_ex(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,
-                                    int max)
+int moe_expert_cache_layer_stats(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,
+                                 int max)
 {
     pthread_mutex_lock(&c->mu);
     for (int l = 0; l < c->n_layer && l < max; l++)

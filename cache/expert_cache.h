@@ -20,23 +20,13 @@
 #include <stdint.h>
 
 #include "cache/policy.h"
+#include "cache/stats.h"
 #include "common/error.h"
 
 struct moe_backend;
 struct moe_expert_src;
 struct moe_expert_cache;
 
-struct moe_cache_stats {
-    uint64_t hits, misses;          /* acquires that found the expert / started a load */
-    uint64_t loads_ok, loads_failed, evictions;
-    uint64_t bytes_loaded;
-    double stall_s;                 /* time the engine spent waiting for loads */
-    uint64_t prefetch_issued, prefetch_used, prefetch_wasted, prefetch_dropped;
-    uint64_t prefetch_cancelled;    /* queued prefetches dropped as stale before they started */
-    uint64_t host_hits, host_inserts;  /* host-RAM tier below the slots */
-    int n_slots;
-    size_t slot_bytes;
-};
 
 /* Slots start on a page (the expert store reads raw blobs straight into
  * them with O_DIRECT): each takes its size rounded up to a page, and the
@@ -104,16 +94,10 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
                               int max_inflight);
 
 void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out);
-/* Per-layer hits and misses (arrays of n_layer, filled up to max entries);
- * returns n_layer. */
-struct moe_cache_layer_stats {
-    uint64_t hits, misses, bytes_loaded;
-    double stall_s;               /* time the engine waited for this layer's experts */
-};
-/* Per layer: hits, misses, bytes loaded into slots, stall; returns n_layer. */
-int moe_expert_cache_layer_stats_ex(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,
-                                    int max);
-int moe_expert_cache_layer_stats(struct moe_expert_cache *c, uint64_t *hits, uint64_t *misses, int max);
+/* Per layer: hits, misses, bytes loaded into slots, stall (out has room for
+ * max entries); returns n_layer. */
+int moe_expert_cache_layer_stats(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,
+                                 int max);
 /* Experts currently pinned (0 between forward passes). */
 int moe_expert_cache_pinned(struct moe_expert_cache *c);
 

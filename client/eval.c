@@ -26,7 +26,6 @@
 #include "model/model.h"
 #include "model/sampling.h"
 #include "kernels/cpu/vecdot.h"
-#include "cache/expert_cache.h"
 #include "model/options.h"
 #include "common/alloc.h"
 #include "model/chat_template.h"
@@ -610,7 +609,7 @@ static void print_cache_stats(struct moe_model *m)
         fprintf(stderr, "{\"prefetch_steps_on\": %llu, \"prefetch_steps_off\": %llu}\n",
                 (unsigned long long)pf_on, (unsigned long long)pf_off);
     static struct moe_cache_layer_stats ls[1024];
-    int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
+    int nl = moe_model_cache_layer_stats(m, ls, 1024);
     if (nl <= 0)
         return;
     fprintf(stderr, "{\"layer_hit_rate\": [");

@@ -20,7 +20,6 @@
 #include <string.h>
 #include <time.h>
 
-#include "cache/expert_cache.h"
 #include "common/alloc.h"
 #include "common/buf.h"
 #include "daemon/log.h"
@@ -569,7 +568,7 @@ static void stats_take(struct moed_api *a, struct stats_snapshot *st)
     struct moe_model *m = moed_engine_model(a->eng);
     st->cached = moe_model_cache_stats(m, &st->cs);
     if (st->cached) {
-        const int nl = moe_model_cache_layer_stats_ex(m, ls, 1024);
+        const int nl = moe_model_cache_layer_stats(m, ls, 1024);
         st->n_layers = nl < 1024 ? nl : 1024;
         st->ls = ls;
         st->pinned = moe_model_cache_pinned(m);

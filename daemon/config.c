@@ -1,5 +1,9 @@
 #include "daemon/config.h"
 
+#include "common/opt.h"
+#include "daemon/log.h"
+#include "model/options.h"
+
 #include <errno.h>
 #include <ini.h>
 #include <math.h>
@@ -9,238 +13,137 @@
 
 #include "common/buf.h"
 
-enum kind { K_STR, K_INT, K_SIZE, K_BOOL, K_MODE, K_ENUM };
-
-struct key {
-    const char *name;
-    enum kind kind;
-    size_t off;
-    size_t cap;              /* K_STR/K_ENUM: buffer size */
-    int64_t min, max;        /* K_INT/K_SIZE/K_MODE */
-    bool runtime;            /* SIGHUP can change it */
-    const char *choices;     /* K_ENUM: '|'-separated */
-    const char *help;
-};
-
+/* moed's own keys; the engine's are model/options.c's table, read here at
+ * the offset of moed_config.engine. Both tables are common/opt.h rows. */
 #define OFF(f) offsetof(struct moed_config, f)
 #define CAP(f) sizeof(((struct moed_config *)0)->f)
+#define RT MOE_OPT_RUNTIME
 
-static const struct key keys[] = {
-    { "model", K_STR, OFF(model), CAP(model), 0, 0, false, NULL,
+static const struct moe_opt_choice log_levels[] = {
+    { "error", MOED_LOG_ERROR }, { "warn", MOED_LOG_WARN }, { "info", MOED_LOG_INFO },
+    { "debug", MOED_LOG_DEBUG }, { NULL, 0 },
+};
+
+static const struct moe_opt daemon_keys[] = {
+    { "model", NULL, MOE_OPT_STR, OFF(model), CAP(model), 0, 0, NULL, NULL, 0,
       "model file: a GGUF, or a .moe pack made by `moectl pack`" },
-    { "model_name", K_STR, OFF(model_name), CAP(model_name), 0, 0, false, NULL,
+    { "model_name", NULL, MOE_OPT_STR, OFF(model_name), CAP(model_name), 0, 0, NULL, NULL, 0,
       "model id reported by /v1/models (default: the file name)" },
-    { "threads", K_INT, OFF(threads), 0, 0, 1024, false, NULL,
-      "CPU threads for compute (0: all online CPUs)" },
-    { "ctx_size", K_INT, OFF(ctx_size), 0, 16, 1 << 20, false, NULL,
-      "context (prompt + output) per sequence, tokens" },
-    { "batch_size", K_INT, OFF(batch_size), 0, 1, 8192, false, NULL,
-      "tokens per engine step, all sequences together" },
-    { "max_seqs", K_INT, OFF(max_seqs), 0, 1, 256, false, NULL,
+    { "max_seqs", NULL, MOE_OPT_INT, OFF(max_seqs), 0, 1, 256, NULL, "16", 0,
       "sequences decoded together (continuous batching); each has its own KV cache" },
-    { "kv_f16", K_BOOL, OFF(kv_f16), 0, 0, 1, false, NULL, "f16 KV cache (default f32)" },
-    { "cache_bytes", K_SIZE, OFF(cache_bytes), 0, 0, (int64_t)1 << 50, false, NULL,
-      "expert cache budget (e.g. 12G); 0 with cache_experts 0: every expert resident" },
-    { "cache_experts", K_INT, OFF(cache_experts), 0, 0, 1 << 24, false, NULL,
-      "expert cache budget in experts (instead of cache_bytes)" },
-    { "cache_policy", K_ENUM, OFF(cache_policy), CAP(cache_policy), 0, 0, false, "lru|lfu|layer|predict",
-      "eviction policy of the expert cache" },
-    { "host_bytes", K_SIZE, OFF(host_bytes), 0, 0, (int64_t)1 << 50, false, NULL,
-      "host-RAM tier below the expert cache (0: none)" },
-    { "prefetch", K_ENUM, OFF(prefetch), CAP(prefetch), 0, 0, false, "none|gate|history",
-      "expert prefetch predictor" },
-    { "prefetch_depth", K_INT, OFF(prefetch_depth), 0, 1, 8, false, NULL,
-      "layers ahead the prefetcher predicts" },
-    { "prefetch_always", K_BOOL, OFF(prefetch_always), 0, 0, 1, false, NULL,
-      "prefetch on every decode step (default: a governor keeps it only while it makes decoding faster)" },
-    { "backend", K_ENUM, OFF(backend), CAP(backend), 0, 0, false, "cpu|cuda",
-      "compute backend (cuda: device 0; not yet run on a GPU, see doc/cuda.md)" },
-    { "force_pread", K_BOOL, OFF(force_pread), 0, 0, 1, false, NULL,
-      "read experts with pread instead of io_uring" },
-    { "chat_template", K_STR, OFF(chat_template), CAP(chat_template), 0, 0, false, NULL,
+    { "chat_template", NULL, MOE_OPT_STR, OFF(chat_template), CAP(chat_template), 0, 0, NULL, NULL, 0,
       "chat template by name (chatml, llama2, mistral-v7, deepseek3, ...); empty: from the model" },
-    { "socket", K_STR, OFF(socket), CAP(socket), 0, 0, false, NULL,
+    { "socket", NULL, MOE_OPT_STR, OFF(socket), CAP(socket), 0, 0, NULL, NULL, 0,
       "Unix socket path (default $XDG_RUNTIME_DIR/moed.sock, else ./moed.sock)" },
-    { "socket_mode", K_MODE, OFF(socket_mode), 0, 0, 0777, false, NULL,
+    { "socket_mode", NULL, MOE_OPT_MODE, OFF(socket_mode), 0, 0, 0777, NULL, "0600", 0,
       "permissions of the socket, octal" },
-    { "tcp_port", K_INT, OFF(tcp_port), 0, 0, 65535, false, NULL,
+    { "tcp_port", NULL, MOE_OPT_INT, OFF(tcp_port), 0, 0, 65535, NULL, "0", 0,
       "also listen on 127.0.0.1:PORT (0: off)" },
-    { "prefill_chunk", K_INT, OFF(prefill_chunk), 0, 1, 8192, true, NULL,
+    { "prefill_chunk", NULL, MOE_OPT_INT, OFF(prefill_chunk), 0, 1, 8192, NULL, "256", RT,
       "prompt tokens per step for one sequence, so long prompts do not stall streams" },
-    { "queue_size", K_INT, OFF(queue_size), 0, 0, 1 << 16, true, NULL,
+    { "queue_size", NULL, MOE_OPT_INT, OFF(queue_size), 0, 0, 1 << 16, NULL, "64", RT,
       "requests waiting for a sequence before new ones get 503" },
-    { "max_body_bytes", K_SIZE, OFF(max_body_bytes), 0, 1024, (int64_t)1 << 30, true, NULL,
-      "largest request body (413 above)" },
-    { "max_header_bytes", K_INT, OFF(max_header_bytes), 0, 1024, 1 << 20, true, NULL,
-      "largest request line + headers (431 above)" },
-    { "max_connections", K_INT, OFF(max_connections), 0, 1, 1 << 20, true, NULL,
+    { "max_body_bytes", NULL, MOE_OPT_SIZE, OFF(max_body_bytes), 0, 1024, (int64_t)1 << 30, NULL,
+      "8M", RT, "largest request body (413 above)" },
+    { "max_header_bytes", NULL, MOE_OPT_INT, OFF(max_header_bytes), 0, 1024, 1 << 20, NULL, "16384",
+      RT, "largest request line + headers (431 above)" },
+    { "max_connections", NULL, MOE_OPT_INT, OFF(max_connections), 0, 1, 1 << 20, NULL, "1024", RT,
       "open client connections; the next one gets 503 and is closed" },
-    { "max_output_bytes", K_SIZE, OFF(max_output_bytes), 0, 65536, (int64_t)1 << 32, true, NULL,
+    { "max_output_bytes", NULL, MOE_OPT_SIZE, OFF(max_output_bytes), 0, 65536, (int64_t)1 << 32,
+      NULL, "4M", RT,
       "response bytes queued for a client that does not read: its generation pauses, and it is"
       " dropped after read_timeout_ms without progress" },
-    { "read_timeout_ms", K_INT, OFF(read_timeout_ms), 0, 100, 3600000, true, NULL,
+    { "read_timeout_ms", NULL, MOE_OPT_INT, OFF(read_timeout_ms), 0, 100, 3600000, NULL, "30000", RT,
       "time to receive a whole request once it has started (408 after)" },
-    { "idle_timeout_ms", K_INT, OFF(idle_timeout_ms), 0, 100, 3600000, true, NULL,
+    { "idle_timeout_ms", NULL, MOE_OPT_INT, OFF(idle_timeout_ms), 0, 100, 3600000, NULL, "60000", RT,
       "keep-alive connection closed after this long without a request" },
-    { "request_timeout_s", K_INT, OFF(request_timeout_s), 0, 0, 86400, true, NULL,
+    { "request_timeout_s", NULL, MOE_OPT_INT, OFF(request_timeout_s), 0, 0, 86400, NULL, "0", RT,
       "generation time limit per request (0: none); the answer ends with finish_reason length" },
-    { "max_tokens_default", K_INT, OFF(max_tokens_default), 0, 1, 1 << 20, true, NULL,
-      "max_tokens when a request gives none" },
-    { "shutdown_grace_s", K_INT, OFF(shutdown_grace_s), 0, 0, 3600, true, NULL,
+    { "max_tokens_default", NULL, MOE_OPT_INT, OFF(max_tokens_default), 0, 1, 1 << 20, NULL, "256",
+      RT, "max_tokens when a request gives none" },
+    { "shutdown_grace_s", NULL, MOE_OPT_INT, OFF(shutdown_grace_s), 0, 0, 3600, NULL, "10", RT,
       "on SIGTERM, time in-flight requests get to finish before they are cancelled" },
-    { "log_level", K_ENUM, OFF(log_level), CAP(log_level), 0, 0, true, "error|warn|info|debug",
+    { "log_level", NULL, MOE_OPT_ENUM, OFF(log_level), 0, 0, 0, log_levels, "info", RT,
       "log verbosity" },
 };
 
-#define N_KEYS (sizeof(keys) / sizeof(keys[0]))
+/* The two tables as one list of keys: moed's own, then the engine's. */
+struct table {
+    const struct moe_opt *rows;
+    size_t n;
+    size_t base;              /* offset of the struct the rows address */
+};
+
+static size_t tables(struct table t[2])
+{
+    t[0] = (struct table){ daemon_keys, sizeof(daemon_keys) / sizeof(daemon_keys[0]), 0 };
+    t[1].rows = moe_model_opt_table(&t[1].n);
+    t[1].base = OFF(engine);
+    return 2;
+}
+
+/* The i-th key of both tables, and where its struct starts in c. */
+static const struct moe_opt *key_at(size_t i, size_t *base)
+{
+    struct table t[2];
+    const size_t nt = tables(t);
+    for (size_t k = 0; k < nt; k++) {
+        if (i < t[k].n) {
+            *base = t[k].base;
+            return &t[k].rows[i];
+        }
+        i -= t[k].n;
+    }
+    return NULL;
+}
+
+static size_t n_keys(void)
+{
+    struct table t[2];
+    return tables(t) ? t[0].n + t[1].n : 0;
+}
+
+static const struct moe_opt *find_key(const char *name, size_t *base)
+{
+    struct table t[2];
+    const size_t nt = tables(t);
+    for (size_t k = 0; k < nt; k++) {
+        const struct moe_opt *o = moe_opt_find(t[k].rows, t[k].n, name);
+        if (o) {
+            *base = t[k].base;
+            return o;
+        }
+    }
+    return NULL;
+}
+
+static int set_key(struct moed_config *c, const struct moe_opt *k, size_t base, const char *v,
+                   struct moe_diag *d)
+{
+    return moe_opt_set(k, (char *)c + base, v, d);
+}
 
 void moed_config_defaults(struct moed_config *c)
 {
     memset(c, 0, sizeof(*c));
-    c->threads = 0;
-    c->ctx_size = 4096;
-    c->batch_size = 512;
-    c->max_seqs = 16;
-    strcpy(c->cache_policy, "layer");
-    strcpy(c->prefetch, "none");
-    strcpy(c->backend, "cpu");
-    c->prefetch_depth = 1;
+    struct moe_diag d = { 0 };
+    if (moe_opt_defaults(daemon_keys, sizeof(daemon_keys) / sizeof(daemon_keys[0]), c, &d) != 0)
+        moe_assert_fail(d.msg, __FILE__, __LINE__);   /* a default outside its own bounds */
+    moe_model_opts_defaults(&c->engine);
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     if (xdg && xdg[0] && strlen(xdg) + sizeof("/moed.sock") < sizeof(c->socket))
         snprintf(c->socket, sizeof(c->socket), "%s/moed.sock", xdg);
     else
         strcpy(c->socket, "./moed.sock");
-    c->socket_mode = 0600;
-    c->prefill_chunk = 256;
-    c->queue_size = 64;
-    c->max_body_bytes = 8 << 20;
-    c->max_header_bytes = 16 << 10;
-    c->read_timeout_ms = 30000;
-    c->max_connections = 1024;
-    c->max_output_bytes = 4 << 20;
-    c->idle_timeout_ms = 60000;
-    c->request_timeout_s = 0;
-    c->max_tokens_default = 256;
-    c->shutdown_grace_s = 10;
-    strcpy(c->log_level, "info");
-}
-
-int moed_parse_size(const char *s, int64_t *out)
-{
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (end == s || errno || !(v >= 0) || isinf(v))
-        return -EINVAL;
-    double mul = 1;
-    switch (*end) {
-    case 'k': case 'K': mul = 1024.0; end++; break;
-    case 'm': case 'M': mul = 1048576.0; end++; break;
-    case 'g': case 'G': mul = 1073741824.0; end++; break;
-    case 't': case 'T': mul = 1099511627776.0; end++; break;
-    default: break;
-    }
-    if ((*end == 'i' || *end == 'I') && mul > 1)
-        end++;
-    if (*end == 'b' || *end == 'B')
-        end++;
-    if (*end != '\0')
-        return -EINVAL;
-    v *= mul;
-    if (v >= 9.2e18)
-        return -ERANGE;
-    *out = (int64_t)v;
-    return 0;
-}
-
-static const struct key *find_key(const char *name)
-{
-    char norm[64];
-    size_t n = strlen(name);
-    if (n >= sizeof(norm))
-        return NULL;
-    for (size_t i = 0; i <= n; i++)
-        norm[i] = name[i] == '-' ? '_' : name[i];
-    for (size_t i = 0; i < N_KEYS; i++)
-        if (strcmp(keys[i].name, norm) == 0)
-            return &keys[i];
-    return NULL;
-}
-
-static int set_key(struct moed_config *c, const struct key *k, const char *v, struct moe_diag *d)
-{
-    char *base = (char *)c + k->off;
-    char *end;
-    switch (k->kind) {
-    case K_STR:
-        if (strlen(v) >= k->cap)
-            return moe_diag_set(d, -EINVAL, "%s: value is %zu bytes, at most %zu allowed", k->name,
-                                strlen(v), k->cap - 1);
-        strcpy(base, v);
-        return 0;
-    case K_ENUM: {
-        const char *p = k->choices;
-        size_t n = strlen(v);
-        while (p && *p) {
-            const char *bar = strchr(p, '|');
-            size_t len = bar ? (size_t)(bar - p) : strlen(p);
-            if (len == n && strncmp(p, v, n) == 0 && n < k->cap) {
-                strcpy(base, v);
-                return 0;
-            }
-            p = bar ? bar + 1 : NULL;
-        }
-        return moe_diag_set(d, -EINVAL, "%s: '%s' is not one of %s", k->name, v, k->choices);
-    }
-    case K_BOOL:
-        if (!strcmp(v, "1") || !strcmp(v, "true") || !strcmp(v, "yes") || !strcmp(v, "on"))
-            *(bool *)base = true;
-        else if (!strcmp(v, "0") || !strcmp(v, "false") || !strcmp(v, "no") || !strcmp(v, "off"))
-            *(bool *)base = false;
-        else
-            return moe_diag_set(d, -EINVAL, "%s: '%s' is not a boolean (true/false, 1/0, yes/no,"
-                                " on/off)", k->name, v);
-        return 0;
-    case K_INT: {
-        errno = 0;
-        long long x = strtoll(v, &end, 10);
-        if (end == v || *end != '\0' || errno)
-            return moe_diag_set(d, -EINVAL, "%s: '%s' is not an integer", k->name, v);
-        if (x < k->min || x > k->max)
-            return moe_diag_set(d, -ERANGE, "%s: %lld is out of range %lld..%lld", k->name, x,
-                                (long long)k->min, (long long)k->max);
-        *(int *)base = (int)x;
-        return 0;
-    }
-    case K_SIZE: {
-        int64_t x;
-        if (moed_parse_size(v, &x))
-            return moe_diag_set(d, -EINVAL, "%s: '%s' is not a size (bytes, or with K/M/G/T)",
-                                k->name, v);
-        if (x < k->min || x > k->max)
-            return moe_diag_set(d, -ERANGE, "%s: %s is out of range %lld..%lld bytes", k->name, v,
-                                (long long)k->min, (long long)k->max);
-        *(int64_t *)base = x;
-        return 0;
-    }
-    case K_MODE: {
-        errno = 0;
-        unsigned long x = strtoul(v, &end, 8);
-        if (end == v || *end != '\0' || errno || x > (unsigned long)k->max)
-            return moe_diag_set(d, -EINVAL, "%s: '%s' is not an octal mode 0..0777", k->name, v);
-        *(unsigned *)base = (unsigned)x;
-        return 0;
-    }
-    }
-    return -EINVAL;
 }
 
 int moed_config_set(struct moed_config *c, const char *key, const char *value, struct moe_diag *d)
 {
-    const struct key *k = find_key(key);
+    size_t base = 0;
+    const struct moe_opt *k = find_key(key, &base);
     if (k == NULL)
         return moe_diag_set(d, -EINVAL, "unknown key '%s' (moed --help lists them)", key);
-    return set_key(c, k, value, d);
+    return set_key(c, k, base, value, d);
 }
 
 struct ini_ctx {
@@ -334,20 +237,22 @@ int moed_config_load_string(struct moed_config *c, const char *text, const char 
 
 int moed_config_n_keys(void)
 {
-    return (int)N_KEYS;
+    return (int)n_keys();
 }
 
 bool moed_config_key(int i, struct moed_key_info *out)
 {
-    if (i < 0 || i >= (int)N_KEYS)
+    size_t base;
+    const struct moe_opt *k = i >= 0 ? key_at((size_t)i, &base) : NULL;
+    if (k == NULL)
         return false;
-    static const char kinds[] = { [K_STR] = 's', [K_INT] = 'i', [K_SIZE] = 'z', [K_BOOL] = 'b',
-                                  [K_MODE] = 'm', [K_ENUM] = 'e' };
-    out->name = keys[i].name;
-    out->kind = kinds[keys[i].kind];
-    out->min = keys[i].min;
-    out->max = keys[i].max;
-    out->runtime = keys[i].runtime;
+    static const char kinds[] = { [MOE_OPT_STR] = 's', [MOE_OPT_INT] = 'i', [MOE_OPT_SIZE] = 'z',
+                                  [MOE_OPT_BOOL] = 'b', [MOE_OPT_MODE] = 'm', [MOE_OPT_ENUM] = 'e' };
+    out->name = k->name;
+    out->kind = kinds[k->kind];
+    out->min = k->min;
+    out->max = k->max;
+    out->runtime = (k->flags & MOE_OPT_RUNTIME) != 0;
     return true;
 }
 
@@ -398,20 +303,21 @@ int moed_config_from_args(struct moed_config *c, int argc, char **argv, struct m
             return moe_diag_set(d, -EINVAL, "unknown flag '%s'", arg);
         memcpy(name, arg + 2, nl);
         name[nl] = '\0';
-        const struct key *k = find_key(name);
+        size_t base = 0;
+        const struct moe_opt *k = find_key(name, &base);
         if (k == NULL)
             return moe_diag_set(d, -EINVAL, "unknown flag '--%s' (moed --help lists them)", name);
         const char *val;
         if (eq)
             val = eq + 1;
-        else if (k->kind == K_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0))
+        else if (k->kind == MOE_OPT_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0))
             val = "true";
         else if (i + 1 < argc)
             val = argv[++i];
         else
             return moe_diag_set(d, -EINVAL, "--%s needs a value", name);
         struct moe_diag kd = { 0 };
-        int rc = set_key(c, k, val, &kd);
+        int rc = set_key(c, k, base, val, &kd);
         if (rc)
             return moe_diag_set(d, rc, "--%s", kd.msg);
     }
@@ -428,81 +334,61 @@ int moed_config_validate(const struct moed_config *c, struct moe_diag *d)
     if (strlen(c->socket) >= 108)
         return moe_diag_set(d, -EINVAL, "socket: path '%s' is %zu bytes, a Unix socket path has"
                             " at most 107", c->socket, strlen(c->socket));
-    if (c->cache_bytes > 0 && c->cache_experts > 0)
-        return moe_diag_set(d, -EINVAL, "cache_bytes and cache_experts: give one of them");
-    if (c->ctx_size < 2)
-        return moe_diag_set(d, -EINVAL, "ctx_size: %d is too small", c->ctx_size);
-    return 0;
-}
-
-static void print_value(const struct moed_config *c, const struct key *k, char *buf, size_t cap)
-{
-    const char *base = (const char *)c + k->off;
-    switch (k->kind) {
-    case K_STR:
-    case K_ENUM:
-        snprintf(buf, cap, "%s", base);
-        break;
-    case K_INT:
-        snprintf(buf, cap, "%d", *(const int *)base);
-        break;
-    case K_SIZE:
-        snprintf(buf, cap, "%lld", (long long)*(const int64_t *)base);
-        break;
-    case K_BOOL:
-        snprintf(buf, cap, "%s", *(const bool *)base ? "true" : "false");
-        break;
-    case K_MODE:
-        snprintf(buf, cap, "0%03o", *(const unsigned *)base);
-        break;
-    }
+    return moe_model_opts_check(&c->engine, d);
 }
 
 void moed_config_print(const struct moed_config *c, FILE *f)
 {
     fprintf(f, "[moed]\n");
-    for (size_t i = 0; i < N_KEYS; i++) {
+    for (size_t i = 0; i < n_keys(); i++) {
+        size_t base;
+        const struct moe_opt *k = key_at(i, &base);
         char v[PATH_MAX + 32];
-        print_value(c, &keys[i], v, sizeof(v));
-        fprintf(f, "%s = %s%s\n", keys[i].name, v, keys[i].runtime ? "" : "    ; restart to change");
+        moe_opt_format(k, (const char *)c + base, v, sizeof(v));
+        fprintf(f, "%s = %s%s\n", k->name, v, k->flags & MOE_OPT_RUNTIME ? "" : "    ; restart to change");
     }
 }
 
 void moed_config_apply_reload(struct moed_config *cur, const struct moed_config *next,
                               void (*restart_cb)(void *ud, const char *key), void *ud)
 {
-    for (size_t i = 0; i < N_KEYS; i++) {
-        const struct key *k = &keys[i];
+    for (size_t i = 0; i < n_keys(); i++) {
+        size_t base;
+        const struct moe_opt *k = key_at(i, &base);
         char a[PATH_MAX + 32], b[PATH_MAX + 32];
-        print_value(cur, k, a, sizeof(a));
-        print_value(next, k, b, sizeof(b));
+        moe_opt_format(k, (const char *)cur + base, a, sizeof(a));
+        moe_opt_format(k, (const char *)next + base, b, sizeof(b));
         if (strcmp(a, b) == 0)
             continue;
-        if (!k->runtime) {
+        if (!(k->flags & MOE_OPT_RUNTIME)) {
             if (restart_cb)
                 restart_cb(ud, k->name);
             continue;
         }
         struct moe_diag d = { 0 };
-        set_key(cur, k, b, &d);   /* b came from a valid config */
+        set_key(cur, k, base, b, &d);   /* b came from a valid config */
     }
 }
 
 void moed_config_usage(FILE *f)
 {
-    for (size_t i = 0; i < N_KEYS; i++) {
+    for (size_t i = 0; i < n_keys(); i++) {
+        size_t base;
+        const struct moe_opt *k = key_at(i, &base);
         char flag[80];
-        snprintf(flag, sizeof(flag), "--%s", keys[i].name);
+        snprintf(flag, sizeof(flag), "--%s", k->name);
         for (char *p = flag + 2; *p; p++)
             if (*p == '_')
                 *p = '-';
-        const char *arg = keys[i].kind == K_BOOL ? "" : keys[i].kind == K_SIZE ? " SIZE"
-                          : keys[i].kind == K_INT ? " N" : keys[i].kind == K_MODE ? " MODE"
-                          : keys[i].kind == K_ENUM ? " WORD" : " TEXT";
+        const char *arg = k->kind == MOE_OPT_BOOL ? "" : k->kind == MOE_OPT_SIZE ? " SIZE"
+                          : k->kind == MOE_OPT_INT ? " N" : k->kind == MOE_OPT_MODE ? " MODE"
+                          : k->kind == MOE_OPT_ENUM ? " WORD" : " TEXT";
         char left[100];
         snprintf(left, sizeof(left), "%s%s", flag, arg);
-        fprintf(f, "  %-26s %s%s\n", left, keys[i].help, keys[i].runtime ? " [reloadable]" : "");
-        if (keys[i].kind == K_ENUM)
-            fprintf(f, "  %-26s   one of %s\n", "", keys[i].choices);
+        fprintf(f, "  %-26s %s%s\n", left, k->help, k->flags & MOE_OPT_RUNTIME ? " [reloadable]" : "");
+        if (k->kind == MOE_OPT_ENUM) {
+            char choices[128];
+            fprintf(f, "  %-26s   one of %s\n", "", moe_opt_choices(k, choices, sizeof(choices)));
+        }
     }
 }

@@ -11,26 +11,17 @@
 #include <stdio.h>
 
 #include "common/error.h"
+#include "model/model.h"
 
 struct moed_config {
-    /* model and engine (restart) */
+    /* model (restart) */
     char model[PATH_MAX];
     char model_name[128];      /* id in /v1/models; default: the file's base name */
-    int threads;
-    int ctx_size;              /* tokens per sequence */
-    int batch_size;            /* tokens per engine step, all sequences together */
     int max_seqs;              /* sequences decoded together */
-    bool kv_f16;
-    int64_t cache_bytes;
-    int cache_experts;
-    char cache_policy[16];
-    int64_t host_bytes;
-    char prefetch[16];
-    int prefetch_depth;
-    bool prefetch_always;
-    bool force_pread;
-    char backend[8];
     char chat_template[32];    /* "" = from the model */
+    /* the engine's options (restart): model/options.c's table, the same keys
+     * and flags as moectl's; engine.n_seqs follows max_seqs */
+    struct moe_model_opts engine;
     /* server (restart) */
     char socket[PATH_MAX];
     unsigned socket_mode;
@@ -38,16 +29,16 @@ struct moed_config {
     /* run time (SIGHUP) */
     int prefill_chunk;
     int queue_size;
-    int64_t max_body_bytes;
+    uint64_t max_body_bytes;
     int max_header_bytes;
     int max_connections;
-    int64_t max_output_bytes;
+    uint64_t max_output_bytes;
     int read_timeout_ms;
     int idle_timeout_ms;
     int request_timeout_s;
     int max_tokens_default;
     int shutdown_grace_s;
-    char log_level[8];
+    int log_level;             /* enum moed_log_level */
 };
 
 /* Defaults (the socket path depends on $XDG_RUNTIME_DIR). */
@@ -100,6 +91,5 @@ void moed_config_apply_reload(struct moed_config *cur, const struct moed_config 
 void moed_config_usage(FILE *f);
 
 /* Parses "12G", "512M", "4096", "1.5G" (binary units). */
-int moed_parse_size(const char *s, int64_t *out);
 
 #endif

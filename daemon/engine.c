@@ -8,7 +8,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "cache/expert_cache.h"
 #include "common/alloc.h"
 #include "model/model.h"
 #include "model/options.h"
@@ -139,19 +138,9 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
     e->notify_ud = notify_ud;
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
-    struct moe_model_opts mo = {
-        .n_threads = cfg->threads, .n_ctx = cfg->ctx_size, .n_batch = cfg->batch_size,
-        .kv_f16 = cfg->kv_f16, .cache_bytes = (uint64_t)cfg->cache_bytes,
-        .cache_experts = cfg->cache_experts, .prefetch_depth = cfg->prefetch_depth,
-        .prefetch_always = cfg->prefetch_always, .n_seqs = cfg->max_seqs,
-        .force_pread = cfg->force_pread, .host_bytes = (uint64_t)cfg->host_bytes,
-    };
-    int rc;
-    if ((rc = moe_model_opts_set(&mo, "cache_policy", cfg->cache_policy, d)) ||
-        (rc = moe_model_opts_set(&mo, "prefetch", cfg->prefetch, d)) ||
-        (rc = moe_model_opts_set(&mo, "backend", cfg->backend, d)))
-        goto fail;
-    rc = moe_model_load(&e->model, cfg->model, &mo, d);
+    struct moe_model_opts mo = cfg->engine;
+    mo.n_seqs = cfg->max_seqs;
+    int rc = moe_model_load(&e->model, cfg->model, &mo, d);
     if (rc)
         goto fail;
     e->n_ctx = moe_model_n_ctx(e->model);
@@ -179,21 +168,6 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
         }
     }
     e->n_slots = cfg->max_seqs;
-    {
-        /* refuse before allocating: a KV plan beyond the host's memory */
-        const struct moe_model_cfg *mc = moe_model_cfg(e->model);
-        const double kv_seq = (double)e->n_ctx * (double)(mc->k_row + mc->v_row) *
-                              (cfg->kv_f16 ? 2.0 : 4.0) * (double)mc->n_layer;
-        const long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
-        const double ram = pages > 0 && psz > 0 ? (double)pages * (double)psz : 0;
-        if (ram > 0 && kv_seq * e->n_slots > ram) {
-            rc = moe_diag_set(d, -ENOMEM, "KV cache: %d sequences (max_seqs) x %.1f MiB (ctx_size"
-                              " %d) = %.1f MiB exceed the host's memory of %.1f MiB: lower"
-                              " max_seqs or ctx_size", e->n_slots, kv_seq / 1048576.0, e->n_ctx,
-                              kv_seq * e->n_slots / 1048576.0, ram / 1048576.0);
-            goto fail;
-        }
-    }
     e->slots = moe_calloc((size_t)e->n_slots, sizeof(struct slot));
     e->lp_tmp = moe_malloc((size_t)e->n_vocab * sizeof(float));
     if (e->slots == NULL || e->lp_tmp == NULL) {

@@ -14,12 +14,10 @@ _Static_assert((int)MOED_LOG_ERROR == (int)MOE_LOG_ERROR && (int)MOED_LOG_DEBUG 
 
 static atomic_int level = MOED_LOG_INFO;
 
-void moed_log_set_level(const char *name)
+void moed_log_set_level(int lv)
 {
-    static const char *names[] = { "error", "warn", "info", "debug" };
-    for (int i = 0; i < 4; i++)
-        if (strcmp(name, names[i]) == 0)
-            atomic_store(&level, i);
+    if (lv >= MOED_LOG_ERROR && lv <= MOED_LOG_DEBUG)
+        atomic_store(&level, lv);
 }
 
 void moed_log(enum moed_log_level lv, const char *fmt, ...)

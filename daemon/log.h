@@ -4,7 +4,7 @@
 
 enum moed_log_level { MOED_LOG_ERROR = 0, MOED_LOG_WARN, MOED_LOG_INFO, MOED_LOG_DEBUG };
 
-void moed_log_set_level(const char *name);   /* "error", "warn", "info", "debug" */
+void moed_log_set_level(int level);   /* enum moed_log_level */
 /* Routes the library's log hook (common/log.h) into this log. */
 void moed_log_capture_library(void);
 void moed_log(enum moed_log_level lv, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

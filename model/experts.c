@@ -86,14 +86,9 @@ bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out)
     return true;
 }
 
-int moe_model_cache_layer_stats(struct moe_model *m, uint64_t *hits, uint64_t *misses, int max)
+int moe_model_cache_layer_stats(struct moe_model *m, struct moe_cache_layer_stats *out, int max)
 {
-    return m->ex.cache ? moe_expert_cache_layer_stats(m->ex.cache, hits, misses, max) : -1;
-}
-
-int moe_model_cache_layer_stats_ex(struct moe_model *m, struct moe_cache_layer_stats *out, int max)
-{
-    return m->ex.cache ? moe_expert_cache_layer_stats_ex(m->ex.cache, out, max) : -1;
+    return m->ex.cache ? moe_expert_cache_layer_stats(m->ex.cache, out, max) : -1;
 }
 
 int moe_model_cache_pinned(struct moe_model *m)

@@ -19,6 +19,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "cache/stats.h"
 #include "common/error.h"
 #include "kernels/backend.h"
 #include "model/arch.h"
@@ -81,9 +82,9 @@ struct moe_model_opts {
     bool kv_f16;          /* f16 KV cache (default f32) */
     /* Expert cache. A .moe pack always goes through it; a GGUF does when a
      * budget is given (else its experts are used in place, all resident).
-     * Budget: cache_experts slots, else cache_bytes (slots and their
-     * alignment within it); with neither, room for every expert. The
-     * minimum is n_expert_used (one layer's top-k). */
+     * Budget: cache_experts slots, or cache_bytes (slots and their
+     * alignment within it), not both; with neither, room for every expert.
+     * The minimum is n_expert_used (one layer's top-k). */
     uint64_t cache_bytes;
     int cache_experts;
     int cache_policy;           /* enum moe_policy_kind (cache/policy.h), not BELADY */
@@ -101,19 +102,14 @@ struct moe_model_opts {
     int backend;                /* enum moe_backend_kind */
 };
 
-struct moe_cache_stats;
-/* Cache statistics; false when the model has no expert cache. */
+/* Cache statistics (cache/stats.h); false when the model has no expert cache. */
 bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out);
-/* Per-layer cache hits/misses (arrays of at least n_layer); -1 without a
- * cache, else n_layer. */
-int moe_model_cache_layer_stats(struct moe_model *m, uint64_t *hits, uint64_t *misses, int max);
 /* Decode steps run with prefetch on and off (the governor's choices);
  * false when prefetch is not configured. */
 bool moe_model_prefetch_steps(const struct moe_model *m, uint64_t *on, uint64_t *off);
-struct moe_cache_layer_stats;
-/* Per-layer hits, misses, bytes loaded and stall (array of at least
- * n_layer); -1 without a cache, else n_layer. */
-int moe_model_cache_layer_stats_ex(struct moe_model *m, struct moe_cache_layer_stats *out, int max);
+/* Per-layer hits, misses, bytes loaded and stall (out has room for max
+ * entries); -1 without a cache, else n_layer. */
+int moe_model_cache_layer_stats(struct moe_model *m, struct moe_cache_layer_stats *out, int max);
 /* Experts pinned right now (0 between forward passes), -1 without a cache. */
 int moe_model_cache_pinned(struct moe_model *m);
 

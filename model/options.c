@@ -33,7 +33,7 @@ static const struct moe_opt table[] = {
       "expert cache budget (e.g. 12G), slot alignment included; 0 with cache_experts 0:"
       " every expert resident (a pack: every expert cached)" },
     { "cache_experts", NULL, MOE_OPT_INT, OFF(cache_experts), 0, 0, 1 << 24, NULL, "0", 0,
-      "expert cache budget in experts; wins over cache_bytes" },
+      "expert cache budget in experts (instead of cache_bytes)" },
     { "cache_policy", NULL, MOE_OPT_ENUM, OFF(cache_policy), 0, 0, 0, policies, "layer", 0,
       "eviction policy of the expert cache" },
     { "host_bytes", NULL, MOE_OPT_SIZE, OFF(host_bytes), 0, 0, (int64_t)1 << 50, NULL, "0", 0,
@@ -76,6 +76,8 @@ int moe_model_opts_set(struct moe_model_opts *o, const char *key, const char *va
 
 int moe_model_opts_check(const struct moe_model_opts *o, struct moe_diag *d)
 {
+    if (o->cache_bytes > 0 && o->cache_experts > 0)
+        return moe_diag_set(d, -EINVAL, "cache_bytes and cache_experts: give one of them");
     for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
         const struct moe_opt *t = &table[i];
         const char *p = (const char *)o + t->off;

@@ -11,8 +11,10 @@
 #include "io/expert_src.h"
 #include "io/gguf.h"
 #include "io/pack.h"
+#include "kernels/cuda.h"
 #include "model/hparams.h"
 #include "model/model-impl.h"
+#include "model/options.h"
 #include "model/plan.h"
 
 static size_t zmax(size_t a, size_t b)
@@ -119,8 +121,8 @@ int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int 
     }
     if (slot_bytes == 0)
         return moe_diag_set(diag, MOE_EFORMAT, "no expert tensors");
-    /* a slot count wins over a byte budget; a budget is met exactly,
-     * alignment included; no budget: every expert */
+    /* a slot count, or a byte budget met exactly, alignment included
+     * (moe_model_opts_check refuses both); no budget: every expert */
     long n_slots = p->all_slots;
     if (o->cache_experts > 0)
         n_slots = o->cache_experts;
@@ -189,11 +191,14 @@ int moe_model_plan(const char *path, const struct moe_model_opts *opts, struct m
 {
     memset(p, 0, sizeof(*p));
     const struct moe_model_opts o = opts ? *opts : (struct moe_model_opts){ 0 };
+    int rc = moe_model_opts_check(&o, diag);
+    if (rc)
+        return rc;
     struct moe_pack *pack = NULL;
     struct moe_gguf *own = NULL;
     size_t slot = 0;
     int n_moe = 0;
-    int rc = moe_model_is_pack(path, &p->pack, diag);
+    rc = moe_model_is_pack(path, &p->pack, diag);
     if (rc)
         return rc;
     const struct moe_gguf *g;
@@ -238,6 +243,38 @@ done:
     moe_gguf_close(own);
     moe_pack_close(pack);
     return rc;
+}
+
+int moe_model_device_memory(int backend, struct moe_device_memory *out, struct moe_diag *diag)
+{
+    memset(out, 0, sizeof(*out));
+    if (backend != MOE_BACKEND_CUDA)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "backend %d has no device memory", backend);
+    struct moe_cuda_device dev[1];
+    int n = moe_cuda_probe(dev, 1, diag);
+    if (n <= 0)
+        return n < 0 ? n : moe_diag_set(diag, MOE_EUNSUPPORTED, "backend cuda: no CUDA device");
+    int rc = moe_cuda_selftest(0, diag);
+    if (rc)
+        return rc;
+    snprintf(out->name, sizeof(out->name), "%s", dev[0].name);
+    out->free_bytes = dev[0].free_mem;
+    out->total_bytes = dev[0].total_mem;
+    return 0;
+}
+
+uint64_t moe_model_plan_device_bytes(const struct moe_model_plan *p)
+{
+    return p->dense_bytes + p->kv_bytes + p->cache_bytes + p->workspace_bytes +
+           (p->expert_cache ? 0 : p->expert_bytes);
+}
+
+uint64_t moe_model_plan_host_bytes(const struct moe_model_plan *p, int backend)
+{
+    if (backend == MOE_BACKEND_CPU)   /* dense (and resident experts) stay mapped */
+        return p->kv_bytes + p->cache_bytes + p->host_bytes + p->workspace_bytes;
+    /* loads are staged per slot in host memory before the upload */
+    return p->host_bytes + (p->expert_cache ? p->cache_bytes : 0);
 }
 
 static double mib(uint64_t b)

@@ -56,6 +56,25 @@ int moe_model_plan(const char *path, const struct moe_model_opts *opts,
  * to out. 0 or -ENOMEM / MOE_ELIMIT from the buffer. */
 int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out);
 
+/* The memory of the device a backend computes on. */
+struct moe_device_memory {
+    char name[256];
+    uint64_t free_bytes, total_bytes;
+};
+/* CUDA: device 0, after a self-test kernel proved the toolchain, driver and
+ * architectures agree. MOE_EUNSUPPORTED for a backend without device
+ * memory (the CPU) or without a device. */
+int moe_model_device_memory(int backend, struct moe_device_memory *out, struct moe_diag *diag);
+
+/* Bytes the plan puts in the backend's memory: on a device, the dense
+ * weights, the KV caches, the expert slots and the workspace; the host
+ * tier stays in host memory. */
+uint64_t moe_model_plan_device_bytes(const struct moe_model_plan *p);
+/* Bytes the plan reserves in host memory (anonymous, not the page cache of
+ * a mapped file): everything on the CPU backend except mapped weights;
+ * on a device backend, the host tier and the loads' staging. */
+uint64_t moe_model_plan_host_bytes(const struct moe_model_plan *p, int backend);
+
 #ifdef __cplusplus
 }
 #endif

@@ -17,8 +17,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     moed_config_defaults(&c);
     struct moe_diag d = { 0 };
     if (moed_config_load_string(&c, text, "fuzz.ini", &d) == 0) {
-        if (c.ctx_size < 16 || c.max_seqs < 1 || c.socket_mode > 0777 || c.cache_bytes < 0 ||
-            c.host_bytes < 0 || strlen(c.model) >= sizeof(c.model))
+        if (c.engine.n_ctx < 16 || c.max_seqs < 1 || c.socket_mode > 0777 ||
+            c.engine.cache_bytes > (1ull << 50) || c.engine.host_bytes > (1ull << 50) ||
+            strlen(c.model) >= sizeof(c.model))
             abort();
         moed_config_validate(&c, &d);
     } else if (d.msg[0] == '\0') {

@@ -35,8 +35,8 @@ static void load_once(void)
         return;
     strcpy(cfg.chat_template, "chatml");
     cfg.max_seqs = 1;
-    cfg.ctx_size = 256;
-    cfg.threads = 1;
+    cfg.engine.n_ctx = 256;
+    cfg.engine.n_threads = 1;
     struct moe_diag d = { 0 };
     if (moed_engine_create(&eng, &cfg, no_notify, NULL, &d) != 0) {
         fprintf(stderr, "fuzz_request: %s\n", d.msg);

@@ -52,11 +52,12 @@ static float *run(const char *path, const struct moe_model_opts *o, int *n_vocab
         memset(st, 0, sizeof(*st));
     if (st && st->n_slots > 0) {
         /* per-layer counters add up to the totals */
-        uint64_t lh[256], lm[256], sh = 0, sm = 0;
-        int nl = moe_model_cache_layer_stats(m, lh, lm, 256);
+        static struct moe_cache_layer_stats ls[256];
+        uint64_t sh = 0, sm = 0;
+        int nl = moe_model_cache_layer_stats(m, ls, 256);
         for (int l = 0; l < nl && l < 256; l++) {
-            sh += lh[l];
-            sm += lm[l];
+            sh += ls[l].hits;
+            sm += ls[l].misses;
         }
         if (sh != st->hits || sm != st->misses) {
             fprintf(stderr, "  per-layer counters %llu/%llu, totals %llu/%llu\n", (unsigned long long)sh,

@@ -2,8 +2,9 @@
  * equals the plan the loaded model was sized from, term by term, for a
  * GGUF resident, a GGUF with a budget, a pack, and every architecture in
  * shared/ref; a byte budget is never exceeded and is used as fully as a
- * whole slot allows; a slot count wins over bytes; a budget below one
+ * whole slot allows; a slot count and bytes together are refused; a budget below one
  * layer's top-k is refused naming the file. */
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -78,8 +79,12 @@ static void test_every_model(void)
         o.n_batch = 17;
         o.cache_experts = 5;
         check(path, &o);
-        o.cache_bytes = 1;                   /* the slot count wins */
         check(pack, &o);
+        o.cache_bytes = 1;                   /* both: refused, naming them */
+        struct moe_model_plan both;
+        CHECK_INT(moe_model_plan(pack, &o, &both, &d), ==, -EINVAL);
+        CHECK_MSG(strstr(d.msg, "give one of them"), "%s", d.msg);
+        memset(&d, 0, sizeof(d));
         o.cache_experts = 0;
         struct moe_model_plan all;
         o.cache_bytes = 0;

@@ -62,8 +62,8 @@ static void test_file_and_flags(void)
     moed_config_defaults(&c);
     CHECK(moed_config_load_string(&c, "model = /m.gguf\n[moed]\ncache_bytes = 1.5G\nkv_f16 = yes\n"
                                   "socket_mode = 0660\nprefetch = gate\n", "a.ini", &d) == 0);
-    CHECK_INT(c.cache_bytes, ==, 1610612736LL);
-    CHECK(c.kv_f16 && c.socket_mode == 0660 && strcmp(c.prefetch, "gate") == 0);
+    CHECK_INT(c.engine.cache_bytes, ==, 1610612736LL);
+    CHECK(c.engine.kv_f16 && c.socket_mode == 0660 && c.engine.prefetch == MOE_PREFETCH_GATE);
     moed_config_defaults(&c);
     CHECK(moed_config_load_string(&c, "[other]\nx = 1\n", "b.ini", &d) != 0);
     CHECK_MSG(strstr(d.msg, "b.ini:2") && strstr(d.msg, "[other]"), "%s", d.msg);
@@ -89,7 +89,7 @@ static void test_file_and_flags(void)
     CHECK(a.check_only && a.config_path && strcmp(c.model, "/from/file.gguf") == 0);
     CHECK_INT(c.queue_size, ==, 9);
     CHECK_INT(c.max_seqs, ==, 7);
-    CHECK(c.kv_f16);
+    CHECK(c.engine.kv_f16);
     CHECK(moed_config_validate(&c, &d) == 0);
     char *bad[] = { "moed", "--no-such-flag", "1", NULL };
     moed_config_defaults(&c);
@@ -104,8 +104,8 @@ static void test_file_and_flags(void)
     moe_diag_clear(&d);
     CHECK(moed_config_validate(&c, &d) != 0 && strstr(d.msg, "model"));
     strcpy(c.model, "/m");
-    c.cache_bytes = 1;
-    c.cache_experts = 1;
+    c.engine.cache_bytes = 1;
+    c.engine.cache_experts = 1;
     moe_diag_clear(&d);
     CHECK(moed_config_validate(&c, &d) != 0 && strstr(d.msg, "give one of them"));
 }
@@ -128,11 +128,11 @@ static void test_reload_split(void)
     next = cur;
     next.queue_size = 3;          /* run time */
     next.max_body_bytes = 4096;   /* run time */
-    next.ctx_size = 8192;         /* restart */
+    next.engine.n_ctx = 8192;     /* restart */
     moed_config_apply_reload(&cur, &next, on_restart, NULL);
     CHECK_INT(cur.queue_size, ==, 3);
     CHECK_INT(cur.max_body_bytes, ==, 4096);
-    CHECK_INT(cur.ctx_size, ==, 4096);
+    CHECK_INT(cur.engine.n_ctx, ==, 4096);
     CHECK_INT(restarts, ==, 1);
     CHECK_STR(last_restart, "ctx_size");
 }

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cache/policy.h"
 #include "common/alloc.h"
 #include "daemon/config.h"
 #include "daemon/engine.h"
@@ -56,10 +57,10 @@ static void test_config_load_sweep(void)
             continue;
         }
         CHECK_STR(c.model, "/m/x.gguf");
-        CHECK_INT(c.ctx_size, ==, 2048);
+        CHECK_INT(c.engine.n_ctx, ==, 2048);
         CHECK_INT(c.queue_size, ==, 7);
         CHECK_INT(c.max_seqs, ==, 3);
-        CHECK_STR(c.cache_policy, "lru");
+        CHECK_INT(c.engine.cache_policy, ==, MOE_POLICY_LRU);
         if (!spent)
             break;
     }
@@ -85,8 +86,8 @@ static bool load_engine(void)
     snprintf(cfg.model, sizeof(cfg.model), "%s/models/tiny-mixtral-Q4_0.gguf", ref);
     strcpy(cfg.chat_template, "chatml");
     cfg.max_seqs = 1;
-    cfg.ctx_size = 256;
-    cfg.threads = 1;
+    cfg.engine.n_ctx = 256;
+    cfg.engine.n_threads = 1;
     struct moe_diag d = { 0 };
     if (moed_engine_create(&eng, &cfg, no_notify, NULL, &d) != 0) {
         fprintf(stderr, "  engine: %s\n", d.msg);

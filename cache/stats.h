@@ -1,0 +1,27 @@
+/* The expert cache's counters, as the engine reports them: the types the
+ * model's stats calls fill (model/model.h) and the daemon's /metrics and
+ * /v1/moed/stats read. Plain data. */
+#ifndef MOE_CACHE_STATS_H
+#define MOE_CACHE_STATS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct moe_cache_stats {
+    uint64_t hits, misses;          /* acquires that found the expert / started a load */
+    uint64_t loads_ok, loads_failed, evictions;
+    uint64_t bytes_loaded;
+    double stall_s;                 /* time the engine spent waiting for loads */
+    uint64_t prefetch_issued, prefetch_used, prefetch_wasted, prefetch_dropped;
+    uint64_t prefetch_cancelled;    /* queued prefetches dropped as stale before they started */
+    uint64_t host_hits, host_inserts;  /* host-RAM tier below the slots */
+    int n_slots;
+    size_t slot_bytes;
+};
+
+struct moe_cache_layer_stats {
+    uint64_t hits, misses, bytes_loaded;
+    double stall_s;               /* time the engine waited for this layer's experts */
+};
+
+#endif
