@@ -20,7 +20,7 @@
 
 #include "common/error.h"
 #include "kernels/cpu/dequant.h"
-#include "kernels/cpu/blocks-impl.h"
+#include "kernels/blocks.h"
 #include "kernels/fp16.h"
 
 #define QK_K 256
@@ -163,9 +163,9 @@ static void dq_q4_k(const uint8_t *b, float *y, int64_t nb)
         const uint8_t *scales = b + 4, *q = b + 16;
         for (int j = 0, is = 0; j < QK_K; j += 64, is += 2, q += 32) {
             int sc, m;
-            moe_k4_scale_min(is, scales, &sc, &m);
+            moe_q4k_scale_min(is, scales, &sc, &m);
             const float d1 = d * (float)sc, m1 = dmin * (float)m;
-            moe_k4_scale_min(is + 1, scales, &sc, &m);
+            moe_q4k_scale_min(is + 1, scales, &sc, &m);
             const float d2 = d * (float)sc, m2 = dmin * (float)m;
             for (int l = 0; l < 32; l++)
                 *y++ = d1 * (float)(q[l] & 0xf) - m1;
@@ -183,9 +183,9 @@ static void dq_q5_k(const uint8_t *b, float *y, int64_t nb)
         uint8_t u1 = 1, u2 = 2;
         for (int j = 0, is = 0; j < QK_K; j += 64, is += 2, ql += 32, u1 <<= 2, u2 <<= 2) {
             int sc, m;
-            moe_k4_scale_min(is, scales, &sc, &m);
+            moe_q4k_scale_min(is, scales, &sc, &m);
             const float d1 = d * (float)sc, m1 = dmin * (float)m;
-            moe_k4_scale_min(is + 1, scales, &sc, &m);
+            moe_q4k_scale_min(is + 1, scales, &sc, &m);
             const float d2 = d * (float)sc, m2 = dmin * (float)m;
             for (int l = 0; l < 32; l++)
                 *y++ = d1 * (float)((ql[l] & 0xf) + ((qh[l] & u1) ? 16 : 0)) - m1;

@@ -16,9 +16,6 @@
 #include "common/dtype.h"
 #include "kernels/fp16.h"
 
-_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
-               "block structs are written as they lie in memory: little-endian hosts only");
-
 void moe_quantize_row_f16(const float *x, uint16_t *y, int64_t n)
 {
     for (int64_t i = 0; i < n; i++)

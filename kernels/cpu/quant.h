@@ -18,7 +18,7 @@
  * Every function here is pure: no allocation, no global state, thread-safe.
  * Row lengths n must be a multiple of the block size for the block types
  * (checked by moe_quantize_row; the typed functions assert it). Multi-byte
- * fields are little-endian, like the host (asserted at compile time).
+ * fields are little-endian, like the host (kernels/blocks.h insists).
  * Used by the test-model generator and the tests; never on a hot path.
  */
 #ifndef MOE_KERNELS_CPU_QUANT_H
@@ -26,30 +26,10 @@
 
 #include <stdint.h>
 
+#include "kernels/blocks.h"
+
 #ifdef __cplusplus
 extern "C" {
-#endif
-
-#define MOE_QK8_0 32
-#define MOE_QK4_0 32
-
-/* ggml's block_q8_0: 34 bytes. d is F16 bits. */
-struct moe_block_q8_0 {
-    uint16_t d;
-    int8_t   qs[MOE_QK8_0];
-};
-
-/* ggml's block_q4_0: 18 bytes. d is F16 bits; nibbles as described above. */
-struct moe_block_q4_0 {
-    uint16_t d;
-    uint8_t  qs[MOE_QK4_0 / 2];
-};
-
-#ifndef __cplusplus
-/* Must match the type sizes in common/dtype.c (tests/unit/test_quant.c
- * checks the table too). */
-_Static_assert(sizeof(struct moe_block_q8_0) == 34, "block_q8_0 is 34 bytes");
-_Static_assert(sizeof(struct moe_block_q4_0) == 18, "block_q4_0 is 18 bytes");
 #endif
 
 /* Element-wise conversions of n values. */

@@ -10,7 +10,7 @@
 #include "common/error.h"
 #include "kernels/cpu/vecdot.h"
 #include "common/dtype.h"
-#include "kernels/cpu/blocks-impl.h"
+#include "kernels/blocks.h"
 #include "kernels/fp16.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -371,7 +371,7 @@ static float dot_q4_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
         int isum = 0, msum = 0;
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            moe_k4_scale_min(j, scales, &sc, &m);
+            moe_q4k_scale_min(j, scales, &sc, &m);
             msum += m * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
             const uint8_t *qq = q4 + 32 * (j / 2);
             int shift = 4 * (j & 1), suml = 0;
@@ -393,7 +393,7 @@ static float dot_q5_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
         int isum = 0, msum = 0;
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            moe_k4_scale_min(j, scales, &sc, &m);
+            moe_q4k_scale_min(j, scales, &sc, &m);
             msum += m * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
             const uint8_t *qq = ql + 32 * (j / 2);
             int shift = 4 * (j & 1), suml = 0;
@@ -542,7 +542,7 @@ AVX2 static float dot_q4_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
         const int8_t *q8 = y[i].qs;
         int sc[8], mn[8], msum = 0;
         for (int j = 0; j < 8; j++) {
-            moe_k4_scale_min(j, scales, &sc[j], &mn[j]);
+            moe_q4k_scale_min(j, scales, &sc[j], &mn[j]);
             msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
         }
         __m256i isum = _mm256_setzero_si256();

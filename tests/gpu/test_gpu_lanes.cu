@@ -21,9 +21,9 @@
 
 #include "kernels/cuda/matvec-impl.h"
 #include "common/dtype.h"
+#include "kernels/blocks.h"
 #include "kernels/cpu/dequant.h"
 extern "C" {
-#include "kernels/cpu/blocks-impl.h"
 #include "kernels/cpu/vecdot.h"
 #include "tests/harness.h"
 }
