@@ -2,15 +2,16 @@
  *
  * The integer parts of the quantized dot products are exact, so the scalar
  * and AVX2 paths agree on them; they differ only in how the per-block float
- * terms are summed (the AVX2 path keeps 8 lanes, as ggml's does). */
+ * terms are summed (the AVX2 path keeps 8 lanes, as ggml's does). Weight
+ * and activation rows are arrays of kernels/blocks.h's structs. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "common/error.h"
-#include "kernels/cpu/vecdot.h"
 #include "common/dtype.h"
+#include "common/error.h"
 #include "kernels/blocks.h"
+#include "kernels/cpu/vecdot.h"
 #include "kernels/fp16.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -19,51 +20,20 @@
 #define MOE_X86 1
 #endif
 
-#define QK 32
-#define QK_K 256
-
-struct blk_q8_0 { uint16_t d; int8_t qs[QK]; };
-struct blk_q8_1 { uint16_t d, s; int8_t qs[QK]; };
-struct blk_q8_k { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
-_Static_assert(sizeof(struct blk_q8_0) == 34, "block_q8_0 size");
-_Static_assert(sizeof(struct blk_q8_1) == 36, "block_q8_1 size");
-_Static_assert(sizeof(struct blk_q8_k) == 292, "block_q8_K size");
-
-enum act_fmt { ACT_NONE, ACT_F32, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K };
-
-static enum act_fmt act_fmt_for(uint32_t t)
-{
-    switch (t) {
-    case MOE_DTYPE_F32: return ACT_F32;
-    case MOE_DTYPE_F16: return ACT_F16;
-    case MOE_DTYPE_BF16: return ACT_BF16;
-    case MOE_DTYPE_Q4_0: case MOE_DTYPE_Q5_0: case MOE_DTYPE_Q8_0:
-    case MOE_DTYPE_IQ4_NL: case MOE_DTYPE_MXFP4: return ACT_Q8_0;
-    case MOE_DTYPE_Q4_1: case MOE_DTYPE_Q5_1: return ACT_Q8_1;
-    case MOE_DTYPE_Q2_K: case MOE_DTYPE_Q3_K: case MOE_DTYPE_Q4_K:
-    case MOE_DTYPE_Q5_K: case MOE_DTYPE_Q6_K: return ACT_Q8_K;
-    default: return ACT_NONE;
-    }
-}
-
 int moe_vecdot_supported(uint32_t t)
 {
-    return act_fmt_for(t) != ACT_NONE;
+    return moe_dtype_vec_dot_type(t) >= 0;
 }
 
 size_t moe_vecdot_act_bytes(uint32_t t, int64_t n)
 {
     const struct moe_dtype_info *wi = moe_dtype_info(t);
-    if (wi == NULL || n <= 0 || n % wi->block_size != 0)
+    const int at = moe_dtype_vec_dot_type(t);
+    if (wi == NULL || at < 0 || n <= 0 || n % wi->block_size != 0)
         return 0;
-    switch (act_fmt_for(t)) {
-    case ACT_F32: return (size_t)n * 4;
-    case ACT_F16: case ACT_BF16: return (size_t)n * 2;
-    case ACT_Q8_0: return (size_t)(n / QK) * sizeof(struct blk_q8_0);
-    case ACT_Q8_1: return (size_t)(n / QK) * sizeof(struct blk_q8_1);
-    case ACT_Q8_K: return (size_t)(n / QK_K) * sizeof(struct blk_q8_k);
-    default: return 0;
-    }
+    /* The activation row is a row of its own type; that type's block
+     * divides the weight's (tests/unit/test_blocks.c), so n fits it. */
+    return moe_dtype_row_bytes((enum moe_dtype)at, (uint64_t)n, NULL);
 }
 
 /* ---- activation quantization ------------------------------------------ */
@@ -71,28 +41,28 @@ size_t moe_vecdot_act_bytes(uint32_t t, int64_t n)
 /* ggml's x86 Q8_0/Q8_1 activation quantizer: id = 127/amax (not 1/d) and
  * round-to-nearest-even (_mm256_round_ps); lrintf rounds that way under the
  * default rounding mode. */
-static void quant_q8_0(const float *x, struct blk_q8_0 *y, int64_t nb)
+static void quant_q8_0(const float *x, struct moe_block_q8_0 *y, int64_t nb)
 {
-    for (int64_t i = 0; i < nb; i++, x += QK) {
+    for (int64_t i = 0; i < nb; i++, x += MOE_QK8_0) {
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++)
+        for (int j = 0; j < MOE_QK8_0; j++)
             amax = fmaxf(amax, fabsf(x[j]));
         const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
         y[i].d = moe_fp32_to_fp16(d);
-        for (int j = 0; j < QK; j++)
+        for (int j = 0; j < MOE_QK8_0; j++)
             y[i].qs[j] = (int8_t)lrintf(x[j] * id);
     }
 }
 
-static void quant_q8_1(const float *x, struct blk_q8_1 *y, int64_t nb)
+static void quant_q8_1(const float *x, struct moe_block_q8_1 *y, int64_t nb)
 {
-    for (int64_t i = 0; i < nb; i++, x += QK) {
+    for (int64_t i = 0; i < nb; i++, x += MOE_QK8_1) {
         float amax = 0.0f;
-        for (int j = 0; j < QK; j++)
+        for (int j = 0; j < MOE_QK8_1; j++)
             amax = fmaxf(amax, fabsf(x[j]));
         const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
-        for (int j = 0; j < QK; j++) {
+        for (int j = 0; j < MOE_QK8_1; j++) {
             y[i].qs[j] = (int8_t)lrintf(x[j] * id);
             sum += y[i].qs[j];
         }
@@ -103,11 +73,11 @@ static void quant_q8_1(const float *x, struct blk_q8_1 *y, int64_t nb)
 
 /* ggml uses its reference Q8_K quantizer on every CPU: scale by -127/max
  * where max is the signed value of largest magnitude. */
-static void quant_q8_k(const float *x, struct blk_q8_k *y, int64_t nb)
+static void quant_q8_k(const float *x, struct moe_block_q8_k *y, int64_t nb)
 {
-    for (int64_t i = 0; i < nb; i++, x += QK_K) {
+    for (int64_t i = 0; i < nb; i++, x += MOE_QK_K) {
         float max = 0.0f, amax = 0.0f;
-        for (int j = 0; j < QK_K; j++) {
+        for (int j = 0; j < MOE_QK_K; j++) {
             float ax = fabsf(x[j]);
             if (ax > amax) {
                 amax = ax;
@@ -119,11 +89,11 @@ static void quant_q8_k(const float *x, struct blk_q8_k *y, int64_t nb)
             continue;
         }
         const float iscale = -127.0f / max;
-        for (int j = 0; j < QK_K; j++) {
+        for (int j = 0; j < MOE_QK_K; j++) {
             long v = lrintf(iscale * x[j]);
             y[i].qs[j] = (int8_t)(v < 127 ? v : 127);
         }
-        for (int j = 0; j < QK_K / 16; j++) {
+        for (int j = 0; j < MOE_QK_K / 16; j++) {
             int sum = 0;
             for (int l = 0; l < 16; l++)
                 sum += y[i].qs[j * 16 + l];
@@ -135,34 +105,42 @@ static void quant_q8_k(const float *x, struct blk_q8_k *y, int64_t nb)
 
 void moe_vecdot_quantize_act(uint32_t t, const float *x, void *act, int64_t n)
 {
-    switch (act_fmt_for(t)) {
-    case ACT_F32:
+    switch (moe_dtype_vec_dot_type(t)) {
+    case MOE_DTYPE_F32:
         memcpy(act, x, (size_t)n * 4);
         break;
-    case ACT_F16: {
+    case MOE_DTYPE_F16: {
         uint16_t *h = act;
         for (int64_t i = 0; i < n; i++)
             h[i] = moe_fp32_to_fp16(x[i]);
         break;
     }
-    case ACT_BF16: {
+    case MOE_DTYPE_BF16: {
         uint16_t *h = act;
         for (int64_t i = 0; i < n; i++)
             h[i] = moe_fp32_to_bf16(x[i]);
         break;
     }
-    case ACT_Q8_0: quant_q8_0(x, act, n / QK); break;
-    case ACT_Q8_1: quant_q8_1(x, act, n / QK); break;
-    case ACT_Q8_K: quant_q8_k(x, act, n / QK_K); break;
+    case MOE_DTYPE_Q8_0: quant_q8_0(x, act, n / MOE_QK8_0); break;
+    case MOE_DTYPE_Q8_1: quant_q8_1(x, act, n / MOE_QK8_1); break;
+    case MOE_DTYPE_Q8_K: quant_q8_k(x, act, n / MOE_QK_K); break;
     default: MOE_ASSERT(0);
     }
 }
 
 /* ---- scalar dot products --------------------------------------------- */
 
-static inline float h2f(const uint8_t *p)
+static inline float f16(uint16_t h)
 {
-    return moe_fp16_to_fp32((uint16_t)(p[0] | p[1] << 8));
+    return moe_fp16_to_fp32(h);
+}
+
+/* Q5_0's and Q5_1's fifth bits: element j's is bit j of this word. */
+static inline uint32_t high_bits(const uint8_t qh[4])
+{
+    uint32_t v;
+    memcpy(&v, qh, sizeof(v));
+    return v;
 }
 
 static float dot_f32(const float *w, const float *x, int64_t n)
@@ -210,115 +188,116 @@ static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t n)
     return s;
 }
 
-static float dot_q8_0(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+static float dot_q8_0(const struct moe_block_q8_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 34) {
+    for (int64_t i = 0; i < nb; i++) {
         int sumi = 0;
-        for (int j = 0; j < QK; j++)
-            sumi += (int8_t)w[2 + j] * y[i].qs[j];
-        s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
+        for (int j = 0; j < MOE_QK8_0; j++)
+            sumi += x[i].qs[j] * y[i].qs[j];
+        s += (float)sumi * (f16(x[i].d) * f16(y[i].d));
     }
     return s;
 }
 
-static float dot_q4_0(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+static float dot_q4_0(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 18) {
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q = x[i].qs;
         int sumi = 0;
-        for (int j = 0; j < 16; j++)
-            sumi += ((w[2 + j] & 0xf) - 8) * y[i].qs[j] + ((w[2 + j] >> 4) - 8) * y[i].qs[j + 16];
-        s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
+        for (int j = 0; j < MOE_QK4_0 / 2; j++)
+            sumi += ((q[j] & 0xf) - 8) * y[i].qs[j] + ((q[j] >> 4) - 8) * y[i].qs[j + 16];
+        s += (float)sumi * (f16(x[i].d) * f16(y[i].d));
     }
     return s;
 }
 
-static float dot_q4_1(const uint8_t *w, const struct blk_q8_1 *y, int64_t nb)
+static float dot_q4_1(const struct moe_block_q4_1 *x, const struct moe_block_q8_1 *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 20) {
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q = x[i].qs;
         int sumi = 0;
-        for (int j = 0; j < 16; j++)
-            sumi += (w[4 + j] & 0xf) * y[i].qs[j] + (w[4 + j] >> 4) * y[i].qs[j + 16];
-        s += (h2f(w) * moe_fp16_to_fp32(y[i].d)) * (float)sumi + h2f(w + 2) * moe_fp16_to_fp32(y[i].s);
+        for (int j = 0; j < MOE_QK4_1 / 2; j++)
+            sumi += (q[j] & 0xf) * y[i].qs[j] + (q[j] >> 4) * y[i].qs[j + 16];
+        s += (f16(x[i].d) * f16(y[i].d)) * (float)sumi + f16(x[i].m) * f16(y[i].s);
     }
     return s;
 }
 
-static inline uint32_t rd32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static float dot_q5_0(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+static float dot_q5_0(const struct moe_block_q5_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 22) {
-        const uint32_t qh = rd32(w + 2);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint32_t qh = high_bits(x[i].qh);
+        const uint8_t *q = x[i].qs;
         int sumi = 0;
-        for (int j = 0; j < 16; j++) {
-            int x0 = ((w[6 + j] & 0xf) | ((qh >> j) & 1) << 4) - 16;
-            int x1 = ((w[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4) - 16;
+        for (int j = 0; j < MOE_QK5_0 / 2; j++) {
+            int x0 = ((q[j] & 0xf) | ((qh >> j) & 1) << 4) - 16;
+            int x1 = ((q[j] >> 4) | ((qh >> (j + 16)) & 1) << 4) - 16;
             sumi += x0 * y[i].qs[j] + x1 * y[i].qs[j + 16];
         }
-        s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
+        s += (float)sumi * (f16(x[i].d) * f16(y[i].d));
     }
     return s;
 }
 
-static float dot_q5_1(const uint8_t *w, const struct blk_q8_1 *y, int64_t nb)
+static float dot_q5_1(const struct moe_block_q5_1 *x, const struct moe_block_q8_1 *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 24) {
-        const uint32_t qh = rd32(w + 4);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint32_t qh = high_bits(x[i].qh);
+        const uint8_t *q = x[i].qs;
         int sumi = 0;
-        for (int j = 0; j < 16; j++) {
-            int x0 = (w[8 + j] & 0xf) | ((qh >> j) & 1) << 4;
-            int x1 = (w[8 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
+        for (int j = 0; j < MOE_QK5_1 / 2; j++) {
+            int x0 = (q[j] & 0xf) | ((qh >> j) & 1) << 4;
+            int x1 = (q[j] >> 4) | ((qh >> (j + 16)) & 1) << 4;
             sumi += x0 * y[i].qs[j] + x1 * y[i].qs[j + 16];
         }
-        s += (h2f(w) * moe_fp16_to_fp32(y[i].d)) * (float)sumi + h2f(w + 2) * moe_fp16_to_fp32(y[i].s);
+        s += (f16(x[i].d) * f16(y[i].d)) * (float)sumi + f16(x[i].m) * f16(y[i].s);
     }
     return s;
 }
 
-static float dot_iq4_nl(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+static float dot_iq4_nl(const struct moe_block_iq4_nl *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 18) {
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q = x[i].qs;
         int sumi = 0;
-        for (int j = 0; j < 16; j++)
-            sumi += moe_iq4nl_values[w[2 + j] & 0xf] * y[i].qs[j] + moe_iq4nl_values[w[2 + j] >> 4] * y[i].qs[j + 16];
-        s += (float)sumi * (h2f(w) * moe_fp16_to_fp32(y[i].d));
+        for (int j = 0; j < MOE_QK4_NL / 2; j++)
+            sumi += moe_iq4nl_values[q[j] & 0xf] * y[i].qs[j] + moe_iq4nl_values[q[j] >> 4] * y[i].qs[j + 16];
+        s += (float)sumi * (f16(x[i].d) * f16(y[i].d));
     }
     return s;
 }
 
-static float dot_mxfp4(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+static float dot_mxfp4(const struct moe_block_mxfp4 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 17) {
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q = x[i].qs;
         int sumi = 0;
-        for (int j = 0; j < 16; j++)
-            sumi += moe_mxfp4_values[w[1 + j] & 0xf] * y[i].qs[j] + moe_mxfp4_values[w[1 + j] >> 4] * y[i].qs[j + 16];
-        s += (float)sumi * (moe_e8m0_half(w[0]) * moe_fp16_to_fp32(y[i].d));
+        for (int j = 0; j < MOE_QK_MXFP4 / 2; j++)
+            sumi += moe_mxfp4_values[q[j] & 0xf] * y[i].qs[j] + moe_mxfp4_values[q[j] >> 4] * y[i].qs[j + 16];
+        s += (float)sumi * (moe_e8m0_half(x[i].e) * f16(y[i].d));
     }
     return s;
 }
 
-static float dot_q2_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+static float dot_q2_k(const struct moe_block_q2_k *x, const struct moe_block_q8_k *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 84) {
-        const uint8_t *sc = w, *q2 = w + 16;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *sc = x[i].scales, *q2 = x[i].qs;
         const int8_t *q8 = y[i].qs;
         int summs = 0;
         for (int j = 0; j < 16; j++)
             summs += y[i].bsums[j] * (sc[j] >> 4);
-        const float dall = y[i].d * h2f(w + 80), dmin = y[i].d * h2f(w + 82);
+        const float dall = y[i].d * f16(x[i].d), dmin = y[i].d * f16(x[i].dmin);
         int isum = 0, is = 0;
-        for (int k = 0; k < QK_K / 128; k++, q2 += 32) {
+        for (int k = 0; k < MOE_QK_K / 128; k++, q2 += 32) {
             for (int shift = 0; shift < 8; shift += 2, q8 += 32) {
                 for (int half = 0; half < 2; half++, is++) {
                     int suml = 0;
@@ -333,21 +312,18 @@ static float dot_q2_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
     return s;
 }
 
-static float dot_q3_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+static float dot_q3_k(const struct moe_block_q3_k *x, const struct moe_block_q8_k *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 110) {
-        const uint8_t *hm = w, *q = w + 32, *sb = w + 96;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *hm = x[i].hmask, *q = x[i].qs;
         const int8_t *q8 = y[i].qs;
         int scales[16];
-        for (int j = 0; j < 16; j++) {
-            int lo = (sb[j % 8] >> (4 * (j / 8))) & 0xf;
-            int hi = (sb[8 + j % 4] >> (2 * (j / 4))) & 3;
-            scales[j] = (lo | hi << 4) - 32;
-        }
+        for (int j = 0; j < 16; j++)
+            scales[j] = moe_q3k_scale(x[i].scales, j);
         int isum = 0, is = 0;
         uint8_t m = 1;
-        for (int n = 0; n < QK_K; n += 128, q += 32) {
+        for (int n = 0; n < MOE_QK_K; n += 128, q += 32) {
             for (int shift = 0; shift < 8; shift += 2, m <<= 1, q8 += 32) {
                 for (int half = 0; half < 2; half++, is++) {
                     int suml = 0;
@@ -357,43 +333,42 @@ static float dot_q3_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
                 }
             }
         }
-        s += (h2f(w + 108) * y[i].d) * (float)isum;
+        s += (f16(x[i].d) * y[i].d) * (float)isum;
     }
     return s;
 }
 
-static float dot_q4_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+static float dot_q4_k(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 144) {
-        const uint8_t *scales = w + 4, *q4 = w + 16;
+    for (int64_t i = 0; i < nb; i++) {
         const int8_t *q8 = y[i].qs;
         int isum = 0, msum = 0;
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            moe_q4k_scale_min(j, scales, &sc, &m);
+            moe_q4k_scale_min(j, x[i].scales, &sc, &m);
             msum += m * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
-            const uint8_t *qq = q4 + 32 * (j / 2);
+            const uint8_t *qq = x[i].qs + 32 * (j / 2);
             int shift = 4 * (j & 1), suml = 0;
             for (int l = 0; l < 32; l++)
                 suml += ((qq[l] >> shift) & 0xf) * q8[32 * j + l];
             isum += sc * suml;
         }
-        s += (h2f(w) * y[i].d) * (float)isum - (h2f(w + 2) * y[i].d) * (float)msum;
+        s += (f16(x[i].d) * y[i].d) * (float)isum - (f16(x[i].dmin) * y[i].d) * (float)msum;
     }
     return s;
 }
 
-static float dot_q5_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+static float dot_q5_k(const struct moe_block_q5_k *x, const struct moe_block_q8_k *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 176) {
-        const uint8_t *scales = w + 4, *qh = w + 16, *ql = w + 48;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *qh = x[i].qh, *ql = x[i].qs;
         const int8_t *q8 = y[i].qs;
         int isum = 0, msum = 0;
         for (int j = 0; j < 8; j++) {
             int sc, m;
-            moe_q4k_scale_min(j, scales, &sc, &m);
+            moe_q4k_scale_min(j, x[i].scales, &sc, &m);
             msum += m * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
             const uint8_t *qq = ql + 32 * (j / 2);
             int shift = 4 * (j & 1), suml = 0;
@@ -403,19 +378,19 @@ static float dot_q5_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
             }
             isum += sc * suml;
         }
-        s += (h2f(w) * y[i].d) * (float)isum - (h2f(w + 2) * y[i].d) * (float)msum;
+        s += (f16(x[i].d) * y[i].d) * (float)isum - (f16(x[i].dmin) * y[i].d) * (float)msum;
     }
     return s;
 }
 
-static float dot_q6_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+static float dot_q6_k(const struct moe_block_q6_k *x, const struct moe_block_q8_k *y, int64_t nb)
 {
     float s = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 210) {
-        const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192), *q8 = y[i].qs;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *ql = x[i].ql, *qh = x[i].qh;
+        const int8_t *sc = x[i].scales, *q8 = y[i].qs;
         int isum = 0;
-        for (int n = 0; n < QK_K; n += 128, ql += 64, qh += 32, sc += 8, q8 += 128) {
+        for (int n = 0; n < MOE_QK_K; n += 128, ql += 64, qh += 32, sc += 8, q8 += 128) {
             int sums[8] = { 0 };
             for (int l = 0; l < 32; l++) {
                 int is = l / 16;
@@ -431,7 +406,7 @@ static float dot_q6_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
             for (int g = 0; g < 8; g++)
                 isum += sc[g] * sums[g];
         }
-        s += (h2f(w + 208) * y[i].d) * (float)isum;
+        s += (f16(x[i].d) * y[i].d) * (float)isum;
     }
     return s;
 }
@@ -443,9 +418,9 @@ static float dot_q6_k(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
 
 /* half to float in hardware (F16C); the portable path's conversion is
  * exact too, but branchy, and it sits in the inner loop here */
-AVX2 static inline float hf(const uint8_t *p)
+AVX2 static inline float hf(uint16_t h)
 {
-    return _cvtsh_ss((unsigned short)(p[0] | p[1] << 8));
+    return _cvtsh_ss(h);
 }
 
 AVX2 static inline float hsum8(__m256 v)
@@ -502,25 +477,25 @@ AVX2 static inline __m256 mul_sum_i8(__m256i a, __m256i b)
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16, _mm256_set1_epi16(1)));
 }
 
-AVX2 static float dot_q8_0_avx2(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+AVX2 static float dot_q8_0_avx2(const struct moe_block_q8_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++, w += 34) {
-        const __m256 d = _mm256_set1_ps(hf(w) * _cvtsh_ss(y[i].d));
-        const __m256i qx = _mm256_loadu_si256((const __m256i *)(w + 2));
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256 d = _mm256_set1_ps(hf(x[i].d) * hf(y[i].d));
+        const __m256i qx = _mm256_loadu_si256((const __m256i *)x[i].qs);
         const __m256i qy = _mm256_loadu_si256((const __m256i *)y[i].qs);
         acc = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc);
     }
     return hsum8(acc);
 }
 
-AVX2 static float dot_q4_0_avx2(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+AVX2 static float dot_q4_0_avx2(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     __m256 acc = _mm256_setzero_ps();
     const __m256i lowmask = _mm256_set1_epi8(0xf), off = _mm256_set1_epi8(8);
-    for (int64_t i = 0; i < nb; i++, w += 18) {
-        const __m256 d = _mm256_set1_ps(hf(w) * _cvtsh_ss(y[i].d));
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(w + 2));
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256 d = _mm256_set1_ps(hf(x[i].d) * hf(y[i].d));
+        const __m128i raw = _mm_loadu_si128((const __m128i *)x[i].qs);
         /* low nibbles -> lanes 0..15, high nibbles -> lanes 16..31 */
         __m256i qx = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
         qx = _mm256_sub_epi8(_mm256_and_si256(qx, lowmask), off);
@@ -530,19 +505,19 @@ AVX2 static float dot_q4_0_avx2(const uint8_t *w, const struct blk_q8_0 *y, int6
     return hsum8(acc);
 }
 
-AVX2 static float dot_q4_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+AVX2 static float dot_q4_k_avx2(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
 {
     /* integer sums stay in 8 lanes; each superblock adds d * lanes to a
      * float accumulator, so there is one horizontal sum per row */
     __m256 acc = _mm256_setzero_ps();
     float msum_f = 0.0f;
     const __m256i lowmask = _mm256_set1_epi8(0xf);
-    for (int64_t i = 0; i < nb; i++, w += 144) {
-        const uint8_t *scales = w + 4, *q4 = w + 16;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q4 = x[i].qs;
         const int8_t *q8 = y[i].qs;
         int sc[8], mn[8], msum = 0;
         for (int j = 0; j < 8; j++) {
-            moe_q4k_scale_min(j, scales, &sc[j], &mn[j]);
+            moe_q4k_scale_min(j, x[i].scales, &sc[j], &mn[j]);
             msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
         }
         __m256i isum = _mm256_setzero_si256();
@@ -557,20 +532,20 @@ AVX2 static float dot_q4_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
             __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16((short)sc[j + 1]));
             isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(hf(w) * y[i].d), _mm256_cvtepi32_ps(isum), acc);
-        msum_f += (hf(w + 2) * y[i].d) * (float)msum;
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].d) * y[i].d), _mm256_cvtepi32_ps(isum), acc);
+        msum_f += (hf(x[i].dmin) * y[i].d) * (float)msum;
     }
     return hsum8(acc) - msum_f;
 }
 
-AVX2 static float dot_q6_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int64_t nb)
+AVX2 static float dot_q6_k_avx2(const struct moe_block_q6_k *x, const struct moe_block_q8_k *y, int64_t nb)
 {
     __m256 accf = _mm256_setzero_ps();
     float corr_f = 0.0f;
     const __m256i m4 = _mm256_set1_epi8(0xf), m2 = _mm256_set1_epi8(3);
-    for (int64_t i = 0; i < nb; i++, w += 210) {
-        const uint8_t *ql = w, *qh = w + 128;
-        const int8_t *sc = (const int8_t *)(w + 192), *q8 = y[i].qs;
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *ql = x[i].ql, *qh = x[i].qh;
+        const int8_t *sc = x[i].scales, *q8 = y[i].qs;
         /* q - 32 folded out: sum(sc * q8) * 32 from the block sums */
         int corr = 0;
         for (int g = 0; g < 16; g++)
@@ -595,7 +570,7 @@ AVX2 static float dot_q6_k_avx2(const uint8_t *w, const struct blk_q8_k *y, int6
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, scv));
             }
         }
-        const float d = hf(w + 208) * y[i].d;
+        const float d = hf(x[i].d) * y[i].d;
         accf = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(acc), accf);
         corr_f += d * (float)(32 * corr);
     }
@@ -649,23 +624,23 @@ AVX512 static float dot_f32_avx512(const float *w, const float *x, int64_t n)
     return s;
 }
 
-AVX512 static float dot_q8_0_avx512(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+AVX512 static float dot_q8_0_avx512(const struct moe_block_q8_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     __m512 acc = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 2 <= nb; i += 2, w += 68) {
-        const __m512i wx = load2x256(w + 2, w + 36);
+    for (; i + 2 <= nb; i += 2) {
+        const __m512i wx = load2x256(x[i].qs, x[i + 1].qs);
         const __m512i yx = load2x256(y[i].qs, y[i + 1].qs);
         const __mmask64 neg = _mm512_movepi8_mask(wx);
         const __m512i ax = _mm512_abs_epi8(wx);
         const __m512i sy = _mm512_mask_sub_epi8(yx, neg, _mm512_setzero_si512(), yx);
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy);
-        const __m512 d = scale2(hf(w) * _cvtsh_ss(y[i].d), hf(w + 34) * _cvtsh_ss(y[i + 1].d));
+        const __m512 d = scale2(hf(x[i].d) * hf(y[i].d), hf(x[i + 1].d) * hf(y[i + 1].d));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc);
     }
     float s = _mm512_reduce_add_ps(acc);
     if (i < nb)
-        s += dot_q8_0_avx2(w, y + i, nb - i);
+        s += dot_q8_0_avx2(x + i, y + i, nb - i);
     return s;
 }
 
@@ -675,23 +650,23 @@ AVX512 static inline __m256i nibbles32(const uint8_t *q)
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0xf));
 }
 
-AVX512 static float dot_q4_0_avx512(const uint8_t *w, const struct blk_q8_0 *y, int64_t nb)
+AVX512 static float dot_q4_0_avx512(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     __m512 acc = _mm512_setzero_ps();
     const __m512i ones = _mm512_set1_epi8(1);
     int64_t i = 0;
-    for (; i + 2 <= nb; i += 2, w += 36) {
-        const __m512i wx = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(w + 2)), nibbles32(w + 20), 1);
+    for (; i + 2 <= nb; i += 2) {
+        const __m512i wx = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(x[i].qs)), nibbles32(x[i + 1].qs), 1);
         const __m512i yx = load2x256(y[i].qs, y[i + 1].qs);
         const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wx, yx);
         const __m512i sy = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, yx);
         const __m512i v = _mm512_sub_epi32(dot, _mm512_slli_epi32(sy, 3));
-        const __m512 d = scale2(hf(w) * _cvtsh_ss(y[i].d), hf(w + 18) * _cvtsh_ss(y[i + 1].d));
+        const __m512 d = scale2(hf(x[i].d) * hf(y[i].d), hf(x[i + 1].d) * hf(y[i + 1].d));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), d, acc);
     }
     float s = _mm512_reduce_add_ps(acc);
     if (i < nb)
-        s += dot_q4_0_avx2(w, y + i, nb - i);
+        s += dot_q4_0_avx2(x + i, y + i, nb - i);
     return s;
 }
 #endif
@@ -754,8 +729,8 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
         switch (t) {
         case MOE_DTYPE_F32: return dot_f32_avx512(w, act, n);
         case MOE_DTYPE_F16: return dot_f16_avx512(w, act, n);
-        case MOE_DTYPE_Q8_0: return dot_q8_0_avx512(w, act, n / QK);
-        case MOE_DTYPE_Q4_0: return dot_q4_0_avx512(w, act, n / QK);
+        case MOE_DTYPE_Q8_0: return dot_q8_0_avx512(w, act, n / MOE_QK8_0);
+        case MOE_DTYPE_Q4_0: return dot_q4_0_avx512(w, act, n / MOE_QK4_0);
         default: break;
         }
     }
@@ -763,10 +738,10 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
         switch (t) {
         case MOE_DTYPE_F32: return dot_f32_avx2(w, act, n);
         case MOE_DTYPE_F16: return dot_f16_avx2(w, act, n);
-        case MOE_DTYPE_Q8_0: return dot_q8_0_avx2(w, act, n / QK);
-        case MOE_DTYPE_Q4_0: return dot_q4_0_avx2(w, act, n / QK);
-        case MOE_DTYPE_Q4_K: return dot_q4_k_avx2(w, act, n / QK_K);
-        case MOE_DTYPE_Q6_K: return dot_q6_k_avx2(w, act, n / QK_K);
+        case MOE_DTYPE_Q8_0: return dot_q8_0_avx2(w, act, n / MOE_QK8_0);
+        case MOE_DTYPE_Q4_0: return dot_q4_0_avx2(w, act, n / MOE_QK4_0);
+        case MOE_DTYPE_Q4_K: return dot_q4_k_avx2(w, act, n / MOE_QK_K);
+        case MOE_DTYPE_Q6_K: return dot_q6_k_avx2(w, act, n / MOE_QK_K);
         default: break;
         }
     }
@@ -775,18 +750,18 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
     case MOE_DTYPE_F32: return dot_f32(w, act, n);
     case MOE_DTYPE_F16: return dot_f16(w, act, n);
     case MOE_DTYPE_BF16: return dot_bf16(w, act, n);
-    case MOE_DTYPE_Q8_0: return dot_q8_0(w, act, n / QK);
-    case MOE_DTYPE_Q4_0: return dot_q4_0(w, act, n / QK);
-    case MOE_DTYPE_Q4_1: return dot_q4_1(w, act, n / QK);
-    case MOE_DTYPE_Q5_0: return dot_q5_0(w, act, n / QK);
-    case MOE_DTYPE_Q5_1: return dot_q5_1(w, act, n / QK);
-    case MOE_DTYPE_IQ4_NL: return dot_iq4_nl(w, act, n / QK);
-    case MOE_DTYPE_MXFP4: return dot_mxfp4(w, act, n / QK);
-    case MOE_DTYPE_Q2_K: return dot_q2_k(w, act, n / QK_K);
-    case MOE_DTYPE_Q3_K: return dot_q3_k(w, act, n / QK_K);
-    case MOE_DTYPE_Q4_K: return dot_q4_k(w, act, n / QK_K);
-    case MOE_DTYPE_Q5_K: return dot_q5_k(w, act, n / QK_K);
-    case MOE_DTYPE_Q6_K: return dot_q6_k(w, act, n / QK_K);
+    case MOE_DTYPE_Q8_0: return dot_q8_0(w, act, n / MOE_QK8_0);
+    case MOE_DTYPE_Q4_0: return dot_q4_0(w, act, n / MOE_QK4_0);
+    case MOE_DTYPE_Q4_1: return dot_q4_1(w, act, n / MOE_QK4_1);
+    case MOE_DTYPE_Q5_0: return dot_q5_0(w, act, n / MOE_QK5_0);
+    case MOE_DTYPE_Q5_1: return dot_q5_1(w, act, n / MOE_QK5_1);
+    case MOE_DTYPE_IQ4_NL: return dot_iq4_nl(w, act, n / MOE_QK4_NL);
+    case MOE_DTYPE_MXFP4: return dot_mxfp4(w, act, n / MOE_QK_MXFP4);
+    case MOE_DTYPE_Q2_K: return dot_q2_k(w, act, n / MOE_QK_K);
+    case MOE_DTYPE_Q3_K: return dot_q3_k(w, act, n / MOE_QK_K);
+    case MOE_DTYPE_Q4_K: return dot_q4_k(w, act, n / MOE_QK_K);
+    case MOE_DTYPE_Q5_K: return dot_q5_k(w, act, n / MOE_QK_K);
+    case MOE_DTYPE_Q6_K: return dot_q6_k(w, act, n / MOE_QK_K);
     default: MOE_ASSERT(0); return 0.0f;
     }
 }

@@ -1,20 +1,18 @@
-/* Row dot products of the CPU backend, with the activation formats ggml's
- * CPU backend uses for each weight type:
- *
- *   weight type                      activation row format
- *   F32                              F32
- *   F16                              F16  (activations rounded to half)
- *   BF16                             BF16 (activations rounded to bfloat16)
- *   Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4  Q8_0 (32-blocks: f16 d, int8 q)
- *   Q4_1, Q5_1                       Q8_1 (32-blocks: f16 d, f16 d*sum(q), int8 q)
- *   Q2_K .. Q6_K                     Q8_K (256-blocks: f32 d, int8 q, int16 bsums)
+/* Row dot products of the CPU backend. Each weight type's activations are
+ * first converted to the type moe_dtype_vec_dot_type() names
+ * (kernels/blocks.h): F32, F16 or BF16 rounding for the float types, Q8_0,
+ * Q8_1 or Q8_K blocks for the quantized ones, as ggml's CPU backend does.
  *
  * Quantizing the activations the same way matters for parity: the rounding of
  * the activations, not only of the weights, decides the result.
  *
  * Usage: moe_vecdot_act_bytes() sizes a buffer for one activation row;
  * moe_vecdot_quantize_act() fills it once per row; moe_vecdot() is then
- * called for every weight row. None of them allocates; all are thread-safe.
+ * called for every weight row. Rows are arrays of blocks.h's structs (or of
+ * floats, halves) and must be aligned like their elements: 4 bytes for F32
+ * and Q8_K, 2 for the other types but MXFP4, as GGUF tensors, pack slices
+ * and the backend's scratch are. None of them allocates; all are
+ * thread-safe.
  */
 #ifndef MOE_KERNELS_CPU_VECDOT_H
 #define MOE_KERNELS_CPU_VECDOT_H
