@@ -20,8 +20,10 @@ extern "C" {
 int moe_dequantize_supported(uint32_t t);
 
 /* Writes n floats to dst from the blocks at src. n must be a multiple of
- * the type's block size. Returns 0, -EINVAL for a bad n, MOE_EUNSUPPORTED
- * for a type it cannot compute. Never allocates; thread-safe. */
+ * the type's block size. src may have any alignment (a row that is not
+ * aligned like its blocks is copied through an aligned buffer first).
+ * Returns 0, -EINVAL for a bad n, MOE_EUNSUPPORTED for a type it cannot
+ * compute. Never allocates; thread-safe. */
 int moe_dequantize_row(uint32_t t, const void *src, float *dst, int64_t n);
 
 #ifdef __cplusplus

@@ -1,11 +1,14 @@
 /* kernels/blocks.h against the rest of the project: every block struct's
  * size and element count against the dtype table (common/dtype.c), the
  * field offsets that tests and the CUDA kernels rely on, the activation
- * format of every weight type against what the kernels compute, and the
- * shared grids and unpacking helpers against their definitions. */
+ * format of every weight type against what the kernels compute, the
+ * shared grids and unpacking helpers against their definitions; and that
+ * the dequantizers, which read rows as structs, still take any address. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "common/dtype.h"
 #include "kernels/blocks.h"
@@ -221,6 +224,37 @@ static void test_scale_unpacking(void)
     }
 }
 
+/* The structs need their alignment, but moe_dequantize_row takes rows at
+ * any address (a GGUF file may declare general.alignment = 1): the same
+ * bytes at every offset give the same floats. */
+static void test_dequant_any_alignment(void)
+{
+    enum { N = 2048, CAP = N * 4 + 16 };
+    static _Alignas(16) unsigned char buf[CAP];
+    static float want[N], got[N];
+    uint32_t s = 99;
+    for (uint32_t t = 0; t < MOE_DTYPE_COUNT; t++) {
+        if (!moe_dequantize_supported(t))
+            continue;
+        const size_t rb = moe_dtype_row_bytes((enum moe_dtype)t, N, NULL);
+        CHECK(rb > 0 && rb + 8 <= CAP);
+        unsigned char *row = malloc(rb);
+        CHECK(row != NULL);
+        for (size_t i = 0; i < rb; i++) {
+            s = s * 1103515245u + 12345u;
+            row[i] = (unsigned char)(s >> 16);
+        }
+        memcpy(buf, row, rb);
+        CHECK_INT(moe_dequantize_row(t, buf, want, N), ==, 0);
+        for (int off = 1; off < 8; off++) {
+            memcpy(buf + off, row, rb);
+            CHECK_INT(moe_dequantize_row(t, buf + off, got, N), ==, 0);
+            CHECK_MSG(memcmp(got, want, sizeof(got)) == 0, "%s at offset %d", moe_dtype_name(t), off);
+        }
+        free(row);
+    }
+}
+
 int main(void)
 {
     MOE_TEST_RUN(test_sizes_match_dtype_table);
@@ -231,5 +265,6 @@ int main(void)
     MOE_TEST_RUN(test_grids);
     MOE_TEST_RUN(test_e8m0_half);
     MOE_TEST_RUN(test_scale_unpacking);
+    MOE_TEST_RUN(test_dequant_any_alignment);
     return moe_test_exit_code();
 }
