@@ -45,9 +45,9 @@ extern "C" {
 #define MOE_BLOCK_FN static inline
 #endif
 
-/* The bytes of field f of a block of type struct S that starts at byte
- * pointer p, for reads that must not assume alignment. */
-#define MOE_BLOCK_FIELD(p, S, f) ((p) + offsetof(struct S, f))
+/* The bytes of field f of a block of type S (struct moe_block_...) that
+ * starts at byte pointer p, for reads that must not assume alignment. */
+#define MOE_BLOCK_FIELD(p, S, f) ((p) + offsetof(S, f))
 
 /* ---- elements per block ------------------------------------------------ */
 

@@ -27,12 +27,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/dtype.h"
+#include "common/log.h"
 #include "kernels/backend.h"
+#include "kernels/blocks.h"
 #include "kernels/cuda.h"
 #include "kernels/cuda/cuda-impl.h"
 #include "kernels/cuda/reduce-impl.h"
-#include "common/dtype.h"
-#include "common/log.h"
 
 namespace moecu {
 
@@ -98,6 +99,13 @@ cuda_ctx *ctx_of(struct moe_backend *be)
 #define FATAL_GUARD(c) do { if ((c)->fatal) return MOE_EGPU_FATAL; } while (0)
 
 // ---- element decoding of ggml block types ----------------------------
+//
+// Blocks are kernels/blocks.h's structs, read byte by byte at the fields'
+// offsets rather than through struct pointers: Q5_0's 32-bit qh sits at
+// byte 2 of a 22-byte block, and a misaligned load on the device is a
+// fatal error, not a slow one.
+
+#define AT(S, f) MOE_BLOCK_FIELD(b, struct S, f)
 
 __device__ __forceinline__ float f16_at(const uint8_t *p)
 {
@@ -109,25 +117,8 @@ __device__ __forceinline__ uint32_t rd32(const uint8_t *p)
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-__device__ __forceinline__ void k4_scale_min(int j, const uint8_t *q, int *sc, int *m)
-{
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xf) | (q[j - 4] >> 6) << 4;
-        *m = (q[j + 4] >> 4) | (q[j] >> 6) << 4;
-    }
-}
-
-__constant__ int8_t k_iq4nl[16] = { -127, -104, -83, -65, -49, -35, -22, -10,
-                                    1, 13, 25, 38, 53, 69, 89, 113 };
-__constant__ int8_t k_mxfp4[16] = { 0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12 };
-
-__device__ __forceinline__ float e8m0_half(uint8_t e)
-{
-    return __uint_as_float(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
-}
+__constant__ int8_t k_iq4nl[16] = { MOE_IQ4NL_GRID(MOE_GRID_BYTES) };
+__constant__ int8_t k_mxfp4[16] = { MOE_MXFP4_GRID(MOE_GRID_BYTES) };
 
 // Element i (0 <= i < block size) of one block of type t.
 __device__ float block_elem(uint32_t t, const uint8_t *b, int i)
@@ -137,79 +128,91 @@ __device__ float block_elem(uint32_t t, const uint8_t *b, int i)
     case MOE_DTYPE_F16: return f16_at(b + 2 * i);
     case MOE_DTYPE_BF16: return __uint_as_float((uint32_t)(b[2 * i] | b[2 * i + 1] << 8) << 16);
     case MOE_DTYPE_Q4_0: {
-        const int j = i & 15, q = i < 16 ? b[2 + j] & 0xf : b[2 + j] >> 4;
-        return f16_at(b) * (float)(q - 8);
+        const uint8_t *qs = AT(moe_block_q4_0, qs);
+        const int j = i & 15, q = i < 16 ? qs[j] & 0xf : qs[j] >> 4;
+        return f16_at(AT(moe_block_q4_0, d)) * (float)(q - 8);
     }
     case MOE_DTYPE_Q4_1: {
-        const int j = i & 15, q = i < 16 ? b[4 + j] & 0xf : b[4 + j] >> 4;
-        return f16_at(b) * (float)q + f16_at(b + 2);
+        const uint8_t *qs = AT(moe_block_q4_1, qs);
+        const int j = i & 15, q = i < 16 ? qs[j] & 0xf : qs[j] >> 4;
+        return f16_at(AT(moe_block_q4_1, d)) * (float)q + f16_at(AT(moe_block_q4_1, m));
     }
     case MOE_DTYPE_Q5_0: {
-        const int j = i & 15, lo = i < 16 ? b[6 + j] & 0xf : b[6 + j] >> 4;
-        const int h = (rd32(b + 2) >> i) & 1;
-        return f16_at(b) * (float)((lo | h << 4) - 16);
+        const uint8_t *qs = AT(moe_block_q5_0, qs);
+        const int j = i & 15, lo = i < 16 ? qs[j] & 0xf : qs[j] >> 4;
+        const int h = (rd32(AT(moe_block_q5_0, qh)) >> i) & 1;
+        return f16_at(AT(moe_block_q5_0, d)) * (float)((lo | h << 4) - 16);
     }
     case MOE_DTYPE_Q5_1: {
-        const int j = i & 15, lo = i < 16 ? b[8 + j] & 0xf : b[8 + j] >> 4;
-        const int h = (rd32(b + 4) >> i) & 1;
-        return f16_at(b) * (float)(lo | h << 4) + f16_at(b + 2);
+        const uint8_t *qs = AT(moe_block_q5_1, qs);
+        const int j = i & 15, lo = i < 16 ? qs[j] & 0xf : qs[j] >> 4;
+        const int h = (rd32(AT(moe_block_q5_1, qh)) >> i) & 1;
+        return f16_at(AT(moe_block_q5_1, d)) * (float)(lo | h << 4) + f16_at(AT(moe_block_q5_1, m));
     }
-    case MOE_DTYPE_Q8_0: return f16_at(b) * (float)(int8_t)b[2 + i];
+    case MOE_DTYPE_Q8_0:
+        return f16_at(AT(moe_block_q8_0, d)) * (float)(int8_t)AT(moe_block_q8_0, qs)[i];
     case MOE_DTYPE_Q2_K: {
-        const uint8_t *sc = b, *q = b + 16;
+        const uint8_t *sc = AT(moe_block_q2_k, scales), *q = AT(moe_block_q2_k, qs);
         const int n = i / 128, r = i % 128, sh = r / 32, half = (r % 32) / 16, l = r % 16;
         const int is = n * 8 + sh * 2 + half;
         const int qv = (q[n * 32 + l + 16 * half] >> (2 * sh)) & 3;
-        return f16_at(b + 80) * (float)(sc[is] & 0xf) * (float)qv - f16_at(b + 82) * (float)(sc[is] >> 4);
+        return f16_at(AT(moe_block_q2_k, d)) * (float)(sc[is] & 0xf) * (float)qv -
+               f16_at(AT(moe_block_q2_k, dmin)) * (float)(sc[is] >> 4);
     }
     case MOE_DTYPE_Q3_K: {
-        const uint8_t *hm = b, *q = b + 32, *s = b + 96;
+        const uint8_t *hm = AT(moe_block_q3_k, hmask), *q = AT(moe_block_q3_k, qs);
         const int n = i / 128, r = i % 128, sh = r / 32, half = (r % 32) / 16;
         const int is = n * 8 + sh * 2 + half, l = 16 * half + (r % 16);
-        const int lo = (s[is % 8] >> (4 * (is / 8))) & 0xf, hi = (s[8 + is % 4] >> (2 * (is / 4))) & 3;
-        const int scale = (lo | hi << 4) - 32;
+        const int scale = moe_q3k_scale(AT(moe_block_q3_k, scales), is);
         const uint8_t m = (uint8_t)(1u << (n * 4 + sh));
         const int qv = ((q[n * 32 + l] >> (2 * sh)) & 3) - ((hm[l] & m) ? 0 : 4);
-        return f16_at(b + 108) * (float)scale * (float)qv;
+        return f16_at(AT(moe_block_q3_k, d)) * (float)scale * (float)qv;
     }
     case MOE_DTYPE_Q4_K: {
         const int j = i / 64, r = i % 64, l = r % 32, is = 2 * j + (r >= 32);
-        const uint8_t *q = b + 16 + 32 * j;
+        const uint8_t *q = AT(moe_block_q4_k, qs) + 32 * j;
         int sc, m;
-        k4_scale_min(is, b + 4, &sc, &m);
+        moe_q4k_scale_min(is, AT(moe_block_q4_k, scales), &sc, &m);
         const int nib = r < 32 ? q[l] & 0xf : q[l] >> 4;
-        return f16_at(b) * (float)sc * (float)nib - f16_at(b + 2) * (float)m;
+        return f16_at(AT(moe_block_q4_k, d)) * (float)sc * (float)nib -
+               f16_at(AT(moe_block_q4_k, dmin)) * (float)m;
     }
     case MOE_DTYPE_Q5_K: {
         const int j = i / 64, r = i % 64, l = r % 32, is = 2 * j + (r >= 32);
-        const uint8_t *qh = b + 16, *ql = b + 48 + 32 * j;
+        const uint8_t *qh = AT(moe_block_q5_k, qh), *ql = AT(moe_block_q5_k, qs) + 32 * j;
         int sc, m;
-        k4_scale_min(is, b + 4, &sc, &m);
+        moe_q4k_scale_min(is, AT(moe_block_q5_k, scales), &sc, &m);
         const int nib = r < 32 ? ql[l] & 0xf : ql[l] >> 4;
         const uint8_t u = (uint8_t)((r < 32 ? 1u : 2u) << (2 * j));
-        return f16_at(b) * (float)sc * (float)(nib + ((qh[l] & u) ? 16 : 0)) - f16_at(b + 2) * (float)m;
+        return f16_at(AT(moe_block_q5_k, d)) * (float)sc * (float)(nib + ((qh[l] & u) ? 16 : 0)) -
+               f16_at(AT(moe_block_q5_k, dmin)) * (float)m;
     }
     case MOE_DTYPE_Q6_K: {
         const int n = i / 128, r = i % 128, quarter = r / 32, l = r % 32, is = l / 16;
-        const uint8_t *ql = b + 64 * n, *qh = b + 128 + 32 * n;
-        const int8_t *sc = (const int8_t *)(b + 192 + 8 * n);
+        const uint8_t *ql = AT(moe_block_q6_k, ql) + 64 * n, *qh = AT(moe_block_q6_k, qh) + 32 * n;
+        const int8_t *sc = (const int8_t *)AT(moe_block_q6_k, scales) + 8 * n;
         const int lo = quarter == 0 ? ql[l] & 0xf : quarter == 1 ? ql[l + 32] & 0xf
                      : quarter == 2 ? ql[l] >> 4 : ql[l + 32] >> 4;
         const int hb = (qh[l] >> (2 * quarter)) & 3;
-        return f16_at(b + 208) * (float)sc[is + 2 * quarter] * (float)((lo | hb << 4) - 32);
+        return f16_at(AT(moe_block_q6_k, d)) * (float)sc[is + 2 * quarter] * (float)((lo | hb << 4) - 32);
     }
-    case MOE_DTYPE_Q8_K: return __uint_as_float(rd32(b)) * (float)(int8_t)b[4 + i];
+    case MOE_DTYPE_Q8_K:
+        return __uint_as_float(rd32(AT(moe_block_q8_k, d))) * (float)(int8_t)AT(moe_block_q8_k, qs)[i];
     case MOE_DTYPE_IQ4_NL: {
-        const int j = i & 15, q = i < 16 ? b[2 + j] & 0xf : b[2 + j] >> 4;
-        return f16_at(b) * (float)k_iq4nl[q];
+        const uint8_t *qs = AT(moe_block_iq4_nl, qs);
+        const int j = i & 15, q = i < 16 ? qs[j] & 0xf : qs[j] >> 4;
+        return f16_at(AT(moe_block_iq4_nl, d)) * (float)k_iq4nl[q];
     }
     case MOE_DTYPE_MXFP4: {
-        const int j = i & 15, q = i < 16 ? b[1 + j] & 0xf : b[1 + j] >> 4;
-        return e8m0_half(b[0]) * (float)k_mxfp4[q];
+        const uint8_t *qs = AT(moe_block_mxfp4, qs);
+        const int j = i & 15, q = i < 16 ? qs[j] & 0xf : qs[j] >> 4;
+        return moe_e8m0_half(*AT(moe_block_mxfp4, e)) * (float)k_mxfp4[q];
     }
     default: return 0.0f;
     }
 }
+
+#undef AT
 
 // rows [0, n_rows) of w -> out[n_rows][n_in] as f16 (cuBLAS tile)
 __global__ void dequant_rows_f16_kernel(uint32_t t, const uint8_t *w, size_t row_bytes, int64_t n_in,

@@ -4,11 +4,15 @@
 // host, lane by lane, against the CPU backend's dot products).
 //
 // Activations are quantized exactly as the CPU backend does it
-// (kernels/cpu/vecdot.c): Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL/MXFP4, Q8_1 for
-// Q4_1/Q5_1, Q8_K for the K types; the integer dot products are therefore
-// the CPU's, and only the order of the float sums differs. The device layout
-// of a quantized activation row is not the CPU's packed blocks but separate
+// (kernels/cpu/vecdot.c), into the type moe_dtype_vec_dot_type() names
+// (Q8_0, Q8_1 or Q8_K); the integer dot products are therefore the CPU's,
+// and only the order of the float sums differs. The device layout of a
+// quantized activation row is not the CPU's packed blocks but separate
 // arrays (struct mv_act) so that the int8 values load as aligned int4.
+//
+// Weight blocks are kernels/blocks.h's structs, read at the byte offsets of
+// their fields (MOE_BLOCK_FIELD): a block staged in shared memory starts at
+// any byte, so the fields cannot be loaded through a struct pointer.
 //
 // Private to kernels/cuda and its tests. C++ (nvcc) only.
 #ifndef MOE_KERNELS_CUDA_MATVEC_IMPL_H
@@ -20,6 +24,7 @@
 #include <string.h>
 
 #include "common/dtype.h"
+#include "kernels/blocks.h"
 
 #define MOE_HD __host__ __device__ __forceinline__
 #ifdef __CUDA_ARCH__
@@ -124,50 +129,22 @@ MOE_HD uint32_t lut16(uint32_t q, uint32_t t0, uint32_t t1, uint32_t t2, uint32_
     return (lo & ~m) | (hi & m);
 }
 
-// ggml's kvalues_iq4nl and kvalues_mxfp4 as little-endian words
-#define MOE_IQ4NL_W0 0xbfad9881u   // -127 -104 -83 -65
-#define MOE_IQ4NL_W1 0xf6eaddcfu   // -49 -35 -22 -10
-#define MOE_IQ4NL_W2 0x26190d01u   // 1 13 25 38
-#define MOE_IQ4NL_W3 0x71594535u   // 53 69 89 113
-#define MOE_MXFP4_W0 0x03020100u   // 0 1 2 3
-#define MOE_MXFP4_W1 0x0c080604u   // 4 6 8 12
-#define MOE_MXFP4_W2 0xfdfeff00u   // 0 -1 -2 -3
-#define MOE_MXFP4_W3 0xf4f8fafcu   // -4 -6 -8 -12
-
-MOE_HD float e8m0_half(uint8_t e)
+// Four codes looked up in IQ4_NL's or MXFP4's grid (kernels/blocks.h),
+// whose words the grid macro spells out at compile time.
+MOE_HD uint32_t lut_iq4nl(uint32_t q)
 {
-    return bits_f32(e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23);
+    return lut16(q, MOE_IQ4NL_GRID(MOE_GRID_WORD));
 }
 
-MOE_HD void k4_scale_min(int j, const uint8_t *q, int *sc, int *m)
+MOE_HD uint32_t lut_mxfp4(uint32_t q)
 {
-    if (j < 4) {
-        *sc = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *sc = (q[j + 4] & 0xf) | (q[j - 4] >> 6) << 4;
-        *m = (q[j + 4] >> 4) | (q[j] >> 6) << 4;
-    }
+    return lut16(q, MOE_MXFP4_GRID(MOE_GRID_WORD));
 }
 
 // ---- activation formats ------------------------------------------------------
-
-enum act_fmt { ACT_NONE, ACT_F32, ACT_F16, ACT_BF16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K };
-
-MOE_HD act_fmt act_fmt_for(uint32_t t)
-{
-    switch (t) {
-    case MOE_DTYPE_F32: return ACT_F32;
-    case MOE_DTYPE_F16: return ACT_F16;
-    case MOE_DTYPE_BF16: return ACT_BF16;
-    case MOE_DTYPE_Q4_0: case MOE_DTYPE_Q5_0: case MOE_DTYPE_Q8_0:
-    case MOE_DTYPE_IQ4_NL: case MOE_DTYPE_MXFP4: return ACT_Q8_0;
-    case MOE_DTYPE_Q4_1: case MOE_DTYPE_Q5_1: return ACT_Q8_1;
-    case MOE_DTYPE_Q2_K: case MOE_DTYPE_Q3_K: case MOE_DTYPE_Q4_K:
-    case MOE_DTYPE_Q5_K: case MOE_DTYPE_Q6_K: return ACT_Q8_K;
-    default: return ACT_NONE;
-    }
-}
+//
+// `act` below is the activation type, moe_dtype_vec_dot_type() of the
+// weight type: MOE_DTYPE_Q8_0, _Q8_1 or _Q8_K.
 
 // Quantized activations of n_tok rows of n_in elements (n_in a multiple of
 // the block; every array row-major by token).
@@ -180,20 +157,20 @@ struct mv_act {
 };
 
 // Bytes of the quantized activations of n_tok rows (each array 256-aligned).
-inline size_t act_q_bytes(act_fmt f, int64_t n_tok, int64_t n_in)
+inline size_t act_q_bytes(int act, int64_t n_tok, int64_t n_in)
 {
     const size_t a = 256;
     auto up = [a](size_t v) { return (v + a - 1) / a * a; };
     size_t b = up((size_t)(n_tok * n_in));
-    if (f == ACT_Q8_0 || f == ACT_Q8_1)
-        b += up((size_t)(n_tok * (n_in / 32)) * 4) * (f == ACT_Q8_1 ? 2 : 1);
-    if (f == ACT_Q8_K)
-        b += up((size_t)(n_tok * (n_in / 256)) * 4) + up((size_t)(n_tok * (n_in / 16)) * 4);
+    if (act == MOE_DTYPE_Q8_0 || act == MOE_DTYPE_Q8_1)
+        b += up((size_t)(n_tok * (n_in / MOE_QK8_0)) * 4) * (act == MOE_DTYPE_Q8_1 ? 2 : 1);
+    if (act == MOE_DTYPE_Q8_K)
+        b += up((size_t)(n_tok * (n_in / MOE_QK_K)) * 4) + up((size_t)(n_tok * (n_in / 16)) * 4);
     return b;
 }
 
 // Carves the arrays of act_q_bytes() out of base (256-aligned).
-inline mv_act act_q_layout(act_fmt f, void *base, int64_t n_tok, int64_t n_in)
+inline mv_act act_q_layout(int act, void *base, int64_t n_tok, int64_t n_in)
 {
     const size_t a = 256;
     auto up = [a](size_t v) { return (v + a - 1) / a * a; };
@@ -201,14 +178,14 @@ inline mv_act act_q_layout(act_fmt f, void *base, int64_t n_tok, int64_t n_in)
     mv_act r = { nullptr, nullptr, nullptr, nullptr, n_in };
     r.q = (const int8_t *)p;
     p += up((size_t)(n_tok * n_in));
-    if (f == ACT_Q8_0 || f == ACT_Q8_1) {
+    if (act == MOE_DTYPE_Q8_0 || act == MOE_DTYPE_Q8_1) {
         r.d = (const float *)p;
-        p += up((size_t)(n_tok * (n_in / 32)) * 4);
-        if (f == ACT_Q8_1)
+        p += up((size_t)(n_tok * (n_in / MOE_QK8_0)) * 4);
+        if (act == MOE_DTYPE_Q8_1)
             r.s = (const float *)p;
-    } else if (f == ACT_Q8_K) {
+    } else if (act == MOE_DTYPE_Q8_K) {
         r.d = (const float *)p;
-        p += up((size_t)(n_tok * (n_in / 256)) * 4);
+        p += up((size_t)(n_tok * (n_in / MOE_QK_K)) * 4);
         r.sum16 = (const int32_t *)p;
     }
     return r;
@@ -219,11 +196,11 @@ inline mv_act act_q_layout(act_fmt f, void *base, int64_t n_tok, int64_t n_in)
 MOE_HD void quant_block_q8_0(const float *x, int8_t *q, float *d, float *s)
 {
     float amax = 0.0f;
-    for (int j = 0; j < 32; j++)
+    for (int j = 0; j < MOE_QK8_0; j++)
         amax = fmaxf(amax, fabsf(x[j]));
     const float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
     int sum = 0;
-    for (int j = 0; j < 32; j++) {
+    for (int j = 0; j < MOE_QK8_0; j++) {
         const int v = (int)rintf(x[j] * id);
         q[j] = (int8_t)v;
         sum += (int8_t)v;
@@ -238,7 +215,7 @@ MOE_HD void quant_block_q8_0(const float *x, int8_t *q, float *d, float *s)
 MOE_HD void quant_block_q8_k(const float *x, int8_t *q, float *d, int32_t *sum16)
 {
     float max = 0.0f, amax = 0.0f;
-    for (int j = 0; j < 256; j++) {
+    for (int j = 0; j < MOE_QK_K; j++) {
         const float ax = fabsf(x[j]);
         if (ax > amax) {
             amax = ax;
@@ -246,7 +223,7 @@ MOE_HD void quant_block_q8_k(const float *x, int8_t *q, float *d, int32_t *sum16
         }
     }
     if (amax == 0.0f) {
-        for (int j = 0; j < 256; j++)
+        for (int j = 0; j < MOE_QK_K; j++)
             q[j] = 0;
         for (int j = 0; j < 16; j++)
             sum16[j] = 0;
@@ -274,19 +251,27 @@ MOE_HD void quant_block_q8_k(const float *x, int8_t *q, float *d, int32_t *sum16
 // nt activation rows into acc[]. b points at the block's bytes (shared
 // memory on the device, padded by 4 bytes).
 
+// The block struct of weight type T, BLK elements in TS bytes, split over
+// LPB lanes.
 template <uint32_t T> struct wtraits;
-template <> struct wtraits<MOE_DTYPE_Q4_0> { enum { BLK = 32, TS = 18, LPB = 1 }; };
-template <> struct wtraits<MOE_DTYPE_Q4_1> { enum { BLK = 32, TS = 20, LPB = 1 }; };
-template <> struct wtraits<MOE_DTYPE_Q5_0> { enum { BLK = 32, TS = 22, LPB = 1 }; };
-template <> struct wtraits<MOE_DTYPE_Q5_1> { enum { BLK = 32, TS = 24, LPB = 1 }; };
-template <> struct wtraits<MOE_DTYPE_Q8_0> { enum { BLK = 32, TS = 34, LPB = 1 }; };
-template <> struct wtraits<MOE_DTYPE_IQ4_NL> { enum { BLK = 32, TS = 18, LPB = 1 }; };
-template <> struct wtraits<MOE_DTYPE_MXFP4> { enum { BLK = 32, TS = 17, LPB = 1 }; };
-template <> struct wtraits<MOE_DTYPE_Q2_K> { enum { BLK = 256, TS = 84, LPB = 4 }; };
-template <> struct wtraits<MOE_DTYPE_Q3_K> { enum { BLK = 256, TS = 110, LPB = 4 }; };
-template <> struct wtraits<MOE_DTYPE_Q4_K> { enum { BLK = 256, TS = 144, LPB = 4 }; };
-template <> struct wtraits<MOE_DTYPE_Q5_K> { enum { BLK = 256, TS = 176, LPB = 4 }; };
-template <> struct wtraits<MOE_DTYPE_Q6_K> { enum { BLK = 256, TS = 210, LPB = 4 }; };
+#define MOE_WTRAITS(T, S, QK, LPB_)                                               \
+    template <> struct wtraits<T> {                                               \
+        typedef struct S block;                                                   \
+        enum { BLK = QK, TS = sizeof(struct S), LPB = LPB_ };                     \
+    }
+MOE_WTRAITS(MOE_DTYPE_Q4_0, moe_block_q4_0, MOE_QK4_0, 1);
+MOE_WTRAITS(MOE_DTYPE_Q4_1, moe_block_q4_1, MOE_QK4_1, 1);
+MOE_WTRAITS(MOE_DTYPE_Q5_0, moe_block_q5_0, MOE_QK5_0, 1);
+MOE_WTRAITS(MOE_DTYPE_Q5_1, moe_block_q5_1, MOE_QK5_1, 1);
+MOE_WTRAITS(MOE_DTYPE_Q8_0, moe_block_q8_0, MOE_QK8_0, 1);
+MOE_WTRAITS(MOE_DTYPE_IQ4_NL, moe_block_iq4_nl, MOE_QK4_NL, 1);
+MOE_WTRAITS(MOE_DTYPE_MXFP4, moe_block_mxfp4, MOE_QK_MXFP4, 1);
+MOE_WTRAITS(MOE_DTYPE_Q2_K, moe_block_q2_k, MOE_QK_K, 4);
+MOE_WTRAITS(MOE_DTYPE_Q3_K, moe_block_q3_k, MOE_QK_K, 4);
+MOE_WTRAITS(MOE_DTYPE_Q4_K, moe_block_q4_k, MOE_QK_K, 4);
+MOE_WTRAITS(MOE_DTYPE_Q5_K, moe_block_q5_k, MOE_QK_K, 4);
+MOE_WTRAITS(MOE_DTYPE_Q6_K, moe_block_q6_k, MOE_QK_K, 4);
+#undef MOE_WTRAITS
 
 // The decode GEMV stages chunks of CB whole blocks of a row in a per-warp
 // shared buffer of MV_SBUF bytes; lane l works on block (r * BPL + l / LPB)
@@ -349,26 +334,25 @@ MOE_HD int dot_words(const uint32_t *w, const uint32_t *a, int i0, int n)
     return s;
 }
 
+// Field f of the block of type T at byte pointer b (any alignment).
+#define MV_FIELD(f) MOE_BLOCK_FIELD(b, typename wtraits<T>::block, f)
+
 // The 32 weights of a 32-block as 8 words of int8 (element order), and the
 // float terms: result = dw * dx * isum (+ mw * s_x for the _1 types).
 template <uint32_t T>
 MOE_HD void unpack32(const uint8_t *b, uint32_t w[8], float *dw, float *mw)
 {
     *mw = 0.0f;
-    switch (T) {
-    case MOE_DTYPE_Q8_0:
-        *dw = f16_at(b);
+    if constexpr (T == MOE_DTYPE_Q8_0) {
+        *dw = f16_at(MV_FIELD(d));
         for (int i = 0; i < 8; i++)
-            w[i] = ld32(b + 2 + 4 * i);
-        break;
-    case MOE_DTYPE_Q4_0:
-    case MOE_DTYPE_Q4_1: {
-        const int o = T == MOE_DTYPE_Q4_0 ? 2 : 4;
-        *dw = f16_at(b);
-        if (T == MOE_DTYPE_Q4_1)
-            *mw = f16_at(b + 2);
+            w[i] = ld32(MV_FIELD(qs) + 4 * i);
+    } else if constexpr (T == MOE_DTYPE_Q4_0 || T == MOE_DTYPE_Q4_1) {
+        *dw = f16_at(MV_FIELD(d));
+        if constexpr (T == MOE_DTYPE_Q4_1)
+            *mw = f16_at(MV_FIELD(m));
         for (int i = 0; i < 4; i++) {
-            const uint32_t v = ld32(b + o + 4 * i);
+            const uint32_t v = ld32(MV_FIELD(qs) + 4 * i);
             w[i] = v & 0x0f0f0f0fu;
             w[4 + i] = (v >> 4) & 0x0f0f0f0fu;
             if (T == MOE_DTYPE_Q4_0) {
@@ -376,17 +360,13 @@ MOE_HD void unpack32(const uint8_t *b, uint32_t w[8], float *dw, float *mw)
                 w[4 + i] = vsub4(w[4 + i], 0x08080808u);
             }
         }
-        break;
-    }
-    case MOE_DTYPE_Q5_0:
-    case MOE_DTYPE_Q5_1: {
-        const int oh = T == MOE_DTYPE_Q5_0 ? 2 : 4, o = oh + 4;
-        *dw = f16_at(b);
-        if (T == MOE_DTYPE_Q5_1)
-            *mw = f16_at(b + 2);
-        const uint32_t qh = ld32(b + oh);
+    } else if constexpr (T == MOE_DTYPE_Q5_0 || T == MOE_DTYPE_Q5_1) {
+        *dw = f16_at(MV_FIELD(d));
+        if constexpr (T == MOE_DTYPE_Q5_1)
+            *mw = f16_at(MV_FIELD(m));
+        const uint32_t qh = ld32(MV_FIELD(qh));
         for (int i = 0; i < 4; i++) {
-            const uint32_t v = ld32(b + o + 4 * i);
+            const uint32_t v = ld32(MV_FIELD(qs) + 4 * i);
             uint32_t h0 = 0, h1 = 0;
             for (int k = 0; k < 4; k++) {
                 h0 |= ((qh >> (4 * i + k)) & 1u) << (8 * k + 4);
@@ -399,41 +379,161 @@ MOE_HD void unpack32(const uint8_t *b, uint32_t w[8], float *dw, float *mw)
                 w[4 + i] = vsub4(w[4 + i], 0x10101010u);
             }
         }
-        break;
-    }
-    case MOE_DTYPE_IQ4_NL:
-    case MOE_DTYPE_MXFP4: {
-        const int o = T == MOE_DTYPE_IQ4_NL ? 2 : 1;
-        *dw = T == MOE_DTYPE_IQ4_NL ? f16_at(b) : e8m0_half(b[0]);
+    } else if constexpr (T == MOE_DTYPE_IQ4_NL || T == MOE_DTYPE_MXFP4) {
+        if constexpr (T == MOE_DTYPE_IQ4_NL)
+            *dw = f16_at(MV_FIELD(d));
+        else
+            *dw = moe_e8m0_half(*MV_FIELD(e));
         for (int i = 0; i < 4; i++) {
-            const uint32_t v = ld32(b + o + 4 * i);
+            const uint32_t v = ld32(MV_FIELD(qs) + 4 * i);
             if (T == MOE_DTYPE_IQ4_NL) {
-                w[i] = lut16(v & 0x0f0f0f0fu, MOE_IQ4NL_W0, MOE_IQ4NL_W1, MOE_IQ4NL_W2, MOE_IQ4NL_W3);
-                w[4 + i] = lut16((v >> 4) & 0x0f0f0f0fu, MOE_IQ4NL_W0, MOE_IQ4NL_W1, MOE_IQ4NL_W2,
-                                 MOE_IQ4NL_W3);
+                w[i] = lut_iq4nl(v & 0x0f0f0f0fu);
+                w[4 + i] = lut_iq4nl((v >> 4) & 0x0f0f0f0fu);
             } else {
-                w[i] = lut16(v & 0x0f0f0f0fu, MOE_MXFP4_W0, MOE_MXFP4_W1, MOE_MXFP4_W2, MOE_MXFP4_W3);
-                w[4 + i] = lut16((v >> 4) & 0x0f0f0f0fu, MOE_MXFP4_W0, MOE_MXFP4_W1, MOE_MXFP4_W2,
-                                 MOE_MXFP4_W3);
+                w[i] = lut_mxfp4(v & 0x0f0f0f0fu);
+                w[4 + i] = lut_mxfp4((v >> 4) & 0x0f0f0f0fu);
             }
         }
-        break;
-    }
-    default:
-        break;
     }
 }
 
+// Q4_K, Q5_K: part p takes groups 2p (low nibbles) and 2p + 1 (high
+// nibbles) of the 32 bytes qs[32p..]; Q5_K adds bits 2p and 2p + 1 of qh[l].
+template <uint32_t T, int NT>
+MOE_HD void dot_q45k(const uint8_t *b, int part, const mv_act &a, int64_t bi, int nt, float *acc)
+{
+    const int64_t n_in = a.n_in, nbk = n_in / MOE_QK_K, n16 = n_in / 16;
+    const float d = f16_at(MV_FIELD(d)), dmin = f16_at(MV_FIELD(dmin));
+    int sc0, m0, sc1, m1;
+    moe_q4k_scale_min(2 * part, MV_FIELD(scales), &sc0, &m0);
+    moe_q4k_scale_min(2 * part + 1, MV_FIELD(scales), &sc1, &m1);
+    const uint8_t *qs = MV_FIELD(qs) + 32 * part;
+    uint32_t w0[8], w1[8];
+    for (int i = 0; i < 8; i++) {
+        const uint32_t v = ld32(qs + 4 * i);
+        w0[i] = v & 0x0f0f0f0fu;
+        w1[i] = (v >> 4) & 0x0f0f0f0fu;
+        if constexpr (T == MOE_DTYPE_Q5_K) {
+            const uint32_t h = ld32(MV_FIELD(qh) + 4 * i);
+            w0[i] |= ((h >> (2 * part)) & 0x01010101u) << 4;
+            w1[i] |= ((h >> (2 * part + 1)) & 0x01010101u) << 4;
+        }
+    }
+MOE_UNROLL
+    for (int t = 0; t < NT; t++) {
+        if (t < nt) {
+            const int8_t *q = a.q + t * n_in + bi * MOE_QK_K + 64 * part;
+            const int32_t *s16 = a.sum16 + t * n16 + bi * 16 + 4 * part;
+            uint32_t x0[8], x1[8];
+            load_act32(q, x0);
+            load_act32(q + 32, x1);
+            const int isum = sc0 * dot_words(w0, x0, 0, 8) + sc1 * dot_words(w1, x1, 0, 8);
+            const int msum = m0 * (s16[0] + s16[1]) + m1 * (s16[2] + s16[3]);
+            const float dx = a.d[t * nbk + bi];
+            acc[t] += (d * dx) * (float)isum - (dmin * dx) * (float)msum;
+        }
+    }
+}
+
+// Q6_K: part p works on half n = p / 2 (128 elements); sel = p % 2 takes
+// ql[32 sel..] with qh bits 2 sel (elements 32 sel + l) and 4 + 2 sel
+// (elements 64 + 32 sel + l), l < 32.
+template <uint32_t T, int NT>
+MOE_HD void dot_q6k(const uint8_t *b, int part, const mv_act &a, int64_t bi, int nt, float *acc)
+{
+    const int64_t n_in = a.n_in, nbk = n_in / MOE_QK_K;
+    const int n = part >> 1, sel = part & 1;
+    const uint8_t *ql = MV_FIELD(ql) + 64 * n + 32 * sel, *qh = MV_FIELD(qh) + 32 * n;
+    const int8_t *sc = (const int8_t *)MV_FIELD(scales) + 8 * n;
+    const float d = f16_at(MV_FIELD(d));
+    uint32_t w0[8], w1[8];
+    for (int i = 0; i < 8; i++) {
+        const uint32_t v = ld32(ql + 4 * i), h = ld32(qh + 4 * i);
+        w0[i] = vsub4((v & 0x0f0f0f0fu) | ((h >> (2 * sel)) & 0x03030303u) << 4, 0x20202020u);
+        w1[i] = vsub4(((v >> 4) & 0x0f0f0f0fu) | ((h >> (4 + 2 * sel)) & 0x03030303u) << 4,
+                      0x20202020u);
+    }
+    const int s00 = sc[2 * sel], s01 = sc[2 * sel + 1], s10 = sc[4 + 2 * sel], s11 = sc[5 + 2 * sel];
+MOE_UNROLL
+    for (int t = 0; t < NT; t++) {
+        if (t < nt) {
+            const int8_t *q = a.q + t * n_in + bi * MOE_QK_K + 128 * n + 32 * sel;
+            uint32_t x0[8], x1[8];
+            load_act32(q, x0);
+            load_act32(q + 64, x1);
+            const int isum = s00 * dot_words(w0, x0, 0, 4) + s01 * dot_words(w0, x0, 4, 4) +
+                             s10 * dot_words(w1, x1, 0, 4) + s11 * dot_words(w1, x1, 4, 4);
+            acc[t] += (d * a.d[t * nbk + bi]) * (float)isum;
+        }
+    }
+}
+
+// Q2_K, Q3_K: part p works on half n = p / 2 (128 elements) and the shifts
+// s = 2 (p % 2) and s + 1: elements 128 n + 32 s + l come from bits 2s of
+// q[32 n + l], in the 16-element groups is = 8 n + 2 s + (l >= 16).
+template <uint32_t T, int NT>
+MOE_HD void dot_q23k(const uint8_t *b, int part, const mv_act &a, int64_t bi, int nt, float *acc)
+{
+    const int64_t n_in = a.n_in, nbk = n_in / MOE_QK_K, n16 = n_in / 16;
+    const int n = part >> 1, s0 = 2 * (part & 1);
+    const uint8_t *q2 = MV_FIELD(qs) + 32 * n;
+    uint32_t w0[8], w1[8];
+    for (int i = 0; i < 8; i++) {
+        const uint32_t v = ld32(q2 + 4 * i);
+        w0[i] = (v >> (2 * s0)) & 0x03030303u;
+        w1[i] = (v >> (2 * s0 + 2)) & 0x03030303u;
+        if constexpr (T == MOE_DTYPE_Q3_K) {
+            // value = low bits - (hmask bit ? 0 : 4), hmask bit 4 n + s
+            const uint32_t h = ld32(MV_FIELD(hmask) + 4 * i);
+            w0[i] = vsub4(w0[i] | ((h >> (4 * n + s0)) & 0x01010101u) << 2, 0x04040404u);
+            w1[i] = vsub4(w1[i] | ((h >> (4 * n + s0 + 1)) & 0x01010101u) << 2, 0x04040404u);
+        }
+    }
+    int sc[4], mn[4];
+    for (int g = 0; g < 4; g++) {
+        const int is = 8 * n + 2 * s0 + g;   // g: (shift s0 + g / 2, half g % 2)
+        if constexpr (T == MOE_DTYPE_Q2_K) {
+            sc[g] = MV_FIELD(scales)[is] & 0xf;
+            mn[g] = MV_FIELD(scales)[is] >> 4;
+        } else {
+            sc[g] = moe_q3k_scale(MV_FIELD(scales), is);
+            mn[g] = 0;
+        }
+    }
+MOE_UNROLL
+    for (int t = 0; t < NT; t++) {
+        if (t < nt) {
+            const int8_t *q = a.q + t * n_in + bi * MOE_QK_K + 128 * n + 32 * s0;
+            uint32_t x0[8], x1[8];
+            load_act32(q, x0);
+            load_act32(q + 32, x1);
+            const int isum = sc[0] * dot_words(w0, x0, 0, 4) + sc[1] * dot_words(w0, x0, 4, 4) +
+                             sc[2] * dot_words(w1, x1, 0, 4) + sc[3] * dot_words(w1, x1, 4, 4);
+            const float dx = a.d[t * nbk + bi];
+            if constexpr (T == MOE_DTYPE_Q2_K) {
+                const int32_t *s16 = a.sum16 + t * n16 + bi * 16 + 8 * n + 2 * s0;
+                const int msum = mn[0] * s16[0] + mn[1] * s16[1] + mn[2] * s16[2] + mn[3] * s16[3];
+                acc[t] += (f16_at(MV_FIELD(d)) * dx) * (float)isum - (f16_at(MV_FIELD(dmin)) * dx) * (float)msum;
+            } else {
+                acc[t] += (f16_at(MV_FIELD(d)) * dx) * (float)isum;
+            }
+        }
+    }
+}
+
+#undef MV_FIELD
+
+// Block bi of the row, part `part` of it: adds its share of the dot
+// product with each of the nt activation rows into acc[].
 template <uint32_t T, int NT>
 MOE_HD void dot_block(const uint8_t *b, int part, const mv_act &a, int64_t bi, int nt, float *acc)
 {
-    const int64_t n_in = a.n_in;
     if constexpr (wtraits<T>::BLK == 32) {
         (void)part;
+        const int64_t n_in = a.n_in, nb = n_in / 32;
         uint32_t w[8];
         float dw, mw;
         unpack32<T>(b, w, &dw, &mw);
-        const int64_t nb = n_in / 32;
 MOE_UNROLL
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
@@ -445,132 +545,12 @@ MOE_UNROLL
                     acc[t] += mw * a.s[t * nb + bi];
             }
         }
-    } else {
-        const int64_t nbk = n_in / 256, n16 = n_in / 16;
-        switch (T) {
-        case MOE_DTYPE_Q4_K:
-        case MOE_DTYPE_Q5_K: {
-            // part p: sub-blocks 2p (low nibbles) and 2p + 1 (high nibbles) of
-            // the 32 bytes qs[32p..]; Q5_K adds bit 2p / 2p+1 of qh[l]
-            const float d = f16_at(b), dmin = f16_at(b + 2);
-            int sc0, m0, sc1, m1;
-            k4_scale_min(2 * part, b + 4, &sc0, &m0);
-            k4_scale_min(2 * part + 1, b + 4, &sc1, &m1);
-            const uint8_t *qs = T == MOE_DTYPE_Q4_K ? b + 16 + 32 * part : b + 48 + 32 * part;
-            uint32_t w0[8], w1[8];
-            for (int i = 0; i < 8; i++) {
-                const uint32_t v = ld32(qs + 4 * i);
-                w0[i] = v & 0x0f0f0f0fu;
-                w1[i] = (v >> 4) & 0x0f0f0f0fu;
-                if (T == MOE_DTYPE_Q5_K) {
-                    const uint32_t h = ld32(b + 16 + 4 * i);
-                    w0[i] |= ((h >> (2 * part)) & 0x01010101u) << 4;
-                    w1[i] |= ((h >> (2 * part + 1)) & 0x01010101u) << 4;
-                }
-            }
-    MOE_UNROLL
-            for (int t = 0; t < NT; t++) {
-                if (t < nt) {
-                    const int8_t *q = a.q + t * n_in + bi * 256 + 64 * part;
-                    const int32_t *s16 = a.sum16 + t * n16 + bi * 16 + 4 * part;
-                    uint32_t x0[8], x1[8];
-                    load_act32(q, x0);
-                    load_act32(q + 32, x1);
-                    const int isum = sc0 * dot_words(w0, x0, 0, 8) + sc1 * dot_words(w1, x1, 0, 8);
-                    const int msum = m0 * (s16[0] + s16[1]) + m1 * (s16[2] + s16[3]);
-                    const float dx = a.d[t * nbk + bi];
-                    acc[t] += (d * dx) * (float)isum - (dmin * dx) * (float)msum;
-                }
-            }
-            break;
-        }
-        case MOE_DTYPE_Q6_K: {
-            // part p: half n = p / 2 (128 elements); sel = p % 2 takes
-            // ql[32 sel..] with qh bits 2 sel (elements 32 sel + l) and
-            // 4 + 2 sel (elements 64 + 32 sel + l), l < 32
-            const int n = part >> 1, sel = part & 1;
-            const uint8_t *ql = b + 64 * n + 32 * sel, *qh = b + 128 + 32 * n;
-            const int8_t *sc = (const int8_t *)(b + 192 + 8 * n);
-            const float d = f16_at(b + 208);
-            uint32_t w0[8], w1[8];
-            for (int i = 0; i < 8; i++) {
-                const uint32_t v = ld32(ql + 4 * i), h = ld32(qh + 4 * i);
-                w0[i] = vsub4((v & 0x0f0f0f0fu) | ((h >> (2 * sel)) & 0x03030303u) << 4, 0x20202020u);
-                w1[i] = vsub4(((v >> 4) & 0x0f0f0f0fu) | ((h >> (4 + 2 * sel)) & 0x03030303u) << 4,
-                              0x20202020u);
-            }
-            const int s00 = sc[2 * sel], s01 = sc[2 * sel + 1], s10 = sc[4 + 2 * sel], s11 = sc[5 + 2 * sel];
-    MOE_UNROLL
-            for (int t = 0; t < NT; t++) {
-                if (t < nt) {
-                    const int8_t *q = a.q + t * n_in + bi * 256 + 128 * n + 32 * sel;
-                    uint32_t x0[8], x1[8];
-                    load_act32(q, x0);
-                    load_act32(q + 64, x1);
-                    const int isum = s00 * dot_words(w0, x0, 0, 4) + s01 * dot_words(w0, x0, 4, 4) +
-                                     s10 * dot_words(w1, x1, 0, 4) + s11 * dot_words(w1, x1, 4, 4);
-                    acc[t] += (d * a.d[t * nbk + bi]) * (float)isum;
-                }
-            }
-            break;
-        }
-        case MOE_DTYPE_Q2_K:
-        case MOE_DTYPE_Q3_K: {
-            // part p: half n = p / 2 (128 elements), shifts s = 2 (p % 2) and
-            // s + 1: elements 128 n + 32 s + l from bits 2s of q[32 n + l];
-            // 16-element groups is = 8 n + 2 s + (l >= 16)
-            const int n = part >> 1, s0 = 2 * (part & 1);
-            const uint8_t *q2 = T == MOE_DTYPE_Q2_K ? b + 16 + 32 * n : b + 32 + 32 * n;
-            uint32_t w0[8], w1[8];
-            for (int i = 0; i < 8; i++) {
-                const uint32_t v = ld32(q2 + 4 * i);
-                w0[i] = (v >> (2 * s0)) & 0x03030303u;
-                w1[i] = (v >> (2 * s0 + 2)) & 0x03030303u;
-                if (T == MOE_DTYPE_Q3_K) {
-                    // value = low bits - (hmask bit ? 0 : 4), hmask bit 4 n + s
-                    const uint32_t h = ld32(b + 4 * i);
-                    w0[i] = vsub4(w0[i] | ((h >> (4 * n + s0)) & 0x01010101u) << 2, 0x04040404u);
-                    w1[i] = vsub4(w1[i] | ((h >> (4 * n + s0 + 1)) & 0x01010101u) << 2, 0x04040404u);
-                }
-            }
-            int sc[4], mn[4];
-            for (int g = 0; g < 4; g++) {
-                const int is = 8 * n + 2 * s0 + g;   // g: (shift s0 + g / 2, half g % 2)
-                if (T == MOE_DTYPE_Q2_K) {
-                    sc[g] = b[is] & 0xf;
-                    mn[g] = b[is] >> 4;
-                } else {
-                    const uint8_t *sb = b + 96;
-                    const int lo = (sb[is % 8] >> (4 * (is / 8))) & 0xf;
-                    const int hi = (sb[8 + is % 4] >> (2 * (is / 4))) & 3;
-                    sc[g] = (lo | hi << 4) - 32;
-                    mn[g] = 0;
-                }
-            }
-    MOE_UNROLL
-            for (int t = 0; t < NT; t++) {
-                if (t < nt) {
-                    const int8_t *q = a.q + t * n_in + bi * 256 + 128 * n + 32 * s0;
-                    uint32_t x0[8], x1[8];
-                    load_act32(q, x0);
-                    load_act32(q + 32, x1);
-                    const int isum = sc[0] * dot_words(w0, x0, 0, 4) + sc[1] * dot_words(w0, x0, 4, 4) +
-                                     sc[2] * dot_words(w1, x1, 0, 4) + sc[3] * dot_words(w1, x1, 4, 4);
-                    const float dx = a.d[t * nbk + bi];
-                    if (T == MOE_DTYPE_Q2_K) {
-                        const int32_t *s16 = a.sum16 + t * n16 + bi * 16 + 8 * n + 2 * s0;
-                        const int msum = mn[0] * s16[0] + mn[1] * s16[1] + mn[2] * s16[2] + mn[3] * s16[3];
-                        acc[t] += (f16_at(b + 80) * dx) * (float)isum - (f16_at(b + 82) * dx) * (float)msum;
-                    } else {
-                        acc[t] += (f16_at(b + 108) * dx) * (float)isum;
-                    }
-                }
-            }
-            break;
-        }
-        default:
-            break;
-        }
+    } else if constexpr (T == MOE_DTYPE_Q4_K || T == MOE_DTYPE_Q5_K) {
+        dot_q45k<T, NT>(b, part, a, bi, nt, acc);
+    } else if constexpr (T == MOE_DTYPE_Q6_K) {
+        dot_q6k<T, NT>(b, part, a, bi, nt, acc);
+    } else if constexpr (T == MOE_DTYPE_Q2_K || T == MOE_DTYPE_Q3_K) {
+        dot_q23k<T, NT>(b, part, a, bi, nt, acc);
     }
 }
 

@@ -15,9 +15,10 @@
 #include <cuda_fp16.h>
 #include <errno.h>
 
+#include "common/dtype.h"
+#include "kernels/blocks.h"
 #include "kernels/cuda/cuda-impl.h"
 #include "kernels/cuda/matvec-impl.h"
-#include "common/dtype.h"
 
 namespace moecu {
 
@@ -163,19 +164,19 @@ gemv_f_kernel(float *y, const uint8_t *w, size_t row_bytes, int64_t n_in, int64_
 __global__ void quant_q8_0_kernel(int8_t *q, float *d, float *s, const float *x, int64_t n_tok,
                                   int64_t n_in)
 {
-    const int64_t nb = n_in / 32;
+    const int64_t nb = n_in / MOE_QK8_0;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n_tok * nb;
          i += (int64_t)gridDim.x * blockDim.x)
-        quant_block_q8_0(x + i * 32, q + i * 32, d + i, s ? s + i : nullptr);
+        quant_block_q8_0(x + i * MOE_QK8_0, q + i * MOE_QK8_0, d + i, s ? s + i : nullptr);
 }
 
 __global__ void quant_q8_k_kernel(int8_t *q, float *d, int32_t *sum16, const float *x, int64_t n_tok,
                                   int64_t n_in)
 {
-    const int64_t nb = n_in / 256;
+    const int64_t nb = n_in / MOE_QK_K;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n_tok * nb;
          i += (int64_t)gridDim.x * blockDim.x)
-        quant_block_q8_k(x + i * 256, q + i * 256, d + i, sum16 + i * 16);
+        quant_block_q8_k(x + i * MOE_QK_K, q + i * MOE_QK_K, d + i, sum16 + i * (MOE_QK_K / 16));
 }
 
 __global__ void convert_act_kernel(uint16_t *dst, int64_t stride, const float *x, int64_t n_tok,
@@ -248,8 +249,8 @@ int convert_act(cuda_ctx *c, void *dst, int64_t stride, const float *x, int64_t 
 int matvec(cuda_ctx *c, float *y, const struct moe_weight *w, const float *bias, const float *x,
            int64_t n_tok)
 {
-    const act_fmt f = act_fmt_for(w->dtype);
-    if (f == ACT_NONE)
+    const int act = moe_dtype_vec_dot_type(w->dtype);
+    if (act < 0)
         return MOE_EUNSUPPORTED;
     const struct moe_dtype_info *inf = moe_dtype_info(w->dtype);
     if (w->n_in <= 0 || w->n_in % inf->block_size != 0)
@@ -259,28 +260,28 @@ int matvec(cuda_ctx *c, float *y, const struct moe_weight *w, const float *bias,
         const int nt = (int)(n_tok - t0 < MV_MAX_TOK ? n_tok - t0 : MV_MAX_TOK);
         const float *xt = x + t0 * n_in;
         float *yt = y + t0 * w->n_out;
-        if (f == ACT_F32) {
+        if (act == MOE_DTYPE_F32) {
             launch_f<MOE_DTYPE_F32>(c, yt, w, (const uint8_t *)xt, n_in, nt, bias);
-        } else if (f == ACT_F16 || f == ACT_BF16) {
+        } else if (act == MOE_DTYPE_F16 || act == MOE_DTYPE_BF16) {
             const int64_t stride = (n_in + 7) / 8 * 8;   // 16-byte rows
             if ((size_t)(nt * stride) * 2 > c->act_bytes)
                 return MOE_ELIMIT;
-            int rc = convert_act(c, c->act, stride, xt, nt, n_in, f == ACT_BF16);
+            int rc = convert_act(c, c->act, stride, xt, nt, n_in, act == MOE_DTYPE_BF16);
             if (rc)
                 return rc;
-            if (f == ACT_F16)
+            if (act == MOE_DTYPE_F16)
                 launch_f<MOE_DTYPE_F16>(c, yt, w, (const uint8_t *)c->act, stride, nt, bias);
             else
                 launch_f<MOE_DTYPE_BF16>(c, yt, w, (const uint8_t *)c->act, stride, nt, bias);
         } else {
-            if (act_q_bytes(f, nt, n_in) > c->act_bytes)
+            if (act_q_bytes(act, nt, n_in) > c->act_bytes)
                 return MOE_ELIMIT;
-            const mv_act a = act_q_layout(f, c->act, nt, n_in);
-            if (f == ACT_Q8_K)
-                quant_q8_k_kernel<<<grid_for(nt * (n_in / 256), 64), 64, 0, c->stream>>>(
+            const mv_act a = act_q_layout(act, c->act, nt, n_in);
+            if (act == MOE_DTYPE_Q8_K)
+                quant_q8_k_kernel<<<grid_for(nt * (n_in / MOE_QK_K), 64), 64, 0, c->stream>>>(
                     (int8_t *)a.q, (float *)a.d, (int32_t *)a.sum16, xt, nt, n_in);
             else
-                quant_q8_0_kernel<<<grid_for(nt * (n_in / 32), 128), 128, 0, c->stream>>>(
+                quant_q8_0_kernel<<<grid_for(nt * (n_in / MOE_QK8_0), 128), 128, 0, c->stream>>>(
                     (int8_t *)a.q, (float *)a.d, (float *)a.s, xt, nt, n_in);
             int rc = check(c, cudaGetLastError(), "matmul: quantize activations");
             if (rc)

@@ -46,8 +46,8 @@ static void *alloc256(size_t n)
 
 static void test_tables(void)
 {
-    const uint32_t iq[4] = { MOE_IQ4NL_W0, MOE_IQ4NL_W1, MOE_IQ4NL_W2, MOE_IQ4NL_W3 };
-    const uint32_t mx[4] = { MOE_MXFP4_W0, MOE_MXFP4_W1, MOE_MXFP4_W2, MOE_MXFP4_W3 };
+    const uint32_t iq[4] = { MOE_IQ4NL_GRID(MOE_GRID_WORD) };
+    const uint32_t mx[4] = { MOE_MXFP4_GRID(MOE_GRID_WORD) };
     for (int i = 0; i < 16; i++) {
         CHECK_INT((int8_t)(iq[i / 4] >> 8 * (i % 4)), ==, moe_iq4nl_values[i]);
         CHECK_INT((int8_t)(mx[i / 4] >> 8 * (i % 4)), ==, moe_mxfp4_values[i]);
@@ -59,6 +59,7 @@ static void test_tables(void)
             const uint32_t r = lut16(q, iq[0], iq[1], iq[2], iq[3]);
             CHECK_INT((int8_t)(r >> 8 * pos), ==, moe_iq4nl_values[c]);
             CHECK_INT((int8_t)(r >> 8 * ((pos + 1) % 4)), ==, moe_iq4nl_values[15 - c]);
+            CHECK_INT((int8_t)(lut_mxfp4(q) >> 8 * pos), ==, moe_mxfp4_values[c]);
         }
     for (int i = 0; i < 1000; i++) {
         const uint32_t a = (uint32_t)rand_r(&seed) * 2654435761u, b = (uint32_t)rand_r(&seed) * 40503u;
@@ -70,23 +71,21 @@ static void test_tables(void)
         for (int k = 0; k < 4; k++)
             CHECK_INT((uint8_t)(d >> 8 * k), ==, (uint8_t)((uint8_t)(a >> 8 * k) - (uint8_t)(b >> 8 * k)));
     }
-    for (int e = 0; e < 256; e++)
-        CHECK(e8m0_half((uint8_t)e) == moe_e8m0_half((uint8_t)e));
 }
 
 /* ---- activation quantization ------------------------------------------------ */
 
 /* Quantizes nt rows as matvec.cu's kernels do (one block per thread). */
-static mv_act quantize(act_fmt f, const float *x, int nt, int64_t n_in, void *buf)
+static mv_act quantize(int f, const float *x, int nt, int64_t n_in, void *buf)
 {
     mv_act a = act_q_layout(f, buf, nt, n_in);
-    if (f == ACT_Q8_K) {
+    if (f == MOE_DTYPE_Q8_K) {
         for (int64_t i = 0; i < nt * (n_in / 256); i++)
             quant_block_q8_k(x + i * 256, (int8_t *)a.q + i * 256, (float *)a.d + i, (int32_t *)a.sum16 + i * 16);
     } else {
         for (int64_t i = 0; i < nt * (n_in / 32); i++)
             quant_block_q8_0(x + i * 32, (int8_t *)a.q + i * 32, (float *)a.d + i,
-                             f == ACT_Q8_1 ? (float *)a.s + i : NULL);
+                             f == MOE_DTYPE_Q8_1 ? (float *)a.s + i : NULL);
     }
     return a;
 }
@@ -95,7 +94,7 @@ static void test_act_quant(void)
 {
     const int64_t n = 1024;
     float *x = (float *)malloc(n * sizeof(float));
-    void *buf = alloc256(act_q_bytes(ACT_Q8_K, 1, n) + act_q_bytes(ACT_Q8_1, 1, n));
+    void *buf = alloc256(act_q_bytes(MOE_DTYPE_Q8_K, 1, n) + act_q_bytes(MOE_DTYPE_Q8_1, 1, n));
     uint8_t *ref = (uint8_t *)malloc(moe_vecdot_act_bytes(MOE_DTYPE_Q2_K, n) + 4096);
     for (int round = 0; round < 4; round++) {
         for (int64_t i = 0; i < n; i++)
@@ -112,10 +111,10 @@ static void test_act_quant(void)
         }
         const uint32_t types[3] = { MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_1, MOE_DTYPE_Q4_K };
         for (int k = 0; k < 3; k++) {
-            const act_fmt f = act_fmt_for(types[k]);
+            const int f = moe_dtype_vec_dot_type(types[k]);
             moe_vecdot_quantize_act(types[k], x, ref, n);
             const mv_act a = quantize(f, x, 1, n, buf);
-            if (f == ACT_Q8_K) {
+            if (f == MOE_DTYPE_Q8_K) {
                 for (int64_t b = 0; b < n / 256; b++) {
                     const uint8_t *r = ref + b * 292;
                     float d;
@@ -131,7 +130,7 @@ static void test_act_quant(void)
                     }
                 }
             } else {
-                const int bb = f == ACT_Q8_1 ? 36 : 34, qo = f == ACT_Q8_1 ? 4 : 2;
+                const int bb = f == MOE_DTYPE_Q8_1 ? 36 : 34, qo = f == MOE_DTYPE_Q8_1 ? 4 : 2;
                 for (int64_t b = 0; b < n / 32; b++) {
                     const uint8_t *r = ref + b * bb;
                     uint16_t dh;
@@ -140,7 +139,7 @@ static void test_act_quant(void)
                               (long long)b, a.d[b], moe_fp16_to_fp32(dh));
                     CHECK_MSG(memcmp(r + qo, a.q + b * 32, 32) == 0, "round %d fmt %d block %lld: q", round,
                               (int)f, (long long)b);
-                    if (f == ACT_Q8_1) {
+                    if (f == MOE_DTYPE_Q8_1) {
                         uint16_t sh;
                         memcpy(&sh, r + 2, 2);
                         CHECK(moe_fp16_to_fp32(sh) == a.s[b]);
@@ -203,7 +202,7 @@ static int check_gemv(int64_t n_in, int nt, int misalign)
     float *x = (float *)malloc((size_t)(nt * n_in) * sizeof(float));
     for (int64_t i = 0; i < nt * n_in; i++)
         x[i] = moe_test_frand(&seed) * (i % 7 == 0 ? 4.0f : 1.0f);
-    const act_fmt f = act_fmt_for(T);
+    const int f = moe_dtype_vec_dot_type(T);
     void *buf = alloc256(act_q_bytes(f, nt, n_in));
     const mv_act a = quantize(f, x, nt, n_in, buf);
     uint8_t *ref_act = (uint8_t *)malloc(moe_vecdot_act_bytes(T, n_in));
