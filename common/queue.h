@@ -1,6 +1,7 @@
 /* An intrusive FIFO: the element embeds a struct moe_qnode and the queue
  * links those, so pushing never allocates and cannot fail. Header-only.
- * Not thread-safe: the owner's lock guards the queue. */
+ * A node is in at most one queue at a time. A zeroed struct moe_queue is
+ * empty. Not thread-safe: the owner's lock guards the queue. */
 #ifndef MOE_COMMON_QUEUE_H
 #define MOE_COMMON_QUEUE_H
 
@@ -46,6 +47,34 @@ static inline struct moe_qnode *moe_queue_pop(struct moe_queue *q)
 static inline int moe_queue_empty(const struct moe_queue *q)
 {
     return q->head == NULL;
+}
+
+/* The first node, left in the queue; NULL when empty. */
+static inline struct moe_qnode *moe_queue_peek(const struct moe_queue *q)
+{
+    return q->head;
+}
+
+/* Unlinks n wherever it is in q (a walk from the head: for the rare
+ * removal from the middle, such as a cancelled request). 1 if n was in q,
+ * 0 if not (q unchanged). */
+static inline int moe_queue_remove(struct moe_queue *q, struct moe_qnode *n)
+{
+    struct moe_qnode *prev = NULL;
+    for (struct moe_qnode *it = q->head; it != NULL; prev = it, it = it->next) {
+        if (it != n)
+            continue;
+        if (prev)
+            prev->next = n->next;
+        else
+            q->head = n->next;
+        if (q->tail == n)
+            q->tail = prev;
+        q->n--;
+        n->next = NULL;
+        return 1;
+    }
+    return 0;
 }
 
 #endif

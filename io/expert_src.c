@@ -17,7 +17,9 @@
 
 #include "common/alloc.h"
 #include "common/log.h"
+#include "common/queue.h"
 #include "io/expert_src.h"
+#include "io/file.h"
 
 struct stage {
     struct stage *next;
@@ -26,7 +28,7 @@ struct stage {
 };
 
 struct lreq {
-    struct lreq *next;
+    struct moe_qnode qn;        /* in urgent, prefetch or decode */
     struct moe_expert_src *s;
     uint32_t layer, expert;
     void *dst;
@@ -40,10 +42,6 @@ struct lreq {
     unsigned reads;             /* outstanding reads */
     int status;
     uint64_t fail_off;          /* where the failed read was */
-};
-
-struct lqueue {
-    struct lreq *head, *tail;
 };
 
 struct moe_expert_src {
@@ -60,30 +58,21 @@ struct moe_expert_src {
     bool io_started;
     pthread_mutex_t mu;
     pthread_cond_t pool_cv;
-    struct lqueue urgent, prefetch, decode;
+    struct moe_queue urgent, prefetch, decode;
     bool stopping, io_done;
     _Atomic uint64_t st_ok, st_failed, st_cks, st_fmt, st_io, st_cancel, st_stored, st_raw;
 };
 
-static void q_push(struct lqueue *q, struct lreq *r)
+static void q_push(struct moe_queue *q, struct lreq *r)
 {
-    r->next = NULL;
-    if (q->tail)
-        q->tail->next = r;
-    else
-        q->head = r;
-    q->tail = r;
+    moe_queue_push(q, &r->qn);
 }
 
-static struct lreq *q_pop(struct lqueue *q)
+/* NULL when empty. */
+static struct lreq *q_pop(struct moe_queue *q)
 {
-    struct lreq *r = q->head;
-    if (r) {
-        q->head = r->next;
-        if (q->head == NULL)
-            q->tail = NULL;
-    }
-    return r;
+    struct moe_qnode *n = moe_queue_pop(q);
+    return n ? moe_container_of(n, struct lreq, qn) : NULL;
 }
 
 static uint64_t down(uint64_t x, uint64_t a) { return x / a * a; }
@@ -182,8 +171,8 @@ static void *io_main(void *arg)
             if (moe_uring_pending(s->io) == 0)
                 break;
         }
-        while (s->free_stages && (s->urgent.head || s->prefetch.head)) {
-            struct lreq *r = s->urgent.head ? q_pop(&s->urgent) : q_pop(&s->prefetch);
+        while (s->free_stages && !(moe_queue_empty(&s->urgent) && moe_queue_empty(&s->prefetch))) {
+            struct lreq *r = moe_queue_empty(&s->urgent) ? q_pop(&s->prefetch) : q_pop(&s->urgent);
             r->st = s->free_stages;
             s->free_stages = r->st->next;
             start_reads(s, r);
@@ -306,23 +295,18 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
         rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
         goto fail;
     }
-    char magic[8] = {0};
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        rc = moe_diag_set(diag, -errno, "%s: %s", path, strerror(errno));
+    enum moe_file_kind kind;
+    if ((rc = moe_file_probe(path, &kind, diag)) < 0)
         goto fail;
-    }
-    ssize_t got = pread(fd, magic, sizeof(magic), 0);
-    close(fd);
     uint64_t max_stage = 0;
-    if (got == 8 && memcmp(magic, "MOEPACK", 8) == 0) {
+    if (kind == MOE_FILE_PACK) {
         rc = moe_pack_open(&s->pack, path, 0, diag);
         if (rc < 0)
             goto fail;
         s->n_layer = moe_pack_n_layer(s->pack);
         s->n_expert = moe_pack_n_expert(s->pack);
         max_stage = moe_pack_max_stored(s->pack);
-    } else if (got >= 4 && memcmp(magic, "GGUF", 4) == 0) {
+    } else if (kind == MOE_FILE_GGUF) {
         rc = moe_gguf_open(&s->gguf, path, diag);
         if (rc < 0)
             goto fail;
@@ -508,28 +492,17 @@ unsigned moe_expert_src_cancel_prefetches(struct moe_expert_src *s,
                                                         uint32_t expert),
                                           void *ctx)
 {
-    struct lreq *gone = NULL;
-    unsigned n = 0;
+    /* One pass sorts the queue into what stays (in its order) and what
+     * goes; the callbacks run after the lock is dropped. */
+    struct moe_queue keep = { 0 }, gone = { 0 };
     pthread_mutex_lock(&s->mu);
-    struct lreq **pp = &s->prefetch.head, *prev = NULL;
-    while (*pp) {
-        struct lreq *r = *pp;
-        if (stale(ctx, r->arg, r->layer, r->expert)) {
-            *pp = r->next;
-            if (s->prefetch.tail == r)
-                s->prefetch.tail = prev;
-            r->next = gone;
-            gone = r;
-            n++;
-            continue;
-        }
-        prev = r;
-        pp = &r->next;
-    }
+    struct lreq *r;
+    while ((r = q_pop(&s->prefetch)) != NULL)
+        q_push(stale(ctx, r->arg, r->layer, r->expert) ? &gone : &keep, r);
+    s->prefetch = keep;
     pthread_mutex_unlock(&s->mu);
-    while (gone) {
-        struct lreq *r = gone;
-        gone = r->next;
+    const unsigned n = (unsigned)gone.n;
+    while ((r = q_pop(&gone)) != NULL) {
         struct moe_diag d = { 0 };
         moe_diag_set(&d, -ECANCELED, "%s: expert (layer %u, expert %u): prefetch cancelled", s->path,
                      r->layer, r->expert);

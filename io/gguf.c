@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "common/alloc.h"
+#include "io/file.h"
 #include "io/gguf.h"
 #include "common/dtype.h"
 
@@ -180,19 +181,13 @@ static int cur_read(struct cursor *c, void *dst, uint64_t n, const char *field)
         size_t want = direct ? (size_t)n : CURSOR_BUF;
         if (want > left(c))
             want = (size_t)left(c);
-        size_t got = 0;
-        while (got < want) {
-            ssize_t r = pread(g->fd, into + got, want - got, (off_t)(c->pos + got));
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r < 0)
-                return failf(c, -errno, "%s: read at offset 0x%" PRIx64 ": %s", field,
-                             c->pos + got, strerror(errno));
-            if (r == 0)
-                return failf(c, MOE_EFORMAT, "%s: file shrank while reading at offset 0x%" PRIx64,
-                             field, c->pos + got);
-            got += (size_t)r;
-        }
+        uint64_t at;
+        int rc = moe_file_pread(g->fd, into, want, c->pos, &at);
+        if (rc == MOE_EFORMAT)
+            return failf(c, rc, "%s: file shrank while reading at offset 0x%" PRIx64, field, at);
+        if (rc < 0)
+            return failf(c, rc, "%s: read at offset 0x%" PRIx64 ": %s", field, at, strerror(-rc));
+        const size_t got = want;
         if (direct) {
             out += got;
             n -= got;
@@ -919,19 +914,14 @@ int moe_gguf_pread(const struct moe_gguf *g, const struct moe_gguf_tensor *t,
         memcpy(dst, g->mem + pos, n);
         return 0;
     }
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = pread(g->fd, (char *)dst + got, n - got, (off_t)(pos + got));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return moe_diag_set(diag, -errno, "%s: tensor '%s': read at offset 0x%" PRIx64 ": %s",
-                                g->name, t->name, pos + got, strerror(errno));
-        if (r == 0)
-            return moe_diag_set(diag, MOE_EFORMAT, "%s: tensor '%s': file ends at 0x%" PRIx64
-                                " (it shrank after open)", g->name, t->name, pos + got);
-        got += (size_t)r;
-    }
+    uint64_t at;
+    int rc = moe_file_pread(g->fd, dst, n, pos, &at);
+    if (rc == MOE_EFORMAT)
+        return moe_diag_set(diag, rc, "%s: tensor '%s': file ends at 0x%" PRIx64 " (it shrank after open)",
+                            g->name, t->name, at);
+    if (rc < 0)
+        return moe_diag_set(diag, rc, "%s: tensor '%s': read at offset 0x%" PRIx64 ": %s", g->name,
+                            t->name, at, strerror(-rc));
     return 0;
 }
 

@@ -12,6 +12,7 @@
 #include <xxhash.h>
 
 #include "common/alloc.h"
+#include "io/file.h"
 #include "io/pack-impl.h"
 #include "common/dtype.h"
 
@@ -190,21 +191,12 @@ static int rd(const struct moe_pack *p, uint64_t off, void *dst, size_t n, struc
             memcpy(dst, p->mem + off, n);
         return 0;
     }
-    uint8_t *d = dst;
-    while (n > 0) {
-        ssize_t r = pread(p->fd, d, n, (off_t)off);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return moe_diag_set(diag, -errno, "%s: read at offset %" PRIu64 ": %s", p->path, off,
-                                strerror(errno));
-        if (r == 0)
-            return moe_diag_set(diag, MOE_EFORMAT, "%s: unexpected end of file at offset %" PRIu64,
-                                p->path, off);
-        d += r;
-        off += (uint64_t)r;
-        n -= (size_t)r;
-    }
+    uint64_t at;
+    int rc = moe_file_pread(p->fd, dst, n, off, &at);
+    if (rc == MOE_EFORMAT)
+        return moe_diag_set(diag, rc, "%s: unexpected end of file at offset %" PRIu64, p->path, at);
+    if (rc < 0)
+        return moe_diag_set(diag, rc, "%s: read at offset %" PRIu64 ": %s", p->path, at, strerror(-rc));
     return 0;
 }
 
@@ -218,7 +210,7 @@ static int check_header(struct moe_pack *p, uint64_t file_size, struct moe_diag 
 {
     const struct pack_header *h = &p->h;
     const char *f = p->path;
-    if (memcmp(h->magic, PACK_MAGIC, 8) != 0)
+    if (moe_file_kind_of(h->magic, sizeof(h->magic)) != MOE_FILE_PACK)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: not a .moe pack (bad magic)", f);
     if (h->version != MOE_PACK_VERSION)
         return moe_diag_set(diag, h->version > MOE_PACK_VERSION ? MOE_EUNSUPPORTED : MOE_EFORMAT,

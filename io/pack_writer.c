@@ -17,6 +17,7 @@
 #include <xxhash.h>
 
 #include "common/alloc.h"
+#include "io/file.h"
 #include "io/pack-impl.h"
 #include "common/dtype.h"
 
@@ -25,40 +26,6 @@
 static uint64_t align_up(uint64_t x, uint64_t a)
 {
     return (x + a - 1) / a * a;
-}
-
-static int write_all(int fd, const void *buf, size_t n, uint64_t off)
-{
-    const uint8_t *p = buf;
-    while (n > 0) {
-        ssize_t w = pwrite(fd, p, n, (off_t)off);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0)
-            return -errno;
-        p += w;
-        off += (uint64_t)w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-static int read_all(int fd, void *buf, size_t n, uint64_t off)
-{
-    uint8_t *p = buf;
-    while (n > 0) {
-        ssize_t r = pread(fd, p, n, (off_t)off);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return -errno;
-        if (r == 0)
-            return MOE_EFORMAT;
-        p += r;
-        off += (uint64_t)r;
-        n -= (size_t)r;
-    }
-    return 0;
 }
 
 /* Encoded size of a metadata value's body (GGUF v2/v3: u64 lengths). */
@@ -130,8 +97,8 @@ static int produce(struct wctx *w, struct moe_codec_cctx *cc, struct slot *s, co
     memset(s->raw, 0, raw_n);
     for (uint32_t k = 0; k < L->n_slices; k++) {
         const struct moe_expert_slice *sl = &L->s[k];
-        int rc = read_all(w->src_fd, s->raw + sl->offset, (size_t)sl->size,
-                          sl->src_offset + (uint64_t)j->expert * sl->size);
+        int rc = moe_file_pread(w->src_fd, s->raw + sl->offset, (size_t)sl->size,
+                                sl->src_offset + (uint64_t)j->expert * sl->size, NULL);
         if (rc < 0)
             return moe_diag_set(&s->diag, rc, "%s: tensor %s, expert %u: read failed: %s", w->src,
                                 sl->name, j->expert, moe_strerror(rc));
@@ -252,7 +219,7 @@ struct dense_out {
 
 static int dense_put(struct dense_out *o, const void *p, size_t n, struct moe_diag *diag)
 {
-    int rc = write_all(o->fd, p, n, o->pos);
+    int rc = moe_file_pwrite(o->fd, p, n, o->pos);
     if (rc < 0)
         return moe_diag_set(diag, rc, "%s: write: %s", o->tmp, strerror(-rc));
     XXH3_64bits_update(o->h, p, n);
@@ -299,7 +266,7 @@ static int write_dense(const struct moe_gguf *g, int src_fd, struct dense_out *o
     int rc = dense_put(o, hdr, sizeof(hdr), diag);
     for (uint64_t off = kv_start; rc == 0 && off < kv_end;) {
         size_t k = kv_end - off < COPY_CHUNK ? (size_t)(kv_end - off) : COPY_CHUNK;
-        rc = read_all(src_fd, buf, k, off);
+        rc = moe_file_pread(src_fd, buf, k, off, NULL);
         if (rc < 0)
             return moe_diag_set(diag, rc, "%s: reading metadata: %s", src, moe_strerror(rc));
         rc = dense_put(o, buf, k, diag);
@@ -491,7 +458,7 @@ int moe_pack_write(const char *src, const char *dst, const struct moe_pack_write
             rc = moe_diag_set(diag, s->err, "%s", s->diag.msg);
             goto fail;
         }
-        rc = write_all(out_fd, s->out, s->out_n, pos);
+        rc = moe_file_pwrite(out_fd, s->out, s->out_n, pos);
         if (rc < 0) {
             rc = moe_diag_set(diag, rc, "%s: write: %s", tmp, strerror(-rc));
             goto fail;
@@ -548,10 +515,10 @@ int moe_pack_write(const char *src, const char *dst, const struct moe_pack_write
     size_t isize = (size_t)n_entries * sizeof(*entries);
     h.file_size = align_up(h.index_offset + isize, MOE_PACK_BLOB_ALIGN);
     h.header_xxh3 = XXH3_64bits(&h, offsetof(struct pack_header, header_xxh3));
-    if ((rc = write_all(out_fd, recs, tsize, h.tensors_offset)) < 0 ||
-        (rc = write_all(out_fd, entries, isize, h.index_offset)) < 0 ||
+    if ((rc = moe_file_pwrite(out_fd, recs, tsize, h.tensors_offset)) < 0 ||
+        (rc = moe_file_pwrite(out_fd, entries, isize, h.index_offset)) < 0 ||
         (rc = ftruncate(out_fd, (off_t)h.file_size) < 0 ? -errno : 0) < 0 ||
-        (rc = write_all(out_fd, &h, sizeof(h), 0)) < 0 ||
+        (rc = moe_file_pwrite(out_fd, &h, sizeof(h), 0)) < 0 ||
         (rc = fsync(out_fd) < 0 ? -errno : 0) < 0) {
         rc = moe_diag_set(diag, rc, "%s: %s", tmp, strerror(-rc));
         goto fail;

@@ -14,12 +14,14 @@
 
 #include "common/alloc.h"
 #include "common/log.h"
+#include "common/queue.h"
 #include "io/uring.h"
 
 #define MAX_RETRIES 64   /* -EAGAIN/-EINTR/zero-progress resubmissions of one request */
 
 struct rop {                 /* one moe_uring_read */
-    struct rop *next;
+    struct moe_qnode qn;     /* in ops while it has bytes not yet split */
+    struct rop *next;        /* done list */
     uint64_t off;
     uint8_t *buf;
     size_t len, need, issued; /* issued: bytes split into requests so far */
@@ -31,7 +33,8 @@ struct rop {                 /* one moe_uring_read */
 };
 
 struct req {                 /* one request (a chunk of a read) */
-    struct req *next;        /* free list / retry list */
+    struct req *next;        /* free list */
+    struct moe_qnode qn;     /* retry queue */
     struct rop *op;
     uint64_t off;
     uint8_t *buf;
@@ -47,9 +50,10 @@ struct moe_uring {
     size_t align, chunk;
     unsigned qd, inflight, pending;
     struct io_uring ring;
-    struct req *reqs, *free_reqs, *retry_head, *retry_tail;
-    struct rop *op_head, *op_tail;   /* reads with bytes not yet split */
-    struct rop *done_head;           /* finished, callbacks to run */
+    struct req *reqs, *free_reqs;
+    struct moe_queue retry;          /* requests to issue again, first in first out */
+    struct moe_queue ops;            /* reads with bytes not yet split, in call order */
+    struct rop *done_head;           /* finished, callbacks to run (a stack) */
     moe_uring_fault_fn fault;
     void *fault_ctx;
     bool logged_uring, logged_direct, logged_reg;
@@ -57,6 +61,19 @@ struct moe_uring {
 
 static void say(bool *once, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/* The first read with bytes not yet split, or NULL. */
+static struct rop *op_first(const struct moe_uring *r)
+{
+    struct moe_qnode *n = moe_queue_peek(&r->ops);
+    return n ? moe_container_of(n, struct rop, qn) : NULL;
+}
+
+static struct req *retry_pop(struct moe_uring *r)
+{
+    struct moe_qnode *n = moe_queue_pop(&r->retry);
+    return n ? moe_container_of(n, struct req, qn) : NULL;
+}
 
 static void say(bool *once, const char *fmt, ...)
 {
@@ -211,11 +228,7 @@ int moe_uring_read(struct moe_uring *r, uint64_t offset, void *buf, size_t len, 
     op->buf_index = r->registered ? buf_index : -1;
     op->cb = cb;
     op->arg = arg;
-    if (r->op_tail)
-        r->op_tail->next = op;
-    else
-        r->op_head = op;
-    r->op_tail = op;
+    moe_queue_push(&r->ops, &op->qn);
     r->pending++;
     return 0;
 }
@@ -225,57 +238,34 @@ static void op_finish_one(struct moe_uring *r, struct rop *op)
     if (--op->outstanding > 0 || (op->issued < op->len && op->status == 0))
         return;
     /* all requests done, or failed with nothing more in flight */
-    if (op->issued < op->len) {
-        /* still in the split queue: unlink it */
-        struct rop **pp = &r->op_head, *prev = NULL;
-        while (*pp && *pp != op) {
-            prev = *pp;
-            pp = &(*pp)->next;
-        }
-        if (*pp) {
-            *pp = op->next;
-            if (r->op_tail == op)
-                r->op_tail = prev;
-        }
-    }
+    if (op->issued < op->len)
+        moe_queue_remove(&r->ops, &op->qn); /* still in the split queue */
     op->next = r->done_head;
     r->done_head = op;
 }
 
 static void retry_push(struct moe_uring *r, struct req *q)
 {
-    q->next = NULL;
-    if (r->retry_tail)
-        r->retry_tail->next = q;
-    else
-        r->retry_head = q;
-    r->retry_tail = q;
+    moe_queue_push(&r->retry, &q->qn);
 }
 
 /* Next request to issue: a retry first, then a new chunk. */
 static struct req *next_req(struct moe_uring *r)
 {
-    struct req *q = r->retry_head;
-    if (q) {
-        r->retry_head = q->next;
-        if (r->retry_head == NULL)
-            r->retry_tail = NULL;
+    struct req *q = retry_pop(r);
+    if (q)
         return q;
-    }
-    while (r->op_head && r->op_head->status != 0 && r->op_head->issued < r->op_head->len) {
+    struct rop *op;
+    while ((op = op_first(r)) != NULL && op->status != 0 && op->issued < op->len) {
         /* a failed read issues nothing more; it finishes when its
          * outstanding requests do */
-        struct rop *op = r->op_head;
-        r->op_head = op->next;
-        if (r->op_head == NULL)
-            r->op_tail = NULL;
+        moe_queue_pop(&r->ops);
         op->issued = op->len;
         if (op->outstanding == 0) {
             op->next = r->done_head;
             r->done_head = op;
         }
     }
-    struct rop *op = r->op_head;
     if (op == NULL || r->free_reqs == NULL)
         return NULL;
     q = r->free_reqs;
@@ -285,11 +275,8 @@ static struct req *next_req(struct moe_uring *r)
                        .len = n };
     op->issued += n;
     op->outstanding++;
-    if (op->issued == op->len) {
-        r->op_head = op->next;
-        if (r->op_head == NULL)
-            r->op_tail = NULL;
-    }
+    if (op->issued == op->len)
+        moe_queue_pop(&r->ops);
     return q;
 }
 
@@ -441,7 +428,7 @@ int moe_uring_run(struct moe_uring *r, bool wait)
 {
     int n = r->uring ? run_uring(r, wait) : run_pread(r, wait);
     /* a retry queued by a completion above is issued at once */
-    if (n >= 0 && r->uring && (r->retry_head || r->op_head) && r->inflight < r->qd) {
+    if (n >= 0 && r->uring && !(moe_queue_empty(&r->retry) && moe_queue_empty(&r->ops)) && r->inflight < r->qd) {
         int m = run_uring(r, false);
         if (m < 0)
             return m;
@@ -473,16 +460,15 @@ void moe_uring_close(struct moe_uring *r)
             op_finish_one(r, q->op);
         }
     }
-    while (r->retry_head) {
-        struct req *q = r->retry_head;
-        r->retry_head = q->next;
+    struct req *q;
+    while ((q = retry_pop(r)) != NULL) {
         if (q->op->status == 0)
             q->op->status = -ECANCELED;
         op_finish_one(r, q->op);
     }
-    while (r->op_head) {
-        struct rop *op = r->op_head;
-        r->op_head = op->next;
+    struct moe_qnode *n;
+    while ((n = moe_queue_pop(&r->ops)) != NULL) {
+        struct rop *op = moe_container_of(n, struct rop, qn);
         op->issued = op->len;
         if (op->status == 0)
             op->status = -ECANCELED;
