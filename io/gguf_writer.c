@@ -17,8 +17,10 @@
 #include <unistd.h>
 
 #include "common/alloc.h"
-#include "io/gguf_writer.h"
+#include "common/buf.h"
 #include "common/dtype.h"
+#include "io/file.h"
+#include "io/gguf_writer.h"
 
 /* Values are copied as they lie in memory: GGUF is little-endian. */
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "little-endian hosts only");
@@ -42,14 +44,14 @@ struct moe_gguf_writer {
     int fd;
     struct moe_diag diag;       /* first error */
     int err;
-    /* serialized key/values */
-    uint8_t *kv;
-    size_t kv_len, kv_cap;
+    struct moe_buf kv;          /* serialized key/values (unbounded here; finish checks the cap) */
     uint64_t n_kv;
     char **keys;                /* for the duplicate check */
+    size_t cap_keys;
     uint32_t alignment;
     struct tinfo *t;
-    uint64_t n_t, cap_t;
+    uint64_t n_t;
+    size_t cap_t;
     /* data phase */
     bool in_data;
     uint64_t cur, cur_written, pos;
@@ -116,20 +118,8 @@ static int kv_put(struct moe_gguf_writer *w, const void *p, size_t n)
 {
     if (w->err)
         return w->err;
-    if (w->kv_len + n > w->kv_cap) {
-        size_t cap = w->kv_cap ? w->kv_cap : 4096;
-        while (cap < w->kv_len + n)
-            cap *= 2;
-        uint8_t *nb = moe_realloc(w->kv, cap);
-        if (nb == NULL)
-            return fail(w, -ENOMEM, "out of memory for metadata");
-        w->kv = nb;
-        w->kv_cap = cap;
-    }
-    if (n > 0) /* an empty array may come with data == NULL */
-        memcpy(w->kv + w->kv_len, p, n);
-    w->kv_len += n;
-    return 0;
+    int rc = moe_buf_append(&w->kv, p, n); /* an empty array may come with p == NULL */
+    return rc ? fail(w, rc, "out of memory for metadata") : 0;
 }
 
 static int put_u32(struct moe_gguf_writer *w, uint32_t v)
@@ -170,11 +160,8 @@ static int begin_kv(struct moe_gguf_writer *w, const char *key, enum moe_gguf_ty
     for (uint64_t i = 0; i < w->n_kv; i++)
         if (strcmp(w->keys[i], key) == 0)
             return fail(w, -EINVAL, "duplicate key '%s'", key);
-    char **nk = moe_realloc(w->keys, (size_t)(w->n_kv + 1) * sizeof(char *));
-    if (nk == NULL)
-        return fail(w, -ENOMEM, "out of memory for metadata");
-    w->keys = nk;
-    if ((w->keys[w->n_kv] = moe_strndup(key, strlen(key))) == NULL)
+    if (moe_array_grow((void **)&w->keys, &w->cap_keys, (size_t)w->n_kv + 1, sizeof(char *), 0) ||
+        (w->keys[w->n_kv] = moe_strndup(key, strlen(key))) == NULL)
         return fail(w, -ENOMEM, "out of memory for metadata");
     w->n_kv++;
     int rc = put_str(w, key, strlen(key));
@@ -338,14 +325,8 @@ int moe_gguf_writer_add_tensor(struct moe_gguf_writer *w, const char *name, uint
     for (uint64_t i = 0; i < w->n_t; i++)
         if (strcmp(w->t[i].name, name) == 0)
             return fail(w, -EINVAL, "duplicate tensor '%s'", name);
-    if (w->n_t == w->cap_t) {
-        uint64_t cap = w->cap_t ? w->cap_t * 2 : 64;
-        struct tinfo *nt = moe_realloc(w->t, (size_t)cap * sizeof(*nt));
-        if (nt == NULL)
-            return fail(w, -ENOMEM, "out of memory for tensor infos");
-        w->t = nt;
-        w->cap_t = cap;
-    }
+    if (moe_array_grow((void **)&w->t, &w->cap_t, (size_t)w->n_t + 1, sizeof(*w->t), 0))
+        return fail(w, -ENOMEM, "out of memory for tensor infos");
     struct tinfo *t = &w->t[w->n_t];
     memset(t, 0, sizeof(*t));
     if ((t->name = moe_strndup(name, nl)) == NULL)
@@ -379,16 +360,11 @@ static int out_flush(struct moe_gguf_writer *w)
 
 static int write_all(struct moe_gguf_writer *w, const uint8_t *p, size_t n)
 {
-    while (n > 0) {
-        ssize_t r = write(w->fd, p, n);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return fail(w, -errno, "write to %s: %s", w->tmp, strerror(errno));
-        p += r;
-        n -= (size_t)r;
-        w->on_disk += (uint64_t)r;
-    }
+    /* the file is written front to back, so what is on disk ends at on_disk */
+    int rc = moe_file_pwrite(w->fd, p, n, w->on_disk);
+    if (rc < 0)
+        return fail(w, rc, "write to %s: %s", w->tmp, strerror(-rc));
+    w->on_disk += n;
     /* Start writeback of what is written so far, so that the disk works
      * while the caller produces the next bytes and the fsync in finish
      * has little left to do (without this, a multi-GB file is flushed
@@ -466,10 +442,10 @@ int moe_gguf_writer_begin_data(struct moe_gguf_writer *w)
     memcpy(head + 4, &version, 4);
     memcpy(head + 8, &w->n_t, 8);
     memcpy(head + 16, &w->n_kv, 8);
-    if (w->kv_len > MOE_GGUF_MAX_META_BYTES)
-        return fail(w, MOE_ELIMIT, "metadata of %zu bytes exceeds the cap of %llu MiB", w->kv_len,
+    if (w->kv.len > MOE_GGUF_MAX_META_BYTES)
+        return fail(w, MOE_ELIMIT, "metadata of %zu bytes exceeds the cap of %llu MiB", w->kv.len,
                     (unsigned long long)(MOE_GGUF_MAX_META_BYTES >> 20));
-    if (out_put(w, head, sizeof(head)) || out_put(w, w->kv, w->kv_len))
+    if (out_put(w, head, sizeof(head)) || out_put(w, w->kv.data, w->kv.len))
         return w->err;
     if (w->n_t > 0 && out_pad(w))
         return w->err;
@@ -515,7 +491,7 @@ static void writer_free(struct moe_gguf_writer *w)
         moe_free(w->t[i].name);
     moe_free(w->keys);
     moe_free(w->t);
-    moe_free(w->kv);
+    moe_buf_free(&w->kv);
     moe_free(w->out);
     moe_free(w->path);
     moe_free(w->tmp);
