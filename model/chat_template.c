@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common/alloc.h"
+#include "common/buf.h"
 #include "model/chat_template.h"
 
 static const char *const names[MOE_CHAT_TMPL_COUNT] = {
@@ -110,31 +111,17 @@ int moe_chat_template_detect(const char *s, size_t len, enum moe_chat_template *
 
 /* ---- rendering ------------------------------------------------------------- */
 
+/* The renderers append without checking each call: the first error
+ * sticks and is reported once at the end. */
 struct sb {
-    char *p;
-    size_t n, cap;
+    struct moe_buf buf;     /* no limit of its own: the messages bound it */
     int err;
 };
 
 static void put_n(struct sb *b, const char *s, size_t n)
 {
-    if (b->err)
-        return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *q = moe_realloc(b->p, cap);
-        if (q == NULL) {
-            b->err = -ENOMEM;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = '\0';
+    if (b->err == 0)
+        b->err = moe_buf_append(&b->buf, s, n);
 }
 
 static void put(struct sb *b, const char *s)
@@ -344,14 +331,13 @@ int moe_chat_template_apply(enum moe_chat_template t, const struct moe_chat_msg 
             put(&b, "<\xef\xbd\x9c" "Assistant\xef\xbd\x9c>");
         break;
     default:
-        moe_free(b.p);
+        moe_buf_free(&b.buf);
         return moe_diag_set(diag, -EINVAL, "chat template %d is not a built-in template", (int)t);
     }
     if (b.err) {
-        moe_free(b.p);
+        moe_buf_free(&b.buf);
         return moe_diag_set(diag, b.err, "chat template %s: out of memory", names[t]);
     }
-    *out = b.p;
-    *len = b.n;
+    *out = moe_buf_take(&b.buf, len);
     return 0;
 }

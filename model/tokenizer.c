@@ -15,12 +15,17 @@
 #include <string.h>
 
 #include "common/alloc.h"
+#include "common/buf.h"
 #include "io/gguf.h"
 #include "model/tokenizer-impl.h"
 #include "model/tokenizer.h"
 #include "model/unicode.h"
 
 #define NONE UINT32_MAX
+
+/* The string and piece pools hold at most 2 GiB: offsets are uint32_t, and
+ * the doubling from 4096 this replaces stopped at 2^31 bytes. */
+#define POOL_LIMIT ((size_t)1 << 31)
 
 struct str_slot {
     uint32_t id;    /* NONE = empty */
@@ -37,11 +42,12 @@ struct moe_tokenizer {
     enum moe_vocab_type type;
     uint32_t n_tokens;
 
-    /* interned strings: [0, n_tokens) tokens, then merge parts */
-    char *pool;
-    size_t pool_len, pool_cap;
+    /* interned strings: [0, n_tokens) tokens, then merge parts, each
+     * followed by a NUL in the pool (limit POOL_LIMIT) */
+    struct moe_buf pool;
     uint32_t *str_off, *str_len;
-    uint32_t n_str, str_cap;
+    uint32_t n_str;
+    size_t str_cap;
     struct str_slot *strtab;
     uint32_t strtab_mask;
 
@@ -104,7 +110,7 @@ static inline uint64_t hash_u64(uint64_t x)
 
 static inline const char *str_ptr(const struct moe_tokenizer *t, uint32_t id)
 {
-    return t->pool + t->str_off[id];
+    return t->pool.data + t->str_off[id];
 }
 
 /* Id of the string s[0..n), or NONE. */
@@ -162,42 +168,27 @@ static int str_add(struct moe_tokenizer *t, const void *s, size_t n, uint32_t *i
 {
     if (n > UINT32_MAX / 2 || t->n_str >= UINT32_MAX / 4)
         return MOE_ELIMIT;
-    if (t->n_str == t->str_cap) {
-        uint32_t cap = t->str_cap ? t->str_cap * 2 : 1024;
-        uint32_t *o = moe_realloc(t->str_off, (size_t)cap * sizeof(*o));
-        if (o == NULL)
-            return -ENOMEM;
-        t->str_off = o;
-        uint32_t *l = moe_realloc(t->str_len, (size_t)cap * sizeof(*l));
-        if (l == NULL)
-            return -ENOMEM;
-        t->str_len = l;
-        t->str_cap = cap;
-    }
-    if (t->pool_len + n + 1 > t->pool_cap) {
-        size_t cap = t->pool_cap ? t->pool_cap : 4096;
-        while (cap < t->pool_len + n + 1)
-            cap *= 2;
-        if (cap > UINT32_MAX)
-            return MOE_ELIMIT;
-        char *p = moe_realloc(t->pool, cap);
-        if (p == NULL)
-            return -ENOMEM;
-        t->pool = p;
-        t->pool_cap = cap;
-    }
+    /* the two arrays share one capacity: off grows first, len to match */
+    size_t cap_off = t->str_cap, cap_len = t->str_cap;
+    int rc = moe_array_grow((void **)&t->str_off, &cap_off, (size_t)t->n_str + 1, sizeof(uint32_t), 0);
+    if (rc == 0)
+        rc = moe_array_grow((void **)&t->str_len, &cap_len, cap_off, sizeof(uint32_t), 0);
+    if (rc != 0)
+        return rc;
+    t->str_cap = cap_off;
+    /* room for the string and its NUL first, so the appends cannot fail */
+    if ((rc = moe_buf_reserve(&t->pool, n + 1)) != 0)
+        return rc;
     if ((uint64_t)(t->n_str + 1) * 2 > (uint64_t)t->strtab_mask + 1) {
-        int rc = strtab_grow(t);
+        rc = strtab_grow(t);
         if (rc != 0)
             return rc;
     }
-    if (n)
-        memcpy(t->pool + t->pool_len, s, n);
-    t->pool[t->pool_len + n] = '\0';
     uint32_t nid = t->n_str++;
-    t->str_off[nid] = (uint32_t)t->pool_len;
+    t->str_off[nid] = (uint32_t)t->pool.len;
     t->str_len[nid] = (uint32_t)n;
-    t->pool_len += n + 1;
+    moe_buf_append(&t->pool, s, n);
+    moe_buf_putc(&t->pool, '\0');
     strtab_place(t->strtab, t->strtab_mask, nid, hash_bytes(s, n));
     *id = nid;
     return 0;
@@ -281,50 +272,25 @@ static int read_bool(const struct moe_gguf *g, const char *key, bool *out, struc
     return rc == -ENOENT ? 0 : rc;
 }
 
-struct gbuf {
-    char *p;
-    size_t n, cap;
-};
-
-static int gbuf_put(struct gbuf *b, const void *s, size_t n)
-{
-    if (b->n + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 4096;
-        while (cap < b->n + n)
-            cap *= 2;
-        if (cap > UINT32_MAX)
-            return MOE_ELIMIT;
-        char *q = moe_realloc(b->p, cap);
-        if (q == NULL)
-            return -ENOMEM;
-        b->p = q;
-        b->cap = cap;
-    }
-    if (n)
-        memcpy(b->p + b->n, s, n);
-    b->n += n;
-    return 0;
-}
-
 /* Appends the piece of token id with special = true to b
  * (llama_vocab::impl::token_to_piece as it fills llama.cpp's cache). */
-static int piece_for_cache(const struct moe_tokenizer *t, uint32_t id, struct gbuf *b)
+static int piece_for_cache(const struct moe_tokenizer *t, uint32_t id, struct moe_buf *b)
 {
     uint32_t attr = t->attr[id];
     const uint8_t *s = (const uint8_t *)str_ptr(t, id);
     size_t n = t->str_len[id];
     int rc = 0;
     if (attr & (MOE_TOKEN_ATTR_UNKNOWN | MOE_TOKEN_ATTR_CONTROL | MOE_TOKEN_ATTR_USER_DEFINED))
-        return gbuf_put(b, s, n);
+        return moe_buf_append(b, s, n);
     if (attr & MOE_TOKEN_ATTR_NORMAL) {
         if (t->type == MOE_VOCAB_SPM) {
             /* llama_unescape_whitespace: U+2581 -> ' ' */
             for (size_t i = 0; i < n && rc == 0;) {
                 if (i + 3 <= n && s[i] == 0xE2 && s[i + 1] == 0x96 && s[i + 2] == 0x81) {
-                    rc = gbuf_put(b, " ", 1);
+                    rc = moe_buf_append(b, " ", 1);
                     i += 3;
                 } else {
-                    rc = gbuf_put(b, s + i++, 1);
+                    rc = moe_buf_append(b, s + i++, 1);
                 }
             }
             return rc;
@@ -335,22 +301,22 @@ static int piece_for_cache(const struct moe_tokenizer *t, uint32_t id, struct gb
             int by = moe_unicode_cpt_to_byte(cpt);
             if (by >= 0) {
                 char c = (char)by;
-                rc = gbuf_put(b, &c, 1);
+                rc = moe_buf_append(b, &c, 1);
                 continue;
             }
             /* the marker llama.cpp writes for a char outside the map */
             uint8_t u[4];
             size_t un = moe_utf8_encode(cpt, u);
             char hex[16];
-            rc = gbuf_put(b, "[UNK_BYTE_0x", 12);
+            rc = moe_buf_append(b, "[UNK_BYTE_0x", 12);
             for (size_t k = 0; k < un && rc == 0; k++) {
                 snprintf(hex, sizeof(hex), "%02x", u[k]);
-                rc = gbuf_put(b, hex, 2);
+                rc = moe_buf_append(b, hex, 2);
             }
             if (rc == 0)
-                rc = gbuf_put(b, s, n);
+                rc = moe_buf_append(b, s, n);
             if (rc == 0)
-                rc = gbuf_put(b, "]", 1);
+                rc = moe_buf_append(b, "]", 1);
         }
         return rc;
     }
@@ -358,32 +324,33 @@ static int piece_for_cache(const struct moe_tokenizer *t, uint32_t id, struct gb
         /* token_to_byte: the two hex digits of <0xNN> */
         char hex[3] = { n > 3 ? (char)s[3] : '0', n > 4 ? (char)s[4] : '0', 0 };
         char c = (char)strtol(hex, NULL, 16);
-        return gbuf_put(b, &c, 1);
+        return moe_buf_append(b, &c, 1);
     }
     return 0;
 }
 
 static int build_pieces(struct moe_tokenizer *t)
 {
-    struct gbuf b = { 0 };
+    struct moe_buf b;
+    moe_buf_init(&b, POOL_LIMIT);
     t->piece_off = moe_malloc((size_t)t->n_tokens * sizeof(uint32_t));
     t->piece_len = moe_malloc((size_t)t->n_tokens * sizeof(uint32_t));
     if (t->piece_off == NULL || t->piece_len == NULL)
         return -ENOMEM;
     for (uint32_t i = 0; i < t->n_tokens; i++) {
-        size_t before = b.n;
+        size_t before = b.len;
         int rc = piece_for_cache(t, i, &b);
         if (rc != 0) {
-            moe_free(b.p);
+            moe_buf_free(&b);
             return rc;
         }
         t->piece_off[i] = (uint32_t)before;
-        t->piece_len[i] = (uint32_t)(b.n - before);
-        if (b.n - before > t->max_piece)
-            t->max_piece = b.n - before;
+        t->piece_len[i] = (uint32_t)(b.len - before);
+        if (b.len - before > t->max_piece)
+            t->max_piece = b.len - before;
     }
-    t->piece_pool = b.p;
-    return 0;
+    t->piece_pool = moe_buf_take(&b, NULL);
+    return t->piece_pool ? 0 : -ENOMEM;
 }
 
 static int cmp_special(const void *a, const void *b, void *ctx)
@@ -539,26 +506,20 @@ fail:
     return rc == MOE_ELIMIT ? moe_diag_set(diag, rc, "%s: tokenizer.ggml.merges: too large", moe_gguf_path(g)) : rc;
 }
 
-int moe_tokenizer_load(struct moe_tokenizer **out, const struct moe_gguf *g, struct moe_diag *diag)
+/* The vocabulary type and its llama.cpp defaults (tokenizer.ggml.model),
+ * and for BPE the pre-tokenizer named by tokenizer.ggml.pre. */
+static int load_type(struct moe_tokenizer *t, const struct moe_gguf *g, struct moe_diag *diag)
 {
-    *out = NULL;
     const char *path = moe_gguf_path(g);
-    struct moe_tokenizer *t = moe_calloc(1, sizeof(*t));
-    if (t == NULL)
-        return -ENOMEM;
-    int rc;
     struct moe_gguf_str model = { 0 }, pre = { 0 };
-
-    rc = moe_gguf_get_str(g, "tokenizer.ggml.model", &model, diag);
-    if (rc == -ENOENT) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.model: missing", path);
-        goto fail;
-    }
+    int rc = moe_gguf_get_str(g, "tokenizer.ggml.model", &model, diag);
+    if (rc == -ENOENT)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.model: missing", path);
     if (rc != 0)
-        goto fail;
+        return rc;
     rc = moe_gguf_get_str(g, "tokenizer.ggml.pre", &pre, diag);
     if (rc != 0 && rc != -ENOENT)
-        goto fail;
+        return rc;
 
     struct moe_pretok_info info = { 0 };
     if (str_eq(&model, "llama")) {
@@ -577,68 +538,64 @@ int moe_tokenizer_load(struct moe_tokenizer **out, const struct moe_gguf *g, str
         t->unk = MOE_TOKEN_NULL;
         rc = moe_pretok_create(&t->pre, pre.len ? pre.ptr : "default", pre.len ? (size_t)pre.len : 7, &info, diag);
         if (rc != 0)
-            goto fail;
+            return rc;
         t->pre_name = info.name;
         t->clean_spaces = info.clean_spaces;
         t->ignore_merges = info.ignore_merges;
         t->add_bos = info.add_bos;
     } else {
         int shown = model.len > 64 ? 64 : (int)model.len;
-        rc = moe_diag_set(diag, MOE_EUNSUPPORTED,
-                          "%s: tokenizer.ggml.model: unsupported tokenizer '%.*s' (supported: llama, gpt2)",
-                          path, shown, model.ptr);
-        goto fail;
+        return moe_diag_set(diag, MOE_EUNSUPPORTED,
+                            "%s: tokenizer.ggml.model: unsupported tokenizer '%.*s' (supported: llama, gpt2)",
+                            path, shown, model.ptr);
     }
     t->eot = MOE_TOKEN_NULL;
-    if ((rc = read_bool(g, "tokenizer.ggml.add_space_prefix", &t->add_space_prefix, diag)) != 0)
-        goto fail;
+    return read_bool(g, "tokenizer.ggml.add_space_prefix", &t->add_space_prefix, diag);
+}
 
-    /* tokens, scores, types */
-    const struct moe_gguf_value *toks, *scores = NULL, *types = NULL;
-    rc = moe_gguf_get_arr(g, "tokenizer.ggml.tokens", MOE_GGUF_STRING, &toks, diag);
+/* An optional per-token array of 4-byte values; *arr NULL when absent. */
+static int token_array(const struct moe_gguf *g, const char *key, uint64_t n, bool int_or_float,
+                       const struct moe_gguf_value **arr, struct moe_diag *diag)
+{
+    int rc = moe_gguf_get_arr(g, key, MOE_GGUF_TYPE_COUNT, arr, diag);
     if (rc == -ENOENT) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.tokens: missing", path);
-        goto fail;
+        *arr = NULL;
+        return 0;
     }
     if (rc != 0)
-        goto fail;
+        return rc;
+    const enum moe_gguf_type et = (*arr)->v.arr.elem_type;
+    if ((et != MOE_GGUF_INT32 && (!int_or_float || et != MOE_GGUF_FLOAT32)) || (*arr)->v.arr.n < n)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s: expected %llu %s, got %llu of type %s",
+                            moe_gguf_path(g), key, (unsigned long long)n,
+                            int_or_float ? "float32 or int32" : "int32",
+                            (unsigned long long)(*arr)->v.arr.n, moe_gguf_type_name(et));
+    return 0;
+}
+
+/* Token texts (interned as string ids 0..n-1), scores and attributes. */
+static int load_tokens(struct moe_tokenizer *t, const struct moe_gguf *g, struct moe_diag *diag)
+{
+    const char *path = moe_gguf_path(g);
+    const struct moe_gguf_value *toks, *scores, *types;
+    int rc = moe_gguf_get_arr(g, "tokenizer.ggml.tokens", MOE_GGUF_STRING, &toks, diag);
+    if (rc == -ENOENT)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.tokens: missing", path);
+    if (rc != 0)
+        return rc;
     uint64_t n = toks->v.arr.n;
-    if (n == 0 || n > MOE_TOKENIZER_MAX_TOKENS) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.tokens: %llu tokens, expected 1..%u",
-                          path, (unsigned long long)n, MOE_TOKENIZER_MAX_TOKENS);
-        goto fail;
-    }
-    rc = moe_gguf_get_arr(g, "tokenizer.ggml.scores", MOE_GGUF_TYPE_COUNT, &scores, diag);
-    if (rc == -ENOENT) {
-        scores = NULL;
-    } else if (rc != 0) {
-        goto fail;
-    } else if ((scores->v.arr.elem_type != MOE_GGUF_FLOAT32 && scores->v.arr.elem_type != MOE_GGUF_INT32) ||
-               scores->v.arr.n < n) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.scores: expected %llu float32 or int32, got %llu of type %s",
-                          path, (unsigned long long)n, (unsigned long long)scores->v.arr.n,
-                          moe_gguf_type_name(scores->v.arr.elem_type));
-        goto fail;
-    }
-    rc = moe_gguf_get_arr(g, "tokenizer.ggml.token_type", MOE_GGUF_TYPE_COUNT, &types, diag);
-    if (rc == -ENOENT) {
-        types = NULL;
-    } else if (rc != 0) {
-        goto fail;
-    } else if (types->v.arr.elem_type != MOE_GGUF_INT32 || types->v.arr.n < n) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.token_type: expected %llu int32, got %llu of type %s",
-                          path, (unsigned long long)n, (unsigned long long)types->v.arr.n,
-                          moe_gguf_type_name(types->v.arr.elem_type));
-        goto fail;
-    }
+    if (n == 0 || n > MOE_TOKENIZER_MAX_TOKENS)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.tokens: %llu tokens, expected 1..%u",
+                            path, (unsigned long long)n, MOE_TOKENIZER_MAX_TOKENS);
+    if ((rc = token_array(g, "tokenizer.ggml.scores", n, true, &scores, diag)) != 0 ||
+        (rc = token_array(g, "tokenizer.ggml.token_type", n, false, &types, diag)) != 0)
+        return rc;
     t->n_tokens = (uint32_t)n;
     t->score = moe_calloc(n, sizeof(float));
     t->attr = moe_calloc(n, sizeof(uint32_t));
     t->eog = moe_calloc((n + 7) / 8, 1);
-    if (t->score == NULL || t->attr == NULL || t->eog == NULL) {
-        rc = -ENOMEM;
-        goto fail;
-    }
+    if (t->score == NULL || t->attr == NULL || t->eog == NULL)
+        return -ENOMEM;
     const struct moe_gguf_str *ts = toks->v.arr.data;
     for (uint32_t i = 0; i < t->n_tokens; i++) {
         char empty[32];
@@ -650,16 +607,12 @@ int moe_tokenizer_load(struct moe_tokenizer **out, const struct moe_gguf *g, str
         }
         if (str_find(t, s, len) != NONE) {
             int shown = len > 64 ? 64 : (int)len;
-            rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.tokens: duplicate token '%.*s' at id %u (first id %u)",
-                              path, shown, s, i, str_find(t, s, len));
-            goto fail;
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.tokens: duplicate token '%.*s' at id %u (first id %u)",
+                                path, shown, s, i, str_find(t, s, len));
         }
         uint32_t id;
-        if ((rc = str_add(t, s, len, &id)) != 0) {
-            if (rc == MOE_ELIMIT)
-                rc = moe_diag_set(diag, rc, "%s: tokenizer.ggml.tokens: too large", path);
-            goto fail;
-        }
+        if ((rc = str_add(t, s, len, &id)) != 0)
+            return rc == MOE_ELIMIT ? moe_diag_set(diag, rc, "%s: tokenizer.ggml.tokens: too large", path) : rc;
         MOE_ASSERT(id == i);
         if (scores != NULL) {
             const uint8_t *p = (const uint8_t *)scores->v.arr.data + 4 * (size_t)i;
@@ -679,18 +632,14 @@ int moe_tokenizer_load(struct moe_tokenizer **out, const struct moe_gguf *g, str
             t->attr[i] = MOE_TOKEN_ATTR_NORMAL;
         }
     }
+    return 0;
+}
 
-    if (t->type == MOE_VOCAB_BPE) {
-        if ((rc = load_merges(t, g, diag)) != 0)
-            goto fail;
-        for (unsigned b = 0; b < 256; b++) {
-            uint8_t u[4];
-            size_t un = moe_utf8_encode(moe_unicode_byte_to_cpt((uint8_t)b), u);
-            t->byte_sym[b] = str_find(t, u, un);
-        }
-    }
-
-    /* special ids: defaults out of range are disabled, then metadata */
+/* Special ids: defaults out of range are disabled, then metadata. */
+static int load_special_ids(struct moe_tokenizer *t, const struct moe_gguf *g, struct moe_diag *diag)
+{
+    const char *path = moe_gguf_path(g);
+    int rc;
     if (t->bos >= (int32_t)t->n_tokens)
         t->bos = MOE_TOKEN_NULL;
     if (t->eos >= (int32_t)t->n_tokens)
@@ -701,36 +650,60 @@ int moe_tokenizer_load(struct moe_tokenizer **out, const struct moe_gguf *g, str
         (rc = read_special_id(g, "tokenizer.ggml.eos_token_id", t->n_tokens, &t->eos, diag)) != 0 ||
         (rc = read_special_id(g, "tokenizer.ggml.eot_token_id", t->n_tokens, &t->eot, diag)) != 0 ||
         (rc = read_special_id(g, "tokenizer.ggml.unknown_token_id", t->n_tokens, &t->unk, diag)) != 0)
-        goto fail;
+        return rc;
     if ((rc = read_bool(g, "tokenizer.ggml.add_bos_token", &t->add_bos, diag)) != 0 ||
         (rc = read_bool(g, "tokenizer.ggml.add_eos_token", &t->add_eos, diag)) != 0)
-        goto fail;
-    if (t->add_bos && t->bos == MOE_TOKEN_NULL) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id is not set", path);
-        goto fail;
-    }
-    if (t->add_eos && t->eos == MOE_TOKEN_NULL) {
-        rc = moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.add_eos_token is true, but tokenizer.ggml.eos_token_id is not set", path);
-        goto fail;
-    }
+        return rc;
+    if (t->add_bos && t->bos == MOE_TOKEN_NULL)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id is not set", path);
+    if (t->add_eos && t->eos == MOE_TOKEN_NULL)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.add_eos_token is true, but tokenizer.ggml.eos_token_id is not set", path);
+    return 0;
+}
 
-    apply_text_rules(t);
-
-    /* special-token cache, longest first (ties by id; llama.cpp's std::sort
-     * leaves ties in an unspecified order) */
+/* The special-token cache, longest first (ties by id; llama.cpp's
+ * std::sort leaves ties in an unspecified order). */
+static int build_special(struct moe_tokenizer *t)
+{
+    const uint32_t kinds = MOE_TOKEN_ATTR_CONTROL | MOE_TOKEN_ATTR_USER_DEFINED | MOE_TOKEN_ATTR_UNKNOWN;
     size_t n_sp = 0;
     for (uint32_t i = 0; i < t->n_tokens; i++)
-        n_sp += (t->attr[i] & (MOE_TOKEN_ATTR_CONTROL | MOE_TOKEN_ATTR_USER_DEFINED | MOE_TOKEN_ATTR_UNKNOWN)) != 0;
+        n_sp += (t->attr[i] & kinds) != 0;
     t->special = moe_malloc((n_sp ? n_sp : 1) * sizeof(int32_t));
-    if (t->special == NULL) {
-        rc = -ENOMEM;
-        goto fail;
-    }
+    if (t->special == NULL)
+        return -ENOMEM;
     for (uint32_t i = 0; i < t->n_tokens; i++)
-        if (t->attr[i] & (MOE_TOKEN_ATTR_CONTROL | MOE_TOKEN_ATTR_USER_DEFINED | MOE_TOKEN_ATTR_UNKNOWN))
+        if (t->attr[i] & kinds)
             t->special[t->n_special++] = (int32_t)i;
     qsort_r(t->special, t->n_special, sizeof(int32_t), cmp_special, t);
+    return 0;
+}
 
+int moe_tokenizer_load(struct moe_tokenizer **out, const struct moe_gguf *g, struct moe_diag *diag)
+{
+    *out = NULL;
+    const char *path = moe_gguf_path(g);
+    struct moe_tokenizer *t = moe_calloc(1, sizeof(*t));
+    if (t == NULL)
+        return -ENOMEM;
+    moe_buf_init(&t->pool, POOL_LIMIT);
+    int rc;
+    if ((rc = load_type(t, g, diag)) != 0 || (rc = load_tokens(t, g, diag)) != 0)
+        goto fail;
+    if (t->type == MOE_VOCAB_BPE) {
+        if ((rc = load_merges(t, g, diag)) != 0)
+            goto fail;
+        for (unsigned b = 0; b < 256; b++) {
+            uint8_t u[4];
+            size_t un = moe_utf8_encode(moe_unicode_byte_to_cpt((uint8_t)b), u);
+            t->byte_sym[b] = str_find(t, u, un);
+        }
+    }
+    if ((rc = load_special_ids(t, g, diag)) != 0)
+        goto fail;
+    apply_text_rules(t);
+    if ((rc = build_special(t)) != 0)
+        goto fail;
     if ((rc = build_pieces(t)) != 0) {
         if (rc == MOE_ELIMIT)
             rc = moe_diag_set(diag, rc, "%s: tokenizer.ggml.tokens: pieces exceed 4 GiB", path);
@@ -761,7 +734,7 @@ void moe_tokenizer_free(struct moe_tokenizer *t)
 {
     if (t == NULL)
         return;
-    moe_free(t->pool);
+    moe_buf_free(&t->pool);
     moe_free(t->str_off);
     moe_free(t->str_len);
     moe_free(t->strtab);
@@ -817,6 +790,8 @@ struct work {
 
     struct moe_span_vec words, scratch;
 };
+/* These arrays grow by moe_array_grow without a limit of their own: the
+ * text's length (at most MOE_TOKENIZER_MAX_TEXT) bounds them. */
 
 static void work_free(struct work *w)
 {
@@ -836,21 +811,6 @@ static inline void emit(struct work *w, int32_t id)
     w->n++;
 }
 
-static int ensure(void **p, size_t *cap, size_t need, size_t elem)
-{
-    if (need <= *cap)
-        return 0;
-    size_t c = *cap ? *cap : 64;
-    while (c < need)
-        c *= 2;
-    void *q = moe_realloc(*p, c * elem);
-    if (q == NULL)
-        return -ENOMEM;
-    *p = q;
-    *cap = c;
-    return 0;
-}
-
 /* Binary heap; SPM: highest score first then lowest left (llm_bigram_spm),
  * BPE: lowest rank first then lowest left (llm_bigram_bpe). */
 static inline bool before(enum moe_vocab_type ty, const struct bigram *a, const struct bigram *b)
@@ -866,7 +826,7 @@ static inline bool before(enum moe_vocab_type ty, const struct bigram *a, const 
 
 static int heap_push(struct work *w, const struct bigram *b)
 {
-    if (w->nheap == w->heap_cap && ensure((void **)&w->heap, &w->heap_cap, w->nheap + 1, sizeof(*w->heap)) != 0)
+    if (moe_array_grow((void **)&w->heap, &w->heap_cap, w->nheap + 1, sizeof(*w->heap), 0) != 0)
         return -ENOMEM;
     enum moe_vocab_type ty = w->tok->type;
     size_t i = w->nheap++;
@@ -905,21 +865,22 @@ static struct bigram heap_pop(struct work *w)
 
 /* ---- special-token partition (tokenizer_st_partition) --------------------- */
 
+/* fa and fb (the fragment list and the one being rebuilt, swapped after
+ * each special token) share one capacity: both grow together. */
+static int frag_grow(struct work *w, size_t need)
+{
+    size_t cap_a = w->cap_frag, cap_b = w->cap_frag;
+    if (moe_array_grow((void **)&w->fa, &cap_a, need, sizeof(struct frag), 0) != 0 ||
+        moe_array_grow((void **)&w->fb, &cap_b, cap_a, sizeof(struct frag), 0) != 0)
+        return -ENOMEM;
+    w->cap_frag = cap_a;
+    return 0;
+}
+
 static int frag_push(struct work *w, struct frag **arr, size_t *n, int32_t token, uint32_t off, uint32_t len)
 {
-    size_t cap = w->cap_frag;
-    if (*n == cap) {
-        size_t nc = cap ? cap * 2 : 64;
-        struct frag *a = moe_realloc(w->fa, nc * sizeof(*a));
-        if (a == NULL)
-            return -ENOMEM;
-        w->fa = a;
-        struct frag *b = moe_realloc(w->fb, nc * sizeof(*b));
-        if (b == NULL)
-            return -ENOMEM;
-        w->fb = b;
-        w->cap_frag = nc;
-    }
+    if (*n == w->cap_frag && frag_grow(w, *n + 1) != 0)
+        return -ENOMEM;
     (*arr)[*n].token = token;
     (*arr)[*n].off = off;
     (*arr)[*n].len = len;
@@ -933,10 +894,7 @@ static int partition(struct work *w, const uint8_t *text, size_t len, bool parse
     w->nfa = 0;
     if (len == 0)
         return 0;
-    if (ensure((void **)&w->fa, &w->cap_frag, 64, sizeof(struct frag)) != 0)
-        return -ENOMEM;
-    w->fb = moe_realloc(w->fb, w->cap_frag * sizeof(struct frag));
-    if (w->fb == NULL)
+    if (frag_grow(w, 64) != 0)
         return -ENOMEM;
     w->fa[0] = (struct frag){ MOE_TOKEN_NULL, 0, (uint32_t)len };
     w->nfa = 1;
@@ -1058,7 +1016,7 @@ static int spm_tokenize(struct work *w, const uint8_t *s, size_t len)
 {
     if (len == 0)
         return 0;
-    if (ensure((void **)&w->sym, &w->sym_cap, len, sizeof(*w->sym)) != 0)
+    if (moe_array_grow((void **)&w->sym, &w->sym_cap, len, sizeof(*w->sym), 0) != 0)
         return -ENOMEM;
     int32_t nsym = 0;
     for (size_t off = 0; off < len;) {
@@ -1192,7 +1150,7 @@ static int bpe_sanitize(struct work *w, const uint8_t *text, size_t len, const u
         *out_len = len;
         return 0;
     }
-    if (ensure((void **)&w->buf, &w->buf_cap, len * 3 + 4, 1) != 0)
+    if (moe_array_grow((void **)&w->buf, &w->buf_cap, len * 3 + 4, 1, 0) != 0)
         return -ENOMEM;
     size_t o = 0;
     for (size_t i = 0; i < len;) {
@@ -1233,8 +1191,8 @@ static int bpe_tokenize(struct work *w, const uint8_t *text, size_t len)
     for (size_t i = 0; i < w->words.n; i++)
         if (w->words.v[i].len > maxw)
             maxw = w->words.v[i].len;
-    if (ensure((void **)&w->sym, &w->sym_cap, maxw + 1, sizeof(*w->sym)) != 0 ||
-        ensure((void **)&w->buf, &w->buf_cap, maxw * 2 + 4, 1) != 0) {
+    if (moe_array_grow((void **)&w->sym, &w->sym_cap, maxw + 1, sizeof(*w->sym), 0) != 0 ||
+        moe_array_grow((void **)&w->buf, &w->buf_cap, maxw * 2 + 4, 1, 0) != 0) {
         rc = -ENOMEM;
         goto done;
     }
@@ -1275,7 +1233,7 @@ int moe_tokenize(const struct moe_tokenizer *t, const char *text, size_t len,
             }
             /* llama_escape_whitespace on (" " +) the fragment */
             size_t need = (size_t)fr->len * 3 + 3;
-            if (ensure((void **)&w.buf, &w.buf_cap, need, 1) != 0) {
+            if (moe_array_grow((void **)&w.buf, &w.buf_cap, need, 1, 0) != 0) {
                 rc = -ENOMEM;
                 goto done;
             }

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "common/alloc.h"
+#include "common/buf.h"
 #include "model/tokenizer-impl.h"
 
 #define WS "\\t-\\r\\x{20}\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}"
@@ -119,14 +120,9 @@ struct moe_pretok {
 
 int moe_span_push(struct moe_span_vec *sv, uint32_t off, uint32_t len)
 {
-    if (sv->n == sv->cap) {
-        size_t cap = sv->cap ? sv->cap * 2 : 256;
-        struct moe_span *v = moe_realloc(sv->v, cap * sizeof(*v));
-        if (v == NULL)
-            return -ENOMEM;
-        sv->v = v;
-        sv->cap = cap;
-    }
+    /* no limit of its own: spans are pieces of a text of bounded length */
+    if (moe_array_grow((void **)&sv->v, &sv->cap, sv->n + 1, sizeof(*sv->v), 0) != 0)
+        return -ENOMEM;
     sv->v[sv->n].off = off;
     sv->v[sv->n].len = len;
     sv->n++;
