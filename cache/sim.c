@@ -145,12 +145,13 @@ static int64_t visit_end(const struct moe_trace *t, int64_t i)
     return j;
 }
 
-int moe_cache_sim_ex(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
-                     const struct moe_policy_params *params, const struct moe_sim_prefetch *pf,
-                     struct moe_sim_result *r)
+int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struct moe_sim_result *r)
 {
     memset(r, 0, sizeof(*r));
-    const enum moe_sim_prefetch_kind pk = pf ? pf->kind : MOE_SIM_PREFETCH_NONE;
+    const enum moe_policy_kind kind = o->policy;
+    const int capacity = o->capacity;
+    const struct moe_sim_prefetch *pf = &o->prefetch;
+    const enum moe_sim_prefetch_kind pk = pf->kind;
     if (capacity < 1 || (unsigned)pk > MOE_SIM_PREFETCH_ORACLE ||
         (pk != MOE_SIM_PREFETCH_NONE && (pf->depth < 1 || kind == MOE_POLICY_BELADY)))
         return -EINVAL;
@@ -176,7 +177,7 @@ int moe_cache_sim_ex(const struct moe_trace *t, enum moe_policy_kind kind, int c
     ids = moe_malloc((size_t)K * sizeof(int32_t));
     if (!s.slot_of || !s.keys || !s.prefetched || !s.predicted || !s.cand || !s.cand_slot || !ids)
         goto out;
-    if ((s.p = moe_policy_create(kind, t->n_layer, t->n_expert, params)) == NULL)
+    if ((s.p = moe_policy_create(kind, t->n_layer, t->n_expert, o->params)) == NULL)
         goto out;
     for (int64_t k = 0; k < nk; k++) {
         s.slot_of[k] = -1;
@@ -284,10 +285,4 @@ out:
     moe_free(vis_first);
     moe_free(cursor);
     return rc;
-}
-
-int moe_cache_sim(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
-                  const struct moe_policy_params *params, struct moe_sim_result *r)
-{
-    return moe_cache_sim_ex(t, kind, capacity, params, NULL, r);
 }

@@ -50,12 +50,17 @@ struct moe_sim_result {
     int64_t loads;              /* misses + prefetches loaded: the traffic */
 };
 
+/* One simulation's settings. Designated initializers leave what is not
+ * named at its default: no prefetch, the policy's default parameters. */
+struct moe_sim_opts {
+    enum moe_policy_kind policy;
+    int capacity;                           /* slots, >= 1 */
+    const struct moe_policy_params *params; /* NULL: moe_policy_defaults() */
+    struct moe_sim_prefetch prefetch;       /* kind MOE_SIM_PREFETCH_NONE (0): none */
+};
+
 /* 0, -EINVAL (capacity < 1, a bad prefetch, prefetch with Belady) or
- * -ENOMEM. pf NULL = no prefetch. */
-int moe_cache_sim_ex(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
-                     const struct moe_policy_params *params, const struct moe_sim_prefetch *pf,
-                     struct moe_sim_result *r);
-int moe_cache_sim(const struct moe_trace *t, enum moe_policy_kind kind, int capacity,
-                  const struct moe_policy_params *params, struct moe_sim_result *r);
+ * -ENOMEM. */
+int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struct moe_sim_result *r);
 
 #endif

@@ -1,26 +1,24 @@
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cache/trace.h"
 #include "common/alloc.h"
+#include "common/buf.h"
 
 #define MAX_LAYERS 4096
 #define MAX_EXPERTS 65536
 #define MAX_TRACE_BYTES (1ull << 31)
 
-static int push(struct moe_trace *t, int64_t *cap, struct moe_access a)
+/* No limit of its own: MAX_TRACE_BYTES bounds the lines, so the accesses. */
+static int push(struct moe_trace *t, size_t *cap, struct moe_access a)
 {
-    if (t->n == *cap) {
-        int64_t nc = *cap ? *cap * 2 : 4096;
-        struct moe_access *na = moe_realloc(t->a, (size_t)nc * sizeof(*na));
-        if (na == NULL)
-            return -ENOMEM;
-        t->a = na;
-        *cap = nc;
-    }
+    if (moe_array_grow((void **)&t->a, cap, (size_t)t->n + 1, sizeof(*t->a), 0) != 0)
+        return -ENOMEM;
     t->a[t->n++] = a;
     return 0;
 }
@@ -89,7 +87,7 @@ int moe_trace_parse(struct moe_trace *t, const char *text, size_t len, const cha
                     struct moe_diag *diag)
 {
     memset(t, 0, sizeof(*t));
-    int64_t cap = 0;
+    size_t cap = 0;
     int csv = 0, line_no = 0, rc = 0;
     int32_t step_counter = -1;
     long prev_csv_step = -1, prev_csv_phase = -1;
@@ -222,37 +220,20 @@ fail:
 int moe_trace_load(struct moe_trace *t, const char *path, struct moe_diag *diag)
 {
     memset(t, 0, sizeof(*t));
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
         return moe_diag_set(diag, -errno, "%s: %s", path, strerror(errno));
-    size_t cap = 1 << 20, n = 0;
-    char *buf = moe_malloc(cap);
-    int rc = 0;
-    while (buf != NULL) {
-        size_t r = fread(buf + n, 1, cap - n, f);
-        n += r;
-        if (r == 0)
-            break;
-        if (n == cap) {
-            if (cap >= MAX_TRACE_BYTES) {
-                rc = moe_diag_set(diag, MOE_ELIMIT, "%s: larger than %llu bytes", path,
-                                  (unsigned long long)MAX_TRACE_BYTES);
-                break;
-            }
-            char *nb = moe_realloc(buf, cap * 2);
-            if (nb == NULL)
-                break;
-            buf = nb;
-            cap *= 2;
-        }
-    }
-    int read_err = ferror(f);
-    fclose(f);
-    if (rc == 0 && (buf == NULL || read_err))
-        rc = moe_diag_set(diag, buf ? -EIO : -ENOMEM, "%s: cannot read", path);
-    if (rc == 0)
-        rc = moe_trace_parse(t, buf, n, path, diag);
-    moe_free(buf);
+    struct moe_buf b;
+    moe_buf_init(&b, MAX_TRACE_BYTES);
+    int rc = moe_buf_read_fd(&b, fd);
+    close(fd);
+    if (rc == MOE_ELIMIT)
+        rc = moe_diag_set(diag, rc, "%s: larger than %llu bytes", path, (unsigned long long)MAX_TRACE_BYTES);
+    else if (rc < 0)   /* -ENOMEM, or a read error: -EIO as stdio reported it before */
+        rc = moe_diag_set(diag, rc == -ENOMEM ? rc : -EIO, "%s: cannot read", path);
+    else
+        rc = moe_trace_parse(t, b.data ? b.data : "", b.len, path, diag);
+    moe_buf_free(&b);
     return rc;
 }
 

@@ -189,8 +189,9 @@ int moectl_cachesim_main(int argc, char **argv)
         for (int p = 0; p < n_pol; p++) {
             struct moe_sim_result r;
             const int with_pf = pf.kind != MOE_SIM_PREFETCH_NONE && pols[p] != MOE_POLICY_BELADY;
-            const int e = moe_cache_sim_ex(&t, (enum moe_policy_kind)pols[p], caps[c], &prm,
-                                           with_pf ? &pf : NULL, &r);
+            const struct moe_sim_opts so = { .policy = (enum moe_policy_kind)pols[p], .capacity = caps[c],
+                                             .params = &prm, .prefetch = with_pf ? pf : (struct moe_sim_prefetch){ 0 } };
+            const int e = moe_cache_sim(&t, &so, &r);
             if (e) {
                 fprintf(stderr, "moectl: cache-sim: %s: %s\n", trace_path,
                         e == -ENOMEM ? "out of memory" : "the trace's sizes do not allow this simulation");

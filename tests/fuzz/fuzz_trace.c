@@ -11,6 +11,10 @@
 #include "cache/sim.h"
 #include "cache/trace.h"
 
+/* The options of one simulation: SIM(policy, capacity[, .prefetch = pf]);
+ * the capacity opens the variadic part so that it is never empty. */
+#define SIM(policy_, ...) (&(struct moe_sim_opts){ .policy = (policy_), .capacity = __VA_ARGS__ })
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct moe_trace t;
@@ -33,18 +37,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                                { MOE_SIM_PREFETCH_ORACLE, 1 } };
         for (int cap = 1; cap <= 7; cap += 3) {
             struct moe_sim_result b, r;
-            if (moe_cache_sim(&t, MOE_POLICY_BELADY, cap, NULL, &b) != 0)
+            if (moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, cap), &b) != 0)
                 continue;
             if (b.hits > b.accesses || b.accesses != t.n)
                 abort();
             for (int k = 0; k < 2; k++) {
-                if (moe_cache_sim_ex(&t, MOE_POLICY_PREDICT, cap, NULL, &pf[k], &r) != 0)
+                if (moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, cap, .prefetch = pf[k]), &r) != 0)
                     continue;
                 if (r.hits > r.accesses || r.pf_used + r.pf_wasted != r.pf_issued ||
                     r.loads != t.n - r.hits + r.pf_issued)
                     abort();
             }
-            if (moe_cache_sim(&t, MOE_POLICY_LRU, cap, NULL, &r) == 0 && r.hits > b.hits)
+            if (moe_cache_sim(&t, SIM(MOE_POLICY_LRU, cap), &r) == 0 && r.hits > b.hits)
                 abort(); /* Belady is the optimum of demand paging */
         }
     }

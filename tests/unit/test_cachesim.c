@@ -11,6 +11,10 @@
 #include "common/error.h"
 #include "tests/harness.h"
 
+/* The options of one simulation: SIM(policy, capacity[, .prefetch = pf]);
+ * the capacity opens the variadic part so that it is never empty. */
+#define SIM(policy_, ...) (&(struct moe_sim_opts){ .policy = (policy_), .capacity = __VA_ARGS__ })
+
 static uint64_t rng = 0x1234567;
 
 static uint32_t rnd(uint32_t n)
@@ -90,14 +94,14 @@ static void test_belady_is_optimal_and_lru_exact(void)
         int n_keys = 2 + (int)rnd(4), n = 4 + (int)rnd(9), cap = 1 + (int)rnd(3);
         make_trace(&t, n, n_keys);
         struct moe_sim_result r;
-        CHECK(moe_cache_sim(&t, MOE_POLICY_BELADY, cap, NULL, &r) == 0);
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, cap), &r) == 0);
         int cache[8];
         int64_t opt = best_hits(&t, 0, cache, 0, cap);
         CHECK_MSG(r.hits == opt, "rep %d: belady %lld, optimum %lld", rep, (long long)r.hits, (long long)opt);
-        CHECK(moe_cache_sim(&t, MOE_POLICY_LRU, cap, NULL, &r) == 0);
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_LRU, cap), &r) == 0);
         CHECK_INT(r.hits, ==, ref_lru(&t, cap));
         for (int p = 0; p < MOE_POLICY_COUNT; p++) {
-            CHECK(moe_cache_sim(&t, (enum moe_policy_kind)p, cap, NULL, &r) == 0);
+            CHECK(moe_cache_sim(&t, SIM((enum moe_policy_kind)p, cap), &r) == 0);
             CHECK(r.hits <= opt && r.accesses == n);
         }
         free(t.a);
@@ -139,7 +143,7 @@ static void test_lfu_matches_reference(void)
             last[k] = i;
         }
         struct moe_sim_result r;
-        CHECK(moe_cache_sim(&t, MOE_POLICY_LFU, cap, NULL, &r) == 0);
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_LFU, cap), &r) == 0);
         CHECK_INT(r.hits, ==, hits);
         free(t.a);
     }
@@ -504,7 +508,7 @@ static void test_prefetch_matches_reference(void)
         const enum moe_sim_prefetch_kind kind = rep % 2 ? MOE_SIM_PREFETCH_HISTORY : MOE_SIM_PREFETCH_ORACLE;
         const struct moe_sim_prefetch pf = { kind, 1 + (int)rnd(2) };
         struct moe_sim_result r, b;
-        CHECK(moe_cache_sim_ex(&t, MOE_POLICY_LRU, cap, NULL, &pf, &r) == 0);
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_LRU, cap, .prefetch = pf), &r) == 0);
         const struct moe_sim_result e = ref_prefetch_sim(&t, cap, kind, pf.depth);
         CHECK_MSG(r.hits == e.hits && r.pf_issued == e.pf_issued && r.pf_used == e.pf_used &&
                       r.pf_wasted == e.pf_wasted && r.pf_dropped == e.pf_dropped,
@@ -517,7 +521,7 @@ static void test_prefetch_matches_reference(void)
         CHECK(r.loads == t.n - r.hits + r.pf_issued);
         /* the other policies run the same prefetch; Belady refuses it */
         for (int p = 0; p < MOE_POLICY_COUNT; p++)
-            CHECK(moe_cache_sim_ex(&t, (enum moe_policy_kind)p, cap, NULL, &pf, &b) ==
+            CHECK(moe_cache_sim(&t, SIM((enum moe_policy_kind)p, cap, .prefetch = pf), &b) ==
                   (p == MOE_POLICY_BELADY ? -EINVAL : 0));
         free(t.a);
     }
@@ -525,7 +529,7 @@ static void test_prefetch_matches_reference(void)
     make_layered_trace(&t, 2, 3, 4, 0);
     struct moe_sim_result r;
     const struct moe_sim_prefetch bad = { MOE_SIM_PREFETCH_HISTORY, 0 };
-    CHECK(moe_cache_sim_ex(&t, MOE_POLICY_LRU, 2, NULL, &bad, &r) == -EINVAL);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_LRU, 2, .prefetch = bad), &r) == -EINVAL);
     CHECK(moe_sim_prefetch_from_name("history") == MOE_SIM_PREFETCH_HISTORY);
     CHECK(moe_sim_prefetch_from_name("gate") == -1);
     free(t.a);
@@ -539,8 +543,8 @@ static void test_predict_matches_reference(void)
         make_layered_trace(&t, n_layer, n_expert, 3 + (int)rnd(8), rep % 4 == 0);
         const int cap = 1 + (int)rnd((uint32_t)(n_layer * n_expert - 1));
         struct moe_sim_result r, b;
-        CHECK(moe_cache_sim(&t, MOE_POLICY_PREDICT, cap, NULL, &r) == 0);
-        CHECK(moe_cache_sim(&t, MOE_POLICY_BELADY, cap, NULL, &b) == 0);
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, cap), &r) == 0);
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, cap), &b) == 0);
         CHECK_MSG(r.hits == ref_predict(&t, cap), "rep %d: predict %lld, reference %lld", rep,
                   (long long)r.hits, (long long)ref_predict(&t, cap));
         CHECK(r.hits <= b.hits && r.accesses == t.n);
@@ -591,11 +595,11 @@ static void test_predict_small_traces(void)
     for (int l = 0; l < 3; l++)
         for (int s = 0; s < 6; s++)
             t.a[t.n++] = (struct moe_access){ l, s % 2, l * 6 + s, 1.0f };
-    CHECK(moe_cache_sim(&t, MOE_POLICY_PREDICT, 2, NULL, &r) == 0);
-    CHECK(moe_cache_sim(&t, MOE_POLICY_BELADY, 2, NULL, &b) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, 2), &r) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, 2), &b) == 0);
     CHECK_INT(b.hits, ==, 12);
     CHECK_INT(r.hits, ==, 12);
-    CHECK(moe_cache_sim(&t, MOE_POLICY_LAYER, 2, NULL, &r) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_LAYER, 2), &r) == 0);
     CHECK(r.hits < 12); /* `layer` treats the current layer as needed last */
     free(t.a);
     /* decode order: per token, layer 0 uses expert 0 and a rotating one
@@ -611,12 +615,12 @@ static void test_predict_small_traces(void)
         t.a[t.n++] = (struct moe_access){ 0, 1 + tok % 3, tok, 0.4f };
         t.a[t.n++] = (struct moe_access){ 1, 0, tok, 1.0f };
     }
-    CHECK(moe_cache_sim(&t, MOE_POLICY_PREDICT, 4, NULL, &r) == 0);
-    CHECK(moe_cache_sim(&t, MOE_POLICY_BELADY, 4, NULL, &b) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, 4), &r) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, 4), &b) == 0);
     CHECK_INT(r.hits, >=, 38);
     CHECK(r.hits <= b.hits);
     /* with 5 slots the rotating experts fit too: all but the 5 first loads hit */
-    CHECK(moe_cache_sim(&t, MOE_POLICY_PREDICT, 5, NULL, &r) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, 5), &r) == 0);
     CHECK_INT(r.hits, ==, 60 - 5);
     free(t.a);
 }
@@ -666,12 +670,12 @@ static void test_gemma_trace(void)
     CHECK(t.n_layer == 30 && t.n_expert == 128 && t.n == 28260);
     const int cap = 30 * 128 / 10;
     struct moe_sim_result b, r;
-    CHECK(moe_cache_sim(&t, MOE_POLICY_BELADY, cap, NULL, &b) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, cap), &b) == 0);
     double layer_rate = 0.0;
     for (int p = 0; p < MOE_POLICY_COUNT; p++) {
         if (p == MOE_POLICY_BELADY)
             continue;
-        CHECK(moe_cache_sim(&t, (enum moe_policy_kind)p, cap, NULL, &r) == 0);
+        CHECK(moe_cache_sim(&t, SIM((enum moe_policy_kind)p, cap), &r) == 0);
         printf("  10%%: %s %.4f = %.3f of belady %.4f\n", moe_policy_name((enum moe_policy_kind)p),
                r.hit_rate, r.hit_rate / b.hit_rate, b.hit_rate);
         CHECK(r.hits <= b.hits);
@@ -687,9 +691,9 @@ static void test_gemma_trace(void)
      * traffic (doc/cache.md) */
     struct moe_sim_result none, hist, orc;
     const struct moe_sim_prefetch ph = { MOE_SIM_PREFETCH_HISTORY, 1 }, po = { MOE_SIM_PREFETCH_ORACLE, 1 };
-    CHECK(moe_cache_sim(&t, MOE_POLICY_PREDICT, cap, NULL, &none) == 0);
-    CHECK(moe_cache_sim_ex(&t, MOE_POLICY_PREDICT, cap, NULL, &ph, &hist) == 0);
-    CHECK(moe_cache_sim_ex(&t, MOE_POLICY_PREDICT, cap, NULL, &po, &orc) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, cap), &none) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, cap, .prefetch = ph), &hist) == 0);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, cap, .prefetch = po), &orc) == 0);
     printf("  10%% predict: hits %lld loads %lld; history prefetch: hits %lld loads %lld (used %lld of %lld);"
            " oracle: hits %lld loads %lld\n", (long long)none.hits, (long long)none.loads,
            (long long)hist.hits, (long long)hist.loads, (long long)hist.pf_used, (long long)hist.pf_issued,
