@@ -17,6 +17,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/buf.h"
+
 /* A chunk-size line or one header line; longer ones are refused. */
 #define LINE_MAX_BYTES 8192
 /* 1xx interim answers skipped before the final one */
@@ -76,42 +78,6 @@ const char *moe_client_error_message(const char *body, char *buf, size_t cap)
     }
     json_decref(j);
     return ret;
-}
-
-/* ---- a growable, bounded buffer ------------------------------------------ */
-
-struct buf {
-    char *p;               /* NUL-terminated when not NULL */
-    size_t len, cap;
-};
-
-/* 0, -ENOMEM, or MOE_ELIMIT when len would pass limit (the caller words it) */
-static int buf_add(struct buf *b, const void *s, size_t n, size_t limit)
-{
-    if (n > limit || b->len > limit - n)
-        return MOE_ELIMIT;
-    if (b->p == NULL || b->len + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->len + n + 1)
-            cap *= 2;      /* limit is far below SIZE_MAX / 2 */
-        char *p = realloc(b->p, cap);
-        if (p == NULL)
-            return -ENOMEM;
-        b->p = p;
-        b->cap = cap;
-    }
-    if (n)
-        memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-    return 0;
-}
-
-static void buf_free(struct buf *b)
-{
-    free(b->p);
-    b->p = NULL;
-    b->len = b->cap = 0;
 }
 
 /* ---- the connection -------------------------------------------------------- */
@@ -289,15 +255,26 @@ static int send_all(int fd, const char *p, size_t n, int timeout_ms, const char 
 
 struct sink {
     bool events;
-    struct buf body;        /* plain body */
-    struct buf line;        /* events: the line being read */
-    struct buf data;        /* events: the data lines of the current event */
+    /* each bounded by MOE_CLIENT_MAX_BODY (sink_for); an append past it is
+     * MOE_ELIMIT, which limit_error words */
+    struct moe_buf body;    /* plain body */
+    struct moe_buf line;    /* events: the line being read */
+    struct moe_buf data;    /* events: the data lines of the current event */
     bool have_data;
     moe_client_event_fn fn;
     void *ud;
     int stop;               /* fn's non-zero return */
     const char *path;
 };
+
+static struct sink sink_for(const char *path)
+{
+    struct sink s = { .path = path };
+    moe_buf_init(&s.body, MOE_CLIENT_MAX_BODY);
+    moe_buf_init(&s.line, MOE_CLIENT_MAX_BODY);
+    moe_buf_init(&s.data, MOE_CLIENT_MAX_BODY);
+    return s;
+}
 
 static int limit_error(int rc, const char *path, const char *what, struct moe_diag *d)
 {
@@ -312,16 +289,14 @@ static int limit_error(int rc, const char *path, const char *what, struct moe_di
  * other than data (event, id, retry) carry nothing moed uses. */
 static int sse_line(struct sink *s, struct moe_diag *d)
 {
-    const char *l = s->line.p ? s->line.p : "";
+    const char *l = s->line.data ? s->line.data : "";
     size_t n = s->line.len;
     if (n > 0 && l[n - 1] == '\r')
         n--;
     if (n == 0) {
         if (s->have_data) {
-            s->stop = s->fn(s->ud, s->data.p ? s->data.p : "", s->data.len);
-            s->data.len = 0;
-            if (s->data.p)
-                s->data.p[0] = '\0';
+            s->stop = s->fn(s->ud, s->data.data ? s->data.data : "", s->data.len);
+            moe_buf_clear(&s->data);
             s->have_data = false;
         }
         return 0;
@@ -337,9 +312,9 @@ static int sse_line(struct sink *s, struct moe_diag *d)
         v++;
     int rc = 0;
     if (s->have_data)
-        rc = buf_add(&s->data, "\n", 1, MOE_CLIENT_MAX_BODY);
+        rc = moe_buf_append(&s->data, "\n", 1);
     if (rc == 0)
-        rc = buf_add(&s->data, v, (size_t)(l + n - v), MOE_CLIENT_MAX_BODY);
+        rc = moe_buf_append(&s->data, v, (size_t)(l + n - v));
     if (rc)
         return limit_error(rc, s->path, "event", d);
     s->have_data = true;
@@ -349,7 +324,7 @@ static int sse_line(struct sink *s, struct moe_diag *d)
 static int sink_put(struct sink *s, const char *p, size_t n, struct moe_diag *d)
 {
     if (!s->events) {
-        int rc = buf_add(&s->body, p, n, MOE_CLIENT_MAX_BODY);
+        int rc = moe_buf_append(&s->body, p, n);
         return rc ? limit_error(rc, s->path, "response body", d) : 0;
     }
     /* events are text: a NUL byte would cut what the callback sees */
@@ -358,7 +333,7 @@ static int sink_put(struct sink *s, const char *p, size_t n, struct moe_diag *d)
     while (n > 0 && !s->stop) {
         const char *nl = memchr(p, '\n', n);
         const size_t k = nl ? (size_t)(nl - p) : n;
-        int rc = buf_add(&s->line, p, k, MOE_CLIENT_MAX_BODY);
+        int rc = moe_buf_append(&s->line, p, k);
         if (rc)
             return limit_error(rc, s->path, "event line", d);
         if (nl == NULL)
@@ -366,7 +341,7 @@ static int sink_put(struct sink *s, const char *p, size_t n, struct moe_diag *d)
         p += k + 1;
         n -= k + 1;
         rc = sse_line(s, d);
-        s->line.len = 0;
+        moe_buf_clear(&s->line);
         if (rc)
             return rc;
     }
@@ -375,9 +350,9 @@ static int sink_put(struct sink *s, const char *p, size_t n, struct moe_diag *d)
 
 static void sink_free(struct sink *s)
 {
-    buf_free(&s->body);
-    buf_free(&s->line);
-    buf_free(&s->data);
+    moe_buf_free(&s->body);
+    moe_buf_free(&s->line);
+    moe_buf_free(&s->data);
 }
 
 /* n bytes of body into the sink (fewer when the sink's callback stops). */
@@ -648,11 +623,8 @@ done:
 
 static int take_body(struct sink *s, struct moe_client_resp *out, struct moe_diag *d)
 {
-    if (s->body.p == NULL && buf_add(&s->body, "", 0, 1) != 0)
+    if ((out->body = moe_buf_take(&s->body, &out->len)) == NULL)
         return moe_diag_set(d, -ENOMEM, "out of memory");
-    out->body = s->body.p;
-    out->len = s->body.len;
-    s->body.p = NULL;
     return 0;
 }
 
@@ -660,7 +632,7 @@ int moe_client_request(const struct moe_client *c, const char *method, const cha
                        const char *body, size_t len, struct moe_client_resp *out,
                        struct moe_diag *d)
 {
-    struct sink s = { .path = c->path };
+    struct sink s = sink_for(c->path);
     bool cf;
     int rc = exchange(c, method, target, body, len, &s, out, &cf, d);
     if (rc == 0)
@@ -673,7 +645,10 @@ static int stream_(const struct moe_client *c, const char *target, const char *b
                    moe_client_event_fn fn, void *ud, struct moe_client_resp *out,
                    bool *connect_failed, struct moe_diag *d)
 {
-    struct sink s = { .path = c->path, .events = true, .fn = fn, .ud = ud };
+    struct sink s = sink_for(c->path);
+    s.events = true;
+    s.fn = fn;
+    s.ud = ud;
     int rc = exchange(c, "POST", target, body, len, &s, out, connect_failed, d);
     if (rc == 0 && !s.events)
         rc = take_body(&s, out, d);
@@ -772,18 +747,18 @@ static int err_diag(struct moe_client_err *e, int rc, bool connect_failed,
 }
 
 static int call_(const struct moe_client *c, const char *method, const char *target,
-                 const char *body, size_t len, struct buf *out, struct moe_client_err *e)
+                 const char *body, size_t len, struct moe_buf *out, struct moe_client_err *e)
 {
     struct moe_client_resp r;
     struct moe_diag d = { 0 };
-    struct sink s = { .path = c->path };
+    struct sink s = sink_for(c->path);
     bool cf = false;
     int rc = exchange(c, method, target, body, len, &s, &r, &cf, &d);
     if (rc) {
         sink_free(&s);
         return err_diag(e, rc, cf, &d);
     }
-    r.body = s.body.p;
+    r.body = s.body.data;
     r.len = s.body.len;
     e->status = r.status;
     if (r.status < 200 || r.status > 299) {
@@ -791,11 +766,14 @@ static int call_(const struct moe_client *c, const char *method, const char *tar
         sink_free(&s);
         return rc;
     }
-    if (s.body.p == NULL && buf_add(&s.body, "", 0, 1) != 0)
+    /* an empty body is still a string: the append writes its NUL */
+    if (moe_buf_append(&s.body, "", 0) != 0) {
+        sink_free(&s);
         return err_set(e, -ENOMEM, "out of memory");
+    }
     *out = s.body;
-    buf_free(&s.line);
-    buf_free(&s.data);
+    moe_buf_free(&s.line);
+    moe_buf_free(&s.data);
     return 0;
 }
 
@@ -807,12 +785,12 @@ int moe_client_call(const struct moe_client *c, const char *method, const char *
     err_reset(e);
     if (out_body)
         *out_body = NULL;
-    struct buf b = { 0 };
+    struct moe_buf b = { 0 };
     int rc = call_(c, method, target, body, len, &b, e);
     if (rc == 0 && out_body)
-        *out_body = b.p;
+        *out_body = moe_buf_take(&b, NULL);   /* holds "" at least: no allocation */
     else
-        buf_free(&b);
+        moe_buf_free(&b);
     return rc;
 }
 
@@ -891,14 +869,14 @@ int moe_client_call_stream(const struct moe_client *c, const char *target, const
 static int get_json(const struct moe_client *c, const char *target, json_t **out,
                     struct moe_client_err *e)
 {
-    struct buf b = { 0 };
+    struct moe_buf b = { 0 };
     *out = NULL;
     int rc = call_(c, "GET", target, NULL, 0, &b, e);
     if (rc)
         return rc;
     json_error_t je;
-    *out = json_loadb(b.p, b.len, JSON_FLAGS, &je);
-    buf_free(&b);
+    *out = json_loadb(b.data, b.len, JSON_FLAGS, &je);
+    moe_buf_free(&b);
     if (*out == NULL)
         return err_set(e, MOE_EFORMAT, "%s: %s: the answer is not JSON (%s)", c->path, target,
                        je.text);
@@ -928,19 +906,19 @@ int moe_client_stats(const struct moe_client *c, char **json, struct moe_client_
     e = e ? e : &tmp;
     err_reset(e);
     *json = NULL;
-    struct buf b = { 0 };
+    struct moe_buf b = { 0 };
     int rc = call_(c, "GET", "/v1/moed/stats", NULL, 0, &b, e);
     if (rc)
         return rc;
-    json_t *j = json_loadb(b.p, b.len, JSON_FLAGS, NULL);
+    json_t *j = json_loadb(b.data, b.len, JSON_FLAGS, NULL);
     if (!json_is_object(j)) {
         json_decref(j);
-        buf_free(&b);
+        moe_buf_free(&b);
         return err_set(e, MOE_EFORMAT, "%s: /v1/moed/stats: the answer is not a JSON object",
                        c->path);
     }
     json_decref(j);
-    *json = b.p;
+    *json = moe_buf_take(&b, NULL);
     return 0;
 }
 
@@ -1120,7 +1098,7 @@ struct gen_ctx {
     moe_client_delta_fn fn;
     void *ud;
     struct moe_client_result *res;
-    struct buf text;
+    struct moe_buf text;    /* bounded by MOE_CLIENT_MAX_BODY */
     struct moe_client_err *e;
     const char *path;
 };
@@ -1148,7 +1126,7 @@ static int on_chunk(void *ud, const char *data, size_t len)
                      g->chat ? "choices[0].delta.content" : "choices[0].text");
     const size_t n = json_string_length(t);
     if (rc == 0 && n > 0) {
-        rc = buf_add(&g->text, json_string_value(t), n, MOE_CLIENT_MAX_BODY);
+        rc = moe_buf_append(&g->text, json_string_value(t), n);
         if (rc)
             rc = err_set(g->e, rc, "%s: the generated text is over %u bytes", g->path,
                          MOE_CLIENT_MAX_BODY);
@@ -1170,23 +1148,19 @@ static int generate(const struct moe_client *c, bool chat, const char *body,
     if (fn) {
         struct gen_ctx g = { .chat = chat, .fn = fn, .ud = ud, .res = res, .e = e,
                              .path = c->path };
+        moe_buf_init(&g.text, MOE_CLIENT_MAX_BODY);
         rc = call_stream_(c, target, body, strlen(body), on_chunk, &g, e);
-        if (rc == 0 && g.text.p == NULL && buf_add(&g.text, "", 0, 1) != 0)
+        if (rc == 0 && (res->text = moe_buf_take(&g.text, &res->len)) == NULL)
             rc = err_set(e, -ENOMEM, "out of memory");
-        if (rc == 0) {
-            res->text = g.text.p;
-            res->len = g.text.len;
-        } else {
-            buf_free(&g.text);
-        }
+        moe_buf_free(&g.text);
         return rc;
     }
-    struct buf b = { 0 };
+    struct moe_buf b = { 0 };
     rc = call_(c, "POST", target, body, strlen(body), &b, e);
     if (rc)
         return rc;
     json_error_t je;
-    json_t *j = json_loadb(b.p, b.len, JSON_FLAGS, &je);
+    json_t *j = json_loadb(b.data, b.len, JSON_FLAGS, &je);
     json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
     json_t *t = chat ? json_object_get(json_object_get(c0, "message"), "content")
                      : json_object_get(c0, "text");
@@ -1203,11 +1177,10 @@ static int generate(const struct moe_client *c, bool chat, const char *body,
         memcpy(res->text, json_string_value(t), res->len + 1);
         take_finish(res, c0);
         take_usage(res, j);
-        res->raw = b.p;
-        b.p = NULL;
+        res->raw = moe_buf_take(&b, NULL);
     }
     json_decref(j);
-    buf_free(&b);
+    moe_buf_free(&b);
     return rc;
 }
 
@@ -1273,14 +1246,14 @@ static int post_json(const struct moe_client *c, const char *target, json_t *req
     json_decref(req);
     if (body == NULL)
         return err_set(e, -ENOMEM, "out of memory");
-    struct buf b = { 0 };
+    struct moe_buf b = { 0 };
     int rc = call_(c, "POST", target, body, strlen(body), &b, e);
     free(body);
     if (rc)
         return rc;
     json_error_t je;
-    *out = json_loadb(b.p, b.len, JSON_FLAGS, &je);
-    buf_free(&b);
+    *out = json_loadb(b.data, b.len, JSON_FLAGS, &je);
+    moe_buf_free(&b);
     if (*out == NULL)
         return err_set(e, MOE_EFORMAT, "%s: %s: the answer is not JSON (%s)", c->path, target,
                        je.text);

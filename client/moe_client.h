@@ -20,7 +20,8 @@
  *    OpenAI error object's fields.
  *
  * Ownership: every char * and array handed out is malloc'ed and belongs to
- * the caller (free it, or the _free function named beside it). On failure
+ * the caller (free it, or the _free function named beside it); bodies and
+ * texts come from common/buf.h, whose moe_malloc is malloc underneath. On failure
  * out-params are NULL/zero. Callbacks run on the caller's thread, inside the
  * call. A struct moe_client holds no connection and no resources: it may be
  * copied and used from several threads at once.

@@ -18,6 +18,8 @@
 
 #include "client/cli.h"
 #include "client/moe_client.h"
+#include "common/alloc.h"
+#include "common/buf.h"
 
 enum { EXIT_OK = 0, EXIT_SERVER = 1, EXIT_USAGE = 2, EXIT_CONNECT = 3 };
 
@@ -194,33 +196,9 @@ static int failed(const struct moe_client_err *e)
     return e->connect ? EXIT_CONNECT : EXIT_SERVER;
 }
 
-static char *read_all(FILE *f, size_t *len)
-{
-    size_t cap = 4096, n = 0;
-    char *b = malloc(cap);
-    while (b) {
-        size_t got = fread(b + n, 1, cap - n - 1, f);
-        n += got;
-        if (got == 0)
-            break;
-        if (n + 1 == cap) {
-            char *nb = cap < ((size_t)1 << 30) ? realloc(b, cap * 2) : NULL;
-            if (nb == NULL) {
-                free(b);
-                return NULL;
-            }
-            b = nb;
-            cap *= 2;
-        }
-    }
-    if (b == NULL || ferror(f)) {
-        free(b);
-        return NULL;
-    }
-    b[n] = '\0';
-    *len = n;
-    return b;
-}
+/* A prompt from stdin is bounded (just under 1 GiB, as before), so that a
+ * runaway pipe ends in an error instead of exhausting memory. */
+#define STDIN_PROMPT_MAX (((size_t)1 << 30) - 1)
 
 /* ud: a bool set once something was printed */
 static int on_delta(void *ud, const char *text, size_t len)
@@ -278,15 +256,22 @@ int moectl_complete_main(int argc, char **argv)
     if (rc)
         return rc;
     char *in = NULL;
-    size_t in_len = 0;
     if (o.prompt == NULL) {
-        if ((in = read_all(stdin, &in_len)) == NULL) {
-            fprintf(stderr, "moectl: cannot read the prompt from stdin: %s\n", strerror(errno));
+        struct moe_buf b;
+        moe_buf_init(&b, STDIN_PROMPT_MAX);
+        size_t in_len = 0;
+        int e = moe_buf_read_stream(&b, stdin);
+        if (e == 0 && (in = moe_buf_take(&b, &in_len)) == NULL)
+            e = -ENOMEM;
+        moe_buf_free(&b);
+        if (e != 0) {
+            fprintf(stderr, "moectl: cannot read the prompt from stdin: %s\n",
+                    e == MOE_ELIMIT ? "longer than 1 GiB" : moe_strerror(e));
             return EXIT_USAGE;
         }
         if (strlen(in) != in_len) {
             fprintf(stderr, "moectl: the prompt on stdin contains a NUL byte\n");
-            free(in);
+            moe_free(in);
             return EXIT_USAGE;
         }
     }
@@ -309,7 +294,7 @@ int moectl_complete_main(int argc, char **argv)
         }
         free(answer);
         free(body);
-        free(in);
+        moe_free(in);
         return rc;
     }
     struct moe_client_result res;
@@ -328,7 +313,7 @@ int moectl_complete_main(int argc, char **argv)
         fputc('\n', stdout);
         moe_client_result_free(&res);
     }
-    free(in);
+    moe_free(in);
     return rc;
 }
 
@@ -342,18 +327,12 @@ struct history {
 
 static int history_push(struct history *h, const char *role, const char *content)
 {
-    if (h->n == h->cap) {
-        size_t cap = h->cap ? h->cap * 2 : 16;
-        struct moe_client_message *m = realloc(h->m, cap * sizeof(*m));
-        if (m == NULL)
-            return -ENOMEM;
-        h->m = m;
-        char **o = realloc(h->owned, cap * sizeof(*o));
-        if (o == NULL)
-            return -ENOMEM;
-        h->owned = o;
-        h->cap = cap;
-    }
+    /* m and owned share one capacity: both grow together */
+    size_t cap_m = h->cap, cap_o = h->cap;
+    if (moe_array_grow((void **)&h->m, &cap_m, h->n + 1, sizeof(*h->m), 0) != 0 ||
+        moe_array_grow((void **)&h->owned, &cap_o, cap_m, sizeof(*h->owned), 0) != 0)
+        return -ENOMEM;
+    h->cap = cap_m;
     char *s = strdup(content);
     if (s == NULL)
         return -ENOMEM;
@@ -371,8 +350,8 @@ static void history_free(struct history *h)
 {
     while (h->n)
         history_pop(h);
-    free(h->m);
-    free(h->owned);
+    moe_free(h->m);
+    moe_free(h->owned);
 }
 
 /* One turn: the answer streamed to stdout (or the JSON printed) and kept. */

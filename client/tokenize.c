@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/alloc.h"
+#include "common/buf.h"
 #include "io/gguf.h"
 #include "model/tokenizer.h"
 
@@ -42,44 +44,13 @@ static int load(const char *path, struct moe_tokenizer **tok)
     return 0;
 }
 
-/* Whole file (or stdin for "-") into a malloc'd buffer. */
-static char *read_all(const char *path, size_t *len)
+/* The whole file (or stdin for "-"), at most MOE_TOKENIZER_MAX_TEXT bytes
+ * (the most moe_tokenize takes); 0 or -errno (-EFBIG past the limit). */
+static int read_text(const char *path, struct moe_buf *b)
 {
-    FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "rb");
-    if (f == NULL)
-        return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    while (buf != NULL) {
-        if (n == cap) {
-            if (cap > MOE_TOKENIZER_MAX_TEXT) {
-                free(buf);
-                buf = NULL;
-                errno = EFBIG;
-                break;
-            }
-            char *nb = realloc(buf, cap *= 2);
-            if (nb == NULL) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-        }
-        size_t r = fread(buf + n, 1, cap - n, f);
-        if (r == 0) {
-            if (ferror(f)) {
-                free(buf);
-                buf = NULL;
-            }
-            break;
-        }
-        n += r;
-    }
-    if (f != stdin)
-        fclose(f);
-    *len = n;
-    return buf;
+    moe_buf_init(b, MOE_TOKENIZER_MAX_TEXT);
+    int rc = strcmp(path, "-") == 0 ? moe_buf_read_stream(b, stdin) : moe_buf_read_file(b, path);
+    return rc == MOE_ELIMIT ? -EFBIG : rc;
 }
 
 int moectl_tokenize_main(int argc, char **argv)
@@ -115,14 +86,16 @@ int moectl_tokenize_main(int argc, char **argv)
         return 2;
     }
     size_t len;
-    char *owned = NULL;
+    struct moe_buf owned = { 0 };
     if (file != NULL) {
-        owned = read_all(file, &len);
-        if (owned == NULL) {
-            fprintf(stderr, "moectl tokenize: %s: %s\n", file, strerror(errno ? errno : EIO));
+        int rc = read_text(file, &owned);
+        if (rc != 0) {
+            fprintf(stderr, "moectl tokenize: %s: %s\n", file, strerror(-rc));
+            moe_buf_free(&owned);
             return 1;
         }
-        text = owned;
+        text = owned.data ? owned.data : "";
+        len = owned.len;
     } else {
         len = strlen(text);
     }
@@ -152,7 +125,7 @@ int moectl_tokenize_main(int argc, char **argv)
     ret = fflush(stdout) == 0 ? 0 : 1;
 out:
     free(ids);
-    free(owned);
+    moe_buf_free(&owned);
     moe_tokenizer_free(tok);
     return ret;
 }
@@ -161,12 +134,12 @@ int moectl_detokenize_main(int argc, char **argv)
 {
     const char *model = NULL;
     bool special = false, remove_special = false;
-    size_t n = 0, ids_cap = (size_t)(argc > 0 ? argc : 1);
-    int32_t *ids = malloc(ids_cap * sizeof(int32_t));
+    size_t n = 0, ids_cap = 0;
+    int32_t *ids = NULL;
     int ret = 2;
     struct moe_tokenizer *tok = NULL;
     char *buf = NULL;
-    if (ids == NULL) {
+    if (moe_array_grow((void **)&ids, &ids_cap, (size_t)(argc > 0 ? argc : 1), sizeof(int32_t), 0) != 0) {
         fputs("moectl detokenize: out of memory\n", stderr);
         return 1;
     }
@@ -197,14 +170,9 @@ int moectl_detokenize_main(int argc, char **argv)
                     fprintf(stderr, "moectl detokenize: '%s' is not a token id\n" DETOK_USAGE, argv[i]);
                     goto out;
                 }
-                if (n == ids_cap) {
-                    int32_t *nb = realloc(ids, ids_cap * 2 * sizeof(int32_t));
-                    if (nb == NULL) {
-                        ret = 1;
-                        goto out;
-                    }
-                    ids = nb;
-                    ids_cap *= 2;
+                if (moe_array_grow((void **)&ids, &ids_cap, n + 1, sizeof(int32_t), 0) != 0) {
+                    ret = 1;
+                    goto out;
                 }
                 ids[n++] = (int32_t)v;
                 p = end;
@@ -242,7 +210,7 @@ int moectl_detokenize_main(int argc, char **argv)
     ret = fflush(stdout) == 0 ? 0 : 1;
 out:
     free(buf);
-    free(ids);
+    moe_free(ids);
     moe_tokenizer_free(tok);
     return ret;
 }
