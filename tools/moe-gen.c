@@ -38,6 +38,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "common/alloc.h"
+#include "common/buf.h"
 #include "common/rng.h"
 #include "io/gguf_writer.h"
 #include "kernels/cpu/quant.h"
@@ -81,14 +83,14 @@ static void *xmalloc(size_t n)
     return p;
 }
 
-static void *xrealloc(void *p, size_t n)
+/* moe_array_grow or exit: a generator has nobody to hand an error to.
+ * The arrays it grows are freed with moe_free. */
+static void xgrow(void **p, size_t *cap, size_t need, size_t elem)
 {
-    p = realloc(p, n ? n : 1);
-    if (p == NULL) {
-        fprintf(stderr, "moe-gen: out of memory (%zu bytes)\n", n);
+    if (moe_array_grow(p, cap, need, elem, 0) != 0) {
+        fprintf(stderr, "moe-gen: out of memory (%zu x %zu bytes)\n", need, elem);
         exit(1);
     }
-    return p;
 }
 
 /* ---- PRNG ------------------------------------------------------------ */
@@ -144,11 +146,13 @@ struct vocab {
     size_t *len;
     int32_t *type;
     float *score;
-    int n, cap;
+    int n;
+    size_t cap;             /* of tok, len, type and score alike */
     int *hash;              /* open addressing over token ids, -1 empty */
     size_t hash_cap;
     char **merges;
-    int n_merges, cap_merges;
+    int n_merges;
+    size_t cap_merges;
     int bos, eos, unk, pad;
 };
 
@@ -186,13 +190,13 @@ static int vocab_add(struct vocab *v, const char *s, size_t len, int32_t type, f
 {
     if (vocab_find(v, s, len) >= 0)
         return -1;
-    if (v->n == v->cap) {
-        v->cap = v->cap ? v->cap * 2 : 1024;
-        v->tok = xrealloc(v->tok, (size_t)v->cap * sizeof(char *));
-        v->len = xrealloc(v->len, (size_t)v->cap * sizeof(size_t));
-        v->type = xrealloc(v->type, (size_t)v->cap * sizeof(int32_t));
-        v->score = xrealloc(v->score, (size_t)v->cap * sizeof(float));
-    }
+    /* the four arrays grow together, to the capacity the first one gets */
+    size_t c_tok = v->cap, c_len = v->cap, c_type = v->cap, c_score = v->cap;
+    xgrow((void **)&v->tok, &c_tok, (size_t)v->n + 1, sizeof(char *));
+    xgrow((void **)&v->len, &c_len, c_tok, sizeof(size_t));
+    xgrow((void **)&v->type, &c_type, c_tok, sizeof(int32_t));
+    xgrow((void **)&v->score, &c_score, c_tok, sizeof(float));
+    v->cap = c_tok;
     if ((size_t)(v->n + 1) * 2 > v->hash_cap) {
         free(v->hash);
         v->hash_cap = v->hash_cap ? v->hash_cap * 2 : 4096;
@@ -220,12 +224,12 @@ static void vocab_free(struct vocab *v)
         free(v->tok[i]);
     for (int i = 0; i < v->n_merges; i++)
         free(v->merges[i]);
-    free(v->tok);
-    free(v->len);
-    free(v->type);
-    free(v->score);
+    moe_free(v->tok);
+    moe_free(v->len);
+    moe_free(v->type);
+    moe_free(v->score);
     free(v->hash);
-    free(v->merges);
+    moe_free(v->merges);
 }
 
 /* Pads with generated pieces "<prefix>x0", "<prefix>x1", ... up to n
@@ -387,10 +391,7 @@ static int vocab_bpe(struct vocab *v, int n_vocab)
         memcpy(merged, best, (size_t)bl);
         memcpy(merged + bl, best + bl + 1, (size_t)br);
         vocab_add(v, merged, (size_t)(bl + br), TT_NORMAL, 0.0f);
-        if (v->n_merges == v->cap_merges) {
-            v->cap_merges = v->cap_merges ? v->cap_merges * 2 : 256;
-            v->merges = xrealloc(v->merges, (size_t)v->cap_merges * sizeof(char *));
-        }
+        xgrow((void **)&v->merges, &v->cap_merges, (size_t)v->n_merges + 1, sizeof(char *));
         size_t ml = strlen(best);
         v->merges[v->n_merges] = xmalloc(ml + 1);
         memcpy(v->merges[v->n_merges++], best, ml + 1);
