@@ -31,7 +31,9 @@ const char *moe_test_tmpdir(void);
  * cap - 1); returns the exit status, 128 + signal, or -1 if it could not
  * start. Redirect stderr in cmd to capture it. */
 int moe_test_run_cmd(const char *cmd, char *out, size_t cap);
-/* Reads a whole file; returns NULL on error. Caller frees with free(). */
+/* Reads a whole file into a block of its size plus a NUL (so that text can
+ * be used as a string); NULL with errno set on error. Caller frees with
+ * free(). */
 void *moe_test_read_file(const char *path, size_t *len);
 
 #define MOE_TEST_RUN(fn) moe_test_run(#fn, fn)

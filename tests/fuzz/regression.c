@@ -5,13 +5,14 @@
  *   fuzz_<x>_replay DIR|FILE...
  *
  * Every regular file under the arguments (directories recursively, entries
- * in sorted order, dot files skipped) is read into an exact-size heap buffer
- * (so ASan sees any read past the input) and run under a time limit
- * (MOE_FUZZ_TIMEOUT seconds, default 10). A hang, a crash or a sanitizer
+ * in sorted order, dot files skipped) is read (moe_test_read_file) into an
+ * exact-size heap buffer (so ASan sees any read past the input) and run
+ * under a time limit (MOE_FUZZ_TIMEOUT seconds, default 10). A hang, a crash or a sanitizer
  * report ends the process with the input's path on stderr; otherwise it
  * prints how many inputs ran and exits 0 (1 if an argument could not be
  * read or held no input). */
 #include <dirent.h>
+#include <errno.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -19,6 +20,10 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "common/alloc.h"
+#include "common/buf.h"
+#include "tests/harness.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -58,48 +63,17 @@ static void on_sanitizer_death(void)
     say_current("regression: sanitizer report on input: ");
 }
 
-static uint8_t *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        return NULL;
-    size_t cap = 4096, n = 0;
-    uint8_t *buf = malloc(cap);
-    while (buf != NULL) {
-        if (n == cap) {
-            uint8_t *nb = realloc(buf, cap *= 2);
-            if (nb == NULL) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = nb;
-        }
-        size_t r = fread(buf + n, 1, cap - n, f);
-        if (r == 0)
-            break;
-        n += r;
-    }
-    if (buf != NULL && ferror(f)) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    if (buf == NULL)
-        return NULL;
-    /* exact size, so that a read one past the end is an ASan report */
-    uint8_t *exact = malloc(n ? n : 1);
-    if (exact != NULL && n)
-        memcpy(exact, buf, n);
-    free(buf);
-    *len = n;
-    return exact;
-}
-
 static int run_file(const char *path, unsigned timeout)
 {
     size_t n = 0;
-    uint8_t *data = read_all(path, &n);
+    uint8_t *data = moe_test_read_file(path, &n);
+    /* without the reader's NUL: a read one past the input is an ASan report */
+    uint8_t *exact = data ? realloc(data, n ? n : 1) : NULL;
+    if (data != NULL && exact == NULL) {
+        free(data);
+        errno = ENOMEM;
+    }
+    data = exact;
     if (data == NULL) {
         perror(path);
         return -1;
@@ -140,14 +114,9 @@ static int run_path(const char *path, unsigned timeout)
     while ((e = readdir(d)) != NULL) {
         if (e->d_name[0] == '.')
             continue;
-        if (n == cap) {
-            cap = cap ? 2 * cap : 64;
-            char **nn = realloc(names, cap * sizeof(char *));
-            if (nn == NULL) {
-                rc = -1;
-                break;
-            }
-            names = nn;
+        if (moe_array_grow((void **)&names, &cap, n + 1, sizeof(char *), 0) != 0) {
+            rc = -1;
+            break;
         }
         size_t len = strlen(path) + strlen(e->d_name) + 2;
         if ((names[n] = malloc(len)) == NULL) {
@@ -166,7 +135,7 @@ static int run_path(const char *path, unsigned timeout)
         rc |= run_path(names[i], timeout);
         free(names[i]);
     }
-    free(names);
+    moe_free(names);
     return rc;
 }
 
