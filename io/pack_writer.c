@@ -317,6 +317,238 @@ static int write_dense(const struct moe_gguf *g, int src_fd, struct dense_out *o
 
 /* ---- moe_pack_write ---------------------------------------------------- */
 
+/* Everything one moe_pack_write holds, released in one place (pack_release)
+ * whichever step failed. */
+struct pack_run {
+    const char *src, *dst;
+    char *tmp;                  /* "<dst>.tmp" */
+    struct moe_gguf *g;
+    struct moe_expert_layout *layouts;
+    uint32_t n_layer, n_expert;
+    uint64_t n_entries;
+    struct wctx w;
+    pthread_t *th;
+    unsigned n_started;
+    bool sync_ok;               /* w.mu and w.cv initialized */
+    int out_fd;
+    uint8_t *buf;               /* COPY_CHUNK bytes for the dense section */
+    struct pack_entry_rec *entries;
+    struct pack_tensor_rec *recs;
+    XXH3_state_t *xs;
+};
+
+/* Opens the source, checks it is not the output, allocates the per-run
+ * buffers and creates the locked temporary file. */
+static int pack_open(struct pack_run *p, struct moe_pack_stats *st, struct moe_diag *diag)
+{
+    int rc = moe_gguf_open(&p->g, p->src, diag);
+    if (rc < 0)
+        return rc;
+    rc = moe_expert_layouts_from_gguf(p->g, &p->layouts, &p->n_layer, &p->n_expert, diag);
+    if (rc < 0)
+        return rc;
+    p->w.layouts = p->layouts;
+    struct stat ss, ds;
+    if (stat(p->src, &ss) == 0 && stat(p->dst, &ds) == 0 && ss.st_dev == ds.st_dev &&
+        ss.st_ino == ds.st_ino)
+        return moe_diag_set(diag, -EINVAL, "%s: output is the input file", p->dst);
+    p->w.src_fd = open(p->src, O_RDONLY | O_CLOEXEC);
+    if (p->w.src_fd < 0)
+        return moe_diag_set(diag, -errno, "%s: %s", p->src, strerror(errno));
+    posix_fadvise(p->w.src_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+
+    size_t dl = strlen(p->dst);
+    p->tmp = moe_malloc(dl + 5);
+    p->buf = moe_malloc(COPY_CHUNK);
+    p->xs = XXH3_createState();
+    p->n_entries = (uint64_t)p->n_layer * p->n_expert;
+    p->entries = moe_calloc((size_t)p->n_entries, sizeof(*p->entries));
+    p->w.jobs = moe_calloc((size_t)p->n_entries, sizeof(*p->w.jobs));
+    if (p->tmp == NULL || p->buf == NULL || p->xs == NULL || p->entries == NULL || p->w.jobs == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", p->dst);
+    memcpy(p->tmp, p->dst, dl);
+    memcpy(p->tmp + dl, ".tmp", 5);
+    int fd = tmp_create(p->tmp, &st->removed_stale_tmp, diag);
+    if (fd < 0)
+        return fd;
+    p->out_fd = fd;
+    return 0;
+}
+
+/* The blob slots and the worker threads that fill them. */
+static int pack_start_workers(struct pack_run *p, unsigned threads, uint64_t max_raw, bool any_groups,
+                              struct moe_diag *diag)
+{
+    struct wctx *w = &p->w;
+    w->n_slots = threads + 1;
+    w->slots = moe_calloc(w->n_slots, sizeof(*w->slots));
+    p->th = moe_calloc(threads, sizeof(*p->th));
+    if (w->slots == NULL || p->th == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", p->dst);
+    for (unsigned i = 0; i < w->n_slots; i++) {
+        struct slot *s = &w->slots[i];
+        s->cbuf_cap = moe_codec_bound((size_t)max_raw);
+        s->raw = moe_malloc((size_t)max_raw);
+        s->grp = any_groups ? moe_malloc((size_t)max_raw) : NULL;
+        s->cbuf = moe_malloc(s->cbuf_cap);
+        if (s->raw == NULL || s->cbuf == NULL || (any_groups && s->grp == NULL))
+            return moe_diag_set(diag, -ENOMEM, "%s: out of memory (%u buffers of %" PRIu64 " bytes)",
+                                p->dst, w->n_slots, max_raw);
+    }
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    p->sync_ok = true;
+    for (; p->n_started < threads; p->n_started++)
+        if (pthread_create(&p->th[p->n_started], NULL, worker, w) != 0)
+            return moe_diag_set(diag, -EAGAIN, "%s: cannot start worker threads", p->dst);
+    return 0;
+}
+
+/* Blobs: produced by the workers, written here in (layer, expert) order
+ * from h->blobs_offset; sets h->n_tensors and h->blobs_end. */
+static int pack_blobs(struct pack_run *p, const struct moe_pack_write_opts *o, struct pack_header *h,
+                      struct moe_pack_stats *st, struct moe_diag *diag)
+{
+    struct wctx *w = &p->w;
+    const struct moe_expert_layout *layouts = p->layouts;
+    uint64_t max_raw = 0, total = h->dense_size, done = h->dense_size;
+    bool any_groups = false;
+    for (uint32_t l = 0; l < p->n_layer; l++) {
+        if (layouts[l].n_slices == 0)
+            continue;
+        h->n_tensors += layouts[l].n_slices;
+        for (uint32_t e = 0; e < p->n_expert; e++)
+            w->jobs[w->n_jobs++] = (struct job){ l, e };
+        if (layouts[l].raw_size > max_raw)
+            max_raw = layouts[l].raw_size;
+        any_groups |= layouts[l].n_groups > 0;
+        total += layouts[l].raw_size * p->n_expert;
+    }
+    int rc = pack_start_workers(p, o->threads, max_raw, any_groups, diag);
+    if (rc < 0)
+        return rc;
+    uint64_t pos = h->blobs_offset;
+    for (uint64_t i = 0; i < w->n_jobs; i++) {
+        struct slot *s = &w->slots[i % w->n_slots];
+        pthread_mutex_lock(&w->mu);
+        while (!(s->state == SLOT_DONE && s->idx == i))
+            pthread_cond_wait(&w->cv, &w->mu);
+        pthread_mutex_unlock(&w->mu);
+        if (s->err < 0)
+            return moe_diag_set(diag, s->err, "%s", s->diag.msg);
+        rc = moe_file_pwrite(p->out_fd, s->out, s->out_n, pos);
+        if (rc < 0)
+            return moe_diag_set(diag, rc, "%s: write: %s", p->tmp, strerror(-rc));
+        const struct job *j = &w->jobs[i];
+        const struct moe_expert_layout *L = &layouts[j->layer];
+        struct pack_entry_rec *er = &p->entries[(uint64_t)j->layer * p->n_expert + j->expert];
+        er->offset = pos;
+        er->stored_size = s->out_n;
+        er->raw_size = L->raw_size;
+        er->xxh3 = s->xxh3;
+        er->codec = s->codec;
+        moe_pack_stats_add(st, L, L->raw_size, s->out_n, s->codec != MOE_CODEC_RAW);
+        pos = align_up(pos + s->out_n, MOE_PACK_BLOB_ALIGN);
+        done += L->raw_size;
+        pthread_mutex_lock(&w->mu);
+        s->state = SLOT_FREE;
+        w->next_write++;
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+        if (o->progress)
+            o->progress(o->progress_arg, done, total);
+    }
+    h->blobs_end = pos;
+    return 0;
+}
+
+/* Index (tensor records, then entries) after the blobs, the header, fsync
+ * and the rename that publishes the pack. */
+static int pack_finish(struct pack_run *p, struct pack_header *h, struct moe_pack_stats *st,
+                       struct moe_diag *diag)
+{
+    p->recs = moe_calloc(h->n_tensors, sizeof(*p->recs));
+    if (p->recs == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", p->dst);
+    uint32_t k = 0;
+    for (uint32_t l = 0; l < p->n_layer; l++) {
+        const struct moe_expert_layout *L = &p->layouts[l];
+        for (uint32_t s = 0; s < L->n_slices; s++, k++) {
+            const struct moe_gguf_tensor *t = moe_gguf_find_tensor(p->g, L->s[s].name);
+            struct pack_tensor_rec *r = &p->recs[k];
+            snprintf(r->name, sizeof(r->name), "%s", t->name);
+            r->layer = l;
+            r->dtype = t->dtype;
+            r->n_dims = t->n_dims;
+            for (unsigned dd = 0; dd < 4; dd++)
+                r->ne[dd] = t->ne[dd];
+            r->blob_offset = L->s[s].offset;
+            r->slice_size = L->s[s].size;
+        }
+    }
+    for (uint64_t i = 0; i < p->n_entries; i++)
+        p->entries[i].entry_xxh3 = XXH3_64bits(&p->entries[i], PACK_ENTRY_HASHED);
+    h->tensors_offset = h->blobs_end;
+    size_t tsize = (size_t)h->n_tensors * sizeof(*p->recs);
+    h->tensors_xxh3 = XXH3_64bits(p->recs, tsize);
+    h->index_offset = h->tensors_offset + tsize;
+    size_t isize = (size_t)p->n_entries * sizeof(*p->entries);
+    h->file_size = align_up(h->index_offset + isize, MOE_PACK_BLOB_ALIGN);
+    h->header_xxh3 = XXH3_64bits(h, offsetof(struct pack_header, header_xxh3));
+    int rc;
+    const int fd = p->out_fd;
+    if ((rc = moe_file_pwrite(fd, p->recs, tsize, h->tensors_offset)) < 0 ||
+        (rc = moe_file_pwrite(fd, p->entries, isize, h->index_offset)) < 0 ||
+        (rc = ftruncate(fd, (off_t)h->file_size) < 0 ? -errno : 0) < 0 ||
+        (rc = moe_file_pwrite(fd, h, sizeof(*h), 0)) < 0 ||
+        (rc = fsync(fd) < 0 ? -errno : 0) < 0)
+        return moe_diag_set(diag, rc, "%s: %s", p->tmp, strerror(-rc));
+    if (rename(p->tmp, p->dst) < 0)
+        return moe_diag_set(diag, -errno, "%s: rename to %s: %s", p->tmp, p->dst, strerror(errno));
+    fsync_dir_of(p->dst);
+    st->file_size = h->file_size;
+    return 0;
+}
+
+/* Stops and joins the workers, then frees and closes everything. */
+static void pack_release(struct pack_run *p)
+{
+    struct wctx *w = &p->w;
+    if (p->sync_ok) {
+        pthread_mutex_lock(&w->mu);
+        w->abort = true;
+        pthread_cond_broadcast(&w->cv);
+        pthread_mutex_unlock(&w->mu);
+    }
+    for (unsigned i = 0; i < p->n_started; i++)
+        pthread_join(p->th[i], NULL);
+    if (p->sync_ok) {
+        pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->cv);
+    }
+    if (w->slots)
+        for (unsigned i = 0; i < w->n_slots; i++) {
+            moe_free(w->slots[i].raw);
+            moe_free(w->slots[i].grp);
+            moe_free(w->slots[i].cbuf);
+        }
+    moe_free(w->slots);
+    moe_free(p->th);
+    moe_free(w->jobs);
+    moe_free(p->recs);
+    moe_free(p->entries);
+    if (p->xs)
+        XXH3_freeState(p->xs);
+    moe_free(p->buf);
+    if (p->out_fd >= 0)
+        close(p->out_fd);
+    moe_free(p->tmp);
+    if (w->src_fd >= 0)
+        close(w->src_fd);
+    moe_free(p->layouts);
+    moe_gguf_close(p->g);
+}
+
 int moe_pack_write(const char *src, const char *dst, const struct moe_pack_write_opts *opts,
                    struct moe_pack_stats *stats, struct moe_diag *diag)
 {
@@ -335,238 +567,35 @@ int moe_pack_write(const char *src, const char *dst, const struct moe_pack_write
     struct moe_pack_stats *st = stats ? stats : &st_local;
     memset(st, 0, sizeof(*st));
 
-    struct moe_gguf *g = NULL;
-    struct moe_expert_layout *layouts = NULL;
-    struct wctx w = { .src = src, .src_fd = -1, .level = o.level, .min_ratio = o.min_ratio };
-    pthread_t *th = NULL;
-    unsigned n_started = 0;
-    bool sync_ok = false;
-    int out_fd = -1, rc;
-    char *tmp = NULL;
-    uint8_t *buf = NULL;
-    struct pack_entry_rec *entries = NULL;
-    struct pack_tensor_rec *recs = NULL;
-    XXH3_state_t *xs = NULL;
-    uint32_t n_layer, n_expert;
-
-    rc = moe_gguf_open(&g, src, diag);
+    struct pack_run p = { .src = src, .dst = dst, .out_fd = -1,
+                          .w = { .src = src, .src_fd = -1, .level = o.level, .min_ratio = o.min_ratio } };
+    int rc = pack_open(&p, st, diag);
     if (rc < 0)
-        goto fail;
-    rc = moe_expert_layouts_from_gguf(g, &layouts, &n_layer, &n_expert, diag);
-    if (rc < 0)
-        goto fail;
-    w.layouts = layouts;
-    struct stat ss, ds;
-    if (stat(src, &ss) == 0 && stat(dst, &ds) == 0 && ss.st_dev == ds.st_dev &&
-        ss.st_ino == ds.st_ino) {
-        rc = moe_diag_set(diag, -EINVAL, "%s: output is the input file", dst);
-        goto fail;
-    }
-    w.src_fd = open(src, O_RDONLY | O_CLOEXEC);
-    if (w.src_fd < 0) {
-        rc = moe_diag_set(diag, -errno, "%s: %s", src, strerror(errno));
-        goto fail;
-    }
-    posix_fadvise(w.src_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-
-    size_t dl = strlen(dst);
-    tmp = moe_malloc(dl + 5);
-    buf = moe_malloc(COPY_CHUNK);
-    xs = XXH3_createState();
-    uint64_t n_entries = (uint64_t)n_layer * n_expert;
-    entries = moe_calloc((size_t)n_entries, sizeof(*entries));
-    w.jobs = moe_calloc((size_t)n_entries, sizeof(*w.jobs));
-    if (tmp == NULL || buf == NULL || xs == NULL || entries == NULL || w.jobs == NULL) {
-        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", dst);
-        goto fail;
-    }
-    memcpy(tmp, dst, dl);
-    memcpy(tmp + dl, ".tmp", 5);
-    out_fd = tmp_create(tmp, &st->removed_stale_tmp, diag);
-    if (out_fd < 0) {
-        rc = out_fd;
-        out_fd = -1;
-        goto fail;
-    }
+        goto out;
 
     /* Dense section: the embedded GGUF at 4096. */
-    XXH3_64bits_reset(xs);
-    struct dense_out d = { .fd = out_fd, .pos = MOE_PACK_BLOB_ALIGN, .h = xs, .tmp = tmp };
-    rc = write_dense(g, w.src_fd, &d, buf, diag);
+    XXH3_64bits_reset(p.xs);
+    struct dense_out d = { .fd = p.out_fd, .pos = MOE_PACK_BLOB_ALIGN, .h = p.xs, .tmp = p.tmp };
+    rc = write_dense(p.g, p.w.src_fd, &d, p.buf, diag);
     if (rc < 0)
-        goto fail;
+        goto out;
     struct pack_header h = { .version = MOE_PACK_VERSION, .header_size = sizeof(h),
-                             .blob_align = MOE_PACK_BLOB_ALIGN, .n_layer = n_layer,
-                             .n_expert = n_expert, .dense_offset = MOE_PACK_BLOB_ALIGN,
+                             .blob_align = MOE_PACK_BLOB_ALIGN, .n_layer = p.n_layer,
+                             .n_expert = p.n_expert, .dense_offset = MOE_PACK_BLOB_ALIGN,
                              .dense_size = d.pos - MOE_PACK_BLOB_ALIGN,
-                             .dense_xxh3 = XXH3_64bits_digest(xs),
-                             .src_size = moe_gguf_file_size(g) };
+                             .dense_xxh3 = XXH3_64bits_digest(p.xs),
+                             .src_size = moe_gguf_file_size(p.g) };
     memcpy(h.magic, PACK_MAGIC, 8);
     h.blobs_offset = align_up(d.pos, MOE_PACK_BLOB_ALIGN);
     st->dense_bytes = h.dense_size;
 
-    /* Blobs. */
-    uint64_t max_raw = 0, total = h.dense_size, done = h.dense_size;
-    bool any_groups = false;
-    for (uint32_t l = 0; l < n_layer; l++) {
-        if (layouts[l].n_slices == 0)
-            continue;
-        h.n_tensors += layouts[l].n_slices;
-        for (uint32_t e = 0; e < n_expert; e++)
-            w.jobs[w.n_jobs++] = (struct job){ l, e };
-        if (layouts[l].raw_size > max_raw)
-            max_raw = layouts[l].raw_size;
-        any_groups |= layouts[l].n_groups > 0;
-        total += layouts[l].raw_size * n_expert;
-    }
-    w.n_slots = o.threads + 1;
-    w.slots = moe_calloc(w.n_slots, sizeof(*w.slots));
-    th = moe_calloc(o.threads, sizeof(*th));
-    if (w.slots == NULL || th == NULL) {
-        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", dst);
-        goto fail;
-    }
-    for (unsigned i = 0; i < w.n_slots; i++) {
-        struct slot *s = &w.slots[i];
-        s->cbuf_cap = moe_codec_bound((size_t)max_raw);
-        s->raw = moe_malloc((size_t)max_raw);
-        s->grp = any_groups ? moe_malloc((size_t)max_raw) : NULL;
-        s->cbuf = moe_malloc(s->cbuf_cap);
-        if (s->raw == NULL || s->cbuf == NULL || (any_groups && s->grp == NULL)) {
-            rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory (%u buffers of %" PRIu64 " bytes)",
-                              dst, w.n_slots, max_raw);
-            goto fail;
-        }
-    }
-    pthread_mutex_init(&w.mu, NULL);
-    pthread_cond_init(&w.cv, NULL);
-    sync_ok = true;
-    for (; n_started < o.threads; n_started++) {
-        if (pthread_create(&th[n_started], NULL, worker, &w) != 0) {
-            rc = moe_diag_set(diag, -EAGAIN, "%s: cannot start worker threads", dst);
-            goto fail;
-        }
-    }
-    uint64_t pos = h.blobs_offset;
-    for (uint64_t i = 0; i < w.n_jobs; i++) {
-        struct slot *s = &w.slots[i % w.n_slots];
-        pthread_mutex_lock(&w.mu);
-        while (!(s->state == SLOT_DONE && s->idx == i))
-            pthread_cond_wait(&w.cv, &w.mu);
-        pthread_mutex_unlock(&w.mu);
-        if (s->err < 0) {
-            rc = moe_diag_set(diag, s->err, "%s", s->diag.msg);
-            goto fail;
-        }
-        rc = moe_file_pwrite(out_fd, s->out, s->out_n, pos);
-        if (rc < 0) {
-            rc = moe_diag_set(diag, rc, "%s: write: %s", tmp, strerror(-rc));
-            goto fail;
-        }
-        const struct job *j = &w.jobs[i];
-        const struct moe_expert_layout *L = &layouts[j->layer];
-        struct pack_entry_rec *er = &entries[(uint64_t)j->layer * n_expert + j->expert];
-        er->offset = pos;
-        er->stored_size = s->out_n;
-        er->raw_size = L->raw_size;
-        er->xxh3 = s->xxh3;
-        er->codec = s->codec;
-        moe_pack_stats_add(st, L, L->raw_size, s->out_n, s->codec != MOE_CODEC_RAW);
-        pos = align_up(pos + s->out_n, MOE_PACK_BLOB_ALIGN);
-        done += L->raw_size;
-        pthread_mutex_lock(&w.mu);
-        s->state = SLOT_FREE;
-        w.next_write++;
-        pthread_cond_broadcast(&w.cv);
-        pthread_mutex_unlock(&w.mu);
-        if (o.progress)
-            o.progress(o.progress_arg, done, total);
-    }
-    h.blobs_end = pos;
-
-    /* Index: tensor records, then entries. */
-    recs = moe_calloc(h.n_tensors, sizeof(*recs));
-    if (recs == NULL) {
-        rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", dst);
-        goto fail;
-    }
-    uint32_t k = 0;
-    for (uint32_t l = 0; l < n_layer; l++) {
-        const struct moe_expert_layout *L = &layouts[l];
-        for (uint32_t s = 0; s < L->n_slices; s++, k++) {
-            const struct moe_gguf_tensor *t = moe_gguf_find_tensor(g, L->s[s].name);
-            struct pack_tensor_rec *r = &recs[k];
-            snprintf(r->name, sizeof(r->name), "%s", t->name);
-            r->layer = l;
-            r->dtype = t->dtype;
-            r->n_dims = t->n_dims;
-            for (unsigned dd = 0; dd < 4; dd++)
-                r->ne[dd] = t->ne[dd];
-            r->blob_offset = L->s[s].offset;
-            r->slice_size = L->s[s].size;
-        }
-    }
-    for (uint64_t i = 0; i < n_entries; i++)
-        entries[i].entry_xxh3 = XXH3_64bits(&entries[i], PACK_ENTRY_HASHED);
-    h.tensors_offset = pos;
-    size_t tsize = (size_t)h.n_tensors * sizeof(*recs);
-    h.tensors_xxh3 = XXH3_64bits(recs, tsize);
-    h.index_offset = h.tensors_offset + tsize;
-    size_t isize = (size_t)n_entries * sizeof(*entries);
-    h.file_size = align_up(h.index_offset + isize, MOE_PACK_BLOB_ALIGN);
-    h.header_xxh3 = XXH3_64bits(&h, offsetof(struct pack_header, header_xxh3));
-    if ((rc = moe_file_pwrite(out_fd, recs, tsize, h.tensors_offset)) < 0 ||
-        (rc = moe_file_pwrite(out_fd, entries, isize, h.index_offset)) < 0 ||
-        (rc = ftruncate(out_fd, (off_t)h.file_size) < 0 ? -errno : 0) < 0 ||
-        (rc = moe_file_pwrite(out_fd, &h, sizeof(h), 0)) < 0 ||
-        (rc = fsync(out_fd) < 0 ? -errno : 0) < 0) {
-        rc = moe_diag_set(diag, rc, "%s: %s", tmp, strerror(-rc));
-        goto fail;
-    }
-    if (rename(tmp, dst) < 0) {
-        rc = moe_diag_set(diag, -errno, "%s: rename to %s: %s", tmp, dst, strerror(errno));
-        goto fail;
-    }
-    fsync_dir_of(dst);
-    st->file_size = h.file_size;
+    if ((rc = pack_blobs(&p, &o, &h, st, diag)) < 0 || (rc = pack_finish(&p, &h, st, diag)) < 0)
+        goto out;
     rc = 0;
-    goto out;
-fail:
-    if (out_fd >= 0)
-        unlink(tmp);
 out:
-    if (sync_ok) {
-        pthread_mutex_lock(&w.mu);
-        w.abort = true;
-        pthread_cond_broadcast(&w.cv);
-        pthread_mutex_unlock(&w.mu);
-    }
-    for (unsigned i = 0; i < n_started; i++)
-        pthread_join(th[i], NULL);
-    if (sync_ok) {
-        pthread_mutex_destroy(&w.mu);
-        pthread_cond_destroy(&w.cv);
-    }
-    if (w.slots)
-        for (unsigned i = 0; i < w.n_slots; i++) {
-            moe_free(w.slots[i].raw);
-            moe_free(w.slots[i].grp);
-            moe_free(w.slots[i].cbuf);
-        }
-    moe_free(w.slots);
-    moe_free(th);
-    moe_free(w.jobs);
-    moe_free(recs);
-    moe_free(entries);
-    if (xs)
-        XXH3_freeState(xs);
-    moe_free(buf);
-    if (out_fd >= 0)
-        close(out_fd);
-    moe_free(tmp);
-    if (w.src_fd >= 0)
-        close(w.src_fd);
-    moe_free(layouts);
-    moe_gguf_close(g);
+    /* a temporary file this run created is never left behind on failure */
+    if (rc < 0 && p.out_fd >= 0)
+        unlink(p.tmp);
+    pack_release(&p);
     return rc;
 }
