@@ -126,7 +126,9 @@ int moe_tensor_layer(const char *name);
 struct moe_sizes {
     uint64_t total_bytes, dense_bytes, expert_bytes;
     uint32_t n_moe_layers;              /* layers with expert tensors */
-    uint64_t bytes_per_expert;          /* largest per-layer slice: the size of one cache slot */
+    uint64_t bytes_per_expert;          /* largest per-layer expert, its tensors' bytes alone
+                                         * (a cache slot also holds the padding between them:
+                                         * the memory plan's slot_bytes, model/plan.h) */
     uint64_t bytes_per_expert_avg;
     uint64_t token_working_set;         /* n_moe_layers * n_expert_used * bytes_per_expert */
     uint64_t bytes_by_type[MOE_DTYPE_COUNT];

@@ -10,8 +10,10 @@
 #include <unistd.h>
 
 #include "common/alloc.h"
+#include "common/buf.h"
 #include "common/dtype.h"
 #include "io/expert_src.h"
+#include "io/file.h"
 #include "io/gguf.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cuda.h"
@@ -69,14 +71,8 @@ static int remember(struct moe_model *m, void **field, size_t bytes, struct moe_
 {
     if (*field == NULL || bytes == 0)
         return 0;
-    if (m->w.n_bound == m->w.cap_bound) {
-        int cap = m->w.cap_bound ? m->w.cap_bound * 2 : 256;
-        struct bound *b = moe_realloc(m->w.bound, (size_t)cap * sizeof(*b));
-        if (b == NULL)
-            return moe_diag_set(diag, -ENOMEM, "out of memory");
-        m->w.bound = b;
-        m->w.cap_bound = cap;
-    }
+    if (moe_array_grow((void **)&m->w.bound, &m->w.cap_bound, m->w.n_bound + 1, sizeof(struct bound), 0))
+        return moe_diag_set(diag, -ENOMEM, "out of memory");
     m->w.bound[m->w.n_bound++] = (struct bound){ .field = field, .bytes = bytes, .host = NULL };
     return 0;
 }
@@ -405,7 +401,7 @@ static int upload_weights(struct moe_model *m, struct moe_diag *diag)
     if (!m->w.upload)
         return 0;
     size_t total = 0;
-    for (int i = 0; i < m->w.n_bound; i++) {
+    for (size_t i = 0; i < m->w.n_bound; i++) {
         struct bound *b = &m->w.bound[i];
         bool host_only = false;
         for (int il = 0; il < m->cfg.n_layer; il++)
@@ -424,18 +420,6 @@ static int upload_weights(struct moe_model *m, struct moe_diag *diag)
             return moe_diag_set(diag, rc, "weights: upload of %zu bytes failed", b->bytes);
         total += b->bytes;
     }
-    return 0;
-}
-
-int moe_model_is_pack(const char *path, bool *pack, struct moe_diag *diag)
-{
-    *pack = false;
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
-        return moe_diag_set(diag, -errno, "%s: %s", path, strerror(errno));
-    char magic[8] = { 0 };
-    *pack = fread(magic, 1, 8, f) == 8 && memcmp(magic, "MOEPACK", 8) == 0;
-    fclose(f);
     return 0;
 }
 
@@ -483,10 +467,10 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     /* A pack (or a GGUF with a cache budget) goes through an expert source;
      * its GGUF view holds the metadata and dense tensors. */
-    bool is_pack = false;
-    rc = moe_model_is_pack(path, &is_pack, diag);
-    if (rc)
+    enum moe_file_kind kind = MOE_FILE_UNKNOWN;
+    if ((rc = moe_file_probe(path, &kind, diag)))
         goto fail;
+    const bool is_pack = kind == MOE_FILE_PACK;
     if (is_pack || o.cache_bytes > 0 || o.cache_experts > 0) {
         struct moe_io_config io = { .uring = { .force_pread = o.force_pread } };
         if ((rc = moe_expert_src_open(&m->ex.src, path, &io, diag)))
@@ -546,7 +530,7 @@ void moe_model_free(struct moe_model *m)
     if (m == NULL)
         return;
     /* uploaded weights: free the backend copies, restore the host pointers */
-    for (int i = 0; i < m->w.n_bound; i++)
+    for (size_t i = 0; i < m->w.n_bound; i++)
         if (m->w.bound[i].host) {
             m->be->ops->free(m->be, *m->w.bound[i].field);
             *m->w.bound[i].field = m->w.bound[i].host;

@@ -84,7 +84,7 @@ struct model_weights {
     float *output_norm;
     struct layer *layers;                /* [n_layer] */
     struct bound *bound;                 /* everything bound, for the upload */
-    int n_bound, cap_bound;
+    size_t n_bound, cap_bound;
     bool upload;                         /* weights live in backend memory */
 };
 
@@ -168,11 +168,6 @@ int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int 
  * an expert source's layouts or a GGUF's expert tensors. */
 int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n_moe);
 int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, struct moe_diag *diag);
-
-/* load.c */
-/* Whether path is a .moe pack (by its magic); -errno naming the file when
- * it cannot be read. */
-int moe_model_is_pack(const char *path, bool *pack, struct moe_diag *diag);
 
 /* config.c */
 int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag);

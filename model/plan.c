@@ -9,6 +9,7 @@
 #include "cache/expert_cache.h"
 #include "common/alloc.h"
 #include "io/expert_src.h"
+#include "io/file.h"
 #include "io/gguf.h"
 #include "io/pack.h"
 #include "kernels/cuda.h"
@@ -198,9 +199,10 @@ int moe_model_plan(const char *path, const struct moe_model_opts *opts, struct m
     struct moe_gguf *own = NULL;
     size_t slot = 0;
     int n_moe = 0;
-    rc = moe_model_is_pack(path, &p->pack, diag);
-    if (rc)
+    enum moe_file_kind kind = MOE_FILE_UNKNOWN;
+    if ((rc = moe_file_probe(path, &kind, diag)))
         return rc;
+    p->pack = kind == MOE_FILE_PACK;
     const struct moe_gguf *g;
     if (p->pack) {
         if ((rc = moe_pack_open(&pack, path, 0, diag)))
