@@ -78,7 +78,8 @@ static json_t *info_json(const struct moe_gguf *g, const struct moe_hparams *hp,
         { "sliding_window", hp->sliding_window },
         { "rope_scaling_orig_ctx", hp->rope_scaling_orig_ctx }, { "n_vocab", hp->n_vocab },
         { "n_tensors", moe_gguf_n_tensors(g) }, { "n_kv", moe_gguf_n_kv(g) },
-        { "file_bytes", moe_gguf_file_size(g) }, { "tensor_bytes", sz->total_bytes },
+        { "file_bytes", moe_gguf_file_size(g) }, { "n_parts", moe_gguf_n_parts(g) },
+        { "tensor_bytes", sz->total_bytes },
         { "dense_bytes", sz->dense_bytes }, { "expert_bytes", sz->expert_bytes },
         { "n_expert_tensors", sz->n_expert_tensors },
         { "n_moe_layers", sz->n_moe_layers }, { "bytes_per_expert", sz->bytes_per_expert },
@@ -123,6 +124,9 @@ static void info_text(const struct moe_gguf *g, const struct moe_hparams *hp,
 {
     printf("file:              %s (GGUF v%u, %.1f MiB, %" PRIu64 " keys)\n", moe_gguf_path(g),
            moe_gguf_version(g), mib(moe_gguf_file_size(g)), moe_gguf_n_kv(g));
+    if (moe_gguf_n_parts(g) > 1)
+        printf("split:             %u parts (the first holds the metadata; sizes are of all)\n",
+               moe_gguf_n_parts(g));
     bool supported;
     const char *status = arch_status(hp, &supported);
     if (hp->arch[0])

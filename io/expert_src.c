@@ -310,6 +310,14 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
         rc = moe_gguf_open(&s->gguf, path, diag);
         if (rc < 0)
             goto fail;
+        if (moe_gguf_n_parts(s->gguf) > 1) {
+            /* the reader reads one file; a split set's experts span several */
+            rc = moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: a split GGUF (%u parts) with an expert"
+                              " cache budget: pack it first (moectl pack %s -o MODEL.moe) or serve"
+                              " it without a budget (experts resident)", path,
+                              moe_gguf_n_parts(s->gguf), path);
+            goto fail;
+        }
         rc = moe_expert_layouts_from_gguf(s->gguf, &s->layouts, &s->n_layer, &s->n_expert, diag);
         if (rc < 0)
             goto fail;

@@ -66,6 +66,9 @@ struct moe_gguf {
 
     const uint8_t *map;         /* whole-file mapping (or mem) after map() */
     size_t map_len;
+
+    struct moe_gguf **parts;    /* split sets: parts 2..n_parts, owned */
+    uint32_t n_parts;           /* 1 for a single file */
 };
 
 struct cursor {
@@ -98,6 +101,8 @@ static uint64_t left(const struct cursor *c)
 {
     return c->pos <= c->g->file_size ? c->g->file_size - c->pos : 0;
 }
+
+static int open_split(struct moe_gguf *g, struct moe_diag *diag);
 
 /* ---- arena ----------------------------------------------------------- */
 
@@ -500,6 +505,7 @@ static int parse_tensor_info(struct cursor *c, uint64_t i)
     struct moe_gguf_str name;
     uint64_t at = c->pos;
     int rc;
+    t->part = 0;
     snprintf(c->ctx, sizeof(c->ctx), "tensor #%" PRIu64, i);
     if ((rc = cur_string(c, &name, MOE_GGUF_MAX_NAME - 1, "name")))
         return rc;
@@ -656,13 +662,11 @@ static int open_common(struct moe_gguf **out, struct moe_gguf *g, struct moe_dia
     return 0;
 }
 
-int moe_gguf_open(struct moe_gguf **out, const char *path, struct moe_diag *diag)
+/* Opens and parses one file into the zeroed g (freed on failure). */
+static int open_file(struct moe_gguf *g, const char *path, struct moe_diag *diag)
 {
-    *out = NULL;
-    struct moe_gguf *g = moe_calloc(1, sizeof(*g));
-    if (g == NULL)
-        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
     g->fd = -1;
+    g->n_parts = 1;
     g->name = moe_strndup(path, strlen(path));
     if (g->name == NULL) {
         moe_free(g);
@@ -685,7 +689,25 @@ int moe_gguf_open(struct moe_gguf **out, const char *path, struct moe_diag *diag
         return moe_diag_set(diag, -EINVAL, "%s: not a regular file", path);
     }
     g->file_size = (uint64_t)st.st_size;
-    return open_common(out, g, diag);
+    struct moe_gguf *done = NULL;
+    return open_common(&done, g, diag);
+}
+
+int moe_gguf_open(struct moe_gguf **out, const char *path, struct moe_diag *diag)
+{
+    *out = NULL;
+    struct moe_gguf *g = moe_calloc(1, sizeof(*g));
+    if (g == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+    int rc = open_file(g, path, diag);
+    if (rc)
+        return rc;
+    if ((rc = open_split(g, diag))) {
+        moe_gguf_close(g);
+        return rc;
+    }
+    *out = g;
+    return 0;
 }
 
 int moe_gguf_open_mem(struct moe_gguf **out, const void *buf, size_t len,
@@ -714,6 +736,9 @@ void moe_gguf_close(struct moe_gguf *g)
 {
     if (g == NULL)
         return;
+    for (uint32_t i = 0; g->parts && i + 1 < g->n_parts; i++)
+        moe_gguf_close(g->parts[i]);
+    moe_free(g->parts);
     if (g->map != NULL && g->mem == NULL)
         munmap((void *)g->map, g->map_len);
     if (g->fd >= 0)
@@ -728,7 +753,13 @@ void moe_gguf_close(struct moe_gguf *g)
 const char *moe_gguf_path(const struct moe_gguf *g) { return g->name; }
 uint32_t moe_gguf_version(const struct moe_gguf *g) { return g->version; }
 uint32_t moe_gguf_alignment(const struct moe_gguf *g) { return g->alignment; }
-uint64_t moe_gguf_file_size(const struct moe_gguf *g) { return g->file_size; }
+uint64_t moe_gguf_file_size(const struct moe_gguf *g)
+{
+    uint64_t n = g->file_size;
+    for (uint32_t i = 0; g->parts && i + 1 < g->n_parts; i++)
+        n += g->parts[i]->file_size;
+    return n;
+}
 uint64_t moe_gguf_data_offset(const struct moe_gguf *g) { return g->data_offset; }
 uint64_t moe_gguf_n_kv(const struct moe_gguf *g) { return g->n_kv; }
 uint64_t moe_gguf_n_tensors(const struct moe_gguf *g) { return g->n_tensors; }
@@ -899,6 +930,153 @@ int moe_gguf_get_arr(const struct moe_gguf *g, const char *key, enum moe_gguf_ty
     return 0;
 }
 
+
+/* ---- split sets ------------------------------------------------------ */
+
+/* gguf-split's names: "<prefix>-%05u-of-%05u.gguf", parts counted from 1. */
+static int split_prefix_len(const char *path, uint32_t no, uint32_t count, size_t *len)
+{
+    char tail[64];
+    snprintf(tail, sizeof(tail), "-%05u-of-%05u.gguf", no + 1, count);
+    const size_t n = strlen(path), t = strlen(tail);
+    if (n < t || strcmp(path + n - t, tail) != 0)
+        return -1;
+    *len = n - t;
+    return 0;
+}
+
+static int split_key(const struct moe_gguf *g, const char *key, uint64_t *v, struct moe_diag *diag)
+{
+    *v = 0;
+    int rc = moe_gguf_get_u64(g, key, v, diag);
+    return rc == -ENOENT ? 0 : rc;
+}
+
+/* Opens part `i` (0-based, i >= 1) of the set whose first part is g and
+ * checks that it belongs: its own split.no and split.count. */
+static int open_part(struct moe_gguf *g, size_t prefix, uint32_t i, uint32_t count,
+                     struct moe_gguf **out, struct moe_diag *diag)
+{
+    char path[4096];
+    if (prefix + 32 >= sizeof(path))
+        return moe_diag_set(diag, -ENAMETOOLONG, "%s: path too long for its split parts", g->name);
+    snprintf(path, sizeof(path), "%.*s-%05u-of-%05u.gguf", (int)prefix, g->name, i + 1, count);
+    struct moe_gguf *p = moe_calloc(1, sizeof(*p));
+    if (p == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+    int rc = open_file(p, path, diag);
+    if (rc == -ENOENT) {
+        moe_diag_clear(diag);
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: split part %u of %u is missing (%s)", g->name,
+                            i + 1, count, path);
+    }
+    if (rc)
+        return rc;
+    uint64_t no = 0, cnt = 0;
+    if ((rc = split_key(p, "split.no", &no, diag)) || (rc = split_key(p, "split.count", &cnt, diag))) {
+        moe_gguf_close(p);
+        return rc;
+    }
+    if (no != i || cnt != count) {
+        moe_gguf_close(p);
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: split part %u of %u says split.no %" PRIu64
+                            " of split.count %" PRIu64 " (a part of another set?)", path, i + 1,
+                            count, no + 1, cnt);
+    }
+    *out = p;
+    return 0;
+}
+
+/* Appends every part's tensors to g's list (tagged with their part) and
+ * re-indexes them by name, refusing a name that two parts both hold. */
+static int merge_parts(struct moe_gguf *g, uint64_t want, struct moe_diag *diag)
+{
+    uint64_t total = g->n_tensors;
+    for (uint32_t i = 0; i + 1 < g->n_parts; i++)
+        total += g->parts[i]->n_tensors;
+    if (want != 0 && total != want)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: the %u split parts hold %" PRIu64 " tensors,"
+                            " split.tensors.count says %" PRIu64, g->name, g->n_parts, total, want);
+    struct cursor c = { .g = g, .diag = diag };
+    struct moe_gguf_tensor *all = arena_alloc(&c, (total ? total : 1) * sizeof(*all));
+    if (all == NULL)
+        return diag && diag->code ? diag->code : -ENOMEM;
+    memcpy(all, g->tensors, (size_t)g->n_tensors * sizeof(*all));
+    uint64_t n = g->n_tensors;
+    for (uint32_t i = 0; i + 1 < g->n_parts; i++)
+        for (uint64_t k = 0; k < g->parts[i]->n_tensors; k++) {
+            all[n] = g->parts[i]->tensors[k];
+            all[n++].part = i + 1;
+        }
+    g->tensors = all;
+    g->n_tensors = total;
+    if ((g->t_by_name = sorted_index(&c, total, cmp_tname)) == NULL)
+        return diag && diag->code ? diag->code : -ENOMEM;
+    for (uint64_t k = 1; k < total; k++) {
+        const struct moe_gguf_tensor *a = &all[g->t_by_name[k - 1]], *b = &all[g->t_by_name[k]];
+        if (strcmp(a->name, b->name) == 0)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: tensor '%s' is in split parts %u and %u",
+                                g->name, a->name, a->part + 1, b->part + 1);
+    }
+    return 0;
+}
+
+/* A first part with split.count > 1 opens the rest of its set. */
+static int open_split(struct moe_gguf *g, struct moe_diag *diag)
+{
+    g->n_parts = 1;
+    uint64_t count = 0, no = 0, want = 0;
+    int rc;
+    if ((rc = split_key(g, "split.count", &count, diag)) || (rc = split_key(g, "split.no", &no, diag)) ||
+        (rc = split_key(g, "split.tensors.count", &want, diag)))
+        return rc;
+    if (count <= 1)
+        return 0;
+    if (count > 9999 || no >= count)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: split.no %" PRIu64 " of split.count %" PRIu64
+                            ", expected a part 0..count-1 of at most 9999", g->name, no, count);
+    size_t prefix = 0;
+    if (split_prefix_len(g->name, (uint32_t)no, (uint32_t)count, &prefix) != 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: split part %" PRIu64 " of %" PRIu64 ", but the"
+                            " name does not end in -%05" PRIu64 "-of-%05" PRIu64 ".gguf", g->name,
+                            no + 1, count, no + 1, count);
+    if (no != 0)
+        return moe_diag_set(diag, -EINVAL, "%s: split part %" PRIu64 " of %" PRIu64 "; open the first"
+                            " part, %.*s-00001-of-%05" PRIu64 ".gguf", g->name, no + 1, count,
+                            (int)prefix, g->name, count);
+    g->parts = moe_calloc((size_t)count - 1, sizeof(*g->parts));
+    if (g->parts == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", g->name);
+    for (uint32_t i = 1; i < (uint32_t)count; i++) {
+        if ((rc = open_part(g, prefix, i, (uint32_t)count, &g->parts[i - 1], diag)))
+            return rc;
+        g->n_parts = i + 1;
+    }
+    return merge_parts(g, want, diag);
+}
+
+static const struct moe_gguf *part_of(const struct moe_gguf *g, const struct moe_gguf_tensor *t)
+{
+    return t->part > 0 && t->part < g->n_parts ? g->parts[t->part - 1] : g;
+}
+
+uint32_t moe_gguf_n_parts(const struct moe_gguf *g)
+{
+    return g->n_parts ? g->n_parts : 1;
+}
+
+const char *moe_gguf_part_path(const struct moe_gguf *g, uint32_t part)
+{
+    if (part == 0)
+        return g->name;
+    return part < g->n_parts ? g->parts[part - 1]->name : NULL;
+}
+
+uint64_t moe_gguf_tensor_file_offset(const struct moe_gguf *g, const struct moe_gguf_tensor *t)
+{
+    return part_of(g, t)->data_offset + t->offset;
+}
+
 /* ---- tensor data ----------------------------------------------------- */
 
 int moe_gguf_pread(const struct moe_gguf *g, const struct moe_gguf_tensor *t,
@@ -909,6 +1087,7 @@ int moe_gguf_pread(const struct moe_gguf *g, const struct moe_gguf_tensor *t,
                             " past its %" PRIu64 " bytes", g->name, t->name, n, off, t->size);
     if (n == 0)
         return 0; /* dst may be NULL */
+    g = part_of(g, t);
     uint64_t pos = g->data_offset + t->offset + off;
     if (g->mem != NULL) {
         memcpy(dst, g->mem + pos, n);
@@ -925,7 +1104,17 @@ int moe_gguf_pread(const struct moe_gguf *g, const struct moe_gguf_tensor *t,
     return 0;
 }
 
+static int map_one(struct moe_gguf *g, struct moe_diag *diag);
+
 int moe_gguf_map(struct moe_gguf *g, struct moe_diag *diag)
+{
+    int rc = map_one(g, diag);
+    for (uint32_t i = 0; rc == 0 && g->parts && i + 1 < g->n_parts; i++)
+        rc = map_one(g->parts[i], diag);
+    return rc;
+}
+
+static int map_one(struct moe_gguf *g, struct moe_diag *diag)
 {
     if (g->map != NULL)
         return 0;
@@ -947,6 +1136,7 @@ int moe_gguf_map(struct moe_gguf *g, struct moe_diag *diag)
 
 const void *moe_gguf_tensor_data(const struct moe_gguf *g, const struct moe_gguf_tensor *t)
 {
+    g = part_of(g, t);
     if (g->map == NULL)
         return NULL;
     return g->map + g->data_offset + t->offset;

@@ -14,6 +14,14 @@
  * nesting and total-metadata caps, MOE_EUNSUPPORTED for GGUF v1 and
  * big-endian files (doc/gguf.md has the table).
  *
+ * Split sets (`<name>-00001-of-0000N.gguf`, the `split.*` keys that
+ * llama.cpp's gguf-split writes): opening the first part opens every part,
+ * checks that each is the part its name says, of the same set (split.no,
+ * split.count, split.tensors.count, no tensor twice) and presents one model:
+ * the metadata of the first part, the tensors of all. A missing part, a part
+ * of another set or a mismatched count is MOE_EFORMAT naming the part;
+ * opening a later part names the first one to open instead.
+ *
  * Ownership: the struct moe_gguf owns everything it returns; pointers from
  * getters stay valid until moe_gguf_close(). Strings in values are NOT
  * NUL-terminated (GGUF strings may contain NUL): use .len. Keys and tensor
@@ -99,9 +107,10 @@ struct moe_gguf_tensor {
     uint32_t    n_dims;        /* 1..4 */
     uint64_t    ne[MOE_GGUF_MAX_DIMS]; /* elements per dim, ne[0] fastest; unused = 1 */
     uint32_t    dtype;         /* enum moe_dtype */
-    uint64_t    offset;        /* relative to the data section */
+    uint64_t    offset;        /* relative to the data section of its part */
     uint64_t    size;          /* bytes */
     uint64_t    n_elements;
+    uint32_t    part;          /* split sets: the file holding it, 0 = the first */
 };
 
 struct moe_gguf;
@@ -120,7 +129,7 @@ void moe_gguf_close(struct moe_gguf *g);
 const char *moe_gguf_path(const struct moe_gguf *g);
 uint32_t    moe_gguf_version(const struct moe_gguf *g);
 uint32_t    moe_gguf_alignment(const struct moe_gguf *g);
-uint64_t    moe_gguf_file_size(const struct moe_gguf *g);
+uint64_t    moe_gguf_file_size(const struct moe_gguf *g);   /* a split set: all parts */
 uint64_t    moe_gguf_data_offset(const struct moe_gguf *g); /* absolute */
 
 uint64_t moe_gguf_n_kv(const struct moe_gguf *g);
@@ -149,6 +158,13 @@ int moe_gguf_get_arr(const struct moe_gguf *g, const char *key, enum moe_gguf_ty
 /* Element size in bytes of a scalar type; 0 for STRING/ARRAY/invalid. */
 size_t moe_gguf_type_size(enum moe_gguf_type t);
 const char *moe_gguf_type_name(uint32_t t);
+
+/* Split sets: the number of files (1 for a single file) and each one's
+ * path (0 = the file opened). */
+uint32_t moe_gguf_n_parts(const struct moe_gguf *g);
+const char *moe_gguf_part_path(const struct moe_gguf *g, uint32_t part);
+/* Where tensor t's bytes start in its part's file (absolute offset). */
+uint64_t moe_gguf_tensor_file_offset(const struct moe_gguf *g, const struct moe_gguf_tensor *t);
 
 /* Reads n bytes at `off` within tensor t into dst with pread (or memcpy for
  * _open_mem). Range-checked against the tensor: -EINVAL past its end. */

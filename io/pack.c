@@ -129,7 +129,6 @@ int moe_expert_layouts_from_gguf(const struct moe_gguf *g, struct moe_expert_lay
         return moe_diag_set(diag, -ENOMEM, "%s: out of memory", file);
     for (uint32_t l = 0; l < n_layer; l++)
         lo[l].layer = l;
-    uint64_t data_off = moe_gguf_data_offset(g);
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++) {
         const struct moe_gguf_tensor *t = moe_gguf_tensor_at(g, i);
         uint32_t l;
@@ -149,7 +148,8 @@ int moe_expert_layouts_from_gguf(const struct moe_gguf *g, struct moe_expert_lay
             moe_free(lo);
             return rc;
         }
-        L->s[L->n_slices - 1].src_offset = data_off + t->offset;
+        L->s[L->n_slices - 1].src_offset = moe_gguf_tensor_file_offset(g, t);
+        L->s[L->n_slices - 1].src_part = t->part;
     }
     *out = lo;
     *n_layer_out = n_layer;

@@ -55,6 +55,7 @@ struct moe_expert_slice {
     uint64_t offset;      /* in the raw blob; multiple of MOE_PACK_SLICE_ALIGN */
     uint64_t size;        /* bytes */
     uint64_t src_offset;  /* GGUF sources only: absolute file offset of expert 0's slice */
+    uint32_t src_part;    /* GGUF sources only: the split part holding it (0: a single file) */
 };
 
 /* The raw blob of every expert of one layer. Padding between slices is zero. */

@@ -83,7 +83,9 @@ struct wctx {
     unsigned n_slots;
     struct slot *slots;
     bool abort;
-    int src_fd;
+    int src_fd;                 /* the source, or its first split part */
+    int *part_fds;              /* split sets: parts 2..n (index part - 1) */
+    uint32_t n_parts;
     const char *src;
     const struct moe_expert_layout *layouts;
     int level;
@@ -97,7 +99,9 @@ static int produce(struct wctx *w, struct moe_codec_cctx *cc, struct slot *s, co
     memset(s->raw, 0, raw_n);
     for (uint32_t k = 0; k < L->n_slices; k++) {
         const struct moe_expert_slice *sl = &L->s[k];
-        int rc = moe_file_pread(w->src_fd, s->raw + sl->offset, (size_t)sl->size,
+        const int fd = sl->src_part > 0 && sl->src_part < w->n_parts ? w->part_fds[sl->src_part - 1]
+                                                                   : w->src_fd;
+        int rc = moe_file_pread(fd, s->raw + sl->offset, (size_t)sl->size,
                                 sl->src_offset + (uint64_t)j->expert * sl->size, NULL);
         if (rc < 0)
             return moe_diag_set(&s->diag, rc, "%s: tensor %s, expert %u: read failed: %s", w->src,
@@ -240,20 +244,43 @@ static int dense_zero(struct dense_out *o, uint64_t n, struct moe_diag *diag)
     return 0;
 }
 
+static bool is_split_key(const char *key)
+{
+    return strncmp(key, "split.", 6) == 0;
+}
+
+/* Copies the source's bytes [from, to) into the dense section. */
+static int copy_range(int src_fd, uint64_t from, uint64_t to, struct dense_out *o, uint8_t *buf,
+                      const char *src, struct moe_diag *diag)
+{
+    int rc = 0;
+    for (uint64_t off = from; rc == 0 && off < to;) {
+        size_t k = to - off < COPY_CHUNK ? (size_t)(to - off) : COPY_CHUNK;
+        rc = moe_file_pread(src_fd, buf, k, off, NULL);
+        if (rc < 0)
+            return moe_diag_set(diag, rc, "%s: reading metadata: %s", src, moe_strerror(rc));
+        rc = dense_put(o, buf, k, diag);
+        off += k;
+    }
+    return rc;
+}
+
 /* Writes the embedded GGUF (v3): the source's key/values byte for byte and
  * its non-expert tensors. */
 static int write_dense(const struct moe_gguf *g, int src_fd, struct dense_out *o,
                        uint8_t *buf, struct moe_diag *diag)
 {
     const char *src = moe_gguf_path(g);
-    uint64_t n_kv = moe_gguf_n_kv(g), kv_start = 24, kv_end = 24;
-    for (uint64_t i = 0; i < n_kv; i++) {
+    const uint64_t n_kv_src = moe_gguf_n_kv(g);
+    uint64_t n_kv = 0, kv_end = 24;
+    for (uint64_t i = 0; i < n_kv_src; i++) {
         const struct moe_gguf_kv *kv = moe_gguf_kv_at(g, i);
         if (kv->file_offset != kv_end)
             return moe_diag_set(diag, MOE_EFORMAT, "%s: key %s at offset %" PRIu64 ", expected %"
                                 PRIu64 " (unexpected metadata layout)", src, kv->key,
                                 kv->file_offset, kv_end);
         kv_end += 8 + strlen(kv->key) + 4 + value_bytes(&kv->value);
+        n_kv += !is_split_key(kv->key);
     }
     uint64_t n_dense = 0;
     for (uint64_t i = 0; i < moe_gguf_n_tensors(g); i++)
@@ -264,13 +291,13 @@ static int write_dense(const struct moe_gguf *g, int src_fd, struct dense_out *o
     memcpy(hdr + 8, &n_dense, 8);
     memcpy(hdr + 16, &n_kv, 8);
     int rc = dense_put(o, hdr, sizeof(hdr), diag);
-    for (uint64_t off = kv_start; rc == 0 && off < kv_end;) {
-        size_t k = kv_end - off < COPY_CHUNK ? (size_t)(kv_end - off) : COPY_CHUNK;
-        rc = moe_file_pread(src_fd, buf, k, off, NULL);
-        if (rc < 0)
-            return moe_diag_set(diag, rc, "%s: reading metadata: %s", src, moe_strerror(rc));
-        rc = dense_put(o, buf, k, diag);
-        off += k;
+    /* each key/value byte for byte, except a split set's split.* keys: the
+     * pack is one file */
+    for (uint64_t i = 0; rc == 0 && i < n_kv_src; i++) {
+        const struct moe_gguf_kv *kv = moe_gguf_kv_at(g, i);
+        const uint64_t end = i + 1 < n_kv_src ? moe_gguf_kv_at(g, i + 1)->file_offset : kv_end;
+        if (!is_split_key(kv->key))
+            rc = copy_range(src_fd, kv->file_offset, end, o, buf, src, diag);
     }
     const uint64_t a = moe_gguf_alignment(g);
     uint64_t data_pos = 0;
@@ -337,6 +364,27 @@ struct pack_run {
     XXH3_state_t *xs;
 };
 
+/* A split source: one descriptor per further part. */
+static int open_parts(struct pack_run *p, struct moe_diag *diag)
+{
+    const uint32_t n = moe_gguf_n_parts(p->g);
+    if (n <= 1)
+        return 0;
+    p->w.part_fds = moe_malloc((size_t)(n - 1) * sizeof(int));
+    if (p->w.part_fds == NULL)
+        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", p->src);
+    for (uint32_t i = 1; i < n; i++) {
+        const char *path = moe_gguf_part_path(p->g, i);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return moe_diag_set(diag, -errno, "%s: %s", path, strerror(errno));
+        posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+        p->w.part_fds[i - 1] = fd;
+        p->w.n_parts = i + 1;
+    }
+    return 0;
+}
+
 /* Opens the source, checks it is not the output, allocates the per-run
  * buffers and creates the locked temporary file. */
 static int pack_open(struct pack_run *p, struct moe_pack_stats *st, struct moe_diag *diag)
@@ -356,6 +404,8 @@ static int pack_open(struct pack_run *p, struct moe_pack_stats *st, struct moe_d
     if (p->w.src_fd < 0)
         return moe_diag_set(diag, -errno, "%s: %s", p->src, strerror(errno));
     posix_fadvise(p->w.src_fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    if ((rc = open_parts(p, diag)))
+        return rc;
 
     size_t dl = strlen(p->dst);
     p->tmp = moe_malloc(dl + 5);
@@ -545,6 +595,9 @@ static void pack_release(struct pack_run *p)
     moe_free(p->tmp);
     if (w->src_fd >= 0)
         close(w->src_fd);
+    for (uint32_t i = 1; i < w->n_parts; i++)
+        close(w->part_fds[i - 1]);
+    moe_free(w->part_fds);
     moe_free(p->layouts);
     moe_gguf_close(p->g);
 }
