@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -27,6 +28,7 @@
 #include "model/sampling.h"
 #include "kernels/cpu/vecdot.h"
 #include "model/options.h"
+#include "model/plan.h"
 #include "common/alloc.h"
 #include "model/chat_template.h"
 #include "model/tokenizer.h"
@@ -625,6 +627,21 @@ static void print_cache_stats(struct moe_model *m)
     fprintf(stderr, "]}\n");
 }
 
+/* The plan the model was sized by, and what the process actually held at
+ * its peak (resident pages, mapped weights included). */
+static void print_memory(struct moe_model *m)
+{
+    const struct moe_model_plan *p = moe_model_plan_of(m);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    fprintf(stderr, "{\"plan_bytes\": %" PRIu64 ", \"plan_host_bytes\": %" PRIu64 ", \"host_budget\": %"
+            PRIu64 ", \"cache_slots\": %d, \"auto_sized\": %s, \"peak_rss_bytes\": %llu}\n",
+            p->dense_bytes + p->kv_bytes + p->cache_bytes + p->host_bytes + p->workspace_bytes +
+            (p->expert_cache ? 0 : p->expert_bytes), moe_model_plan_host_bytes(p, p->opts.backend),
+            p->host_budget, p->n_slots, p->auto_sized ? "true" : "false",
+            (unsigned long long)ru.ru_maxrss * 1024ull);
+}
+
 /* Prints sampled token t: its text with a tokenizer, else its id. */
 static void emit(struct eval_ctx *x, struct moe_detok_stream *ds, int32_t t, long i)
 {
@@ -703,6 +720,7 @@ static int do_run(struct eval_ctx *x)
     if (x->a.stats) {
         const double t2 = now_s();
         print_cache_stats(x->m);
+        print_memory(x->m);
         /* the last sampled token is not run through the model */
         const long n_dec = n_predict > 1 ? n_predict - 1 : 0;
         fprintf(stderr, "{\"prefill_tokens\": %" PRId64 ", \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"

@@ -459,9 +459,13 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
 {
     *out = NULL;
     struct moe_model_opts o = opts ? *opts : (struct moe_model_opts){ 0 };
-    int rc = moe_model_opts_check(&o, diag);
+    /* the plan resolves what the options leave to it (the expert cache's
+     * size without a budget); loading then follows it exactly */
+    struct moe_model_plan pre;
+    int rc = moe_model_plan(path, &o, &pre, diag);
     if (rc)
         return rc;
+    o = pre.opts;
     struct moe_model *m = moe_calloc(1, sizeof(*m));
     if (m == NULL)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
@@ -484,6 +488,13 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     struct moe_model_cfg *c = &m->cfg;
     if ((rc = plan_loaded(m, &o, is_pack, diag)))
         goto fail;
+    /* what only the header-time plan knows: the budgets and the reasons */
+    m->plan.host_budget = pre.host_budget;
+    m->plan.device_budget = pre.device_budget;
+    m->plan.auto_sized = pre.auto_sized;
+    memcpy(m->plan.host_why, pre.host_why, sizeof(pre.host_why));
+    memcpy(m->plan.cache_why, pre.cache_why, sizeof(pre.cache_why));
+    m->plan.opts = o;
     if ((rc = moe_gguf_map(m->gguf, diag)))
         goto fail;
     if (o.backend == MOE_BACKEND_CUDA)

@@ -100,6 +100,15 @@ struct moe_model_opts {
      * the GPU data path where there is no GPU. */
     bool upload_weights;
     int backend;                /* enum moe_backend_kind */
+    /* What the memory plan may use on the host (memory_limit): 0 = the
+     * memory available to this process (MemAvailable, or the cgroup's limit
+     * less its usage, whichever is lower, less a margin). With no expert
+     * budget given, the plan sizes the expert cache (and, on a GPU, the
+     * host tier) to fit it: model/plan.h. */
+    uint64_t memory_limit;
+    /* Set by moe_model_plan() in the options it resolves: the sizes are
+     * final, no automatic choice is made again. */
+    bool plan_resolved;
 };
 
 /* Cache statistics (cache/stats.h); false when the model has no expert cache. */

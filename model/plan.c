@@ -3,8 +3,11 @@
  * cache's slots. moe_model_load() sizes everything through these
  * functions, so a plan and a loaded model cannot disagree. */
 #include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cache/expert_cache.h"
 #include "common/alloc.h"
@@ -100,7 +103,8 @@ int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_op
     struct model_act_item items[MODEL_ACT_ITEMS];
     size_t shared, per_worker;
     const int n = moe_model_acts_layout(c, p->n_batch, p->n_ctx, &a, items, &shared, &per_worker);
-    const int workers = o->n_threads > 0 ? o->n_threads : 1;
+    const long online = sysconf(_SC_NPROCESSORS_ONLN);
+    const int workers = o->n_threads > 0 ? o->n_threads : online > 0 ? (int)online : 1;
     p->workspace_bytes = shared + per_worker * (uint64_t)workers;
     for (int i = 0; i < n; i++)
         p->workspace_bytes += items[i].bytes;
@@ -185,13 +189,147 @@ int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, s
     return 0;
 }
 
+/* ---- automatic sizing ------------------------------------------------ */
+
+/* A number from a one-line file (cgroup files), 0 when absent or "max". */
+static uint64_t read_u64_file(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    char line[64] = "";
+    const bool ok = fgets(line, sizeof(line), f) != NULL;
+    fclose(f);
+    if (!ok || line[0] < '0' || line[0] > '9')
+        return 0;
+    return strtoull(line, NULL, 10);
+}
+
+/* MemAvailable from /proc/meminfo, in bytes; 0 when unknown. */
+static uint64_t mem_available(void)
+{
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (f == NULL)
+        return 0;
+    char line[256];
+    uint64_t kb = 0;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "MemAvailable: %" SCNu64 " kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb * 1024;
+}
+
+/* What this process's cgroup (v2, else v1) still allows; 0 when unlimited
+ * or unknown. */
+static uint64_t cgroup_available(void)
+{
+    char rel[1024] = "", path[1200];
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    if (f) {
+        char line[1100];
+        while (fgets(line, sizeof(line), f))
+            if (strncmp(line, "0::", 3) == 0) {
+                snprintf(rel, sizeof(rel), "%.1000s", line + 3);
+                rel[strcspn(rel, "\n")] = '\0';
+            }
+        fclose(f);
+    }
+    snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.max", rel);
+    uint64_t max = read_u64_file(path), used;
+    if (max > 0) {
+        snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.current", rel);
+        used = read_u64_file(path);
+    } else {
+        max = read_u64_file("/sys/fs/cgroup/memory/memory.limit_in_bytes");
+        used = read_u64_file("/sys/fs/cgroup/memory/memory.usage_in_bytes");
+        if (max >= (1ull << 60))
+            max = 0;   /* v1's "unlimited" */
+    }
+    return max > used ? max - used : 0;
+}
+
+/* The host memory the plan may use, and where that number comes from. */
+static uint64_t host_budget(uint64_t limit, char *why, size_t cap)
+{
+    const uint64_t avail = mem_available(), cg = cgroup_available();
+    uint64_t b = avail;
+    const char *src = "MemAvailable";
+    if (cg > 0 && (b == 0 || cg < b)) {
+        b = cg;
+        src = "the cgroup's limit less its usage";
+    }
+    /* a margin for the rest of the process and the page cache it needs */
+    const uint64_t margin = b / 20 > (256ull << 20) ? b / 20 : (256ull << 20);
+    b = b > margin ? b - margin : 0;
+    if (limit > 0 && (b == 0 || limit < b)) {
+        snprintf(why, cap, "memory_limit");
+        return limit;
+    }
+    snprintf(why, cap, "%s less a margin of %.0f MiB", src, (double)margin / 1048576.0);
+    return b;
+}
+
+/* Without an expert budget: every expert where they all fit (resident
+ * from a GGUF, every slot from a pack), else a cache sized to what is
+ * left of the budget. On a GPU the device's free memory bounds the cache
+ * and a host tier takes what the host has left. Sets o's budget. */
+static int auto_size(struct moe_model_opts *o, size_t slot, int n_moe, struct moe_model_plan *p,
+                     struct moe_diag *diag)
+{
+    p->host_budget = host_budget(o->memory_limit, p->host_why, sizeof(p->host_why));
+    if (o->cache_bytes > 0 || o->cache_experts > 0) {
+        snprintf(p->cache_why, sizeof(p->cache_why), "cache_%s given", o->cache_bytes ? "bytes" : "experts");
+        return 0;
+    }
+    const bool cuda = o->backend == MOE_BACKEND_CUDA;
+    uint64_t budget = p->host_budget;
+    if (cuda) {
+        struct moe_device_memory dev;
+        int rc = moe_model_device_memory(o->backend, &dev, diag);
+        if (rc)
+            return rc;
+        const uint64_t margin = dev.free_bytes / 20 > (512ull << 20) ? dev.free_bytes / 20 : (512ull << 20);
+        budget = p->device_budget = dev.free_bytes > margin ? dev.free_bytes - margin : 0;
+    }
+    const uint64_t fixed = p->dense_bytes + p->kv_bytes + p->workspace_bytes;
+    const uint64_t all = moe_expert_cache_pool_bytes(slot, n_moe * p->n_expert);
+    const uint64_t min = moe_expert_cache_pool_bytes(slot, p->n_expert_used);
+    const uint64_t left = budget > fixed ? budget - fixed : 0;
+    p->auto_sized = true;
+    if (left >= all) {
+        snprintf(p->cache_why, sizeof(p->cache_why), "every expert fits in the %s budget",
+                 cuda ? "device" : "host");
+        return 0;   /* resident (GGUF) or every slot (pack) */
+    }
+    if (left < min)
+        return moe_diag_set(diag, MOE_ELIMIT, "KV cache: %d sequences (max_seqs) x %.1f MiB (ctx_size"
+                            " %d), dense weights %.1f MiB, workspace %.1f MiB and one layer's top-k"
+                            " experts %.1f MiB exceed the %s's memory budget of %.0f MiB (%s): lower"
+                            " max_seqs or ctx_size, or raise memory_limit", p->n_seqs,
+                            (double)p->kv_bytes_per_seq / 1048576.0, p->n_ctx,
+                            (double)p->dense_bytes / 1048576.0, (double)p->workspace_bytes / 1048576.0,
+                            (double)min / 1048576.0, cuda ? "device" : "host",
+                            (double)budget / 1048576.0, cuda ? "free device memory less a margin"
+                            : p->host_why);
+    o->cache_bytes = left;
+    snprintf(p->cache_why, sizeof(p->cache_why), "sized to the %s budget: %.0f MiB less dense, KV and"
+             " workspace", cuda ? "device" : "host", (double)budget / 1048576.0);
+    if (cuda) {
+        /* what the host has beyond the loads' staging holds more experts */
+        const uint64_t host_left = p->host_budget > left ? p->host_budget - left : 0;
+        o->host_bytes = host_left < all - left ? host_left : all - left;
+    }
+    return 0;
+}
+
 /* Header-only: the GGUF (or the pack's embedded one) and the experts'
  * layouts, never the data. */
 int moe_model_plan(const char *path, const struct moe_model_opts *opts, struct moe_model_plan *p,
                    struct moe_diag *diag)
 {
     memset(p, 0, sizeof(*p));
-    const struct moe_model_opts o = opts ? *opts : (struct moe_model_opts){ 0 };
+    struct moe_model_opts o = opts ? *opts : (struct moe_model_opts){ 0 };
     int rc = moe_model_opts_check(&o, diag);
     if (rc)
         return rc;
@@ -230,10 +368,16 @@ int moe_model_plan(const char *path, const struct moe_model_opts *opts, struct m
         goto done;
     moe_sizes_compute(&sz, g, &hp);
     p->dense_bytes = sz.dense_bytes;
-    p->expert_cache = p->pack || o.cache_bytes > 0 || o.cache_experts > 0;
-    if ((rc = moe_model_plan_opts(&c, &o, p, diag)) ||
-        (rc = moe_model_plan_cache(&o, slot, n_moe, p, diag)))
+    if ((rc = moe_model_plan_opts(&c, &o, p, diag)))
         goto done;
+    if (!o.plan_resolved && (rc = auto_size(&o, slot, n_moe, p, diag)))
+        goto done;
+    p->expert_cache = p->pack || o.cache_bytes > 0 || o.cache_experts > 0;
+    p->host_bytes = p->expert_cache ? o.host_bytes : 0;
+    if ((rc = moe_model_plan_cache(&o, slot, n_moe, p, diag)))
+        goto done;
+    o.plan_resolved = true;
+    p->opts = o;
 done:
     if (rc && diag && diag->code == rc && strncmp(diag->msg, path, strlen(path)) != 0) {
         /* name the file in messages that do not */
@@ -298,16 +442,22 @@ int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
          p->kv_f16 ? "f16" : "f32");
     if (p->expert_cache)
         LINE("  %-16s %12.1f  %d of %d experts (%.0f%%), %.2f MiB each; at least %d (one layer's"
-             " top-k)\n", "expert cache", mib(p->cache_bytes), p->n_slots, p->all_slots,
-             p->all_slots ? 100.0 * p->n_slots / p->all_slots : 0.0, mib(p->slot_stride), p->min_slots);
+             " top-k)%s%s\n", "expert cache", mib(p->cache_bytes), p->n_slots, p->all_slots,
+             p->all_slots ? 100.0 * p->n_slots / p->all_slots : 0.0, mib(p->slot_stride), p->min_slots,
+             p->cache_why[0] ? "; " : "", p->cache_why);
     else
-        LINE("  %-16s %12.1f  every expert, mapped from the file (no cache budget given)\n",
-             "experts", mib(p->expert_bytes));
+        LINE("  %-16s %12.1f  every expert, mapped from the file%s%s\n", "experts",
+             mib(p->expert_bytes), p->cache_why[0] ? ": " : "", p->cache_why);
     if (p->host_bytes)
         LINE("  %-16s %12.1f  host-RAM tier below the expert cache\n", "host tier", mib(p->host_bytes));
     LINE("  %-16s %12.1f  activations and scratch for %d tokens per step\n", "workspace",
          mib(p->workspace_bytes), p->n_batch);
     LINE("  %-16s %12.1f\n", "total", mib(total));
+    if (p->host_budget)
+        LINE("  %-16s %12.1f  %s\n", "host budget", mib(p->host_budget), p->host_why);
+    if (p->device_budget)
+        LINE("  %-16s %12.1f  the device's free memory less a margin\n", "device budget",
+             mib(p->device_budget));
 #undef LINE
     return rc;
 }

@@ -44,6 +44,15 @@ struct moe_model_plan {
     uint64_t cache_bytes;       /* n_slots x slot_stride + alignment */
     uint64_t host_bytes;        /* host-RAM tier below the cache */
     uint64_t workspace_bytes;   /* activations and backend scratch for n_batch tokens */
+    /* the budgets the plan was sized against */
+    uint64_t host_budget;       /* memory_limit, or what the host makes available */
+    char host_why[128];         /* where host_budget comes from */
+    uint64_t device_budget;     /* a GPU backend: the device's free memory less a margin */
+    bool auto_sized;            /* the expert cache was sized by the plan */
+    char cache_why[160];        /* why the experts are cached (or resident) as planned */
+    /* options that reproduce this plan exactly (plan_resolved set): load
+     * the model with these to get what the plan says */
+    struct moe_model_opts opts;
 };
 
 /* The plan of `path` (GGUF or .moe pack) loaded with opts (NULL: defaults).

@@ -6,6 +6,10 @@
  * layer's top-k is refused naming the file. */
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <string.h>
 
 #include "common/buf.h"
@@ -123,9 +127,85 @@ static void test_missing_and_garbage(void)
     CHECK_MSG(strstr(d.msg, "garbage.gguf") != NULL, "%s", d.msg);
 }
 
+/* Peak resident set of a command (its own, via wait4), in bytes; -1 on
+ * failure. stdout/stderr go to `log`. */
+static long long peak_rss(char *const argv[], const char *log)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        FILE *f = freopen(log, "w", stderr);
+        (void)f;
+        if (freopen("/dev/null", "w", stdout) == NULL)
+            _exit(126);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int st;
+    struct rusage ru;
+    if (pid < 0 || wait4(pid, &st, 0, &ru) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        return -1;
+    return (long long)ru.ru_maxrss * 1024;
+}
+
+static long long json_num(const char *text, const char *key)
+{
+    char k[64];
+    snprintf(k, sizeof(k), "\"%s\": ", key);
+    const char *p = strstr(text, k);
+    return p ? atoll(p + strlen(k)) : -1;
+}
+
+/* memory_limit holds: a model four times the limit runs with its expert
+ * cache sized by the plan, and the process's resident memory (above what
+ * the same binary holds doing nothing with a model) stays within the plan;
+ * without the limit the experts are mapped and the resident set holds
+ * them all, which shows the limit is what kept it down. */
+static void test_memory_limit_rss(void)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    MOE_SKIP("AddressSanitizer's shadow memory and quarantine are not the plan's to count");
+#endif
+    const char *gen = getenv("MOE_GEN"), *ctl = getenv("MOECTL");
+    if (gen == NULL || ctl == NULL || moe_test_ref_dir() == NULL)
+        MOE_SKIP("MOE_GEN / MOECTL / shared/ref not available");
+    char model[4096], cmd[8192], log[4096], tiny[4096];
+    snprintf(model, sizeof(model), "%s/big.gguf", moe_test_tmpdir());
+    snprintf(log, sizeof(log), "%s/rss.log", moe_test_tmpdir());
+    snprintf(tiny, sizeof(tiny), "%s/models/tiny-mixtral-Q4_0.gguf", moe_test_ref_dir());
+    /* 4 layers x 32 experts of 3.2 MiB: 408 MiB of experts */
+    snprintf(cmd, sizeof(cmd), "%s --arch llama --type Q8_0 --n-embd 512 --n-layer 4 --n-head 8"
+             " --n-head-kv 4 --head-dim 64 --n-expert 32 --n-expert-used 2 --n-ff-exp 2048"
+             " --n-vocab 2000 --quiet -o %s", gen, model);
+    CHECK(system(cmd) == 0);
+    char *base_argv[] = { (char *)ctl, "info", tiny, NULL };
+    const long long base = peak_rss(base_argv, log);
+    CHECK(base > 0);
+    char *argv[] = { (char *)ctl, "run", "--model", model, "--tokens", "1,2,3,4,5,6,7,8", "-n", "24",
+                     "--threads", "2", "--ctx-size", "256", "--memory-limit", "120M", "--stats", NULL };
+    const long long peak = peak_rss(argv, log);
+    size_t n;
+    char *out = moe_test_read_file(log, &n);
+    CHECK(peak > 0 && out != NULL);
+    const long long plan_host = json_num(out, "plan_host_bytes"), slots = json_num(out, "cache_slots");
+    printf("  limit 120 MiB: plan %.1f MiB on the host, %lld slots; peak RSS %.1f MiB above the"
+           " binary's %.1f MiB\n", plan_host / 1048576.0, slots, (peak - base) / 1048576.0,
+           base / 1048576.0);
+    free(out);
+    CHECK_MSG(plan_host > 0 && plan_host <= 120ll << 20, "plan %lld over the limit", plan_host);
+    CHECK(slots > 0 && slots < 128);
+    CHECK_MSG(peak - base <= plan_host + (16ll << 20), "resident %lld above the plan %lld",
+              peak - base, plan_host);
+    argv[13] = "0";   /* no limit: every expert fits, mapped */
+    const long long all = peak_rss(argv, log);
+    printf("  no limit: peak RSS %.1f MiB above the binary's\n", (all - base) / 1048576.0);
+    CHECK(all - base > (300ll << 20));
+    unlink(model);
+}
+
 int main(void)
 {
     MOE_TEST_RUN(test_every_model);
     MOE_TEST_RUN(test_missing_and_garbage);
+    MOE_TEST_RUN(test_memory_limit_rss);
     return moe_test_exit_code();
 }
