@@ -501,6 +501,46 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
     return 1;
 }
 
+int moe_expert_cache_warm(struct moe_expert_cache *c, int layer, int expert)
+{
+    if (layer < 0 || layer >= c->n_layer || expert < 0 || expert >= c->n_expert)
+        return -EINVAL;
+    const int32_t key = layer * c->n_expert + expert;
+    pthread_mutex_lock(&c->mu);
+    if (c->slot_of[key] >= 0) {
+        pthread_mutex_unlock(&c->mu);
+        return 0;
+    }
+    int i = -1;
+    for (int j = 0; j < c->n_slots && i < 0; j++)
+        if (c->slots[j].state == SLOT_EMPTY)
+            i = j;
+    if (i < 0) {
+        pthread_mutex_unlock(&c->mu);
+        return -ENOSPC;
+    }
+    struct slot *s = &c->slots[i];
+    *s = (struct slot){ .state = SLOT_LOADING, .key = key, .data = s->data, .stage = s->stage, .c = c };
+    c->slot_of[key] = i;
+    moe_policy_touch(c->policy, layer, expert, c->clock++);
+    pthread_mutex_unlock(&c->mu);
+    const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
+    struct moe_diag d = { 0 };
+    int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, load_dst(s),
+                                      (size_t)lay->raw_size, MOE_LOAD_PREFETCH, load_done, s, &d)
+                 : -ENOENT;
+    if (rc != 0) {
+        pthread_mutex_lock(&c->mu);
+        s->state = SLOT_EMPTY;
+        s->key = -1;
+        c->slot_of[key] = -1;
+        pthread_cond_broadcast(&c->cv);
+        pthread_mutex_unlock(&c->mu);
+        return rc;
+    }
+    return 1;
+}
+
 /* Under the source's lock (lock order: source, then cache). A demand
  * acquire may have pinned the slot since it was chosen: keep it then. */
 static bool is_stale(void *ctx, void *arg, uint32_t layer, uint32_t expert)

@@ -90,6 +90,12 @@ int moe_expert_cache_wait_slot(struct moe_expert_cache *c);
  * `step` either way, so that later prefetches of the step do not evict it.
  * Returns 1 when a load started, 0 when not needed or dropped, or a
  * negative error. */
+/* Warm start: a low-priority load of (layer, expert) into an empty slot,
+ * never evicting anything (a warm restart fills the cache with what was
+ * hot before while requests already run). 1 when a load started, 0 when it
+ * is cached already, -ENOSPC when no slot is empty, or a negative error. */
+int moe_expert_cache_warm(struct moe_expert_cache *c, int layer, int expert);
+
 int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert, int32_t step,
                               int max_inflight);
 

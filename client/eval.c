@@ -635,10 +635,11 @@ static void print_memory(struct moe_model *m)
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     fprintf(stderr, "{\"plan_bytes\": %" PRIu64 ", \"plan_host_bytes\": %" PRIu64 ", \"host_budget\": %"
-            PRIu64 ", \"cache_slots\": %d, \"auto_sized\": %s, \"peak_rss_bytes\": %llu}\n",
+            PRIu64 ", \"cache_slots\": %d, \"auto_sized\": %s, \"warm_loads\": %d,"
+            " \"peak_rss_bytes\": %llu}\n",
             p->dense_bytes + p->kv_bytes + p->cache_bytes + p->host_bytes + p->workspace_bytes +
             (p->expert_cache ? 0 : p->expert_bytes), moe_model_plan_host_bytes(p, p->opts.backend),
-            p->host_budget, p->n_slots, p->auto_sized ? "true" : "false",
+            p->host_budget, p->n_slots, p->auto_sized ? "true" : "false", moe_model_warm_loads(m),
             (unsigned long long)ru.ru_maxrss * 1024ull);
 }
 
@@ -745,6 +746,9 @@ static int eval_or_run(int argc, char **argv, int mode)
     rc = prepare(&x);
     if (rc == 0)
         rc = x.a.run ? do_run(&x) : do_eval(&x);
+    struct moe_diag d = { 0 };
+    if (rc == 0 && x.m && moe_model_warm_save(x.m, &d) != 0)
+        fprintf(stderr, "moectl: warning: %s\n", d.msg);
     ctx_free(&x);
     return rc;
 }

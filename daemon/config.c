@@ -130,6 +130,7 @@ void moed_config_defaults(struct moed_config *c)
     if (moe_opt_defaults(daemon_keys, sizeof(daemon_keys) / sizeof(daemon_keys[0]), c, &d) != 0)
         moe_assert_fail(d.msg, __FILE__, __LINE__);   /* a default outside its own bounds */
     moe_model_opts_defaults(&c->engine);
+    c->engine.warm_start = true;   /* a daemon keeps what its cache learned across restarts */
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     if (xdg && xdg[0] && strlen(xdg) + sizeof("/moed.sock") < sizeof(c->socket))
         snprintf(c->socket, sizeof(c->socket), "%s/moed.sock", xdg);

@@ -163,6 +163,11 @@ int main(int argc, char **argv)
     int rc = moed_server_run(srv, moed_api_model_id(api), &moed_api_handlers, api, &d);
     if (rc)
         fprintf(stderr, "moed: %s\n", d.msg);
+    /* the engine thread has stopped: the warm-start statistics are final */
+    moed_engine_stop(eng);
+    struct moe_diag wd = { 0 };
+    if (moe_model_warm_save(moed_engine_model(eng), &wd) != 0)
+        LOG_W("%s", wd.msg);
     moed_engine_free(eng);
     moed_api_free(api);
     moed_server_free(srv);

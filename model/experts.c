@@ -64,6 +64,8 @@ int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o
 void moe_model_experts_free(struct moe_model *m)
 {
     struct model_experts *ex = &m->ex;
+    moe_free(ex->uses);
+    moe_free(ex->warm_path);
     moe_history_free(&ex->hist);
     moe_free(ex->pend_l);
     moe_free(ex->pend_e);
@@ -296,6 +298,12 @@ int moe_model_experts_run(struct moe_model *m, int il, int64_t n, struct moe_dia
     if (m->ex.prefetch_history)
         history_learn(m, il, n);
     group_by_expert(m, n);
+    if (m->ex.uses != NULL) {
+        uint32_t *u = m->ex.uses + (size_t)il * (size_t)c->n_expert;
+        for (int e = 0; e < c->n_expert; e++)
+            u[e] = u[e] > UINT32_MAX - (uint32_t)m->a.expert_count[e] ? UINT32_MAX
+                                                                    : u[e] + (uint32_t)m->a.expert_count[e];
+    }
     if (m->ex.cache != NULL)
         return experts_cached(m, il, n, diag);
     const int64_t E = c->n_embd, F = c->n_ff_exp;

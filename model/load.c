@@ -522,6 +522,8 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
 
     if (m->ex.src != NULL && (rc = moe_model_experts_create(m, &o, diag)))
         goto fail;
+    if (m->ex.cache != NULL && o.warm_start)
+        moe_model_warm_load(m, path);
     m->w.upload = !m->be->ops->host_memory || o.upload_weights;
     if ((rc = upload_weights(m, diag)))
         goto fail;

@@ -120,6 +120,10 @@ struct model_experts {
     struct moe_prefetch_gov gov;
     float *pf_logits;                    /* [n_expert] (prefetch gate) */
     float *pf_x;                         /* [n_embd] */
+    /* warm restarts */
+    uint32_t *uses;                      /* host [n_layer][n_expert]: tokens routed, saturating */
+    char *warm_path;                     /* "<model>.warm", or NULL when warm_start is off */
+    int warm_loads;                      /* loads issued from the file at load time */
 };
 
 struct moe_model {
@@ -177,6 +181,10 @@ int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct
 int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o,
                              struct moe_diag *diag);   /* sized by m->plan */
 void moe_model_experts_free(struct moe_model *m);
+/* warm.c: reads the statistics file and starts the warm loads (after the
+ * cache exists); a missing, stale or corrupt file leaves the run cold
+ * (logged). */
+void moe_model_warm_load(struct moe_model *m, const char *path);
 /* Layer il's experts over the n tokens routed in m->a.ids/weights: each
  * expert's output per (token, slot) into m->a.slot_out. */
 int moe_model_experts_run(struct moe_model *m, int il, int64_t n, struct moe_diag *diag);

@@ -106,6 +106,10 @@ struct moe_model_opts {
      * budget given, the plan sizes the expert cache (and, on a GPU, the
      * host tier) to fit it: model/plan.h. */
     uint64_t memory_limit;
+    /* Warm restarts (cache/warm.h): at load, read "<model>.warm" and start
+     * loading the experts it says were hottest into empty slots (and the
+     * history predictor's counts); moe_model_warm_save() writes it. */
+    bool warm_start;
     /* Set by moe_model_plan() in the options it resolves: the sizes are
      * final, no automatic choice is made again. */
     bool plan_resolved;
@@ -119,6 +123,12 @@ bool moe_model_prefetch_steps(const struct moe_model *m, uint64_t *on, uint64_t 
 /* Per-layer hits, misses, bytes loaded and stall (out has room for max
  * entries); -1 without a cache, else n_layer. */
 int moe_model_cache_layer_stats(struct moe_model *m, struct moe_cache_layer_stats *out, int max);
+/* Writes the warm-start statistics beside the model ("<model>.warm") when
+ * the model was loaded with warm_start and has an expert cache; 0 when
+ * there is nothing to write. Atomic (cache/warm.h). */
+int moe_model_warm_save(struct moe_model *m, struct moe_diag *diag);
+/* Warm loads issued at load time from the statistics file (0: cold). */
+int moe_model_warm_loads(const struct moe_model *m);
 /* Experts pinned right now (0 between forward passes), -1 without a cache. */
 int moe_model_cache_pinned(struct moe_model *m);
 

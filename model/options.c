@@ -49,6 +49,9 @@ static const struct moe_opt table[] = {
       "compute backend (cuda: device 0; see doc/cuda.md)" },
     { "force_pread", NULL, MOE_OPT_BOOL, OFF(force_pread), 0, 0, 1, NULL, "false", 0,
       "read experts with pread instead of io_uring" },
+    { "warm_start", NULL, MOE_OPT_BOOL, OFF(warm_start), 0, 0, 1, NULL, "false", 0,
+      "read <model>.warm at start (pre-load the experts hottest in the last run, restore the"
+      " history predictor) and write it at exit" },
     { "memory_limit", NULL, MOE_OPT_SIZE, OFF(memory_limit), 0, 0, (int64_t)1 << 50, NULL, "0", 0,
       "host memory the plan may use (0: what is available, or the cgroup's limit, less a"
       " margin); without cache_bytes/cache_experts the expert cache is sized to fit it" },

@@ -152,6 +152,7 @@ static pid_t spawn_moed(const char *const *extra, const char *logpath)
         argv[a++] = sock;
         argv[a++] = "--threads";
         argv[a++] = "2";
+        argv[a++] = "--warm-start=false";   /* nothing written beside shared/ref's models */
         for (int i = 0; extra && extra[i]; i++)
             argv[a++] = extra[i];
         argv[a] = NULL;
