@@ -266,6 +266,10 @@ int moed_config_from_args(struct moed_config *c, int argc, char **argv, struct m
             a->help = true;
             return 0;
         }
+        if (!strcmp(argv[i], "--keys-mdoc")) {
+            a->keys_mdoc = true;
+            return 0;
+        }
         if (!strcmp(argv[i], "--version")) {
             a->version = true;
             return 0;
@@ -391,5 +395,45 @@ void moed_config_usage(FILE *f)
             char choices[128];
             fprintf(f, "  %-26s   one of %s\n", "", moe_opt_choices(k, choices, sizeof(choices)));
         }
+    }
+}
+
+/* mdoc escapes: a backslash, and a leading dot or quote on a line. */
+static void mdoc_text(FILE *f, const char *t)
+{
+    for (; *t; t++) {
+        if (*t == '\\')
+            fputs("\\e", f);
+        else
+            fputc(*t, f);
+    }
+}
+
+void moed_config_keys_mdoc(FILE *f)
+{
+    struct moed_config defaults;
+    moed_config_defaults(&defaults);
+    for (size_t i = 0; i < n_keys(); i++) {
+        size_t base;
+        const struct moe_opt *k = key_at(i, &base);
+        static const char *const kinds[] = { [MOE_OPT_STR] = "text", [MOE_OPT_INT] = "integer",
+                                             [MOE_OPT_SIZE] = "size", [MOE_OPT_BOOL] = "boolean",
+                                             [MOE_OPT_ENUM] = "word", [MOE_OPT_MODE] = "octal mode" };
+        fprintf(f, ".It Cm %s Ns = Ns Ar %s\n", k->name, kinds[k->kind]);
+        mdoc_text(f, k->help);
+        fputs(".\n", f);
+        if (k->kind == MOE_OPT_ENUM) {
+            char choices[128];
+            fprintf(f, "One of\n.Cm %s .\n", moe_opt_choices(k, choices, sizeof(choices)));
+        }
+        if (k->kind == MOE_OPT_INT || k->kind == MOE_OPT_SIZE)
+            fprintf(f, "Range %lld to %lld.\n", (long long)k->min, (long long)k->max);
+        char def[PATH_MAX + 32];
+        moe_opt_format(k, (const char *)&defaults + base, def, sizeof(def));
+        /* the socket's default depends on the environment: its help says it */
+        if (def[0] && strcmp(k->name, "socket") != 0)
+            fprintf(f, "Default\n.Ql %s .\n", def);
+        fprintf(f, "%s\n", k->flags & MOE_OPT_RUNTIME ? "SIGHUP applies a change at once."
+                                                     : "A change takes effect after a restart.");
     }
 }

@@ -71,6 +71,7 @@ bool moed_config_key(int i, struct moed_key_info *out);
 struct moed_args {
     const char *config_path;
     bool check_only, help, version;
+    bool keys_mdoc;            /* --keys-mdoc: the key list for moed.conf(5), then exit */
 };
 int moed_config_from_args(struct moed_config *c, int argc, char **argv, struct moed_args *a,
                           struct moe_diag *d);
@@ -89,6 +90,8 @@ void moed_config_apply_reload(struct moed_config *cur, const struct moed_config 
 
 /* Flag help text for every key. */
 void moed_config_usage(FILE *f);
+/* Every key as an mdoc tag list item (the body of moed.conf(5)'s KEYS). */
+void moed_config_keys_mdoc(FILE *f);
 
 /* Parses "12G", "512M", "4096", "1.5G" (binary units). */
 

@@ -1,4 +1,5 @@
 #include "daemon/engine.h"
+#include "daemon/log.h"
 
 #include <errno.h>
 #include <math.h>
@@ -140,6 +141,7 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
     pthread_cond_init(&e->cv, NULL);
     struct moe_model_opts mo = cfg->engine;
     mo.n_seqs = cfg->max_seqs;
+    mo.progress = moed_log_progress;
     int rc = moe_model_load(&e->model, cfg->model, &mo, d);
     if (rc)
         goto fail;

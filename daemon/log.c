@@ -11,6 +11,9 @@ _Static_assert((int)MOED_LOG_ERROR == (int)MOE_LOG_ERROR && (int)MOED_LOG_DEBUG 
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
+#include <unistd.h>
+
+#include "daemon/notify.h"
 
 static atomic_int level = MOED_LOG_INFO;
 
@@ -52,4 +55,28 @@ static void library_log(enum moe_log_level lv, const char *msg, void *user)
 void moed_log_capture_library(void)
 {
     moe_log_set(library_log, NULL);
+}
+
+/* Model loading progress: a log line at each quarter of a phase, and on a
+ * terminal a line that rewrites itself; the service manager's status too. */
+void moed_log_progress(void *ud, const char *phase, double done)
+{
+    static char last_phase[32];
+    static int last_quarter = -1;
+    (void)ud;
+    const int pct = (int)(done * 100.0 + 0.5), quarter = (int)(done * 4.0);
+    if (isatty(2)) {
+        fprintf(stderr, "\rloading the model: %s %3d%%%s", phase, pct, done >= 1.0 ? "\n" : "");
+        fflush(stderr);
+    }
+    if (strcmp(last_phase, phase) != 0) {
+        snprintf(last_phase, sizeof(last_phase), "%s", phase);
+        last_quarter = -1;
+    }
+    if (quarter != last_quarter) {
+        last_quarter = quarter;
+        if (!isatty(2))
+            moed_log(MOED_LOG_INFO, "loading the model: %s %d%%", phase, pct);
+        moed_notify_status("loading the model: %s %d%%", phase, pct);
+    }
 }

@@ -5,6 +5,9 @@
 enum moed_log_level { MOED_LOG_ERROR = 0, MOED_LOG_WARN, MOED_LOG_INFO, MOED_LOG_DEBUG };
 
 void moed_log_set_level(int level);   /* enum moed_log_level */
+/* A moe_model_opts progress callback: loading progress in the log (each
+ * quarter), on a terminal, and in the service manager's status. */
+void moed_log_progress(void *ud, const char *phase, double done);
 /* Routes the library's log hook (common/log.h) into this log. */
 void moed_log_capture_library(void);
 void moed_log(enum moed_log_level lv, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -115,6 +115,10 @@ int main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
+    if (a.keys_mdoc) {
+        moed_config_keys_mdoc(stdout);
+        return 0;
+    }
     if (a.version) {
         printf("moed %s\n", MOE_VERSION);
         return 0;

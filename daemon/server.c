@@ -20,6 +20,7 @@
 #include "common/alloc.h"
 #include "common/buf.h"
 #include "daemon/log.h"
+#include "daemon/notify.h"
 
 struct moed_conn {
     union {
@@ -796,6 +797,7 @@ static void begin_shutdown(struct moed_server *s, const char *why)
     LOG_I("%s: no new connections; %llu request(s) in flight get %d s", why,
           (unsigned long long)s->answering, s->cfg.shutdown_grace_s);
     s->shutting_down = true;
+    moed_notify_stopping();
     close_listeners(s);
     uv_timer_start(&s->grace, on_grace, (uint64_t)s->cfg.shutdown_grace_s * 1000, 0);
 }
@@ -837,10 +839,12 @@ static void on_hup(uv_signal_t *h, int signum)
     struct moed_config next;
     struct moed_args a;
     struct moe_diag d = { 0 };
+    moed_notify_reloading();
     moed_config_defaults(&next);
     if (moed_config_from_args(&next, s->argc, s->argv, &a, &d) != 0 ||
         moed_config_validate(&next, &d) != 0) {
         LOG_E("reload: %s; keeping the running configuration", d.msg);
+        moed_notify_ready("serving (the last reload failed: see the log)");
         return;
     }
     moed_config_apply_reload(&s->cfg, &next, log_restart_key, NULL);
@@ -849,6 +853,7 @@ static void on_hup(uv_signal_t *h, int signum)
     moed_log_set_level(s->cfg.log_level);
     LOG_I("reload: configuration%s%s applied", a.config_path ? " from " : "",
           a.config_path ? a.config_path : "");
+    moed_notify_ready("serving");
 }
 
 /* ---- entry ----------------------------------------------------------- */
@@ -911,6 +916,9 @@ int moed_server_run(struct moed_server *s, const char *name, const struct moed_h
           s->cfg.tcp_port ? " and 127.0.0.1" : "");
     if (s->cfg.tcp_port)
         LOG_I("also on http://127.0.0.1:%d", s->cfg.tcp_port);
+    char status[256];
+    snprintf(status, sizeof(status), "serving %.64s on %.160s", name, s->cfg.socket);
+    moed_notify_ready(status);
     uv_run(s->loop, UV_RUN_DEFAULT);
     /* stopped: the producers first (they may still wake us), then every handle */
     if (h->stopped)

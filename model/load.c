@@ -396,7 +396,7 @@ static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
 /* Moves every bound weight into backend memory (a GPU backend; or the CPU
  * backend when asked, which tests this path). The deepseek selection bias
  * stays on the host: the router's top-k runs there. */
-static int upload_weights(struct moe_model *m, struct moe_diag *diag)
+static int upload_weights(struct moe_model *m, const struct moe_model_opts *o, struct moe_diag *diag)
 {
     if (!m->w.upload)
         return 0;
@@ -419,6 +419,8 @@ static int upload_weights(struct moe_model *m, struct moe_diag *diag)
         if (rc)
             return moe_diag_set(diag, rc, "weights: upload of %zu bytes failed", b->bytes);
         total += b->bytes;
+        if (o->progress && (i % 16 == 15 || i + 1 == m->w.n_bound))
+            o->progress(o->progress_ud, "uploading", (double)(i + 1) / (double)m->w.n_bound);
     }
     return 0;
 }
@@ -516,16 +518,19 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         rc = moe_diag_set(diag, -ENOMEM, "out of memory");
         goto fail;
     }
-    for (int il = 0; il < c->n_layer; il++)
+    for (int il = 0; il < c->n_layer; il++) {
         if ((rc = bind_layer(m, il, diag)))
             goto fail;
+        if (o.progress)
+            o.progress(o.progress_ud, "binding", (double)(il + 1) / c->n_layer);
+    }
 
     if (m->ex.src != NULL && (rc = moe_model_experts_create(m, &o, diag)))
         goto fail;
     if (m->ex.cache != NULL && o.warm_start)
         moe_model_warm_load(m, path);
     m->w.upload = !m->be->ops->host_memory || o.upload_weights;
-    if ((rc = upload_weights(m, diag)))
+    if ((rc = upload_weights(m, &o, diag)))
         goto fail;
     if (tied)
         m->w.output = m->w.tok_embd;

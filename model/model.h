@@ -113,6 +113,10 @@ struct moe_model_opts {
     /* Set by moe_model_plan() in the options it resolves: the sizes are
      * final, no automatic choice is made again. */
     bool plan_resolved;
+    /* Loading progress (optional): called on the loading thread with the
+     * phase ("binding", "uploading") and the fraction done, 0..1. */
+    void (*progress)(void *ud, const char *phase, double done);
+    void *progress_ud;
 };
 
 /* Cache statistics (cache/stats.h); false when the model has no expert cache. */

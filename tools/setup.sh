@@ -27,7 +27,8 @@ done
 pkgs=(
   build-essential pkg-config meson ninja-build
   liburing-dev libzstd-dev libuv1-dev libhttp-parser-dev libjansson-dev
-  libinih-dev libxxhash-dev libpcre2-dev
+  libinih-dev libxxhash-dev libpcre2-dev libsystemd-dev
+  man-db groff-base systemd haproxy
   fio clang libclang-rt-14-dev python3 python3-pip curl
 )
 
