@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netdb.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -39,21 +40,77 @@ const char *moe_client_default_socket(char *buf, size_t cap)
     return buf;
 }
 
+/* "http://HOST:PORT[/]", "HOST:PORT" or "[v6]:PORT" into host and port. */
+static int parse_http(struct moe_client *c, const char *url, bool need_scheme, struct moe_diag *d)
+{
+    const char *p = url;
+    if (strncmp(p, "http://", 7) == 0)
+        p += 7;
+    else if (need_scheme)
+        return 1;   /* not a URL: a socket path */
+    const char *hs = p, *he, *colon;
+    if (*p == '[') {
+        hs = p + 1;
+        he = strchr(hs, ']');
+        colon = he ? he + 1 : NULL;
+    } else {
+        colon = strrchr(p, ':');
+        he = colon;
+    }
+    if (he == NULL || colon == NULL || *colon != ':' || he == hs || (size_t)(he - hs) >= sizeof(c->host))
+        return moe_diag_set(d, -EINVAL, "'%s': expected http://HOST:PORT", url);
+    const char *ps = colon + 1;
+    size_t pl = strcspn(ps, "/");
+    if (pl == 0 || pl >= sizeof(c->port) || strspn(ps, "0123456789") < pl || (ps[pl] && strcmp(ps + pl, "/")))
+        return moe_diag_set(d, -EINVAL, "'%s': expected a port number after the host (http://HOST:PORT)",
+                            url);
+    memcpy(c->host, hs, (size_t)(he - hs));
+    c->host[he - hs] = '\0';
+    memcpy(c->port, ps, pl);
+    c->port[pl] = '\0';
+    const long port = strtol(c->port, NULL, 10);
+    if (port < 1 || port > 65535)
+        return moe_diag_set(d, -EINVAL, "'%s': port %ld, expected 1..65535", url, port);
+    /* path names the daemon in messages: the URL here */
+    char addr[320];
+    snprintf(c->path, sizeof(c->path), "%.100s", moe_client_addr(c, addr, sizeof(addr)));
+    return 0;
+}
+
 int moe_client_init(struct moe_client *c, const char *path, struct moe_diag *d)
 {
     char def[4096];
-    if (path == NULL)
-        path = moe_client_default_socket(def, sizeof(def));
     memset(c, 0, sizeof(*c));
     c->connect_timeout_ms = 5000;
     c->timeout_ms = 600000;
+    const char *key = getenv("MOED_API_KEY");
+    if (key && strlen(key) < sizeof(c->api_key))
+        memcpy(c->api_key, key, strlen(key) + 1);
+    const char *host = getenv("MOED_HOST");
+    if (path == NULL && host && host[0])
+        return parse_http(c, host, false, d) ? moe_diag_set(d, -EINVAL, "MOED_HOST: %s", d ? d->msg : "")
+                                              : 0;
+    if (path == NULL)
+        path = moe_client_default_socket(def, sizeof(def));
     if (path[0] == '\0')
         return moe_diag_set(d, -EINVAL, "the socket path is empty");
+    const int r = parse_http(c, path, true, d);
+    if (r <= 0)
+        return r;
     if (strlen(path) >= sizeof(c->path))
         return moe_diag_set(d, -ENAMETOOLONG, "socket path '%s' is longer than %zu bytes", path,
                             sizeof(c->path) - 1);
     memcpy(c->path, path, strlen(path) + 1);
     return 0;
+}
+
+const char *moe_client_addr(const struct moe_client *c, char *buf, size_t cap)
+{
+    if (c->host[0])
+        snprintf(buf, cap, strchr(c->host, ':') ? "http://[%s]:%s" : "http://%s:%s", c->host, c->port);
+    else
+        snprintf(buf, cap, "%s", c->path);
+    return buf;
 }
 
 void moe_client_resp_free(struct moe_client_resp *r)
@@ -110,26 +167,16 @@ static int wait_fd(int fd, short events, int timeout_ms)
 /* The socket is non-blocking so that connect, send and recv all obey a
  * timeout: a moed that is wedged (accepting nothing, answering nothing) must
  * not hang a script forever. */
-static int connect_to(const struct moe_client *c, bool *connect_failed, struct moe_diag *d)
+/* connect() on a non-blocking fd within the client's deadline: the fd,
+ * or -errno (ETIMEDOUT at the deadline). */
+static int connect_fd(int fd, const struct sockaddr *a, socklen_t alen, int timeout_ms)
 {
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (fd < 0)
-        return moe_diag_set(d, -errno, "socket: %s", strerror(errno));
-    struct sockaddr_un a = { .sun_family = AF_UNIX };
-    const size_t plen = strnlen(c->path, sizeof(c->path));
-    if (plen == 0 || plen >= sizeof(a.sun_path)) {
-        close(fd);
-        *connect_failed = true;
-        return moe_diag_set(d, -EINVAL, "bad socket path (empty or over %zu bytes)",
-                            sizeof(a.sun_path) - 1);
-    }
-    memcpy(a.sun_path, c->path, plen);
     /* connect_timeout_ms <= 0: no limit */
-    const bool forever = c->connect_timeout_ms <= 0;
-    const long long deadline = now_ms() + c->connect_timeout_ms;
+    const bool forever = timeout_ms <= 0;
+    const long long deadline = now_ms() + timeout_ms;
     int e;
     for (;;) {
-        if (connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0)
+        if (connect(fd, a, alen) == 0)
             return fd;
         e = errno;
         if (e == EINTR)
@@ -155,12 +202,57 @@ static int connect_to(const struct moe_client *c, bool *connect_failed, struct m
             e = ETIMEDOUT;
         break;
     }
-    close(fd);
+    return -e;
+}
+
+/* The socket is non-blocking so that connect, send and recv all obey a
+ * timeout: a moed that is wedged (accepting nothing, answering nothing) must
+ * not hang a script forever. */
+static int connect_to(const struct moe_client *c, bool *connect_failed, struct moe_diag *d)
+{
+    char addr[320];
+    moe_client_addr(c, addr, sizeof(addr));
+    int rc = -EINVAL;
+    if (c->host[0]) {
+        struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM }, *res = NULL;
+        int g = getaddrinfo(c->host, c->port, &hints, &res);
+        if (g != 0) {
+            *connect_failed = true;
+            return moe_diag_set(d, -EHOSTUNREACH, "cannot connect to %s: %s", addr, gai_strerror(g));
+        }
+        for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+            int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+            if (fd < 0)
+                continue;
+            rc = connect_fd(fd, ai->ai_addr, ai->ai_addrlen, c->connect_timeout_ms);
+            if (rc >= 0)
+                break;
+            close(fd);
+        }
+        freeaddrinfo(res);
+    } else {
+        struct sockaddr_un a = { .sun_family = AF_UNIX };
+        const size_t plen = strnlen(c->path, sizeof(c->path));
+        if (plen == 0 || plen >= sizeof(a.sun_path)) {
+            *connect_failed = true;
+            return moe_diag_set(d, -EINVAL, "bad socket path (empty or over %zu bytes)",
+                                sizeof(a.sun_path) - 1);
+        }
+        memcpy(a.sun_path, c->path, plen);
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+            return moe_diag_set(d, -errno, "socket: %s", strerror(errno));
+        rc = connect_fd(fd, (const struct sockaddr *)&a, sizeof(a), c->connect_timeout_ms);
+        if (rc < 0)
+            close(fd);
+    }
+    if (rc >= 0)
+        return rc;
     *connect_failed = true;
-    if (e == ETIMEDOUT)
+    if (rc == -ETIMEDOUT)
         return moe_diag_set(d, -ETIMEDOUT, "cannot connect to %s: no connection within %d ms (moed"
-                            " is not accepting connections)", c->path, c->connect_timeout_ms);
-    return moe_diag_set(d, -e, "cannot connect to %s: %s (is moed running?)", c->path, strerror(e));
+                            " is not accepting connections)", addr, c->connect_timeout_ms);
+    return moe_diag_set(d, rc, "cannot connect to %s: %s (is moed running?)", addr, strerror(-rc));
 }
 
 struct conn {
@@ -527,11 +619,17 @@ static int exchange(const struct moe_client *c, const char *method, const char *
     *connect_failed = false;
     if (!token_ok(method, 16) || !token_ok(target, 2048))
         return moe_diag_set(d, -EINVAL, "bad request method or target '%.80s'", target);
-    char head[2400];
+    char head[3000], hosthdr[300], auth[300] = "";
+    if (c->host[0])
+        snprintf(hosthdr, sizeof(hosthdr), strchr(c->host, ':') ? "[%s]:%s" : "%s:%s", c->host, c->port);
+    else
+        snprintf(hosthdr, sizeof(hosthdr), "moed");
+    if (c->api_key[0] && token_ok(c->api_key, sizeof(c->api_key)))
+        snprintf(auth, sizeof(auth), "Authorization: Bearer %s\r\n", c->api_key);
     int hn = snprintf(head, sizeof(head),
-                      "%s %s HTTP/1.1\r\nHost: moed\r\nConnection: close\r\nAccept: %s\r\n"
-                      "%sContent-Length: %zu\r\n\r\n", method, target,
-                      s->events ? "text/event-stream" : "application/json",
+                      "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\nAccept: %s\r\n"
+                      "%s%sContent-Length: %zu\r\n\r\n", method, target, hosthdr,
+                      s->events ? "text/event-stream" : "application/json", auth,
                       body ? "Content-Type: application/json\r\n" : "", body ? len : 0);
     if (hn < 0 || (size_t)hn >= sizeof(head))
         return moe_diag_set(d, -EINVAL, "request head too long");

@@ -46,8 +46,16 @@ extern "C" {
  * error event inside a stream (moe_client_err.status and .api_* say more). */
 #define MOE_CLIENT_ESERVER (-4100)
 
+/* moed's address: a Unix socket path, or "http://HOST:PORT" for its TCP
+ * listener (an IPv6 host in brackets). With no address given: $MOED_HOST
+ * (a URL or HOST:PORT), else $MOED_SOCKET, else $XDG_RUNTIME_DIR/moed.sock,
+ * else ./moed.sock. The API key (sent as "Authorization: Bearer KEY") is
+ * $MOED_API_KEY unless set in api_key after init. */
 struct moe_client {
-    char path[108];            /* sun_path */
+    char path[108];            /* sun_path; for TCP the URL (for messages) */
+    char host[256];            /* TCP: the host name or address, "" for a Unix socket */
+    char port[8];              /* TCP: the port */
+    char api_key[256];         /* "" = none */
     int connect_timeout_ms;    /* default 5000; <= 0: no limit */
     int timeout_ms;            /* each read or write; default 600000 (a long generation
                                   streams, but a long prompt may be silent for a while);
@@ -84,6 +92,8 @@ const char *moe_client_default_socket(char *buf, size_t cap);
 /* path NULL: the default socket. -ENAMETOOLONG when the path does not fit
  * sun_path, -EINVAL when empty. */
 int moe_client_init(struct moe_client *c, const char *path, struct moe_diag *d);
+/* The address as given ("http://h:p" or the socket path), for messages. */
+const char *moe_client_addr(const struct moe_client *c, char *buf, size_t cap);
 
 /* One request; a body (when not NULL) is sent as application/json. On
  * success *out holds the response (free with moe_client_resp_free). */

@@ -227,8 +227,10 @@ static const char gen_help[] =
     "  --stop TEXT          stop before TEXT (repeatable, at most 8)\n";
 
 static const char socket_help[] =
-    "  --socket PATH        moed's socket (default $MOED_SOCKET, else\n"
-    "                       $XDG_RUNTIME_DIR/moed.sock, else ./moed.sock)\n"
+    "  --socket PATH|URL    moed's socket, or http://HOST:PORT for its TCP listener\n"
+    "                       (default $MOED_HOST, else $MOED_SOCKET, else\n"
+    "                       $XDG_RUNTIME_DIR/moed.sock, else ./moed.sock); the API key\n"
+    "                       (Bearer) is $MOED_API_KEY\n"
     "Exit codes: 0 success, 1 moed answered with an error, 2 usage error, 3 moed cannot be\n"
     "reached.\n";
 

@@ -809,6 +809,58 @@ static void test_timeouts(void)
     CHECK(e.connect && strstr(e.msg, "no connection within 150 ms"));
 }
 
+/* Addresses: a socket path, http://HOST:PORT (and [v6]:PORT), MOED_HOST;
+ * bad URLs refused naming them; the API key from MOED_API_KEY goes out as
+ * a Bearer header, and no header without it. */
+static void test_addresses_and_key(void)
+{
+    struct moe_client c;
+    struct moe_diag d = { 0 };
+    char buf[320];
+    unsetenv("MOED_HOST");
+    unsetenv("MOED_API_KEY");
+    CHECK(moe_client_init(&c, "/run/moed/moed.sock", &d) == 0 && c.host[0] == '\0');
+    CHECK_STR(c.path, "/run/moed/moed.sock");
+    CHECK(moe_client_init(&c, "http://10.1.2.3:18080", &d) == 0);
+    CHECK_STR(c.host, "10.1.2.3");
+    CHECK_STR(c.port, "18080");
+    CHECK_STR(moe_client_addr(&c, buf, sizeof(buf)), "http://10.1.2.3:18080");
+    CHECK(moe_client_init(&c, "http://[::1]:8080/", &d) == 0);
+    CHECK_STR(c.host, "::1");
+    CHECK_STR(moe_client_addr(&c, buf, sizeof(buf)), "http://[::1]:8080");
+    const char *bad[] = { "http://host", "http://host:", "http://:80", "http://h:99999", "http://h:8x",
+                          "http://h:80/v1" };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        memset(&d, 0, sizeof(d));
+        CHECK_MSG(moe_client_init(&c, bad[i], &d) == -EINVAL && strstr(d.msg, bad[i]), "%s: %s",
+                  bad[i], d.msg);
+    }
+    setenv("MOED_HOST", "gw.example:9000", 1);
+    CHECK(moe_client_init(&c, NULL, &d) == 0);
+    CHECK_STR(c.host, "gw.example");
+    CHECK(moe_client_init(&c, "/tmp/x.sock", &d) == 0 && c.host[0] == '\0');   /* --socket wins */
+    unsetenv("MOED_HOST");
+
+    const char *ans = answer("200 OK\r\nContent-Type: application/json", "{\"status\":\"ok\"}");
+    for (int with_key = 0; with_key < 2; with_key++) {
+        if (with_key)
+            setenv("MOED_API_KEY", "s3cret-key", 1);
+        pid_t pid = serve_once(ans, strlen(ans), 64);
+        client(&c);
+        struct moe_client_err e;
+        const int rc = moe_client_health(&c, &e);
+        waitpid(pid, NULL, 0);
+        CHECK_MSG(rc == 0, "%s", e.msg);
+        size_t n;
+        char *req = moe_test_read_file(req_path, &n);
+        CHECK(req != NULL);
+        const bool has = strstr(req, "\r\nAuthorization: Bearer s3cret-key\r\n") != NULL;
+        free(req);
+        CHECK_MSG(has == (with_key == 1), "Authorization header %s", has ? "sent without a key" : "missing");
+    }
+    unsetenv("MOED_API_KEY");
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -825,5 +877,6 @@ int main(void)
     moe_test_run("answer before the request was read", test_answer_before_request_read);
     moe_test_run("connect failure", test_connect_failure);
     moe_test_run("timeouts", test_timeouts);
+    MOE_TEST_RUN(test_addresses_and_key);
     return moe_test_exit_code();
 }
