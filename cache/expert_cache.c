@@ -8,9 +8,22 @@
 #include "cache/expert_cache.h"
 #include "cache/host_tier.h"
 #include "common/alloc.h"
+#include "common/log.h"
 #include "io/expert_src.h"
 #include "kernels/backend.h"
 
+/* A staged slot (backend memory that is not host memory) is READY as soon as
+ * its upload is queued on the copy stream: `ready` completes when the bytes
+ * are on the device, and whoever computes with the slot makes the compute
+ * stream wait for it (stream_wait), so the host never waits for an upload.
+ * Every release records `last_use` on the compute stream, after the
+ * kernels that read the slot; the next upload into the slot waits for it
+ * on the copy stream. The staging buffer is the source of the upload until
+ * `ready` completes: before a slot is reused (its staging rewritten by the
+ * next load), `ready` is queried, and a slot whose upload is still running
+ * is chosen only when no other can be (the host then waits for it).
+ * A host-tier hit is uploaded from the tier's buffer, which stays pinned in
+ * the tier until `ready` completes (tier_hold). */
 enum slot_state { SLOT_EMPTY, SLOT_LOADING, SLOT_READY, SLOT_FAILED };
 
 struct slot {
@@ -24,6 +37,10 @@ struct slot {
     char msg[MOE_DIAG_MSG_MAX];
     uint8_t *data;        /* backend memory */
     uint8_t *stage;       /* host memory the load lands in first (staging), or NULL */
+    struct moe_event ready;     /* copy stream: the upload into data has finished */
+    struct moe_event last_use;  /* compute stream: the kernels that read data have finished */
+    int upload_pending;   /* `ready` recorded and not yet seen complete */
+    int tier_hold;        /* the host tier's entry for key is pinned until `ready` */
     struct moe_expert_cache *c;
 };
 
@@ -35,6 +52,8 @@ struct moe_expert_cache {
     uint8_t *mem;
     uint8_t *slot_base;   /* mem rounded up to a page */
     uint8_t *stage_mem;   /* staging: one host buffer per slot */
+    int stage_pinned;     /* stage_mem came from the backend's host_alloc */
+    int n_held;           /* slots with tier_hold set */
     struct slot *slots;
     int32_t *slot_of;     /* [key] -> slot or -1 */
     int32_t *cand;        /* scratch: candidate keys for the policy */
@@ -131,6 +150,14 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
         c->slots[i].key = -1;
         c->slots[i].data = c->slot_base + (size_t)i * c->slot_bytes;
         c->slots[i].c = c;
+        int rc = be->ops->event_init(be, &c->slots[i].ready);
+        if (rc == 0)
+            rc = be->ops->event_init(be, &c->slots[i].last_use);
+        if (rc != 0) {
+            moe_expert_cache_destroy(c);
+            return moe_diag_set(diag, rc, "expert cache: cannot create the events of %d slots on %s",
+                                n_slots, be->ops->name);
+        }
     }
     c->st.n_slots = n_slots;
     c->st.slot_bytes = c->slot_bytes;
@@ -153,9 +180,19 @@ void moe_expert_cache_destroy(struct moe_expert_cache *c)
         pthread_cond_wait(&c->cv, &c->mu);
     }
     pthread_mutex_unlock(&c->mu);
+    moe_expert_cache_quiesce(c);
+    for (int i = 0; c->slots && i < c->n_slots; i++) {
+        /* kernels may still read the slots we are about to free */
+        c->be->ops->event_sync(c->be, &c->slots[i].last_use);
+        c->be->ops->event_fini(c->be, &c->slots[i].ready);
+        c->be->ops->event_fini(c->be, &c->slots[i].last_use);
+    }
     if (c->mem)
         c->be->ops->free(c->be, c->mem);
-    moe_free(c->stage_mem);
+    if (c->stage_pinned)
+        c->be->ops->host_free(c->be, c->stage_mem);
+    else
+        moe_free(c->stage_mem);
     moe_policy_free(c->policy);
     moe_free(c->slots);
     moe_free(c->slot_of);
@@ -176,11 +213,20 @@ int moe_expert_cache_set_staging(struct moe_expert_cache *c, struct moe_diag *di
     if (c->stage_mem)
         return 0;
     /* page-aligned like the slots: the expert store reads raw blobs into
-     * them directly (O_DIRECT) */
-    c->stage_mem = moe_malloc_aligned(4096, (size_t)c->n_slots * c->slot_bytes);
+     * them directly (O_DIRECT), and the device copies from them by DMA
+     * (page-locked memory from the backend), so NVMe -> staging -> device
+     * makes no other host copy */
+    const size_t bytes = (size_t)c->n_slots * c->slot_bytes;
+    c->stage_mem = c->be->ops->host_alloc(c->be, bytes);
+    c->stage_pinned = c->stage_mem != NULL;
+    if (c->stage_mem == NULL) {
+        moe_log(MOE_LOG_WARN, "expert cache: %zu MiB of staging could not be page-locked on %s;"
+                " uploads go through ordinary memory (slower)", bytes >> 20, c->be->ops->name);
+        c->stage_mem = moe_malloc_aligned(4096, bytes);
+    }
     if (c->stage_mem == NULL)
         return moe_diag_set(diag, -ENOMEM, "expert cache: cannot allocate %zu MiB of host staging",
-                            ((size_t)c->n_slots * c->slot_bytes) >> 20);
+                            bytes >> 20);
     for (int i = 0; i < c->n_slots; i++)
         c->slots[i].stage = c->stage_mem + (size_t)i * c->slot_bytes;
     return 0;
@@ -233,14 +279,18 @@ static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, co
         prefetch_cancelled(s, layer, expert);
         return;
     }
+    struct moe_diag up = { 0 };
     if (status == 0 && s->stage) {
-        /* staged: into backend memory before anyone sees the slot READY */
+        /* staged: queued on the copy stream after the slot's last readers;
+         * whoever computes with the slot waits for `ready` on the device */
         const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, layer);
-        int rc = lay ? c->be->ops->upload(c->be, s->data, s->stage, (size_t)lay->raw_size) : -ENOENT;
+        int rc = lay ? c->be->ops->upload_async(c->be, s->data, s->stage, (size_t)lay->raw_size,
+                                                &s->last_use, &s->ready)
+                     : -ENOENT;
         if (rc != 0) {
-            status = rc;
-            snprintf(s->msg, sizeof(s->msg), "expert (layer %u, expert %u): upload to %s memory"
-                     " failed: %s", layer, expert, c->be->ops->name, moe_strerror(rc));
+            status = moe_diag_set(&up, rc, "expert (layer %u, expert %u): upload to %s memory"
+                                  " failed: %s", layer, expert, c->be->ops->name, moe_strerror(rc));
+            diag = &up;
         }
     }
     if (status == 0 && c->host != NULL) {
@@ -262,6 +312,7 @@ static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, co
     }
     if (status == 0) {
         s->state = SLOT_READY;
+        s->upload_pending = s->stage != NULL;
         c->st.loads_ok++;
         c->st.bytes_loaded += c->slot_bytes;
         if ((int)layer < c->n_layer)
@@ -283,20 +334,66 @@ static void load_done(void *arg, uint32_t layer, uint32_t expert, int status, co
     pthread_mutex_unlock(&c->mu);
 }
 
+/* Whether the upload into s has finished (mutex held): queries `ready`
+ * (unless `known`: the caller waited for it) and, when it has completed,
+ * forgets it and unpins the host tier's entry it was copied from. */
+static int upload_done(struct moe_expert_cache *c, struct slot *s, int known)
+{
+    if (!s->upload_pending)
+        return 1;
+    if (!known && c->be->ops->event_query(c->be, &s->ready) == 0)
+        return 0;
+    /* complete, or the device failed (the slot's bytes do not matter then:
+     * the next op reports the error) */
+    s->upload_pending = 0;
+    if (s->tier_hold) {
+        s->tier_hold = 0;
+        c->n_held--;
+        moe_host_tier_release(c->host, (uint32_t)(s->key / c->n_expert), (uint32_t)(s->key % c->n_expert));
+    }
+    return 1;
+}
+
+/* Unpins the tier entries of finished host-tier uploads (mutex held). */
+static void reap_tier_holds(struct moe_expert_cache *c)
+{
+    for (int i = 0; i < c->n_slots && c->n_held > 0; i++)
+        if (c->slots[i].tier_hold)
+            upload_done(c, &c->slots[i], 0);
+}
+
 /* A free slot or the policy's victim among unpinned READY slots; -1 if
- * none. Called with the mutex held. */
+ * none. A slot whose upload is still running (its staging buffer, or the
+ * tier's buffer, is being read) is taken only when nothing else can be,
+ * after the host waited for it. Called with the mutex held. */
 static int find_slot(struct moe_expert_cache *c, int cur_layer, int32_t step, int for_prefetch)
 {
-    int n = 0;
+    int n = 0, busy = -1;
     for (int i = 0; i < c->n_slots; i++) {
-        const struct slot *s = &c->slots[i];
-        if (s->state == SLOT_EMPTY)
+        struct slot *s = &c->slots[i];
+        if (s->state == SLOT_EMPTY) {
+            MOE_ASSERT(!s->upload_pending);   /* only READY slots have uploads */
             return i;
+        }
         /* a prefetch never evicts an expert predicted for this step */
         if (s->state == SLOT_READY && s->pins == 0 && !(for_prefetch && c->predicted[s->key] == step)) {
+            if (!upload_done(c, s, 0)) {
+                busy = busy < 0 ? i : busy;
+                continue;
+            }
             c->cand[n] = s->key;
             c->cand_slot[n++] = i;
         }
+    }
+    if (n == 0 && busy >= 0) {
+        /* every candidate is still being uploaded: wait for one (not a hit:
+         * the caller would otherwise get -EAGAIN with nothing to wait on) */
+        struct slot *s = &c->slots[busy];
+        c->st.upload_host_waits++;
+        c->be->ops->event_sync(c->be, &s->ready);
+        upload_done(c, s, 1);
+        c->cand[n] = s->key;
+        c->cand_slot[n++] = busy;
     }
     if (n == 0)
         return -1;
@@ -325,6 +422,22 @@ static void abandon_slot(struct moe_expert_cache *c, struct slot *s, int32_t key
     pthread_mutex_unlock(&c->mu);
 }
 
+/* The engine is about to compute with the pinned, READY slot s: its
+ * kernels must start after the upload (the compute stream waits on the
+ * device; the host does not). Called without the mutex: a pinned slot is
+ * never reloaded, so `ready` does not change meanwhile. */
+static int wait_upload(struct moe_expert_cache *c, struct slot *s, int pending, int layer, int expert,
+                       struct moe_diag *diag)
+{
+    if (!pending)
+        return 0;
+    int rc = c->be->ops->stream_wait(c->be, &s->ready);
+    if (rc != 0)
+        moe_diag_set(diag, rc, "expert (layer %d, expert %d): waiting for its upload on %s: %s", layer,
+                     expert, c->be->ops->name, moe_strerror(rc));
+    return rc;
+}
+
 int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, int32_t step,
                              const uint8_t **data, struct moe_diag *diag)
 {
@@ -332,6 +445,8 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
         return moe_diag_set(diag, -EINVAL, "expert cache: no expert (layer %d, expert %d)", layer, expert);
     const int32_t key = layer * c->n_expert + expert;
     pthread_mutex_lock(&c->mu);
+    if (c->n_held > 0)
+        reap_tier_holds(c);
     int i = c->slot_of[key];
     if (i >= 0) {
         struct slot *s = &c->slots[i];
@@ -344,9 +459,15 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
         c->st.hits++;
         c->layer_hits[layer]++;
         int ready = s->state == SLOT_READY;
+        const int pending = ready && s->upload_pending;
         if (ready)
             *data = s->data;
         pthread_mutex_unlock(&c->mu);
+        const int rc = wait_upload(c, s, pending, layer, expert, diag);
+        if (rc != 0) {
+            moe_expert_cache_release(c, layer, expert);
+            return rc;
+        }
         return ready ? 1 : 0; /* LOADING or FAILED: wait_any reports which */
     }
     i = find_slot(c, layer, step, 0);
@@ -369,13 +490,23 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
     const void *hdata;
     size_t hsize;
     if (lay && c->host && moe_host_tier_acquire(c->host, (uint32_t)layer, (uint32_t)expert, &hdata, &hsize)) {
-        /* host tier -> slot: the pinned-memory upload on a GPU backend */
-        int urc = 0;
-        if (s->stage)
-            urc = c->be->ops->upload(c->be, s->data, hdata, hsize < c->slot_bytes ? hsize : c->slot_bytes);
-        else
-            memcpy(s->data, hdata, hsize < c->slot_bytes ? hsize : c->slot_bytes);
-        moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
+        /* host tier -> slot on the copy stream, like a load from disk; the
+         * tier's entry stays pinned until the copy has read it */
+        const size_t n = hsize < c->slot_bytes ? hsize : c->slot_bytes;
+        int urc = 0, done = 1;
+        if (s->stage) {
+            urc = c->be->ops->upload_async(c->be, s->data, hdata, n, &s->last_use, &s->ready);
+            done = urc != 0 || c->be->ops->event_query(c->be, &s->ready) != 0;
+        } else {
+            memcpy(s->data, hdata, n);
+        }
+        if (done)
+            moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
+        if (urc == 0 && !done && (urc = c->be->ops->stream_wait(c->be, &s->ready)) != 0) {
+            /* the copy may still read the tier's buffer: keep it pinned */
+            c->be->ops->event_sync(c->be, &s->ready);
+            moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
+        }
         if (urc != 0) {
             abandon_slot(c, s, key);
             return moe_diag_set(diag, urc, "expert (layer %d, expert %d): upload from the host tier"
@@ -383,6 +514,9 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
         }
         pthread_mutex_lock(&c->mu);
         s->state = SLOT_READY;
+        s->upload_pending = !done;
+        s->tier_hold = !done;
+        c->n_held += !done;
         c->st.host_hits++;
         *data = s->data;
         pthread_cond_broadcast(&c->cv);
@@ -413,15 +547,19 @@ int moe_expert_cache_wait_any(struct moe_expert_cache *c, const int32_t *layers,
             struct slot *s = &c->slots[i];
             if (s->state == SLOT_READY || s->state == SLOT_FAILED) {
                 *which = j;
-                int rc = 0;
-                if (s->state == SLOT_READY)
+                int rc = 0, pending = 0;
+                if (s->state == SLOT_READY) {
                     *data = s->data;
-                else
+                    pending = s->upload_pending;
+                } else {
                     rc = moe_diag_set(diag, s->status, "%s", s->msg);
+                }
                 const double waited = now_s() - t0;
                 c->st.stall_s += waited;
                 c->layer_stall[layers[j]] += waited;
                 pthread_mutex_unlock(&c->mu);
+                if (rc == 0)
+                    rc = wait_upload(c, s, pending, layers[j], experts[j], diag);
                 return rc;
             }
         }
@@ -435,6 +573,10 @@ void moe_expert_cache_release(struct moe_expert_cache *c, int layer, int expert)
     const int i = c->slot_of[layer * c->n_expert + expert];
     if (i >= 0 && c->slots[i].pins > 0) {
         struct slot *s = &c->slots[i];
+        /* the caller has queued the kernels that read the slot: the next
+         * upload into it waits for them (a LOADING slot was not read) */
+        if (s->state == SLOT_READY && s->stage != NULL)
+            c->be->ops->event_record(c->be, &s->last_use);
         if (--s->pins == 0 && s->state == SLOT_FAILED) {
             /* a failed load never stays cached: the next acquire retries */
             c->slot_of[s->key] = -1;
@@ -600,11 +742,32 @@ int moe_expert_cache_wait_slot(struct moe_expert_cache *c)
     }
 }
 
+void moe_expert_cache_quiesce(struct moe_expert_cache *c)
+{
+    pthread_mutex_lock(&c->mu);
+    for (int i = 0; c->slots && i < c->n_slots; i++) {
+        struct slot *s = &c->slots[i];
+        if (s->upload_pending) {
+            c->be->ops->event_sync(c->be, &s->ready);
+            upload_done(c, s, 1);
+        }
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
 void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out)
 {
+    struct moe_copy_stats cs = { 0 };
+    if (c->stage_mem != NULL)
+        c->be->ops->copy_stats(c->be, &cs);
     pthread_mutex_lock(&c->mu);
     *out = c->st;
     pthread_mutex_unlock(&c->mu);
+    out->uploads = cs.uploads;
+    out->upload_bytes = cs.bytes;
+    out->uploads_timed = cs.timed;
+    out->upload_timed_bytes = cs.timed_bytes;
+    out->upload_s = cs.busy_s;
 }
 
 int moe_expert_cache_layer_stats(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,

@@ -2,16 +2,32 @@
  * loaded from an expert source (a .moe pack or a GGUF, io/expert_src.h).
  *
  * Slot states: EMPTY -> LOADING (read, verify, decompress: the expert
- * source's pipeline; UPLOADING joins here on CUDA) -> READY, or FAILED when
- * the load reported an error. A slot is pinned while a caller uses it
- * (acquire ... release, with a reference count) and is never evicted while
- * pinned or loading: victims are chosen by the policy (cache/policy.h) among
- * unpinned READY slots only, so a completion can never land in a slot that
- * was reused.
+ * source's pipeline) -> READY, or FAILED when the load reported an error.
+ * A slot is pinned while a caller uses it (acquire ... release, with a
+ * reference count) and is never evicted while pinned or loading: victims
+ * are chosen by the policy (cache/policy.h) among unpinned READY slots
+ * only, so a completion can never land in a slot that was reused.
  *
- * Threading: acquire/wait/release are called by the engine thread; load
- * completions arrive on the expert source's worker threads. One mutex
- * guards the slot table; waiting uses a condition variable.
+ * Staged caches (backend memory is not host memory: CUDA, or the CPU
+ * backend told to act so): a load lands in the slot's page-locked staging
+ * buffer and its upload is queued on the backend's copy stream with a
+ * per-slot "ready" event; the slot is READY from then on. acquire and
+ * wait_any, when they hand out a slot whose upload may still run, make the
+ * backend's compute stream wait for that event (the host never waits for
+ * an upload on a hit). release records a per-slot "last use" event on the
+ * compute stream, after the kernels the caller queued on the slot; the
+ * next upload into the slot waits for it on the copy stream. A slot whose
+ * upload has not finished is reused only when no other slot can be, after
+ * the host waited for it (counted in upload_host_waits). Host-tier hits are
+ * uploaded on the copy stream too, from the tier's buffer, which stays
+ * pinned in the tier until its upload has finished. On the CPU backend
+ * every event is complete at once, so the same state machine runs there.
+ *
+ * Threading: acquire/wait/release/prefetch/cancel_stale are called by the
+ * engine thread (the thread that drives the backend's compute stream);
+ * load completions, and their uploads, arrive on the expert source's
+ * worker threads. One mutex guards the slot table; waiting uses a
+ * condition variable.
  */
 #ifndef MOE_CACHE_EXPERT_CACHE_H
 #define MOE_CACHE_EXPERT_CACHE_H
@@ -98,6 +114,10 @@ int moe_expert_cache_warm(struct moe_expert_cache *c, int layer, int expert);
 
 int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert, int32_t step,
                               int max_inflight);
+
+/* Waits (on the host) for every upload queued so far and unpins the host
+ * tier's entries they read. For teardown and tests; destroy calls it. */
+void moe_expert_cache_quiesce(struct moe_expert_cache *c);
 
 void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *out);
 /* Per layer: hits, misses, bytes loaded into slots, stall (out has room for

@@ -15,6 +15,14 @@ struct moe_cache_stats {
     uint64_t prefetch_issued, prefetch_used, prefetch_wasted, prefetch_dropped;
     uint64_t prefetch_cancelled;    /* queued prefetches dropped as stale before they started */
     uint64_t host_hits, host_inserts;  /* host-RAM tier below the slots */
+    /* Uploads into slots on the backend's copy stream (a staged cache: a
+     * GPU backend, or upload_weights): how many, their bytes, the copy
+     * stream's time for the timed ones (kernels/backend.h moe_copy_stats),
+     * and how often the host had to wait for one (a slot reused before the
+     * upload from its staging buffer had finished; never on a hit). */
+    uint64_t uploads, upload_bytes, uploads_timed, upload_timed_bytes;
+    double upload_s;
+    uint64_t upload_host_waits;
     int n_slots;
     size_t slot_bytes;
 };

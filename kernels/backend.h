@@ -11,7 +11,15 @@
  * moe_backend_reserve() at model load. Ops return 0 or a negative code; the
  * CPU backend's ops cannot fail once arguments are valid.
  * Threading: one engine thread drives a backend; the backend may use its own
- * worker threads inside an op.
+ * worker threads inside an op. The exceptions, callable from any thread:
+ * host_alloc/host_free, upload_async, event_query, event_sync, copy_stats.
+ *
+ * Streams and events (the overlapped expert upload, shared/DESIGN.md): a
+ * backend has a compute stream, on which every op runs in the order it was
+ * called, and a copy stream for upload_async. An event marks a point of a
+ * stream: it completes when everything queued on that stream before it was
+ * recorded has finished. The CPU backend runs everything at once, so its
+ * events are always complete and the same code runs the same way there.
  */
 #ifndef MOE_KERNELS_BACKEND_H
 #define MOE_KERNELS_BACKEND_H
@@ -87,6 +95,24 @@ struct moe_attn_params {
     const float *sinks;   /* per-head sink logits [n_head] or NULL */
 };
 
+/* An event of a backend's streams, owned by whoever embeds it: event_init
+ * fills it (CUDA: a cudaEvent_t in h; CPU: nothing), event_fini releases
+ * it. An event never recorded is complete. */
+struct moe_event {
+    void *h;
+};
+
+/* What upload_async has moved (copy_stats). busy_s is the copy stream's
+ * time for the `timed` uploads (CUDA events around each copy; an upload
+ * is left untimed when the backend's timing ring is full), so the
+ * measured rate is timed_bytes / busy_s. The CPU backend counts calls and
+ * bytes and times nothing. */
+struct moe_copy_stats {
+    uint64_t uploads, bytes;
+    uint64_t timed, timed_bytes;
+    double busy_s;
+};
+
 struct moe_backend_ops {
     const char *name;
     void (*destroy)(struct moe_backend *be);
@@ -151,6 +177,36 @@ struct moe_backend_ops {
     int (*fill)(struct moe_backend *be, float *y, float v, int64_t n);
     /* y[r][i] *= sigmoid(g[r]) for rows of n (a gate per row). */
     int (*gate_rows)(struct moe_backend *be, float *y, const float *g, int64_t n_rows, int64_t n);
+
+    /* ---- overlapped uploads (the expert cache's data path) ---- */
+
+    /* Host memory the device reads by DMA (CUDA: page-locked, cudaHostAlloc),
+     * 4096-aligned (the expert store reads into it with O_DIRECT). NULL when
+     * refused; the caller may fall back to ordinary memory. */
+    void *(*host_alloc)(struct moe_backend *be, size_t bytes);
+    void (*host_free)(struct moe_backend *be, void *p);
+    /* 0 or MOE_EGPU; event_fini accepts an event whose init failed. */
+    int (*event_init)(struct moe_backend *be, struct moe_event *ev);
+    void (*event_fini)(struct moe_backend *be, struct moe_event *ev);
+    /* Queues on the copy stream: a wait for `after` (NULL: none; an event of
+     * the compute stream, e.g. the last kernels that read dst), the copy of
+     * n bytes of host memory into backend memory dst, then records `done`.
+     * Returns without waiting for the copy: host_src must stay unchanged
+     * until `done` completes. Any thread. CPU: memcpy, done at once. */
+    int (*upload_async)(struct moe_backend *be, void *dst, const void *host_src, size_t n,
+                        struct moe_event *after, struct moe_event *done);
+    /* Records ev on the compute stream, after every op called so far. */
+    int (*event_record)(struct moe_backend *be, struct moe_event *ev);
+    /* 1 when ev has completed (or was never recorded), 0 when not yet, or a
+     * negative code. Never waits. Any thread. */
+    int (*event_query)(struct moe_backend *be, struct moe_event *ev);
+    /* The host waits until ev completes. Any thread. */
+    int (*event_sync)(struct moe_backend *be, struct moe_event *ev);
+    /* Ops called after this on the compute stream start after ev completes;
+     * the host does not wait. */
+    int (*stream_wait)(struct moe_backend *be, struct moe_event *ev);
+    /* Totals since the backend was created (struct moe_copy_stats). */
+    void (*copy_stats)(struct moe_backend *be, struct moe_copy_stats *out);
 
     /* 1: backend memory is host memory (the CPU backend): weights are used
      * in place and loads land directly in cache slots. 0: the model uploads

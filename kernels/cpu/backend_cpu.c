@@ -19,6 +19,10 @@
 #include "common/dtype.h"
 #include "kernels/fp16.h"
 
+struct cpu_copy_count {
+    _Atomic uint64_t uploads, bytes;
+};
+
 struct cpu_ctx {
     struct moe_threadpool *pool;
     int n_threads;
@@ -26,6 +30,7 @@ struct cpu_ctx {
     size_t shared_bytes;
     uint8_t *per_worker;      /* n_threads x per_worker_bytes */
     size_t per_worker_bytes;
+    struct cpu_copy_count copies;   /* upload_async runs on the loaders' threads */
 };
 
 static struct cpu_ctx *ctx_of(struct moe_backend *be)
@@ -56,6 +61,65 @@ static int cpu_copy(struct moe_backend *be, void *dst, const void *src, size_t n
     (void)be;
     memcpy(dst, src, n);
     return 0;
+}
+
+/* ---- the overlapped upload: everything completes at once ------------- */
+
+static void *cpu_host_alloc(struct moe_backend *be, size_t bytes)
+{
+    (void)be;
+    return moe_malloc_aligned(4096, bytes ? bytes : 1);
+}
+
+static void cpu_host_free(struct moe_backend *be, void *p)
+{
+    (void)be;
+    moe_free(p);
+}
+
+static int cpu_event_init(struct moe_backend *be, struct moe_event *ev)
+{
+    (void)be;
+    ev->h = NULL;
+    return 0;
+}
+
+static void cpu_event_fini(struct moe_backend *be, struct moe_event *ev)
+{
+    (void)be;
+    ev->h = NULL;
+}
+
+static int cpu_upload_async(struct moe_backend *be, void *dst, const void *src, size_t n,
+                            struct moe_event *after, struct moe_event *done)
+{
+    (void)after;
+    (void)done;
+    struct cpu_ctx *c = ctx_of(be);
+    memcpy(dst, src, n);
+    c->copies.uploads++;
+    c->copies.bytes += n;
+    return 0;
+}
+
+static int cpu_event_noop(struct moe_backend *be, struct moe_event *ev)
+{
+    (void)be;
+    (void)ev;
+    return 0;
+}
+
+static int cpu_event_query(struct moe_backend *be, struct moe_event *ev)
+{
+    (void)be;
+    (void)ev;
+    return 1;
+}
+
+static void cpu_copy_stats(struct moe_backend *be, struct moe_copy_stats *out)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    *out = (struct moe_copy_stats){ .uploads = c->copies.uploads, .bytes = c->copies.bytes };
 }
 
 static int cpu_reserve(struct moe_backend *be, size_t shared, size_t per_worker)
@@ -573,6 +637,16 @@ static const struct moe_backend_ops cpu_ops = {
     .copy_rows = cpu_copy_rows,
     .fill = cpu_fill,
     .gate_rows = cpu_gate_rows,
+    .host_alloc = cpu_host_alloc,
+    .host_free = cpu_host_free,
+    .event_init = cpu_event_init,
+    .event_fini = cpu_event_fini,
+    .upload_async = cpu_upload_async,
+    .event_record = cpu_event_noop,
+    .event_query = cpu_event_query,
+    .event_sync = cpu_event_noop,
+    .stream_wait = cpu_event_noop,
+    .copy_stats = cpu_copy_stats,
     .host_memory = 1,
 };
 

@@ -412,6 +412,177 @@ int cu_download(struct moe_backend *be, void *dst, const void *src, size_t n)
     return rc ? rc : check(c, cudaStreamSynchronize(c->stream), "download");
 }
 
+// ---- the overlapped upload ------------------------------------------------
+//
+// Uploads run on their own stream (c->copy), so that an expert's copy
+// overlaps the kernels of the experts already resident; the compute stream
+// waits for a slot's `done` event with cudaStreamWaitEvent, never the host.
+// upload_async, event_query and event_sync are called from the expert
+// source's threads too: each makes the backend's device current first.
+
+void *cu_host_alloc(struct moe_backend *be, size_t bytes)
+{
+    cuda_ctx *c = ctx_of(be);
+    if (c->fatal || cudaSetDevice(c->device) != cudaSuccess)
+        return nullptr;
+    // page-locked and 4096-aligned (O_DIRECT reads land in it): one page
+    // more than asked, the base pointer kept in the word before the result
+    const size_t page = 4096;
+    if (bytes > SIZE_MAX - 2 * page)
+        return nullptr;
+    uint8_t *base = nullptr;
+    cudaError_t e = cudaHostAlloc((void **)&base, bytes + page, cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+        cudaGetLastError();   // refused: not sticky, the caller falls back
+        moe_log(MOE_LOG_WARN, "cuda: cannot page-lock %zu MiB of host memory: %s", bytes >> 20,
+                cudaGetErrorString(e));
+        return nullptr;
+    }
+    uint8_t *p = base + page - ((uintptr_t)base & (page - 1));
+    memcpy(p - sizeof(base), &base, sizeof(base));
+    return p;
+}
+
+void cu_host_free(struct moe_backend *be, void *p)
+{
+    (void)be;
+    if (p == nullptr)
+        return;
+    uint8_t *base;
+    memcpy(&base, (uint8_t *)p - sizeof(base), sizeof(base));
+    cudaFreeHost(base);
+}
+
+int cu_event_init(struct moe_backend *be, struct moe_event *ev)
+{
+    cuda_ctx *c = ctx_of(be);
+    ev->h = nullptr;
+    FATAL_GUARD(c);
+    cudaEvent_t e = nullptr;
+    int rc = check(c, cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event create");
+    if (rc == 0)
+        ev->h = e;
+    return rc;
+}
+
+void cu_event_fini(struct moe_backend *be, struct moe_event *ev)
+{
+    (void)be;
+    if (ev->h)
+        cudaEventDestroy((cudaEvent_t)ev->h);
+    ev->h = nullptr;
+}
+
+// Adds the finished timers to the totals (copy_mu held). With `all`, waits
+// for the ones still in flight.
+void harvest_timers(cuda_ctx *c, bool all)
+{
+    for (int i = 0; i < COPY_TIMERS; i++) {
+        copy_timer *t = &c->timers[i];
+        if (!t->pending)
+            continue;
+        cudaError_t e = all ? cudaEventSynchronize(t->end) : cudaEventQuery(t->end);
+        if (e == cudaErrorNotReady)
+            continue;
+        float ms = 0;
+        if (e == cudaSuccess && cudaEventElapsedTime(&ms, t->start, t->end) == cudaSuccess) {
+            c->timed++;
+            c->timed_bytes += t->bytes;
+            c->busy_s += ms * 1e-3;
+        }
+        t->pending = false;
+    }
+}
+
+int cu_upload_async(struct moe_backend *be, void *dst, const void *src, size_t n,
+                    struct moe_event *after, struct moe_event *done)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    int rc = check(c, cudaSetDevice(c->device), "upload: set device");
+    if (rc)
+        return rc;
+    pthread_mutex_lock(&c->copy_mu);
+    // the copy must not overwrite a slot that queued kernels still read
+    if (after && after->h)
+        rc = check(c, cudaStreamWaitEvent(c->copy, (cudaEvent_t)after->h, 0), "upload: wait");
+    copy_timer *t = &c->timers[c->next_timer];
+    if (t->pending && cudaEventQuery(t->end) == cudaSuccess)
+        harvest_timers(c, false);
+    const bool timed = t->start && !t->pending;
+    if (rc == 0 && timed)
+        rc = check(c, cudaEventRecord(t->start, c->copy), "upload: timer");
+    if (rc == 0)
+        rc = check(c, cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, c->copy), "upload");
+    if (rc == 0 && timed && (rc = check(c, cudaEventRecord(t->end, c->copy), "upload: timer")) == 0) {
+        t->bytes = n;
+        t->pending = true;
+        c->next_timer = (c->next_timer + 1) % COPY_TIMERS;
+    }
+    if (rc == 0 && done)
+        rc = check(c, cudaEventRecord((cudaEvent_t)done->h, c->copy), "upload: record");
+    if (rc == 0) {
+        c->uploads++;
+        c->upload_bytes += n;
+    }
+    pthread_mutex_unlock(&c->copy_mu);
+    return rc;
+}
+
+int cu_event_record(struct moe_backend *be, struct moe_event *ev)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    return check(c, cudaEventRecord((cudaEvent_t)ev->h, c->stream), "event record");
+}
+
+int cu_event_query(struct moe_backend *be, struct moe_event *ev)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    if (ev->h == nullptr)
+        return 1;
+    cudaSetDevice(c->device);
+    cudaError_t e = cudaEventQuery((cudaEvent_t)ev->h);
+    if (e == cudaErrorNotReady) {
+        // not an error; make sure the thread's last error does not keep it,
+        // or the next launch check would report it
+        if (cudaPeekAtLastError() == cudaErrorNotReady)
+            cudaGetLastError();
+        return 0;
+    }
+    return e == cudaSuccess ? 1 : check(c, e, "event query");
+}
+
+int cu_event_sync(struct moe_backend *be, struct moe_event *ev)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    if (ev->h == nullptr)
+        return 0;
+    cudaSetDevice(c->device);
+    return check(c, cudaEventSynchronize((cudaEvent_t)ev->h), "event sync");
+}
+
+int cu_stream_wait(struct moe_backend *be, struct moe_event *ev)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    if (ev->h == nullptr)
+        return 0;
+    return check(c, cudaStreamWaitEvent(c->stream, (cudaEvent_t)ev->h, 0), "stream wait");
+}
+
+void cu_copy_stats(struct moe_backend *be, struct moe_copy_stats *out)
+{
+    cuda_ctx *c = ctx_of(be);
+    pthread_mutex_lock(&c->copy_mu);
+    if (!c->fatal && cudaSetDevice(c->device) == cudaSuccess)
+        harvest_timers(c, true);
+    *out = (struct moe_copy_stats){ c->uploads, c->upload_bytes, c->timed, c->timed_bytes, c->busy_s };
+    pthread_mutex_unlock(&c->copy_mu);
+}
+
 // (Re)allocates *p to at least `want` bytes; keeps a larger one.
 int grow(cuda_ctx *c, void **p, size_t *have, size_t want, const char *what)
 {
@@ -766,8 +937,19 @@ void cu_destroy(struct moe_backend *be)
 {
     cuda_ctx *c = ctx_of(be);
     if (c) {
+        if (c->copy)
+            cudaStreamSynchronize(c->copy);
         if (c->stream)
             cudaStreamSynchronize(c->stream);
+        for (int i = 0; i < COPY_TIMERS; i++) {
+            if (c->timers[i].start)
+                cudaEventDestroy(c->timers[i].start);
+            if (c->timers[i].end)
+                cudaEventDestroy(c->timers[i].end);
+        }
+        if (c->copy)
+            cudaStreamDestroy(c->copy);
+        pthread_mutex_destroy(&c->copy_mu);
         cudaFree(c->tile);
         cudaFree(c->act);
         cudaFree(c->part);
@@ -807,6 +989,16 @@ const struct moe_backend_ops cuda_ops = {
     cu_copy_rows,
     cu_fill,
     cu_gate_rows,
+    cu_host_alloc,
+    cu_host_free,
+    cu_event_init,
+    cu_event_fini,
+    cu_upload_async,
+    cu_event_record,
+    cu_event_query,
+    cu_event_sync,
+    cu_stream_wait,
+    cu_copy_stats,
     0,   // host_memory: device memory
 };
 
@@ -838,11 +1030,19 @@ extern "C" int moe_backend_cuda_create(struct moe_backend **out, int device, str
     be->ops = &cuda_ops;
     be->ctx = c;
     c->device = device;
+    pthread_mutex_init(&c->copy_mu, nullptr);
     int rc = 0;
     if ((e = cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
         rc = moe_diag_set(diag, MOE_EGPU, "cudaDeviceGetAttribute: %s", cudaGetErrorString(e));
     if (rc == 0 && (e = cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking)) != cudaSuccess)
         rc = moe_diag_set(diag, MOE_EGPU, "cudaStreamCreate: %s", cudaGetErrorString(e));
+    if (rc == 0 && (e = cudaStreamCreateWithFlags(&c->copy, cudaStreamNonBlocking)) != cudaSuccess)
+        rc = moe_diag_set(diag, MOE_EGPU, "cudaStreamCreate (copy): %s", cudaGetErrorString(e));
+    for (int i = 0; rc == 0 && i < COPY_TIMERS; i++) {
+        if ((e = cudaEventCreate(&c->timers[i].start)) != cudaSuccess ||
+            (e = cudaEventCreate(&c->timers[i].end)) != cudaSuccess)
+            rc = moe_diag_set(diag, MOE_EGPU, "cudaEventCreate (copy timers): %s", cudaGetErrorString(e));
+    }
     cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
     if (rc == 0 && (st = cublasCreate(&c->blas)) != CUBLAS_STATUS_SUCCESS) {
         c->blas = nullptr;

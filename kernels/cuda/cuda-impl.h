@@ -6,6 +6,7 @@
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -13,10 +14,27 @@
 
 namespace moecu {
 
+// Timing of the copy stream: a pair of events around each upload, from a
+// ring; a slot still in flight when its turn comes again leaves that upload
+// untimed rather than making the host wait.
+constexpr int COPY_TIMERS = 256;
+
+struct copy_timer {
+    cudaEvent_t start, end;
+    size_t bytes;
+    bool pending;                  // recorded, not yet added to the totals
+};
+
 struct cuda_ctx {
     int device;
     int n_sm;
-    cudaStream_t stream;
+    cudaStream_t stream;           // compute: every op, in call order
+    cudaStream_t copy;             // upload_async (expert slots), H2D only
+    pthread_mutex_t copy_mu;       // the timers and the totals below
+    copy_timer timers[COPY_TIMERS];
+    int next_timer;
+    uint64_t uploads, upload_bytes, timed, timed_bytes;
+    double busy_s;
     cublasHandle_t blas;
     struct moe_backend *host;      // CPU backend for the router's top-k
     void *tile;                    // dequantized weight rows (f16) for cuBLAS

@@ -9,11 +9,24 @@
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "kernels/cuda.h"
+
+/* MOE_GPU_STAND_IN=cpu: the gpu tests run with the CPU backend in the GPU's
+ * place (the CPU backend taking the device data path: upload_weights,
+ * staged expert loads, events). Proves the tests' own logic and
+ * tools/gpu_check.sh's plumbing on a machine without a GPU (its
+ * --dry-run); it proves nothing about CUDA, and the tests say so. */
+static inline int moe_test_gpu_stand_in(void)
+{
+    const char *v = getenv("MOE_GPU_STAND_IN");
+    return v != NULL && strcmp(v, "cpu") == 0;
+}
 
 /* >= 0 devices (capped at 100); 0 when the probe fails or crashes. */
 static inline int moe_test_cuda_devices(void)
