@@ -438,6 +438,48 @@ static int wait_upload(struct moe_expert_cache *c, struct slot *s, int pending, 
     return rc;
 }
 
+/* Fills the chosen slot s (LOADING) from the host tier if the tier holds
+ * (layer, expert), and publishes it READY: on a staged cache the copy is
+ * queued on the copy stream like a load from disk (*pending: it may still
+ * run; the tier's entry stays pinned until it has). A demand load counts
+ * as a host-tier hit. Returns 1 (filled), 0 (not in the tier), or a
+ * negative error of the upload (the tier's entry released, the slot left
+ * LOADING for the caller to give up). */
+static int from_tier(struct moe_expert_cache *c, struct slot *s, int layer, int expert, int demand,
+                     int *pending)
+{
+    const void *hdata;
+    size_t hsize;
+    *pending = 0;
+    if (c->host == NULL || !moe_host_tier_acquire(c->host, (uint32_t)layer, (uint32_t)expert, &hdata, &hsize))
+        return 0;
+    const size_t n = hsize < c->slot_bytes ? hsize : c->slot_bytes;
+    int rc = 0, done = 1;
+    if (s->stage) {
+        rc = c->be->ops->upload_async(c->be, s->data, hdata, n, &s->last_use, &s->ready);
+        done = rc != 0 || c->be->ops->event_query(c->be, &s->ready) != 0;
+    } else {
+        memcpy(s->data, hdata, n);
+    }
+    if (done)
+        moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
+    if (rc != 0)
+        return rc;
+    *pending = !done;
+    pthread_mutex_lock(&c->mu);
+    s->state = SLOT_READY;
+    s->upload_pending = !done;
+    s->tier_hold = !done;
+    c->n_held += !done;
+    if (demand)
+        c->st.host_hits++;
+    else
+        c->st.host_prefetches++;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    return 1;
+}
+
 int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, int32_t step,
                              const uint8_t **data, struct moe_diag *diag)
 {
@@ -487,40 +529,21 @@ int moe_expert_cache_acquire(struct moe_expert_cache *c, int layer, int expert, 
     c->layer_misses[layer]++;
     pthread_mutex_unlock(&c->mu);
     const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
-    const void *hdata;
-    size_t hsize;
-    if (lay && c->host && moe_host_tier_acquire(c->host, (uint32_t)layer, (uint32_t)expert, &hdata, &hsize)) {
-        /* host tier -> slot on the copy stream, like a load from disk; the
-         * tier's entry stays pinned until the copy has read it */
-        const size_t n = hsize < c->slot_bytes ? hsize : c->slot_bytes;
-        int urc = 0, done = 1;
-        if (s->stage) {
-            urc = c->be->ops->upload_async(c->be, s->data, hdata, n, &s->last_use, &s->ready);
-            done = urc != 0 || c->be->ops->event_query(c->be, &s->ready) != 0;
-        } else {
-            memcpy(s->data, hdata, n);
+    int pending = 0;
+    const int tier = lay ? from_tier(c, s, layer, expert, 1, &pending) : 0;
+    if (tier < 0) {
+        abandon_slot(c, s, key);
+        return moe_diag_set(diag, tier, "expert (layer %d, expert %d): upload from the host tier"
+                            " failed: %s", layer, expert, moe_strerror(tier));
+    }
+    if (tier == 1) {
+        /* the caller's kernels wait for the copy on the device */
+        const int wrc = wait_upload(c, s, pending, layer, expert, diag);
+        if (wrc != 0) {
+            moe_expert_cache_release(c, layer, expert);
+            return wrc;
         }
-        if (done)
-            moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
-        if (urc == 0 && !done && (urc = c->be->ops->stream_wait(c->be, &s->ready)) != 0) {
-            /* the copy may still read the tier's buffer: keep it pinned */
-            c->be->ops->event_sync(c->be, &s->ready);
-            moe_host_tier_release(c->host, (uint32_t)layer, (uint32_t)expert);
-        }
-        if (urc != 0) {
-            abandon_slot(c, s, key);
-            return moe_diag_set(diag, urc, "expert (layer %d, expert %d): upload from the host tier"
-                                " failed: %s", layer, expert, moe_strerror(urc));
-        }
-        pthread_mutex_lock(&c->mu);
-        s->state = SLOT_READY;
-        s->upload_pending = !done;
-        s->tier_hold = !done;
-        c->n_held += !done;
-        c->st.host_hits++;
         *data = s->data;
-        pthread_cond_broadcast(&c->cv);
-        pthread_mutex_unlock(&c->mu);
         return 1;
     }
     int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, load_dst(s),
@@ -626,8 +649,19 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
     pthread_mutex_unlock(&c->mu);
     const struct moe_expert_layout *lay = moe_expert_src_layout(c->src, (uint32_t)layer);
     struct moe_diag d = { 0 };
-    int rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, load_dst(s),
-                                      (size_t)lay->raw_size, MOE_LOAD_PREFETCH, load_done, s, &d)
+    int pending = 0;
+    /* from the host tier when it holds the expert: a copy, not a disk read */
+    int rc = lay ? from_tier(c, s, layer, expert, 0, &pending) : 0;
+    if (rc == 1) {
+        pthread_mutex_lock(&c->mu);
+        s->pf_inflight = 0;
+        c->prefetch_inflight--;
+        pthread_mutex_unlock(&c->mu);
+        return 1;
+    }
+    if (rc == 0)
+        rc = lay ? moe_expert_src_load(c->src, (uint32_t)layer, (uint32_t)expert, load_dst(s),
+                                       (size_t)lay->raw_size, MOE_LOAD_PREFETCH, load_done, s, &d)
                  : -ENOENT;
     if (rc != 0) {
         pthread_mutex_lock(&c->mu);

@@ -15,6 +15,7 @@ struct moe_cache_stats {
     uint64_t prefetch_issued, prefetch_used, prefetch_wasted, prefetch_dropped;
     uint64_t prefetch_cancelled;    /* queued prefetches dropped as stale before they started */
     uint64_t host_hits, host_inserts;  /* host-RAM tier below the slots */
+    uint64_t host_prefetches;          /* prefetches served by the host tier */
     /* Uploads into slots on the backend's copy stream (a staged cache: a
      * GPU backend, or upload_weights): how many, their bytes, the copy
      * stream's time for the timed ones (kernels/backend.h moe_copy_stats),

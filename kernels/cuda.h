@@ -33,6 +33,17 @@ int moe_cuda_probe(struct moe_cuda_device *out, int max, struct moe_diag *diag);
  * proves the toolchain, driver and architecture list agree. */
 int moe_cuda_selftest(int dev, struct moe_diag *diag);
 
+/* Copy rates of a device, measured now (bytes per second): host to device
+ * from page-locked and from ordinary memory, device to host into
+ * page-locked memory, and device to device counting the bytes read and
+ * written (the HBM rate a memory-bound kernel can reach). Each is the best
+ * of a few cudaMemcpy of `bytes` after a warm-up. */
+struct moe_cuda_rates {
+    double h2d_pinned, h2d_pageable, d2h_pinned, d2d;
+    size_t bytes;
+};
+int moe_cuda_measure_rates(int dev, size_t bytes, struct moe_cuda_rates *out, struct moe_diag *diag);
+
 struct moe_backend;
 /* The CUDA backend on device `dev` (kernels/backend.h; every pointer an op
  * takes is device memory, except those the table marks "host" and the

@@ -22,6 +22,14 @@ int moe_cuda_selftest(int dev, struct moe_diag *diag)
                         "device %d: this build has no CUDA backend (meson -Dcuda=enabled)", dev);
 }
 
+int moe_cuda_measure_rates(int dev, size_t bytes, struct moe_cuda_rates *out, struct moe_diag *diag)
+{
+    (void)bytes;
+    (void)out;
+    return moe_diag_set(diag, MOE_EUNSUPPORTED,
+                        "device %d: this build has no CUDA backend (meson -Dcuda=enabled)", dev);
+}
+
 int moe_backend_cuda_create(struct moe_backend **out, int dev, struct moe_diag *diag)
 {
     *out = NULL;

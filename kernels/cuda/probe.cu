@@ -1,6 +1,8 @@
 // Device discovery and a toolchain self-test for the CUDA backend.
 #include <cuda_runtime.h>
+#include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/cuda.h"
@@ -84,5 +86,74 @@ out:
 #undef CK
     cudaFree(dx);
     cudaFree(dy);
+    return rc;
+}
+
+extern "C" int moe_cuda_measure_rates(int dev, size_t bytes, struct moe_cuda_rates *out,
+                                      struct moe_diag *diag)
+{
+    memset(out, 0, sizeof(*out));
+    out->bytes = bytes;
+    void *pinned = nullptr, *pageable = nullptr, *d0 = nullptr, *d1 = nullptr;
+    cudaEvent_t a = nullptr, b = nullptr;
+    int rc = 0;
+    cudaError_t e;
+#define CK(stmt) do { e = (stmt); if (e != cudaSuccess) { \
+        rc = moe_diag_set(diag, MOE_EGPU, "%s: %s (%s:%d)", #stmt, cudaGetErrorString(e), \
+                          __FILE__, __LINE__); goto out; } } while (0)
+    CK(cudaSetDevice(dev));
+    CK(cudaHostAlloc(&pinned, bytes, cudaHostAllocDefault));
+    pageable = malloc(bytes);
+    if (pageable == nullptr) {
+        rc = moe_diag_set(diag, -ENOMEM, "rates: cannot allocate %zu bytes", bytes);
+        goto out;
+    }
+    memset(pinned, 1, bytes);
+    memset(pageable, 1, bytes);
+    CK(cudaMalloc(&d0, bytes));
+    CK(cudaMalloc(&d1, bytes));
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    {
+        // what, from, to, kind, bytes counted per copy
+        struct {
+            double *rate;
+            void *dst;
+            const void *src;
+            cudaMemcpyKind kind;
+            double per_copy;
+        } runs[] = {
+            { &out->h2d_pinned, d0, pinned, cudaMemcpyHostToDevice, (double)bytes },
+            { &out->h2d_pageable, d0, pageable, cudaMemcpyHostToDevice, (double)bytes },
+            { &out->d2h_pinned, pinned, d0, cudaMemcpyDeviceToHost, (double)bytes },
+            { &out->d2d, d1, d0, cudaMemcpyDeviceToDevice, 2.0 * (double)bytes },
+        };
+        for (size_t r = 0; r < sizeof(runs) / sizeof(runs[0]); r++) {
+            double best = 0;
+            for (int rep = 0; rep < 4; rep++) {   // the first is a warm-up
+                CK(cudaEventRecord(a, 0));
+                CK(cudaMemcpyAsync(runs[r].dst, runs[r].src, bytes, runs[r].kind, 0));
+                CK(cudaEventRecord(b, 0));
+                CK(cudaEventSynchronize(b));
+                float ms = 0;
+                CK(cudaEventElapsedTime(&ms, a, b));
+                const double rate = ms > 0 ? runs[r].per_copy / (ms * 1e-3) : 0;
+                if (rep > 0 && rate > best)
+                    best = rate;
+            }
+            *runs[r].rate = best;
+        }
+    }
+out:
+#undef CK
+    if (a)
+        cudaEventDestroy(a);
+    if (b)
+        cudaEventDestroy(b);
+    cudaFree(d0);
+    cudaFree(d1);
+    if (pinned)
+        cudaFreeHost(pinned);
+    free(pageable);
     return rc;
 }
