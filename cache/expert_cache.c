@@ -696,7 +696,10 @@ int moe_expert_cache_warm(struct moe_expert_cache *c, int layer, int expert)
         return -ENOSPC;
     }
     struct slot *s = &c->slots[i];
-    *s = (struct slot){ .state = SLOT_LOADING, .key = key, .data = s->data, .stage = s->stage, .c = c };
+    /* an EMPTY slot has no upload in flight; its events stay the slot's */
+    MOE_ASSERT(!s->upload_pending && !s->tier_hold);
+    *s = (struct slot){ .state = SLOT_LOADING, .key = key, .data = s->data, .stage = s->stage,
+                        .ready = s->ready, .last_use = s->last_use, .c = c };
     c->slot_of[key] = i;
     moe_policy_touch(c->policy, layer, expert, c->clock++);
     pthread_mutex_unlock(&c->mu);
