@@ -205,7 +205,8 @@ struct moe_backend_ops {
     /* Ops called after this on the compute stream start after ev completes;
      * the host does not wait. */
     int (*stream_wait)(struct moe_backend *be, struct moe_event *ev);
-    /* Totals since the backend was created (struct moe_copy_stats). */
+    /* Totals since the backend was created (struct moe_copy_stats); the
+     * time counts the uploads that have finished. Never waits. */
     void (*copy_stats)(struct moe_backend *be, struct moe_copy_stats *out);
 
     /* 1: backend memory is host memory (the CPU backend): weights are used

@@ -577,8 +577,11 @@ void cu_copy_stats(struct moe_backend *be, struct moe_copy_stats *out)
 {
     cuda_ctx *c = ctx_of(be);
     pthread_mutex_lock(&c->copy_mu);
+    // the finished copies only: a stats call (moed's /metrics) never waits
+    // for the copy stream; an upload still running is counted in uploads
+    // and bytes now, in its time once it has finished
     if (!c->fatal && cudaSetDevice(c->device) == cudaSuccess)
-        harvest_timers(c, true);
+        harvest_timers(c, false);
     *out = (struct moe_copy_stats){ c->uploads, c->upload_bytes, c->timed, c->timed_bytes, c->busy_s };
     pthread_mutex_unlock(&c->copy_mu);
 }
