@@ -1008,7 +1008,7 @@ const struct moe_backend_ops cuda_ops = {
 } // namespace
 } // namespace moecu
 
-extern "C" int moe_backend_cuda_create(struct moe_backend **out, int device, struct moe_diag *diag)
+extern "C" int moe_cudamod_backend_create(struct moe_backend **out, int device, struct moe_diag *diag)
 {
     using namespace moecu;
     *out = nullptr;

@@ -6,13 +6,9 @@
 #include <string.h>
 
 #include "kernels/cuda.h"
+#include "kernels/cuda/module.h"
 
-extern "C" int moe_cuda_built(void)
-{
-    return 1;
-}
-
-extern "C" int moe_cuda_probe(struct moe_cuda_device *out, int max, struct moe_diag *diag)
+static int mod_probe(struct moe_cuda_device *out, int max, struct moe_diag *diag)
 {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
@@ -53,7 +49,7 @@ __global__ static void saxpy_kernel(int n, float a, const float *x, float *y)
         y[i] = a * x[i] + y[i];
 }
 
-extern "C" int moe_cuda_selftest(int dev, struct moe_diag *diag)
+static int mod_selftest(int dev, struct moe_diag *diag)
 {
     enum { N = 4099 };
     static float hx[N], hy[N];
@@ -89,7 +85,7 @@ out:
     return rc;
 }
 
-extern "C" int moe_cuda_measure_rates(int dev, size_t bytes, struct moe_cuda_rates *out,
+static int mod_measure_rates(int dev, size_t bytes, struct moe_cuda_rates *out,
                                       struct moe_diag *diag)
 {
     memset(out, 0, sizeof(*out));
@@ -156,4 +152,16 @@ out:
         cudaFreeHost(pinned);
     free(pageable);
     return rc;
+}
+
+extern "C" int moe_cudamod_backend_create(struct moe_backend **out, int device, struct moe_diag *diag);
+
+// The module's one exported entry: the table libmoe's loader calls through
+// (kernels/cuda/module.h).
+extern "C" __attribute__((visibility("default"))) const struct moe_cuda_module *moe_cuda_module_get(void)
+{
+    static const struct moe_cuda_module m = {
+        MOE_CUDA_MODULE_ABI, mod_probe, mod_selftest, mod_measure_rates, moe_cudamod_backend_create,
+    };
+    return &m;
 }
