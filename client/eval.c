@@ -638,6 +638,7 @@ static void print_memory(struct moe_model *m)
             PRIu64 ", \"cache_slots\": %d, \"auto_sized\": %s, \"warm_loads\": %d,"
             " \"peak_rss_bytes\": %llu}\n",
             p->dense_bytes + p->kv_bytes + p->cache_bytes + p->host_bytes + p->workspace_bytes +
+            p->staging_bytes +
             (p->expert_cache ? 0 : p->expert_bytes), moe_model_plan_host_bytes(p, p->opts.backend),
             p->host_budget, p->n_slots, p->auto_sized ? "true" : "false", moe_model_warm_loads(m),
             (unsigned long long)ru.ru_maxrss * 1024ull);

@@ -276,6 +276,20 @@ static void *pool_main(void *arg)
 
 /* ---- open/close ------------------------------------------------------- */
 
+unsigned moe_expert_src_n_staging(const struct moe_io_config *cfg, size_t stage_cap)
+{
+    const struct moe_io_config c = cfg ? *cfg : (struct moe_io_config){ 0 };
+    if (c.n_staging)
+        return c.n_staging;
+    const unsigned threads = c.n_threads == 0 ? 2 : c.n_threads > 64 ? 64 : c.n_threads;
+    const uint64_t qd = c.uring.queue_depth ? c.uring.queue_depth : MOE_URING_DEFAULT_QD;
+    const uint64_t chunk = c.uring.chunk_bytes ? c.uring.chunk_bytes : MOE_URING_DEFAULT_CHUNK;
+    const uint64_t cap = stage_cap ? stage_cap : 1;
+    /* enough blobs to keep the queue full, plus one per decoder */
+    const uint64_t fill = (qd * chunk + cap - 1) / cap;
+    return threads + 1 + (unsigned)(fill < 64 ? fill : 64);
+}
+
 int moe_expert_src_open(struct moe_expert_src **out, const char *path,
                         const struct moe_io_config *cfg, struct moe_diag *diag)
 {
@@ -339,13 +353,8 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
         }
     }
     s->stage_cap = (size_t)up(max_stage ? max_stage : 1, s->align);
-    unsigned qd = moe_uring_queue_depth(s->io);
-    size_t chunk = c.uring.chunk_bytes ? c.uring.chunk_bytes : MOE_URING_DEFAULT_CHUNK;
-    if (c.n_staging == 0) {
-        /* enough blobs to keep the queue full, plus one per decoder */
-        uint64_t fill = ((uint64_t)qd * chunk + s->stage_cap - 1) / s->stage_cap;
-        c.n_staging = c.n_threads + 1 + (unsigned)(fill < 64 ? fill : 64);
-    }
+    if (c.n_staging == 0)
+        c.n_staging = moe_expert_src_n_staging(&c, s->stage_cap);
     s->n_stages = c.n_staging;
     s->stages = moe_calloc(s->n_stages, sizeof(*s->stages));
     struct iovec *iov = moe_calloc(s->n_stages, sizeof(*iov));

@@ -88,6 +88,11 @@ uint32_t moe_expert_src_n_expert(const struct moe_expert_src *s);
 /* NULL when the layer has no experts. Borrowed until close. */
 const struct moe_expert_layout *moe_expert_src_layout(const struct moe_expert_src *s,
                                                       uint32_t layer);
+/* How many staging buffers a source allocates for stored experts of up to
+ * stage_cap bytes under cfg (NULL: defaults): enough to keep the reader's
+ * queue full, plus one per decoder. The memory plan counts them. */
+unsigned moe_expert_src_n_staging(const struct moe_io_config *cfg, size_t stage_cap);
+
 /* The reader's mode, for logs and tests. */
 bool moe_expert_src_uses_uring(const struct moe_expert_src *s);
 bool moe_expert_src_uses_direct(const struct moe_expert_src *s);

@@ -111,6 +111,16 @@ int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_op
     return 0;
 }
 
+/* The read buffers an expert source opens with (io/expert_src.c): each
+ * holds a stored expert, bounded here by the slot plus two alignment pages
+ * per tensor slice. */
+static uint64_t staging_for(const struct moe_model_opts *o, size_t slot)
+{
+    const struct moe_io_config io = { .uring = { .force_pread = o->force_pread } };
+    const uint64_t cap = (slot + 2ull * 4096 * MOE_EXPERT_MAX_SLICES + 4095) & ~4095ull;
+    return cap * moe_expert_src_n_staging(&io, (size_t)cap);
+}
+
 int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int n_moe_layers,
                          struct moe_model_plan *p, struct moe_diag *diag)
 {
@@ -122,8 +132,10 @@ int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int 
     if (!p->expert_cache) {
         p->n_slots = 0;
         p->cache_bytes = 0;
+        p->staging_bytes = 0;
         return 0;
     }
+    p->staging_bytes = staging_for(o, slot_bytes);
     if (slot_bytes == 0)
         return moe_diag_set(diag, MOE_EFORMAT, "no expert tensors");
     /* a slot count, or a byte budget met exactly, alignment included
@@ -295,9 +307,12 @@ static int auto_size(struct moe_model_opts *o, size_t slot, int n_moe, struct mo
     const uint64_t fixed = p->dense_bytes + p->kv_bytes + p->workspace_bytes;
     const uint64_t all = moe_expert_cache_pool_bytes(slot, n_moe * p->n_expert);
     const uint64_t min = moe_expert_cache_pool_bytes(slot, p->n_expert_used);
-    const uint64_t left = budget > fixed ? budget - fixed : 0;
+    /* a cache also needs the store's read buffers in host memory */
+    const uint64_t staging = staging_for(o, slot);
+    const uint64_t fixed_c = fixed + (cuda ? 0 : staging);
+    const uint64_t left = budget > fixed_c ? budget - fixed_c : 0;
     p->auto_sized = true;
-    if (left >= all) {
+    if (budget >= fixed + all + (p->pack && !cuda ? staging : 0)) {
         snprintf(p->cache_why, sizeof(p->cache_why), "every expert fits in the %s budget",
                  cuda ? "device" : "host");
         return 0;   /* resident (GGUF) or every slot (pack) */
@@ -313,11 +328,13 @@ static int auto_size(struct moe_model_opts *o, size_t slot, int n_moe, struct mo
                             (double)budget / 1048576.0, cuda ? "free device memory less a margin"
                             : p->host_why);
     o->cache_bytes = left;
-    snprintf(p->cache_why, sizeof(p->cache_why), "sized to the %s budget: %.0f MiB less dense, KV and"
-             " workspace", cuda ? "device" : "host", (double)budget / 1048576.0);
+    snprintf(p->cache_why, sizeof(p->cache_why), "sized to the %s budget: %.0f MiB less dense, KV,"
+             " workspace%s", cuda ? "device" : "host", (double)budget / 1048576.0,
+             cuda ? "" : " and read buffers");
     if (cuda) {
         /* what the host has beyond the loads' staging holds more experts */
-        const uint64_t host_left = p->host_budget > left ? p->host_budget - left : 0;
+        const uint64_t host_used = left + staging;
+        const uint64_t host_left = p->host_budget > host_used ? p->host_budget - host_used : 0;
         o->host_bytes = host_left < all - left ? host_left : all - left;
     }
     return 0;
@@ -418,9 +435,9 @@ uint64_t moe_model_plan_device_bytes(const struct moe_model_plan *p)
 uint64_t moe_model_plan_host_bytes(const struct moe_model_plan *p, int backend)
 {
     if (backend == MOE_BACKEND_CPU)   /* dense (and resident experts) stay mapped */
-        return p->kv_bytes + p->cache_bytes + p->host_bytes + p->workspace_bytes;
+        return p->kv_bytes + p->cache_bytes + p->host_bytes + p->workspace_bytes + p->staging_bytes;
     /* loads are staged per slot in host memory before the upload */
-    return p->host_bytes + (p->expert_cache ? p->cache_bytes : 0);
+    return p->host_bytes + p->staging_bytes + (p->expert_cache ? p->cache_bytes : 0);
 }
 
 static double mib(uint64_t b)
@@ -433,7 +450,8 @@ int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
     int rc = 0;
 #define LINE(...) do { if (rc == 0) rc = moe_buf_printf(out, __VA_ARGS__); } while (0)
     const uint64_t total = p->dense_bytes + p->kv_bytes + p->cache_bytes + p->host_bytes +
-                           p->workspace_bytes + (p->expert_cache ? 0 : p->expert_bytes);
+                           p->staging_bytes + p->workspace_bytes +
+                           (p->expert_cache ? 0 : p->expert_bytes);
     LINE("  %-16s %12s  %s\n", "component", "MiB", "why");
     LINE("  %-16s %12.1f  dense tensors (embeddings, attention, norms, routers, output)\n",
          "dense weights", mib(p->dense_bytes));
@@ -450,6 +468,9 @@ int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
              mib(p->expert_bytes), p->cache_why[0] ? ": " : "", p->cache_why);
     if (p->host_bytes)
         LINE("  %-16s %12.1f  host-RAM tier below the expert cache\n", "host tier", mib(p->host_bytes));
+    if (p->staging_bytes)
+        LINE("  %-16s %12.1f  the expert store's read buffers (host memory)\n", "read buffers",
+             mib(p->staging_bytes));
     LINE("  %-16s %12.1f  activations and scratch for %d tokens per step\n", "workspace",
          mib(p->workspace_bytes), p->n_batch);
     LINE("  %-16s %12.1f\n", "total", mib(total));

@@ -43,6 +43,7 @@ struct moe_model_plan {
     int all_slots;              /* every expert */
     uint64_t cache_bytes;       /* n_slots x slot_stride + alignment */
     uint64_t host_bytes;        /* host-RAM tier below the cache */
+    uint64_t staging_bytes;     /* the expert store's read buffers (host memory; with a cache) */
     uint64_t workspace_bytes;   /* activations and backend scratch for n_batch tokens */
     /* the budgets the plan was sized against */
     uint64_t host_budget;       /* memory_limit, or what the host makes available */

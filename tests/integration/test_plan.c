@@ -25,7 +25,7 @@ static int same_plan(const struct moe_model_plan *a, const struct moe_model_plan
     F(n_ctx) F(n_batch) F(n_seqs) F(kv_f16) F(pack) F(dense_bytes) F(expert_bytes)
     F(n_moe_layers) F(n_expert) F(n_expert_used) F(kv_bytes_per_seq) F(kv_bytes)
     F(expert_cache) F(slot_bytes) F(slot_stride) F(n_slots) F(min_slots) F(all_slots)
-    F(cache_bytes) F(host_bytes) F(workspace_bytes)
+    F(cache_bytes) F(host_bytes) F(staging_bytes) F(workspace_bytes)
 #undef F
     return 1;
 }
