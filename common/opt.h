@@ -32,6 +32,7 @@ struct moe_opt_choice {
 
 enum {
     MOE_OPT_RUNTIME = 1u << 0,   /* moed: SIGHUP can change it */
+    MOE_OPT_SECRET = 1u << 1,    /* never printed (--check-config shows "(set)") */
 };
 
 struct moe_opt {

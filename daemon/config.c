@@ -1,15 +1,18 @@
 #include "daemon/config.h"
 
+#include "common/log.h"
 #include "common/opt.h"
 #include "daemon/log.h"
 #include "model/options.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <ini.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/buf.h"
 
@@ -38,7 +41,16 @@ static const struct moe_opt daemon_keys[] = {
     { "socket_mode", NULL, MOE_OPT_MODE, OFF(socket_mode), 0, 0, 0777, NULL, "0600", 0,
       "permissions of the socket, octal" },
     { "tcp_port", NULL, MOE_OPT_INT, OFF(tcp_port), 0, 0, 65535, NULL, "0", 0,
-      "also listen on 127.0.0.1:PORT (0: off)" },
+      "also listen for HTTP on tcp_host:PORT (0: off)" },
+    { "tcp_host", NULL, MOE_OPT_STR, OFF(tcp_host), CAP(tcp_host), 0, 0, NULL, "127.0.0.1", 0,
+      "address tcp_port listens on: an IPv4 or IPv6 literal (0.0.0.0 or :: for every interface);"
+      " beyond loopback an api_key is required" },
+    { "api_key", NULL, MOE_OPT_STR, OFF(api_key), CAP(api_key), 0, 0, NULL, NULL,
+      RT | MOE_OPT_SECRET,
+      "Bearer token every TCP client must send (Authorization: Bearer KEY, or x-api-key: KEY);"
+      " 401 otherwise; /health stays open; the Unix socket is guarded by socket_mode instead" },
+    { "api_key_file", NULL, MOE_OPT_STR, OFF(api_key_file), CAP(api_key_file), 0, 0, NULL, NULL,
+      RT, "file whose first line is the api_key (keeps the key out of the config and ps)" },
     { "prefill_chunk", NULL, MOE_OPT_INT, OFF(prefill_chunk), 0, 1, 8192, NULL, "256", RT,
       "prompt tokens per step for one sequence, so long prompts do not stall streams" },
     { "queue_size", NULL, MOE_OPT_INT, OFF(queue_size), 0, 0, 1 << 16, NULL, "64", RT,
@@ -329,7 +341,97 @@ int moed_config_from_args(struct moed_config *c, int argc, char **argv, struct m
     return 0;
 }
 
-int moed_config_validate(const struct moed_config *c, struct moe_diag *d)
+bool moed_host_is_loopback(const char *host)
+{
+    unsigned char a[16];
+    if (inet_pton(AF_INET, host, a) == 1)
+        return a[0] == 127;
+    if (inet_pton(AF_INET6, host, a) == 1) {
+        static const unsigned char one[16] = { [15] = 1 };
+        return memcmp(a, one, sizeof(one)) == 0;
+    }
+    return false;
+}
+
+bool moed_key_equal(const char *expected, const char *given, size_t given_len)
+{
+    const size_t n = strlen(expected);
+    unsigned diff = (unsigned)(n != given_len);
+    for (size_t i = 0; i < n; i++)
+        diff |= (unsigned char)expected[i] ^ (unsigned char)(given_len ? given[i % given_len] : 0);
+    return n > 0 && diff == 0;
+}
+
+/* A key is what a client sends in a header: visible ASCII, no spaces. */
+static int check_key(const char *key, const char *what, struct moe_diag *d)
+{
+    if (key[0] == '\0')
+        return moe_diag_set(d, -EINVAL, "%s: the key is empty", what);
+    for (const char *p = key; *p; p++)
+        if (*p < 0x21 || *p > 0x7e)
+            return moe_diag_set(d, -EINVAL, "%s: the key has a byte 0x%02x; expected visible ASCII"
+                                " without spaces", what, (unsigned char)*p);
+    return 0;
+}
+
+/* api_key_file's first line (trailing blanks and CR/LF dropped) into out. */
+static int read_key_file(const char *path, char *out, size_t cap, struct moe_diag *d)
+{
+    FILE *f = fopen(path, "re");
+    if (f == NULL)
+        return moe_diag_set(d, -errno, "api_key_file: cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && (st.st_mode & 0077))
+        moe_log(MOE_LOG_WARN, "api_key_file: %s is readable by others (mode %03o); chmod 600 it", path,
+              (unsigned)(st.st_mode & 0777));
+    char line[512];
+    const bool got = fgets(line, sizeof(line), f) != NULL;
+    fclose(f);
+    size_t n = got ? strlen(line) : 0;
+    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r' || line[n - 1] == ' ' ||
+                     line[n - 1] == '\t'))
+        line[--n] = '\0';
+    if (n >= cap)
+        return moe_diag_set(d, -EINVAL, "api_key_file: %s: the key is %zu bytes; at most %zu", path,
+                            n, cap - 1);
+    char what[PATH_MAX + 16];
+    snprintf(what, sizeof(what), "api_key_file %s", path);
+    int rc = check_key(got ? line : "", what, d);
+    if (rc != 0)
+        return rc;
+    memcpy(out, line, n + 1);
+    return 0;
+}
+
+static int resolve_auth(struct moed_config *c, struct moe_diag *d)
+{
+    c->auth_key[0] = '\0';
+    if (c->api_key[0] && c->api_key_file[0])
+        return moe_diag_set(d, -EINVAL, "api_key and api_key_file are both set; set one");
+    if (c->api_key_file[0])
+        return read_key_file(c->api_key_file, c->auth_key, sizeof(c->auth_key), d);
+    if (c->api_key[0]) {
+        int rc = check_key(c->api_key, "api_key", d);
+        if (rc != 0)
+            return rc;
+        snprintf(c->auth_key, sizeof(c->auth_key), "%s", c->api_key);
+    }
+    return 0;
+}
+
+static int check_tcp(const struct moed_config *c, struct moe_diag *d)
+{
+    unsigned char a[16];
+    if (inet_pton(AF_INET, c->tcp_host, a) != 1 && inet_pton(AF_INET6, c->tcp_host, a) != 1)
+        return moe_diag_set(d, -EINVAL, "tcp_host: '%s' is not an IPv4 or IPv6 address (a host"
+                            " name is not resolved; give 127.0.0.1, 0.0.0.0, ::1 or ::)", c->tcp_host);
+    if (c->tcp_port > 0 && !moed_host_is_loopback(c->tcp_host) && c->auth_key[0] == '\0')
+        return moe_diag_set(d, -EINVAL, "tcp_host: %s listens beyond loopback; set api_key or"
+                            " api_key_file so that clients must authenticate", c->tcp_host);
+    return 0;
+}
+
+int moed_config_validate(struct moed_config *c, struct moe_diag *d)
 {
     if (c->model[0] == '\0')
         return moe_diag_set(d, -EINVAL, "model: no model given (--model FILE or `model =` in the"
@@ -339,6 +441,11 @@ int moed_config_validate(const struct moed_config *c, struct moe_diag *d)
     if (strlen(c->socket) >= 108)
         return moe_diag_set(d, -EINVAL, "socket: path '%s' is %zu bytes, a Unix socket path has"
                             " at most 107", c->socket, strlen(c->socket));
+    int rc = resolve_auth(c, d);
+    if (rc == 0)
+        rc = check_tcp(c, d);
+    if (rc != 0)
+        return rc;
     return moe_model_opts_check(&c->engine, d);
 }
 
@@ -350,6 +457,8 @@ void moed_config_print(const struct moed_config *c, FILE *f)
         const struct moe_opt *k = key_at(i, &base);
         char v[PATH_MAX + 32];
         moe_opt_format(k, (const char *)c + base, v, sizeof(v));
+        if ((k->flags & MOE_OPT_SECRET) && v[0])
+            snprintf(v, sizeof(v), "(set)");
         fprintf(f, "%s = %s%s\n", k->name, v, k->flags & MOE_OPT_RUNTIME ? "" : "    ; restart to change");
     }
 }
@@ -373,6 +482,7 @@ void moed_config_apply_reload(struct moed_config *cur, const struct moed_config 
         struct moe_diag d = { 0 };
         set_key(cur, k, base, b, &d);   /* b came from a valid config */
     }
+    memcpy(cur->auth_key, next->auth_key, sizeof(cur->auth_key));   /* derived, runtime */
 }
 
 void moed_config_usage(FILE *f)

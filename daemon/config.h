@@ -25,7 +25,12 @@ struct moed_config {
     /* server (restart) */
     char socket[PATH_MAX];
     unsigned socket_mode;
-    int tcp_port;              /* 0 = off; 127.0.0.1 only */
+    int tcp_port;              /* 0 = off */
+    char tcp_host[64];         /* address tcp_port listens on (IPv4 or IPv6 literal) */
+    /* clients on TCP (SIGHUP) */
+    char api_key[256];         /* Bearer token TCP clients must send; "" = none */
+    char api_key_file[PATH_MAX];   /* file holding it (first line) */
+    char auth_key[256];        /* derived: api_key, or api_key_file's line; not a key */
     /* run time (SIGHUP) */
     int prefill_chunk;
     int queue_size;
@@ -76,8 +81,17 @@ struct moed_args {
 int moed_config_from_args(struct moed_config *c, int argc, char **argv, struct moed_args *a,
                           struct moe_diag *d);
 
-/* Cross-key checks once everything is read (model given, ...). */
-int moed_config_validate(const struct moed_config *c, struct moe_diag *d);
+/* Cross-key checks once everything is read (model given, ...), and the
+ * derived auth_key (api_key_file read here). A TCP listener beyond loopback
+ * without a key is refused. */
+int moed_config_validate(struct moed_config *c, struct moe_diag *d);
+
+/* True when host (an IP literal) is a loopback address (127.0.0.0/8, ::1). */
+bool moed_host_is_loopback(const char *host);
+
+/* Compares a client's key with the configured one in time that depends only
+ * on the configured key's length. */
+bool moed_key_equal(const char *expected, const char *given, size_t given_len);
 
 /* Prints `key = value` for every key, with a comment for keys that need a
  * restart to change. */

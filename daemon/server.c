@@ -46,6 +46,10 @@ struct moed_conn {
     bool hname_done;
     bool expect_continue;
     bool too_large_headers, too_large_body;
+    bool is_tcp;                  /* accepted on the TCP listener: api_key applies */
+    char auth[264];               /* the client's key (Authorization: Bearer, x-api-key) */
+    size_t auth_len;
+    bool auth_overlong;
     struct moe_buf body;          /* limit: max_body_bytes */
     /* bytes that arrived while a response was in progress (pipelining) */
     struct moe_buf pending;       /* limit: one maximal request */
@@ -95,6 +99,7 @@ static const char *status_text(int status)
     case 100: return "Continue";
     case 200: return "OK";
     case 400: return "Bad Request";
+    case 401: return "Unauthorized";
     case 404: return "Not Found";
     case 405: return "Method Not Allowed";
     case 408: return "Request Timeout";
@@ -289,7 +294,9 @@ void moed_conn_send_error(struct moed_conn *c, int status, const char *type, con
                           "param", param, "code");
     struct moe_buf b;
     moe_buf_init(&b, 0);
-    const char *extra = status == 503 ? "Retry-After: 1\r\n" : NULL;
+    const char *extra = status == 503   ? "Retry-After: 1\r\n"
+                        : status == 401 ? "WWW-Authenticate: Bearer\r\n"
+                                        : NULL;
     if (j && json_dump_callback(j, buf_sink, &b, JSON_COMPACT) == 0 && b.data)
         moed_conn_send(c, status, "application/json", b.data, b.len, extra);
     else
@@ -405,6 +412,8 @@ static int on_message_begin(http_parser *p)
     c->hname_done = false;
     c->expect_continue = false;
     c->too_large_headers = c->too_large_body = false;
+    c->auth_len = 0;
+    c->auth_overlong = false;
     moe_buf_clear(&c->body);   /* keeps its memory for the next request */
     c->body.limit = (size_t)c->srv->cfg.max_body_bytes;
     arm_read(c);
@@ -453,14 +462,58 @@ static int on_header_field(http_parser *p, const char *at, size_t n)
     return 0;
 }
 
+/* Collects an auth header's value (http-parser may split it); the last such
+ * header of the request wins. */
+static void keep_auth(struct moed_conn *c, const char *at, size_t n, bool first)
+{
+    if (first) {
+        c->auth_len = 0;
+        c->auth_overlong = false;
+    }
+    if (c->auth_len + n >= sizeof(c->auth)) {
+        c->auth_overlong = true;
+        return;
+    }
+    memcpy(c->auth + c->auth_len, at, n);
+    c->auth_len += n;
+    c->auth[c->auth_len] = '\0';
+}
+
+/* api_key: TCP clients must present it, except for /health (load balancers'
+ * checks). "Authorization: Bearer KEY" or "x-api-key: KEY". */
+static bool authorized(const struct moed_conn *c, const char *path)
+{
+    const char *key = c->srv->cfg.auth_key;
+    if (!c->is_tcp || key[0] == '\0' || strcmp(path, "/health") == 0)
+        return true;
+    if (c->auth_overlong)
+        return false;
+    const char *v = c->auth;
+    size_t n = c->auth_len;
+    if (n > 7 && strncasecmp(v, "Bearer ", 7) == 0) {
+        v += 7;
+        n -= 7;
+    }
+    while (n > 0 && (*v == ' ' || *v == '\t')) {
+        v++;
+        n--;
+    }
+    while (n > 0 && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    return moed_key_equal(key, v, n);
+}
+
 static int on_header_value(http_parser *p, const char *at, size_t n)
 {
     struct moed_conn *c = p->data;
     if (count_header(c, n))
         return 1;
+    const bool first = !c->hname_done;
     c->hname_done = true;
     if (strcasecmp(c->hname, "expect") == 0 && n >= 12 && strncasecmp(at, "100-continue", 12) == 0)
         c->expect_continue = true;
+    if (strcasecmp(c->hname, "authorization") == 0 || strcasecmp(c->hname, "x-api-key") == 0)
+        keep_auth(c, at, n, first);
     return 0;
 }
 
@@ -504,6 +557,16 @@ static int on_message_complete(http_parser *p)
     if (s->shutting_down) {
         c->keep_alive = false;
         moed_conn_send_error(c, 503, "server_error", NULL, "moed is shutting down");
+        moed_conn_done(c);
+        return 0;
+    }
+    if (!authorized(c, path)) {
+        LOG_W("conn %llu: %s %s: 401 (%s)", (unsigned long long)c->id,
+              http_method_str((enum http_method)p->method), path,
+              c->auth_len ? "wrong api key" : "no api key");
+        moed_conn_send_error(c, 401, "authentication_error", NULL, "%s: this daemon requires an API"
+                             " key on TCP (Authorization: Bearer KEY or x-api-key: KEY)",
+                             c->auth_len ? "invalid API key" : "missing API key");
         moed_conn_done(c);
         return 0;
     }
@@ -637,6 +700,7 @@ static void on_connection(uv_stream_t *server, int status)
     http_parser_init(&c->parser, HTTP_REQUEST);
     c->parser.data = c;
     c->keep_alive = true;
+    c->is_tcp = server == (uv_stream_t *)&s->tcp;
     if (uv_accept(server, &c->io.s) != 0 || s->shutting_down) {
         conn_close(c);
         return;
@@ -679,6 +743,32 @@ static void unlink_socket(struct moed_server *s)
         close(s->lock_fd);
         s->lock_fd = -1;
     }
+}
+
+/* tcp_host:tcp_port (validated: an IP literal; beyond loopback only with an
+ * api_key). */
+static int open_tcp(struct moed_server *s, struct moe_diag *d)
+{
+    struct sockaddr_storage addr;
+    const char *host = s->cfg.tcp_host;
+    int rc = uv_ip4_addr(host, s->cfg.tcp_port, (struct sockaddr_in *)&addr);
+    if (rc)
+        rc = uv_ip6_addr(host, s->cfg.tcp_port, (struct sockaddr_in6 *)&addr);
+    if (rc)
+        return moe_diag_set(d, rc, "tcp_host: '%s' is not an IP address", host);
+    uv_tcp_init(s->loop, &s->tcp);
+    s->tcp.data = s;
+    s->tcp_open = true;
+    rc = uv_tcp_bind(&s->tcp, (const struct sockaddr *)&addr, 0);
+    if (rc == 0)
+        rc = uv_listen((uv_stream_t *)&s->tcp, 128, on_connection);
+    if (rc)
+        return moe_diag_set(d, rc, "tcp_port: cannot listen on %s%s%s:%d: %s",
+                            strchr(host, ':') ? "[" : "", host, strchr(host, ':') ? "]" : "",
+                            s->cfg.tcp_port, uv_strerror(rc));
+    if (!moed_host_is_loopback(host))
+        LOG_I("tcp_host %s is beyond loopback: clients must send the api_key", host);
+    return 0;
 }
 
 /* Takes the lock beside the socket, removes a stale socket, binds with the
@@ -727,20 +817,7 @@ static int open_socket(struct moed_server *s, struct moe_diag *d)
     rc = uv_listen((uv_stream_t *)&s->pipe, 128, on_connection);
     if (rc)
         return moe_diag_set(d, rc, "socket: cannot listen on %s: %s", path, uv_strerror(rc));
-    if (s->cfg.tcp_port > 0) {
-        struct sockaddr_in addr;
-        uv_ip4_addr("127.0.0.1", s->cfg.tcp_port, &addr);
-        uv_tcp_init(s->loop, &s->tcp);
-        s->tcp.data = s;
-        s->tcp_open = true;
-        rc = uv_tcp_bind(&s->tcp, (const struct sockaddr *)&addr, 0);
-        if (rc == 0)
-            rc = uv_listen((uv_stream_t *)&s->tcp, 128, on_connection);
-        if (rc)
-            return moe_diag_set(d, rc, "tcp_port: cannot listen on 127.0.0.1:%d: %s",
-                                s->cfg.tcp_port, uv_strerror(rc));
-    }
-    return 0;
+    return s->cfg.tcp_port > 0 ? open_tcp(s, d) : 0;
 }
 
 /* ---- signals and shutdown -------------------------------------------- */
@@ -913,9 +990,12 @@ int moed_server_run(struct moed_server *s, const char *name, const struct moed_h
     uv_timer_init(s->loop, &s->grace);
     s->grace.data = s;
     LOG_I("serving %s on %s (mode 0%03o)%s", name, s->cfg.socket, s->cfg.socket_mode,
-          s->cfg.tcp_port ? " and 127.0.0.1" : "");
-    if (s->cfg.tcp_port)
-        LOG_I("also on http://127.0.0.1:%d", s->cfg.tcp_port);
+          s->cfg.tcp_port ? " and TCP" : "");
+    if (s->cfg.tcp_port) {
+        const bool v6 = strchr(s->cfg.tcp_host, ':') != NULL;
+        LOG_I("also on http://%s%s%s:%d%s", v6 ? "[" : "", s->cfg.tcp_host, v6 ? "]" : "",
+              s->cfg.tcp_port, s->cfg.auth_key[0] ? " (api key required)" : "");
+    }
     char status[256];
     snprintf(status, sizeof(status), "serving %.64s on %.160s", name, s->cfg.socket);
     moed_notify_ready(status);

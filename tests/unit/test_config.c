@@ -137,8 +137,41 @@ static void test_reload_split(void)
     CHECK_STR(last_restart, "ctx_size");
 }
 
+/* api_key comparison and the loopback rule of tcp_host. */
+static void test_auth_rules(void)
+{
+    CHECK(moed_key_equal("k1", "k1", 2));
+    CHECK(!moed_key_equal("k1", "k", 1));
+    CHECK(!moed_key_equal("k1", "k1x", 3));
+    CHECK(!moed_key_equal("k1", "", 0));
+    CHECK(!moed_key_equal("", "", 0));            /* no key configured never matches */
+    CHECK(!moed_key_equal("abcd", "abcdabcd", 4 + 4));
+    CHECK(!moed_key_equal("abab", "ab", 2));       /* the wrap-around is not a match */
+    CHECK(moed_host_is_loopback("127.0.0.1") && moed_host_is_loopback("127.3.2.1"));
+    CHECK(moed_host_is_loopback("::1"));
+    CHECK(!moed_host_is_loopback("0.0.0.0") && !moed_host_is_loopback("::"));
+    CHECK(!moed_host_is_loopback("10.0.0.1") && !moed_host_is_loopback("localhost"));
+
+    struct moed_config c;
+    struct moe_diag d = { 0 };
+    moed_config_defaults(&c);
+    CHECK_STR(c.tcp_host, "127.0.0.1");
+    CHECK(moed_config_set(&c, "model", "m.gguf", &d) == 0);
+    CHECK(moed_config_set(&c, "tcp_port", "8080", &d) == 0);
+    CHECK(moed_config_validate(&c, &d) == 0);
+    CHECK(moed_config_set(&c, "tcp_host", "::", &d) == 0);
+    CHECK(moed_config_validate(&c, &d) != 0 && strstr(d.msg, "tcp_host: :: listens beyond"));
+    CHECK(moed_config_set(&c, "api_key", "sk-1", &d) == 0);
+    moe_diag_clear(&d);
+    CHECK_MSG(moed_config_validate(&c, &d) == 0, "%s", d.msg);
+    CHECK_STR(c.auth_key, "sk-1");
+    CHECK(moed_config_set(&c, "api_key", "sk\x01", &d) == 0);
+    CHECK(moed_config_validate(&c, &d) != 0 && strstr(d.msg, "api_key: the key has a byte 0x01"));
+}
+
 int main(void)
 {
+    moe_test_run("api key and tcp_host rules", test_auth_rules);
     moe_test_run("every key at its bounds", test_bounds_every_key);
     moe_test_run("file and flags", test_file_and_flags);
     moe_test_run("reload: run-time and restart keys", test_reload_split);
