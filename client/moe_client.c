@@ -1082,6 +1082,8 @@ static int add_params(json_t *req, const struct moe_client_params *p, bool strea
                       struct moe_diag *d)
 {
     int bad = json_object_set_new(req, "stream", json_boolean(stream));
+    if (stream)   /* the token counts arrive in a last chunk */
+        bad |= json_object_set_new(req, "stream_options", json_pack("{s:b}", "include_usage", 1));
     if (p == NULL)
         return bad ? moe_diag_set(d, -ENOMEM, "out of memory") : 0;
     if (p->max_tokens > 0)

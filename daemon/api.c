@@ -18,7 +18,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/alloc.h"
 #include "common/buf.h"
@@ -32,6 +34,7 @@ struct moed_api {
     struct moed_engine *eng;      /* borrowed */
     char model_id[128];           /* what /v1/models reports */
     uint64_t next_req_id;
+    char boot[17];                /* random per start: response ids never repeat across runs */
 };
 
 /* ---- JSON helpers ---------------------------------------------------- */
@@ -185,8 +188,8 @@ static json_t *logprobs_json(struct moed_api *a, const struct moed_req *r, int f
 
 static json_t *base_obj(struct moed_api *a, const struct moed_req *r, const char *object)
 {
-    char id[48];
-    snprintf(id, sizeof(id), "%s-%" PRIu64, r->chat ? "chatcmpl" : "cmpl", r->id);
+    char id[64];
+    snprintf(id, sizeof(id), "%s-%s%" PRIx64, r->chat ? "chatcmpl" : "cmpl", a->boot, r->id);
     return json_pack("{s:s, s:s, s:I, s:s}", "id", id, "object", object, "created",
                      (json_int_t)time(NULL), "model", a->model_id);
 }
@@ -229,10 +232,15 @@ static void stream_event(struct moed_api *a, struct moed_conn *c, struct moed_re
                                                                  : json_null();
     json_t *o = base_obj(a, r, r->chat ? "chat.completion.chunk" : "text_completion");
     json_t *ch;
-    if (r->chat)
-        ch = json_pack("{s:i, s:{s:s, s:o}, s:o, s:n}", "index", 0, "delta", "role", "assistant",
-                       "content", delta, "logprobs", lpj, "finish_reason");
-    else
+    if (r->chat) {
+        /* OpenAI names the role in the first chunk only */
+        ch = json_pack("{s:i, s:{s:o}, s:o, s:n}", "index", 0, "delta", "content", delta,
+                       "logprobs", lpj, "finish_reason");
+        if (ch && !r->sent_role) {
+            json_object_set_new(json_object_get(ch, "delta"), "role", json_string("assistant"));
+            r->sent_role = true;
+        }
+    } else
         ch = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text", delta, "logprobs", lpj,
                        "finish_reason");
     json_object_set_new(o, "choices", json_pack("[o]", ch));
@@ -279,8 +287,18 @@ static void stream_end(struct moed_api *a, struct moed_conn *c, struct moed_req 
                           : json_pack("{s:i, s:s, s:n, s:s}", "index", 0, "text", "", "logprobs",
                                       "finish_reason", finish_name(fin));
         json_object_set_new(o, "choices", json_pack("[o]", ch));
-        json_object_set_new(o, "usage", usage_obj(r));
+        if (chat && !r->sent_role) {   /* nothing was generated: the role still comes once */
+            json_object_set_new(json_object_get(ch, "delta"), "role", json_string("assistant"));
+            r->sent_role = true;
+        }
         send_sse(c, o);
+        if (r->include_usage) {
+            /* stream_options.include_usage: one more chunk, no choices */
+            o = base_obj(a, r, chat ? "chat.completion.chunk" : "text_completion");
+            json_object_set_new(o, "choices", json_array());
+            json_object_set_new(o, "usage", usage_obj(r));
+            send_sse(c, o);
+        }
     } else {
         json_t *o = json_pack("{s:{s:s, s:s, s:n, s:n}}", "error", "message",
                               fin == MOED_CANCELLED ? "request cancelled (moed is shutting"
@@ -903,6 +921,10 @@ struct moed_api *moed_api_new(struct moed_server *srv, struct moed_engine *eng)
     const size_t n = strlen(id) < sizeof(a->model_id) - 1 ? strlen(id) : sizeof(a->model_id) - 1;
     memcpy(a->model_id, id, n);   /* a longer name is cut, as it always was */
     a->model_id[n] = '\0';
+    uint64_t nonce = 0;
+    if (getrandom(&nonce, sizeof(nonce), 0) != (ssize_t)sizeof(nonce))
+        nonce = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(moed_now() * 1e9);
+    snprintf(a->boot, sizeof(a->boot), "%016" PRIx64, nonce);
     return a;
 }
 

@@ -55,6 +55,8 @@ void moed_req_unref(struct moed_req *r)
         return;
     pthread_mutex_destroy(&r->mu);
     moe_free(r->prompt);
+    moe_free(r->bias_id);
+    moe_free(r->bias);
     for (int i = 0; i < r->n_stop; i++)
         moe_free(r->stop[i]);
     moe_buf_free(&r->text);

@@ -52,6 +52,9 @@ struct moed_req {
     char *stop[MOED_MAX_STOP];
     int n_stop;
     int logprobs;                 /* -1: none; else top alternatives per token (0..20) */
+    bool include_usage;           /* stream_options.include_usage: a last chunk with usage */
+    int32_t *bias_id;             /* logit_bias (sp.bias_id/sp.bias point here) */
+    float *bias;
     double t_submit;              /* monotonic seconds */
     double deadline;              /* monotonic seconds, 0 = none */
 
@@ -88,6 +91,7 @@ struct moed_req {
     void *conn;
     size_t sent;                  /* text bytes written to the client */
     int sent_tok;                 /* tokens streamed */
+    bool sent_role;               /* chat stream: the first delta named the role */
 };
 
 /* Allocates a request with one reference (moe_calloc; every buffer it owns

@@ -97,6 +97,163 @@ static bool failf(struct fields *f, const char *param, const char *fmt, ...)
     return false;
 }
 
+/* logit_bias: {"token id": bias, ...}, ids checked against the vocabulary
+ * by the engine's sampler too. */
+#define MAX_LOGIT_BIAS 1024
+static bool parse_logit_bias(struct fields *f, json_t *root, int n_vocab)
+{
+    struct moed_req *r = f->r;
+    json_t *lb = json_object_get(root, "logit_bias");
+    if (lb == NULL || json_is_null(lb))
+        return true;
+    if (!json_is_object(lb))
+        return fail(f, "logit_bias", "'logit_bias' must be an object mapping token ids to -100..100");
+    const size_t n = json_object_size(lb);
+    if (n > MAX_LOGIT_BIAS)
+        return failf(f, "logit_bias", "'logit_bias' has %zu entries; at most %d", n, MAX_LOGIT_BIAS);
+    if (n == 0)
+        return true;
+    r->bias_id = moe_calloc(n, sizeof(int32_t));
+    r->bias = moe_calloc(n, sizeof(float));
+    if (r->bias_id == NULL || r->bias == NULL)
+        return fail(f, "logit_bias", "out of memory");
+    const char *key;
+    json_t *v;
+    int k = 0;
+    json_object_foreach(lb, key, v) {
+        char *end = NULL;
+        errno = 0;
+        const long id = strtol(key, &end, 10);
+        if (key[0] < '0' || key[0] > '9' || *end != '\0' || errno || id >= n_vocab)
+            return failf(f, "logit_bias", "'logit_bias': key '%.32s' is not a token id 0..%d", key,
+                         n_vocab - 1);
+        if (!json_is_number(v) || !(json_number_value(v) >= -100 && json_number_value(v) <= 100))
+            return failf(f, "logit_bias", "'logit_bias'[\"%s\"] must be a number -100..100", key);
+        r->bias_id[k] = (int32_t)id;
+        r->bias[k] = (float)json_number_value(v);
+        k++;
+    }
+    r->sp.n_bias = k;
+    r->sp.bias_id = r->bias_id;
+    r->sp.bias = r->bias;
+    return true;
+}
+
+/* OpenAI's presence and frequency penalties, logit_bias, stream_options. */
+static bool parse_openai_extras(struct fields *f, json_t *root, int n_vocab)
+{
+    struct moed_req *r = f->r;
+    double x = 0;
+    if (!get_number(f, root, "presence_penalty", -2, 2, &x))
+        return false;
+    r->sp.presence_penalty = (float)x;
+    x = 0;
+    if (!get_number(f, root, "frequency_penalty", -2, 2, &x))
+        return false;
+    r->sp.frequency_penalty = (float)x;
+    if (!parse_logit_bias(f, root, n_vocab))
+        return false;
+    json_t *so = json_object_get(root, "stream_options");
+    if (so == NULL || json_is_null(so))
+        return true;
+    if (!json_is_object(so))
+        return fail(f, "stream_options", "'stream_options' must be an object");
+    if (!r->stream)
+        return fail(f, "stream_options", "'stream_options' is only allowed with \"stream\": true");
+    const char *key;
+    json_t *v;
+    json_object_foreach(so, key, v) {
+        if (strcmp(key, "include_usage") != 0)
+            return failf(f, "stream_options", "'stream_options.%.64s' is not supported (only"
+                         " include_usage)", key);
+    }
+    return get_bool(f, so, "include_usage", &r->include_usage);
+}
+
+/* Fields of the OpenAI APIs that moed does not implement, and the value each
+ * may still take (the one that asks for nothing): anything else is a 400
+ * naming the field, never silently ignored. */
+struct unsupported {
+    const char *key;
+    const char *allowed;      /* JSON of the accepted no-op value, or NULL: none */
+    const char *why;
+};
+
+static const struct unsupported unsupported_common[] = {
+    { "echo", "false", "'echo' is not supported" },
+    { "suffix", "null", "'suffix' (insertion) is not supported" },
+    { "best_of", "1", "'best_of' above 1 is not supported" },
+    { "tools", "null", "'tools': tool calling is not supported yet" },
+    { "tool_choice", "\"none\"", "'tool_choice': tool calling is not supported yet" },
+    { "parallel_tool_calls", NULL, "'parallel_tool_calls': tool calling is not supported yet" },
+    { "functions", "null", "'functions': tool calling is not supported yet" },
+    { "function_call", "\"none\"", "'function_call': tool calling is not supported yet" },
+    { "response_format", "{\"type\": \"text\"}",
+      "'response_format': only {\"type\": \"text\"} is supported (no JSON mode or schema yet)" },
+    { "modalities", "[\"text\"]", "'modalities': only [\"text\"] is supported" },
+    { "audio", "null", "'audio' output is not supported" },
+    { "prediction", "null", "'prediction' (predicted outputs) is not supported" },
+    { "store", "false", "'store': moed does not store completions" },
+    { "web_search_options", "null", "'web_search_options' is not supported" },
+    { "reasoning_effort", "null", "'reasoning_effort' is not supported" },
+    { "service_tier", "\"auto\"", "'service_tier': moed has one tier (\"auto\")" },
+};
+
+/* Fields moed reads (or that only label a request, like user). */
+static const char *const known_completion[] = {
+    "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+    "seed", "n", "stream", "stream_options", "stop", "logprobs", "presence_penalty",
+    "frequency_penalty", "logit_bias", "user", NULL,
+};
+static const char *const known_chat[] = {
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "min_p", "repeat_penalty", "seed", "n", "stream", "stream_options", "stop", "logprobs",
+    "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "metadata", NULL,
+};
+
+static bool listed(const char *const *list, const char *key)
+{
+    for (; *list; list++)
+        if (strcmp(*list, key) == 0)
+            return true;
+    return false;
+}
+
+/* An unsupported field is accepted only with its no-op value. */
+static bool check_unsupported(struct fields *f, const struct unsupported *u, json_t *v)
+{
+    if (json_is_null(v) || u->allowed == NULL)
+        return json_is_null(v) || fail(f, u->key, u->why);
+    json_t *ok = json_loads(u->allowed, JSON_DECODE_ANY, NULL);
+    const bool same = ok && json_equal(ok, v);
+    json_decref(ok);
+    return same || fail(f, u->key, u->why);
+}
+
+static bool check_fields(struct fields *f, json_t *root, bool chat)
+{
+    const char *key;
+    json_t *v;
+    json_object_foreach(root, key, v) {
+        if (listed(chat ? known_chat : known_completion, key))
+            continue;
+        const struct unsupported *u = NULL;
+        for (size_t i = 0; i < sizeof(unsupported_common) / sizeof(unsupported_common[0]); i++)
+            if (strcmp(unsupported_common[i].key, key) == 0)
+                u = &unsupported_common[i];
+        if (u) {
+            if (!check_unsupported(f, u, v))
+                return false;
+            continue;
+        }
+        snprintf(f->err, sizeof(f->err), "unknown field '%.64s' for %s (doc/daemon.md lists the"
+                 " fields moed reads)", key, chat ? "/v1/chat/completions" : "/v1/completions");
+        f->err_param = key;   /* points into root, which outlives the error */
+        return false;
+    }
+    return true;
+}
+
 /* Sampling and output fields shared by completions and chat. */
 static bool parse_common(struct fields *f, json_t *root, bool chat, const struct moed_config *cfg,
                          int n_ctx)
@@ -360,7 +517,8 @@ bool moed_parse_generate(struct moed_engine *e, const struct moed_config *cfg, j
     struct fields f = { .r = r };
     const int n_ctx = moed_engine_n_ctx(e);
     bool ok = json_is_object(root) || fail(&f, NULL, "request body must be a JSON object");
-    ok = ok && parse_common(&f, root, chat, cfg, n_ctx) &&
+    ok = ok && check_fields(&f, root, chat) && parse_common(&f, root, chat, cfg, n_ctx) &&
+         parse_openai_extras(&f, root, moed_engine_n_vocab(e)) &&
          (chat ? parse_messages(&f, root, e) : parse_prompt(&f, root, e));
     if (ok && r->n_prompt == 0)
         ok = fail(&f, chat ? "messages" : "prompt", "the prompt gives no tokens");

@@ -14,7 +14,8 @@
 
 struct moed_parse_error {
     char msg[512];
-    const char *param;      /* the field at fault (static string), or NULL */
+    const char *param;      /* the field at fault (a static string, or a key of the
+                               request's JSON: valid while that lives), or NULL */
 };
 
 /* Fills r (prompt, sampling, stop, logprobs, max_tokens clipped to the

@@ -1,4 +1,6 @@
 #include <errno.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
 
@@ -17,6 +19,9 @@ struct moe_sampler {
     int n_vocab;
     struct cand *c;
     uint64_t rng[4];
+    int32_t *bias_id;     /* copies of p.bias_id / p.bias */
+    float *bias;
+    int32_t *count;       /* per token: times drawn (presence/frequency on) */
 };
 
 void moe_sampler_defaults(struct moe_sampler_params *p)
@@ -27,6 +32,11 @@ void moe_sampler_defaults(struct moe_sampler_params *p)
     p->min_p = 0.05f;
     p->repeat_penalty = 1.0f;
     p->repeat_last_n = 64;
+    p->presence_penalty = 0.0f;
+    p->frequency_penalty = 0.0f;
+    p->n_bias = 0;
+    p->bias_id = NULL;
+    p->bias = NULL;
     p->seed = 0xfeedfaceu;
 }
 
@@ -45,6 +55,18 @@ int moe_sampler_params_check(const struct moe_sampler_params *p, struct moe_diag
                             (double)p->repeat_penalty);
     if (p->repeat_last_n < 0)
         return moe_diag_set(diag, -EINVAL, "repeat_last_n %d, expected >= 0", p->repeat_last_n);
+    if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f))
+        return moe_diag_set(diag, -EINVAL, "presence_penalty %g, expected -2..2",
+                            (double)p->presence_penalty);
+    if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
+        return moe_diag_set(diag, -EINVAL, "frequency_penalty %g, expected -2..2",
+                            (double)p->frequency_penalty);
+    if (p->n_bias < 0 || (p->n_bias > 0 && (p->bias_id == NULL || p->bias == NULL)))
+        return moe_diag_set(diag, -EINVAL, "logit_bias: %d entries without arrays", p->n_bias);
+    for (int i = 0; i < p->n_bias; i++)
+        if (!(p->bias[i] >= -100.0f && p->bias[i] <= 100.0f) || p->bias_id[i] < 0)
+            return moe_diag_set(diag, -EINVAL, "logit_bias: token %d bias %g, expected a token"
+                                " id and -100..100", p->bias_id[i], (double)p->bias[i]);
     return 0;
 }
 
@@ -57,12 +79,27 @@ int moe_sampler_create(struct moe_sampler **out, const struct moe_sampler_params
         return rc;
     if (n_vocab <= 0)
         return moe_diag_set(diag, -EINVAL, "sampler: n_vocab %d", n_vocab);
+    for (int i = 0; i < p->n_bias; i++)
+        if (p->bias_id[i] >= n_vocab)
+            return moe_diag_set(diag, -EINVAL, "logit_bias: token %d, the vocabulary has %d",
+                                p->bias_id[i], n_vocab);
     struct moe_sampler *s = moe_calloc(1, sizeof(*s));
-    if (s == NULL || (s->c = moe_calloc((size_t)n_vocab, sizeof(struct cand))) == NULL) {
-        moe_free(s);
+    const bool counts = p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+    const size_t nb = p->n_bias > 0 ? (size_t)p->n_bias : 1;
+    if (s == NULL || (s->c = moe_calloc((size_t)n_vocab, sizeof(struct cand))) == NULL ||
+        (s->bias_id = moe_calloc(nb, sizeof(int32_t))) == NULL ||
+        (s->bias = moe_calloc(nb, sizeof(float))) == NULL ||
+        (counts && (s->count = moe_calloc((size_t)n_vocab, sizeof(int32_t))) == NULL)) {
+        moe_sampler_free(s);
         return moe_diag_set(diag, -ENOMEM, "sampler: out of memory");
     }
     s->p = *p;
+    for (int i = 0; i < p->n_bias; i++) {
+        s->bias_id[i] = p->bias_id[i];
+        s->bias[i] = p->bias[i];
+    }
+    s->p.bias_id = s->bias_id;
+    s->p.bias = s->bias;
     s->n_vocab = n_vocab;
     uint64_t x = p->seed;
     for (int i = 0; i < 4; i++)
@@ -76,6 +113,9 @@ void moe_sampler_free(struct moe_sampler *s)
     if (s == NULL)
         return;
     moe_free(s->c);
+    moe_free(s->bias_id);
+    moe_free(s->bias);
+    moe_free(s->count);
     moe_free(s);
 }
 
@@ -87,8 +127,32 @@ static int cmp_cand(const void *a, const void *b)
     return x->id < y->id ? -1 : x->id > y->id;
 }
 
+/* logit_bias, then OpenAI's presence and frequency penalties. */
+static void bias_and_penalize(const struct moe_sampler *s, float *logits)
+{
+    const struct moe_sampler_params *p = &s->p;
+    for (int i = 0; i < p->n_bias; i++)
+        logits[p->bias_id[i]] += p->bias[i];
+    if (s->count == NULL)
+        return;
+    for (int t = 0; t < s->n_vocab; t++)
+        if (s->count[t] > 0)
+            logits[t] -= p->frequency_penalty * (float)s->count[t] + p->presence_penalty;
+}
+
+static int32_t pick(struct moe_sampler *s, float *logits, const int32_t *history, int64_t n_history);
+
 int32_t moe_sampler_sample(struct moe_sampler *s, float *logits, const int32_t *history,
                            int64_t n_history)
+{
+    bias_and_penalize(s, logits);
+    const int32_t t = pick(s, logits, history, n_history);
+    if (s->count && s->count[t] < INT32_MAX)
+        s->count[t]++;
+    return t;
+}
+
+static int32_t pick(struct moe_sampler *s, float *logits, const int32_t *history, int64_t n_history)
 {
     const struct moe_sampler_params *p = &s->p;
     const int n = s->n_vocab;

@@ -373,7 +373,8 @@ static void test_stream(void)
 {
     UP(NULL);
     const char *body = "{\"prompt\": \"Once upon a time\", \"max_tokens\": 12, \"temperature\": 0,"
-                       " \"stream\": true, \"logprobs\": 1}";
+                       " \"stream\": true, \"logprobs\": 1, \"stream_options\":"
+                       " {\"include_usage\": true}}";
     struct resp r;
     CHECK(request("POST", "/v1/completions", body, &r) == 0);
     CHECK_INT(r.status, ==, 200);
@@ -393,13 +394,18 @@ static void test_stream(void)
         }
         json_t *j = json_loads(line + 6, 0, NULL);
         CHECK(j != NULL);
-        strcat(text, completion_text(j));
-        usage |= json_object_get(j, "usage") != NULL;
+        CHECK(!usage);               /* the usage chunk comes last */
+        usage = json_object_get(j, "usage") != NULL;
+        if (usage)
+            CHECK_INT(json_array_size(json_object_get(j, "choices")), ==, 0);
+        else
+            strcat(text, completion_text(j));
         events++;
         json_decref(j);
     }
     CHECK(done && usage);
-    CHECK_INT(events, ==, 13);   /* one event per token, then the finish chunk */
+    /* one event per token, the finish chunk, the usage chunk (include_usage) */
+    CHECK_INT(events, ==, 14);
     char want[4096];
     moectl_greedy("Once upon a time", 12, false, want, sizeof(want));
     CHECK_STR(text, want);

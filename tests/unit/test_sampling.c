@@ -2,6 +2,7 @@
  * seeded reproducibility, the repetition penalty, and parameter checks. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "model/sampling.h"
 #include "tests/harness.h"
@@ -113,6 +114,63 @@ static void test_penalty(void)
     moe_sampler_free(s);
 }
 
+/* logit_bias is added before greedy selection; the arrays are copied. */
+static void test_logit_bias(void)
+{
+    struct moe_sampler_params p;
+    moe_sampler_defaults(&p);
+    int32_t ids[2] = { 2, 0 };
+    float bias[2] = { 5.0f, -100.0f };
+    p.n_bias = 2;
+    p.bias_id = ids;
+    p.bias = bias;
+    struct moe_sampler *s;
+    CHECK(moe_sampler_create(&s, &p, 3, NULL) == 0);
+    ids[0] = 1;                      /* the sampler kept its own copy */
+    float l[3] = { 3.0f, 2.0f, -1.0f };
+    CHECK_INT(moe_sampler_sample(s, l, NULL, 0), ==, 2);
+    CHECK_NEAR(l[2], 4.0, 0);
+    CHECK_NEAR(l[0], -97.0, 0);
+    moe_sampler_free(s);
+    /* a token outside the vocabulary, a bias out of range */
+    struct moe_diag d = { 0 };
+    ids[0] = 3;
+    CHECK(moe_sampler_create(&s, &p, 3, &d) != 0 && strstr(d.msg, "logit_bias: token 3"));
+    ids[0] = 1;
+    bias[1] = 101.0f;
+    CHECK(moe_sampler_params_check(&p, &d) != 0 && strstr(d.msg, "logit_bias"));
+}
+
+/* presence and frequency: logit -= f * count + p * (count > 0), over the
+ * tokens this sampler drew (the history passed in does not count). */
+static void test_presence_frequency(void)
+{
+    struct moe_sampler_params p;
+    moe_sampler_defaults(&p);
+    p.presence_penalty = 0.5f;
+    p.frequency_penalty = 1.0f;
+    struct moe_sampler *s;
+    CHECK(moe_sampler_create(&s, &p, 3, NULL) == 0);
+    int32_t hist[4] = { 1, 1, 1, 1 };
+    float l[3] = { 3.0f, 2.0f, 0.0f };
+    CHECK_INT(moe_sampler_sample(s, l, hist, 4), ==, 0);   /* the prompt is not penalised */
+    float l2[3] = { 3.0f, 2.0f, 0.0f };
+    CHECK_INT(moe_sampler_sample(s, l2, hist, 4), ==, 1);  /* 0 drawn once: 3 - 1 - 0.5 */
+    CHECK_NEAR(l2[0], 1.5, 0);
+    CHECK_NEAR(l2[1], 2.0, 0);
+    float l3[3] = { 3.0f, 2.0f, 0.0f };
+    CHECK_INT(moe_sampler_sample(s, l3, hist, 4), ==, 0);  /* 1.5 against 2 - 1.5 */
+    CHECK_NEAR(l3[1], 0.5, 0);
+    float l4[3] = { 3.0f, 2.0f, 0.0f };
+    moe_sampler_sample(s, l4, hist, 4);
+    CHECK_NEAR(l4[0], 0.5, 0);                             /* drawn twice: 3 - 2 - 0.5 */
+    CHECK_NEAR(l4[2], 0.0, 0);                             /* never drawn */
+    moe_sampler_free(s);
+    struct moe_diag d = { 0 };
+    p.presence_penalty = 2.5f;
+    CHECK(moe_sampler_params_check(&p, &d) != 0 && strstr(d.msg, "presence_penalty"));
+}
+
 static void test_bad_params(void)
 {
     struct moe_sampler_params p;
@@ -136,6 +194,8 @@ int main(void)
     MOE_TEST_RUN(test_seeded);
     MOE_TEST_RUN(test_cutoffs);
     MOE_TEST_RUN(test_penalty);
+    MOE_TEST_RUN(test_logit_bias);
+    MOE_TEST_RUN(test_presence_frequency);
     MOE_TEST_RUN(test_bad_params);
     return moe_test_exit_code();
 }

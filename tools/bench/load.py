@@ -134,7 +134,8 @@ def run_level(args, c, prompts):
 
                     st, _ = http(sock, "POST", "/v1/completions",
                                  {"prompt": prompt, "max_tokens": args.tokens, "temperature": 0,
-                                  "stream": True}, stream_cb=on_event)
+                                  "stream": True, "stream_options": {"include_usage": True}},
+                                 stream_cb=on_event)
                     if st != 200:
                         errors.append("status %d" % st)
                     with lock:
