@@ -56,6 +56,7 @@ void moed_req_unref(struct moed_req *r)
     pthread_mutex_destroy(&r->mu);
     moe_free(r->prompt);
     moe_free(r->bias_id);
+    moe_grammar_free(r->grammar);
     moe_free(r->bias);
     for (int i = 0; i < r->n_stop; i++)
         moe_free(r->stop[i]);
@@ -75,6 +76,7 @@ struct slot {
     int32_t *hist;
     int64_t n_hist;
     float *logits;
+    struct moe_gmatch *gm;        /* the request's grammar, followed token by token */
 };
 
 struct moed_engine {
@@ -103,6 +105,8 @@ struct moed_engine {
     atomic_bool fatal;
     long fault_fatal_at;          /* test hook: MOED_FAULT_FATAL_STEP, else -1 */
     float *lp_tmp;
+    struct moe_gvocab *gvocab;    /* the vocabulary for grammar masks, built on first use */
+    uint8_t *allowed;             /* per token, the last mask */
 };
 
 static void free_slots(struct moed_engine *e)
@@ -112,6 +116,7 @@ static void free_slots(struct moed_engine *e)
     for (int i = 0; i < e->n_slots; i++) {
         moe_seq_free(e->slots[i].seq);
         moe_sampler_free(e->slots[i].smp);
+        moe_gmatch_free(e->slots[i].gm);
         moe_free(e->slots[i].hist);
         moe_free(e->slots[i].logits);
     }
@@ -210,6 +215,8 @@ void moed_engine_free(struct moed_engine *e)
     moe_tokenizer_free(e->tok);
     moe_model_free(e->model);
     moe_free(e->lp_tmp);
+    moe_gvocab_free(e->gvocab);
+    moe_free(e->allowed);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     moe_free(e);
@@ -432,6 +439,38 @@ static void fill_logprobs(struct moed_engine *e, struct moed_req *r, const float
     }
 }
 
+/* What the output text gets for a token (the detokenizer's piece). */
+static int token_piece(void *ud, int32_t id, char *buf, size_t cap, size_t *len)
+{
+    return moe_token_to_piece(ud, id, buf, cap, 0, false, len);
+}
+
+/* response_format: tokens the grammar cannot take next get -inf; the end
+ * of generation only once the text is complete. */
+static int constrain(struct moed_engine *e, struct slot *s)
+{
+    const int n = moe_gmatch_mask(s->gm, e->gvocab, e->allowed);
+    if (n < 0)
+        return n;
+    const bool can_end = moe_gmatch_can_end(s->gm);
+    if (n == 0 && !can_end)
+        return MOE_EFORMAT;
+    for (int i = 0; i < e->n_vocab; i++)
+        if (!e->allowed[i] && !(can_end && moe_tokenizer_is_eog(e->tok, i)))
+            s->logits[i] = -INFINITY;
+    return 0;
+}
+
+static int grammar_accept(struct moed_engine *e, struct slot *s, int32_t t)
+{
+    if (s->gm == NULL || moe_tokenizer_is_eog(e->tok, t))
+        return 0;
+    char piece[1024];
+    size_t len = 0;
+    int rc = token_piece(e->tok, t, piece, sizeof(piece), &len);
+    return rc ? rc : moe_gmatch_accept(s->gm, piece, len);
+}
+
 /* Samples the next token of the request in slot si after its logits. */
 static void after_logits(struct moed_engine *e, int si)
 {
@@ -439,8 +478,17 @@ static void after_logits(struct moed_engine *e, int si)
     struct moed_req *r = s->req;
     if (r->logprobs >= 0)
         memcpy(e->lp_tmp, s->logits, (size_t)e->n_vocab * sizeof(float));
+    if (s->gm && constrain(e, s) != 0) {
+        finish(e, r, MOED_ERROR, "response_format: no token of the vocabulary can continue the"
+               " output within the schema");
+        return;
+    }
     int32_t t = moe_sampler_sample(s->smp, s->logits, s->hist, s->n_hist);
     s->hist[s->n_hist++] = t;
+    if (grammar_accept(e, s, t) != 0) {
+        finish(e, r, MOED_ERROR, "response_format: the grammar refused the sampled token");
+        return;
+    }
     const double now = moed_now();
     pthread_mutex_lock(&r->mu);
     if (r->t_first == 0)
@@ -500,6 +548,18 @@ static int start_slot(struct moed_engine *e, int si, struct moed_req *r, struct 
     int rc = moe_sampler_create(&s->smp, &r->sp, e->n_vocab, d);
     if (rc)
         return rc;
+    moe_gmatch_free(s->gm);
+    s->gm = NULL;
+    if (r->grammar) {
+        if (e->gvocab == NULL &&
+            (rc = moe_gvocab_new(&e->gvocab, e->n_vocab, token_piece, e->tok)) != 0)
+            return moe_diag_set(d, rc, "response_format: cannot index the vocabulary: %s",
+                                moe_strerror(rc));
+        if (e->allowed == NULL && (e->allowed = moe_malloc((size_t)e->n_vocab)) == NULL)
+            return moe_diag_set(d, -ENOMEM, "response_format: out of memory");
+        if ((rc = moe_gmatch_new(&s->gm, r->grammar)) != 0)
+            return moe_diag_set(d, rc, "response_format: %s", moe_strerror(rc));
+    }
     moe_detok_stream_init(&s->ds, e->tok, false);
     memcpy(s->hist, r->prompt, (size_t)r->n_prompt * sizeof(int32_t));
     s->n_hist = r->n_prompt;

@@ -22,6 +22,7 @@
 #include "common/queue.h"
 #include "daemon/config.h"
 #include "model/chat_template.h"
+#include "model/grammar.h"
 #include "model/sampling.h"
 
 #define MOED_MAX_STOP 8
@@ -53,6 +54,7 @@ struct moed_req {
     int n_stop;
     int logprobs;                 /* -1: none; else top alternatives per token (0..20) */
     bool include_usage;           /* stream_options.include_usage: a last chunk with usage */
+    struct moe_grammar *grammar;  /* response_format: the output must match it, or NULL */
     int32_t *bias_id;             /* logit_bias (sp.bias_id/sp.bias point here) */
     float *bias;
     double t_submit;              /* monotonic seconds */

@@ -9,6 +9,7 @@
 
 #include "common/alloc.h"
 #include "common/buf.h"
+#include "daemon/schema.h"
 #include "model/tokenizer.h"
 
 #define MAX_STOP_LEN 256
@@ -170,6 +171,54 @@ static bool parse_openai_extras(struct fields *f, json_t *root, int n_vocab)
     return get_bool(f, so, "include_usage", &r->include_usage);
 }
 
+/* response_format: text (nothing to do), json_object, or json_schema with
+ * {name, schema, strict, description}: compiled into r->grammar. */
+static bool parse_response_format(struct fields *f, json_t *root)
+{
+    json_t *rf = json_object_get(root, "response_format");
+    if (rf == NULL || json_is_null(rf))
+        return true;
+    json_t *ty = json_object_get(rf, "type");
+    if (!json_is_object(rf) || !json_is_string(ty))
+        return fail(f, "response_format", "'response_format' must be an object with a 'type'");
+    const char *t = json_string_value(ty);
+    struct moe_diag d = { 0 };
+    const char *k;
+    json_t *v;
+    json_object_foreach(rf, k, v) {
+        if (strcmp(k, "type") != 0 && !(strcmp(t, "json_schema") == 0 && strcmp(k, "json_schema") == 0))
+            return failf(f, "response_format", "'response_format.%.64s' is not a field of type"
+                         " '%.32s'", k, t);
+    }
+    if (strcmp(t, "text") == 0)
+        return true;
+    if (strcmp(t, "json_object") == 0) {
+        if (moed_json_object_grammar(&f->r->grammar, &d) != 0)
+            return fail(f, "response_format", d.msg);
+        return true;
+    }
+    if (strcmp(t, "json_schema") != 0)
+        return failf(f, "response_format", "'response_format.type' '%.32s' is not text, json_object"
+                     " or json_schema", t);
+    json_t *js = json_object_get(rf, "json_schema");
+    json_t *schema = json_object_get(js, "schema");
+    if (!json_is_object(js) || !json_is_string(json_object_get(js, "name")))
+        return fail(f, "response_format", "'response_format.json_schema' must be an object with a"
+                    " 'name' and a 'schema'");
+    json_object_foreach(js, k, v) {
+        if (strcmp(k, "name") && strcmp(k, "schema") && strcmp(k, "strict") && strcmp(k, "description"))
+            return failf(f, "response_format", "'response_format.json_schema.%.64s' is not a field"
+                         " (name, schema, strict, description)", k);
+    }
+    if (schema == NULL)
+        schema = json_true();   /* OpenAI: no schema means any JSON */
+    else
+        json_incref(schema);
+    const int rc = moed_schema_grammar(schema, "response_format.json_schema.schema", &f->r->grammar, &d);
+    json_decref(schema);
+    return rc == 0 || fail(f, "response_format", d.msg);
+}
+
 /* Fields of the OpenAI APIs that moed does not implement, and the value each
  * may still take (the one that asks for nothing): anything else is a 400
  * naming the field, never silently ignored. */
@@ -188,8 +237,6 @@ static const struct unsupported unsupported_common[] = {
     { "parallel_tool_calls", NULL, "'parallel_tool_calls': tool calling is not supported yet" },
     { "functions", "null", "'functions': tool calling is not supported yet" },
     { "function_call", "\"none\"", "'function_call': tool calling is not supported yet" },
-    { "response_format", "{\"type\": \"text\"}",
-      "'response_format': only {\"type\": \"text\"} is supported (no JSON mode or schema yet)" },
     { "modalities", "[\"text\"]", "'modalities': only [\"text\"] is supported" },
     { "audio", "null", "'audio' output is not supported" },
     { "prediction", "null", "'prediction' (predicted outputs) is not supported" },
@@ -203,12 +250,13 @@ static const struct unsupported unsupported_common[] = {
 static const char *const known_completion[] = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
     "seed", "n", "stream", "stream_options", "stop", "logprobs", "presence_penalty",
-    "frequency_penalty", "logit_bias", "user", NULL,
+    "frequency_penalty", "logit_bias", "user", "response_format", NULL,
 };
 static const char *const known_chat[] = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "repeat_penalty", "seed", "n", "stream", "stream_options", "stop", "logprobs",
-    "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "metadata", NULL,
+    "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "metadata",
+    "response_format", NULL,
 };
 
 static bool listed(const char *const *list, const char *key)
@@ -518,7 +566,7 @@ bool moed_parse_generate(struct moed_engine *e, const struct moed_config *cfg, j
     const int n_ctx = moed_engine_n_ctx(e);
     bool ok = json_is_object(root) || fail(&f, NULL, "request body must be a JSON object");
     ok = ok && check_fields(&f, root, chat) && parse_common(&f, root, chat, cfg, n_ctx) &&
-         parse_openai_extras(&f, root, moed_engine_n_vocab(e)) &&
+         parse_openai_extras(&f, root, moed_engine_n_vocab(e)) && parse_response_format(&f, root) &&
          (chat ? parse_messages(&f, root, e) : parse_prompt(&f, root, e));
     if (ok && r->n_prompt == 0)
         ok = fail(&f, chat ? "messages" : "prompt", "the prompt gives no tokens");

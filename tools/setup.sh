@@ -48,13 +48,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The daemon's integration test drives moed with the official openai client
-# (PyPI); without it that one case skips.
-if ! python3 -c 'import openai' >/dev/null 2>&1; then
-  python3 -m pip install -q openai >/dev/null 2>&1 ||
-    python3 -m pip install -q --break-system-packages openai >/dev/null 2>&1 ||
-    echo "setup: could not pip install openai; the openai client test will skip" >&2
-fi
+# The daemon's integration tests drive moed with the official openai client
+# and check structured output with jsonschema (PyPI); without them those
+# cases skip (CI requires them).
+for pkg in openai jsonschema; do
+  if ! python3 -c "import $pkg" >/dev/null 2>&1; then
+    python3 -m pip install -q "$pkg" >/dev/null 2>&1 ||
+      python3 -m pip install -q --break-system-packages "$pkg" >/dev/null 2>&1 ||
+      echo "setup: could not pip install $pkg; the tests that use it will skip" >&2
+  fi
+done
 
 if [ -x /usr/local/cuda/bin/nvcc ] && ! command -v nvcc >/dev/null; then
   export PATH="/usr/local/cuda/bin:$PATH"

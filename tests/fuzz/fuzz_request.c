@@ -13,6 +13,8 @@
 #include "daemon/config.h"
 #include "daemon/engine.h"
 #include "daemon/request.h"
+#include "model/grammar.h"
+#include "model/tokenizer.h"
 
 static struct moed_engine *eng;
 static struct moed_config cfg;
@@ -44,6 +46,44 @@ static void load_once(void)
     }
 }
 
+static int piece(void *ud, int32_t id, char *buf, size_t cap, size_t *len)
+{
+    return moe_token_to_piece(ud, id, buf, cap, 0, false, len);
+}
+
+/* A compiled response_format: a matcher follows the input's own bytes as
+ * far as the grammar allows, taking the vocabulary's mask on the way; the
+ * mask must never allow a token the matcher then refuses. */
+static void run_grammar(const struct moe_grammar *g, const uint8_t *data, size_t size)
+{
+    static struct moe_gvocab *gv;
+    static uint8_t *allowed;
+    const struct moe_tokenizer *tok = moed_engine_tokenizer(eng);
+    const int V = moed_engine_n_vocab(eng);
+    if (gv == NULL && (moe_gvocab_new(&gv, V, piece, (void *)tok) != 0 ||
+                       (allowed = malloc((size_t)V)) == NULL))
+        abort();
+    struct moe_gmatch *m;
+    if (moe_gmatch_new(&m, g) != 0)
+        return;
+    for (size_t i = 0; i < size && i < 64; i++)
+        if (moe_gmatch_accept(m, (const char *)data + i, 1) != 0)
+            break;
+    if (moe_gmatch_mask(m, gv, allowed) > 0) {
+        for (int t = 0; t < V; t++) {
+            if (!allowed[t])
+                continue;
+            char buf[1024];
+            size_t len = 0;
+            if (piece((void *)tok, t, buf, sizeof(buf), &len) != 0 ||
+                moe_gmatch_accept(m, buf, len) != 0)
+                abort();   /* the mask allowed a token the grammar refuses */
+            break;
+        }
+    }
+    moe_gmatch_free(m);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     load_once();
@@ -70,6 +110,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             for (int i = 0; i < r->n_stop; i++)
                 if (r->stop[i] == NULL || r->stop[i][0] == '\0')
                     abort();
+            if (r->grammar)
+                run_grammar(r->grammar, data, size);
         } else if (pe.msg[0] == '\0') {
             abort();   /* every refusal says why */
         }

@@ -123,8 +123,12 @@ with tempfile.TemporaryDirectory() as tmp:
             refused(d, path, "cache_prompt", {"cache_prompt": True}, "unknown field 'cache_prompt'")
             refused(d, path, "tools", {"tools": [{"type": "function", "function": {"name": "f"}}]},
                     "tool calling")
-            refused(d, path, "response_format", {"response_format": {"type": "json_object"}},
-                    "only {\"type\": \"text\"}")
+            refused(d, path, "response_format", {"response_format": {"type": "grammar"}},
+                    "is not text, json_object or json_schema")
+            refused(d, path, "response_format",
+                    {"response_format": {"type": "json_schema", "json_schema": {
+                        "name": "x", "schema": {"type": "string", "pattern": "^a"}}}},
+                    "response_format.json_schema.schema: keyword 'pattern' is not supported")
             refused(d, path, "echo", {"echo": True}, "'echo' is not supported")
             refused(d, path, "logit_bias", {"logit_bias": {"99999999": 1}}, "not a token id")
             refused(d, path, "logit_bias", {"logit_bias": {"5": 101}}, "-100..100")
