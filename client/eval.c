@@ -228,8 +228,9 @@ static int build_opts(struct option *opts, char names[][40])
                 continue;
             flag_name(names[2 * i + (size_t)k], 40, spell[k]);
             opts[n++] = (struct option){ names[2 * i + (size_t)k],
-                                         eng[i].kind == MOE_OPT_BOOL ? optional_argument
-                                                                     : required_argument,
+                                         eng[i].kind == MOE_OPT_BOOL ||
+                                                 (k == 1 && moe_opt_bare_ok(&eng[i]))
+                                                     ? optional_argument : required_argument,
                                          NULL, OPT_ENGINE + (int)i };
         }
     }
@@ -313,7 +314,7 @@ static int sampling_flag(struct eval_args *a, int c, const char *arg)
 }
 
 /* An engine flag: parsed by its table row. 0, or 2 with the message. */
-static int engine_flag(struct eval_args *a, int row, const char *arg)
+static int engine_flag(struct eval_args *a, int row, const char *arg, const char *spelled)
 {
     size_t n_eng;
     const struct moe_opt *o = &moe_model_opt_table(&n_eng)[row];
@@ -322,18 +323,18 @@ static int engine_flag(struct eval_args *a, int row, const char *arg)
         return 0;
     /* the table's message names the key; name the flag */
     char flag[48];
-    flag_name(flag, sizeof(flag), o->name);
+    flag_name(flag, sizeof(flag), spelled ? spelled : o->name);
     const char *why = strchr(d.msg, ':');
     fprintf(stderr, "moectl: --%s:%s\n", flag, why ? why + 1 : d.msg);
     return 2;
 }
 
 /* One flag: 0 to go on, else the exit code (-1: help printed, exit 0). */
-static int one_flag(struct eval_args *a, int c, char **argv)
+static int one_flag(struct eval_args *a, int c, char **argv, const char *spelled)
 {
     const bool run = a->run;
     if (c >= OPT_ENGINE)
-        return engine_flag(a, c - OPT_ENGINE, optarg);
+        return engine_flag(a, c - OPT_ENGINE, optarg, spelled);
     switch (c) {
     case OPT_MODEL: a->model = optarg; return 0;
     case OPT_TOKENS: a->tokens_s = optarg; return 0;
@@ -382,8 +383,11 @@ static int parse_args(int argc, char **argv, int mode, struct eval_args *a)
     int c;
     optind = 1;
     opterr = 0;
-    while ((c = getopt_long(argc, argv, a->run ? ":n:h" : ":h", opts, NULL)) != -1) {
-        int rc = one_flag(a, c, argv);
+    int li = -1;
+    while ((c = getopt_long(argc, argv, a->run ? ":n:h" : ":h", opts, &li)) != -1) {
+        /* the spelling typed (an alias: --kv-f16), for messages */
+        int rc = one_flag(a, c, argv, li >= 0 ? opts[li].name : NULL);
+        li = -1;
         if (rc)
             return rc < 0 ? -1 : rc;
     }

@@ -60,9 +60,19 @@ const struct moe_opt *moe_opt_find(const struct moe_opt *t, size_t n, const char
 const char *moe_opt_choice_name(const struct moe_opt_choice *c, int value)
 {
     for (; c && c->name; c++)
-        if (c->value == value)
+        if (c->value == value && !c->hidden)
             return c->name;
     return NULL;
+}
+
+bool moe_opt_bare_ok(const struct moe_opt *o)
+{
+    if (o->kind == MOE_OPT_BOOL)
+        return true;
+    for (const struct moe_opt_choice *c = o->choices; o->kind == MOE_OPT_ENUM && c && c->name; c++)
+        if (strcmp(c->name, "true") == 0)
+            return true;
+    return false;
 }
 
 const char *moe_opt_choices(const struct moe_opt *o, char *buf, size_t cap)
@@ -71,6 +81,8 @@ const char *moe_opt_choices(const struct moe_opt *o, char *buf, size_t cap)
     if (cap)
         buf[0] = '\0';
     for (const struct moe_opt_choice *c = o->choices; c && c->name && len < cap; c++) {
+        if (c->hidden)
+            continue;
         int w = snprintf(buf + len, cap - len, "%s%s", len ? "|" : "", c->name);
         if (w < 0)
             break;

@@ -28,6 +28,7 @@ enum moe_opt_kind { MOE_OPT_STR, MOE_OPT_INT, MOE_OPT_SIZE, MOE_OPT_BOOL, MOE_OP
 struct moe_opt_choice {
     const char *name;
     int value;
+    bool hidden;                 /* accepted, never listed nor printed (an old spelling) */
 };
 
 enum {
@@ -61,6 +62,9 @@ int moe_opt_defaults(const struct moe_opt *t, size_t n, void *base, struct moe_d
 void moe_opt_format(const struct moe_opt *o, const void *base, char *buf, size_t cap);
 /* "lru|lfu|..." for an enum row, into buf. */
 const char *moe_opt_choices(const struct moe_opt *o, char *buf, size_t cap);
+/* Whether the flag may stand alone, meaning "true": a BOOL, or an ENUM
+ * that accepts "true" (an enum that replaced a bool, kv_f16 -> kv_type). */
+bool moe_opt_bare_ok(const struct moe_opt *o);
 /* The name of an enum value (NULL when none). */
 const char *moe_opt_choice_name(const struct moe_opt_choice *c, int value);
 

@@ -327,7 +327,7 @@ int moed_config_from_args(struct moed_config *c, int argc, char **argv, struct m
         const char *val;
         if (eq)
             val = eq + 1;
-        else if (k->kind == MOE_OPT_BOOL && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0))
+        else if (moe_opt_bare_ok(k) && (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0))
             val = "true";
         else if (i + 1 < argc)
             val = argv[++i];

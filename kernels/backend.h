@@ -88,7 +88,9 @@ struct moe_attn_params {
     int n_head, n_head_kv, head_dim, head_dim_v;
     int64_t k_row, v_row; /* elements per cache row */
     float scale;          /* applied to q.k */
-    int kv_f16;           /* K and V caches are f16 (else f32) */
+    uint32_t kv_type;     /* the caches' dtype: MOE_DTYPE_F32, F16 or Q8_0 (rows of
+                           * block_q8_0 along the head dims; k_row, v_row, head dims
+                           * and V's offset multiples of 32) */
     const void *k_cache;
     const void *v_cache;
     int window;           /* sliding window (0 = none): attend to pos-window+1..pos */
@@ -146,9 +148,12 @@ struct moe_backend_ops {
     int (*attention)(struct moe_backend *be, float *out, const float *q, int64_t n_tok,
                      const int32_t *host_pos, const struct moe_attn_params *ap);
     /* Writes rows x[n_tok][n] into cache rows host_pos[t] (row stride
-     * `row` elements, starting at element `offset` of the row). */
+     * `row` elements, starting at element `offset` of the row), converted
+     * to kv_type (struct moe_attn_params). */
     int (*kv_store)(struct moe_backend *be, void *cache, const float *x, int64_t n_tok,
-                    const int32_t *host_pos, int n, int64_t row, int offset, int kv_f16);
+                    const int32_t *host_pos, int n, int64_t row, int offset, uint32_t kv_type);
+    /* 1 when attention and kv_store take caches of this dtype. */
+    int (*kv_supports)(const struct moe_backend *be, uint32_t kv_type);
     /* Router: from logits[n_tok][n_expert], host ids[n_tok][k] (by
      * descending selection value) and host weights[n_tok][k]. */
     int (*router_topk)(struct moe_backend *be, const float *logits, int64_t n_tok,

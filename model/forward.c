@@ -65,7 +65,7 @@ static int attention_mla(struct moe_model *m, int il, int64_t n)
         const struct seg *g = &m->a.segs[i];
         uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
         TRY(ops->kv_store(be, kc, m->a.k + g->off * krow, g->n, m->a.pos + g->off, krow, krow, 0,
-                          m->kv_f16));
+                          m->kv_dtype));
     }
 
     /* assembled queries in m->a.v: [n][H][lat + rope] = (Wk_b[h] q_nope, q_pe) */
@@ -82,7 +82,7 @@ static int attention_mla(struct moe_model *m, int il, int64_t n)
         uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
         struct moe_attn_params ap = {
             .n_head = H, .n_head_kv = 1, .head_dim = krow, .head_dim_v = lat,
-            .k_row = krow, .v_row = krow, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
+            .k_row = krow, .v_row = krow, .scale = c->kq_scale, .kv_type = m->kv_dtype,
             .k_cache = kc, .v_cache = kc,
         };
         TRY(ops->attention(be, m->a.att + g->off * H * lat, qc + g->off * H * krow, g->n,
@@ -127,11 +127,11 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
         uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
         uint8_t *vc = (uint8_t *)g->s->v_cache + (size_t)il * g->s->v_layer_bytes;
         const int32_t *pos = m->a.pos + g->off;
-        TRY(ops->kv_store(be, kc, m->a.k + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_f16));
-        TRY(ops->kv_store(be, vc, m->a.v + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_f16));
+        TRY(ops->kv_store(be, kc, m->a.k + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_dtype));
+        TRY(ops->kv_store(be, vc, m->a.v + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_dtype));
         struct moe_attn_params ap = {
             .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd, .head_dim_v = hd,
-            .k_row = kvd, .v_row = kvd, .scale = c->kq_scale, .kv_f16 = m->kv_f16,
+            .k_row = kvd, .v_row = kvd, .scale = c->kq_scale, .kv_type = m->kv_dtype,
             .k_cache = kc, .v_cache = vc, .window = L->window, .sinks = L->sinks,
         };
         TRY(ops->attention(be, m->a.att + g->off * qd, m->a.q + g->off * qd, g->n, pos, &ap));

@@ -452,7 +452,8 @@ static int plan_loaded(struct moe_model *m, const struct moe_model_opts *o, bool
         return rc;
     m->n_ctx = p->n_ctx;
     m->n_batch = p->n_batch;
-    m->kv_f16 = p->kv_f16;
+    m->kv_type = p->kv_type;
+    m->kv_dtype = moe_kv_dtype(p->kv_type);
     return 0;
 }
 
@@ -505,6 +506,12 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : n_online_cpus(), diag);
     if (rc)
         goto fail;
+    if (!m->be->ops->kv_supports(m->be, m->kv_dtype)) {
+        rc = moe_diag_set(diag, MOE_EUNSUPPORTED, "kv_type %s: the %s backend cannot hold a KV cache"
+                          " of this type yet (doc/%s.md); use f16", moe_kv_type_name(m->kv_type),
+                          m->be->ops->name, m->be->ops->name);
+        goto fail;
+    }
 
     if ((rc = bind_matrix(m, "token_embd.weight", c->n_embd, c->n_vocab, true, &m->w.tok_embd, diag)) ||
         (rc = bind_vector(m, "output_norm.weight", c->n_embd, true, &m->w.output_norm, diag)) ||
@@ -616,9 +623,8 @@ int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *d
     if (s == NULL)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     s->m = m;
-    const size_t es = m->kv_f16 ? 2 : 4;
-    s->layer_bytes = (size_t)m->n_ctx * (size_t)m->cfg.k_row * es;
-    s->v_layer_bytes = (size_t)m->n_ctx * (size_t)m->cfg.v_row * es;
+    s->layer_bytes = (size_t)m->n_ctx * moe_kv_row_bytes(m->kv_type, m->cfg.k_row);
+    s->v_layer_bytes = (size_t)m->n_ctx * moe_kv_row_bytes(m->kv_type, m->cfg.v_row);
     size_t kt = s->layer_bytes * (size_t)m->cfg.n_layer, vt = s->v_layer_bytes * (size_t)m->cfg.n_layer;
     MOE_ASSERT(kt + vt == m->plan.kv_bytes_per_seq);   /* the plan's KV term is this */
     s->k_cache = m->be->ops->alloc(m->be, kt);

@@ -132,7 +132,8 @@ struct moe_model {
     struct moe_gguf *gguf;               /* owned unless ex.src is set (then the source's) */
     struct moe_backend *be;
     int n_ctx, n_batch;
-    bool kv_f16;
+    int kv_type;                         /* enum moe_kv_type */
+    uint32_t kv_dtype;                   /* its dtype, what the backend takes */
     int32_t step;                        /* token steps run, for the cache policy */
     struct model_weights w;
     struct model_acts a;

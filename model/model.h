@@ -64,6 +64,22 @@ enum moe_prefetch_mode {
     MOE_PREFETCH_HISTORY,   /* predict them from transition counts (previous token, layer) */
 };
 
+/* The KV cache's element type (option kv_type). Zero is f32, so that a
+ * zeroed struct moe_model_opts computes exactly as llama.cpp's goldens
+ * (shared/ref: KV F32); the option table's default is f16. q8_0 is ggml's
+ * block_q8_0 (32 values, an fp16 scale) along each head's dimensions. */
+enum moe_kv_type {
+    MOE_KV_F32 = 0,
+    MOE_KV_F16,
+    MOE_KV_Q8_0,
+};
+
+/* The dtype (common/dtype.h) of a kv_type, and bytes of a cache row of n
+ * elements (q8_0: n a multiple of 32). */
+uint32_t moe_kv_dtype(int kv_type);
+size_t moe_kv_row_bytes(int kv_type, int64_t n);
+const char *moe_kv_type_name(int kv_type);
+
 enum moe_backend_kind {
     MOE_BACKEND_CPU = 0,
     MOE_BACKEND_CUDA,       /* device 0 */
@@ -79,7 +95,7 @@ struct moe_model_opts {
     int n_ctx;            /* ctx_size: context per sequence; <= 0: min(n_ctx_train, 4096) */
     int n_batch;          /* batch_size: max tokens per forward call; <= 0: 512 */
     int n_seqs;           /* sequences the caller will run, for the plan's KV term; <= 0: 1 */
-    bool kv_f16;          /* f16 KV cache (default f32) */
+    int kv_type;          /* enum moe_kv_type (kv_type; kv_f16 = true is f16) */
     /* Expert cache. A .moe pack always goes through it; a GGUF does when a
      * budget is given (else its experts are used in place, all resident).
      * Budget: cache_experts slots, or cache_bytes (slots and their

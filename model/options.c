@@ -20,6 +20,15 @@ static const struct moe_opt_choice backends[] = {
     { "cpu", MOE_BACKEND_CPU }, { "cuda", MOE_BACKEND_CUDA }, { NULL, 0 },
 };
 
+/* kv_f16, the older bool, is an alias of kv_type: its spellings of true
+ * and false mean f16 and f32 */
+static const struct moe_opt_choice kv_types[] = {
+    { "f32", MOE_KV_F32, false }, { "f16", MOE_KV_F16, false }, { "q8_0", MOE_KV_Q8_0, false },
+    { "true", MOE_KV_F16, true }, { "yes", MOE_KV_F16, true }, { "on", MOE_KV_F16, true },
+    { "1", MOE_KV_F16, true }, { "false", MOE_KV_F32, true }, { "no", MOE_KV_F32, true },
+    { "off", MOE_KV_F32, true }, { "0", MOE_KV_F32, true }, { NULL, 0, false },
+};
+
 static const struct moe_opt table[] = {
     { "threads", NULL, MOE_OPT_INT, OFF(n_threads), 0, 0, 1024, NULL, "0", 0,
       "CPU threads for compute (0: all online CPUs)" },
@@ -27,8 +36,9 @@ static const struct moe_opt table[] = {
       "context (prompt + output) per sequence, tokens" },
     { "batch_size", NULL, MOE_OPT_INT, OFF(n_batch), 0, 1, 8192, NULL, "512", 0,
       "tokens per engine step, all sequences together" },
-    { "kv_f16", NULL, MOE_OPT_BOOL, OFF(kv_f16), 0, 0, 1, NULL, "false", 0,
-      "f16 KV cache (default f32)" },
+    { "kv_type", "kv_f16", MOE_OPT_ENUM, OFF(kv_type), 0, 0, 0, kv_types, "f16", 0,
+      "KV cache element type: f32, f16, or q8_0 (ggml's 32-value blocks; head dims a multiple"
+      " of 32); kv_f16 = true|false is the older spelling of f16|f32" },
     { "cache_bytes", NULL, MOE_OPT_SIZE, OFF(cache_bytes), 0, 0, (int64_t)1 << 50, NULL, "0", 0,
       "expert cache budget (e.g. 12G), slot alignment included; 0 with cache_experts 0:"
       " every expert resident (a pack: every expert cached)" },

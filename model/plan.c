@@ -11,6 +11,7 @@
 
 #include "cache/expert_cache.h"
 #include "common/alloc.h"
+#include "common/dtype.h"
 #include "io/expert_src.h"
 #include "io/file.h"
 #include "io/gguf.h"
@@ -76,8 +77,45 @@ int moe_model_acts_layout(const struct moe_model_cfg *c, int n_batch, int n_ctx,
     size_t widest = zmax(zmax(E, qd), zmax(ff, ad));
     widest = zmax(widest, zmax((size_t)c->q_lora_rank, lat));
     *shared = B * widest * 4 + 4096;
-    *per_worker = (size_t)n_ctx * F + (size_t)c->head_dim * 2 + 64;
+    /* scores, q in K's format (at most 2 bytes an element), a V row */
+    *per_worker = (size_t)n_ctx * F + (size_t)c->head_dim * 2 + (size_t)zmax((size_t)c->head_dim_v,
+                  (size_t)c->head_dim) * F + 256;
     return n;
+}
+
+uint32_t moe_kv_dtype(int kv_type)
+{
+    return kv_type == MOE_KV_Q8_0 ? MOE_DTYPE_Q8_0 : kv_type == MOE_KV_F16 ? MOE_DTYPE_F16
+                                                                           : MOE_DTYPE_F32;
+}
+
+size_t moe_kv_row_bytes(int kv_type, int64_t n)
+{
+    return (size_t)moe_dtype_row_bytes(moe_kv_dtype(kv_type), (uint64_t)n, NULL);
+}
+
+const char *moe_kv_type_name(int kv_type)
+{
+    return kv_type == MOE_KV_Q8_0 ? "q8_0" : kv_type == MOE_KV_F16 ? "f16" : "f32";
+}
+
+/* q8_0 blocks run along each head's dimensions (a block never straddles
+ * two heads), as llama.cpp requires of a quantized KV cache. */
+static int check_kv_type(const struct moe_model_cfg *c, int kv_type, struct moe_diag *diag)
+{
+    if (kv_type != MOE_KV_Q8_0)
+        return 0;
+    if (c->ad->mla) {
+        if (c->kv_lora_rank % 32 || (c->kv_lora_rank + c->qk_rope) % 32)
+            return moe_diag_set(diag, MOE_EUNSUPPORTED, "kv_type q8_0: the latent KV row of %d + %d"
+                                " (kv_lora_rank + qk_rope) is not made of 32-value blocks; use f16",
+                                c->kv_lora_rank, c->qk_rope);
+        return 0;
+    }
+    if (c->head_dim % 32)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "kv_type q8_0: head_dim %d is not a multiple of"
+                            " the block size 32; use f16", c->head_dim);
+    return 0;
 }
 
 int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_opts *o,
@@ -90,10 +128,13 @@ int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_op
     if (p->n_batch > p->n_ctx)
         p->n_batch = p->n_ctx;
     p->n_seqs = o->n_seqs > 0 ? o->n_seqs : 1;
-    p->kv_f16 = o->kv_f16;
-    const uint64_t es = o->kv_f16 ? 2 : 4;
+    p->kv_type = o->kv_type;
+    int rc = check_kv_type(c, o->kv_type, diag);
+    if (rc)
+        return rc;
     p->kv_bytes_per_seq = (uint64_t)c->n_layer * (uint64_t)p->n_ctx *
-                          (uint64_t)(c->k_row + c->v_row) * es;
+                          (uint64_t)(moe_kv_row_bytes(o->kv_type, c->k_row) +
+                                     moe_kv_row_bytes(o->kv_type, c->v_row));
     p->kv_bytes = p->kv_bytes_per_seq * (uint64_t)p->n_seqs;
     p->n_expert = c->n_expert;
     p->n_expert_used = c->n_expert_used;
@@ -457,7 +498,7 @@ int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
          "dense weights", mib(p->dense_bytes));
     LINE("  %-16s %12.1f  %d sequence%s x %.1f MiB (ctx %d, %s)\n", "KV cache", mib(p->kv_bytes),
          p->n_seqs, p->n_seqs == 1 ? "" : "s", mib(p->kv_bytes_per_seq), p->n_ctx,
-         p->kv_f16 ? "f16" : "f32");
+         moe_kv_type_name(p->kv_type));
     if (p->expert_cache)
         LINE("  %-16s %12.1f  %d of %d experts (%.0f%%), %.2f MiB each; at least %d (one layer's"
              " top-k)%s%s\n", "expert cache", mib(p->cache_bytes), p->n_slots, p->all_slots,

@@ -26,14 +26,14 @@ struct moe_model_plan {
     int n_ctx;                  /* per sequence */
     int n_batch;                /* tokens per forward pass */
     int n_seqs;                 /* sequences the KV term covers */
-    bool kv_f16;
+    int kv_type;                /* enum moe_kv_type */
     /* the model */
     bool pack;                  /* a .moe expert store (else a GGUF) */
     uint64_t dense_bytes;       /* dense tensors as stored */
     uint64_t expert_bytes;      /* every expert, as a cache slot holds it */
     int n_moe_layers, n_expert, n_expert_used;
     /* terms */
-    uint64_t kv_bytes_per_seq;  /* n_layer x n_ctx x (K row + V row) x element */
+    uint64_t kv_bytes_per_seq;  /* n_layer x n_ctx x (K row + V row) bytes (kv_type's rows) */
     uint64_t kv_bytes;          /* x n_seqs */
     bool expert_cache;          /* experts through the cache (a pack, or a budget) */
     size_t slot_bytes;          /* one expert: the largest layer's blob */

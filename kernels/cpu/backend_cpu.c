@@ -13,6 +13,7 @@
 #include "common/alloc.h"
 #include "common/error.h"
 #include "kernels/backend.h"
+#include "kernels/blocks.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/threadpool.h"
 #include "kernels/cpu/vecdot.h"
@@ -313,13 +314,36 @@ struct attn_job {
     const struct moe_attn_params *ap;
 };
 
-static inline float kv_dot(const struct moe_attn_params *ap, const float *q, const uint16_t *qh,
+/* Bytes of n cache elements of type t (n a multiple of 32 for Q8_0). */
+static inline size_t kv_bytes(uint32_t t, int64_t n)
+{
+    if (t == MOE_DTYPE_Q8_0)
+        return (size_t)(n / 32) * sizeof(struct moe_block_q8_0);
+    return (size_t)n * (t == MOE_DTYPE_F16 ? 2 : 4);
+}
+
+/* Worker scratch after the scores: q in K's dot format (f16 halves, or
+ * q8_0 blocks as ggml's flash attention quantizes it), then a dequantized
+ * V row (q8_0). */
+static size_t attn_q_bytes(uint32_t t, int hd)
+{
+    return (kv_bytes(t == MOE_DTYPE_F32 ? MOE_DTYPE_F16 : t, hd) + 63) & ~(size_t)63;
+}
+
+static size_t attn_scratch(const struct moe_attn_params *ap, int32_t p)
+{
+    return (size_t)(p + 1) * sizeof(float) + 64 + attn_q_bytes(ap->kv_type, ap->head_dim) +
+           (ap->kv_type == MOE_DTYPE_Q8_0 ? (size_t)ap->head_dim_v * sizeof(float) : 0);
+}
+
+static inline float kv_dot(const struct moe_attn_params *ap, const float *q, const void *qx,
                            int64_t row, int kvh)
 {
     const int64_t off = row * ap->k_row + (int64_t)kvh * ap->head_dim;
-    if (ap->kv_f16)
-        return moe_vecdot(MOE_DTYPE_F16, (const uint16_t *)ap->k_cache + off, qh, ap->head_dim);
-    return moe_vecdot(MOE_DTYPE_F32, (const float *)ap->k_cache + off, q, ap->head_dim);
+    const uint8_t *k = (const uint8_t *)ap->k_cache + kv_bytes(ap->kv_type, off);
+    if (ap->kv_type == MOE_DTYPE_F32)
+        return moe_vecdot(MOE_DTYPE_F32, k, q, ap->head_dim);
+    return moe_vecdot(ap->kv_type, k, qx, ap->head_dim);
 }
 
 static void attn_task(void *arg, int64_t task, int worker)
@@ -330,6 +354,7 @@ static void attn_task(void *arg, int64_t task, int worker)
     const int h = (int)(task % ap->n_head);
     const int kvh = h / (ap->n_head / ap->n_head_kv);
     const int hd = ap->head_dim, hdv = ap->head_dim_v;
+    const uint32_t kt = ap->kv_type;
     const float *q = j->q + (t * ap->n_head + h) * hd;
     float *out = j->out + (t * ap->n_head + h) * hdv;
     const int32_t p = j->pos[t];
@@ -337,16 +362,20 @@ static void attn_task(void *arg, int64_t task, int worker)
     if (ap->window > 0 && p - ap->window + 1 > 0)
         first = p - ap->window + 1;
 
-    /* Worker scratch: scores [n_ctx], then an f16 copy of q. */
-    float *s = (float *)(j->c->per_worker + (size_t)worker * j->c->per_worker_bytes);
-    uint16_t *qh = (uint16_t *)(s + (p + 1));
-    if (ap->kv_f16)
+    /* Worker scratch: scores [p + 1], q in K's format, a V row. */
+    uint8_t *base = j->c->per_worker + (size_t)worker * j->c->per_worker_bytes;
+    float *s = (float *)base;
+    uint8_t *qx = base + (((size_t)(p + 1) * sizeof(float) + 63) & ~(size_t)63);
+    float *vrow = (float *)(qx + attn_q_bytes(kt, hd));
+    if (kt == MOE_DTYPE_F16)
         for (int d = 0; d < hd; d++)
-            qh[d] = moe_fp32_to_fp16(q[d]);
+            ((uint16_t *)qx)[d] = moe_fp32_to_fp16(q[d]);
+    else if (kt == MOE_DTYPE_Q8_0)
+        moe_vecdot_quantize_act(MOE_DTYPE_Q8_0, q, qx, hd);
 
     float max = -INFINITY;
     for (int32_t r = first; r <= p; r++) {
-        s[r] = kv_dot(ap, q, qh, r, kvh) * ap->scale;
+        s[r] = kv_dot(ap, q, qx, r, kvh) * ap->scale;
         if (s[r] > max)
             max = s[r];
     }
@@ -366,49 +395,65 @@ static void attn_task(void *arg, int64_t task, int worker)
     for (int32_t r = first; r <= p; r++) {
         const float pr = s[r] * inv;
         const int64_t off = (int64_t)r * ap->v_row + (int64_t)kvh * hdv;
-        if (ap->kv_f16) {
-            const uint16_t *v = (const uint16_t *)ap->v_cache + off;
+        const uint8_t *vb = (const uint8_t *)ap->v_cache + kv_bytes(kt, off);
+        if (kt == MOE_DTYPE_F16) {
+            const uint16_t *v = (const uint16_t *)vb;
             const float ph = moe_fp16_to_fp32(moe_fp32_to_fp16(pr));
             for (int d = 0; d < hdv; d++)
                 out[d] += ph * moe_fp16_to_fp32(v[d]);
+        } else if (kt == MOE_DTYPE_Q8_0) {
+            /* as ggml's flash attention: V to float, then a float axpy */
+            moe_dequantize_row(MOE_DTYPE_Q8_0, vb, vrow, hdv);
+            for (int d = 0; d < hdv; d++)
+                out[d] += pr * vrow[d];
         } else {
-            const float *v = (const float *)ap->v_cache + off;
+            const float *v = (const float *)vb;
             for (int d = 0; d < hdv; d++)
                 out[d] += pr * v[d];
         }
     }
 }
 
+static int cpu_kv_supports(const struct moe_backend *be, uint32_t t)
+{
+    (void)be;
+    return t == MOE_DTYPE_F32 || t == MOE_DTYPE_F16 || t == MOE_DTYPE_Q8_0;
+}
+
 static int cpu_attention(struct moe_backend *be, float *out, const float *q, int64_t n_tok,
                          const int32_t *pos, const struct moe_attn_params *ap)
 {
     struct cpu_ctx *c = ctx_of(be);
-    if (ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0)
+    if (ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0 || !cpu_kv_supports(be, ap->kv_type))
         return -EINVAL;
-    for (int64_t t = 0; t < n_tok; t++) {
-        size_t need = (size_t)(pos[t] + 1) * sizeof(float) + (size_t)ap->head_dim * 2;
-        if (pos[t] < 0 || need > c->per_worker_bytes)
+    if (ap->kv_type == MOE_DTYPE_Q8_0 &&
+        (ap->head_dim % 32 || ap->head_dim_v % 32 || ap->k_row % 32 || ap->v_row % 32))
+        return -EINVAL;
+    for (int64_t t = 0; t < n_tok; t++)
+        if (pos[t] < 0 || attn_scratch(ap, pos[t]) > c->per_worker_bytes)
             return MOE_ELIMIT;
-    }
     struct attn_job j = { .c = c, .out = out, .q = q, .pos = pos, .ap = ap };
     moe_threadpool_run(c->pool, attn_task, &j, n_tok * ap->n_head);
     return 0;
 }
 
 static int cpu_kv_store(struct moe_backend *be, void *cache, const float *x, int64_t n_tok,
-                        const int32_t *pos, int n, int64_t row, int offset, int kv_f16)
+                        const int32_t *pos, int n, int64_t row, int offset, uint32_t kv_type)
 {
-    (void)be;
+    if (!cpu_kv_supports(be, kv_type))
+        return -EINVAL;
+    if (kv_type == MOE_DTYPE_Q8_0 && (n % 32 || row % 32 || offset % 32))
+        return -EINVAL;
     for (int64_t t = 0; t < n_tok; t++) {
         const float *xr = x + t * n;
-        const int64_t at = (int64_t)pos[t] * row + offset;
-        if (kv_f16) {
-            uint16_t *d = (uint16_t *)cache + at;
+        uint8_t *d = (uint8_t *)cache + kv_bytes(kv_type, (int64_t)pos[t] * row + offset);
+        if (kv_type == MOE_DTYPE_F16)
             for (int i = 0; i < n; i++)
-                d[i] = moe_fp32_to_fp16(xr[i]);
-        } else {
-            memcpy((float *)cache + at, xr, (size_t)n * 4);
-        }
+                ((uint16_t *)d)[i] = moe_fp32_to_fp16(xr[i]);
+        else if (kv_type == MOE_DTYPE_Q8_0)   /* ggml's CPU from_float, as for activations */
+            moe_vecdot_quantize_act(MOE_DTYPE_Q8_0, xr, d, n);
+        else
+            memcpy(d, xr, (size_t)n * 4);
     }
     return 0;
 }
@@ -629,6 +674,7 @@ static const struct moe_backend_ops cpu_ops = {
     .rope = cpu_rope,
     .attention = cpu_attention,
     .kv_store = cpu_kv_store,
+    .kv_supports = cpu_kv_supports,
     .router_topk = cpu_router_topk,
     .swiglu = cpu_swiglu,
     .swiglu_oai = cpu_swiglu_oai,

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <math.h>
 
+#include "common/dtype.h"
 #include "kernels/cuda/cuda-impl.h"
 #include "kernels/cuda/reduce-impl.h"
 
@@ -51,7 +52,7 @@ attention_kernel(float *out, float *part, const float *q, const ints_arg pos, st
     const int kvh = h / (ap.n_head / ap.n_head_kv);
     const float *qr = q + pair * ap.head_dim;
     for (int d = threadIdx.x; d < ap.head_dim; d += blockDim.x)
-        qv[d] = ap.kv_f16 ? __half2float(__float2half_rn(qr[d])) : qr[d];
+        qv[d] = ap.kv_type == MOE_DTYPE_F16 ? __half2float(__float2half_rn(qr[d])) : qr[d];
     for (int d = threadIdx.x; d < ap.head_dim_v; d += blockDim.x)
         acc[d] = 0.0f;
     __syncthreads();
@@ -67,7 +68,7 @@ attention_kernel(float *out, float *part, const float *q, const ints_arg pos, st
             const int64_t off = (int64_t)(c0 + j) * ap.k_row + (int64_t)kvh * ap.head_dim;
             float s = 0.0f;
             for (int d = lane; d < ap.head_dim; d += 32)
-                s += qv[d] * cache_at(ap.k_cache, off + d, ap.kv_f16);
+                s += qv[d] * cache_at(ap.k_cache, off + d, ap.kv_type == MOE_DTYPE_F16);
             for (int o = 16; o > 0; o >>= 1)
                 s += __shfl_xor_sync(0xffffffffu, s, o);
             if (lane == 0)
@@ -92,7 +93,7 @@ attention_kernel(float *out, float *part, const float *q, const ints_arg pos, st
             float a = acc[d] * fac;
             for (int j = 0; j < nc; j++) {
                 const int64_t off = (int64_t)(c0 + j) * ap.v_row + (int64_t)kvh * ap.head_dim_v + d;
-                a += sc[j] * cache_at(ap.v_cache, off, ap.kv_f16);
+                a += sc[j] * cache_at(ap.v_cache, off, ap.kv_type == MOE_DTYPE_F16);
             }
             acc[d] = a;
         }
@@ -158,6 +159,8 @@ int attention(cuda_ctx *c, float *out, const float *q, int64_t n_tok, const int3
     if (ap->n_head <= 0 || ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0 ||
         ap->head_dim <= 0 || ap->head_dim_v <= 0)
         return -EINVAL;
+    if (ap->kv_type != MOE_DTYPE_F32 && ap->kv_type != MOE_DTYPE_F16)
+        return MOE_EUNSUPPORTED;   // q8_0: not yet (doc/cuda.md)
     if (n_tok <= 0)
         return 0;
     int max_len = 0;

@@ -300,7 +300,7 @@ __global__ void rope_kernel(float *x, int64_t n_tok, int n_head, int head_stride
 }
 
 __global__ void kv_store_kernel(void *cache, const float *x, int64_t n_tok, const ints_arg pos, int n,
-                                int64_t row, int offset, int kv_f16)
+                                int64_t row, int offset, int kv_f16)  // f16, else f32
 {
     for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n_tok * n;
          idx += (int64_t)gridDim.x * blockDim.x) {
@@ -797,11 +797,22 @@ int cu_attention(struct moe_backend *be, float *out, const float *q, int64_t n_t
     return attention(c, out, q, n_tok, pos, ap);
 }
 
+// q8_0 KV caches are not implemented here yet: the model refuses kv_type
+// q8_0 at load on this backend (doc/cuda.md).
+int cu_kv_supports(const struct moe_backend *be, uint32_t t)
+{
+    (void)be;
+    return t == MOE_DTYPE_F32 || t == MOE_DTYPE_F16;
+}
+
 int cu_kv_store(struct moe_backend *be, void *cache, const float *x, int64_t n_tok, const int32_t *pos,
-                int n, int64_t row, int offset, int kv_f16)
+                int n, int64_t row, int offset, uint32_t kv_type)
 {
     cuda_ctx *c = ctx_of(be);
     FATAL_GUARD(c);
+    if (!cu_kv_supports(be, kv_type))
+        return MOE_EUNSUPPORTED;
+    const int kv_f16 = kv_type == MOE_DTYPE_F16;
     if (n_tok <= 0 || n <= 0)
         return 0;
     for (int64_t t = 0; t < n_tok; t++)
@@ -984,6 +995,7 @@ const struct moe_backend_ops cuda_ops = {
     cu_rope,
     cu_attention,
     cu_kv_store,
+    cu_kv_supports,
     cu_router_topk,
     cu_swiglu,
     cu_swiglu_oai,

@@ -558,11 +558,11 @@ static int run_attn_case(const struct attn_case *c, int ci)
     void *dvc = c->mla ? dkc : dev_bytes(vc, (size_t)n_ctx * vrow * es);
     float *dkx = dev(kx, (size_t)(n_fill * krow)), *dvx = dev(vx, (size_t)(n_fill * vrow));
     int bad = 0;
-    bad |= cpu->ops->kv_store(cpu, kc, kx, n_fill, fp, (int)krow, krow, 0, c->f16) != 0;
-    bad |= gpu->ops->kv_store(gpu, dkc, dkx, n_fill, fp, (int)krow, krow, 0, c->f16) != 0;
+    bad |= cpu->ops->kv_store(cpu, kc, kx, n_fill, fp, (int)krow, krow, 0, c->f16 ? MOE_DTYPE_F16 : MOE_DTYPE_F32) != 0;
+    bad |= gpu->ops->kv_store(gpu, dkc, dkx, n_fill, fp, (int)krow, krow, 0, c->f16 ? MOE_DTYPE_F16 : MOE_DTYPE_F32) != 0;
     if (!c->mla) {
-        bad |= cpu->ops->kv_store(cpu, vc, vx, n_fill, fp, (int)vrow, vrow, 0, c->f16) != 0;
-        bad |= gpu->ops->kv_store(gpu, dvc, dvx, n_fill, fp, (int)vrow, vrow, 0, c->f16) != 0;
+        bad |= cpu->ops->kv_store(cpu, vc, vx, n_fill, fp, (int)vrow, vrow, 0, c->f16 ? MOE_DTYPE_F16 : MOE_DTYPE_F32) != 0;
+        bad |= gpu->ops->kv_store(gpu, dvc, dvx, n_fill, fp, (int)vrow, vrow, 0, c->f16 ? MOE_DTYPE_F16 : MOE_DTYPE_F32) != 0;
     }
     uint8_t *kc2 = xmalloc((size_t)n_ctx * krow * es);
     bad |= gpu->ops->download(gpu, kc2, dkc, (size_t)n_ctx * krow * es) != 0;
@@ -586,7 +586,7 @@ static int run_attn_case(const struct attn_case *c, int ci)
     float *dq = dev(q, nq), *dout = dev(NULL, no);
     struct moe_attn_params ap = {
         .n_head = H, .n_head_kv = KV, .head_dim = hd, .head_dim_v = hdv, .k_row = krow,
-        .v_row = vrow, .scale = 1.0f / sqrtf((float)hd), .kv_f16 = c->f16,
+        .v_row = vrow, .scale = 1.0f / sqrtf((float)hd), .kv_type = c->f16 ? MOE_DTYPE_F16 : MOE_DTYPE_F32,
         .k_cache = kc, .v_cache = c->mla ? kc : vc, .window = c->window,
         .sinks = c->sinks ? sinks : NULL,
     };

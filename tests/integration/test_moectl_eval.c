@@ -56,7 +56,7 @@ static void test_eval_matches_goldens(void)
     snprintf(lpath, sizeof(lpath), "%s/logits.f32", moe_test_tmpdir());
     snprintf(rpath, sizeof(rpath), "%s/routing.txt", moe_test_tmpdir());
     snprintf(cmd, sizeof(cmd), "%s eval --model %s/models/tiny-mixtral-F32.gguf --tokens %s"
-             " --logits %s --routing %s --threads 2", moectl(), ref, toks, lpath, rpath);
+             " --logits %s --routing %s --threads 2 --kv-type f32", moectl(), ref, toks, lpath, rpath);
     int rc = run_cmd(cmd, out, sizeof(out));
     CHECK_MSG(rc == 0, "exit %d: %s", rc, out);
 

@@ -22,7 +22,7 @@ static int same_plan(const struct moe_model_plan *a, const struct moe_model_plan
 {
 #define F(x) if (a->x != b->x) { fprintf(stderr, "  plan." #x ": %lld vs %lld\n", \
                                          (long long)a->x, (long long)b->x); return 0; }
-    F(n_ctx) F(n_batch) F(n_seqs) F(kv_f16) F(pack) F(dense_bytes) F(expert_bytes)
+    F(n_ctx) F(n_batch) F(n_seqs) F(kv_type) F(pack) F(dense_bytes) F(expert_bytes)
     F(n_moe_layers) F(n_expert) F(n_expert_used) F(kv_bytes_per_seq) F(kv_bytes)
     F(expert_cache) F(slot_bytes) F(slot_stride) F(n_slots) F(min_slots) F(all_slots)
     F(cache_bytes) F(host_bytes) F(staging_bytes) F(workspace_bytes)
@@ -79,7 +79,7 @@ static void test_every_model(void)
         struct moe_model_opts o = { .n_threads = 2, .n_ctx = 96, .n_seqs = 3 };
         check(path, &o);                     /* resident */
         check(pack, &o);                     /* every expert in the cache */
-        o.kv_f16 = true;
+        o.kv_type = MOE_KV_F16;
         o.n_batch = 17;
         o.cache_experts = 5;
         check(path, &o);

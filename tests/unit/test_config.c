@@ -63,7 +63,7 @@ static void test_file_and_flags(void)
     CHECK(moed_config_load_string(&c, "model = /m.gguf\n[moed]\ncache_bytes = 1.5G\nkv_f16 = yes\n"
                                   "socket_mode = 0660\nprefetch = gate\n", "a.ini", &d) == 0);
     CHECK_INT(c.engine.cache_bytes, ==, 1610612736LL);
-    CHECK(c.engine.kv_f16 && c.socket_mode == 0660 && c.engine.prefetch == MOE_PREFETCH_GATE);
+    CHECK(c.engine.kv_type == MOE_KV_F16 && c.socket_mode == 0660 && c.engine.prefetch == MOE_PREFETCH_GATE);
     moed_config_defaults(&c);
     CHECK(moed_config_load_string(&c, "[other]\nx = 1\n", "b.ini", &d) != 0);
     CHECK_MSG(strstr(d.msg, "b.ini:2") && strstr(d.msg, "[other]"), "%s", d.msg);
@@ -89,7 +89,7 @@ static void test_file_and_flags(void)
     CHECK(a.check_only && a.config_path && strcmp(c.model, "/from/file.gguf") == 0);
     CHECK_INT(c.queue_size, ==, 9);
     CHECK_INT(c.max_seqs, ==, 7);
-    CHECK(c.engine.kv_f16);
+    CHECK(c.engine.kv_type == MOE_KV_F16);
     CHECK(moed_config_validate(&c, &d) == 0);
     char *bad[] = { "moed", "--no-such-flag", "1", NULL };
     moed_config_defaults(&c);

@@ -57,7 +57,15 @@ static void test_engine_table(void)
     CHECK(moe_model_opts_set(&o, "cache_policy", "predict", &d) == 0 &&
           o.cache_policy == MOE_POLICY_PREDICT);
     CHECK(moe_model_opts_set(&o, "prefetch", "history", &d) == 0 && o.prefetch == MOE_PREFETCH_HISTORY);
-    CHECK(moe_model_opts_set(&o, "kv_f16", "on", &d) == 0 && o.kv_f16);
+    CHECK(moe_model_opts_set(&o, "kv_f16", "on", &d) == 0 && o.kv_type == MOE_KV_F16);
+    CHECK(moe_model_opts_set(&o, "kv-f16", "false", &d) == 0 && o.kv_type == MOE_KV_F32);
+    CHECK(moe_model_opts_set(&o, "kv_type", "q8_0", &d) == 0 && o.kv_type == MOE_KV_Q8_0);
+    CHECK_INT(moe_model_opts_set(&o, "kv_type", "q4_0", &d), ==, -EINVAL);
+    CHECK_MSG(strstr(d.msg, "kv_type") && strstr(d.msg, "f32|f16|q8_0'") == NULL &&
+              strstr(d.msg, "one of f32|f16|q8_0") && !strstr(d.msg, "yes"), "%s", d.msg);
+    memset(&d, 0, sizeof(d));
+    moe_model_opts_defaults(&o);
+    CHECK_INT(o.kv_type, ==, MOE_KV_F16);
     CHECK_INT(moe_model_opts_set(&o, "prefetch_depth", "9", &d), ==, -ERANGE);
     CHECK_MSG(strstr(d.msg, "prefetch_depth") && strstr(d.msg, "1..8"), "%s", d.msg);
     memset(&d, 0, sizeof(d));
