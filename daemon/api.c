@@ -25,6 +25,7 @@
 #include "common/alloc.h"
 #include "common/buf.h"
 #include "daemon/log.h"
+#include "daemon/output.h"
 #include "daemon/request.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
@@ -111,6 +112,12 @@ static json_t *load_body(struct moed_conn *c, const struct moed_http_request *rq
 static const char *finish_name(enum moed_finish f)
 {
     return f == MOED_STOP ? "stop" : f == MOED_LENGTH ? "length" : NULL;
+}
+
+/* A chat answer that ended with tool calls says so. */
+static const char *chat_finish_name(const struct moed_req *r, enum moed_finish f)
+{
+    return f == MOED_STOP && r->n_calls > 0 ? "tool_calls" : finish_name(f);
 }
 
 static json_t *usage_obj(const struct moed_req *r)
@@ -223,26 +230,70 @@ static const char *text_at(const struct moed_req *r, size_t from)
     return r->text.data ? r->text.data + from : "";
 }
 
-/* One SSE event: text delta and the logprobs of tokens [t0, t1). */
-static void stream_event(struct moed_api *a, struct moed_conn *c, struct moed_req *r, size_t from,
-                         size_t to, int t0, int t1)
+/* A chat answer's text [0, upto) split into what is new of its reasoning,
+ * content and tool calls (daemon/output.h); final: nothing held back. */
+static int chat_split(struct moed_api *a, struct moed_req *r, size_t upto, bool final,
+                      struct moe_buf *rs, struct moe_buf *cs, json_t *calls)
 {
-    json_t *delta = json_bytes(text_at(r, from), to - from);
-    json_t *lpj = t1 > t0 && r->logprobs >= 0 && t1 <= r->n_lps ? logprobs_json(a, r, t0, t1, from)
-                                                                 : json_null();
-    json_t *o = base_obj(a, r, r->chat ? "chat.completion.chunk" : "text_completion");
+    if (r->out == NULL) {
+        r->out = moe_malloc(sizeof(struct moed_out));
+        if (r->out == NULL)
+            return -ENOMEM;
+        moed_out_init(r->out, r->split_reasoning, r->think_open, (enum moed_tool_fmt)r->tool_fmt,
+                      strtoull(a->boot, NULL, 16) ^ r->id);
+    }
+    const int rc = moed_out_feed(r->out, r->text.data, upto, final, rs, cs, calls);
+    r->n_calls += (int)json_array_size(calls);
+    return rc;
+}
+
+/* The delta of a chat chunk: the text [from, to) as split; NULL when it
+ * says nothing. */
+static json_t *chat_delta(struct moed_api *a, struct moed_req *r, size_t to, bool final)
+{
+    struct moe_buf rs = { 0 }, cs = { 0 };
+    json_t *calls = json_array();
+    json_t *delta = json_object();
+    if (calls && delta && chat_split(a, r, to, final, &rs, &cs, calls) == 0) {
+        if (rs.len)
+            json_object_set_new(delta, "reasoning_content", json_bytes(rs.data, rs.len));
+        if (cs.len)
+            json_object_set_new(delta, "content", json_bytes(cs.data, cs.len));
+        if (json_array_size(calls))
+            json_object_set(delta, "tool_calls", calls);
+    }
+    json_decref(calls);
+    moe_buf_free(&rs);
+    moe_buf_free(&cs);
+    return delta;
+}
+
+/* One SSE event: text delta and the logprobs of tokens [t0, t1). final:
+ * the answer's last event (a chat answer's held-back text goes out). */
+static void stream_event(struct moed_api *a, struct moed_conn *c, struct moed_req *r, size_t from,
+                         size_t to, int t0, int t1, bool final)
+{
+    const bool lp = t1 > t0 && r->logprobs >= 0 && t1 <= r->n_lps;
     json_t *ch;
     if (r->chat) {
+        json_t *delta = chat_delta(a, r, to, final);
+        if (delta == NULL || (json_object_size(delta) == 0 && !lp)) {
+            json_decref(delta);
+            return;
+        }
         /* OpenAI names the role in the first chunk only */
-        ch = json_pack("{s:i, s:{s:o}, s:o, s:n}", "index", 0, "delta", "content", delta,
-                       "logprobs", lpj, "finish_reason");
-        if (ch && !r->sent_role) {
-            json_object_set_new(json_object_get(ch, "delta"), "role", json_string("assistant"));
+        if (!r->sent_role) {
+            json_object_set_new(delta, "role", json_string("assistant"));
             r->sent_role = true;
         }
-    } else
-        ch = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text", delta, "logprobs", lpj,
+        ch = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "delta", delta, "logprobs",
+                       lp ? logprobs_json(a, r, t0, t1, from) : json_null(), "finish_reason");
+    } else {
+        ch = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text", json_bytes(text_at(r, from),
+                       to - from), "logprobs", lp ? logprobs_json(a, r, t0, t1, from) : json_null(),
                        "finish_reason");
+    }
+    json_t *o = base_obj(a, r, r->chat ? "chat.completion.chunk" : "text_completion");
     json_object_set_new(o, "choices", json_pack("[o]", ch));
     send_sse(c, o);
 }
@@ -260,13 +311,13 @@ static enum moed_finish stream_ready(struct moed_api *a, struct moed_conn *c, st
             const size_t end = r->tok_end[r->sent_tok];
             if (end > r->sent || r->logprobs >= 0)
                 stream_event(a, c, r, r->sent, end > r->sent ? end : r->sent, r->sent_tok,
-                             r->sent_tok + 1);
+                             r->sent_tok + 1, false);
             if (end > r->sent)
                 r->sent = end;
             r->sent_tok++;
         }
-        if (fin != MOED_RUNNING && r->ready > r->sent) {
-            stream_event(a, c, r, r->sent, r->ready, 0, 0);
+        if (fin != MOED_RUNNING && (r->ready > r->sent || r->chat)) {
+            stream_event(a, c, r, r->sent, r->ready, 0, 0, true);
             r->sent = r->ready;
         }
     }
@@ -283,7 +334,7 @@ static void stream_end(struct moed_api *a, struct moed_conn *c, struct moed_req 
     if (fin == MOED_STOP || fin == MOED_LENGTH) {
         json_t *o = base_obj(a, r, chat ? "chat.completion.chunk" : "text_completion");
         json_t *ch = chat ? json_pack("{s:i, s:{}, s:n, s:s}", "index", 0, "delta", "logprobs",
-                                      "finish_reason", finish_name(fin))
+                                      "finish_reason", chat_finish_name(r, fin))
                           : json_pack("{s:i, s:s, s:n, s:s}", "index", 0, "text", "", "logprobs",
                                       "finish_reason", finish_name(fin));
         json_object_set_new(o, "choices", json_pack("[o]", ch));
@@ -309,6 +360,28 @@ static void stream_end(struct moed_api *a, struct moed_conn *c, struct moed_req 
     moed_conn_end_stream(c);
 }
 
+/* A whole chat answer's message: content (null when the answer is only
+ * tool calls), reasoning_content and tool_calls when there are some. */
+static json_t *chat_message(struct moed_api *a, struct moed_req *r)
+{
+    struct moe_buf rs = { 0 }, cs = { 0 };
+    json_t *calls = json_array();
+    json_t *msg = json_pack("{s:s}", "role", "assistant");
+    if (msg && calls && chat_split(a, r, r->text.len, true, &rs, &cs, calls) == 0) {
+        json_object_set_new(msg, "content", cs.len || json_array_size(calls) == 0
+                                                ? json_bytes(cs.data ? cs.data : "", cs.len)
+                                                : json_null());
+        if (rs.len)
+            json_object_set_new(msg, "reasoning_content", json_bytes(rs.data, rs.len));
+        if (json_array_size(calls))
+            json_object_set(msg, "tool_calls", calls);
+    }
+    json_decref(calls);
+    moe_buf_free(&rs);
+    moe_buf_free(&cs);
+    return msg;
+}
+
 /* The whole answer of a request that did not stream. */
 static void answer_whole(struct moed_api *a, struct moed_conn *c, struct moed_req *r,
                          enum moed_finish fin)
@@ -324,14 +397,16 @@ static void answer_whole(struct moed_api *a, struct moed_conn *c, struct moed_re
     }
     const int n_lps = r->n_lps;
     json_t *o = base_obj(a, r, chat ? "chat.completion" : "text_completion");
-    json_t *text = json_bytes(text_at(r, 0), r->text.len);
-    json_t *ch = chat ? json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message",
-                                  "role", "assistant", "content", text, "logprobs",
-                                  logprobs_json(a, r, 0, n_lps, 0), "finish_reason",
-                                  finish_name(fin))
-                      : json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", text,
-                                  "logprobs", logprobs_json(a, r, 0, n_lps, 0),
-                                  "finish_reason", finish_name(fin));
+    json_t *ch;
+    if (chat) {
+        json_t *msg = chat_message(a, r);
+        ch = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "message", msg, "logprobs",
+                       logprobs_json(a, r, 0, n_lps, 0), "finish_reason", chat_finish_name(r, fin));
+    } else {
+        ch = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text",
+                       json_bytes(text_at(r, 0), r->text.len), "logprobs",
+                       logprobs_json(a, r, 0, n_lps, 0), "finish_reason", finish_name(fin));
+    }
     json_object_set_new(o, "choices", json_pack("[o]", ch));
     json_object_set_new(o, "usage", usage_obj(r));
     send_json(c, 200, o);

@@ -63,6 +63,7 @@ void moed_req_unref(struct moed_req *r)
     moe_buf_free(&r->text);
     moe_free(r->lps);
     moe_free(r->tok_end);
+    moe_free(r->out);
     moe_free(r);
 }
 
@@ -106,6 +107,8 @@ struct moed_engine {
     long fault_fatal_at;          /* test hook: MOED_FAULT_FATAL_STEP, else -1 */
     float *lp_tmp;
     struct moe_gvocab *gvocab;    /* the vocabulary for grammar masks, built on first use */
+    int32_t *script;              /* test hook MOED_TEST_SCRIPT: every answer is this text */
+    size_t n_script;
     uint8_t *allowed;             /* per token, the last mask */
 };
 
@@ -122,6 +125,27 @@ static void free_slots(struct moed_engine *e)
     }
     moe_free(e->slots);
     e->slots = NULL;
+}
+
+/* Test hook: with MOED_TEST_SCRIPT set, every answer that no grammar
+ * constrains is that text's tokens, then the end of generation, whatever
+ * the logits say (random-weight test models cannot be asked for a tool call
+ * or for reasoning). Never set in production; doc/daemon.md. */
+static int load_script(struct moed_engine *e)
+{
+    const char *text = getenv("MOED_TEST_SCRIPT");
+    if (text == NULL || text[0] == '\0')
+        return 0;
+    size_t need = 0;
+    int rc = moe_tokenize(e->tok, text, strlen(text), false, false, NULL, 0, &need);
+    if (rc != 0 && rc != -ENOSPC)
+        return rc;
+    e->script = moe_malloc((need ? need : 1) * sizeof(int32_t));
+    if (e->script == NULL)
+        return -ENOMEM;
+    e->n_script = need;
+    LOG_W("MOED_TEST_SCRIPT is set: every answer is its %zu tokens (a test hook)", need);
+    return moe_tokenize(e->tok, text, strlen(text), false, false, e->script, need, &need);
 }
 
 int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, moed_notify_fn notify,
@@ -166,6 +190,10 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
         const char *src = moe_tokenizer_chat_template(e->tok);
         struct moe_diag td = { 0 };
         e->have_tpl = src && moe_chat_template_detect(src, strlen(src), &e->tpl, &td) == 0;
+    }
+    if (load_script(e) != 0) {
+        rc = moe_diag_set(d, -EINVAL, "MOED_TEST_SCRIPT: cannot tokenize it");
+        goto fail;
     }
     int32_t eos = moe_tokenizer_eos(e->tok);
     if (eos >= 0) {
@@ -216,6 +244,7 @@ void moed_engine_free(struct moed_engine *e)
     moe_model_free(e->model);
     moe_free(e->lp_tmp);
     moe_gvocab_free(e->gvocab);
+    moe_free(e->script);
     moe_free(e->allowed);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
@@ -483,7 +512,11 @@ static void after_logits(struct moed_engine *e, int si)
                " output within the schema");
         return;
     }
-    int32_t t = moe_sampler_sample(s->smp, s->logits, s->hist, s->n_hist);
+    int32_t t;
+    if (e->script && s->gm == NULL)
+        t = (size_t)r->n_gen < e->n_script ? e->script[r->n_gen] : moe_tokenizer_eos(e->tok);
+    else
+        t = moe_sampler_sample(s->smp, s->logits, s->hist, s->n_hist);
     s->hist[s->n_hist++] = t;
     if (grammar_accept(e, s, t) != 0) {
         finish(e, r, MOED_ERROR, "response_format: the grammar refused the sampled token");

@@ -55,6 +55,10 @@ struct moed_req {
     int logprobs;                 /* -1: none; else top alternatives per token (0..20) */
     bool include_usage;           /* stream_options.include_usage: a last chunk with usage */
     struct moe_grammar *grammar;  /* response_format: the output must match it, or NULL */
+    /* chat answers: how the text splits (daemon/output.h) */
+    bool split_reasoning;         /* reasoning_format != none */
+    bool think_open;              /* the rendered prompt ends inside <think> */
+    int tool_fmt;                 /* enum moed_tool_fmt; 0: tool calls not parsed */
     int32_t *bias_id;             /* logit_bias (sp.bias_id/sp.bias point here) */
     float *bias;
     double t_submit;              /* monotonic seconds */
@@ -94,6 +98,8 @@ struct moed_req {
     size_t sent;                  /* text bytes written to the client */
     int sent_tok;                 /* tokens streamed */
     bool sent_role;               /* chat stream: the first delta named the role */
+    void *out;                    /* chat: struct moed_out, the split so far (api.c) */
+    int n_calls;                  /* tool calls sent */
 };
 
 /* Allocates a request with one reference (moe_calloc; every buffer it owns

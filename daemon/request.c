@@ -9,7 +9,9 @@
 
 #include "common/alloc.h"
 #include "common/buf.h"
+#include "daemon/output.h"
 #include "daemon/schema.h"
+#include "daemon/tools.h"
 #include "model/tokenizer.h"
 
 #define MAX_STOP_LEN 256
@@ -232,11 +234,11 @@ static const struct unsupported unsupported_common[] = {
     { "echo", "false", "'echo' is not supported" },
     { "suffix", "null", "'suffix' (insertion) is not supported" },
     { "best_of", "1", "'best_of' above 1 is not supported" },
-    { "tools", "null", "'tools': tool calling is not supported yet" },
-    { "tool_choice", "\"none\"", "'tool_choice': tool calling is not supported yet" },
-    { "parallel_tool_calls", NULL, "'parallel_tool_calls': tool calling is not supported yet" },
-    { "functions", "null", "'functions': tool calling is not supported yet" },
-    { "function_call", "\"none\"", "'function_call': tool calling is not supported yet" },
+    { "tools", "null", "'tools': tool calls are made in chat (/v1/chat/completions)" },
+    { "tool_choice", "\"none\"", "'tool_choice': tool calls are made in chat" },
+    { "parallel_tool_calls", NULL, "'parallel_tool_calls': tool calls are made in chat" },
+    { "functions", "null", "'functions' (deprecated): use 'tools'" },
+    { "function_call", "\"none\"", "'function_call' (deprecated): use 'tools' and 'tool_choice'" },
     { "modalities", "[\"text\"]", "'modalities': only [\"text\"] is supported" },
     { "audio", "null", "'audio' output is not supported" },
     { "prediction", "null", "'prediction' (predicted outputs) is not supported" },
@@ -256,7 +258,7 @@ static const char *const known_chat[] = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "repeat_penalty", "seed", "n", "stream", "stream_options", "stop", "logprobs",
     "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "metadata",
-    "response_format", NULL,
+    "response_format", "tools", "tool_choice", "parallel_tool_calls", "reasoning_format", NULL,
 };
 
 static bool listed(const char *const *list, const char *key)
@@ -481,10 +483,37 @@ static bool text_parts(struct fields *f, size_t i, json_t *content, char **owned
     return true;
 }
 
+/* Hermes (tools with the built-in chatml): an assistant turn's calls become
+ * <tool_call> blocks after its text, a tool result a <tool_response> in a
+ * user turn (Qwen2.5's layout). */
+static bool hermes_message(struct fields *f, size_t i, json_t *m, struct moe_chat_msg *msg,
+                           char **owned)
+{
+    json_t *calls = json_object_get(m, "tool_calls");
+    char *text = NULL;
+    if (strcmp(msg->role, "assistant") == 0 && json_array_size(calls) > 0) {
+        char err[256] = "";
+        text = moed_tools_hermes_calls(msg->content, calls, err, sizeof(err));
+        if (text == NULL)
+            return failf(f, "messages", "'messages'[%zu]: %s", i, err);
+    } else if (strcmp(msg->role, "tool") == 0) {
+        text = moed_tools_hermes_result(msg->content);
+        msg->role = "user";
+    } else {
+        return true;
+    }
+    if (text == NULL)
+        return fail(f, "messages", "out of memory");
+    moe_free(*owned);
+    *owned = text;
+    msg->content = text;
+    return true;
+}
+
 /* One element of 'messages': its role and content into *msg (content either
  * borrowed from the JSON or built in *owned). */
 static bool parse_message(struct fields *f, size_t i, json_t *m, struct moe_chat_msg *msg,
-                          char **owned)
+                          char **owned, bool hermes)
 {
     json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
     if (!json_is_object(m) || !json_is_string(role))
@@ -509,6 +538,79 @@ static bool parse_message(struct fields *f, size_t i, json_t *m, struct moe_chat
         return failf(f, "messages", "'messages'[%zu].content must be a string or an array of text"
                      " parts", i);
     }
+    if (hermes)
+        return hermes_message(f, i, m, msg, owned);
+    if (json_array_size(json_object_get(m, "tool_calls")) > 0)
+        return failf(f, "messages", "'messages'[%zu].tool_calls: this model's chat template cannot"
+                     " render tool calls (use a template with a tool format: doc/daemon.md)", i);
+    return true;
+}
+
+/* tools + chatml: the tool section joins the system turn (one is made first
+ * when there is none). msgs has room for one more at the front. */
+static bool hermes_system(struct fields *f, const struct moed_tools *t, struct moe_chat_msg *msgs,
+                          char **owned, size_t *n)
+{
+    if (*n == 0 || strcmp(msgs[0].role, "system") != 0) {
+        memmove(msgs + 1, msgs, *n * sizeof(*msgs));
+        memmove(owned + 1, owned, *n * sizeof(*owned));
+        msgs[0] = (struct moe_chat_msg){ "system", "" };
+        owned[0] = NULL;
+        (*n)++;
+    }
+    char *text = moed_tools_hermes_system(t, msgs[0].content);
+    if (text == NULL)
+        return fail(f, "tools", "out of memory");
+    moe_free(owned[0]);
+    owned[0] = text;
+    msgs[0].content = text;
+    return true;
+}
+
+/* The rendered prompt ends inside an opened <think> (Qwen3, DeepSeek-R1). */
+static bool ends_in_think(const char *text, size_t len)
+{
+    while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == ' '))
+        len--;
+    return len >= 7 && memcmp(text + len - 7, "<think>", 7) == 0;
+}
+
+/* tools, tool_choice, reasoning_format: how the answer is rendered, forced
+ * and split. */
+static bool parse_chat_modes(struct fields *f, json_t *root, enum moe_chat_template tpl,
+                             struct moed_tools *t)
+{
+    struct moed_req *r = f->r;
+    const char *param = NULL;
+    if (!moed_tools_parse(root, t, f->err, sizeof(f->err), &param)) {
+        f->err_param = param;
+        return false;
+    }
+    json_t *rfmt = json_object_get(root, "reasoning_format");
+    r->split_reasoning = true;
+    if (rfmt && !json_is_null(rfmt)) {
+        const char *v = json_is_string(rfmt) ? json_string_value(rfmt) : "";
+        if (strcmp(v, "none") && strcmp(v, "auto") && strcmp(v, "deepseek"))
+            return fail(f, "reasoning_format", "'reasoning_format' must be \"none\" (reasoning"
+                        " stays in the content), \"auto\" or \"deepseek\" (reasoning_content)");
+        r->split_reasoning = strcmp(v, "none") != 0;
+    }
+    if (t->tools == NULL || t->choice == MOED_TC_NONE) {
+        t->tools = NULL;
+        return true;
+    }
+    if (tpl != MOE_CHAT_TMPL_CHATML)
+        return fail(f, "tools", "'tools': this model's chat template has no tool format moed can"
+                    " render (moed renders tools with chatml, Hermes style: doc/daemon.md)");
+    r->tool_fmt = MOED_TOOLS_TAG;
+    if (t->choice >= MOED_TC_REQUIRED) {
+        if (r->grammar)
+            return fail(f, "tool_choice", "'tool_choice' that forces a call cannot be combined with"
+                        " 'response_format'");
+        struct moe_diag d = { 0 };
+        if (moed_tools_grammar(t, &r->grammar, &d) != 0)
+            return fail(f, "tools", d.msg);
+    }
     return true;
 }
 
@@ -525,24 +627,33 @@ static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e
     if (!moed_engine_chat_template(e, &tpl, &eos))
         return fail(f, "messages", "this model has no chat template moed knows: start moed with"
                     " --chat-template NAME (config key chat_template), or use /v1/completions");
-    struct moe_chat_msg *msgs = moe_calloc(n, sizeof(*msgs));
-    char **owned = moe_calloc(n, sizeof(char *));
+    struct moed_tools tools;
+    if (!parse_chat_modes(f, root, tpl, &tools))
+        return false;
+    const bool hermes = tools.tools != NULL;
+    struct moe_chat_msg *msgs = moe_calloc(n + 1, sizeof(*msgs));
+    char **owned = moe_calloc(n + 1, sizeof(char *));
     bool ok = msgs && owned;
     if (!ok)
         fail(f, "messages", "out of memory");
     for (size_t i = 0; ok && i < n; i++)
-        ok = parse_message(f, i, json_array_get(ms, i), &msgs[i], &owned[i]);
+        ok = parse_message(f, i, json_array_get(ms, i), &msgs[i], &owned[i], hermes);
+    size_t nm = n;
+    if (ok && hermes)
+        ok = hermes_system(f, &tools, msgs, owned, &nm);
     char *text = NULL;
     size_t len = 0;
     if (ok) {
         struct moe_diag d = { 0 };
-        if (moe_chat_template_apply(tpl, msgs, n, true, eos, &text, &len, &d) != 0)
+        if (moe_chat_template_apply(tpl, msgs, nm, true, eos, &text, &len, &d) != 0)
             ok = fail(f, "messages", d.msg);
     }
-    if (ok)
+    if (ok) {
+        f->r->think_open = ends_in_think(text, len);
         ok = tokenize_into(f, moed_engine_tokenizer(e), text, len, true, "messages");
+    }
     moe_free(text);
-    for (size_t i = 0; owned && i < n; i++)
+    for (size_t i = 0; owned && i < n + 1; i++)
         moe_free(owned[i]);
     moe_free(owned);
     moe_free(msgs);

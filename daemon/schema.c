@@ -674,16 +674,18 @@ static void sc_init(struct sc *c, struct moe_diag *d)
     c->boolean = c->null = -1;
 }
 
-/* root ::= " "? body (a first token may carry a space) */
-static int finish(struct sc *c, int body, struct moe_grammar **out)
+/* root ::= " "? prefix body suffix (a first token may carry a space before
+ * bare JSON; tagged text starts with its tag) */
+static int finish(struct sc *c, int body, const char *prefix, const char *suffix,
+                  struct moe_grammar **out)
 {
-    if (c->err == 0) {
+    for (int space = 0; space < (prefix[0] ? 1 : 2) && c->err == 0; space++) {
         struct alt a = { .n = 0 };
+        if (space)
+            a_lit(c, &a, " ");
+        a_lit(c, &a, prefix);
         a_ref(c, &a, body);
-        add(c, 0, &a);
-        a.n = 0;
-        a_lit(c, &a, " ");
-        a_ref(c, &a, body);
+        a_lit(c, &a, suffix);
         add(c, 0, &a);
     }
     if (c->err == 0)
@@ -699,6 +701,12 @@ static int finish(struct sc *c, int body, struct moe_grammar **out)
 int moed_schema_grammar(json_t *schema, const char *where, struct moe_grammar **out,
                         struct moe_diag *diag)
 {
+    return moed_schema_grammar_wrap(schema, where, "", "", out, diag);
+}
+
+int moed_schema_grammar_wrap(json_t *schema, const char *where, const char *prefix,
+                             const char *suffix, struct moe_grammar **out, struct moe_diag *diag)
+{
     *out = NULL;
     struct sc c;
     sc_init(&c, diag);
@@ -707,7 +715,7 @@ int moed_schema_grammar(json_t *schema, const char *where, struct moe_grammar **
     c.root = schema;
     rule(&c);                                   /* rule 0: the start */
     const int body = gen(&c, schema, where);
-    return finish(&c, body, out);
+    return finish(&c, body, prefix, suffix, out);
 }
 
 int moed_json_object_grammar(struct moe_grammar **out, struct moe_diag *diag)
@@ -719,5 +727,5 @@ int moed_json_object_grammar(struct moe_grammar **out, struct moe_diag *diag)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     rule(&c);
     const int body = r_object_any(&c);
-    return finish(&c, body, out);
+    return finish(&c, body, "", "", out);
 }

@@ -25,6 +25,10 @@
 int moed_schema_grammar(json_t *schema, const char *where, struct moe_grammar **out,
                         struct moe_diag *diag);
 
+/* The same between two literal texts (a tool call's tags). */
+int moed_schema_grammar_wrap(json_t *schema, const char *where, const char *prefix,
+                             const char *suffix, struct moe_grammar **out, struct moe_diag *diag);
+
 /* Any JSON object (response_format json_object). */
 int moed_json_object_grammar(struct moe_grammar **out, struct moe_diag *diag);
 

@@ -121,8 +121,16 @@ with tempfile.TemporaryDirectory() as tmp:
         # 1. fields moed does not implement: 400 naming them; their no-op values pass
         for path in ("/v1/completions", "/v1/chat/completions"):
             refused(d, path, "cache_prompt", {"cache_prompt": True}, "unknown field 'cache_prompt'")
-            refused(d, path, "tools", {"tools": [{"type": "function", "function": {"name": "f"}}]},
-                    "tool calling")
+            if path == "/v1/completions":
+                refused(d, path, "tools", {"tools": [{"type": "function", "function": {"name": "f"}}]},
+                        "tool calls are made in chat")
+            else:
+                refused(d, path, "tools", {"tools": [{"type": "function", "function": {"name": "f g"}}]},
+                        "'tools'[0].function.name must be")
+                refused(d, path, "tool_choice", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                                                 "tool_choice": {"type": "function", "function": {"name": "h"}}},
+                        "names 'h', which is not in 'tools'")
+                refused(d, path, "reasoning_format", {"reasoning_format": "hidden"}, "must be")
             refused(d, path, "response_format", {"response_format": {"type": "grammar"}},
                     "is not text, json_object or json_schema")
             refused(d, path, "response_format",
