@@ -59,6 +59,14 @@ for pkg in openai jsonschema; do
   fi
 done
 
+# tests/parity/test_jinja_ref renders the reference chat templates with
+# Python's jinja2 (required there in CI).
+if ! python3 -c 'import jinja2' >/dev/null 2>&1; then
+  python3 -m pip install -q jinja2 >/dev/null 2>&1 ||
+    python3 -m pip install -q --break-system-packages jinja2 >/dev/null 2>&1 ||
+    echo "setup: could not pip install jinja2; the chat-template parity test will skip" >&2
+fi
+
 if [ -x /usr/local/cuda/bin/nvcc ] && ! command -v nvcc >/dev/null; then
   export PATH="/usr/local/cuda/bin:$PATH"
 fi
