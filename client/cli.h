@@ -12,6 +12,7 @@ int moectl_cachesim_main(int argc, char **argv);
 int moectl_pack_main(int argc, char **argv);
 int moectl_tokenize_main(int argc, char **argv);
 int moectl_detokenize_main(int argc, char **argv);
+int moectl_template_main(int argc, char **argv);
 /* daemon commands (client/remote.c); exit code 3: cannot reach moed */
 int moectl_complete_main(int argc, char **argv);
 int moectl_chat_dispatch(int argc, char **argv);

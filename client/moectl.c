@@ -21,6 +21,7 @@ static const struct command commands[] = {
     { "health", moectl_health_main, "moed: is it up" },
     { "tokenize", moectl_tokenize_main, "text to token ids (one JSON array)" },
     { "detokenize", moectl_detokenize_main, "token ids to text" },
+    { "template", moectl_template_main, "render messages with a model's Jinja chat template (as moed does)" },
     { "pack", moectl_pack_main, "write a compressed expert store from a GGUF (--verify checks one)" },
     { "cache-sim", moectl_cachesim_main, "replay a routing trace against cache policies and Belady" },
 };
