@@ -24,6 +24,7 @@
 
 #include "common/alloc.h"
 #include "common/buf.h"
+#include "daemon/anthropic.h"
 #include "daemon/log.h"
 #include "daemon/output.h"
 #include "daemon/request.h"
@@ -268,6 +269,173 @@ static json_t *chat_delta(struct moed_api *a, struct moed_req *r, size_t to, boo
     return delta;
 }
 
+/* ---- Anthropic's shape (/v1/messages) ------------------------------------ */
+
+static void send_named_event(struct moed_conn *c, const char *type, json_t *obj)
+{
+    struct moe_buf ev;
+    moe_buf_init(&ev, 0);
+    if (obj && moe_buf_printf(&ev, "event: %s\ndata: ", type) == 0 &&
+        json_dump_callback(obj, buf_sink, &ev, JSON_COMPACT) == 0 && moe_buf_puts(&ev, "\n\n") == 0)
+        moed_conn_chunk(c, ev.data, ev.len);
+    json_decref(obj);
+    moe_buf_free(&ev);
+}
+
+static const char *anthropic_error_type(int status)
+{
+    return status == 400 ? "invalid_request_error" : status == 401 ? "authentication_error"
+           : status == 404 ? "not_found_error" : status == 413 ? "request_too_large"
+           : status == 503 ? "overloaded_error" : "api_error";
+}
+
+static void anthropic_error(struct moed_conn *c, int status, const char *msg)
+{
+    json_t *j = json_pack("{s:s, s:{s:s, s:s}}", "type", "error", "error", "type",
+                          anthropic_error_type(status), "message", msg);
+    struct moe_buf b;
+    moe_buf_init(&b, 0);
+    if (j && json_dump_callback(j, buf_sink, &b, JSON_COMPACT) == 0 && b.data)
+        moed_conn_send(c, status, "application/json", b.data, b.len,
+                       status == 503 ? "Retry-After: 1\r\n" : NULL);
+    else
+        moed_conn_send(c, 500, "text/plain", "out of memory\n", 14, NULL);
+    moe_buf_free(&b);
+    json_decref(j);
+}
+
+static json_t *anthropic_usage(const struct moed_req *r)
+{
+    return json_pack("{s:i, s:i}", "input_tokens", r->n_prompt, "output_tokens", r->n_gen);
+}
+
+static const char *anthropic_stop(const struct moed_req *r, enum moed_finish f)
+{
+    return f == MOED_LENGTH ? "max_tokens" : r->n_calls > 0 ? "tool_use"
+           : r->stop_hit >= 0 ? "stop_sequence" : "end_turn";
+}
+
+static json_t *anthropic_tool_use(json_t *call)
+{
+    json_t *fn = json_object_get(call, "function");
+    json_t *input = json_loads(json_string_value(json_object_get(fn, "arguments")), 0, NULL);
+    return json_pack("{s:s, s:O, s:O, s:o}", "type", "tool_use", "id", json_object_get(call, "id"),
+                     "name", json_object_get(fn, "name"), "input", input ? input : json_object());
+}
+
+static json_t *anthropic_message(struct moed_api *a, const struct moed_req *r, json_t *content)
+{
+    char id[64];
+    snprintf(id, sizeof(id), "msg_%s%" PRIx64, a->boot, r->id);
+    return json_pack("{s:s, s:s, s:s, s:s, s:o, s:n, s:n, s:o}", "id", id, "type", "message", "role",
+                     "assistant", "model", a->model_id, "content", content, "stop_reason",
+                     "stop_sequence", "usage", anthropic_usage(r));
+}
+
+/* Closes the open block of an Anthropic stream, opens one of kind (1
+ * thinking, 2 text) unless 0. */
+static void anthropic_block(struct moed_conn *c, struct moed_req *r, int kind)
+{
+    if (r->a_block == kind)
+        return;
+    if (r->a_block)
+        send_named_event(c, "content_block_stop", json_pack("{s:s, s:i}", "type",
+                         "content_block_stop", "index", r->a_index++));
+    r->a_block = kind;
+    if (kind == 1)
+        send_named_event(c, "content_block_start", json_pack("{s:s, s:i, s:{s:s, s:s, s:s}}", "type",
+                         "content_block_start", "index", r->a_index, "content_block", "type",
+                         "thinking", "thinking", "", "signature", ""));
+    else if (kind == 2)
+        send_named_event(c, "content_block_start", json_pack("{s:s, s:i, s:{s:s, s:s}}", "type",
+                         "content_block_start", "index", r->a_index, "content_block", "type",
+                         "text", "text", ""));
+}
+
+static void anthropic_delta(struct moed_conn *c, struct moed_req *r, int kind, json_t *text)
+{
+    anthropic_block(c, r, kind);
+    send_named_event(c, "content_block_delta", json_pack("{s:s, s:i, s:{s:s, s:O}}", "type",
+                     "content_block_delta", "index", r->a_index, "delta", "type",
+                     kind == 1 ? "thinking_delta" : "text_delta", kind == 1 ? "thinking" : "text",
+                     text));
+}
+
+/* One chat delta (reasoning_content, content, tool_calls) as Anthropic
+ * events. */
+static void anthropic_stream_delta(struct moed_conn *c, struct moed_req *r, json_t *delta)
+{
+    json_t *v;
+    if ((v = json_object_get(delta, "reasoning_content")) && !r->thinking_off)
+        anthropic_delta(c, r, 1, v);
+    if ((v = json_object_get(delta, "content")) && json_string_length(v) > 0)
+        anthropic_delta(c, r, 2, v);
+    json_t *calls = json_object_get(delta, "tool_calls");
+    for (size_t i = 0; i < json_array_size(calls); i++) {
+        json_t *call = json_array_get(calls, i), *fn = json_object_get(call, "function");
+        anthropic_block(c, r, 0);
+        send_named_event(c, "content_block_start", json_pack("{s:s, s:i, s:{s:s, s:O, s:O, s:{}}}",
+                         "type", "content_block_start", "index", r->a_index, "content_block",
+                         "type", "tool_use", "id", json_object_get(call, "id"), "name",
+                         json_object_get(fn, "name"), "input"));
+        send_named_event(c, "content_block_delta", json_pack("{s:s, s:i, s:{s:s, s:O}}", "type",
+                         "content_block_delta", "index", r->a_index, "delta", "type",
+                         "input_json_delta", "partial_json", json_object_get(fn, "arguments")));
+        send_named_event(c, "content_block_stop", json_pack("{s:s, s:i}", "type",
+                         "content_block_stop", "index", r->a_index++));
+    }
+}
+
+static void anthropic_stream_start(struct moed_api *a, struct moed_conn *c, struct moed_req *r)
+{
+    send_named_event(c, "message_start", json_pack("{s:s, s:o}", "type", "message_start", "message",
+                                                   anthropic_message(a, r, json_array())));
+}
+
+static void anthropic_stream_end(struct moed_conn *c, struct moed_req *r, enum moed_finish fin)
+{
+    if (fin == MOED_STOP || fin == MOED_LENGTH) {
+        anthropic_block(c, r, 0);
+        json_t *d = json_pack("{s:s, s:{s:s, s:o}, s:{s:i}}", "type", "message_delta", "delta",
+                              "stop_reason", anthropic_stop(r, fin), "stop_sequence",
+                              r->stop_hit >= 0 && fin == MOED_STOP ? json_string(r->stop[r->stop_hit])
+                                                                   : json_null(),
+                              "usage", "output_tokens", r->n_gen);
+        send_named_event(c, "message_delta", d);
+        send_named_event(c, "message_stop", json_pack("{s:s}", "type", "message_stop"));
+    } else {
+        send_named_event(c, "error", json_pack("{s:s, s:{s:s, s:s}}", "type", "error", "error", "type",
+                         "api_error", "message", fin == MOED_CANCELLED ? "request cancelled (moed is"
+                         " shutting down)" : r->err));
+    }
+    moed_conn_end_stream(c);
+}
+
+static void anthropic_whole(struct moed_api *a, struct moed_conn *c, struct moed_req *r,
+                            enum moed_finish fin)
+{
+    struct moe_buf rs = { 0 }, cs = { 0 };
+    json_t *calls = json_array(), *content = json_array();
+    if (calls && content && chat_split(a, r, r->text.len, true, &rs, &cs, calls) == 0) {
+        if (rs.len && !r->thinking_off)
+            json_array_append_new(content, json_pack("{s:s, s:o, s:s}", "type", "thinking",
+                                  "thinking", json_bytes(rs.data, rs.len), "signature", ""));
+        if (cs.len)
+            json_array_append_new(content, json_pack("{s:s, s:o}", "type", "text", "text",
+                                                     json_bytes(cs.data, cs.len)));
+        for (size_t i = 0; i < json_array_size(calls); i++)
+            json_array_append_new(content, anthropic_tool_use(json_array_get(calls, i)));
+    }
+    json_t *m = anthropic_message(a, r, content);
+    json_object_set_new(m, "stop_reason", json_string(anthropic_stop(r, fin)));
+    if (r->stop_hit >= 0 && fin == MOED_STOP)
+        json_object_set_new(m, "stop_sequence", json_string(r->stop[r->stop_hit]));
+    send_json(c, 200, m);
+    json_decref(calls);
+    moe_buf_free(&rs);
+    moe_buf_free(&cs);
+}
+
 /* One SSE event: text delta and the logprobs of tokens [t0, t1). final:
  * the answer's last event (a chat answer's held-back text goes out). */
 static void stream_event(struct moed_api *a, struct moed_conn *c, struct moed_req *r, size_t from,
@@ -275,6 +443,12 @@ static void stream_event(struct moed_api *a, struct moed_conn *c, struct moed_re
 {
     const bool lp = t1 > t0 && r->logprobs >= 0 && t1 <= r->n_lps;
     json_t *ch;
+    if (r->anthropic) {
+        json_t *delta = chat_delta(a, r, to, final);
+        anthropic_stream_delta(c, r, delta);
+        json_decref(delta);
+        return;
+    }
     if (r->chat) {
         json_t *delta = chat_delta(a, r, to, final);
         if (delta == NULL || (json_object_size(delta) == 0 && !lp)) {
@@ -387,12 +561,18 @@ static void answer_whole(struct moed_api *a, struct moed_conn *c, struct moed_re
                          enum moed_finish fin)
 {
     const bool chat = r->chat;
-    if (fin == MOED_CANCELLED) {
-        moed_conn_send_error(c, 503, "server_error", NULL, "request cancelled (moed is shutting down)");
+    if (fin == MOED_CANCELLED || fin == MOED_ERROR) {
+        char msg[400];
+        snprintf(msg, sizeof(msg), fin == MOED_CANCELLED ? "request cancelled (moed is shutting"
+                 " down)" : "generation failed: %s", r->err);
+        if (r->anthropic)
+            anthropic_error(c, fin == MOED_CANCELLED ? 503 : 500, msg);
+        else
+            moed_conn_send_error(c, fin == MOED_CANCELLED ? 503 : 500, "server_error", NULL, "%s", msg);
         return;
     }
-    if (fin == MOED_ERROR) {
-        moed_conn_send_error(c, 500, "server_error", NULL, "generation failed: %s", r->err);
+    if (r->anthropic) {
+        anthropic_whole(a, c, r, fin);
         return;
     }
     const int n_lps = r->n_lps;
@@ -430,7 +610,9 @@ static void on_engine(struct moed_api *a, struct moed_conn *c, struct moed_req *
     const enum moed_finish fin = stream_ready(a, c, r);
     if (fin == MOED_RUNNING)
         return;
-    if (r->stream)
+    if (r->stream && r->anthropic)
+        anthropic_stream_end(c, r, fin);
+    else if (r->stream)
         stream_end(a, c, r, fin);
     else
         answer_whole(a, c, r, fin);
@@ -443,19 +625,32 @@ static void on_engine(struct moed_api *a, struct moed_conn *c, struct moed_req *
 
 /* Checks and submits a generation request; false when it was answered at
  * once (an error), true when the engine has it. */
-static bool submit_generate(struct moed_api *a, struct moed_conn *c, json_t *root, bool chat)
+/* A 4xx/5xx in the shape of the request's API. */
+static void gen_error(struct moed_conn *c, bool anthropic, int status, const char *param,
+                      const char *msg)
+{
+    if (anthropic)
+        anthropic_error(c, status, msg);
+    else
+        moed_conn_send_error(c, status, status < 500 ? "invalid_request_error" : "server_error",
+                             param, "%s", msg);
+}
+
+static bool submit_generate(struct moed_api *a, struct moed_conn *c, json_t *root, bool chat,
+                            bool anthropic)
 {
     const struct moed_config *cfg = moed_server_config(a->srv);
     struct moed_req *r = moed_req_new();
     if (r == NULL) {
-        moed_conn_send_error(c, 500, "server_error", NULL, "out of memory");
+        gen_error(c, anthropic, 500, NULL, "out of memory");
         return false;
     }
     r->id = ++a->next_req_id;
     r->chat = chat;
+    r->anthropic = anthropic;
     struct moed_parse_error pe;
     if (!moed_parse_generate(a->eng, cfg, root, chat, r, &pe)) {
-        moed_conn_send_error(c, 400, "invalid_request_error", pe.param, "%s", pe.msg);
+        gen_error(c, anthropic, 400, pe.param, pe.msg);
         moed_req_unref(r);
         return false;
     }
@@ -465,17 +660,18 @@ static bool submit_generate(struct moed_api *a, struct moed_conn *c, json_t *roo
     r->conn = c;
     int rc = moed_engine_submit(a->eng, r);
     if (rc) {
-        if (rc == -EBUSY)
-            moed_conn_send_error(c, 503, "server_error", NULL, "queue full (%d waiting,"
-                                 " queue_size); retry later", cfg->queue_size);
-        else
-            moed_conn_send_error(c, 503, "server_error", NULL, "moed is shutting down");
+        char msg[128];
+        snprintf(msg, sizeof(msg), rc == -EBUSY ? "queue full (%d waiting, queue_size); retry later"
+                 : "moed is shutting down", cfg->queue_size);
+        gen_error(c, anthropic, 503, NULL, msg);
         moed_req_unref(r);
         return false;
     }
     moed_conn_set_data(c, r);   /* the reference from moed_req_new */
     if (r->stream)
         moed_conn_start_stream(c);
+    if (r->stream && anthropic)
+        anthropic_stream_start(a, c, r);
     return true;
 }
 
@@ -490,7 +686,37 @@ static bool generate(struct moed_api *a, struct moed_conn *c, const struct moed_
         moed_conn_send_error(c, 400, "invalid_request_error", NULL, "%s",
                              "request body must be a JSON object");
     else
-        pending = submit_generate(a, c, root, chat);
+        pending = submit_generate(a, c, root, chat, false);
+    json_decref(root);
+    return !pending;
+}
+
+/* POST /v1/messages: the Anthropic request translated into chat. */
+static bool route_messages(struct moed_api *a, struct moed_conn *c, const struct moed_http_request *rq)
+{
+    json_error_t jerr;
+    json_t *root = json_loadb(rq->body, rq->body_len, JSON_REJECT_DUPLICATES, &jerr);
+    if (root == NULL) {
+        char msg[300];
+        snprintf(msg, sizeof(msg), "invalid JSON at line %d column %d: %s", jerr.line, jerr.column,
+                 jerr.text);
+        anthropic_error(c, 400, msg);
+        return true;
+    }
+    char msg[512];
+    const char *param = NULL;
+    json_t *chat = moed_anthropic_to_chat(root, msg, sizeof(msg), &param);
+    bool pending = false;
+    if (chat == NULL) {
+        anthropic_error(c, 400, msg);
+    } else {
+        pending = submit_generate(a, c, chat, true, true);
+        json_t *th = json_object_get(json_object_get(root, "thinking"), "type");
+        struct moed_req *r = pending ? moed_conn_data(c) : NULL;
+        if (r && json_is_string(th) && strcmp(json_string_value(th), "disabled") == 0)
+            r->thinking_off = true;
+    }
+    json_decref(chat);
     json_decref(root);
     return !pending;
 }
@@ -875,6 +1101,7 @@ static const struct route {
 } routes[] = {
     { "POST", "/v1/completions", route_completions },
     { "POST", "/v1/chat/completions", route_chat },
+    { "POST", "/v1/messages", route_messages },
     { "GET", "/v1/models", route_models },
     { "POST", "/tokenize", route_tokenize },
     { "POST", "/detokenize", route_detokenize },

@@ -32,6 +32,7 @@ struct moed_req *moed_req_new(void)
     r->refs = 1;
     r->slot = -1;
     r->logprobs = -1;
+    r->stop_hit = -1;
     atomic_init(&r->cancel, false);
     atomic_init(&r->paused, false);
     return r;
@@ -413,8 +414,10 @@ static bool check_stop(struct moed_req *r)
         if (sl == 0 || len - r->ready < sl)
             continue;
         const char *p = memmem(text + r->ready, len - r->ready, r->stop[i], sl);
-        if (p && (size_t)(p - text) < best)
+        if (p && (size_t)(p - text) < best) {
             best = (size_t)(p - text);
+            r->stop_hit = i;
+        }
     }
     if (best != SIZE_MAX) {
         /* cut the text before the stop string (the buffer keeps its memory) */

@@ -52,6 +52,7 @@ struct moed_req {
     struct moe_sampler_params sp;
     char *stop[MOED_MAX_STOP];
     int n_stop;
+    int stop_hit;                 /* the stop string that ended the answer, or -1 */
     int logprobs;                 /* -1: none; else top alternatives per token (0..20) */
     bool include_usage;           /* stream_options.include_usage: a last chunk with usage */
     struct moe_grammar *grammar;  /* response_format: the output must match it, or NULL */
@@ -100,6 +101,10 @@ struct moed_req {
     bool sent_role;               /* chat stream: the first delta named the role */
     void *out;                    /* chat: struct moed_out, the split so far (api.c) */
     int n_calls;                  /* tool calls sent */
+    bool anthropic;               /* /v1/messages: Anthropic's answer shape */
+    bool thinking_off;            /* Anthropic thinking disabled: no thinking blocks */
+    int a_block;                  /* Anthropic stream: open block (0 none, 1 thinking, 2 text) */
+    int a_index;                  /* Anthropic stream: index of the next block */
 };
 
 /* Allocates a request with one reference (moe_calloc; every buffer it owns

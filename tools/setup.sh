@@ -51,7 +51,7 @@ fi
 # The daemon's integration tests drive moed with the official openai client
 # and check structured output with jsonschema (PyPI); without them those
 # cases skip (CI requires them).
-for pkg in openai jsonschema; do
+for pkg in openai jsonschema anthropic; do
   if ! python3 -c "import $pkg" >/dev/null 2>&1; then
     python3 -m pip install -q "$pkg" >/dev/null 2>&1 ||
       python3 -m pip install -q --break-system-packages "$pkg" >/dev/null 2>&1 ||

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "daemon/anthropic.h"
 #include "daemon/config.h"
 #include "daemon/engine.h"
 #include "daemon/request.h"
@@ -94,12 +95,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (root == NULL)
         return 0;
     const int n_ctx = moed_engine_n_ctx(eng), V = moed_engine_n_vocab(eng);
-    for (int chat = 0; chat < 2; chat++) {
+    /* the same bytes as an Anthropic body: translated, then parsed as chat */
+    char amsg[512];
+    const char *aparam = NULL;
+    json_t *as_chat = moed_anthropic_to_chat(root, amsg, sizeof(amsg), &aparam);
+    if (as_chat == NULL && amsg[0] == '\0')
+        abort();
+    json_t *inputs[3] = { root, root, as_chat };
+    for (int chat = 0; chat < 3; chat++) {
+        if (inputs[chat] == NULL)
+            continue;
         struct moed_req *r = moed_req_new();
         if (r == NULL)
             break;
         struct moed_parse_error pe;
-        if (moed_parse_generate(eng, &cfg, root, chat, r, &pe)) {
+        if (moed_parse_generate(eng, &cfg, inputs[chat], chat > 0, r, &pe)) {
             if (r->n_prompt < 1 || r->n_prompt >= n_ctx || r->max_tokens < 1 ||
                 r->n_prompt + r->max_tokens > n_ctx || r->n_stop > MOED_MAX_STOP ||
                 r->logprobs > MOED_MAX_TOP_LOGPROBS)
@@ -117,6 +127,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
         moed_req_unref(r);
     }
+    json_decref(as_chat);
     json_decref(root);
     return 0;
 }

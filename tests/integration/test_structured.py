@@ -46,10 +46,13 @@ SCHEMAS = {
         "additionalProperties": False,
     },
     "tree": {
-        "$defs": {"node": {"type": "object", "properties": {
-            "v": {"type": "number"},
-            "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
-            "required": ["v"]}},
+        # $ref, two levels deep (a schema that may recurse without bound lets
+        # a random model nest until max_tokens)
+        "$defs": {"leaf": {"type": "object", "properties": {"v": {"type": "number"}}, "required": ["v"]},
+                  "node": {"type": "object", "properties": {
+                      "v": {"type": "number"},
+                      "kids": {"type": "array", "items": {"$ref": "#/$defs/leaf"}, "maxItems": 2}},
+                      "required": ["v"]}},
         "$ref": "#/$defs/node",
     },
     "choice": {"anyOf": [{"const": {"kind": "x"}}, {"type": "array", "items": {"type": "integer"},
