@@ -3,7 +3,12 @@
 # configures + builds it. Idempotent: packages already present are not
 # reinstalled, an existing build directory is reused.
 #
-#   tools/setup.sh [--no-build] [--build-dir DIR] [-- extra meson options]
+#   tools/setup.sh [--no-build] [--build-dir DIR] [--train-demo] [-- extra meson options]
+#
+# --train-demo: only the packages that tools/train_demo/train.sh needs to
+# retrain the demo model (Debian's CPU-only python3-torch with OpenBLAS, the
+# World English Bible and its SWORD exporter; gguf and tokenizers from PyPI);
+# the runtime and the tests never need them.
 #
 # CUDA: the backend is compiled when nvcc is found (meson option cuda=auto;
 # /usr/local/cuda/bin is added to PATH if present). Debian's own
@@ -12,11 +17,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 build=1
+train=0
 builddir=build
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) build=0 ;;
+    --train-demo) train=1; build=0 ;;
     --build-dir) builddir="$2"; shift ;;
     --) shift; extra=("$@"); break ;;
     *) echo "setup.sh: unknown option '$1'" >&2; exit 2 ;;
@@ -32,6 +39,10 @@ pkgs=(
   fio clang libclang-rt-14-dev python3 python3-pip curl
 )
 
+if [ "$train" = 1 ]; then
+  pkgs=(python3-torch python3-numpy libopenblas0-openmp sword-text-web libsword-utils python3-pip)
+fi
+
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -46,6 +57,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ "$train" = 1 ]; then
+  # Debian's torch is built for the system interpreter; gguf (llama.cpp's
+  # writer) and tokenizers (BPE training) come from PyPI for that interpreter.
+  if ! /usr/bin/python3 -c 'import gguf, tokenizers' >/dev/null 2>&1; then
+    /usr/bin/python3 -m pip install -q gguf tokenizers 2>/dev/null ||
+      /usr/bin/python3 -m pip install -q --break-system-packages gguf tokenizers
+  fi
+  exit 0
 fi
 
 # The daemon's integration tests drive moed with the official openai client
