@@ -121,10 +121,13 @@ static const char *chat_finish_name(const struct moed_req *r, enum moed_finish f
     return f == MOED_STOP && r->n_calls > 0 ? "tool_calls" : finish_name(f);
 }
 
+/* OpenAI's usage, with prompt_tokens_details.cached_tokens: the prompt
+ * tokens served from the KV pool's prefix cache (not prefilled). */
 static json_t *usage_obj(const struct moed_req *r)
 {
-    return json_pack("{s:i, s:i, s:i}", "prompt_tokens", r->n_prompt, "completion_tokens", r->n_gen,
-                     "total_tokens", r->n_prompt + r->n_gen);
+    return json_pack("{s:i, s:i, s:i, s:{s:i}}", "prompt_tokens", r->n_prompt, "completion_tokens",
+                     r->n_gen, "total_tokens", r->n_prompt + r->n_gen, "prompt_tokens_details",
+                     "cached_tokens", r->cached_tokens);
 }
 
 static json_t *piece_json(struct moed_engine *e, int32_t id, json_t **bytes_out)
@@ -218,9 +221,9 @@ static void send_sse(struct moed_conn *c, json_t *obj)
 static void log_request(const struct moed_req *r, const char *how)
 {
     const double now = moed_now();
-    LOG_I("req=%" PRIu64 " %s tokens_in=%d tokens_out=%d ttft_ms=%.1f total_ms=%.1f finish=%s"
-          " expert_hits=%" PRIu64 " expert_misses=%" PRIu64, r->id,
-          r->chat ? "chat" : "completion", r->n_prompt, r->n_gen,
+    LOG_I("req=%" PRIu64 " %s tokens_in=%d cached=%d tokens_out=%d ttft_ms=%.1f total_ms=%.1f"
+          " finish=%s expert_hits=%" PRIu64 " expert_misses=%" PRIu64, r->id,
+          r->chat ? "chat" : "completion", r->n_prompt, r->cached_tokens, r->n_gen,
           r->t_first > 0 ? (r->t_first - r->t_submit) * 1e3 : 0.0, (now - r->t_submit) * 1e3, how,
           r->hits, r->misses);
 }
@@ -922,6 +925,25 @@ static json_t *cache_json(const struct stats_snapshot *st)
     return c;
 }
 
+/* The paged KV pool and its prefix cache: hit rate = prompt tokens served
+ * from cached blocks / prompt tokens of the requests that looked. */
+static double prefix_hit_rate(const struct moe_kv_stats *kv)
+{
+    return kv->prompt_tokens ? (double)kv->cached_tokens / (double)kv->prompt_tokens : 0.0;
+}
+
+static json_t *kv_json(const struct moed_engine_stats *es)
+{
+    const struct moe_kv_stats *kv = &es->kv;
+    return json_pack("{s:i, s:i, s:i, s:i, s:i, s:i, s:I, s:I, s:I, s:I, s:I, s:f}",
+                     "blocks", kv->n_blocks, "block_tokens", kv->block_tokens, "used", kv->used,
+                     "cached", kv->cached, "free", kv->free, "reserved", kv->reserved,
+                     "evictions", (json_int_t)kv->evictions, "lookups", (json_int_t)kv->lookups,
+                     "prefix_hits", (json_int_t)kv->hits, "prompt_tokens", (json_int_t)kv->prompt_tokens,
+                     "cached_tokens", (json_int_t)kv->cached_tokens,
+                     "prefix_hit_rate", prefix_hit_rate(kv));
+}
+
 /* /v1/moed/stats */
 static json_t *stats_json(struct moed_api *a)
 {
@@ -949,6 +971,8 @@ static json_t *stats_json(struct moed_api *a)
                           "tokens_per_s", st.tokens_per_s);
     if (o)
         json_object_set_new(o, "expert_cache", st.cached ? cache_json(&st) : json_null());
+    if (o)
+        json_object_set_new(o, "kv_cache", kv_json(es));
     return o;
 }
 
@@ -1048,6 +1072,23 @@ static int prom_write(struct prom *p, const struct stats_snapshot *st)
                 (unsigned long long)es->requests_failed, (unsigned long long)es->requests_rejected);
     prom_family(p, "moed_tokens_in_total", "counter", "Prompt tokens run.");
     prom_printf(p, "moed_tokens_in_total %llu\n", (unsigned long long)es->tokens_in);
+    prom_family(p, "moed_prompt_tokens_cached_total", "counter",
+                "Prompt tokens served from the KV pool's prefix cache (not run).");
+    prom_printf(p, "moed_prompt_tokens_cached_total %llu\n", (unsigned long long)es->kv.cached_tokens);
+    prom_family(p, "moed_prefix_lookups_total", "counter",
+                "Requests that looked for a cached prompt prefix, and those that found one.");
+    prom_printf(p, "moed_prefix_lookups_total{result=\"any\"} %llu\n"
+                "moed_prefix_lookups_total{result=\"hit\"} %llu\n",
+                (unsigned long long)es->kv.lookups, (unsigned long long)es->kv.hits);
+    prom_family(p, "moed_prefix_hit_rate", "gauge",
+                "Prompt tokens served from cached blocks / prompt tokens looked up.");
+    prom_printf(p, "moed_prefix_hit_rate %.6f\n", prefix_hit_rate(&es->kv));
+    prom_family(p, "moed_kv_blocks", "gauge", "KV pool blocks by state.");
+    prom_printf(p, "moed_kv_blocks{state=\"used\"} %d\nmoed_kv_blocks{state=\"cached\"} %d\n"
+                "moed_kv_blocks{state=\"free\"} %d\nmoed_kv_blocks{state=\"reserved\"} %d\n",
+                es->kv.used, es->kv.cached, es->kv.free, es->kv.reserved);
+    prom_family(p, "moed_kv_evictions_total", "counter", "Cached KV blocks reused for new contents.");
+    prom_printf(p, "moed_kv_evictions_total %llu\n", (unsigned long long)es->kv.evictions);
     prom_family(p, "moed_tokens_out_total", "counter", "Tokens generated.");
     prom_printf(p, "moed_tokens_out_total %llu\n", (unsigned long long)es->tokens_out);
     prom_family(p, "moed_tokens_per_second", "gauge",

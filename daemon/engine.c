@@ -89,6 +89,7 @@ struct moed_engine {
     enum moe_chat_template tpl;
     char eos_text[128];
     int n_ctx, n_vocab;
+    int kv_blocks, kv_block;
 
     struct slot *slots;
     int n_slots;
@@ -178,6 +179,9 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
     if (rc)
         goto fail;
     e->n_ctx = moe_model_n_ctx(e->model);
+    moe_model_kv_stats(e->model, &e->st.kv);
+    e->kv_blocks = e->st.kv.n_blocks;
+    e->kv_block = e->st.kv.block_tokens;
     e->n_vocab = moe_model_cfg(e->model)->n_vocab;
     rc = moe_tokenizer_load(&e->tok, moe_model_gguf(e->model), d);
     if (rc)
@@ -256,6 +260,12 @@ struct moe_model *moed_engine_model(struct moed_engine *e) { return e->model; }
 bool moed_engine_fatal(struct moed_engine *e) { return atomic_load(&e->fatal); }
 const struct moe_tokenizer *moed_engine_tokenizer(struct moed_engine *e) { return e->tok; }
 int moed_engine_n_ctx(struct moed_engine *e) { return e->n_ctx; }
+
+void moed_engine_kv_geometry(struct moed_engine *e, int *n_blocks, int *block_tokens)
+{
+    *n_blocks = e->kv_blocks;
+    *block_tokens = e->kv_block;
+}
 int moed_engine_n_vocab(struct moed_engine *e) { return e->n_vocab; }
 
 bool moed_engine_chat_template(struct moed_engine *e, enum moe_chat_template *t, const char **eos_text)
@@ -384,6 +394,9 @@ static void finish(struct moed_engine *e, struct moed_req *r, enum moed_finish f
     if (r->slot >= 0) {
         e->slots[r->slot].req = NULL;
         e->st.running--;
+        /* its blocks go back to the pool (the full ones stay cached) */
+        moe_seq_reset(e->slots[r->slot].seq);
+        moe_model_kv_stats(e->model, &e->st.kv);
     }
     pthread_mutex_unlock(&e->mu);
     r->slot = -1;
@@ -575,15 +588,24 @@ static void after_logits(struct moed_engine *e, int si)
         e->notify(e->notify_ud);
 }
 
+/* Starts r in slot si: the longest cached prefix of its prompt is reused
+ * and the KV blocks for its prompt and max_tokens are reserved; -EAGAIN
+ * when the pool cannot reserve them yet (r stays queued). */
 static int start_slot(struct moed_engine *e, int si, struct moed_req *r, struct moe_diag *d)
 {
     struct slot *s = &e->slots[si];
-    moe_seq_reset(s->seq);
-    moe_sampler_free(s->smp);
-    s->smp = NULL;
-    int rc = moe_sampler_create(&s->smp, &r->sp, e->n_vocab, d);
+    const int total = r->n_prompt + r->max_tokens < e->n_ctx ? r->n_prompt + r->max_tokens : e->n_ctx;
+    int cached = 0;
+    int rc = moe_seq_begin(s->seq, r->prompt, r->n_prompt, total, &cached, d);
     if (rc)
         return rc;
+    moe_sampler_free(s->smp);
+    s->smp = NULL;
+    rc = moe_sampler_create(&s->smp, &r->sp, e->n_vocab, d);
+    if (rc) {
+        moe_seq_reset(s->seq);
+        return rc;
+    }
     moe_gmatch_free(s->gm);
     s->gm = NULL;
     if (r->grammar) {
@@ -601,7 +623,12 @@ static int start_slot(struct moed_engine *e, int si, struct moed_req *r, struct 
     s->n_hist = r->n_prompt;
     s->req = r;
     r->slot = si;
-    r->n_fed = 0;
+    r->n_fed = cached;
+    pthread_mutex_lock(&r->mu);
+    r->cached_tokens = cached;
+    pthread_mutex_unlock(&r->mu);
+    e->st.tokens_cached += (uint64_t)cached;
+    moe_model_kv_stats(e->model, &e->st.kv);
     return 0;
 }
 
@@ -674,6 +701,7 @@ static bool step(struct moed_engine *e)
     pthread_mutex_lock(&e->mu);
     e->st.steps++;
     e->st.busy_s += t1 - t0;
+    moe_model_kv_stats(e->model, &e->st.kv);
     pthread_mutex_unlock(&e->mu);
     for (int j = 0; j < ns; j++) {
         struct moed_req *r = e->slots[owner[j]].req;
@@ -715,15 +743,23 @@ static void drop_cancelled_locked(struct moed_engine *e)
     pthread_mutex_lock(&e->mu);
 }
 
-/* Moves queued requests into free slots, oldest first (caller holds e->mu). */
+/* Moves queued requests into free slots, oldest first, while the KV pool
+ * can reserve what the oldest needs (caller holds e->mu). */
 static void admit_locked(struct moed_engine *e)
 {
     for (int i = 0; i < e->n_slots && !moe_queue_empty(&e->queue); i++) {
         if (e->slots[i].req)
             continue;
-        struct moed_req *r = moe_container_of(moe_queue_pop(&e->queue), struct moed_req, q_node);
+        struct moed_req *r = moe_container_of(e->queue.head, struct moed_req, q_node);
         struct moe_diag d = { 0 };
-        if (start_slot(e, i, r, &d)) {
+        int rc = start_slot(e, i, r, &d);
+        if (rc == -EAGAIN && e->st.running > 0)
+            break;   /* it waits, first in line, for running requests to free blocks */
+        if (rc == -EAGAIN)   /* nothing runs, so it can never fit (request.c refuses these) */
+            moe_diag_set(&d, MOE_ELIMIT, "the KV pool cannot hold this request's %d prompt tokens"
+                         " and max_tokens %d", r->n_prompt, r->max_tokens);
+        moe_queue_pop(&e->queue);
+        if (rc) {
             pthread_mutex_unlock(&e->mu);
             finish(e, r, MOED_ERROR, d.msg);
             pthread_mutex_lock(&e->mu);

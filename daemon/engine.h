@@ -22,6 +22,7 @@
 #include "common/queue.h"
 #include "daemon/config.h"
 #include "model/chat_template.h"
+#include "model/kv.h"
 #include "model/grammar.h"
 #include "model/sampling.h"
 
@@ -81,6 +82,7 @@ struct moed_req {
     enum moed_finish finish;      /* set once, when done */
     char err[256];
     double t_first;               /* first token, monotonic seconds (0 = none yet) */
+    int cached_tokens;            /* prompt tokens served from the KV pool's prefix cache */
     uint64_t hits, misses;        /* expert cache, over the steps it took part in */
     bool queued_notify;           /* in the engine's notify queue or the loop's batch */
     struct moe_qnode notify_node;
@@ -116,9 +118,11 @@ void moed_req_unref(struct moed_req *r);
 struct moed_engine_stats {
     uint64_t requests_done, requests_cancelled, requests_failed, requests_rejected;
     uint64_t tokens_in, tokens_out;
+    uint64_t tokens_cached;       /* prompt tokens reused from the KV pool (not in tokens_in) */
     uint64_t steps;
     double busy_s;                /* time in forward passes */
     int queue_depth, running;
+    struct moe_kv_stats kv;       /* the KV pool after the last step (model/kv.h) */
 };
 
 typedef void (*moed_notify_fn)(void *ud);
@@ -165,6 +169,8 @@ const struct moe_tokenizer *moed_engine_tokenizer(struct moed_engine *e);
 /* The chat template; false when the model has none and none was configured. */
 bool moed_engine_chat_template(struct moed_engine *e, enum moe_chat_template *t, const char **eos_text);
 int moed_engine_n_ctx(struct moed_engine *e);
+/* The KV pool's geometry: blocks and tokens per block (constant). */
+void moed_engine_kv_geometry(struct moed_engine *e, int *n_blocks, int *block_tokens);
 int moed_engine_n_vocab(struct moed_engine *e);
 
 double moed_now(void);

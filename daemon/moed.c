@@ -66,10 +66,11 @@ static int plan_check(const struct moed_config *cfg, FILE *out, struct moe_diag 
     const uint64_t ram = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
     const uint64_t host = moe_model_plan_host_bytes(&p, o.backend);
     if (ram > 0 && host > ram)
-        return moe_diag_set(d, MOE_ELIMIT, "KV cache: %d sequences (max_seqs) x %.1f MiB (ctx_size %d),"
-                            " with the expert cache, host tier and workspace %.1f MiB in all, exceed the"
-                            " host's memory of %.1f MiB: lower max_seqs, ctx_size, cache_bytes or"
-                            " host_bytes", p.n_seqs, mib(p.kv_bytes_per_seq), p.n_ctx, mib(host), mib(ram));
+        return moe_diag_set(d, MOE_ELIMIT, "KV pool %.1f MiB (%d sequences (max_seqs) of ctx_size %d,"
+                            " kv_size), with the expert cache, host tier and workspace %.1f MiB in all,"
+                            " exceed the host's memory of %.1f MiB: lower max_seqs, ctx_size, kv_size,"
+                            " cache_bytes or host_bytes", mib(p.kv_bytes), p.n_seqs, p.n_ctx, mib(host),
+                            mib(ram));
     if (!cuda)
         return 0;
     struct moe_device_memory dev;

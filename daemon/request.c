@@ -694,5 +694,18 @@ bool moed_parse_generate(struct moed_engine *e, const struct moed_config *cfg, j
     }
     if (r->max_tokens > n_ctx - r->n_prompt)
         r->max_tokens = n_ctx - r->n_prompt;
+    /* the KV pool (kv_size) may hold less than a context: a request whose
+     * prompt and max_tokens need more blocks than it has can never run */
+    int n_blocks = 0, bt = 1;
+    moed_engine_kv_geometry(e, &n_blocks, &bt);
+    const int need = (r->n_prompt + r->max_tokens + bt - 1) / bt;
+    if (need > n_blocks) {
+        snprintf(pe->msg, sizeof(pe->msg), "the prompt (%d tokens) and max_tokens %d need %d KV"
+                 " blocks of %d tokens; the KV pool holds %d blocks (%d tokens, kv_size): lower"
+                 " max_tokens or shorten the prompt", r->n_prompt, r->max_tokens, need, bt, n_blocks,
+                 n_blocks * bt);
+        pe->param = r->n_prompt > n_blocks * bt - 1 ? (chat ? "messages" : "prompt") : "max_tokens";
+        return false;
+    }
     return true;
 }

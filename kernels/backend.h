@@ -81,9 +81,11 @@ struct moe_gating_params {
 };
 
 /* One attention call over a single sequence's KV cache. q is
- * [n_tok][n_head][head_dim], out is [n_tok][n_head][head_dim_v]. Cache row r
- * holds position r: kv head h's key at k_cache + r*k_row + h*head_dim, its
- * value at v_cache + r*v_row + h*head_dim_v (MLA points V into the K rows). */
+ * [n_tok][n_head][head_dim], out is [n_tok][n_head][head_dim_v]. Cache row
+ * c holds kv head h's key at k_cache + c*k_row + h*head_dim, its value at
+ * v_cache + c*v_row + h*head_dim_v (MLA points V into the K rows). Position
+ * r is in row c = r, or, with a block table (the paged KV pool), in row
+ * c = host_blocks[r / block_rows] * block_rows + r % block_rows. */
 struct moe_attn_params {
     int n_head, n_head_kv, head_dim, head_dim_v;
     int64_t k_row, v_row; /* elements per cache row */
@@ -93,6 +95,8 @@ struct moe_attn_params {
                            * and V's offset multiples of 32) */
     const void *k_cache;
     const void *v_cache;
+    const int32_t *host_blocks;  /* the sequence's block table (host), or NULL */
+    int block_rows;       /* rows per block (with host_blocks) */
     int window;           /* sliding window (0 = none): attend to pos-window+1..pos */
     const float *sinks;   /* per-head sink logits [n_head] or NULL */
 };
@@ -147,7 +151,8 @@ struct moe_backend_ops {
      * rows 0..pos (or the sliding window); see struct moe_attn_params. */
     int (*attention)(struct moe_backend *be, float *out, const float *q, int64_t n_tok,
                      const int32_t *host_pos, const struct moe_attn_params *ap);
-    /* Writes rows x[n_tok][n] into cache rows host_pos[t] (row stride
+    /* Writes rows x[n_tok][n] into cache rows host_pos[t] (cache rows, not
+     * positions: the caller maps positions through its block table; row stride
      * `row` elements, starting at element `offset` of the row), converted
      * to kv_type (struct moe_attn_params). */
     int (*kv_store)(struct moe_backend *be, void *cache, const float *x, int64_t n_tok,

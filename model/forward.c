@@ -61,12 +61,8 @@ static int attention_mla(struct moe_model *m, int il, int64_t n)
         TRY(ops->rmsnorm(be, m->a.k + t * krow, m->a.k + t * krow, L->kv_a_norm, 1, lat, c->rms_eps));
     TRY(ops->rope(be, m->a.q, n, H, qk, nope, m->a.pos, &c->rope));
     TRY(ops->rope(be, m->a.k, n, 1, krow, lat, m->a.pos, &c->rope));
-    for (int i = 0; i < m->a.n_segs; i++) {
-        const struct seg *g = &m->a.segs[i];
-        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
-        TRY(ops->kv_store(be, kc, m->a.k + g->off * krow, g->n, m->a.pos + g->off, krow, krow, 0,
-                          m->kv_dtype));
-    }
+    uint8_t *kc = m->kv.k + (size_t)il * m->kv.k_layer;
+    TRY(ops->kv_store(be, kc, m->a.k, n, m->a.kvrow, krow, krow, 0, m->kv_dtype));
 
     /* assembled queries in m->a.v: [n][H][lat + rope] = (Wk_b[h] q_nope, q_pe) */
     float *qc = m->a.v;
@@ -79,11 +75,10 @@ static int attention_mla(struct moe_model *m, int il, int64_t n)
     }
     for (int i = 0; i < m->a.n_segs; i++) {
         const struct seg *g = &m->a.segs[i];
-        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
         struct moe_attn_params ap = {
             .n_head = H, .n_head_kv = 1, .head_dim = krow, .head_dim_v = lat,
             .k_row = krow, .v_row = krow, .scale = c->kq_scale, .kv_type = m->kv_dtype,
-            .k_cache = kc, .v_cache = kc,
+            .k_cache = kc, .v_cache = kc, .host_blocks = g->s->blocks, .block_rows = m->kv.block,
         };
         TRY(ops->attention(be, m->a.att + g->off * H * lat, qc + g->off * H * krow, g->n,
                            m->a.pos + g->off, &ap));
@@ -122,17 +117,19 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
     }
     TRY(ops->rope(be, m->a.q, n, c->n_head, hd, 0, m->a.pos, &c->rope));
     TRY(ops->rope(be, m->a.k, n, c->n_head_kv, hd, 0, m->a.pos, &c->rope));
+    /* every token's K and V into its pool row, then attention per sequence
+     * through its block table */
+    uint8_t *kc = m->kv.k + (size_t)il * m->kv.k_layer, *vc = m->kv.v + (size_t)il * m->kv.v_layer;
+    TRY(ops->kv_store(be, kc, m->a.k, n, m->a.kvrow, kvd, kvd, 0, m->kv_dtype));
+    TRY(ops->kv_store(be, vc, m->a.v, n, m->a.kvrow, kvd, kvd, 0, m->kv_dtype));
     for (int i = 0; i < m->a.n_segs; i++) {
         const struct seg *g = &m->a.segs[i];
-        uint8_t *kc = (uint8_t *)g->s->k_cache + (size_t)il * g->s->layer_bytes;
-        uint8_t *vc = (uint8_t *)g->s->v_cache + (size_t)il * g->s->v_layer_bytes;
         const int32_t *pos = m->a.pos + g->off;
-        TRY(ops->kv_store(be, kc, m->a.k + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_dtype));
-        TRY(ops->kv_store(be, vc, m->a.v + g->off * kvd, g->n, pos, kvd, kvd, 0, m->kv_dtype));
         struct moe_attn_params ap = {
             .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd, .head_dim_v = hd,
             .k_row = kvd, .v_row = kvd, .scale = c->kq_scale, .kv_type = m->kv_dtype,
             .k_cache = kc, .v_cache = vc, .window = L->window, .sinks = L->sinks,
+            .host_blocks = g->s->blocks, .block_rows = m->kv.block,
         };
         TRY(ops->attention(be, m->a.att + g->off * qd, m->a.q + g->off * qd, g->n, pos, &ap));
     }
@@ -231,8 +228,10 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     }
     if (decode)
         moe_prefetch_gov_step(&m->ex.gov, pf, mono_s() - t0);
-    for (int i = 0; i < m->a.n_segs; i++)
+    for (int i = 0; i < m->a.n_segs; i++) {
         m->a.segs[i].s->pos += (int)m->a.segs[i].n;
+        moe_seq_publish(m->a.segs[i].s);
+    }
     m->step++;
     return 0;
 }
@@ -259,8 +258,12 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
     const struct moe_model_cfg *c = &m->cfg;
     const struct moe_backend_ops *ops = m->be->ops;
     struct moe_backend *be = m->be;
-    for (int64_t t = 0; t < n; t++)
+    TRY(moe_seq_grow(s, s->pos + (int)n, diag));
+    for (int64_t t = 0; t < n; t++) {
         m->a.pos[t] = s->pos + (int32_t)t;
+        m->a.kvrow[t] = moe_seq_row(s, s->pos + (int)t);
+        s->toks[s->pos + t] = tokens[t];
+    }
     m->a.segs[0] = (struct seg){ .s = s, .off = 0, .n = n };
     m->a.n_segs = 1;
     TRY(ops->get_rows(be, m->a.x, &m->w.tok_embd, tokens, (int)n));
@@ -308,13 +311,21 @@ int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *seg
     if (n > m->n_batch)
         return moe_diag_set(diag, MOE_ELIMIT, "forward: %" PRId64 " tokens in one batch, the"
                             " model was loaded for at most %d", n, m->n_batch);
+    for (int i = 0; i < n_segs; i++) {
+        int rc = moe_seq_grow(segs[i].seq, segs[i].seq->pos + segs[i].n, diag);
+        if (rc)
+            return rc;
+    }
     int64_t off = 0;
     int rc = 0;
     for (int i = 0; i < n_segs && rc == 0; i++) {
         const struct moe_batch_seg *g = &segs[i];
         m->a.segs[i] = (struct seg){ .s = g->seq, .off = off, .n = g->n };
-        for (int t = 0; t < g->n; t++)
+        for (int t = 0; t < g->n; t++) {
             m->a.pos[off + t] = g->seq->pos + t;
+            m->a.kvrow[off + t] = moe_seq_row(g->seq, g->seq->pos + t);
+            g->seq->toks[g->seq->pos + t] = g->tokens[t];
+        }
         rc = ops->get_rows(be, m->a.x + off * c->n_embd, &m->w.tok_embd, g->tokens, g->n);
         off += g->n;
     }

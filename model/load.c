@@ -393,6 +393,30 @@ static int alloc_scratch(struct moe_model *m, struct moe_diag *diag)
     return 0;
 }
 
+/* The paged KV pool: the plan's blocks, K and V rows of every layer in
+ * backend memory, and the bookkeeping. */
+static int alloc_kv(struct moe_model *m, const struct moe_model_opts *o, struct moe_diag *diag)
+{
+    const struct moe_model_plan *p = &m->plan;
+    const size_t rows = (size_t)p->kv_blocks * (size_t)p->kv_block;
+    m->kv.block = p->kv_block;
+    m->kv.prefix_cache = o->prefix_cache;
+    m->kv.k_layer = rows * moe_kv_row_bytes(m->kv_type, m->cfg.k_row);
+    m->kv.v_layer = rows * moe_kv_row_bytes(m->kv_type, m->cfg.v_row);
+    const size_t kt = m->kv.k_layer * (size_t)m->cfg.n_layer, vt = m->kv.v_layer * (size_t)m->cfg.n_layer;
+    MOE_ASSERT(kt + vt == p->kv_bytes);   /* the plan's KV term is this */
+    int rc = moe_kv_pool_create(&m->kv.pool, p->kv_blocks, p->kv_block);
+    if (rc)
+        return moe_diag_set(diag, rc, "KV pool of %d blocks: %s", p->kv_blocks, moe_strerror(rc));
+    m->kv.k = m->be->ops->alloc(m->be, kt);
+    m->kv.v = vt ? m->be->ops->alloc(m->be, vt) : NULL;
+    if (m->kv.k == NULL || (vt && m->kv.v == NULL))
+        return moe_diag_set(diag, -ENOMEM, "KV pool: cannot allocate %.1f + %.1f MiB in %s memory"
+                            " (%d blocks of %d tokens)", (double)kt / 1048576.0,
+                            (double)vt / 1048576.0, m->be->ops->name, p->kv_blocks, p->kv_block);
+    return 0;
+}
+
 /* Moves every bound weight into backend memory (a GPU backend; or the CPU
  * backend when asked, which tests this path). The deepseek selection bias
  * stays on the host: the router's top-k runs there. */
@@ -541,7 +565,7 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         goto fail;
     if (tied)
         m->w.output = m->w.tok_embd;
-    if ((rc = alloc_scratch(m, diag)))
+    if ((rc = alloc_scratch(m, diag)) || (rc = alloc_kv(m, &o, diag)))
         goto fail;
     *out = m;
     return 0;
@@ -597,6 +621,13 @@ void moe_model_free(struct moe_model *m)
                 m->be->ops->free(m->be, *items[i].field);
         }
     }
+    if (m->be) {
+        if (m->kv.k)
+            m->be->ops->free(m->be, m->kv.k);
+        if (m->kv.v)
+            m->be->ops->free(m->be, m->kv.v);
+    }
+    moe_kv_pool_destroy(m->kv.pool);
     moe_model_experts_free(m);   /* waits for loads before the backend goes */
     moe_backend_destroy(m->be);
     if (m->ex.src)
@@ -623,16 +654,13 @@ int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *d
     if (s == NULL)
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     s->m = m;
-    s->layer_bytes = (size_t)m->n_ctx * moe_kv_row_bytes(m->kv_type, m->cfg.k_row);
-    s->v_layer_bytes = (size_t)m->n_ctx * moe_kv_row_bytes(m->kv_type, m->cfg.v_row);
-    size_t kt = s->layer_bytes * (size_t)m->cfg.n_layer, vt = s->v_layer_bytes * (size_t)m->cfg.n_layer;
-    MOE_ASSERT(kt + vt == m->plan.kv_bytes_per_seq);   /* the plan's KV term is this */
-    s->k_cache = m->be->ops->alloc(m->be, kt);
-    s->v_cache = vt ? m->be->ops->alloc(m->be, vt) : NULL;
-    if (s->k_cache == NULL || (vt && s->v_cache == NULL)) {
+    s->max_blocks = (m->n_ctx + m->kv.block - 1) / m->kv.block;
+    s->blocks = moe_calloc((size_t)s->max_blocks, sizeof(int32_t));
+    s->hashes = moe_calloc((size_t)s->max_blocks, sizeof(uint64_t));
+    s->toks = moe_calloc((size_t)m->n_ctx, sizeof(int32_t));
+    if (s->blocks == NULL || s->hashes == NULL || s->toks == NULL) {
         moe_seq_free(s);
-        return moe_diag_set(diag, -ENOMEM, "KV cache: cannot allocate %zu + %zu MiB", kt >> 20,
-                            vt >> 20);
+        return moe_diag_set(diag, -ENOMEM, "out of memory");
     }
     *out = s;
     return 0;
@@ -642,11 +670,112 @@ void moe_seq_free(struct moe_seq *s)
 {
     if (s == NULL)
         return;
-    s->m->be->ops->free(s->m->be, s->k_cache);
-    if (s->v_cache)
-        s->m->be->ops->free(s->m->be, s->v_cache);
+    if (s->blocks)
+        moe_seq_reset(s);
+    moe_free(s->blocks);
+    moe_free(s->hashes);
+    moe_free(s->toks);
     moe_free(s);
 }
 
 int moe_seq_pos(const struct moe_seq *s) { return s->pos; }
-void moe_seq_reset(struct moe_seq *s) { s->pos = 0; }
+
+void moe_seq_reset(struct moe_seq *s)
+{
+    struct moe_kv_pool *p = s->m->kv.pool;
+    for (int b = 0; b < s->n_blocks; b++)
+        moe_kv_pool_unref(p, s->blocks[b]);
+    moe_kv_pool_reserve(p, -s->reserved);
+    s->n_blocks = s->reserved = s->n_hashed = 0;
+    s->pos = 0;
+}
+
+int moe_seq_grow(struct moe_seq *s, int end, struct moe_diag *diag)
+{
+    struct moe_model *m = s->m;
+    const int need = (end + m->kv.block - 1) / m->kv.block;
+    MOE_ASSERT(need <= s->max_blocks);
+    while (s->n_blocks < need) {
+        const bool res = s->reserved > 0;
+        const int id = moe_kv_pool_alloc(m->kv.pool, res);
+        if (id < 0) {
+            struct moe_kv_stats st;
+            moe_kv_pool_stats(m->kv.pool, &st);
+            return moe_diag_set(diag, MOE_ELIMIT, "KV pool: no block left for position %d (%d blocks"
+                                " of %d tokens: %d in use, %d reserved by other sequences; raise"
+                                " kv_size)", s->n_blocks * m->kv.block, st.n_blocks, st.block_tokens,
+                                st.used, st.reserved);
+        }
+        s->reserved -= res;
+        s->blocks[s->n_blocks++] = id;
+    }
+    return 0;
+}
+
+void moe_seq_publish(struct moe_seq *s)
+{
+    struct moe_model *m = s->m;
+    const int bt = m->kv.block;
+    for (; (s->n_hashed + 1) * bt <= s->pos; s->n_hashed++) {
+        const int b = s->n_hashed;
+        const uint64_t parent = b ? s->hashes[b - 1] : 0;
+        s->hashes[b] = moe_kv_chain_hash(parent, s->toks + (size_t)b * (size_t)bt, bt);
+        /* a block reused from the index is indexed already */
+        if (m->kv.prefix_cache && moe_kv_pool_lookup(m->kv.pool, s->hashes[b], parent,
+                                                     s->toks + (size_t)b * (size_t)bt) < 0)
+            moe_kv_pool_publish(m->kv.pool, s->blocks[b], s->hashes[b], parent,
+                                s->toks + (size_t)b * (size_t)bt);
+    }
+}
+
+int moe_seq_begin(struct moe_seq *s, const int32_t *prompt, int n, int n_total, int *cached,
+                  struct moe_diag *diag)
+{
+    struct moe_model *m = s->m;
+    struct moe_kv_pool *p = m->kv.pool;
+    const int bt = m->kv.block;
+    *cached = 0;
+    moe_seq_reset(s);
+    if (n <= 0 || n_total < n || n_total > m->n_ctx)
+        return moe_diag_set(diag, -EINVAL, "sequence of %d prompt tokens growing to %d, expected"
+                            " 1..%d (the context)", n, n_total, m->n_ctx);
+    const int total_blocks = (n_total + bt - 1) / bt;
+    struct moe_kv_stats st;
+    moe_kv_pool_stats(p, &st);
+    if (total_blocks > st.n_blocks)
+        return moe_diag_set(diag, MOE_ELIMIT, "%d tokens (prompt %d) need %d KV blocks of %d tokens;"
+                            " the pool holds %d (kv_size)", n_total, n, total_blocks, bt, st.n_blocks);
+    /* the longest cached run of full blocks, the last prompt token excluded */
+    int m_blocks = 0, idle = 0;
+    uint64_t parent = 0;
+    for (int b = 0; m->kv.prefix_cache && (b + 1) * bt <= n - 1; b++) {
+        const uint64_t h = moe_kv_chain_hash(parent, prompt + (size_t)b * (size_t)bt, bt);
+        const int id = moe_kv_pool_lookup(p, h, parent, prompt + (size_t)b * (size_t)bt);
+        if (id < 0)
+            break;
+        s->blocks[m_blocks] = id;
+        s->hashes[m_blocks++] = h;
+        idle += moe_kv_pool_refs(p, id) == 0;
+        parent = h;
+    }
+    /* taking idle cached blocks makes them unavailable to the reservation */
+    if (moe_kv_pool_available(p) - idle < total_blocks - m_blocks)
+        return -EAGAIN;
+    for (int b = 0; b < m_blocks; b++)
+        moe_kv_pool_ref(p, s->blocks[b]);
+    const bool reserved = moe_kv_pool_reserve(p, total_blocks - m_blocks);
+    MOE_ASSERT(reserved);   /* checked just above */
+    s->n_blocks = s->n_hashed = m_blocks;
+    s->reserved = total_blocks - m_blocks;
+    s->pos = m_blocks * bt;
+    memcpy(s->toks, prompt, (size_t)s->pos * sizeof(int32_t));
+    if (m->kv.prefix_cache)
+        moe_kv_pool_count_lookup(p, n, s->pos);
+    *cached = s->pos;
+    return 0;
+}
+
+void moe_model_kv_stats(const struct moe_model *m, struct moe_kv_stats *out)
+{
+    moe_kv_pool_stats(m->kv.pool, out);
+}

@@ -98,6 +98,7 @@ struct model_acts {
     float *weights;                      /* host [n_batch][k] */
     float *xe, *ge, *ue, *de, *slot_out, *sh_tmp;
     int32_t *pos;                        /* host [n_batch] */
+    int32_t *kvrow;                      /* host [n_batch]: each token's row in the KV pool */
     struct seg *segs;                    /* host [n_batch]: the sequences of this batch */
     int n_segs;
     int32_t *tok_by_expert;              /* host [n_batch * k]: (token*k + slot) grouped by expert */
@@ -126,6 +127,17 @@ struct model_experts {
     int warm_loads;                      /* loads issued from the file at load time */
 };
 
+/* The paged KV pool (model/kv.h keeps its bookkeeping): per layer, K rows
+ * [kv_blocks * kv_block][k_row] and V rows [..][v_row] of kv_type, in
+ * backend memory. */
+struct model_kv {
+    struct moe_kv_pool *pool;
+    uint8_t *k, *v;                      /* v NULL when V lives in the K rows (MLA) */
+    size_t k_layer, v_layer;             /* bytes per layer */
+    int block;                           /* rows per block */
+    bool prefix_cache;
+};
+
 struct moe_model {
     struct moe_model_cfg cfg;
     struct moe_model_plan plan;          /* what everything below was sized from */
@@ -138,14 +150,34 @@ struct moe_model {
     struct model_weights w;
     struct model_acts a;
     struct model_experts ex;
+    struct model_kv kv;
 };
 
+/* A sequence: its position, its block table into the pool and the tokens
+ * its rows hold (the prefix index's keys). */
 struct moe_seq {
     struct moe_model *m;
     int pos;
-    void *k_cache, *v_cache;             /* per layer: [n_ctx][k_row], [n_ctx][v_row] */
-    size_t layer_bytes, v_layer_bytes;
+    int32_t *blocks;                     /* [max_blocks]: block ids, n_blocks of them held */
+    int n_blocks, max_blocks;
+    int reserved;                        /* blocks reserved in the pool, not yet taken */
+    int32_t *toks;                       /* [n_ctx]: the token at each position */
+    uint64_t *hashes;                    /* [max_blocks]: chain hash of each full block */
+    int n_hashed;                        /* full blocks hashed (and offered to the index) */
 };
+
+/* load.c: rows for positions up to `end` (blocks from the reservation,
+ * then from the pool); MOE_ELIMIT naming the numbers when the pool is out
+ * of blocks. */
+int moe_seq_grow(struct moe_seq *s, int end, struct moe_diag *diag);
+/* After a forward step: the full blocks not yet hashed are hashed and, with
+ * prefix_cache, indexed for later sequences. */
+void moe_seq_publish(struct moe_seq *s);
+/* The pool row of position p. */
+static inline int32_t moe_seq_row(const struct moe_seq *s, int p)
+{
+    return s->blocks[p / s->m->kv.block] * s->m->kv.block + p % s->m->kv.block;
+}
 
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 

@@ -23,6 +23,7 @@
 #include "common/error.h"
 #include "kernels/backend.h"
 #include "model/arch.h"
+#include "model/kv.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -96,6 +97,12 @@ struct moe_model_opts {
     int n_batch;          /* batch_size: max tokens per forward call; <= 0: 512 */
     int n_seqs;           /* sequences the caller will run, for the plan's KV term; <= 0: 1 */
     int kv_type;          /* enum moe_kv_type (kv_type; kv_f16 = true is f16) */
+    /* The paged KV pool (kv_block, kv_size): one pool of blocks of kv_block
+     * tokens for every sequence; kv_size tokens in all, <= 0: half of
+     * n_seqs x n_ctx, at least n_ctx (model/plan.h). */
+    int kv_block;         /* <= 0: 16 */
+    int kv_size;
+    bool prefix_cache;    /* sequences started with moe_seq_begin reuse cached prompt blocks */
     /* Expert cache. A .moe pack always goes through it; a GGUF does when a
      * budget is given (else its experts are used in place, all resident).
      * Budget: cache_experts slots, or cache_bytes (slots and their
@@ -170,10 +177,30 @@ struct moe_model_plan;
 /* The memory plan the model was loaded with (model/plan.h; borrowed). */
 const struct moe_model_plan *moe_model_plan_of(const struct moe_model *m);
 
+/* Sequences hold blocks of the model's paged KV pool (struct
+ * moe_model_opts kv_block, kv_size): moe_seq_create allocates none; the
+ * forward pass takes blocks as positions need them (MOE_ELIMIT when the
+ * pool has none left); moe_seq_reset and moe_seq_free give them back.
+ * Blocks that filled up stay in the pool after that, indexed by their
+ * tokens, until the pool needs them (prefix_cache). */
 int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *diag);
 void moe_seq_free(struct moe_seq *s);
 int moe_seq_pos(const struct moe_seq *s);      /* tokens in the KV cache */
 void moe_seq_reset(struct moe_seq *s);
+/* Resets s and starts it on a prompt of n tokens that will grow to at most
+ * n_total tokens (prompt and generated ones whose KV is stored; n_total <=
+ * n_ctx): with prefix_cache, the longest run of the prompt's full blocks
+ * already in the pool is reused (never the last prompt token: its logits
+ * are needed) and s starts at that position, *cached; then the blocks for
+ * the rest of n_total are reserved, so the forward passes of s cannot run
+ * out of blocks. Run prompt[*cached..n) next.
+ * -EAGAIN: the pool cannot reserve that much now (s is left reset; retry
+ * when other sequences have ended); MOE_ELIMIT: it never can (n_total
+ * needs more blocks than the pool has), with the numbers in diag. */
+int moe_seq_begin(struct moe_seq *s, const int32_t *prompt, int n, int n_total, int *cached,
+                  struct moe_diag *diag);
+/* The KV pool's counters (model/kv.h). */
+void moe_model_kv_stats(const struct moe_model *m, struct moe_kv_stats *out);
 
 /* Runs tokens[0..n) at positions pos..pos+n-1 of s (n may exceed n_batch:
  * it is split). logits: NULL, or [n][n_vocab] (all_logits) or [n_vocab]

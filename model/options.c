@@ -39,6 +39,14 @@ static const struct moe_opt table[] = {
     { "kv_type", "kv_f16", MOE_OPT_ENUM, OFF(kv_type), 0, 0, 0, kv_types, "f16", 0,
       "KV cache element type: f32, f16, or q8_0 (ggml's 32-value blocks; head dims a multiple"
       " of 32); kv_f16 = true|false is the older spelling of f16|f32" },
+    { "kv_block", NULL, MOE_OPT_INT, OFF(kv_block), 0, 1, 4096, NULL, "16", 0,
+      "tokens per block of the paged KV pool (the unit of allocation and of prefix reuse)" },
+    { "kv_size", NULL, MOE_OPT_INT, OFF(kv_size), 0, 0, 1 << 30, NULL, "0", 0,
+      "tokens the KV pool holds, all sequences together (0: half of max_seqs x ctx_size, at"
+      " least ctx_size); a request that does not fit waits for others to end" },
+    { "prefix_cache", NULL, MOE_OPT_BOOL, OFF(prefix_cache), 0, 0, 1, NULL, "true", 0,
+      "reuse the KV blocks of earlier requests' identical prompt prefixes (and keep finished"
+      " requests' blocks until the pool needs them)" },
     { "cache_bytes", NULL, MOE_OPT_SIZE, OFF(cache_bytes), 0, 0, (int64_t)1 << 50, NULL, "0", 0,
       "expert cache budget (e.g. 12G), slot alignment included; 0 with cache_experts 0:"
       " every expert resident (a pack: every expert cached)" },

@@ -63,6 +63,7 @@ int moe_model_acts_layout(const struct moe_model_cfg *c, int n_batch, int n_ctx,
         { (void **)&a->ids, B * K * I32, true },
         { (void **)&a->weights, B * K * F, true },
         { (void **)&a->pos, B * I32, true },
+        { (void **)&a->kvrow, B * I32, true },
         { (void **)&a->segs, B * sizeof(struct seg), true },
         { (void **)&a->tok_by_expert, B * K * I32, true },
         { (void **)&a->row_idx, B * K * I32, true },
@@ -132,10 +133,22 @@ int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_op
     int rc = check_kv_type(c, o->kv_type, diag);
     if (rc)
         return rc;
-    p->kv_bytes_per_seq = (uint64_t)c->n_layer * (uint64_t)p->n_ctx *
-                          (uint64_t)(moe_kv_row_bytes(o->kv_type, c->k_row) +
-                                     moe_kv_row_bytes(o->kv_type, c->v_row));
-    p->kv_bytes = p->kv_bytes_per_seq * (uint64_t)p->n_seqs;
+    p->kv_bytes_per_token = (uint64_t)c->n_layer * (uint64_t)(moe_kv_row_bytes(o->kv_type, c->k_row) +
+                                                              moe_kv_row_bytes(o->kv_type, c->v_row));
+    p->kv_bytes_per_seq = (uint64_t)p->n_ctx * p->kv_bytes_per_token;
+    /* The pool: sequences reserve their prompt plus max_tokens, seldom the
+     * whole context, so by default half of n_seqs full contexts (one at
+     * least); what does not fit waits (daemon/engine.c). */
+    p->kv_block = o->kv_block > 0 ? o->kv_block : 16;
+    const uint64_t tokens = o->kv_size > 0 ? (uint64_t)o->kv_size
+        : (uint64_t)p->n_seqs * (uint64_t)p->n_ctx / 2 > (uint64_t)p->n_ctx
+            ? (uint64_t)p->n_seqs * (uint64_t)p->n_ctx / 2 : (uint64_t)p->n_ctx;
+    const uint64_t blocks = (tokens + (uint64_t)p->kv_block - 1) / (uint64_t)p->kv_block;
+    if (blocks > (1u << 28))
+        return moe_diag_set(diag, MOE_ELIMIT, "KV pool of %" PRIu64 " blocks of %d tokens: at most"
+                            " %u blocks", blocks, p->kv_block, 1u << 28);
+    p->kv_blocks = (int)blocks;
+    p->kv_bytes = (uint64_t)p->kv_blocks * (uint64_t)p->kv_block * p->kv_bytes_per_token;
     p->n_expert = c->n_expert;
     p->n_expert_used = c->n_expert_used;
     p->min_slots = c->n_expert_used;
@@ -359,11 +372,11 @@ static int auto_size(struct moe_model_opts *o, size_t slot, int n_moe, struct mo
         return 0;   /* resident (GGUF) or every slot (pack) */
     }
     if (left < min)
-        return moe_diag_set(diag, MOE_ELIMIT, "KV cache: %d sequences (max_seqs) x %.1f MiB (ctx_size"
-                            " %d), dense weights %.1f MiB, workspace %.1f MiB and one layer's top-k"
+        return moe_diag_set(diag, MOE_ELIMIT, "KV pool %.1f MiB (%d sequences (max_seqs) of ctx_size"
+                            " %d, kv_size), dense weights %.1f MiB, workspace %.1f MiB and one layer's top-k"
                             " experts %.1f MiB exceed the %s's memory budget of %.0f MiB (%s): lower"
-                            " max_seqs or ctx_size, or raise memory_limit", p->n_seqs,
-                            (double)p->kv_bytes_per_seq / 1048576.0, p->n_ctx,
+                            " max_seqs, ctx_size or kv_size, or raise memory_limit",
+                            (double)p->kv_bytes / 1048576.0, p->n_seqs, p->n_ctx,
                             (double)p->dense_bytes / 1048576.0, (double)p->workspace_bytes / 1048576.0,
                             (double)min / 1048576.0, cuda ? "device" : "host",
                             (double)budget / 1048576.0, cuda ? "free device memory less a margin"
@@ -496,9 +509,10 @@ int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
     LINE("  %-16s %12s  %s\n", "component", "MiB", "why");
     LINE("  %-16s %12.1f  dense tensors (embeddings, attention, norms, routers, output)\n",
          "dense weights", mib(p->dense_bytes));
-    LINE("  %-16s %12.1f  %d sequence%s x %.1f MiB (ctx %d, %s)\n", "KV cache", mib(p->kv_bytes),
-         p->n_seqs, p->n_seqs == 1 ? "" : "s", mib(p->kv_bytes_per_seq), p->n_ctx,
-         moe_kv_type_name(p->kv_type));
+    LINE("  %-16s %12.1f  paged pool of %d blocks x %d tokens (%s, %.1f KiB a token), shared by"
+         " %d sequence%s of up to %d tokens (a full one: %.1f MiB)\n", "KV cache", mib(p->kv_bytes),
+         p->kv_blocks, p->kv_block, moe_kv_type_name(p->kv_type), (double)p->kv_bytes_per_token / 1024.0,
+         p->n_seqs, p->n_seqs == 1 ? "" : "s", p->n_ctx, mib(p->kv_bytes_per_seq));
     if (p->expert_cache)
         LINE("  %-16s %12.1f  %d of %d experts (%.0f%%), %.2f MiB each; at least %d (one layer's"
              " top-k)%s%s\n", "expert cache", mib(p->cache_bytes), p->n_slots, p->all_slots,

@@ -33,8 +33,12 @@ struct moe_model_plan {
     uint64_t expert_bytes;      /* every expert, as a cache slot holds it */
     int n_moe_layers, n_expert, n_expert_used;
     /* terms */
-    uint64_t kv_bytes_per_seq;  /* n_layer x n_ctx x (K row + V row) bytes (kv_type's rows) */
-    uint64_t kv_bytes;          /* x n_seqs */
+    uint64_t kv_bytes_per_token;   /* n_layer x (K row + V row) bytes (kv_type's rows) */
+    uint64_t kv_bytes_per_seq;  /* a full context: n_ctx x kv_bytes_per_token */
+    int kv_block;               /* tokens per block of the paged pool */
+    int kv_blocks;              /* blocks in the pool: kv_size, or half of n_seqs x n_ctx
+                                 * (at least n_ctx) */
+    uint64_t kv_bytes;          /* the pool: kv_blocks x kv_block x kv_bytes_per_token */
     bool expert_cache;          /* experts through the cache (a pack, or a budget) */
     size_t slot_bytes;          /* one expert: the largest layer's blob */
     size_t slot_stride;         /* what a slot takes (page-aligned) */

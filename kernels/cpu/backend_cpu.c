@@ -336,6 +336,14 @@ static size_t attn_scratch(const struct moe_attn_params *ap, int32_t p)
            (ap->kv_type == MOE_DTYPE_Q8_0 ? (size_t)ap->head_dim_v * sizeof(float) : 0);
 }
 
+/* The cache row of position r (through the block table, if any). */
+static inline int64_t cache_row(const struct moe_attn_params *ap, int32_t r)
+{
+    if (ap->host_blocks == NULL)
+        return r;
+    return (int64_t)ap->host_blocks[r / ap->block_rows] * ap->block_rows + r % ap->block_rows;
+}
+
 static inline float kv_dot(const struct moe_attn_params *ap, const float *q, const void *qx,
                            int64_t row, int kvh)
 {
@@ -375,7 +383,7 @@ static void attn_task(void *arg, int64_t task, int worker)
 
     float max = -INFINITY;
     for (int32_t r = first; r <= p; r++) {
-        s[r] = kv_dot(ap, q, qx, r, kvh) * ap->scale;
+        s[r] = kv_dot(ap, q, qx, cache_row(ap, r), kvh) * ap->scale;
         if (s[r] > max)
             max = s[r];
     }
@@ -394,7 +402,7 @@ static void attn_task(void *arg, int64_t task, int worker)
         out[d] = 0.0f;
     for (int32_t r = first; r <= p; r++) {
         const float pr = s[r] * inv;
-        const int64_t off = (int64_t)r * ap->v_row + (int64_t)kvh * hdv;
+        const int64_t off = cache_row(ap, r) * ap->v_row + (int64_t)kvh * hdv;
         const uint8_t *vb = (const uint8_t *)ap->v_cache + kv_bytes(kt, off);
         if (kt == MOE_DTYPE_F16) {
             const uint16_t *v = (const uint16_t *)vb;
@@ -424,7 +432,8 @@ static int cpu_attention(struct moe_backend *be, float *out, const float *q, int
                          const int32_t *pos, const struct moe_attn_params *ap)
 {
     struct cpu_ctx *c = ctx_of(be);
-    if (ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0 || !cpu_kv_supports(be, ap->kv_type))
+    if (ap->n_head_kv <= 0 || ap->n_head % ap->n_head_kv != 0 || !cpu_kv_supports(be, ap->kv_type) ||
+        (ap->host_blocks && ap->block_rows <= 0))
         return -EINVAL;
     if (ap->kv_type == MOE_DTYPE_Q8_0 &&
         (ap->head_dim % 32 || ap->head_dim_v % 32 || ap->k_row % 32 || ap->v_row % 32))

@@ -34,12 +34,20 @@ __device__ __forceinline__ float cache_at(const void *c, int64_t i, int f16)
     return f16 ? __half2float(((const __half *)c)[i]) : ((const float *)c)[i];
 }
 
+// The cache row of position r: ix holds the n_tok positions, then the
+// block table (kernels/backend.h) when block_rows > 0.
+__device__ __forceinline__ int64_t cache_row(const ints_arg &ix, int64_t tab0, int block_rows, int r)
+{
+    return block_rows > 0 ? (int64_t)ix[tab0 + r / block_rows] * block_rows + r % block_rows : r;
+}
+
 // blockIdx.x = t * n_head + h, blockIdx.y = split. part: [pairs][n_split]
 // (max, sum) pairs, then [pairs][n_split][head_dim_v] outputs.
 __global__ void __launch_bounds__(ATT_THREADS)
 attention_kernel(float *out, float *part, const float *q, const ints_arg pos, struct moe_attn_params ap,
-                 int n_split, int64_t n_pairs)
+                 int n_split, int64_t n_pairs, int64_t tab0)
 {
+    const int brows = ap.host_blocks ? ap.block_rows : 0;   // the table itself is in pos
     extern __shared__ float sm[];
     float *qv = sm;                          // [head_dim]
     float *acc = qv + ap.head_dim;           // [head_dim_v]
@@ -65,7 +73,8 @@ attention_kernel(float *out, float *part, const float *q, const ints_arg pos, st
     for (int c0 = r0; c0 < r1; c0 += ATT_CHUNK) {
         const int nc = min(ATT_CHUNK, r1 - c0);
         for (int j = wid; j < nc; j += nw) {
-            const int64_t off = (int64_t)(c0 + j) * ap.k_row + (int64_t)kvh * ap.head_dim;
+            const int64_t off = cache_row(pos, tab0, brows, c0 + j) * ap.k_row +
+                                (int64_t)kvh * ap.head_dim;
             float s = 0.0f;
             for (int d = lane; d < ap.head_dim; d += 32)
                 s += qv[d] * cache_at(ap.k_cache, off + d, ap.kv_type == MOE_DTYPE_F16);
@@ -92,7 +101,8 @@ attention_kernel(float *out, float *part, const float *q, const ints_arg pos, st
         for (int d = threadIdx.x; d < ap.head_dim_v; d += blockDim.x) {
             float a = acc[d] * fac;
             for (int j = 0; j < nc; j++) {
-                const int64_t off = (int64_t)(c0 + j) * ap.v_row + (int64_t)kvh * ap.head_dim_v + d;
+                const int64_t off = cache_row(pos, tab0, brows, c0 + j) * ap.v_row +
+                                    (int64_t)kvh * ap.head_dim_v + d;
                 a += sc[j] * cache_at(ap.v_cache, off, ap.kv_type == MOE_DTYPE_F16);
             }
             acc[d] = a;
@@ -163,17 +173,22 @@ int attention(cuda_ctx *c, float *out, const float *q, int64_t n_tok, const int3
         return MOE_EUNSUPPORTED;   // q8_0: not yet (doc/cuda.md)
     if (n_tok <= 0)
         return 0;
-    int max_len = 0;
+    if (ap->host_blocks && ap->block_rows <= 0)
+        return -EINVAL;
+    int max_len = 0, max_pos = 0;
     for (int64_t t = 0; t < n_tok; t++) {
         const int p = host_pos[t];
         if (p < 0)
             return -EINVAL;
+        max_pos = p > max_pos ? p : max_pos;
         const int first = ap->window > 0 && p - ap->window + 1 > 0 ? p - ap->window + 1 : 0;
         if (p - first + 1 > max_len)
             max_len = p - first + 1;
     }
+    // positions, then the block table up to the last position's block
     ints_arg pos;
-    int rc = make_ints(c, host_pos, n_tok, &pos);
+    const int64_t n_tab = ap->host_blocks ? max_pos / ap->block_rows + 1 : 0;
+    int rc = make_ints2(c, host_pos, n_tok, ap->host_blocks, n_tab, &pos);
     if (rc)
         return rc;
     const int64_t pairs = n_tok * ap->n_head;
@@ -193,7 +208,8 @@ int attention(cuda_ctx *c, float *out, const float *q, int64_t n_tok, const int3
     if (sm > 48 * 1024)
         return MOE_EUNSUPPORTED;   // head dims beyond 12k floats
     const dim3 grid((unsigned)pairs, (unsigned)n_split);
-    attention_kernel<<<grid, ATT_THREADS, sm, c->stream>>>(out, c->part, q, pos, *ap, n_split, pairs);
+    attention_kernel<<<grid, ATT_THREADS, sm, c->stream>>>(out, c->part, q, pos, *ap, n_split, pairs,
+                                                                  n_tok);
     if ((rc = check(c, cudaGetLastError(), "attention")) != 0)
         return rc;
     if (n_split > 1) {

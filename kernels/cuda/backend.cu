@@ -61,13 +61,21 @@ unsigned grid_for(int64_t n, int threads)
 
 int make_ints(cuda_ctx *c, const int32_t *host, int64_t n, ints_arg *out)
 {
+    return make_ints2(c, host, n, nullptr, 0, out);
+}
+
+int make_ints2(cuda_ctx *c, const int32_t *host, int64_t n, const int32_t *host2, int64_t n2,
+               ints_arg *out)
+{
     out->p = nullptr;
-    if (n <= INLINE_INTS) {
+    if (n + n2 <= INLINE_INTS) {
         if (n > 0)
             memcpy(out->v, host, (size_t)n * sizeof(int32_t));
+        if (n2 > 0)
+            memcpy(out->v + n, host2, (size_t)n2 * sizeof(int32_t));
         return 0;
     }
-    const size_t need = (size_t)n * sizeof(int32_t);
+    const size_t need = (size_t)(n + n2) * sizeof(int32_t);
     if (need > c->dev_ints_cap) {
         if (c->dev_ints)
             cudaFree(c->dev_ints);
@@ -80,8 +88,11 @@ int make_ints(cuda_ctx *c, const int32_t *host, int64_t n, ints_arg *out)
     }
     // a kernel still reading the previous array runs before this copy on the
     // stream; the host array may change after we return, so wait for it
-    int rc = check(c, cudaMemcpyAsync(c->dev_ints, host, need, cudaMemcpyHostToDevice, c->stream),
-                   "index array");
+    int rc = check(c, cudaMemcpyAsync(c->dev_ints, host, (size_t)n * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice, c->stream), "index array");
+    if (rc == 0 && n2 > 0)
+        rc = check(c, cudaMemcpyAsync(c->dev_ints + n, host2, (size_t)n2 * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice, c->stream), "index array");
     if (rc == 0)
         rc = check(c, cudaStreamSynchronize(c->stream), "index array");
     out->p = c->dev_ints;

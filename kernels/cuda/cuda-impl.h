@@ -71,6 +71,10 @@ struct ints_arg {
 // Fills `out` from host[0..n): inline when n <= INLINE_INTS, else copied to
 // the device (the stream is synchronized before returning).
 int make_ints(cuda_ctx *c, const int32_t *host, int64_t n, ints_arg *out);
+// The same with host2[0..n2) after host[0..n) (attention: positions, then
+// the block table).
+int make_ints2(cuda_ctx *c, const int32_t *host, int64_t n, const int32_t *host2, int64_t n2,
+               ints_arg *out);
 
 // Decode GEMV (kernels/cuda/matvec.cu): y[t][o] = w[o] . x[t] (+ bias) for
 // n_tok <= MV_MAX_TOK tokens with the activations in the CPU backend's

@@ -14,7 +14,7 @@
 extern "C" {
 #endif
 
-#define MOE_CUDA_MODULE_ABI 2
+#define MOE_CUDA_MODULE_ABI 3
 
 struct moe_backend;
 

@@ -621,6 +621,24 @@ static void test_metrics_equal_stats(void)
     CHECK_NEAR(metric(m, "moed_engine_busy_seconds_total"), JV(e, "busy_s"), 0.0000005);
     CHECK_NEAR(metric(m, "moed_queue_depth"), JV(e, "queue_depth"), 0);
     CHECK_NEAR(metric(m, "moed_running_sequences"), JV(e, "running"), 0);
+    json_t *kv = json_object_get(j, "kv_cache");
+    CHECK(json_is_object(kv));
+    CHECK_NEAR(metric(m, "moed_prompt_tokens_cached_total"), JV(kv, "cached_tokens"), 0);
+    CHECK_NEAR(metric(m, "moed_prefix_lookups_total{result=\"any\"}"), JV(kv, "lookups"), 0);
+    CHECK_NEAR(metric(m, "moed_prefix_lookups_total{result=\"hit\"}"), JV(kv, "prefix_hits"), 0);
+    CHECK_NEAR(metric(m, "moed_prefix_hit_rate"), JV(kv, "prefix_hit_rate"), 0.0000005);
+    CHECK_NEAR(JV(kv, "lookups"), 1, 0);
+    static const char *kvs[] = { "used", "cached", "free", "reserved" };
+    double blocks = 0;
+    for (int k = 0; k < 4; k++) {
+        char s[64];
+        snprintf(s, sizeof(s), "moed_kv_blocks{state=\"%s\"}", kvs[k]);
+        CHECK_NEAR(metric(m, s), JV(kv, kvs[k]), 0);
+        blocks += k < 3 ? JV(kv, kvs[k]) : 0;
+    }
+    CHECK_NEAR(blocks, JV(kv, "blocks"), 0);   /* idle: nothing used, nothing reserved */
+    CHECK_NEAR(JV(kv, "used"), 0, 0);
+    CHECK_NEAR(metric(m, "moed_kv_evictions_total"), JV(kv, "evictions"), 0);
     json_t *dv = json_object_get(ec, "device"), *ho = json_object_get(ec, "host");
     json_t *pf = json_object_get(ec, "prefetch");
     CHECK_NEAR(metric(m, "moed_expert_cache_hits_total{tier=\"device\"}"), JV(dv, "hits"), 0);
@@ -662,7 +680,9 @@ static void test_metrics_equal_stats(void)
         "moed_expert_bytes_loaded_total counter", "moed_expert_stall_seconds_total counter",
         "moed_expert_prefetch_total counter", "moed_expert_layer_hits_total counter",
         "moed_expert_layer_misses_total counter", "moed_expert_layer_bytes_loaded_total counter",
-        "moed_expert_layer_stall_seconds_total counter",
+        "moed_expert_layer_stall_seconds_total counter", "moed_prompt_tokens_cached_total counter",
+        "moed_prefix_lookups_total counter", "moed_prefix_hit_rate gauge", "moed_kv_blocks gauge",
+        "moed_kv_evictions_total counter",
     };
     int n_types = 0;
     for (const char *p = strstr(m, "# TYPE "); p; p = strstr(p + 1, "# TYPE "))
@@ -1371,11 +1391,157 @@ static void test_check_config(void)
     snprintf(cmd, sizeof(cmd), "%s --model %s --check-config --max-seqs 256 --ctx-size 1048576"
              " --socket %s.x 2>&1", getenv("MOED"), model, sock);
     CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 1);
-    CHECK_MSG(strstr(out, "KV cache: 256 sequences (max_seqs)") != NULL &&
+    CHECK_MSG(strstr(out, "KV pool") != NULL && strstr(out, "256 sequences (max_seqs)") != NULL &&
               strstr(out, "exceed the host's memory") != NULL, "%s", out);
     snprintf(cmd, sizeof(cmd), "%s --model /nonexistent.gguf --check-config 2>&1", getenv("MOED"));
     CHECK_INT(moe_test_run_cmd(cmd, out, sizeof(out)), ==, 1);
     CHECK(strstr(out, "/nonexistent.gguf") != NULL);
+}
+
+/* ---- the paged KV pool and prefix reuse ---------------------------------- */
+
+/* A chat of two turns: the second resends the first turn (system prompt,
+ * question, answer) and adds a question. Its prompt reuses the first
+ * turn's full KV blocks (usage.prompt_tokens_details.cached_tokens, the
+ * stats and /metrics say so), and its answer and every token's logprobs
+ * equal a cold daemon's (prefix_cache off) exactly. */
+static const char *sys_prompt =
+    "You are a careful assistant. Answer in one short sentence, never more, and stay polite. "
+    "The weather today is sunny with a light breeze from the west and the sea is calm.";
+
+static void chat_turn(const char *body, char *text, size_t cap, char *lps, size_t lcap,
+                      long long *prompt, long long *cached)
+{
+    struct resp r;
+    CHECK(request("POST", "/v1/chat/completions", body, &r) == 0);
+    CHECK_MSG(r.status == 200, "%d %s", r.status, r.body);
+    json_t *j = body_json(&r);
+    CHECK(j != NULL);
+    snprintf(text, cap, "%s", completion_text(j));
+    json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
+    char *l = json_dumps(json_object_get(json_object_get(c0, "logprobs"), "content"), JSON_COMPACT);
+    snprintf(lps, lcap, "%s", l ? l : "");
+    free(l);
+    json_t *u = json_object_get(j, "usage");
+    *prompt = json_integer_value(json_object_get(u, "prompt_tokens"));
+    json_t *cj = json_object_get(json_object_get(u, "prompt_tokens_details"), "cached_tokens");
+    CHECK_MSG(json_is_integer(cj), "usage lacks prompt_tokens_details.cached_tokens: %s", r.body);
+    *cached = json_integer_value(cj);
+    json_decref(j);
+    resp_free(&r);
+}
+
+static void two_turns(const char *const *args, char *t2, size_t cap, char *lp2, size_t lcap,
+                      long long *p1, long long *c1, long long *p2, long long *c2)
+{
+    char body[8192], t1[2048], lp1[65536];
+    UP(args);
+    snprintf(body, sizeof(body), "{\"messages\": [{\"role\": \"system\", \"content\": \"%s\"},"
+             " {\"role\": \"user\", \"content\": \"What is the weather?\"}], \"max_tokens\": 8,"
+             " \"temperature\": 0}", sys_prompt);
+    chat_turn(body, t1, sizeof(t1), lp1, sizeof(lp1), p1, c1);
+    json_t *ans = json_string(t1);
+    char *aj = json_dumps(ans, JSON_ENCODE_ANY);
+    json_decref(ans);
+    snprintf(body, sizeof(body), "{\"messages\": [{\"role\": \"system\", \"content\": \"%s\"},"
+             " {\"role\": \"user\", \"content\": \"What is the weather?\"},"
+             " {\"role\": \"assistant\", \"content\": %s},"
+             " {\"role\": \"user\", \"content\": \"And the sea?\"}], \"max_tokens\": 8,"
+             " \"temperature\": 0, \"logprobs\": true, \"top_logprobs\": 3}", sys_prompt, aj);
+    free(aj);
+    chat_turn(body, t2, cap, lp2, lcap, p2, c2);
+}
+
+static void test_prefix_reuse(void)
+{
+    static const char *const warm_args[] = {
+        "--cache-experts", "5", "--max-seqs", "4", "--ctx-size", "512", "--chat-template", "chatml",
+        "--kv-block", "16", "--threads", "2", NULL };
+    static const char *const cold_args[] = {
+        "--cache-experts", "5", "--max-seqs", "4", "--ctx-size", "512", "--chat-template", "chatml",
+        "--kv-block", "16", "--threads", "2", "--prefix-cache", "false", NULL };
+    char t2[2048], lp2[65536], ct2[2048], clp2[65536];
+    long long p1, c1, p2, c2, cp1, cc1, cp2, cc2;
+    two_turns(warm_args, t2, sizeof(t2), lp2, sizeof(lp2), &p1, &c1, &p2, &c2);
+    if (moe_test_failed)
+        return;
+    printf("  turn 1: %lld prompt tokens, %lld cached; turn 2: %lld prompt tokens, %lld cached\n",
+           p1, c1, p2, c2);
+    CHECK_INT(c1, ==, 0);
+    /* every full block of turn 1's prompt, at least; never the whole prompt */
+    CHECK_INT(c2, >=, (p1 / 16) * 16);
+    CHECK_INT(c2 % 16, ==, 0);
+    CHECK_INT(c2, <, p2);
+    /* the stats and the metrics count it */
+    json_t *j = stats();
+    json_t *kv = json_object_get(j, "kv_cache");
+    CHECK_INT(json_integer_value(json_object_get(kv, "cached_tokens")), ==, c2);
+    CHECK_INT(json_integer_value(json_object_get(kv, "prompt_tokens")), ==, p1 + p2);
+    CHECK_INT(json_integer_value(json_object_get(kv, "prefix_hits")), ==, 1);
+    json_decref(j);
+    struct resp r;
+    CHECK(request("GET", "/metrics", NULL, &r) == 0);
+    CHECK_INT((long long)metric(r.body, "moed_prompt_tokens_cached_total"), ==, c2);
+    CHECK_NEAR(metric(r.body, "moed_prefix_hit_rate"), (double)c2 / (double)(p1 + p2), 1e-5);
+    resp_free(&r);
+    /* streamed: the usage chunk carries it too (a third request, the same
+     * prompt as the second: now cached up to its last full block) */
+    char body[256];
+    snprintf(body, sizeof(body), "{\"prompt\": \"%.100s\", \"max_tokens\": 2, \"temperature\": 0,"
+             " \"stream\": true, \"stream_options\": {\"include_usage\": true}}", sys_prompt);
+    for (int k = 0; k < 2; k++) {
+        CHECK(request("POST", "/v1/completions", body, &r) == 0);
+        CHECK_INT(r.status, ==, 200);
+        const char *u = strstr(r.body, "\"cached_tokens\":");
+        CHECK_MSG(u != NULL, "no cached_tokens in the stream: %s", r.body);
+        if (k == 1)
+            CHECK_MSG(atoi(u + 16) >= 16, "the repeated prompt reused nothing: %s", u);
+        resp_free(&r);
+    }
+    DOWN();
+    /* a cold daemon: the same conversation, nothing reused, the same output */
+    two_turns(cold_args, ct2, sizeof(ct2), clp2, sizeof(clp2), &cp1, &cc1, &cp2, &cc2);
+    if (moe_test_failed)
+        return;
+    CHECK_INT(cc2, ==, 0);
+    CHECK_INT(cp2, ==, p2);
+    CHECK_STR(ct2, t2);
+    CHECK_MSG(strlen(lp2) > 10 && strcmp(lp2, clp2) == 0, "logprobs differ:\n%s\n%s", lp2, clp2);
+    DOWN();
+}
+
+/* A pool smaller than the requests together: they wait their turn and all
+ * finish; one that could never fit is a 400 naming the numbers. */
+static void test_kv_pool_wait(void)
+{
+    static const char *const args[] = {
+        "--cache-experts", "5", "--max-seqs", "4", "--ctx-size", "64", "--kv-size", "64",
+        "--kv-block", "16", "--threads", "2", NULL };
+    UP(args);
+    struct client c[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        c[i] = (struct client){ .n = 40 };
+        snprintf(c[i].prompt, sizeof(c[i].prompt), "Hello number %d", i);
+        CHECK(pthread_create(&th[i], NULL, client_main, &c[i]) == 0);
+    }
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    for (int i = 0; i < 4; i++)
+        CHECK_MSG(c[i].status == 200, "client %d: %d %s", i, c[i].status, c[i].tail);
+    CHECK_INT(http_stat("completed"), ==, 4);
+    DOWN();
+    static const char *const small[] = {
+        "--cache-experts", "5", "--ctx-size", "64", "--kv-size", "32", "--kv-block", "16", NULL };
+    UP(small);
+    post("a request beyond the KV pool", "{\"prompt\": \"Hello\", \"max_tokens\": 40}", 400,
+         "KV pool holds 2 blocks");
+    struct resp r;
+    CHECK(request("POST", "/v1/completions", "{\"prompt\": \"Hello\", \"max_tokens\": 20,"
+                  " \"temperature\": 0}", &r) == 0);
+    CHECK_MSG(r.status == 200, "%d %s", r.status, r.body);
+    resp_free(&r);
+    DOWN();
 }
 
 int main(void)
@@ -1411,5 +1577,7 @@ int main(void)
     moe_test_run("SIGTERM finishes in-flight", test_sigterm_finishes_in_flight);
     moe_test_run("SIGTERM: grace period runs out", test_sigterm_grace_expires);
     moe_test_run("stale socket, foreign file", test_stale_and_foreign_files);
+    moe_test_run("prefix reuse: second turn cached, output identical", test_prefix_reuse);
+    moe_test_run("KV pool smaller than the requests", test_kv_pool_wait);
     return moe_test_exit_code();
 }

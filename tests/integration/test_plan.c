@@ -23,7 +23,7 @@ static int same_plan(const struct moe_model_plan *a, const struct moe_model_plan
 #define F(x) if (a->x != b->x) { fprintf(stderr, "  plan." #x ": %lld vs %lld\n", \
                                          (long long)a->x, (long long)b->x); return 0; }
     F(n_ctx) F(n_batch) F(n_seqs) F(kv_type) F(pack) F(dense_bytes) F(expert_bytes)
-    F(n_moe_layers) F(n_expert) F(n_expert_used) F(kv_bytes_per_seq) F(kv_bytes)
+    F(n_moe_layers) F(n_expert) F(n_expert_used) F(kv_bytes_per_seq) F(kv_bytes) F(kv_block) F(kv_blocks) F(kv_bytes_per_token)
     F(expert_cache) F(slot_bytes) F(slot_stride) F(n_slots) F(min_slots) F(all_slots)
     F(cache_bytes) F(host_bytes) F(staging_bytes) F(workspace_bytes)
 #undef F
@@ -44,7 +44,13 @@ static void check(const char *path, const struct moe_model_opts *o)
     moe_seq_free(s);
     moe_model_free(m);
     CHECK_MSG(same, "%s: the plan from the header differs from the loaded model's", path);
-    CHECK_INT(p.kv_bytes, ==, p.kv_bytes_per_seq * (uint64_t)p.n_seqs);
+    /* the paged pool: half of n_seqs full contexts, at least one, in whole blocks */
+    CHECK_INT(p.kv_bytes, ==, (uint64_t)p.kv_blocks * (uint64_t)p.kv_block * p.kv_bytes_per_token);
+    CHECK_INT(p.kv_bytes_per_seq, ==, (uint64_t)p.n_ctx * p.kv_bytes_per_token);
+    const long want = o->kv_size > 0 ? o->kv_size
+                      : p.n_seqs * p.n_ctx / 2 > p.n_ctx ? p.n_seqs * p.n_ctx / 2 : p.n_ctx;
+    CHECK_INT((long)p.kv_blocks * p.kv_block, >=, want);
+    CHECK_INT((long)p.kv_blocks * p.kv_block, <, want + p.kv_block);
     if (o->cache_bytes > 0 && o->cache_experts == 0 && p.n_slots < p.all_slots) {
         CHECK_MSG(p.cache_bytes <= o->cache_bytes, "pool %llu over the budget %zu",
                   (unsigned long long)p.cache_bytes, o->cache_bytes);
@@ -80,6 +86,7 @@ static void test_every_model(void)
         check(path, &o);                     /* resident */
         check(pack, &o);                     /* every expert in the cache */
         o.kv_type = MOE_KV_F16;
+        o.kv_block = 5;
         o.n_batch = 17;
         o.cache_experts = 5;
         check(path, &o);

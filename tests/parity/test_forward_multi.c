@@ -22,8 +22,10 @@ static void run_model(const char *file, int cache_experts, const char *prefetch)
 {
     char path[4096];
     snprintf(path, sizeof(path), "%s/models/%s", moe_test_ref_dir(), file);
+    /* blocks of 3 tokens: the batched sequences' blocks interleave in the
+     * pool, the references' do not, and the logits must still be equal */
     struct moe_model_opts o = { .n_threads = 2, .n_ctx = 64, .n_batch = 16,
-                                .cache_experts = cache_experts };
+                                .cache_experts = cache_experts, .n_seqs = 2 * NSEQ, .kv_block = 3 };
     struct moe_model *m;
     struct moe_diag d = { 0 };
     if (prefetch != NULL)
