@@ -307,9 +307,13 @@ static void anthropic_error(struct moed_conn *c, int status, const char *msg)
     json_decref(j);
 }
 
+/* Anthropic counts prompt tokens read from the prefix cache apart:
+ * input_tokens + cache_read_input_tokens is the whole prompt. */
 static json_t *anthropic_usage(const struct moed_req *r)
 {
-    return json_pack("{s:i, s:i}", "input_tokens", r->n_prompt, "output_tokens", r->n_gen);
+    return json_pack("{s:i, s:i, s:i, s:i}", "input_tokens", r->n_prompt - r->cached_tokens,
+                     "cache_read_input_tokens", r->cached_tokens, "cache_creation_input_tokens", 0,
+                     "output_tokens", r->n_gen);
 }
 
 static const char *anthropic_stop(const struct moed_req *r, enum moed_finish f)

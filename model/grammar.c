@@ -86,7 +86,8 @@ int moe_grammar_alt(struct moe_grammar *g, int rule, const struct moe_gsym *syms
         moe_array_grow((void **)&g->alts, &g->cap_alts, g->n_alts + 1, sizeof(*g->alts), 0))
         return -ENOMEM;
     g->alts[g->n_alts++] = (struct galt){ rule, (uint32_t)g->n_el };
-    memcpy(g->el + g->n_el, syms, (size_t)n * sizeof(*syms));
+    if (n > 0)
+        memcpy(g->el + g->n_el, syms, (size_t)n * sizeof(*syms));
     g->n_el += (size_t)n;
     g->el[g->n_el++] = (struct moe_gsym){ SYM_END, 0 };
     return 0;

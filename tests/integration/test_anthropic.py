@@ -101,8 +101,12 @@ with tempfile.TemporaryDirectory() as tmp:
               o.choices[0].message.content))
         check(m.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[o.choices[0].finish_reason],
               "stop_reason %s" % m.stop_reason)
-        check(m.usage.input_tokens == o.usage.prompt_tokens and m.usage.output_tokens == o.usage.completion_tokens,
-              "usage %s vs %s" % (m.usage, o.usage))
+        check(m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0) == o.usage.prompt_tokens and
+              m.usage.output_tokens == o.usage.completion_tokens, "usage %s vs %s" % (m.usage, o.usage))
+        again = d.a.messages.create(model="m", max_tokens=12, system="Be brief.", messages=USER, **greedy)
+        check(again.usage.cache_read_input_tokens > 0 and
+              again.usage.input_tokens + again.usage.cache_read_input_tokens == o.usage.prompt_tokens,
+              "a repeated prompt reads the prefix cache: %s" % again.usage)
         f, types = streamed(d.a, model="m", max_tokens=12, system="Be brief.", messages=USER, **greedy)
         check(blocks(f) == blocks(m) and f.stop_reason == m.stop_reason, "stream %s vs %s" % (blocks(f), blocks(m)))
         check(types[0] == "message_start" and types[-1] == "message_stop" and "content_block_start" in types

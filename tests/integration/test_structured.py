@@ -73,11 +73,7 @@ def run(model, tmp):
     log = open(os.path.join(tmp, "moed.log"), "w")
     p = subprocess.Popen([MOED, "--model", model, "--socket", os.path.join(tmp, "m.sock"),
                           "--tcp-port", str(port), "--threads", "1", "--ctx-size", "512",
-                          "--max-seqs", "4", "--warm-start=false", "--chat-template", "chatml",
-                          # the f32 KV cache these runs were checked with: under f16 (the
-                          # default since issue 19) the greedy "tree" answer nests until
-                          # max_tokens, as a recursive schema allows
-                          "--kv-type", "f32"],
+                          "--max-seqs", "4", "--warm-start=false", "--chat-template", "chatml"],
                          stderr=log)
     try:
         c = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % port, api_key="none", max_retries=0)
