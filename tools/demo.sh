@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# The README's first command: set up and build, generate a demo MoE model
-# (random weights, so its text is gibberish), pack its experts into a
-# compressed store, start moed on it with an expert cache of 8 of its 32
-# experts, send a chat request, print the answer and the cache statistics,
-# and stop the daemon.
+# The README's first command: set up and build, pack the demo model's experts
+# into a compressed store, start moed on it with an expert cache of a quarter
+# of its experts (8 of 32), ask it two questions, print the answers and the
+# cache statistics, and stop the daemon.
+#
+# The demo model (models/demo-moe.gguf, 12 MB) is a small mixture of experts
+# (Mixtral layout: 4 layers, 8 experts, top 2) trained on the World English
+# Bible and Jane Austen's novels by tools/train_demo/train.sh; doc/demo.md has
+# its figures and what to expect of it (English words, not wisdom).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+model=models/demo-moe.gguf
+pack=demo/demo-moe.moe
 mkdir -p demo
-[ -f demo/demo-moe.gguf ] || ./build/tools/moe-gen --preset demo -o demo/demo-moe.gguf
-[ -f demo/demo-moe.moe ] || ./build/client/moectl pack demo/demo-moe.gguf -o demo/demo-moe.moe
-./build/client/moectl info demo/demo-moe.gguf | sed -n 1,12p
+# (re)pack when there is no pack or the shipped model is newer than it
+if [ ! -f "$pack" ] || [ "$model" -nt "$pack" ]; then
+  ./build/client/moectl pack "$model" -o "$pack"
+fi
+./build/client/moectl info "$model" | sed -n 1,12p
 
 sock="$PWD/demo/moed.sock"
 echo "== starting moed (log: demo/moed.log), expert cache: 8 of 32 experts"
-./build/daemon/moed --model demo/demo-moe.moe --socket "$sock" --cache-experts 8 --prefetch gate \
-  --max-seqs 4 --ctx-size 1024 --chat-template chatml 2>demo/moed.log &
+./build/daemon/moed --model "$pack" --socket "$sock" --cache-experts 8 --prefetch gate \
+  --max-seqs 4 --ctx-size 256 2>demo/moed.log &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 200); do
@@ -24,9 +32,10 @@ for _ in $(seq 1 200); do
   sleep 0.1
 done
 
-echo "== moectl chat -p 'Which experts will the router choose?'"
-./build/client/moectl chat --socket "$sock" -p "Which experts will the router choose?" -n 32 \
-  --temp 0
+for q in "What do you think of marriage?" "What does the Bible say about love?"; do
+  echo "== moectl chat -p '$q'"
+  ./build/client/moectl chat --socket "$sock" -p "$q" -n 64 --temp 0
+done
 echo "== expert cache statistics (moectl stats)"
 ./build/client/moectl stats --socket "$sock" | python3 -c '
 import json, sys

@@ -10,7 +10,7 @@
   * matrices in Q8_0 (or --dtype f16/f32), norms and routers in F32.
 
   python3 tools/train_demo/export.py --ckpt demo/run/model.pt \
-      --tokenizer demo/train/tokenizer.json -o demo/demo-moe.gguf
+      --tokenizer demo/train/tokenizer.json -o models/demo-moe.gguf
 """
 import argparse
 import json

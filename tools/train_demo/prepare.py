@@ -11,8 +11,9 @@ It writes OUT/train.txt and OUT/heldout.txt (documents separated by
 <|endoftext|>), question/answer pairs in ChatML drawn from the training text
 (OUT/qa.txt, also mixed into train.txt), a byte-level BPE vocabulary
 (OUT/tokenizer.json, Hugging Face tokenizers, GPT-2 pre-tokenization, which is
-what llama.cpp and moed call the 'gpt-2' pre-tokenizer) and the token streams
-OUT/train.bin / OUT/heldout.bin (uint16).
+what llama.cpp and moed call the 'gpt-2' pre-tokenizer), the token streams
+OUT/train.bin / OUT/heldout.bin (uint16) and the corpus's 5000 commonest
+words (OUT/words.txt).
 
   python3 tools/train_demo/prepare.py --out demo/train [--vocab 2048] [--seed 1]
 """
@@ -197,6 +198,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--qa", type=int, default=12000, help="question/answer pairs")
+    ap.add_argument("--words", type=int, default=5000, help="size of the common-word list")
     ap.add_argument("--heldout-every", type=int, default=50, help="every Nth chapter is held out")
     ap.add_argument("--austen-db", default=AUSTEN_DB, help="janeaustenr's data/Rdata (without .rdx/.rdb)")
     ap.add_argument("--web-imp", help="a mod2imp export of %s instead of running mod2imp" % SWORD_MODULE)
@@ -216,6 +218,12 @@ def main():
         f.write(EOT.join(train_texts))
     with open(os.path.join(args.out, "heldout.txt"), "w") as f:
         f.write(EOT.join(t for _, t in held))
+
+    # the corpus's commonest words: tests/fixtures/demo/words.txt, against which
+    # tests/integration/test_demo_model.sh checks that the model answers in words
+    counts = collections.Counter(w.lower() for t in train_texts for w in re.findall(r"[A-Za-z]+", t))
+    with open(os.path.join(args.out, "words.txt"), "w") as f:
+        f.write("\n".join(sorted(w for w, _ in counts.most_common(args.words))) + "\n")
 
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     tok = Tokenizer(models.BPE())

@@ -213,7 +213,7 @@ def main():
         if step % 20 == 0 or step == 1:
             print("train: step %d  loss %.3f (smoothed %.3f)  aux %.3f  lr %.2e  %.0f s  %.0f tok/s"
                   % (step, loss.item(), smooth, float(aux), lr, spent,
-                     step * args.batch * c["n_ctx"] / max(1e-9, spent)), flush=True)
+                     step * args.batch * c["n_ctx"] / max(1.0, spent)), flush=True)
         if step % args.ckpt_every == 0:
             save()
     save()

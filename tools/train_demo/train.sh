@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuilds the demo model that tools/demo.sh chats with (tools/train_demo/demo-moe.gguf):
+# Rebuilds the demo model that tools/demo.sh chats with (models/demo-moe.gguf):
 # installs the training dependencies (tools/setup.sh --train-demo: Debian's CPU-only
 # python3-torch with OpenBLAS, the World English Bible's SWORD module and its
 # exporter; gguf and tokenizers from PyPI), fetches Jane Austen's novels
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 minutes=50
 work=demo/train-run
-out=tools/train_demo/demo-moe.gguf
+out=models/demo-moe.gguf
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) minutes="$2"; shift ;;

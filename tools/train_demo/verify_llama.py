@@ -4,7 +4,7 @@ on the demo GGUF: the same token ids for chat prompts, llama.cpp's greedy
 answer, and moed's logits (moectl eval) over prompt + that answer, whose
 argmax must give llama.cpp's greedy tokens at every step.
 
-  python3 tools/train_demo/verify_llama.py --model demo/demo-moe.gguf [--moectl build/client/moectl]
+  python3 tools/train_demo/verify_llama.py --model models/demo-moe.gguf [--moectl build/client/moectl]
 
 llama.cpp's extra CPU buffer types (AMX/repacked weights) are turned off
 (use_extra_bufts = false), so both engines read the Q8_0 weights as stored.
