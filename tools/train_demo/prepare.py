@@ -160,7 +160,7 @@ def qa_pairs(docs, n, rng):
     index = collections.defaultdict(list)
     for src in sents:
         for i, s in enumerate(sents[src]):
-            for w in set(re.findall(r"[A-Za-z]+", s)):
+            for w in sorted(set(re.findall(r"[A-Za-z]+", s))):
                 lw = w.lower()
                 if w in names:
                     index[(src, w)].append(i)
@@ -174,7 +174,8 @@ def qa_pairs(docs, n, rng):
         ("austen", True): ["Who is {w}?", "Tell me about {w}.", "What did {w} say?"],
     }
     out = []
-    keys = [(src, w, w in names) for (src, w) in index if w in names or w in nouns]
+    # sorted: the draw below must not depend on the order of a set (hash randomisation)
+    keys = sorted((src, w, w in names) for (src, w) in index if w in names or w in nouns)
     while len(out) < n:
         src, w, is_name = rng.choice(keys)
         ids = index[(src, w)]
