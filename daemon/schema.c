@@ -475,8 +475,14 @@ static int gen_object(struct sc *c, json_t *s, const char *path)
     if (addl && !json_is_false(addl) && props && json_object_size(props) > 0)
         return fail(c, MOE_EUNSUPPORTED, path, "%s", "'additionalProperties' other than false is"
                     " not supported beside 'properties'");
-    if (props == NULL || json_object_size(props) == 0)
-        return addl && json_is_false(addl) ? literal(c, json_object(), path) : r_object_any(c);
+    if (props == NULL || json_object_size(props) == 0) {
+        if (!(addl && json_is_false(addl)))
+            return r_object_any(c);
+        json_t *empty = json_object();   /* no property allowed: "{}" */
+        const int r = empty ? literal(c, empty, path) : fail(c, -ENOMEM, path, "%s", "out of memory");
+        json_decref(empty);
+        return r;
+    }
     struct props p = { .n = (int)json_object_size(props), .path = path };
     p.name = calloc((size_t)p.n, sizeof(*p.name));
     p.schema = calloc((size_t)p.n, sizeof(*p.schema));

@@ -59,6 +59,7 @@ class Daemon:
         self.p = subprocess.Popen([MOED, "--model", MODEL, "--socket", os.path.join(tmp, "a%d.sock" % self.port),
                                    "--tcp-port", str(self.port), "--threads", "1", "--ctx-size", "1024",
                                    "--max-seqs", "2", "--warm-start=false", "--chat-template", "chatml",
+                                   "--model-name", "moed-test-%d" % os.getpid(),
                                    "--api-key", "k-test"],
                                   stderr=open(os.path.join(tmp, "moed%d.log" % self.port), "w"),
                                   env=dict(os.environ, **(env or {})))
@@ -67,7 +68,10 @@ class Daemon:
         self.o = openai.OpenAI(base_url=url + "/v1", api_key="k-test", max_retries=0)
         for _ in range(300):
             try:
-                self.o.models.list()
+                ids = [m.id for m in self.o.models.list().data]
+                # another test's daemon may have taken the port between bind and listen
+                if ids != ["moed-test-%d" % os.getpid()]:
+                    raise SystemExit("FAIL: port %d answers as %s, not this test's moed" % (self.port, ids))
                 return
             except openai.APIConnectionError:
                 time.sleep(0.1)
@@ -136,7 +140,9 @@ with tempfile.TemporaryDirectory() as tmp:
                                               "content": "21 degrees"}]}])
             check(m2.stop_reason in ("end_turn", "max_tokens") and m2.content and m2.content[0].type == "text",
                   "answer after the result: %s" % m2)
-            check(m2.usage.input_tokens > m.usage.input_tokens, "the tool turn did not reach the prompt")
+            total = lambda u: u.input_tokens + (u.cache_read_input_tokens or 0)
+            check(total(m2.usage) > total(m.usage), "the tool turn did not reach the prompt: %s vs %s" % (
+                m2.usage, m.usage))
         # 3. errors in Anthropic's shape
         try:
             d.a.messages.create(model="m", max_tokens=5, messages=USER, extra_body={"top_n": 3})

@@ -52,11 +52,15 @@ class Daemon:
         self.p = subprocess.Popen([MOED, "--model", MODEL, "--socket",
                                    os.path.join(tmp, "m-%d.sock" % self.port),
                                    "--tcp-port", str(self.port), "--threads", "1", "--ctx-size", "256",
-                                   "--max-seqs", "2", "--warm-start=false", "--chat-template", "chatml"],
+                                   "--max-seqs", "2", "--warm-start=false", "--chat-template", "chatml",
+                                   "--model-name", "moed-test-%d" % os.getpid()],
                                   stderr=self.log)
         for _ in range(300):
             try:
                 if self.call("GET", "/health")[0] == 200:
+                    ids = [m["id"] for m in self.call("GET", "/v1/models")[1]["data"]]
+                    if ids != ["moed-test-%d" % os.getpid()]:   # the port was taken meanwhile
+                        raise SystemExit("FAIL: port %d answers as %s" % (self.port, ids))
                     return
             except OSError:
                 pass

@@ -73,13 +73,16 @@ def run(model, tmp):
     log = open(os.path.join(tmp, "moed.log"), "w")
     p = subprocess.Popen([MOED, "--model", model, "--socket", os.path.join(tmp, "m.sock"),
                           "--tcp-port", str(port), "--threads", "1", "--ctx-size", "512",
-                          "--max-seqs", "4", "--warm-start=false", "--chat-template", "chatml"],
+                          "--max-seqs", "4", "--warm-start=false", "--chat-template", "chatml",
+                                   "--model-name", "moed-test-%d" % os.getpid()],
                          stderr=log)
     try:
         c = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % port, api_key="none", max_retries=0)
         for _ in range(300):
             try:
-                c.models.list()
+                ids = [m.id for m in c.models.list().data]
+                if ids != ["moed-test-%d" % os.getpid()]:
+                    raise SystemExit("FAIL: port %d answers as %s, not this test's moed" % (port, ids))
                 break
             except openai.APIConnectionError:
                 time.sleep(0.1)

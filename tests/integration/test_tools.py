@@ -62,14 +62,18 @@ class Daemon:
         s.close()
         self.p = subprocess.Popen([MOED, "--model", MODEL, "--socket", os.path.join(tmp, "m%d.sock" % self.port),
                                    "--tcp-port", str(self.port), "--threads", "1", "--ctx-size", "1024",
-                                   "--max-seqs", "2", "--warm-start=false", "--chat-template", "chatml"],
+                                   "--max-seqs", "2", "--warm-start=false", "--chat-template", "chatml",
+                                   "--model-name", "moed-test-%d" % os.getpid()],
                                   stderr=open(os.path.join(tmp, "moed%d.log" % self.port), "w"),
                                   env=dict(os.environ, **(env or {})))
         self.c = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.port, api_key="none",
                                max_retries=0)
         for _ in range(300):
             try:
-                self.c.models.list()
+                ids = [m.id for m in self.c.models.list().data]
+                # another test's daemon may have taken the port between bind and listen
+                if ids != ["moed-test-%d" % os.getpid()]:
+                    raise SystemExit("FAIL: port %d answers as %s, not this test's moed" % (self.port, ids))
                 return
             except openai.APIConnectionError:
                 time.sleep(0.1)
