@@ -54,9 +54,26 @@ struct spec {
     int n_embd, n_layer, n_head, n_head_kv, head_dim, n_expert, n_expert_used, n_ff_exp;
     int n_vocab;            /* 0: the built-in vocabulary's size */
     int n_ctx;
-    uint32_t type;
+    uint32_t type;          /* the file's main weight type */
     uint64_t seed;
     float residual_gain;    /* gain of attn_output and ffn_down*; 0 = 1 */
+    int mix;                /* enum mix: llama-quantize's per-tensor rules */
+};
+
+/* The file types with per-tensor rules (llama_ftype names): --type takes
+ * these names beside the plain types F32, F16, BF16, Q8_0 and Q4_0. */
+enum mix { MIX_NONE, MIX_Q4_K_M, MIX_Q5_K_M, MIX_Q6_K, MIX_MXFP4_MOE };
+
+static const struct {
+    const char *name;
+    int mix;
+    uint32_t type;          /* the default type of the mix */
+    uint32_t ftype;         /* general.file_type (llama_ftype) */
+} mixes[] = {
+    { "Q4_K_M", MIX_Q4_K_M, MOE_DTYPE_Q4_K, 15 },
+    { "Q5_K_M", MIX_Q5_K_M, MOE_DTYPE_Q5_K, 17 },
+    { "Q6_K", MIX_Q6_K, MOE_DTYPE_Q6_K, 18 },
+    { "MXFP4_MOE", MIX_MXFP4_MOE, MOE_DTYPE_MXFP4, 38 },
 };
 
 static const struct {
@@ -70,6 +87,19 @@ static const struct {
     { "demo", { "llama", 256, 4, 8, 4, 32, 8, 2, 512, 0, 1024, MOE_DTYPE_Q8_0, 1 } },
     /* Mixtral-shaped, ~3.9 GB in Q4_0, for I/O, cache and engine benchmarks */
     { "bench-4g", { "llama", 2048, 16, 16, 4, 128, 8, 2, 8192, 32000, 4096, MOE_DTYPE_Q4_0, 7 } },
+    /* Qwen3-30B-A3B's shape (2048 embd, 32/4 heads of 128, 128 experts of
+     * 768, top-8) with 6 of its 48 layers and a 32000-token vocabulary (the
+     * real 151936 would make the output matrix a third of a 6-layer decode
+     * step instead of a seventh of the real one), Q4_K_M as users run it */
+    { "qwen3-30b-a3b", { "qwen3moe", 2048, 6, 32, 4, 128, 128, 8, 768, 32000, 4096, MOE_DTYPE_Q4_K, 11, 0,
+                         MIX_Q4_K_M } },
+    /* gpt-oss-20b's shape (2880 embd, 64/8 heads of 64, 32 experts of 2880,
+     * top-4) with 4 of its 24 layers, a 32000-token vocabulary, MXFP4
+     * experts and Q8_0 elsewhere as llama-quantize's MXFP4_MOE; written as
+     * qwen3moe (no biases, sinks or sliding window: the matrices are what
+     * the CPU kernels see) */
+    { "gpt-oss-20b", { "qwen3moe", 2880, 4, 64, 8, 64, 32, 4, 2880, 32000, 4096, MOE_DTYPE_MXFP4, 13, 0,
+                       MIX_MXFP4_MOE } },
 };
 #define N_PRESETS (sizeof(presets) / sizeof(presets[0]))
 
@@ -447,35 +477,57 @@ struct model {
     int quiet;
 };
 
+/* llama-quant.cpp: use_more_bits, the layers that Q4_K_M and Q5_K_M give
+ * more bits (the first and last eighth and every third in between). */
+static int use_more_bits(int i_layer, int n_layers)
+{
+    return i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 || (i_layer - n_layers / 8) % 3 == 2;
+}
+
 /* The type llama-quantize gives a tensor for the file types offered here
  * (llama_tensor_get_type; observable in shared/ref/models/quant-*.log and
- * manifest.json):
+ * manifest.json; tests/parity/test_quant_llama.py compares whole files):
  *  - 1-D tensors and the router (ffn_gate_inp) are never quantized: F32;
- *  - F16/BF16: every other tensor in that type;
- *  - Q8_0: every other tensor Q8_0;
+ *  - F16/BF16/Q8_0: every other tensor in that type;
  *  - Q4_0: attn_k and attn_v go to Q8_0 when the model has exactly 8
  *    experts (llama.cpp's Mixtral rule); output.weight gets Q6_K, or Q8_0
- *    when its rows are not a multiple of 256. moe-gen has no Q6_K
- *    quantizer and always writes Q8_0 there (noted on stderr when
- *    llama-quantize would have used Q6_K).
+ *    when its rows are not a multiple of 256;
+ *  - Q4_K_M / Q5_K_M: Q4_K / Q5_K; output.weight Q6_K; attn_v and
+ *    ffn_down Q6_K in the layers use_more_bits() picks; with exactly 8
+ *    experts attn_k and attn_v Q8_0 and (Q4_K_M) attn_output Q5_K;
+ *  - Q6_K: every matrix Q6_K (attn_k/attn_v Q8_0 with 8 experts);
+ *  - MXFP4_MOE: the expert matrices (3-D) MXFP4, every other matrix Q8_0.
  * A row length that is not a multiple of the block size falls back to F32
- * (llama-quantize would refuse the file), with a warning. */
+ * (llama-quantize would pick another type), with a warning. */
 static uint32_t tensor_type(const struct spec *s, struct model *m, const char *name, uint32_t n_dims,
                             uint64_t ne0, enum init init)
 {
     uint32_t t = s->type;
     if (t == MOE_DTYPE_F32 || n_dims < 2 || init == INIT_ROUTER || init == INIT_NORM)
         return MOE_DTYPE_F32;
+    int layer = -1;
+    if (sscanf(name, "blk.%d.", &layer) != 1)
+        layer = -1;
+    const int attn_kv = strstr(name, ".attn_k.") || strstr(name, ".attn_v.");
     if (t == MOE_DTYPE_Q4_0) {
-        if (strcmp(name, "output.weight") == 0) {
-            if (ne0 % 256 == 0 && !m->quiet)
-                fprintf(stderr, "moe-gen: note: output.weight is Q8_0 (llama-quantize would use Q6_K, "
-                                "which moe-gen cannot write)\n");
+        if (strcmp(name, "output.weight") == 0)
+            t = ne0 % 256 == 0 ? MOE_DTYPE_Q6_K : MOE_DTYPE_Q8_0;
+        else if (s->n_expert == 8 && attn_kv)
             t = MOE_DTYPE_Q8_0;
-        } else if (s->n_expert == 8 && (strstr(name, ".attn_k.") || strstr(name, ".attn_v."))) {
+    } else if (s->mix == MIX_Q4_K_M || s->mix == MIX_Q5_K_M || s->mix == MIX_Q6_K) {
+        if (strcmp(name, "output.weight") == 0)
+            t = MOE_DTYPE_Q6_K;
+        else if (s->mix != MIX_Q6_K && (strstr(name, ".attn_v.") || strstr(name, ".ffn_down")) &&
+                 use_more_bits(layer, s->n_layer))
+            t = MOE_DTYPE_Q6_K;
+        else if (s->mix == MIX_Q4_K_M && s->n_expert == 8 && strstr(name, ".attn_output."))
+            t = MOE_DTYPE_Q5_K;
+        if (s->n_expert == 8 && attn_kv)
             t = MOE_DTYPE_Q8_0;
-        }
+    } else if (s->mix == MIX_MXFP4_MOE) {
+        t = n_dims == 3 ? MOE_DTYPE_MXFP4 : MOE_DTYPE_Q8_0;
     }
+    (void)m;
     const struct moe_dtype_info *di = moe_dtype_info(t);
     if (ne0 % di->block_size != 0) {
         fprintf(stderr, "moe-gen: warning: %s: rows of %" PRIu64 " are not a multiple of the %s block size %u:"
@@ -547,9 +599,12 @@ static void build_tensors(const struct spec *s, struct model *m, int n_vocab)
 }
 
 /* general.file_type: llama_ftype values */
-static uint32_t file_type_of(uint32_t t)
+static uint32_t file_type_of(const struct spec *s)
 {
-    switch (t) {
+    for (size_t i = 0; i < sizeof(mixes) / sizeof(mixes[0]); i++)
+        if (mixes[i].mix == s->mix && s->mix != MIX_NONE)
+            return mixes[i].ftype;
+    switch (s->type) {
     case MOE_DTYPE_F16: return 1;   /* MOSTLY_F16 */
     case MOE_DTYPE_Q4_0: return 2;  /* MOSTLY_Q4_0 */
     case MOE_DTYPE_Q8_0: return 7;  /* MOSTLY_Q8_0 */
@@ -616,7 +671,7 @@ static void add_metadata(struct moe_gguf_writer *w, const struct spec *s, const 
     if (!master) {
         /* llama-quantize sets these last (replacing the master's file_type) */
         moe_gguf_writer_add_u32(w, "general.quantization_version", 2);
-        moe_gguf_writer_add_u32(w, "general.file_type", file_type_of(s->type));
+        moe_gguf_writer_add_u32(w, "general.file_type", file_type_of(s));
     }
 }
 
@@ -720,6 +775,14 @@ static void pool_wait(struct pool *p)
     while (p->busy > 0)
         pthread_cond_wait(&p->done, &p->mu);
     pthread_mutex_unlock(&p->mu);
+}
+
+static const char *type_name(const struct spec *s)
+{
+    for (size_t i = 0; i < sizeof(mixes) / sizeof(mixes[0]); i++)
+        if (mixes[i].mix == s->mix && s->mix != MIX_NONE)
+            return mixes[i].name;
+    return moe_dtype_name(s->type);
 }
 
 /* ---- the file ---------------------------------------------------------- */
@@ -840,7 +903,7 @@ static int write_model(const struct spec *s, const char *out, const char *label,
     }
     if (!quiet)
         fprintf(stderr, "moe-gen: wrote %s: %s %s, %d tensors, %.2f MiB of weights, %d-token vocabulary\n",
-                out, s->arch, moe_dtype_name(s->type), m.n, (double)total / (1 << 20), n_vocab);
+                out, s->arch, type_name(s), m.n, (double)total / (1 << 20), n_vocab);
     return 0;
 }
 
@@ -849,7 +912,8 @@ static int write_model(const struct spec *s, const char *out, const char *label,
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: moe-gen [--preset NAME] [--arch llama|qwen3moe] [--type F32|F16|BF16|Q8_0|Q4_0]\n"
+            "usage: moe-gen [--preset NAME] [--arch llama|qwen3moe]\n"
+            "               [--type F32|F16|BF16|Q8_0|Q4_0|Q4_K_M|Q5_K_M|Q6_K|MXFP4_MOE]\n"
             "               [--seed N] [--n-embd N] [--n-layer N] [--n-head N] [--n-head-kv N]\n"
             "               [--head-dim N] [--n-expert N] [--n-expert-used N] [--n-ff-exp N]\n"
             "               [--n-vocab N] [--ctx N] [--residual-gain G] [--threads N] [--quiet]\n"
@@ -945,12 +1009,25 @@ int main(int argc, char **argv)
             s.arch = strcmp(v, "llama") == 0 ? "llama" : "qwen3moe";
             i++;
         } else if (strcmp(a, "--type") == 0 && v) {
-            int t = moe_dtype_from_name(v);
-            if (t < 0 || !moe_quantize_supported((uint32_t)t)) {
-                fprintf(stderr, "moe-gen: --type '%s': expected F32, F16, BF16, Q8_0 or Q4_0\n", v);
+            int t = -1, mix = MIX_NONE;
+            for (size_t k = 0; k < sizeof(mixes) / sizeof(mixes[0]); k++)
+                if (strcmp(v, mixes[k].name) == 0) {
+                    t = (int)mixes[k].type;
+                    mix = mixes[k].mix;
+                }
+            if (mix == MIX_NONE) {
+                t = moe_dtype_from_name(v);
+                if (t != MOE_DTYPE_F32 && t != MOE_DTYPE_F16 && t != MOE_DTYPE_BF16 && t != MOE_DTYPE_Q8_0 &&
+                    t != MOE_DTYPE_Q4_0)
+                    t = -1;
+            }
+            if (t < 0) {
+                fprintf(stderr, "moe-gen: --type '%s': expected F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, "
+                                "Q6_K or MXFP4_MOE\n", v);
                 return 2;
             }
             s.type = (uint32_t)t;
+            s.mix = mix;
             i++;
         } else if (strcmp(a, "--seed") == 0 && v) {
             char *end;

@@ -36,7 +36,7 @@ pkgs=(
   liburing-dev libzstd-dev libuv1-dev libhttp-parser-dev libjansson-dev
   libinih-dev libxxhash-dev libpcre2-dev libsystemd-dev
   man-db groff-base systemd haproxy
-  fio clang libclang-rt-14-dev python3 python3-pip curl
+  fio clang libclang-rt-14-dev python3 python3-pip curl cmake
 )
 
 if [ "$train" = 1 ]; then
@@ -86,6 +86,16 @@ if ! python3 -c 'import jinja2' >/dev/null 2>&1; then
   python3 -m pip install -q jinja2 >/dev/null 2>&1 ||
     python3 -m pip install -q --break-system-packages jinja2 >/dev/null 2>&1 ||
     echo "setup: could not pip install jinja2; the chat-template parity test will skip" >&2
+fi
+
+# tests/parity/test_quant_llama.py compares moe-gen's quantized files with
+# llama.cpp's quantizer through llama-cpp-python (built from source by pip:
+# minutes) and reads them with gguf-py; it skips without them, except in CI.
+# cmake (apt, above) builds it.
+if ! python3 -c 'import llama_cpp, gguf' >/dev/null 2>&1; then
+  python3 -m pip install -q llama-cpp-python==0.3.36 gguf >/dev/null 2>&1 ||
+    python3 -m pip install -q --break-system-packages llama-cpp-python==0.3.36 gguf >/dev/null 2>&1 ||
+    echo "setup: could not pip install llama-cpp-python and gguf; test_quant_llama will skip" >&2
 fi
 
 if [ -x /usr/local/cuda/bin/nvcc ] && ! command -v nvcc >/dev/null; then

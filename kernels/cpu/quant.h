@@ -44,8 +44,21 @@ void moe_quantize_row_q4_0(const float *x, struct moe_block_q4_0 *y, int64_t n);
 void moe_dequantize_row_q8_0(const struct moe_block_q8_0 *x, float *y, int64_t n);
 void moe_dequantize_row_q4_0(const struct moe_block_q4_0 *x, float *y, int64_t n);
 
+/* n floats (a multiple of 256) to n / 256 super-blocks: ggml's reference
+ * K-quantizers (quantize_row_q{4,5,6}_K_ref, what llama-quantize uses
+ * without an importance matrix): per group of 32 (Q4_K, Q5_K) a weighted
+ * least-squares search for scale and minimum, or per group of 16 (Q6_K) for
+ * a signed scale; the group scales quantized to 6 or 8 bits against a
+ * super-block f16 scale. */
+void moe_quantize_row_q4_k(const float *x, struct moe_block_q4_k *y, int64_t n);
+void moe_quantize_row_q5_k(const float *x, struct moe_block_q5_k *y, int64_t n);
+void moe_quantize_row_q6_k(const float *x, struct moe_block_q6_k *y, int64_t n);
+/* n floats (a multiple of 32): E8M0 exponent floor(log2(amax)) - 2, each
+ * element the nearest E2M1 value (the first on ties). */
+void moe_quantize_row_mxfp4(const float *x, struct moe_block_mxfp4 *y, int64_t n);
+
 /* Whether moe_quantize_row can write type t (an enum moe_dtype id):
- * F32, F16, BF16, Q8_0, Q4_0. */
+ * F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, MXFP4. */
 int moe_quantize_supported(uint32_t t);
 
 /* Writes n floats as type t into dst (moe_dtype_row_bytes(t, n) bytes, no

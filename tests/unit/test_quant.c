@@ -444,7 +444,8 @@ static void test_generic_entry(void)
     for (int i = 0; i < N; i++)
         x[i] = (float)((double)lcg(&s) / 9007199254740992.0 - 0.5) * 3.0f;
     static const uint32_t types[] = { MOE_DTYPE_F32, MOE_DTYPE_F16, MOE_DTYPE_BF16, MOE_DTYPE_Q8_0,
-                                      MOE_DTYPE_Q4_0 };
+                                      MOE_DTYPE_Q4_0, MOE_DTYPE_Q4_K, MOE_DTYPE_Q5_K, MOE_DTYPE_Q6_K,
+                                      MOE_DTYPE_MXFP4 };
     for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
         size_t rb = moe_dtype_row_bytes(types[t], N, NULL);
         CHECK(moe_quantize_row(types[t], x, a + 1, N) == 0); /* unaligned */
@@ -454,6 +455,10 @@ static void test_generic_entry(void)
         case MOE_DTYPE_BF16: moe_quantize_row_bf16(x, (uint16_t *)(void *)b, N); break;
         case MOE_DTYPE_Q8_0: moe_quantize_row_q8_0(x, (struct moe_block_q8_0 *)(void *)b, N); break;
         case MOE_DTYPE_Q4_0: moe_quantize_row_q4_0(x, (struct moe_block_q4_0 *)(void *)b, N); break;
+        case MOE_DTYPE_Q4_K: moe_quantize_row_q4_k(x, (struct moe_block_q4_k *)(void *)b, N); break;
+        case MOE_DTYPE_Q5_K: moe_quantize_row_q5_k(x, (struct moe_block_q5_k *)(void *)b, N); break;
+        case MOE_DTYPE_Q6_K: moe_quantize_row_q6_k(x, (struct moe_block_q6_k *)(void *)b, N); break;
+        case MOE_DTYPE_MXFP4: moe_quantize_row_mxfp4(x, (struct moe_block_mxfp4 *)(void *)b, N); break;
         }
         CHECK_MSG(memcmp(a + 1, b, rb) == 0, "%s: generic and typed bytes differ", moe_dtype_name(types[t]));
         CHECK(moe_dequantize_row(types[t], b, y, N) == 0);
@@ -463,6 +468,17 @@ static void test_generic_entry(void)
         case MOE_DTYPE_BF16: moe_dequantize_row_bf16((uint16_t *)(void *)b, z, N); break;
         case MOE_DTYPE_Q8_0: moe_dequantize_row_q8_0((struct moe_block_q8_0 *)(void *)b, z, N); break;
         case MOE_DTYPE_Q4_0: moe_dequantize_row_q4_0((struct moe_block_q4_0 *)(void *)b, z, N); break;
+        default: {
+            /* no typed dequantizer here: the round trip must stay close */
+            float err = 0.0f, amax = 0.0f;
+            for (int i = 0; i < N; i++) {
+                err = fmaxf(err, fabsf(y[i] - x[i]));
+                amax = fmaxf(amax, fabsf(x[i]));
+            }
+            CHECK_MSG(err <= amax * (types[t] == MOE_DTYPE_MXFP4 ? 0.25f : 0.15f), "%s: round trip error %g",
+                      moe_dtype_name(types[t]), (double)err);
+            memcpy(z, y, sizeof(z));
+        }
         }
         CHECK_MSG(memcmp(y, z, sizeof(y)) == 0, "%s: dequant.c and quant.c disagree", moe_dtype_name(types[t]));
     }
@@ -474,23 +490,25 @@ static void test_arguments(void)
     uint8_t buf[256];
     CHECK_INT(moe_quantize_row(MOE_DTYPE_Q8_0, x, buf, 33), ==, -EINVAL);
     CHECK_INT(moe_quantize_row(MOE_DTYPE_Q4_0, x, buf, -32), ==, -EINVAL);
-    CHECK_INT(moe_quantize_row(MOE_DTYPE_Q4_K, x, buf, 256), ==, MOE_EUNSUPPORTED);
+    CHECK_INT(moe_quantize_row(MOE_DTYPE_Q4_K, x, buf, 255), ==, -EINVAL);
+    CHECK_INT(moe_quantize_row(MOE_DTYPE_Q2_K, x, buf, 256), ==, MOE_EUNSUPPORTED);
     CHECK_INT(moe_quantize_row(4, x, buf, 32), ==, MOE_EUNSUPPORTED);
     CHECK_INT(moe_quantize_row(1000, x, buf, 32), ==, MOE_EUNSUPPORTED);
     CHECK_INT(moe_quantize_row(MOE_DTYPE_F16, x, buf, 0), ==, 0);
-    CHECK(!moe_quantize_supported(MOE_DTYPE_Q6_K));
+    CHECK(moe_quantize_supported(MOE_DTYPE_Q6_K));
+    CHECK(!moe_quantize_supported(MOE_DTYPE_IQ4_NL));
 }
 
 /* ---- bit-exactness against llama-quantize ---------------------------- */
 
-static void check_variant(const char *variant)
+static void check_model(const char *model, const char *variant, int min_tensors)
 {
     const char *ref = moe_test_ref_dir();
     if (ref == NULL)
         MOE_SKIP("shared/ref not found");
     char p32[4096], pq[4096];
-    snprintf(p32, sizeof(p32), "%s/models/tiny-mixtral-F32.gguf", ref);
-    snprintf(pq, sizeof(pq), "%s/models/tiny-mixtral-%s.gguf", ref, variant);
+    snprintf(p32, sizeof(p32), "%s/models/%s-F32.gguf", ref, model);
+    snprintf(pq, sizeof(pq), "%s/models/%s-%s.gguf", ref, model, variant);
     struct moe_gguf *g32, *gq;
     struct moe_diag d = { 0 };
     CHECK_MSG(moe_gguf_open(&g32, p32, &d) == 0, "%s", d.msg);
@@ -540,9 +558,9 @@ static void check_variant(const char *variant)
         compared++;
         by_type[tq->dtype]++;
     }
-    printf("  %s: %d tensors bit-exact (F16 %d, Q8_0 %d, Q4_0 %d)\n", variant, compared,
-           by_type[MOE_DTYPE_F16], by_type[MOE_DTYPE_Q8_0], by_type[MOE_DTYPE_Q4_0]);
-    if (compared < 20)
+    printf("  %s-%s: %d tensors bit-exact (F16 %d, Q8_0 %d, Q4_0 %d, MXFP4 %d)\n", model, variant, compared,
+           by_type[MOE_DTYPE_F16], by_type[MOE_DTYPE_Q8_0], by_type[MOE_DTYPE_Q4_0], by_type[MOE_DTYPE_MXFP4]);
+    if (compared < min_tensors)
         MOE_FAIL_AT("%s: only %d tensors compared", variant, compared);
 done:
     free(out);
@@ -550,9 +568,10 @@ done:
     moe_gguf_close(gq);
 }
 
-static void test_f16_vs_llama_quantize(void) { check_variant("F16"); }
-static void test_q8_0_vs_llama_quantize(void) { check_variant("Q8_0"); }
-static void test_q4_0_vs_llama_quantize(void) { check_variant("Q4_0"); }
+static void test_f16_vs_llama_quantize(void) { check_model("tiny-mixtral", "F16", 30); }
+static void test_q8_0_vs_llama_quantize(void) { check_model("tiny-mixtral", "Q8_0", 30); }
+static void test_q4_0_vs_llama_quantize(void) { check_model("tiny-mixtral", "Q4_0", 30); }
+static void test_mxfp4_vs_llama_quantize(void) { check_model("tiny-gptoss", "MXFP4_MOE", 16); }
 
 int main(void)
 {
@@ -570,5 +589,6 @@ int main(void)
     MOE_TEST_RUN(test_f16_vs_llama_quantize);
     MOE_TEST_RUN(test_q8_0_vs_llama_quantize);
     MOE_TEST_RUN(test_q4_0_vs_llama_quantize);
+    MOE_TEST_RUN(test_mxfp4_vs_llama_quantize);
     return moe_test_exit_code();
 }
