@@ -577,6 +577,109 @@ AVX2 static float dot_q6_k_avx2(const struct moe_block_q6_k *x, const struct moe
     return hsum8(accf) - corr_f;
 }
 
+/* Q4_K's and Q5_K's 12 bytes of scales as 16 bytes: the 8 six-bit scales,
+ * then the 8 six-bit minimums (the layout moe_q4k_scale_min reads, done
+ * with four word operations). */
+static inline void unpack_k_scales(const uint8_t *s, uint32_t out[4])
+{
+    uint32_t u[3];
+    memcpy(u, s, 12);
+    const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+    out[0] = u[0] & m6;
+    out[1] = (u[2] & m4) | ((u[0] >> 6) & m2) << 4;
+    out[2] = u[1] & m6;
+    out[3] = ((u[2] >> 4) & m4) | ((u[1] >> 6) & m2) << 4;
+}
+
+AVX2 static float dot_bf16_avx2(const uint16_t *w, const uint16_t *x, int64_t n)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + i))), 16));
+        const __m256 x0 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i))), 16));
+        const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + i + 8))), 16));
+        const __m256 x1 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i + 8))), 16));
+        a0 = _mm256_fmadd_ps(w0, x0, a0);
+        a1 = _mm256_fmadd_ps(w1, x1, a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; i < n; i++)
+        s += moe_bf16_to_fp32(w[i]) * moe_bf16_to_fp32(x[i]);
+    return s;
+}
+
+/* Codes 0..15 of a 32-element block (low nibbles, then high) looked up in a
+ * 16-entry signed grid (IQ4_NL, MXFP4): one byte shuffle. */
+AVX2 static inline __m256i grid32(const uint8_t *q, __m256i grid)
+{
+    const __m128i raw = _mm_loadu_si128((const __m128i *)q);
+    const __m256i idx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0xf));
+    return _mm256_shuffle_epi8(grid, idx);
+}
+
+AVX2 static float dot_iq4_nl_avx2(const struct moe_block_iq4_nl *x, const struct moe_block_q8_0 *y, int64_t nb)
+{
+    const __m256i grid = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)moe_iq4nl_values));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i qy = _mm256_loadu_si256((const __m256i *)y[i].qs);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].d) * hf(y[i].d)), mul_sum_i8(grid32(x[i].qs, grid), qy), acc);
+    }
+    return hsum8(acc);
+}
+
+AVX2 static float dot_mxfp4_avx2(const struct moe_block_mxfp4 *x, const struct moe_block_q8_0 *y, int64_t nb)
+{
+    const __m256i grid = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)moe_mxfp4_values));
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i qy = _mm256_loadu_si256((const __m256i *)y[i].qs);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(moe_e8m0_half(x[i].e) * hf(y[i].d)),
+                              mul_sum_i8(grid32(x[i].qs, grid), qy), acc);
+    }
+    return hsum8(acc);
+}
+
+AVX2 static float dot_q5_k_avx2(const struct moe_block_q5_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    __m256 acc = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+    const __m256i lowmask = _mm256_set1_epi8(0xf), one = _mm256_set1_epi8(1);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q4 = x[i].qs;
+        const int8_t *q8 = y[i].qs;
+        uint32_t u[4];
+        unpack_k_scales(x[i].scales, u);
+        const uint8_t *sc = (const uint8_t *)u;
+        const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+        /* minimums times the pair sums of bsums, in 8 lanes */
+        const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), _mm256_set1_epi16(1));
+        const __m256i mp = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)), bs);
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].dmin) * y[i].d), _mm256_cvtepi32_ps(mp), accm);
+        const __m256i hb = _mm256_loadu_si256((const __m256i *)x[i].qh);
+        __m256i isum = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j += 2) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(q4 + 16 * j));
+            const __m256i h0 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j)), one);
+            const __m256i h1 = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(j + 1)), one);
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, lowmask), _mm256_slli_epi16(h0, 4));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), lowmask),
+                                               _mm256_slli_epi16(h1, 4));
+            const __m256i y0 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j));
+            const __m256i y1 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j + 32));
+            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16((short)sc[j]));
+            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16((short)sc[j + 1]));
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].d) * y[i].d), _mm256_cvtepi32_ps(isum), acc);
+    }
+    return hsum8(acc) - hsum8(accm);
+}
+
 /* AVX-512 VNNI: two 32-blocks per 512-bit vector, dpbusd for the integer
  * dot. dpbusd wants unsigned x signed bytes: Q8_0 weights use |w| with the
  * activations' signs flipped where w < 0; Q4_0 nibbles are unsigned already
@@ -587,11 +690,6 @@ AVX512 static inline __m512i load2x256(const void *a, const void *b)
 {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
                               _mm256_loadu_si256((const __m256i *)b), 1);
-}
-
-AVX512 static inline __m512 scale2(float a, float b)
-{
-    return _mm512_mask_blend_ps((__mmask16)0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
 }
 
 AVX512 static float dot_f16_avx512(const uint16_t *w, const uint16_t *x, int64_t n)
@@ -624,49 +722,245 @@ AVX512 static float dot_f32_avx512(const float *w, const float *x, int64_t n)
     return s;
 }
 
-AVX512 static float dot_q8_0_avx512(const struct moe_block_q8_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
-{
-    __m512 acc = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const __m512i wx = load2x256(x[i].qs, x[i + 1].qs);
-        const __m512i yx = load2x256(y[i].qs, y[i + 1].qs);
-        const __mmask64 neg = _mm512_movepi8_mask(wx);
-        const __m512i ax = _mm512_abs_epi8(wx);
-        const __m512i sy = _mm512_mask_sub_epi8(yx, neg, _mm512_setzero_si512(), yx);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy);
-        const __m512 d = scale2(hf(x[i].d) * hf(y[i].d), hf(x[i + 1].d) * hf(y[i + 1].d));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), d, acc);
-    }
-    float s = _mm512_reduce_add_ps(acc);
-    if (i < nb)
-        s += dot_q8_0_avx2(x + i, y + i, nb - i);
-    return s;
-}
-
 AVX512 static inline __m256i nibbles32(const uint8_t *q)
 {
     const __m128i raw = _mm_loadu_si128((const __m128i *)q);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0xf));
 }
 
+/* Four 32-blocks per iteration: the two pairs' integer dots in two vectors,
+ * the four blocks' scale products converted together (one F16C conversion
+ * per side) and spread over the pairs' lanes by a permute, two
+ * accumulators. Per-block scalar scale work was what held the two-block
+ * versions below AVX2's speed. */
+AVX512 static inline __m128 f16x4(uint16_t a, uint16_t b, uint16_t c, uint16_t d)
+{
+    return _mm_cvtph_ps(_mm_setr_epi16((short)a, (short)b, (short)c, (short)d, 0, 0, 0, 0));
+}
+
+#define QUAD_LOOP(WEIGHTS, DOT, DW)                                                               \
+    const __m512i ia = halves32(0, 1), ib = halves32(2, 3);                                        \
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                                 \
+    int64_t i = 0;                                                                                 \
+    for (; i + 4 <= nb; i += 4) {                                                                  \
+        const __m512i w0 = WEIGHTS(i), w1 = WEIGHTS(i + 2);                                        \
+        const __m512i v0 = DOT(w0, load2x256(y[i].qs, y[i + 1].qs));                               \
+        const __m512i v1 = DOT(w1, load2x256(y[i + 2].qs, y[i + 3].qs));                           \
+        const __m512 d4 = _mm512_castps128_ps512(                                                  \
+            _mm_mul_ps(DW(i), f16x4(y[i].d, y[i + 1].d, y[i + 2].d, y[i + 3].d)));                \
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_permutexvar_ps(ia, d4), acc0);       \
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_permutexvar_ps(ib, d4), acc1);       \
+    }                                                                                              \
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+
+AVX512 static inline __m512i halves32(int lo, int hi)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(lo)), _mm256_set1_epi32(hi), 1);
+}
+
+AVX512 static inline __m512i s8_dot(__m512i w, __m512i yx)
+{
+    const __mmask64 neg = _mm512_movepi8_mask(w);
+    const __m512i sy = _mm512_mask_sub_epi8(yx, neg, _mm512_setzero_si512(), yx);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sy);
+}
+
+AVX512 static inline __m512i q4_0_dot(__m512i w, __m512i yx)
+{
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, yx);
+    const __m512i sy = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), yx);
+    return _mm512_sub_epi32(dot, _mm512_slli_epi32(sy, 3));
+}
+
+#define Q8_0_W(k) load2x256(x[k].qs, x[k + 1].qs)
+#define Q4_0_W(k) _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(x[k].qs)), nibbles32(x[k + 1].qs), 1)
+#define HALF_DW(k) f16x4(x[k].d, x[k + 1].d, x[k + 2].d, x[k + 3].d)
+
+AVX512 static float dot_q8_0_avx512(const struct moe_block_q8_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
+{
+    QUAD_LOOP(Q8_0_W, s8_dot, HALF_DW)
+    if (i < nb)
+        s += dot_q8_0_avx2(x + i, y + i, nb - i);
+    return s;
+}
+
 AVX512 static float dot_q4_0_avx512(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i ones = _mm512_set1_epi8(1);
-    int64_t i = 0;
-    for (; i + 2 <= nb; i += 2) {
-        const __m512i wx = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(x[i].qs)), nibbles32(x[i + 1].qs), 1);
-        const __m512i yx = load2x256(y[i].qs, y[i + 1].qs);
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wx, yx);
-        const __m512i sy = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, yx);
-        const __m512i v = _mm512_sub_epi32(dot, _mm512_slli_epi32(sy, 3));
-        const __m512 d = scale2(hf(x[i].d) * hf(y[i].d), hf(x[i + 1].d) * hf(y[i + 1].d));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), d, acc);
-    }
-    float s = _mm512_reduce_add_ps(acc);
+    QUAD_LOOP(Q4_0_W, q4_0_dot, HALF_DW)
     if (i < nb)
         s += dot_q4_0_avx2(x + i, y + i, nb - i);
+    return s;
+}
+
+/* BF16 with AVX512_BF16: dpbf16 multiplies pairs of bf16 exactly and adds
+ * them into float lanes (what ggml's AVX512BF16 path does). */
+#define AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512bf16,avx2,fma,f16c")))
+
+AVX512BF16 static float dot_bf16_avx512(const uint16_t *w, const uint16_t *x, int64_t n)
+{
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + i + 32),
+                              (__m512bh)_mm512_loadu_si512(x + i + 32));
+    }
+    for (; i + 32 <= n; i += 32)
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(x + i));
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    if (i < n)
+        s += dot_bf16_avx2(w + i, x + i, n - i);
+    return s;
+}
+
+/* The 16-bit lanes [lo x16 | hi x16] of a 512-bit vector (shift counts,
+ * permute indices). */
+AVX512 static inline __m512i halves16(short lo, short hi)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(lo)), _mm256_set1_epi16(hi), 1);
+}
+
+/* Q4_K: 64 codes per step (two groups of 32: the low and the high nibbles
+ * of 32 bytes, by a per-half shift of the same bytes), maddubs into pair
+ * sums, then dpwssd by the two groups' scales; the minimums come from
+ * bsums once per super-block. */
+AVX512 static float dot_q4_k_avx512(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    const __m512i m4 = _mm512_set1_epi8(0xf), shift = halves16(0, 4);
+    const __m512i idx0 = halves16(0, 1), idx1 = halves16(2, 3), idx2 = halves16(4, 5), idx3 = halves16(6, 7);
+    __m512 acc = _mm512_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q4 = x[i].qs;
+        const int8_t *q8 = y[i].qs;
+        uint32_t u[4];
+        unpack_k_scales(x[i].scales, u);
+        const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+        const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), _mm256_set1_epi16(1));
+        const __m256i mp = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)), bs);
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].dmin) * y[i].d), _mm256_cvtepi32_ps(mp), accm);
+        const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+        __m512i q0 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q4)), shift), m4);
+        __m512i q1 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 32))), shift), m4);
+        __m512i q2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 64))), shift), m4);
+        __m512i q3 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 96))), shift), m4);
+        __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q0, _mm512_loadu_si512(q8)),
+                                           _mm512_permutexvar_epi16(idx0, sc));
+        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q1, _mm512_loadu_si512(q8 + 64)),
+                                   _mm512_permutexvar_epi16(idx1, sc));
+        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q2, _mm512_loadu_si512(q8 + 128)),
+                                   _mm512_permutexvar_epi16(idx2, sc));
+        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q3, _mm512_loadu_si512(q8 + 192)),
+                                   _mm512_permutexvar_epi16(idx3, sc));
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(hf(x[i].d) * y[i].d), _mm512_cvtepi32_ps(isum), acc);
+    }
+    return _mm512_reduce_add_ps(acc) - hsum8(accm);
+}
+
+/* Q5_K: Q4_K plus the fifth bit: group j's bit j of qh, added as 16 where
+ * set (a byte test against [1 << j | 1 << (j + 1)] per half). */
+AVX512 static float dot_q5_k_avx512(const struct moe_block_q5_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    const __m512i m4 = _mm512_set1_epi8(0xf), shift = halves16(0, 4), sixteen = _mm512_set1_epi8(16);
+    __m512i idx[4], bit[4];
+    for (int k = 0; k < 4; k++) {
+        idx[k] = halves16((short)(2 * k), (short)(2 * k + 1));
+        bit[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char)(1 << (2 * k)))),
+                                    _mm256_set1_epi8((char)(1 << (2 * k + 1))), 1);
+    }
+    __m512 acc = _mm512_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *q5 = x[i].qs;
+        const int8_t *q8 = y[i].qs;
+        uint32_t u[4];
+        unpack_k_scales(x[i].scales, u);
+        const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+        const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), _mm256_set1_epi16(1));
+        const __m256i mp = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)), bs);
+        accm = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].dmin) * y[i].d), _mm256_cvtepi32_ps(mp), accm);
+        const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+        const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x[i].qh));
+        __m512i isum = _mm512_setzero_si512();
+        for (int k = 0; k < 4; k++) {
+            __m512i q = _mm512_and_si512(
+                _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q5 + 32 * k))), shift), m4);
+            q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hb, bit[k]), q, sixteen);
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q, _mm512_loadu_si512(q8 + 64 * k)),
+                                       _mm512_permutexvar_epi16(idx[k], sc));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(hf(x[i].d) * y[i].d), _mm512_cvtepi32_ps(isum), acc);
+    }
+    return _mm512_reduce_add_ps(acc) - hsum8(accm);
+}
+
+/* Q6_K: per 128 elements, 64 bytes of ql give codes 0..63 and 64..127 (low
+ * and high nibbles), qh's bit pairs are shifted per half; maddubs then
+ * dpwssd by the four 16-element groups' scales. The -32 is folded out as
+ * 32 * sum(scale * bsum). */
+AVX512 static float dot_q6_k_avx512(const struct moe_block_q6_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    const __m512i m4 = _mm512_set1_epi8(0xf), m2 = _mm512_set1_epi8(3);
+    const __m512i sh01 = halves16(0, 2), sh23 = halves16(4, 6);
+    __m512i idx[4];
+    for (int k = 0; k < 4; k++)
+        idx[k] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 1)), _mm_set1_epi16((short)(4 * k)))),
+            _mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 3)), _mm_set1_epi16((short)(4 * k + 2))), 1);
+    __m512 acc = _mm512_setzero_ps();
+    __m256 accc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x[i].scales));
+        const __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)y[i].bsums));
+        const float d = hf(x[i].d) * y[i].d;
+        accc = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * d), _mm256_cvtepi32_ps(corr), accc);
+        const __m512i sc = _mm512_castsi256_si512(sc16);
+        __m512i isum = _mm512_setzero_si512();
+        for (int n = 0; n < 2; n++) {
+            const __m512i l = _mm512_loadu_si512(x[i].ql + 64 * n);
+            const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x[i].qh + 32 * n)));
+            const __m512i h01 = _mm512_and_si512(_mm512_srlv_epi16(h, sh01), m2);
+            const __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(h, sh23), m2);
+            const __m512i q01 = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_slli_epi16(h01, 4));
+            const __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), _mm512_slli_epi16(h23, 4));
+            const int8_t *q8 = y[i].qs + 128 * n;
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q01, _mm512_loadu_si512(q8)),
+                                       _mm512_permutexvar_epi16(idx[2 * n], sc));
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q23, _mm512_loadu_si512(q8 + 64)),
+                                       _mm512_permutexvar_epi16(idx[2 * n + 1], sc));
+        }
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
+    }
+    return _mm512_reduce_add_ps(acc) - hsum8(accc);
+}
+
+/* IQ4_NL and MXFP4: two blocks per vector, the codes looked up in the grid
+ * by a byte shuffle, then the signed x signed dot as for Q8_0. */
+AVX512 static inline __m512i grid64(const uint8_t *q0, const uint8_t *q1, __m512i grid)
+{
+    const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(q0)), nibbles32(q1), 1);
+    return _mm512_shuffle_epi8(grid, idx);
+}
+
+#define IQ4_W(k) grid64(x[k].qs, x[k + 1].qs, grid)
+#define MX_DW(k) _mm_setr_ps(moe_e8m0_half(x[k].e), moe_e8m0_half(x[k + 1].e), moe_e8m0_half(x[k + 2].e), \
+                             moe_e8m0_half(x[k + 3].e))
+
+AVX512 static float dot_iq4_nl_avx512(const struct moe_block_iq4_nl *x, const struct moe_block_q8_0 *y, int64_t nb)
+{
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_iq4nl_values));
+    QUAD_LOOP(IQ4_W, s8_dot, HALF_DW)
+    if (i < nb)
+        s += dot_iq4_nl_avx2(x + i, y + i, nb - i);
+    return s;
+}
+
+AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const struct moe_block_q8_0 *y, int64_t nb)
+{
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_mxfp4_values));
+    QUAD_LOOP(IQ4_W, s8_dot, MX_DW)
+    if (i < nb)
+        s += dot_mxfp4_avx2(x + i, y + i, nb - i);
     return s;
 }
 #endif
@@ -675,6 +969,7 @@ AVX512 static float dot_q4_0_avx512(const struct moe_block_q4_0 *x, const struct
 
 enum simd { SIMD_SCALAR, SIMD_AVX2, SIMD_AVX512 };
 static int simd_level = -1;
+static int has_bf16;      /* AVX512_BF16 usable (with SIMD_AVX512 only) */
 
 #ifdef MOE_X86
 /* AVX-512 needs the CPU flags and the OS saving ZMM/opmask state (XCR0). */
@@ -691,6 +986,12 @@ static int avx512vnni_usable(void)
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     return (lo & 0xe6) == 0xe6; /* SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM state */
 }
+
+static int avx512bf16_cpu(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)); /* leaf 7.1 EAX: AVX512_BF16 */
+}
 #endif
 
 static int simd(void)
@@ -704,6 +1005,7 @@ static int simd(void)
         const int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
             level = avx512vnni_usable() ? SIMD_AVX512 : SIMD_AVX2;
+        has_bf16 = level == SIMD_AVX512 && avx512bf16_cpu();
 #endif
         const char *force = getenv("MOE_CPU_SIMD");
         if (force != NULL && strcmp(force, "scalar") == 0)
@@ -731,6 +1033,15 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
         case MOE_DTYPE_F16: return dot_f16_avx512(w, act, n);
         case MOE_DTYPE_Q8_0: return dot_q8_0_avx512(w, act, n / MOE_QK8_0);
         case MOE_DTYPE_Q4_0: return dot_q4_0_avx512(w, act, n / MOE_QK4_0);
+        case MOE_DTYPE_Q4_K: return dot_q4_k_avx512(w, act, n / MOE_QK_K);
+        case MOE_DTYPE_Q5_K: return dot_q5_k_avx512(w, act, n / MOE_QK_K);
+        case MOE_DTYPE_Q6_K: return dot_q6_k_avx512(w, act, n / MOE_QK_K);
+        case MOE_DTYPE_IQ4_NL: return dot_iq4_nl_avx512(w, act, n / MOE_QK4_NL);
+        case MOE_DTYPE_MXFP4: return dot_mxfp4_avx512(w, act, n / MOE_QK_MXFP4);
+        case MOE_DTYPE_BF16:
+            if (has_bf16)
+                return dot_bf16_avx512(w, act, n);
+            break;
         default: break;
         }
     }
@@ -742,6 +1053,10 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
         case MOE_DTYPE_Q4_0: return dot_q4_0_avx2(w, act, n / MOE_QK4_0);
         case MOE_DTYPE_Q4_K: return dot_q4_k_avx2(w, act, n / MOE_QK_K);
         case MOE_DTYPE_Q6_K: return dot_q6_k_avx2(w, act, n / MOE_QK_K);
+        case MOE_DTYPE_Q5_K: return dot_q5_k_avx2(w, act, n / MOE_QK_K);
+        case MOE_DTYPE_BF16: return dot_bf16_avx2(w, act, n);
+        case MOE_DTYPE_IQ4_NL: return dot_iq4_nl_avx2(w, act, n / MOE_QK4_NL);
+        case MOE_DTYPE_MXFP4: return dot_mxfp4_avx2(w, act, n / MOE_QK_MXFP4);
         default: break;
         }
     }
