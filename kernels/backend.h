@@ -119,6 +119,16 @@ struct moe_copy_stats {
     double busy_s;
 };
 
+/* One matmul of matmul_multi: y[t][o] = sum_i w[o][i] * x[t][i] (+ bias[o])
+ * for t < n_tok, as the matmul op. */
+struct moe_matmul_job {
+    float *y;
+    struct moe_weight w;
+    const float *bias;
+    const float *x;
+    int64_t n_tok;
+};
+
 struct moe_backend_ops {
     const char *name;
     void (*destroy)(struct moe_backend *be);
@@ -223,6 +233,14 @@ struct moe_backend_ops {
      * in place and loads land directly in cache slots. 0: the model uploads
      * its weights and stages expert loads in host memory. */
     int host_memory;
+
+    /* Optional (NULL: the caller runs matmul once per job): several
+     * matmuls in one op (Q, K and V; every expert's gate and up; every
+     * expert's down). Jobs may share an input x, which is then converted to
+     * the dot products' activation format once; no job's y may overlap
+     * another job's x. The CPU backend runs all jobs in one hand-off of its
+     * thread pool, split by rows. */
+    int (*matmul_multi)(struct moe_backend *be, const struct moe_matmul_job *jobs, int n_jobs);
 };
 
 struct moe_backend {

@@ -146,6 +146,53 @@ static int expert_ffn(struct moe_model *m, int e, const struct moe_weight *wg, c
     return 0;
 }
 
+/* Every selected expert of a layer at once, when the batch's (token, slot)
+ * pairs fit the activation buffers (n * k <= n_batch rows: decode and short
+ * batches): the pairs are gathered in expert order, so expert e's rows are
+ * rows expert_start[e].. of xe, ge, ue and de; then one matmul op for every
+ * expert's gate and up, one glu over all rows, one op for every down, one
+ * scatter. Each expert's rows see the same operations as in expert_ffn. */
+static int experts_together(struct moe_model *m, const struct layer *L, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    const int K = c->n_expert_used;
+    const int64_t E = c->n_embd, F = c->n_ff_exp, rows = n * K;
+    struct moe_matmul_job jobs[2 * 256];
+    for (int64_t i = 0; i < rows; i++)
+        m->a.row_idx[i] = m->a.tok_by_expert[i] / K;
+    TRY(ops->copy_rows(be, m->a.xe, E, NULL, m->a.xn, E, m->a.row_idx, rows, E));
+    int nj = 0;
+    for (int e = 0; e < c->n_expert; e++) {
+        const int cnt = m->a.expert_count[e];
+        if (cnt == 0)
+            continue;
+        const int64_t r0 = m->a.expert_start[e];
+        const float *x = m->a.xe + r0 * E;
+        jobs[nj++] = (struct moe_matmul_job){ .y = m->a.ge + r0 * F, .w = expert_weight(&L->gate, e),
+                                              .bias = L->gate_b ? L->gate_b + e * F : NULL, .x = x,
+                                              .n_tok = cnt };
+        jobs[nj++] = (struct moe_matmul_job){ .y = m->a.ue + r0 * F, .w = expert_weight(&L->up, e),
+                                              .bias = L->up_b ? L->up_b + e * F : NULL, .x = x, .n_tok = cnt };
+    }
+    TRY(moe_model_matmuls(m, jobs, nj));
+    TRY(glu(m, m->a.ge, m->a.ge, m->a.ue, rows * F));
+    nj = 0;
+    for (int e = 0; e < c->n_expert; e++) {
+        const int cnt = m->a.expert_count[e];
+        if (cnt == 0)
+            continue;
+        const int64_t r0 = m->a.expert_start[e];
+        jobs[nj++] = (struct moe_matmul_job){ .y = m->a.de + r0 * E, .w = expert_weight(&L->down, e),
+                                              .bias = L->down_b ? L->down_b + e * E : NULL,
+                                              .x = m->a.ge + r0 * F, .n_tok = cnt };
+    }
+    TRY(moe_model_matmuls(m, jobs, nj));
+    TRY(ops->copy_rows(be, m->a.slot_out, E, m->a.tok_by_expert, m->a.de, E, NULL, rows, E));
+    return 0;
+}
+
 static struct moe_weight slot_weight(const struct expert_tensor *t, const uint8_t *blob)
 {
     struct moe_weight w = {
@@ -307,6 +354,8 @@ int moe_model_experts_run(struct moe_model *m, int il, int64_t n, struct moe_dia
     if (m->ex.cache != NULL)
         return experts_cached(m, il, n, diag);
     const int64_t E = c->n_embd, F = c->n_ff_exp;
+    if (n * c->n_expert_used <= m->plan.n_batch && n * c->n_expert_used <= 2 * 256)
+        return experts_together(m, L, n);
     for (int e = 0; e < c->n_expert; e++) {
         if (m->a.expert_count[e] == 0)
             continue;

@@ -105,9 +105,12 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
     TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->attn_norm, n, c->n_embd, c->rms_eps));
     if (c->ad->mla)
         return attention_mla(m, il, n);
-    TRY(ops->matmul(be, m->a.q, &L->wq, L->bq, m->a.xn, n));
-    TRY(ops->matmul(be, m->a.k, &L->wk, L->bk, m->a.xn, n));
-    TRY(ops->matmul(be, m->a.v, &L->wv, L->bv, m->a.xn, n));
+    const struct moe_matmul_job qkv[3] = {
+        { .y = m->a.q, .w = L->wq, .bias = L->bq, .x = m->a.xn, .n_tok = n },
+        { .y = m->a.k, .w = L->wk, .bias = L->bk, .x = m->a.xn, .n_tok = n },
+        { .y = m->a.v, .w = L->wv, .bias = L->bv, .x = m->a.xn, .n_tok = n },
+    };
+    TRY(moe_model_matmuls(m, qkv, 3));
     if (c->ad->qk_norm) {
         TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n * c->n_head, hd, c->rms_eps));
         TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n * c->n_head_kv, hd, c->rms_eps));
@@ -145,8 +148,11 @@ static int dense_ffn(struct moe_model *m, int il, int64_t n)
     struct moe_backend *be = m->be;
     struct layer *L = &m->w.layers[il];
     TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->ffn_norm, n, c->n_embd, c->rms_eps));
-    TRY(ops->matmul(be, m->a.ge, &L->ffn_gate, NULL, m->a.xn, n));
-    TRY(ops->matmul(be, m->a.ue, &L->ffn_up, NULL, m->a.xn, n));
+    const struct moe_matmul_job gu[2] = {
+        { .y = m->a.ge, .w = L->ffn_gate, .x = m->a.xn, .n_tok = n },
+        { .y = m->a.ue, .w = L->ffn_up, .x = m->a.xn, .n_tok = n },
+    };
+    TRY(moe_model_matmuls(m, gu, 2));
     TRY(ops->swiglu(be, m->a.ge, m->a.ge, m->a.ue, n * c->n_ff));
     TRY(ops->matmul(be, m->a.tmp, &L->ffn_down, NULL, m->a.ge, n));
     TRY(ops->add(be, m->a.x, m->a.x, m->a.tmp, n * c->n_embd));
@@ -187,8 +193,11 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
             TRY(ops->axpy(be, out, m->a.weights[t * K + k], m->a.slot_out + (size_t)(t * K + k) * E, E));
     }
     if (c->n_ff_shexp > 0) {
-        TRY(ops->matmul(be, m->a.ge, &L->sh_gate, NULL, m->a.xn, n));
-        TRY(ops->matmul(be, m->a.ue, &L->sh_up, NULL, m->a.xn, n));
+        const struct moe_matmul_job gu[2] = {
+            { .y = m->a.ge, .w = L->sh_gate, .x = m->a.xn, .n_tok = n },
+            { .y = m->a.ue, .w = L->sh_up, .x = m->a.xn, .n_tok = n },
+        };
+        TRY(moe_model_matmuls(m, gu, 2));
         TRY(ops->swiglu(be, m->a.ge, m->a.ge, m->a.ue, n * c->n_ff_shexp));
         TRY(ops->matmul(be, m->a.de, &L->sh_down, NULL, m->a.ge, n));
         if (L->sh_gate_inp) {

@@ -181,6 +181,18 @@ static inline int32_t moe_seq_row(const struct moe_seq *s, int p)
 
 #define TRY(call) do { int rc_ = (call); if (rc_) return rc_; } while (0)
 
+/* Several matmuls: in one backend op where the backend has matmul_multi
+ * (the CPU backend: one thread-pool hand-off), else one matmul each. */
+static inline int moe_model_matmuls(struct moe_model *m, const struct moe_matmul_job *jobs, int n)
+{
+    const struct moe_backend_ops *ops = m->be->ops;
+    if (ops->matmul_multi != NULL)
+        return ops->matmul_multi(m->be, jobs, n);
+    for (int i = 0; i < n; i++)
+        TRY(ops->matmul(m->be, jobs[i].y, &jobs[i].w, jobs[i].bias, jobs[i].x, jobs[i].n_tok));
+    return 0;
+}
+
 /* One buffer of the activations: backend memory, or host (bookkeeping). */
 struct model_act_item {
     void **field;

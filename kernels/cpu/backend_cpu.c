@@ -194,69 +194,154 @@ static int cpu_rmsnorm(struct moe_backend *be, float *y, const float *x, const f
 
 /* ---- matmul ---------------------------------------------------------- */
 
-struct matmul_job {
-    const struct moe_weight *w;
-    const float *bias;
-    const float *x;
-    float *y;
-    int64_t n_tok;
-    uint8_t *act;
-    size_t act_bytes;
+/* All matmuls go through one scheme: every job's input rows are converted
+ * to its weight type's activation format once (jobs that share x, n_in and
+ * format share the conversion), then one thread-pool run computes every
+ * job's rows in chunks of rows_per_task. A decode step thus hands work to
+ * the pool once for Q/K/V together, once for all experts' gate and up, once
+ * for all experts' down, instead of once per matrix. */
+#define MULTI_MAX_JOBS 512
+
+struct multi_run {
+    const struct moe_matmul_job *jobs;
+    int n_jobs;
     int64_t rows_per_task;
+    int64_t task0[MULTI_MAX_JOBS + 1];  /* first task of each job; [n_jobs] = total */
+    uint8_t *act[MULTI_MAX_JOBS];       /* job's converted rows, act_bytes apart */
+    size_t act_bytes[MULTI_MAX_JOBS];
+    int owner[MULTI_MAX_JOBS];          /* the job whose conversion this one uses */
+    int64_t quant0[MULTI_MAX_JOBS + 1]; /* conversion task index of each owner job's rows */
 };
 
-static void quantize_task(void *arg, int64_t t, int worker)
+static int job_of(const int64_t *first, int n, int64_t task)
 {
-    (void)worker;
-    struct matmul_job *j = arg;
-    moe_vecdot_quantize_act(j->w->dtype, j->x + t * j->w->n_in, j->act + (size_t)t * j->act_bytes,
-                            j->w->n_in);
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (first[mid] <= task)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
 }
 
-static void matmul_task(void *arg, int64_t task, int worker)
+static void multi_quant_task(void *arg, int64_t task, int worker)
 {
     (void)worker;
-    struct matmul_job *j = arg;
-    const struct moe_weight *w = j->w;
-    int64_t r0 = task * j->rows_per_task, r1 = r0 + j->rows_per_task;
-    if (r1 > w->n_out)
-        r1 = w->n_out;
+    struct multi_run *r = arg;
+    const int j = job_of(r->quant0, r->n_jobs, task);
+    const struct moe_matmul_job *jb = &r->jobs[j];
+    const int64_t t = task - r->quant0[j];
+    moe_vecdot_quantize_act(jb->w.dtype, jb->x + t * jb->w.n_in, r->act[j] + (size_t)t * r->act_bytes[j],
+                            jb->w.n_in);
+}
+
+static void multi_task(void *arg, int64_t task, int worker)
+{
+    (void)worker;
+    struct multi_run *r = arg;
+    const int j = job_of(r->task0, r->n_jobs, task);
+    const struct moe_matmul_job *jb = &r->jobs[j];
+    const struct moe_weight *w = &jb->w;
+    const int64_t r0 = (task - r->task0[j]) * r->rows_per_task;
+    const int64_t r1 = r0 + r->rows_per_task < w->n_out ? r0 + r->rows_per_task : w->n_out;
+    const uint8_t *act = r->act[j];
+    const size_t ab = r->act_bytes[j];
     /* Rows outer, tokens inner: a weight row stays in cache across tokens. */
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *wr = (const uint8_t *)w->data + (size_t)r * w->row_bytes;
-        const float b = j->bias ? j->bias[r] : 0.0f;
-        for (int64_t t = 0; t < j->n_tok; t++) {
-            float v = moe_vecdot(w->dtype, wr, j->act + (size_t)t * j->act_bytes, w->n_in);
-            j->y[t * w->n_out + r] = j->bias ? v + b : v;
+    for (int64_t row = r0; row < r1; row++) {
+        const uint8_t *wr = (const uint8_t *)w->data + (size_t)row * w->row_bytes;
+        const float b = jb->bias ? jb->bias[row] : 0.0f;
+        for (int64_t t = 0; t < jb->n_tok; t++) {
+            const float v = moe_vecdot(w->dtype, wr, act + (size_t)t * ab, w->n_in);
+            jb->y[t * w->n_out + row] = jb->bias ? v + b : v;
         }
     }
+}
+
+static int cpu_matmul_multi(struct moe_backend *be, const struct moe_matmul_job *jobs, int n_jobs)
+{
+    struct cpu_ctx *c = ctx_of(be);
+    if (n_jobs <= 0)
+        return 0;
+    if (n_jobs > MULTI_MAX_JOBS) {
+        /* more matrices than one run tracks: in runs of the maximum */
+        for (int i = 0; i < n_jobs; i += MULTI_MAX_JOBS) {
+            int rc = cpu_matmul_multi(be, jobs + i, n_jobs - i < MULTI_MAX_JOBS ? n_jobs - i : MULTI_MAX_JOBS);
+            if (rc)
+                return rc;
+        }
+        return 0;
+    }
+    struct multi_run r;
+    r.jobs = jobs;
+    r.n_jobs = n_jobs;
+    size_t used = 0;
+    int64_t rows = 0, nq = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        const struct moe_weight *w = &jobs[j].w;
+        const size_t ab = moe_vecdot_act_bytes(w->dtype, w->n_in);
+        if (ab == 0)
+            return MOE_EUNSUPPORTED;
+        r.act_bytes[j] = ab;
+        r.owner[j] = j;
+        for (int k = 0; k < j; k++) {
+            const struct moe_weight *wk = &jobs[k].w;
+            if (r.owner[k] == k && jobs[k].x == jobs[j].x && jobs[k].n_tok == jobs[j].n_tok &&
+                wk->n_in == w->n_in && moe_dtype_vec_dot_type(wk->dtype) == moe_dtype_vec_dot_type(w->dtype)) {
+                r.owner[j] = k;
+                break;
+            }
+        }
+        r.quant0[j] = nq;
+        if (r.owner[j] == j) {
+            const size_t need = (ab * (size_t)jobs[j].n_tok + 63) & ~(size_t)63;
+            if (used + need > c->shared_bytes) {
+                if (n_jobs == 1)
+                    return MOE_ELIMIT; /* the engine reserves enough for its largest batch */
+                /* the jobs' inputs do not fit together: half at a time */
+                const int h = n_jobs / 2;
+                int rc = cpu_matmul_multi(be, jobs, h);
+                return rc ? rc : cpu_matmul_multi(be, jobs + h, n_jobs - h);
+            }
+            r.act[j] = c->shared + used;
+            used += need;
+            nq += jobs[j].n_tok;
+        } else {
+            r.act[j] = r.act[r.owner[j]];
+        }
+        rows += w->n_out;
+    }
+    r.quant0[n_jobs] = nq;
+    /* conversion: the owners' rows; a job that shares has no rows of its own */
+    if (nq <= 4) {
+        for (int j = 0; j < n_jobs; j++)
+            if (r.owner[j] == j)
+                for (int64_t t = 0; t < jobs[j].n_tok; t++)
+                    multi_quant_task(&r, r.quant0[j] + t, 0);
+    } else {
+        moe_threadpool_run(c->pool, multi_quant_task, &r, nq);
+    }
+    /* Enough tasks to balance, few enough to keep scheduling cheap. */
+    const int64_t want = (int64_t)c->n_threads * 8;
+    r.rows_per_task = (rows + want - 1) / want;
+    if (r.rows_per_task < 4)
+        r.rows_per_task = 4;
+    int64_t t = 0;
+    for (int j = 0; j < n_jobs; j++) {
+        r.task0[j] = t;
+        t += (jobs[j].w.n_out + r.rows_per_task - 1) / r.rows_per_task;
+    }
+    r.task0[n_jobs] = t;
+    moe_threadpool_run(c->pool, multi_task, &r, t);
+    return 0;
 }
 
 static int cpu_matmul(struct moe_backend *be, float *y, const struct moe_weight *w,
                       const float *bias, const float *x, int64_t n_tok)
 {
-    struct cpu_ctx *c = ctx_of(be);
-    size_t act_bytes = moe_vecdot_act_bytes(w->dtype, w->n_in);
-    if (act_bytes == 0)
-        return MOE_EUNSUPPORTED;
-    if (act_bytes * (size_t)n_tok > c->shared_bytes)
-        return MOE_ELIMIT; /* the engine reserves enough for its largest batch */
-    struct matmul_job j = {
-        .w = w, .bias = bias, .x = x, .y = y, .n_tok = n_tok,
-        .act = c->shared, .act_bytes = act_bytes,
-    };
-    if (n_tok <= 4) /* cheaper than a hand-off */
-        for (int64_t t = 0; t < n_tok; t++)
-            quantize_task(&j, t, 0);
-    else
-        moe_threadpool_run(c->pool, quantize_task, &j, n_tok);
-    /* Enough tasks to balance, few enough to keep scheduling cheap. */
-    int64_t n_tasks = (int64_t)c->n_threads * 8;
-    j.rows_per_task = (w->n_out + n_tasks - 1) / n_tasks;
-    if (j.rows_per_task < 4)
-        j.rows_per_task = 4;
-    moe_threadpool_run(c->pool, matmul_task, &j, (w->n_out + j.rows_per_task - 1) / j.rows_per_task);
-    return 0;
+    const struct moe_matmul_job job = { .y = y, .w = *w, .bias = bias, .x = x, .n_tok = n_tok };
+    return cpu_matmul_multi(be, &job, 1);
 }
 
 /* ---- rope ------------------------------------------------------------ */
@@ -703,6 +788,7 @@ static const struct moe_backend_ops cpu_ops = {
     .stream_wait = cpu_event_noop,
     .copy_stats = cpu_copy_stats,
     .host_memory = 1,
+    .matmul_multi = cpu_matmul_multi,
 };
 
 int moe_backend_cpu_create(struct moe_backend **out, int n_threads, struct moe_diag *diag)

@@ -1,0 +1,122 @@
+/* The CPU backend's matmul_multi: several matmuls in one op give exactly
+ * what the matmul op gives for each (the same kernels on the same rows), with
+ * inputs shared between jobs (converted once), with and without bias, for
+ * 1 and several tokens, on 1 and 3 threads, and when the jobs' converted
+ * inputs do not fit the scratch together (the op then splits the jobs). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/quant.h"
+#include "common/dtype.h"
+#include "tests/harness.h"
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+
+static float frand(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (float)((rng >> 11) & 0xffffff) / 16777216.0f - 0.5f;
+}
+
+struct mat {
+    struct moe_weight w;
+    uint8_t *data;
+};
+
+static void make_mat(struct mat *m, uint32_t t, int64_t n_in, int64_t n_out)
+{
+    const size_t rb = moe_dtype_row_bytes(t, (uint64_t)n_in, NULL);
+    m->data = aligned_alloc(64, (rb * (size_t)n_out + 63) / 64 * 64);
+    float *row = malloc((size_t)n_in * sizeof(float));
+    for (int64_t r = 0; r < n_out; r++) {
+        for (int64_t i = 0; i < n_in; i++)
+            row[i] = frand();
+        CHECK(moe_quantize_row(t, row, m->data + (size_t)r * rb, n_in) == 0);
+    }
+    free(row);
+    m->w = (struct moe_weight){ .data = m->data, .dtype = t, .n_in = n_in, .n_out = n_out, .row_bytes = rb };
+}
+
+static void check_multi(int n_threads, size_t shared, int64_t n_tok)
+{
+    struct moe_backend *be;
+    struct moe_diag d = { 0 };
+    CHECK(moe_backend_cpu_create(&be, n_threads, &d) == 0);
+    CHECK(be->ops->matmul_multi != NULL);
+    CHECK(be->ops->reserve(be, shared, 4096) == 0);
+    enum { NJ = 7 };
+    static const uint32_t types[NJ] = { MOE_DTYPE_Q4_0, MOE_DTYPE_Q8_0, MOE_DTYPE_Q4_K, MOE_DTYPE_Q6_K,
+                                        MOE_DTYPE_F16, MOE_DTYPE_Q4_K, MOE_DTYPE_MXFP4 };
+    static const int64_t n_out[NJ] = { 37, 64, 100, 3, 129, 256, 70 };
+    const int64_t n_in = 512;
+    struct mat m[NJ];
+    float *x[3], *y[NJ], *want[NJ], bias[256];
+    for (int i = 0; i < 256; i++)
+        bias[i] = frand();
+    for (int k = 0; k < 3; k++) {
+        x[k] = malloc((size_t)(n_tok * n_in) * sizeof(float));
+        for (int64_t i = 0; i < n_tok * n_in; i++)
+            x[k][i] = frand() * 4.0f;
+    }
+    struct moe_matmul_job jobs[NJ];
+    for (int j = 0; j < NJ; j++) {
+        make_mat(&m[j], types[j], n_in, n_out[j]);
+        y[j] = calloc((size_t)(n_tok * n_out[j]), sizeof(float));
+        want[j] = calloc((size_t)(n_tok * n_out[j]), sizeof(float));
+        /* jobs 0, 1 and 2 share x[0] (Q4_0 and Q8_0 share a conversion,
+         * Q4_K needs its own); 3 and 5 share x[1]; the rest use x[2] */
+        const float *xj = j <= 2 ? x[0] : j == 3 || j == 5 ? x[1] : x[2];
+        const float *bj = j % 2 ? bias : NULL;
+        jobs[j] = (struct moe_matmul_job){ .y = y[j], .w = m[j].w, .bias = bj, .x = xj, .n_tok = n_tok };
+        CHECK(be->ops->matmul(be, want[j], &m[j].w, bj, xj, n_tok) == 0);
+    }
+    CHECK(be->ops->matmul_multi(be, jobs, NJ) == 0);
+    for (int j = 0; j < NJ; j++)
+        CHECK_MSG(memcmp(y[j], want[j], (size_t)(n_tok * n_out[j]) * sizeof(float)) == 0,
+                  "job %d (%s, %lld tokens, %d threads, %zu bytes scratch) differs from matmul", j,
+                  moe_dtype_name(types[j]), (long long)n_tok, n_threads, shared);
+    for (int j = 0; j < NJ; j++) {
+        free(m[j].data);
+        free(y[j]);
+        free(want[j]);
+    }
+    for (int k = 0; k < 3; k++)
+        free(x[k]);
+    moe_backend_destroy(be);
+}
+
+static void test_multi_decode(void) { check_multi(3, 1 << 20, 1); }
+static void test_multi_batch(void) { check_multi(3, 1 << 20, 7); }
+static void test_multi_one_thread(void) { check_multi(1, 1 << 20, 5); }
+/* room for one job's converted input at a time (512 floats x 7 tokens) */
+static void test_multi_split(void) { check_multi(2, 512 * 4 * 7 + 64, 7); }
+
+static void test_multi_refuses(void)
+{
+    struct moe_backend *be;
+    struct moe_diag d = { 0 };
+    CHECK(moe_backend_cpu_create(&be, 2, &d) == 0);
+    CHECK(be->ops->reserve(be, 256, 64) == 0);
+    struct mat a;
+    make_mat(&a, MOE_DTYPE_Q8_0, 512, 4);
+    float x[512] = { 0 }, y[4];
+    const struct moe_matmul_job j = { .y = y, .w = a.w, .x = x, .n_tok = 1 };
+    CHECK_INT(be->ops->matmul_multi(be, &j, 1), ==, MOE_ELIMIT);
+    CHECK_INT(be->ops->matmul_multi(be, &j, 0), ==, 0);
+    free(a.data);
+    moe_backend_destroy(be);
+}
+
+int main(void)
+{
+    MOE_TEST_RUN(test_multi_decode);
+    MOE_TEST_RUN(test_multi_batch);
+    MOE_TEST_RUN(test_multi_one_thread);
+    MOE_TEST_RUN(test_multi_split);
+    MOE_TEST_RUN(test_multi_refuses);
+    return moe_test_exit_code();
+}
