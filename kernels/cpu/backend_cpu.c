@@ -248,13 +248,17 @@ static void multi_task(void *arg, int64_t task, int worker)
     const int64_t r1 = r0 + r->rows_per_task < w->n_out ? r0 + r->rows_per_task : w->n_out;
     const uint8_t *act = r->act[j];
     const size_t ab = r->act_bytes[j];
-    /* Rows outer, tokens inner: a weight row stays in cache across tokens. */
+    /* Rows outer, tokens inner: a weight row stays in cache across tokens,
+     * and is unpacked once per MOE_VECDOT_MAX_ROWS tokens. */
     for (int64_t row = r0; row < r1; row++) {
         const uint8_t *wr = (const uint8_t *)w->data + (size_t)row * w->row_bytes;
         const float b = jb->bias ? jb->bias[row] : 0.0f;
-        for (int64_t t = 0; t < jb->n_tok; t++) {
-            const float v = moe_vecdot(w->dtype, wr, act + (size_t)t * ab, w->n_in);
-            jb->y[t * w->n_out + row] = jb->bias ? v + b : v;
+        for (int64_t t = 0; t < jb->n_tok; t += MOE_VECDOT_MAX_ROWS) {
+            const int nt = jb->n_tok - t < MOE_VECDOT_MAX_ROWS ? (int)(jb->n_tok - t) : MOE_VECDOT_MAX_ROWS;
+            float v[MOE_VECDOT_MAX_ROWS];
+            moe_vecdot_rows(w->dtype, wr, act + (size_t)t * ab, ab, w->n_in, nt, v);
+            for (int k = 0; k < nt; k++)
+                jb->y[(t + k) * w->n_out + row] = jb->bias ? v[k] + b : v[k];
         }
     }
 }

@@ -738,20 +738,39 @@ AVX512 static inline __m128 f16x4(uint16_t a, uint16_t b, uint16_t c, uint16_t d
     return _mm_cvtph_ps(_mm_setr_epi16((short)a, (short)b, (short)c, (short)d, 0, 0, 0, 0));
 }
 
-#define QUAD_LOOP(WEIGHTS, DOT, DW)                                                               \
+/* The body of a rows function over NT activation rows (act + t * stride):
+ * the weights of four blocks and their scales are unpacked once for all
+ * tokens; each token's sums are the single-token kernel's. */
+#define QUAD_ROWS(WEIGHTS, DOT, DW, TAIL)                                                         \
     const __m512i ia = halves32(0, 1), ib = halves32(2, 3);                                        \
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();                                 \
+    __m512 acc0[4], acc1[4];                                                                       \
+    for (int t = 0; t < NT; t++)                                                                   \
+        acc0[t] = acc1[t] = _mm512_setzero_ps();                                                   \
     int64_t i = 0;                                                                                 \
     for (; i + 4 <= nb; i += 4) {                                                                  \
         const __m512i w0 = WEIGHTS(i), w1 = WEIGHTS(i + 2);                                        \
-        const __m512i v0 = DOT(w0, load2x256(y[i].qs, y[i + 1].qs));                               \
-        const __m512i v1 = DOT(w1, load2x256(y[i + 2].qs, y[i + 3].qs));                           \
-        const __m512 d4 = _mm512_castps128_ps512(                                                  \
-            _mm_mul_ps(DW(i), f16x4(y[i].d, y[i + 1].d, y[i + 2].d, y[i + 3].d)));                \
-        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_permutexvar_ps(ia, d4), acc0);       \
-        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_permutexvar_ps(ib, d4), acc1);       \
+        const __m128 dw = DW(i);                                                                   \
+        for (int t = 0; t < NT; t++) {                                                             \
+            const struct moe_block_q8_0 *y = (const struct moe_block_q8_0 *)(act + (size_t)t * stride); \
+            const __m512i v0 = DOT(w0, load2x256(y[i].qs, y[i + 1].qs));                           \
+            const __m512i v1 = DOT(w1, load2x256(y[i + 2].qs, y[i + 3].qs));                       \
+            const __m512 d4 = _mm512_castps128_ps512(                                              \
+                _mm_mul_ps(dw, f16x4(y[i].d, y[i + 1].d, y[i + 2].d, y[i + 3].d)));               \
+            acc0[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_permutexvar_ps(ia, d4), acc0[t]); \
+            acc1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_permutexvar_ps(ib, d4), acc1[t]); \
+        }                                                                                          \
     }                                                                                              \
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    for (int t = 0; t < NT; t++) {                                                                 \
+        const struct moe_block_q8_0 *y = (const struct moe_block_q8_0 *)(act + (size_t)t * stride); \
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));                           \
+        if (i < nb)                                                                                \
+            s += TAIL(x + i, y + i, nb - i);                                                       \
+        out[t] = s;                                                                                \
+    }
+
+#define ROWS_FN(name, wtype) \
+    AVX512 static inline __attribute__((always_inline)) void name(const wtype *x, const uint8_t *act, \
+                                                                  size_t stride, int64_t nb, const int NT, float *out)
 
 AVX512 static inline __m512i halves32(int lo, int hi)
 {
@@ -776,20 +795,28 @@ AVX512 static inline __m512i q4_0_dot(__m512i w, __m512i yx)
 #define Q4_0_W(k) _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(x[k].qs)), nibbles32(x[k + 1].qs), 1)
 #define HALF_DW(k) f16x4(x[k].d, x[k + 1].d, x[k + 2].d, x[k + 3].d)
 
+ROWS_FN(q8_0_rows, struct moe_block_q8_0)
+{
+    QUAD_ROWS(Q8_0_W, s8_dot, HALF_DW, dot_q8_0_avx2)
+}
+
+ROWS_FN(q4_0_rows, struct moe_block_q4_0)
+{
+    QUAD_ROWS(Q4_0_W, q4_0_dot, HALF_DW, dot_q4_0_avx2)
+}
+
 AVX512 static float dot_q8_0_avx512(const struct moe_block_q8_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
-    QUAD_LOOP(Q8_0_W, s8_dot, HALF_DW)
-    if (i < nb)
-        s += dot_q8_0_avx2(x + i, y + i, nb - i);
-    return s;
+    float r;
+    q8_0_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
+    return r;
 }
 
 AVX512 static float dot_q4_0_avx512(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
-    QUAD_LOOP(Q4_0_W, q4_0_dot, HALF_DW)
-    if (i < nb)
-        s += dot_q4_0_avx2(x + i, y + i, nb - i);
-    return s;
+    float r;
+    q4_0_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
+    return r;
 }
 
 /* BF16 with AVX512_BF16: dpbf16 multiplies pairs of bf16 exactly and adds
@@ -823,38 +850,57 @@ AVX512 static inline __m512i halves16(short lo, short hi)
 /* Q4_K: 64 codes per step (two groups of 32: the low and the high nibbles
  * of 32 bytes, by a per-half shift of the same bytes), maddubs into pair
  * sums, then dpwssd by the two groups' scales; the minimums come from
- * bsums once per super-block. */
-AVX512 static float dot_q4_k_avx512(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
+ * bsums once per super-block. NT activation rows at a time (prefill: the
+ * weight row is unpacked once for up to four tokens); each token's sums go
+ * through the same operations in the same order for any NT, so a token's
+ * result does not depend on how many it was computed with. */
+AVX512 static inline __attribute__((always_inline)) void q4_k_rows(const struct moe_block_q4_k *x,
+                                                                   const uint8_t *act, size_t stride,
+                                                                   int64_t nb, const int NT, float *out)
 {
     const __m512i m4 = _mm512_set1_epi8(0xf), shift = halves16(0, 4);
     const __m512i idx0 = halves16(0, 1), idx1 = halves16(2, 3), idx2 = halves16(4, 5), idx3 = halves16(6, 7);
-    __m512 acc = _mm512_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
+    __m512 acc[4];
+    __m256 accm[4];
+    for (int t = 0; t < NT; t++) {
+        acc[t] = _mm512_setzero_ps();
+        accm[t] = _mm256_setzero_ps();
+    }
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *q4 = x[i].qs;
-        const int8_t *q8 = y[i].qs;
         uint32_t u[4];
         unpack_k_scales(x[i].scales, u);
         const __m128i sm = _mm_loadu_si128((const __m128i *)u);
-        const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), _mm256_set1_epi16(1));
-        const __m256i mp = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)), bs);
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].dmin) * y[i].d), _mm256_cvtepi32_ps(mp), accm);
+        const __m256i mins = _mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8));
         const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-        __m512i q0 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q4)), shift), m4);
-        __m512i q1 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 32))), shift), m4);
-        __m512i q2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 64))), shift), m4);
-        __m512i q3 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 96))), shift), m4);
-        __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q0, _mm512_loadu_si512(q8)),
-                                           _mm512_permutexvar_epi16(idx0, sc));
-        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q1, _mm512_loadu_si512(q8 + 64)),
-                                   _mm512_permutexvar_epi16(idx1, sc));
-        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q2, _mm512_loadu_si512(q8 + 128)),
-                                   _mm512_permutexvar_epi16(idx2, sc));
-        isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q3, _mm512_loadu_si512(q8 + 192)),
-                                   _mm512_permutexvar_epi16(idx3, sc));
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(hf(x[i].d) * y[i].d), _mm512_cvtepi32_ps(isum), acc);
+        const __m512i s0 = _mm512_permutexvar_epi16(idx0, sc), s1 = _mm512_permutexvar_epi16(idx1, sc);
+        const __m512i s2 = _mm512_permutexvar_epi16(idx2, sc), s3 = _mm512_permutexvar_epi16(idx3, sc);
+        const __m512i q0 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q4)), shift), m4);
+        const __m512i q1 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 32))), shift), m4);
+        const __m512i q2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 64))), shift), m4);
+        const __m512i q3 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 96))), shift), m4);
+        const float dw = hf(x[i].d), dmw = hf(x[i].dmin);
+        for (int t = 0; t < NT; t++) {
+            const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i;
+            const int8_t *q8 = y->qs;
+            const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y->bsums), _mm256_set1_epi16(1));
+            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmw * y->d), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, bs)), accm[t]);
+            __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q0, _mm512_loadu_si512(q8)), s0);
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q1, _mm512_loadu_si512(q8 + 64)), s1);
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q2, _mm512_loadu_si512(q8 + 128)), s2);
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q3, _mm512_loadu_si512(q8 + 192)), s3);
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dw * y->d), _mm512_cvtepi32_ps(isum), acc[t]);
+        }
     }
-    return _mm512_reduce_add_ps(acc) - hsum8(accm);
+    for (int t = 0; t < NT; t++)
+        out[t] = _mm512_reduce_add_ps(acc[t]) - hsum8(accm[t]);
+}
+
+AVX512 static float dot_q4_k_avx512(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    float r;
+    q4_k_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
+    return r;
 }
 
 /* Q5_K: Q4_K plus the fifth bit: group j's bit j of qh, added as 16 where
@@ -897,8 +943,10 @@ AVX512 static float dot_q5_k_avx512(const struct moe_block_q5_k *x, const struct
 /* Q6_K: per 128 elements, 64 bytes of ql give codes 0..63 and 64..127 (low
  * and high nibbles), qh's bit pairs are shifted per half; maddubs then
  * dpwssd by the four 16-element groups' scales. The -32 is folded out as
- * 32 * sum(scale * bsum). */
-AVX512 static float dot_q6_k_avx512(const struct moe_block_q6_k *x, const struct moe_block_q8_k *y, int64_t nb)
+ * 32 * sum(scale * bsum). NT activation rows at a time, as q4_k_rows. */
+AVX512 static inline __attribute__((always_inline)) void q6_k_rows(const struct moe_block_q6_k *x,
+                                                                   const uint8_t *act, size_t stride,
+                                                                   int64_t nb, const int NT, float *out)
 {
     const __m512i m4 = _mm512_set1_epi8(0xf), m2 = _mm512_set1_epi8(3);
     const __m512i sh01 = halves16(0, 2), sh23 = halves16(4, 6);
@@ -907,31 +955,48 @@ AVX512 static float dot_q6_k_avx512(const struct moe_block_q6_k *x, const struct
         idx[k] = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 1)), _mm_set1_epi16((short)(4 * k)))),
             _mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 3)), _mm_set1_epi16((short)(4 * k + 2))), 1);
-    __m512 acc = _mm512_setzero_ps();
-    __m256 accc = _mm256_setzero_ps();
+    __m512 acc[4];
+    __m256 accc[4];
+    for (int t = 0; t < NT; t++) {
+        acc[t] = _mm512_setzero_ps();
+        accc[t] = _mm256_setzero_ps();
+    }
     for (int64_t i = 0; i < nb; i++) {
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x[i].scales));
-        const __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)y[i].bsums));
-        const float d = hf(x[i].d) * y[i].d;
-        accc = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * d), _mm256_cvtepi32_ps(corr), accc);
         const __m512i sc = _mm512_castsi256_si512(sc16);
-        __m512i isum = _mm512_setzero_si512();
+        __m512i q[4], s[4];
         for (int n = 0; n < 2; n++) {
             const __m512i l = _mm512_loadu_si512(x[i].ql + 64 * n);
             const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x[i].qh + 32 * n)));
             const __m512i h01 = _mm512_and_si512(_mm512_srlv_epi16(h, sh01), m2);
             const __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(h, sh23), m2);
-            const __m512i q01 = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_slli_epi16(h01, 4));
-            const __m512i q23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), _mm512_slli_epi16(h23, 4));
-            const int8_t *q8 = y[i].qs + 128 * n;
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q01, _mm512_loadu_si512(q8)),
-                                       _mm512_permutexvar_epi16(idx[2 * n], sc));
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q23, _mm512_loadu_si512(q8 + 64)),
-                                       _mm512_permutexvar_epi16(idx[2 * n + 1], sc));
+            q[2 * n] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_slli_epi16(h01, 4));
+            q[2 * n + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), _mm512_slli_epi16(h23, 4));
+            s[2 * n] = _mm512_permutexvar_epi16(idx[2 * n], sc);
+            s[2 * n + 1] = _mm512_permutexvar_epi16(idx[2 * n + 1], sc);
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc);
+        const float dw = hf(x[i].d);
+        for (int t = 0; t < NT; t++) {
+            const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i;
+            const __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)y->bsums));
+            const float d = dw * y->d;
+            accc[t] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * d), _mm256_cvtepi32_ps(corr), accc[t]);
+            __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q[0], _mm512_loadu_si512(y->qs)), s[0]);
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[1], _mm512_loadu_si512(y->qs + 64)), s[1]);
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[2], _mm512_loadu_si512(y->qs + 128)), s[2]);
+            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[3], _mm512_loadu_si512(y->qs + 192)), s[3]);
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc[t]);
+        }
     }
-    return _mm512_reduce_add_ps(acc) - hsum8(accc);
+    for (int t = 0; t < NT; t++)
+        out[t] = _mm512_reduce_add_ps(acc[t]) - hsum8(accc[t]);
+}
+
+AVX512 static float dot_q6_k_avx512(const struct moe_block_q6_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    float r;
+    q6_k_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
+    return r;
 }
 
 /* IQ4_NL and MXFP4: two blocks per vector, the codes looked up in the grid
@@ -946,22 +1011,53 @@ AVX512 static inline __m512i grid64(const uint8_t *q0, const uint8_t *q1, __m512
 #define MX_DW(k) _mm_setr_ps(moe_e8m0_half(x[k].e), moe_e8m0_half(x[k + 1].e), moe_e8m0_half(x[k + 2].e), \
                              moe_e8m0_half(x[k + 3].e))
 
-AVX512 static float dot_iq4_nl_avx512(const struct moe_block_iq4_nl *x, const struct moe_block_q8_0 *y, int64_t nb)
+ROWS_FN(iq4_nl_rows, struct moe_block_iq4_nl)
 {
     const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_iq4nl_values));
-    QUAD_LOOP(IQ4_W, s8_dot, HALF_DW)
-    if (i < nb)
-        s += dot_iq4_nl_avx2(x + i, y + i, nb - i);
-    return s;
+    QUAD_ROWS(IQ4_W, s8_dot, HALF_DW, dot_iq4_nl_avx2)
+}
+
+ROWS_FN(mxfp4_rows, struct moe_block_mxfp4)
+{
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_mxfp4_values));
+    QUAD_ROWS(IQ4_W, s8_dot, MX_DW, dot_mxfp4_avx2)
+}
+
+AVX512 static float dot_iq4_nl_avx512(const struct moe_block_iq4_nl *x, const struct moe_block_q8_0 *y, int64_t nb)
+{
+    float r;
+    iq4_nl_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
+    return r;
 }
 
 AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
-    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_mxfp4_values));
-    QUAD_LOOP(IQ4_W, s8_dot, MX_DW)
-    if (i < nb)
-        s += dot_mxfp4_avx2(x + i, y + i, nb - i);
-    return s;
+    float r;
+    mxfp4_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
+    return r;
+}
+
+/* Up to four activation rows against one weight row (AVX-512 types). */
+#define ROWS_CASE(fn, wtype, qk)                                                                    \
+    switch (nt) {                                                                                  \
+    case 4: fn((const wtype *)w, act, stride, n / (qk), 4, out); return 1;                         \
+    case 3: fn((const wtype *)w, act, stride, n / (qk), 3, out); return 1;                         \
+    case 2: fn((const wtype *)w, act, stride, n / (qk), 2, out); return 1;                         \
+    default: fn((const wtype *)w, act, stride, n / (qk), 1, out); return 1;                        \
+    }
+
+AVX512 static int rows_avx512(uint32_t t, const void *w, const uint8_t *act, size_t stride, int64_t n, int nt,
+                              float *out)
+{
+    switch (t) {
+    case MOE_DTYPE_Q4_0: ROWS_CASE(q4_0_rows, struct moe_block_q4_0, MOE_QK4_0)
+    case MOE_DTYPE_Q8_0: ROWS_CASE(q8_0_rows, struct moe_block_q8_0, MOE_QK8_0)
+    case MOE_DTYPE_IQ4_NL: ROWS_CASE(iq4_nl_rows, struct moe_block_iq4_nl, MOE_QK4_NL)
+    case MOE_DTYPE_MXFP4: ROWS_CASE(mxfp4_rows, struct moe_block_mxfp4, MOE_QK_MXFP4)
+    case MOE_DTYPE_Q4_K: ROWS_CASE(q4_k_rows, struct moe_block_q4_k, MOE_QK_K)
+    case MOE_DTYPE_Q6_K: ROWS_CASE(q6_k_rows, struct moe_block_q6_k, MOE_QK_K)
+    default: return 0;
+    }
 }
 #endif
 
@@ -1021,6 +1117,18 @@ const char *moe_vecdot_impl(void)
 {
     static const char *const names[] = { "scalar", "avx2", "avx512vnni" };
     return names[simd()];
+}
+
+void moe_vecdot_rows(uint32_t t, const void *w, const void *act, size_t act_stride, int64_t n, int n_rows,
+                     float *out)
+{
+    MOE_ASSERT(n_rows >= 1 && n_rows <= MOE_VECDOT_MAX_ROWS);
+#ifdef MOE_X86
+    if (simd() == SIMD_AVX512 && rows_avx512(t, w, act, act_stride, n, n_rows, out))
+        return;
+#endif
+    for (int r = 0; r < n_rows; r++)
+        out[r] = moe_vecdot(t, w, (const uint8_t *)act + (size_t)r * act_stride, n);
 }
 
 float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)

@@ -33,6 +33,15 @@ void moe_vecdot_quantize_act(uint32_t t, const float *x, void *act, int64_t n);
 /* Dot product of one weight row of type t with a prepared activation row. */
 float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n);
 
+/* The dot products of one weight row with n_rows (1..MOE_VECDOT_MAX_ROWS)
+ * activation rows act + r * act_stride, into out[r]: each the same float
+ * moe_vecdot gives (the same operations in the same order), but the
+ * weight row's blocks are unpacked once for all rows where a kernel for
+ * its type exists (prefill: several tokens per weight row). */
+#define MOE_VECDOT_MAX_ROWS 4
+void moe_vecdot_rows(uint32_t t, const void *w, const void *act, size_t act_stride, int64_t n, int n_rows,
+                     float *out);
+
 /* Which implementation runs: "avx512vnni", "avx2" or "scalar" (the best
  * the CPU and OS support). MOE_CPU_SIMD=avx2 or =scalar in the environment
  * caps it (tests compare the paths). */

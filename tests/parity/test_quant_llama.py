@@ -37,6 +37,14 @@ try:
 except Exception as e:
     skip("gguf (gguf-py) not importable: %s" % e)
 
+# llama.cpp's log (every tensor it converts) would bury the result lines
+@llama_cpp.llama_log_callback
+def _quiet(level, text, user_data):
+    pass
+
+
+llama_cpp.llama_log_set(_quiet, ctypes.c_void_p())
+
 MOE_GEN = os.environ.get("MOE_GEN")
 if not MOE_GEN or not os.path.exists(MOE_GEN):
     print("FAIL: MOE_GEN not set to the generator")

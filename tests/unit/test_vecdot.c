@@ -154,6 +154,27 @@ static void check_len(uint32_t t, int64_t n)
                           "%s act[%lld] %g -> %g", moe_dtype_name(t), (long long)i, (double)x[i],
                           (double)xf[i]);
         }
+        /* several activation rows at once give each row's moe_vecdot exactly */
+        {
+            enum { R = MOE_VECDOT_MAX_ROWS };
+            const size_t ab = moe_vecdot_act_bytes(t, n);
+            uint8_t *acts = malloc(ab * R);
+            float outr[R];
+            for (int r = 0; r < R; r++) {
+                for (int64_t i = 0; i < n; i++)
+                    x[i] = randn() * (float)(r + 1);
+                moe_vecdot_quantize_act(t, x, acts + (size_t)r * ab, n);
+            }
+            for (int nr = 1; nr <= R; nr++) {
+                moe_vecdot_rows(t, w, acts, ab, n, nr, outr);
+                for (int r = 0; r < nr; r++) {
+                    const float one = moe_vecdot(t, w, acts + (size_t)r * ab, n);
+                    CHECK_MSG(memcmp(&one, &outr[r], sizeof(one)) == 0, "%s n %lld: rows(%d)[%d] %.9g, vecdot %.9g",
+                              moe_dtype_name(t), (long long)n, nr, r, (double)outr[r], (double)one);
+                }
+            }
+            free(acts);
+        }
     }
     free(w); free(act); free(x); free(wf); free(xf);
 }
