@@ -14,7 +14,7 @@
 extern "C" {
 #endif
 
-#define MOE_CUDA_MODULE_ABI 3
+#define MOE_CUDA_MODULE_ABI 4
 
 struct moe_backend;
 
