@@ -191,8 +191,8 @@ static int run(struct jctx *c, const struct moe_jinja *t, void (*bind)(struct jc
                const void *arg)
 {
     if (setjmp(c->jb) != 0) {
+        /* c->out may be a temporary buffer now: the caller frees its own */
         jtmp_free_all(c);
-        moe_buf_free(c->out);
         ja_free_all(c->ar);
         return code_of(c->err->kind);
     }
@@ -224,8 +224,10 @@ static int render(const struct moe_jinja *t, const struct moe_jinja_opts *opts, 
     moe_buf_init(&buf, opts->max_output);
     struct jctx c = { .ar = &ar, .err = err, .opts = opts, .out = &buf };
     int rc = run(&c, t, bind, arg);
-    if (rc != 0)
+    if (rc != 0) {
+        moe_buf_free(&buf);
         return rc;
+    }
     if (buf.data == NULL && moe_buf_append(&buf, "", 0) != 0) {
         set_err(err, MOE_JINJA_LIMIT, "out of memory");
         return -ENOMEM;

@@ -168,13 +168,18 @@ static uint32_t cp_at(const char *s, size_t n, size_t i, size_t *len)
     return cp;
 }
 
-/* the code point ending just before byte i */
-static size_t prev_start(const char *s, size_t i)
+/* The start of the code point that ends just before byte i (> lo), as
+ * cp_at would have decoded it going forward: a stray continuation byte is
+ * a character of its own. */
+static size_t prev_start(const char *s, size_t lo, size_t i)
 {
-    size_t j = i - 1;
-    while (j > 0 && ((unsigned char)s[j] & 0xC0) == 0x80)
+    size_t j = i - 1, k = 0, len;
+    while (j > lo && k < 3 && ((unsigned char)s[j] & 0xC0) == 0x80) {
         j--;
-    return j;
+        k++;
+    }
+    cp_at(s, i, j, &len);
+    return j + len == i ? j : i - 1;
 }
 
 static bool in_set(const struct jstr *set, uint32_t cp)
@@ -200,7 +205,7 @@ struct jv jv_str_strip(struct jctx *c, struct jv s, struct jv chars, bool left, 
     while (left && a < b && in_set(set, cp_at(p, b, a, &l)))
         a += l;
     while (right && b > a) {
-        size_t st = prev_start(p, b);
+        size_t st = prev_start(p, a, b);
         if (!in_set(set, cp_at(p, b, st, &l)))
             break;
         b = st;
@@ -258,8 +263,8 @@ static struct jv split_ws(struct jctx *c, const struct jstr *s, int64_t maxsplit
             break;
         if (maxsplit >= 0 && (int64_t)l.u.l->n == maxsplit) {
             size_t e = s->len;
-            while (e > i && py_space(cp_at(s->s, s->len, prev_start(s->s, e), &len)))
-                e = prev_start(s->s, e);
+            while (e > i && py_space(cp_at(s->s, e, prev_start(s->s, i, e), &len)))
+                e = prev_start(s->s, i, e);
             jl_push(c, l.u.l, jv_str(c, s->s + i, e - i));
             break;
         }
@@ -307,12 +312,9 @@ static struct jv m_rsplit(struct jctx *c, const struct jv *s, struct jv *a, size
                     : split_sep(c, s->u.s, need_str(c, sep, "separator").u.s, -1);
     if (maxsplit < 0 || (size_t)maxsplit + 1 >= all.u.l->n)
         return all;
-    /* join the leading parts back: exact for a separator, whitespace kept as in the source otherwise */
+    /* join the leading parts back: exact for a separator; runs of whitespace become one space */
     size_t keep = all.u.l->n - (size_t)maxsplit;
     struct jv l = jv_list(c, 0);
-    const struct jstr *last = all.u.l->v[keep - 1].u.s;
-    size_t end = (size_t)(last->s - last->s);
-    (void)end;
     struct moe_buf *b = jtmp_push(c);
     for (size_t i = 0; i < keep; i++) {
         if (i)

@@ -236,6 +236,23 @@ static void test_limits(void)
     CHECK(strstr(err.msg, "nested deeper") != NULL);
 }
 
+/* an error inside a macro or a set block (output redirected) frees everything */
+static void test_error_paths_free(void)
+{
+    static const char *const srcs[] = {
+        "x{% macro m() %}a{{ raise_exception('r') }}{% endmacro %}{{ m() }}",
+        "x{% set b %}a{{ undefined_name.attr }}{% endset %}",
+        "x{% macro m() %}{% set b %}{{ 1 + 'a' }}{% endset %}{% endmacro %}{{ m() }}",
+    };
+    for (size_t i = 0; i < sizeof(srcs) / sizeof(srcs[0]); i++) {
+        long live = moe_alloc_live();
+        char *out;
+        struct moe_jinja_err err;
+        CHECK_INT(render(srcs[i], NULL, NULL, &out, &err), ==, -EINVAL);
+        CHECK_INT(moe_alloc_live(), ==, live);
+    }
+}
+
 static void test_llama_ext(void)
 {
     struct moe_jinja_opts o;
@@ -312,6 +329,7 @@ int main(void)
     MOE_TEST_RUN(test_against_jinja2);
     MOE_TEST_RUN(test_errors_name_line);
     MOE_TEST_RUN(test_limits);
+    MOE_TEST_RUN(test_error_paths_free);
     MOE_TEST_RUN(test_llama_ext);
     MOE_TEST_RUN(test_chat);
     MOE_TEST_RUN(test_alloc_failures);
