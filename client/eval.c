@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <jansson.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -30,6 +31,8 @@
 #include "model/options.h"
 #include "model/plan.h"
 #include "common/alloc.h"
+#include "common/buf.h"
+#include "model/chat_jinja.h"
 #include "model/chat_template.h"
 #include "model/tokenizer.h"
 
@@ -163,7 +166,7 @@ static int commit_file(FILE *f, const char *tmp, const char *path, int ok)
 enum {
     OPT_MODEL = 1000, OPT_TOKENS, OPT_LOGITS, OPT_ROUTING, OPT_TEMP, OPT_TOPK, OPT_TOPP, OPT_MINP,
     OPT_PENALTY, OPT_LASTN, OPT_SEED, OPT_STATS, OPT_TRACE, OPT_PROMPT, OPT_SYSTEM, OPT_TEMPLATE,
-    OPT_HELP,
+    OPT_TEMPLATE_FILE, OPT_HELP,
     OPT_ENGINE = 2000,   /* + the row of model/options.c's table (x2 + 1 for its alias) */
 };
 
@@ -184,6 +187,7 @@ static const struct option fixed_opts[] = {
     { "prompt", required_argument, NULL, OPT_PROMPT },
     { "system", required_argument, NULL, OPT_SYSTEM },
     { "chat-template", required_argument, NULL, OPT_TEMPLATE },
+    { "chat-template-file", required_argument, NULL, OPT_TEMPLATE_FILE },
     { "n-predict", required_argument, NULL, 'n' },
     { "max-tokens", required_argument, NULL, 'n' },   /* moed's name for it */
     { "help", no_argument, NULL, OPT_HELP },
@@ -196,7 +200,7 @@ static const struct option fixed_opts[] = {
 struct eval_args {
     bool run, chat;
     const char *model, *tokens_s, *logits_path, *routing_path, *trace_path;
-    const char *prompt, *system_msg, *template_name;
+    const char *prompt, *system_msg, *template_name, *template_file;
     long n_predict;
     bool stats;
     struct moe_sampler_params sp;
@@ -260,8 +264,8 @@ static void usage(FILE *f, int run)
 {
     if (run)
         fprintf(f, "usage: moectl run --model M (--tokens 1,2,3 | --prompt TEXT) -n N [options]\n"
-                   "       moectl chat --model M --prompt TEXT [--system TEXT] [--chat-template NAME]"
-                   " [-n N] [options]\n"
+                   "       moectl chat --model M --prompt TEXT [--system TEXT] [--chat-template NAME |"
+                   " --chat-template-file FILE] [-n N] [options]\n"
                    "Generates N tokens (greedy unless --temp > 0): --prompt prints text (stopping at"
                    " end of generation), --tokens prints ids. MODEL: a GGUF or a .moe pack.\n"
                    "  -n, --max-tokens N    tokens to generate\n"
@@ -354,6 +358,7 @@ static int one_flag(struct eval_args *a, int c, char **argv, const char *spelled
     case OPT_PROMPT: if (!run) break; a->prompt = optarg; return 0;
     case OPT_SYSTEM: if (!a->chat) break; a->system_msg = optarg; return 0;
     case OPT_TEMPLATE: if (!a->chat) break; a->template_name = optarg; return 0;
+    case OPT_TEMPLATE_FILE: if (!a->chat) break; a->template_file = optarg; return 0;
     case OPT_HELP: case 'h': usage(stdout, run); return -1;
     case ':':
         fprintf(stderr, "moectl: option %s needs a value\n", argv[optind - 1]);
@@ -449,12 +454,75 @@ static void ctx_free(struct eval_ctx *x)
     free(x->tokens);
 }
 
-/* The chat turn rendered with the model's (or the named) template. */
+/* The chat turn as OpenAI messages (JSON text, jansson's memory). */
+static char *messages_json(const struct eval_args *a)
+{
+    json_t *ms = json_array();
+    if (a->system_msg)
+        json_array_append_new(ms, json_pack("{s:s, s:s}", "role", "system", "content", a->system_msg));
+    json_array_append_new(ms, json_pack("{s:s, s:s}", "role", "user", "content", a->prompt));
+    char *s = json_dumps(ms, JSON_COMPACT);
+    json_decref(ms);
+    return s;
+}
+
+/* Renders with a Jinja template (the file's, else the model's own); as
+ * moed does, a leading BOS text is dropped when the tokenizer adds one. */
+static int render_jinja(struct eval_ctx *x, const char *src, size_t len, const char *what,
+                        const char **text, size_t *text_len)
+{
+    struct moe_chat_jinja *cj = NULL;
+    struct moe_diag d = { 0 };
+    if (moe_chat_jinja_open(&cj, src, len, x->tok, &d) != 0) {
+        fprintf(stderr, "moectl: %s: %s\n", what, d.msg);
+        return -1;
+    }
+    char *msgs = messages_json(&x->a);
+    struct moe_jinja_err err;
+    int rc = msgs ? moe_chat_jinja_apply(cj, msgs, NULL, true, NULL, &x->rendered, text_len, &err) : -ENOMEM;
+    free(msgs);
+    moe_chat_jinja_free(cj);
+    if (rc != 0) {
+        fprintf(stderr, "moectl: %s: %s%s\n", what, err.kind == MOE_JINJA_RAISE ? "the template refused the"
+                " conversation: " : "", rc == -ENOMEM ? "out of memory" : err.msg);
+        return 1;
+    }
+    size_t bl = 0;
+    const char *bos = moe_tokenizer_add_bos(x->tok) && moe_tokenizer_bos(x->tok) >= 0
+                      ? moe_tokenizer_token_text(x->tok, moe_tokenizer_bos(x->tok), &bl) : NULL;
+    size_t skip = bos && bl && bl <= *text_len && memcmp(x->rendered, bos, bl) == 0 ? bl : 0;
+    *text = x->rendered + skip;
+    *text_len -= skip;
+    return 0;
+}
+
+/* The chat turn rendered with the named built-in template, a template file,
+ * or the model's own Jinja template, in that order of preference. */
 static int render_chat(struct eval_ctx *x, const char **text, size_t *text_len)
 {
     struct moe_diag d = { 0 };
     enum moe_chat_template tpl;
     const char *src = moe_tokenizer_chat_template(x->tok);
+    if (!x->a.template_name && x->a.template_file) {
+        struct moe_buf b;
+        moe_buf_init(&b, 4u << 20);
+        int rc = moe_buf_read_file(&b, x->a.template_file);
+        if (rc != 0) {
+            fprintf(stderr, "moectl: %s: %s\n", x->a.template_file, rc == MOE_ELIMIT ? "larger than 4 MiB"
+                    : rc > -4000 ? strerror(-rc) : moe_strerror(rc));
+            moe_buf_free(&b);
+            return 1;
+        }
+        rc = render_jinja(x, b.data ? b.data : "", b.len, x->a.template_file, text, text_len);
+        moe_buf_free(&b);
+        return rc < 0 ? 1 : rc;
+    }
+    if (!x->a.template_name && src) {
+        int rc = render_jinja(x, src, strlen(src), "tokenizer.chat_template", text, text_len);
+        if (rc >= 0)
+            return rc;
+        fprintf(stderr, "moectl: falling back to a built-in template\n");   /* as moed does */
+    }
     int trc = x->a.template_name ? moe_chat_template_from_name(x->a.template_name, &tpl, &d)
                                  : moe_chat_template_detect(src, src ? strlen(src) : 0, &tpl, &d);
     if (trc) {

@@ -36,6 +36,9 @@ static const struct moe_opt daemon_keys[] = {
       "sequences decoded together (continuous batching); each has its own KV cache" },
     { "chat_template", NULL, MOE_OPT_STR, OFF(chat_template), CAP(chat_template), 0, 0, NULL, NULL, 0,
       "chat template by name (chatml, llama2, mistral-v7, deepseek3, ...); empty: from the model" },
+    { "chat_template_file", NULL, MOE_OPT_STR, OFF(chat_template_file), CAP(chat_template_file), 0, 0, NULL,
+      NULL, 0, "a Jinja chat template file rendered instead of the model's tokenizer.chat_template"
+      " (doc/templates.md)" },
     { "socket", NULL, MOE_OPT_STR, OFF(socket), CAP(socket), 0, 0, NULL, NULL, 0,
       "Unix socket path (default $XDG_RUNTIME_DIR/moed.sock, else ./moed.sock)" },
     { "socket_mode", NULL, MOE_OPT_MODE, OFF(socket_mode), 0, 0, 0777, NULL, "0600", 0,

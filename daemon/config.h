@@ -19,6 +19,7 @@ struct moed_config {
     char model_name[128];      /* id in /v1/models; default: the file's base name */
     int max_seqs;              /* sequences decoded together */
     char chat_template[32];    /* "" = from the model */
+    char chat_template_file[PATH_MAX];   /* a Jinja template file; "" = none */
     /* the engine's options (restart): model/options.c's table, the same keys
      * and flags as moectl's; engine.n_seqs follows max_seqs */
     struct moe_model_opts engine;

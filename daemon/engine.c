@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include "common/alloc.h"
+#include "common/buf.h"
+#include "model/chat_jinja.h"
 #include "model/model.h"
 #include "model/options.h"
 #include "model/tokenizer.h"
@@ -87,6 +89,9 @@ struct moed_engine {
     struct moe_tokenizer *tok;
     bool have_tpl;
     enum moe_chat_template tpl;
+    struct moe_chat_jinja *jinja; /* the GGUF's own template; NULL: the built-in tpl */
+    const char *jinja_src;        /* its text (the tokenizer's, or jinja_owned) */
+    char *jinja_owned;            /* chat_template_file's text */
     char eos_text[128];
     int n_ctx, n_vocab;
     int kv_blocks, kv_block;
@@ -150,6 +155,36 @@ static int load_script(struct moed_engine *e)
     return moe_tokenize(e->tok, text, strlen(text), false, false, e->script, need, &need);
 }
 
+/* chat_template_file: compiled once; its text is kept for the tool format. */
+static int load_template_file(struct moed_engine *e, const char *path, struct moe_diag *d)
+{
+    struct moe_buf b;
+    moe_buf_init(&b, 4u << 20);
+    int rc = moe_buf_read_file(&b, path);
+    if (rc == 0 && b.data == NULL)
+        rc = moe_buf_append(&b, "", 0);
+    if (rc != 0) {
+        moe_buf_free(&b);
+        return moe_diag_set(d, rc, "chat_template_file %s: %s", path, rc == MOE_ELIMIT ? "larger than 4 MiB"
+                            : moe_strerror(rc));
+    }
+    struct moe_diag td = { 0 };
+    rc = moe_chat_jinja_open(&e->jinja, b.data, b.len, e->tok, &td);
+    if (rc != 0) {
+        moe_buf_free(&b);
+        return moe_diag_set(d, rc, "chat_template_file %s: %s", path, td.msg);
+    }
+    e->jinja_owned = moe_buf_take(&b, NULL);
+    if (e->jinja_owned == NULL) {
+        moe_buf_free(&b);
+        return moe_diag_set(d, -ENOMEM, "out of memory");
+    }
+    e->jinja_src = e->jinja_owned;
+    e->have_tpl = true;
+    LOG_I("chat template: %s (Jinja)", path);
+    return 0;
+}
+
 int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, moed_notify_fn notify,
                        void *notify_ud, struct moe_diag *d)
 {
@@ -186,7 +221,15 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
     rc = moe_tokenizer_load(&e->tok, moe_model_gguf(e->model), d);
     if (rc)
         goto fail;
-    if (cfg->chat_template[0]) {
+    if (cfg->chat_template[0] && cfg->chat_template_file[0]) {
+        rc = moe_diag_set(d, -EINVAL, "chat_template and chat_template_file: set one of them");
+        goto fail;
+    }
+    if (cfg->chat_template_file[0]) {
+        rc = load_template_file(e, cfg->chat_template_file, d);
+        if (rc)
+            goto fail;
+    } else if (cfg->chat_template[0]) {
         rc = moe_chat_template_from_name(cfg->chat_template, &e->tpl, d);
         if (rc)
             goto fail;
@@ -194,7 +237,17 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
     } else {
         const char *src = moe_tokenizer_chat_template(e->tok);
         struct moe_diag td = { 0 };
-        e->have_tpl = src && moe_chat_template_detect(src, strlen(src), &e->tpl, &td) == 0;
+        if (src && moe_chat_jinja_open(&e->jinja, src, strlen(src), e->tok, &td) == 0) {
+            e->jinja_src = src;
+            e->have_tpl = true;
+            LOG_I("chat template: the model's own (tokenizer.chat_template, %zu bytes, Jinja)", strlen(src));
+        } else {
+            if (src)
+                LOG_W("the model's tokenizer.chat_template cannot be used (%s); falling back to a built-in"
+                      " renderer", td.msg);
+            moe_diag_clear(&td);
+            e->have_tpl = src && moe_chat_template_detect(src, strlen(src), &e->tpl, &td) == 0;
+        }
     }
     if (load_script(e) != 0) {
         rc = moe_diag_set(d, -EINVAL, "MOED_TEST_SCRIPT: cannot tokenize it");
@@ -245,6 +298,8 @@ void moed_engine_free(struct moed_engine *e)
         return;
     moed_engine_stop(e);
     free_slots(e);
+    moe_chat_jinja_free(e->jinja);
+    moe_free(e->jinja_owned);
     moe_tokenizer_free(e->tok);
     moe_model_free(e->model);
     moe_free(e->lp_tmp);
@@ -267,6 +322,13 @@ void moed_engine_kv_geometry(struct moed_engine *e, int *n_blocks, int *block_to
     *block_tokens = e->kv_block;
 }
 int moed_engine_n_vocab(struct moed_engine *e) { return e->n_vocab; }
+
+const struct moe_chat_jinja *moed_engine_chat_jinja(struct moed_engine *e, const char **src)
+{
+    if (src)
+        *src = e->jinja_src;
+    return e->jinja;
+}
 
 bool moed_engine_chat_template(struct moed_engine *e, enum moe_chat_template *t, const char **eos_text)
 {

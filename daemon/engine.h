@@ -168,6 +168,11 @@ struct moe_model *moed_engine_model(struct moed_engine *e);
 const struct moe_tokenizer *moed_engine_tokenizer(struct moed_engine *e);
 /* The chat template; false when the model has none and none was configured. */
 bool moed_engine_chat_template(struct moed_engine *e, enum moe_chat_template *t, const char **eos_text);
+/* The model's own Jinja template (used unless the config names a built-in
+ * one), and its source text in *src; NULL when there is none. Borrowed
+ * until moed_engine_free. */
+struct moe_chat_jinja;
+const struct moe_chat_jinja *moed_engine_chat_jinja(struct moed_engine *e, const char **src);
 int moed_engine_n_ctx(struct moed_engine *e);
 /* The KV pool's geometry: blocks and tokens per block (constant). */
 void moed_engine_kv_geometry(struct moed_engine *e, int *n_blocks, int *block_tokens);

@@ -12,6 +12,7 @@
 #include "daemon/output.h"
 #include "daemon/schema.h"
 #include "daemon/tools.h"
+#include "model/chat_jinja.h"
 #include "model/tokenizer.h"
 
 #define MAX_STOP_LEN 256
@@ -258,7 +259,8 @@ static const char *const known_chat[] = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
     "min_p", "repeat_penalty", "seed", "n", "stream", "stream_options", "stop", "logprobs",
     "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user", "metadata",
-    "response_format", "tools", "tool_choice", "parallel_tool_calls", "reasoning_format", NULL,
+    "response_format", "tools", "tool_choice", "parallel_tool_calls", "reasoning_format",
+    "chat_template_kwargs", NULL,
 };
 
 static bool listed(const char *const *list, const char *key)
@@ -577,7 +579,7 @@ static bool ends_in_think(const char *text, size_t len)
 
 /* tools, tool_choice, reasoning_format: how the answer is rendered, forced
  * and split. */
-static bool parse_chat_modes(struct fields *f, json_t *root, enum moe_chat_template tpl,
+static bool parse_chat_modes(struct fields *f, json_t *root, enum moed_tool_fmt fmt,
                              struct moed_tools *t)
 {
     struct moed_req *r = f->r;
@@ -599,10 +601,14 @@ static bool parse_chat_modes(struct fields *f, json_t *root, enum moe_chat_templ
         t->tools = NULL;
         return true;
     }
-    if (tpl != MOE_CHAT_TMPL_CHATML)
+    if (fmt == MOED_TOOLS_NONE)
         return fail(f, "tools", "'tools': this model's chat template has no tool format moed can"
-                    " render (moed renders tools with chatml, Hermes style: doc/daemon.md)");
-    r->tool_fmt = MOED_TOOLS_TAG;
+                    " render and parse (the model's own Jinja template with <tool_call> or MiniMax"
+                    " tags, or the built-in chatml, Hermes style: doc/daemon.md)");
+    r->tool_fmt = fmt;
+    if (t->choice >= MOED_TC_REQUIRED && fmt != MOED_TOOLS_TAG)
+        return fail(f, "tool_choice", "'tool_choice' that forces a call needs a template whose calls"
+                    " are <tool_call> blocks");
     if (t->choice >= MOED_TC_REQUIRED) {
         if (r->grammar)
             return fail(f, "tool_choice", "'tool_choice' that forces a call cannot be combined with"
@@ -614,6 +620,95 @@ static bool parse_chat_modes(struct fields *f, json_t *root, enum moe_chat_templ
     return true;
 }
 
+/* One message for the model's own template: checked for shape only (the
+ * template reads what it knows); developer is passed as system. */
+static bool check_jinja_message(struct fields *f, size_t i, json_t *m)
+{
+    json_t *role = json_object_get(m, "role"), *content = json_object_get(m, "content");
+    if (!json_is_object(m) || !json_is_string(role))
+        return failf(f, "messages", "'messages'[%zu]: expected an object with a string 'role'", i);
+    if (content && !json_is_string(content) && !json_is_null(content) && !json_is_array(content))
+        return failf(f, "messages", "'messages'[%zu].content must be a string, null or an array of"
+                     " parts", i);
+    json_t *calls = json_object_get(m, "tool_calls");
+    if (calls && !json_is_array(calls) && !json_is_null(calls))
+        return failf(f, "messages", "'messages'[%zu].tool_calls must be an array", i);
+    if (strcmp(json_string_value(role), "developer") == 0)
+        json_object_set_new(m, "role", json_string("system"));
+    return true;
+}
+
+/* The rendered text less a leading BOS the tokenizer adds itself (as
+ * llama.cpp does: templates that write bos_token would double it). */
+static size_t bos_skip(const struct moe_tokenizer *tok, const char *text, size_t len)
+{
+    size_t bl = 0;
+    const char *bos = moe_tokenizer_add_bos(tok) && moe_tokenizer_bos(tok) >= 0
+                      ? moe_tokenizer_token_text(tok, moe_tokenizer_bos(tok), &bl) : NULL;
+    return bos && bl > 0 && bl <= len && memcmp(text, bos, bl) == 0 ? bl : 0;
+}
+
+static bool jinja_failed(struct fields *f, const struct moe_jinja_err *err)
+{
+    if (err->kind == MOE_JINJA_RAISE)
+        return failf(f, "messages", "the model's chat template refused the conversation: %s", err->msg);
+    if (err->line)
+        return failf(f, "messages", "the model's chat template failed (line %d): %s", err->line, err->msg);
+    return failf(f, "messages", "the model's chat template failed: %s", err->msg);
+}
+
+/* Renders with the model's own Jinja template: the messages as sent, the
+ * tools, chat_template_kwargs as extra variables. */
+static bool render_jinja(struct fields *f, json_t *root, const struct moe_chat_jinja *cj,
+                         const struct moed_tools *tools, char **text, size_t *len)
+{
+    json_t *ms = json_deep_copy(json_object_get(root, "messages"));
+    json_t *kw = json_object_get(root, "chat_template_kwargs");
+    char *msgs = NULL, *tl = NULL, *extra = NULL;
+    bool ok = ms != NULL || fail(f, "messages", "out of memory");
+    for (size_t i = 0; ok && i < json_array_size(ms); i++)
+        ok = check_jinja_message(f, i, json_array_get(ms, i));
+    if (ok && kw && !json_is_null(kw) && !json_is_object(kw))
+        ok = fail(f, "chat_template_kwargs", "'chat_template_kwargs' must be an object");
+    if (ok) {
+        msgs = json_dumps(ms, JSON_COMPACT);
+        tl = tools->tools ? json_dumps(tools->tools, JSON_COMPACT) : NULL;
+        extra = json_is_object(kw) ? json_dumps(kw, JSON_COMPACT) : NULL;
+        if (msgs == NULL || (tools->tools && tl == NULL) || (json_is_object(kw) && extra == NULL))
+            ok = fail(f, "messages", "out of memory");
+    }
+    struct moe_jinja_err err;
+    if (ok && moe_chat_jinja_apply(cj, msgs, tl, true, extra, text, len, &err) != 0)
+        ok = jinja_failed(f, &err);
+    json_free_t jfree;
+    json_malloc_t jmalloc;
+    json_get_alloc_funcs(&jmalloc, &jfree);   /* json_dumps's memory: moe_malloc's in moed, malloc's in tests */
+    jfree(msgs);
+    jfree(tl);
+    jfree(extra);
+    json_decref(ms);
+    return ok;
+}
+
+static bool parse_messages_jinja(struct fields *f, json_t *root, struct moed_engine *e,
+                                 const struct moe_chat_jinja *cj, const char *src)
+{
+    struct moed_tools tools;
+    if (!parse_chat_modes(f, root, moed_tool_fmt_of_template(src), &tools))
+        return false;
+    char *text = NULL;
+    size_t len = 0;
+    bool ok = render_jinja(f, root, cj, &tools, &text, &len);
+    if (ok) {
+        const struct moe_tokenizer *tok = moed_engine_tokenizer(e);
+        size_t skip = bos_skip(tok, text, len);
+        f->r->think_open = ends_in_think(text, len);
+        ok = tokenize_into(f, tok, text + skip, len - skip, true, "messages");
+    }
+    moe_free(text);
+    return ok;
+}
+
 static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e)
 {
     json_t *ms = json_object_get(root, "messages");
@@ -622,13 +717,21 @@ static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e
     const size_t n = json_array_size(ms);
     if (n > MAX_MESSAGES)
         return fail(f, "messages", "'messages': too many messages");
+    const char *src = NULL;
+    const struct moe_chat_jinja *cj = moed_engine_chat_jinja(e, &src);
+    if (cj != NULL)
+        return parse_messages_jinja(f, root, e, cj, src);
     enum moe_chat_template tpl;
     const char *eos = NULL;
     if (!moed_engine_chat_template(e, &tpl, &eos))
         return fail(f, "messages", "this model has no chat template moed knows: start moed with"
                     " --chat-template NAME (config key chat_template), or use /v1/completions");
+    json_t *kw = json_object_get(root, "chat_template_kwargs");
+    if (json_object_size(kw) > 0)
+        return fail(f, "chat_template_kwargs", "'chat_template_kwargs': the chat template in use is a"
+                    " built-in renderer, not Jinja; it takes no variables");
     struct moed_tools tools;
-    if (!parse_chat_modes(f, root, tpl, &tools))
+    if (!parse_chat_modes(f, root, tpl == MOE_CHAT_TMPL_CHATML ? MOED_TOOLS_TAG : MOED_TOOLS_NONE, &tools))
         return false;
     const bool hermes = tools.tools != NULL;
     struct moe_chat_msg *msgs = moe_calloc(n + 1, sizeof(*msgs));

@@ -60,7 +60,8 @@ int moe_chat_template_detect(const char *s, size_t len, enum moe_chat_template *
     if (s == NULL || len == 0)
         return moe_diag_set(diag, MOE_EUNSUPPORTED,
                             "the model has no tokenizer.chat_template; choose a built-in template by name with "
-                            "the config key chat_template or the flag --chat-template (" NAME_LIST ")");
+                            "the config key chat_template or the flag --chat-template (" NAME_LIST "), or "
+                            "a Jinja template file with chat_template_file / --chat-template-file");
     for (int i = 1; i < MOE_CHAT_TMPL_COUNT; i++) {
         if (strlen(names[i]) == len && memcmp(s, names[i], len) == 0) {
             *out = (enum moe_chat_template)i;

@@ -236,6 +236,14 @@ static void test_prompt_text(void)
     snprintf(cmd, sizeof(cmd), "%s chat --model %s/models/tiny-mixtral-F32.gguf --prompt hi -n 4"
              " --chat-template mistral-v1 --threads 2", moectl(), ref);
     CHECK(run_cmd(cmd, text, sizeof(text)) == 0);
+    /* or with a Jinja template file (doc/templates.md) */
+    snprintf(cmd, sizeof(cmd), "%s chat --model %s/models/tiny-mixtral-F32.gguf --prompt hi -n 4 --threads 2"
+             " --chat-template-file %s/templates/mistral/mistral-common-v3_spm.jinja", moectl(), ref, ref);
+    CHECK(run_cmd(cmd, text, sizeof(text)) == 0);
+    snprintf(cmd, sizeof(cmd), "%s chat --model %s/models/tiny-mixtral-F32.gguf --prompt hi -n 4"
+             " --chat-template-file /nonexistent.jinja", moectl(), ref);
+    rc = run_cmd(cmd, text, sizeof(text));
+    CHECK_MSG(rc == 1 && strstr(text, "/nonexistent.jinja") != NULL, "exit %d: %s", rc, text);
 }
 
 int main(void)
