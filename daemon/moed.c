@@ -64,25 +64,14 @@ static int plan_check(const struct moed_config *cfg, FILE *out, struct moe_diag 
         return moe_diag_set(d, rc, "memory plan: %s", moe_strerror(rc));
     const long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
     const uint64_t ram = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
-    const uint64_t host = moe_model_plan_host_bytes(&p, o.backend);
-    if (ram > 0 && host > ram)
-        return moe_diag_set(d, MOE_ELIMIT, "KV pool %.1f MiB (%d sequences (max_seqs) of ctx_size %d,"
-                            " kv_size), with the expert cache, host tier and workspace %.1f MiB in all,"
-                            " exceed the host's memory of %.1f MiB: lower max_seqs, ctx_size, kv_size,"
-                            " cache_bytes or host_bytes", mib(p.kv_bytes), p.n_seqs, p.n_ctx, mib(host),
-                            mib(ram));
     if (!cuda)
-        return 0;
+        return moe_model_plan_fits(&p, o.backend, ram, NULL, d);
     struct moe_device_memory dev;
     if ((rc = moe_model_device_memory(o.backend, &dev, d)))
         return rc;
-    const uint64_t need = moe_model_plan_device_bytes(&p);
     fprintf(out, "device: %s, %.0f MiB free of %.0f; the plan needs %.0f MiB\n", dev.name,
-            mib(dev.free_bytes), mib(dev.total_bytes), mib(need));
-    if (need > dev.free_bytes)
-        return moe_diag_set(d, MOE_ELIMIT, "the plan needs %.0f MiB of GPU memory, %.0f MiB are free:"
-                            " lower cache_bytes, max_seqs or ctx_size", mib(need), mib(dev.free_bytes));
-    return 0;
+            mib(dev.free_bytes), mib(dev.total_bytes), mib(moe_model_plan_device_bytes(&p)));
+    return moe_model_plan_fits(&p, o.backend, ram, &dev, d);
 }
 
 /* Open file descriptors of this process. */
@@ -136,6 +125,13 @@ int main(int argc, char **argv)
     struct moed_server *srv = moed_server_new(&cfg, argc, argv);
     if (srv == NULL) {
         fprintf(stderr, "moed: out of memory\n");
+        return 1;
+    }
+    /* the socket's lock first: a second moed on the same socket is refused
+     * before it loads anything (RELIABILITY.md row 9) */
+    if (!a.check_only && moed_server_lock(srv, &d) != 0) {
+        fprintf(stderr, "moed: %s\n", d.msg);
+        moed_server_free(srv);
         return 1;
     }
     struct moed_engine *eng = NULL;

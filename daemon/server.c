@@ -771,10 +771,10 @@ static int open_tcp(struct moed_server *s, struct moe_diag *d)
     return 0;
 }
 
-/* Takes the lock beside the socket, removes a stale socket, binds with the
- * configured mode from the start (umask), and listens. */
-static int open_socket(struct moed_server *s, struct moe_diag *d)
+int moed_server_lock(struct moed_server *s, struct moe_diag *d)
 {
+    if (s->lock_fd >= 0)
+        return 0;
     const char *path = s->cfg.socket;
     snprintf(s->lock_path, sizeof(s->lock_path), "%s.lock", path);
     s->lock_fd = open(s->lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
@@ -790,6 +790,25 @@ static int open_socket(struct moed_server *s, struct moe_diag *d)
         return moe_diag_set(d, -e, "socket: cannot lock %s: %s", s->lock_path, strerror(e));
     }
     struct stat st;
+    if (lstat(path, &st) == 0 && !S_ISSOCK(st.st_mode)) {
+        close(s->lock_fd);
+        s->lock_fd = -1;
+        unlink(s->lock_path);
+        return moe_diag_set(d, -EEXIST, "socket: %s exists and is not a socket; not removing"
+                            " it", path);
+    }
+    return 0;
+}
+
+/* Takes the lock (unless moed_server_lock did), removes a stale socket,
+ * binds with the configured mode from the start (umask), and listens. */
+static int open_socket(struct moed_server *s, struct moe_diag *d)
+{
+    const char *path = s->cfg.socket;
+    int rc = moed_server_lock(s, d);
+    if (rc)
+        return rc;
+    struct stat st;
     if (lstat(path, &st) == 0) {
         if (!S_ISSOCK(st.st_mode)) {
             close(s->lock_fd);
@@ -801,7 +820,7 @@ static int open_socket(struct moed_server *s, struct moe_diag *d)
         LOG_I("removing stale socket %s (no daemon holds its lock)", path);
         unlink(path);
     }
-    int rc = uv_pipe_init(s->loop, &s->pipe, 0);
+    rc = uv_pipe_init(s->loop, &s->pipe, 0);
     if (rc)
         return moe_diag_set(d, rc, "socket: %s", uv_strerror(rc));
     s->pipe.data = s;

@@ -66,6 +66,12 @@ struct moed_handlers {
  * created with the server as its argument; run until the shutdown ends;
  * free. */
 struct moed_server *moed_server_new(const struct moed_config *cfg, int argc, char **argv);
+/* Takes the lock beside the socket (doc/daemon.md) and checks that the
+ * path is free or a socket: moed calls it before loading the model, so
+ * that a second daemon on the same socket is refused at once. 0, or
+ * -EADDRINUSE (another moed holds the lock), -EEXIST (the path is not a
+ * socket) or an -errno of the lock file, with a message in d. Idempotent. */
+int moed_server_lock(struct moed_server *s, struct moe_diag *d);
 /* Binds the socket (doc/daemon.md: lock, mode, stale socket) and serves
  * with the handlers h (borrowed until it returns; ud is passed to each)
  * until a signal or moed_server_shutdown() stops it and every handle is

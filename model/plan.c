@@ -499,6 +499,32 @@ static double mib(uint64_t b)
     return (double)b / (1024.0 * 1024.0);
 }
 
+int moe_model_plan_fits(const struct moe_model_plan *p, int backend, uint64_t host_ram,
+                        const struct moe_device_memory *dev, struct moe_diag *diag)
+{
+    const uint64_t host = moe_model_plan_host_bytes(p, backend);
+    if (host_ram > 0 && host > host_ram)
+        return moe_diag_set(diag, MOE_ELIMIT, "KV pool %.1f MiB (%d sequences (max_seqs) of ctx_size"
+                            " %d, kv_size), with the expert cache %.1f MiB, host tier %.1f MiB, read"
+                            " buffers %.1f MiB and workspace %.1f MiB, %.1f MiB in all, exceed the"
+                            " host's memory of %.1f MiB: lower max_seqs, ctx_size, kv_size,"
+                            " cache_bytes or host_bytes", mib(p->kv_bytes), p->n_seqs, p->n_ctx,
+                            mib(p->cache_bytes), mib(p->host_bytes), mib(p->staging_bytes),
+                            mib(p->workspace_bytes), mib(host), mib(host_ram));
+    if (backend == MOE_BACKEND_CPU || dev == NULL)
+        return 0;
+    const uint64_t need = moe_model_plan_device_bytes(p);
+    if (need > dev->free_bytes)
+        return moe_diag_set(diag, MOE_ELIMIT, "the plan needs %.0f MiB of GPU memory (dense weights"
+                            " %.0f, KV pool %.0f, %s %.0f, workspace %.0f MiB), %.0f MiB"
+                            " are free on %s: lower cache_bytes, max_seqs or ctx_size", mib(need),
+                            mib(p->dense_bytes), mib(p->kv_bytes),
+                            p->expert_cache ? "expert cache" : "resident experts",
+                            mib(p->expert_cache ? p->cache_bytes : p->expert_bytes), mib(p->workspace_bytes),
+                            mib(dev->free_bytes), dev->name[0] ? dev->name : "the device");
+    return 0;
+}
+
 int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
 {
     int rc = 0;

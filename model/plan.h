@@ -89,6 +89,13 @@ uint64_t moe_model_plan_device_bytes(const struct moe_model_plan *p);
  * on a device backend, the host tier and the loads' staging. */
 uint64_t moe_model_plan_host_bytes(const struct moe_model_plan *p, int backend);
 
+/* Whether the plan fits: its host bytes in host_ram (0: unknown, not
+ * checked) and, on a device backend with dev given, its device bytes in
+ * dev's free memory. MOE_ELIMIT otherwise, the message listing the MiB of
+ * each component and what to lower (shared/RELIABILITY.md row 19). */
+int moe_model_plan_fits(const struct moe_model_plan *p, int backend, uint64_t host_ram,
+                        const struct moe_device_memory *dev, struct moe_diag *diag);
+
 #ifdef __cplusplus
 }
 #endif

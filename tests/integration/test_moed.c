@@ -828,6 +828,30 @@ static void test_bad_input(void)
     post("prompt too long", "{\"prompt\": [1], \"max_tokens\": 100000}", 400, "max_tokens");
     post("invalid UTF-8", "{\"prompt\": \"\xff\xfe\"}", 400, "invalid JSON");
     post("duplicate key", "{\"prompt\": \"a\", \"prompt\": \"b\"}", 400, "invalid JSON");
+    /* negative and out-of-range numbers, each named */
+    post("negative max_tokens", "{\"prompt\": \"hi\", \"max_tokens\": -1}", 400, "\"param\":\"max_tokens\"");
+    post("zero max_tokens", "{\"prompt\": \"hi\", \"max_tokens\": 0}", 400, "\"param\":\"max_tokens\"");
+    post("huge max_tokens", "{\"prompt\": \"hi\", \"max_tokens\": 1e300}", 400, "\"param\":\"max_tokens\"");
+    post("negative temperature", "{\"prompt\": \"hi\", \"temperature\": -0.5}", 400,
+         "\"param\":\"temperature\"");
+    post("negative top_p", "{\"prompt\": \"hi\", \"top_p\": -0.1}", 400, "\"param\":\"top_p\"");
+    post("top_k below -1", "{\"prompt\": \"hi\", \"top_k\": -2}", 400, "\"param\":\"top_k\"");
+    post("negative repeat_penalty", "{\"prompt\": \"hi\", \"repeat_penalty\": -1}", 400,
+         "\"param\":\"repeat_penalty\"");
+    post("negative logprobs", "{\"prompt\": \"hi\", \"logprobs\": -1}", 400, "\"param\":\"logprobs\"");
+    post("negative token id", "{\"prompt\": [1, -5]}", 400, "token id");
+    /* a prompt longer than the context (ctx_size 512), over HTTP */
+    {
+        static char longp[20000];
+        int o = snprintf(longp, sizeof(longp), "{\"prompt\": \"");
+        for (int i = 0; i < 700; i++)
+            o += snprintf(longp + o, sizeof(longp) - (size_t)o, "w%d ", i);
+        snprintf(longp + o, sizeof(longp) - (size_t)o, "\", \"max_tokens\": 4}");
+        post("prompt longer than the context", longp, 400, "the context is 512 (ctx_size)");
+        post("prompt longer than the context (param)", longp, 400, "\"param\":\"prompt\"");
+    }
+    /* a negative seed is a valid seed */
+    post("negative seed", "{\"prompt\": \"hi\", \"max_tokens\": 2, \"seed\": -7}", 200, "\"choices\"");
 
     /* 413: declared and streamed (chunked) bodies over max_body_bytes */
     const char big_decl[] = "POST /v1/completions HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n{";
@@ -876,7 +900,29 @@ static void test_slowloris(void)
     CHECK_MSG(strncmp(got, "HTTP/1.1 408", 12) == 0, "slow client got '%.100s'", got);
     CHECK_MSG(dt > 1.0 && dt < 10, "408 after %.2f s", dt);
     free(got);
-    /* a connection that never sends anything is closed after idle_timeout */
+    /* one byte per second: the deadline covers the whole request, so
+     * trickling does not extend it (408 at read_timeout_ms, not later) */
+    int trickle = connect_sock(sock);
+    CHECK(trickle >= 0);
+    const char *line = "POST /v1/completions HTTP/1.1\r\nContent-Length: 20\r\n\r\n{\"prompt\": \"x\"}";
+    const double t1 = now_s();
+    bool closed = false;
+    char resp[512] = "";
+    for (size_t i = 0; line[i] && !closed && now_s() - t1 < 20; i++) {
+        if (write_all(trickle, line + i, 1) != 0)
+            break;
+        struct pollfd pf = { .fd = trickle, .events = POLLIN };
+        if (poll(&pf, 1, 1000) > 0) {
+            ssize_t k = recv(trickle, resp, sizeof(resp) - 1, 0);
+            resp[k > 0 ? k : 0] = '\0';
+            closed = true;
+        }
+    }
+    const double dt1 = now_s() - t1;
+    close(trickle);
+    CHECK_MSG(closed && strncmp(resp, "HTTP/1.1 408", 12) == 0, "trickling client got '%.100s'"
+              " after %.1f s", resp, dt1);
+    CHECK_MSG(dt1 > 1.0 && dt1 < 4.0, "408 after %.2f s of trickling (read_timeout_ms 1500)", dt1);
     DOWN();
 }
 
@@ -1093,6 +1139,9 @@ static void test_socket_mode_and_second_daemon(void)
     size_t n;
     char *t = moe_test_read_file(log2, &n);
     CHECK(t && strstr(t, "another moed is serving on") != NULL);
+    /* refused before the model is loaded, and without a false fd report */
+    CHECK_MSG(strstr(t, "loading") == NULL && strstr(t, "memory plan") == NULL &&
+              strstr(t, "file descriptors left open") == NULL, "second daemon's log: %s", t);
     free(t);
     struct resp r;
     CHECK(request("GET", "/health", NULL, &r) == 0);   /* the first one is untouched */
@@ -1137,14 +1186,42 @@ static void test_sighup(void)
     const char *args[] = { "--config", cfg, "--cache-experts", "5", "--max-seqs", "2", NULL };
     UP(args);
     f = fopen(cfg, "w");
-    fprintf(f, "[moed]\nqueue_size = 9\nctx_size = 1024\nlog_level = debug\n");
+    fprintf(f, "[moed]\nqueue_size = 9\nctx_size = 1024\nlog_level = debug\nmax_header_bytes = 1024\n");
     fclose(f);
+    /* before: 2000 bytes of headers pass (max_header_bytes 64 KiB) */
+    char hdr[4096];
+    int o = sprintf(hdr, "GET /health HTTP/1.1\r\nConnection: close\r\nX-Pad: ");
+    memset(hdr + o, 'p', 2000);
+    o += 2000;
+    o += sprintf(hdr + o, "\r\n\r\n");
+    expect_status("2000 header bytes before the reload", hdr, (size_t)o, 200, "ok");
     kill(daemon_pid, SIGHUP);
-    usleep(300000);
-    char *t = log_text();
+    char *t = NULL;
+    for (int i = 0; i < 100; i++) {   /* the reload is logged once applied */
+        free(t);
+        t = log_text();
+        if (strstr(t, "reload: configuration from") != NULL)
+            break;
+        usleep(50000);
+    }
     CHECK_MSG(strstr(t, "'ctx_size' changed") != NULL, "log: %s", t);
     CHECK(strstr(t, "reload: configuration from") != NULL);
     free(t);
+    /* applied, not only logged: the new header cap answers 431 naming it,
+     * debug lines appear, and the restart-only ctx_size is unchanged */
+    expect_status("2000 header bytes after the reload", hdr, (size_t)o, 431, "exceed 1024 bytes");
+    struct resp r0;
+    CHECK(request("GET", "/nope-after-reload", NULL, &r0) == 0);
+    CHECK_INT(r0.status, ==, 404);
+    resp_free(&r0);
+    usleep(100000);
+    t = log_text();
+    CHECK_MSG(strstr(t, "no endpoint /nope-after-reload") != NULL, "debug lines not logged after the"
+              " reload to log_level = debug: %s", t);
+    free(t);
+    CHECK(request("GET", "/v1/models", NULL, &r0) == 0);
+    CHECK_MSG(strstr(r0.body, "\"context_length\":1024") == NULL, "%s", r0.body);
+    resp_free(&r0);
     /* a broken file keeps the old config, and the daemon serves */
     f = fopen(cfg, "w");
     fprintf(f, "[moed]\nqueue_size = lots\n");
@@ -1186,6 +1263,20 @@ static void test_sigterm_finishes_in_flight(void)
     for (int i = 0; i < 1000 && engine_stat("running") < 1; i++)
         usleep(10000);
     kill(daemon_pid, SIGTERM);
+    /* the listener closes first: new connections are refused at once while
+     * the request in flight still runs */
+    bool refused = false;
+    for (int i = 0; i < 200 && !refused; i++) {
+        int c2 = connect_sock(sock);
+        refused = c2 < 0;
+        if (c2 >= 0)
+            close(c2);
+        else
+            break;
+        usleep(5000);
+    }
+    CHECK_MSG(refused, "connections still accepted 1 s after SIGTERM");
+    CHECK_INT(kill(daemon_pid, 0), ==, 0);   /* still finishing the request */
     char *got = read_all(fd, NULL);
     close(fd);
     CHECK(strncmp(got, "HTTP/1.1 200", 12) == 0);
@@ -1230,6 +1321,43 @@ static void test_sigterm_grace_expires(void)
     free(rest);
     CHECK_INT(wait_exit(daemon_pid, 30), ==, 0);
     daemon_pid = -1;
+}
+
+/* A second SIGTERM while the first waits for a request: exit 1 at once,
+ * the socket and its lock removed. */
+static void test_second_sigterm(void)
+{
+    const char *args[] = { "--cache-experts", "5", "--ctx-size", "4096", "--shutdown-grace-s", "60",
+                           NULL };
+    UP(args);
+    int fd = connect_sock(sock);
+    const char *body = "{\"prompt\": \"Hello\", \"max_tokens\": 4000, \"temperature\": 0,"
+                       " \"stream\": true}";
+    char req[512];
+    int n = snprintf(req, sizeof(req), "POST /v1/completions HTTP/1.1\r\nContent-Length: %zu\r\n\r\n%s",
+                     strlen(body), body);
+    write_all(fd, req, (size_t)n);
+    char first[256];
+    CHECK(recv(fd, first, sizeof(first), 0) > 0);
+    kill(daemon_pid, SIGTERM);
+    usleep(300000);
+    CHECK_INT(kill(daemon_pid, 0), ==, 0);   /* the grace period (60 s) runs */
+    const double t0 = now_s();
+    kill(daemon_pid, SIGTERM);
+    const int st = wait_exit(daemon_pid, 10);
+    const double dt = now_s() - t0;
+    daemon_pid = -1;
+    close(fd);
+    CHECK_INT(st, ==, 1);
+    CHECK_MSG(dt < 2.0, "exited %.2f s after the second SIGTERM", dt);
+    struct stat sst;
+    CHECK(lstat(sock, &sst) != 0);
+    char lock[300];
+    snprintf(lock, sizeof(lock), "%s.lock", sock);
+    CHECK(lstat(lock, &sst) != 0);
+    char *t = log_text();
+    CHECK_MSG(strstr(t, "second SIGTERM: exiting now") != NULL, "log: %s", t);
+    free(t);
 }
 
 static void test_stale_and_foreign_files(void)
@@ -1576,6 +1704,7 @@ int main(void)
     moe_test_run("openai python", test_openai_python);
     moe_test_run("SIGTERM finishes in-flight", test_sigterm_finishes_in_flight);
     moe_test_run("SIGTERM: grace period runs out", test_sigterm_grace_expires);
+    moe_test_run("second SIGTERM exits at once", test_second_sigterm);
     moe_test_run("stale socket, foreign file", test_stale_and_foreign_files);
     moe_test_run("prefix reuse: second turn cached, output identical", test_prefix_reuse);
     moe_test_run("KV pool smaller than the requests", test_kv_pool_wait);
