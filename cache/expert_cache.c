@@ -805,6 +805,13 @@ void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *
     out->uploads_timed = cs.timed;
     out->upload_timed_bytes = cs.timed_bytes;
     out->upload_s = cs.busy_s;
+    /* the store's error counters: why loads failed */
+    struct moe_io_stats io;
+    moe_expert_src_stats(c->src, &io);
+    out->checksum_errors = io.checksum_errors;
+    out->format_errors = io.format_errors;
+    out->io_errors = io.io_errors;
+    out->read_retries = io.read_retries;
 }
 
 int moe_expert_cache_layer_stats(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,

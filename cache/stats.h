@@ -10,6 +10,11 @@
 struct moe_cache_stats {
     uint64_t hits, misses;          /* acquires that found the expert / started a load */
     uint64_t loads_ok, loads_failed, evictions;
+    /* Of the failed loads, from the expert store (io/expert_src.h): blobs
+     * whose checksum did not match, malformed or truncated ones, read
+     * errors; and reads requeued after a transient error or a short count
+     * (bounded: a storm beyond the bound fails the load). */
+    uint64_t checksum_errors, format_errors, io_errors, read_retries;
     uint64_t bytes_loaded;
     double stall_s;                 /* time the engine spent waiting for loads */
     uint64_t prefetch_issued, prefetch_used, prefetch_wasted, prefetch_dropped;

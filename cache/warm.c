@@ -11,6 +11,7 @@
 #include <xxhash.h>
 
 #include "common/alloc.h"
+#include "common/fault.h"
 #include "io/file.h"
 
 #define WARM_MAGIC "MOEWARM1"
@@ -83,8 +84,10 @@ int moe_warm_write(const char *path, const struct moe_warm *w, struct moe_diag *
     uint64_t off = 0;
     int rc = moe_file_pwrite(fd, &h, sizeof(h), off);
     off += sizeof(h);
+    /* fault injection (common/fault.h): the disk fills after the header */
     if (rc == 0)
-        rc = moe_file_pwrite(fd, w->uses, (size_t)uses_bytes(w), off);
+        rc = moe_fault_fire(MOE_FAULT_ENOSPC, -1, -1) ? -ENOSPC
+                                                      : moe_file_pwrite(fd, w->uses, (size_t)uses_bytes(w), off);
     off += uses_bytes(w);
     if (rc == 0 && hist) {
         rc = moe_file_pwrite(fd, w->tr_tok, (size_t)table_bytes(w), off);

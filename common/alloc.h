@@ -26,6 +26,14 @@ char *moe_strndup(const char *s, size_t n);
 
 /* Fail every allocation after `n` more have succeeded; n < 0 disables. */
 void moe_alloc_fail_after(long n);
+/* Let `skip` more allocations succeed, then fail `count` (-1: every one
+ * from then on), then succeed again: one failure in the middle of a running
+ * program (common/fault.h's alloc kind). count 0 disarms. */
+void moe_alloc_fail_window(long skip, long count);
+/* Allocations through these wrappers that returned NULL so far (injected
+ * or real): lets a caller tell a library's "out of memory" from its other
+ * errors when the library does not (jansson's parser, for one). */
+long moe_alloc_failed(void);
 /* Allocations made through moe_malloc/calloc/realloc(NULL,..) and not freed. */
 long moe_alloc_live(void);
 

@@ -101,8 +101,14 @@ static void send_json(struct moed_conn *c, int status, json_t *j)
 static json_t *load_body(struct moed_conn *c, const struct moed_http_request *rq)
 {
     json_error_t jerr;
+    const long failed0 = moe_alloc_failed();
     json_t *root = json_loadb(rq->body, rq->body_len, JSON_REJECT_DUPLICATES, &jerr);
-    if (root == NULL)
+    /* jansson reports some allocation failures as syntax errors (a string
+     * it could not store): an allocation that failed meanwhile is the cause */
+    if (root == NULL && (json_error_code(&jerr) == json_error_out_of_memory ||
+                         moe_alloc_failed() != failed0))
+        moed_conn_send_error(c, 500, "server_error", NULL, "out of memory reading the request body");
+    else if (root == NULL)
         moed_conn_send_error(c, 400, "invalid_request_error", NULL, "invalid JSON at line %d"
                              " column %d: %s", jerr.line, jerr.column, jerr.text);
     return root;
@@ -657,7 +663,7 @@ static bool submit_generate(struct moed_api *a, struct moed_conn *c, json_t *roo
     r->anthropic = anthropic;
     struct moed_parse_error pe;
     if (!moed_parse_generate(a->eng, cfg, root, chat, r, &pe)) {
-        gen_error(c, anthropic, 400, pe.param, pe.msg);
+        gen_error(c, anthropic, pe.status, pe.param, pe.msg);
         moed_req_unref(r);
         return false;
     }
@@ -785,7 +791,9 @@ static void tokenize_answer(struct moed_api *a, struct moed_conn *c, json_t *roo
         ids = moe_malloc((need ? need : 1) * sizeof(int32_t));
         rc = ids ? moe_tokenize(tok, t, tl, add_special, parse_special, ids, need, &need) : -ENOMEM;
     }
-    if (rc) {
+    if (rc == -ENOMEM) {
+        moed_conn_send_error(c, 500, "server_error", NULL, "out of memory tokenizing 'content'");
+    } else if (rc) {
         moed_conn_send_error(c, 400, "invalid_request_error", "content", "cannot tokenize: %s",
                              moe_strerror(rc));
     } else {
@@ -848,7 +856,9 @@ static void detokenize_answer(struct moed_api *a, struct moed_conn *c, json_t *r
             txt = moe_malloc(need + 1);
             rc = txt ? moe_detokenize(tok, ids, n, txt, need, false, false, &need) : -ENOMEM;
         }
-        if (rc)
+        if (rc == -ENOMEM)
+            moed_conn_send_error(c, 500, "server_error", NULL, "out of memory detokenizing");
+        else if (rc)
             moed_conn_send_error(c, 400, "invalid_request_error", "tokens", "cannot detokenize: %s",
                                  moe_strerror(rc));
         else
@@ -926,6 +936,14 @@ static json_t *cache_json(const struct stats_snapshot *st)
                                                 "stall_s", st->ls[l].stall_s));
     json_object_set_new(c, "layers", layers);
     json_object_set_new(c, "pinned", json_integer(st->pinned));
+    /* loads and why they failed (RELIABILITY.md rows 4, 5) */
+    json_object_set_new(c, "loads", json_pack("{s:I, s:I, s:I, s:I, s:I, s:I}",
+                                              "ok", (json_int_t)cs->loads_ok,
+                                              "failed", (json_int_t)cs->loads_failed,
+                                              "checksum_errors", (json_int_t)cs->checksum_errors,
+                                              "format_errors", (json_int_t)cs->format_errors,
+                                              "io_errors", (json_int_t)cs->io_errors,
+                                              "read_retries", (json_int_t)cs->read_retries));
     return c;
 }
 
@@ -1046,6 +1064,21 @@ static void prom_cache(struct prom *p, const struct stats_snapshot *st)
     for (size_t k = 0; k < sizeof(pf) / sizeof(pf[0]); k++)
         prom_printf(p, "moed_expert_prefetch_total{outcome=\"%s\"} %llu\n", pf[k].outcome,
                     (unsigned long long)pf[k].v);
+    prom_family(p, "moed_expert_loads_total", "counter", "Expert loads by outcome.");
+    prom_printf(p, "moed_expert_loads_total{outcome=\"ok\"} %llu\n"
+                "moed_expert_loads_total{outcome=\"failed\"} %llu\n",
+                (unsigned long long)cs->loads_ok, (unsigned long long)cs->loads_failed);
+    prom_family(p, "moed_expert_load_errors_total", "counter",
+                "Failed expert loads by cause: checksum mismatch, malformed or truncated blob,"
+                " read error.");
+    prom_printf(p, "moed_expert_load_errors_total{kind=\"checksum\"} %llu\n"
+                "moed_expert_load_errors_total{kind=\"format\"} %llu\n"
+                "moed_expert_load_errors_total{kind=\"io\"} %llu\n",
+                (unsigned long long)cs->checksum_errors, (unsigned long long)cs->format_errors,
+                (unsigned long long)cs->io_errors);
+    prom_family(p, "moed_expert_read_retries_total", "counter",
+                "Expert reads requeued after a transient error or a short count (bounded).");
+    prom_printf(p, "moed_expert_read_retries_total %llu\n", (unsigned long long)cs->read_retries);
     for (size_t k = 0; k < sizeof(layer_metrics) / sizeof(layer_metrics[0]); k++) {
         prom_family(p, layer_metrics[k].name, "counter", layer_metrics[k].help);
         for (int l = 0; l < st->n_layers; l++) {

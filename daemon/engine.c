@@ -751,7 +751,8 @@ static bool step(struct moed_engine *e)
     const bool cached = moe_model_cache_stats(e->model, &c0);
     struct moe_diag d = { 0 };
     const double t0 = moed_now();
-    int rc = atomic_load(&e->fatal) ? MOE_EGPU_FATAL : moe_model_forward_multi(e->model, segs, ns, &d);
+    const int frc = atomic_load(&e->fatal) ? MOE_EGPU_FATAL : moe_model_forward_multi(e->model, segs, ns, &d);
+    int rc = frc;
     if (rc == 0 && e->fault_fatal_at >= 0 && (long)e->st.steps >= e->fault_fatal_at)
         rc = moe_diag_set(&d, MOE_EGPU_FATAL, "injected fatal backend error (MOED_FAULT_FATAL_STEP)");
     if (rc == MOE_EGPU_FATAL && !atomic_exchange(&e->fatal, true))
@@ -772,8 +773,17 @@ static bool step(struct moed_engine *e)
         r->misses += c1.misses - c0.misses;
         pthread_mutex_unlock(&r->mu);
         if (rc) {
-            finish(e, r, MOED_ERROR, d.msg);
-            continue;
+            /* a failed expert load fails only the sequences routed to it
+             * (moe_model_forward_failed); any other error fails them all */
+            struct moe_diag sd = { 0 };
+            const int src = frc != 0 && rc != MOE_EGPU_FATAL && frc != MOE_EGPU_FATAL
+                                ? moe_model_forward_failed(e->model, j, &sd) : rc;
+            if (src != 0) {
+                const char *msg = src == rc && frc == 0 ? d.msg : sd.msg[0] ? sd.msg : d.msg;
+                LOG_W("req=%llu failed: %s", (unsigned long long)r->id, msg);
+                finish(e, r, MOED_ERROR, msg);
+                continue;
+            }
         }
         if (r->n_fed < r->n_prompt) {
             r->n_fed += segs[j].n;

@@ -12,6 +12,7 @@
 
 #include "common/alloc.h"
 #include "common/buf.h"
+#include "common/fault.h"
 #include "daemon/api.h"
 #include "daemon/config.h"
 #include "daemon/engine.h"
@@ -161,6 +162,8 @@ int main(int argc, char **argv)
         moed_server_free(srv);
         return 1;
     }
+    /* test hook (common/fault.h): fail the Nth allocation from here on */
+    moe_fault_arm_alloc();
     int rc = moed_server_run(srv, moed_api_model_id(api), &moed_api_handlers, api, &d);
     if (rc)
         fprintf(stderr, "moed: %s\n", d.msg);

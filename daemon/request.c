@@ -24,6 +24,7 @@ struct fields {
     struct moed_req *r;
     char err[512];
     const char *err_param;
+    bool oom;                 /* the error is ours (out of memory): 500, not 400 */
 };
 
 static bool get_number(struct fields *f, json_t *root, const char *key, double lo, double hi,
@@ -101,6 +102,13 @@ static bool failf(struct fields *f, const char *param, const char *fmt, ...)
     return false;
 }
 
+/* An allocation failed: the request was fine, the server answers 500. */
+static bool fail_oom(struct fields *f, const char *param)
+{
+    f->oom = true;
+    return failf(f, param, "out of memory reading '%s'", param);
+}
+
 /* logit_bias: {"token id": bias, ...}, ids checked against the vocabulary
  * by the engine's sampler too. */
 #define MAX_LOGIT_BIAS 1024
@@ -120,7 +128,7 @@ static bool parse_logit_bias(struct fields *f, json_t *root, int n_vocab)
     r->bias_id = moe_calloc(n, sizeof(int32_t));
     r->bias = moe_calloc(n, sizeof(float));
     if (r->bias_id == NULL || r->bias == NULL)
-        return fail(f, "logit_bias", "out of memory");
+        return fail_oom(f, "logit_bias");
     const char *key;
     json_t *v;
     int k = 0;
@@ -375,7 +383,7 @@ static bool parse_common(struct fields *f, json_t *root, bool chat, const struct
                 return fail(f, "stop", "'stop': strings must not contain NUL");
             r->stop[r->n_stop] = moe_strndup(json_string_value(s), len);
             if (r->stop[r->n_stop] == NULL)
-                return fail(f, "stop", "out of memory");
+                return fail_oom(f, "stop");
             r->n_stop++;
         }
     }
@@ -415,6 +423,8 @@ static bool tokenize_into(struct fields *f, const struct moe_tokenizer *tok, con
         rc = r->prompt ? moe_tokenize(tok, text, len, true, parse_special, r->prompt, need, &need)
                        : -ENOMEM;
     }
+    if (rc == -ENOMEM)
+        return fail_oom(f, param);
     if (rc) {
         snprintf(f->err, sizeof(f->err), "'%s': cannot tokenize: %s", param, moe_strerror(rc));
         f->err_param = param;
@@ -441,7 +451,7 @@ static bool parse_prompt(struct fields *f, json_t *root, struct moed_engine *e)
         return fail(f, "prompt", "'prompt' has more tokens than the context");
     f->r->prompt = moe_malloc(n * sizeof(int32_t));
     if (f->r->prompt == NULL)
-        return fail(f, "prompt", "out of memory");
+        return fail_oom(f, "prompt");
     const int V = moed_engine_n_vocab(e);
     for (size_t i = 0; i < n; i++) {
         json_t *t = json_array_get(p, i);
@@ -473,13 +483,13 @@ static bool text_parts(struct fields *f, size_t i, json_t *content, char **owned
         }
         if (moe_buf_append(&b, json_string_value(tx), json_string_length(tx)) != 0) {
             moe_buf_free(&b);
-            return fail(f, "messages", "out of memory");
+            return fail_oom(f, "messages");
         }
     }
     size_t len = 0;
     *owned = moe_buf_take(&b, &len);
     if (*owned == NULL)
-        return fail(f, "messages", "out of memory");
+        return fail_oom(f, "messages");
     if (strlen(*owned) != len)
         return failf(f, "messages", "'messages'[%zu].content contains NUL", i);
     return true;
@@ -505,7 +515,7 @@ static bool hermes_message(struct fields *f, size_t i, json_t *m, struct moe_cha
         return true;
     }
     if (text == NULL)
-        return fail(f, "messages", "out of memory");
+        return fail_oom(f, "messages");
     moe_free(*owned);
     *owned = text;
     msg->content = text;
@@ -562,7 +572,7 @@ static bool hermes_system(struct fields *f, const struct moed_tools *t, struct m
     }
     char *text = moed_tools_hermes_system(t, msgs[0].content);
     if (text == NULL)
-        return fail(f, "tools", "out of memory");
+        return fail_oom(f, "tools");
     moe_free(owned[0]);
     owned[0] = text;
     msgs[0].content = text;
@@ -738,7 +748,7 @@ static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e
     char **owned = moe_calloc(n + 1, sizeof(char *));
     bool ok = msgs && owned;
     if (!ok)
-        fail(f, "messages", "out of memory");
+        fail_oom(f, "messages");
     for (size_t i = 0; ok && i < n; i++)
         ok = parse_message(f, i, json_array_get(ms, i), &msgs[i], &owned[i], hermes);
     size_t nm = n;
@@ -748,7 +758,10 @@ static bool parse_messages(struct fields *f, json_t *root, struct moed_engine *e
     size_t len = 0;
     if (ok) {
         struct moe_diag d = { 0 };
-        if (moe_chat_template_apply(tpl, msgs, nm, true, eos, &text, &len, &d) != 0)
+        const int arc = moe_chat_template_apply(tpl, msgs, nm, true, eos, &text, &len, &d);
+        if (arc == -ENOMEM)
+            ok = fail_oom(f, "messages");
+        else if (arc != 0)
             ok = fail(f, "messages", d.msg);
     }
     if (ok) {
@@ -770,12 +783,14 @@ bool moed_get_bool(json_t *root, const char *key, bool *out, struct moed_parse_e
         return true;
     snprintf(pe->msg, sizeof(pe->msg), "%s", f.err);
     pe->param = f.err_param;
+    pe->status = 400;
     return false;
 }
 
 bool moed_parse_generate(struct moed_engine *e, const struct moed_config *cfg, json_t *root,
                          bool chat, struct moed_req *r, struct moed_parse_error *pe)
 {
+    pe->status = 400;   /* unless an allocation fails (500) */
     struct fields f = { .r = r };
     const int n_ctx = moed_engine_n_ctx(e);
     bool ok = json_is_object(root) || fail(&f, NULL, "request body must be a JSON object");
@@ -793,6 +808,7 @@ bool moed_parse_generate(struct moed_engine *e, const struct moed_config *cfg, j
     if (!ok) {
         snprintf(pe->msg, sizeof(pe->msg), "%s", f.err);
         pe->param = f.err_param;
+        pe->status = f.oom ? 500 : 400;
         return false;
     }
     if (r->max_tokens > n_ctx - r->n_prompt)

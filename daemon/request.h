@@ -16,6 +16,7 @@ struct moed_parse_error {
     char msg[512];
     const char *param;      /* the field at fault (a static string, or a key of the
                                request's JSON: valid while that lives), or NULL */
+    int status;             /* 400 (the request), or 500 (out of memory here) */
 };
 
 /* Fills r (prompt, sampling, stop, logprobs, max_tokens clipped to the

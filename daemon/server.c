@@ -50,6 +50,7 @@ struct moed_conn {
     char auth[264];               /* the client's key (Authorization: Bearer, x-api-key) */
     size_t auth_len;
     bool auth_overlong;
+    bool oom;                     /* an allocation for the request failed */
     struct moe_buf body;          /* limit: max_body_bytes */
     /* bytes that arrived while a response was in progress (pipelining) */
     struct moe_buf pending;       /* limit: one maximal request */
@@ -90,6 +91,10 @@ struct moed_server {
     uint64_t http_by_class[6];    /* 1xx..5xx */
     uint64_t http_requests;
     uint64_t answering;           /* connections with an answer in progress */
+    /* One connection object kept in reserve: when allocating one fails, the
+     * pending connection is still accepted (into this) and closed, since
+     * libuv stops accepting until the callback accepts. */
+    struct moed_conn *spare;
 };
 
 
@@ -125,6 +130,10 @@ static void conn_free(struct moed_conn *c)
     s->n_conns--;
     moe_buf_free(&c->body);
     moe_buf_free(&c->pending);
+    if (s->spare == NULL && !s->shutting_down) {
+        s->spare = c;   /* the reserve was used: this one takes its place */
+        return;
+    }
     moe_free(c);
 }
 
@@ -411,7 +420,7 @@ static int on_message_begin(http_parser *p)
     c->hname_len = 0;
     c->hname_done = false;
     c->expect_continue = false;
-    c->too_large_headers = c->too_large_body = false;
+    c->too_large_headers = c->too_large_body = c->oom = false;
     c->auth_len = 0;
     c->auth_overlong = false;
     moe_buf_clear(&c->body);   /* keeps its memory for the next request */
@@ -535,6 +544,8 @@ static int on_body(http_parser *p, const char *at, size_t n)
     int rc = moe_buf_append(&c->body, at, n);   /* limit: max_body_bytes */
     if (rc == MOE_ELIMIT)
         c->too_large_body = true;
+    else if (rc != 0)
+        c->oom = true;
     return rc != 0;
 }
 
@@ -625,6 +636,8 @@ static void conn_feed(struct moed_conn *c, const char *data, size_t len)
                 moed_conn_send_error(c, 431, "invalid_request_error", NULL,
                                 "request line and headers exceed %d bytes (max_header_bytes)",
                                 c->srv->cfg.max_header_bytes);
+            else if (c->oom)
+                moed_conn_send_error(c, 500, "server_error", NULL, "out of memory reading the request");
             else if (c->too_large_body)
                 moed_conn_send_error(c, 413, "invalid_request_error", NULL,
                                 "request body exceeds %lld bytes (max_body_bytes)",
@@ -678,14 +691,27 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     struct moed_conn *c = moe_calloc(1, sizeof(*c));
-    if (c == NULL)
-        return;
+    const bool reserve = c == NULL;
+    if (reserve) {
+        /* out of memory: accept into the reserve and close at once, or
+         * libuv would accept nothing more */
+        c = s->spare;
+        s->spare = NULL;
+        if (c == NULL) {
+            LOG_E("accept: out of memory, and the reserve connection is in use");
+            return;
+        }
+        memset(c, 0, sizeof(*c));
+    }
     c->srv = s;
     c->id = ++s->next_conn_id;
     int rc = server == (uv_stream_t *)&s->pipe ? uv_pipe_init(s->loop, &c->io.pipe, 0)
                                                 : uv_tcp_init(s->loop, &c->io.tcp);
     if (rc) {
-        moe_free(c);
+        if (reserve)
+            s->spare = c;
+        else
+            moe_free(c);
         return;
     }
     c->io.h.data = c;
@@ -702,6 +728,11 @@ static void on_connection(uv_stream_t *server, int status)
     c->keep_alive = true;
     c->is_tcp = server == (uv_stream_t *)&s->tcp;
     if (uv_accept(server, &c->io.s) != 0 || s->shutting_down) {
+        conn_close(c);
+        return;
+    }
+    if (reserve) {
+        LOG_W("conn %llu: out of memory for the connection; closing it", (unsigned long long)c->id);
         conn_close(c);
         return;
     }
@@ -965,6 +996,11 @@ struct moed_server *moed_server_new(const struct moed_config *cfg, int argc, cha
     s->argv = argv;
     s->lock_fd = -1;
     s->t_start = uv_hrtime();
+    s->spare = moe_calloc(1, sizeof(*s->spare));
+    if (s->spare == NULL) {
+        moe_free(s);
+        return NULL;
+    }
     uv_async_init(s->loop, &s->async, on_async);
     s->async.data = s;
     return s;
@@ -997,6 +1033,13 @@ int moed_server_run(struct moed_server *s, const char *name, const struct moed_h
     int rc = open_socket(s, d);
     if (rc) {
         close_listeners(s);
+        /* the loop's own handles too (moed counts its fds at exit), once
+         * nothing can wake it any more */
+        if (h->stopped)
+            h->stopped(ud);
+        uv_walk(s->loop, close_all, NULL);
+        uv_run(s->loop, UV_RUN_DEFAULT);
+        uv_loop_close(s->loop);
         return rc;
     }
     uv_signal_init(s->loop, &s->sig_term);
@@ -1041,5 +1084,6 @@ void moed_server_free(struct moed_server *s)
     if (s == NULL)
         return;
     unlink_socket(s);
+    moe_free(s->spare);
     moe_free(s);
 }

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "common/alloc.h"
+#include "common/fault.h"
 #include "common/log.h"
 #include "common/queue.h"
 #include "io/expert_src.h"
@@ -60,6 +61,10 @@ struct moe_expert_src {
     pthread_cond_t pool_cv;
     struct moe_queue urgent, prefetch, decode;
     bool stopping, io_done;
+    /* fault injection (common/fault.h): the file ranges of the reads in
+     * flight for the targeted expert(s); I/O thread only */
+    struct { uint64_t off, end; const struct lreq *r; } fr[32];
+    unsigned n_fr;
     _Atomic uint64_t st_ok, st_failed, st_cks, st_fmt, st_io, st_cancel, st_stored, st_raw;
 };
 
@@ -80,6 +85,52 @@ static uint64_t up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
 /* ---- I/O thread -------------------------------------------------------- */
 
+/* A read of a targeted expert: its range, for the fault hook. */
+static void fault_track(struct moe_expert_src *s, const struct lreq *r, uint64_t off, uint64_t len)
+{
+    const enum moe_fault_kind k = moe_fault_spec()->kind;
+    if (k == MOE_FAULT_NONE || s->n_fr == sizeof(s->fr) / sizeof(s->fr[0]) ||
+        !moe_fault_wants(k, (long)r->layer, (long)r->expert))
+        return;
+    s->fr[s->n_fr].off = off;
+    s->fr[s->n_fr].end = off + len;
+    s->fr[s->n_fr++].r = r;
+}
+
+static void fault_untrack(struct moe_expert_src *s, const struct lreq *r)
+{
+    for (unsigned i = 0; i < s->n_fr;)
+        if (s->fr[i].r == r)
+            s->fr[i] = s->fr[--s->n_fr];
+        else
+            i++;
+}
+
+/* The reader's fault hook: changes the result of a read that overlaps a
+ * targeted expert's bytes (I/O thread). */
+static int fault_hook(void *ctx, uint64_t offset, size_t len, int res)
+{
+    struct moe_expert_src *s = ctx;
+    bool hit = false;
+    for (unsigned i = 0; i < s->n_fr && !hit; i++)
+        hit = offset < s->fr[i].end && offset + len > s->fr[i].off;
+    if (!hit)
+        return res;
+    const enum moe_fault_kind k = moe_fault_spec()->kind;
+    switch (k) {
+    case MOE_FAULT_EIO:
+        return moe_fault_fire(k, -1, -1) ? -EIO : res;
+    case MOE_FAULT_EAGAIN:
+        return moe_fault_fire(k, -1, -1) ? -EAGAIN : res;
+    case MOE_FAULT_EOF:
+        return moe_fault_fire(k, -1, -1) ? 0 : res;
+    case MOE_FAULT_SHORT:
+        return res > 1 && moe_fault_fire(k, -1, -1) ? res / 2 : res;
+    default:
+        return res;
+    }
+}
+
 static void read_done(void *arg, int status)
 {
     struct lreq *r = arg;
@@ -88,6 +139,8 @@ static void read_done(void *arg, int status)
     if (--r->reads > 0)
         return;
     struct moe_expert_src *s = r->s;
+    if (s->n_fr)
+        fault_untrack(s, r);
     pthread_mutex_lock(&s->mu);
     q_push(&s->decode, r);
     pthread_cond_signal(&s->pool_cv);
@@ -109,6 +162,7 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
         const uint64_t bulk = down(n, A), tail = n - bulk;
         r->reads = tail ? 2 : 1;
         r->fail_off = r->blob.offset;
+        fault_track(s, r, r->blob.offset, n);
         rc = moe_uring_read(s->io, r->blob.offset, r->dst, (size_t)bulk, (size_t)bulk, -1, read_done, r);
         if (rc < 0) {
             r->reads = 0;
@@ -123,6 +177,7 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
     } else if (s->pack) {
         size_t len = (size_t)up(r->blob.stored_size, A);
         r->reads = 1;
+        fault_track(s, r, r->blob.offset, r->blob.stored_size);
         r->fail_off = r->blob.offset;
         rc = moe_uring_read(s->io, r->blob.offset, r->st->buf, len, (size_t)r->blob.stored_size,
                             r->st->index, read_done, r);
@@ -138,6 +193,7 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
             uint64_t off = sl->src_offset + (uint64_t)r->expert * sl->size;
             uint64_t a0 = down(off, A), a1 = up(off + sl->size, A);
             r->pos[k] = pos + (size_t)(off - a0);
+            fault_track(s, r, off, sl->size);
             rc = moe_uring_read(s->io, a0, r->st->buf + pos, (size_t)(a1 - a0),
                                 (size_t)(off + sl->size - a0), r->st->index, read_done, r);
             if (rc < 0) {
@@ -150,8 +206,10 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
     }
     if (rc < 0) {
         r->status = rc;
-        if (r->reads == 0)
+        if (r->reads == 0) {
+            fault_untrack(s, r);
             q_push(&s->decode, r);
+        }
         pthread_cond_signal(&s->pool_cv);
     }
 }
@@ -207,11 +265,18 @@ static int decode(struct moe_expert_src *s, struct lreq *r, struct moe_codec_dct
                             r->fail_off, r->status == MOE_EFORMAT ? "unexpected end of file "
                             "(truncated?)" : moe_strerror(r->status));
     }
+    /* fault injection: one flipped byte of the blob as read */
+    const bool flip = s->pack && moe_fault_spec()->kind == MOE_FAULT_CHECKSUM &&
+                      moe_fault_fire(MOE_FAULT_CHECKSUM, (long)r->layer, (long)r->expert);
     if (r->direct) {
         const uint64_t bulk = down(r->blob.stored_size, s->align);
         memcpy((uint8_t *)r->dst + bulk, r->st->buf, (size_t)(r->blob.stored_size - bulk));
+        if (flip)
+            ((uint8_t *)r->dst)[r->blob.stored_size / 2] ^= 0x5a;
         return moe_pack_check_blob(s->pack, &r->blob, r->dst, diag);
     }
+    if (flip)
+        r->st->buf[r->blob.stored_size / 2] ^= 0x5a;
     if (s->pack)
         return moe_pack_decode_blob(s->pack, &r->blob, d, r->st->buf, r->dst, r->dst_size, diag);
     const struct moe_expert_layout *L = &s->layouts[r->layer];
@@ -381,6 +446,9 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
     }
     moe_uring_register_buffers(s->io, iov, s->n_stages);
     moe_free(iov);
+    /* fault injection (tests: MOE_FAULT_INJECT, or moe_fault_set in-process);
+     * without a fault the hook sees no tracked range and returns at once */
+    moe_uring_set_fault_hook(s->io, fault_hook, s);
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->pool_cv, NULL);
     sync_ok = true;
@@ -489,7 +557,8 @@ int moe_expert_src_load(struct moe_expert_src *s, uint32_t layer, uint32_t exper
     }
     struct lreq *r = moe_calloc(1, sizeof(*r));
     if (r == NULL)
-        return moe_diag_set(diag, -ENOMEM, "%s: out of memory", s->path);
+        return moe_diag_set(diag, -ENOMEM, "%s: expert (layer %u, expert %u): out of memory for the"
+                            " load", s->path, layer, expert);
     *r = (struct lreq){ .s = s, .layer = layer, .expert = expert, .dst = dst,
                         .dst_size = dst_size, .cb = cb, .arg = arg, .blob = b };
     pthread_mutex_lock(&s->mu);
@@ -574,5 +643,6 @@ void moe_expert_src_stats(struct moe_expert_src *s, struct moe_io_stats *o)
     *o = (struct moe_io_stats){ .loads_ok = s->st_ok, .loads_failed = s->st_failed,
                                 .checksum_errors = s->st_cks, .format_errors = s->st_fmt,
                                 .io_errors = s->st_io, .cancelled = s->st_cancel,
-                                .stored_bytes = s->st_stored, .raw_bytes = s->st_raw };
+                                .stored_bytes = s->st_stored, .raw_bytes = s->st_raw,
+                                .read_retries = moe_uring_retries(s->io) };
 }

@@ -66,6 +66,7 @@ struct moe_io_stats {
     uint64_t checksum_errors, format_errors, io_errors, cancelled;
     uint64_t stored_bytes;   /* read from the file (useful bytes) */
     uint64_t raw_bytes;      /* delivered into destinations */
+    uint64_t read_retries;   /* reads requeued after -EAGAIN, -EINTR or a short count (bounded) */
 };
 
 struct moe_expert_src;

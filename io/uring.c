@@ -3,6 +3,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +18,7 @@
 #include "common/queue.h"
 #include "io/uring.h"
 
-#define MAX_RETRIES 64   /* -EAGAIN/-EINTR/zero-progress resubmissions of one request */
+#define MAX_RETRIES MOE_URING_MAX_RETRIES   /* -EAGAIN/-EINTR resubmissions of one request */
 
 struct rop {                 /* one moe_uring_read */
     struct moe_qnode qn;     /* in ops while it has bytes not yet split */
@@ -56,6 +57,7 @@ struct moe_uring {
     struct rop *done_head;           /* finished, callbacks to run (a stack) */
     moe_uring_fault_fn fault;
     void *fault_ctx;
+    _Atomic uint64_t retries;        /* requeued after -EAGAIN, -EINTR or a short read */
     bool logged_uring, logged_direct, logged_reg;
 };
 
@@ -184,6 +186,11 @@ bool moe_uring_is_direct(const struct moe_uring *r) { return r->direct; }
 unsigned moe_uring_queue_depth(const struct moe_uring *r) { return r->qd; }
 unsigned moe_uring_pending(const struct moe_uring *r) { return r->pending; }
 
+uint64_t moe_uring_retries(const struct moe_uring *r)
+{
+    return r ? r->retries : 0;
+}
+
 void moe_uring_set_fault_hook(struct moe_uring *r, moe_uring_fault_fn fn, void *ctx)
 {
     r->fault = fn;
@@ -303,6 +310,7 @@ static bool req_complete(struct moe_uring *r, struct req *q, int res)
             /* an O_DIRECT remainder may be misaligned: finish it buffered */
             if (q->off % r->align || (uintptr_t)q->buf % r->align || q->len % r->align)
                 q->buffered = true;
+            r->retries++;
             retry_push(r, q);
             return false;
         }
@@ -311,6 +319,7 @@ static bool req_complete(struct moe_uring *r, struct req *q, int res)
              * else the file is shorter than its index says */
             res = q->off >= q->op->off + q->op->need ? 0 : MOE_EFORMAT;
         } else if (++q->retries <= MAX_RETRIES) {
+            r->retries++;
             retry_push(r, q);
             return false;
         }

@@ -97,6 +97,11 @@ void moe_uring_wake(struct moe_uring *r);
 
 void moe_uring_set_fault_hook(struct moe_uring *r, moe_uring_fault_fn fn, void *ctx);
 
+/* Requests requeued so far after -EAGAIN, -EINTR or a short read (each at
+ * most MOE_URING_MAX_RETRIES times in a row without progress). Any thread. */
+uint64_t moe_uring_retries(const struct moe_uring *r);
+#define MOE_URING_MAX_RETRIES 64
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,6 +7,7 @@
  * it, and each output lands in its (token, slot) row, so the order in which
  * experts are computed never changes the result. */
 #include <errno.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "cache/expert_cache.h"
@@ -212,6 +213,42 @@ static int expert_ffn_cached(struct moe_model *m, const struct layer *L, int e, 
                       b->down >= 0 ? (const float *)(blob + b->down) : NULL);
 }
 
+/* Expert e of layer il could not be loaded (rc, message in d): every
+ * sequence with a token routed to it fails alone (its status and message
+ * set, the first error kept), its rows of the expert's output are zeroed
+ * so that the batch's arithmetic stays finite, and the other sequences of
+ * the batch go on. A sticky backend error fails the whole pass instead. */
+static int expert_failed(struct moe_model *m, int il, int e, int rc, const struct moe_diag *d)
+{
+    if (rc == MOE_EGPU_FATAL)
+        return rc;
+    const int K = m->cfg.n_expert_used, E = m->cfg.n_embd;
+    const int cnt = m->a.expert_count[e];
+    const int32_t *list = m->a.tok_by_expert + m->a.expert_start[e];
+    for (int i = 0; i < cnt; i++) {
+        const int64_t t = list[i] / K;
+        for (int j = 0; j < m->a.n_segs; j++) {
+            struct seg *g = &m->a.segs[j];
+            if (t < g->off || t >= g->off + g->n)
+                continue;
+            if (g->status == 0) {
+                g->status = rc;
+                if (d->msg[0]) {
+                    const size_t l = strnlen(d->msg, sizeof(g->err) - 1);
+                    memcpy(g->err, d->msg, l);   /* a long path is cut */
+                    g->err[l] = '\0';
+                } else
+                    snprintf(g->err, sizeof(g->err), "layer %d, expert %d: %s", il, e, moe_strerror(rc));
+            }
+            break;
+        }
+        TRY(m->be->ops->fill(m->be, m->a.slot_out + (size_t)list[i] * E, 0.0f, E));
+    }
+    moe_log(MOE_LOG_WARN, "expert (layer %d, expert %d) failed to load; the sequences routed to it"
+            " fail: %s", il, e, d->msg[0] ? d->msg : moe_strerror(rc));
+    return 0;
+}
+
 /* The layer's experts through the cache: pin the ready ones and start loads
  * for the others, compute what is ready, then each missing expert as soon as
  * it arrives; release each right after its compute so that a cache of one
@@ -242,8 +279,12 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
             if (r == -EAGAIN)
                 break; /* every slot pinned: compute what we hold first */
             if (r < 0) {
-                rc = r;
-                break;
+                /* the load could not start (nothing stays pinned) */
+                rc = expert_failed(m, il, m->ex.pend_e[j], r, &d);
+                moe_diag_clear(&d);
+                m->ex.pend_state[j] = DONE;
+                remaining--;
+                continue;
             }
             if (r == 1) {
                 rc = expert_ffn_cached(m, L, m->ex.pend_e[j], blob);
@@ -283,8 +324,13 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
         const uint8_t *blob = NULL;
         rc = moe_expert_cache_wait_any(m->ex.cache, wl, we, nw, &which, &blob, &d);
         const int j = wi[which];
-        if (rc == 0)
+        if (rc == 0) {
             rc = expert_ffn_cached(m, L, m->ex.pend_e[j], blob);
+        } else {
+            /* its load failed: the slot is released below and never cached */
+            rc = expert_failed(m, il, m->ex.pend_e[j], rc, &d);
+            moe_diag_clear(&d);
+        }
         moe_expert_cache_release(m->ex.cache, il, m->ex.pend_e[j]);
         m->ex.pend_state[j] = DONE;
         remaining--;

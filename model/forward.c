@@ -234,10 +234,23 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
         TRY(moe_block(m, il, n, tok0, route, ud, diag));
         if (pf)
             moe_model_experts_prefetch(m, il, n);
+        /* sequences fail alone when an expert of theirs failed to load
+         * (experts.c); once every one has, nothing is left to compute */
+        int failed = 0;
+        for (int i = 0; i < m->a.n_segs; i++)
+            failed += m->a.segs[i].status != 0;
+        if (failed == m->a.n_segs) {
+            m->step++;
+            return moe_diag_set(diag, m->a.segs[0].status, "%s", m->a.segs[0].err);
+        }
     }
     if (decode)
         moe_prefetch_gov_step(&m->ex.gov, pf, mono_s() - t0);
+    /* a sequence that failed alone keeps its position, and its rows are
+     * never published for reuse */
     for (int i = 0; i < m->a.n_segs; i++) {
+        if (m->a.segs[i].status != 0)
+            continue;
         m->a.segs[i].s->pos += (int)m->a.segs[i].n;
         moe_seq_publish(m->a.segs[i].s);
     }
@@ -274,6 +287,7 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
         s->toks[s->pos + t] = tokens[t];
     }
     m->a.segs[0] = (struct seg){ .s = s, .off = 0, .n = n };
+    m->a.segs[0].err[0] = '\0';
     m->a.n_segs = 1;
     TRY(ops->get_rows(be, m->a.x, &m->w.tok_embd, tokens, (int)n));
     TRY(forward_layers(m, n, tok0, route, ud, diag));
@@ -290,8 +304,40 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
     return 0;
 }
 
+static int forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, int n_segs,
+                         struct moe_diag *diag);
+
 int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, int n_segs,
                             struct moe_diag *diag)
+{
+    m->a.n_segs = 0;
+    m->a.fwd_rc = 0;
+    moe_diag_clear(&m->a.fwd_diag);
+    int rc = forward_multi(m, segs, n_segs, &m->a.fwd_diag);
+    if (rc == 0)
+        return 0;
+    /* some sequences failed alone (segs[].status), or all of them together */
+    bool alone = false;
+    for (int i = 0; i < m->a.n_segs; i++)
+        alone |= m->a.segs[i].status != 0;
+    if (!alone)
+        m->a.fwd_rc = rc;
+    return moe_diag_set(diag, rc, "%s", m->a.fwd_diag.msg);
+}
+
+int moe_model_forward_failed(const struct moe_model *m, int i, struct moe_diag *diag)
+{
+    if (i >= 0 && i < m->a.n_segs && m->a.segs[i].status != 0)
+        return moe_diag_set(diag, m->a.segs[i].status, "%s", m->a.segs[i].err);
+    if (m->a.fwd_rc != 0)
+        return moe_diag_set(diag, m->a.fwd_rc, "%s", m->a.fwd_diag.msg);
+    if (i < 0 || i >= m->a.n_segs)
+        return moe_diag_set(diag, -EINVAL, "forward: no batch entry %d", i);
+    return 0;
+}
+
+static int forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, int n_segs,
+                         struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const struct moe_backend_ops *ops = m->be->ops;
@@ -330,6 +376,7 @@ int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *seg
     for (int i = 0; i < n_segs && rc == 0; i++) {
         const struct moe_batch_seg *g = &segs[i];
         m->a.segs[i] = (struct seg){ .s = g->seq, .off = off, .n = g->n };
+        m->a.segs[i].err[0] = '\0';
         for (int t = 0; t < g->n; t++) {
             m->a.pos[off + t] = g->seq->pos + t;
             m->a.kvrow[off + t] = moe_seq_row(g->seq, g->seq->pos + t);
@@ -343,16 +390,33 @@ int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *seg
         rc = forward_layers(m, n, 0, NULL, NULL, diag);
     for (int i = 0; i < n_segs && rc == 0; i++) {
         const struct moe_batch_seg *g = &segs[i];
-        if (g->logits == NULL)
+        if (g->logits == NULL || m->a.segs[i].status != 0)
             continue;
         const float *last = m->a.x + (m->a.segs[i].off + g->n - 1) * c->n_embd;
         rc = ops->rmsnorm(be, m->a.xn, last, m->w.output_norm, 1, c->n_embd, c->rms_eps);
         if (rc == 0)
             rc = output_logits(m, m->a.xn, 1, g->logits);
     }
-    if (rc)
+    if (rc) {
+        int failed = 0;
+        for (int i = 0; i < m->a.n_segs; i++)
+            failed += m->a.segs[i].status != 0;
+        if (failed == m->a.n_segs)   /* each failed alone (forward_layers stopped) */
+            return rc;
+        for (int i = 0; i < m->a.n_segs; i++)   /* not their own failure: all fail */
+            m->a.segs[i].status = 0;
         return moe_diag_set(diag, rc, "forward of %d sequences (%" PRId64 " tokens): %s", n_segs,
                             n, moe_strerror(rc));
+    }
+    for (int i = 0; i < m->a.n_segs; i++)
+        if (m->a.segs[i].status != 0) {
+            int failed = 0;
+            for (int j = 0; j < m->a.n_segs; j++)
+                failed += m->a.segs[j].status != 0;
+            return moe_diag_set(diag, m->a.segs[i].status, "forward: %d of %d sequences failed"
+                                " (moe_model_forward_failed); the first: %s", failed, m->a.n_segs,
+                                m->a.segs[i].err);
+        }
     return 0;
 }
 

@@ -76,6 +76,8 @@ struct bound {
 struct seg {
     struct moe_seq *s;
     int64_t off, n;
+    int status;          /* 0, or the error that failed this sequence alone */
+    char err[256];       /* its message (names the file, layer and expert) */
 };
 
 /* Weights bound from the file, or their copies in backend memory. */
@@ -101,6 +103,8 @@ struct model_acts {
     int32_t *kvrow;                      /* host [n_batch]: each token's row in the KV pool */
     struct seg *segs;                    /* host [n_batch]: the sequences of this batch */
     int n_segs;
+    int fwd_rc;                          /* the last forward_multi's error for every sequence */
+    struct moe_diag fwd_diag;            /* (0: none, or each failed alone: segs[].status) */
     int32_t *tok_by_expert;              /* host [n_batch * k]: (token*k + slot) grouped by expert */
     int32_t *row_idx;                    /* host [n_batch * k]: token rows of one expert's batch */
     float *logits_dev;                   /* [logit_rows][n_vocab] */

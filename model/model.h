@@ -221,9 +221,22 @@ struct moe_batch_seg {
  * sequence share each layer's matmuls and, above all, each expert's load and
  * compute. Each sequence's result equals moe_model_forward() of its own
  * tokens. The sequences must be distinct; the tokens in all must not exceed
- * n_batch. On error, positions are unchanged only if validation failed. */
+ * n_batch. On error, positions are unchanged only if validation failed.
+ *
+ * Failure isolation: when an expert fails to load (an I/O error, a
+ * checksum mismatch, a truncated store), only the sequences with a token
+ * routed to it fail; the others' results are complete and exactly what
+ * they would have been without the failure. The call then returns that
+ * error and moe_model_forward_failed() tells each segment's fate. */
 int moe_model_forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, int n_segs,
                             struct moe_diag *diag);
+/* After moe_model_forward_multi() returned an error: 0 when segment i
+ * nevertheless completed (its position advanced, its logits written), or
+ * the error that failed it with its message in diag (naming the file,
+ * layer and expert when an expert's load failed it). A failed segment's
+ * position is unchanged; its KV cache past that position is unspecified.
+ * Valid until the next forward call. */
+int moe_model_forward_failed(const struct moe_model *m, int i, struct moe_diag *diag);
 
 #ifdef __cplusplus
 }

@@ -654,6 +654,15 @@ static void test_metrics_equal_stats(void)
         snprintf(s, sizeof(s), "moed_expert_prefetch_total{outcome=\"%s\"}", pfo[k]);
         CHECK_NEAR(metric(m, s), JV(pf, pfo[k]), 0);
     }
+    json_t *ld = json_object_get(ec, "loads");
+    CHECK_NEAR(metric(m, "moed_expert_loads_total{outcome=\"ok\"}"), JV(ld, "ok"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_loads_total{outcome=\"failed\"}"), JV(ld, "failed"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_load_errors_total{kind=\"checksum\"}"), JV(ld, "checksum_errors"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_load_errors_total{kind=\"format\"}"), JV(ld, "format_errors"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_load_errors_total{kind=\"io\"}"), JV(ld, "io_errors"), 0);
+    CHECK_NEAR(metric(m, "moed_expert_read_retries_total"), JV(ld, "read_retries"), 0);
+    CHECK(JV(ld, "ok") > 0);
+    CHECK_NEAR(JV(ld, "failed"), 0, 0);
     json_t *layers = json_object_get(ec, "layers");
     CHECK(json_array_size(layers) > 0);
     for (size_t l = 0; l < json_array_size(layers); l++) {
@@ -678,7 +687,9 @@ static void test_metrics_equal_stats(void)
         "moed_queue_depth gauge", "moed_running_sequences gauge",
         "moed_expert_cache_hits_total counter", "moed_expert_cache_misses_total counter",
         "moed_expert_bytes_loaded_total counter", "moed_expert_stall_seconds_total counter",
-        "moed_expert_prefetch_total counter", "moed_expert_layer_hits_total counter",
+        "moed_expert_prefetch_total counter", "moed_expert_loads_total counter",
+        "moed_expert_load_errors_total counter", "moed_expert_read_retries_total counter",
+        "moed_expert_layer_hits_total counter",
         "moed_expert_layer_misses_total counter", "moed_expert_layer_bytes_loaded_total counter",
         "moed_expert_layer_stall_seconds_total counter", "moed_prompt_tokens_cached_total counter",
         "moed_prefix_lookups_total counter", "moed_prefix_hit_rate gauge", "moed_kv_blocks gauge",
