@@ -65,7 +65,8 @@ static json_t *info_json(const struct moe_gguf *g, const struct moe_hparams *hp,
     const char *ftn = moe_file_type_name(hp->file_type);
     json_object_set_new(o, "file_type_name", ftn ? json_string(ftn) : json_null());
     struct { const char *k; uint64_t v; } ints[] = {
-        { "n_layer", hp->n_layer }, { "n_embd", hp->n_embd }, { "n_head", hp->n_head },
+        { "n_layer", hp->n_layer }, { "n_layer_nextn", hp->n_layer_nextn },
+        { "n_embd", hp->n_embd }, { "n_head", hp->n_head },
         { "n_head_kv", hp->n_head_kv }, { "head_dim", hp->head_dim }, { "head_dim_v", hp->head_dim_v },
         { "n_rot", hp->n_rot }, { "n_ctx_train", hp->n_ctx_train }, { "n_ff", hp->n_ff },
         { "n_expert", hp->n_expert }, { "n_expert_used", hp->n_expert_used },
@@ -81,6 +82,7 @@ static json_t *info_json(const struct moe_gguf *g, const struct moe_hparams *hp,
         { "file_bytes", moe_gguf_file_size(g) }, { "n_parts", moe_gguf_n_parts(g) },
         { "tensor_bytes", sz->total_bytes },
         { "dense_bytes", sz->dense_bytes }, { "expert_bytes", sz->expert_bytes },
+        { "nextn_bytes", sz->nextn_bytes },
         { "n_expert_tensors", sz->n_expert_tensors },
         { "n_moe_layers", sz->n_moe_layers }, { "bytes_per_expert", sz->bytes_per_expert },
         { "bytes_per_expert_avg", sz->bytes_per_expert_avg },
@@ -139,7 +141,10 @@ static void info_text(const struct moe_gguf *g, const struct moe_hparams *hp,
         const char *ftn = moe_file_type_name(hp->file_type);
         printf("file type:         %u (%s)\n", hp->file_type, ftn ? ftn : "unknown");
     }
-    if (hp->n_layer || hp->n_embd)
+    if (hp->n_layer_nextn > 0 && hp->n_layer_nextn < hp->n_layer)
+        printf("layers:            %u + %u NextN/MTP (not run; embd %u, context %u)\n",
+               hp->n_layer - hp->n_layer_nextn, hp->n_layer_nextn, hp->n_embd, hp->n_ctx_train);
+    else if (hp->n_layer || hp->n_embd)
         printf("layers:            %u (embd %u, context %u)\n", hp->n_layer, hp->n_embd,
                hp->n_ctx_train);
     if (hp->n_head)
@@ -200,6 +205,9 @@ static void info_text(const struct moe_gguf *g, const struct moe_hparams *hp,
            " shared experts, embeddings, output)\n", sz->dense_bytes, mib(sz->dense_bytes));
     printf("expert bytes:      %" PRIu64 " (%.2f MiB) in %u MoE layers\n", sz->expert_bytes,
            mib(sz->expert_bytes), sz->n_moe_layers);
+    if (sz->nextn_bytes > 0)
+        printf("NextN/MTP bytes:   %" PRIu64 " (%.2f MiB): not loaded\n", sz->nextn_bytes,
+               mib(sz->nextn_bytes));
     if (sz->bytes_per_expert)
         printf("bytes/expert:      %" PRIu64 " (%.3f MiB; average %" PRIu64 "): one cache slot\n",
                sz->bytes_per_expert, mib(sz->bytes_per_expert), sz->bytes_per_expert_avg);

@@ -33,6 +33,15 @@ static const struct moe_arch_desc archs[] = {
         .expert_bias = true, .swiglu_oai = true, .swiglu_alpha = 1.702f, .swiglu_limit = 7.0f,
         .ffn_norm = "post_attention_norm",
     },
+    {   /* GLM-4.5/4.6/4.7: partial rotary (rope.dimension_count < key_length),
+         * optional q/k/v biases and per-head q/k norms, dense lead layers,
+         * sigmoid routing (the default when expert_gating_func is absent)
+         * with exp_probs_b, a shared expert of expert_shared_count x n_ff_exp */
+        .name = "glm4moe", .arch = MOE_ARCH_GLM4MOE, .always_moe = true, .engine_supported = true,
+        .rope_mode = MOE_ROPE_NEOX, .qkv_bias_optional = true, .qk_norm_optional = true,
+        .gating = MOE_GATING_SIGMOID, .gating_from_keys = true, .sel_bias = true,
+        .shared_count_required = true, .ffn_norm = "post_attention_norm",
+    },
 };
 
 size_t moe_arch_desc_count(void)

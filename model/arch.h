@@ -27,6 +27,7 @@ enum moe_arch {
     MOE_ARCH_OLMOE,
     MOE_ARCH_DEEPSEEK2,
     MOE_ARCH_GPTOSS,
+    MOE_ARCH_GLM4MOE,
 };
 
 struct moe_arch_desc {
@@ -40,6 +41,8 @@ struct moe_arch_desc {
     bool qk_norm;               /* per-head q/k RMSNorm */
     bool qk_norm_full;          /* q/k RMSNorm over the whole projection */
     bool qkv_bias;              /* q/k/v biases */
+    bool qkv_bias_optional;     /* each of attn_{q,k,v}.bias used where present (glm4moe) */
+    bool qk_norm_optional;      /* per-head q/k RMSNorm where attn_{q,k}_norm are present */
     bool attn_out_bias;         /* attention output bias */
     bool sinks;                 /* attention sinks [n_head] */
     bool swa_even_layers;       /* attention.sliding_window applies to even layers */
@@ -49,6 +52,9 @@ struct moe_arch_desc {
     bool gating_from_keys;      /* expert_gating_func / expert_weights_norm / _scale keys
                                  * override the defaults, and sigmoid gating adds the
                                  * exp_probs_b selection bias (deepseek2) */
+    bool sel_bias;              /* exp_probs_b selection bias required whatever the gating */
+    bool shared_count_required; /* expert_shared_count required; shared expert width is
+                                 * expert_shared_count x expert_feed_forward_length */
     bool router_bias;           /* ffn_gate_inp.bias */
     /* FFN */
     bool expert_bias;           /* ffn_{gate,up,down}_exps.bias */

@@ -145,7 +145,9 @@ static int read_gating(const struct moe_hparams *hp, struct moe_model_cfg *c, co
     };
     if (!ad->gating_from_keys)
         return 0;
-    const int func = hp->expert_gating_func ? (int)hp->expert_gating_func : 1;
+    /* absent or 0 (llama.cpp's NONE): the row's default */
+    const int func = hp->expert_gating_func ? (int)hp->expert_gating_func
+                                            : ad->gating == MOE_GATING_SIGMOID ? 2 : 1;
     if (func != 1 && func != 2)
         return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.expert_gating_func %d, expected"
                             " 1 (softmax) or 2 (sigmoid)", path, c->arch_name, func);
@@ -170,7 +172,7 @@ int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct
     snprintf(c->arch_name, sizeof(c->arch_name), "%s", hp.arch);
     const char *arch = c->arch_name;
     c->n_embd = (int)hp.n_embd;
-    c->n_layer = (int)hp.n_layer;
+    c->n_layer = (int)(hp.n_layer - hp.n_layer_nextn); /* the trunk: MTP layers are not run */
     c->n_head = (int)hp.n_head;
     c->n_head_kv = (int)hp.n_head_kv;
     c->n_ctx_train = hp.n_ctx_train ? (int)hp.n_ctx_train : 4096;

@@ -111,9 +111,11 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
         { .y = m->a.v, .w = L->wv, .bias = L->bv, .x = m->a.xn, .n_tok = n },
     };
     TRY(moe_model_matmuls(m, qkv, 3));
-    if (c->ad->qk_norm) {
-        TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n * c->n_head, hd, c->rms_eps));
-        TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n * c->n_head_kv, hd, c->rms_eps));
+    if (c->ad->qk_norm || c->ad->qk_norm_optional) {
+        if (L->q_norm)
+            TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n * c->n_head, hd, c->rms_eps));
+        if (L->k_norm)
+            TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n * c->n_head_kv, hd, c->rms_eps));
     } else if (c->ad->qk_norm_full) {
         TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n, qd, c->rms_eps));
         TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n, kvd, c->rms_eps));

@@ -106,6 +106,7 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
             { "expert_used_count", &hp->n_expert_used },
             { "expert_shared_count", &hp->n_expert_shared },
             { "leading_dense_block_count", &hp->n_layer_dense_lead },
+            { "nextn_predict_layers", &hp->n_layer_nextn },
             { "expert_group_count", &hp->n_expert_groups },
             { "expert_group_used_count", &hp->n_group_used },
             { "expert_gating_func", &hp->expert_gating_func },
@@ -146,7 +147,10 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
         hp->n_head_kv = hp->n_head;
     if (hp->n_rot == 0)
         hp->n_rot = hp->head_dim;
-    if (hp->n_ff_shexp == 0 && hp->n_expert_shared > 0)
+    const struct moe_arch_desc *ad = moe_arch_desc_find(hp->arch);
+    if (ad != NULL && ad->shared_count_required) /* llama.cpp's glm4moe ignores the width key */
+        hp->n_ff_shexp = hp->n_expert_shared * hp->n_ff_exp;
+    else if (hp->n_ff_shexp == 0 && hp->n_expert_shared > 0)
         hp->n_ff_shexp = hp->n_expert_shared * hp->n_ff_exp; /* deepseek2: n shared experts */
     if (hp->n_vocab == 0) {
         const struct moe_gguf_kv *kv = moe_gguf_find_kv(g, "tokenizer.ggml.tokens");
@@ -271,6 +275,17 @@ int moe_hparams_validate(const struct moe_hparams *hp, const struct moe_gguf *g,
     if (hp->n_expert > 0 && hp->n_ff_exp == 0)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s.expert_feed_forward_length'"
                             " (or '%s.feed_forward_length'): the expert FFN width", path, a, a);
+    if (known && d->shared_count_required) {
+        /* required by llama.cpp's loader for these families (0 is allowed: no shared expert) */
+        static const char *const req[] = { "expert_shared_count", "expert_feed_forward_length" };
+        for (size_t i = 0; i < sizeof(req) / sizeof(req[0]); i++) {
+            char key[160];
+            snprintf(key, sizeof(key), "%s.%s", a, req[i]);
+            if (moe_gguf_find_kv(g, key) == NULL)
+                return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s' (required for"
+                                    " architecture '%s')", path, key, a);
+        }
+    }
     if (known && d->mla && hp->kv_lora_rank == 0)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s.attention.kv_lora_rank'"
                             " (required for architecture '%s')", path, a, a);
@@ -309,6 +324,10 @@ int moe_hparams_validate(const struct moe_hparams *hp, const struct moe_gguf *g,
     if (hp->n_layer_dense_lead > hp->n_layer)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.leading_dense_block_count' = %u exceeds"
                             " '%s.block_count' = %u", path, a, hp->n_layer_dense_lead, a, hp->n_layer);
+    if (hp->n_layer_nextn > 0 && hp->n_layer_nextn >= hp->n_layer)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.nextn_predict_layers' = %u leaves no"
+                            " layer of '%s.block_count' = %u", path, a, hp->n_layer_nextn, a,
+                            hp->n_layer);
     if (moe && hp->n_layer_dense_lead == hp->n_layer)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.leading_dense_block_count' = %u leaves"
                             " no MoE layer of %u", path, a, hp->n_layer_dense_lead, hp->n_layer);
@@ -480,7 +499,10 @@ void moe_sizes_compute(struct moe_sizes *s, const struct moe_gguf *g, const stru
         const int layer = moe_tensor_layer(t->name);
         if (layer >= 0 && (uint32_t)layer + 1 > s->n_layers_seen)
             s->n_layers_seen = (uint32_t)layer + 1;
-        if (moe_tensor_is_expert(t->name)) {
+        if (layer >= 0 && hp->n_layer_nextn > 0 && hp->n_layer_nextn < hp->n_layer &&
+            (uint32_t)layer >= hp->n_layer - hp->n_layer_nextn) {
+            s->nextn_bytes += t->size; /* MTP layers: not part of the trunk's pass */
+        } else if (moe_tensor_is_expert(t->name)) {
             s->expert_bytes += t->size;
             s->layer_expert_bytes[layer] += t->size;
             s->n_expert_tensors++;

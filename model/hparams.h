@@ -54,6 +54,8 @@ struct moe_hparams {
     char rope_scaling_type[16]; /* "" if absent */
     uint32_t n_expert, n_expert_used, n_expert_shared;
     uint32_t n_layer_dense_lead;        /* leading_dense_block_count */
+    uint32_t n_layer_nextn;             /* nextn_predict_layers: MTP layers at the end of
+                                         * block_count, not part of the trunk (glm4moe) */
     uint32_t n_expert_groups, n_group_used;
     uint32_t expert_gating_func;        /* 0 absent, 1 softmax, 2 sigmoid, 3 softmax_weight */
     float expert_weights_scale;         /* 0 if absent */
@@ -137,6 +139,8 @@ struct moe_sizes {
     uint64_t layer_expert_bytes[MOE_MAX_LAYERS]; /* per layer index; 0 for dense layers */
     uint32_t n_layers_seen;             /* 1 + the largest blk.N of any tensor (0 if none) */
     uint32_t n_expert_tensors;
+    uint64_t nextn_bytes;               /* tensors of the NextN/MTP layers (not run; in
+                                         * neither dense_bytes nor expert_bytes) */
 };
 
 /* Classifies every tensor of g. n_expert from hp divides the per-layer

@@ -266,6 +266,15 @@ static int bind_attention(struct moe_model *m, int il, struct layer *L, struct m
          (rc = bind_vector(m, NAME("attn_k.bias"), kvd, true, &L->bk, diag)) ||
          (rc = bind_vector(m, NAME("attn_v.bias"), kvd, true, &L->bv, diag))))
         return rc;
+    if (c->ad->qkv_bias_optional &&
+        ((rc = bind_vector(m, NAME("attn_q.bias"), qd, false, &L->bq, diag)) ||
+         (rc = bind_vector(m, NAME("attn_k.bias"), kvd, false, &L->bk, diag)) ||
+         (rc = bind_vector(m, NAME("attn_v.bias"), kvd, false, &L->bv, diag))))
+        return rc;
+    if (c->ad->qk_norm_optional &&
+        ((rc = bind_vector(m, NAME("attn_q_norm.weight"), hd, false, &L->q_norm, diag)) ||
+         (rc = bind_vector(m, NAME("attn_k_norm.weight"), hd, false, &L->k_norm, diag))))
+        return rc;
     if (c->ad->attn_out_bias && (rc = bind_vector(m, NAME("attn_output.bias"), E, true, &L->bo, diag)))
         return rc;
     if (c->ad->sinks && (rc = bind_vector(m, NAME("attn_sinks.weight"), c->n_head, true, &L->sinks, diag)))
@@ -310,7 +319,7 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
         (rc = bind_experts(m, NAME("ffn_up_exps.weight"), E, c->n_ff_exp, &L->up, diag)) ||
         (rc = bind_experts(m, NAME("ffn_down_exps.weight"), c->n_ff_exp, E, &L->down, diag)))
         return rc;
-    if (c->ad->gating_from_keys && c->gating.func == MOE_GATING_SIGMOID &&
+    if (((c->ad->gating_from_keys && c->gating.func == MOE_GATING_SIGMOID) || c->ad->sel_bias) &&
         (rc = bind_vector(m, NAME("exp_probs_b.bias"), c->n_expert, true, &L->sel_bias, diag)))
         return rc;
     L->bias_off = (struct bias_slices){ -1, -1, -1 };

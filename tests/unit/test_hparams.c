@@ -711,6 +711,7 @@ static void test_supported(void)
     CHECK(moe_arch_desc_find(NULL) == NULL);
     CHECK(!moe_arch_desc_find("llama")->always_moe);
     CHECK(moe_arch_desc_find("deepseek2")->mla);
+    CHECK(moe_arch_desc_find("glm4moe")->sel_bias && moe_arch_desc_find("glm4moe")->always_moe);
     /* the list, also into a small buffer (truncated, terminated) */
     char list[256], small[8];
     moe_hparams_supported_archs(list, sizeof(list));

@@ -25,13 +25,13 @@ import gguf
 N_REGULAR = 2000
 
 
-def read_vocab(path):
+def read_vocab(path, n_regular=N_REGULAR):
     r = gguf.GGUFReader(path)
     f = r.fields
     toks = [bytes(f["tokenizer.ggml.tokens"].parts[i]) for i in f["tokenizer.ggml.tokens"].data]
     types = [int(f["tokenizer.ggml.token_type"].parts[i][0]) for i in f["tokenizer.ggml.token_type"].data]
     merges = [bytes(f["tokenizer.ggml.merges"].parts[i]) for i in f["tokenizer.ggml.merges"].data]
-    keep = list(range(N_REGULAR)) + [i for i in range(N_REGULAR, len(toks)) if types[i] == gguf.TokenType.CONTROL]
+    keep = list(range(n_regular)) + [i for i in range(n_regular, len(toks)) if types[i] == gguf.TokenType.CONTROL]
     kept = [toks[i] for i in keep]
     present = set(kept)
     mk = []

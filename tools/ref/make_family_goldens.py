@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Reference data for the 2026 families of issue 22 (glm4moe so far): a
+tiny random-weight F32 GGUF written with the gguf package, its Q8_0
+quantization made by llama.cpp itself (llama_model_quantize), and what
+llama.cpp (llama-cpp-python 0.3.36, CPU, F32 KV cache, one batch, no flash
+attention, no weight repacking: use_extra_bufts off, which AMX CPUs need
+for MoE batches) computes on them.
+
+Writes into tests/fixtures/arch/:
+  tiny-<arch>-F32.gguf, tiny-<arch>-Q8_0.gguf
+  tiny-<arch>-fam.json   {"arch", "n_vocab", "llama_cpp_python",
+                          "seqs": [{"tokens": [...]}...],
+                          "variants": {"F32": [{"greedy": {"ids", "margin"}} per seq], ...}}
+  tiny-<arch>-<VAR>.len<N>.logits.f32   logits of every prompt position, [N][V] f32 LE
+
+The vocabulary is shared/ref's qwen2 vocab trimmed as in make_arch_goldens.py
+(tokenizers of the new families are a separate step of the issue).
+
+Usage: pip install gguf numpy llama-cpp-python==0.3.36
+       python3 tools/ref/make_family_goldens.py [--ref ../shared/ref] [--out tests/fixtures/arch]
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import gguf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_arch_goldens import read_vocab  # noqa: E402
+
+N_REGULAR = 1000   # regular tokens kept: fixtures stay well under 2 MB
+SEQ_LENS = (1, 7, 24)
+N_GREEDY = 16
+
+
+def write_glm4moe(path, seed, vocab):
+    """GLM-4.5 layout: partial rotary (rope dims < head dim), head dim not
+    n_embd / n_head, q/k/v biases, per-head q/k norms, post_attention_norm
+    before the FFN, one dense lead layer, sigmoid routing with exp_probs_b,
+    normalised weights x expert_weights_scale, one shared expert; and one
+    NextN/MTP layer past the trunk (nextn_predict_layers 1, counted in
+    block_count as real GGUFs do), which the trunk's forward pass skips."""
+    tokens, types, merges = vocab
+    rng = np.random.default_rng(seed)
+    E, H, HKV, HD, NROT, L, DENSE, NEXTN = 64, 4, 2, 24, 12, 3, 1, 1
+    X, K, FF, FFX, NSH = 8, 2, 96, 32, 1
+    V = len(tokens)
+    arch = "glm4moe"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("tiny-%s-seed%d" % (arch, seed))
+    w.add_context_length(256)
+    w.add_embedding_length(E)
+    w.add_block_count(L + NEXTN)
+    w.add_nextn_predict_layers(NEXTN)
+    w.add_feed_forward_length(FF)
+    w.add_head_count(H)
+    w.add_head_count_kv(HKV)
+    w.add_key_length(HD)
+    w.add_value_length(HD)
+    w.add_rope_dimension_count(NROT)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(1000000.0)
+    w.add_expert_count(X)
+    w.add_expert_used_count(K)
+    w.add_expert_feed_forward_length(FFX)
+    w.add_expert_shared_count(NSH)
+    w.add_leading_dense_block_count(DENSE)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_norm(True)
+    w.add_expert_weights_scale(2.5)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eos = V - 3
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+
+    def mat(name, n_in, n_out, gain=1.0, n_exp=None):
+        shape = (n_out, n_in) if n_exp is None else (n_exp, n_out, n_in)
+        w.add_tensor(name, (rng.standard_normal(shape) * gain / np.sqrt(n_in)).astype(np.float32))
+
+    def vec(name, n, base=1.0, scale=0.1):
+        w.add_tensor(name, (base + scale * rng.standard_normal(n)).astype(np.float32))
+
+    w.add_tensor("token_embd.weight", rng.standard_normal((V, E)).astype(np.float32))
+    for i in range(L + NEXTN):
+        b = "blk.%d." % i
+        vec(b + "attn_norm.weight", E)
+        mat(b + "attn_q.weight", E, H * HD)
+        mat(b + "attn_k.weight", E, HKV * HD)
+        mat(b + "attn_v.weight", E, HKV * HD)
+        vec(b + "attn_q.bias", H * HD, 0.0)
+        vec(b + "attn_k.bias", HKV * HD, 0.0)
+        vec(b + "attn_v.bias", HKV * HD, 0.0)
+        vec(b + "attn_q_norm.weight", HD)
+        vec(b + "attn_k_norm.weight", HD)
+        mat(b + "attn_output.weight", H * HD, E)
+        vec(b + "post_attention_norm.weight", E)
+        if i < DENSE:
+            mat(b + "ffn_gate.weight", E, FF)
+            mat(b + "ffn_up.weight", E, FF)
+            mat(b + "ffn_down.weight", FF, E)
+            continue
+        mat(b + "ffn_gate_inp.weight", E, X, gain=3.0)
+        vec(b + "exp_probs_b.bias", X, 0.0, 0.5)
+        mat(b + "ffn_gate_exps.weight", E, FFX, n_exp=X)
+        mat(b + "ffn_up_exps.weight", E, FFX, n_exp=X)
+        mat(b + "ffn_down_exps.weight", FFX, E, n_exp=X)
+        mat(b + "ffn_gate_shexp.weight", E, FFX * NSH)
+        mat(b + "ffn_up_shexp.weight", E, FFX * NSH)
+        mat(b + "ffn_down_shexp.weight", FFX * NSH, E)
+        if i >= L:
+            mat(b + "nextn.eh_proj.weight", 2 * E, E)
+            vec(b + "nextn.enorm.weight", E)
+            vec(b + "nextn.hnorm.weight", E)
+            vec(b + "nextn.shared_head_norm.weight", E)
+    vec("output_norm.weight", E)
+    mat("output.weight", E, V)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def no_repack():
+    """Model params with use_extra_bufts off for every Llama() made after."""
+    import llama_cpp.llama_cpp as C
+    orig = C.llama_model_default_params
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+    C.llama_model_default_params = params
+
+
+def quantize(src, dst, ftype):
+    import llama_cpp.llama_cpp as C
+    p = C.llama_model_quantize_default_params()
+    p.nthread = 2
+    p.ftype = ftype
+    rc = C.llama_model_quantize(src.encode(), dst.encode(), p)
+    if rc != 0:
+        raise SystemExit("llama_model_quantize %s failed: %d" % (dst, rc))
+
+
+def run_llama(path, tokens, n_greedy):
+    from llama_cpp import Llama
+    m = Llama(model_path=path, n_ctx=256, n_batch=512, n_ubatch=512, n_threads=2, logits_all=True,
+              type_k=0, type_v=0, flash_attn=False, verbose=False, seed=1)
+    m.reset()
+    m.eval(tokens)
+    V = m.n_vocab()
+    logits = np.array(m.scores[:len(tokens)], dtype=np.float32).reshape(len(tokens), V)
+    ids, margin = [], []
+    last = logits[-1].copy()
+    for _ in range(n_greedy):
+        order = np.argsort(-last, kind="stable")
+        ids.append(int(order[0]))
+        margin.append(float(last[order[0]] - last[order[1]]))
+        m.eval([int(order[0])])
+        last = np.array(m.scores[m.n_tokens - 1], dtype=np.float32)
+    return logits, ids, margin
+
+
+def main():
+    import llama_cpp
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ref", default=os.path.join(os.path.dirname(root), "shared", "ref"))
+    ap.add_argument("--out", default=os.path.join(root, "tests", "fixtures", "arch"))
+    ap.add_argument("--arch", action="append", help="only these families (default: all)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    no_repack()
+    vocab = read_vocab(os.path.join(args.ref, "vocab", "ggml-vocab-qwen2.gguf"), N_REGULAR)
+    families = {"glm4moe": (write_glm4moe, 21, 2)}  # writer, seed, n_expert_used
+    for arch, (writer, seed, n_used) in families.items():
+        if args.arch and arch not in args.arch:
+            continue
+        f32 = os.path.join(args.out, "tiny-%s-F32.gguf" % arch)
+        writer(f32, seed, vocab)
+        q8 = os.path.join(args.out, "tiny-%s-Q8_0.gguf" % arch)
+        quantize(f32, q8, 7)  # LLAMA_FTYPE_MOSTLY_Q8_0
+        rng = np.random.default_rng(seed + 1000)
+        seqs = [[int(t) for t in rng.integers(0, N_REGULAR, size=n)] for n in SEQ_LENS]
+        out = {"arch": arch, "n_expert_used": n_used, "llama_cpp_python": llama_cpp.__version__,
+               "seqs": [{"tokens": s} for s in seqs], "variants": {}}
+        for var, path in (("F32", f32), ("Q8_0", q8)):
+            res = []
+            for s in seqs:
+                logits, ids, margin = run_llama(path, s, N_GREEDY)
+                out["n_vocab"] = int(logits.shape[1])
+                logits.astype("<f4").tofile(os.path.join(
+                    args.out, "tiny-%s-%s.len%d.logits.f32" % (arch, var, len(s))))
+                res.append({"greedy": {"ids": ids, "margin": margin}})
+                print(arch, var, len(s), "ok", ids[:6], "min margin %.3g" % min(margin))
+            out["variants"][var] = res
+        with open(os.path.join(args.out, "tiny-%s-fam.json" % arch), "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
