@@ -185,10 +185,20 @@ static void info_text(const struct moe_gguf *g, const struct moe_hparams *hp,
         printf("shared expert:     FFN %u, resident\n", hp->n_ff_shexp);
     if (hp->n_layer_dense_lead)
         printf("dense layers:      first %u (FFN %u)\n", hp->n_layer_dense_lead, hp->n_ff);
-    if (hp->expert_gating_func || hp->expert_weights_scale > 0.0f || hp->expert_weights_norm)
-        printf("routing:           gating %s, weights %snormalized, scale %g\n",
-               gating_name(hp->expert_gating_func), hp->expert_weights_norm ? "" : "not ",
-               (double)(hp->expert_weights_scale > 0.0f ? hp->expert_weights_scale : 1.0f));
+    /* where the row fixes norm and scale (minimax-m2), the row's rules, not the keys */
+    const struct moe_arch_desc *ad = moe_arch_desc_find(hp->arch);
+    const bool row_rules = ad != NULL && ad->gating_func_key;
+    if (hp->expert_gating_func || hp->expert_weights_scale > 0.0f || hp->expert_weights_norm ||
+        row_rules) {
+        const uint32_t func = hp->expert_gating_func ? hp->expert_gating_func
+                              : ad != NULL && (row_rules || ad->gating_from_keys) ? (uint32_t)ad->gating
+                                                                                   : 0;
+        const bool norm = row_rules ? ad->gating_norm : hp->expert_weights_norm;
+        const float scale = row_rules || hp->expert_weights_scale <= 0.0f ? 1.0f
+                                                                          : hp->expert_weights_scale;
+        printf("routing:           gating %s, weights %snormalized, scale %g\n", gating_name(func),
+               norm ? "" : "not ", (double)scale);
+    }
     if (hp->n_expert_groups)
         printf("expert groups:     %u, %u used\n", hp->n_expert_groups, hp->n_group_used);
     printf("vocabulary:        %u tokens (%s%s%s)\n", hp->n_vocab,

@@ -42,6 +42,15 @@ static const struct moe_arch_desc archs[] = {
         .gating = MOE_GATING_SIGMOID, .gating_from_keys = true, .sel_bias = true,
         .shared_count_required = true, .ffn_norm = "post_attention_norm",
     },
+    {   /* MiniMax-M2: partial rotary, q/k RMSNorm over the whole projection,
+         * sigmoid routing with exp_probs_b and weights always renormalised
+         * (llama.cpp's graph ignores expert_weights_norm/_scale here) */
+        .name = "minimax-m2", .arch = MOE_ARCH_MINIMAX_M2, .always_moe = true,
+        .engine_supported = true, .rope_mode = MOE_ROPE_NEOX, .qkv_bias_optional = true,
+        .qk_norm_full = true, .gating = MOE_GATING_SIGMOID, .gating_norm = true,
+        .gating_func_key = true, .sel_bias = true, .ffn_norm = "ffn_norm",
+        .experts_from_ff = true,
+    },
 };
 
 size_t moe_arch_desc_count(void)

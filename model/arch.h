@@ -28,6 +28,7 @@ enum moe_arch {
     MOE_ARCH_DEEPSEEK2,
     MOE_ARCH_GPTOSS,
     MOE_ARCH_GLM4MOE,
+    MOE_ARCH_MINIMAX_M2,
 };
 
 struct moe_arch_desc {
@@ -52,6 +53,8 @@ struct moe_arch_desc {
     bool gating_from_keys;      /* expert_gating_func / expert_weights_norm / _scale keys
                                  * override the defaults, and sigmoid gating adds the
                                  * exp_probs_b selection bias (deepseek2) */
+    bool gating_func_key;       /* only expert_gating_func overrides the row's gating
+                                 * (absent or 0: the row's); norm and scale are the row's */
     bool sel_bias;              /* exp_probs_b selection bias required whatever the gating */
     bool shared_count_required; /* expert_shared_count required; shared expert width is
                                  * expert_shared_count x expert_feed_forward_length */
@@ -62,6 +65,8 @@ struct moe_arch_desc {
     float swiglu_alpha, swiglu_limit;
     bool shexp_gated;           /* shared expert scaled by sigmoid(ffn_gate_inp_shexp . x) */
     const char *ffn_norm;       /* name of the FFN norm tensor of a layer */
+    bool experts_from_ff;       /* expert width is feed_forward_length (required), and
+                                 * expert_feed_forward_length is required too (minimax-m2) */
     /* YaRN: rope.scaling.yarn_log_multiplier is stored x0.1 and also scales
      * the magnitude of both mscale terms (deepseek2) */
     bool yarn_log_mul_x10;

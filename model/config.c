@@ -143,6 +143,15 @@ static int read_gating(const struct moe_hparams *hp, struct moe_model_cfg *c, co
         .func = ad->gating, .n_expert = c->n_expert, .k = c->n_expert_used,
         .norm = ad->gating_norm, .scale = 1.0f,
     };
+    if (ad->gating_func_key) {
+        const int f = hp->expert_gating_func;
+        if (f != 0 && f != 1 && f != 2)
+            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.expert_gating_func %d, expected"
+                                " 1 (softmax) or 2 (sigmoid)", path, c->arch_name, f);
+        if (f != 0)
+            c->gating.func = f == 2 ? MOE_GATING_SIGMOID : MOE_GATING_SOFTMAX;
+        return 0;
+    }
     if (!ad->gating_from_keys)
         return 0;
     /* absent or 0 (llama.cpp's NONE): the row's default */

@@ -106,7 +106,7 @@ int moe_model_cache_pinned(struct moe_model *m)
 static struct moe_weight expert_weight(const struct expert_tensor *t, int e)
 {
     struct moe_weight w = {
-        .data = t->data + (size_t)e * t->expert_bytes,
+        .data = t->data + (size_t)e * t->expert_stride,
         .dtype = t->dtype,
         .n_in = t->n_in,
         .n_out = t->n_out,

@@ -137,8 +137,9 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
         if (rc && rc != -ENOENT)
             return rc;
     }
-    if (hp->n_ff_exp == 0)
-        hp->n_ff_exp = hp->n_ff;
+    const struct moe_arch_desc *ad = moe_arch_desc_find(hp->arch);
+    if (hp->n_ff_exp == 0 || (ad != NULL && ad->experts_from_ff))
+        hp->n_ff_exp = hp->n_ff; /* minimax-m2: llama.cpp shapes experts by n_ff */
     if (hp->head_dim == 0 && hp->n_head > 0)
         hp->head_dim = hp->n_embd / hp->n_head;
     if (hp->head_dim_v == 0)
@@ -147,7 +148,6 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
         hp->n_head_kv = hp->n_head;
     if (hp->n_rot == 0)
         hp->n_rot = hp->head_dim;
-    const struct moe_arch_desc *ad = moe_arch_desc_find(hp->arch);
     if (ad != NULL && ad->shared_count_required) /* llama.cpp's glm4moe ignores the width key */
         hp->n_ff_shexp = hp->n_expert_shared * hp->n_ff_exp;
     else if (hp->n_ff_shexp == 0 && hp->n_expert_shared > 0)
@@ -275,13 +275,17 @@ int moe_hparams_validate(const struct moe_hparams *hp, const struct moe_gguf *g,
     if (hp->n_expert > 0 && hp->n_ff_exp == 0)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s.expert_feed_forward_length'"
                             " (or '%s.feed_forward_length'): the expert FFN width", path, a, a);
-    if (known && d->shared_count_required) {
+    if (known && (d->shared_count_required || d->experts_from_ff)) {
         /* required by llama.cpp's loader for these families (0 is allowed: no shared expert) */
-        static const char *const req[] = { "expert_shared_count", "expert_feed_forward_length" };
+        const struct { const char *k; bool need; } req[] = {
+            { "expert_feed_forward_length", true },
+            { "feed_forward_length", d->experts_from_ff },
+            { "expert_shared_count", d->shared_count_required },
+        };
         for (size_t i = 0; i < sizeof(req) / sizeof(req[0]); i++) {
             char key[160];
-            snprintf(key, sizeof(key), "%s.%s", a, req[i]);
-            if (moe_gguf_find_kv(g, key) == NULL)
+            snprintf(key, sizeof(key), "%s.%s", a, req[i].k);
+            if (req[i].need && moe_gguf_find_kv(g, key) == NULL)
                 return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s' (required for"
                                     " architecture '%s')", path, key, a);
         }
@@ -433,6 +437,14 @@ int moe_hparams_check_tensors(const struct moe_hparams *hp, const struct moe_ggu
         const bool gate_up = strcmp(sfx, "ffn_gate_exps.weight") == 0 ||
                              strcmp(sfx, "ffn_up_exps.weight") == 0;
         const bool down = strcmp(sfx, "ffn_down_exps.weight") == 0;
+        const bool merged = strcmp(sfx, "ffn_gate_up_exps.weight") == 0;
+        if (merged) {
+            const uint64_t ne[3] = { hp->n_embd, 2 * (uint64_t)hp->n_ff_exp, hp->n_expert };
+            snprintf(what, sizeof(what), "[n_embd %u, 2 x n_ff_exp %u, n_expert %u]", hp->n_embd,
+                     hp->n_ff_exp, hp->n_expert);
+            if ((rc = want_shape(g, t, 3, ne, what, diag)))
+                return rc;
+        }
         if (gate_up || down) {
             const uint64_t ne[3] = { gate_up ? hp->n_embd : hp->n_ff_exp,
                                      gate_up ? hp->n_ff_exp : hp->n_embd, hp->n_expert };

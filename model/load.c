@@ -154,7 +154,52 @@ static int bind_experts(struct moe_model *m, const char *name, int64_t n_in, int
     e->n_out = n_out;
     e->row_bytes = moe_dtype_row_bytes(t->dtype, (uint64_t)n_in, NULL);
     e->expert_bytes = e->row_bytes * (size_t)n_out;
+    e->expert_stride = e->expert_bytes;
     return remember(m, (void **)(void *)&e->data, e->expert_bytes * (size_t)m->cfg.n_expert, diag);
+}
+
+/* An expert's gate and up projections: ffn_gate_exps and ffn_up_exps, or
+ * one merged ffn_gate_up_exps [n_embd, 2 n_ff, n_expert] (newer converters;
+ * llama.cpp's build_moe_ffn takes rows 0..n_ff-1 as gate, n_ff.. as up).
+ * Merged, gate and up are views of the one tensor or of the one slice of
+ * an expert's blob: an expert stays one blob in the cache and the pack. */
+static int bind_gate_up(struct moe_model *m, int il, int64_t n_in, int64_t n_ff,
+                        struct expert_tensor *gate, struct expert_tensor *up, struct moe_diag *diag)
+{
+    char n[96];
+    snprintf(n, sizeof(n), "blk.%d.ffn_gate_up_exps.weight", il);
+    bool merged = false;
+    if (m->ex.src != NULL) { /* a pack's dense section has no expert tensors: the layout */
+        const struct moe_expert_layout *lay = moe_expert_src_layout(m->ex.src, (uint32_t)il);
+        for (uint32_t i = 0; lay && i < lay->n_slices; i++)
+            merged |= strcmp(lay->s[i].name, n) == 0;
+    } else {
+        merged = moe_gguf_find_tensor(m->gguf, n) != NULL;
+    }
+    if (!merged) {
+        int rc;
+        char u[96];
+        snprintf(n, sizeof(n), "blk.%d.ffn_gate_exps.weight", il);
+        snprintf(u, sizeof(u), "blk.%d.ffn_up_exps.weight", il);
+        return (rc = bind_experts(m, n, n_in, n_ff, gate, diag)) ||
+               (rc = bind_experts(m, u, n_in, n_ff, up, diag)) ? rc : 0;
+    }
+    if (m->cfg.ad->expert_bias)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: '%s' with expert biases (%s) is not"
+                            " supported", moe_gguf_path(m->gguf), n, m->cfg.arch_name);
+    int rc = bind_experts(m, n, n_in, 2 * n_ff, gate, diag);
+    if (rc)
+        return rc;
+    const size_t half = gate->row_bytes * (size_t)n_ff;
+    gate->n_out = n_ff;
+    gate->expert_bytes = half;
+    gate->expert_stride = 2 * half;
+    *up = *gate;
+    up->slot_offset = gate->slot_offset + half;
+    if (gate->data == NULL)
+        return 0; /* cache mode: views of the slice */
+    up->data = gate->data + half;
+    return remember(m, (void **)(void *)&up->data, 2 * half * (size_t)m->cfg.n_expert - half, diag);
 }
 
 /* Small F32-convertible tensors [n] or [n, n2] (norms, biases) are
@@ -315,8 +360,7 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
                (rc = bind_matrix(m, NAME("ffn_down.weight"), c->n_ff, E, true, &L->ffn_down, diag))
                    ? rc : 0;
     if ((rc = bind_matrix(m, NAME("ffn_gate_inp.weight"), E, c->n_expert, true, &L->router, diag)) ||
-        (rc = bind_experts(m, NAME("ffn_gate_exps.weight"), E, c->n_ff_exp, &L->gate, diag)) ||
-        (rc = bind_experts(m, NAME("ffn_up_exps.weight"), E, c->n_ff_exp, &L->up, diag)) ||
+        (rc = bind_gate_up(m, il, E, c->n_ff_exp, &L->gate, &L->up, diag)) ||
         (rc = bind_experts(m, NAME("ffn_down_exps.weight"), c->n_ff_exp, E, &L->down, diag)))
         return rc;
     if (((c->ad->gating_from_keys && c->gating.func == MOE_GATING_SIGMOID) || c->ad->sel_bias) &&

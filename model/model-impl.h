@@ -29,6 +29,8 @@ struct expert_tensor {
     uint32_t dtype;
     int64_t n_in, n_out;
     size_t row_bytes, expert_bytes;
+    size_t expert_stride;      /* resident: bytes from one expert's matrix to the next (=
+                                * expert_bytes, or twice it in a merged ffn_gate_up_exps) */
     uint64_t slot_offset;      /* where the slice sits in a cached expert's blob */
 };
 

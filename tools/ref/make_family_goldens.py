@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference data for the 2026 families of issue 22 (glm4moe so far): a
+"""Reference data for the 2026 families of issue 22 (glm4moe, minimax-m2): a
 tiny random-weight F32 GGUF written with the gguf package, its Q8_0
 quantization made by llama.cpp itself (llama_model_quantize), and what
 llama.cpp (llama-cpp-python 0.3.36, CPU, F32 KV cache, one batch, no flash
@@ -127,6 +127,77 @@ def write_glm4moe(path, seed, vocab):
     w.close()
 
 
+def write_minimax_m2(path, seed, vocab):
+    """MiniMax-M2 layout: partial rotary NEOX, head dim key_length, q/k
+    RMSNorm over the whole projection (q [n_head*hd], k [n_head_kv*hd]), no
+    attention biases, sigmoid routing with exp_probs_b and always
+    renormalised weights (llama.cpp's graph ignores expert_weights_norm and
+    _scale for this family), no shared expert, no dense layer. The expert
+    tensors are shaped by feed_forward_length, as llama.cpp's loader reads
+    them; expert_feed_forward_length (required) holds the same value."""
+    tokens, types, merges = vocab
+    rng = np.random.default_rng(seed)
+    E, H, HKV, HD, NROT, L, X, K, FF = 64, 4, 2, 32, 16, 2, 8, 2, 32
+    V = len(tokens)
+    arch = "minimax-m2"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("tiny-%s-seed%d" % (arch, seed))
+    w.add_context_length(256)
+    w.add_embedding_length(E)
+    w.add_block_count(L)
+    w.add_feed_forward_length(FF)
+    w.add_expert_feed_forward_length(FF)
+    w.add_head_count(H)
+    w.add_head_count_kv(HKV)
+    w.add_key_length(HD)
+    w.add_value_length(HD)
+    w.add_rope_dimension_count(NROT)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(5000000.0)
+    w.add_expert_count(X)
+    w.add_expert_used_count(K)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eos = V - 3
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+
+    def mat(name, n_in, n_out, gain=1.0, n_exp=None):
+        shape = (n_out, n_in) if n_exp is None else (n_exp, n_out, n_in)
+        w.add_tensor(name, (rng.standard_normal(shape) * gain / np.sqrt(n_in)).astype(np.float32))
+
+    def vec(name, n, base=1.0, scale=0.1):
+        w.add_tensor(name, (base + scale * rng.standard_normal(n)).astype(np.float32))
+
+    w.add_tensor("token_embd.weight", rng.standard_normal((V, E)).astype(np.float32))
+    for i in range(L):
+        b = "blk.%d." % i
+        vec(b + "attn_norm.weight", E)
+        mat(b + "attn_q.weight", E, H * HD)
+        mat(b + "attn_k.weight", E, HKV * HD)
+        mat(b + "attn_v.weight", E, HKV * HD)
+        vec(b + "attn_q_norm.weight", H * HD)
+        vec(b + "attn_k_norm.weight", HKV * HD)
+        mat(b + "attn_output.weight", H * HD, E)
+        vec(b + "ffn_norm.weight", E)
+        mat(b + "ffn_gate_inp.weight", E, X, gain=3.0)
+        vec(b + "exp_probs_b.bias", X, 0.0, 0.5)
+        mat(b + "ffn_gate_exps.weight", E, FF, n_exp=X)
+        mat(b + "ffn_up_exps.weight", E, FF, n_exp=X)
+        mat(b + "ffn_down_exps.weight", FF, E, n_exp=X)
+    vec("output_norm.weight", E)
+    mat("output.weight", E, V)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def no_repack():
     """Model params with use_extra_bufts off for every Llama() made after."""
     import llama_cpp.llama_cpp as C
@@ -180,7 +251,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     no_repack()
     vocab = read_vocab(os.path.join(args.ref, "vocab", "ggml-vocab-qwen2.gguf"), N_REGULAR)
-    families = {"glm4moe": (write_glm4moe, 21, 2)}  # writer, seed, n_expert_used
+    families = {  # writer, seed, n_expert_used
+        "glm4moe": (write_glm4moe, 21, 2),
+        "minimax-m2": (write_minimax_m2, 22, 2),
+    }
     for arch, (writer, seed, n_used) in families.items():
         if args.arch and arch not in args.arch:
             continue
