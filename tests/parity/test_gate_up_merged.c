@@ -4,10 +4,14 @@
  * ffn_gate_up_exps [n_embd, 2 n_ff, n_expert] (per expert: the gate rows,
  * then the up rows, as llama.cpp's build_moe_ffn splits them). The merged
  * model must compute exactly what the split one does: resident, through
- * the expert cache at its minimum budget, and from a .moe pack (one blob
- * per expert); and match llama.cpp's goldens (max |dlogit| <= 1e-4). */
+ * the expert cache at its minimum budget, from a .moe pack (one blob per
+ * expert) and with the weights uploaded (the GPU data path); and match
+ * llama.cpp's goldens (max |dlogit| <= 1e-4). llama.cpp itself gives
+ * exactly its split goldens on the merged file (checked once with
+ * llama-cpp-python 0.3.36: max |dlogit| 0). */
 #include <jansson.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -79,11 +83,12 @@ static int write_merged(const char *src, const char *dst, int *n_merged)
 }
 
 /* Prompt logits [n][V], then 8 greedy steps' [V] each. */
-static float *run(const char *path, const int32_t *tok, int n, int cache_experts, int *V)
+static float *run(const char *path, const int32_t *tok, int n, int cache_experts, bool upload, int *V)
 {
     struct moe_model *m;
     struct moe_diag d = { 0 };
-    struct moe_model_opts o = { .n_threads = 2, .n_ctx = 64, .cache_experts = cache_experts };
+    struct moe_model_opts o = { .n_threads = 2, .n_ctx = 64, .cache_experts = cache_experts,
+                                .upload_weights = upload };
     if (moe_model_load(&m, path, &o, &d)) {
         printf("  load %s: %s\n", path, d.msg);
         return NULL;
@@ -148,14 +153,16 @@ static void test_deepseek2_merged(void)
         tok[i] = (int32_t)json_integer_value(json_array_get(jt, (size_t)i));
     json_decref(man);
 
-    int V = 0, V2 = 0, V3 = 0, V4 = 0;
-    float *plain = run(src, tok, n, 0, &V), *res = run(merged, tok, n, 0, &V2);
-    float *cached = run(merged, tok, n, 2, &V3), *packed = run(pack, tok, n, 2, &V4);
-    CHECK(plain && res && cached && packed && V == V2 && V == V3 && V == V4);
+    int V = 0, V2 = 0, V3 = 0, V4 = 0, V5 = 0;
+    float *plain = run(src, tok, n, 0, false, &V), *res = run(merged, tok, n, 0, false, &V2);
+    float *cached = run(merged, tok, n, 2, false, &V3), *packed = run(pack, tok, n, 2, false, &V4);
+    float *up = run(merged, tok, n, 0, true, &V5);
+    CHECK(plain && res && cached && packed && up && V == V2 && V == V3 && V == V4 && V == V5);
     const size_t bytes = ((size_t)n + 8) * (size_t)V * sizeof(float);
     CHECK_MSG(memcmp(plain, res, bytes) == 0, "merged resident differs from split");
     CHECK_MSG(memcmp(plain, cached, bytes) == 0, "merged with 2 cache slots differs");
     CHECK_MSG(memcmp(plain, packed, bytes) == 0, "merged from the pack differs");
+    CHECK_MSG(memcmp(plain, up, bytes) == 0, "merged with weights uploaded (GPU data path) differs");
 
     snprintf(path, sizeof(path), "%s/goldens/tiny-deepseek2-F32/len33.logits.f32", ref);
     size_t glen = 0;
@@ -164,7 +171,7 @@ static void test_deepseek2_merged(void)
     double maxd = 0;
     for (size_t i = 0; i < (size_t)n * V; i++)
         maxd = fmax(maxd, fabs((double)res[i] - gold[i]));
-    printf("  deepseek2 merged gate_up: bit-identical to split (resident, 2 slots, pack);"
+    printf("  deepseek2 merged gate_up: bit-identical to split (resident, 2 slots, pack, upload);"
            " max |dlogit| vs llama.cpp %.3g\n", maxd);
     CHECK_MSG(maxd <= 1e-4, "max |dlogit| %g", maxd);
     free(gold);
@@ -172,6 +179,7 @@ static void test_deepseek2_merged(void)
     free(res);
     free(cached);
     free(packed);
+    free(up);
 }
 
 int main(void)
