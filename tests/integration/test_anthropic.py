@@ -14,18 +14,10 @@ against a real moed (issue 23 part 6):
 Skips (77) without anthropic/openai/jsonschema or shared/ref, except in CI."""
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
-def skip(why):
-    if os.environ.get("CI") == "true":
-        print("FAIL: " + why + " (required in CI)")
-        sys.exit(1)
-    print("skip: " + why)
-    sys.exit(77)
+from moed_test import Daemon as _Daemon, check, failures, finish, skip
 
 try:
     import anthropic
@@ -38,11 +30,6 @@ MODEL = os.path.join(os.environ.get("MOE_REF_DIR", ""), "models", "tiny-qwen3moe
 if not MOED or not os.path.exists(MODEL):
     skip("MOED or shared/ref missing")
 
-failures = []
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL: " + what)
 
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                            "unit": {"enum": ["c", "f"]}},
@@ -50,35 +37,11 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
 TOOLS = [{"name": "get_weather", "description": "Weather of a city", "input_schema": SCHEMA}]
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 
-class Daemon:
+class Daemon(_Daemon):
     def __init__(self, tmp, env=None):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        self.p = subprocess.Popen([MOED, "--model", MODEL, "--socket", os.path.join(tmp, "a%d.sock" % self.port),
-                                   "--tcp-port", str(self.port), "--threads", "1", "--ctx-size", "1024",
-                                   "--max-seqs", "2", "--warm-start=false", "--chat-template", "chatml",
-                                   "--model-name", "moed-test-%d" % os.getpid(),
-                                   "--api-key", "k-test"],
-                                  stderr=open(os.path.join(tmp, "moed%d.log" % self.port), "w"),
-                                  env=dict(os.environ, **(env or {})))
-        url = "http://127.0.0.1:%d" % self.port
-        self.a = anthropic.Anthropic(base_url=url, api_key="k-test", max_retries=0)
-        self.o = openai.OpenAI(base_url=url + "/v1", api_key="k-test", max_retries=0)
-        for _ in range(300):
-            try:
-                ids = [m.id for m in self.o.models.list().data]
-                # another test's daemon may have taken the port between bind and listen
-                if ids != ["moed-test-%d" % os.getpid()]:
-                    raise SystemExit("FAIL: port %d answers as %s, not this test's moed" % (self.port, ids))
-                return
-            except openai.APIConnectionError:
-                time.sleep(0.1)
-
-    def stop(self):
-        self.p.terminate()
-        self.p.wait(30)
+        super().__init__(tmp, MODEL, "--chat-template", "chatml", env=env, key="k-test")
+        self.a = anthropic.Anthropic(base_url=self.url, api_key="k-test", max_retries=0)
+        self.o = openai.OpenAI(base_url=self.url + "/v1", api_key="k-test", max_retries=0)
 
 def blocks(msg):
     return [(b.type, getattr(b, "text", None) or getattr(b, "thinking", None) or getattr(b, "name", None))
@@ -177,7 +140,4 @@ with tempfile.TemporaryDirectory() as tmp:
     finally:
         d.stop()
 
-if failures:
-    print("%d check(s) failed" % len(failures))
-    sys.exit(1)
-print("ok: /v1/messages (text, stream, forced tool_use, tool_result, thinking, errors)")
+finish("ok: /v1/messages (text, stream, forced tool_use, tool_result, thinking, errors)")

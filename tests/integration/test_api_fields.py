@@ -6,21 +6,12 @@ stream_options.include_usage adds one last chunk with usage and no choices;
 delta.role comes in the first chat chunk only; response ids differ within a
 run and across restarts. The openai package drives the stream checks.
 Skips (77) without the openai package or shared/ref, except in CI."""
-import http.client
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
-def skip(why):
-    if os.environ.get("CI") == "true":
-        print("FAIL: " + why + " (required in CI)")
-        sys.exit(1)
-    print("skip: " + why)
-    sys.exit(77)
+from moed_test import Daemon as _Daemon, check, failures, finish, skip
 
 try:
     import openai
@@ -32,57 +23,8 @@ MODEL = os.path.join(REF, "models", "tiny-mixtral-Q4_0.gguf")
 if not MOED or not os.path.exists(MODEL):
     skip("MOED or shared/ref missing")
 
-failures = []
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL: " + what)
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-class Daemon:
-    def __init__(self, tmp):
-        self.port = free_port()
-        self.log = open(os.path.join(tmp, "moed-%d.log" % self.port), "w")
-        self.p = subprocess.Popen([MOED, "--model", MODEL, "--socket",
-                                   os.path.join(tmp, "m-%d.sock" % self.port),
-                                   "--tcp-port", str(self.port), "--threads", "1", "--ctx-size", "256",
-                                   "--max-seqs", "2", "--warm-start=false", "--chat-template", "chatml",
-                                   "--model-name", "moed-test-%d" % os.getpid()],
-                                  stderr=self.log)
-        for _ in range(300):
-            try:
-                if self.call("GET", "/health")[0] == 200:
-                    ids = [m["id"] for m in self.call("GET", "/v1/models")[1]["data"]]
-                    if ids != ["moed-test-%d" % os.getpid()]:   # the port was taken meanwhile
-                        raise SystemExit("FAIL: port %d answers as %s" % (self.port, ids))
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit("FAIL: moed did not come up")
-
-    def call(self, method, path, body=None):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        c.request(method, path, json.dumps(body) if body is not None else None,
-                  {"Content-Type": "application/json"})
-        r = c.getresponse()
-        data = r.read()
-        c.close()
-        try:
-            return r.status, json.loads(data)
-        except ValueError:
-            return r.status, data
-
-    def stop(self):
-        self.p.terminate()
-        self.p.wait(30)
-        self.log.close()
+def Daemon(tmp):
+    return _Daemon(tmp, MODEL, "--chat-template", "chatml", ctx=256)
 
 def complete(d, **kw):
     body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
@@ -218,7 +160,4 @@ with tempfile.TemporaryDirectory() as tmp:
     finally:
         d2.stop()
 
-if failures:
-    print("%d check(s) failed" % len(failures))
-    sys.exit(1)
-print("ok: unknown/unsupported fields 400, logit_bias, penalties, seed, include_usage, role, ids")
+finish("ok: unknown/unsupported fields 400, logit_bias, penalties, seed, include_usage, role, ids")

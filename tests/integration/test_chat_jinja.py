@@ -10,23 +10,14 @@
 - a template's raise_exception is a 400 carrying its message;
 - chat_template_kwargs reach the template, and a non-object is a 400.
 Skips (77) without shared/ref, except in CI."""
-import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 
-def skip(why):
-    if os.environ.get("CI") == "true":
-        print("FAIL: " + why + " (required in CI)")
-        sys.exit(1)
-    print("skip: " + why)
-    sys.exit(77)
-
+from moed_test import Daemon as _Daemon, check, failures, skip
 
 MOED, MOECTL = os.environ.get("MOED"), os.environ.get("MOECTL")
 REF = os.environ.get("MOE_REF_DIR", "")
@@ -35,63 +26,15 @@ TEMPLATES = os.path.join(REF, "templates")
 if not MOED or not MOECTL or not os.path.isdir(MODELS) or not os.path.isdir(TEMPLATES):
     skip("MOED, MOECTL or shared/ref (models, templates) missing")
 
-failures = []
 
-
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL: " + what)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-class Daemon:
+class Daemon(_Daemon):
     def __init__(self, tmp, model, *extra):
-        self.port = free_port()
-        self.log_path = os.path.join(tmp, "moed-%d.log" % self.port)
-        self.log = open(self.log_path, "w")
-        self.p = subprocess.Popen([MOED, "--model", model, "--socket", os.path.join(tmp, "m-%d.sock" % self.port),
-                                   "--tcp-port", str(self.port), "--threads", "1", "--ctx-size", "1024",
-                                   "--max-seqs", "1", "--warm-start=false"] + list(extra), stderr=self.log)
-        for _ in range(300):
-            try:
-                if self.call("GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            if self.p.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise SystemExit("FAIL: moed did not come up: " + open(self.log_path).read()[-2000:])
-
-    def call(self, method, path, body=None):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        c.request(method, path, json.dumps(body) if body is not None else None,
-                  {"Content-Type": "application/json"})
-        r = c.getresponse()
-        data = r.read()
-        c.close()
-        try:
-            return r.status, json.loads(data)
-        except ValueError:
-            return r.status, data
+        super().__init__(tmp, model, *extra, seqs=1)
 
     def chat(self, messages, **kw):
         body = dict(messages=messages, max_tokens=2, temperature=0)
         body.update(kw)
         return self.call("POST", "/v1/chat/completions", body)
-
-    def stop(self):
-        self.p.terminate()
-        self.p.wait(30)
-        self.log.close()
 
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},

@@ -7,18 +7,10 @@ keyword outside the subset is a 400 naming its path. Streaming gives the same
 text. Skips (77) without openai/jsonschema or shared/ref, except in CI."""
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
-def skip(why):
-    if os.environ.get("CI") == "true":
-        print("FAIL: " + why + " (required in CI)")
-        sys.exit(1)
-    print("skip: " + why)
-    sys.exit(77)
+from moed_test import Daemon as _Daemon, check, failures, finish, skip
 
 try:
     import jsonschema
@@ -59,33 +51,11 @@ SCHEMAS = {
                                                      "minItems": 1, "maxItems": 4}]},
 }
 
-failures = []
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL: " + what)
 
 def run(model, tmp):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    log = open(os.path.join(tmp, "moed.log"), "w")
-    p = subprocess.Popen([MOED, "--model", model, "--socket", os.path.join(tmp, "m.sock"),
-                          "--tcp-port", str(port), "--threads", "1", "--ctx-size", "512",
-                          "--max-seqs", "4", "--warm-start=false", "--chat-template", "chatml",
-                                   "--model-name", "moed-test-%d" % os.getpid()],
-                         stderr=log)
+    d = _Daemon(tmp, model, "--chat-template", "chatml", ctx=512, seqs=4)
     try:
-        c = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % port, api_key="none", max_retries=0)
-        for _ in range(300):
-            try:
-                ids = [m.id for m in c.models.list().data]
-                if ids != ["moed-test-%d" % os.getpid()]:
-                    raise SystemExit("FAIL: port %d answers as %s, not this test's moed" % (port, ids))
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.1)
+        c = openai.OpenAI(base_url=d.url + "/v1", api_key="none", max_retries=0)
         n_ok = 0
         for name, schema in SCHEMAS.items():
             rf = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
@@ -121,14 +91,9 @@ def run(model, tmp):
             check(ok, "json_object seed %d: %r (%s)" % (seed, text, r.choices[0].finish_reason))
         print("%s: %d schema answers valid" % (os.path.basename(model), n_ok))
     finally:
-        p.terminate()
-        p.wait(30)
-        log.close()
+        d.stop()
 
 with tempfile.TemporaryDirectory() as tmp:
     for m in MODELS:
         run(m, tmp)
-if failures:
-    print("%d check(s) failed" % len(failures))
-    sys.exit(1)
-print("ok: structured output")
+finish("ok: structured output")

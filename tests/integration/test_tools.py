@@ -13,18 +13,10 @@
 Skips (77) without openai/jsonschema or shared/ref, except in CI."""
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 
-def skip(why):
-    if os.environ.get("CI") == "true":
-        print("FAIL: " + why + " (required in CI)")
-        sys.exit(1)
-    print("skip: " + why)
-    sys.exit(77)
+from moed_test import Daemon as _Daemon, check, failures, finish, skip
 
 try:
     import jsonschema
@@ -36,11 +28,6 @@ MODEL = os.path.join(os.environ.get("MOE_REF_DIR", ""), "models", "tiny-qwen3moe
 if not MOED or not os.path.exists(MODEL):
     skip("MOED or shared/ref missing")
 
-failures = []
-def check(cond, what):
-    if not cond:
-        failures.append(what)
-        print("FAIL: " + what)
 
 WEATHER = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 16},
@@ -54,33 +41,10 @@ TOOLS = [
 ]
 SCHEMA = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
-class Daemon:
+class Daemon(_Daemon):
     def __init__(self, tmp, env=None):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        self.p = subprocess.Popen([MOED, "--model", MODEL, "--socket", os.path.join(tmp, "m%d.sock" % self.port),
-                                   "--tcp-port", str(self.port), "--threads", "1", "--ctx-size", "1024",
-                                   "--max-seqs", "2", "--warm-start=false", "--chat-template", "chatml",
-                                   "--model-name", "moed-test-%d" % os.getpid()],
-                                  stderr=open(os.path.join(tmp, "moed%d.log" % self.port), "w"),
-                                  env=dict(os.environ, **(env or {})))
-        self.c = openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.port, api_key="none",
-                               max_retries=0)
-        for _ in range(300):
-            try:
-                ids = [m.id for m in self.c.models.list().data]
-                # another test's daemon may have taken the port between bind and listen
-                if ids != ["moed-test-%d" % os.getpid()]:
-                    raise SystemExit("FAIL: port %d answers as %s, not this test's moed" % (self.port, ids))
-                return
-            except openai.APIConnectionError:
-                time.sleep(0.1)
-
-    def stop(self):
-        self.p.terminate()
-        self.p.wait(30)
+        super().__init__(tmp, MODEL, "--chat-template", "chatml", env=env)
+        self.c = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0)
 
 def collect(stream):
     """A stream's reasoning, content, tool calls (merged by index) and finish."""
@@ -190,7 +154,4 @@ with tempfile.TemporaryDirectory() as tmp:
     finally:
         d.stop()
 
-if failures:
-    print("%d check(s) failed" % len(failures))
-    sys.exit(1)
-print("ok: tool calls (forced, streamed, round trip), reasoning split")
+finish("ok: tool calls (forced, streamed, round trip), reasoning split")
