@@ -35,6 +35,11 @@ out=$("$MOED" "${common[@]}" --api-key 'has space' 2>&1); rc=$?
 printf 'k1\n' >"$dir/key"; chmod 600 "$dir/key"
 out=$("$MOED" "${common[@]}" --api-key k0 --api-key-file "$dir/key" 2>&1); rc=$?
 [ $rc -ne 0 ] && grep -q "api_key and api_key_file are both set" <<<"$out" || fail "both: rc $rc, '$out'"
+printf '%0300d\n' 0 >"$dir/long"; : >"$dir/empty"
+out=$("$MOED" "${common[@]}" --api-key-file "$dir/long" 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "the key is 300 bytes; at most 255" <<<"$out" || fail "long key file: '$out'"
+out=$("$MOED" "${common[@]}" --api-key-file "$dir/empty" 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "the key is empty" <<<"$out" || fail "empty key file: '$out'"
 out=$("$MOED" "${common[@]}" --api-key-file "$dir/none" 2>&1); rc=$?
 [ $rc -ne 0 ] && grep -q "api_key_file: cannot open $dir/none" <<<"$out" || fail "missing file: '$out'"
 out=$("$MOED" "${common[@]}" --api-key s3cr3t-value --check-config 2>&1)
@@ -58,6 +63,8 @@ python3 -c 'import json,sys; e=json.load(open(sys.argv[1]))["error"]; assert e["
 grep -q "invalid API key" "$dir/body" || fail "wrong key message: $(cat "$dir/body")"
 [ "$(code "$url" -H 'Authorization: Bearer k1x' -d "$body")" = 401 ] || fail "key with a suffix accepted"
 [ "$(code "$url" -H 'Authorization: Bearer k' -d "$body")" = 401 ] || fail "key prefix accepted"
+[ "$(code "$url" -H "Authorization: Bearer k1$(printf '%0400d' 0)" -d "$body")" = 401 ] ||
+  fail "an over-long key header was not refused"
 [ "$(code "$url" -H 'Authorization: Bearer k1' -d "$body")" = 200 ] || fail "right key: $(cat "$dir/body")"
 [ "$(code "$url" -H 'x-api-key: k1' -d "$body")" = 200 ] || fail "x-api-key: $(cat "$dir/body")"
 [ "$(code "http://127.0.0.1:$port/metrics")" = 401 ] || fail "/metrics without a key"

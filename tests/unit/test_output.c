@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/rng.h"
 #include "daemon/output.h"
 #include "tests/harness.h"
 
@@ -140,8 +141,38 @@ static void test_other_formats(void)
     CHECK(moed_tool_fmt_of_template("[TOOL_CALLS]") == MOED_TOOLS_NONE);
 }
 
+/* Random answers made of tag fragments, JSON pieces and text: never a crash
+ * or an over-read (ASan in CI), and streaming byte by byte equals the whole,
+ * in every mode. */
+static void test_random(void)
+{
+    static const char *const frag[] = {
+        "<think>", "</think>", "<tool_call>", "</tool_call>", "<minimax:tool_call>",
+        "</minimax:tool_call>", "<invoke name=\"f\">", "</invoke>", "<parameter name=\"k\">",
+        "</parameter>", "<function=g>", "<parameter=x>", "</function>", "<arg_key>", "</arg_key>",
+        "<arg_value>", "</arg_value>", "{\"name\": \"f\", \"arguments\": {\"a\": 1}}", "{", "}",
+        "\"", "\n", " ", "text", "<", "</", "<tool", "é", "\xff",
+    };
+    uint64_t rng = 12345;
+    int runs = 0;
+    for (int i = 0; i < 3000; i++) {
+        char text[512] = "";
+        const int n = 1 + (int)(moe_splitmix64(&rng) % 12);
+        for (int k = 0; k < n; k++)
+            strncat(text, frag[moe_splitmix64(&rng) % (sizeof(frag) / sizeof(frag[0]))],
+                    sizeof(text) - strlen(text) - 1);
+        const enum moed_tool_fmt f = (enum moed_tool_fmt)(moe_splitmix64(&rng) % 3);
+        struct split s;
+        CHECK_MSG(both(text, i % 2, i % 3 == 0, f, &s), "random answer '%s' (format %d)", text, f);
+        json_decref(s.calls);
+        runs++;
+    }
+    printf("  %d random answers split alike whole and streamed\n", runs);
+}
+
 int main(void)
 {
+    MOE_TEST_RUN(test_random);
     MOE_TEST_RUN(test_reasoning);
     MOE_TEST_RUN(test_hermes);
     MOE_TEST_RUN(test_other_formats);
