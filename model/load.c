@@ -16,6 +16,7 @@
 #include "io/file.h"
 #include "io/gguf.h"
 #include "kernels/cpu/dequant.h"
+#include "kernels/cpu/threadpool.h"
 #include "kernels/cuda.h"
 #include "model/hparams.h"
 #include "model/model-impl.h"
@@ -401,12 +402,6 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
     return 0;
 }
 
-static int n_online_cpus(void)
-{
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    return n > 0 && n < 1024 ? (int)n : 1;
-}
-
 /* Host bookkeeping (ids, positions, lists). */
 static void *scratch(struct moe_model *m, size_t bytes, int *failed)
 {
@@ -580,7 +575,7 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     if (o.backend == MOE_BACKEND_CUDA)
         rc = moe_backend_cuda_create(&m->be, 0, diag);
     else
-        rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : n_online_cpus(), diag);
+        rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : moe_threadpool_default_threads(), diag);
     if (rc)
         goto fail;
     if (!m->be->ops->kv_supports(m->be, m->kv_dtype)) {

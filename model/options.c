@@ -31,7 +31,8 @@ static const struct moe_opt_choice kv_types[] = {
 
 static const struct moe_opt table[] = {
     { "threads", NULL, MOE_OPT_INT, OFF(n_threads), 0, 0, 1024, NULL, "0", 0,
-      "CPU threads for compute (0: all online CPUs)" },
+      "CPU threads for compute (0: one per physical core the process may run on, within a"
+      " cgroup CPU quota)" },
     { "ctx_size", "ctx", MOE_OPT_INT, OFF(n_ctx), 0, 16, 1 << 20, NULL, "4096", 0,
       "context (prompt + output) per sequence, tokens" },
     { "batch_size", NULL, MOE_OPT_INT, OFF(n_batch), 0, 1, 8192, NULL, "512", 0,

@@ -16,6 +16,7 @@
 #include "io/file.h"
 #include "io/gguf.h"
 #include "io/pack.h"
+#include "kernels/cpu/threadpool.h"
 #include "kernels/cuda.h"
 #include "model/hparams.h"
 #include "model/model-impl.h"
@@ -157,8 +158,7 @@ int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_op
     struct model_act_item items[MODEL_ACT_ITEMS];
     size_t shared, per_worker;
     const int n = moe_model_acts_layout(c, p->n_batch, p->n_ctx, &a, items, &shared, &per_worker);
-    const long online = sysconf(_SC_NPROCESSORS_ONLN);
-    const int workers = o->n_threads > 0 ? o->n_threads : online > 0 ? (int)online : 1;
+    const int workers = o->n_threads > 0 ? o->n_threads : moe_threadpool_default_threads();
     p->workspace_bytes = shared + per_worker * (uint64_t)workers;
     for (int i = 0; i < n; i++)
         p->workspace_bytes += items[i].bytes;

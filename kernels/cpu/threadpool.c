@@ -4,14 +4,23 @@
  * tens of microseconds, which on small models is most of the step. So
  * workers spin (with a pause hint) for a short while after each run before
  * sleeping on a condition variable, and the caller spins while waiting for
- * the last worker. Sleep/wake races are closed Dekker-style with sequentially
+ * the last worker. The spin is bounded by time (SPIN_NS), not by a count of
+ * pause instructions, whose latency differs tenfold between CPUs; and a pool
+ * with more threads than the CPUs it may run on does not spin at all, since
+ * a spinning thread would then take the CPU from the thread it waits for, or
+ * from the I/O and decompression threads that feed the expert cache. Sleep/wake races are closed Dekker-style with sequentially
  * consistent atomics: the waker publishes the new generation and then looks
  * at the sleeper count; a sleeper registers and then re-reads the
  * generation under the mutex, so one of them always sees the other. */
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "common/alloc.h"
 #include "kernels/cpu/threadpool.h"
@@ -23,8 +32,37 @@
 #define cpu_relax() ((void)0)
 #endif
 
-/* ~50-100 us of spinning on current x86 cores */
-#define SPIN_ITERS 20000
+/* How long a worker spins after a run, and the caller while it waits for
+ * the last worker, before sleeping: longer than the serial work between two
+ * runs of a decode step (norms, attention of one token, routing), short
+ * enough that idle threads leave the CPU within a fraction of a millisecond. */
+#define SPIN_NS 200000
+/* pause hints between two reads of the clock */
+#define SPIN_CHECK 64
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Spins until cond(arg) holds or budget_ns has passed; returns whether it held. */
+static int spin_until(int (*cond)(void *), void *arg, uint64_t budget_ns)
+{
+    if (budget_ns == 0)
+        return cond(arg);
+    const uint64_t end = now_ns() + budget_ns;
+    for (;;) {
+        for (int i = 0; i < SPIN_CHECK; i++) {
+            if (cond(arg))
+                return 1;
+            cpu_relax();
+        }
+        if (now_ns() >= end)
+            return cond(arg);
+    }
+}
 
 struct moe_threadpool {
     int n_threads;
@@ -36,6 +74,7 @@ struct moe_threadpool {
     atomic_int n_sleeping;             /* workers blocked on start_cv */
     atomic_int caller_sleeping;
     atomic_int stop;
+    uint64_t spin_ns;                  /* 0 when oversubscribed */
 
     moe_task_fn fn;
     void *ctx;
@@ -58,14 +97,27 @@ static void drain(struct moe_threadpool *p, int worker)
     }
 }
 
+struct work_wait {
+    struct moe_threadpool *p;
+    uint64_t seen;
+};
+
+static int work_arrived(void *arg)
+{
+    const struct work_wait *w = arg;
+    return atomic_load(&w->p->generation) != w->seen || atomic_load(&w->p->stop);
+}
+
+static int run_done(void *arg)
+{
+    return atomic_load(&((struct moe_threadpool *)arg)->n_busy) == 0;
+}
+
 static uint64_t wait_for_work(struct moe_threadpool *p, uint64_t seen)
 {
-    for (int i = 0; i < SPIN_ITERS; i++) {
-        uint64_t g = atomic_load(&p->generation);
-        if (g != seen || atomic_load(&p->stop))
-            return g;
-        cpu_relax();
-    }
+    struct work_wait w = { p, seen };
+    if (spin_until(work_arrived, &w, p->spin_ns))
+        return atomic_load(&p->generation);
     pthread_mutex_lock(&p->mu);
     atomic_fetch_add(&p->n_sleeping, 1);
     uint64_t g;
@@ -105,6 +157,7 @@ int moe_threadpool_create(struct moe_threadpool **out, int n_threads)
     if (p == NULL)
         return -ENOMEM;
     p->n_threads = n_threads;
+    p->spin_ns = n_threads > moe_cpus_usable() ? 0 : SPIN_NS;
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->start_cv, NULL);
     pthread_cond_init(&p->done_cv, NULL);
@@ -177,15 +230,100 @@ void moe_threadpool_run(struct moe_threadpool *p, moe_task_fn fn, void *ctx, int
         pthread_mutex_unlock(&p->mu);
     }
     drain(p, 0);
-    for (int i = 0; i < SPIN_ITERS; i++) {
-        if (atomic_load(&p->n_busy) == 0)
-            return;
-        cpu_relax();
-    }
+    if (spin_until(run_done, p, p->spin_ns))
+        return;
     pthread_mutex_lock(&p->mu);
     atomic_store(&p->caller_sleeping, 1);
     while (atomic_load(&p->n_busy) > 0)
         pthread_cond_wait(&p->done_cv, &p->mu);
     atomic_store(&p->caller_sleeping, 0);
     pthread_mutex_unlock(&p->mu);
+}
+
+int moe_threadpool_spins(const struct moe_threadpool *p)
+{
+    return p != NULL && p->spin_ns > 0;
+}
+
+/* The CPU time the cgroup grants, in whole CPUs (rounded up), or 0 without
+ * a quota: cgroup v2's cpu.max, else v1's cfs quota and period. */
+static int cgroup_cpus(void)
+{
+    long long quota = -1, period = 0;
+    FILE *f = fopen("/sys/fs/cgroup/cpu.max", "r");
+    if (f != NULL) {
+        char q[32] = "";
+        if (fscanf(f, "%31s %lld", q, &period) == 2 && strcmp(q, "max") != 0)
+            quota = atoll(q);
+        fclose(f);
+    } else if ((f = fopen("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "r")) != NULL) {
+        if (fscanf(f, "%lld", &quota) != 1)
+            quota = -1;
+        fclose(f);
+        if (quota > 0 && (f = fopen("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "r")) != NULL) {
+            if (fscanf(f, "%lld", &period) != 1)
+                period = 0;
+            fclose(f);
+        }
+    }
+    if (quota <= 0 || period <= 0)
+        return 0;
+    long long n = (quota + period - 1) / period;
+    return n > 1024 ? 1024 : (int)n;
+}
+
+int moe_cpus_usable(void)
+{
+    cpu_set_t set;
+    int n = 0;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0)
+        n = CPU_COUNT(&set);
+    if (n <= 0) {
+        long c = sysconf(_SC_NPROCESSORS_ONLN);
+        n = c > 0 && c < 1024 ? (int)c : 1;
+    }
+    int q = cgroup_cpus();
+    return q > 0 && q < n ? q : n;
+}
+
+int moe_threadpool_default_threads(void)
+{
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) != 0)
+        return moe_cpus_usable();
+    /* one thread per physical core the process may run on: a core's second
+     * hardware thread adds little to matmuls that are bound by memory or by
+     * the vector units, and leaves room for the I/O and decompression threads */
+    enum { MAX_CORES = 1024 };
+    long long seen[MAX_CORES]; /* 8 KiB */
+    int n_cores = 0, n_cpus = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && n_cores < MAX_CORES; cpu++) {
+        if (!CPU_ISSET(cpu, &set))
+            continue;
+        n_cpus++;
+        char path[128];
+        long long pkg = 0, core = cpu;
+        FILE *f;
+        snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/topology/physical_package_id", cpu);
+        if ((f = fopen(path, "r")) != NULL) {
+            if (fscanf(f, "%lld", &pkg) != 1)
+                pkg = 0;
+            fclose(f);
+        }
+        snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/topology/core_id", cpu);
+        if ((f = fopen(path, "r")) != NULL) {
+            if (fscanf(f, "%lld", &core) != 1)
+                core = cpu;
+            fclose(f);
+        }
+        const long long key = (pkg << 32) ^ core;
+        int dup = 0;
+        for (int i = 0; i < n_cores && !dup; i++)
+            dup = seen[i] == key;
+        if (!dup)
+            seen[n_cores++] = key;
+    }
+    int n = n_cores > 0 ? n_cores : n_cpus > 0 ? n_cpus : 1;
+    const int usable = moe_cpus_usable();
+    return n < usable ? n : usable;
 }

@@ -23,5 +23,15 @@ int moe_threadpool_create(struct moe_threadpool **out, int n_threads);
 void moe_threadpool_destroy(struct moe_threadpool *p);
 int moe_threadpool_size(const struct moe_threadpool *p);
 void moe_threadpool_run(struct moe_threadpool *p, moe_task_fn fn, void *ctx, int64_t n_tasks);
+/* Whether the pool's idle threads spin before sleeping (not when it has more
+ * threads than moe_cpus_usable()). */
+int moe_threadpool_spins(const struct moe_threadpool *p);
+
+/* CPUs this process may run on: its affinity mask, bounded by a cgroup CPU
+ * quota (rounded up). */
+int moe_cpus_usable(void);
+/* The default compute thread count: physical cores in the affinity mask
+ * (hardware threads of one core count once), at most moe_cpus_usable(). */
+int moe_threadpool_default_threads(void);
 
 #endif

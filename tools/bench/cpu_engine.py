@@ -13,8 +13,8 @@ Usage: pip install llama-cpp-python==0.3.36 gguf
 Both sides: the prompt is evaluated as one batch (n_batch >= prompt), then
 --gen tokens are decoded one at a time greedily; wall-clock time of each
 phase, best of --reps runs per side (after one untimed warm-up, page cache
-warm). llama.cpp runs with an F32 KV cache and flash attention off, as
-moed's CPU backend computes, and with use_extra_bufts as --extra-bufts says:
+warm). Both keep an F16 KV cache (each one's default) and llama.cpp runs
+with flash attention off, as moed's CPU backend computes, and with use_extra_bufts as --extra-bufts says:
 its extra buffer types (the repacked / AMX weight layouts) crash on MoE
 batches with 0.3.36 on CPUs with AMX, so the default is off, and the table
 says which configuration each row measured. n_vocab is read with
@@ -36,7 +36,7 @@ import numpy as np
 def moed_run(moectl, model, tokens, n_gen, threads):
     cmd = [moectl, "run", "--model", model, "--tokens", ",".join(map(str, tokens)), "-n", str(n_gen + 1),
            "--threads", str(threads), "--ctx-size", str(len(tokens) + n_gen + 8),
-           "--batch-size", str(max(512, len(tokens))), "--stats"]
+           "--batch-size", str(max(512, len(tokens))), "--kv-type", "f16", "--stats"]
     p = subprocess.run(cmd, capture_output=True, text=True, check=True)
     stats = json.loads(p.stderr.strip().splitlines()[-1])
     return stats["prefill_tok_s"], stats["decode_tok_s"]
@@ -44,8 +44,12 @@ def moed_run(moectl, model, tokens, n_gen, threads):
 
 def llama_open(model, ctx, threads, extra_bufts):
     from llama_cpp import Llama
-    kw = dict(model_path=model, n_ctx=ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-              n_threads_batch=threads, type_k=0, type_v=0, flash_attn=False, logits_all=False, verbose=False)
+    # n_batch = n_ctx: llama-cpp-python 0.3.36 keeps n_batch rows of scores
+    # when logits_all is off and writes the last token's logits at row
+    # n_past + n_tokens - 1, which is past them once the context outgrows
+    # n_batch (a prompt of 512 + decode); the micro-batch stays 512
+    kw = dict(model_path=model, n_ctx=ctx, n_batch=max(512, ctx), n_ubatch=512, n_threads=threads,
+              n_threads_batch=threads, type_k=1, type_v=1, flash_attn=False, logits_all=False, verbose=False)
     # llama-cpp-python 0.3.36's Llama() has no argument for it: the field
     # of llama_model_params is set through the defaults it starts from
     import llama_cpp
