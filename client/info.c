@@ -87,6 +87,10 @@ static json_t *info_json(const struct moe_gguf *g, const struct moe_hparams *hp,
         { "n_moe_layers", sz->n_moe_layers }, { "bytes_per_expert", sz->bytes_per_expert },
         { "bytes_per_expert_avg", sz->bytes_per_expert_avg },
         { "token_working_set_bytes", sz->token_working_set },
+        { "ssm_d_conv", hp->ssm_d_conv }, { "ssm_d_inner", hp->ssm_d_inner },
+        { "ssm_d_state", hp->ssm_d_state }, { "ssm_dt_rank", hp->ssm_dt_rank },
+        { "ssm_n_group", hp->ssm_n_group }, { "n_recurrent", moe_hparams_n_recurrent(hp, g) },
+        { "recurrent_state_bytes", moe_hparams_recurrent_state_bytes(hp, g) },
     };
     for (size_t i = 0; i < sizeof(ints) / sizeof(ints[0]); i++)
         json_object_set_new(o, ints[i].k, json_integer((json_int_t)ints[i].v));
@@ -174,6 +178,15 @@ static void info_text(const struct moe_gguf *g, const struct moe_hparams *hp,
                hp->q_lora_rank, hp->kv_lora_rank, hp->key_length_mla, hp->value_length_mla);
     if (hp->sliding_window)
         printf("sliding window:    %u\n", hp->sliding_window);
+    const uint32_t n_recr = moe_hparams_n_recurrent(hp, g);
+    if (n_recr > 0) {
+        const uint64_t rs = moe_hparams_recurrent_state_bytes(hp, g);
+        printf("linear attention:  gated delta-net on %u of %u layers, %u key / %u value heads of"
+               " %u, inner %u, conv %u taps\n", n_recr, hp->n_layer - hp->n_layer_nextn,
+               hp->ssm_n_group, hp->ssm_dt_rank, hp->ssm_d_state, hp->ssm_d_inner, hp->ssm_d_conv);
+        printf("recurrent state:   %" PRIu64 " bytes (%.2f MiB) per sequence (conv + SSM, f32),"
+               " host memory\n", rs, mib(rs));
+    }
     if (hp->n_ff && hp->n_expert == 0) /* with experts, the dense width shows below if used */
         printf("FFN:               %u\n", hp->n_ff);
     if (hp->n_expert)

@@ -51,6 +51,16 @@ static const struct moe_arch_desc archs[] = {
         .gating_func_key = true, .sel_bias = true, .ffn_norm = "ffn_norm",
         .experts_from_ff = true,
     },
+    {   /* Qwen3.5/3.6 MoE: gated delta-net layers interleaved with gated full
+         * attention (per-head q/k norms, partial rotary: llama.cpp's interleaved
+         * M-RoPE, which for text positions is NEOX over rope.dimension_count),
+         * softmax routing with renormalised top-k, a sigmoid-gated shared expert */
+        .name = "qwen35moe", .arch = MOE_ARCH_QWEN35MOE, .always_moe = true,
+        .engine_supported = true, .rope_mode = MOE_ROPE_NEOX, .qk_norm = true,
+        .gating = MOE_GATING_SOFTMAX, .gating_norm = true, .shexp_gated = true,
+        .ffn_norm = "post_attention_norm", .deltanet = true, .attn_out_gate = true,
+        .shexp_width_ff = true,
+    },
 };
 
 size_t moe_arch_desc_count(void)

@@ -29,6 +29,7 @@ enum moe_arch {
     MOE_ARCH_GPTOSS,
     MOE_ARCH_GLM4MOE,
     MOE_ARCH_MINIMAX_M2,
+    MOE_ARCH_QWEN35MOE,
 };
 
 struct moe_arch_desc {
@@ -67,6 +68,14 @@ struct moe_arch_desc {
     const char *ffn_norm;       /* name of the FFN norm tensor of a layer */
     bool experts_from_ff;       /* expert width is feed_forward_length (required), and
                                  * expert_feed_forward_length is required too (minimax-m2) */
+    /* hybrid linear attention (qwen35moe): gated delta-net layers (model/deltanet.c)
+     * with a recurrent state per sequence, all but every full_attention_interval-th
+     * layer (or as attention.recurrent_layers says); the ssm.* keys required */
+    bool deltanet;
+    bool attn_out_gate;         /* attn_q holds per head the query and a gate (2 x head
+                                 * dim): attention output *= sigmoid(gate) before Wo */
+    bool shexp_width_ff;        /* no expert_shared_feed_forward_length: the shared
+                                 * expert is feed_forward_length wide */
     /* YaRN: rope.scaling.yarn_log_multiplier is stored x0.1 and also scales
      * the magnitude of both mscale terms (deepseek2) */
     bool yarn_log_mul_x10;

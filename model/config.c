@@ -166,6 +166,68 @@ static int read_gating(const struct moe_hparams *hp, struct moe_model_cfg *c, co
     return 0;
 }
 
+/* Gated delta-net layers (qwen35moe), as llama.cpp's loader marks them:
+ * attention.recurrent_layers when present (one flag per layer), else every
+ * layer but each full_attention_interval-th. The attention layers' rotary
+ * is llama.cpp's interleaved M-RoPE with rope.dimension_sections; for text
+ * (positions t = h = w, the fourth 0) it equals NEOX over n_rot exactly
+ * when every rotated pair falls in the t, h or w sections, which is what
+ * the engine computes, so other section splits are refused. */
+static int read_deltanet(const struct moe_gguf *g, const struct moe_hparams *hp,
+                         struct moe_model_cfg *c, const char *path, struct moe_diag *diag)
+{
+    const char *arch = c->arch_name;
+    c->deltanet = true;
+    c->ssm_d_conv = (int)hp->ssm_d_conv;
+    c->ssm_d_state = (int)hp->ssm_d_state;
+    c->ssm_n_k = (int)hp->ssm_n_group;
+    c->ssm_n_v = (int)hp->ssm_dt_rank;
+    char key[160];
+    snprintf(key, sizeof(key), "%s.attention.recurrent_layers", arch);
+    const struct moe_gguf_kv *kv = moe_gguf_find_kv(g, key);
+    memset(c->recurrent_mask, 0, sizeof(c->recurrent_mask));
+    if (kv != NULL) {
+        const struct moe_gguf_value *v = &kv->value;
+        const enum moe_gguf_type et = v->v.arr.elem_type;
+        const size_t es = v->type == MOE_GGUF_ARRAY ? moe_gguf_type_size(et) : 0;
+        if (v->type != MOE_GGUF_ARRAY || es == 0 || es > 8 || et == MOE_GGUF_FLOAT32 ||
+            et == MOE_GGUF_FLOAT64 || v->v.arr.n < (uint64_t)c->n_layer)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' is not an array of %d flags",
+                                path, key, c->n_layer);
+        for (int il = 0; il < c->n_layer; il++) {
+            uint64_t x = 0;
+            memcpy(&x, (const uint8_t *)v->v.arr.data + (size_t)il * es, es);
+            if (x != 0)
+                c->recurrent_mask[il / 64] |= 1ull << (il % 64);
+        }
+    } else {
+        const int every = (int)hp->full_attn_interval;
+        for (int il = 0; il < c->n_layer; il++)
+            if ((il + 1) % every != 0)
+                c->recurrent_mask[il / 64] |= 1ull << (il % 64);
+    }
+    c->n_recurrent = 0;
+    for (int il = 0; il < c->n_layer; il++)
+        c->n_recurrent += moe_model_cfg_recurrent(c, il);
+    const uint32_t *sec = hp->rope_sections;
+    const uint32_t sect_dims = sec[0] + sec[1] + sec[2] + sec[3];
+    if (sect_dims == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s.rope.dimension_sections'"
+                            " (required for architecture '%s')", path, arch, arch);
+    for (uint32_t i = 0; i < (uint32_t)c->rope.n_rot / 2; i++) {
+        const uint32_t k = i % sect_dims;
+        const bool thw = (k % 3 == 0 && k < 3 * sec[0]) || (k % 3 == 1 && k < 3 * sec[1]) ||
+                         (k % 3 == 2 && k < 3 * sec[2]);
+        if (!thw)
+            return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.rope.dimension_sections [%u, %u,"
+                                " %u, %u] leave rotary pair %u of %d outside the t/h/w sections;"
+                                " only splits where every pair is in one (as released models)"
+                                " are supported", path, arch, sec[0], sec[1], sec[2], sec[3], i,
+                                c->rope.n_rot / 2);
+    }
+    return 0;
+}
+
 /* The forward pass's configuration: hyper-parameters loaded and validated
  * by model/hparams.c, the architecture's row, and the few limits of the
  * engine itself. */
@@ -215,6 +277,8 @@ int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct
     c->rope.freq_scale = 1.0f / factor;
     c->swa_window = c->ad->swa_even_layers ? (int)hp.sliding_window : 0;
     if ((rc = read_yarn(g, c, yarn, factor, diag)))
+        return rc;
+    if (c->ad->deltanet && (rc = read_deltanet(g, &hp, c, path, diag)))
         return rc;
     /* the vocabulary size from the embedding matrix, which must exist */
     const struct moe_gguf_tensor *te = moe_gguf_find_tensor(g, "token_embd.weight");

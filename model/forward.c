@@ -105,12 +105,17 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
     TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->attn_norm, n, c->n_embd, c->rms_eps));
     if (c->ad->mla)
         return attention_mla(m, il, n);
+    if (L->recurrent)
+        return moe_deltanet_layer(m, il, n);
+    const bool gated = c->ad->attn_out_gate;
     const struct moe_matmul_job qkv[3] = {
-        { .y = m->a.q, .w = L->wq, .bias = L->bq, .x = m->a.xn, .n_tok = n },
+        { .y = gated ? m->dn.qg : m->a.q, .w = L->wq, .bias = L->bq, .x = m->a.xn, .n_tok = n },
         { .y = m->a.k, .w = L->wk, .bias = L->bk, .x = m->a.xn, .n_tok = n },
         { .y = m->a.v, .w = L->wv, .bias = L->bv, .x = m->a.xn, .n_tok = n },
     };
     TRY(moe_model_matmuls(m, qkv, 3));
+    if (gated)
+        moe_attn_gate_split(m, n);
     if (c->ad->qk_norm || c->ad->qk_norm_optional) {
         if (L->q_norm)
             TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n * c->n_head, hd, c->rms_eps));
@@ -138,6 +143,8 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
         };
         TRY(ops->attention(be, m->a.att + g->off * qd, m->a.q + g->off * qd, g->n, pos, &ap));
     }
+    if (gated)
+        moe_attn_gate_apply(m, n);
     TRY(ops->matmul(be, m->a.tmp, &L->wo, L->bo, m->a.att, n));
     TRY(ops->add(be, m->a.x, m->a.x, m->a.tmp, n * c->n_embd));
     return 0;
@@ -231,6 +238,14 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     const bool decode = m->ex.prefetch_depth > 0 && n <= 4;
     const bool pf = decode && moe_prefetch_gov_on(&m->ex.gov);
     const double t0 = decode ? mono_s() : 0;
+    /* delta-net models: a sequence's recurrent state starts at zero, and
+     * counts as lost until this step has run every layer for it */
+    for (int i = 0; c->deltanet && i < m->a.n_segs; i++) {
+        struct moe_seq *s = m->a.segs[i].s;
+        if (s->pos == 0)
+            memset(s->rs, 0, moe_deltanet_state_floats(m) * sizeof(float));
+        s->rs_lost = true;
+    }
     for (int il = 0; il < c->n_layer; il++) {
         TRY(attention_block(m, il, n));
         TRY(moe_block(m, il, n, tok0, route, ud, diag));
@@ -253,6 +268,7 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     for (int i = 0; i < m->a.n_segs; i++) {
         if (m->a.segs[i].status != 0)
             continue;
+        m->a.segs[i].s->rs_lost = false;
         m->a.segs[i].s->pos += (int)m->a.segs[i].n;
         moe_seq_publish(m->a.segs[i].s);
     }
@@ -356,6 +372,9 @@ static int forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, 
             if (segs[j].seq == g->seq)
                 return moe_diag_set(diag, -EINVAL, "forward: batch entries %d and %d are the same"
                                     " sequence", j, i);
+        if (g->seq->rs_lost && g->seq->pos > 0)
+            return moe_diag_set(diag, -EINVAL, "forward: batch entry %d: the sequence's recurrent"
+                                " state was lost by a failed step; reset it", i);
         if (g->n > m->n_ctx - g->seq->pos)
             return moe_diag_set(diag, MOE_ELIMIT, "forward: batch entry %d: %d tokens at position"
                                 " %d exceed the context of %d", i, g->n, g->seq->pos, m->n_ctx);
@@ -429,6 +448,9 @@ int moe_model_forward(struct moe_model *m, struct moe_seq *s, const int32_t *tok
     const struct moe_model_cfg *c = &m->cfg;
     if (n <= 0)
         return moe_diag_set(diag, -EINVAL, "forward: empty batch");
+    if (s->rs_lost && s->pos > 0)
+        return moe_diag_set(diag, -EINVAL, "forward: the sequence's recurrent state was lost by a"
+                            " failed step; reset it");
     if (n > m->n_ctx - s->pos)
         return moe_diag_set(diag, MOE_ELIMIT, "forward: %" PRId64 " tokens at position %d exceed"
                             " the context of %d", n, s->pos, m->n_ctx);

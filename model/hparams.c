@@ -116,6 +116,12 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
             { "attention.value_length_mla", &hp->value_length_mla },
             { "attention.sliding_window", &hp->sliding_window },
             { "vocab_size", &hp->n_vocab },
+            { "ssm.conv_kernel", &hp->ssm_d_conv },
+            { "ssm.inner_size", &hp->ssm_d_inner },
+            { "ssm.state_size", &hp->ssm_d_state },
+            { "ssm.time_step_rank", &hp->ssm_dt_rank },
+            { "ssm.group_count", &hp->ssm_n_group },
+            { "full_attention_interval", &hp->full_attn_interval },
         };
         for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
             if ((rc = u32_key(g, a, keys[i].k, keys[i].v, DIM_CAP, diag)))
@@ -136,6 +142,25 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
         rc = moe_gguf_get_bool(g, key, &hp->expert_weights_norm, diag);
         if (rc && rc != -ENOENT)
             return rc;
+        snprintf(key, sizeof(key), "%s.rope.dimension_sections", a);
+        const struct moe_gguf_kv *sec = moe_gguf_find_kv(g, key);
+        if (sec != NULL) {
+            const struct moe_gguf_value *v = &sec->value;
+            const enum moe_gguf_type et = v->v.arr.elem_type;
+            if (v->type != MOE_GGUF_ARRAY || v->v.arr.n > 4 ||
+                (et != MOE_GGUF_INT32 && et != MOE_GGUF_UINT32))
+                return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' is not an array of at most 4"
+                                    " 32-bit integers", moe_gguf_path(g), key);
+            for (uint64_t i = 0; i < v->v.arr.n; i++) {
+                uint32_t x;
+                memcpy(&x, (const uint8_t *)v->v.arr.data + 4 * i, 4);
+                if (x > HEAD_DIM_CAP)
+                    return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' element %" PRIu64 " = %d,"
+                                        " expected 0..%u", moe_gguf_path(g), key, i, (int32_t)x,
+                                        HEAD_DIM_CAP);
+                hp->rope_sections[i] = x;
+            }
+        }
     }
     const struct moe_arch_desc *ad = moe_arch_desc_find(hp->arch);
     if (hp->n_ff_exp == 0 || (ad != NULL && ad->experts_from_ff))
@@ -148,6 +173,10 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
         hp->n_head_kv = hp->n_head;
     if (hp->n_rot == 0)
         hp->n_rot = hp->head_dim;
+    if (ad != NULL && ad->shexp_width_ff && hp->n_ff_shexp == 0)
+        hp->n_ff_shexp = hp->n_ff; /* qwen35moe: llama.cpp's default width */
+    if (ad != NULL && ad->deltanet && hp->full_attn_interval == 0)
+        hp->full_attn_interval = 4;
     if (ad != NULL && ad->shared_count_required) /* llama.cpp's glm4moe ignores the width key */
         hp->n_ff_shexp = hp->n_expert_shared * hp->n_ff_exp;
     else if (hp->n_ff_shexp == 0 && hp->n_expert_shared > 0)
@@ -289,6 +318,22 @@ int moe_hparams_validate(const struct moe_hparams *hp, const struct moe_gguf *g,
                 return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s' (required for"
                                     " architecture '%s')", path, key, a);
         }
+    }
+    if (known && d->deltanet) {
+        const char *ssm[] = { "ssm.conv_kernel", "ssm.inner_size", "ssm.state_size",
+                              "ssm.time_step_rank", "ssm.group_count" };
+        for (size_t i = 0; i < sizeof(ssm) / sizeof(ssm[0]); i++)
+            if ((rc = need_nonzero(g, a, ssm[i], true, diag)))
+                return rc;
+        if (hp->ssm_d_conv > 64 || hp->ssm_d_state > 1024 || hp->ssm_dt_rank > HEAD_CAP ||
+            hp->ssm_d_inner != hp->ssm_d_state * hp->ssm_dt_rank ||
+            hp->ssm_dt_rank % hp->ssm_n_group != 0)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: delta-net dims inconsistent: '%s.ssm."
+                                "inner_size' = %u, state_size %u, time_step_rank %u, group_count %u,"
+                                " conv_kernel %u (expected inner_size = state_size x time_step_rank,"
+                                " group_count dividing time_step_rank, conv_kernel <= 64, state_size"
+                                " <= 1024)", path, a, hp->ssm_d_inner, hp->ssm_d_state,
+                                hp->ssm_dt_rank, hp->ssm_n_group, hp->ssm_d_conv);
     }
     if (known && d->mla && hp->kv_lora_rank == 0)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s.attention.kv_lora_rank'"
@@ -459,6 +504,39 @@ int moe_hparams_check_tensors(const struct moe_hparams *hp, const struct moe_ggu
         return moe_diag_set(diag, MOE_EFORMAT, "%s: '%s.expert_count' = %u but no expert tensors"
                             " (blk.N.*_exps.*)", path, hp->arch, hp->n_expert);
     return 0;
+}
+
+uint32_t moe_hparams_n_recurrent(const struct moe_hparams *hp, const struct moe_gguf *g)
+{
+    const struct moe_arch_desc *ad = moe_arch_desc_find(hp->arch);
+    if (ad == NULL || !ad->deltanet || hp->n_layer <= hp->n_layer_nextn)
+        return 0;
+    const uint32_t trunk = hp->n_layer - hp->n_layer_nextn;
+    char key[160];
+    snprintf(key, sizeof(key), "%s.attention.recurrent_layers", hp->arch);
+    const struct moe_gguf_kv *kv = moe_gguf_find_kv(g, key);
+    uint32_t n = 0;
+    if (kv != NULL && kv->value.type == MOE_GGUF_ARRAY) {
+        const size_t es = moe_gguf_type_size(kv->value.v.arr.elem_type);
+        for (uint32_t il = 0; es > 0 && es <= 8 && il < trunk && il < kv->value.v.arr.n; il++) {
+            uint64_t x = 0;
+            memcpy(&x, (const uint8_t *)kv->value.v.arr.data + (size_t)il * es, es);
+            n += x != 0;
+        }
+        return n;
+    }
+    const uint32_t every = hp->full_attn_interval ? hp->full_attn_interval : 4;
+    for (uint32_t il = 0; il < trunk; il++)
+        n += (il + 1) % every != 0;
+    return n;
+}
+
+uint64_t moe_hparams_recurrent_state_bytes(const struct moe_hparams *hp, const struct moe_gguf *g)
+{
+    const uint64_t ds = hp->ssm_d_state;
+    const uint64_t conv_dim = 2 * (uint64_t)hp->ssm_n_group * ds + (uint64_t)hp->ssm_dt_rank * ds;
+    const uint64_t conv = hp->ssm_d_conv > 0 ? conv_dim * (hp->ssm_d_conv - 1) : 0;
+    return (uint64_t)moe_hparams_n_recurrent(hp, g) * (conv + (uint64_t)hp->ssm_dt_rank * ds * ds) * 4;
 }
 
 const char *moe_file_type_name(uint32_t file_type)

@@ -71,6 +71,13 @@ struct moe_hparams {
     float rope_scaling_attn_factor;     /* rope.scaling.attn_factor */
     float rope_yarn_log_mul;            /* rope.scaling.yarn_log_multiplier */
     bool is_moe;                /* n_expert > 0 */
+    /* Gated delta-net (qwen35moe; 0 if absent): ssm.conv_kernel, ssm.inner_size
+     * (value dim), ssm.state_size (head dim of keys and values), ssm.time_step_rank
+     * (value heads), ssm.group_count (key heads); full_attention_interval (0 if
+     * absent: 4, as llama.cpp); rope.dimension_sections (interleaved M-RoPE) */
+    uint32_t ssm_d_conv, ssm_d_inner, ssm_d_state, ssm_dt_rank, ssm_n_group;
+    uint32_t full_attn_interval;
+    uint32_t rope_sections[4];
 };
 
 int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct moe_diag *diag);
@@ -108,6 +115,13 @@ int moe_hparams_validate(const struct moe_hparams *hp, const struct moe_gguf *g,
  * naming the file and tensor. */
 int moe_hparams_check_tensors(const struct moe_hparams *hp, const struct moe_gguf *g,
                               struct moe_diag *diag);
+
+/* Gated delta-net models (qwen35moe): the layers with a recurrent state
+ * (attention.recurrent_layers where present, else all but every
+ * full_attention_interval-th of the trunk) and the bytes of one sequence's
+ * recurrent state (conv and SSM states, f32). 0 for other models. */
+uint32_t moe_hparams_n_recurrent(const struct moe_hparams *hp, const struct moe_gguf *g);
+uint64_t moe_hparams_recurrent_state_bytes(const struct moe_hparams *hp, const struct moe_gguf *g);
 
 /* llama_ftype name of general.file_type without the MOSTLY_ prefix
  * ("F32", "Q4_K_M", "MXFP4_MOE"), or NULL when unknown. The "guessed" bit

@@ -302,7 +302,9 @@ static int bind_attention(struct moe_model *m, int il, struct layer *L, struct m
                (rc = bind_matrix(m, NAME("attn_output.weight"), H * c->v_head_dim, E, true, &L->wo, diag))
                    ? rc : 0;
     }
-    if ((rc = bind_matrix(m, NAME("attn_q.weight"), E, qd, true, &L->wq, diag)) ||
+    /* qwen35moe: per head the query and its output gate */
+    const int64_t qrows = c->ad->attn_out_gate ? 2 * qd : qd;
+    if ((rc = bind_matrix(m, NAME("attn_q.weight"), E, qrows, true, &L->wq, diag)) ||
         (rc = bind_matrix(m, NAME("attn_k.weight"), E, kvd, true, &L->wk, diag)) ||
         (rc = bind_matrix(m, NAME("attn_v.weight"), E, kvd, true, &L->wv, diag)) ||
         (rc = bind_matrix(m, NAME("attn_output.weight"), qd, E, true, &L->wo, diag)))
@@ -339,6 +341,34 @@ static int bind_attention(struct moe_model *m, int il, struct layer *L, struct m
     return 0;
 }
 
+/* A gated delta-net layer (qwen35moe), as llama.cpp's loader shapes it:
+ * attn_qkv [n_embd, conv_dim] (conv_dim = 2 key_dim + d_inner), attn_gate
+ * [n_embd, d_inner], ssm_conv1d [d_conv, conv_dim], ssm_dt.bias and ssm_a
+ * [n_v], ssm_beta and ssm_alpha [n_embd, n_v], ssm_norm [d_state], ssm_out
+ * [d_inner, n_embd]. */
+static int bind_deltanet(struct moe_model *m, int il, struct layer *L, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const int64_t E = c->n_embd, nv = c->ssm_n_v, ds = c->ssm_d_state;
+    const int64_t d_inner = nv * ds, conv_dim = 2 * (int64_t)c->ssm_n_k * ds + d_inner;
+    char n[96];
+    int rc;
+#define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
+    return (rc = bind_vector(m, NAME("attn_norm.weight"), E, true, &L->attn_norm, diag)) ||
+           (rc = bind_matrix(m, NAME("attn_qkv.weight"), E, conv_dim, true, &L->ssm_qkv, diag)) ||
+           (rc = bind_matrix(m, NAME("attn_gate.weight"), E, d_inner, true, &L->ssm_z, diag)) ||
+           (rc = bind_vector2(m, NAME("ssm_conv1d.weight"), c->ssm_d_conv, conv_dim, &L->ssm_conv,
+                              diag)) ||
+           (rc = bind_vector(m, NAME("ssm_dt.bias"), nv, true, &L->ssm_dt, diag)) ||
+           (rc = bind_vector(m, NAME("ssm_a"), nv, true, &L->ssm_a, diag)) ||
+           (rc = bind_matrix(m, NAME("ssm_beta.weight"), E, nv, true, &L->ssm_beta, diag)) ||
+           (rc = bind_matrix(m, NAME("ssm_alpha.weight"), E, nv, true, &L->ssm_alpha, diag)) ||
+           (rc = bind_vector(m, NAME("ssm_norm.weight"), ds, true, &L->ssm_norm, diag)) ||
+           (rc = bind_matrix(m, NAME("ssm_out.weight"), d_inner, E, true, &L->ssm_out, diag))
+               ? rc : 0;
+#undef NAME
+}
+
 static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
@@ -347,7 +377,8 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
     char n[96];
     int rc;
 #define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
-    if ((rc = bind_attention(m, il, L, diag)))
+    L->recurrent = moe_model_cfg_recurrent(c, il);
+    if ((rc = L->recurrent ? bind_deltanet(m, il, L, diag) : bind_attention(m, il, L, diag)))
         return rc;
     /* gpt-oss names its FFN norm post_attention_norm */
     char norm[96];
@@ -448,7 +479,8 @@ static int alloc_kv(struct moe_model *m, const struct moe_model_opts *o, struct 
     const struct moe_model_plan *p = &m->plan;
     const size_t rows = (size_t)p->kv_blocks * (size_t)p->kv_block;
     m->kv.block = p->kv_block;
-    m->kv.prefix_cache = o->prefix_cache;
+    /* a recurrent state cannot be taken from cached KV blocks (doc/engine.md) */
+    m->kv.prefix_cache = o->prefix_cache && !m->cfg.deltanet;
     m->kv.k_layer = rows * moe_kv_row_bytes(m->kv_type, m->cfg.k_row);
     m->kv.v_layer = rows * moe_kv_row_bytes(m->kv_type, m->cfg.v_row);
     const size_t kt = m->kv.k_layer * (size_t)m->cfg.n_layer, vt = m->kv.v_layer * (size_t)m->cfg.n_layer;
@@ -578,6 +610,12 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : moe_threadpool_default_threads(), diag);
     if (rc)
         goto fail;
+    if (c->deltanet && !m->be->ops->host_memory) {
+        rc = moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: architecture '%s' (gated delta-net layers)"
+                          " runs on the CPU backend only; the %s backend has no delta-net kernels"
+                          " yet (doc/cuda.md)", path, c->arch_name, m->be->ops->name);
+        goto fail;
+    }
     if (!m->be->ops->kv_supports(m->be, m->kv_dtype)) {
         rc = moe_diag_set(diag, MOE_EUNSUPPORTED, "kv_type %s: the %s backend cannot hold a KV cache"
                           " of this type yet (doc/%s.md); use f16", moe_kv_type_name(m->kv_type),
@@ -613,7 +651,8 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         goto fail;
     if (tied)
         m->w.output = m->w.tok_embd;
-    if ((rc = alloc_scratch(m, diag)) || (rc = alloc_kv(m, &o, diag)))
+    if ((rc = alloc_scratch(m, diag)) || (rc = alloc_kv(m, &o, diag)) ||
+        (rc = moe_deltanet_init(m, diag)))
         goto fail;
     *out = m;
     return 0;
@@ -653,6 +692,10 @@ void moe_model_free(struct moe_model *m)
             moe_free(L->gate_b);
             moe_free(L->up_b);
             moe_free(L->down_b);
+            moe_free(L->ssm_conv);
+            moe_free(L->ssm_dt);
+            moe_free(L->ssm_a);
+            moe_free(L->ssm_norm);
         }
         moe_free(m->w.layers);
     }
@@ -676,6 +719,7 @@ void moe_model_free(struct moe_model *m)
             m->be->ops->free(m->be, m->kv.v);
     }
     moe_kv_pool_destroy(m->kv.pool);
+    moe_deltanet_free(m);
     moe_model_experts_free(m);   /* waits for loads before the backend goes */
     moe_backend_destroy(m->be);
     if (m->ex.src)
@@ -706,7 +750,9 @@ int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *d
     s->blocks = moe_calloc((size_t)s->max_blocks, sizeof(int32_t));
     s->hashes = moe_calloc((size_t)s->max_blocks, sizeof(uint64_t));
     s->toks = moe_calloc((size_t)m->n_ctx, sizeof(int32_t));
-    if (s->blocks == NULL || s->hashes == NULL || s->toks == NULL) {
+    const size_t rs = moe_deltanet_state_floats(m);
+    s->rs = rs ? moe_calloc(rs, sizeof(float)) : NULL;
+    if (s->blocks == NULL || s->hashes == NULL || s->toks == NULL || (rs && s->rs == NULL)) {
         moe_seq_free(s);
         return moe_diag_set(diag, -ENOMEM, "out of memory");
     }
@@ -723,6 +769,7 @@ void moe_seq_free(struct moe_seq *s)
     moe_free(s->blocks);
     moe_free(s->hashes);
     moe_free(s->toks);
+    moe_free(s->rs);
     moe_free(s);
 }
 

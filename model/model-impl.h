@@ -62,6 +62,12 @@ struct layer {
     /* shared expert */
     struct moe_weight sh_gate, sh_up, sh_down;
     float *sh_gate_inp;                  /* [n_embd], or NULL (qwen2moe) */
+    /* gated delta-net layer (qwen35moe): no attention weights above but these */
+    bool recurrent;
+    struct moe_weight ssm_qkv, ssm_z, ssm_beta, ssm_alpha, ssm_out;
+    float *ssm_conv;                     /* [conv_dim][d_conv] */
+    float *ssm_dt, *ssm_a;               /* [n_v]: decay bias and rate (negative) */
+    float *ssm_norm;                     /* [d_state] */
 };
 
 /* A weight the model binds: a matrix's data, a stack's slice, a resident
@@ -144,6 +150,16 @@ struct model_kv {
     bool prefix_cache;
 };
 
+/* The gated delta-net layers' scratch (host memory: these layers run on
+ * the CPU backend only) and the recurrent state's layout in a sequence. */
+struct model_deltanet {
+    int conv_dim, d_inner, key_dim;      /* 2 key_dim + d_inner; n_v x d_state; n_k x d_state */
+    size_t conv_floats, ssm_floats;      /* per recurrent layer and sequence */
+    int *rs_index;                       /* [n_layer]: the layer's state slot, or -1 */
+    float *qkv, *conv, *z, *beta, *gdecay, *core, *win, *delta;
+    float *qg, *gate;                    /* gated attention: q and gate [n][H][2 hd], gate [n][H hd] */
+};
+
 struct moe_model {
     struct moe_model_cfg cfg;
     struct moe_model_plan plan;          /* what everything below was sized from */
@@ -157,6 +173,7 @@ struct moe_model {
     struct model_acts a;
     struct model_experts ex;
     struct model_kv kv;
+    struct model_deltanet dn;
 };
 
 /* A sequence: its position, its block table into the pool and the tokens
@@ -170,6 +187,11 @@ struct moe_seq {
     int32_t *toks;                       /* [n_ctx]: the token at each position */
     uint64_t *hashes;                    /* [max_blocks]: chain hash of each full block */
     int n_hashed;                        /* full blocks hashed (and offered to the index) */
+    /* delta-net models: conv and SSM state of each recurrent layer (host), zeroed
+     * when a step starts at position 0; rs_lost after a failed step, which may
+     * have advanced part of it (the sequence must then be reset) */
+    float *rs;
+    bool rs_lost;
 };
 
 /* load.c: rows for positions up to `end` (blocks from the reservation,
@@ -223,6 +245,21 @@ int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int 
  * an expert source's layouts or a GGUF's expert tensors. */
 int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n_moe);
 int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, struct moe_diag *diag);
+
+/* deltanet.c */
+/* Scratch and layout for the delta-net layers (nothing without them);
+ * MOE_EUNSUPPORTED on a backend whose memory is not host memory. */
+int moe_deltanet_init(struct moe_model *m, struct moe_diag *diag);
+void moe_deltanet_free(struct moe_model *m);
+/* Floats of a sequence's recurrent state (0 without delta-net layers). */
+size_t moe_deltanet_state_floats(const struct moe_model *m);
+/* Layer il's delta-net mixer over the batch's segments: reads m->a.xn,
+ * adds its output to m->a.x, advances each sequence's state. */
+int moe_deltanet_layer(struct moe_model *m, int il, int64_t n);
+/* Gated attention: splits the [n][H][2 hd] projection in dn.qg into m->a.q
+ * and dn.gate; after attention, m->a.att *= sigmoid(dn.gate). */
+void moe_attn_gate_split(struct moe_model *m, int64_t n);
+void moe_attn_gate_apply(struct moe_model *m, int64_t n);
 
 /* config.c */
 int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag);

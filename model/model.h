@@ -56,7 +56,20 @@ struct moe_model_cfg {
     int q_lora_rank, kv_lora_rank, qk_nope, qk_rope, v_head_dim;
     float kq_scale;
     int64_t k_row, v_row;         /* KV cache row lengths in elements (v_row 0: V inside K) */
+    /* Gated delta-net layers (qwen35moe; model/deltanet.c): the layers marked in
+     * recurrent_mask have no attention but a recurrent state per sequence */
+    bool deltanet;
+    int ssm_d_conv;               /* causal conv taps */
+    int ssm_d_state;              /* head dim of keys and values */
+    int ssm_n_k, ssm_n_v;         /* key heads, value heads (a multiple of key heads) */
+    int n_recurrent;              /* layers with a recurrent state */
+    uint64_t recurrent_mask[64];  /* bit il: layer il is a delta-net layer */
 };
+
+static inline bool moe_model_cfg_recurrent(const struct moe_model_cfg *c, int il)
+{
+    return il >= 0 && il < 4096 && ((c->recurrent_mask[il / 64] >> (il % 64)) & 1u) != 0;
+}
 
 enum moe_prefetch_mode {
     MOE_PREFETCH_NONE = 0,

@@ -21,7 +21,10 @@ static const int join_at[NSEQ] = { 0, 0, 2, 5 };   /* step at which a sequence s
 static void run_model(const char *file, int cache_experts, const char *prefetch)
 {
     char path[4096];
-    snprintf(path, sizeof(path), "%s/models/%s", moe_test_ref_dir(), file);
+    if (strchr(file, '/') != NULL) /* a fixture of this tree */
+        snprintf(path, sizeof(path), "%s/%s", getenv("MOE_SOURCE_ROOT"), file);
+    else
+        snprintf(path, sizeof(path), "%s/models/%s", moe_test_ref_dir(), file);
     /* blocks of 3 tokens: the batched sequences' blocks interleave in the
      * pool, the references' do not, and the logits must still be equal */
     struct moe_model_opts o = { .n_threads = 2, .n_ctx = 64, .n_batch = 16,
@@ -133,6 +136,12 @@ static void test_mixtral_q4_cached(void) { run_model("tiny-mixtral-Q4_0.gguf", 2
 static void test_qwen3_q4k_cached(void) { run_model("tiny-qwen3moe-Q4_K_M.gguf", 8, "history"); }
 static void test_deepseek2(void) { run_model("tiny-deepseek2-F32.gguf", 0, NULL); }
 static void test_gptoss(void) { run_model("tiny-gptoss-MXFP4_MOE.gguf", 5, "gate"); }
+/* recurrent state per sequence beside the KV cache (gated delta-net layers) */
+static void test_qwen35moe(void) { run_model("tests/fixtures/arch/tiny-qwen35moe-F32.gguf", 0, NULL); }
+static void test_qwen35moe_q8_cached(void)
+{
+    run_model("tests/fixtures/arch/tiny-qwen35moe-Q8_0.gguf", 2, "gate");
+}
 
 int main(void)
 {
@@ -143,5 +152,7 @@ int main(void)
     moe_test_run("qwen3moe Q4_K_M cached + history", test_qwen3_q4k_cached);
     moe_test_run("deepseek2 F32 (MLA)", test_deepseek2);
     moe_test_run("gpt-oss MXFP4 cached (SWA, sinks)", test_gptoss);
+    moe_test_run("qwen35moe F32 (delta-net)", test_qwen35moe);
+    moe_test_run("qwen35moe Q8_0 cached + gate (delta-net)", test_qwen35moe_q8_cached);
     return moe_test_exit_code();
 }

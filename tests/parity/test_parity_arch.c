@@ -77,7 +77,7 @@ static void run_arch(const char *arch)
 }
 
 /* The families of issue 22 (tools/ref/make_family_goldens.py: glm4moe,
- * minimax-m2): an F32 and
+ * minimax-m2, qwen35moe): an F32 and
  * a Q8_0 model (quantized by llama.cpp), three prompt lengths each.
  *   F32:  max |dlogit| <= 1e-4 at every position, greedy ids identical up
  *         to the first step whose margin is below 1e-3;
@@ -222,6 +222,7 @@ static void run_family(const char *arch)
 
 static void test_glm4moe(void) { run_family("glm4moe"); }
 static void test_minimax_m2(void) { run_family("minimax-m2"); }
+static void test_qwen35moe(void) { run_family("qwen35moe"); }
 static void test_qwen2moe(void) { run_arch("qwen2moe"); }
 static void test_olmoe(void) { run_arch("olmoe"); }
 
@@ -231,5 +232,6 @@ int main(void)
     MOE_TEST_RUN(test_olmoe);
     MOE_TEST_RUN(test_glm4moe);
     MOE_TEST_RUN(test_minimax_m2);
+    MOE_TEST_RUN(test_qwen35moe);
     return moe_test_exit_code();
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Reference data for the 2026 families of issue 22 (glm4moe, minimax-m2): a
-tiny random-weight F32 GGUF written with the gguf package, its Q8_0
+"""Reference data for the 2026 families of issue 22 (glm4moe, minimax-m2,
+qwen35moe): a tiny random-weight F32 GGUF written with the gguf package, its Q8_0
 quantization made by llama.cpp itself (llama_model_quantize), and what
 llama.cpp (llama-cpp-python 0.3.36, CPU, F32 KV cache, one batch, no flash
 attention, no weight repacking: use_extra_bufts off, which AMX CPUs need
@@ -198,6 +198,105 @@ def write_minimax_m2(path, seed, vocab):
     w.close()
 
 
+def write_qwen35moe(path, seed, vocab):
+    """Qwen3.5/3.6 MoE layout (llama.cpp's qwen35moe): gated delta-net
+    (linear attention) layers, with every full_attention_interval-th layer a
+    full-attention one (here 2: layers 0 and 2 recurrent, layer 1 attention).
+    Delta-net layers: attn_qkv [n_embd, 2 key_dim + value_dim] through a
+    short causal conv (ssm_conv1d, conv_kernel taps), attn_gate (z) for the
+    gated RMSNorm (ssm_norm), ssm_beta / ssm_alpha per value head, ssm_dt
+    bias and ssm_a (the decay), ssm_out; value heads (time_step_rank 4)
+    outnumber key heads (group_count 2). Attention layers: attn_q carries
+    per head the query and an output gate (2 x head dim), per-head q/k
+    RMSNorm, partial rotary with rope.dimension_sections (interleaved M-RoPE,
+    NEOX for text). FFN: softmax routing, renormalised top-k, one shared
+    expert gated by sigmoid(ffn_gate_inp_shexp . x); post_attention_norm is
+    the FFN norm. Output tied to token_embd (fixtures stay small)."""
+    tokens, types, merges = vocab
+    rng = np.random.default_rng(seed)
+    E, H, HKV, HD, NROT, L, X, K, FFX, FFS = 32, 4, 2, 16, 8, 3, 6, 2, 32, 32
+    DCONV, DSTATE, NKH, NVH, INTERVAL = 4, 16, 2, 4, 2
+    KEYD, VALD = DSTATE * NKH, DSTATE * NVH
+    V = len(tokens)
+    arch = "qwen35moe"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("tiny-%s-seed%d" % (arch, seed))
+    w.add_context_length(256)
+    w.add_embedding_length(E)
+    w.add_block_count(L)
+    w.add_feed_forward_length(FFX)
+    w.add_expert_feed_forward_length(FFX)
+    w.add_uint32(arch + ".expert_shared_feed_forward_length", FFS)
+    w.add_head_count(H)
+    w.add_head_count_kv(HKV)
+    w.add_key_length(HD)
+    w.add_value_length(HD)
+    w.add_rope_dimension_count(NROT)
+    w.add_array(arch + ".rope.dimension_sections", [2, 1, 1, 0])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000000.0)
+    w.add_expert_count(X)
+    w.add_expert_used_count(K)
+    w.add_uint32(arch + ".ssm.conv_kernel", DCONV)
+    w.add_uint32(arch + ".ssm.inner_size", VALD)
+    w.add_uint32(arch + ".ssm.state_size", DSTATE)
+    w.add_uint32(arch + ".ssm.time_step_rank", NVH)
+    w.add_uint32(arch + ".ssm.group_count", NKH)
+    w.add_uint32(arch + ".full_attention_interval", INTERVAL)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eos = V - 3
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+
+    def mat(name, n_in, n_out, gain=1.0, n_exp=None):
+        shape = (n_out, n_in) if n_exp is None else (n_exp, n_out, n_in)
+        w.add_tensor(name, (rng.standard_normal(shape) * gain / np.sqrt(n_in)).astype(np.float32))
+
+    def vec(name, n, base=1.0, scale=0.1):
+        w.add_tensor(name, (base + scale * rng.standard_normal(n)).astype(np.float32))
+
+    w.add_tensor("token_embd.weight", rng.standard_normal((V, E)).astype(np.float32))
+    for i in range(L):
+        b = "blk.%d." % i
+        vec(b + "attn_norm.weight", E)
+        if (i + 1) % INTERVAL != 0:
+            mat(b + "attn_qkv.weight", E, 2 * KEYD + VALD)
+            mat(b + "attn_gate.weight", E, VALD)
+            mat(b + "ssm_conv1d.weight", DCONV, 2 * KEYD + VALD)
+            vec(b + "ssm_dt.bias", NVH, 0.0, 0.5)
+            w.add_tensor(b + "ssm_a", (-np.exp(rng.uniform(-1.0, 1.0, NVH))).astype(np.float32))
+            mat(b + "ssm_beta.weight", E, NVH)
+            mat(b + "ssm_alpha.weight", E, NVH)
+            vec(b + "ssm_norm.weight", DSTATE)
+            mat(b + "ssm_out.weight", VALD, E)
+        else:
+            mat(b + "attn_q.weight", E, 2 * H * HD)
+            mat(b + "attn_k.weight", E, HKV * HD)
+            mat(b + "attn_v.weight", E, HKV * HD)
+            vec(b + "attn_q_norm.weight", HD)
+            vec(b + "attn_k_norm.weight", HD)
+            mat(b + "attn_output.weight", H * HD, E)
+        vec(b + "post_attention_norm.weight", E)
+        mat(b + "ffn_gate_inp.weight", E, X, gain=3.0)
+        mat(b + "ffn_gate_exps.weight", E, FFX, n_exp=X)
+        mat(b + "ffn_up_exps.weight", E, FFX, n_exp=X)
+        mat(b + "ffn_down_exps.weight", FFX, E, n_exp=X)
+        vec(b + "ffn_gate_inp_shexp.weight", E, 0.0, 0.3)
+        mat(b + "ffn_gate_shexp.weight", E, FFS)
+        mat(b + "ffn_up_shexp.weight", E, FFS)
+        mat(b + "ffn_down_shexp.weight", FFS, E)
+    vec("output_norm.weight", E)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def no_repack():
     """Model params with use_extra_bufts off for every Llama() made after."""
     import llama_cpp.llama_cpp as C
@@ -254,6 +353,7 @@ def main():
     families = {  # writer, seed, n_expert_used
         "glm4moe": (write_glm4moe, 21, 2),
         "minimax-m2": (write_minimax_m2, 22, 2),
+        "qwen35moe": (write_qwen35moe, 23, 2),
     }
     for arch, (writer, seed, n_used) in families.items():
         if args.arch and arch not in args.arch:
