@@ -80,8 +80,9 @@ void moe_lane_init(struct moe_lane_state *st, enum moe_miss_lane mode,
         r->cpu_sync_s = in->cpu_sync_s >= 0 ? in->cpu_sync_s : r->cpu_sync_s;
     }
     st->ewma = 0.2;
-    st->reuse_min = 0.5;
-    st->bg_horizon = 1.0;
+    st->reuse_min = 1.0;
+    st->bg_horizon = 0.5;
+    st->evict_weight = 1.0;
     struct moe_lane_gov *g = &st->gov;
     g->arm = g->best = MOE_MISS_LANE_AUTO;
     g->phase = 0;
@@ -146,6 +147,7 @@ void moe_lane_decide(struct moe_lane_state *st, const struct moe_lane_step *step
     else
         link = st->link_pending_s > st->last_step_s ? st->link_pending_s - st->last_step_s : 0;
     const double gpu0 = gpu, link0 = link;
+    const double evict = step && step->evict_reuse > 0 ? st->evict_weight * step->evict_reuse : 0;
 
     /* the order: copy suitability, descending; chunks of MAX for large n */
     enum { MAX = 512 };
@@ -175,7 +177,12 @@ void moe_lane_decide(struct moe_lane_state *st, const struct moe_lane_step *step
             const double d = moe_lane_dev_s(r, x->bytes, x->n_tokens);
             const double l1 = link + l;
             const double g1 = (gpu > l1 ? gpu : l1) + d;
-            const double t_copy = g1 > cpu ? g1 : cpu;
+            /* a copy takes a slot: evicting a more useful expert costs its
+             * future misses, charged here (a gain needs no sync copy: the
+             * background upload below gets it too) */
+            const double net = (x->expected_reuse - evict) *
+                               (moe_lane_cpu_s(r, x->bytes, 1) - moe_lane_dev_s(r, x->bytes, 1));
+            const double t_copy = (g1 > cpu ? g1 : cpu) + (net < 0 ? -net : 0);
             const double c1 = cpu + c + (cpu == 0 ? r->cpu_sync_s : 0);
             const double t_cpu = c1 > gpu ? c1 : gpu;
             if (t_copy < t_cpu) {
@@ -192,17 +199,18 @@ void moe_lane_decide(struct moe_lane_state *st, const struct moe_lane_step *step
 
     /* background uploads of CPU-lane misses, best saving per link second
      * first; a quadratic pass is fine for the few misses of a step */
-    const double limit = st->bg_horizon * t_step;
+    const double token = st->token_s > 0 ? st->token_s : 32 * t_step;
+    const double limit = t_step > st->bg_horizon * token ? t_step : st->bg_horizon * token;
     for (;;) {
         int best = -1;
         double best_v = 0;
         for (int i = 0; i < n; i++) {
             const struct moe_lane_miss *x = &m[i];
-            if (choice[i] != MOE_LANE_CPU || x->expected_reuse < st->reuse_min)
+            if (choice[i] != MOE_LANE_CPU || x->expected_reuse < evict + st->reuse_min)
                 continue;
             const double c1 = moe_lane_cpu_s(r, x->bytes, 1), d1 = moe_lane_dev_s(r, x->bytes, 1);
             const double l = moe_lane_link_s(r, x->bytes) + (x->in_host ? 0 : moe_lane_disk_s(r, x->bytes));
-            const double v = x->expected_reuse * (c1 - d1) / (l > 0 ? l : 1e-12);
+            const double v = (x->expected_reuse - evict) * (c1 - d1) / (l > 0 ? l : 1e-12);
             if (v > best_v) {
                 best_v = v;
                 best = i;
@@ -318,6 +326,8 @@ static void gov_next_probe(struct moe_lane_gov *g)
 void moe_lane_observe_step(struct moe_lane_state *st, double seconds, int n_tokens)
 {
     struct moe_lane_gov *g = &st->gov;
+    if (n_tokens == 1 && seconds >= 0)
+        st->token_s = st->token_s > 0 ? (1 - st->ewma) * st->token_s + st->ewma * seconds : seconds;
     if (st->mode != MOE_MISS_LANE_AUTO) {
         if (n_tokens == 1)
             g->steps[st->mode]++;
@@ -388,18 +398,25 @@ int moe_lane_reuse_init(struct moe_lane_reuse *ru, int n_layer, int n_expert, in
     const size_t nk = (size_t)n_layer * (size_t)n_expert;
     ru->p = moe_malloc(nk * sizeof(float));
     ru->ins = moe_malloc((size_t)n_layer * sizeof(float));
-    if (ru->p == NULL || ru->ins == NULL) {
+    ru->victim_p = moe_malloc((size_t)n_layer * sizeof(float));
+    ru->recent = moe_calloc(nk, 1);
+    ru->ins_prev = moe_calloc((size_t)n_layer, sizeof(float));
+    if (ru->p == NULL || ru->ins == NULL || ru->victim_p == NULL || ru->recent == NULL ||
+        ru->ins_prev == NULL) {
         moe_lane_reuse_free(ru);
         return -ENOMEM;
     }
     ru->n_layer = n_layer;
     ru->n_expert = n_expert;
     ru->n_slots = n_slots;
+    ru->n_used = n_used;
     const float prior = n_used < n_expert ? (float)n_used / (float)n_expert : 1.0f;
     for (size_t i = 0; i < nk; i++)
         ru->p[i] = prior;
-    for (int l = 0; l < n_layer; l++)
+    for (int l = 0; l < n_layer; l++) {
         ru->ins[l] = (float)n_used * (1.0f - prior);
+        ru->victim_p[l] = n_slots / n_layer >= n_expert ? 0.0f : prior;
+    }
     return 0;
 }
 
@@ -409,8 +426,14 @@ void moe_lane_reuse_free(struct moe_lane_reuse *ru)
         return;
     moe_free(ru->p);
     moe_free(ru->ins);
+    moe_free(ru->victim_p);
+    moe_free(ru->recent);
+    moe_free(ru->ins_prev);
+    ru->recent = NULL;
+    ru->ins_prev = NULL;
     ru->p = NULL;
     ru->ins = NULL;
+    ru->victim_p = NULL;
 }
 
 void moe_lane_reuse_visit(struct moe_lane_reuse *ru, int layer, const int32_t *experts, int n,
@@ -420,22 +443,83 @@ void moe_lane_reuse_visit(struct moe_lane_reuse *ru, int layer, const int32_t *e
         return;
     const float a = (float)MOE_LANE_REUSE_ALPHA;
     float *p = ru->p + (size_t)layer * (size_t)ru->n_expert;
-    for (int e = 0; e < ru->n_expert; e++)
+    uint8_t *rec = ru->recent + (size_t)layer * (size_t)ru->n_expert;
+    for (int e = 0; e < ru->n_expert; e++) {
         p[e] *= 1.0f - a;
+        rec[e] = 0;
+    }
     for (int i = 0; i < n; i++)
-        if (experts[i] >= 0 && experts[i] < ru->n_expert)
+        if (experts[i] >= 0 && experts[i] < ru->n_expert && !rec[experts[i]]) {
             p[experts[i]] += a;
-    ru->ins[layer] = (1.0f - a) * ru->ins[layer] + a * (float)(n_inserted > 0 ? n_inserted : 0);
+            rec[experts[i]] = 1;
+        }
+    ru->ins_prev[layer] = ru->ins[layer];
+    ru->ins[layer] = 0.9f * ru->ins[layer] + 0.1f * (float)(n_inserted > 0 ? n_inserted : 0);
+    /* the marginal expert: the largest x with at least `per` experts at
+     * p >= x, by bisection (no sort, no allocation) */
+    const int per = ru->n_slots / ru->n_layer;
+    if (per >= ru->n_expert) {
+        ru->victim_p[layer] = 0;
+        return;
+    }
+    float lo = 0, hi = 1;
+    for (int it = 0; it < 24; it++) {
+        const float mid = 0.5f * (lo + hi);
+        int c = 0;
+        for (int e = 0; e < ru->n_expert; e++)
+            c += p[e] >= mid;
+        if (c >= (per > 0 ? per : 1))
+            lo = mid;
+        else
+            hi = mid;
+    }
+    ru->victim_p[layer] = lo;
+}
+
+void moe_lane_reuse_seed(struct moe_lane_reuse *ru, const uint32_t *uses)
+{
+    for (int l = 0; l < ru->n_layer; l++) {
+        const uint32_t *u = uses + (size_t)l * (size_t)ru->n_expert;
+        double tot = 0;
+        for (int e = 0; e < ru->n_expert; e++)
+            tot += u[e];
+        /* tokens through the layer: each routes to n_used experts */
+        const double visits = tot / ru->n_used;
+        if (visits < 1)
+            continue;
+        float *p = ru->p + (size_t)l * (size_t)ru->n_expert;
+        for (int e = 0; e < ru->n_expert; e++)
+            p[e] = (float)(u[e] / visits < 1 ? u[e] / visits : 1);
+    }
+}
+
+void moe_lane_reuse_inserted(struct moe_lane_reuse *ru, int layer, int n_inserted)
+{
+    if (layer >= 0 && layer < ru->n_layer)
+        ru->ins[layer] = 0.9f * ru->ins_prev[layer] + 0.1f * (float)(n_inserted > 0 ? n_inserted : 0);
+}
+
+static double reuse_of(const struct moe_lane_reuse *ru, int layer, double p)
+{
+    const double per_layer = (double)ru->n_slots / ru->n_layer;
+    const double ins = ru->ins[layer] > 1e-3f ? ru->ins[layer] : 1e-3;
+    const double e = p * per_layer / ins;
+    return e < MOE_LANE_REUSE_CAP ? e : MOE_LANE_REUSE_CAP;
+}
+
+double moe_lane_reuse_victim(const struct moe_lane_reuse *ru, int layer)
+{
+    if (layer < 0 || layer >= ru->n_layer)
+        return 0;
+    return reuse_of(ru, layer, ru->victim_p[layer]);
 }
 
 double moe_lane_reuse_expect(const struct moe_lane_reuse *ru, int layer, int expert)
 {
     if (layer < 0 || layer >= ru->n_layer || expert < 0 || expert >= ru->n_expert)
         return 0;
-    const double p = ru->p[(size_t)layer * (size_t)ru->n_expert + (size_t)expert];
-    const double per_layer = (double)ru->n_slots / ru->n_layer;
-    const double ins = ru->ins[layer] > 1e-3f ? ru->ins[layer] : 1e-3;
-    double visits = per_layer / ins;
-    double e = p * visits;
+    const size_t k = (size_t)layer * (size_t)ru->n_expert + (size_t)expert;
+    /* the recency bonus lasts about one visit, not the whole stay */
+    const double e = reuse_of(ru, layer, ru->p[k]) + (ru->recent[k] ? MOE_LANE_REUSE_RECENT : 0.0);
     return e < MOE_LANE_REUSE_CAP ? e : MOE_LANE_REUSE_CAP;
 }

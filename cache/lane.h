@@ -34,6 +34,8 @@
  *                 COPY|CPU   the CPU lane computes it now, and the upload is
  *                            queued behind the step's copies; the expert
  *                            becomes a hit once it has arrived
+ *               and moe_lane_reuse_inserted(&ru, layer, copies made).
+ *               step.evict_reuse = moe_lane_reuse_victim(&ru, layer).
  *   after the step, the measurements, each optional (rates not observed
  *   keep their initial values):
  *               moe_lane_observe_cpu(&st, bytes, token_bytes, seconds)
@@ -117,6 +119,10 @@ struct moe_lane_step {
      * the state's own prediction from its earlier decisions is used. */
     double link_busy_s;
     bool link_busy_known;
+    /* Expected reuse of what a copy would evict (moe_lane_reuse_victim),
+     * 0 when unknown: a copy of an expert less useful than that one is
+     * not worth a slot. */
+    double evict_reuse;
 };
 
 /* The governor (auto only): arms are AUTO, COPY and CPU. It runs the
@@ -161,9 +167,12 @@ struct moe_lane_state {
     enum moe_miss_lane mode;           /* configured */
     struct moe_lane_rates r;           /* current estimates (EWMA) */
     double ewma;                       /* weight of a new measurement, default 0.2 */
-    double reuse_min;                  /* background copy only at this expected reuse or more */
-    double bg_horizon;                 /* background copies may keep the link busy this many
-                                        * predicted step times ahead */
+    double reuse_min;                  /* background copy only when the expected reuse beats the
+                                        * evicted one's by this much */
+    double bg_horizon;                 /* background copies may keep the link busy this fraction
+                                        * of a decode token step ahead */
+    double token_s;                    /* decode token step, EWMA of moe_lane_observe_step */
+    double evict_weight;               /* the evicted expert's reuse counts this many times */
     double link_pending_s;             /* predicted copy-stream backlog after the last decision */
     double last_step_s;                /* predicted duration of the last layer step */
     struct moe_lane_gov gov;
@@ -201,31 +210,49 @@ void moe_lane_observe_sync(struct moe_lane_state *st, double seconds);
 void moe_lane_observe_step(struct moe_lane_state *st, double seconds, int n_tokens);
 
 /* Expected reuse of an expert: hits before eviction if it were cached now.
- * Per (layer, expert) an exponentially weighted frequency p of use per
- * visit of its layer (weight MOE_LANE_REUSE_ALPHA, prior n_used /
- * n_expert), and per layer the mean number of experts inserted per visit
- * (the misses); by Little's law a cached expert stays about
- * (slots / n_layer) / inserted_per_visit visits, so the expected hits are
- * p times that (capped at MOE_LANE_REUSE_CAP). Allocates
- * n_layer x n_expert floats at init; the rest does not allocate. */
-#define MOE_LANE_REUSE_ALPHA 0.1
+ * Per (layer, expert) the probability p that a visit of its layer uses it,
+ * estimated as the `layer` cache policy does (cache/policy.h): an
+ * exponentially weighted frequency per visit (weight MOE_LANE_REUSE_ALPHA,
+ * prior n_used / n_expert, or seeded from a warm file's counts) plus
+ * MOE_LANE_REUSE_RECENT when the layer's latest visit used it; and per
+ * layer the mean number of experts inserted per visit (the misses, weight
+ * 0.1). By Little's law a cached expert stays about (slots / n_layer) /
+ * inserted_per_visit visits, so the expected hits are the frequency times
+ * that, plus the recency bonus once (it lasts about one visit), capped at
+ * MOE_LANE_REUSE_CAP. Allocates at init; the rest does not. */
+#define MOE_LANE_REUSE_ALPHA 0.05
+#define MOE_LANE_REUSE_RECENT 0.2
 #define MOE_LANE_REUSE_CAP 1000.0
 
 struct moe_lane_reuse {
-    int n_layer, n_expert, n_slots;
-    float *p;                 /* [n_layer][n_expert] */
+    int n_layer, n_expert, n_slots, n_used;
+    float *p;                 /* [n_layer][n_expert] frequency */
+    uint8_t *recent;          /* [n_layer][n_expert] used at the latest visit */
     float *ins;               /* [n_layer] inserted per visit, EWMA */
+    float *ins_prev;          /* [n_layer] before the latest visit */
+    float *victim_p;          /* [n_layer] p of the marginal cached expert */
 };
 
 /* 0, -EINVAL (a size < 1) or -ENOMEM. n_used: experts routed per token. */
 int moe_lane_reuse_init(struct moe_lane_reuse *ru, int n_layer, int n_expert, int n_used,
                         int n_slots);
 void moe_lane_reuse_free(struct moe_lane_reuse *ru);
+/* Seeds the frequencies from tokens routed per expert ([n_layer][n_expert],
+ * struct moe_warm's `uses`); layers without counts keep the prior. */
+void moe_lane_reuse_seed(struct moe_lane_reuse *ru, const uint32_t *uses);
 /* One visit of `layer`: the n distinct experts it routed to, n_inserted of
  * them missed (and may be inserted). Out-of-range ids are ignored. */
 void moe_lane_reuse_visit(struct moe_lane_reuse *ru, int layer, const int32_t *experts, int n,
                           int n_inserted);
+/* Optional, after moe_lane_decide: how many of the visit's misses were
+ * really inserted (copied), replacing the visit's n_inserted; under auto
+ * most misses stay on the CPU and do not turn the cache over. */
+void moe_lane_reuse_inserted(struct moe_lane_reuse *ru, int layer, int n_inserted);
 double moe_lane_reuse_expect(const struct moe_lane_reuse *ru, int layer, int expert);
+/* The expected reuse of the marginal cached expert of `layer`: the
+ * (slots / n_layer)-th most likely expert's, as of the latest visit; what
+ * an eviction loses, for struct moe_lane_step's evict_reuse. */
+double moe_lane_reuse_victim(const struct moe_lane_reuse *ru, int layer);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,7 @@
  *   moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]
  *                    [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...] [--plot OUT.svg]
  *                    [--prefetch none|history|oracle] [--prefetch-depth D]
+ *   moectl cache-sim --lanes ...   (client/lanesim.c: copy, CPU or both per miss)
  *
  * One line per policy and capacity:
  *   policy=P capacity=N accesses=A hits=H hit_rate=X
@@ -29,7 +30,8 @@ static void usage(FILE *f)
     fprintf(f, "usage: moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]\n"
                "                        [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...]"
                " [--plot OUT.svg]\n"
-               "                        [--prefetch none|history|oracle] [--prefetch-depth D]\n");
+               "                        [--prefetch none|history|oracle] [--prefetch-depth D]\n"
+               "       moectl cache-sim --lanes --help   (miss lanes under hardware profiles)\n");
 }
 
 static int write_svg(const char *path, const int *pct, int n_pts, const double rates[][MAX_POINTS],
@@ -79,6 +81,9 @@ int moectl_cachesim_main(int argc, char **argv)
     double cap_pct = -1;
     int policy = -1;
     struct moe_sim_prefetch pf = { MOE_SIM_PREFETCH_NONE, 1 };
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], "--lanes") == 0)
+            return moectl_cachesim_lanes_main(argc, argv);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end;

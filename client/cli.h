@@ -9,6 +9,8 @@ int moectl_eval_main(int argc, char **argv);
 int moectl_run_main(int argc, char **argv);
 int moectl_chat_main(int argc, char **argv);
 int moectl_cachesim_main(int argc, char **argv);
+/* cache-sim --lanes (client/lanesim.c) */
+int moectl_cachesim_lanes_main(int argc, char **argv);
 int moectl_pack_main(int argc, char **argv);
 int moectl_tokenize_main(int argc, char **argv);
 int moectl_detokenize_main(int argc, char **argv);

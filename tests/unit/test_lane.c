@@ -141,7 +141,7 @@ static void test_background(void)
     st.bg_horizon = 10;
     moe_lane_decide(&st, NULL, m, 2, c);
     CHECK_INT(c[0], ==, MOE_LANE_COPY | MOE_LANE_CPU);
-    CHECK_INT(c[1], ==, MOE_LANE_CPU);             /* reuse 0.2 < reuse_min 0.5 */
+    CHECK_INT(c[1], ==, MOE_LANE_CPU);             /* reuse 0.2 < reuse_min 1 */
     CHECK_U64(st.n_both, ==, 1);
     /* the link busy for a second: no room */
     struct moe_lane_step step = { .link_busy_s = 1.0, .link_busy_known = true };
@@ -149,11 +149,40 @@ static void test_background(void)
     CHECK_INT(c[0], ==, MOE_LANE_CPU);
     /* room for one upload only: the larger reuse goes */
     m[1].expected_reuse = 8.0;
-    st.bg_horizon = 1.5;   /* step: 2 x S / 60e9 = 0.14 ms, horizon 0.21 ms: one 0.17 ms upload */
+    st.bg_horizon = 0.5;
+    st.token_s = 0.4e-3;   /* the queue may hold 0.2 ms: one 0.17 ms upload */
     step.link_busy_s = 0;
     moe_lane_decide(&st, &step, m, 2, c);
     CHECK_INT(c[0], ==, MOE_LANE_CPU);
     CHECK_INT(c[1], ==, MOE_LANE_COPY | MOE_LANE_CPU);
+    /* what a copy would evict is worth more: nothing is uploaded */
+    step.evict_reuse = 9.0;
+    moe_lane_decide(&st, &step, m, 2, c);
+    CHECK_INT(c[0], ==, MOE_LANE_CPU);
+    CHECK_INT(c[1], ==, MOE_LANE_CPU);
+}
+
+/* A copy that is faster now still loses when it evicts a more useful
+ * expert: the victim's lost hits are charged to the copy. */
+static void test_evict_cost(void)
+{
+    struct moe_lane_state st;
+    struct moe_lane_rates r;
+    rates_simple(&r, 20e9, 40e9);   /* copy 0.1 ms, CPU 0.21 ms */
+    moe_lane_init(&st, MOE_MISS_LANE_AUTO, &r);
+    struct moe_lane_miss m = { MB4, 1, true, 0.0 };
+    struct moe_lane_step step = { .link_busy_known = true };
+    uint8_t c;
+    moe_lane_decide(&st, &step, &m, 1, &c);
+    CHECK_INT(c, ==, MOE_LANE_COPY);
+    /* victim worth 1 hit: 0.21 ms of CPU later, more than the 0.1 ms won */
+    step.evict_reuse = 1.0;
+    moe_lane_decide(&st, &step, &m, 1, &c);
+    CHECK_INT(c, ==, MOE_LANE_CPU);
+    /* the miss as useful as the victim: no charge */
+    m.expected_reuse = 1.0;
+    moe_lane_decide(&st, &step, &m, 1, &c);
+    CHECK_INT(c, ==, MOE_LANE_COPY);
 }
 
 /* An expert not in the host tier pays the disk read in both lanes: at
@@ -294,7 +323,24 @@ static void test_reuse(void)
         moe_lane_reuse_visit(&ru, 0, ids, 2, 0);
     /* always used, never a miss: the cap-free estimate grows large */
     CHECK(moe_lane_reuse_expect(&ru, 0, 1) > 100);
-    CHECK(moe_lane_reuse_expect(&ru, 0, 3) < 0.01 * moe_lane_reuse_expect(&ru, 0, 1));
+    CHECK(moe_lane_reuse_expect(&ru, 0, 3) < 0.05 * moe_lane_reuse_expect(&ru, 0, 1));
+    /* the marginal expert of a 4-slot layer: 2 used always, the rest rare */
+    CHECK(moe_lane_reuse_victim(&ru, 0) < moe_lane_reuse_expect(&ru, 0, 3) + 1e-9);
+    /* under auto few misses are inserted: the stay, so the reuse, grows */
+    const double before = moe_lane_reuse_expect(&ru, 1, 2);
+    moe_lane_reuse_visit(&ru, 1, ids, 2, 2);
+    const double all_in = moe_lane_reuse_expect(&ru, 1, 2);
+    moe_lane_reuse_inserted(&ru, 1, 0);
+    CHECK(moe_lane_reuse_expect(&ru, 1, 2) > all_in);
+    CHECK(before > 0);
+    /* seeded from counts: expert 7 of layer 1 in every token, 6 never */
+    uint32_t uses[16] = { 0 };
+    uses[8 + 7] = 100;
+    uses[8 + 0] = 100;
+    moe_lane_reuse_seed(&ru, uses);
+    CHECK(ru.p[8 + 7] > 0.99f);
+    CHECK(ru.p[8 + 6] < 0.01f);
+    CHECK(ru.p[1] > 0.5f);   /* layer 0 without counts keeps its own */
     CHECK(moe_lane_reuse_expect(&ru, 0, 1) <= MOE_LANE_REUSE_CAP);
     /* out of range: 0, ignored */
     CHECK_NEAR(moe_lane_reuse_expect(&ru, 2, 0), 0, 0);
@@ -315,6 +361,7 @@ int main(void)
     MOE_TEST_RUN(test_prefill_copies);
     MOE_TEST_RUN(test_balance);
     MOE_TEST_RUN(test_background);
+    MOE_TEST_RUN(test_evict_cost);
     MOE_TEST_RUN(test_disk);
     MOE_TEST_RUN(test_observe);
     MOE_TEST_RUN(test_governor_falls_back);
