@@ -162,6 +162,15 @@ int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_op
     p->workspace_bytes = shared + per_worker * (uint64_t)workers;
     for (int i = 0; i < n; i++)
         p->workspace_bytes += items[i].bytes;
+    if (c->deltanet) {   /* model/deltanet.c: the state of each sequence and the scratch */
+        const uint64_t D = (uint64_t)c->ssm_d_state, nv = (uint64_t)c->ssm_n_v;
+        const uint64_t inner = nv * D, conv = 2 * (uint64_t)c->ssm_n_k * D + inner;
+        const uint64_t qd = (uint64_t)c->n_head * (uint64_t)c->head_dim;
+        p->recurrent_bytes = (uint64_t)p->n_seqs * (uint64_t)c->n_recurrent *
+                             (conv * (uint64_t)(c->ssm_d_conv - 1) + nv * D * D) * 4;
+        p->workspace_bytes += p->recurrent_bytes +
+                              (uint64_t)p->n_batch * (2 * conv + 2 * inner + 2 * nv + 3 * qd) * 4;
+    }
     return 0;
 }
 
@@ -554,6 +563,9 @@ int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
              mib(p->staging_bytes));
     LINE("  %-16s %12.1f  activations and scratch for %d tokens per step\n", "workspace",
          mib(p->workspace_bytes), p->n_batch);
+    if (p->recurrent_bytes)
+        LINE("  %-16s %12.1f  of which the delta-net layers' recurrent state of %d sequence%s\n",
+             "  recurrent", mib(p->recurrent_bytes), p->n_seqs, p->n_seqs == 1 ? "" : "s");
     LINE("  %-16s %12.1f\n", "total", mib(total));
     if (p->host_budget)
         LINE("  %-16s %12.1f  %s\n", "host budget", mib(p->host_budget), p->host_why);

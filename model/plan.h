@@ -49,6 +49,8 @@ struct moe_model_plan {
     uint64_t host_bytes;        /* host-RAM tier below the cache */
     uint64_t staging_bytes;     /* the expert store's read buffers (host memory; with a cache) */
     uint64_t workspace_bytes;   /* activations and backend scratch for n_batch tokens */
+    uint64_t recurrent_bytes;   /* of which the delta-net layers' recurrent state of n_seqs
+                                 * sequences (qwen35moe; host memory) */
     /* the budgets the plan was sized against */
     uint64_t host_budget;       /* memory_limit, or what the host makes available */
     char host_why[128];         /* where host_budget comes from */
