@@ -401,8 +401,9 @@ int moe_lane_reuse_init(struct moe_lane_reuse *ru, int n_layer, int n_expert, in
     ru->victim_p = moe_malloc((size_t)n_layer * sizeof(float));
     ru->recent = moe_calloc(nk, 1);
     ru->ins_prev = moe_calloc((size_t)n_layer, sizeof(float));
+    ru->batch = moe_calloc((size_t)n_layer, 1);
     if (ru->p == NULL || ru->ins == NULL || ru->victim_p == NULL || ru->recent == NULL ||
-        ru->ins_prev == NULL) {
+        ru->ins_prev == NULL || ru->batch == NULL) {
         moe_lane_reuse_free(ru);
         return -ENOMEM;
     }
@@ -429,6 +430,8 @@ void moe_lane_reuse_free(struct moe_lane_reuse *ru)
     moe_free(ru->victim_p);
     moe_free(ru->recent);
     moe_free(ru->ins_prev);
+    moe_free(ru->batch);
+    ru->batch = NULL;
     ru->recent = NULL;
     ru->ins_prev = NULL;
     ru->p = NULL;
@@ -453,8 +456,13 @@ void moe_lane_reuse_visit(struct moe_lane_reuse *ru, int layer, const int32_t *e
             p[experts[i]] += a;
             rec[experts[i]] = 1;
         }
+    /* the stay is counted in single-token visits (decode): a prefill
+     * batch inserts many experts at once, but the visits that will hit
+     * them are the decode steps after it */
     ru->ins_prev[layer] = ru->ins[layer];
-    ru->ins[layer] = 0.9f * ru->ins[layer] + 0.1f * (float)(n_inserted > 0 ? n_inserted : 0);
+    ru->batch[layer] = n > ru->n_used;
+    if (!ru->batch[layer])
+        ru->ins[layer] = 0.9f * ru->ins[layer] + 0.1f * (float)(n_inserted > 0 ? n_inserted : 0);
     /* the marginal expert: the largest x with at least `per` experts at
      * p >= x, by bisection (no sort, no allocation) */
     const int per = ru->n_slots / ru->n_layer;
@@ -495,7 +503,7 @@ void moe_lane_reuse_seed(struct moe_lane_reuse *ru, const uint32_t *uses)
 
 void moe_lane_reuse_inserted(struct moe_lane_reuse *ru, int layer, int n_inserted)
 {
-    if (layer >= 0 && layer < ru->n_layer)
+    if (layer >= 0 && layer < ru->n_layer && !ru->batch[layer])
         ru->ins[layer] = 0.9f * ru->ins_prev[layer] + 0.1f * (float)(n_inserted > 0 ? n_inserted : 0);
 }
 

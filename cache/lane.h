@@ -230,6 +230,7 @@ struct moe_lane_reuse {
     uint8_t *recent;          /* [n_layer][n_expert] used at the latest visit */
     float *ins;               /* [n_layer] inserted per visit, EWMA */
     float *ins_prev;          /* [n_layer] before the latest visit */
+    uint8_t *batch;           /* [n_layer] the latest visit had more experts than one token routes */
     float *victim_p;          /* [n_layer] p of the marginal cached expert */
 };
 
