@@ -759,6 +759,17 @@ int moe_expert_cache_cancel_stale(struct moe_expert_cache *c, int cur_layer)
     return done;
 }
 
+int moe_expert_cache_lookup(struct moe_expert_cache *c, int layer, int expert)
+{
+    if (layer < 0 || layer >= c->n_layer || expert < 0 || expert >= c->n_expert)
+        return 0;
+    pthread_mutex_lock(&c->mu);
+    const int i = c->slot_of[layer * c->n_expert + expert];
+    const int r = i < 0 ? 0 : c->slots[i].state == SLOT_READY ? 2 : c->slots[i].state == SLOT_LOADING;
+    pthread_mutex_unlock(&c->mu);
+    return r;
+}
+
 int moe_expert_cache_wait_slot(struct moe_expert_cache *c)
 {
     const double t0 = now_s();

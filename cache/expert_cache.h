@@ -98,6 +98,11 @@ int moe_expert_cache_cancel_stale(struct moe_expert_cache *c, int cur_layer);
 
 int moe_expert_cache_wait_slot(struct moe_expert_cache *c);
 
+/* Where (layer, expert) is without touching it (no pin, no policy access,
+ * no load): 2 ready in a slot, 1 loading into one, 0 not in the cache.
+ * The hybrid lanes' test for a miss; the answer may be stale at once. */
+int moe_expert_cache_lookup(struct moe_expert_cache *c, int layer, int expert);
+
 /* Starts a low-priority load of (layer, expert), unpinned, if it is not
  * cached, a slot can be freed without evicting an expert predicted for this
  * step or pinned, fewer than max_inflight prefetches are in flight, and

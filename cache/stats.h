@@ -29,6 +29,16 @@ struct moe_cache_stats {
     uint64_t uploads, upload_bytes, uploads_timed, upload_timed_bytes;
     double upload_s;
     uint64_t upload_host_waits;
+    /* Hybrid lanes (a device backend; model/experts.c, doc/cache.md): the
+     * missed experts computed on the CPU from host memory, those copied
+     * into a slot and computed on the device, and those computed on the CPU
+     * and copied as well (for later hits); the expert bytes each lane
+     * read; the engine's time computing the CPU lane (activations moved
+     * both ways included) and waiting for copied experts. Counted per
+     * (layer step, expert), hits not included. */
+    uint64_t lane_cpu, lane_copy, lane_both;
+    uint64_t lane_cpu_bytes, lane_copy_bytes, lane_both_bytes;
+    double lane_cpu_s, lane_copy_wait_s;
     int n_slots;
     size_t slot_bytes;
 };

@@ -678,6 +678,13 @@ static void print_cache_stats(struct moe_model *m)
                 (unsigned long long)cs.prefetch_used, (unsigned long long)cs.prefetch_wasted,
                 (unsigned long long)cs.prefetch_dropped, (unsigned long long)cs.prefetch_cancelled,
                 (unsigned long long)cs.host_hits, (unsigned long long)cs.host_inserts);
+    if (moe_model_cache_stats(m, &cs) && cs.lane_cpu + cs.lane_copy + cs.lane_both > 0)
+        fprintf(stderr, "{\"lane_cpu\": %llu, \"lane_cpu_bytes\": %llu, \"lane_cpu_s\": %.6f,"
+                " \"lane_copy\": %llu, \"lane_copy_bytes\": %llu, \"lane_copy_wait_s\": %.6f,"
+                " \"lane_both\": %llu, \"lane_both_bytes\": %llu}\n", (unsigned long long)cs.lane_cpu,
+                (unsigned long long)cs.lane_cpu_bytes, cs.lane_cpu_s, (unsigned long long)cs.lane_copy,
+                (unsigned long long)cs.lane_copy_bytes, cs.lane_copy_wait_s,
+                (unsigned long long)cs.lane_both, (unsigned long long)cs.lane_both_bytes);
     uint64_t pf_on = 0, pf_off = 0;
     if (moe_model_prefetch_steps(m, &pf_on, &pf_off))
         fprintf(stderr, "{\"prefetch_steps_on\": %llu, \"prefetch_steps_off\": %llu}\n",

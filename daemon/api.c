@@ -944,6 +944,16 @@ static json_t *cache_json(const struct stats_snapshot *st)
                                               "format_errors", (json_int_t)cs->format_errors,
                                               "io_errors", (json_int_t)cs->io_errors,
                                               "read_retries", (json_int_t)cs->read_retries));
+    /* the hybrid lanes (doc/cache.md): misses by where they were computed */
+    json_object_set_new(c, "lanes", json_pack("{s:{s:I, s:I, s:f}, s:{s:I, s:I, s:f}, s:{s:I, s:I}}",
+                                              "cpu", "experts", (json_int_t)cs->lane_cpu,
+                                              "bytes", (json_int_t)cs->lane_cpu_bytes,
+                                              "seconds", cs->lane_cpu_s,
+                                              "copy", "experts", (json_int_t)cs->lane_copy,
+                                              "bytes", (json_int_t)cs->lane_copy_bytes,
+                                              "wait_seconds", cs->lane_copy_wait_s,
+                                              "both", "experts", (json_int_t)cs->lane_both,
+                                              "bytes", (json_int_t)cs->lane_both_bytes));
     return c;
 }
 
@@ -1079,6 +1089,24 @@ static void prom_cache(struct prom *p, const struct stats_snapshot *st)
     prom_family(p, "moed_expert_read_retries_total", "counter",
                 "Expert reads requeued after a transient error or a short count (bounded).");
     prom_printf(p, "moed_expert_read_retries_total %llu\n", (unsigned long long)cs->read_retries);
+    prom_family(p, "moed_expert_lane_experts_total", "counter",
+                "Missed experts by lane: computed on the CPU, copied to the device, or both.");
+    prom_family(p, "moed_expert_lane_bytes_total", "counter", "Expert bytes each lane read.");
+    const struct { const char *lane; uint64_t n, b; } lanes[] = {
+        { "cpu", cs->lane_cpu, cs->lane_cpu_bytes }, { "copy", cs->lane_copy, cs->lane_copy_bytes },
+        { "both", cs->lane_both, cs->lane_both_bytes },
+    };
+    for (size_t k = 0; k < sizeof(lanes) / sizeof(lanes[0]); k++)
+        prom_printf(p, "moed_expert_lane_experts_total{lane=\"%s\"} %llu\n", lanes[k].lane,
+                    (unsigned long long)lanes[k].n);
+    for (size_t k = 0; k < sizeof(lanes) / sizeof(lanes[0]); k++)
+        prom_printf(p, "moed_expert_lane_bytes_total{lane=\"%s\"} %llu\n", lanes[k].lane,
+                    (unsigned long long)lanes[k].b);
+    prom_family(p, "moed_expert_lane_seconds_total", "counter",
+                "Engine time per lane: computing the CPU lane, waiting for copied experts.");
+    prom_printf(p, "moed_expert_lane_seconds_total{lane=\"cpu\"} %.6f\n"
+                "moed_expert_lane_seconds_total{lane=\"copy\"} %.6f\n", cs->lane_cpu_s,
+                cs->lane_copy_wait_s);
     for (size_t k = 0; k < sizeof(layer_metrics) / sizeof(layer_metrics[0]); k++) {
         prom_family(p, layer_metrics[k].name, "counter", layer_metrics[k].help);
         for (int l = 0; l < st->n_layers; l++) {

@@ -9,6 +9,8 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "cache/expert_cache.h"
 #include "cache/host_tier.h"
@@ -16,7 +18,45 @@
 #include "common/log.h"
 #include "io/expert_src.h"
 #include "io/gguf.h"
+#include "kernels/backend.h"
 #include "model/model-impl.h"
+
+/* The CPU lane of a device backend (doc/cache.md "Hybrid lanes"): its own
+ * CPU backend (the kernels of kernels/cpu, on their own thread pool) and
+ * host buffers for one batch. miss_lane = copy needs neither, but the
+ * lanes are still counted. */
+static int lane_create(struct moe_model *m, const struct moe_model_opts *o, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    m->ex.lanes = true;
+    m->ex.miss_lane = o->miss_lane;
+    if (o->miss_lane == MOE_MISS_LANE_OPT_COPY)
+        return 0;
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int rc = moe_backend_cpu_create(&m->ex.lane_be, o->n_threads > 0 ? o->n_threads
+                                    : cpus > 0 && cpus < 1024 ? (int)cpus : 1, diag);
+    if (rc)
+        return rc;
+    struct model_acts tmp;
+    struct model_act_item items[MODEL_ACT_ITEMS];
+    size_t shared, per_worker;
+    moe_model_acts_layout(c, m->n_batch, m->n_ctx, &tmp, items, &shared, &per_worker);
+    if ((rc = m->ex.lane_be->ops->reserve(m->ex.lane_be, shared, 0)))
+        return moe_diag_set(diag, rc, "CPU lane: cannot reserve %zu bytes of scratch", shared);
+    const size_t B = (size_t)m->n_batch, E = (size_t)c->n_embd, F = (size_t)c->n_ff_exp;
+    m->ex.lane_x = moe_malloc(B * E * sizeof(float));
+    m->ex.lane_xe = moe_malloc(B * E * sizeof(float));
+    m->ex.lane_de = moe_malloc(B * E * sizeof(float));
+    m->ex.lane_ge = moe_malloc(B * F * sizeof(float));
+    m->ex.lane_ue = moe_malloc(B * F * sizeof(float));
+    m->ex.lane_dst = moe_malloc(B * sizeof(int32_t));
+    /* aligned like a slot: a raw pack blob is read straight into it */
+    m->ex.lane_blob = moe_malloc_aligned(MOE_CACHE_SLOT_ALIGN, moe_expert_cache_slot_stride(m->plan.slot_bytes));
+    if (!m->ex.lane_x || !m->ex.lane_xe || !m->ex.lane_de || !m->ex.lane_ge || !m->ex.lane_ue ||
+        !m->ex.lane_dst || !m->ex.lane_blob)
+        return moe_diag_set(diag, -ENOMEM, "CPU lane: out of memory for %zu tokens' buffers", B);
+    return 0;
+}
 
 int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o, struct moe_diag *diag)
 {
@@ -59,6 +99,8 @@ int moe_model_experts_create(struct moe_model *m, const struct moe_model_opts *o
         if ((rc = moe_host_tier_create(&m->ex.host, o->host_bytes, diag)) == 0)
             moe_expert_cache_set_host_tier(m->ex.cache, m->ex.host);
     }
+    if (rc == 0 && (!m->be->ops->host_memory || o->upload_weights))
+        rc = lane_create(m, o, diag);
     return rc;
 }
 
@@ -73,6 +115,14 @@ void moe_model_experts_free(struct moe_model *m)
     moe_free(ex->pend_state);
     moe_expert_cache_destroy(ex->cache);   /* waits for loads, which may fill the tier */
     moe_host_tier_destroy(ex->host);
+    moe_backend_destroy(ex->lane_be);
+    moe_free(ex->lane_x);
+    moe_free(ex->lane_xe);
+    moe_free(ex->lane_de);
+    moe_free(ex->lane_ge);
+    moe_free(ex->lane_ue);
+    moe_free(ex->lane_dst);
+    moe_free(ex->lane_blob);
     if (m->be) {
         if (ex->pf_logits)
             m->be->ops->free(m->be, ex->pf_logits);
@@ -86,6 +136,15 @@ bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out)
     if (m->ex.cache == NULL)
         return false;
     moe_expert_cache_stats(m->ex.cache, out);
+    const struct moe_cache_stats *l = &m->ex.lane_st;
+    out->lane_cpu = l->lane_cpu;
+    out->lane_copy = l->lane_copy;
+    out->lane_both = l->lane_both;
+    out->lane_cpu_bytes = l->lane_cpu_bytes;
+    out->lane_copy_bytes = l->lane_copy_bytes;
+    out->lane_both_bytes = l->lane_both_bytes;
+    out->lane_cpu_s = l->lane_cpu_s;
+    out->lane_copy_wait_s = l->lane_copy_wait_s;
     return true;
 }
 
@@ -116,12 +175,18 @@ static struct moe_weight expert_weight(const struct expert_tensor *t, int e)
 }
 
 /* silu(gate) * up, or gpt-oss's clamped variant */
-static int glu(struct moe_model *m, float *y, const float *g, const float *u, int64_t n)
+static int glu_on(struct moe_model *m, struct moe_backend *be, float *y, const float *g, const float *u,
+                  int64_t n)
 {
     const struct moe_model_cfg *c = &m->cfg;
     if (!c->ad->swiglu_oai)
-        return m->be->ops->swiglu(m->be, y, g, u, n);
-    return m->be->ops->swiglu_oai(m->be, y, g, u, n, c->ad->swiglu_alpha, c->ad->swiglu_limit);
+        return be->ops->swiglu(be, y, g, u, n);
+    return be->ops->swiglu_oai(be, y, g, u, n, c->ad->swiglu_alpha, c->ad->swiglu_limit);
+}
+
+static int glu(struct moe_model *m, float *y, const float *g, const float *u, int64_t n)
+{
+    return glu_on(m, m->be, y, g, u, n);
 }
 
 /* One expert's FFN over the tokens routed to it (grouped by moe_block);
@@ -249,6 +314,206 @@ static int expert_failed(struct moe_model *m, int il, int e, int rc, const struc
     return 0;
 }
 
+/* ---- the CPU lane ----------------------------------------------------- */
+
+static double lane_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Where the CPU lane found an expert's bytes, for lane_put. */
+enum lane_from { LANE_TIER, LANE_MAPPED, LANE_RESERVED, LANE_BUF };
+
+struct lane_w {
+    struct moe_weight g, u, d;
+    const float *bg, *bu, *bd;
+    enum lane_from from;
+};
+
+/* Host memory holding expert e of layer il: the host tier's copy (pinned
+ * until lane_put), the mapped GGUF (GGUF direct), or else read from the
+ * source now, into a reserved tier entry (kept for next time) or the
+ * lane's own buffer. Expert biases (gpt-oss) come from a blob only. */
+static int lane_get(struct moe_model *m, const struct layer *L, int il, int e, struct lane_w *w,
+                    struct moe_diag *d)
+{
+    const struct moe_expert_layout *lay = moe_expert_src_layout(m->ex.src, (uint32_t)il);
+    if (lay == NULL)
+        return moe_diag_set(d, -ENOENT, "CPU lane: layer %d has no experts", il);
+    const void *hd = NULL;
+    size_t hs = 0;
+    const uint8_t *blob = NULL;
+    if (m->ex.host && moe_host_tier_acquire(m->ex.host, (uint32_t)il, (uint32_t)e, &hd, &hs)) {
+        w->from = LANE_TIER;
+        blob = hd;
+    } else if (L->gate.host && L->up.host && L->down.host && L->bias_off.gate < 0 &&
+               L->bias_off.up < 0 && L->bias_off.down < 0) {
+        const struct expert_tensor *t[3] = { &L->gate, &L->up, &L->down };
+        struct moe_weight *o[3] = { &w->g, &w->u, &w->d };
+        for (int i = 0; i < 3; i++)
+            *o[i] = (struct moe_weight){ .data = t[i]->host + (size_t)e * t[i]->expert_stride,
+                                         .dtype = t[i]->dtype, .n_in = t[i]->n_in,
+                                         .n_out = t[i]->n_out, .row_bytes = t[i]->row_bytes };
+        w->bg = w->bu = w->bd = NULL;
+        w->from = LANE_MAPPED;
+        return 0;
+    } else {
+        void *buf = NULL;
+        const size_t size = (size_t)lay->raw_size;
+        if (m->ex.host && moe_host_tier_reserve(m->ex.host, (uint32_t)il, (uint32_t)e, size, &buf) == 0) {
+            w->from = LANE_RESERVED;
+        } else {
+            buf = m->ex.lane_blob;
+            w->from = LANE_BUF;
+        }
+        const int rc = moe_expert_src_load_sync(m->ex.src, (uint32_t)il, (uint32_t)e, buf, size, d);
+        if (rc != 0) {
+            if (w->from == LANE_RESERVED)
+                moe_host_tier_commit(m->ex.host, (uint32_t)il, (uint32_t)e, false);
+            return rc;
+        }
+        blob = buf;
+    }
+    w->g = slot_weight(&L->gate, blob);
+    w->u = slot_weight(&L->up, blob);
+    w->d = slot_weight(&L->down, blob);
+    const struct bias_slices *b = &L->bias_off;
+    w->bg = b->gate >= 0 ? (const float *)(blob + b->gate) : NULL;
+    w->bu = b->up >= 0 ? (const float *)(blob + b->up) : NULL;
+    w->bd = b->down >= 0 ? (const float *)(blob + b->down) : NULL;
+    return 0;
+}
+
+static void lane_put(struct moe_model *m, int il, int e, const struct lane_w *w, bool ok)
+{
+    if (w->from == LANE_TIER)
+        moe_host_tier_release(m->ex.host, (uint32_t)il, (uint32_t)e);
+    else if (w->from == LANE_RESERVED)
+        moe_host_tier_commit(m->ex.host, (uint32_t)il, (uint32_t)e, ok);
+}
+
+/* The CPU lane's outputs so far (rows 0..n of lane_de) into their
+ * (token, slot) rows of slot_out: one upload through the device's de
+ * buffer and one scatter, both on the compute stream after the kernels
+ * already queued there (which may still be using de). */
+static int lane_flush(struct moe_model *m, int64_t n)
+{
+    const int64_t E = m->cfg.n_embd;
+    if (n == 0)
+        return 0;
+    TRY(m->be->ops->upload(m->be, m->a.de, m->ex.lane_de, (size_t)(n * E) * sizeof(float)));
+    return m->be->ops->copy_rows(m->be, m->a.slot_out, E, m->ex.lane_dst, m->a.de, E, NULL, n, E);
+}
+
+/* Expert e's FFN on the CPU lane over its tokens' rows of lane_x, into
+ * rows r0.. of lane_de: the operations of expert_ffn, in its order, on the
+ * CPU backend, so that a CPU backend playing the device gives the same
+ * bits. */
+static int lane_ffn(struct moe_model *m, const struct lane_w *w, int e, int64_t r0)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    struct moe_backend *be = m->ex.lane_be;
+    const struct moe_backend_ops *ops = be->ops;
+    const int K = c->n_expert_used, E = c->n_embd;
+    const int cnt = m->a.expert_count[e];
+    const int32_t *list = m->a.tok_by_expert + m->a.expert_start[e];
+    for (int i = 0; i < cnt; i++) {
+        m->a.row_idx[i] = list[i] / K;
+        m->ex.lane_dst[r0 + i] = list[i];
+    }
+    TRY(ops->copy_rows(be, m->ex.lane_xe, E, NULL, m->ex.lane_x, E, m->a.row_idx, cnt, E));
+    TRY(ops->matmul(be, m->ex.lane_ge, &w->g, w->bg, m->ex.lane_xe, cnt));
+    TRY(ops->matmul(be, m->ex.lane_ue, &w->u, w->bu, m->ex.lane_xe, cnt));
+    TRY(glu_on(m, be, m->ex.lane_ge, m->ex.lane_ge, m->ex.lane_ue, (int64_t)cnt * c->n_ff_exp));
+    return ops->matmul(be, m->ex.lane_de + r0 * E, &w->d, w->bd, m->ex.lane_ge, cnt);
+}
+
+/* Every expert of layer il in state `cpu` (experts_cached's pend list) on
+ * the CPU lane, then their outputs into slot_out. An expert whose bytes
+ * cannot be read fails the sequences routed to it (expert_failed). */
+static int lane_run(struct moe_model *m, int il, int np, int cpu, struct moe_diag *diag)
+{
+    const struct layer *L = &m->w.layers[il];
+    int64_t rows = 0;
+    for (int j = 0; j < np; j++) {
+        if (m->ex.pend_state[j] != cpu)
+            continue;
+        const int e = m->ex.pend_e[j];
+        const int64_t cnt = m->a.expert_count[e];
+        if (rows + cnt > m->n_batch) {
+            TRY(lane_flush(m, rows));
+            rows = 0;
+        }
+        struct lane_w w;
+        struct moe_diag d = { 0 };
+        int rc = lane_get(m, L, il, e, &w, &d);
+        if (rc != 0) {
+            rc = expert_failed(m, il, e, rc, &d);
+            if (rc != 0)
+                return moe_diag_set(diag, rc, "layer %d, expert %d: %s", il, e, moe_strerror(rc));
+            continue;
+        }
+        rc = lane_ffn(m, &w, e, rows);
+        lane_put(m, il, e, &w, rc == 0);
+        if (rc != 0)
+            return moe_diag_set(diag, rc, "CPU lane: layer %d, expert %d: %s", il, e, moe_strerror(rc));
+        rows += cnt;
+    }
+    return lane_flush(m, rows);
+}
+
+/* Assigns layer il's misses to lanes (doc/cache.md "Hybrid lanes"). A hit,
+ * or an expert already loading (a prefetch) unless the lane is forced to
+ * the CPU, stays with the device. A miss goes to the copy lane (acquired
+ * below like before), to the CPU lane (state `cpu`), or to both: its load
+ * starts now, unpinned (it lands in the cache for later steps), and the
+ * CPU computes it meanwhile. Returns how many the CPU lane computes. */
+static int lane_assign(struct moe_model *m, int il, int np, int cpu)
+{
+    enum { L_COPY, L_CPU, L_BOTH };
+    struct moe_cache_stats *st = &m->ex.lane_st;
+    int ncpu = 0;
+    const struct moe_expert_layout *lay = moe_expert_src_layout(m->ex.src, (uint32_t)il);
+    const uint64_t bytes = lay ? lay->raw_size : 0;
+    for (int j = 0; j < np; j++) {
+        const int e = m->ex.pend_e[j];
+        const int where = moe_expert_cache_lookup(m->ex.cache, il, e);
+        if (where == 2 || (where == 1 && m->ex.miss_lane != MOE_MISS_LANE_OPT_CPU))
+            continue;
+        int lane = m->ex.miss_lane == MOE_MISS_LANE_OPT_CPU ? L_CPU : L_COPY;
+        if (m->ex.lane_be == NULL)
+            lane = L_COPY;
+        if (lane == L_BOTH) {
+            const uint8_t *blob = NULL;
+            struct moe_diag d = { 0 };
+            const int r = moe_expert_cache_acquire(m->ex.cache, il, e, m->step, &blob, &d);
+            if (r >= 0)
+                moe_expert_cache_release(m->ex.cache, il, e);
+            if (r == 1)
+                lane = L_COPY;   /* ready already (the host tier): the device computes it */
+            else if (r != 0)
+                lane = L_CPU;    /* no slot free, or the load could not start */
+        }
+        if (lane == L_COPY) {
+            st->lane_copy++;
+            st->lane_copy_bytes += bytes;
+            continue;
+        }
+        if (lane == L_BOTH) {
+            st->lane_both++;
+            st->lane_both_bytes += bytes;
+        } else {
+            st->lane_cpu++;
+            st->lane_cpu_bytes += bytes;
+        }
+        m->ex.pend_state[j] = cpu;
+        ncpu++;
+    }
+    return ncpu;
+}
+
 /* The layer's experts through the cache: pin the ready ones and start loads
  * for the others, compute what is ready, then each missing expert as soon as
  * it arrives; release each right after its compute so that a cache of one
@@ -257,7 +522,7 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
 {
     const struct moe_model_cfg *c = &m->cfg;
     const struct layer *L = &m->w.layers[il];
-    enum { TODO = 0, LOADING = 1, DONE = 2 };
+    enum { TODO = 0, LOADING = 1, DONE = 2, CPU = 3 };
     int np = 0;
     for (int e = 0; e < c->n_expert; e++)
         if (m->a.expert_count[e] > 0) {
@@ -265,9 +530,22 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
             m->ex.pend_l[np] = il;
             m->ex.pend_state[np++] = TODO;
         }
-    (void)n;
-    int remaining = np, rc = 0;
+    const int ncpu = m->ex.lanes ? lane_assign(m, il, np, CPU) : 0;
+    int remaining = np - ncpu, rc = 0;
     struct moe_diag d = { 0 };
+    /* the CPU lane's input, before any of this layer's kernels are queued
+     * (the download waits for the compute stream) */
+    bool lane_done = ncpu == 0;
+    double lane_t0 = 0;
+    if (!lane_done) {
+        lane_t0 = lane_now();
+        rc = m->be->ops->download(m->be, m->ex.lane_x, m->a.xn,
+                                  (size_t)(n * c->n_embd) * sizeof(float));
+        if (rc != 0)
+            return moe_diag_set(diag, rc, "layer %d: CPU lane: download of the hidden states: %s", il,
+                                moe_strerror(rc));
+        m->ex.lane_st.lane_cpu_s += lane_now() - lane_t0;
+    }
     int32_t wl[1024], we[1024], wi[1024];
     bool swept = m->ex.prefetch_depth == 0;
     while (remaining > 0 && rc == 0) {
@@ -294,6 +572,14 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
             } else {
                 m->ex.pend_state[j] = LOADING;
             }
+        }
+        if (rc == 0 && !lane_done) {
+            /* the hits are queued on the device and the misses' copies
+             * under way: the CPU lane computes its share meanwhile */
+            lane_done = true;
+            lane_t0 = lane_now();
+            rc = lane_run(m, il, np, CPU, &d);
+            m->ex.lane_st.lane_cpu_s += lane_now() - lane_t0;
         }
         if (rc != 0 || remaining == 0)
             break;
@@ -322,7 +608,10 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
         }
         int which = 0;
         const uint8_t *blob = NULL;
+        const double w0 = m->ex.lanes ? lane_now() : 0;
         rc = moe_expert_cache_wait_any(m->ex.cache, wl, we, nw, &which, &blob, &d);
+        if (m->ex.lanes)
+            m->ex.lane_st.lane_copy_wait_s += lane_now() - w0;
         const int j = wi[which];
         if (rc == 0) {
             rc = expert_ffn_cached(m, L, m->ex.pend_e[j], blob);
@@ -334,6 +623,12 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
         moe_expert_cache_release(m->ex.cache, il, m->ex.pend_e[j]);
         m->ex.pend_state[j] = DONE;
         remaining--;
+    }
+    if (rc == 0 && !lane_done) {
+        /* every other expert went to the CPU lane */
+        lane_t0 = lane_now();
+        rc = lane_run(m, il, np, CPU, &d);
+        m->ex.lane_st.lane_cpu_s += lane_now() - lane_t0;
     }
     if (rc != 0) {
         /* unpin what this layer still holds; loads in flight finish into

@@ -140,7 +140,18 @@ static int bind_experts(struct moe_model *m, const char *name, int64_t n_in, int
         e->n_out = n_out;
         e->row_bytes = moe_dtype_row_bytes(sl->dtype, (uint64_t)n_in, NULL);
         e->expert_bytes = sl->size;
+        e->expert_stride = sl->size;
         e->slot_offset = sl->offset;
+        e->host = NULL;
+        if (!moe_expert_src_is_pack(m->ex.src)) {
+            /* GGUF direct: the mapped tensor, which the CPU lane reads in
+             * place (never uploaded: not remembered) */
+            const int64_t ne3[3] = { n_in, n_out, m->cfg.n_expert };
+            const struct moe_gguf_tensor *t = find_tensor(m->gguf, name, 3, ne3, true, diag, &rc);
+            if (t == NULL)
+                return rc;
+            e->host = moe_gguf_tensor_data(m->gguf, t);
+        }
         return 0;
     }
     const int64_t ne[3] = { n_in, n_out, m->cfg.n_expert };
@@ -197,6 +208,8 @@ static int bind_gate_up(struct moe_model *m, int il, int64_t n_in, int64_t n_ff,
     gate->expert_stride = 2 * half;
     *up = *gate;
     up->slot_offset = gate->slot_offset + half;
+    if (gate->host != NULL)
+        up->host = gate->host + half;
     if (gate->data == NULL)
         return 0; /* cache mode: views of the slice */
     up->data = gate->data + half;

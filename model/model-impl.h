@@ -16,6 +16,7 @@
 
 #include "cache/governor.h"
 #include "cache/history.h"
+#include "cache/stats.h"
 #include "model/model.h"
 #include "model/plan.h"
 
@@ -32,6 +33,8 @@ struct expert_tensor {
     size_t expert_stride;      /* resident: bytes from one expert's matrix to the next (=
                                 * expert_bytes, or twice it in a merged ffn_gate_up_exps) */
     uint64_t slot_offset;      /* where the slice sits in a cached expert's blob */
+    const uint8_t *host;       /* GGUF direct: the 3-D tensor in the mapped file (host
+                                * memory, expert_stride apart), for the CPU lane; else NULL */
 };
 
 /* gpt-oss expert biases inside a cached expert's blob (offset, or -1) */
@@ -133,6 +136,19 @@ struct model_experts {
     struct moe_prefetch_gov gov;
     float *pf_logits;                    /* [n_expert] (prefetch gate) */
     float *pf_x;                         /* [n_embd] */
+    /* The CPU lane (a device backend only; lane_be NULL otherwise): missed
+     * experts computed by a CPU backend from host memory on the layer's
+     * normed hidden states (copied to host), their outputs uploaded into
+     * slot_out (experts.c). Host buffers sized for n_batch rows. */
+    bool lanes;                          /* a device backend: misses are assigned to lanes */
+    int miss_lane;                       /* enum moe_miss_lane_opt */
+    struct moe_backend *lane_be;
+    float *lane_x;                       /* host [n_batch][n_embd]: the layer's xn */
+    float *lane_xe, *lane_de;            /* host [n_batch][n_embd]: gathered rows, outputs */
+    float *lane_ge, *lane_ue;            /* host [n_batch][ff] */
+    int32_t *lane_dst;                   /* host [n_batch]: (token, slot) row of each output */
+    uint8_t *lane_blob;                  /* host, slot_bytes: an expert read for the lane */
+    struct moe_cache_stats lane_st;      /* the lane_* counters (cache/stats.h) */
     /* warm restarts */
     uint32_t *uses;                      /* host [n_layer][n_expert]: tokens routed, saturating */
     char *warm_path;                     /* "<model>.warm", or NULL when warm_start is off */

@@ -16,6 +16,10 @@ static const struct moe_opt_choice prefetches[] = {
     { "none", MOE_PREFETCH_NONE }, { "gate", MOE_PREFETCH_GATE },
     { "history", MOE_PREFETCH_HISTORY }, { NULL, 0 },
 };
+static const struct moe_opt_choice miss_lanes[] = {
+    { "auto", MOE_MISS_LANE_OPT_AUTO }, { "copy", MOE_MISS_LANE_OPT_COPY },
+    { "cpu", MOE_MISS_LANE_OPT_CPU }, { NULL, 0 },
+};
 static const struct moe_opt_choice backends[] = {
     { "cpu", MOE_BACKEND_CPU }, { "cuda", MOE_BACKEND_CUDA }, { NULL, 0 },
 };
@@ -64,6 +68,12 @@ static const struct moe_opt table[] = {
     { "prefetch_always", NULL, MOE_OPT_BOOL, OFF(prefetch_always), 0, 0, 1, NULL, "false", 0,
       "prefetch on every decode step (default: a governor keeps it only while it makes"
       " decoding faster)" },
+    { "upload_weights", NULL, MOE_OPT_BOOL, OFF(upload_weights), 0, 0, 1, NULL, "false", 0,
+      "on the cpu backend, copy the weights into backend memory and stage expert loads as on a"
+      " GPU: the device data path and the hybrid lanes where there is no GPU (for tests)" },
+    { "miss_lane", NULL, MOE_OPT_ENUM, OFF(miss_lane), 0, 0, 0, miss_lanes, "auto", 0,
+      "where a missed expert is computed on a device backend: copy (upload it into the cache),"
+      " cpu (compute it on the CPU from host memory), auto (decide per miss)" },
     { "backend", NULL, MOE_OPT_ENUM, OFF(backend), 0, 0, 0, backends, "cpu", 0,
       "compute backend (cuda: device 0; see doc/cuda.md)" },
     { "force_pread", NULL, MOE_OPT_BOOL, OFF(force_pread), 0, 0, 1, NULL, "false", 0,

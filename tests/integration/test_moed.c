@@ -689,6 +689,8 @@ static void test_metrics_equal_stats(void)
         "moed_expert_bytes_loaded_total counter", "moed_expert_stall_seconds_total counter",
         "moed_expert_prefetch_total counter", "moed_expert_loads_total counter",
         "moed_expert_load_errors_total counter", "moed_expert_read_retries_total counter",
+        "moed_expert_lane_experts_total counter", "moed_expert_lane_bytes_total counter",
+        "moed_expert_lane_seconds_total counter",
         "moed_expert_layer_hits_total counter",
         "moed_expert_layer_misses_total counter", "moed_expert_layer_bytes_loaded_total counter",
         "moed_expert_layer_stall_seconds_total counter", "moed_prompt_tokens_cached_total counter",
@@ -711,6 +713,63 @@ static void test_metrics_equal_stats(void)
     resp_free(&rs);
     resp_free(&rm);
     DOWN();
+}
+
+/* The hybrid lanes on the CPU backend playing a device (upload_weights):
+ * with miss_lane = cpu every miss is computed on the CPU lane, and
+ * /v1/moed/stats and /metrics report the same counts; the answer equals
+ * the copy lane's. */
+static void lane_answer(const char *lane, char *text, size_t cap, double *cpu, double *copy)
+{
+    const char *args[] = { "--cache-experts", "5", "--upload-weights", "--miss-lane", lane, NULL };
+    UP(args);
+    struct resp r, rs, rm;
+    CHECK(request("POST", "/v1/completions", "{\"prompt\": \"Hello there\", \"max_tokens\": 8,"
+                  " \"temperature\": 0}", &r) == 0);
+    CHECK_MSG(r.status == 200, "%d %s", r.status, r.body);
+    json_t *j = body_json(&r);
+    snprintf(text, cap, "%s", json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0),
+                                                                 "text")));
+    json_decref(j);
+    resp_free(&r);
+    CHECK(wait_idle());
+    CHECK(request("GET", "/v1/moed/stats", NULL, &rs) == 0);
+    CHECK(request("GET", "/metrics", NULL, &rm) == 0);
+    j = body_json(&rs);
+    json_t *lanes = json_object_get(json_object_get(j, "expert_cache"), "lanes");
+    CHECK_MSG(json_is_object(lanes), "no expert_cache.lanes in %s", rs.body);
+    static const char *names[] = { "cpu", "copy", "both" };
+    for (int k = 0; k < 3; k++) {
+        json_t *o = json_object_get(lanes, names[k]);
+        char s[96];
+        snprintf(s, sizeof(s), "moed_expert_lane_experts_total{lane=\"%s\"}", names[k]);
+        CHECK_NEAR(metric(rm.body, s), json_number_value(json_object_get(o, "experts")), 0);
+        snprintf(s, sizeof(s), "moed_expert_lane_bytes_total{lane=\"%s\"}", names[k]);
+        CHECK_NEAR(metric(rm.body, s), json_number_value(json_object_get(o, "bytes")), 0);
+    }
+    CHECK_NEAR(metric(rm.body, "moed_expert_lane_seconds_total{lane=\"cpu\"}"),
+               json_number_value(json_object_get(json_object_get(lanes, "cpu"), "seconds")), 0.0000005);
+    CHECK_NEAR(metric(rm.body, "moed_expert_lane_seconds_total{lane=\"copy\"}"),
+               json_number_value(json_object_get(json_object_get(lanes, "copy"), "wait_seconds")), 0.0000005);
+    *cpu = json_number_value(json_object_get(json_object_get(lanes, "cpu"), "experts"));
+    *copy = json_number_value(json_object_get(json_object_get(lanes, "copy"), "experts"));
+    json_decref(j);
+    resp_free(&rs);
+    resp_free(&rm);
+    DOWN();
+}
+
+static void test_miss_lanes(void)
+{
+    char a[4096] = "", b[4096] = "";
+    double cpu = -1, copy = -1;
+    lane_answer("cpu", a, sizeof(a), &cpu, &copy);
+    CHECK(cpu > 0);
+    CHECK_NEAR(copy, 0, 0);
+    lane_answer("copy", b, sizeof(b), &cpu, &copy);
+    CHECK(copy > 0);
+    CHECK_NEAR(cpu, 0, 0);
+    CHECK_STR(a, b);
 }
 
 static void test_disconnects(void)
@@ -1694,6 +1753,7 @@ int main(void)
     moe_test_run("check-config and bad flags", test_check_config);
     moe_test_run("endpoints", test_endpoints);
     moe_test_run("metrics equal stats", test_metrics_equal_stats);
+    moe_test_run("hybrid lanes' stats", test_miss_lanes);
     moe_test_run("completion and chat equal moectl", test_completion_equals_moectl);
     moe_test_run("streaming, stop, logprobs", test_stream);
     moe_test_run("16 concurrent clients", test_concurrent);

@@ -56,9 +56,12 @@ DRY_SHAPES = {
               "--n-expert", "32", "--n-expert-used", "4", "--n-ff-exp", "128", "--ctx", "512"],
 }
 NAMES = {"mixtral": "Mixtral-8x7B-shaped", "qwen3": "Qwen3-30B-A3B-shaped"}
-# (budget %, prefetch) in order of importance; None = every expert resident
-RUNS = [(None, "none"), (25, "none"), (25, "gate"), (12.5, "none"), (12.5, "gate"), (50, "none"),
-        (50, "gate"), (100, "none"), (100, "gate")]
+# (budget %, prefetch, miss lane) in order of importance; None = every expert
+# resident. The three lanes (doc/cache.md "Hybrid lanes") at 25% and 12.5%.
+RUNS = [(None, "none", "copy"), (25, "none", "copy"), (25, "none", "cpu"), (25, "none", "auto"),
+        (12.5, "none", "copy"), (12.5, "none", "cpu"), (12.5, "none", "auto"), (25, "gate", "copy"),
+        (12.5, "gate", "copy"), (25, "gate", "auto"), (50, "none", "copy"), (50, "gate", "copy"),
+        (100, "none", "copy"), (100, "gate", "copy")]
 
 
 class Bench:
@@ -162,14 +165,15 @@ class Bench:
                                  20, "%s: disk rate" % shape)
         rates = self.doc["rates"] or {}
         resident = None
-        for budget, pf in RUNS:
-            what = "%s: %s, prefetch %s" % (shape, "resident" if budget is None else "%g%%" % budget, pf)
+        for budget, pf, lane in RUNS:
+            what = "%s: %s, prefetch %s, miss lane %s" % (
+                shape, "resident" if budget is None else "%g%%" % budget, pf, lane)
             if budget is not None and m["pack_s"] is None:
                 self.doc["skipped"].append({"what": what, "why": "no pack"})
                 continue
             cmd = [self.tool("gpu-bench"), "run", "--backend", a.backend, "--threads", str(a.threads),
                    "--prompt", str(a.prompt), "--warmup", str(a.warmup), "--decode", str(a.decode),
-                   "--prefetch", pf]
+                   "--prefetch", pf, "--miss-lane", lane]
             if budget is None:
                 cmd += ["--model", gguf]
             else:

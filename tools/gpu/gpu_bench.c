@@ -9,8 +9,8 @@
  *       O_DIRECT reads of FILE in 1 MiB blocks, N threads striding from
  *       the start (ordinary reads where O_DIRECT is refused)
  *   gpu-bench run --model PATH [--backend cuda|cpu] [--budget PCT]
- *       [--prefetch none|gate] [--host-pct P] [--prompt N] [--warmup N]
- *       [--decode N] [--threads N] [--ctx N]
+ *       [--prefetch none|gate] [--miss-lane auto|copy|cpu] [--host-pct P]
+ *       [--prompt N] [--warmup N] [--decode N] [--threads N] [--ctx N]
  *       one decode benchmark: a prompt of N tokens, `warmup` greedy steps
  *       untimed, then `decode` greedy steps timed one by one; without
  *       --budget a GGUF runs with every expert resident in backend memory.
@@ -25,7 +25,10 @@
  * the host-RAM tier, uploaded into slots (both). hbm_bytes_per_token is
  * what one decode step must read from device memory with every expert
  * resident: the dense weights except the token embeddings (one row), the
- * top-k experts of every MoE layer, and the KV cache up to the position. */
+ * top-k experts of every MoE layer, and the KV cache up to the position.
+ * The hybrid lanes (--miss-lane, doc/cache.md): per token, the missed
+ * experts computed on the CPU, copied, or both, and the engine's time
+ * computing the CPU lane and waiting for copies. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -56,7 +59,8 @@ static int usage(void)
     fprintf(stderr, "usage: gpu-bench rates [--bytes N]\n"
                     "       gpu-bench disk FILE [--seconds S] [--threads N]\n"
                     "       gpu-bench run --model PATH [--backend cuda|cpu] [--budget PCT]\n"
-                    "                     [--prefetch none|gate] [--host-pct P] [--prompt N]\n"
+                    "                     [--prefetch none|gate] [--miss-lane auto|copy|cpu]\n"
+                    "                     [--host-pct P] [--prompt N]\n"
                     "                     [--warmup N] [--decode N] [--threads N] [--ctx N]\n");
     return 2;
 }
@@ -191,7 +195,7 @@ static int argmax(const float *v, int n)
 
 static int cmd_run(int argc, char **argv)
 {
-    const char *model = NULL, *backend = "cuda", *prefetch = "none";
+    const char *model = NULL, *backend = "cuda", *prefetch = "none", *lane = "auto";
     double budget = -1, host_pct = 0, prompt = 8, warmup = 4, decode = 16, threads = 4, ctx = 256;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -202,6 +206,8 @@ static int cmd_run(int argc, char **argv)
             backend = v;
         else if (strcmp(a, "--prefetch") == 0 && v)
             prefetch = v;
+        else if (strcmp(a, "--miss-lane") == 0 && v)
+            lane = v;
         else if (strcmp(a, "--budget") == 0)
             bad = num(v, 0.01, 100, &budget);
         else if (strcmp(a, "--host-pct") == 0)
@@ -230,7 +236,8 @@ static int cmd_run(int argc, char **argv)
     o.n_ctx = (int)ctx;
     struct moe_diag d = { 0 };
     const int stand_in = strcmp(backend, "cpu") == 0;
-    if (moe_model_opts_set(&o, "backend", backend, &d) || moe_model_opts_set(&o, "prefetch", prefetch, &d)) {
+    if (moe_model_opts_set(&o, "backend", backend, &d) || moe_model_opts_set(&o, "prefetch", prefetch, &d) ||
+        moe_model_opts_set(&o, "miss_lane", lane, &d)) {
         fprintf(stderr, "gpu-bench: %s\n", d.msg);
         return 2;
     }
@@ -327,7 +334,10 @@ static int cmd_run(int argc, char **argv)
                " \"hits\": %" PRIu64 ", \"misses\": %" PRIu64 ", \"host_hits\": %" PRIu64 ","
                " \"hit_rate_gpu\": %.4f, \"hit_rate_host\": %.4f, \"miss_rate_disk\": %.4f,"
                " \"uploads\": %" PRIu64 ", \"uploads_timed\": %" PRIu64 ", \"upload_host_waits\": %" PRIu64 ","
-               " \"prefetch_issued\": %" PRIu64 ", \"prefetch_used\": %" PRIu64 ", \"tokens_hash\": \"%08x\"}\n",
+               " \"prefetch_issued\": %" PRIu64 ", \"prefetch_used\": %" PRIu64 ", \"miss_lane\": \"%s\","
+               " \"lane_cpu_per_token\": %.3f, \"lane_copy_per_token\": %.3f, \"lane_both_per_token\": %.3f,"
+               " \"lane_cpu_bytes_per_token\": %.0f, \"lane_cpu_s_per_token\": %.6f,"
+               " \"lane_copy_wait_s_per_token\": %.6f, \"tokens_hash\": \"%08x\"}\n",
                model, cfg->arch_name,
                backend, budget > 0 ? budget : 100.0, slots, all, p.slot_bytes, prefetch, host_pct,
                o.host_bytes, cfg->n_layer, p.n_moe_layers, p.n_expert, p.n_expert_used, p.dense_bytes,
@@ -338,7 +348,10 @@ static int cmd_run(int argc, char **argv)
                hits, misses, host_hits, acc ? (double)hits / acc : 1.0, acc ? (double)host_hits / acc : 0.0,
                acc ? (double)(misses - host_hits) / acc : 0.0, c1.uploads - c0.uploads,
                c1.uploads_timed - c0.uploads_timed, c1.upload_host_waits - c0.upload_host_waits,
-               c1.prefetch_issued - c0.prefetch_issued, c1.prefetch_used - c0.prefetch_used, hash);
+               c1.prefetch_issued - c0.prefetch_issued, c1.prefetch_used - c0.prefetch_used, lane,
+               (double)(c1.lane_cpu - c0.lane_cpu) / n, (double)(c1.lane_copy - c0.lane_copy) / n,
+               (double)(c1.lane_both - c0.lane_both) / n, (double)(c1.lane_cpu_bytes - c0.lane_cpu_bytes) / n,
+               (c1.lane_cpu_s - c0.lane_cpu_s) / n, (c1.lane_copy_wait_s - c0.lane_copy_wait_s) / n, hash);
     }
     free(logits);
     free(tok);

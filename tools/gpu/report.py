@@ -72,7 +72,7 @@ def targets(bench):
                                   % m["name"],
                         "status": "met" if best["bound_ratio"] <= 1.25 else "not met",
                         "detail": "best of prefetch %s: %.2f ms/token, bound %.2f ms (%s) (%.2fx)" % (
-                            "/".join(r["prefetch"] for r in q), best["s_per_token"] * 1e3, best["bound_s"] * 1e3,
+                            "/".join("%s+%s" % (r["prefetch"], r.get("miss_lane", "copy")) for r in q), best["s_per_token"] * 1e3, best["bound_s"] * 1e3,
                             ", ".join("%s %.2f ms" % (k, v * 1e3) for k, v in best["bound_terms_s"].items()),
                             best["bound_ratio"])})
         else:
@@ -138,21 +138,26 @@ def main():
                 L.append("No run completed.\n")
                 continue
             hashes = sorted({x.get("tokens_hash") for x in runs})
-            L.append("| budget | prefetch | tok/s | ms/token | compute | stall | upload (overlapped) | MB uploaded"
-                     " / token | H2D GB/s (vs pinned peak) | hit GPU / host / disk | bound ms | ratio |")
-            L.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+            L.append("| budget | prefetch | miss lane | tok/s | ms/token | compute | stall | upload (overlapped) | MB uploaded"
+                     " / token | H2D GB/s (vs pinned peak) | hit GPU / host / disk | misses cpu / copy / both per token"
+                     " | CPU lane ms | bound ms | ratio |")
+            L.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |")
             for x in runs:
                 if x.get("resident"):
-                    L.append("| all resident | - | %.1f | %s | %s | - | - | - | - | - | HBM %s | %s |" % (
+                    L.append("| all resident | - | - | %.1f | %s | %s | - | - | - | - | - | - | - | HBM %s | %s |" % (
                         x["tok_s"], ms(x["s_per_token"]), ms(x["compute_s_per_token"]), ms(x.get("hbm_bound_s")),
                         num(x.get("hbm_ratio"))))
                     continue
-                L.append("| %g%% (%d) | %s | %.1f | %s | %s | %s | %s | %.0f | %s (%s) | %.2f / %.2f / %.2f | %s | %s |"
-                         % (x["budget_pct"], x["slots"], x["prefetch"], x["tok_s"], ms(x["s_per_token"]),
+                L.append("| %g%% (%d) | %s | %s | %.1f | %s | %s | %s | %s | %.0f | %s (%s) | %.2f / %.2f / %.2f"
+                         " | %.1f / %.1f / %.1f | %s | %s | %s |"
+                         % (x["budget_pct"], x["slots"], x["prefetch"], x.get("miss_lane", "copy"), x["tok_s"],
+                            ms(x["s_per_token"]),
                             ms(x["compute_s_per_token"]), ms(x["stall_s_per_token"]), ms(x["upload_s_per_token"]),
                             x["upload_bytes_per_token"] / 1e6, num(x.get("upload_gbs"), "%.1f"),
                             num(x.get("upload_vs_peak"), "%.2f"), x["hit_rate_gpu"], x["hit_rate_host"],
-                            x["miss_rate_disk"], ms(x.get("bound_s")), num(x.get("bound_ratio"))))
+                            x["miss_rate_disk"], x.get("lane_cpu_per_token", 0), x.get("lane_copy_per_token", 0),
+                            x.get("lane_both_per_token", 0), ms(x.get("lane_cpu_s_per_token")),
+                            ms(x.get("bound_s")), num(x.get("bound_ratio"))))
             L.append("\nGreedy tokens of every run: %s.\n" % (
                 "identical (hash %s)" % hashes[0] if len(hashes) == 1 else "DIFFERENT across runs: %s" % hashes))
         if bench.get("skipped"):
