@@ -142,6 +142,15 @@ bool moe_host_tier_acquire(struct moe_host_tier *t, uint32_t layer, uint32_t exp
     return hit;
 }
 
+bool moe_host_tier_contains(struct moe_host_tier *t, uint32_t layer, uint32_t expert)
+{
+    pthread_mutex_lock(&t->mu);
+    const struct entry *e = find(t, key_of(layer, expert));
+    const bool held = e && e->ready;
+    pthread_mutex_unlock(&t->mu);
+    return held;
+}
+
 void moe_host_tier_release(struct moe_host_tier *t, uint32_t layer, uint32_t expert)
 {
     pthread_mutex_lock(&t->mu);

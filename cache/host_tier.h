@@ -46,6 +46,10 @@ bool moe_host_tier_acquire(struct moe_host_tier *t, uint32_t layer, uint32_t exp
                            const void **data, size_t *size);
 void moe_host_tier_release(struct moe_host_tier *t, uint32_t layer, uint32_t expert);
 
+/* Whether (layer, expert) is held (ready), without pinning it, counting
+ * a hit or miss, or touching the LRU order: a hint, stale at once. */
+bool moe_host_tier_contains(struct moe_host_tier *t, uint32_t layer, uint32_t expert);
+
 /* A pinned, not yet visible buffer of `size` bytes for (layer, expert).
  * -EEXIST when the entry exists or is being filled; MOE_ELIMIT when it
  * cannot fit (larger than the budget, or the rest is pinned); -ENOMEM. */

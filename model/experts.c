@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 #include "cache/expert_cache.h"
 #include "cache/host_tier.h"
@@ -19,6 +18,7 @@
 #include "io/expert_src.h"
 #include "io/gguf.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/threadpool.h"
 #include "model/model-impl.h"
 
 /* The CPU lane of a device backend (doc/cache.md "Hybrid lanes"): its own
@@ -30,11 +30,20 @@ static int lane_create(struct moe_model *m, const struct moe_model_opts *o, stru
     const struct moe_model_cfg *c = &m->cfg;
     m->ex.lanes = true;
     m->ex.miss_lane = o->miss_lane;
-    if (o->miss_lane == MOE_MISS_LANE_OPT_COPY)
+    moe_lane_init(&m->ex.lane, (enum moe_miss_lane)o->miss_lane, NULL);
+    m->be->ops->copy_stats(m->be, &m->ex.link0);
+    if (o->miss_lane == MOE_MISS_LANE_COPY)
         return 0;
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    int rc = moe_backend_cpu_create(&m->ex.lane_be, o->n_threads > 0 ? o->n_threads
-                                    : cpus > 0 && cpus < 1024 ? (int)cpus : 1, diag);
+    int rc = moe_lane_reuse_init(&m->ex.reuse, c->n_layer, c->n_expert, c->n_expert_used, m->plan.n_slots);
+    if (rc)
+        return moe_diag_set(diag, rc, "CPU lane: out of memory for the reuse estimate");
+    m->ex.lane_miss = moe_calloc((size_t)c->n_expert, sizeof(*m->ex.lane_miss));
+    m->ex.lane_choice = moe_calloc((size_t)c->n_expert, 1);
+    m->ex.lane_j = moe_calloc((size_t)c->n_expert, sizeof(int32_t));
+    if (!m->ex.lane_miss || !m->ex.lane_choice || !m->ex.lane_j)
+        return moe_diag_set(diag, -ENOMEM, "CPU lane: out of memory");
+    rc = moe_backend_cpu_create(&m->ex.lane_be, o->n_threads > 0 ? o->n_threads
+                                : moe_threadpool_default_threads(), diag);
     if (rc)
         return rc;
     struct model_acts tmp;
@@ -123,6 +132,10 @@ void moe_model_experts_free(struct moe_model *m)
     moe_free(ex->lane_ue);
     moe_free(ex->lane_dst);
     moe_free(ex->lane_blob);
+    moe_free(ex->lane_miss);
+    moe_free(ex->lane_choice);
+    moe_free(ex->lane_j);
+    moe_lane_reuse_free(&ex->reuse);
     if (m->be) {
         if (ex->pf_logits)
             m->be->ops->free(m->be, ex->pf_logits);
@@ -330,6 +343,7 @@ struct lane_w {
     struct moe_weight g, u, d;
     const float *bg, *bu, *bd;
     enum lane_from from;
+    double disk_s;       /* the time a read from the source took (0: none) */
 };
 
 /* Host memory holding expert e of layer il: the host tier's copy (pinned
@@ -345,6 +359,7 @@ static int lane_get(struct moe_model *m, const struct layer *L, int il, int e, s
     const void *hd = NULL;
     size_t hs = 0;
     const uint8_t *blob = NULL;
+    w->disk_s = 0;
     if (m->ex.host && moe_host_tier_acquire(m->ex.host, (uint32_t)il, (uint32_t)e, &hd, &hs)) {
         w->from = LANE_TIER;
         blob = hd;
@@ -368,7 +383,9 @@ static int lane_get(struct moe_model *m, const struct layer *L, int il, int e, s
             buf = m->ex.lane_blob;
             w->from = LANE_BUF;
         }
+        const double t0 = lane_now();
         const int rc = moe_expert_src_load_sync(m->ex.src, (uint32_t)il, (uint32_t)e, buf, size, d);
+        w->disk_s = lane_now() - t0;
         if (rc != 0) {
             if (w->from == LANE_RESERVED)
                 moe_host_tier_commit(m->ex.host, (uint32_t)il, (uint32_t)e, false);
@@ -432,23 +449,41 @@ static int lane_ffn(struct moe_model *m, const struct lane_w *w, int e, int64_t 
 
 /* Every expert of layer il in state `cpu` (experts_cached's pend list) on
  * the CPU lane, then their outputs into slot_out. An expert whose bytes
- * cannot be read fails the sequences routed to it (expert_failed). */
-static int lane_run(struct moe_model *m, int il, int np, int cpu, struct moe_diag *diag)
+ * cannot be read fails the sequences routed to it (expert_failed). The
+ * rule's measurements: the CPU's rate on the experts computed (reads from
+ * the source taken out, and counted as the disk's rate), and the round
+ * trip of the activations (sync_s, the download of xn, plus the uploads
+ * here). */
+static int lane_run(struct moe_model *m, int il, int np, int cpu, double sync_s, struct moe_diag *diag)
 {
     const struct layer *L = &m->w.layers[il];
+    const struct moe_expert_layout *lay = moe_expert_src_layout(m->ex.src, (uint32_t)il);
+    const uint64_t bytes = lay ? lay->raw_size : 0;
+    uint64_t cpu_b = 0, cpu_tb = 0, disk_b = 0;
+    double disk_s = 0, flush_s = 0;
+    const double t0 = lane_now();
     int64_t rows = 0;
-    for (int j = 0; j < np; j++) {
+    int rc = 0;
+    for (int j = 0; j < np && rc == 0; j++) {
         if (m->ex.pend_state[j] != cpu)
             continue;
         const int e = m->ex.pend_e[j];
         const int64_t cnt = m->a.expert_count[e];
         if (rows + cnt > m->n_batch) {
-            TRY(lane_flush(m, rows));
+            const double f0 = lane_now();
+            rc = lane_flush(m, rows);
+            flush_s += lane_now() - f0;
             rows = 0;
+            if (rc != 0)
+                break;
         }
         struct lane_w w;
         struct moe_diag d = { 0 };
-        int rc = lane_get(m, L, il, e, &w, &d);
+        rc = lane_get(m, L, il, e, &w, &d);
+        if (w.disk_s > 0) {
+            disk_s += w.disk_s;
+            disk_b += rc == 0 ? bytes : 0;
+        }
         if (rc != 0) {
             rc = expert_failed(m, il, e, rc, &d);
             if (rc != 0)
@@ -460,50 +495,96 @@ static int lane_run(struct moe_model *m, int il, int np, int cpu, struct moe_dia
         if (rc != 0)
             return moe_diag_set(diag, rc, "CPU lane: layer %d, expert %d: %s", il, e, moe_strerror(rc));
         rows += cnt;
+        cpu_b += bytes;
+        cpu_tb += bytes * (uint64_t)cnt;
     }
-    return lane_flush(m, rows);
+    const double f0 = lane_now();
+    if (rc == 0)
+        rc = lane_flush(m, rows);
+    flush_s += lane_now() - f0;
+    if (rc != 0)
+        return moe_diag_set(diag, rc, "CPU lane: layer %d: outputs to the device: %s", il, moe_strerror(rc));
+    moe_lane_observe_cpu(&m->ex.lane, cpu_b, cpu_tb, lane_now() - t0 - disk_s - flush_s);
+    moe_lane_observe_disk(&m->ex.lane, disk_b, disk_s);
+    moe_lane_observe_sync(&m->ex.lane, sync_s + flush_s);
+    return 0;
+}
+
+/* Whether the CPU lane can read expert e of layer il without a disk read:
+ * the host tier holds it, or it is in the mapped GGUF (not with expert
+ * biases, which come from a blob). */
+static bool lane_in_host(struct moe_model *m, const struct layer *L, int il, int e)
+{
+    if (m->ex.host && moe_host_tier_contains(m->ex.host, (uint32_t)il, (uint32_t)e))
+        return true;
+    return L->gate.host && L->up.host && L->down.host && L->bias_off.gate < 0 && L->bias_off.up < 0 &&
+           L->bias_off.down < 0;
 }
 
 /* Assigns layer il's misses to lanes (doc/cache.md "Hybrid lanes"). A hit,
  * or an expert already loading (a prefetch) unless the lane is forced to
- * the CPU, stays with the device. A miss goes to the copy lane (acquired
- * below like before), to the CPU lane (state `cpu`), or to both: its load
- * starts now, unpinned (it lands in the cache for later steps), and the
- * CPU computes it meanwhile. Returns how many the CPU lane computes. */
-static int lane_assign(struct moe_model *m, int il, int np, int cpu)
+ * the CPU, stays with the device. Each miss goes to the copy lane
+ * (acquired by experts_cached like before), to the CPU lane (state `cpu`),
+ * or to both: the CPU computes it, and its load is started after the
+ * step's own copies (lane_bg), unpinned, so that it lands in the cache for
+ * later steps. Under auto the rule of cache/lane.h decides from the
+ * measured rates, the tokens routed to each miss, whether its bytes are in
+ * host memory and its expected reuse; its governor may run a fixed mode
+ * for a while. Returns how many the CPU lane computes; *n_bg of them, in
+ * lane_j[0..*n_bg), are to be copied as well. */
+static int lane_assign(struct moe_model *m, int il, int np, int cpu, int *n_bg)
 {
-    enum { L_COPY, L_CPU, L_BOTH };
+    const struct layer *L = &m->w.layers[il];
     struct moe_cache_stats *st = &m->ex.lane_st;
-    int ncpu = 0;
     const struct moe_expert_layout *lay = moe_expert_src_layout(m->ex.src, (uint32_t)il);
     const uint64_t bytes = lay ? lay->raw_size : 0;
+    const enum moe_miss_lane mode = m->ex.lane_be ? moe_lane_current(&m->ex.lane) : MOE_MISS_LANE_COPY;
+    struct moe_lane_step step = { 0 };
+    int nm = 0;
+    *n_bg = 0;
     for (int j = 0; j < np; j++) {
         const int e = m->ex.pend_e[j];
         const int where = moe_expert_cache_lookup(m->ex.cache, il, e);
-        if (where == 2 || (where == 1 && m->ex.miss_lane != MOE_MISS_LANE_OPT_CPU))
+        if (where == 2 || (where == 1 && mode != MOE_MISS_LANE_CPU)) {
+            step.hit_bytes += bytes;
+            step.hit_token_bytes += bytes * (uint64_t)m->a.expert_count[e];
             continue;
-        int lane = m->ex.miss_lane == MOE_MISS_LANE_OPT_CPU ? L_CPU : L_COPY;
-        if (m->ex.lane_be == NULL)
-            lane = L_COPY;
-        if (lane == L_BOTH) {
-            const uint8_t *blob = NULL;
-            struct moe_diag d = { 0 };
-            const int r = moe_expert_cache_acquire(m->ex.cache, il, e, m->step, &blob, &d);
-            if (r >= 0)
-                moe_expert_cache_release(m->ex.cache, il, e);
-            if (r == 1)
-                lane = L_COPY;   /* ready already (the host tier): the device computes it */
-            else if (r != 0)
-                lane = L_CPU;    /* no slot free, or the load could not start */
         }
-        if (lane == L_COPY) {
+        if (m->ex.lane_j == NULL) {
+            /* copy configured: no rule, only the counters */
             st->lane_copy++;
             st->lane_copy_bytes += bytes;
             continue;
         }
-        if (lane == L_BOTH) {
+        m->ex.lane_j[nm] = j;
+        m->ex.lane_miss[nm++] = (struct moe_lane_miss){ .bytes = bytes, .n_tokens = m->a.expert_count[e] };
+    }
+    if (m->ex.lane_j == NULL || nm == 0)
+        return 0;
+    moe_lane_reuse_visit(&m->ex.reuse, il, m->ex.pend_e, np, nm);
+    if (mode == MOE_MISS_LANE_AUTO) {
+        for (int i = 0; i < nm; i++) {
+            const int e = m->ex.pend_e[m->ex.lane_j[i]];
+            m->ex.lane_miss[i].in_host = lane_in_host(m, L, il, e);
+            m->ex.lane_miss[i].expected_reuse = moe_lane_reuse_expect(&m->ex.reuse, il, e);
+        }
+        moe_lane_decide(&m->ex.lane, &step, m->ex.lane_miss, nm, m->ex.lane_choice);
+    } else {
+        memset(m->ex.lane_choice, mode == MOE_MISS_LANE_CPU ? MOE_LANE_CPU : MOE_LANE_COPY, (size_t)nm);
+    }
+    int ncpu = 0;
+    for (int i = 0; i < nm; i++) {
+        const int j = m->ex.lane_j[i];
+        const int ch = m->ex.lane_choice[i];
+        if (!(ch & MOE_LANE_CPU)) {
+            st->lane_copy++;
+            st->lane_copy_bytes += bytes;
+            continue;
+        }
+        if (ch & MOE_LANE_COPY) {
             st->lane_both++;
             st->lane_both_bytes += bytes;
+            m->ex.lane_j[(*n_bg)++] = m->ex.pend_e[j];   /* (*n_bg <= i: compacts in place) */
         } else {
             st->lane_cpu++;
             st->lane_cpu_bytes += bytes;
@@ -512,6 +593,35 @@ static int lane_assign(struct moe_model *m, int il, int np, int cpu)
         ncpu++;
     }
     return ncpu;
+}
+
+/* The background copies of lane_assign's "both" misses, after the step's
+ * own loads were queued: acquired (a load starts, unless every slot is
+ * pinned) and released at once, so that each lands in the cache unpinned;
+ * a failure only means it stays a miss. */
+static void lane_bg(struct moe_model *m, int il, int n_bg)
+{
+    for (int i = 0; i < n_bg; i++) {
+        const uint8_t *blob = NULL;
+        struct moe_diag d = { 0 };
+        const int e = m->ex.lane_j[i];
+        if (moe_expert_cache_acquire(m->ex.cache, il, e, m->step, &blob, &d) >= 0)
+            moe_expert_cache_release(m->ex.cache, il, e);
+    }
+}
+
+/* After a forward pass: the copy stream's rate since the last pass (CUDA
+ * times its uploads; the CPU backend times nothing, so the rule keeps its
+ * default link rate there) and the pass's time for the governor. */
+void moe_model_experts_step(struct moe_model *m, int64_t n, double seconds)
+{
+    if (m->ex.lane_j == NULL)
+        return;
+    struct moe_copy_stats cs;
+    m->be->ops->copy_stats(m->be, &cs);
+    moe_lane_observe_link(&m->ex.lane, cs.timed_bytes - m->ex.link0.timed_bytes, cs.busy_s - m->ex.link0.busy_s);
+    m->ex.link0 = cs;
+    moe_lane_observe_step(&m->ex.lane, seconds, (int)n);
 }
 
 /* The layer's experts through the cache: pin the ready ones and start loads
@@ -530,13 +640,14 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
             m->ex.pend_l[np] = il;
             m->ex.pend_state[np++] = TODO;
         }
-    const int ncpu = m->ex.lanes ? lane_assign(m, il, np, CPU) : 0;
+    int n_bg = 0;
+    const int ncpu = m->ex.lanes ? lane_assign(m, il, np, CPU, &n_bg) : 0;
     int remaining = np - ncpu, rc = 0;
     struct moe_diag d = { 0 };
     /* the CPU lane's input, before any of this layer's kernels are queued
      * (the download waits for the compute stream) */
     bool lane_done = ncpu == 0;
-    double lane_t0 = 0;
+    double lane_t0 = 0, dl_s = 0;
     if (!lane_done) {
         lane_t0 = lane_now();
         rc = m->be->ops->download(m->be, m->ex.lane_x, m->a.xn,
@@ -544,7 +655,8 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
         if (rc != 0)
             return moe_diag_set(diag, rc, "layer %d: CPU lane: download of the hidden states: %s", il,
                                 moe_strerror(rc));
-        m->ex.lane_st.lane_cpu_s += lane_now() - lane_t0;
+        dl_s = lane_now() - lane_t0;
+        m->ex.lane_st.lane_cpu_s += dl_s;
     }
     int32_t wl[1024], we[1024], wi[1024];
     bool swept = m->ex.prefetch_depth == 0;
@@ -577,8 +689,9 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
             /* the hits are queued on the device and the misses' copies
              * under way: the CPU lane computes its share meanwhile */
             lane_done = true;
+            lane_bg(m, il, n_bg);
             lane_t0 = lane_now();
-            rc = lane_run(m, il, np, CPU, &d);
+            rc = lane_run(m, il, np, CPU, dl_s, &d);
             m->ex.lane_st.lane_cpu_s += lane_now() - lane_t0;
         }
         if (rc != 0 || remaining == 0)
@@ -626,8 +739,9 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
     }
     if (rc == 0 && !lane_done) {
         /* every other expert went to the CPU lane */
+        lane_bg(m, il, n_bg);
         lane_t0 = lane_now();
-        rc = lane_run(m, il, np, CPU, &d);
+        rc = lane_run(m, il, np, CPU, dl_s, &d);
         m->ex.lane_st.lane_cpu_s += lane_now() - lane_t0;
     }
     if (rc != 0) {

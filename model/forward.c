@@ -238,6 +238,7 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     const bool decode = m->ex.prefetch_depth > 0 && n <= 4;
     const bool pf = decode && moe_prefetch_gov_on(&m->ex.gov);
     const double t0 = decode ? mono_s() : 0;
+    const double t_lanes = m->ex.lanes ? mono_s() : 0;   /* the hybrid lanes' governor */
     /* delta-net models: a sequence's recurrent state starts at zero, and
      * counts as lost until this step has run every layer for it */
     for (int i = 0; c->deltanet && i < m->a.n_segs; i++) {
@@ -263,6 +264,8 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     }
     if (decode)
         moe_prefetch_gov_step(&m->ex.gov, pf, mono_s() - t0);
+    if (m->ex.lanes)
+        moe_model_experts_step(m, n, mono_s() - t_lanes);
     /* a sequence that failed alone keeps its position, and its rows are
      * never published for reuse */
     for (int i = 0; i < m->a.n_segs; i++) {

@@ -16,6 +16,7 @@
 
 #include "cache/governor.h"
 #include "cache/history.h"
+#include "cache/lane.h"
 #include "cache/stats.h"
 #include "model/model.h"
 #include "model/plan.h"
@@ -141,7 +142,13 @@ struct model_experts {
      * normed hidden states (copied to host), their outputs uploaded into
      * slot_out (experts.c). Host buffers sized for n_batch rows. */
     bool lanes;                          /* a device backend: misses are assigned to lanes */
-    int miss_lane;                       /* enum moe_miss_lane_opt */
+    int miss_lane;                       /* enum moe_miss_lane (configured) */
+    struct moe_lane_state lane;          /* the rule, its measured rates and governor */
+    struct moe_lane_reuse reuse;         /* expected reuse of a miss, for the rule */
+    struct moe_lane_miss *lane_miss;     /* host [n_expert]: one layer step's misses */
+    uint8_t *lane_choice;                /* host [n_expert] */
+    int32_t *lane_j;                     /* host [n_expert]: their index in pend_* */
+    struct moe_copy_stats link0;         /* the backend's copy stats at the last step */
     struct moe_backend *lane_be;
     float *lane_x;                       /* host [n_batch][n_embd]: the layer's xn */
     float *lane_xe, *lane_de;            /* host [n_batch][n_embd]: gathered rows, outputs */
@@ -292,6 +299,9 @@ void moe_model_warm_load(struct moe_model *m, const char *path);
 /* Layer il's experts over the n tokens routed in m->a.ids/weights: each
  * expert's output per (token, slot) into m->a.slot_out. */
 int moe_model_experts_run(struct moe_model *m, int il, int64_t n, struct moe_diag *diag);
+/* After a forward pass of n tokens that took `seconds`: the hybrid lanes'
+ * measurements and governor (no-op without lanes). */
+void moe_model_experts_step(struct moe_model *m, int64_t n, double seconds);
 /* After layer il: prefetch the predicted experts of the next layers. */
 void moe_model_experts_prefetch(struct moe_model *m, int il, int64_t n);
 

@@ -94,15 +94,6 @@ uint32_t moe_kv_dtype(int kv_type);
 size_t moe_kv_row_bytes(int kv_type, int64_t n);
 const char *moe_kv_type_name(int kv_type);
 
-/* Where a missed expert is computed on a device backend (option miss_lane;
- * doc/cache.md "Hybrid lanes"): auto decides per miss, copy always uploads
- * it into a cache slot, cpu computes it on the CPU from host memory. */
-enum moe_miss_lane_opt {
-    MOE_MISS_LANE_OPT_AUTO = 0,
-    MOE_MISS_LANE_OPT_COPY,
-    MOE_MISS_LANE_OPT_CPU,
-};
-
 enum moe_backend_kind {
     MOE_BACKEND_CPU = 0,
     MOE_BACKEND_CUDA,       /* device 0 */
@@ -145,7 +136,7 @@ struct moe_model_opts {
      * the GPU data path where there is no GPU. */
     bool upload_weights;
     /* Where a missed expert is computed when the backend is a device (or
-     * upload_weights): enum moe_miss_lane_opt. */
+     * upload_weights): enum moe_miss_lane (cache/lane.h). */
     int miss_lane;
     int backend;                /* enum moe_backend_kind */
     /* What the memory plan may use on the host (memory_limit): 0 = the

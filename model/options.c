@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stddef.h>
 
+#include "cache/lane.h"
 #include "cache/policy.h"
 #include "common/log.h"
 
@@ -17,8 +18,8 @@ static const struct moe_opt_choice prefetches[] = {
     { "history", MOE_PREFETCH_HISTORY }, { NULL, 0 },
 };
 static const struct moe_opt_choice miss_lanes[] = {
-    { "auto", MOE_MISS_LANE_OPT_AUTO }, { "copy", MOE_MISS_LANE_OPT_COPY },
-    { "cpu", MOE_MISS_LANE_OPT_CPU }, { NULL, 0 },
+    { "auto", MOE_MISS_LANE_AUTO }, { "copy", MOE_MISS_LANE_COPY }, { "cpu", MOE_MISS_LANE_CPU },
+    { NULL, 0 },
 };
 static const struct moe_opt_choice backends[] = {
     { "cpu", MOE_BACKEND_CPU }, { "cuda", MOE_BACKEND_CUDA }, { NULL, 0 },

@@ -432,7 +432,14 @@ static void test_allocation_failure(void)
         CHECK_MSG(a2.status == 200 && strcmp(a2.text, want_a) == 0, "N=%d: after the failure: %d '%s'"
                   " %s (log %s)", nth[i], a2.status, a2.text, a2.err, md.log);
         CHECK(mt_wait_idle(&md));
-        CHECK_INT(mt_stat(&md, "expert_cache", "pinned", NULL), ==, 0);
+        /* the one failure may also land in this stats request (a 500,
+         * read as -1) when every call before needed fewer allocations */
+        long long pinned = mt_stat(&md, "expert_cache", "pinned", NULL);
+        if (pinned < 0) {
+            printf("  N=%d: the failure hit the stats request\n", nth[i]);
+            pinned = mt_stat(&md, "expert_cache", "pinned", NULL);
+        }
+        CHECK_MSG(pinned == 0, "N=%d: %lld experts pinned after the requests", nth[i], pinned);
         const int st = mt_down(&md);
         CHECK_MSG(st == 0, "N=%d: exit status %d (log %s)", nth[i], st, md.log);
     }
