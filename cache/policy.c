@@ -5,6 +5,11 @@
 #include "cache/policy.h"
 #include "common/alloc.h"
 
+/* predict's recency buckets: 1..8 visits since the latest use, 9-16, more
+ * or never */
+#define PRED_SINCE_BUCKETS 10
+#define PRED_REUSE_PRIOR 10.0   /* weight of the overall rate in a bucket's estimate */
+
 struct moe_policy {
     enum moe_policy_kind kind;
     int n_layer, n_expert;
@@ -23,13 +28,15 @@ struct moe_policy {
     float *tn;              /* [layer][a] visits using a that were followed by a visit */
     int cur_layer;          /* layer of the latest visit, -1 before any */
     int layer_major;        /* the latest visit repeated the layer before it (prefill) */
+    int32_t *pseen;         /* [key] the visit of the use before `seen` (-1: none) */
+    /* reuse by recency, learned from the routing: of the experts whose
+     * latest use was s visits before a visit of their layer (bucket
+     * since_bucket(s)), how many that visit used */
+    double reuse_n[PRED_SINCE_BUCKETS], reuse_d[PRED_SINCE_BUCKETS];
+    double used_n, used_d;  /* the same over every bucket */
 };
 
-/* predict's fixed shape parameters (doc/cache.md: chosen by a search on the
- * gemma trace at 10% capacity) */
-#define PRED_RECENT_F 16.0  /* recent bonus grows with the frequency: + 16 f */
-#define PRED_OLDER_F 2.0    /* older bonus: + 2 f */
-#define PRED_OLDER_DECAY 0.8
+/* predict's fixed shape parameters (doc/cache.md) */
 #define PRED_TRANS_PRIOR 20.0
 #define PRED_OTHER_LAYERS 100.0 /* layer-major order: other layers wait this many cycles */
 
@@ -54,9 +61,8 @@ void moe_policy_defaults(struct moe_policy_params *p)
     p->layer_alpha = 0.05;
     p->layer_beta = 1.0;
     p->layer_recent = 0.2;
-    p->pred_alpha = 0.005;
-    p->pred_recent = 0.4;
-    p->pred_older = 0.08;
+    p->pred_alpha = 0.02;
+    p->pred_freq = 0.5;
     p->pred_trans = 1.2;
     p->pred_dist = 1.0;
 }
@@ -94,15 +100,19 @@ struct moe_policy *moe_policy_create(enum moe_policy_kind kind, int n_layer, int
         p->pset = moe_calloc((size_t)n_layer * (size_t)p->words, sizeof(uint64_t));
         p->tc = moe_calloc(nk * (size_t)n_expert, sizeof(float));
         p->tn = moe_calloc(nk, sizeof(float));
-        if (!p->set || !p->pset || !p->tc || !p->tn) {
+        p->pseen = moe_malloc(nk * sizeof(int32_t));
+        if (!p->set || !p->pset || !p->tc || !p->tn || !p->pseen) {
             moe_policy_free(p);
             return NULL;
         }
     }
     for (int l = 0; l < n_layer; l++)
         p->visit_step[l] = -1;
-    for (size_t k = 0; k < nk; k++)
+    for (size_t k = 0; k < nk; k++) {
         p->seen[k] = -1;
+        if (p->pseen)
+            p->pseen[k] = -1;
+    }
     return p;
 }
 
@@ -120,6 +130,7 @@ void moe_policy_free(struct moe_policy *p)
     moe_free(p->pset);
     moe_free(p->tc);
     moe_free(p->tn);
+    moe_free(p->pseen);
     moe_free(p);
 }
 
@@ -139,15 +150,36 @@ static double freq_now(const struct moe_policy *p, int32_t key, int layer)
     return p->count[key] * pow(1.0 - ema_alpha(p), (double)(p->visit[layer] - p->stamp[key]));
 }
 
+static int since_bucket(int32_t since)
+{
+    return since <= 8 ? since - 1 : since <= 16 ? 8 : 9;
+}
+
 /* predict: a new token step at `layer` starts a new visit. The finished
  * visit's experts become the "previous" set, and each of them counts one
- * more visit that was followed by another. */
+ * more visit that was followed by another; every expert of the layer counts
+ * in the reuse statistics by its recency at the start of the finished
+ * visit. */
 static void pred_visit(struct moe_policy *p, int layer, int32_t step)
 {
     if (p->visit_step[layer] == step)
         return;
     uint64_t *set = p->set + (size_t)layer * p->words, *pset = p->pset + (size_t)layer * p->words;
     float *tn = p->tn + (size_t)layer * p->n_expert;
+    const int32_t v = p->visit[layer]; /* the finished visit, 0: none */
+    if (v > 0) {
+        const int32_t *seen = p->seen + (size_t)layer * p->n_expert;
+        const int32_t *pseen = p->pseen + (size_t)layer * p->n_expert;
+        for (int e = 0; e < p->n_expert; e++) {
+            const int used = seen[e] == v;
+            const int32_t before = used ? pseen[e] : seen[e];
+            const int b = before < 0 ? PRED_SINCE_BUCKETS - 1 : since_bucket(v - before);
+            p->reuse_d[b] += 1.0;
+            p->reuse_n[b] += used;
+            p->used_d += 1.0;
+            p->used_n += used;
+        }
+    }
     for (int w = 0; w < p->words; w++) {
         for (uint64_t m = set[w]; m; m &= m - 1)
             tn[w * 64 + __builtin_ctzll(m)] += 1.0f;
@@ -181,20 +213,24 @@ static double pred_trans(const struct moe_policy *p, int layer, int expert, cons
 static double pred_wait(const struct moe_policy *p, int32_t key, int cur_layer)
 {
     const int layer = key / p->n_expert, expert = key % p->n_expert, nl = p->n_layer;
-    const double f = freq_now(p, key, layer);
     /* the layer being computed: its latest visit is the current one */
     const int cur = layer == cur_layer;
     const int32_t last = p->seen[key];
-    double pr = f;
-    if (last >= p->visit[layer] - cur) {
-        pr += p->prm.pred_recent + PRED_RECENT_F * f;
-    } else {
-        const int since = p->visit[layer] - last - cur; /* >= 1 */
-        pr += (p->prm.pred_older + PRED_OLDER_F * f) * pow(PRED_OLDER_DECAY, since - 1);
-    }
     /* the current layer's experts not used yet in this visit may be needed
      * now: predicted from the previous visit; the others from the latest */
     const int pending = cur && last < p->visit[layer];
+    /* the visit that may use it next, and its recency then */
+    const int32_t next = pending ? p->visit[layer] : p->visit[layer] + 1;
+    const int b = last < 0 ? PRED_SINCE_BUCKETS - 1 : since_bucket(next - last);
+    double pr = p->prm.pred_freq * freq_now(p, key, layer);
+    if (p->used_d > 0.0) {
+        /* how much more often than the average expert one of this recency
+         * was used, estimated with the average as a prior */
+        const double g = p->used_n / p->used_d;
+        const double r = (p->reuse_n[b] + PRED_REUSE_PRIOR * g) / (p->reuse_d[b] + PRED_REUSE_PRIOR) - g;
+        if (r > 0.0)
+            pr += r;
+    }
     const uint64_t *from = (pending ? p->pset : p->set) + (size_t)layer * p->words;
     pr += p->prm.pred_trans * pred_trans(p, layer, expert, from);
     if (pr > 1.0)
@@ -243,6 +279,7 @@ void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now,
             set[expert / 64] |= 1ull << (expert % 64);
             p->count[key] = freq_now(p, key, layer) + p->prm.pred_alpha;
             p->stamp[key] = p->visit[layer];
+            p->pseen[key] = p->seen[key];
             p->seen[key] = p->visit[layer];
         }
         break;

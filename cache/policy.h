@@ -18,13 +18,18 @@
  *          the layer just computed, which are needed last. doc/cache.md has
  *          the measurements that chose the parameters.
  *   predict the same expected-wait ranking with a better estimate of p,
- *          learned online from the routing stream only: a long-memory
- *          frequency, a recency bonus that decays with the visits since the
- *          last use, and a per-layer transition model P(expert b at this
- *          visit | experts used at the layer's previous visit), counted from
- *          past token steps. It also notices layer-major (prefill) order,
- *          where the layer being computed is the one needed next. The
- *          closest to Belady on shared/traces (doc/cache.md).
+ *          learned online from the routing stream only: half an
+ *          exponentially weighted frequency, a recency term learned from
+ *          the routing itself (how much more often than the average expert
+ *          one last used s visits ago is used at the next visit, counted
+ *          over every layer's visits so far, so a model whose routing
+ *          repeats from token to token gets a large term and one whose
+ *          routing barely does gets almost none), and a per-layer
+ *          transition model P(expert b at this visit | experts used at the
+ *          layer's previous visit), counted from past token steps. It also
+ *          notices layer-major (prefill) order, where the layer being
+ *          computed is the one needed next. The closest to Belady on every
+ *          real trace measured (doc/cache.md).
  */
 #ifndef MOE_CACHE_POLICY_H
 #define MOE_CACHE_POLICY_H
@@ -50,10 +55,10 @@ struct moe_policy_params {
     double layer_alpha;   /* frequency EMA weight per layer visit, default 0.05 */
     double layer_beta;    /* weight of the layer distance, default 1 */
     double layer_recent;  /* added to p when the latest visit used it, default 0.2 */
-    /* predict: p = f + recency + transition, see policy.c */
-    double pred_alpha;    /* frequency EMA weight per layer visit, default 0.005 */
-    double pred_recent;   /* bonus when the latest visit used it, default 0.4 (+ 16 f) */
-    double pred_older;    /* bonus one visit later, default 0.08 (+ 2 f), x0.8 per further visit */
+    /* predict: p = pred_freq f + learned recency + pred_trans transition,
+     * see policy.c and doc/cache.md */
+    double pred_alpha;    /* frequency EMA weight per layer visit, default 0.02 */
+    double pred_freq;     /* weight of the frequency, default 0.5 */
     double pred_trans;    /* weight of the transition estimate, default 1.2 */
     double pred_dist;     /* weight of the layers until the next visit, default 1 */
 };

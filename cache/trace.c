@@ -89,8 +89,9 @@ int moe_trace_parse(struct moe_trace *t, const char *text, size_t len, const cha
     memset(t, 0, sizeof(*t));
     size_t cap = 0;
     int csv = 0, line_no = 0, rc = 0;
-    int32_t step_counter = -1;
-    long prev_csv_step = -1, prev_csv_phase = -1;
+    /* CSV: token step = turn base + phase offset + step (below) */
+    int64_t max_id = -1, base = 0;
+    long cur_turn = -2, cur_phase = -2, prev_layer = -1, prev_step = -2;
     const char *p = text, *end = text + len;
     while (p < end) {
         const char *eol = memchr(p, '\n', (size_t)(end - p));
@@ -128,13 +129,39 @@ int moe_trace_parse(struct moe_trace *t, const char *text, size_t len, const cha
                                   "weight,... with a layer below %d", name, line_no, MAX_LAYERS);
                 goto fail;
             }
-            /* number token steps in file order across phases */
-            if (f[1] != prev_csv_phase || f[2] != prev_csv_step) {
-                prev_csv_phase = f[1];
-                prev_csv_step = f[2];
-                step_counter++;
+            /* The token step is the row's step, which is the token's
+             * position: prefill is layer-major (every prompt token at
+             * layer 0, then at layer 1, ...), so the same step comes back
+             * at each layer and must stay one token step; a layer a step
+             * does not list (the last layer routes only the prompt's last
+             * token) is simply absent. Each turn starts after the steps
+             * before it, and a phase whose steps restart from 0 goes on
+             * after the phase before it. A step below 0 (not attributed
+             * to a position) is its own token step per run of rows. */
+            if (f[0] != cur_turn) {
+                cur_turn = f[0];
+                cur_phase = f[1];
+                base = max_id + 1;
+            } else if (f[1] != cur_phase) {
+                cur_phase = f[1];
+                if (f[2] >= 0 && base + f[2] <= max_id)
+                    base = max_id + 1 - f[2];
             }
-            struct moe_access a = { (int32_t)f[3], (int32_t)f[5], step_counter, w };
+            int64_t id;
+            if (f[2] < 0)
+                id = prev_step == -1 && f[3] == prev_layer ? max_id : max_id + 1;
+            else
+                id = base + f[2];
+            prev_step = f[2] < 0 ? -1 : f[2];
+            prev_layer = f[3];
+            if (id > INT32_MAX) {
+                rc = moe_diag_set(diag, MOE_EFORMAT, "%s:%d: step %ld: token steps beyond %d", name,
+                                  line_no, f[2], INT32_MAX);
+                goto fail;
+            }
+            if (id > max_id)
+                max_id = id;
+            struct moe_access a = { (int32_t)f[3], (int32_t)f[5], (int32_t)id, w };
             if ((rc = push(t, &cap, a)) != 0) {
                 moe_diag_set(diag, rc, "%s: out of memory", name);
                 goto fail;

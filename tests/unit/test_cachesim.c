@@ -207,12 +207,35 @@ static double pref_wait(const struct pref_ctx *c, const int *vis_of, const int *
     }
     const double f = count * pow(1.0 - prm->pred_alpha, (double)(V - stamp));
     const int cur = l == c->cl;
-    double pr = f;
-    if (last >= V - cur)
-        pr += prm->pred_recent + 16.0 * f;
-    else
-        pr += (prm->pred_older + 2.0 * f) * pow(0.8, V - last - cur - 1);
     const int pending = cur && last < V;
+    double pr = prm->pred_freq * f;
+    /* learned recency: every finished visit (one followed by another of its
+     * layer) of every layer, each expert counted by the visits since its
+     * use before that visit (1..8, 9-16, more or never) */
+    double rn[10] = { 0 }, rd[10] = { 0 }, un = 0.0, ud = 0.0;
+    for (int ll = 0; ll < nl; ll++) {
+        for (int v = 1; v < nvis[ll]; v++) {
+            for (int x = 0; x < ne; x++) {
+                int before = -1;
+                for (int u = v - 1; u >= 1 && before < 0; u--)
+                    if (pref_used(c, vis_of, ll, x, u))
+                        before = u;
+                const int s = v - before, b = before < 0 ? 9 : s <= 8 ? s - 1 : s <= 16 ? 8 : 9;
+                const int used = pref_used(c, vis_of, ll, x, v);
+                rd[b] += 1.0;
+                rn[b] += used;
+                ud += 1.0;
+                un += used;
+            }
+        }
+    }
+    if (ud > 0.0) {
+        const int next = pending ? V : V + 1, s = next - last;
+        const int b = last < 0 ? 9 : s <= 8 ? s - 1 : s <= 16 ? 8 : 9;
+        const double g = un / ud, r = (rn[b] + 10.0 * g) / (rd[b] + 10.0) - g;
+        if (r > 0.0)
+            pr += r;
+    }
     const int from = pending ? V - 1 : V; /* visit whose experts predict the next */
     double tc = 0.0, tn = 0.0;
     for (int a = 0; a < ne; a++) {
@@ -638,6 +661,21 @@ static void test_parse_formats(void)
     CHECK(t.n == 4 && t.n_layer == 2 && t.n_expert == 4 && t.n_expert_used == 2);
     CHECK(t.a[2].layer == 1 && t.a[2].expert == 2 && t.a[3].step == 1 && t.a[0].step == 0);
     moe_trace_free(&t);
+    /* layer-major prefill whose last layer routes only the last prompt
+     * token, then decode, then a turn whose steps restart at 0 and a
+     * decode phase numbered from 0: one token step per position */
+    static const char pre[] =
+        "# route_trace v1\n# model=x arch=y n_layer=2 n_expert=4 n_expert_used=1\n"
+        "turn,phase,step,layer,slot,expert,weight,residency,expert_bytes\n"
+        "0,0,0,0,0,1,1,0,0\n0,0,1,0,0,2,1,0,0\n0,0,2,0,0,3,1,0,0\n0,0,2,1,0,0,1,0,0\n"
+        "0,1,3,0,0,1,1,0,0\n0,1,3,1,0,1,1,0,0\n"
+        "1,0,0,0,0,2,1,0,0\n1,0,1,0,0,2,1,0,0\n1,0,1,1,0,2,1,0,0\n1,1,0,0,0,3,1,0,0\n";
+    CHECK_MSG(moe_trace_parse(&t, pre, sizeof(pre) - 1, "pre.csv", &d) == 0, "%s", d.msg);
+    static const int32_t pre_steps[] = { 0, 1, 2, 2, 3, 3, 4, 5, 5, 6 };
+    CHECK(t.n == 10);
+    for (int i = 0; i < 10 && i < t.n; i++)
+        CHECK_MSG(t.a[i].step == pre_steps[i], "row %d: step %d, expected %d", i, t.a[i].step, pre_steps[i]);
+    moe_trace_free(&t);
     static const char own[] = "0 0 5:0.7 2:0.3\n0 1 1:0.5 0:0.5\n1 0 5:0.6 4:0.4\n";
     CHECK_MSG(moe_trace_parse(&t, own, sizeof(own) - 1, "t.txt", &d) == 0, "%s", d.msg);
     CHECK(t.n == 6 && t.n_layer == 2 && t.n_expert == 6 && t.a[4].expert == 5 && t.a[4].step == 1);
@@ -705,6 +743,53 @@ static void test_gemma_trace(void)
     moe_trace_free(&t);
 }
 
+/* The traces predict was not tuned on (tests/fixtures/traces/README.md):
+ * Qwen3-30B-A3B and gpt-oss-120b routing, and the demo model's routing on
+ * other prompts. At 10% capacity predict stays within Belady, above
+ * every other policy, and above the floors doc/cache.md records (its
+ * figures minus a little: regression guards, not the target). */
+static void test_other_traces(void)
+{
+    const char *root = getenv("MOE_SOURCE_ROOT");
+    if (root == NULL)
+        MOE_SKIP("MOE_SOURCE_ROOT not set");
+    static const struct {
+        const char *path;
+        int n_layer, n_expert;
+        double floor;
+    } tr[] = {
+        { "tests/fixtures/traces/qwen.route.csv", 48, 128, 0.82 },
+        { "tests/fixtures/traces/gptoss.route.csv", 36, 128, 0.88 },
+        { "tests/fixtures/demo/demo-moe.trace", 4, 8, 0.69 },
+        { "tests/fixtures/traces/demo-text.trace", 4, 8, 0.58 },
+    };
+    for (size_t k = 0; k < sizeof(tr) / sizeof(tr[0]); k++) {
+        char path[4096];
+        snprintf(path, sizeof(path), "%s/%s", root, tr[k].path);
+        struct moe_trace t;
+        struct moe_diag d = { 0 };
+        CHECK_MSG(moe_trace_load(&t, path, &d) == 0, "%s", d.msg);
+        CHECK(t.n_layer == tr[k].n_layer && t.n_expert == tr[k].n_expert);
+        const int cap = t.n_layer * t.n_expert / 10;
+        struct moe_sim_result b, r, pr;
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, cap), &b) == 0);
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_PREDICT, cap), &pr) == 0);
+        printf("  %s 10%%: predict %.4f = %.3f of belady %.4f\n", tr[k].path, pr.hit_rate,
+               pr.hit_rate / b.hit_rate, b.hit_rate);
+        CHECK(pr.hits <= b.hits);
+        CHECK_MSG(pr.hit_rate >= tr[k].floor * b.hit_rate, "%s: predict %.4f of belady", tr[k].path,
+                  pr.hit_rate / b.hit_rate);
+        for (int p = 0; p < MOE_POLICY_COUNT; p++) {
+            if (p == MOE_POLICY_BELADY || p == MOE_POLICY_PREDICT)
+                continue;
+            CHECK(moe_cache_sim(&t, SIM((enum moe_policy_kind)p, cap), &r) == 0);
+            CHECK_MSG(r.hits < pr.hits, "%s: %s %lld hits, predict %lld", tr[k].path,
+                      moe_policy_name((enum moe_policy_kind)p), (long long)r.hits, (long long)pr.hits);
+        }
+        moe_trace_free(&t);
+    }
+}
+
 int main(void)
 {
     MOE_TEST_RUN(test_belady_is_optimal_and_lru_exact);
@@ -715,5 +800,6 @@ int main(void)
     MOE_TEST_RUN(test_predict_small_traces);
     MOE_TEST_RUN(test_parse_formats);
     MOE_TEST_RUN(test_gemma_trace);
+    MOE_TEST_RUN(test_other_traces);
     return moe_test_exit_code();
 }

@@ -8,6 +8,12 @@ see them.
 
   python3 tools/train_demo/trace.py --model models/demo-moe.gguf \
       -o tests/fixtures/demo/demo-moe.trace [--moectl build/client/moectl] [-n 64]
+
+Other routing of the same model (doc/cache.md: the traces the cache policy
+is checked on): --questions FILE (one prompt a line) instead of the built-in
+list, --raw to continue each prompt as plain text (`moectl run`) instead of
+answering it as a chat question, --temp T with --seed S to sample instead of
+decoding greedily (prompt i uses seed S + i, so a run is repeatable).
 """
 import argparse
 import os
@@ -31,14 +37,24 @@ def main():
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--moectl", default="build/client/moectl")
     ap.add_argument("-n", type=int, default=64)
+    ap.add_argument("--questions", help="prompts, one a line (default: the built-in chat questions)")
+    ap.add_argument("--raw", action="store_true", help="continue the prompts as text (moectl run)")
+    ap.add_argument("--temp", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    questions = QUESTIONS
+    if args.questions:
+        with open(args.questions) as f:
+            questions = [q.strip() for q in f if q.strip()]
     header, lines, base, answers = None, [], 0, 0
     with tempfile.TemporaryDirectory() as tmp:
-        for q in QUESTIONS:
+        for i, q in enumerate(questions):
             path = os.path.join(tmp, "t")
-            subprocess.run([args.moectl, "chat", "--model", args.model, "--prompt", q, "-n", str(args.n),
-                            "--temp", "0", "--threads", "2", "--trace", path],
-                           check=True, stdout=subprocess.DEVNULL)
+            cmd = [args.moectl, "run" if args.raw else "chat", "--model", args.model, "--prompt", q,
+                   "-n", str(args.n), "--temp", str(args.temp), "--threads", "2", "--trace", path]
+            if args.temp > 0:
+                cmd += ["--seed", str(args.seed + i)]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             top = 0
             with open(path) as f:
                 for line in f:
@@ -54,8 +70,12 @@ def main():
         sys.exit("trace: moectl wrote no routing")
     with open(args.out, "w") as f:
         f.write(header)
-        f.write("# %s: %d chat questions (tools/train_demo/trace.py), prompt then greedy answer of at most %d "
-                "tokens each; %d token steps\n" % (os.path.basename(args.model), answers, args.n, base))
+        how = ("greedy answer" if args.temp <= 0 else
+               "answer sampled at temperature %g (seeds from %d)" % (args.temp, args.seed))
+        f.write("# %s: %d %s (tools/train_demo/trace.py), prompt then %s of at most %d "
+                "tokens each; %d token steps\n" % (os.path.basename(args.model), answers,
+                                                   "text prompts" if args.raw else "chat questions", how,
+                                                   args.n, base))
         f.writelines(lines)
     print("trace: %s: %d token steps, %d lines" % (args.out, base, len(lines)))
 
