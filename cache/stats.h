@@ -39,6 +39,9 @@ struct moe_cache_stats {
     uint64_t lane_cpu, lane_copy, lane_both;
     uint64_t lane_cpu_bytes, lane_copy_bytes, lane_both_bytes;
     double lane_cpu_s, lane_copy_wait_s;
+    /* miss_lane = auto: decode steps the governor ran in each arm (auto,
+     * copy-only, cpu-only; cache/lane.h) */
+    uint64_t lane_steps_auto, lane_steps_copy, lane_steps_cpu;
     int n_slots;
     size_t slot_bytes;
 };

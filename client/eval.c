@@ -681,10 +681,13 @@ static void print_cache_stats(struct moe_model *m)
     if (moe_model_cache_stats(m, &cs) && cs.lane_cpu + cs.lane_copy + cs.lane_both > 0)
         fprintf(stderr, "{\"lane_cpu\": %llu, \"lane_cpu_bytes\": %llu, \"lane_cpu_s\": %.6f,"
                 " \"lane_copy\": %llu, \"lane_copy_bytes\": %llu, \"lane_copy_wait_s\": %.6f,"
-                " \"lane_both\": %llu, \"lane_both_bytes\": %llu}\n", (unsigned long long)cs.lane_cpu,
+                " \"lane_both\": %llu, \"lane_both_bytes\": %llu, \"lane_steps_auto\": %llu,"
+                " \"lane_steps_copy\": %llu, \"lane_steps_cpu\": %llu}\n", (unsigned long long)cs.lane_cpu,
                 (unsigned long long)cs.lane_cpu_bytes, cs.lane_cpu_s, (unsigned long long)cs.lane_copy,
                 (unsigned long long)cs.lane_copy_bytes, cs.lane_copy_wait_s,
-                (unsigned long long)cs.lane_both, (unsigned long long)cs.lane_both_bytes);
+                (unsigned long long)cs.lane_both, (unsigned long long)cs.lane_both_bytes,
+                (unsigned long long)cs.lane_steps_auto, (unsigned long long)cs.lane_steps_copy,
+                (unsigned long long)cs.lane_steps_cpu);
     uint64_t pf_on = 0, pf_off = 0;
     if (moe_model_prefetch_steps(m, &pf_on, &pf_off))
         fprintf(stderr, "{\"prefetch_steps_on\": %llu, \"prefetch_steps_off\": %llu}\n",

@@ -945,7 +945,8 @@ static json_t *cache_json(const struct stats_snapshot *st)
                                               "io_errors", (json_int_t)cs->io_errors,
                                               "read_retries", (json_int_t)cs->read_retries));
     /* the hybrid lanes (doc/cache.md): misses by where they were computed */
-    json_object_set_new(c, "lanes", json_pack("{s:{s:I, s:I, s:f}, s:{s:I, s:I, s:f}, s:{s:I, s:I}}",
+    json_object_set_new(c, "lanes", json_pack("{s:{s:I, s:I, s:f}, s:{s:I, s:I, s:f}, s:{s:I, s:I},"
+                                              " s:{s:I, s:I, s:I}}",
                                               "cpu", "experts", (json_int_t)cs->lane_cpu,
                                               "bytes", (json_int_t)cs->lane_cpu_bytes,
                                               "seconds", cs->lane_cpu_s,
@@ -953,7 +954,10 @@ static json_t *cache_json(const struct stats_snapshot *st)
                                               "bytes", (json_int_t)cs->lane_copy_bytes,
                                               "wait_seconds", cs->lane_copy_wait_s,
                                               "both", "experts", (json_int_t)cs->lane_both,
-                                              "bytes", (json_int_t)cs->lane_both_bytes));
+                                              "bytes", (json_int_t)cs->lane_both_bytes,
+                                              "governor_steps", "auto", (json_int_t)cs->lane_steps_auto,
+                                              "copy", (json_int_t)cs->lane_steps_copy,
+                                              "cpu", (json_int_t)cs->lane_steps_cpu));
     return c;
 }
 
@@ -1107,6 +1111,13 @@ static void prom_cache(struct prom *p, const struct stats_snapshot *st)
     prom_printf(p, "moed_expert_lane_seconds_total{lane=\"cpu\"} %.6f\n"
                 "moed_expert_lane_seconds_total{lane=\"copy\"} %.6f\n", cs->lane_cpu_s,
                 cs->lane_copy_wait_s);
+    prom_family(p, "moed_expert_lane_governor_steps_total", "counter",
+                "miss_lane auto: decode steps its governor ran in each arm.");
+    prom_printf(p, "moed_expert_lane_governor_steps_total{arm=\"auto\"} %llu\n"
+                "moed_expert_lane_governor_steps_total{arm=\"copy\"} %llu\n"
+                "moed_expert_lane_governor_steps_total{arm=\"cpu\"} %llu\n",
+                (unsigned long long)cs->lane_steps_auto, (unsigned long long)cs->lane_steps_copy,
+                (unsigned long long)cs->lane_steps_cpu);
     for (size_t k = 0; k < sizeof(layer_metrics) / sizeof(layer_metrics[0]); k++) {
         prom_family(p, layer_metrics[k].name, "counter", layer_metrics[k].help);
         for (int l = 0; l < st->n_layers; l++) {

@@ -53,9 +53,20 @@ static int lane_create(struct moe_model *m, const struct moe_model_opts *o, stru
     if ((rc = m->ex.lane_be->ops->reserve(m->ex.lane_be, shared, 0)))
         return moe_diag_set(diag, rc, "CPU lane: cannot reserve %zu bytes of scratch", shared);
     const size_t B = (size_t)m->n_batch, E = (size_t)c->n_embd, F = (size_t)c->n_ff_exp;
-    m->ex.lane_x = moe_malloc(B * E * sizeof(float));
+    /* the two buffers that cross the link: page-locked where the backend
+     * gives it (CUDA: DMA, no staging by the driver), else ordinary */
+    m->ex.lane_x = m->be->ops->host_alloc(m->be, B * E * sizeof(float));
+    m->ex.lane_de = m->be->ops->host_alloc(m->be, B * E * sizeof(float));
+    m->ex.lane_pinned = m->ex.lane_x != NULL && m->ex.lane_de != NULL;
+    if (!m->ex.lane_pinned) {
+        if (m->ex.lane_x)
+            m->be->ops->host_free(m->be, m->ex.lane_x);
+        if (m->ex.lane_de)
+            m->be->ops->host_free(m->be, m->ex.lane_de);
+        m->ex.lane_x = moe_malloc(B * E * sizeof(float));
+        m->ex.lane_de = moe_malloc(B * E * sizeof(float));
+    }
     m->ex.lane_xe = moe_malloc(B * E * sizeof(float));
-    m->ex.lane_de = moe_malloc(B * E * sizeof(float));
     m->ex.lane_ge = moe_malloc(B * F * sizeof(float));
     m->ex.lane_ue = moe_malloc(B * F * sizeof(float));
     m->ex.lane_dst = moe_malloc(B * sizeof(int32_t));
@@ -125,9 +136,14 @@ void moe_model_experts_free(struct moe_model *m)
     moe_expert_cache_destroy(ex->cache);   /* waits for loads, which may fill the tier */
     moe_host_tier_destroy(ex->host);
     moe_backend_destroy(ex->lane_be);
-    moe_free(ex->lane_x);
+    if (ex->lane_pinned) {
+        m->be->ops->host_free(m->be, ex->lane_x);
+        m->be->ops->host_free(m->be, ex->lane_de);
+    } else {
+        moe_free(ex->lane_x);
+        moe_free(ex->lane_de);
+    }
     moe_free(ex->lane_xe);
-    moe_free(ex->lane_de);
     moe_free(ex->lane_ge);
     moe_free(ex->lane_ue);
     moe_free(ex->lane_dst);
@@ -158,6 +174,11 @@ bool moe_model_cache_stats(struct moe_model *m, struct moe_cache_stats *out)
     out->lane_both_bytes = l->lane_both_bytes;
     out->lane_cpu_s = l->lane_cpu_s;
     out->lane_copy_wait_s = l->lane_copy_wait_s;
+    if (m->ex.lanes && m->ex.miss_lane == MOE_MISS_LANE_AUTO) {
+        out->lane_steps_auto = m->ex.lane.gov.steps[MOE_MISS_LANE_AUTO];
+        out->lane_steps_copy = m->ex.lane.gov.steps[MOE_MISS_LANE_COPY];
+        out->lane_steps_cpu = m->ex.lane.gov.steps[MOE_MISS_LANE_CPU];
+    }
     return true;
 }
 
@@ -561,8 +582,15 @@ static int lane_assign(struct moe_model *m, int il, int np, int cpu, int *n_bg)
     }
     if (m->ex.lane_j == NULL || nm == 0)
         return 0;
+    if (!m->ex.reuse_seeded) {
+        /* a warm start's counts (loaded after the lanes were made) */
+        m->ex.reuse_seeded = true;
+        if (m->ex.uses != NULL)
+            moe_lane_reuse_seed(&m->ex.reuse, m->ex.uses);
+    }
     moe_lane_reuse_visit(&m->ex.reuse, il, m->ex.pend_e, np, nm);
     if (mode == MOE_MISS_LANE_AUTO) {
+        step.evict_reuse = moe_lane_reuse_victim(&m->ex.reuse, il);
         for (int i = 0; i < nm; i++) {
             const int e = m->ex.pend_e[m->ex.lane_j[i]];
             m->ex.lane_miss[i].in_host = lane_in_host(m, L, il, e);
@@ -572,6 +600,10 @@ static int lane_assign(struct moe_model *m, int il, int np, int cpu, int *n_bg)
     } else {
         memset(m->ex.lane_choice, mode == MOE_MISS_LANE_CPU ? MOE_LANE_CPU : MOE_LANE_COPY, (size_t)nm);
     }
+    int copies = 0;
+    for (int i = 0; i < nm; i++)
+        copies += (m->ex.lane_choice[i] & MOE_LANE_COPY) != 0;
+    moe_lane_reuse_inserted(&m->ex.reuse, il, copies);
     int ncpu = 0;
     for (int i = 0; i < nm; i++) {
         const int j = m->ex.lane_j[i];

@@ -145,12 +145,14 @@ struct model_experts {
     int miss_lane;                       /* enum moe_miss_lane (configured) */
     struct moe_lane_state lane;          /* the rule, its measured rates and governor */
     struct moe_lane_reuse reuse;         /* expected reuse of a miss, for the rule */
+    bool reuse_seeded;                   /* from the warm start's counts, at the first step */
     struct moe_lane_miss *lane_miss;     /* host [n_expert]: one layer step's misses */
     uint8_t *lane_choice;                /* host [n_expert] */
     int32_t *lane_j;                     /* host [n_expert]: their index in pend_* */
     struct moe_copy_stats link0;         /* the backend's copy stats at the last step */
     struct moe_backend *lane_be;
     float *lane_x;                       /* host [n_batch][n_embd]: the layer's xn */
+    bool lane_pinned;                    /* lane_x and lane_de from the backend's host_alloc */
     float *lane_xe, *lane_de;            /* host [n_batch][n_embd]: gathered rows, outputs */
     float *lane_ge, *lane_ue;            /* host [n_batch][ff] */
     int32_t *lane_dst;                   /* host [n_batch]: (token, slot) row of each output */

@@ -690,7 +690,7 @@ static void test_metrics_equal_stats(void)
         "moed_expert_prefetch_total counter", "moed_expert_loads_total counter",
         "moed_expert_load_errors_total counter", "moed_expert_read_retries_total counter",
         "moed_expert_lane_experts_total counter", "moed_expert_lane_bytes_total counter",
-        "moed_expert_lane_seconds_total counter",
+        "moed_expert_lane_seconds_total counter", "moed_expert_lane_governor_steps_total counter",
         "moed_expert_layer_hits_total counter",
         "moed_expert_layer_misses_total counter", "moed_expert_layer_bytes_loaded_total counter",
         "moed_expert_layer_stall_seconds_total counter", "moed_prompt_tokens_cached_total counter",

@@ -154,6 +154,60 @@ static void check_model(const char *file, int k)
     free(want);
 }
 
+/* A corrupt expert read by the CPU lane (a raw pack, every blob of layer 1
+ * damaged): the pass fails with the read's own message (file, layer,
+ * expert, offset), nothing stays pinned or reserved (the host tier's
+ * destroy asserts it), and the model goes on for tokens routed elsewhere. */
+static void test_corrupt_expert_cpu_lane(void)
+{
+    const char *ref = moe_test_ref_dir();
+    if (ref == NULL)
+        MOE_SKIP("shared/ref not found");
+    char path[4096], pack[4096];
+    snprintf(path, sizeof(path), "%s/models/tiny-mixtral-Q4_0.gguf", ref);
+    snprintf(pack, sizeof(pack), "%s/lane-corrupt.moe", moe_test_tmpdir());
+    struct moe_diag d = { 0 };
+    struct moe_pack_write_opts po = { .threads = 2, .min_ratio = 1000.0 };
+    CHECK_MSG(moe_pack_write(path, pack, &po, NULL, &d) == 0, "%s", d.msg);
+    struct moe_pack *p;
+    CHECK_MSG(moe_pack_open(&p, pack, 0, &d) == 0, "%s", d.msg);
+    const uint32_t E = moe_pack_n_expert(p);
+    FILE *f = fopen(pack, "r+b");
+    CHECK(f != NULL);
+    for (uint32_t e = 0; e < E; e++) {
+        struct moe_pack_blob b;
+        CHECK(moe_pack_blob(p, 1, e, &b, &d) == 0);
+        CHECK(fseek(f, (long)(b.offset + b.stored_size / 2), SEEK_SET) == 0);
+        const int c = fgetc(f);
+        CHECK(fseek(f, (long)(b.offset + b.stored_size / 2), SEEK_SET) == 0);
+        fputc(c ^ 0x5a, f);
+    }
+    fclose(f);
+    moe_pack_close(p);
+    for (int host = 0; host < 2; host++) {
+        struct moe_model_opts o = { .n_threads = 2, .n_ctx = 64, .cache_experts = 4, .upload_weights = true,
+                                    .host_bytes = host ? 64u << 20 : 0 };
+        CHECK(moe_model_opts_set(&o, "miss_lane", "cpu", NULL) == 0);
+        struct moe_model *m;
+        CHECK_MSG(moe_model_load(&m, pack, &o, &d) == 0, "%s", d.msg);
+        struct moe_seq *s;
+        CHECK(moe_seq_create(&s, m, &d) == 0);
+        const int32_t t[2] = { 1, 2 };
+        memset(&d, 0, sizeof(d));
+        const int rc = moe_model_forward(m, s, t, 2, NULL, false, NULL, NULL, &d);
+        printf("  host tier %d: forward: %s\n", host, d.msg);
+        CHECK_INT(rc, ==, MOE_ECHECKSUM);
+        CHECK_MSG(strstr(d.msg, "lane-corrupt.moe") && strstr(d.msg, "layer 1, expert "),
+                  "message does not name file, layer and expert: %s", d.msg);
+        CHECK_INT(moe_model_cache_pinned(m), ==, 0);
+        struct moe_cache_stats st;
+        CHECK(moe_model_cache_stats(m, &st));
+        CHECK(st.lane_cpu > 0);
+        moe_seq_free(s);
+        moe_model_free(m);
+    }
+}
+
 static void test_mixtral_q4_0(void) { check_model("tiny-mixtral-Q4_0.gguf", 2); }
 static void test_qwen3moe_q4_k_m(void) { check_model("tiny-qwen3moe-Q4_K_M.gguf", 4); }
 static void test_deepseek2(void) { check_model("tiny-deepseek2-F32.gguf", 2); }
@@ -167,5 +221,6 @@ int main(void)
     MOE_TEST_RUN(test_qwen3moe_q4_k_m);
     MOE_TEST_RUN(test_deepseek2);
     MOE_TEST_RUN(test_gptoss_mxfp4);
+    MOE_TEST_RUN(test_corrupt_expert_cpu_lane);
     return moe_test_exit_code();
 }

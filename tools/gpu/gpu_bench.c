@@ -337,7 +337,8 @@ static int cmd_run(int argc, char **argv)
                " \"prefetch_issued\": %" PRIu64 ", \"prefetch_used\": %" PRIu64 ", \"miss_lane\": \"%s\","
                " \"lane_cpu_per_token\": %.3f, \"lane_copy_per_token\": %.3f, \"lane_both_per_token\": %.3f,"
                " \"lane_cpu_bytes_per_token\": %.0f, \"lane_cpu_s_per_token\": %.6f,"
-               " \"lane_copy_wait_s_per_token\": %.6f, \"tokens_hash\": \"%08x\"}\n",
+               " \"lane_copy_wait_s_per_token\": %.6f, \"lane_steps_auto\": %" PRIu64 ","
+               " \"lane_steps_copy\": %" PRIu64 ", \"lane_steps_cpu\": %" PRIu64 ", \"tokens_hash\": \"%08x\"}\n",
                model, cfg->arch_name,
                backend, budget > 0 ? budget : 100.0, slots, all, p.slot_bytes, prefetch, host_pct,
                o.host_bytes, cfg->n_layer, p.n_moe_layers, p.n_expert, p.n_expert_used, p.dense_bytes,
@@ -351,7 +352,9 @@ static int cmd_run(int argc, char **argv)
                c1.prefetch_issued - c0.prefetch_issued, c1.prefetch_used - c0.prefetch_used, lane,
                (double)(c1.lane_cpu - c0.lane_cpu) / n, (double)(c1.lane_copy - c0.lane_copy) / n,
                (double)(c1.lane_both - c0.lane_both) / n, (double)(c1.lane_cpu_bytes - c0.lane_cpu_bytes) / n,
-               (c1.lane_cpu_s - c0.lane_cpu_s) / n, (c1.lane_copy_wait_s - c0.lane_copy_wait_s) / n, hash);
+               (c1.lane_cpu_s - c0.lane_cpu_s) / n, (c1.lane_copy_wait_s - c0.lane_copy_wait_s) / n,
+               c1.lane_steps_auto - c0.lane_steps_auto, c1.lane_steps_copy - c0.lane_steps_copy,
+               c1.lane_steps_cpu - c0.lane_steps_cpu, hash);
     }
     free(logits);
     free(tok);
