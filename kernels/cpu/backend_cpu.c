@@ -510,19 +510,13 @@ static void attn_task(void *arg, int64_t task, int worker)
         const int64_t off = cache_row(ap, r) * ap->v_row + (int64_t)kvh * hdv;
         const uint8_t *vb = (const uint8_t *)ap->v_cache + kv_bytes(kt, off);
         if (kt == MOE_DTYPE_F16) {
-            const uint16_t *v = (const uint16_t *)vb;
-            const float ph = moe_fp16_to_fp32(moe_fp32_to_fp16(pr));
-            for (int d = 0; d < hdv; d++)
-                out[d] += ph * moe_fp16_to_fp32(v[d]);
+            moe_vec_axpy(MOE_DTYPE_F16, out, moe_fp16_to_fp32(moe_fp32_to_fp16(pr)), vb, hdv);
         } else if (kt == MOE_DTYPE_Q8_0) {
             /* as ggml's flash attention: V to float, then a float axpy */
             moe_dequantize_row(MOE_DTYPE_Q8_0, vb, vrow, hdv);
-            for (int d = 0; d < hdv; d++)
-                out[d] += pr * vrow[d];
+            moe_vec_axpy(MOE_DTYPE_F32, out, pr, vrow, hdv);
         } else {
-            const float *v = (const float *)vb;
-            for (int d = 0; d < hdv; d++)
-                out[d] += pr * v[d];
+            moe_vec_axpy(MOE_DTYPE_F32, out, pr, vb, hdv);
         }
     }
 }

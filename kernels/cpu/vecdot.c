@@ -1188,3 +1188,71 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n)
     default: MOE_ASSERT(0); return 0.0f;
     }
 }
+
+/* ---- y += a * x (attention's value sums) ----------------------------- */
+
+/* Multiply, then add, rounding after each (no fused multiply-add): the
+ * same float as the scalar loop on every path. */
+#ifdef MOE_X86
+AVX2 static void axpy_f16_avx2(float *y, float a, const uint16_t *x, int64_t n)
+{
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + i)));
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, v)));
+    }
+    for (; i < n; i++)
+        y[i] += a * moe_fp16_to_fp32(x[i]);
+}
+
+AVX2 static void axpy_f32_avx2(float *y, float a, const float *x, int64_t n)
+{
+    const __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(va, _mm256_loadu_ps(x + i))));
+    for (; i < n; i++)
+        y[i] += a * x[i];
+}
+
+AVX512 static void axpy_f16_avx512(float *y, float a, const uint16_t *x, int64_t n)
+{
+    const __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + i)));
+        _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_mul_ps(va, v)));
+    }
+    for (; i < n; i++)
+        y[i] += a * moe_fp16_to_fp32(x[i]);
+}
+#endif
+
+void moe_vec_axpy(uint32_t t, float *y, float a, const void *x, int64_t n)
+{
+    MOE_ASSERT(t == MOE_DTYPE_F16 || t == MOE_DTYPE_F32);
+#ifdef MOE_X86
+    const int level = simd();
+    if (t == MOE_DTYPE_F16 && level == SIMD_AVX512) {
+        axpy_f16_avx512(y, a, x, n);
+        return;
+    }
+    if (level >= SIMD_AVX2) {
+        if (t == MOE_DTYPE_F16)
+            axpy_f16_avx2(y, a, x, n);
+        else
+            axpy_f32_avx2(y, a, x, n);
+        return;
+    }
+#endif
+    if (t == MOE_DTYPE_F16) {
+        const uint16_t *h = x;
+        for (int64_t i = 0; i < n; i++)
+            y[i] += a * moe_fp16_to_fp32(h[i]);
+    } else {
+        const float *f = x;
+        for (int64_t i = 0; i < n; i++)
+            y[i] += a * f[i];
+    }
+}

@@ -42,6 +42,11 @@ float moe_vecdot(uint32_t t, const void *w, const void *act, int64_t n);
 void moe_vecdot_rows(uint32_t t, const void *w, const void *act, size_t act_stride, int64_t n, int n_rows,
                      float *out);
 
+/* y[i] += a * x[i] for i < n, x of type t (F16 or F32), rounded after the
+ * multiply and after the add (no fused multiply-add) on every path, so the
+ * SIMD paths give the scalar loop's floats exactly. */
+void moe_vec_axpy(uint32_t t, float *y, float a, const void *x, int64_t n);
+
 /* Which implementation runs: "avx512vnni", "avx2" or "scalar" (the best
  * the CPU and OS support). MOE_CPU_SIMD=avx2 or =scalar in the environment
  * caps it (tests compare the paths). */

@@ -179,6 +179,39 @@ static void check_len(uint32_t t, int64_t n)
     free(w); free(act); free(x); free(wf); free(xf);
 }
 
+/* moe_vec_axpy (attention's value sums) gives the scalar loop's floats
+ * exactly on this path: F16 (normal, subnormal, zero halves) and F32, at
+ * lengths that are and are not multiples of the vector width. */
+static void check_axpy(void)
+{
+    static const int64_t lens[] = { 1, 7, 8, 16, 33, 64, 128, 130 };
+    for (size_t k = 0; k < sizeof(lens) / sizeof(lens[0]); k++) {
+        const int64_t n = lens[k];
+        uint16_t h[130];
+        float f[130], y[130], ref[130];
+        for (int64_t i = 0; i < n; i++) {
+            h[i] = (uint16_t)(i % 5 == 0 ? next32() & 0x83ff : next32() & 0xfbff); /* subnormals, no inf/nan */
+            f[i] = randn();
+            y[i] = ref[i] = randn();
+        }
+        const float a = randn();
+        moe_vec_axpy(MOE_DTYPE_F16, y, a, h, n);
+        for (int64_t i = 0; i < n; i++) {
+            const float p = a * moe_fp16_to_fp32(h[i]);
+            ref[i] = ref[i] + p;
+        }
+        CHECK_MSG(memcmp(y, ref, (size_t)n * sizeof(float)) == 0, "axpy f16 n %lld differs from the scalar loop",
+                  (long long)n);
+        moe_vec_axpy(MOE_DTYPE_F32, y, a, f, n);
+        for (int64_t i = 0; i < n; i++) {
+            const float p = a * f[i];
+            ref[i] = ref[i] + p;
+        }
+        CHECK_MSG(memcmp(y, ref, (size_t)n * sizeof(float)) == 0, "axpy f32 n %lld differs from the scalar loop",
+                  (long long)n);
+    }
+}
+
 static void test_all_types(void)
 {
     static const uint32_t types[] = {
@@ -193,6 +226,7 @@ static void test_all_types(void)
         if (moe_test_failed)
             return;
     }
+    check_axpy();
 }
 
 /* The path taken without MOE_CPU_SIMD is AVX-512 (VNNI) on a CPU that has
