@@ -280,6 +280,7 @@ int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct
         return rc;
     if (c->ad->deltanet && (rc = read_deltanet(g, &hp, c, path, diag)))
         return rc;
+    c->n_kv_layers = c->n_layer - c->n_recurrent;
     /* the vocabulary size from the embedding matrix, which must exist */
     const struct moe_gguf_tensor *te = moe_gguf_find_tensor(g, "token_embd.weight");
     if (te == NULL)

@@ -61,7 +61,7 @@ static int attention_mla(struct moe_model *m, int il, int64_t n)
         TRY(ops->rmsnorm(be, m->a.k + t * krow, m->a.k + t * krow, L->kv_a_norm, 1, lat, c->rms_eps));
     TRY(ops->rope(be, m->a.q, n, H, qk, nope, m->a.pos, &c->rope));
     TRY(ops->rope(be, m->a.k, n, 1, krow, lat, m->a.pos, &c->rope));
-    uint8_t *kc = m->kv.k + (size_t)il * m->kv.k_layer;
+    uint8_t *kc = m->kv.k + (size_t)L->kv_slot * m->kv.k_layer;
     TRY(ops->kv_store(be, kc, m->a.k, n, m->a.kvrow, krow, krow, 0, m->kv_dtype));
 
     /* assembled queries in m->a.v: [n][H][lat + rope] = (Wk_b[h] q_nope, q_pe) */
@@ -129,7 +129,8 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
     TRY(ops->rope(be, m->a.k, n, c->n_head_kv, hd, 0, m->a.pos, &c->rope));
     /* every token's K and V into its pool row, then attention per sequence
      * through its block table */
-    uint8_t *kc = m->kv.k + (size_t)il * m->kv.k_layer, *vc = m->kv.v + (size_t)il * m->kv.v_layer;
+    uint8_t *kc = m->kv.k + (size_t)L->kv_slot * m->kv.k_layer;
+    uint8_t *vc = m->kv.v + (size_t)L->kv_slot * m->kv.v_layer;
     TRY(ops->kv_store(be, kc, m->a.k, n, m->a.kvrow, kvd, kvd, 0, m->kv_dtype));
     TRY(ops->kv_store(be, vc, m->a.v, n, m->a.kvrow, kvd, kvd, 0, m->kv_dtype));
     for (int i = 0; i < m->a.n_segs; i++) {

@@ -391,6 +391,9 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
     int rc;
 #define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
     L->recurrent = moe_model_cfg_recurrent(c, il);
+    L->kv_slot = il;   /* only attention layers have K/V rows */
+    for (int j = 0; j < il; j++)
+        L->kv_slot -= moe_model_cfg_recurrent(c, j);
     if ((rc = L->recurrent ? bind_deltanet(m, il, L, diag) : bind_attention(m, il, L, diag)))
         return rc;
     /* gpt-oss names its FFN norm post_attention_norm */
@@ -496,7 +499,8 @@ static int alloc_kv(struct moe_model *m, const struct moe_model_opts *o, struct 
     m->kv.prefix_cache = o->prefix_cache && !m->cfg.deltanet;
     m->kv.k_layer = rows * moe_kv_row_bytes(m->kv_type, m->cfg.k_row);
     m->kv.v_layer = rows * moe_kv_row_bytes(m->kv_type, m->cfg.v_row);
-    const size_t kt = m->kv.k_layer * (size_t)m->cfg.n_layer, vt = m->kv.v_layer * (size_t)m->cfg.n_layer;
+    const size_t kt = m->kv.k_layer * (size_t)m->cfg.n_kv_layers,
+                 vt = m->kv.v_layer * (size_t)m->cfg.n_kv_layers;
     MOE_ASSERT(kt + vt == p->kv_bytes);   /* the plan's KV term is this */
     int rc = moe_kv_pool_create(&m->kv.pool, p->kv_blocks, p->kv_block);
     if (rc)

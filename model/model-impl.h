@@ -68,6 +68,7 @@ struct layer {
     float *sh_gate_inp;                  /* [n_embd], or NULL (qwen2moe) */
     /* gated delta-net layer (qwen35moe): no attention weights above but these */
     bool recurrent;
+    int kv_slot;                         /* the layer's K/V rows in the pool (attention layers) */
     struct moe_weight ssm_qkv, ssm_z, ssm_beta, ssm_alpha, ssm_out;
     float *ssm_conv;                     /* [conv_dim][d_conv] */
     float *ssm_dt, *ssm_a;               /* [n_v]: decay bias and rate (negative) */

@@ -63,6 +63,7 @@ struct moe_model_cfg {
     int ssm_d_state;              /* head dim of keys and values */
     int ssm_n_k, ssm_n_v;         /* key heads, value heads (a multiple of key heads) */
     int n_recurrent;              /* layers with a recurrent state */
+    int n_kv_layers;              /* layers with KV rows in the pool: n_layer - n_recurrent */
     uint64_t recurrent_mask[64];  /* bit il: layer il is a delta-net layer */
 };
 

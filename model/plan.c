@@ -134,7 +134,7 @@ int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_op
     int rc = check_kv_type(c, o->kv_type, diag);
     if (rc)
         return rc;
-    p->kv_bytes_per_token = (uint64_t)c->n_layer * (uint64_t)(moe_kv_row_bytes(o->kv_type, c->k_row) +
+    p->kv_bytes_per_token = (uint64_t)c->n_kv_layers * (uint64_t)(moe_kv_row_bytes(o->kv_type, c->k_row) +
                                                               moe_kv_row_bytes(o->kv_type, c->v_row));
     p->kv_bytes_per_seq = (uint64_t)p->n_ctx * p->kv_bytes_per_token;
     /* The pool: sequences reserve their prompt plus max_tokens, seldom the

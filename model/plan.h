@@ -33,7 +33,8 @@ struct moe_model_plan {
     uint64_t expert_bytes;      /* every expert, as a cache slot holds it */
     int n_moe_layers, n_expert, n_expert_used;
     /* terms */
-    uint64_t kv_bytes_per_token;   /* n_layer x (K row + V row) bytes (kv_type's rows) */
+    uint64_t kv_bytes_per_token;   /* layers with KV (n_layer less delta-net layers) x
+                                    * (K row + V row) bytes (kv_type's rows) */
     uint64_t kv_bytes_per_seq;  /* a full context: n_ctx x kv_bytes_per_token */
     int kv_block;               /* tokens per block of the paged pool */
     int kv_blocks;              /* blocks in the pool: kv_size, or half of n_seqs x n_ctx
