@@ -405,7 +405,22 @@ int moe_lanesim_run(const struct moe_trace *t, const struct moe_lanesim_opts *o,
                 r->n_cpu++;
             }
         }
-        now = gpu > cpu ? gpu : cpu;
+        if (o->serial) {
+            /* one processor plays both lanes (the CPU backend as the
+             * device): nothing overlaps, uploads included */
+            now = tr + (disk_free > tr && disk_b ? (double)disk_b / hw->disk_bps : 0) + dev_c + link_c + cpu_c +
+                  (cpu_used ? hw->cpu_sync_s : 0);
+            link_free = now;
+            for (int k = 0; k < nm; k++)
+                if (choice[k] & MOE_LANE_COPY) {
+                    const int slot = s.slot_of[layer * E + ids[k]];
+                    if (slot >= 0)
+                        s.ready_at[slot] = now;
+                }
+            disk_free = now;
+        } else {
+            now = gpu > cpu ? gpu : cpu;
+        }
         r->link_busy_s += link_c;
         r->cpu_busy_s += cpu_c;
         if (o->mode == MOE_MISS_LANE_AUTO) {

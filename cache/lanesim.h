@@ -68,6 +68,8 @@ struct moe_lanesim_opts {
     bool warm;                              /* start with the most used experts cached */
     bool no_governor;                       /* auto: the rule alone */
     bool uncalibrated;                      /* auto: start from the default rates, not hw */
+    bool serial;                            /* the lanes do not overlap (the CPU backend as the
+                                             * device): a step takes the sum of its work */
     double reuse_min, bg_horizon;           /* auto: the rule's knobs; < 0: its defaults */
 };
 

@@ -3,7 +3,7 @@
  *
  *   moectl cache-sim --lanes --trace FILE (--capacity N | --capacity-pct P)
  *       [--policy lru|lfu|layer|predict] [--profile desktop,server,egpu]
- *       [--miss-lane auto|copy|cpu|all] [--cold] [--no-governor] [--uncalibrated]
+ *       [--miss-lane auto|copy|cpu|all] [--cold] [--no-governor] [--uncalibrated] [--no-overlap]
  *       [--host-pct P] [--expert-bytes B] [--dense-bytes B]
  *       [--cpu-gbps X] [--cpu-tok-gbps X] [--link-gbps X] [--disk-gbps X]
  *       [--dev-gbps X] [--dev-tok-gbps X] [--sync-us X] [--reuse-min R] [--bg-horizon F]
@@ -33,7 +33,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: moectl cache-sim --lanes --trace FILE (--capacity N | --capacity-pct P)\n"
                "         [--policy lru|lfu|layer|predict] [--profile desktop,server,egpu]\n"
-               "         [--miss-lane auto|copy|cpu|all] [--cold] [--no-governor] [--uncalibrated]\n"
+               "         [--miss-lane auto|copy|cpu|all] [--cold] [--no-governor] [--uncalibrated] [--no-overlap]\n"
                "         [--host-pct P] [--expert-bytes B] [--dense-bytes B]\n"
                "         [--cpu-gbps X] [--cpu-tok-gbps X] [--link-gbps X] [--disk-gbps X]\n"
                "         [--dev-gbps X] [--dev-tok-gbps X] [--sync-us X] [--reuse-min R] [--bg-horizon F]\n");
@@ -75,7 +75,7 @@ int moectl_cachesim_lanes_main(int argc, char **argv)
     long capacity = -1;
     double cap_pct = -1, host_pct = -1, expert_b = 4194304, dense_b = 0;
     int policy = MOE_POLICY_LAYER, only_mode = -1;
-    bool cold = false, no_gov = false, uncal = false;
+    bool cold = false, no_gov = false, uncal = false, serial = false;
     /* overrides: cpu, cpu_tok, link, disk, dev, dev_tok (GB/s), sync (us) */
     double ov[7] = { -1, -1, -1, -1, -1, -1, -1 };
     double reuse_min = -1, bg_horizon = -1;
@@ -98,6 +98,8 @@ int moectl_cachesim_lanes_main(int argc, char **argv)
             no_gov = true;
         } else if (strcmp(a, "--uncalibrated") == 0) {
             uncal = true;
+        } else if (strcmp(a, "--no-overlap") == 0) {
+            serial = true;
         } else if (v == NULL) {
             fprintf(stderr, "moectl: cache-sim --lanes: unknown or incomplete option '%s'\n", a);
             usage(stderr);
@@ -223,10 +225,10 @@ int moectl_cachesim_lanes_main(int argc, char **argv)
         sum_db += (double)db[l];
     }
     printf("# lanes trace=%s layers=%d experts=%d policy=%s capacity=%d (%.1f%%) expert_bytes=%.0f%s"
-           " dense_bytes_per_token=%.0f start=%s host=%s governor=%s rates=%s\n",
+           " dense_bytes_per_token=%.0f start=%s host=%s governor=%s rates=%s%s\n",
            trace_path, t.n_layer, t.n_expert, moe_policy_name((enum moe_policy_kind)policy), cap,
            100.0 * cap / n_keys, mean_eb, from_trace ? " (trace)" : "", sum_db, cold ? "cold" : "warm",
-           host_cap ? "partial" : "all", no_gov ? "off" : "on", uncal ? "defaults" : "calibrated");
+           host_cap ? "partial" : "all", no_gov ? "off" : "on", uncal ? "defaults" : "calibrated", serial ? " lanes=serial" : "");
     struct moe_policy_params prm;
     moe_policy_defaults(&prm);
     const bool custom = ov[0] > 0 || ov[1] > 0 || ov[2] > 0 || ov[3] > 0 || ov[4] > 0 || ov[5] > 0 || ov[6] >= 0;
@@ -251,7 +253,7 @@ int moectl_cachesim_lanes_main(int argc, char **argv)
             const struct moe_lanesim_opts so = {
                 .policy = (enum moe_policy_kind)policy, .capacity = cap, .params = &prm, .hw = hw,
                 .mode = (enum moe_miss_lane)mode, .expert_bytes = eb, .dense_bytes = db,
-                .host_capacity = host_cap, .warm = !cold, .no_governor = no_gov, .uncalibrated = uncal,
+                .host_capacity = host_cap, .warm = !cold, .no_governor = no_gov, .uncalibrated = uncal, .serial = serial,
                 .reuse_min = reuse_min, .bg_horizon = bg_horizon,
             };
             e = moe_lanesim_run(&t, &so, &res[mode]);

@@ -84,6 +84,19 @@ static void test_fixed_modes(void)
     CHECK_INT(moe_lanesim_run(&t, &o, &r2), ==, 0);
     CHECK(ru.total_s == r2.total_s);
     CHECK_INT(ru.n_both, ==, r2.n_both);
+    /* lanes that cannot overlap take at least as long, in every mode */
+    for (int mode = 0; mode < MOE_MISS_LANE_COUNT; mode++) {
+        struct moe_lanesim_result a, b;
+        struct moe_lanesim_opts so = opts((enum moe_miss_lane)mode, p->hw);
+        so.no_governor = true;
+        CHECK_INT(moe_lanesim_run(&t, &so, &a), ==, 0);
+        so.serial = true;
+        CHECK_INT(moe_lanesim_run(&t, &so, &b), ==, 0);
+        CHECK_MSG(b.total_s >= a.total_s * (1 - 1e-9), "%s: serial %.6f s < overlapped %.6f s",
+                  moe_miss_lane_name((enum moe_miss_lane)mode), b.total_s, a.total_s);
+        if (mode == MOE_MISS_LANE_CPU)
+            CHECK_INT(b.misses, ==, a.misses);
+    }
     /* bad options */
     o.capacity = 0;
     CHECK_INT(moe_lanesim_run(&t, &o, &r2), ==, -EINVAL);
