@@ -103,31 +103,6 @@ static void quant_q8_k(const float *x, struct moe_block_q8_k *y, int64_t nb)
     }
 }
 
-void moe_vecdot_quantize_act(uint32_t t, const float *x, void *act, int64_t n)
-{
-    switch (moe_dtype_vec_dot_type(t)) {
-    case MOE_DTYPE_F32:
-        memcpy(act, x, (size_t)n * 4);
-        break;
-    case MOE_DTYPE_F16: {
-        uint16_t *h = act;
-        for (int64_t i = 0; i < n; i++)
-            h[i] = moe_fp32_to_fp16(x[i]);
-        break;
-    }
-    case MOE_DTYPE_BF16: {
-        uint16_t *h = act;
-        for (int64_t i = 0; i < n; i++)
-            h[i] = moe_fp32_to_bf16(x[i]);
-        break;
-    }
-    case MOE_DTYPE_Q8_0: quant_q8_0(x, act, n / MOE_QK8_0); break;
-    case MOE_DTYPE_Q8_1: quant_q8_1(x, act, n / MOE_QK8_1); break;
-    case MOE_DTYPE_Q8_K: quant_q8_k(x, act, n / MOE_QK_K); break;
-    default: MOE_ASSERT(0);
-    }
-}
-
 /* ---- scalar dot products --------------------------------------------- */
 
 static inline float f16(uint16_t h)
@@ -1254,5 +1229,96 @@ void moe_vec_axpy(uint32_t t, float *y, float a, const void *x, int64_t n)
         const float *f = x;
         for (int64_t i = 0; i < n; i++)
             y[i] += a * f[i];
+    }
+}
+
+/* ---- activation conversion (dispatch) -------------------------------- */
+
+#ifdef MOE_X86
+/* The quantizers above with AVX-512, byte for byte: the product is rounded
+ * to float, then to the nearest integer, ties to even (cvtps_epi32 under
+ * the default MXCSR, as lrintf under the default rounding mode); Q8_K's
+ * max is the first element of largest magnitude, as the scalar loop's
+ * strict > keeps it. Finite inputs (a NaN activation is garbage on every
+ * path). */
+AVX512 static void quant_q8_0_avx512(const float *x, struct moe_block_q8_0 *y, int64_t nb)
+{
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    for (int64_t i = 0; i < nb; i++, x += MOE_QK8_0) {
+        const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, absmask), _mm512_and_ps(b, absmask)));
+        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        y[i].d = moe_fp32_to_fp16(d);
+        const __m512 vid = _mm512_set1_ps(id);
+        _mm_storeu_si128((__m128i *)y[i].qs, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, vid))));
+        _mm_storeu_si128((__m128i *)(y[i].qs + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, vid))));
+    }
+}
+
+AVX512 static void quant_q8_k_avx512(const float *x, struct moe_block_q8_k *y, int64_t nb)
+{
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512i i127 = _mm512_set1_epi32(127);
+    for (int64_t i = 0; i < nb; i++, x += MOE_QK_K) {
+        __m512 m = _mm512_setzero_ps();
+        for (int j = 0; j < MOE_QK_K; j += 16)
+            m = _mm512_max_ps(m, _mm512_and_ps(_mm512_loadu_ps(x + j), absmask));
+        const float amax = _mm512_reduce_max_ps(m);
+        if (amax == 0.0f) {
+            memset(&y[i], 0, sizeof(y[i]));
+            continue;
+        }
+        float max = 0.0f;
+        const __m512 va = _mm512_set1_ps(amax);
+        for (int j = 0; j < MOE_QK_K; j += 16) {
+            const __mmask16 k = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(x + j), absmask), va, _CMP_EQ_OQ);
+            if (k) {
+                max = x[j + __builtin_ctz(k)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / max;
+        const __m512 vs = _mm512_set1_ps(iscale);
+        for (int j = 0; j < MOE_QK_K / 16; j++) {
+            const __m512i v = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(vs, _mm512_loadu_ps(x + j * 16))), i127);
+            _mm_storeu_si128((__m128i *)(y[i].qs + j * 16), _mm512_cvtepi32_epi8(v));
+            y[i].bsums[j] = (int16_t)_mm512_reduce_add_epi32(v);
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+#endif
+
+void moe_vecdot_quantize_act(uint32_t t, const float *x, void *act, int64_t n)
+{
+#ifdef MOE_X86
+    if (simd() == SIMD_AVX512) {
+        switch (moe_dtype_vec_dot_type(t)) {
+        case MOE_DTYPE_Q8_0: quant_q8_0_avx512(x, act, n / MOE_QK8_0); return;
+        case MOE_DTYPE_Q8_K: quant_q8_k_avx512(x, act, n / MOE_QK_K); return;
+        default: break;
+        }
+    }
+#endif
+    switch (moe_dtype_vec_dot_type(t)) {
+    case MOE_DTYPE_F32:
+        memcpy(act, x, (size_t)n * 4);
+        break;
+    case MOE_DTYPE_F16: {
+        uint16_t *h = act;
+        for (int64_t i = 0; i < n; i++)
+            h[i] = moe_fp32_to_fp16(x[i]);
+        break;
+    }
+    case MOE_DTYPE_BF16: {
+        uint16_t *h = act;
+        for (int64_t i = 0; i < n; i++)
+            h[i] = moe_fp32_to_bf16(x[i]);
+        break;
+    }
+    case MOE_DTYPE_Q8_0: quant_q8_0(x, act, n / MOE_QK8_0); break;
+    case MOE_DTYPE_Q8_1: quant_q8_1(x, act, n / MOE_QK8_1); break;
+    case MOE_DTYPE_Q8_K: quant_q8_k(x, act, n / MOE_QK_K); break;
+    default: MOE_ASSERT(0);
     }
 }

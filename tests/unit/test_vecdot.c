@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/blocks.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/vecdot.h"
 #include "kernels/fp16.h"
@@ -212,6 +213,78 @@ static void check_axpy(void)
     }
 }
 
+/* The activation quantizers give ggml's bytes on this path: a local copy
+ * of ggml's reference rules (Q8_0: id = 127/amax, round to nearest even;
+ * Q8_K: -127/max of the first value of largest magnitude, clamp 127, sums
+ * of 16) on random rows, rows with ties of magnitude and opposite signs,
+ * exact halves, and an all-zero block. */
+static void ref_q8_0(const float *x, struct moe_block_q8_0 *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; i++, x += 32) {
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++)
+            amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        y[i].d = moe_fp32_to_fp16(d);
+        for (int j = 0; j < 32; j++)
+            y[i].qs[j] = (int8_t)lrintf(x[j] * id);
+    }
+}
+
+static void ref_q8_k(const float *x, struct moe_block_q8_k *y, int64_t nb)
+{
+    for (int64_t i = 0; i < nb; i++, x += 256) {
+        float max = 0.0f, amax = 0.0f;
+        for (int j = 0; j < 256; j++)
+            if (fabsf(x[j]) > amax) {
+                amax = fabsf(x[j]);
+                max = x[j];
+            }
+        memset(&y[i], 0, sizeof(y[i]));
+        if (amax == 0.0f)
+            continue;
+        const float iscale = -127.0f / max;
+        for (int j = 0; j < 256; j++) {
+            const long v = lrintf(iscale * x[j]);
+            y[i].qs[j] = (int8_t)(v < 127 ? v : 127);
+            y[i].bsums[j / 16] = (int16_t)(y[i].bsums[j / 16] + y[i].qs[j]);
+        }
+        y[i].d = 1.0f / iscale;
+    }
+}
+
+static void check_quant_act(void)
+{
+    enum { N = 1024 };
+    float x[N];
+    struct moe_block_q8_0 a0[N / 32], r0[N / 32];
+    struct moe_block_q8_k ak[N / 256], rk[N / 256];
+    for (int rep = 0; rep < 50; rep++) {
+        for (int i = 0; i < N; i++)
+            x[i] = randn() * (float)(1 + rep % 7);
+        if (rep % 5 == 1)
+            for (int i = 0; i < 256; i++)
+                x[i] = 0.0f;                       /* a zero block */
+        if (rep % 5 == 2) {
+            x[300] = 9.0f;                         /* tie of magnitude, opposite signs */
+            x[290] = -9.0f;
+            x[700] = 8.5f;
+            x[701] = -8.5f;
+        }
+        if (rep % 5 == 3)
+            for (int i = 0; i < N; i++)
+                x[i] = (float)((int)(randn() * 8.0f)) + 0.5f; /* exact halves after scaling */
+        memset(a0, 0, sizeof(a0));
+        memset(ak, 0, sizeof(ak));
+        moe_vecdot_quantize_act(MOE_DTYPE_Q4_0, x, a0, N);
+        ref_q8_0(x, r0, N / 32);
+        CHECK_MSG(memcmp(a0, r0, sizeof(a0)) == 0, "Q8_0 activation bytes differ from ggml's rule (rep %d)", rep);
+        moe_vecdot_quantize_act(MOE_DTYPE_Q4_K, x, ak, N);
+        ref_q8_k(x, rk, N / 256);
+        CHECK_MSG(memcmp(ak, rk, sizeof(ak)) == 0, "Q8_K activation bytes differ from ggml's rule (rep %d)", rep);
+    }
+}
+
 static void test_all_types(void)
 {
     static const uint32_t types[] = {
@@ -227,6 +300,9 @@ static void test_all_types(void)
             return;
     }
     check_axpy();
+    if (moe_test_failed)
+        return;
+    check_quant_act();
 }
 
 /* The path taken without MOE_CPU_SIMD is AVX-512 (VNNI) on a CPU that has
