@@ -103,6 +103,15 @@ static json_t *info_json(const struct moe_gguf *g, const struct moe_hparams *hp,
     json_object_set_new(o, "rope_yarn_log_mul", json_real(hp->rope_yarn_log_mul));
     json_object_set_new(o, "expert_weights_scale", json_real(hp->expert_weights_scale));
     json_object_set_new(o, "expert_weights_norm", json_boolean(hp->expert_weights_norm));
+    const struct moe_arch_desc *row = moe_arch_desc_find(hp->arch);
+    if (row != NULL && row->swa_pattern) {   /* gemma4: the sliding layers' dims */
+        json_object_set_new(o, "n_layer_swa", json_integer(hp->n_layer_swa));
+        json_object_set_new(o, "head_dim_swa", json_integer(hp->head_dim_swa));
+        json_object_set_new(o, "n_rot_swa", json_integer(hp->n_rot_swa));
+        json_object_set_new(o, "n_head_kv_min", json_integer(hp->n_head_kv_min));
+        json_object_set_new(o, "rope_freq_base_swa", json_real(hp->rope_freq_base_swa));
+        json_object_set_new(o, "final_logit_softcap", json_real(hp->final_logit_softcap));
+    }
     json_object_set_new(o, "tokenizer_model", json_string(hp->tokenizer_model));
     json_object_set_new(o, "tokenizer_pre", json_string(hp->tokenizer_pre));
     /* One entry per layer (blk.N of any tensor, or block_count): 0 for a
@@ -176,8 +185,20 @@ static void info_text(const struct moe_gguf *g, const struct moe_hparams *hp,
     if (hp->kv_lora_rank || hp->q_lora_rank)
         printf("MLA:               q_lora_rank %u, kv_lora_rank %u, key/value length (MLA) %u/%u\n",
                hp->q_lora_rank, hp->kv_lora_rank, hp->key_length_mla, hp->value_length_mla);
-    if (hp->sliding_window)
+    const struct moe_arch_desc *row = moe_arch_desc_find(hp->arch);
+    if (row != NULL && row->swa_pattern) {
+        /* gemma4: global layers take the dims above, the sliding ones their own */
+        printf("sliding layers:    %u of %u, window %u: head dim %u, %u rope dims, base %g\n",
+               hp->n_layer_swa, hp->n_layer, hp->sliding_window, hp->head_dim_swa, hp->n_rot_swa,
+               (double)(hp->rope_freq_base_swa > 0.0f ? hp->rope_freq_base_swa : 10000.0f));
+        if (hp->n_head_kv_min != hp->n_head_kv)
+            printf("kv heads:          %u to %u per layer (attention.head_count_kv array)\n",
+                   hp->n_head_kv_min, hp->n_head_kv);
+        if (hp->final_logit_softcap > 0.0f)
+            printf("logit soft-cap:    %g\n", (double)hp->final_logit_softcap);
+    } else if (hp->sliding_window) {
         printf("sliding window:    %u\n", hp->sliding_window);
+    }
     const uint32_t n_recr = moe_hparams_n_recurrent(hp, g);
     if (n_recr > 0) {
         const uint64_t rs = moe_hparams_recurrent_state_bytes(hp, g);
@@ -198,12 +219,18 @@ static void info_text(const struct moe_gguf *g, const struct moe_hparams *hp,
         printf("shared expert:     FFN %u, resident\n", hp->n_ff_shexp);
     if (hp->n_layer_dense_lead)
         printf("dense layers:      first %u (FFN %u)\n", hp->n_layer_dense_lead, hp->n_ff);
-    /* where the row fixes norm and scale (minimax-m2), the row's rules, not the keys */
-    const struct moe_arch_desc *ad = moe_arch_desc_find(hp->arch);
-    const bool row_rules = ad != NULL && ad->gating_func_key;
+    if (row != NULL && row->dense_beside_moe)
+        printf("dense MLP:         FFN %u in every layer, beside the experts%s\n", hp->n_ff,
+               row->gelu ? " (GELU)" : "");
+    /* where the row fixes norm and scale (minimax-m2, gemma4), the row's rules,
+     * not the keys */
+    const struct moe_arch_desc *ad = row;
+    const bool fixed = ad != NULL && ad->dense_beside_moe;   /* gemma4 reads no routing key */
+    const bool row_rules = ad != NULL && (ad->gating_func_key || fixed);
     if (hp->expert_gating_func || hp->expert_weights_scale > 0.0f || hp->expert_weights_norm ||
         row_rules) {
-        const uint32_t func = hp->expert_gating_func ? hp->expert_gating_func
+        const uint32_t func = fixed ? (uint32_t)ad->gating
+                              : hp->expert_gating_func ? hp->expert_gating_func
                               : ad != NULL && (row_rules || ad->gating_from_keys) ? (uint32_t)ad->gating
                                                                                    : 0;
         const bool norm = row_rules ? ad->gating_norm : hp->expert_weights_norm;

@@ -34,6 +34,11 @@ bool moe_expert_tensor_name(const char *name, uint32_t *layer)
     }
     if (digits == 0 || *p != '.' || strstr(p, "_exps.") == NULL)
         return false;
+    /* per-expert scale vectors [n_expert] (gemma4's ffn_down_exps.scale)
+     * stay dense, as in moe_tensor_is_expert() */
+    const size_t n = strlen(p);
+    if (n > 6 && strcmp(p + n - 6, ".scale") == 0)
+        return false;
     if (layer)
         *layer = (uint32_t)l;
     return true;

@@ -61,6 +61,10 @@ struct moe_rope_params {
     float ext_factor;    /* 0 = no YaRN */
     float attn_factor;   /* 1 = none */
     float corr_dims[2];
+    /* Per-pair frequency divisors [n_rot/2] (host memory), or NULL: pair i's
+     * angle is theta_i / freq_factors[i] (llama.cpp's rope_freqs; Gemma 4's
+     * global layers leave pairs unrotated with a factor of 1e30). */
+    const float *freq_factors;
 };
 
 enum moe_gating {
@@ -241,6 +245,18 @@ struct moe_backend_ops {
      * another job's x. The CPU backend runs all jobs in one hand-off of its
      * thread pool, split by rows. */
     int (*matmul_multi)(struct moe_backend *be, const struct moe_matmul_job *jobs, int n_jobs);
+    /* Optional, last so that positional initializers (the CUDA table) leave
+     * them NULL: then the backend cannot run the families that need them
+     * (gemma4) and the model refuses those at load.
+     * y = gelu(gate) * up over n, with ggml's CPU GELU (tanh form, looked
+     * up at gate rounded to fp16, the result rounded to fp16; gate <= -10
+     * gives 0, gate >= 10 gives gate * up). */
+    int (*geglu)(struct moe_backend *be, float *y, const float *gate, const float *up, int64_t n);
+    /* y = x * s over n (s a scalar). y may equal x. */
+    int (*scale)(struct moe_backend *be, float *y, const float *x, float s, int64_t n);
+    /* y[r][i] = x[r][i] * w[i] for rows of n. y may equal x. */
+    int (*mul_rows)(struct moe_backend *be, float *y, const float *x, const float *w,
+                    int64_t n_rows, int64_t n);
 };
 
 struct moe_backend {

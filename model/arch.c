@@ -61,6 +61,19 @@ static const struct moe_arch_desc archs[] = {
         .ffn_norm = "post_attention_norm", .deltanet = true, .attn_out_gate = true,
         .shexp_width_ff = true,
     },
+    {   /* Gemma 4 (the MoE: 26B-A4B): sliding and global layers with their own
+         * head dims, rotary dims and bases (global: proportional RoPE through
+         * rope_freqs), per-head q/k norms, V normed, unscaled scores, sandwich
+         * norms, GELU, a dense MLP beside the experts with softmax routing on a
+         * scaled RMS-normed input, embeddings x sqrt(n_embd), optional final
+         * logit soft-capping. Per-layer embeddings and shared-KV layers (the
+         * dense E2B/E4B) are refused. */
+        .name = "gemma4", .arch = MOE_ARCH_GEMMA4, .always_moe = true, .engine_supported = true,
+        .rope_mode = MOE_ROPE_NEOX, .qk_norm = true, .gating = MOE_GATING_SOFTMAX,
+        .gating_norm = true, .ffn_norm = "ffn_norm", .swa_pattern = true, .kq_scale_one = true,
+        .v_norm = true, .sandwich_norms = true, .gelu = true, .dense_beside_moe = true,
+        .embd_scale = true,
+    },
 };
 
 size_t moe_arch_desc_count(void)

@@ -30,6 +30,7 @@ enum moe_arch {
     MOE_ARCH_GLM4MOE,
     MOE_ARCH_MINIMAX_M2,
     MOE_ARCH_QWEN35MOE,
+    MOE_ARCH_GEMMA4,
 };
 
 struct moe_arch_desc {
@@ -79,6 +80,25 @@ struct moe_arch_desc {
     /* YaRN: rope.scaling.yarn_log_multiplier is stored x0.1 and also scales
      * the magnitude of both mscale terms (deepseek2) */
     bool yarn_log_mul_x10;
+    /* Gemma 4 (each flag one rule of llama.cpp's gemma4 graph): */
+    bool swa_pattern;           /* attention.sliding_window_pattern (one bool per layer)
+                                 * picks the sliding layers; they take key_length_swa,
+                                 * rope.dimension_count_swa and rope.freq_base_swa, the
+                                 * others key_length, rope.dimension_count, rope.freq_base
+                                 * and the rope_freqs divisors; head_count_kv may be an
+                                 * array per layer */
+    bool kq_scale_one;          /* attention scores unscaled (q/k are RMS-normed) */
+    bool v_norm;                /* V RMS-normed per head without a weight; a layer without
+                                 * attn_v takes V from K's projection */
+    bool sandwich_norms;        /* post_attention_norm on the attention output and
+                                 * post_ffw_norm on the FFN output, before each residual */
+    bool gelu;                  /* GELU (tanh) gates, dense and experts, not SiLU */
+    bool dense_beside_moe;      /* every layer has the dense MLP (ffn_norm, post_ffw_norm_1 on
+                                 * MoE layers); a layer with ffn_gate_inp adds the experts
+                                 * over pre_ffw_norm_2 with post_ffw_norm_2, the router reading
+                                 * rmsnorm(x) / sqrt(n_embd) * ffn_gate_inp.scale, and each
+                                 * expert's output x ffn_down_exps.scale where present */
+    bool embd_scale;            /* token embeddings x sqrt(n_embd) */
 };
 
 /* The row for an architecture name; NULL for an unknown one. */

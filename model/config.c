@@ -133,6 +133,70 @@ static int read_attention_dims(const struct moe_hparams *hp, struct moe_model_cf
     return 0;
 }
 
+/* Gemma 4's layers (rows with swa_pattern): which slide, each one's KV
+ * heads and head dim; the buffers and KV rows take the largest. */
+static int read_swa_layers(const struct moe_gguf *g, const struct moe_hparams *hp,
+                           struct moe_model_cfg *c, const char *path, struct moe_diag *diag)
+{
+    const char *arch = c->arch_name;
+    if (hp->n_kv_shared_layers > 0)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.attention.shared_kv_layers = %u: layers"
+                            " reusing another layer's KV cache (Gemma 4 E2B/E4B) are not supported",
+                            path, arch, hp->n_kv_shared_layers);
+    if (hp->n_embd_per_layer > 0)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.embedding_length_per_layer_input = %u:"
+                            " per-layer embeddings (Gemma 4 E2B/E4B) are not supported", path, arch,
+                            hp->n_embd_per_layer);
+    if (hp->rope_scaling_type[0] && strcmp(hp->rope_scaling_type, "none") != 0)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: %s.rope.scaling.type = '%s': RoPE scaling"
+                            " is not supported for %s", path, arch, hp->rope_scaling_type, arch);
+    if (hp->sliding_window == 0)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.attention.sliding_window = 0, expected at"
+                            " least 1", path, arch);
+    const uint32_t L = hp->n_layer;
+    uint32_t v[MOE_MAX_LAYERS];
+    int rc = moe_hparams_per_layer(g, arch, "attention.sliding_window_pattern", L, 1, v, diag);
+    if (rc)
+        return rc; /* present: validate() requires it */
+    for (uint32_t i = 0; i < L; i++)
+        c->layer_swa[i] = (uint8_t)v[i];
+    rc = moe_hparams_per_layer(g, arch, "attention.head_count_kv", L, 1u << 14, v, diag);
+    if (rc == -ENOENT) {
+        for (uint32_t i = 0; i < L; i++)
+            v[i] = hp->n_head;
+        rc = 0;
+    }
+    if (rc)
+        return rc;
+    const int hd_swa = (int)hp->head_dim_swa, n_rot_swa = (int)hp->n_rot_swa;
+    if (hd_swa <= 0 || hd_swa % 2 != 0 || n_rot_swa <= 0 || n_rot_swa % 2 != 0 || n_rot_swa > hd_swa)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: %s sliding layers: key_length_swa %d,"
+                            " rope.dimension_count_swa %d: expected even, positive, rotary <= head",
+                            path, arch, hd_swa, n_rot_swa);
+    c->head_dim_full = c->head_dim;
+    c->head_dim_swa = hd_swa;
+    c->n_rot_swa = n_rot_swa;
+    c->rope_base_swa = hp->rope_freq_base_swa > 0.0f ? hp->rope_freq_base_swa : 10000.0f;
+    c->swa_window = (int)hp->sliding_window;
+    int64_t row = 0;
+    int max_kv = 0;
+    for (uint32_t i = 0; i < L; i++) {
+        if (v[i] == 0 || c->n_head % (int)v[i] != 0)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: %s.attention.head_count_kv of layer %u = %u:"
+                                " expected a divisor of head_count %d", path, arch, i, v[i], c->n_head);
+        c->layer_n_head_kv[i] = (uint16_t)v[i];
+        const int64_t r = (int64_t)v[i] * (c->layer_swa[i] ? hd_swa : c->head_dim_full);
+        row = r > row ? r : row;
+        max_kv = (int)v[i] > max_kv ? (int)v[i] : max_kv;
+    }
+    c->head_dim = c->head_dim_v = c->head_dim_full > hd_swa ? c->head_dim_full : hd_swa;
+    c->n_head_kv = max_kv;
+    c->k_row = c->v_row = row;
+    c->embd_scale = sqrtf((float)c->n_embd);
+    c->logit_softcap = hp->final_logit_softcap;
+    return 0;
+}
+
 /* Routing: the row's defaults, overridden by the expert_gating_func /
  * expert_weights_* keys where the row reads them. */
 static int read_gating(const struct moe_hparams *hp, struct moe_model_cfg *c, const char *path,
@@ -281,6 +345,10 @@ int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct
     if (c->ad->deltanet && (rc = read_deltanet(g, &hp, c, path, diag)))
         return rc;
     c->n_kv_layers = c->n_layer - c->n_recurrent;
+    if (c->ad->kq_scale_one)
+        c->kq_scale = 1.0f;
+    if (c->ad->swa_pattern && (rc = read_swa_layers(g, &hp, c, path, diag)))
+        return rc;
     /* the vocabulary size from the embedding matrix, which must exist */
     const struct moe_gguf_tensor *te = moe_gguf_find_tensor(g, "token_embd.weight");
     if (te == NULL)

@@ -7,6 +7,7 @@
  * it, and each output lands in its (token, slot) row, so the order in which
  * experts are computed never changes the result. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -208,11 +209,13 @@ static struct moe_weight expert_weight(const struct expert_tensor *t, int e)
     return w;
 }
 
-/* silu(gate) * up, or gpt-oss's clamped variant */
+/* silu(gate) * up, gpt-oss's clamped variant, or gelu(gate) * up (gemma4) */
 static int glu_on(struct moe_model *m, struct moe_backend *be, float *y, const float *g, const float *u,
                   int64_t n)
 {
     const struct moe_model_cfg *c = &m->cfg;
+    if (c->ad->gelu)
+        return be->ops->geglu(be, y, g, u, n);
     if (!c->ad->swiglu_oai)
         return be->ops->swiglu(be, y, g, u, n);
     return be->ops->swiglu_oai(be, y, g, u, n, c->ad->swiglu_alpha, c->ad->swiglu_limit);
@@ -895,8 +898,15 @@ static void prefetch_gate(struct moe_model *m, int il, int64_t n)
             int32_t ids[64];
             float w[64];
             float *logits = m->ex.pf_logits;
-            if (ops->rmsnorm(m->be, m->ex.pf_x, m->a.x + t * E, L->ffn_norm, 1, E, c->rms_eps) ||
-                ops->matmul(m->be, logits, &L->router, L->router_bias, m->ex.pf_x, 1))
+            if (L->router_scale) {   /* gemma4's router input (forward.c ffn_beside) */
+                if (ops->rmsnorm(m->be, m->ex.pf_x, m->a.x + t * E, NULL, 1, E, c->rms_eps) ||
+                    ops->scale(m->be, m->ex.pf_x, m->ex.pf_x, 1.0f / sqrtf((float)E), E) ||
+                    ops->mul_rows(m->be, m->ex.pf_x, m->ex.pf_x, L->router_scale, 1, E))
+                    return;
+            } else if (ops->rmsnorm(m->be, m->ex.pf_x, m->a.x + t * E, L->ffn_norm, 1, E, c->rms_eps)) {
+                return;
+            }
+            if (ops->matmul(m->be, logits, &L->router, L->router_bias, m->ex.pf_x, 1))
                 return;
             struct moe_gating_params gp = c->gating;
             gp.bias = L->sel_bias;

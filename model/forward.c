@@ -30,6 +30,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <string.h>
 #include <time.h>
 
@@ -100,7 +101,9 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
     const struct moe_backend_ops *ops = m->be->ops;
     struct moe_backend *be = m->be;
     struct layer *L = &m->w.layers[il];
-    const int hd = c->head_dim, kvd = c->n_head_kv * hd, qd = c->n_head * hd;
+    /* the layer's own dims (gemma4's differ per layer kind); KV rows are
+     * c->k_row long, this layer's kvd of them used */
+    const int hd = L->hd, n_kv = L->n_kv, kvd = n_kv * hd, qd = c->n_head * hd;
 
     TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->attn_norm, n, c->n_embd, c->rms_eps));
     if (c->ad->mla)
@@ -113,32 +116,36 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
         { .y = m->a.k, .w = L->wk, .bias = L->bk, .x = m->a.xn, .n_tok = n },
         { .y = m->a.v, .w = L->wv, .bias = L->bv, .x = m->a.xn, .n_tok = n },
     };
-    TRY(moe_model_matmuls(m, qkv, 3));
+    TRY(moe_model_matmuls(m, qkv, L->v_is_k ? 2 : 3));
     if (gated)
         moe_attn_gate_split(m, n);
+    if (L->v_is_k)   /* gemma4 without attn_v: V is K's projection, before K's norm */
+        TRY(ops->copy_rows(be, m->a.v, kvd, NULL, m->a.k, kvd, NULL, n, kvd));
     if (c->ad->qk_norm || c->ad->qk_norm_optional) {
         if (L->q_norm)
             TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n * c->n_head, hd, c->rms_eps));
         if (L->k_norm)
-            TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n * c->n_head_kv, hd, c->rms_eps));
+            TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n * n_kv, hd, c->rms_eps));
     } else if (c->ad->qk_norm_full) {
         TRY(ops->rmsnorm(be, m->a.q, m->a.q, L->q_norm, n, qd, c->rms_eps));
         TRY(ops->rmsnorm(be, m->a.k, m->a.k, L->k_norm, n, kvd, c->rms_eps));
     }
-    TRY(ops->rope(be, m->a.q, n, c->n_head, hd, 0, m->a.pos, &c->rope));
-    TRY(ops->rope(be, m->a.k, n, c->n_head_kv, hd, 0, m->a.pos, &c->rope));
+    if (c->ad->v_norm)
+        TRY(ops->rmsnorm(be, m->a.v, m->a.v, NULL, n * n_kv, hd, c->rms_eps));
+    TRY(ops->rope(be, m->a.q, n, c->n_head, hd, 0, m->a.pos, &L->rope));
+    TRY(ops->rope(be, m->a.k, n, n_kv, hd, 0, m->a.pos, &L->rope));
     /* every token's K and V into its pool row, then attention per sequence
      * through its block table */
     uint8_t *kc = m->kv.k + (size_t)L->kv_slot * m->kv.k_layer;
     uint8_t *vc = m->kv.v + (size_t)L->kv_slot * m->kv.v_layer;
-    TRY(ops->kv_store(be, kc, m->a.k, n, m->a.kvrow, kvd, kvd, 0, m->kv_dtype));
-    TRY(ops->kv_store(be, vc, m->a.v, n, m->a.kvrow, kvd, kvd, 0, m->kv_dtype));
+    TRY(ops->kv_store(be, kc, m->a.k, n, m->a.kvrow, kvd, c->k_row, 0, m->kv_dtype));
+    TRY(ops->kv_store(be, vc, m->a.v, n, m->a.kvrow, kvd, c->v_row, 0, m->kv_dtype));
     for (int i = 0; i < m->a.n_segs; i++) {
         const struct seg *g = &m->a.segs[i];
         const int32_t *pos = m->a.pos + g->off;
         struct moe_attn_params ap = {
-            .n_head = c->n_head, .n_head_kv = c->n_head_kv, .head_dim = hd, .head_dim_v = hd,
-            .k_row = kvd, .v_row = kvd, .scale = c->kq_scale, .kv_type = m->kv_dtype,
+            .n_head = c->n_head, .n_head_kv = n_kv, .head_dim = hd, .head_dim_v = hd,
+            .k_row = c->k_row, .v_row = c->v_row, .scale = c->kq_scale, .kv_type = m->kv_dtype,
             .k_cache = kc, .v_cache = vc, .window = L->window, .sinks = L->sinks,
             .host_blocks = g->s->blocks, .block_rows = m->kv.block,
         };
@@ -147,6 +154,8 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
     if (gated)
         moe_attn_gate_apply(m, n);
     TRY(ops->matmul(be, m->a.tmp, &L->wo, L->bo, m->a.att, n));
+    if (L->attn_post_norm)
+        TRY(ops->rmsnorm(be, m->a.tmp, m->a.tmp, L->attn_post_norm, n, c->n_embd, c->rms_eps));
     TRY(ops->add(be, m->a.x, m->a.x, m->a.tmp, n * c->n_embd));
     return 0;
 }
@@ -169,6 +178,88 @@ static int dense_ffn(struct moe_model *m, int il, int64_t n)
     return 0;
 }
 
+/* The k expert outputs of each token in m->a.slot_out, each first scaled by
+ * its expert's ffn_down_exps.scale where the layer has one, summed with
+ * the routing weights in selection order (products first, as ggml does)
+ * into y. */
+static int sum_experts(struct moe_model *m, const struct layer *L, int64_t n, float *y)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    const int K = c->n_expert_used, E = c->n_embd;
+    TRY(ops->fill(be, y, 0.0f, n * E));
+    for (int64_t t = 0; t < n; t++) {
+        float *out = y + t * E;
+        for (int k = 0; k < K; k++) {
+            float *so = m->a.slot_out + (size_t)(t * K + k) * E;
+            if (L->down_scale)
+                TRY(ops->scale(be, so, so, L->down_scale[m->a.ids[t * K + k]], E));
+            TRY(ops->axpy(be, out, m->a.weights[t * K + k], so, E));
+        }
+    }
+    return 0;
+}
+
+/* y = down(act(gate xn) * up xn) for the dense MLP of width n_ff. */
+static int dense_mlp(struct moe_model *m, const struct layer *L, int64_t n, float *y)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    const struct moe_matmul_job gu[2] = {
+        { .y = m->a.ge, .w = L->ffn_gate, .x = m->a.xn, .n_tok = n },
+        { .y = m->a.ue, .w = L->ffn_up, .x = m->a.xn, .n_tok = n },
+    };
+    TRY(moe_model_matmuls(m, gu, 2));
+    if (c->ad->gelu)
+        TRY(ops->geglu(be, m->a.ge, m->a.ge, m->a.ue, n * c->n_ff));
+    else
+        TRY(ops->swiglu(be, m->a.ge, m->a.ge, m->a.ue, n * c->n_ff));
+    return ops->matmul(be, y, &L->ffn_down, NULL, m->a.ge, n);
+}
+
+/* gemma4's FFN (dense_beside_moe): on a MoE layer the experts over
+ * pre_ffw_norm_2(x), routed from rmsnorm(x) / sqrt(n_embd) *
+ * ffn_gate_inp.scale, then post_ffw_norm_2; the dense MLP over ffn_norm(x)
+ * then post_ffw_norm_1; their sum. A layer without experts: the MLP alone.
+ * Then post_ffw_norm, the residual and layer_output_scale. */
+static int ffn_beside(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_route_fn route,
+                      void *ud, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const struct moe_backend_ops *ops = m->be->ops;
+    struct moe_backend *be = m->be;
+    struct layer *L = &m->w.layers[il];
+    const int K = c->n_expert_used, E = c->n_embd;
+    if (L->moe) {
+        TRY(ops->rmsnorm(be, m->a.tmp, m->a.x, NULL, n, E, c->rms_eps));
+        TRY(ops->scale(be, m->a.tmp, m->a.tmp, 1.0f / sqrtf((float)E), n * E));
+        TRY(ops->mul_rows(be, m->a.tmp, m->a.tmp, L->router_scale, n, E));
+        TRY(ops->matmul(be, m->a.rlogits, &L->router, NULL, m->a.tmp, n));
+        struct moe_gating_params gp = c->gating;
+        TRY(ops->router_topk(be, m->a.rlogits, n, &gp, m->a.ids, m->a.weights));
+        if (route)
+            for (int64_t t = 0; t < n; t++)
+                route(ud, tok0 + t, il, m->a.ids + t * K, m->a.weights + t * K, K);
+        TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->ffn_pre_norm_2, n, E, c->rms_eps));
+        TRY(moe_model_experts_run(m, il, n, diag));
+        TRY(sum_experts(m, L, n, m->a.tmp));
+        TRY(ops->rmsnorm(be, m->a.tmp, m->a.tmp, L->ffn_post_norm_2, n, E, c->rms_eps));
+    }
+    TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->ffn_norm, n, E, c->rms_eps));
+    TRY(dense_mlp(m, L, n, m->a.de));
+    if (L->moe) {
+        TRY(ops->rmsnorm(be, m->a.de, m->a.de, L->ffn_post_norm_1, n, E, c->rms_eps));
+        TRY(ops->add(be, m->a.de, m->a.de, m->a.tmp, n * E));
+    }
+    TRY(ops->rmsnorm(be, m->a.de, m->a.de, L->ffn_post_norm, n, E, c->rms_eps));
+    TRY(ops->add(be, m->a.x, m->a.x, m->a.de, n * E));
+    if (L->out_scale)
+        TRY(ops->scale(be, m->a.x, m->a.x, L->out_scale[0], n * E));
+    return 0;
+}
+
 /* Route the batch, run each chosen expert over its tokens (experts.c), sum
  * the k outputs of each token with their weights in selection order
  * (products first, as ggml does), add the shared expert, then the
@@ -182,6 +273,8 @@ static int moe_block(struct moe_model *m, int il, int64_t n, int64_t tok0, moe_r
     struct layer *L = &m->w.layers[il];
     const int K = c->n_expert_used, E = c->n_embd;
 
+    if (c->ad->dense_beside_moe)
+        return ffn_beside(m, il, n, tok0, route, ud, diag);
     if (!L->moe)
         return dense_ffn(m, il, n);
     TRY(ops->rmsnorm(be, m->a.xn, m->a.x, L->ffn_norm, n, E, c->rms_eps));
@@ -292,6 +385,23 @@ static int output_logits(struct moe_model *m, const float *xn, int64_t n, float 
         TRY(ops->download(m->be, host + r0 * c->n_vocab, m->a.logits_dev,
                           (size_t)nr * (size_t)c->n_vocab * sizeof(float)));
     }
+    if (c->logit_softcap > 0.0f) {
+        /* gemma4: cap * tanh(logit / cap), as ggml's scale, tanh, scale */
+        const float cap = c->logit_softcap, inv = 1.0f / cap;
+        for (size_t i = 0; i < (size_t)n * (size_t)c->n_vocab; i++)
+            host[i] = tanhf(host[i] * inv) * cap;
+    }
+    return 0;
+}
+
+/* Token embeddings of n tokens into x (backend memory), scaled where the
+ * row says (gemma4: x sqrt(n_embd)). */
+static int embed(struct moe_model *m, float *x, const int32_t *tokens, int64_t n)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    TRY(m->be->ops->get_rows(m->be, x, &m->w.tok_embd, tokens, (int)n));
+    if (c->embd_scale > 0.0f)
+        TRY(m->be->ops->scale(m->be, x, x, c->embd_scale, n * c->n_embd));
     return 0;
 }
 
@@ -311,7 +421,7 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
     m->a.segs[0] = (struct seg){ .s = s, .off = 0, .n = n };
     m->a.segs[0].err[0] = '\0';
     m->a.n_segs = 1;
-    TRY(ops->get_rows(be, m->a.x, &m->w.tok_embd, tokens, (int)n));
+    TRY(embed(m, m->a.x, tokens, n));
     TRY(forward_layers(m, n, tok0, route, ud, diag));
     if (logits == NULL)
         return 0;
@@ -407,7 +517,7 @@ static int forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, 
             m->a.kvrow[off + t] = moe_seq_row(g->seq, g->seq->pos + t);
             g->seq->toks[g->seq->pos + t] = g->tokens[t];
         }
-        rc = ops->get_rows(be, m->a.x + off * c->n_embd, &m->w.tok_embd, g->tokens, g->n);
+        rc = embed(m, m->a.x + off * c->n_embd, g->tokens, g->n);
         off += g->n;
     }
     m->a.n_segs = n_segs;

@@ -77,6 +77,93 @@ static int str_key(const struct moe_gguf *g, const char *key, char *out, size_t 
     return 0;
 }
 
+/* Element i of an integer or bool array (elem types checked by the caller). */
+static uint64_t arr_elem(const struct moe_gguf_value *v, uint64_t i)
+{
+    const uint8_t *p = (const uint8_t *)v->v.arr.data + i * moe_gguf_type_size(v->v.arr.elem_type);
+    switch (v->v.arr.elem_type) {
+    case MOE_GGUF_UINT8: case MOE_GGUF_BOOL: return p[0];
+    case MOE_GGUF_INT8: return (uint64_t)(int64_t)(int8_t)p[0];
+    case MOE_GGUF_UINT16: { uint16_t x; memcpy(&x, p, 2); return x; }
+    case MOE_GGUF_INT16: { int16_t x; memcpy(&x, p, 2); return (uint64_t)(int64_t)x; }
+    case MOE_GGUF_UINT32: { uint32_t x; memcpy(&x, p, 4); return x; }
+    case MOE_GGUF_INT32: { int32_t x; memcpy(&x, p, 4); return (uint64_t)(int64_t)x; }
+    case MOE_GGUF_UINT64: { uint64_t x; memcpy(&x, p, 8); return x; }
+    default: { int64_t x; memcpy(&x, p, 8); return (uint64_t)x; }
+    }
+}
+
+int moe_hparams_per_layer(const struct moe_gguf *g, const char *arch, const char *suffix,
+                          uint32_t n_layer, uint32_t cap, uint32_t *vals, struct moe_diag *diag)
+{
+    char key[160];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    const struct moe_gguf_kv *kv = moe_gguf_find_kv(g, key);
+    if (kv == NULL)
+        return -ENOENT;
+    if (kv->value.type != MOE_GGUF_ARRAY) {
+        uint32_t v = 0;
+        int rc = u32_key(g, arch, suffix, &v, cap, diag);
+        if (rc)
+            return rc;
+        for (uint32_t i = 0; i < n_layer; i++)
+            vals[i] = v;
+        return 0;
+    }
+    const enum moe_gguf_type t = kv->value.v.arr.elem_type;
+    if (t == MOE_GGUF_FLOAT32 || t == MOE_GGUF_FLOAT64 || t == MOE_GGUF_STRING || t == MOE_GGUF_ARRAY)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' is an array of %s, expected integers"
+                            " or bools", moe_gguf_path(g), key, moe_gguf_type_name(t));
+    if (kv->value.v.arr.n != n_layer)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' has %" PRIu64 " entries, expected one"
+                            " per layer (%u)", moe_gguf_path(g), key, kv->value.v.arr.n, n_layer);
+    for (uint32_t i = 0; i < n_layer; i++) {
+        const uint64_t v = arr_elem(&kv->value, i);
+        if (v > cap)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s' entry %u = %" PRId64 ", expected"
+                                " 0..%u", moe_gguf_path(g), key, i, (int64_t)v, cap);
+        vals[i] = (uint32_t)v;
+    }
+    return 0;
+}
+
+/* Gemma 4's keys (rows with swa_pattern): the sliding layers' dims and
+ * base, per-layer head_count_kv, soft-capping, the dense variants' keys. */
+static int load_swa_keys(struct moe_hparams *hp, const struct moe_gguf *g, struct moe_diag *diag)
+{
+    const char *a = hp->arch;
+    int rc;
+    hp->final_logit_softcap = 30.0f; /* llama.cpp's default when the key is absent */
+    if ((rc = u32_key(g, a, "attention.key_length_swa", &hp->head_dim_swa, DIM_CAP, diag)) ||
+        (rc = u32_key(g, a, "attention.value_length_swa", &hp->head_dim_v_swa, DIM_CAP, diag)) ||
+        (rc = u32_key(g, a, "rope.dimension_count_swa", &hp->n_rot_swa, DIM_CAP, diag)) ||
+        (rc = u32_key(g, a, "attention.shared_kv_layers", &hp->n_kv_shared_layers, DIM_CAP, diag)) ||
+        (rc = u32_key(g, a, "embedding_length_per_layer_input", &hp->n_embd_per_layer, DIM_CAP, diag)) ||
+        (rc = f32_key(g, a, "rope.freq_base_swa", &hp->rope_freq_base_swa, diag)) ||
+        (rc = f32_key(g, a, "final_logit_softcapping", &hp->final_logit_softcap, diag)))
+        return rc;
+    if (hp->n_layer == 0 || hp->n_layer > MOE_MAX_LAYERS)
+        return 0; /* validate() names block_count */
+    uint32_t v[MOE_MAX_LAYERS];
+    rc = moe_hparams_per_layer(g, a, "attention.sliding_window_pattern", hp->n_layer, 1, v, diag);
+    if (rc && rc != -ENOENT)
+        return rc;
+    for (uint32_t i = 0; rc == 0 && i < hp->n_layer; i++)
+        hp->n_layer_swa += v[i];
+    rc = moe_hparams_per_layer(g, a, "attention.head_count_kv", hp->n_layer, HEAD_CAP, v, diag);
+    if (rc && rc != -ENOENT)
+        return rc;
+    if (rc == 0) {
+        hp->n_head_kv = 0;
+        hp->n_head_kv_min = HEAD_CAP;
+        for (uint32_t i = 0; i < hp->n_layer; i++) {
+            hp->n_head_kv = v[i] > hp->n_head_kv ? v[i] : hp->n_head_kv;
+            hp->n_head_kv_min = v[i] < hp->n_head_kv_min ? v[i] : hp->n_head_kv_min;
+        }
+    }
+    return 0;
+}
+
 int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct moe_diag *diag)
 {
     memset(hp, 0, sizeof(*hp));
@@ -123,9 +210,16 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
             { "ssm.group_count", &hp->ssm_n_group },
             { "full_attention_interval", &hp->full_attn_interval },
         };
-        for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+        const struct moe_arch_desc *row = moe_arch_desc_find(a);
+        const bool kv_arr = row != NULL && row->swa_pattern;
+        for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+            if (kv_arr && keys[i].v == &hp->n_head_kv)
+                continue; /* may be an array per layer: load_swa_keys */
             if ((rc = u32_key(g, a, keys[i].k, keys[i].v, DIM_CAP, diag)))
                 return rc;
+        }
+        if (kv_arr && (rc = load_swa_keys(hp, g, diag)))
+            return rc;
         if ((rc = f32_key(g, a, "attention.layer_norm_rms_epsilon", &hp->rms_eps, diag)) ||
             (rc = f32_key(g, a, "attention.layer_norm_epsilon", &hp->norm_eps, diag)) ||
             (rc = f32_key(g, a, "rope.freq_base", &hp->rope_freq_base, diag)) ||
@@ -171,12 +265,22 @@ int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct mo
         hp->head_dim_v = hp->head_dim;
     if (hp->n_head_kv == 0)
         hp->n_head_kv = hp->n_head;
+    if (hp->n_head_kv_min == 0)
+        hp->n_head_kv_min = hp->n_head_kv;
     if (hp->n_rot == 0)
         hp->n_rot = hp->head_dim;
     if (ad != NULL && ad->shexp_width_ff && hp->n_ff_shexp == 0)
         hp->n_ff_shexp = hp->n_ff; /* qwen35moe: llama.cpp's default width */
     if (ad != NULL && ad->deltanet && hp->full_attn_interval == 0)
         hp->full_attn_interval = 4;
+    if (ad != NULL && ad->swa_pattern) {
+        if (hp->head_dim_swa == 0)
+            hp->head_dim_swa = hp->head_dim;
+        if (hp->head_dim_v_swa == 0)
+            hp->head_dim_v_swa = hp->head_dim_v;
+        if (hp->n_rot_swa == 0)
+            hp->n_rot_swa = hp->n_rot;
+    }
     if (ad != NULL && ad->shared_count_required) /* llama.cpp's glm4moe ignores the width key */
         hp->n_ff_shexp = hp->n_expert_shared * hp->n_ff_exp;
     else if (hp->n_ff_shexp == 0 && hp->n_expert_shared > 0)
@@ -291,7 +395,8 @@ int moe_hparams_validate(const struct moe_hparams *hp, const struct moe_gguf *g,
     if ((rc = need_nonzero(g, a, "embedding_length", known, diag)) ||
         (rc = need_nonzero(g, a, "block_count", known, diag)) ||
         (rc = need_nonzero(g, a, "attention.head_count", known, diag)) ||
-        (rc = need_nonzero(g, a, "attention.head_count_kv", false, diag)) ||
+        (!(known && d->swa_pattern) &&   /* gemma4: an array too, checked below */
+         (rc = need_nonzero(g, a, "attention.head_count_kv", false, diag))) ||
         (rc = need_nonzero(g, a, "attention.key_length", false, diag)) ||
         (rc = need_nonzero(g, a, "attention.value_length", false, diag)) ||
         (rc = need_nonzero(g, a, "rope.dimension_count", false, diag)) ||
@@ -334,6 +439,34 @@ int moe_hparams_validate(const struct moe_hparams *hp, const struct moe_gguf *g,
                                 " group_count dividing time_step_rank, conv_kernel <= 64, state_size"
                                 " <= 1024)", path, a, hp->ssm_d_inner, hp->ssm_d_state,
                                 hp->ssm_dt_rank, hp->ssm_n_group, hp->ssm_d_conv);
+    }
+    if (known && d->swa_pattern) {
+        /* required by llama.cpp's gemma4 loader */
+        static const char *const req[] = {
+            "attention.sliding_window_pattern", "attention.sliding_window",
+            "attention.key_length_swa", "attention.value_length_swa",
+            "attention.layer_norm_rms_epsilon", "embedding_length_per_layer_input",
+        };
+        for (size_t i = 0; i < sizeof(req) / sizeof(req[0]); i++) {
+            char key[160];
+            snprintf(key, sizeof(key), "%s.%s", a, req[i]);
+            if (moe_gguf_find_kv(g, key) == NULL)
+                return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s' (required for"
+                                    " architecture '%s')", path, key, a);
+        }
+        if (hp->head_dim != hp->head_dim_v || hp->head_dim_swa != hp->head_dim_v_swa)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: %s needs key_length = value_length (%u, %u)"
+                                " and key_length_swa = value_length_swa (%u, %u)", path, a,
+                                hp->head_dim, hp->head_dim_v, hp->head_dim_swa, hp->head_dim_v_swa);
+        if (hp->n_rot_swa > hp->head_dim_swa)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.rope.dimension_count_swa' = %u"
+                                " exceeds key_length_swa %u", path, a, hp->n_rot_swa, hp->head_dim_swa);
+        if ((rc = over_cap(g, a, "attention.key_length_swa", hp->head_dim_swa, HEAD_DIM_CAP, diag)))
+            return rc;
+        if (hp->n_head_kv_min == 0 || (hp->n_head % hp->n_head_kv_min) != 0)
+            return moe_diag_set(diag, MOE_EFORMAT, "%s: key '%s.attention.head_count_kv' has an"
+                                " entry %u that does not divide head_count %u", path, a,
+                                hp->n_head_kv_min, hp->n_head);
     }
     if (known && d->mla && hp->kv_lora_rank == 0)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: missing key '%s.attention.kv_lora_rank'"
@@ -572,6 +705,11 @@ int moe_tensor_layer(const char *name)
 bool moe_tensor_is_expert(const char *name)
 {
     if (moe_tensor_layer(name) < 0)
+        return false;
+    /* a per-expert scale vector [n_expert] (gemma4's ffn_down_exps.scale)
+     * is read by routing, not by an expert: dense */
+    const size_t n = strlen(name);
+    if (n > 6 && strcmp(name + n - 6, ".scale") == 0)
         return false;
     return strstr(name, "_exps.") != NULL;
 }

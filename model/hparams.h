@@ -78,7 +78,26 @@ struct moe_hparams {
     uint32_t ssm_d_conv, ssm_d_inner, ssm_d_state, ssm_dt_rank, ssm_n_group;
     uint32_t full_attn_interval;
     uint32_t rope_sections[4];
+    /* Gemma 4 (rows with swa_pattern; 0 where absent): */
+    uint32_t head_dim_swa, head_dim_v_swa;  /* attention.key_length_swa / value_length_swa
+                                             * (default: head_dim, head_dim_v) */
+    uint32_t n_rot_swa;                 /* rope.dimension_count_swa (default n_rot) */
+    float rope_freq_base_swa;           /* rope.freq_base_swa */
+    float final_logit_softcap;          /* final_logit_softcapping (30 when absent, as
+                                         * llama.cpp's default; 0 = none) */
+    uint32_t n_kv_shared_layers;        /* attention.shared_kv_layers */
+    uint32_t n_embd_per_layer;          /* embedding_length_per_layer_input */
+    uint32_t n_layer_swa;               /* layers attention.sliding_window_pattern marks */
+    uint32_t n_head_kv_min;             /* head_count_kv: its smallest entry when an array
+                                         * (n_head_kv is then the largest), else n_head_kv */
 };
+
+/* Per-layer values of a key that is a scalar (every layer) or an array of
+ * n_layer integers or bools: vals[n_layer]. -ENOENT when absent; MOE_EFORMAT
+ * naming the key for another type, a length other than n_layer or an
+ * element over cap. */
+int moe_hparams_per_layer(const struct moe_gguf *g, const char *arch, const char *suffix,
+                          uint32_t n_layer, uint32_t cap, uint32_t *vals, struct moe_diag *diag);
 
 int moe_hparams_load(struct moe_hparams *hp, const struct moe_gguf *g, struct moe_diag *diag);
 

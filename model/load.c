@@ -290,8 +290,24 @@ static int bind_expert_bias(struct moe_model *m, const char *name, int64_t n, fl
 static int bind_attention(struct moe_model *m, int il, struct layer *L, struct moe_diag *diag)
 {
     const struct moe_model_cfg *c = &m->cfg;
-    const int64_t E = c->n_embd, hd = c->head_dim;
-    const int64_t qd = (int64_t)c->n_head * hd, kvd = (int64_t)c->n_head_kv * hd;
+    /* this layer's dims and RoPE: the model's, or gemma4's per layer kind */
+    L->hd = c->head_dim;
+    L->n_kv = c->n_head_kv;
+    L->rope = c->rope;
+    if (c->ad->swa_pattern) {
+        const bool swa = c->layer_swa[il] != 0;
+        L->hd = swa ? c->head_dim_swa : c->head_dim_full;
+        L->n_kv = c->layer_n_head_kv[il];
+        if (swa) {
+            L->rope.n_rot = c->n_rot_swa;
+            L->rope.freq_base = c->rope_base_swa;
+            L->rope.freq_scale = 1.0f;
+        } else {
+            L->rope.freq_factors = m->w.rope_freqs;
+        }
+    }
+    const int64_t E = c->n_embd, hd = L->hd;
+    const int64_t qd = (int64_t)c->n_head * hd, kvd = (int64_t)L->n_kv * hd;
     char n[96];
     int rc;
 #define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
@@ -315,12 +331,19 @@ static int bind_attention(struct moe_model *m, int il, struct layer *L, struct m
                (rc = bind_matrix(m, NAME("attn_output.weight"), H * c->v_head_dim, E, true, &L->wo, diag))
                    ? rc : 0;
     }
+    if (c->ad->v_norm && moe_gguf_find_tensor(m->gguf, NAME("attn_qkv.weight")) != NULL)
+        return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: '%s' (fused q/k/v) is not supported for"
+                            " %s", moe_gguf_path(m->gguf), n, c->arch_name);
     /* qwen35moe: per head the query and its output gate */
     const int64_t qrows = c->ad->attn_out_gate ? 2 * qd : qd;
     if ((rc = bind_matrix(m, NAME("attn_q.weight"), E, qrows, true, &L->wq, diag)) ||
         (rc = bind_matrix(m, NAME("attn_k.weight"), E, kvd, true, &L->wk, diag)) ||
-        (rc = bind_matrix(m, NAME("attn_v.weight"), E, kvd, true, &L->wv, diag)) ||
+        (rc = bind_matrix(m, NAME("attn_v.weight"), E, kvd, !c->ad->v_norm, &L->wv, diag)) ||
         (rc = bind_matrix(m, NAME("attn_output.weight"), qd, E, true, &L->wo, diag)))
+        return rc;
+    L->v_is_k = L->wv.data == NULL;   /* gemma4 without attn_v: V from K's projection */
+    if (c->ad->sandwich_norms &&
+        (rc = bind_vector(m, NAME("post_attention_norm.weight"), E, true, &L->attn_post_norm, diag)))
         return rc;
     if (c->ad->qkv_bias &&
         ((rc = bind_vector(m, NAME("attn_q.bias"), qd, true, &L->bq, diag)) ||
@@ -348,8 +371,44 @@ static int bind_attention(struct moe_model *m, int il, struct layer *L, struct m
         ((rc = bind_vector(m, NAME("attn_q_norm.weight"), qd, true, &L->q_norm, diag)) ||
          (rc = bind_vector(m, NAME("attn_k_norm.weight"), kvd, true, &L->k_norm, diag))))
         return rc;
-    /* llama.cpp's gpt-oss pattern: even layers use the sliding window */
-    L->window = c->swa_window > 0 && il % 2 == 0 ? c->swa_window : 0;
+    /* llama.cpp's gpt-oss pattern: even layers use the sliding window;
+     * gemma4's: the layers attention.sliding_window_pattern marks */
+    if (c->ad->swa_pattern)
+        L->window = c->layer_swa[il] ? c->swa_window : 0;
+    else
+        L->window = c->swa_window > 0 && il % 2 == 0 ? c->swa_window : 0;
+#undef NAME
+    return 0;
+}
+
+/* gemma4's FFN: the dense MLP in every layer with post_ffw_norm; a layer
+ * with a router adds the experts and the MoE branch's norms and scales. */
+static int bind_ffn_beside(struct moe_model *m, int il, struct layer *L, struct moe_diag *diag)
+{
+    const struct moe_model_cfg *c = &m->cfg;
+    const int64_t E = c->n_embd;
+    char n[96];
+    int rc;
+#define NAME(s) (snprintf(n, sizeof(n), "blk.%d." s, il), n)
+    if ((rc = bind_matrix(m, NAME("ffn_gate.weight"), E, c->n_ff, true, &L->ffn_gate, diag)) ||
+        (rc = bind_matrix(m, NAME("ffn_up.weight"), E, c->n_ff, true, &L->ffn_up, diag)) ||
+        (rc = bind_matrix(m, NAME("ffn_down.weight"), c->n_ff, E, true, &L->ffn_down, diag)) ||
+        (rc = bind_vector(m, NAME("post_ffw_norm.weight"), E, true, &L->ffn_post_norm, diag)) ||
+        (rc = bind_vector(m, NAME("layer_output_scale.weight"), 1, false, &L->out_scale, diag)))
+        return rc;
+    L->moe = moe_gguf_find_tensor(m->gguf, NAME("ffn_gate_inp.weight")) != NULL;
+    if (!L->moe)
+        return 0;
+    if ((rc = bind_matrix(m, NAME("ffn_gate_inp.weight"), E, c->n_expert, true, &L->router, diag)) ||
+        (rc = bind_vector(m, NAME("ffn_gate_inp.scale"), E, true, &L->router_scale, diag)) ||
+        (rc = bind_vector(m, NAME("pre_ffw_norm_2.weight"), E, true, &L->ffn_pre_norm_2, diag)) ||
+        (rc = bind_vector(m, NAME("post_ffw_norm_1.weight"), E, true, &L->ffn_post_norm_1, diag)) ||
+        (rc = bind_vector(m, NAME("post_ffw_norm_2.weight"), E, true, &L->ffn_post_norm_2, diag)) ||
+        (rc = bind_gate_up(m, il, E, c->n_ff_exp, &L->gate, &L->up, diag)) ||
+        (rc = bind_experts(m, NAME("ffn_down_exps.weight"), c->n_ff_exp, E, &L->down, diag)) ||
+        (rc = bind_vector(m, NAME("ffn_down_exps.scale"), c->n_expert, false, &L->down_scale, diag)))
+        return rc;
+    L->bias_off = (struct bias_slices){ -1, -1, -1 };
 #undef NAME
     return 0;
 }
@@ -401,6 +460,8 @@ static int bind_layer(struct moe_model *m, int il, struct moe_diag *diag)
     snprintf(norm, sizeof(norm), "blk.%d.%s.weight", il, c->ad->ffn_norm);
     if ((rc = bind_vector(m, norm, E, true, &L->ffn_norm, diag)))
         return rc;
+    if (c->ad->dense_beside_moe)
+        return bind_ffn_beside(m, il, L, diag);
     L->moe = il >= c->n_layer_dense_lead;
     if (!L->moe)
         return (rc = bind_matrix(m, NAME("ffn_gate.weight"), E, c->n_ff, true, &L->ffn_gate, diag)) ||
@@ -526,7 +587,9 @@ static int upload_weights(struct moe_model *m, const struct moe_model_opts *o, s
         struct bound *b = &m->w.bound[i];
         bool host_only = false;
         for (int il = 0; il < m->cfg.n_layer; il++)
-            host_only |= b->field == (void **)&m->w.layers[il].sel_bias;
+            host_only |= b->field == (void **)&m->w.layers[il].sel_bias ||
+                         b->field == (void **)&m->w.layers[il].down_scale;
+        host_only |= b->field == (void **)&m->w.rope_freqs;
         if (host_only)
             continue;
         void *d = m->be->ops->alloc(m->be, b->bytes);
@@ -644,6 +707,24 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         (rc = bind_vector(m, "output_norm.weight", c->n_embd, true, &m->w.output_norm, diag)) ||
         (rc = bind_matrix(m, "output.weight", c->n_embd, c->n_vocab, false, &m->w.output, diag)))
         goto fail;
+    if (c->ad->gelu || c->ad->dense_beside_moe || c->ad->embd_scale) {
+        /* ops only some backends have (kernels/backend.h): refused, not guessed */
+        const struct moe_backend_ops *bo = m->be->ops;
+        if (bo->geglu == NULL || bo->scale == NULL || bo->mul_rows == NULL) {
+            rc = moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: architecture '%s' needs GELU, scale and"
+                              " row-multiply ops that the %s backend does not have yet (doc/%s.md);"
+                              " use the cpu backend", path, c->arch_name, bo->name, bo->name);
+            goto fail;
+        }
+    }
+    if (c->ad->swa_pattern) {
+        bool global = false;
+        for (int il = 0; il < c->n_layer; il++)
+            global |= c->layer_swa[il] == 0;
+        if (global && (rc = bind_vector(m, "rope_freqs.weight", c->head_dim_full / 2, true,
+                                        &m->w.rope_freqs, diag)))
+            goto fail;
+    }
     const bool tied = m->w.output.data == NULL;
     if (tied)
         m->w.output = m->w.tok_embd; /* tied embeddings */
@@ -713,10 +794,19 @@ void moe_model_free(struct moe_model *m)
             moe_free(L->ssm_dt);
             moe_free(L->ssm_a);
             moe_free(L->ssm_norm);
+            moe_free(L->attn_post_norm);
+            moe_free(L->ffn_post_norm);
+            moe_free(L->ffn_post_norm_1);
+            moe_free(L->ffn_pre_norm_2);
+            moe_free(L->ffn_post_norm_2);
+            moe_free(L->router_scale);
+            moe_free(L->down_scale);
+            moe_free(L->out_scale);
         }
         moe_free(m->w.layers);
     }
     moe_free(m->w.output_norm);
+    moe_free(m->w.rope_freqs);
     if (m->cfg.ad != NULL) {
         struct model_act_item items[MODEL_ACT_ITEMS];
         size_t shared, per_worker;

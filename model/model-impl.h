@@ -50,6 +50,14 @@ struct layer {
     float *q_norm, *k_norm;              /* owned f32, or NULL */
     float *sinks;                        /* [n_head] (gpt-oss) */
     int window;                          /* sliding window of this layer, 0 = full */
+    int hd, n_kv;                        /* this layer's head dim and KV heads */
+    struct moe_rope_params rope;         /* this layer's RoPE (gemma4: per layer kind) */
+    bool v_is_k;                         /* no attn_v: V is K's projection (gemma4) */
+    /* gemma4: sandwich norms, the MoE branch's norms and scales (owned f32 or NULL) */
+    float *attn_post_norm, *ffn_post_norm, *ffn_post_norm_1, *ffn_pre_norm_2, *ffn_post_norm_2;
+    float *router_scale;                 /* [n_embd] ffn_gate_inp.scale */
+    float *down_scale;                   /* [n_expert] ffn_down_exps.scale (host) */
+    float *out_scale;                    /* [1] layer_output_scale */
     /* MLA (deepseek2) */
     struct moe_weight wq_a, wq_b, wkv_a;
     float *q_a_norm, *kv_a_norm;
@@ -97,6 +105,7 @@ struct seg {
 struct model_weights {
     struct moe_weight tok_embd, output;
     float *output_norm;
+    float *rope_freqs;                   /* gemma4 global layers' RoPE divisors (host), or NULL */
     struct layer *layers;                /* [n_layer] */
     struct bound *bound;                 /* everything bound, for the upload */
     size_t n_bound, cap_bound;

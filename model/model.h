@@ -65,6 +65,15 @@ struct moe_model_cfg {
     int n_recurrent;              /* layers with a recurrent state */
     int n_kv_layers;              /* layers with KV rows in the pool: n_layer - n_recurrent */
     uint64_t recurrent_mask[64];  /* bit il: layer il is a delta-net layer */
+    /* Gemma 4 (rows with swa_pattern; head_dim and n_head_kv above are then
+     * the largest of any layer, what the buffers and KV rows are sized by) */
+    float embd_scale;             /* token embeddings x this, 0 = none */
+    float logit_softcap;          /* final logits: cap * tanh(logit / cap), 0 = none */
+    int head_dim_full, head_dim_swa;  /* global and sliding layers' head dims */
+    int n_rot_swa;                /* sliding layers' rotary dims */
+    float rope_base_swa;          /* sliding layers' RoPE base */
+    uint8_t layer_swa[4096];      /* per layer: 1 = sliding (MOE_MAX_LAYERS) */
+    uint16_t layer_n_head_kv[4096];   /* per layer KV heads */
 };
 
 static inline bool moe_model_cfg_recurrent(const struct moe_model_cfg *c, int il)

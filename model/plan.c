@@ -38,7 +38,7 @@ int moe_model_acts_layout(const struct moe_model_cfg *c, int n_batch, int n_ctx,
     const size_t kvd = zmax((size_t)c->n_head_kv * c->head_dim, (size_t)c->k_row);
     const size_t ad = H * zmax((size_t)c->head_dim_v, (size_t)c->v_head_dim);
     const size_t ff = zmax(zmax((size_t)c->n_ff_exp, (size_t)c->n_ff_shexp),
-                           c->n_layer_dense_lead > 0 ? (size_t)c->n_ff : 0);
+                           c->n_layer_dense_lead > 0 || c->ad->dense_beside_moe ? (size_t)c->n_ff : 0);
     const size_t lat = zmax((size_t)c->kv_lora_rank, zmax((size_t)c->qk_nope, (size_t)c->v_head_dim));
     /* logits go through the backend up to 64 rows at a time */
     a->logit_rows = n_batch < 64 ? n_batch : 64;

@@ -7,6 +7,7 @@
  * thread pool; none allocates. */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -382,13 +383,14 @@ static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head,
             float *v = x + (t * n_head + h) * head_stride + offset;
             float theta = (float)pos[t];
             for (int i0 = 0; i0 < n_rot; i0 += 2) {
-                float th = rp->freq_scale * theta;
+                const float base = rp->freq_factors ? theta / rp->freq_factors[i0 / 2] : theta;
+                float th = rp->freq_scale * base;
                 if (rp->ext_factor != 0.0f) {
                     /* ramp from extrapolation (low dims) to interpolation */
                     const float y = (float)(i0 / 2 - rp->corr_dims[0]) /
                                     fmaxf(0.001f, rp->corr_dims[1] - rp->corr_dims[0]);
                     const float mix = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * rp->ext_factor;
-                    th = th * (1.0f - mix) + theta * mix;
+                    th = th * (1.0f - mix) + base * mix;
                 }
                 const float cs = cosf(th) * mscale, sn = sinf(th) * mscale;
                 theta *= theta_scale;
@@ -698,6 +700,54 @@ static int cpu_swiglu(struct moe_backend *be, float *y, const float *gate, const
     return 0;
 }
 
+/* ggml's CPU GELU: the tanh form evaluated once per fp16 input and kept
+ * as fp16, looked up at the input rounded to fp16. */
+static uint16_t gelu_table[1 << 16];
+static pthread_once_t gelu_once = PTHREAD_ONCE_INIT;
+
+static void gelu_table_init(void)
+{
+    const float a = 0.044715f, k = 0.79788456080286535587989211986876f;
+    for (uint32_t i = 0; i < (1u << 16); i++) {
+        const float f = moe_fp16_to_fp32((uint16_t)i);
+        gelu_table[i] = moe_fp32_to_fp16(0.5f * f * (1.0f + tanhf(k * f * (1.0f + a * f * f))));
+    }
+}
+
+static int cpu_geglu(struct moe_backend *be, float *y, const float *gate, const float *up, int64_t n)
+{
+    (void)be;
+    pthread_once(&gelu_once, gelu_table_init);
+    for (int64_t i = 0; i < n; i++) {
+        const float g = gate[i];
+        if (g <= -10.0f)
+            y[i] = 0.0f;
+        else if (g >= 10.0f)
+            y[i] = g * up[i];
+        else
+            y[i] = moe_fp16_to_fp32(gelu_table[moe_fp32_to_fp16(g)]) * up[i];
+    }
+    return 0;
+}
+
+static int cpu_scale(struct moe_backend *be, float *y, const float *x, float s, int64_t n)
+{
+    (void)be;
+    for (int64_t i = 0; i < n; i++)
+        y[i] = x[i] * s;
+    return 0;
+}
+
+static int cpu_mul_rows(struct moe_backend *be, float *y, const float *x, const float *w,
+                        int64_t n_rows, int64_t n)
+{
+    (void)be;
+    for (int64_t r = 0; r < n_rows; r++)
+        for (int64_t i = 0; i < n; i++)
+            y[r * n + i] = x[r * n + i] * w[i];
+    return 0;
+}
+
 static int cpu_swiglu_oai(struct moe_backend *be, float *y, const float *gate, const float *up,
                           int64_t n, float alpha, float limit)
 {
@@ -786,6 +836,9 @@ static const struct moe_backend_ops cpu_ops = {
     .router_topk = cpu_router_topk,
     .swiglu = cpu_swiglu,
     .swiglu_oai = cpu_swiglu_oai,
+    .geglu = cpu_geglu,
+    .scale = cpu_scale,
+    .mul_rows = cpu_mul_rows,
     .axpy = cpu_axpy,
     .add = cpu_add,
     .copy_rows = cpu_copy_rows,

@@ -142,6 +142,17 @@ static void test_qwen35moe_q8_cached(void)
 {
     run_model("tests/fixtures/arch/tiny-qwen35moe-Q8_0.gguf", 2, "gate");
 }
+/* issue 22's families (tests/fixtures/arch, tools/ref/make_family_goldens.py) */
+static void test_glm4moe(void) { run_model("tests/fixtures/arch/tiny-glm4moe-F32.gguf", 0, NULL); }
+static void test_minimax_m2_cached(void)
+{
+    run_model("tests/fixtures/arch/tiny-minimax-m2-Q8_0.gguf", 3, "gate");
+}
+static void test_gemma4(void) { run_model("tests/fixtures/arch/tiny-gemma4-F32.gguf", 0, NULL); }
+static void test_gemma4_cached(void)
+{
+    run_model("tests/fixtures/arch/tiny-gemma4-Q8_0.gguf", 2, "gate");
+}
 
 int main(void)
 {
@@ -154,5 +165,9 @@ int main(void)
     moe_test_run("gpt-oss MXFP4 cached (SWA, sinks)", test_gptoss);
     moe_test_run("qwen35moe F32 (delta-net)", test_qwen35moe);
     moe_test_run("qwen35moe Q8_0 cached + gate (delta-net)", test_qwen35moe_q8_cached);
+    moe_test_run("glm4moe F32", test_glm4moe);
+    moe_test_run("minimax-m2 Q8_0 cached + gate", test_minimax_m2_cached);
+    moe_test_run("gemma4 F32 (SWA pattern, per-layer dims)", test_gemma4);
+    moe_test_run("gemma4 Q8_0 cached + gate", test_gemma4_cached);
     return moe_test_exit_code();
 }

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/arch.h"
 #include "model/model.h"
 #include "tests/harness.h"
 
@@ -77,10 +78,12 @@ static void run_arch(const char *arch)
 }
 
 /* The families of issue 22 (tools/ref/make_family_goldens.py: glm4moe,
- * minimax-m2, qwen35moe): an F32 and
+ * minimax-m2, qwen35moe, gemma4): an F32 and
  * a Q8_0 model (quantized by llama.cpp), three prompt lengths each.
  *   F32:  max |dlogit| <= 1e-4 at every position, greedy ids identical up
- *         to the first step whose margin is below 1e-3;
+ *         to the first step whose margin is below 1e-3 (GELU families:
+ *         max 1e-3, mean 1e-5, 1e-4 at all positions but one, or but 10% from
+ *         20 positions: see below);
  *   Q8_0: mean |dlogit| <= 0.05, argmax equal on >= 90% of positions (as
  *         the quantized shared/ref variants), greedy informational;
  *   both: with the expert cache at its minimum (n_expert_used slots, LRU),
@@ -147,6 +150,9 @@ static void run_family(const char *arch)
     json_t *seqs = json_object_get(j, "seqs");
     CHECK(json_array_size(seqs) > 0);
     static const char *const vars[] = { "F32", "Q8_0" };
+    const struct moe_arch_desc *ad = moe_arch_desc_find(arch);
+    CHECK(ad != NULL);
+    const bool gelu = ad->gelu;
     for (int vi = 0; vi < 2; vi++) {
         const bool quant = vi == 1;
         json_t *jv = json_object_get(json_object_get(j, "variants"), vars[vi]);
@@ -174,13 +180,16 @@ static void run_family(const char *arch)
             float *gold = moe_test_read_file(path, &glen);
             CHECK_MSG(gold != NULL && glen == (size_t)n * V * 4, "%s", path);
             double maxd = 0, sumd = 0;
-            int same_arg = 0;
+            int same_arg = 0, tight_pos = 0;
             for (int t = 0; t < n; t++) {
+                double pmax = 0;
                 for (int i = 0; i < V; i++) {
                     const double dd = fabs((double)lg[(size_t)t * V + i] - gold[(size_t)t * V + i]);
-                    maxd = fmax(maxd, dd);
+                    pmax = fmax(pmax, dd);
                     sumd += dd;
                 }
+                maxd = fmax(maxd, pmax);
+                tight_pos += pmax <= 1e-4;
                 same_arg += argmax_row(lg + (size_t)t * V, V) == argmax_row(gold + (size_t)t * V, V);
             }
             free(gold);
@@ -198,8 +207,17 @@ static void run_family(const char *arch)
             }
             printf("  %s-%s len%d: max|d| %.3g mean|d| %.3g argmax %d/%d, greedy identical for %d"
                    " of %d steps\n", arch, vars[vi], n, maxd, meand, same_arg, n, steps, ng);
-            if (!quant) {
+            if (!quant && !gelu) {
                 CHECK_MSG(maxd <= 1e-4, "max |dlogit| %g", maxd);
+            } else if (!quant) {
+                /* ggml's GELU reads a table at the input rounded to fp16: where
+                 * the two sides' inputs differ by an ulp across a rounding
+                 * boundary one activation moves by ~2^-11 of itself, which
+                 * shows at that position alone (seen: 3.1e-4 at 1 of 24) */
+                CHECK_MSG(maxd <= 1e-3, "max |dlogit| %g", maxd);
+                CHECK_MSG(meand <= 1e-5, "mean |dlogit| %g", meand);
+                CHECK_MSG(n - tight_pos <= (n >= 20 ? n / 10 : 1), "max |dlogit| <= 1e-4 at only"
+                          " %d of %d positions", tight_pos, n);
             } else {
                 CHECK_MSG(meand <= 0.05, "mean |dlogit| %g", meand);
                 CHECK_MSG(same_arg * 10 >= n * 9, "argmax agrees on %d of %d", same_arg, n);
@@ -223,6 +241,51 @@ static void run_family(const char *arch)
 static void test_glm4moe(void) { run_family("glm4moe"); }
 static void test_minimax_m2(void) { run_family("minimax-m2"); }
 static void test_qwen35moe(void) { run_family("qwen35moe"); }
+static void test_gemma4(void) { run_family("gemma4"); }
+/* moectl info on the gemma4 fixture: the two layer kinds' dims as
+ * tools/ref/make_family_goldens.py wrote them (JSON), and the text lines. */
+static void test_gemma4_info(void)
+{
+    const char *ctl = getenv("MOECTL"), *root = getenv("MOE_SOURCE_ROOT");
+    CHECK(ctl != NULL && root != NULL);
+    char cmd[8192];
+    snprintf(cmd, sizeof(cmd), "%s info --json %s/tests/fixtures/arch/tiny-gemma4-F32.gguf", ctl, root);
+    FILE *f = popen(cmd, "r");
+    CHECK(f != NULL);
+    json_error_t jerr;
+    json_t *j = json_loadf(f, 0, &jerr);
+    CHECK_INT(pclose(f), ==, 0);
+    CHECK_MSG(j != NULL, "%s", jerr.text);
+    static const struct { const char *k; int v; } want[] = {
+        { "n_layer", 4 }, { "n_layer_swa", 3 }, { "head_dim", 32 }, { "head_dim_swa", 16 },
+        { "n_rot", 32 }, { "n_rot_swa", 16 }, { "n_head", 2 }, { "n_head_kv", 2 },
+        { "n_head_kv_min", 1 }, { "sliding_window", 4 }, { "n_ff", 32 }, { "n_ff_exp", 16 },
+        { "n_expert", 6 }, { "n_expert_used", 2 }, { "n_moe_layers", 3 },
+        { "final_logit_softcap", 30 },
+    };
+    for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+        json_t *v = json_object_get(j, want[i].k);
+        CHECK_MSG(v != NULL, "%s missing", want[i].k);
+        CHECK_MSG(json_number_value(v) == want[i].v, "%s = %g, expected %d", want[i].k,
+                  json_number_value(v), want[i].v);
+    }
+    CHECK(json_real_value(json_object_get(j, "rope_freq_base_swa")) == 10000.0);
+    json_decref(j);
+    snprintf(cmd, sizeof(cmd), "%s info %s/tests/fixtures/arch/tiny-gemma4-F32.gguf", ctl, root);
+    f = popen(cmd, "r");
+    CHECK(f != NULL);
+    char text[8192];
+    const size_t n = fread(text, 1, sizeof(text) - 1, f);
+    text[n] = '\0';
+    CHECK_INT(pclose(f), ==, 0);
+    CHECK_MSG(strstr(text, "sliding layers:    3 of 4, window 4: head dim 16, 16 rope dims, base"
+                     " 10000") != NULL, "%s", text);
+    CHECK_MSG(strstr(text, "dense MLP:         FFN 32 in every layer, beside the experts (GELU)") != NULL,
+              "%s", text);
+    CHECK_MSG(strstr(text, "routing:           gating softmax, weights normalized, scale 1") != NULL,
+              "%s", text);
+}
+
 static void test_qwen2moe(void) { run_arch("qwen2moe"); }
 static void test_olmoe(void) { run_arch("olmoe"); }
 
@@ -233,5 +296,7 @@ int main(void)
     MOE_TEST_RUN(test_glm4moe);
     MOE_TEST_RUN(test_minimax_m2);
     MOE_TEST_RUN(test_qwen35moe);
+    MOE_TEST_RUN(test_gemma4);
+    MOE_TEST_RUN(test_gemma4_info);
     return moe_test_exit_code();
 }

@@ -297,6 +297,116 @@ def write_qwen35moe(path, seed, vocab):
     w.close()
 
 
+def write_gemma4(path, seed, vocab):
+    """Gemma 4's MoE layout (26B-A4B, scaled down): sliding layers (pattern
+    array) with their own head dim, KV heads, rotary dims and base; global
+    layers with a larger head dim, proportional RoPE (rope_freqs: pairs past
+    the first quarter get a divisor of 1e30) and no attn_v (V is K's
+    projection); q/k norms per head, V RMS-normed, unscaled scores;
+    post-attention and post-FFN norms; every layer's dense GELU MLP, and on
+    MoE layers the experts beside it (softmax routing on rmsnorm(x) /
+    sqrt(n_embd) x ffn_gate_inp.scale, per-expert ffn_down_exps.scale, merged
+    ffn_gate_up_exps except in one layer) each branch with its norms;
+    layer_output_scale; embeddings x sqrt(n_embd); final logit
+    soft-capping. Layer 0 has no router (a dense layer, which llama.cpp's
+    graph allows). An output.weight of its own: with random weights a tied
+    output repeats the last token (Gemma ships tied; the loader's tying is
+    tested elsewhere)."""
+    tokens, types, merges = vocab
+    rng = np.random.default_rng(seed)
+    E, H, L, FF, X, K, FFX, WIN = 32, 2, 4, 32, 6, 2, 16, 4
+    HD_SWA, HD_FULL, KV_SWA, KV_FULL = 16, 32, 2, 1
+    SWA = [True, True, False, True]
+    V = len(tokens)
+    arch = "gemma4"
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name("tiny-%s-seed%d" % (arch, seed))
+    w.add_context_length(256)
+    w.add_embedding_length(E)
+    w.add_block_count(L)
+    w.add_feed_forward_length(FF)
+    w.add_expert_feed_forward_length(FFX)
+    w.add_head_count(H)
+    w.add_head_count_kv([KV_SWA if s else KV_FULL for s in SWA])
+    w.add_key_length(HD_FULL)
+    w.add_value_length(HD_FULL)
+    w.add_key_length_swa(HD_SWA)
+    w.add_value_length_swa(HD_SWA)
+    w.add_rope_dimension_count(HD_FULL)
+    w.add_rope_dimension_count_swa(HD_SWA)
+    w.add_rope_freq_base(1000000.0)
+    w.add_rope_freq_base_swa(10000.0)
+    w.add_sliding_window(WIN)
+    w.add_sliding_window_pattern(SWA)
+    w.add_shared_kv_layers(0)
+    w.add_embedding_length_per_layer_input(0)
+    w.add_final_logit_softcapping(30.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_expert_count(X)
+    w.add_expert_used_count(K)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    eos = V - 3
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+
+    def mat(name, n_in, n_out, gain=1.0, n_exp=None):
+        shape = (n_out, n_in) if n_exp is None else (n_exp, n_out, n_in)
+        w.add_tensor(name, (rng.standard_normal(shape) * gain / np.sqrt(n_in)).astype(np.float32))
+
+    def vec(name, n, base=1.0, scale=0.1):
+        w.add_tensor(name, (base + scale * rng.standard_normal(n)).astype(np.float32))
+
+    # small embeddings (as Gemma's): x sqrt(n_embd) they are O(1) per dim, so
+    # the layers, not the token itself, decide the tied output's logits
+    w.add_tensor("token_embd.weight", (0.3 * rng.standard_normal((V, E))).astype(np.float32))
+    n_rot_pairs = HD_FULL // 8   # partial_rotary_factor 0.25 of the global head
+    w.add_tensor("rope_freqs.weight", np.array([1.0] * n_rot_pairs + [1e30] * (HD_FULL // 2 - n_rot_pairs),
+                                                dtype=np.float32))
+    for i in range(L):
+        b = "blk.%d." % i
+        hd, kv = (HD_SWA, KV_SWA) if SWA[i] else (HD_FULL, KV_FULL)
+        vec(b + "attn_norm.weight", E)
+        mat(b + "attn_q.weight", E, H * hd)
+        mat(b + "attn_k.weight", E, kv * hd)
+        if SWA[i]:
+            mat(b + "attn_v.weight", E, kv * hd)
+        vec(b + "attn_q_norm.weight", hd)
+        vec(b + "attn_k_norm.weight", hd)
+        mat(b + "attn_output.weight", H * hd, E)
+        vec(b + "post_attention_norm.weight", E)
+        vec(b + "ffn_norm.weight", E)
+        mat(b + "ffn_gate.weight", E, FF)
+        mat(b + "ffn_up.weight", E, FF)
+        mat(b + "ffn_down.weight", FF, E)
+        vec(b + "post_ffw_norm.weight", E)
+        vec(b + "layer_output_scale.weight", 1, 1.5, 0.2)
+        if i == 0:
+            continue
+        mat(b + "ffn_gate_inp.weight", E, X, gain=3.0)
+        vec(b + "ffn_gate_inp.scale", E)
+        vec(b + "pre_ffw_norm_2.weight", E)
+        vec(b + "post_ffw_norm_1.weight", E)
+        vec(b + "post_ffw_norm_2.weight", E)
+        if i == 1:
+            mat(b + "ffn_gate_exps.weight", E, FFX, n_exp=X)
+            mat(b + "ffn_up_exps.weight", E, FFX, n_exp=X)
+        else:
+            mat(b + "ffn_gate_up_exps.weight", E, 2 * FFX, n_exp=X)
+        mat(b + "ffn_down_exps.weight", FFX, E, n_exp=X)
+        vec(b + "ffn_down_exps.scale", X, 1.0, 0.3)
+    vec("output_norm.weight", E)
+    mat("output.weight", E, V, gain=4.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def no_repack():
     """Model params with use_extra_bufts off for every Llama() made after."""
     import llama_cpp.llama_cpp as C
@@ -354,6 +464,7 @@ def main():
         "glm4moe": (write_glm4moe, 21, 2),
         "minimax-m2": (write_minimax_m2, 22, 2),
         "qwen35moe": (write_qwen35moe, 23, 2),
+        "gemma4": (write_gemma4, 24, 2),
     }
     for arch, (writer, seed, n_used) in families.items():
         if args.arch and arch not in args.arch:
