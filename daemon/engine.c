@@ -31,7 +31,7 @@ struct moed_req *moed_req_new(void)
     if (r == NULL)
         return NULL;
     pthread_mutex_init(&r->mu, NULL);
-    r->refs = 1;
+    atomic_init(&r->refs, 1);
     r->slot = -1;
     r->logprobs = -1;
     r->stop_hit = -1;
@@ -40,21 +40,19 @@ struct moed_req *moed_req_new(void)
     return r;
 }
 
+/* A new reference is taken from one the caller holds: nothing to order. */
 void moed_req_ref(struct moed_req *r)
 {
-    pthread_mutex_lock(&r->mu);
-    r->refs++;
-    pthread_mutex_unlock(&r->mu);
+    atomic_fetch_add_explicit(&r->refs, 1, memory_order_relaxed);
 }
 
 void moed_req_unref(struct moed_req *r)
 {
     if (r == NULL)
         return;
-    pthread_mutex_lock(&r->mu);
-    int left = --r->refs;
-    pthread_mutex_unlock(&r->mu);
-    if (left > 0)
+    /* release: this thread's writes to r happen before the free; acquire:
+     * the last one sees every other thread's */
+    if (atomic_fetch_sub_explicit(&r->refs, 1, memory_order_acq_rel) > 1)
         return;
     pthread_mutex_destroy(&r->mu);
     moe_free(r->prompt);
@@ -105,7 +103,12 @@ struct moed_engine {
     pthread_cond_t cv;
     struct moe_queue queue;       /* requests waiting for a slot, FIFO */
     bool stopping;
-    struct moe_queue notified;    /* requests with news for the loop */
+    /* The loop's news queue has its own lock, taken last: the engine pushes
+     * while holding a request's mu (notify_locked), and it takes a
+     * request's mu while holding e->mu (start_slot under admit_locked), so
+     * e->mu cannot be the one (lock order: e->mu, then r->mu, then nmu). */
+    pthread_mutex_t nmu;
+    struct moe_queue notified;    /* requests with news for the loop (under nmu) */
     moed_notify_fn notify;
     void *notify_ud;
     struct moed_engine_stats st;
@@ -206,6 +209,7 @@ int moed_engine_create(struct moed_engine **out, const struct moed_config *cfg, 
     e->notify = notify;
     e->notify_ud = notify_ud;
     pthread_mutex_init(&e->mu, NULL);
+    pthread_mutex_init(&e->nmu, NULL);
     pthread_cond_init(&e->cv, NULL);
     struct moe_model_opts mo = cfg->engine;
     mo.n_seqs = cfg->max_seqs;
@@ -307,6 +311,7 @@ void moed_engine_free(struct moed_engine *e)
     moe_free(e->script);
     moe_free(e->allowed);
     pthread_mutex_destroy(&e->mu);
+    pthread_mutex_destroy(&e->nmu);
     pthread_cond_destroy(&e->cv);
     moe_free(e);
 }
@@ -343,18 +348,18 @@ static void notify_locked(struct moed_engine *e, struct moed_req *r)
     if (r->queued_notify)
         return;
     r->queued_notify = true;
-    r->refs++;
-    pthread_mutex_lock(&e->mu);
+    moed_req_ref(r);
+    pthread_mutex_lock(&e->nmu);
     moe_queue_push(&e->notified, &r->notify_node);
-    pthread_mutex_unlock(&e->mu);
+    pthread_mutex_unlock(&e->nmu);
 }
 
 void moed_engine_take_notified(struct moed_engine *e, struct moe_queue *out)
 {
-    pthread_mutex_lock(&e->mu);
+    pthread_mutex_lock(&e->nmu);
     *out = e->notified;
     e->notified = (struct moe_queue){ 0 };
-    pthread_mutex_unlock(&e->mu);
+    pthread_mutex_unlock(&e->nmu);
 }
 
 struct moed_req *moed_req_pop_notified(struct moe_queue *batch)

@@ -66,9 +66,13 @@ struct moed_req {
     double t_submit;              /* monotonic seconds */
     double deadline;              /* monotonic seconds, 0 = none */
 
+    /* references: atomic, so that taking one needs no lock (the engine
+     * takes one while holding its own mutex, and notify_locked while holding
+     * mu: a lock here would order the two mutexes both ways) */
+    atomic_int refs;
+
     /* shared, under mu */
     pthread_mutex_t mu;
-    int refs;
     struct moe_buf text;          /* generated text (after stop truncation); data NULL until
                                      the first byte */
     size_t ready;                 /* bytes of text that can be sent (no stop prefix) */
