@@ -5,6 +5,8 @@
  * terms are summed (the AVX2 path keeps 8 lanes, as ggml's does). Weight
  * and activation rows are arrays of kernels/blocks.h's structs. */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -1039,7 +1041,11 @@ AVX512 static int rows_avx512(uint32_t t, const void *w, const uint8_t *act, siz
 /* ---- dispatch -------------------------------------------------------- */
 
 enum simd { SIMD_SCALAR, SIMD_AVX2, SIMD_AVX512 };
-static int simd_level = -1;
+/* Detected once (pthread_once), on the first call from any thread; the
+ * fast path is one acquire load, which also makes has_bf16 (written before
+ * the release store) visible. Every kernel thread calls simd(). */
+static atomic_int simd_level = -1;
+static pthread_once_t simd_once = PTHREAD_ONCE_INIT;
 static int has_bf16;      /* AVX512_BF16 usable (with SIMD_AVX512 only) */
 
 #ifdef MOE_X86
@@ -1065,27 +1071,33 @@ static int avx512bf16_cpu(void)
 }
 #endif
 
+static void simd_detect(void)
+{
+    int level = SIMD_SCALAR;
+#ifdef MOE_X86
+    __builtin_cpu_init();
+    /* clang's __builtin_cpu_supports has no "f16c": ask cpuid (leaf 1, ECX bit 29) */
+    unsigned a, b, c, d;
+    const int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
+        level = avx512vnni_usable() ? SIMD_AVX512 : SIMD_AVX2;
+    has_bf16 = level == SIMD_AVX512 && avx512bf16_cpu();
+#endif
+    const char *force = getenv("MOE_CPU_SIMD");
+    if (force != NULL && strcmp(force, "scalar") == 0)
+        level = SIMD_SCALAR;
+    else if (force != NULL && strcmp(force, "avx2") == 0 && level > SIMD_AVX2)
+        level = SIMD_AVX2;
+    atomic_store_explicit(&simd_level, level, memory_order_release);
+}
+
 static int simd(void)
 {
-    if (__builtin_expect(simd_level < 0, 0)) {
-        int level = SIMD_SCALAR;
-#ifdef MOE_X86
-        __builtin_cpu_init();
-        /* clang's __builtin_cpu_supports has no "f16c": ask cpuid (leaf 1, ECX bit 29) */
-        unsigned a, b, c, d;
-        const int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c)
-            level = avx512vnni_usable() ? SIMD_AVX512 : SIMD_AVX2;
-        has_bf16 = level == SIMD_AVX512 && avx512bf16_cpu();
-#endif
-        const char *force = getenv("MOE_CPU_SIMD");
-        if (force != NULL && strcmp(force, "scalar") == 0)
-            level = SIMD_SCALAR;
-        else if (force != NULL && strcmp(force, "avx2") == 0 && level > SIMD_AVX2)
-            level = SIMD_AVX2;
-        simd_level = level; /* benign race: every thread computes the same value */
-    }
-    return simd_level;
+    const int level = atomic_load_explicit(&simd_level, memory_order_acquire);
+    if (__builtin_expect(level >= 0, 1))
+        return level;
+    pthread_once(&simd_once, simd_detect);
+    return atomic_load_explicit(&simd_level, memory_order_acquire);
 }
 
 const char *moe_vecdot_impl(void)
