@@ -399,10 +399,14 @@ static void anthropic_stream_delta(struct moed_conn *c, struct moed_req *r, json
     }
 }
 
+/* The request is in the engine already, which may be starting it (writing
+ * cached_tokens, n_gen): the usage is read under its lock. */
 static void anthropic_stream_start(struct moed_api *a, struct moed_conn *c, struct moed_req *r)
 {
-    send_named_event(c, "message_start", json_pack("{s:s, s:o}", "type", "message_start", "message",
-                                                   anthropic_message(a, r, json_array())));
+    pthread_mutex_lock(&r->mu);
+    json_t *m = anthropic_message(a, r, json_array());
+    pthread_mutex_unlock(&r->mu);
+    send_named_event(c, "message_start", json_pack("{s:s, s:o}", "type", "message_start", "message", m));
 }
 
 static void anthropic_stream_end(struct moed_conn *c, struct moed_req *r, enum moed_finish fin)
