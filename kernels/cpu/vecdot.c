@@ -721,13 +721,13 @@ AVX512 static inline __m128 f16x4(uint16_t a, uint16_t b, uint16_t c, uint16_t d
 #define QUAD_ROWS(WEIGHTS, DOT, DW, TAIL)                                                         \
     const __m512i ia = halves32(0, 1), ib = halves32(2, 3);                                        \
     __m512 acc0[4], acc1[4];                                                                       \
-    for (int t = 0; t < NT; t++)                                                                   \
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)                                                                   \
         acc0[t] = acc1[t] = _mm512_setzero_ps();                                                   \
     int64_t i = 0;                                                                                 \
     for (; i + 4 <= nb; i += 4) {                                                                  \
         const __m512i w0 = WEIGHTS(i), w1 = WEIGHTS(i + 2);                                        \
         const __m128 dw = DW(i);                                                                   \
-        for (int t = 0; t < NT; t++) {                                                             \
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {                                                             \
             const struct moe_block_q8_0 *y = (const struct moe_block_q8_0 *)(act + (size_t)t * stride); \
             const __m512i v0 = DOT(w0, load2x256(y[i].qs, y[i + 1].qs));                           \
             const __m512i v1 = DOT(w1, load2x256(y[i + 2].qs, y[i + 3].qs));                       \
@@ -737,7 +737,7 @@ AVX512 static inline __m128 f16x4(uint16_t a, uint16_t b, uint16_t c, uint16_t d
             acc1[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_permutexvar_ps(ib, d4), acc1[t]); \
         }                                                                                          \
     }                                                                                              \
-    for (int t = 0; t < NT; t++) {                                                                 \
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {                                                                 \
         const struct moe_block_q8_0 *y = (const struct moe_block_q8_0 *)(act + (size_t)t * stride); \
         float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));                           \
         if (i < nb)                                                                                \
@@ -839,7 +839,7 @@ AVX512 static inline __attribute__((always_inline)) void q4_k_rows(const struct 
     const __m512i idx0 = halves16(0, 1), idx1 = halves16(2, 3), idx2 = halves16(4, 5), idx3 = halves16(6, 7);
     __m512 acc[4];
     __m256 accm[4];
-    for (int t = 0; t < NT; t++) {
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
         acc[t] = _mm512_setzero_ps();
         accm[t] = _mm256_setzero_ps();
     }
@@ -857,7 +857,7 @@ AVX512 static inline __attribute__((always_inline)) void q4_k_rows(const struct 
         const __m512i q2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 64))), shift), m4);
         const __m512i q3 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 96))), shift), m4);
         const float dw = hf(x[i].d), dmw = hf(x[i].dmin);
-        for (int t = 0; t < NT; t++) {
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
             const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i;
             const int8_t *q8 = y->qs;
             const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y->bsums), _mm256_set1_epi16(1));
@@ -869,7 +869,7 @@ AVX512 static inline __attribute__((always_inline)) void q4_k_rows(const struct 
             acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dw * y->d), _mm512_cvtepi32_ps(isum), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
         out[t] = _mm512_reduce_add_ps(acc[t]) - hsum8(accm[t]);
 }
 
@@ -934,7 +934,7 @@ AVX512 static inline __attribute__((always_inline)) void q6_k_rows(const struct 
             _mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 3)), _mm_set1_epi16((short)(4 * k + 2))), 1);
     __m512 acc[4];
     __m256 accc[4];
-    for (int t = 0; t < NT; t++) {
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
         acc[t] = _mm512_setzero_ps();
         accc[t] = _mm256_setzero_ps();
     }
@@ -953,7 +953,7 @@ AVX512 static inline __attribute__((always_inline)) void q6_k_rows(const struct 
             s[2 * n + 1] = _mm512_permutexvar_epi16(idx[2 * n + 1], sc);
         }
         const float dw = hf(x[i].d);
-        for (int t = 0; t < NT; t++) {
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
             const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i;
             const __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)y->bsums));
             const float d = dw * y->d;
@@ -965,7 +965,7 @@ AVX512 static inline __attribute__((always_inline)) void q6_k_rows(const struct 
             acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++)
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
         out[t] = _mm512_reduce_add_ps(acc[t]) - hsum8(accc[t]);
 }
 
