@@ -39,6 +39,20 @@
     "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|" num \
     "| ?[^" WS "\\p{L}\\p{N}]+[\\r\\n]*|" S_ "*[\\r\\n]+|" S_ "+(?!" NS_ ")|" S_ "+"
 #define RE_LLAMA3 RE_LLAMA3_N("\\p{N}{1,3}")
+/* qwen35: letters and marks together:
+ * (?:'[sS]|...)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
+#define RE_QWEN35 \
+    "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}\\p{M}]+|\\p{N}" \
+    "| ?[^" WS "\\p{L}\\p{M}\\p{N}]+[\\r\\n]*|" S_ "*[\\r\\n]+|" S_ "+(?!" NS_ ")|" S_ "+"
+/* gpt-4o / minimax-m2, as llama.cpp rewrites tokenizer.json's \p{Lu}... classes:
+ * a letter that is not ASCII lower case ((?=\p{L})[^a-z]) / not ASCII upper
+ * case ((?=\p{L})[^A-Z]), which is what its category-collapsed matching
+ * sees for every non-ASCII letter; contractions attached */
+#define CONTR "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+#define RE_GPT4O \
+    "[^\\r\\n\\p{L}\\p{N}]?(?:(?=\\p{L})[^a-z])*(?:(?=\\p{L})[^A-Z])+" CONTR \
+    "|[^\\r\\n\\p{L}\\p{N}]?(?:(?=\\p{L})[^a-z])+(?:(?=\\p{L})[^A-Z])*" CONTR \
+    "|\\p{N}{1,3}| ?[^" WS "\\p{L}\\p{N}]+[\\r\\n/]*|" S_ "*[\\r\\n]+|" S_ "+(?!" NS_ ")|" S_ "+"
 #define RE_QWEN2  RE_LLAMA3_N("\\p{N}")
 
 /* deepseek-llm / deepseek-coder literal classes (gen_pretok_classes.py) */
@@ -93,6 +107,10 @@ static const struct pretok_def defs[] = {
     /* (golden: qwen2) */
     { { "qwen2", "deepseek-r1-qwen", "kormo", NULL }, false, false, false, { RE_QWEN2, NULL } },
     { { "stablelm2", "megrez", NULL }, true, false, false, { RE_QWEN2, NULL } },
+    /* issue 22's families (tests/parity/test_tokenizer_pre.c against llama.cpp) */
+    { { "qwen35", NULL }, false, false, false, { RE_QWEN35, NULL } },
+    { { "glm4", "glm5", NULL }, true, true, false, { RE_LLAMA3, NULL } },
+    { { "minimax-m2", "gpt-4o", "llama4", NULL }, false, false, false, { RE_GPT4O, NULL } },
     /* (golden: deepseek-llm) */
     { { "deepseek-llm", NULL }, false, false, false,
       { "[\\r\\n]", S_ "?[" CLS_DS_LETTERS "]+", S_ "?[" CLS_DS_PUNCT "]+", S_ "+$",
