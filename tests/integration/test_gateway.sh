@@ -60,10 +60,21 @@ backend daemons
 CFG
 haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.log" 2>&1 &
 pids+=($!)
+# up to 120 s each: three daemons loading at once under TSan on a loaded
+# 2-core machine took more than the 30 s this waited before
 for i in 0 1 2; do
-  for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:${ports[$i]}/health" >/dev/null && break; sleep 0.1; done
+  up=
+  for _ in $(seq 1 1200); do
+    curl -sf "http://127.0.0.1:${ports[$i]}/health" >/dev/null && { up=1; break; }
+    sleep 0.1
+  done
+  [ -n "$up" ] || fail "moed$i did not answer /health within 120 s"
 done
-sleep 1   # the gateway's first health checks
+# the gateway's first health checks: until it forwards /health (30 s at most)
+for _ in $(seq 1 300); do
+  curl -sf -m 5 "http://127.0.0.1:$gw/health" >/dev/null && break
+  sleep 0.1
+done
 
 ask() {   # session -> the daemon that answered ("" on failure)
   curl -sf -m 20 "http://127.0.0.1:$gw/v1/completions" -H "X-Session-Id: $1" \
