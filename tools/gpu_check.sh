@@ -37,7 +37,9 @@
 #   bench      tools/gpu/bench.py: Mixtral-8x7B-shaped Q4_0 and
 #              Qwen3-30B-A3B-shaped (Q4_K_M when moe-gen writes it, else
 #              Q4_0) generated on this disk; resident, 12.5/25/50/100% x
-#              prefetch off/on; until the time budget is spent
+#              prefetch off/on, and at 25% and 12.5% the three miss lanes
+#              (copy, cpu, auto: doc/cache.md "Hybrid lanes"), in the order
+#              of tools/gpu/bench.py's RUNS; until the time budget is spent
 #   report     OUT/gpu-report.md and OUT/gpu-report.json (tools/gpu/report.py),
 #              OUT/bench.json, OUT/log.txt (every step's output)
 #
@@ -55,7 +57,7 @@
 #   memcheck    -                     60-120 s (memcheck slows kernels 10-100x;
 #                                     the quick subset), capped at 150 s
 #   bench       17 s (dry shapes)     the rest, ~200 s: generating and packing
-#                                     ~10 GB, 18 decode runs of ~5-15 s; each
+#                                     ~10 GB, 28 decode runs of ~5-15 s; each
 #                                     run is cut to the time left and what did
 #                                     not run is listed in the report
 #   report      <1 s                  <1 s

@@ -317,7 +317,9 @@ static int cmd_run(int argc, char **argv)
     } else {
         const double n = decode;
         const uint64_t hits = c1.hits - c0.hits, misses = c1.misses - c0.misses;
-        const uint64_t host_hits = c1.host_hits - c0.host_hits, acc = hits + misses;
+        /* misses the CPU lane computed never reached the cache: accesses too */
+        const uint64_t lane_cpu = c1.lane_cpu - c0.lane_cpu + c1.lane_both - c0.lane_both;
+        const uint64_t host_hits = c1.host_hits - c0.host_hits, acc = hits + misses + lane_cpu;
         const double up_s = c1.upload_s - c0.upload_s;
         const uint64_t up_tb = c1.upload_timed_bytes - c0.upload_timed_bytes;
         const double stall = c1.stall_s - c0.stall_s;
@@ -347,7 +349,7 @@ static int cmd_run(int argc, char **argv)
                (double)(c1.upload_bytes - c0.upload_bytes) / n, up_s > 0 ? (double)up_tb / up_s / 1e9 : 0.0,
                (double)(c1.bytes_loaded - c0.bytes_loaded) / n, (double)host_hits * (double)p.slot_bytes / n,
                hits, misses, host_hits, acc ? (double)hits / acc : 1.0, acc ? (double)host_hits / acc : 0.0,
-               acc ? (double)(misses - host_hits) / acc : 0.0, c1.uploads - c0.uploads,
+               acc ? (double)(misses - host_hits + lane_cpu) / acc : 0.0, c1.uploads - c0.uploads,
                c1.uploads_timed - c0.uploads_timed, c1.upload_host_waits - c0.upload_host_waits,
                c1.prefetch_issued - c0.prefetch_issued, c1.prefetch_used - c0.prefetch_used, lane,
                (double)(c1.lane_cpu - c0.lane_cpu) / n, (double)(c1.lane_copy - c0.lane_copy) / n,
