@@ -353,6 +353,26 @@ static int expert_failed(struct moe_model *m, int il, int e, int rc, const struc
 
 /* ---- the CPU lane ----------------------------------------------------- */
 
+static double lane_now(void);
+
+/* A cached expert on the device lane. Where ops run synchronously (the CPU
+ * backend acting as a device) its time is the device's expert rate for
+ * the lane rule; a GPU's kernels are asynchronous, so there the rule keeps
+ * its default. */
+static int expert_ffn_timed(struct moe_model *m, const struct layer *L, int il, int e, const uint8_t *blob)
+{
+    if (m->ex.lane_j == NULL || !m->be->ops->host_memory || m->ex.miss_lane != MOE_MISS_LANE_AUTO)
+        return expert_ffn_cached(m, L, e, blob);
+    const struct moe_expert_layout *lay = moe_expert_src_layout(m->ex.src, (uint32_t)il);
+    const uint64_t bytes = lay ? lay->raw_size : 0;
+    const double t0 = lane_now();
+    const int rc = expert_ffn_cached(m, L, e, blob);
+    if (rc == 0)
+        moe_lane_observe_dev(&m->ex.lane, bytes, bytes * (uint64_t)m->a.expert_count[e], lane_now() - t0);
+    return rc;
+}
+
+
 static double lane_now(void)
 {
     struct timespec ts;
@@ -583,7 +603,7 @@ static int lane_assign(struct moe_model *m, int il, int np, int cpu, int *n_bg)
         m->ex.lane_j[nm] = j;
         m->ex.lane_miss[nm++] = (struct moe_lane_miss){ .bytes = bytes, .n_tokens = m->a.expert_count[e] };
     }
-    if (m->ex.lane_j == NULL || nm == 0)
+    if (m->ex.lane_j == NULL)
         return 0;
     if (!m->ex.reuse_seeded) {
         /* a warm start's counts (loaded after the lanes were made) */
@@ -591,7 +611,10 @@ static int lane_assign(struct moe_model *m, int il, int np, int cpu, int *n_bg)
         if (m->ex.uses != NULL)
             moe_lane_reuse_seed(&m->ex.reuse, m->ex.uses);
     }
+    /* every visit counts for the frequencies, those without misses too */
     moe_lane_reuse_visit(&m->ex.reuse, il, m->ex.pend_e, np, nm);
+    if (nm == 0)
+        return 0;
     if (mode == MOE_MISS_LANE_AUTO) {
         step.evict_reuse = moe_lane_reuse_victim(&m->ex.reuse, il);
         for (int i = 0; i < nm; i++) {
@@ -712,7 +735,7 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
                 continue;
             }
             if (r == 1) {
-                rc = expert_ffn_cached(m, L, m->ex.pend_e[j], blob);
+                rc = expert_ffn_timed(m, L, il, m->ex.pend_e[j], blob);
                 moe_expert_cache_release(m->ex.cache, il, m->ex.pend_e[j]);
                 m->ex.pend_state[j] = DONE;
                 remaining--;
@@ -762,7 +785,7 @@ static int experts_cached(struct moe_model *m, int il, int64_t n, struct moe_dia
             m->ex.lane_st.lane_copy_wait_s += lane_now() - w0;
         const int j = wi[which];
         if (rc == 0) {
-            rc = expert_ffn_cached(m, L, m->ex.pend_e[j], blob);
+            rc = expert_ffn_timed(m, L, il, m->ex.pend_e[j], blob);
         } else {
             /* its load failed: the slot is released below and never cached */
             rc = expert_failed(m, il, m->ex.pend_e[j], rc, &d);
