@@ -35,7 +35,7 @@ SEQ_LENS = (1, 7, 24)
 N_GREEDY = 16
 
 
-def write_glm4moe(path, seed, vocab):
+def write_glm4moe(path, seed, vocab, n_embd=None):
     """GLM-4.5 layout: partial rotary (rope dims < head dim), head dim not
     n_embd / n_head, q/k/v biases, per-head q/k norms, post_attention_norm
     before the FFN, one dense lead layer, sigmoid routing with exp_probs_b,
@@ -45,6 +45,7 @@ def write_glm4moe(path, seed, vocab):
     tokens, types, merges = vocab
     rng = np.random.default_rng(seed)
     E, H, HKV, HD, NROT, L, DENSE, NEXTN = 64, 4, 2, 24, 12, 3, 1, 1
+    E = n_embd or E   # tests/parity/test_family_kquant.py: 256, so that K-quants apply
     X, K, FF, FFX, NSH = 8, 2, 96, 32, 1
     V = len(tokens)
     arch = "glm4moe"
@@ -127,7 +128,7 @@ def write_glm4moe(path, seed, vocab):
     w.close()
 
 
-def write_minimax_m2(path, seed, vocab):
+def write_minimax_m2(path, seed, vocab, n_embd=None):
     """MiniMax-M2 layout: partial rotary NEOX, head dim key_length, q/k
     RMSNorm over the whole projection (q [n_head*hd], k [n_head_kv*hd]), no
     attention biases, sigmoid routing with exp_probs_b and always
@@ -138,6 +139,7 @@ def write_minimax_m2(path, seed, vocab):
     tokens, types, merges = vocab
     rng = np.random.default_rng(seed)
     E, H, HKV, HD, NROT, L, X, K, FF = 64, 4, 2, 32, 16, 2, 8, 2, 32
+    E = n_embd or E   # tests/parity/test_family_kquant.py: 256, so that K-quants apply
     V = len(tokens)
     arch = "minimax-m2"
     w = gguf.GGUFWriter(path, arch)
@@ -198,7 +200,7 @@ def write_minimax_m2(path, seed, vocab):
     w.close()
 
 
-def write_qwen35moe(path, seed, vocab):
+def write_qwen35moe(path, seed, vocab, n_embd=None):
     """Qwen3.5/3.6 MoE layout (llama.cpp's qwen35moe): gated delta-net
     (linear attention) layers, with every full_attention_interval-th layer a
     full-attention one (here 2: layers 0 and 2 recurrent, layer 1 attention).
@@ -215,6 +217,7 @@ def write_qwen35moe(path, seed, vocab):
     tokens, types, merges = vocab
     rng = np.random.default_rng(seed)
     E, H, HKV, HD, NROT, L, X, K, FFX, FFS = 32, 4, 2, 16, 8, 3, 6, 2, 32, 32
+    E = n_embd or E   # tests/parity/test_family_kquant.py: 256, so that K-quants apply
     DCONV, DSTATE, NKH, NVH, INTERVAL = 4, 16, 2, 4, 2
     KEYD, VALD = DSTATE * NKH, DSTATE * NVH
     V = len(tokens)
@@ -297,7 +300,7 @@ def write_qwen35moe(path, seed, vocab):
     w.close()
 
 
-def write_gemma4(path, seed, vocab):
+def write_gemma4(path, seed, vocab, n_embd=None):
     """Gemma 4's MoE layout (26B-A4B, scaled down): sliding layers (pattern
     array) with their own head dim, KV heads, rotary dims and base; global
     layers with a larger head dim, proportional RoPE (rope_freqs: pairs past
@@ -315,6 +318,7 @@ def write_gemma4(path, seed, vocab):
     tokens, types, merges = vocab
     rng = np.random.default_rng(seed)
     E, H, L, FF, X, K, FFX, WIN = 32, 2, 4, 32, 6, 2, 16, 4
+    E = n_embd or E   # tests/parity/test_family_kquant.py: 256, so that K-quants apply
     HD_SWA, HD_FULL, KV_SWA, KV_FULL = 16, 32, 2, 1
     SWA = [True, True, False, True]
     V = len(tokens)
