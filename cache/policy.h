@@ -28,8 +28,8 @@
  *          transition model P(expert b at this visit | experts used at the
  *          layer's previous visit), counted from past token steps. It also
  *          notices layer-major (prefill) order, where the layer being
- *          computed is the one needed next. The closest to Belady on every
- *          real trace measured (doc/cache.md).
+ *          computed is the one needed next. The closest to Belady at 5-10%
+ *          capacity on every real trace measured (doc/cache.md).
  */
 #ifndef MOE_CACHE_POLICY_H
 #define MOE_CACHE_POLICY_H

@@ -32,8 +32,8 @@ static void test_engine_table(void)
     struct moe_model_opts o;
     moe_model_opts_defaults(&o);
     CHECK_INT(o.n_ctx, ==, 4096);
-    CHECK_INT(o.cache_policy, ==, MOE_POLICY_LAYER);
-    CHECK_INT(o.prefetch, ==, MOE_PREFETCH_NONE);
+    CHECK_INT(o.cache_policy, ==, MOE_POLICY_PREDICT);
+    CHECK_INT(o.prefetch, ==, MOE_PREFETCH_GATE);
     CHECK_INT(o.prefetch_depth, ==, 1);
     CHECK_INT(o.backend, ==, MOE_BACKEND_CPU);
     CHECK(moe_model_opts_check(&o, NULL) == 0);
