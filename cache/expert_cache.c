@@ -823,6 +823,16 @@ void moe_expert_cache_stats(struct moe_expert_cache *c, struct moe_cache_stats *
     out->format_errors = io.format_errors;
     out->io_errors = io.io_errors;
     out->read_retries = io.read_retries;
+    out->io_requests = io.ring.requests;
+    out->io_bytes = io.ring.bytes;
+    out->io_busy_s = io.ring.busy_s;
+    out->io_depth_s = io.ring.depth_s;
+    out->io_pages_s = io.ring.pages_s;
+    out->io_max_depth = io.ring.max_depth;
+    out->io_queue_depth = io.queue_depth;
+    out->io_staging = io.n_staging;
+    out->io_stage_wait_s = io.stage_wait_s;
+    out->io_load_s = io.load_s;
 }
 
 int moe_expert_cache_layer_stats(struct moe_expert_cache *c, struct moe_cache_layer_stats *out,

@@ -42,6 +42,15 @@ struct moe_cache_stats {
     /* miss_lane = auto: decode steps the governor ran in each arm (auto,
      * copy-only, cpu-only; cache/lane.h) */
     uint64_t lane_steps_auto, lane_steps_copy, lane_steps_cpu;
+    /* The expert store's reader (io/expert_src.h moe_io_stats): requests
+     * and bytes read, the time a request was in flight, the integrals of
+     * the requests and 4 KiB pages in flight (/ io_busy_s: the depth and
+     * bytes in flight achieved), the most requests in flight, the
+     * configured depth and staging buffers, the time demand loads waited
+     * for a staging buffer and the loads' summed latency. */
+    uint64_t io_requests, io_bytes;
+    double io_busy_s, io_depth_s, io_pages_s, io_stage_wait_s, io_load_s;
+    unsigned io_max_depth, io_queue_depth, io_staging;
     int n_slots;
     size_t slot_bytes;
 };

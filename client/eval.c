@@ -688,6 +688,14 @@ static void print_cache_stats(struct moe_model *m)
                 (unsigned long long)cs.lane_both, (unsigned long long)cs.lane_both_bytes,
                 (unsigned long long)cs.lane_steps_auto, (unsigned long long)cs.lane_steps_copy,
                 (unsigned long long)cs.lane_steps_cpu);
+    if (moe_model_cache_stats(m, &cs))
+        fprintf(stderr, "{\"io_requests\": %llu, \"io_bytes\": %llu, \"io_busy_s\": %.6f,"
+                " \"io_depth_s\": %.6f, \"io_pages_s\": %.6f, \"io_max_depth\": %u,"
+                " \"io_queue_depth\": %u, \"io_staging\": %u, \"io_stage_wait_s\": %.6f,"
+                " \"io_load_s\": %.6f, \"loads_ok\": %llu}\n",
+                (unsigned long long)cs.io_requests, (unsigned long long)cs.io_bytes, cs.io_busy_s,
+                cs.io_depth_s, cs.io_pages_s, cs.io_max_depth, cs.io_queue_depth, cs.io_staging,
+                cs.io_stage_wait_s, cs.io_load_s, (unsigned long long)cs.loads_ok);
     uint64_t pf_on = 0, pf_off = 0;
     if (moe_model_prefetch_steps(m, &pf_on, &pf_off))
         fprintf(stderr, "{\"prefetch_steps_on\": %llu, \"prefetch_steps_off\": %llu}\n",
@@ -709,21 +717,42 @@ static void print_cache_stats(struct moe_model *m)
     fprintf(stderr, "]}\n");
 }
 
+/* Bytes this process has caused to be read from storage so far
+ * (/proc/self/io read_bytes: O_DIRECT reads and page faults alike); 0 when
+ * unknown. Less the expert store's reads, what the mapped weights cost. */
+static unsigned long long proc_read_bytes(void)
+{
+    FILE *f = fopen("/proc/self/io", "r");
+    unsigned long long v = 0;
+    char line[128];
+    while (f && fgets(line, sizeof(line), f))
+        if (sscanf(line, "read_bytes: %llu", &v) == 1)
+            break;
+    if (f)
+        fclose(f);
+    return v;
+}
+
 /* The plan the model was sized by, and what the process actually held at
  * its peak (resident pages, mapped weights included). */
 static void print_memory(struct moe_model *m)
 {
     const struct moe_model_plan *p = moe_model_plan_of(m);
+    struct moe_buf b;
+    moe_buf_init(&b, 1u << 16);
+    if (moe_model_plan_format(p, &b) == 0)
+        fprintf(stderr, "plan:\n%.*s", (int)b.len, (const char *)b.data);
+    moe_buf_free(&b);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     fprintf(stderr, "{\"plan_bytes\": %" PRIu64 ", \"plan_host_bytes\": %" PRIu64 ", \"host_budget\": %"
             PRIu64 ", \"cache_slots\": %d, \"auto_sized\": %s, \"warm_loads\": %d,"
-            " \"peak_rss_bytes\": %llu}\n",
+            " \"peak_rss_bytes\": %llu, \"read_bytes\": %llu}\n",
             p->dense_bytes + p->kv_bytes + p->cache_bytes + p->host_bytes + p->workspace_bytes +
             p->staging_bytes +
             (p->expert_cache ? 0 : p->expert_bytes), moe_model_plan_host_bytes(p, p->opts.backend),
             p->host_budget, p->n_slots, p->auto_sized ? "true" : "false", moe_model_warm_loads(m),
-            (unsigned long long)ru.ru_maxrss * 1024ull);
+            (unsigned long long)ru.ru_maxrss * 1024ull, proc_read_bytes());
 }
 
 /* Prints sampled token t: its text with a tokenizer, else its id. */
@@ -747,6 +776,7 @@ static int do_run(struct eval_ctx *x)
     struct moe_diag d = { 0 };
     struct moe_sampler *smp = NULL;
     int32_t *hist = malloc((size_t)(x->n_tok + n_predict + 1) * sizeof(int32_t));
+    double *step = NULL;
     x->logits = malloc((size_t)V * sizeof(float));
     int ret = 1;
     if (x->logits == NULL || hist == NULL) {
@@ -774,6 +804,16 @@ static int do_run(struct eval_ctx *x)
         goto out;
     }
     const double t1 = now_s();
+    /* --stats: the counters at the end of prefill (decode's share is the
+     * final value less these) and per decode step its time, stall and
+     * bytes loaded */
+    struct moe_cache_stats cs0 = { 0 }, csp = { 0 };
+    const bool cached = x->a.stats && moe_model_cache_stats(x->m, &cs0);
+    const unsigned long long rb0 = x->a.stats ? proc_read_bytes() : 0;
+    csp = cs0;
+    if (x->a.stats && n_predict > 1)
+        step = calloc((size_t)n_predict * 3, sizeof(double));
+    double tp = t1;
     struct moe_detok_stream ds;
     if (x->tok)
         moe_detok_stream_init(&ds, x->tok, false);
@@ -787,6 +827,17 @@ static int do_run(struct eval_ctx *x)
         if (i + 1 < n_predict && moe_model_forward(x->m, x->s, &t, 1, x->logits, false, rfn, &rro, &d)) {
             fprintf(stderr, "\nmoectl: %s\n", d.msg);
             goto out;
+        }
+        if (step && i + 1 < n_predict) {
+            struct moe_cache_stats cn = { 0 };
+            const double tn = now_s();
+            step[3 * i] = tn - tp;
+            if (cached && moe_model_cache_stats(x->m, &cn)) {
+                step[3 * i + 1] = cn.stall_s - csp.stall_s;
+                step[3 * i + 2] = (double)(cn.bytes_loaded - csp.bytes_loaded);
+                csp = cn;
+            }
+            tp = tn;
         }
     }
     char piece[1024];
@@ -805,6 +856,25 @@ static int do_run(struct eval_ctx *x)
         const double t2 = now_s();
         print_cache_stats(x->m);
         print_memory(x->m);
+        fprintf(stderr, "{\"prefill_read_bytes\": %llu}\n", rb0);
+        if (cached)
+            fprintf(stderr, "{\"prefill_bytes_loaded\": %llu, \"prefill_stall_s\": %.6f,"
+                    " \"prefill_io_bytes\": %llu, \"prefill_io_requests\": %llu,"
+                    " \"prefill_io_busy_s\": %.6f, \"prefill_io_depth_s\": %.6f,"
+                    " \"prefill_io_pages_s\": %.6f, \"prefill_hits\": %llu, \"prefill_misses\": %llu}\n",
+                    (unsigned long long)cs0.bytes_loaded, cs0.stall_s, (unsigned long long)cs0.io_bytes,
+                    (unsigned long long)cs0.io_requests, cs0.io_busy_s, cs0.io_depth_s, cs0.io_pages_s,
+                    (unsigned long long)cs0.hits, (unsigned long long)cs0.misses);
+        if (step) {
+            const char *names[3] = { "step_s", "step_stall_s", "step_bytes_loaded" };
+            for (int k = 0; k < 3; k++) {
+                fprintf(stderr, "%s\"%s\": [", k ? ", " : "{", names[k]);
+                for (long i = 0; i + 1 < n_predict; i++)
+                    fprintf(stderr, k == 2 ? "%s%.0f" : "%s%.4f", i ? ", " : "", step[3 * i + k]);
+                fprintf(stderr, "]");
+            }
+            fprintf(stderr, "}\n");
+        }
         /* the last sampled token is not run through the model */
         const long n_dec = n_predict > 1 ? n_predict - 1 : 0;
         fprintf(stderr, "{\"prefill_tokens\": %" PRId64 ", \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"
@@ -815,6 +885,7 @@ static int do_run(struct eval_ctx *x)
     ret = 0;
 out:
     moe_sampler_free(smp);
+    free(step);
     free(hist);
     return ret;
 }

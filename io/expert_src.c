@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/alloc.h"
@@ -40,9 +41,12 @@ struct lreq {
     struct stage *st;
     size_t pos[MOE_EXPERT_MAX_SLICES]; /* GGUF: where each slice landed in the stage */
     bool direct;                /* raw blob read into dst; only its unaligned tail is staged */
+    bool gguf_direct;           /* GGUF: every slice read straight into dst (no stage, no copy) */
     unsigned reads;             /* outstanding reads */
     int status;
     uint64_t fail_off;          /* where the failed read was */
+    bool prefetch;              /* MOE_LOAD_PREFETCH */
+    uint64_t t_queued, t_started; /* CLOCK_MONOTONIC ns */
 };
 
 struct moe_expert_src {
@@ -50,10 +54,12 @@ struct moe_expert_src {
     struct moe_pack *pack;
     struct moe_gguf *gguf;
     struct moe_expert_layout *layouts;  /* GGUF */
+    bool *direct_layer;         /* GGUF: the layer's layout puts slices where O_DIRECT can read them */
     uint32_t n_layer, n_expert;
     struct moe_uring *io;
     size_t align, stage_cap;
     unsigned n_stages, n_workers, n_started;
+    unsigned n_reserve;         /* staging buffers prefetches leave free for demand loads */
     struct stage *stages, *free_stages;
     pthread_t io_thread, *workers;
     bool io_started;
@@ -66,7 +72,15 @@ struct moe_expert_src {
     struct { uint64_t off, end; const struct lreq *r; } fr[32];
     unsigned n_fr;
     _Atomic uint64_t st_ok, st_failed, st_cks, st_fmt, st_io, st_cancel, st_stored, st_raw;
+    _Atomic uint64_t st_stage_wait_ns, st_load_ns;
 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static void q_push(struct moe_queue *q, struct lreq *r)
 {
@@ -152,6 +166,9 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
 {
     const uint64_t A = s->align;
     int rc = 0;
+    /* a demand load's reads overtake the queued reads of prefetches */
+    int (*const read)(struct moe_uring *, uint64_t, void *, size_t, size_t, int, moe_uring_done_fn,
+                      void *) = r->prefetch ? moe_uring_read : moe_uring_read_urgent;
     const uint64_t n = r->blob.stored_size;
     r->direct = s->pack && r->blob.codec == MOE_CODEC_RAW && n == r->dst_size && n == r->blob.raw_size &&
                 r->blob.offset % A == 0 && (uintptr_t)r->dst % A == 0 && n >= A;
@@ -163,11 +180,11 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
         r->reads = tail ? 2 : 1;
         r->fail_off = r->blob.offset;
         fault_track(s, r, r->blob.offset, n);
-        rc = moe_uring_read(s->io, r->blob.offset, r->dst, (size_t)bulk, (size_t)bulk, -1, read_done, r);
+        rc = read(s->io, r->blob.offset, r->dst, (size_t)bulk, (size_t)bulk, -1, read_done, r);
         if (rc < 0) {
             r->reads = 0;
         } else if (tail) {
-            rc = moe_uring_read(s->io, r->blob.offset + bulk, r->st->buf, (size_t)up(tail, A), (size_t)tail,
+            rc = read(s->io, r->blob.offset + bulk, r->st->buf, (size_t)up(tail, A), (size_t)tail,
                                 r->st->index, read_done, r);
             if (rc < 0) {
                 r->fail_off = r->blob.offset + bulk;
@@ -179,23 +196,35 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
         r->reads = 1;
         fault_track(s, r, r->blob.offset, r->blob.stored_size);
         r->fail_off = r->blob.offset;
-        rc = moe_uring_read(s->io, r->blob.offset, r->st->buf, len, (size_t)r->blob.stored_size,
+        rc = read(s->io, r->blob.offset, r->st->buf, len, (size_t)r->blob.stored_size,
                             r->st->index, read_done, r);
         if (rc < 0)
             r->reads = 0;
     } else {
-        /* one aligned superset read per slice */
+        /* one aligned superset read per slice: straight into dst where the
+         * layer's layout puts each slice at its file offset within a page
+         * (moe_expert_layout_direct) and dst is page-aligned, else into
+         * the stage, from which the worker copies the slices */
         const struct moe_expert_layout *L = &s->layouts[r->layer];
         size_t pos = 0;
         r->reads = L->n_slices;
+        r->gguf_direct = s->direct_layer[r->layer] && (uintptr_t)r->dst % A == 0 && r->dst_size % A == 0;
         for (uint32_t k = 0; k < L->n_slices; k++) {
             const struct moe_expert_slice *sl = &L->s[k];
             uint64_t off = sl->src_offset + (uint64_t)r->expert * sl->size;
             uint64_t a0 = down(off, A), a1 = up(off + sl->size, A);
             r->pos[k] = pos + (size_t)(off - a0);
             fault_track(s, r, off, sl->size);
-            rc = moe_uring_read(s->io, a0, r->st->buf + pos, (size_t)(a1 - a0),
-                                (size_t)(off + sl->size - a0), r->st->index, read_done, r);
+            if (r->gguf_direct) {
+                /* [a0, a1) lands on [offset - (off - a0), ...): whole pages
+                 * of dst that no other slice's read touches */
+                uint8_t *d = (uint8_t *)r->dst + sl->offset - (off - a0);
+                rc = read(s->io, a0, d, (size_t)(a1 - a0), (size_t)(off + sl->size - a0), -1,
+                                    read_done, r);
+            } else {
+                rc = read(s->io, a0, r->st->buf + pos, (size_t)(a1 - a0),
+                                    (size_t)(off + sl->size - a0), r->st->index, read_done, r);
+            }
             if (rc < 0) {
                 r->fail_off = a0;
                 r->reads -= L->n_slices - k; /* those never start */
@@ -229,10 +258,21 @@ static void *io_main(void *arg)
             if (moe_uring_pending(s->io) == 0)
                 break;
         }
-        while (s->free_stages && !(moe_queue_empty(&s->urgent) && moe_queue_empty(&s->prefetch))) {
-            struct lreq *r = moe_queue_empty(&s->urgent) ? q_pop(&s->prefetch) : q_pop(&s->urgent);
+        /* prefetches leave a few buffers to demand loads, which would
+         * otherwise wait behind them for one */
+        for (;;) {
+            unsigned nfree = 0;
+            for (const struct stage *st = s->free_stages; st && nfree <= s->n_reserve; st = st->next)
+                nfree++;
+            const bool urg = !moe_queue_empty(&s->urgent);
+            if (nfree == 0 || (!urg && (moe_queue_empty(&s->prefetch) || nfree <= s->n_reserve)))
+                break;
+            struct lreq *r = urg ? q_pop(&s->urgent) : q_pop(&s->prefetch);
             r->st = s->free_stages;
             s->free_stages = r->st->next;
+            r->t_started = now_ns();
+            if (!r->prefetch)
+                s->st_stage_wait_ns += r->t_started - r->t_queued;
             start_reads(s, r);
         }
         pthread_mutex_unlock(&s->mu);
@@ -279,6 +319,8 @@ static int decode(struct moe_expert_src *s, struct lreq *r, struct moe_codec_dct
         r->st->buf[r->blob.stored_size / 2] ^= 0x5a;
     if (s->pack)
         return moe_pack_decode_blob(s->pack, &r->blob, d, r->st->buf, r->dst, r->dst_size, diag);
+    if (r->gguf_direct)
+        return 0;   /* every slice is where it belongs; padding holds the file's neighbouring bytes */
     const struct moe_expert_layout *L = &s->layouts[r->layer];
     uint8_t *dst = r->dst;
     uint64_t end = 0;
@@ -315,6 +357,8 @@ static void *pool_main(void *arg)
         }
         pthread_mutex_unlock(&s->mu);
         moe_uring_wake(s->io);
+        if (r->t_started)
+            s->st_load_ns += now_ns() - r->t_started;
         if (rc == 0) {
             s->st_ok++;
             s->st_stored += s->pack ? r->blob.stored_size : r->dst_size;
@@ -409,6 +453,16 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
         goto fail;
     s->align = moe_uring_align(s->io) > 4096 ? moe_uring_align(s->io) : 4096;
     if (s->gguf) {
+        /* the layouts the plan sizes slots by (model/plan.c) are made the
+         * same way, with 4096 */
+        s->direct_layer = moe_calloc(s->n_layer ? s->n_layer : 1, sizeof(bool));
+        if (s->direct_layer == NULL) {
+            rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+            goto fail;
+        }
+        for (uint32_t l = 0; l < s->n_layer; l++)
+            s->direct_layer[l] = moe_expert_layout_direct(&s->layouts[l], MOE_EXPERT_DIRECT_ALIGN) &&
+                                 s->align == MOE_EXPERT_DIRECT_ALIGN && moe_uring_is_direct(s->io);
         for (uint32_t l = 0; l < s->n_layer; l++) {
             uint64_t need = 0;
             for (uint32_t k = 0; k < s->layouts[l].n_slices; k++)
@@ -421,6 +475,7 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
     if (c.n_staging == 0)
         c.n_staging = moe_expert_src_n_staging(&c, s->stage_cap);
     s->n_stages = c.n_staging;
+    s->n_reserve = s->n_stages > 3 ? 2 : s->n_stages > 1 ? 1 : 0;
     s->stages = moe_calloc(s->n_stages, sizeof(*s->stages));
     struct iovec *iov = moe_calloc(s->n_stages, sizeof(*iov));
     if (s->stages == NULL || iov == NULL) {
@@ -500,6 +555,7 @@ void moe_expert_src_close(struct moe_expert_src *s)
     moe_free(s->stages);
     moe_free(s->workers);
     moe_free(s->layouts);
+    moe_free(s->direct_layer);
     moe_gguf_close(s->gguf);
     moe_pack_close(s->pack);
     moe_free(s->path);
@@ -560,7 +616,8 @@ int moe_expert_src_load(struct moe_expert_src *s, uint32_t layer, uint32_t exper
         return moe_diag_set(diag, -ENOMEM, "%s: expert (layer %u, expert %u): out of memory for the"
                             " load", s->path, layer, expert);
     *r = (struct lreq){ .s = s, .layer = layer, .expert = expert, .dst = dst,
-                        .dst_size = dst_size, .cb = cb, .arg = arg, .blob = b };
+                        .dst_size = dst_size, .cb = cb, .arg = arg, .blob = b,
+                        .prefetch = (flags & MOE_LOAD_PREFETCH) != 0, .t_queued = now_ns() };
     pthread_mutex_lock(&s->mu);
     if (s->stopping) {
         pthread_mutex_unlock(&s->mu);
@@ -644,5 +701,9 @@ void moe_expert_src_stats(struct moe_expert_src *s, struct moe_io_stats *o)
                                 .checksum_errors = s->st_cks, .format_errors = s->st_fmt,
                                 .io_errors = s->st_io, .cancelled = s->st_cancel,
                                 .stored_bytes = s->st_stored, .raw_bytes = s->st_raw,
-                                .read_retries = moe_uring_retries(s->io) };
+                                .read_retries = moe_uring_retries(s->io),
+                                .queue_depth = moe_uring_queue_depth(s->io), .n_staging = s->n_stages,
+                                .stage_wait_s = (double)s->st_stage_wait_ns * 1e-9,
+                                .load_s = (double)s->st_load_ns * 1e-9 };
+    moe_uring_stats(s->io, &o->ring);
 }

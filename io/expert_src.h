@@ -10,7 +10,11 @@
  * last partial block, which goes through the stage; the worker then only
  * copies that tail and checks the XXH3 on dst. No copy of the expert. dst receives the
  * expert's raw blob: moe_expert_src_layout(layer) gives each tensor's
- * offset and size in it (identical for packs and GGUFs).
+ * offset and size in it. A GGUF's layouts put each slice at its file
+ * offset within a page where the slices are whole pages
+ * (moe_expert_layout_direct): the slices' aligned superset reads then go
+ * straight into a page-aligned dst, no stage and no copy, and the padding
+ * between slices holds the file's neighbouring bytes (zeros otherwise).
  *
  * Callbacks (libuv's rule): if moe_expert_src_load returns an error, the
  * callback never runs and dst is untouched (a bad index entry is reported
@@ -67,6 +71,13 @@ struct moe_io_stats {
     uint64_t stored_bytes;   /* read from the file (useful bytes) */
     uint64_t raw_bytes;      /* delivered into destinations */
     uint64_t read_retries;   /* reads requeued after -EAGAIN, -EINTR or a short count (bounded) */
+    struct moe_uring_stats ring; /* the reader: requests, bytes, busy time, depth achieved */
+    unsigned queue_depth;    /* the reader's configured requests in flight */
+    unsigned n_staging;      /* staging buffers: loads read or decoded at once */
+    /* time demand (not prefetch) loads waited for a staging buffer before
+     * their reads were queued, summed; and the time from a load's start to
+     * its callback, summed over loads (/ loads_ok: the mean latency) */
+    double stage_wait_s, load_s;
 };
 
 struct moe_expert_src;

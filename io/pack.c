@@ -162,6 +162,29 @@ int moe_expert_layouts_from_gguf(const struct moe_gguf *g, struct moe_expert_lay
     return 0;
 }
 
+bool moe_expert_layout_direct(struct moe_expert_layout *lo, uint64_t align)
+{
+    if (lo->n_slices == 0 || align == 0)
+        return false;
+    for (uint32_t k = 0; k < lo->n_slices; k++)
+        if (lo->s[k].size % align != 0 || lo->s[k].src_offset % 32 != 0)
+            return false;
+    uint64_t cur = 0;
+    lo->n_groups = 0;
+    for (uint32_t k = 0; k < lo->n_slices; k++) {
+        struct moe_expert_slice *s = &lo->s[k];
+        s->offset = cur + s->src_offset % align;
+        if (is16(s->dtype)) {
+            lo->groups[lo->n_groups].offset = s->offset;
+            lo->groups[lo->n_groups++].size = s->size;
+        }
+        /* the superset read covers [cur, the page after the slice's end) */
+        cur = (s->offset + s->size + align - 1) / align * align;
+    }
+    lo->raw_size = cur;
+    return true;
+}
+
 /* ---- reader ---------------------------------------------------------- */
 
 struct pentry {

@@ -78,6 +78,19 @@ struct moe_expert_layout {
 int moe_expert_layouts_from_gguf(const struct moe_gguf *g, struct moe_expert_layout **out,
                                  uint32_t *n_layer, uint32_t *n_expert, struct moe_diag *diag);
 
+/* GGUF sources read with O_DIRECT (io/expert_src.h): lays one layer's
+ * slices out again so that each sits in the blob at the same offset within
+ * a page of `align` bytes as its bytes do in the file, each slice's aligned
+ * superset on pages of its own; raw_size becomes a whole number of pages.
+ * A page-aligned destination can then receive each slice's aligned
+ * superset read directly, without a copy. Possible only when every slice
+ * is a whole number of pages (then every expert's slice starts at the same
+ * offset within a page); returns false and leaves the layout as it was
+ * otherwise. Offsets stay multiples of the GGUF's alignment (32), not of
+ * MOE_PACK_SLICE_ALIGN: such a layout describes a slot, never a pack. */
+bool moe_expert_layout_direct(struct moe_expert_layout *lo, uint64_t align);
+#define MOE_EXPERT_DIRECT_ALIGN 4096u   /* the page GGUF sources lay their slots out by */
+
 /* True when the tensor is an expert tensor by the rule above. */
 bool moe_expert_tensor_name(const char *name, uint32_t *layer);
 

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <liburing.h>
@@ -27,6 +28,7 @@ struct rop {                 /* one moe_uring_read */
     uint8_t *buf;
     size_t len, need, issued; /* issued: bytes split into requests so far */
     int buf_index;
+    bool urgent;             /* in ops_hi: split before every read of ops */
     unsigned outstanding;    /* requests queued or in flight */
     int status;
     moe_uring_done_fn cb;
@@ -54,21 +56,54 @@ struct moe_uring {
     struct req *reqs, *free_reqs;
     struct moe_queue retry;          /* requests to issue again, first in first out */
     struct moe_queue ops;            /* reads with bytes not yet split, in call order */
+    struct moe_queue ops_hi;         /* the same for urgent reads, split first */
     struct rop *done_head;           /* finished, callbacks to run (a stack) */
     moe_uring_fault_fn fault;
     void *fault_ctx;
     _Atomic uint64_t retries;        /* requeued after -EAGAIN, -EINTR or a short read */
+    /* accounting (moe_uring_stats): written by the owner thread */
+    _Atomic uint64_t st_reqs, st_bytes, st_busy_ns, st_depth_ns, st_pages_ns;
+    _Atomic unsigned st_max_depth;
+    uint64_t acct_ns;                /* when the integrals were last brought up to date */
+    uint64_t inflight_pages;         /* 4 KiB pages of the requests in flight */
     bool logged_uring, logged_direct, logged_reg;
 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Brings the busy time and the in-flight integrals up to now; called
+ * before the number of requests in flight changes (owner thread). */
+static void acct_update(struct moe_uring *r)
+{
+    const uint64_t t = now_ns(), dt = r->acct_ns ? t - r->acct_ns : 0;
+    r->acct_ns = t;
+    if (r->inflight == 0 || dt == 0)
+        return;
+    r->st_busy_ns += dt;
+    r->st_depth_ns += dt * r->inflight;
+    r->st_pages_ns += dt * r->inflight_pages;
+}
 
 static void say(bool *once, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
-/* The first read with bytes not yet split, or NULL. */
+/* The first read with bytes not yet split (urgent ones first), or NULL. */
 static struct rop *op_first(const struct moe_uring *r)
 {
-    struct moe_qnode *n = moe_queue_peek(&r->ops);
+    struct moe_qnode *n = moe_queue_peek(&r->ops_hi);
+    if (n == NULL)
+        n = moe_queue_peek(&r->ops);
     return n ? moe_container_of(n, struct rop, qn) : NULL;
+}
+
+static struct moe_queue *op_queue(struct moe_uring *r, const struct rop *op)
+{
+    return op->urgent ? &r->ops_hi : &r->ops;
 }
 
 static struct req *retry_pop(struct moe_uring *r)
@@ -186,6 +221,19 @@ bool moe_uring_is_direct(const struct moe_uring *r) { return r->direct; }
 unsigned moe_uring_queue_depth(const struct moe_uring *r) { return r->qd; }
 unsigned moe_uring_pending(const struct moe_uring *r) { return r->pending; }
 
+void moe_uring_stats(const struct moe_uring *r, struct moe_uring_stats *o)
+{
+    *o = (struct moe_uring_stats){ 0 };
+    if (r == NULL)
+        return;
+    o->requests = r->st_reqs;
+    o->bytes = r->st_bytes;
+    o->busy_s = (double)r->st_busy_ns * 1e-9;
+    o->depth_s = (double)r->st_depth_ns * 1e-9;
+    o->pages_s = (double)r->st_pages_ns * 1e-9;
+    o->max_depth = r->st_max_depth;
+}
+
 uint64_t moe_uring_retries(const struct moe_uring *r)
 {
     return r ? r->retries : 0;
@@ -218,8 +266,8 @@ void moe_uring_wake(struct moe_uring *r)
     (void)w;  /* EAGAIN: the counter is already non-zero, a wake is pending */
 }
 
-int moe_uring_read(struct moe_uring *r, uint64_t offset, void *buf, size_t len, size_t need,
-                   int buf_index, moe_uring_done_fn cb, void *arg)
+static int read_impl(struct moe_uring *r, uint64_t offset, void *buf, size_t len, size_t need,
+                     int buf_index, moe_uring_done_fn cb, void *arg, bool urgent)
 {
     if (len == 0 || need > len || cb == NULL)
         return -EINVAL;
@@ -235,9 +283,22 @@ int moe_uring_read(struct moe_uring *r, uint64_t offset, void *buf, size_t len, 
     op->buf_index = r->registered ? buf_index : -1;
     op->cb = cb;
     op->arg = arg;
-    moe_queue_push(&r->ops, &op->qn);
+    op->urgent = urgent;
+    moe_queue_push(op_queue(r, op), &op->qn);
     r->pending++;
     return 0;
+}
+
+int moe_uring_read(struct moe_uring *r, uint64_t offset, void *buf, size_t len, size_t need,
+                   int buf_index, moe_uring_done_fn cb, void *arg)
+{
+    return read_impl(r, offset, buf, len, need, buf_index, cb, arg, false);
+}
+
+int moe_uring_read_urgent(struct moe_uring *r, uint64_t offset, void *buf, size_t len, size_t need,
+                          int buf_index, moe_uring_done_fn cb, void *arg)
+{
+    return read_impl(r, offset, buf, len, need, buf_index, cb, arg, true);
 }
 
 static void op_finish_one(struct moe_uring *r, struct rop *op)
@@ -246,7 +307,7 @@ static void op_finish_one(struct moe_uring *r, struct rop *op)
         return;
     /* all requests done, or failed with nothing more in flight */
     if (op->issued < op->len)
-        moe_queue_remove(&r->ops, &op->qn); /* still in the split queue */
+        moe_queue_remove(op_queue(r, op), &op->qn); /* still in the split queue */
     op->next = r->done_head;
     r->done_head = op;
 }
@@ -266,7 +327,7 @@ static struct req *next_req(struct moe_uring *r)
     while ((op = op_first(r)) != NULL && op->status != 0 && op->issued < op->len) {
         /* a failed read issues nothing more; it finishes when its
          * outstanding requests do */
-        moe_queue_pop(&r->ops);
+        moe_queue_pop(op_queue(r, op));
         op->issued = op->len;
         if (op->outstanding == 0) {
             op->next = r->done_head;
@@ -283,7 +344,7 @@ static struct req *next_req(struct moe_uring *r)
     op->issued += n;
     op->outstanding++;
     if (op->issued == op->len)
-        moe_queue_pop(&r->ops);
+        moe_queue_pop(op_queue(r, op));
     return q;
 }
 
@@ -351,7 +412,15 @@ static int run_pread(struct moe_uring *r, bool wait)
 {
     struct req *q;
     while ((q = next_req(r)) != NULL) {
+        const uint64_t t0 = now_ns();
         ssize_t res = pread(r->fd_buf, q->buf, q->len, (off_t)q->off);
+        const uint64_t dt = now_ns() - t0;
+        r->st_busy_ns += dt;
+        r->st_depth_ns += dt;
+        r->st_pages_ns += dt * ((q->len + 4095) / 4096);
+        r->st_reqs++;
+        r->st_bytes += res > 0 ? (uint64_t)res : 0;
+        r->st_max_depth = 1;
         req_complete(r, q, res < 0 ? -errno : (int)res);
     }
     int n = run_callbacks(r);
@@ -394,7 +463,11 @@ static int run_uring(struct moe_uring *r, bool wait)
         else
             io_uring_prep_read(sqe, fd, q->buf, (unsigned)q->len, q->off);
         io_uring_sqe_set_data(sqe, q);
+        acct_update(r);
         r->inflight++;
+        r->inflight_pages += (q->len + 4095) / 4096;
+        if (r->inflight > r->st_max_depth)
+            r->st_max_depth = r->inflight;
         queued++;
     }
     if (queued) {
@@ -426,7 +499,12 @@ static int run_uring(struct moe_uring *r, bool wait)
             r->efd_armed = false;
             continue;
         }
+        acct_update(r);
         r->inflight--;
+        struct req *done = tag;
+        r->inflight_pages -= (done->len + 4095) / 4096;
+        r->st_reqs++;
+        r->st_bytes += res > 0 ? (uint64_t)res : 0;
         req_complete(r, tag, res);
     }
     n += run_callbacks(r);
@@ -437,7 +515,7 @@ int moe_uring_run(struct moe_uring *r, bool wait)
 {
     int n = r->uring ? run_uring(r, wait) : run_pread(r, wait);
     /* a retry queued by a completion above is issued at once */
-    if (n >= 0 && r->uring && !(moe_queue_empty(&r->retry) && moe_queue_empty(&r->ops)) && r->inflight < r->qd) {
+    if (n >= 0 && r->uring && !(moe_queue_empty(&r->retry) && moe_queue_empty(&r->ops) && moe_queue_empty(&r->ops_hi)) && r->inflight < r->qd) {
         int m = run_uring(r, false);
         if (m < 0)
             return m;
@@ -476,7 +554,7 @@ void moe_uring_close(struct moe_uring *r)
         op_finish_one(r, q->op);
     }
     struct moe_qnode *n;
-    while ((n = moe_queue_pop(&r->ops)) != NULL) {
+    while ((n = moe_queue_pop(&r->ops_hi)) != NULL || (n = moe_queue_pop(&r->ops)) != NULL) {
         struct rop *op = moe_container_of(n, struct rop, qn);
         op->issued = op->len;
         if (op->status == 0)

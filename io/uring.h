@@ -82,6 +82,12 @@ int moe_uring_register_buffers(struct moe_uring *r, const struct iovec *iov, uns
 int moe_uring_read(struct moe_uring *r, uint64_t offset, void *buf, size_t len, size_t need,
                    int buf_index, moe_uring_done_fn cb, void *arg);
 
+/* The same, ahead of every read queued with moe_uring_read whose bytes
+ * are not yet all issued (a demand load overtakes queued prefetches;
+ * requests already in flight finish first). */
+int moe_uring_read_urgent(struct moe_uring *r, uint64_t offset, void *buf, size_t len, size_t need,
+                          int buf_index, moe_uring_done_fn cb, void *arg);
+
 /* Submits queued requests up to the queue depth and reaps completions,
  * running callbacks. With `wait`, blocks until at least one read completes
  * or moe_uring_wake is called (with nothing pending: until a wake).
@@ -96,6 +102,19 @@ unsigned moe_uring_pending(const struct moe_uring *r);
 void moe_uring_wake(struct moe_uring *r);
 
 void moe_uring_set_fault_hook(struct moe_uring *r, moe_uring_fault_fn fn, void *ctx);
+
+/* What the reader did so far (any thread; each field read atomically):
+ * requests and bytes completed, the time at least one request was in
+ * flight (io_uring mode; pread: the time spent in pread), the integral of
+ * the requests and of the 4 KiB pages in flight over time (divided by
+ * busy_s: the queue depth and the bytes in flight the reader achieved),
+ * and the most requests in flight at once. */
+struct moe_uring_stats {
+    uint64_t requests, bytes;
+    double busy_s, depth_s, pages_s;
+    unsigned max_depth;
+};
+void moe_uring_stats(const struct moe_uring *r, struct moe_uring_stats *out);
 
 /* Requests requeued so far after -EAGAIN, -EINTR or a short read (each at
  * most MOE_URING_MAX_RETRIES times in a row without progress). Any thread. */

@@ -681,6 +681,7 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     m->plan.auto_sized = pre.auto_sized;
     memcpy(m->plan.host_why, pre.host_why, sizeof(pre.host_why));
     memcpy(m->plan.cache_why, pre.cache_why, sizeof(pre.cache_why));
+    memcpy(m->plan.prefetch_why, pre.prefetch_why, sizeof(pre.prefetch_why));
     m->plan.opts = o;
     if ((rc = moe_gguf_map(m->gguf, diag)))
         goto fail;

@@ -86,6 +86,8 @@ enum moe_prefetch_mode {
     MOE_PREFETCH_GATE,      /* after layer L, apply the routers of layers L+1..L+depth to the
                              * hidden state and load their predicted experts at low priority */
     MOE_PREFETCH_HISTORY,   /* predict them from transition counts (previous token, layer) */
+    MOE_PREFETCH_AUTO,      /* the memory plan chooses: gate when experts go through a cache
+                             * that cannot hold them all, else none (model/plan.h) */
 };
 
 /* The KV cache's element type (option kv_type). Zero is f32, so that a
@@ -135,7 +137,7 @@ struct moe_model_opts {
     int cache_experts;
     int cache_policy;           /* enum moe_policy_kind (cache/policy.h), not BELADY */
     int prefetch;               /* enum moe_prefetch_mode */
-    int prefetch_depth;         /* <= 0: 1 */
+    int prefetch_depth;         /* <= 0: the plan's choice with prefetch auto (2), else 1 */
     bool prefetch_always;       /* no governor: prefetch on every decode step (by default
                                  * decode steps alternate probes with it on and off and keep
                                  * whichever is faster; cache/governor.h) */

@@ -15,7 +15,7 @@ static const struct moe_opt_choice policies[] = {
 };
 static const struct moe_opt_choice prefetches[] = {
     { "none", MOE_PREFETCH_NONE }, { "gate", MOE_PREFETCH_GATE },
-    { "history", MOE_PREFETCH_HISTORY }, { NULL, 0 },
+    { "history", MOE_PREFETCH_HISTORY }, { "auto", MOE_PREFETCH_AUTO }, { NULL, 0 },
 };
 static const struct moe_opt_choice miss_lanes[] = {
     { "auto", MOE_MISS_LANE_AUTO }, { "copy", MOE_MISS_LANE_COPY }, { "cpu", MOE_MISS_LANE_CPU },
@@ -62,10 +62,11 @@ static const struct moe_opt table[] = {
       "eviction policy of the expert cache" },
     { "host_bytes", NULL, MOE_OPT_SIZE, OFF(host_bytes), 0, 0, (int64_t)1 << 50, NULL, "0", 0,
       "host-RAM tier below the expert cache (0: none)" },
-    { "prefetch", NULL, MOE_OPT_ENUM, OFF(prefetch), 0, 0, 0, prefetches, "gate", 0,
-      "expert prefetch predictor" },
-    { "prefetch_depth", NULL, MOE_OPT_INT, OFF(prefetch_depth), 0, 1, 8, NULL, "1", 0,
-      "layers ahead the prefetcher predicts" },
+    { "prefetch", NULL, MOE_OPT_ENUM, OFF(prefetch), 0, 0, 0, prefetches, "auto", 0,
+      "expert prefetch predictor (auto: gate when the expert cache cannot hold every expert,"
+      " else none)" },
+    { "prefetch_depth", NULL, MOE_OPT_INT, OFF(prefetch_depth), 0, 0, 8, NULL, "0", 0,
+      "layers ahead the prefetcher predicts (0: 2 when prefetch is auto, else 1)" },
     { "prefetch_always", NULL, MOE_OPT_BOOL, OFF(prefetch_always), 0, 0, 1, NULL, "false", 0,
       "prefetch on every decode step (default: a governor keeps it only while it makes"
       " decoding faster)" },

@@ -257,8 +257,11 @@ int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, s
         return rc;
     const struct moe_expert_layout *lay[MOE_MAX_LAYERS];
     const uint32_t n = n_layer < MOE_MAX_LAYERS ? n_layer : MOE_MAX_LAYERS;
-    for (uint32_t l = 0; l < n; l++)
+    for (uint32_t l = 0; l < n; l++) {
+        /* as the expert store lays out a GGUF's slots (io/expert_src.c) */
+        moe_expert_layout_direct(&lays[l], MOE_EXPERT_DIRECT_ALIGN);
         lay[l] = &lays[l];
+    }
     slot_of_layouts(lay, n, slot, n_moe);
     moe_free(lays);
     return 0;
@@ -295,33 +298,94 @@ static uint64_t mem_available(void)
     return kb * 1024;
 }
 
-/* What this process's cgroup (v2, else v1) still allows; 0 when unlimited
- * or unknown. */
+/* A "name value" line of a cgroup's memory.stat; 0 when absent. Page
+ * cache nobody has touched lately (inactive_file) is counted in a group's
+ * usage but is the first thing reclaimed: it is not in use. */
+static uint64_t stat_field(const char *path, const char *name)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    char line[256];
+    uint64_t v = 0;
+    const size_t n = strlen(name);
+    while (fgets(line, sizeof(line), f))
+        if (strncmp(line, name, n) == 0 && line[n] == ' ') {
+            v = strtoull(line + n + 1, NULL, 10);
+            break;
+        }
+    fclose(f);
+    return v;
+}
+
+/* What the memory cgroup at `dir` (a v1 hierarchy: memory.limit_in_bytes,
+ * memory.usage_in_bytes) and each of its ancestors up to `root` still
+ * allow: the least of limit less usage; 0 when none is limited. */
+static uint64_t cgroup_v1_available(const char *root, char *dir)
+{
+    uint64_t best = 0;
+    for (;;) {
+        char path[1400];
+        snprintf(path, sizeof(path), "%s%s/memory.limit_in_bytes", root, dir);
+        const uint64_t max = read_u64_file(path);
+        if (max > 0 && max < (1ull << 60)) {   /* v1's "unlimited" is near 2^63 */
+            snprintf(path, sizeof(path), "%s%s/memory.usage_in_bytes", root, dir);
+            uint64_t used = read_u64_file(path);
+            snprintf(path, sizeof(path), "%s%s/memory.stat", root, dir);
+            const uint64_t idle = stat_field(path, "total_inactive_file");
+            used = used > idle ? used - idle : 0;
+            const uint64_t avail = max > used ? max - used : 1;
+            if (best == 0 || avail < best)
+                best = avail;
+        }
+        char *slash = strrchr(dir, '/');
+        if (slash == NULL || dir[0] == '\0')
+            break;
+        *slash = '\0';   /* the parent ("" is the root) */
+    }
+    return best;
+}
+
+/* What this process's cgroup (v2, else v1: its own group from
+ * /proc/self/cgroup and the groups above it) still allows, its idle page
+ * cache counted as free; 0 when unlimited or unknown. */
 static uint64_t cgroup_available(void)
 {
-    char rel[1024] = "", path[1200];
+    char rel[1024] = "", rel1[1024] = "", path[1200];
     FILE *f = fopen("/proc/self/cgroup", "r");
     if (f) {
         char line[1100];
-        while (fgets(line, sizeof(line), f))
-            if (strncmp(line, "0::", 3) == 0) {
+        while (fgets(line, sizeof(line), f)) {
+            line[strcspn(line, "\n")] = '\0';
+            if (strncmp(line, "0::", 3) == 0)
                 snprintf(rel, sizeof(rel), "%.1000s", line + 3);
-                rel[strcspn(rel, "\n")] = '\0';
+            /* v1: "N:memory:/path" (the controller list may name others too) */
+            const char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+            if (c1 && c2) {
+                char ctl[256];
+                snprintf(ctl, sizeof(ctl), "%.*s", (int)(c2 - c1 - 1), c1 + 1);
+                for (char *tok = strtok(ctl, ","); tok; tok = strtok(NULL, ","))
+                    if (strcmp(tok, "memory") == 0)
+                        snprintf(rel1, sizeof(rel1), "%.1000s", c2 + 1);
             }
+        }
         fclose(f);
     }
+    if (strcmp(rel, "/") == 0)
+        rel[0] = '\0';
     snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.max", rel);
-    uint64_t max = read_u64_file(path), used;
+    uint64_t max = read_u64_file(path);
     if (max > 0) {
         snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.current", rel);
-        used = read_u64_file(path);
-    } else {
-        max = read_u64_file("/sys/fs/cgroup/memory/memory.limit_in_bytes");
-        used = read_u64_file("/sys/fs/cgroup/memory/memory.usage_in_bytes");
-        if (max >= (1ull << 60))
-            max = 0;   /* v1's "unlimited" */
+        uint64_t used = read_u64_file(path);
+        snprintf(path, sizeof(path), "/sys/fs/cgroup%s/memory.stat", rel);
+        const uint64_t idle = stat_field(path, "inactive_file");
+        used = used > idle ? used - idle : 0;
+        return max > used ? max - used : 1;
     }
-    return max > used ? max - used : 0;
+    if (strcmp(rel1, "/") == 0)
+        rel1[0] = '\0';
+    return cgroup_v1_available("/sys/fs/cgroup/memory", rel1);
 }
 
 /* The host memory the plan may use, and where that number comes from. */
@@ -338,8 +402,12 @@ static uint64_t host_budget(uint64_t limit, char *why, size_t cap)
     const uint64_t margin = b / 20 > (256ull << 20) ? b / 20 : (256ull << 20);
     b = b > margin ? b - margin : 0;
     if (limit > 0 && (b == 0 || limit < b)) {
-        snprintf(why, cap, "memory_limit");
-        return limit;
+        /* the limit caps the whole process: keep a little of it for what
+         * the plan does not count (code, heap, the kernel's share), so that
+         * under a cgroup limit the mapped dense weights are not reclaimed */
+        const uint64_t lm = limit / 32 > (16ull << 20) ? limit / 32 : (16ull << 20);
+        snprintf(why, cap, "memory_limit less a margin of %.0f MiB", (double)lm / 1048576.0);
+        return limit > lm ? limit - lm : 0;
     }
     snprintf(why, cap, "%s less a margin of %.0f MiB", src, (double)margin / 1048576.0);
     return b;
@@ -403,6 +471,31 @@ static int auto_size(struct moe_model_opts *o, size_t slot, int n_moe, struct mo
     return 0;
 }
 
+/* prefetch auto: a layer's missing experts can only be read once its
+ * router has run, after its attention, so without prediction decoding
+ * takes compute plus I/O; gating the hidden state through the next layers'
+ * routers starts their loads a layer or two early (the issue-6 table in
+ * doc/benchmarks.md: depth 2 came within 1.0-1.3x of the I/O bound where
+ * routing is predictable; where it is not, the governor turns it off). With
+ * every expert in memory there is nothing to prefetch. */
+static void resolve_prefetch(struct moe_model_opts *o, struct moe_model_plan *p)
+{
+    const bool auto_pf = o->prefetch == MOE_PREFETCH_AUTO;
+    if (auto_pf)
+        o->prefetch = p->expert_cache && p->n_slots < p->all_slots ? MOE_PREFETCH_GATE : MOE_PREFETCH_NONE;
+    if (o->prefetch_depth <= 0)
+        o->prefetch_depth = auto_pf ? 2 : 1;
+    const char *name = o->prefetch == MOE_PREFETCH_GATE ? "gate" : o->prefetch == MOE_PREFETCH_HISTORY
+                       ? "history" : "none";
+    if (o->prefetch == MOE_PREFETCH_NONE)
+        snprintf(p->prefetch_why, sizeof(p->prefetch_why), "none: %s", auto_pf ? "every expert is in"
+                 " memory" : "prefetch = none");
+    else
+        snprintf(p->prefetch_why, sizeof(p->prefetch_why), "%s, %d layer%s ahead%s%s", name,
+                 o->prefetch_depth, o->prefetch_depth == 1 ? "" : "s", auto_pf ? ": the expert cache"
+                 " holds part of the experts" : "", o->prefetch_always ? ", always" : ", governed");
+}
+
 /* Header-only: the GGUF (or the pack's embedded one) and the experts'
  * layouts, never the data. */
 int moe_model_plan(const char *path, const struct moe_model_opts *opts, struct moe_model_plan *p,
@@ -456,6 +549,7 @@ int moe_model_plan(const char *path, const struct moe_model_opts *opts, struct m
     p->host_bytes = p->expert_cache ? o.host_bytes : 0;
     if ((rc = moe_model_plan_cache(&o, slot, n_moe, p, diag)))
         goto done;
+    resolve_prefetch(&o, p);
     o.plan_resolved = true;
     p->opts = o;
 done:
@@ -572,6 +666,8 @@ int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
     if (p->device_budget)
         LINE("  %-16s %12.1f  the device's free memory less a margin\n", "device budget",
              mib(p->device_budget));
+    if (p->prefetch_why[0])
+        LINE("  %-16s %12s  %s\n", "prefetch", "-", p->prefetch_why);
 #undef LINE
     return rc;
 }

@@ -57,6 +57,7 @@ struct moe_model_plan {
     char host_why[128];         /* where host_budget comes from */
     uint64_t device_budget;     /* a GPU backend: the device's free memory less a margin */
     bool auto_sized;            /* the expert cache was sized by the plan */
+    char prefetch_why[128];     /* the prefetch setting and why (prefetch auto) */
     char cache_why[160];        /* why the experts are cached (or resident) as planned */
     /* options that reproduce this plan exactly (plan_resolved set): load
      * the model with these to get what the plan says */

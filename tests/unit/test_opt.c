@@ -33,8 +33,8 @@ static void test_engine_table(void)
     moe_model_opts_defaults(&o);
     CHECK_INT(o.n_ctx, ==, 4096);
     CHECK_INT(o.cache_policy, ==, MOE_POLICY_PREDICT);
-    CHECK_INT(o.prefetch, ==, MOE_PREFETCH_GATE);
-    CHECK_INT(o.prefetch_depth, ==, 1);
+    CHECK_INT(o.prefetch, ==, MOE_PREFETCH_AUTO);   /* the plan chooses gate or none (model/plan.c) */
+    CHECK_INT(o.prefetch_depth, ==, 0);
     CHECK_INT(o.backend, ==, MOE_BACKEND_CPU);
     CHECK(moe_model_opts_check(&o, NULL) == 0);
     /* every row: findable by key and with dashes; unique names */
@@ -67,7 +67,7 @@ static void test_engine_table(void)
     moe_model_opts_defaults(&o);
     CHECK_INT(o.kv_type, ==, MOE_KV_F16);
     CHECK_INT(moe_model_opts_set(&o, "prefetch_depth", "9", &d), ==, -ERANGE);
-    CHECK_MSG(strstr(d.msg, "prefetch_depth") && strstr(d.msg, "1..8"), "%s", d.msg);
+    CHECK_MSG(strstr(d.msg, "prefetch_depth") && strstr(d.msg, "0..8"), "%s", d.msg);
     memset(&d, 0, sizeof(d));
     CHECK_INT(moe_model_opts_set(&o, "cache_policy", "belady", &d), ==, -EINVAL);
     CHECK_MSG(strstr(d.msg, "lru|lfu|layer|predict"), "%s", d.msg);

@@ -161,6 +161,15 @@ static int check_jobs(struct job *jobs, unsigned n, const struct moe_pack *p,
             }
         }
         int same = memcmp(want, j->dst, j->size) == 0;
+        if (!p) {
+            /* a GGUF read straight into dst leaves the file's neighbouring
+             * bytes in the padding between slices: compare the slices */
+            const struct moe_expert_layout *L = moe_expert_src_layout(s, j->layer);
+            same = 1;
+            for (uint32_t k = 0; k < L->n_slices; k++)
+                same &= memcmp(want + L->s[k].offset, (uint8_t *)j->dst + L->s[k].offset,
+                               (size_t)L->s[k].size) == 0;
+        }
         free(want);
         if (!same) {
             fprintf(stderr, "  (%u,%u): bytes differ\n", j->layer, j->expert);
@@ -265,6 +274,111 @@ static void test_every_mode_same_bytes(void)
     }
     if (tested == 0)
         MOE_SKIP("no shared/ref models");
+}
+
+/* A GGUF whose expert slices are whole pages (moe-gen Q8_0, 256 x 512:
+ * 34 pages each): the store lays each slice out at its file offset within
+ * a page and reads it straight into a page-aligned destination; the
+ * slices' bytes are the file's in every mode, aligned or not. */
+static void test_gguf_direct_layout(void)
+{
+    const char *gen = getenv("MOE_GEN");
+    if (gen == NULL)
+        MOE_SKIP("MOE_GEN not set");
+    char path[600], cmd[1400];
+    snprintf(path, sizeof(path), "%s/pages.gguf", moe_test_tmpdir());
+    snprintf(cmd, sizeof(cmd), "%s --arch llama --type Q8_0 --n-embd 256 --n-layer 2 --n-head 4"
+             " --n-head-kv 2 --head-dim 64 --n-expert 4 --n-expert-used 2 --n-ff-exp 512 --n-vocab 512"
+             " --quiet -o %s", gen, path);
+    CHECK(system(cmd) == 0);
+    struct moe_diag d = { 0 };
+    struct moe_expert_src *s = NULL;
+    CHECK_MSG(moe_expert_src_open(&s, path, NULL, &d) == 0, "%s", d.msg);
+    const struct moe_expert_layout *L = moe_expert_src_layout(s, 0);
+    CHECK(L != NULL && L->n_slices == 3);
+    uint64_t prev_end = 0;
+    for (uint32_t k = 0; k < L->n_slices; k++) {
+        CHECK_INT(L->s[k].size % 4096, ==, 0);
+        CHECK_INT(L->s[k].offset % 4096, ==, L->s[k].src_offset % 4096);
+        CHECK(L->s[k].offset - L->s[k].offset % 4096 >= prev_end);   /* pages of its own */
+        prev_end = (L->s[k].offset + L->s[k].size + 4095) / 4096 * 4096;
+    }
+    CHECK_INT(L->raw_size, ==, prev_end);
+    /* the plan sizes slots by the same layout */
+    struct moe_gguf *g = NULL;
+    CHECK(moe_gguf_open(&g, path, &d) == 0);
+    struct moe_expert_layout *lays = NULL;
+    uint32_t nl = 0, ne = 0;
+    CHECK(moe_expert_layouts_from_gguf(g, &lays, &nl, &ne, &d) == 0);
+    CHECK(moe_expert_layout_direct(&lays[0], 4096));
+    CHECK_INT(lays[0].raw_size, ==, L->raw_size);
+    moe_free(lays);
+    moe_gguf_close(g);
+    moe_expert_src_close(s);
+    bool ur = uring_works();
+    for (unsigned mode = 0; mode < 2; mode++) {
+        struct moe_io_config c = { .uring = { .queue_depth = 4, .chunk_bytes = 8192, .force_pread = mode == 1 },
+                                   .n_threads = 2 };
+        CHECK_MSG(run_source(path, &c, ur && mode == 0, true) == 0, "mode %u", mode);
+    }
+}
+
+/* ---- the reader alone ------------------------------------------------- */
+
+static int order[8], n_order;
+
+static void note_done(void *arg, int status)
+{
+    order[n_order++] = status == 0 ? (int)(intptr_t)arg : -1;
+}
+
+/* An urgent read overtakes the reads queued before it that have not
+ * started; the counters add up (requests, bytes, depth never above the
+ * queue's). */
+static void test_urgent_reads_first(void)
+{
+    char path[600];
+    snprintf(path, sizeof(path), "%s/urgent.bin", moe_test_tmpdir());
+    enum { PART = 16384, N = 5 };
+    uint8_t *file = malloc(PART * N);
+    for (size_t i = 0; i < PART * N; i++)
+        file[i] = (uint8_t)(i * 7 + i / 4096);
+    FILE *f = fopen(path, "wb");
+    CHECK(f != NULL && fwrite(file, 1, PART * N, f) == PART * N);
+    fclose(f);
+    for (int mode = 0; mode < 2; mode++) {
+        struct moe_uring_config c = { .queue_depth = 1, .chunk_bytes = 4096, .force_pread = mode == 1 };
+        struct moe_uring *r = NULL;
+        CHECK(moe_uring_open(&r, path, &c, NULL) == 0);
+        uint8_t *buf = aligned_alloc(4096, PART * N);
+        n_order = 0;
+        for (int i = 0; i < N - 1; i++)
+            CHECK(moe_uring_read(r, (uint64_t)i * PART, buf + i * PART, PART, PART, -1, note_done,
+                                 (void *)(intptr_t)i) == 0);
+        CHECK(moe_uring_read_urgent(r, (uint64_t)(N - 1) * PART, buf + (N - 1) * PART, PART, PART, -1,
+                                    note_done, (void *)(intptr_t)(N - 1)) == 0);
+        while (moe_uring_pending(r) > 0)
+            CHECK(moe_uring_run(r, true) >= 0);
+        CHECK_INT(n_order, ==, N);
+        if (moe_uring_is_uring(r)) {
+            /* one request in flight: each run finishes at most one read, so
+             * callbacks come in completion order (pread finishes them all
+             * in one run and calls back last-first) */
+            CHECK_INT(order[0], ==, N - 1);   /* nothing had started: the urgent read went first */
+            for (int i = 1; i < N; i++)
+                CHECK_INT(order[i], ==, i - 1);
+        }
+        CHECK(memcmp(buf, file, PART * N) == 0);
+        struct moe_uring_stats st;
+        moe_uring_stats(r, &st);
+        CHECK_INT(st.requests, ==, PART * N / 4096);
+        CHECK_INT(st.bytes, ==, PART * N);
+        CHECK_INT(st.max_depth, ==, 1);
+        CHECK(st.depth_s <= st.busy_s + 1e-9 && st.busy_s > 0);
+        free(buf);
+        moe_uring_close(r);
+    }
+    free(file);
 }
 
 static void test_env_forces_pread(void)
@@ -539,6 +653,8 @@ int main(void)
 {
     moe_log_set(count_log, NULL); /* the fallback notices go through the library's log hook */
     MOE_TEST_RUN(test_every_mode_same_bytes);
+    MOE_TEST_RUN(test_gguf_direct_layout);
+    MOE_TEST_RUN(test_urgent_reads_first);
     MOE_TEST_RUN(test_env_forces_pread);
     MOE_TEST_RUN(test_tmpfs_falls_back_to_buffered);
     MOE_TEST_RUN(test_injected_faults);
