@@ -161,7 +161,7 @@ static void test_bad_input(void)
         /* the simulator's optimum is not an engine policy: refused by the flag */
         { "run --model %s --tokens 1 -n 2 --cache-experts 4 --cache-policy belady %s", 2, "lru|lfu" },
         { "run --model %s --tokens 1 -n 2 --prefetch sometimes %s", 2, "--prefetch" },
-        { "run --model %s --tokens 1 -n 2 --prefetch-depth 0 %s", 2, "--prefetch-depth" },
+        { "run --model %s --tokens 1 -n 2 --prefetch-depth 9 %s", 2, "--prefetch-depth" },
         { "run --model %s --tokens 1 --prompt hi -n 2 %s", 2, "not both" },
         { "chat --model %s -n 2 %s", 2, "--prompt" },
         { "cache-sim --trace %s.missing --capacity 4 %s", 1, "missing" },
