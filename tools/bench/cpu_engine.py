@@ -77,8 +77,13 @@ def llama_run(m, tokens, n_gen):
     t0 = time.perf_counter()
     m.eval(tokens)
     t1 = time.perf_counter()
+    import llama_cpp
     for _ in range(n_gen):
-        nxt = int(np.argmax(m.scores[m.n_tokens - 1]))
+        # the last token's logits from llama.cpp itself: with logits_all off,
+        # llama-cpp-python 0.3.36 leaves Llama.scores at zero, so reading it
+        # fed token 0 at every step
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(m._ctx.ctx, -1), shape=(m.n_vocab(),))
+        nxt = int(np.argmax(row))
         m.eval([nxt])
     t2 = time.perf_counter()
     return len(tokens) / (t1 - t0), n_gen / (t2 - t1)
