@@ -107,3 +107,41 @@ class Daemon:
                   (rc, " (a ThreadSanitizer report)" if rc == 66 else "",
                    open(self.log_path, errors="replace").read()[-3000:]))
         return rc
+
+
+# The batching tests of the model families (test_family_daemon,
+# test_qwen35_daemon) compare several prompts sent at once with each alone.
+BATCH_PROMPTS = [
+    "Once upon a time",
+    "The quick brown fox jumps over the lazy dog and then",
+    "a",
+    "In a galaxy far far away there was a small planet where",
+]
+
+
+def greedy_completion(d, prompt, n):
+    """A greedy completion as (text, tokens, logprobs of the chosen tokens),
+    or a one-element tuple naming the error."""
+    st, j = d.call("POST", "/v1/completions", {"prompt": prompt, "max_tokens": n, "temperature": 0,
+                                               "logprobs": 1})
+    if st != 200:
+        return ("error %s %s" % (st, j),)
+    c = j["choices"][0]
+    lp = c.get("logprobs") or {}
+    return (c["text"], tuple(lp.get("tokens") or ()), tuple(lp.get("token_logprobs") or ()))
+
+
+def cancelled_stream(d, prompt, events=2):
+    """Starts a streamed completion and hangs up after `events` data events."""
+    c = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    c.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 64,
+                                                     "temperature": 0, "stream": True}),
+              {"Content-Type": "application/json"})
+    r = c.getresponse()
+    seen = 0
+    while seen < events:
+        line = r.fp.readline()
+        if not line:
+            break
+        seen += line.startswith(b"data:")
+    c.close()

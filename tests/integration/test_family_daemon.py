@@ -7,13 +7,11 @@ what each prompt gives alone (text, tokens and logprobs of the chosen
 tokens). Each family runs resident (F32, prefix cache on: a repeated prompt
 may reuse cached blocks and must still be identical) and quantized with a
 small expert cache (Q8_0, 3 experts, gate prefetch)."""
-import http.client
-import json
 import os
 import tempfile
 import threading
 
-from moed_test import Daemon, check, finish, skip
+from moed_test import BATCH_PROMPTS, Daemon, cancelled_stream, check, finish, greedy_completion, skip
 
 MOED = os.environ.get("MOED")
 ROOT = os.environ.get("MOE_SOURCE_ROOT", "")
@@ -21,38 +19,11 @@ FAMILIES = ["glm4moe", "minimax-m2", "gemma4"]
 if not MOED:
     skip("MOED missing")
 
-PROMPTS = [
-    "Once upon a time",
-    "The quick brown fox jumps over the lazy dog and then",
-    "a",
-    "In a galaxy far far away there was a small planet where",
-]
+PROMPTS = BATCH_PROMPTS
 
 
 def complete(d, prompt, n=10):
-    st, j = d.call("POST", "/v1/completions", {"prompt": prompt, "max_tokens": n, "temperature": 0,
-                                               "logprobs": 1})
-    if st != 200:
-        return ("error %s %s" % (st, j),)
-    c = j["choices"][0]
-    lp = c.get("logprobs") or {}
-    return (c["text"], tuple(lp.get("tokens") or ()), tuple(lp.get("token_logprobs") or ()))
-
-
-def cancelled_stream(d, prompt):
-    """Starts a streamed completion and hangs up after two events."""
-    c = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
-    c.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 64,
-                                                     "temperature": 0, "stream": True}),
-              {"Content-Type": "application/json"})
-    r = c.getresponse()
-    events = 0
-    while events < 2:
-        line = r.fp.readline()
-        if not line:
-            break
-        events += line.startswith(b"data:")
-    c.close()
+    return greedy_completion(d, prompt, n)
 
 
 def run(model, tag, *flags):
