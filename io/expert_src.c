@@ -61,6 +61,10 @@ struct moe_expert_src {
     unsigned n_stages, n_workers, n_started;
     unsigned n_reserve;         /* staging buffers prefetches leave free for demand loads */
     struct stage *stages, *free_stages;
+    /* GGUF whose every layer is read straight into page-aligned slots: a
+     * stage is only a ticket bounding the loads in flight, and its buffer
+     * is allocated the first time a load cannot go direct (unaligned dst) */
+    bool lazy_stages;
     pthread_t io_thread, *workers;
     bool io_started;
     pthread_mutex_t mu;
@@ -161,6 +165,18 @@ static void read_done(void *arg, int status)
     pthread_mutex_unlock(&s->mu);
 }
 
+/* The stage's buffer, allocated on first use where stages are lazy. */
+static int stage_buf(struct moe_expert_src *s, struct lreq *r)
+{
+    if (r->st->buf != NULL)
+        return 0;
+    void *p = NULL;
+    if (posix_memalign(&p, s->align, s->stage_cap) != 0)
+        return -ENOMEM;
+    r->st->buf = p;
+    return 0;
+}
+
 /* Queues the reads of one load (I/O thread, mutex held). */
 static void start_reads(struct moe_expert_src *s, struct lreq *r)
 {
@@ -222,8 +238,10 @@ static void start_reads(struct moe_expert_src *s, struct lreq *r)
                 rc = read(s->io, a0, d, (size_t)(a1 - a0), (size_t)(off + sl->size - a0), -1,
                                     read_done, r);
             } else {
-                rc = read(s->io, a0, r->st->buf + pos, (size_t)(a1 - a0),
-                                    (size_t)(off + sl->size - a0), r->st->index, read_done, r);
+                rc = stage_buf(s, r);
+                if (rc == 0)
+                    rc = read(s->io, a0, r->st->buf + pos, (size_t)(a1 - a0), (size_t)(off + sl->size - a0),
+                              s->lazy_stages ? -1 : r->st->index, read_done, r);
             }
             if (rc < 0) {
                 r->fail_off = a0;
@@ -475,6 +493,9 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
     if (c.n_staging == 0)
         c.n_staging = moe_expert_src_n_staging(&c, s->stage_cap);
     s->n_stages = c.n_staging;
+    s->lazy_stages = s->gguf != NULL && s->n_layer > 0;
+    for (uint32_t l = 0; s->lazy_stages && l < s->n_layer; l++)
+        s->lazy_stages = s->layouts[l].n_slices == 0 || s->direct_layer[l];
     s->n_reserve = s->n_stages > 3 ? 2 : s->n_stages > 1 ? 1 : 0;
     s->stages = moe_calloc(s->n_stages, sizeof(*s->stages));
     struct iovec *iov = moe_calloc(s->n_stages, sizeof(*iov));
@@ -487,7 +508,7 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
         /* CUDA: these would be cudaHostRegister'ed too, so that raw blobs
          * can be uploaded straight from the staging buffer. */
         void *p = NULL;
-        if (posix_memalign(&p, s->align, s->stage_cap) != 0) {
+        if (!s->lazy_stages && posix_memalign(&p, s->align, s->stage_cap) != 0) {
             moe_free(iov);
             rc = moe_diag_set(diag, -ENOMEM, "%s: out of memory (%u staging buffers of %zu bytes)",
                               path, s->n_stages, s->stage_cap);
@@ -499,7 +520,8 @@ int moe_expert_src_open(struct moe_expert_src **out, const char *path,
         s->free_stages = &s->stages[i];
         iov[i] = (struct iovec){ p, s->stage_cap };
     }
-    moe_uring_register_buffers(s->io, iov, s->n_stages);
+    if (!s->lazy_stages)
+        moe_uring_register_buffers(s->io, iov, s->n_stages);
     moe_free(iov);
     /* fault injection (tests: MOE_FAULT_INJECT, or moe_fault_set in-process);
      * without a fault the hook sees no tracked range and returns at once */
@@ -568,6 +590,7 @@ uint32_t moe_expert_src_n_layer(const struct moe_expert_src *s) { return s->n_la
 uint32_t moe_expert_src_n_expert(const struct moe_expert_src *s) { return s->n_expert; }
 bool moe_expert_src_uses_uring(const struct moe_expert_src *s) { return moe_uring_is_uring(s->io); }
 bool moe_expert_src_uses_direct(const struct moe_expert_src *s) { return moe_uring_is_direct(s->io); }
+bool moe_expert_src_lazy_stages(const struct moe_expert_src *s) { return s->lazy_stages; }
 
 const struct moe_gguf *moe_expert_src_gguf(const struct moe_expert_src *s)
 {

@@ -28,8 +28,9 @@
  * unless its checksum holds.
  * dst must stay valid until the callback has run.
  *
- * Memory: n_staging buffers of the largest stored expert, plus one scratch
- * blob per pool thread for byte-grouped codecs. No allocation per load
+ * Memory: n_staging buffers of the largest stored expert (allocated on
+ * first use for a GGUF read straight into slots, moe_expert_src_lazy_stages),
+ * plus one scratch blob per pool thread for byte-grouped codecs. No allocation per load
  * beyond one small request record.
  *
  * Threading: every function is thread-safe except _close, which must not
@@ -108,6 +109,10 @@ unsigned moe_expert_src_n_staging(const struct moe_io_config *cfg, size_t stage_
 /* The reader's mode, for logs and tests. */
 bool moe_expert_src_uses_uring(const struct moe_expert_src *s);
 bool moe_expert_src_uses_direct(const struct moe_expert_src *s);
+/* A GGUF read entirely with O_DIRECT straight into page-aligned slots: its
+ * staging buffers are allocated only when a load cannot go direct (the
+ * memory plan counts one, model/plan.c). */
+bool moe_expert_src_lazy_stages(const struct moe_expert_src *s);
 
 /* Starts loading (layer, expert) into dst (dst_size = layout raw_size).
  * Errors (callback never runs): -ENOENT, -EINVAL (size), MOE_EFORMAT (bad

@@ -628,9 +628,10 @@ static int plan_loaded(struct moe_model *m, const struct moe_model_opts *o, bool
         return rc;
     size_t slot = 0;
     int n_moe = 0;
+    bool all_direct = false;
     if (m->ex.src != NULL)
-        moe_model_slot_of_src(m->ex.src, &slot, &n_moe);
-    else if ((rc = moe_model_slot_of_gguf(m->gguf, &slot, &n_moe, diag)))
+        moe_model_slot_of_src(m->ex.src, &slot, &n_moe, &p->lazy_stages);
+    else if ((rc = moe_model_slot_of_gguf(m->gguf, &slot, &n_moe, &all_direct, diag)))
         return rc;
     if ((rc = moe_model_plan_cache(o, slot, n_moe, p, diag)))
         return rc;

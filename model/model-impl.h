@@ -278,8 +278,9 @@ int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int 
                          struct moe_model_plan *p, struct moe_diag *diag);
 /* The largest expert (what a slot holds) and the layers with experts, from
  * an expert source's layouts or a GGUF's expert tensors. */
-int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n_moe);
-int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, struct moe_diag *diag);
+int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n_moe, bool *lazy_stages);
+int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, bool *all_direct,
+                           struct moe_diag *diag);
 
 /* deltanet.c */
 /* Scratch and layout for the delta-net layers (nothing without them);

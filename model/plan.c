@@ -3,6 +3,7 @@
  * cache's slots. moe_model_load() sizes everything through these
  * functions, so a plan and a loaded model cannot disagree. */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -176,12 +177,14 @@ int moe_model_plan_opts(const struct moe_model_cfg *c, const struct moe_model_op
 
 /* The read buffers an expert source opens with (io/expert_src.c): each
  * holds a stored expert, bounded here by the slot plus two alignment pages
- * per tensor slice. */
-static uint64_t staging_for(const struct moe_model_opts *o, size_t slot)
+ * per tensor slice. A GGUF whose every expert is read with O_DIRECT
+ * straight into its page-aligned slot (lazy stages) allocates a buffer only
+ * for a load that cannot go direct: one is counted. */
+static uint64_t staging_for(const struct moe_model_opts *o, const struct moe_model_plan *p, size_t slot)
 {
     const struct moe_io_config io = { .uring = { .force_pread = o->force_pread } };
     const uint64_t cap = (slot + 2ull * 4096 * MOE_EXPERT_MAX_SLICES + 4095) & ~4095ull;
-    return cap * moe_expert_src_n_staging(&io, (size_t)cap);
+    return cap * (p->lazy_stages ? 1 : moe_expert_src_n_staging(&io, (size_t)cap));
 }
 
 int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int n_moe_layers,
@@ -198,7 +201,7 @@ int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int 
         p->staging_bytes = 0;
         return 0;
     }
-    p->staging_bytes = staging_for(o, slot_bytes);
+    p->staging_bytes = staging_for(o, p, slot_bytes);
     if (slot_bytes == 0)
         return moe_diag_set(diag, MOE_EFORMAT, "no expert tensors");
     /* a slot count, or a byte budget met exactly, alignment included
@@ -238,8 +241,9 @@ static void slot_of_layouts(const struct moe_expert_layout *const *lay, uint32_t
     }
 }
 
-int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n_moe)
+int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n_moe, bool *lazy_stages)
 {
+    *lazy_stages = moe_expert_src_lazy_stages(src);
     const uint32_t n = moe_expert_src_n_layer(src);
     const struct moe_expert_layout *lay[MOE_MAX_LAYERS];
     for (uint32_t l = 0; l < n && l < MOE_MAX_LAYERS; l++)
@@ -248,8 +252,10 @@ int moe_model_slot_of_src(const struct moe_expert_src *src, size_t *slot, int *n
     return 0;
 }
 
-int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, struct moe_diag *diag)
+int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, bool *all_direct,
+                           struct moe_diag *diag)
 {
+    *all_direct = false;
     struct moe_expert_layout *lays = NULL;
     uint32_t n_layer = 0, n_expert = 0;
     int rc = moe_expert_layouts_from_gguf(g, &lays, &n_layer, &n_expert, diag);
@@ -257,14 +263,27 @@ int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, s
         return rc;
     const struct moe_expert_layout *lay[MOE_MAX_LAYERS];
     const uint32_t n = n_layer < MOE_MAX_LAYERS ? n_layer : MOE_MAX_LAYERS;
+    *all_direct = n > 0;
     for (uint32_t l = 0; l < n; l++) {
         /* as the expert store lays out a GGUF's slots (io/expert_src.c) */
-        moe_expert_layout_direct(&lays[l], MOE_EXPERT_DIRECT_ALIGN);
+        if (!moe_expert_layout_direct(&lays[l], MOE_EXPERT_DIRECT_ALIGN) && lays[l].n_slices > 0)
+            *all_direct = false;
         lay[l] = &lays[l];
     }
     slot_of_layouts(lay, n, slot, n_moe);
     moe_free(lays);
     return 0;
+}
+
+/* Whether the file system opens path with O_DIRECT (the expert store then
+ * reads GGUF experts straight into their slots). */
+static bool o_direct_ok(const char *path)
+{
+    const int fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    close(fd);
+    return true;
 }
 
 /* ---- automatic sizing ------------------------------------------------ */
@@ -439,7 +458,7 @@ static int auto_size(struct moe_model_opts *o, size_t slot, int n_moe, struct mo
     const uint64_t all = moe_expert_cache_pool_bytes(slot, n_moe * p->n_expert);
     const uint64_t min = moe_expert_cache_pool_bytes(slot, p->n_expert_used);
     /* a cache also needs the store's read buffers in host memory */
-    const uint64_t staging = staging_for(o, slot);
+    const uint64_t staging = staging_for(o, p, slot);
     const uint64_t fixed_c = fixed + (cuda ? 0 : staging);
     const uint64_t left = budget > fixed_c ? budget - fixed_c : 0;
     p->auto_sized = true;
@@ -528,8 +547,11 @@ int moe_model_plan(const char *path, const struct moe_model_opts *opts, struct m
         if ((rc = moe_gguf_open(&own, path, diag)))
             return rc;
         g = own;
-        if ((rc = moe_model_slot_of_gguf(g, &slot, &n_moe, diag)))
+        bool all_direct = false;
+        if ((rc = moe_model_slot_of_gguf(g, &slot, &n_moe, &all_direct, diag)))
             goto done;
+        /* the source reads with O_DIRECT where the file system takes it */
+        p->lazy_stages = all_direct && o_direct_ok(path);
     }
     struct moe_model_cfg c;
     memset(&c, 0, sizeof(c));

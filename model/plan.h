@@ -49,6 +49,7 @@ struct moe_model_plan {
     uint64_t cache_bytes;       /* n_slots x slot_stride + alignment */
     uint64_t host_bytes;        /* host-RAM tier below the cache */
     uint64_t staging_bytes;     /* the expert store's read buffers (host memory; with a cache) */
+    bool lazy_stages;           /* GGUF read straight into slots: one read buffer counted, not n_staging */
     uint64_t workspace_bytes;   /* activations and backend scratch for n_batch tokens */
     uint64_t recurrent_bytes;   /* of which the delta-net layers' recurrent state of n_seqs
                                  * sequences (qwen35moe; host memory) */

@@ -304,6 +304,10 @@ static void test_gguf_direct_layout(void)
         prev_end = (L->s[k].offset + L->s[k].size + 4095) / 4096 * 4096;
     }
     CHECK_INT(L->raw_size, ==, prev_end);
+    /* every layer reads straight into slots where O_DIRECT works: its
+     * staging buffers wait for a load that cannot go direct (the unaligned
+     * destinations of run_source below) */
+    CHECK(moe_expert_src_lazy_stages(s) == moe_expert_src_uses_direct(s));
     /* the plan sizes slots by the same layout */
     struct moe_gguf *g = NULL;
     CHECK(moe_gguf_open(&g, path, &d) == 0);
