@@ -16,6 +16,7 @@
 #include "kernels/backend.h"
 #include "kernels/blocks.h"
 #include "kernels/cpu/dequant.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/threadpool.h"
 #include "kernels/cpu/vecdot.h"
 #include "common/dtype.h"
@@ -202,7 +203,8 @@ static int cpu_rmsnorm(struct moe_backend *be, float *y, const float *x, const f
  * the pool once for Q/K/V together, once for all experts' gate and up, once
  * for all experts' down, instead of once per matrix. */
 #define MULTI_MAX_JOBS 512
-/* prefill tiles of multi_task (a multiple of MOE_VECDOT_MAX_ROWS) */
+/* prefill tiles of multi_task: tokens (a multiple of MOE_VECDOT_MAX_ROWS)
+ * and rows (gemm.c's GEMM_MR) */
 #define MULTI_TOK_TILE 64
 #define MULTI_ROW_BLOCK 16
 
@@ -255,27 +257,20 @@ static void multi_task(void *arg, int64_t task, int worker)
     /* Tiled: a block of MULTI_ROW_BLOCK weight rows (a few KiB to tens of
      * KiB) stays in L1/L2 while it meets every tile of MULTI_TOK_TILE
      * converted tokens, and a token tile (~64-140 KiB at n_in 2048) stays in
-     * L2 while the block's rows pass over it; each weight row is unpacked
-     * once per MOE_VECDOT_MAX_ROWS tokens. Without the tiles every weight
-     * row re-read all n_tok converted tokens from L3 or memory (1.1 MiB at
-     * 512 tokens of 2048 Q8_0 values). Each output is the same vecdot_rows
-     * call on the same group of tokens as without tiling (the tile is a
-     * multiple of the group), so results do not depend on the tiles. */
+     * L2 while the block's rows pass over it; moe_gemm unpacks each weight
+     * row once per tile (a tile kernel) or once per MOE_VECDOT_MAX_ROWS
+     * tokens. Without the tiles every weight row re-read all n_tok
+     * converted tokens from L3 or memory (1.1 MiB at 512 tokens of 2048
+     * Q8_0 values). Every output is the float moe_vecdot gives for its
+     * (row, token) whatever the tiles (gemm.h), so results do not depend
+     * on them. */
     for (int64_t rb = r0; rb < r1; rb += MULTI_ROW_BLOCK) {
         const int64_t re = rb + MULTI_ROW_BLOCK < r1 ? rb + MULTI_ROW_BLOCK : r1;
         for (int64_t t0 = 0; t0 < jb->n_tok; t0 += MULTI_TOK_TILE) {
             const int64_t te = t0 + MULTI_TOK_TILE < jb->n_tok ? t0 + MULTI_TOK_TILE : jb->n_tok;
-            for (int64_t row = rb; row < re; row++) {
-                const uint8_t *wr = (const uint8_t *)w->data + (size_t)row * w->row_bytes;
-                const float b = jb->bias ? jb->bias[row] : 0.0f;
-                for (int64_t t = t0; t < te; t += MOE_VECDOT_MAX_ROWS) {
-                    const int nt = te - t < MOE_VECDOT_MAX_ROWS ? (int)(te - t) : MOE_VECDOT_MAX_ROWS;
-                    float v[MOE_VECDOT_MAX_ROWS];
-                    moe_vecdot_rows(w->dtype, wr, act + (size_t)t * ab, ab, w->n_in, nt, v);
-                    for (int k = 0; k < nt; k++)
-                        jb->y[(t + k) * w->n_out + row] = jb->bias ? v[k] + b : v[k];
-                }
-            }
+            moe_gemm(w->dtype, (const uint8_t *)w->data + (size_t)rb * w->row_bytes, w->row_bytes, re - rb,
+                     act + (size_t)t0 * ab, ab, te - t0, w->n_in, jb->y + t0 * w->n_out + rb, w->n_out,
+                     jb->bias ? jb->bias + rb : NULL);
         }
     }
 }
@@ -348,6 +343,9 @@ static int cpu_matmul_multi(struct moe_backend *be, const struct moe_matmul_job 
     r.rows_per_task = (rows + want - 1) / want;
     if (r.rows_per_task < 4)
         r.rows_per_task = 4;
+    /* whole row blocks per task: the tile kernels take MULTI_ROW_BLOCK rows */
+    if (r.rows_per_task > MULTI_ROW_BLOCK)
+        r.rows_per_task = (r.rows_per_task + MULTI_ROW_BLOCK - 1) / MULTI_ROW_BLOCK * MULTI_ROW_BLOCK;
     int64_t t = 0;
     for (int j = 0; j < n_jobs; j++) {
         r.task0[j] = t;
