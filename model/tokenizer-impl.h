@@ -26,6 +26,12 @@ struct moe_pretok_info {
     bool clean_spaces;
     bool ignore_merges;
     bool add_bos;           /* default before metadata overrides */
+    /* SPM-style BPE (gemma4, sarvam-moe): merges run on raw UTF-8 code
+     * points of the text with spaces as U+2581, split only at runs of
+     * newlines, `<0xXX>` tokens for bytes no symbol covers; no regex. */
+    bool spm_style;
+    bool force_add_bos;     /* gemma4: add_bos true whatever the metadata says */
+    bool newline_tokens;    /* gemma4: a run of newlines that is a token is kept whole */
 };
 
 /* One piece of text: bytes [off, off + len). */
@@ -41,7 +47,7 @@ struct moe_span_vec {
 
 int moe_span_push(struct moe_span_vec *sv, uint32_t off, uint32_t len);
 
-/* Compiles the regexes for `name` (len bytes, may lack a NUL). Unknown name:
+/* Compiles the regexes for `name` (none for spm_style rows) (len bytes, may lack a NUL). Unknown name:
  * MOE_EUNSUPPORTED with the name in diag. */
 int moe_pretok_create(struct moe_pretok **out, const char *name, size_t len,
                       struct moe_pretok_info *info, struct moe_diag *diag);

@@ -1,6 +1,6 @@
-/* SPM and byte-level BPE tokenizers with llama.cpp's semantics
- * (src/llama-vocab.cpp). Comments name the llama.cpp function each part
- * mirrors; where this code differs on purpose it says so.
+/* SPM, byte-level BPE and SPM-style BPE (gemma4) tokenizers with
+ * llama.cpp's semantics (src/llama-vocab.cpp). Comments name the llama.cpp
+ * function each part mirrors; where this code differs on purpose it says so.
  *
  * Data layout: every string the tokenizer knows (token texts, and for BPE
  * the halves and results of merges that are not tokens) is interned in one
@@ -56,7 +56,8 @@ struct moe_tokenizer {
 
     struct merge_slot *merges;
     uint64_t merge_mask;
-    uint32_t byte_sym[256];       /* BPE: string id of each byte's encoded char */
+    uint32_t byte_sym[256];       /* BPE: string id of each byte's encoded char;
+                                     spm_style: token id of its <0xXX> (or NONE) */
 
     /* pieces with special = true (llama.cpp cache_token_to_piece) */
     char *piece_pool;
@@ -65,6 +66,9 @@ struct moe_tokenizer {
 
     int32_t bos, eos, eot, unk;
     bool add_bos, add_eos, add_space_prefix, clean_spaces, ignore_merges;
+    /* SPM-style BPE (moe_pretok_info): spaces as U+2581, merges on code
+     * points, <0xXX> fallback; force_add_bos, newline_tokens as named */
+    bool spm_style, force_add_bos, newline_tokens;
     uint8_t *eog;                 /* bitmap */
 
     int32_t *special;             /* CONTROL/USER_DEFINED/UNKNOWN, longest first */
@@ -283,7 +287,7 @@ static int piece_for_cache(const struct moe_tokenizer *t, uint32_t id, struct mo
     if (attr & (MOE_TOKEN_ATTR_UNKNOWN | MOE_TOKEN_ATTR_CONTROL | MOE_TOKEN_ATTR_USER_DEFINED))
         return moe_buf_append(b, s, n);
     if (attr & MOE_TOKEN_ATTR_NORMAL) {
-        if (t->type == MOE_VOCAB_SPM) {
+        if (t->type == MOE_VOCAB_SPM || t->spm_style) {
             /* llama_unescape_whitespace: U+2581 -> ' ' */
             for (size_t i = 0; i < n && rc == 0;) {
                 if (i + 3 <= n && s[i] == 0xE2 && s[i + 1] == 0x96 && s[i + 2] == 0x81) {
@@ -442,6 +446,22 @@ static void apply_text_rules(struct moe_tokenizer *t)
         t->eog[end_id >> 3] &= (uint8_t)~(1u << (end_id & 7));
         t->attr[end_id] = MOE_TOKEN_ATTR_USER_DEFINED;
     }
+    /* gemma4 and plamo have a normal </s>: when <|tool_response> or
+     * <|plamo:eos|> is EOG, an EOG </s> stops being EOG and becomes NORMAL */
+    int32_t s_id = MOE_TOKEN_NULL;
+    bool normal_s = false;
+    for (uint32_t id = 0; id < t->n_tokens; id++) {
+        if (!moe_tokenizer_is_eog(t, (int32_t)id))
+            continue;
+        if (tok_is(t, id, "<|tool_response>") || tok_is(t, id, "<|plamo:eos|>"))
+            normal_s = true;
+        else if (tok_is(t, id, "</s>"))
+            s_id = (int32_t)id;
+    }
+    if (normal_s && s_id != MOE_TOKEN_NULL) {
+        t->eog[s_id >> 3] &= (uint8_t)~(1u << (s_id & 7));
+        t->attr[s_id] = MOE_TOKEN_ATTR_NORMAL;
+    }
 }
 
 static int load_merges(struct moe_tokenizer *t, const struct moe_gguf *g, struct moe_diag *diag)
@@ -531,22 +551,30 @@ static int load_type(struct moe_tokenizer *t, const struct moe_gguf *g, struct m
         t->add_space_prefix = true;
         t->add_bos = true;
         t->pre_name = "default";
-    } else if (str_eq(&model, "gpt2")) {
+    } else if (str_eq(&model, "gpt2") || str_eq(&model, "gemma4")) {
         t->type = MOE_VOCAB_BPE;
-        t->bos = 11;
-        t->eos = 11;
+        /* llama.cpp: gpt2 defaults BOS = EOS = 11; gemma4 has no defaults
+         * and its pre-tokenizer is "gemma4" whatever tokenizer.ggml.pre says */
+        bool gemma4 = str_eq(&model, "gemma4");
+        t->bos = gemma4 ? MOE_TOKEN_NULL : 11;
+        t->eos = gemma4 ? MOE_TOKEN_NULL : 11;
         t->unk = MOE_TOKEN_NULL;
-        rc = moe_pretok_create(&t->pre, pre.len ? pre.ptr : "default", pre.len ? (size_t)pre.len : 7, &info, diag);
+        const char *pn = gemma4 ? "gemma4" : pre.len ? pre.ptr : "default";
+        size_t pl = gemma4 ? 6 : pre.len ? (size_t)pre.len : 7;
+        rc = moe_pretok_create(&t->pre, pn, pl, &info, diag);
         if (rc != 0)
             return rc;
         t->pre_name = info.name;
         t->clean_spaces = info.clean_spaces;
         t->ignore_merges = info.ignore_merges;
         t->add_bos = info.add_bos;
+        t->spm_style = info.spm_style;
+        t->force_add_bos = info.force_add_bos;
+        t->newline_tokens = info.newline_tokens;
     } else {
         int shown = model.len > 64 ? 64 : (int)model.len;
         return moe_diag_set(diag, MOE_EUNSUPPORTED,
-                            "%s: tokenizer.ggml.model: unsupported tokenizer '%.*s' (supported: llama, gpt2)",
+                            "%s: tokenizer.ggml.model: unsupported tokenizer '%.*s' (supported: llama, gpt2, gemma4)",
                             path, shown, model.ptr);
     }
     t->eot = MOE_TOKEN_NULL;
@@ -654,6 +682,14 @@ static int load_special_ids(struct moe_tokenizer *t, const struct moe_gguf *g, s
     if ((rc = read_bool(g, "tokenizer.ggml.add_bos_token", &t->add_bos, diag)) != 0 ||
         (rc = read_bool(g, "tokenizer.ggml.add_eos_token", &t->add_eos, diag)) != 0)
         return rc;
+    /* llama.cpp's "workaround for Gemma 4" (its PR 21500): BOS is always added */
+    if (t->force_add_bos)
+        t->add_bos = true;
+    /* llama.cpp loads these and aborts (GGML_ASSERT) at the first tokenize
+     * with add_special; refusing the file names the missing key instead */
+    if (t->add_bos && t->bos == MOE_TOKEN_NULL && t->force_add_bos)
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.bos_token_id: missing or out of range"
+                            " (%s vocabularies always add BOS)", path, t->pre_name);
     if (t->add_bos && t->bos == MOE_TOKEN_NULL)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id is not set", path);
     if (t->add_eos && t->eos == MOE_TOKEN_NULL)
@@ -694,6 +730,15 @@ int moe_tokenizer_load(struct moe_tokenizer **out, const struct moe_gguf *g, str
         if ((rc = load_merges(t, g, diag)) != 0)
             goto fail;
         for (unsigned b = 0; b < 256; b++) {
+            if (t->spm_style) {
+                /* the byte's <0xXX> token (hex upper case, as llama.cpp
+                 * writes the name it looks up), NONE without one */
+                char name[8];
+                snprintf(name, sizeof(name), "<0x%02X>", b);
+                uint32_t id = str_find(t, name, 6);
+                t->byte_sym[b] = id < t->n_tokens ? id : NONE;
+                continue;
+            }
             uint8_t u[4];
             size_t un = moe_utf8_encode(moe_unicode_byte_to_cpt((uint8_t)b), u);
             t->byte_sym[b] = str_find(t, u, un);
@@ -1089,22 +1134,14 @@ static size_t bpe_encode(struct work *w, const uint8_t *word, size_t n)
     return o;
 }
 
-static int bpe_word(struct work *w, const uint8_t *word, size_t n)
+/* The merge loop of llm_tokenizer_bpe_session::tokenize over w->sym[0..]
+ * (a chain from symbol 0, ids set): the lowest-ranked adjacent pair first,
+ * leftmost among equal ranks. */
+static int bpe_merge(struct work *w, size_t nsym)
 {
-    const struct moe_tokenizer *t = w->tok;
-    if (t->ignore_merges) {
-        size_t en = bpe_encode(w, word, n);
-        int32_t id = token_find(t, w->buf, en);
-        if (id != MOE_TOKEN_NULL) {
-            emit(w, id);
-            return 0;
-        }
-    }
-    for (size_t i = 0; i < n; i++)
-        w->sym[i] = (struct sym){ (int32_t)i - 1, i + 1 == n ? -1 : (int32_t)i + 1, (uint32_t)i, 1, t->byte_sym[word[i]] };
     w->nheap = 0;
     int rc;
-    for (size_t i = 1; i < n; i++)
+    for (size_t i = 1; i < nsym; i++)
         if ((rc = bpe_add_bigram(w, (int32_t)i - 1, (int32_t)i)) != 0)
             return rc;
     while (w->nheap > 0) {
@@ -1122,6 +1159,25 @@ static int bpe_word(struct work *w, const uint8_t *word, size_t n)
         if ((rc = bpe_add_bigram(w, l->prev, bg.left)) != 0 || (rc = bpe_add_bigram(w, bg.left, l->next)) != 0)
             return rc;
     }
+    return 0;
+}
+
+static int bpe_word(struct work *w, const uint8_t *word, size_t n)
+{
+    const struct moe_tokenizer *t = w->tok;
+    if (t->ignore_merges) {
+        size_t en = bpe_encode(w, word, n);
+        int32_t id = token_find(t, w->buf, en);
+        if (id != MOE_TOKEN_NULL) {
+            emit(w, id);
+            return 0;
+        }
+    }
+    for (size_t i = 0; i < n; i++)
+        w->sym[i] = (struct sym){ (int32_t)i - 1, i + 1 == n ? -1 : (int32_t)i + 1, (uint32_t)i, 1, t->byte_sym[word[i]] };
+    int rc = bpe_merge(w, n);
+    if (rc != 0)
+        return rc;
     for (int32_t i = 0; i != -1; i = w->sym[i].next) {
         const struct sym *sy = &w->sym[i];
         if (sy->id != NONE && sy->id < t->n_tokens) {
@@ -1138,6 +1194,126 @@ static int bpe_word(struct work *w, const uint8_t *word, size_t n)
         }
     }
     return 0;
+}
+
+/* ---- SPM-style BPE (gemma4: llm_tokenizer_bpe_session, byte_encode off) -- */
+
+/* One word (a run of newlines or a run without one) of valid UTF-8 text,
+ * surrogates allowed. */
+static int spm_bpe_word(struct work *w, const uint8_t *word, size_t n)
+{
+    const struct moe_tokenizer *t = w->tok;
+    /* llama.cpp: ignore_merges (no spm_style row sets it), else gemma4's
+     * "fix for gemma 4" (its PR 21343): a run of newlines that is a token
+     * is that token */
+    if (t->ignore_merges || (t->newline_tokens && word[0] == '\n')) {
+        int32_t id = token_find(t, word, n);
+        if (id != MOE_TOKEN_NULL) {
+            emit(w, id);
+            return 0;
+        }
+    }
+    /* one symbol per code point (unicode_len_utf8 of its lead byte) */
+    size_t nsym = 0;
+    for (size_t off = 0; off < n; nsym++) {
+        size_t cn = moe_utf8_len(word[off]);
+        if (cn > n - off)
+            cn = n - off;
+        w->sym[nsym] = (struct sym){ (int32_t)nsym - 1, off + cn == n ? -1 : (int32_t)nsym + 1, (uint32_t)off,
+                                     (uint32_t)cn, str_find(t, word + off, cn) };
+        off += cn;
+    }
+    int rc = bpe_merge(w, nsym);
+    if (rc != 0)
+        return rc;
+    for (int32_t i = 0; i != -1; i = w->sym[i].next) {
+        const struct sym *sy = &w->sym[i];
+        if (sy->id != NONE && sy->id < t->n_tokens) {
+            emit(w, (int32_t)sy->id);
+            continue;
+        }
+        /* no such token: each byte's <0xXX> token; bytes without one are
+         * dropped (llama.cpp) */
+        for (uint32_t j = 0; j < sy->n; j++) {
+            uint32_t id = t->byte_sym[word[sy->start + j]];
+            if (id != NONE)
+                emit(w, (int32_t)id);
+        }
+    }
+    return 0;
+}
+
+/* One raw-text fragment: ' ' -> U+2581 (llama_escape_whitespace), then the
+ * text as llama.cpp's unicode_regex_split hands it back (code points
+ * decoded by unicode_cpts_from_utf8 and re-encoded: a byte that starts no
+ * complete sequence becomes U+FFFD; overlong forms and surrogates are
+ * re-encoded as the code point they decode to), cut into runs of '\n' and
+ * runs without (unicode_regex_split_custom_newlines). */
+static int spm_bpe_tokenize(struct work *w, const uint8_t *text, size_t len)
+{
+    size_t n_sp = 0;
+    for (size_t i = 0; i < len; i++)
+        n_sp += text[i] == ' ';
+    size_t elen = len + 2 * n_sp;    /* <= 3 GiB: len <= MOE_TOKENIZER_MAX_TEXT */
+    uint8_t *esc = moe_malloc(elen ? elen : 1), *san = NULL;
+    if (esc == NULL)
+        return -ENOMEM;
+    size_t o = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (text[i] == ' ') {
+            memcpy(esc + o, "\xe2\x96\x81", 3);
+            o += 3;
+        } else {
+            esc[o++] = text[i];
+        }
+    }
+    const uint8_t *s = esc;
+    size_t slen = elen;
+    int rc = 0;
+    if (!moe_utf8_valid(esc, elen)) {
+        /* each input byte gives at most 3 (its U+2581 or a U+FFFD, never
+         * both: U+2581 is complete), so slen <= 3 GiB fits the uint32_t
+         * offsets of the symbols */
+        if ((san = moe_malloc(len * 3)) == NULL) {
+            rc = -ENOMEM;
+            goto done;
+        }
+        slen = 0;
+        for (size_t i = 0; i < elen;) {
+            uint32_t c = moe_utf8_decode(esc, elen, &i);
+            if (c > 0x10FFFF) {     /* llama.cpp: unicode_cpt_to_utf8 throws */
+                rc = MOE_EFORMAT;
+                goto done;
+            }
+            slen += moe_utf8_encode(c, san + slen);
+        }
+        s = san;
+    }
+    size_t maxw = 0;
+    for (size_t i = 0; i < slen;) {
+        size_t j = i + 1;
+        while (j < slen && (s[j] == '\n') == (s[i] == '\n'))
+            j++;
+        if (j - i > maxw)
+            maxw = j - i;
+        i = j;
+    }
+    if (moe_array_grow((void **)&w->sym, &w->sym_cap, maxw + 1, sizeof(*w->sym), 0) != 0) {
+        rc = -ENOMEM;
+        goto done;
+    }
+    for (size_t i = 0; i < slen;) {
+        size_t j = i + 1;
+        while (j < slen && (s[j] == '\n') == (s[i] == '\n'))
+            j++;
+        if ((rc = spm_bpe_word(w, s + i, j - i)) != 0)
+            goto done;
+        i = j;
+    }
+done:
+    moe_free(esc);
+    moe_free(san);
+    return rc;
 }
 
 /* llama.cpp decodes BPE text code point by code point (bad bytes become
@@ -1266,7 +1442,9 @@ int moe_tokenize(const struct moe_tokenizer *t, const char *text, size_t len,
                 emit(&w, fr->token);
                 continue;
             }
-            if ((rc = bpe_tokenize(&w, tx + fr->off, fr->len)) != 0)
+            rc = t->spm_style ? spm_bpe_tokenize(&w, tx + fr->off, fr->len)
+                              : bpe_tokenize(&w, tx + fr->off, fr->len);
+            if (rc != 0)
                 goto done;
         }
         if (add_special && t->add_eos)

@@ -1,9 +1,11 @@
 /* Tokenizers driven by GGUF metadata, giving the ids llama.cpp gives.
  *
  * Supported: `tokenizer.ggml.model` = "llama" (SentencePiece BPE with scores,
- * byte fallback <0xNN>, U+2581 for spaces, add_space_prefix) and "gpt2"
+ * byte fallback <0xNN>, U+2581 for spaces, add_space_prefix), "gpt2"
  * (byte-level BPE with merges), the latter with the pre-tokenizers listed in
- * doc/tokenizer.md (`tokenizer.ggml.pre`), whose split patterns run on PCRE2.
+ * doc/tokenizer.md (`tokenizer.ggml.pre`), whose split patterns run on PCRE2,
+ * and "gemma4" (BPE merges on code points with U+2581 for spaces, <0xNN>
+ * byte fallback, split at newline runs only).
  * Anything else is refused at load with a message naming it.
  *
  * Semantics follow llama.cpp's llama_tokenize / llama_detokenize /
@@ -35,7 +37,7 @@ struct moe_tokenizer;
 
 enum moe_vocab_type {
     MOE_VOCAB_SPM = 1,   /* tokenizer.ggml.model = llama */
-    MOE_VOCAB_BPE = 2,   /* tokenizer.ggml.model = gpt2 */
+    MOE_VOCAB_BPE = 2,   /* tokenizer.ggml.model = gpt2 or gemma4 */
 };
 
 /* llama_token_attr bits (llama.h). */

@@ -86,6 +86,7 @@ struct pretok_def {
     bool ignore_merges;
     bool add_bos;
     const char *re[MAX_RE + 1];   /* NULL-terminated */
+    bool spm_style, force_add_bos, newline_tokens;
 };
 
 /* Rows follow llama.cpp's llama_vocab::impl::load (names and flags) and
@@ -128,6 +129,13 @@ static const struct pretok_def defs[] = {
     { { "starcoder", "refact", "codeshell", "exaone", "minerva-7b", NULL }, true, false, false,
       { "\\p{N}", RE_GPT2, NULL } },
     { { "command-r", "smollm", NULL }, false, false, false, { "\\p{N}", RE_GPT2, NULL } },
+    /* SPM-style BPE (llama.cpp: byte_encode = false, escape_whitespaces):
+     * llama.cpp's one pattern "[^\\n]+|[\\n]+" runs through its hand-written
+     * unicode_regex_split_custom_newlines; model/tokenizer.c splits at
+     * newline runs itself, so no regex here. (golden: every name of both
+     * rows, tests/parity/test_tokenizer_gemma4.c) */
+    { { "gemma4", "granite-embed-multi-311m", NULL }, true, false, false, { NULL }, true, true, true },
+    { { "sarvam-moe", NULL }, false, false, false, { NULL }, true, false, false },
 };
 
 struct moe_pretok {
@@ -196,6 +204,9 @@ int moe_pretok_create(struct moe_pretok **out, const char *name, size_t len,
     info->clean_spaces = def->clean_spaces;
     info->ignore_merges = def->ignore_merges;
     info->add_bos = def->add_bos;
+    info->spm_style = def->spm_style;
+    info->force_add_bos = def->force_add_bos;
+    info->newline_tokens = def->newline_tokens;
     *out = p;
     return 0;
 fail:

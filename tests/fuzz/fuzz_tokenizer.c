@@ -1,10 +1,11 @@
 /* Fuzz entry for model/tokenizer (and chat-template detection).
  *
- * Input: byte 0 picks the vocabulary (bits 0-1) and the flags add_special
- * (bit 2), parse_special (bit 3), remove_special (bit 4), unparse_special
- * (bit 5); the rest is the text. Vocabularies: a small byte-level BPE (pre
- * qwen2) and a small SPM written once to a temporary directory, plus the
- * real qwen2 and llama-spm vocabularies when MOE_REF_DIR names shared/ref.
+ * Input: byte 0 picks the vocabulary (bits 0-1 and 6) and the flags
+ * add_special (bit 2), parse_special (bit 3), remove_special (bit 4),
+ * unparse_special (bit 5); the rest is the text. Vocabularies: a small
+ * byte-level BPE (pre qwen2) and a small SPM written once to a temporary
+ * directory, the real qwen2 and llama-spm vocabularies when MOE_REF_DIR
+ * names shared/ref, then a small gemma4 (SPM-style BPE) one.
  *
  * Checked: tokenize succeeds (or refuses a code point above U+10FFFF),
  * returns the same ids twice, ids are in range; detokenize succeeds; the
@@ -22,12 +23,14 @@
 #include "model/tokenizer.h"
 #include "model/unicode.h"
 
-#define N_TOK 4
+#define N_TOK 8
 static struct moe_tokenizer *toks[N_TOK];
 static int n_toks;
 
-static int write_small(const char *path, bool bpe)
+/* kind 0: gpt2 (byte-level BPE), 1: llama (SPM), 2: gemma4 */
+static int write_small(const char *path, int kind)
 {
+    const bool bpe = kind == 0, g4 = kind == 2;
     struct moe_gguf_writer *w;
     if (moe_gguf_writer_create(&w, path, NULL) != 0)
         return -1;
@@ -65,7 +68,7 @@ static int write_small(const char *path, bool bpe)
     }
     t[n] = "<|im_start|>"; types[n] = 3; scores[n] = 0; n++;
     t[n] = "<|u|>"; types[n] = 4; scores[n] = 0; n++;
-    int rc = moe_gguf_writer_add_str(w, "tokenizer.ggml.model", bpe ? "gpt2" : "llama");
+    int rc = moe_gguf_writer_add_str(w, "tokenizer.ggml.model", bpe ? "gpt2" : g4 ? "gemma4" : "llama");
     if (rc == 0 && bpe)
         rc = moe_gguf_writer_add_str(w, "tokenizer.ggml.pre", "qwen2");
     if (rc == 0)
@@ -77,6 +80,13 @@ static int write_small(const char *path, bool bpe)
     if (rc == 0 && bpe) {
         static const char *const merges[] = { "h e", "l l", "he ll", "hell o", "\xc4\xa0 w", "l o" };
         rc = moe_gguf_writer_add_str_arr(w, "tokenizer.ggml.merges", 6, merges, NULL);
+    }
+    if (rc == 0 && g4) {
+        static const char *const merges[] = { "h e", "l l", "he ll", "hell o", "\xe2\x96\x81 he", "l o",
+                                              "\xe2\x96\x81 \xe2\x96\x81" };
+        rc = moe_gguf_writer_add_str_arr(w, "tokenizer.ggml.merges", 7, merges, NULL);
+        if (rc == 0)
+            rc = moe_gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 1);
     }
     if (rc != 0) {
         moe_gguf_writer_abort(w);
@@ -100,14 +110,13 @@ static void init(void)
     if (mkdtemp(dir) != NULL) {
         char p[sizeof(dir) + 16];
         snprintf(p, sizeof(p), "%s/bpe.gguf", dir);
-        if (write_small(p, true) == 0)
+        if (write_small(p, 0) == 0)
             add(p);
         unlink(p);
         snprintf(p, sizeof(p), "%s/spm.gguf", dir);
-        if (write_small(p, false) == 0)
+        if (write_small(p, 1) == 0)
             add(p);
         unlink(p);
-        rmdir(dir);
     }
     const char *ref = getenv("MOE_REF_DIR");
     if (ref != NULL) {
@@ -119,7 +128,15 @@ static void init(void)
         if (access(p, R_OK) == 0)
             add(p);
     }
-    if (n_toks < 2)
+    {
+        char p[sizeof(dir) + 16];
+        snprintf(p, sizeof(p), "%s/g4.gguf", dir);
+        if (write_small(p, 2) == 0)
+            add(p);
+        unlink(p);
+        rmdir(dir);
+    }
+    if (n_toks < 3)
         abort();    /* the synthetic vocabularies must always load */
 }
 
@@ -130,7 +147,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size == 0)
         return 0;
     uint8_t sel = data[0];
-    const struct moe_tokenizer *t = toks[(sel & 3) % n_toks];
+    const struct moe_tokenizer *t = toks[((sel & 3) | ((sel & 64) >> 4)) % n_toks];
     bool add_special = sel & 4, parse_special = sel & 8, remove_special = sel & 16, unparse = sel & 32;
     const char *text = (const char *)data + 1;
     size_t len = size - 1;
@@ -169,9 +186,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (size_t i = 0; i < n; i++) {
         if (moe_detok_stream_push(&st, ids[i], chunk, pcap, &plen) != 0)
             abort();
+        /* ends on a lead byte: a split character, unless the byte held
+         * back after it (a new lead) shows it can never be completed */
         if (plen > 0 && moe_utf8_len((uint8_t)chunk[plen - 1]) > 1 && (chunk[plen - 1] & 0xC0) != 0x80 &&
-            (uint8_t)chunk[plen - 1] >= 0xC2 && (uint8_t)chunk[plen - 1] <= 0xF4)
-            abort();    /* ends on a lead byte: a split character */
+            (uint8_t)chunk[plen - 1] >= 0xC2 && (uint8_t)chunk[plen - 1] <= 0xF4 && st.n_pending == 0)
+            abort();
         memcpy(dbuf, chunk, plen);  /* dbuf is scratch now */
         total += plen;
         size_t l;

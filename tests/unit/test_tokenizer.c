@@ -49,8 +49,9 @@ static struct moe_tokenizer *load_ref(const char *vocab)
 }
 
 /* A small vocabulary file: `model` and `pre` as given, 256 byte tokens
- * (byte-level chars for gpt2, <0xNN> for llama) and a few merges/words. */
-static int write_vocab(const char *path, const char *model, const char *pre, bool with_merges)
+ * (byte-level chars for gpt2, <0xNN> for llama and gemma4) and a few
+ * merges/words; gemma4 files get BOS 1 / EOS 2 when with_bos. */
+static int write_vocab_bos(const char *path, const char *model, const char *pre, bool with_merges, bool with_bos)
 {
     struct moe_diag diag = { 0 };
     struct moe_gguf_writer *w;
@@ -62,7 +63,7 @@ static int write_vocab(const char *path, const char *model, const char *pre, boo
     int32_t types[300];
     float scores[300];
     size_t n = 0;
-    bool bpe = strcmp(model, "gpt2") == 0;
+    bool bpe = strcmp(model, "gpt2") == 0, g4 = strcmp(model, "gemma4") == 0;
     if (!bpe) {
         toks[n] = "<unk>"; types[n] = 2; scores[n] = 0; n++;
         toks[n] = "<s>"; types[n] = 3; scores[n] = 0; n++;
@@ -102,11 +103,26 @@ static int write_vocab(const char *path, const char *model, const char *pre, boo
         const char *merges[] = { "h e", "l l", "he ll", "hell o", "\xc4\xa0 w", "l o" };
         rc = moe_gguf_writer_add_str_arr(w, "tokenizer.ggml.merges", 6, merges, NULL);
     }
+    if (rc == 0 && g4 && with_merges) {
+        const char *merges[] = { "h e", "l l", "he ll", "hell o", "\xe2\x96\x81 he", "l o" };
+        rc = moe_gguf_writer_add_str_arr(w, "tokenizer.ggml.merges", 6, merges, NULL);
+    }
+    if (rc == 0 && g4 && with_bos) {
+        uint32_t bos = 1, eos = 2;
+        rc = moe_gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", bos);
+        if (rc == 0)
+            rc = moe_gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", eos);
+    }
     if (rc != 0) {
         moe_gguf_writer_abort(w);
         return rc;
     }
     return moe_gguf_writer_finish(w, &diag);
+}
+
+static int write_vocab(const char *path, const char *model, const char *pre, bool with_merges)
+{
+    return write_vocab_bos(path, model, pre, with_merges, true);
 }
 
 static size_t tokenize_all(const struct moe_tokenizer *t, const char *s, size_t len, bool add, bool parse,
@@ -141,6 +157,52 @@ static void test_load_errors_named(void)
     CHECK_INT(write_vocab(path, "gpt2", "qwen2", false), ==, 0);
     CHECK(load_path(path, &diag) == NULL);
     CHECK_MSG(strstr(diag.msg, "tokenizer.ggml.merges"), "%s", diag.msg);
+
+    /* gemma4: merges required; BOS required (always added) */
+    memset(&diag, 0, sizeof(diag));
+    CHECK_INT(write_vocab(path, "gemma4", NULL, false), ==, 0);
+    CHECK(load_path(path, &diag) == NULL);
+    CHECK_INT(diag.code, ==, MOE_EFORMAT);
+    CHECK_MSG(strstr(diag.msg, "tokenizer.ggml.merges"), "%s", diag.msg);
+    memset(&diag, 0, sizeof(diag));
+    CHECK_INT(write_vocab_bos(path, "gemma4", NULL, true, false), ==, 0);
+    CHECK(load_path(path, &diag) == NULL);
+    CHECK_INT(diag.code, ==, MOE_EFORMAT);
+    CHECK_MSG(strstr(diag.msg, "tokenizer.ggml.bos_token_id") && strstr(diag.msg, "gemma4"), "%s", diag.msg);
+}
+
+/* The small gemma4 file: spaces as U+2581 merged on code points, byte
+ * fallback, BOS forced on, and its pieces back to spaces. */
+static void test_small_gemma4(void)
+{
+    char path[512];
+    snprintf(path, sizeof(path), "%s/g4.gguf", moe_test_tmpdir());
+    CHECK_INT(write_vocab(path, "gemma4", "qwen2", true), ==, 0);
+    struct moe_diag diag = { 0 };
+    struct moe_tokenizer *t = load_path(path, &diag);
+    CHECK_MSG(t != NULL, "%s", diag.msg);
+    CHECK_STR(moe_tokenizer_pre(t), "gemma4");   /* tokenizer.ggml.pre is ignored */
+    CHECK(moe_tokenizer_add_bos(t));
+    /* "\u2581hello!": h e, l l, he ll, hell o merge in rank order; the
+     * pair (\u2581, he) was queued but "he" became "hello" first, and '!'
+     * has no token: <0x21> */
+    int32_t ids[64];
+    size_t n, len;
+    CHECK_INT(moe_tokenize(t, " hello!", 7, true, false, ids, 64, &n), ==, 0);
+    CHECK_INT(n, ==, 4);
+    CHECK_INT(ids[0], ==, 1);
+    const char *txt = moe_tokenizer_token_text(t, ids[1], &len);
+    CHECK_MSG(len == 3 && memcmp(txt, "\xe2\x96\x81", 3) == 0, "%.*s", (int)len, txt);
+    txt = moe_tokenizer_token_text(t, ids[2], &len);
+    CHECK_MSG(len == 5 && memcmp(txt, "hello", 5) == 0, "%.*s", (int)len, txt);
+    txt = moe_tokenizer_token_text(t, ids[3], &len);
+    CHECK_MSG(len == 6 && memcmp(txt, "<0x21>", 6) == 0, "%.*s", (int)len, txt);
+    char buf[64];
+    CHECK_INT(moe_detokenize(t, ids, n, buf, sizeof(buf), true, false, &len), ==, 0);
+    CHECK_MSG(len == 7 && memcmp(buf, " hello!", 7) == 0, "%.*s", (int)len, buf);
+    /* a code point above U+10FFFF: llama.cpp aborts, here an error */
+    CHECK_INT(moe_tokenize(t, "x\xf7\xbf\xbf\xbfy", 6, false, false, ids, 64, &n), ==, MOE_EFORMAT);
+    moe_tokenizer_free(t);
 }
 
 static void test_small_bpe(void)
@@ -176,6 +238,8 @@ static void test_small_bpe(void)
     moe_tokenizer_free(t);
 }
 
+static void alloc_failures_on(const char *path, const char *text);
+
 /* Every allocation of load and tokenize fails in turn: an error, never a
  * crash or a leak. */
 static void test_alloc_failures(void)
@@ -183,6 +247,13 @@ static void test_alloc_failures(void)
     char path[512];
     snprintf(path, sizeof(path), "%s/bpe2.gguf", moe_test_tmpdir());
     CHECK_INT(write_vocab(path, "gpt2", "llama-bpe", true), ==, 0);
+    alloc_failures_on(path, "hello <|im_start|> wor\xffld 123");
+    CHECK_INT(write_vocab(path, "gemma4", NULL, true), ==, 0);
+    alloc_failures_on(path, "hello <|im_start|>\n\n wor\xffld  123 \xc3");
+}
+
+static void alloc_failures_on(const char *path, const char *text)
+{
     struct moe_gguf *g = NULL;
     struct moe_diag diag = { 0 };
     CHECK_INT(moe_gguf_open(&g, path, &diag), ==, 0);
@@ -195,7 +266,7 @@ static void test_alloc_failures(void)
         if (rc == 0) {
             int32_t ids[64];
             size_t n;
-            rc = moe_tokenize(t, "hello <|im_start|> wor\xffld 123", 28, true, true, ids, 64, &n);
+            rc = moe_tokenize(t, text, strlen(text), true, true, ids, 64, &n);
             moe_alloc_fail_after(-1);
             moe_tokenizer_free(t);
             if (rc == 0) {
@@ -531,6 +602,7 @@ int main(void)
 {
     MOE_TEST_RUN(test_load_errors_named);
     MOE_TEST_RUN(test_small_bpe);
+    MOE_TEST_RUN(test_small_gemma4);
     MOE_TEST_RUN(test_alloc_failures);
     MOE_TEST_RUN(test_round_trips);
     MOE_TEST_RUN(test_malformed_and_large);
