@@ -21,6 +21,51 @@ const char *moe_sim_prefetch_name(enum moe_sim_prefetch_kind k)
     return (unsigned)k < 3 ? names[k] : "?";
 }
 
+/* per-layer figures: the experts of each layer cached now */
+struct layer_acc {
+    struct moe_sim_layer *out;  /* NULL: not asked for */
+    int *occ;
+    int n_layer;
+};
+
+static int layer_acc_init(struct layer_acc *la, const struct moe_trace *t, struct moe_sim_layer *out)
+{
+    la->out = out;
+    la->n_layer = t->n_layer;
+    la->occ = NULL;
+    if (out == NULL)
+        return 0;
+    memset(out, 0, (size_t)t->n_layer * sizeof(*out));
+    la->occ = moe_calloc((size_t)t->n_layer, sizeof(int));
+    return la->occ ? 0 : -ENOMEM;
+}
+
+static void layer_acc_move(struct layer_acc *la, int layer, int delta)
+{
+    if (la->out)
+        la->occ[layer] += delta;
+}
+
+/* after access number i (hit or not) at `layer` */
+static void layer_acc_access(struct layer_acc *la, int layer, int hit)
+{
+    if (la->out == NULL)
+        return;
+    la->out[layer].accesses++;
+    la->out[layer].hits += hit;
+    for (int l = 0; l < la->n_layer; l++)
+        la->out[l].slots += la->occ[l];
+}
+
+static void layer_acc_done(struct layer_acc *la, int64_t n)
+{
+    if (la->out && n > 0)
+        for (int l = 0; l < la->n_layer; l++)
+            la->out[l].slots /= (double)n;
+    moe_free(la->occ);
+    la->occ = NULL;
+}
+
 struct sim {
     const struct moe_trace *t;
     struct moe_policy *p;
@@ -32,6 +77,7 @@ struct sim {
     int32_t *cand, *cand_slot;
     int held;               /* slots with prefetched set */
     struct moe_sim_result *r;
+    struct layer_acc la;
 };
 
 /* Empties a slot for `key` at `layer`, step `step` (the policy's victim when
@@ -57,7 +103,9 @@ static int sim_insert(struct sim *s, int32_t key, int layer, int32_t step, int f
             s->r->pf_wasted++;
         }
         s->slot_of[s->keys[slot]] = -1;
+        layer_acc_move(&s->la, s->keys[slot] / s->t->n_expert, -1);
     }
+    layer_acc_move(&s->la, key / s->t->n_expert, +1);
     s->keys[slot] = key;
     s->slot_of[key] = slot;
     return slot;
@@ -82,17 +130,21 @@ static void sim_prefetch(struct sim *s, int layer, int expert, int32_t step, int
 }
 
 /* Belady: the victim is the cached key whose next use is furthest. */
-static int belady_run(const struct moe_trace *t, int capacity, struct moe_sim_result *r)
+static int belady_run(const struct moe_trace *t, int capacity, struct moe_sim_result *r,
+                      struct moe_sim_layer *per_layer)
 {
+    struct layer_acc la;
     const int64_t nk = (int64_t)t->n_layer * t->n_expert;
     int32_t *slot_of = moe_malloc((size_t)nk * sizeof(int32_t));
     int32_t *keys = moe_malloc((size_t)capacity * sizeof(int32_t));
     int64_t *next_use = moe_malloc((size_t)t->n * sizeof(int64_t));
     int64_t *next_of_key = moe_malloc((size_t)nk * sizeof(int64_t));
     int64_t *last_pos = moe_malloc((size_t)nk * sizeof(int64_t));
-    int rc = -ENOMEM;
-    if (!slot_of || !keys || (t->n && !next_use) || !next_of_key || !last_pos)
+    int rc = layer_acc_init(&la, t, per_layer);
+    if (rc || !slot_of || !keys || (t->n && !next_use) || !next_of_key || !last_pos) {
+        rc = -ENOMEM;
         goto out;
+    }
     for (int64_t k = 0; k < nk; k++) {
         slot_of[k] = -1;
         last_pos[k] = t->n;
@@ -106,7 +158,8 @@ static int belady_run(const struct moe_trace *t, int capacity, struct moe_sim_re
     int n_cached = 0;
     for (int64_t i = 0; i < t->n; i++) {
         const int32_t key = t->a[i].layer * t->n_expert + t->a[i].expert;
-        if (slot_of[key] >= 0) {
+        const int hit = slot_of[key] >= 0;
+        if (hit) {
             r->hits++;
         } else {
             int slot;
@@ -118,15 +171,19 @@ static int belady_run(const struct moe_trace *t, int capacity, struct moe_sim_re
                     if (next_of_key[keys[s]] > next_of_key[keys[slot]])
                         slot = s;
                 slot_of[keys[slot]] = -1;
+                layer_acc_move(&la, keys[slot] / t->n_expert, -1);
             }
+            layer_acc_move(&la, t->a[i].layer, +1);
             keys[slot] = key;
             slot_of[key] = slot;
             r->loads++;
         }
         next_of_key[key] = next_use[i];
+        layer_acc_access(&la, t->a[i].layer, hit);
     }
     rc = 0;
 out:
+    layer_acc_done(&la, t->n);
     moe_free(slot_of);
     moe_free(keys);
     moe_free(next_use);
@@ -157,7 +214,7 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
         return -EINVAL;
     r->accesses = t->n;
     if (kind == MOE_POLICY_BELADY) {
-        int rc = belady_run(t, capacity, r);
+        int rc = belady_run(t, capacity, r, o->per_layer);
         r->hit_rate = rc == 0 && t->n ? (double)r->hits / (double)t->n : 0.0;
         return rc;
     }
@@ -175,7 +232,8 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
     s.cand = moe_malloc((size_t)capacity * sizeof(int32_t));
     s.cand_slot = moe_malloc((size_t)capacity * sizeof(int32_t));
     ids = moe_malloc((size_t)K * sizeof(int32_t));
-    if (!s.slot_of || !s.keys || !s.prefetched || !s.predicted || !s.cand || !s.cand_slot || !ids)
+    if (!s.slot_of || !s.keys || !s.prefetched || !s.predicted || !s.cand || !s.cand_slot || !ids ||
+        layer_acc_init(&s.la, t, o->per_layer))
         goto out;
     if ((s.p = moe_policy_create(kind, t->n_layer, t->n_expert, o->params)) == NULL)
         goto out;
@@ -211,7 +269,8 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
         const struct moe_access *a = &t->a[i];
         const int32_t key = a->layer * t->n_expert + a->expert;
         const int slot = s.slot_of[key];
-        if (slot >= 0) {
+        const int hit = slot >= 0;
+        if (hit) {
             r->hits++;
             if (s.prefetched[slot]) {
                 s.prefetched[slot] = 0;
@@ -223,6 +282,7 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
             r->loads++;
         }
         moe_policy_access(s.p, a->layer, a->expert, i, a->step);
+        layer_acc_access(&s.la, a->layer, hit);
         const int last_of_visit = i + 1 == t->n || t->a[i + 1].layer != a->layer ||
                                   t->a[i + 1].step != a->step;
         if (!last_of_visit || pk == MOE_SIM_PREFETCH_NONE)
@@ -272,6 +332,7 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
     r->hit_rate = t->n ? (double)r->hits / (double)t->n : 0.0;
     rc = 0;
 out:
+    layer_acc_done(&s.la, t->n);
     moe_policy_free(s.p);
     moe_history_free(&hist);
     moe_free(s.slot_of);

@@ -50,6 +50,15 @@ struct moe_sim_result {
     int64_t loads;              /* misses + prefetches loaded: the traffic */
 };
 
+/* Per-layer figures of one simulation (moe_sim_opts.per_layer), over the
+ * whole trace: the layer's accesses and hits, and the mean number of the
+ * layer's experts cached, sampled after every access of any layer. They
+ * show how a policy shares the slots between layers against Belady. */
+struct moe_sim_layer {
+    int64_t accesses, hits;
+    double slots;
+};
+
 /* One simulation's settings. Designated initializers leave what is not
  * named at its default: no prefetch, the policy's default parameters. */
 struct moe_sim_opts {
@@ -57,6 +66,7 @@ struct moe_sim_opts {
     int capacity;                           /* slots, >= 1 */
     const struct moe_policy_params *params; /* NULL: moe_policy_defaults() */
     struct moe_sim_prefetch prefetch;       /* kind MOE_SIM_PREFETCH_NONE (0): none */
+    struct moe_sim_layer *per_layer;        /* NULL, or the trace's n_layer entries, filled */
 };
 
 /* 0, -EINVAL (capacity < 1, a bad prefetch, prefetch with Belady) or

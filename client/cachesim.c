@@ -2,7 +2,7 @@
  *
  *   moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]
  *                    [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...] [--plot OUT.svg]
- *                    [--prefetch none|history|oracle] [--prefetch-depth D]
+ *                    [--prefetch none|history|oracle] [--prefetch-depth D] [--per-layer]
  *   moectl cache-sim --lanes ...   (client/lanesim.c: copy, CPU or both per miss)
  *
  * One line per policy and capacity:
@@ -10,7 +10,10 @@
  * and with --prefetch, on every policy but Belady (the demand-paging
  * optimum, printed without prefetch):
  *   ... prefetch=K depth=D issued=I used=U wasted=W dropped=R loads=L
- * (cache/sim.h: what the simulated prefetch does).
+ * (cache/sim.h: what the simulated prefetch does). With --per-layer, after
+ * each of those lines one per MoE layer:
+ *   layer=L accesses=A hits=H hit_rate=X slots=S
+ * S the mean number of the layer's experts cached (cache/sim.h).
  * Every policy (Belady included) when --policy is not given. --sweep takes
  * capacities in percent of all (layer, expert) keys; --plot writes hit rate
  * vs capacity per policy as an SVG.
@@ -30,7 +33,7 @@ static void usage(FILE *f)
     fprintf(f, "usage: moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]\n"
                "                        [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...]"
                " [--plot OUT.svg]\n"
-               "                        [--prefetch none|history|oracle] [--prefetch-depth D]\n"
+               "                        [--prefetch none|history|oracle] [--prefetch-depth D] [--per-layer]\n"
                "       moectl cache-sim --lanes --help   (miss lanes under hardware profiles)\n");
 }
 
@@ -79,7 +82,7 @@ int moectl_cachesim_main(int argc, char **argv)
     const char *trace_path = NULL, *plot = NULL, *sweep = NULL;
     long capacity = -1;
     double cap_pct = -1;
-    int policy = -1;
+    int policy = -1, per_layer = 0;
     struct moe_sim_prefetch pf = { MOE_SIM_PREFETCH_NONE, 1 };
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--lanes") == 0)
@@ -90,6 +93,8 @@ int moectl_cachesim_main(int argc, char **argv)
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             usage(stdout);
             return 0;
+        } else if (strcmp(a, "--per-layer") == 0) {
+            per_layer = 1;
         } else if (strcmp(a, "--trace") == 0 && v) {
             trace_path = v;
             i++;
@@ -190,12 +195,19 @@ int moectl_cachesim_main(int argc, char **argv)
     struct moe_policy_params prm;
     moe_policy_defaults(&prm);
     int rc = 0;
+    struct moe_sim_layer *layers = NULL;
+    if (per_layer && (layers = calloc((size_t)t.n_layer, sizeof(*layers))) == NULL) {
+        fprintf(stderr, "moectl: cache-sim: out of memory\n");
+        moe_trace_free(&t);
+        return 1;
+    }
     for (int c = 0; c < n_caps && rc == 0; c++) {
         for (int p = 0; p < n_pol; p++) {
             struct moe_sim_result r;
             const int with_pf = pf.kind != MOE_SIM_PREFETCH_NONE && pols[p] != MOE_POLICY_BELADY;
             const struct moe_sim_opts so = { .policy = (enum moe_policy_kind)pols[p], .capacity = caps[c],
-                                             .params = &prm, .prefetch = with_pf ? pf : (struct moe_sim_prefetch){ 0 } };
+                                             .params = &prm, .prefetch = with_pf ? pf : (struct moe_sim_prefetch){ 0 },
+                                             .per_layer = layers };
             const int e = moe_cache_sim(&t, &so, &r);
             if (e) {
                 fprintf(stderr, "moectl: cache-sim: %s: %s\n", trace_path,
@@ -213,6 +225,11 @@ int moectl_cachesim_main(int argc, char **argv)
                        (long long)r.pf_used, (long long)r.pf_wasted, (long long)r.pf_dropped,
                        (long long)r.loads);
             printf("\n");
+            for (int l = 0; layers && l < t.n_layer; l++)
+                printf("layer=%d accesses=%lld hits=%lld hit_rate=%.4f slots=%.2f\n", l,
+                       (long long)layers[l].accesses, (long long)layers[l].hits,
+                       layers[l].accesses ? (double)layers[l].hits / (double)layers[l].accesses : 0.0,
+                       layers[l].slots);
         }
     }
     if (rc == 0 && plot) {
@@ -222,6 +239,7 @@ int moectl_cachesim_main(int argc, char **argv)
             rc = 1;
         }
     }
+    free(layers);
     moe_trace_free(&t);
     return rc;
 }

@@ -695,6 +695,54 @@ static void test_parse_formats(void)
     CHECK(moe_trace_load(&t, "/nonexistent/trace", &d) != 0);
 }
 
+/* --per-layer: every access counted once at its layer, the same hits as
+ * without it, the mean slots within the capacity; on a hand-made trace
+ * the exact occupancies. */
+static void test_per_layer(void)
+{
+    struct moe_sim_layer pl[4];
+    for (int rep = 0; rep < 200; rep++) {
+        struct moe_trace t;
+        const int n_layer = 2 + (int)rnd(3), n_expert = 2 + (int)rnd(4);
+        make_layered_trace(&t, n_layer, n_expert, 3 + (int)rnd(10), rep % 3 == 0);
+        const int cap = 1 + (int)rnd((uint32_t)(n_layer * n_expert - 1));
+        const enum moe_policy_kind pol = (enum moe_policy_kind)(rep % MOE_POLICY_COUNT);
+        const struct moe_sim_prefetch pf = { pol == MOE_POLICY_BELADY || rep % 2 ? MOE_SIM_PREFETCH_NONE
+                                                                              : MOE_SIM_PREFETCH_HISTORY, 1 };
+        struct moe_sim_result r, r2;
+        CHECK(moe_cache_sim(&t, SIM(pol, cap, .prefetch = pf), &r) == 0);
+        CHECK(moe_cache_sim(&t, SIM(pol, cap, .prefetch = pf, .per_layer = pl), &r2) == 0);
+        CHECK(r2.hits == r.hits && r2.loads == r.loads);
+        int64_t acc = 0, hits = 0;
+        double slots = 0.0;
+        for (int l = 0; l < n_layer; l++) {
+            CHECK(pl[l].hits <= pl[l].accesses && pl[l].slots >= 0.0);
+            acc += pl[l].accesses;
+            hits += pl[l].hits;
+            slots += pl[l].slots;
+        }
+        CHECK_MSG(acc == t.n && hits == r.hits && slots <= cap + 1e-9,
+                  "rep %d (%s cap %d): accesses %lld/%lld hits %lld/%lld slots %.3f", rep,
+                  moe_policy_name(pol), cap, (long long)acc, (long long)t.n, (long long)hits,
+                  (long long)r.hits, slots);
+        free(t.a);
+    }
+    /* two layers, expert 0 at both for 10 tokens, 2 slots: layer 0 holds
+     * one expert after every access, layer 1 after all but the first */
+    struct moe_trace t = { .n_layer = 2, .n_expert = 3, .n_expert_used = 1, .n = 20 };
+    t.a = calloc(20, sizeof(struct moe_access));
+    CHECK(t.a != NULL);
+    for (int i = 0; i < 20; i++)
+        t.a[i] = (struct moe_access){ .layer = i % 2, .expert = 0, .step = i / 2 };
+    for (int p = 0; p < MOE_POLICY_COUNT; p++) {
+        struct moe_sim_result r;
+        CHECK(moe_cache_sim(&t, SIM((enum moe_policy_kind)p, 2, .per_layer = pl), &r) == 0);
+        CHECK(r.hits == 18 && pl[0].hits == 9 && pl[1].hits == 9 && pl[0].accesses == 10);
+        CHECK(fabs(pl[0].slots - 1.0) < 1e-12 && fabs(pl[1].slots - 19.0 / 20.0) < 1e-12);
+    }
+    free(t.a);
+}
+
 static void test_gemma_trace(void)
 {
     const char *ref = moe_test_ref_dir();
@@ -799,6 +847,7 @@ int main(void)
     MOE_TEST_RUN(test_predict_policy_direct);
     MOE_TEST_RUN(test_predict_small_traces);
     MOE_TEST_RUN(test_parse_formats);
+    MOE_TEST_RUN(test_per_layer);
     MOE_TEST_RUN(test_gemma_trace);
     MOE_TEST_RUN(test_other_traces);
     return moe_test_exit_code();
