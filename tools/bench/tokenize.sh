@@ -6,7 +6,9 @@
 # usage: tools/bench/tokenize.sh [BUILD_DIR] [REF_DIR]
 #   BUILD_DIR: a meson build of this tree (default build-tok); REF_DIR:
 #   shared/ref (default ../shared/ref). Needs python3; the llama.cpp column
-#   needs `pip install llama-cpp-python` and is "-" without it.
+#   needs `pip install llama-cpp-python` and is "-" without it. VOCABS picks
+#   rows (default: the six of shared/ref and gemma4, the test vocabulary of
+#   tests/fixtures/tokenizer/gemma4-vocab.gguf).
 set -eu
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${1:-$root/build-tok}
@@ -29,8 +31,9 @@ echo "text: $(wc -c < "$work/text.txt") bytes, sha256 $(sha256sum "$work/text.tx
 echo
 echo "| vocab | tokens | moed tokens/s | moed MB/s | llama.cpp tokens/s | llama.cpp MB/s | same ids |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
-for v in llama-spm qwen2 llama-bpe gpt-2 deepseek-llm deepseek-coder; do
+for v in ${VOCABS:-llama-spm qwen2 llama-bpe gpt-2 deepseek-llm deepseek-coder gemma4}; do
     g="$ref/vocab/ggml-vocab-$v.gguf"
+    [ "$v" = gemma4 ] && g="$root/tests/fixtures/tokenizer/gemma4-vocab.gguf"
     m=$($pin "$work/tokenize_bench" "$g" "$work/text.txt" "$runs" "$work/moe_ids.json")
     mt=$(echo "$m" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["tokens"], d["tokens_per_s"], d["mb_per_s"])')
     set -- $mt
