@@ -1,4 +1,5 @@
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -78,7 +79,18 @@ struct sim {
     int held;               /* slots with prefetched set */
     struct moe_sim_result *r;
     struct layer_acc la;
+    /* lookahead oracle: visit numbers count each layer's visits from 0 */
+    int lookahead;
+    int64_t *next_visit;    /* [key] visit of its layer with its next use, INT64_MAX: none */
+    int64_t *started;       /* [layer] visits begun so far */
 };
+
+/* lookahead: the rest of the key's layer's current visit or one of the next
+ * `lookahead` visits uses it */
+static int sim_protected(const struct sim *s, int32_t key)
+{
+    return s->next_visit[key] < s->started[key / s->t->n_expert] + s->lookahead;
+}
 
 /* Empties a slot for `key` at `layer`, step `step` (the policy's victim when
  * full) and fills it; -1 when a prefetch finds no candidate. */
@@ -89,11 +101,13 @@ static int sim_insert(struct sim *s, int32_t key, int layer, int32_t step, int f
         slot = s->n_cached++;
     } else {
         int n = 0;
-        for (int i = 0; i < s->capacity; i++)
-            if (!for_prefetch || s->predicted[s->keys[i]] != step) {
-                s->cand[n] = s->keys[i];
-                s->cand_slot[n++] = i;
-            }
+        for (int pass = s->lookahead > 0 ? 0 : 1; pass < 2 && n == 0; pass++)
+            for (int i = 0; i < s->capacity; i++)
+                if ((!for_prefetch || s->predicted[s->keys[i]] != step) &&
+                    (pass == 1 || !sim_protected(s, s->keys[i]))) {
+                    s->cand[n] = s->keys[i];
+                    s->cand_slot[n++] = i;
+                }
         if (n == 0)
             return -1;
         slot = s->cand_slot[moe_policy_victim(s->p, s->cand, n, layer, step)];
@@ -210,7 +224,8 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
     const struct moe_sim_prefetch *pf = &o->prefetch;
     const enum moe_sim_prefetch_kind pk = pf->kind;
     if (capacity < 1 || (unsigned)pk > MOE_SIM_PREFETCH_ORACLE ||
-        (pk != MOE_SIM_PREFETCH_NONE && (pf->depth < 1 || kind == MOE_POLICY_BELADY)))
+        (pk != MOE_SIM_PREFETCH_NONE && (pf->depth < 1 || kind == MOE_POLICY_BELADY)) ||
+        o->lookahead < 0 || (o->lookahead > 0 && kind == MOE_POLICY_BELADY))
         return -EINVAL;
     r->accesses = t->n;
     if (kind == MOE_POLICY_BELADY) {
@@ -220,7 +235,8 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
     }
     const int64_t nk = (int64_t)t->n_layer * t->n_expert;
     const int K = t->n_expert_used > 0 ? t->n_expert_used : 1;
-    struct sim s = { .t = t, .capacity = capacity, .r = r };
+    struct sim s = { .t = t, .capacity = capacity, .r = r, .lookahead = o->lookahead };
+    int64_t *vis_idx = NULL, *next_acc = NULL; /* lookahead: per access */
     struct moe_history hist = { 0 };
     int32_t *ids = NULL;
     int64_t *vis = NULL, *vis_first = NULL, *cursor = NULL; /* oracle: visits per layer */
@@ -237,6 +253,31 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
         goto out;
     if ((s.p = moe_policy_create(kind, t->n_layer, t->n_expert, o->params)) == NULL)
         goto out;
+    if (s.lookahead > 0) {
+        vis_idx = moe_malloc((size_t)(t->n ? t->n : 1) * sizeof(int64_t));
+        next_acc = moe_malloc((size_t)(t->n ? t->n : 1) * sizeof(int64_t));
+        s.next_visit = moe_malloc((size_t)nk * sizeof(int64_t));
+        s.started = moe_calloc((size_t)t->n_layer, sizeof(int64_t));
+        if (!vis_idx || !next_acc || !s.next_visit || !s.started)
+            goto out;
+        for (int64_t i = 0; i < t->n; i++) {
+            const int first = i == 0 || t->a[i].layer != t->a[i - 1].layer || t->a[i].step != t->a[i - 1].step;
+            vis_idx[i] = s.started[t->a[i].layer] += first;
+            vis_idx[i]--;
+        }
+        for (int64_t k = 0; k < nk; k++)
+            s.next_visit[k] = INT64_MAX;
+        for (int64_t i = t->n - 1; i >= 0; i--) {
+            const int64_t k = (int64_t)t->a[i].layer * t->n_expert + t->a[i].expert;
+            next_acc[i] = s.next_visit[k] == INT64_MAX ? t->n : s.next_visit[k];
+            s.next_visit[k] = i; /* for now the access index */
+        }
+        for (int64_t k = 0; k < nk; k++)
+            if (s.next_visit[k] != INT64_MAX)
+                s.next_visit[k] = vis_idx[s.next_visit[k]];
+        for (int l = 0; l < t->n_layer; l++)
+            s.started[l] = 0;
+    }
     for (int64_t k = 0; k < nk; k++) {
         s.slot_of[k] = -1;
         s.predicted[k] = -1;
@@ -268,6 +309,10 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
     for (int64_t i = 0; i < t->n; i++) {
         const struct moe_access *a = &t->a[i];
         const int32_t key = a->layer * t->n_expert + a->expert;
+        if (s.lookahead > 0) {
+            s.started[a->layer] = vis_idx[i] + 1;
+            s.next_visit[key] = next_acc[i] < t->n ? vis_idx[next_acc[i]] : INT64_MAX;
+        }
         const int slot = s.slot_of[key];
         const int hit = slot >= 0;
         if (hit) {
@@ -342,6 +387,10 @@ out:
     moe_free(s.cand);
     moe_free(s.cand_slot);
     moe_free(ids);
+    moe_free(vis_idx);
+    moe_free(next_acc);
+    moe_free(s.next_visit);
+    moe_free(s.started);
     moe_free(vis);
     moe_free(vis_first);
     moe_free(cursor);

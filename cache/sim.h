@@ -67,10 +67,16 @@ struct moe_sim_opts {
     const struct moe_policy_params *params; /* NULL: moe_policy_defaults() */
     struct moe_sim_prefetch prefetch;       /* kind MOE_SIM_PREFETCH_NONE (0): none */
     struct moe_sim_layer *per_layer;        /* NULL, or the trace's n_layer entries, filled */
+    /* An oracle, not a policy: > 0 keeps every expert that the rest of its
+     * layer's current visit or the next `lookahead` visits of its layer use
+     * out of the policy's candidates while any other is left. What knowing
+     * the next tokens' routing would be worth to a demand-paging cache (the
+     * ceiling for any online predictor feeding the policy); not with Belady. */
+    int lookahead;
 };
 
-/* 0, -EINVAL (capacity < 1, a bad prefetch, prefetch with Belady) or
- * -ENOMEM. */
+/* 0, -EINVAL (capacity < 1, a bad prefetch, prefetch or lookahead with
+ * Belady, lookahead < 0) or -ENOMEM. */
 int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struct moe_sim_result *r);
 
 #endif

@@ -3,6 +3,7 @@
  *   moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]
  *                    [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...] [--plot OUT.svg]
  *                    [--prefetch none|history|oracle] [--prefetch-depth D] [--per-layer]
+ *                    [--lookahead H]
  *   moectl cache-sim --lanes ...   (client/lanesim.c: copy, CPU or both per miss)
  *
  * One line per policy and capacity:
@@ -14,6 +15,9 @@
  * each of those lines one per MoE layer:
  *   layer=L accesses=A hits=H hit_rate=X slots=S
  * S the mean number of the layer's experts cached (cache/sim.h).
+ * --lookahead H (an oracle, cache/sim.h) protects from eviction the experts
+ * the next H visits of their layer use; the lines of every policy but Belady
+ * then end with `lookahead=H`.
  * Every policy (Belady included) when --policy is not given. --sweep takes
  * capacities in percent of all (layer, expert) keys; --plot writes hit rate
  * vs capacity per policy as an SVG.
@@ -34,6 +38,7 @@ static void usage(FILE *f)
                "                        [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...]"
                " [--plot OUT.svg]\n"
                "                        [--prefetch none|history|oracle] [--prefetch-depth D] [--per-layer]\n"
+               "                        [--lookahead H]\n"
                "       moectl cache-sim --lanes --help   (miss lanes under hardware profiles)\n");
 }
 
@@ -82,7 +87,7 @@ int moectl_cachesim_main(int argc, char **argv)
     const char *trace_path = NULL, *plot = NULL, *sweep = NULL;
     long capacity = -1;
     double cap_pct = -1;
-    int policy = -1, per_layer = 0;
+    int policy = -1, per_layer = 0, lookahead = 0;
     struct moe_sim_prefetch pf = { MOE_SIM_PREFETCH_NONE, 1 };
     for (int i = 1; i < argc; i++)
         if (strcmp(argv[i], "--lanes") == 0)
@@ -95,6 +100,15 @@ int moectl_cachesim_main(int argc, char **argv)
             return 0;
         } else if (strcmp(a, "--per-layer") == 0) {
             per_layer = 1;
+        } else if (strcmp(a, "--lookahead") == 0 && v) {
+            errno = 0;
+            const long h = strtol(v, &end, 10);
+            if (errno || *end || end == v || h < 1 || h > 1000000) {
+                fprintf(stderr, "moectl: --lookahead '%s': expected a number of visits, 1-1000000\n", v);
+                return 2;
+            }
+            lookahead = (int)h;
+            i++;
         } else if (strcmp(a, "--trace") == 0 && v) {
             trace_path = v;
             i++;
@@ -205,9 +219,10 @@ int moectl_cachesim_main(int argc, char **argv)
         for (int p = 0; p < n_pol; p++) {
             struct moe_sim_result r;
             const int with_pf = pf.kind != MOE_SIM_PREFETCH_NONE && pols[p] != MOE_POLICY_BELADY;
+            const int la = pols[p] != MOE_POLICY_BELADY ? lookahead : 0;
             const struct moe_sim_opts so = { .policy = (enum moe_policy_kind)pols[p], .capacity = caps[c],
                                              .params = &prm, .prefetch = with_pf ? pf : (struct moe_sim_prefetch){ 0 },
-                                             .per_layer = layers };
+                                             .per_layer = layers, .lookahead = la };
             const int e = moe_cache_sim(&t, &so, &r);
             if (e) {
                 fprintf(stderr, "moectl: cache-sim: %s: %s\n", trace_path,
@@ -224,6 +239,8 @@ int moectl_cachesim_main(int argc, char **argv)
                        moe_sim_prefetch_name(pf.kind), pf.depth, (long long)r.pf_issued,
                        (long long)r.pf_used, (long long)r.pf_wasted, (long long)r.pf_dropped,
                        (long long)r.loads);
+            if (la)
+                printf(" lookahead=%d", la);
             printf("\n");
             for (int l = 0; layers && l < t.n_layer; l++)
                 printf("layer=%d accesses=%lld hits=%lld hit_rate=%.4f slots=%.2f\n", l,

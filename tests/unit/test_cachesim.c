@@ -743,6 +743,87 @@ static void test_per_layer(void)
     free(t.a);
 }
 
+/* --lookahead with LRU against a naive reference: at each eviction, the
+ * visits each key's next use falls in recounted from the trace. */
+static int ref_visit_start(const struct moe_trace *t, int64_t j)
+{
+    return j == 0 || t->a[j].layer != t->a[j - 1].layer || t->a[j].step != t->a[j - 1].step;
+}
+
+/* visits of `layer` begun at accesses 0..i */
+static int64_t ref_begun(const struct moe_trace *t, int layer, int64_t i)
+{
+    int64_t n = 0;
+    for (int64_t j = 0; j <= i; j++)
+        n += t->a[j].layer == layer && ref_visit_start(t, j);
+    return n;
+}
+
+static int64_t ref_lookahead_lru(const struct moe_trace *t, int cap, int H)
+{
+    int keys[64], n = 0;
+    int64_t last[64], hits = 0;
+    for (int64_t i = 0; i < t->n; i++) {
+        const int key = t->a[i].layer * t->n_expert + t->a[i].expert;
+        int slot = -1;
+        for (int j = 0; j < n; j++)
+            if (keys[j] == key)
+                slot = j;
+        if (slot >= 0) {
+            hits++;
+        } else if (n < cap) {
+            slot = n++;
+        } else {
+            int prot[64], any = 0;
+            for (int j = 0; j < n; j++) {
+                const int layer = keys[j] / t->n_expert, e = keys[j] % t->n_expert;
+                int64_t nj = -1;
+                for (int64_t q = i + 1; q < t->n && nj < 0; q++)
+                    if (t->a[q].layer == layer && t->a[q].expert == e)
+                        nj = q;
+                prot[j] = nj >= 0 && ref_begun(t, layer, nj) - 1 < ref_begun(t, layer, i) + H;
+                any += !prot[j];
+            }
+            for (int j = 0; j < n; j++)
+                if ((!any || !prot[j]) && (slot < 0 || last[j] < last[slot]))
+                    slot = j;
+        }
+        keys[slot] = key;
+        last[slot] = i;
+    }
+    return hits;
+}
+
+static void test_lookahead(void)
+{
+    for (int rep = 0; rep < 300; rep++) {
+        struct moe_trace t;
+        const int n_layer = 1 + (int)rnd(3), n_expert = 2 + (int)rnd(4);
+        make_layered_trace(&t, n_layer, n_expert, 3 + (int)rnd(10), rep % 3 == 0);
+        const int cap = 1 + (int)rnd((uint32_t)(n_layer * n_expert - 1 > 0 ? n_layer * n_expert - 1 : 1));
+        const int H = 1 + (int)rnd(3);
+        struct moe_sim_result r, b;
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_LRU, cap, .lookahead = H), &r) == 0);
+        const int64_t e = ref_lookahead_lru(&t, cap, H);
+        CHECK_MSG(r.hits == e, "rep %d (cap %d, lookahead %d): hits %lld, reference %lld", rep, cap, H,
+                  (long long)r.hits, (long long)e);
+        CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, cap), &b) == 0);
+        for (int p = 0; p < MOE_POLICY_COUNT; p++) {
+            if (p == MOE_POLICY_BELADY)
+                continue;
+            CHECK(moe_cache_sim(&t, SIM((enum moe_policy_kind)p, cap, .lookahead = H), &r) == 0);
+            CHECK(r.hits <= b.hits); /* still demand paging */
+        }
+        free(t.a);
+    }
+    struct moe_trace t;
+    make_layered_trace(&t, 2, 3, 4, 0);
+    struct moe_sim_result r;
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_BELADY, 2, .lookahead = 1), &r) == -EINVAL);
+    CHECK(moe_cache_sim(&t, SIM(MOE_POLICY_LRU, 2, .lookahead = -1), &r) == -EINVAL);
+    free(t.a);
+}
+
 static void test_gemma_trace(void)
 {
     const char *ref = moe_test_ref_dir();
@@ -848,6 +929,7 @@ int main(void)
     MOE_TEST_RUN(test_predict_small_traces);
     MOE_TEST_RUN(test_parse_formats);
     MOE_TEST_RUN(test_per_layer);
+    MOE_TEST_RUN(test_lookahead);
     MOE_TEST_RUN(test_gemma_trace);
     MOE_TEST_RUN(test_other_traces);
     return moe_test_exit_code();
