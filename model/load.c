@@ -576,8 +576,10 @@ static int alloc_kv(struct moe_model *m, const struct moe_model_opts *o, struct 
 }
 
 /* Moves every bound weight into backend memory (a GPU backend; or the CPU
- * backend when asked, which tests this path). The deepseek selection bias
- * stays on the host: the router's top-k runs there. */
+ * backend when asked, which tests this path). What the host reads stays
+ * there: the deepseek selection bias (the router's top-k runs on the host),
+ * gemma4's per-expert down scales and layer output scale (scalars of the
+ * scale op) and rope_freqs (the rope op's divisors are host memory). */
 static int upload_weights(struct moe_model *m, const struct moe_model_opts *o, struct moe_diag *diag)
 {
     if (!m->w.upload)
@@ -588,7 +590,8 @@ static int upload_weights(struct moe_model *m, const struct moe_model_opts *o, s
         bool host_only = false;
         for (int il = 0; il < m->cfg.n_layer; il++)
             host_only |= b->field == (void **)&m->w.layers[il].sel_bias ||
-                         b->field == (void **)&m->w.layers[il].down_scale;
+                         b->field == (void **)&m->w.layers[il].down_scale ||
+                         b->field == (void **)&m->w.layers[il].out_scale;
         host_only |= b->field == (void **)&m->w.rope_freqs;
         if (host_only)
             continue;

@@ -57,7 +57,7 @@ struct layer {
     float *attn_post_norm, *ffn_post_norm, *ffn_post_norm_1, *ffn_pre_norm_2, *ffn_post_norm_2;
     float *router_scale;                 /* [n_embd] ffn_gate_inp.scale */
     float *down_scale;                   /* [n_expert] ffn_down_exps.scale (host) */
-    float *out_scale;                    /* [1] layer_output_scale */
+    float *out_scale;                    /* [1] layer_output_scale (host) */
     /* MLA (deepseek2) */
     struct moe_weight wq_a, wq_b, wkv_a;
     float *q_a_norm, *kv_a_norm;

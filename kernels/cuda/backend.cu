@@ -32,6 +32,7 @@
 #include "kernels/backend.h"
 #include "kernels/blocks.h"
 #include "kernels/cuda.h"
+#include "kernels/fp16.h"
 #include "kernels/cuda/cuda-impl.h"
 #include "kernels/cuda/reduce-impl.h"
 
@@ -96,6 +97,35 @@ int make_ints2(cuda_ctx *c, const int32_t *host, int64_t n, const int32_t *host2
     if (rc == 0)
         rc = check(c, cudaStreamSynchronize(c->stream), "index array");
     out->p = c->dev_ints;
+    return rc;
+}
+
+int make_floats(cuda_ctx *c, const float *host, int64_t n, floats_arg *out)
+{
+    out->p = nullptr;
+    if (n <= INLINE_INTS) {
+        if (n > 0)
+            memcpy(out->v, host, (size_t)n * sizeof(float));
+        return 0;
+    }
+    const size_t need = (size_t)n * sizeof(float);
+    if (need > c->dev_floats_cap) {
+        if (c->dev_floats)
+            cudaFree(c->dev_floats);
+        c->dev_floats = nullptr;
+        c->dev_floats_cap = 0;
+        int rc = check(c, cudaMalloc(&c->dev_floats, need * 2), "float array");
+        if (rc)
+            return rc;
+        c->dev_floats_cap = need * 2;
+    }
+    // as make_ints: a kernel may still read the previous array, and the
+    // host array may change once we return
+    int rc = check(c, cudaMemcpyAsync(c->dev_floats, host, need, cudaMemcpyHostToDevice, c->stream),
+                   "float array");
+    if (rc == 0)
+        rc = check(c, cudaStreamSynchronize(c->stream), "float array");
+    out->p = c->dev_floats;
     return rc;
 }
 
@@ -274,12 +304,12 @@ __global__ void rmsnorm_kernel(float *y, const float *x, const float *w, int64_t
 
 
 struct rope_args {
-    int mode, n_rot;
+    int mode, n_rot, has_ff;
     float theta_scale, freq_scale, ext_factor, mscale, corr0, corr1;
 };
 
 __global__ void rope_kernel(float *x, int64_t n_tok, int n_head, int head_stride, int offset,
-                            const ints_arg pos, rope_args a)
+                            const ints_arg pos, const floats_arg ff, rope_args a)
 {
     const int half = a.n_rot / 2;
     const int64_t total = n_tok * n_head * half;
@@ -295,11 +325,13 @@ __global__ void rope_kernel(float *x, int64_t n_tok, int n_head, int head_stride
         float theta = (float)pos[t];
         for (int i = 0; i < p; i++)
             theta *= a.theta_scale;
-        float th = a.freq_scale * theta;
+        // pair p's divisor (llama.cpp's rope_freqs; gemma4's global layers)
+        const float base = a.has_ff ? theta / ff[p] : theta;
+        float th = a.freq_scale * base;
         if (a.ext_factor != 0.0f) {
             const float yv = ((float)p - a.corr0) / fmaxf(0.001f, a.corr1 - a.corr0);
             const float mix = (1.0f - fminf(1.0f, fmaxf(0.0f, yv))) * a.ext_factor;
-            th = th * (1.0f - mix) + theta * mix;
+            th = th * (1.0f - mix) + base * mix;
         }
         const float cs = cosf(th) * a.mscale, sn = sinf(th) * a.mscale;
         const int i0 = 2 * p;
@@ -340,6 +372,40 @@ __global__ void swiglu_oai_kernel(float *y, const float *g, const float *u, int6
         const float v = fminf(fmaxf(u[i], -limit), limit);
         y[i] = x / (1.0f + expf(alpha * -x)) * (v + 1.0f);
     }
+}
+
+// gemma4's GELU: the CPU backend's table (kernels/cpu/backend_cpu.c: the
+// tanh form evaluated per fp16 input, stored as fp16), copied to the device
+// at create, looked up at the gate rounded to fp16 (round to nearest even,
+// as moe_fp32_to_fp16): the same bits as the CPU backend.
+__global__ void geglu_kernel(float *y, const float *g, const float *u, const uint16_t *table, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const float x = g[i];
+        if (x <= -10.0f) {
+            y[i] = 0.0f;
+        } else if (x >= 10.0f) {
+            y[i] = x * u[i];
+        } else {
+            const uint16_t h = __half_as_ushort(__float2half_rn(x));
+            y[i] = __half2float(__ushort_as_half(table[h])) * u[i];
+        }
+    }
+}
+
+__global__ void scale_kernel(float *y, const float *x, float s, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = x[i] * s;
+}
+
+__global__ void mul_rows_kernel(float *y, const float *x, const float *w, int64_t n_rows, int64_t n)
+{
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n_rows * n;
+         idx += (int64_t)gridDim.x * blockDim.x)
+        y[idx] = x[idx] * w[idx % n];
 }
 
 __global__ void axpy_kernel(float *y, float a, const float *x, int64_t n)
@@ -783,6 +849,7 @@ int cu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int hea
     rope_args a;
     a.mode = rp->mode;
     a.n_rot = rp->n_rot;
+    a.has_ff = rp->freq_factors != nullptr;
     a.theta_scale = powf(rp->freq_base, -2.0f / (float)rp->n_rot);
     a.freq_scale = rp->freq_scale;
     a.ext_factor = rp->ext_factor;
@@ -795,8 +862,13 @@ int cu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int hea
     int rc = make_ints(c, pos, n_tok, &d_pos);
     if (rc)
         return rc;
+    // the divisors are host memory (backend.h): inline up to INLINE_INTS pairs
+    floats_arg d_ff;
+    d_ff.p = nullptr;
+    if (rp->freq_factors && (rc = make_floats(c, rp->freq_factors, rp->n_rot / 2, &d_ff)) != 0)
+        return rc;
     rope_kernel<<<grid_for(n_tok * n_head * (rp->n_rot / 2)), 256, 0, c->stream>>>(
-        x, n_tok, n_head, head_stride, offset, d_pos, a);
+        x, n_tok, n_head, head_stride, offset, d_pos, d_ff, a);
     return LAUNCHED(c, "rope");
 }
 
@@ -890,6 +962,37 @@ int cu_swiglu_oai(struct moe_backend *be, float *y, const float *g, const float 
     return LAUNCHED(c, "swiglu_oai");
 }
 
+int cu_geglu(struct moe_backend *be, float *y, const float *g, const float *u, int64_t n)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    if (n <= 0)
+        return 0;
+    geglu_kernel<<<grid_for(n), 256, 0, c->stream>>>(y, g, u, c->gelu_table, n);
+    return LAUNCHED(c, "geglu");
+}
+
+int cu_scale(struct moe_backend *be, float *y, const float *x, float s, int64_t n)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    if (n <= 0)
+        return 0;
+    scale_kernel<<<grid_for(n), 256, 0, c->stream>>>(y, x, s, n);
+    return LAUNCHED(c, "scale");
+}
+
+int cu_mul_rows(struct moe_backend *be, float *y, const float *x, const float *w, int64_t n_rows,
+                int64_t n)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    if (n_rows <= 0 || n <= 0)
+        return 0;
+    mul_rows_kernel<<<grid_for(n_rows * n), 256, 0, c->stream>>>(y, x, w, n_rows, n);
+    return LAUNCHED(c, "mul_rows");
+}
+
 int cu_axpy(struct moe_backend *be, float *y, float a, const float *x, int64_t n)
 {
     cuda_ctx *c = ctx_of(be);
@@ -979,6 +1082,8 @@ void cu_destroy(struct moe_backend *be)
         cudaFree(c->act);
         cudaFree(c->part);
         cudaFree(c->dev_ints);
+        cudaFree(c->dev_floats);
+        cudaFree(c->gelu_table);
         if (c->host_logits)
             cudaFreeHost(c->host_logits);
         if (c->blas)
@@ -989,6 +1094,28 @@ void cu_destroy(struct moe_backend *be)
         free(c);
     }
     free(be);
+}
+
+// geglu's table, built exactly as the CPU backend builds its own (same
+// expression, same libm, same fp16 rounding), so that both give the same
+// bits.
+int gelu_table_upload(cuda_ctx *c, struct moe_diag *diag)
+{
+    uint16_t *t = (uint16_t *)malloc((size_t)65536 * sizeof(uint16_t));
+    if (t == nullptr)
+        return moe_diag_set(diag, -ENOMEM, "CUDA backend: out of memory");
+    const float a = 0.044715f, k = 0.79788456080286535587989211986876f;
+    for (uint32_t i = 0; i < 65536u; i++) {
+        const float f = moe_fp16_to_fp32((uint16_t)i);
+        t[i] = moe_fp32_to_fp16(0.5f * f * (1.0f + tanhf(k * f * (1.0f + a * f * f))));
+    }
+    cudaError_t e = cudaMalloc(&c->gelu_table, (size_t)65536 * sizeof(uint16_t));
+    if (e == cudaSuccess)
+        e = cudaMemcpy(c->gelu_table, t, (size_t)65536 * sizeof(uint16_t), cudaMemcpyHostToDevice);
+    free(t);
+    if (e != cudaSuccess)
+        return moe_diag_set(diag, MOE_EGPU, "CUDA backend: GELU table: %s", cudaGetErrorString(e));
+    return 0;
 }
 
 const struct moe_backend_ops cuda_ops = {
@@ -1025,7 +1152,11 @@ const struct moe_backend_ops cuda_ops = {
     cu_event_sync,
     cu_stream_wait,
     cu_copy_stats,
-    0,   // host_memory: device memory
+    0,         // host_memory: device memory
+    nullptr,   // matmul_multi: one matmul per job
+    cu_geglu,
+    cu_scale,
+    cu_mul_rows,
 };
 
 } // namespace
@@ -1080,6 +1211,8 @@ extern "C" int moe_cudamod_backend_create(struct moe_backend **out, int device, 
     }
     if (rc == 0)
         rc = moe_backend_cpu_create(&c->host, 1, diag);
+    if (rc == 0)
+        rc = gelu_table_upload(c, diag);
     if (rc) {
         cu_destroy(be);
         return rc;

@@ -45,6 +45,9 @@ struct cuda_ctx {
     size_t part_bytes;
     int32_t *dev_ints;             // positions and ids too long to pass inline
     size_t dev_ints_cap;
+    float *dev_floats;             // rope's frequency divisors too long to pass inline
+    size_t dev_floats_cap;
+    uint16_t *gelu_table;          // geglu: the CPU backend's fp16 GELU table, 65536 entries
     float *host_logits;            // pinned, router logits
     size_t host_logits_cap;
     bool fatal;
@@ -68,6 +71,15 @@ struct ints_arg {
 #endif
 };
 
+// The same for small host float arrays (rope's freq_factors).
+struct floats_arg {
+    const float *p;                // device copy, or NULL: use v
+    float v[INLINE_INTS];
+#ifdef __CUDACC__
+    __device__ __forceinline__ float operator[](int64_t i) const { return p ? p[i] : v[i]; }
+#endif
+};
+
 // Fills `out` from host[0..n): inline when n <= INLINE_INTS, else copied to
 // the device (the stream is synchronized before returning).
 int make_ints(cuda_ctx *c, const int32_t *host, int64_t n, ints_arg *out);
@@ -75,6 +87,9 @@ int make_ints(cuda_ctx *c, const int32_t *host, int64_t n, ints_arg *out);
 // the block table).
 int make_ints2(cuda_ctx *c, const int32_t *host, int64_t n, const int32_t *host2, int64_t n2,
                ints_arg *out);
+
+// Fills `out` from host[0..n) as make_ints does (dev_floats).
+int make_floats(cuda_ctx *c, const float *host, int64_t n, floats_arg *out);
 
 // Decode GEMV (kernels/cuda/matvec.cu): y[t][o] = w[o] . x[t] (+ bias) for
 // n_tok <= MV_MAX_TOK tokens with the activations in the CPU backend's

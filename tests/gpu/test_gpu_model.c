@@ -14,6 +14,11 @@
  *     against every expert resident on the GPU: the same logits (1e-5 of
  *     the largest), then eight greedy decode steps with the same tokens.
  *
+ * And the families of issue 22 whose ops are new to the CUDA backend
+ * (gemma4), from tests/fixtures/arch: GPU against CPU through
+ * a prompt and decode steps, against llama.cpp's prompt logits, and two
+ * sequences decoding in one batch (run_family below).
+ *
  * A model missing from the ref directory is skipped by name (the GPU
  * machine receives a copy of shared/ref that fits its size limit;
  * tools/gpu_check.sh --prepare says which). MOE_GPU_QUICK=1 runs two small
@@ -261,6 +266,179 @@ static void run_variant(void)
     free(c.logits);
 }
 
+/* ---- the issue-22 families in tests/fixtures/arch ------------------------ */
+
+/* The prompt's logits (every position), then one decode step per token of
+ * `cont` (fed, not sampled) with its logits: [n + n_cont][V]. With two
+ * sequences (`pair`), a second sequence runs the same tokens interleaved
+ * with the first in one forward_multi batch per step, and its logits are
+ * compared to the first's: each sequence's recurrent state and KV rows are
+ * its own. NULL on failure. */
+static float *run_fam(const char *path, const char *backend, const int32_t *tok, int n,
+                      const int32_t *cont, int n_cont, int pair, double *pair_d, int *V_out)
+{
+    struct moe_model_opts o = { .n_threads = 4, .n_ctx = 256 };
+    struct moe_diag d = { 0 };
+    if (strcmp(backend, "cuda") == 0 && moe_test_gpu_stand_in()) {
+        backend = "cpu";
+        o.upload_weights = true;
+    }
+    if (moe_model_opts_set(&o, "backend", backend, &d) != 0) {
+        fprintf(stderr, "options: %s\n", d.msg);
+        return NULL;
+    }
+    struct moe_model *m;
+    if (moe_model_load(&m, path, &o, &d) != 0) {
+        fprintf(stderr, "%s (%s): %s\n", path, backend, d.msg);
+        return NULL;
+    }
+    const int V = moe_model_cfg(m)->n_vocab;
+    *V_out = V;
+    float *lg = malloc(((size_t)n + (size_t)n_cont) * V * sizeof(float));
+    float *l2 = malloc((size_t)V * sizeof(float));
+    struct moe_seq *s = NULL, *s2 = NULL;
+    int rc = lg && l2 ? moe_seq_create(&s, m, &d) : -1;
+    if (rc == 0 && pair)
+        rc = moe_seq_create(&s2, m, &d);
+    if (rc == 0)
+        rc = moe_model_forward(m, s, tok, n, lg, true, NULL, NULL, &d);
+    if (rc == 0 && pair) {
+        /* the second sequence's prompt in two batches beside nothing, then
+         * every decode step beside the first sequence's */
+        rc = moe_model_forward(m, s2, tok, n / 2 > 0 ? n / 2 : n, NULL, false, NULL, NULL, &d);
+        if (rc == 0 && n / 2 > 0)
+            rc = moe_model_forward(m, s2, tok + n / 2, n - n / 2, l2, false, NULL, NULL, &d);
+    }
+    *pair_d = 0;
+    for (int i = 0; i < n_cont && rc == 0; i++) {
+        float *row = lg + ((size_t)n + (size_t)i) * V;
+        if (pair) {
+            const struct moe_batch_seg segs[2] = {
+                { .seq = s2, .tokens = &cont[i], .n = 1, .logits = l2 },
+                { .seq = s, .tokens = &cont[i], .n = 1, .logits = row },
+            };
+            rc = moe_model_forward_multi(m, segs, 2, &d);
+            for (int v = 0; rc == 0 && v < V; v++)
+                *pair_d = fmax(*pair_d, fabs((double)row[v] - l2[v]));
+        } else {
+            rc = moe_model_forward(m, s, &cont[i], 1, row, false, NULL, NULL, &d);
+        }
+    }
+    if (rc)
+        fprintf(stderr, "%s (%s): %s\n", path, backend, d.msg);
+    free(l2);
+    moe_seq_free(s2);
+    moe_seq_free(s);
+    moe_model_free(m);
+    if (rc) {
+        free(lg);
+        return NULL;
+    }
+    return lg;
+}
+
+static const char *cur_arch;
+
+/* One family (tests/fixtures/arch/tiny-<arch>-{F32,Q8_0}.gguf), its longest
+ * prompt (len7 in the quick subset): the GPU against the CPU backend at
+ * every prompt position and 8 decode steps fed the CPU's greedy tokens
+ * (F32 1e-3, Q8_0 5e-2 max |dlogit|: the tolerances of the shared/ref
+ * models); the GPU's prompt logits against llama.cpp's (F32 1e-3 max,
+ * Q8_0 mean 0.05); two sequences decoding in one batch on the GPU equal
+ * within 1e-4 of the largest logit (the matmuls' paths differ with the
+ * batch's token count, so not bit for bit). */
+static void run_family(void)
+{
+    const char *arch = cur_arch;
+    const char *root = getenv("MOE_SOURCE_ROOT");
+    if (root == NULL)
+        MOE_SKIP("MOE_SOURCE_ROOT not set");
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/tests/fixtures/arch/tiny-%s-fam.json", root, arch);
+    json_error_t jerr;
+    json_t *j = json_load_file(path, 0, &jerr);
+    CHECK_MSG(j != NULL, "%s: %s", path, jerr.text);
+    json_t *seqs = json_object_get(j, "seqs");
+    size_t best = 0;
+    for (size_t si = 0; si < json_array_size(seqs); si++) {
+        const size_t len = json_array_size(json_object_get(json_array_get(seqs, si), "tokens"));
+        const size_t cur = json_array_size(json_object_get(json_array_get(seqs, best), "tokens"));
+        if (quick ? len == 7 : len > cur)
+            best = si;
+    }
+    json_t *jt = json_object_get(json_array_get(seqs, best), "tokens");
+    const int n = (int)json_array_size(jt);
+    int32_t tok[256];
+    CHECK(n > 0 && n < 256);
+    for (int i = 0; i < n; i++)
+        tok[i] = (int32_t)json_integer_value(json_array_get(jt, (size_t)i));
+    static const char *const vars[] = { "F32", "Q8_0" };
+    for (int vi = 0; vi < 2; vi++) {
+        const int quant = vi == 1;
+        char model[4096];
+        snprintf(model, sizeof(model), "%s/tests/fixtures/arch/tiny-%s-%s.gguf", root, arch, vars[vi]);
+        /* the CPU's greedy continuation, then both backends fed it */
+        int V = 0;
+        double pd = 0;
+        float *g0 = run_fam(model, "cpu", tok, n, NULL, 0, 0, &pd, &V);
+        CHECK_MSG(g0 != NULL, "%s on the CPU failed", model);
+        int32_t cont[N_DECODE];
+        cont[0] = argmax(g0 + (size_t)(n - 1) * V, V);
+        free(g0);
+        float *a = run_fam(model, "cpu", tok, n, cont, 1, 0, &pd, &V);
+        CHECK(a != NULL);
+        for (int i = 1; i < N_DECODE; i++) {
+            free(a);
+            a = run_fam(model, "cpu", tok, n, cont, i, 0, &pd, &V);
+            CHECK(a != NULL);
+            cont[i] = argmax(a + ((size_t)n + (size_t)i - 1) * V, V);
+        }
+        free(a);
+        a = run_fam(model, "cpu", tok, n, cont, N_DECODE, 0, &pd, &V);
+        float *b = run_fam(model, "cuda", tok, n, cont, N_DECODE, 0, &pd, &V);
+        CHECK_MSG(a != NULL && b != NULL, "%s: a run failed", model);
+        double maxd = 0, maxa = 0, maxdec = 0;
+        for (size_t i = 0; i < ((size_t)n + N_DECODE) * V; i++) {
+            const double dd = fabs((double)a[i] - b[i]);
+            maxd = fmax(maxd, dd);
+            maxa = fmax(maxa, fabs((double)a[i]));
+            if (i >= (size_t)n * V)
+                maxdec = fmax(maxdec, dd);
+        }
+        const double tol = quant ? 5e-2 : 1e-3;
+        printf("  %s-%s len%d: GPU vs CPU max |dlogit| %.3g (decode steps %.3g; max |logit| %.3g,"
+               " tol %g)\n", arch, vars[vi], n, maxd, maxdec, maxa, tol);
+        CHECK_MSG(maxd <= tol, "%s-%s: GPU vs CPU max |dlogit| %g > %g", arch, vars[vi], maxd, tol);
+
+        snprintf(path, sizeof(path), "%s/tests/fixtures/arch/tiny-%s-%s.len%d.logits.f32", root, arch,
+                 vars[vi], n);
+        size_t glen = 0;
+        float *gold = moe_test_read_file(path, &glen);
+        CHECK_MSG(gold != NULL && glen == (size_t)n * V * 4, "%s", path);
+        double gmax = 0, gsum = 0;
+        for (size_t i = 0; i < (size_t)n * V; i++) {
+            const double dd = fabs((double)b[i] - gold[i]);
+            gmax = fmax(gmax, dd);
+            gsum += dd;
+        }
+        printf("    vs llama.cpp: max |d| %.3g, mean |d| %.3g\n", gmax, gsum / ((double)n * V));
+        if (quant)
+            CHECK_MSG(gsum / ((double)n * V) <= 0.05, "mean |dlogit| vs llama.cpp %g", gsum / ((double)n * V));
+        else
+            CHECK_MSG(gmax <= 1e-3, "max |dlogit| vs llama.cpp %g", gmax);
+        free(gold);
+
+        float *c = run_fam(model, "cuda", tok, n, cont, N_DECODE, 1, &pd, &V);
+        CHECK_MSG(c != NULL, "%s: two sequences on the GPU failed", model);
+        printf("    two sequences in one batch on the GPU: max |d| between them %.3g\n", pd);
+        CHECK_MSG(pd <= 1e-4 * fmax(1.0, maxa), "%s-%s: batched sequences differ by %g", arch, vars[vi], pd);
+        free(a);
+        free(b);
+        free(c);
+    }
+    json_decref(j);
+}
+
 static const struct {
     const char *model, *variant;
     enum kind kind;
@@ -297,6 +475,14 @@ int main(void)
         cur_variant = variants[i].variant;
         cur_kind = variants[i].kind;
         moe_test_run(name, run_variant);
+    }
+    /* gemma4: GELU, scale, row multiply, rope divisors */
+    static const char *const fams[] = { "gemma4" };
+    for (size_t i = 0; i < sizeof(fams) / sizeof(fams[0]); i++) {
+        char name[128];
+        snprintf(name, sizeof(name), "tiny-%s (tests/fixtures/arch)", fams[i]);
+        cur_arch = fams[i];
+        moe_test_run(name, run_family);
     }
     json_decref(manifest);
     return moe_test_exit_code();

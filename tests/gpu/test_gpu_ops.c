@@ -8,7 +8,8 @@
  * tokens), kv_store and attention (f32/f16 caches, GQA, sliding window,
  * sinks, V narrower than K and inside the K rows as MLA does, split-K
  * decode at long contexts, prefill), router_topk (every gating rule),
- * swiglu, swiglu_oai, axpy, add, fill, gate_rows, copy_rows, on sizes that
+ * swiglu, swiglu_oai, axpy, add, fill, gate_rows, copy_rows, gemma4's geglu,
+ * scale, mul_rows and rope divisors, on sizes that
  * are not multiples of a block or a warp, one past a grid's stride. Every
  * device output has guard floats after it that must come back untouched.
  *
@@ -18,7 +19,8 @@
  *     backend (same activation rounding, only the float sum order differs);
  *   matmul, block types through cuBLAS (9+ tokens): 3e-3 against float64
  *     sums of the dequantized weights (f16 weights and activations);
- *   get_rows 1e-6; elementwise 1e-6; rmsnorm 1e-5; rope 2e-5; attention
+ *   get_rows 1e-6; elementwise 1e-6 (geglu, scale, mul_rows: equal bits);
+ *   rmsnorm 1e-5; rope 2e-5; attention
  *     2e-5 (f32 cache), 2e-3 (f16 cache: the CPU rounds probabilities to
  *     f16, the GPU's online softmax cannot); router ids and weights equal.
  *
@@ -529,6 +531,122 @@ static void test_rope(void)
     close_backends();
 }
 
+/* gemma4's ops: geglu (the CPU's fp16 GELU table, copied to the device:
+ * equal bits), scale and mul_rows (one multiply each: equal bits), and rope
+ * with per-pair frequency divisors (1e30 leaves a pair unrotated, as
+ * gemma4's global layers do), inline (32 pairs) and through the device
+ * copy (300 pairs, more than travel inline). */
+static void test_gemma4_ops(void)
+{
+    OPEN();
+    const int64_t sizes[] = { 1, 1000, 65535 * 256 + 3 };
+    for (size_t si = 0; si < 3; si++) {
+        const int64_t n = sizes[si];
+        float *a = xmalloc((size_t)n * 4), *b = xmalloc((size_t)n * 4);
+        float *c1 = xmalloc((size_t)n * 4), *c2 = xmalloc((size_t)n * 4);
+        for (int64_t i = 0; i < n; i++) {
+            /* gates across the table's range and past both cut-offs (+-10) */
+            a[i] = frand() * (i % 7 == 0 ? 24.0f : 6.0f);
+            b[i] = frand() * 4;
+        }
+        if (n > 4) {
+            a[0] = -10.0f;
+            a[1] = 10.0f;
+            a[2] = 0.0f;
+            a[3] = 65504.0f;
+        }
+        for (int op = 0; op < 2; op++) {
+            float *da = dev(a, (size_t)n), *db = dev(b, (size_t)n), *dy = dev(NULL, (size_t)n);
+            int r1, r2;
+            if (op == 0) {
+                r1 = cpu->ops->geglu(cpu, c1, a, b, n);
+                r2 = gpu->ops->geglu(gpu, dy, da, db, n);
+            } else {
+                r1 = cpu->ops->scale(cpu, c1, a, 0.0625f * 3.0f, n);
+                r2 = gpu->ops->scale(gpu, dy, da, 0.0625f * 3.0f, n);
+            }
+            CHECK(r1 == 0 && r2 == 0);
+            CHECK_MSG(back(c2, dy, (size_t)n) == 0, "%s n %lld: error or guard", op ? "scale" : "geglu",
+                      (long long)n);
+            CHECK_MSG(memcmp(c1, c2, (size_t)n * 4) == 0, "%s n %lld: not bit-identical (%g)",
+                      op ? "scale" : "geglu", (long long)n, max_rel(c2, c1, (size_t)n));
+            /* in place (y == x) */
+            if (op == 1) {
+                CHECK(gpu->ops->scale(gpu, da, da, 0.0625f * 3.0f, n) == 0);
+                CHECK(back(c2, da, (size_t)n) == 0);
+                CHECK(memcmp(c1, c2, (size_t)n * 4) == 0);
+            }
+            gpu->ops->free(gpu, da);
+            gpu->ops->free(gpu, db);
+            gpu->ops->free(gpu, dy);
+        }
+        free(a);
+        free(b);
+        free(c1);
+        free(c2);
+    }
+    /* mul_rows: 7 rows of 333, and in place */
+    {
+        enum { R = 7, N = 333 };
+        static float x[R * N], w[N], c1[R * N], c2[R * N];
+        for (int i = 0; i < R * N; i++)
+            x[i] = frand() * 3;
+        for (int i = 0; i < N; i++)
+            w[i] = frand() * 2;
+        float *dx = dev(x, R * N), *dw = dev(w, N), *dy = dev(NULL, R * N);
+        CHECK(cpu->ops->mul_rows(cpu, c1, x, w, R, N) == 0);
+        CHECK(gpu->ops->mul_rows(gpu, dy, dx, dw, R, N) == 0);
+        CHECK(back(c2, dy, R * N) == 0);
+        CHECK_MSG(memcmp(c1, c2, sizeof(c1)) == 0, "mul_rows: %g", max_rel(c2, c1, R * N));
+        CHECK(gpu->ops->mul_rows(gpu, dx, dx, dw, R, N) == 0);
+        CHECK(back(c2, dx, R * N) == 0);
+        CHECK(memcmp(c1, c2, sizeof(c1)) == 0);
+        gpu->ops->free(gpu, dx);
+        gpu->ops->free(gpu, dw);
+        gpu->ops->free(gpu, dy);
+    }
+    /* rope with freq_factors: neox over a whole head (gemma4's global
+     * layers) and normal mode with YaRN; 64 and 600 rotated dims */
+    for (int k = 0; k < 3; k++) {
+        const int n_rot = k == 2 ? 600 : 64, stride = k == 2 ? 640 : 72;
+        float *ff = xmalloc((size_t)(n_rot / 2) * 4);
+        for (int i = 0; i < n_rot / 2; i++)
+            ff[i] = i >= n_rot / 4 ? 1e30f : 1.0f + (float)(i % 5) * 0.5f;
+        struct moe_rope_params rp = { k == 1 ? MOE_ROPE_NORM : MOE_ROPE_NEOX, n_rot, 1000000.0f, 1.0f,
+                                      0.0f, 1.0f, { 0, 0 }, ff };
+        if (k == 1) {
+            rp.freq_scale = 0.5f;
+            rp.ext_factor = 1.0f;
+            rp.corr_dims[1] = 20.0f;
+        }
+        for (int many = 0; many < 2; many++) {
+            const int n_tok = many ? 300 : 5, n_head = 2;
+            int32_t *pos = xmalloc((size_t)n_tok * 4);
+            const int32_t few[5] = { 0, 1, 7, 300, 4095 };
+            for (int t = 0; t < n_tok; t++)
+                pos[t] = many ? t * 13 : few[t];
+            const size_t n = (size_t)n_tok * n_head * stride;
+            float *x = xmalloc(n * 4), *c1 = xmalloc(n * 4), *c2 = xmalloc(n * 4);
+            for (size_t i = 0; i < n; i++)
+                x[i] = frand();
+            memcpy(c1, x, n * 4);
+            float *dx = dev(x, n);
+            CHECK(cpu->ops->rope(cpu, c1, n_tok, n_head, stride, 0, pos, &rp) == 0);
+            CHECK(gpu->ops->rope(gpu, dx, n_tok, n_head, stride, 0, pos, &rp) == 0);
+            CHECK(back(c2, dx, n) == 0);
+            CHECK_MSG(max_rel(c2, c1, n) <= 2e-5, "rope freq_factors case %d tokens %d: %g", k, n_tok,
+                      max_rel(c2, c1, n));
+            gpu->ops->free(gpu, dx);
+            free(pos);
+            free(x);
+            free(c1);
+            free(c2);
+        }
+        free(ff);
+    }
+    close_backends();
+}
+
 /* ---- kv_store and attention ---------------------------------------------------- */
 
 struct attn_case {
@@ -821,6 +939,7 @@ int main(void)
     moe_test_run("gate_rows, copy_rows", test_rows_ops);
     moe_test_run("rmsnorm", test_rmsnorm);
     moe_test_run("rope", test_rope);
+    moe_test_run("gemma4: geglu, scale, mul_rows, rope freq_factors", test_gemma4_ops);
     moe_test_run("kv_store and attention", test_attention);
     moe_test_run("router_topk: every gating rule", test_router);
     if (!moe_test_gpu_stand_in())   /* the CPU backend refuses other things */
