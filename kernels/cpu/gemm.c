@@ -18,6 +18,7 @@
 #include "kernels/blocks.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/vecdot.h"
+#include "kernels/cpu/vecdot-impl.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -43,6 +44,8 @@ struct gemm_tile {
 
 static const struct gemm_tile tiles[] = {
     { LEVEL_SCALAR, MOE_DTYPE_COUNT, 0, NULL },   /* no row; keeps the table non-empty */
+    /* one token: dot_bf16_avx512 streams a single row fastest (decode) */
+    { LEVEL_AVX512, MOE_DTYPE_BF16, 2, moe_gemm_tile_bf16 },
 };
 
 static enum gemm_level level(void)

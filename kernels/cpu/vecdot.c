@@ -14,6 +14,7 @@
 #include "common/error.h"
 #include "kernels/blocks.h"
 #include "kernels/cpu/vecdot.h"
+#include "kernels/cpu/vecdot-impl.h"
 #include "kernels/fp16.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -817,6 +818,118 @@ AVX512BF16 static float dot_bf16_avx512(const uint16_t *w, const uint16_t *x, in
     return s;
 }
 
+/* R weight rows x T activation rows of dot_bf16_avx512 at once (prefill):
+ * each pair keeps its own two accumulators and gets exactly the
+ * instructions, in the order, that dot_bf16_avx512 runs for it, so every
+ * output is that function's float; the rows' and tokens' vectors are loaded
+ * once per step for all pairs. w and x hold R and T rows ws and xs elements
+ * apart; out[t * os + r]. */
+AVX512BF16 static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, size_t ws,
+                                                                       const uint16_t *x, size_t xs, int64_t n,
+                                                                       const int R, const int T, float *out,
+                                                                       size_t os)
+{
+    __m512 a0[4][4], a1[4][4];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+            a0[r][t] = a1[r][t] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m512i wv[4];
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+            wv[r] = _mm512_loadu_si512(w + r * ws + i);
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {
+            const __m512i xv = _mm512_loadu_si512(x + t * xs + i);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+                a0[r][t] = _mm512_dpbf16_ps(a0[r][t], (__m512bh)wv[r], (__m512bh)xv);
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+            wv[r] = _mm512_loadu_si512(w + r * ws + i + 32);
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {
+            const __m512i xv = _mm512_loadu_si512(x + t * xs + i + 32);
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+                a1[r][t] = _mm512_dpbf16_ps(a1[r][t], (__m512bh)wv[r], (__m512bh)xv);
+        }
+    }
+    if (i + 32 <= n) {
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+                a0[r][t] = _mm512_dpbf16_ps(a0[r][t], (__m512bh)_mm512_loadu_si512(w + r * ws + i),
+                                            (__m512bh)_mm512_loadu_si512(x + t * xs + i));
+        i += 32;
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r][t], a1[r][t]));
+            if (i < n)
+                s += dot_bf16_avx2(w + r * ws + i, x + t * xs + i, n - i);
+            out[t * os + r] = s;
+        }
+}
+
+/* gemm.c's BF16 tile (vecdot-impl.h): tiles of 3 rows x 4 tokens (24
+ * accumulators, 3 + 4 loads per 12 products), 4 rows for the last 1-3
+ * tokens. */
+#define BF16_TILE(R, T) bf16_tile(x + (size_t)r * ws, ws, a + (size_t)t * as, as, n, R, T, y + t * ldy + r, (size_t)ldy)
+AVX512BF16 static void tile_bf16_avx512(const uint16_t *x, size_t ws, int nr, const uint16_t *a, size_t as,
+                                        int64_t n_tok, int64_t n, float *y, int64_t ldy)
+{
+    int64_t t = 0;
+    for (; t + 4 <= n_tok; t += 4) {
+        int r = 0;
+        for (; r + 3 <= nr; r += 3)
+            BF16_TILE(3, 4);
+        if (nr - r == 2)
+            BF16_TILE(2, 4);
+        else if (nr - r == 1)
+            BF16_TILE(1, 4);
+    }
+    const int64_t nt = n_tok - t;
+    if (nt == 0)
+        return;
+    int r = 0;
+    for (; r + 4 <= nr; r += 4) {
+        switch (nt) {
+        case 3: BF16_TILE(4, 3); break;
+        case 2: BF16_TILE(4, 2); break;
+        default: BF16_TILE(4, 1); break;
+        }
+    }
+    for (; r < nr; r++) {
+        switch (nt) {
+        case 3: BF16_TILE(1, 3); break;
+        case 2: BF16_TILE(1, 2); break;
+        default: BF16_TILE(1, 1); break;
+        }
+    }
+}
+#endif
+
+#ifdef MOE_X86
+static int has_bf16_now(void);
+#endif
+
+void moe_gemm_tile_bf16(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
+                        int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+#ifdef MOE_X86
+    if (has_bf16_now()) {
+        tile_bf16_avx512((const uint16_t *)w, row_bytes / 2, nr, (const uint16_t *)act, act_stride / 2, n_tok, n, y,
+                         ldy);
+    } else
+#endif
+    {
+        for (int r = 0; r < nr; r++)
+            for (int64_t t = 0; t < n_tok; t++)
+                y[t * ldy + r] = moe_vecdot(MOE_DTYPE_BF16, w + (size_t)r * row_bytes, act + (size_t)t * act_stride, n);
+    }
+    if (bias != NULL)
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int r = 0; r < nr; r++)
+                y[t * ldy + r] += bias[r];
+}
+
+#ifdef MOE_X86
 /* The 16-bit lanes [lo x16 | hi x16] of a 512-bit vector (shift counts,
  * permute indices). */
 AVX512 static inline __m512i halves16(short lo, short hi)
@@ -1099,6 +1212,13 @@ static int simd(void)
     pthread_once(&simd_once, simd_detect);
     return atomic_load_explicit(&simd_level, memory_order_acquire);
 }
+
+#ifdef MOE_X86
+static int has_bf16_now(void)
+{
+    return simd() == SIMD_AVX512 && has_bf16;
+}
+#endif
 
 const char *moe_vecdot_impl(void)
 {

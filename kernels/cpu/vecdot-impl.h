@@ -1,0 +1,20 @@
+/* Tile kernels of gemm.c's table that live beside their row kernels in
+ * vecdot.c: each computes, per (row, token), exactly the operations of the
+ * row kernel moe_vecdot runs for that type on the running path, which is
+ * easiest to keep true where both are written side by side.
+ *
+ * Each has gemm.c's gemm_tile_fn signature: nr rows w + r * row_bytes of n
+ * elements against n_tok prepared tokens act + k * act_stride, into
+ * y[k * ldy + r] (+ bias[r] when bias is not NULL). */
+#ifndef MOE_KERNELS_CPU_VECDOT_IMPL_H
+#define MOE_KERNELS_CPU_VECDOT_IMPL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* BF16: with AVX512_BF16 (else moe_vecdot per pair), register tiles of 3
+ * rows x 4 tokens, each pair keeping dot_bf16_avx512's two accumulators. */
+void moe_gemm_tile_bf16(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
+                        int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias);
+
+#endif
