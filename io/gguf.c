@@ -1134,6 +1134,22 @@ static int map_one(struct moe_gguf *g, struct moe_diag *diag)
     return 0;
 }
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* linux/mman.h, Linux 5.14 */
+#endif
+
+int moe_gguf_populate(struct moe_gguf *g)
+{
+    for (uint32_t i = 0; i < g->n_parts; i++) {
+        struct moe_gguf *p = i == 0 ? g : g->parts[i - 1];
+        if (p->map == NULL || p->mem != NULL)
+            continue;
+        if (madvise((void *)p->map, p->map_len, MADV_POPULATE_READ) != 0)
+            return -errno;
+    }
+    return 0;
+}
+
 const void *moe_gguf_tensor_data(const struct moe_gguf *g, const struct moe_gguf_tensor *t)
 {
     g = part_of(g, t);

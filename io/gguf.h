@@ -176,6 +176,15 @@ int moe_gguf_pread(const struct moe_gguf *g, const struct moe_gguf_tensor *t,
 int moe_gguf_map(struct moe_gguf *g, struct moe_diag *diag);
 const void *moe_gguf_tensor_data(const struct moe_gguf *g, const struct moe_gguf_tensor *t);
 
+/* Fills the page tables of every part's mapping now (MADV_POPULATE_READ,
+ * reading what the page cache lacks), as llama.cpp maps with MAP_POPULATE:
+ * for weights that stay resident, so that the first forward pass does not
+ * take a page fault per few pages of weights (measured: a first pass over a
+ * fresh 2.6 GB mapping streamed 10 GB/s, a mapped one 27). Best effort: 0,
+ * or -errno (-EINVAL on kernels before 5.14); the mapping works either way.
+ * Call after moe_gguf_map. */
+int moe_gguf_populate(struct moe_gguf *g);
+
 #ifdef __cplusplus
 }
 #endif

@@ -750,6 +750,10 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
     if (m->ex.cache != NULL && o.warm_start)
         moe_model_warm_load(m, path);
     m->w.upload = !m->be->ops->host_memory || o.upload_weights;
+    /* resident weights read straight from the mapping: map them now, not
+     * in the first request's forward pass (best effort) */
+    if (m->ex.src == NULL && !m->w.upload)
+        (void)moe_gguf_populate(m->gguf);
     if ((rc = upload_weights(m, &o, diag)))
         goto fail;
     if (tied)
