@@ -42,7 +42,193 @@ struct gemm_tile {
     gemm_tile_fn fn;
 };
 
+
+#ifdef MOE_X86
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+/* 16 x 16 dwords transposed in place: r[i] lane j <-> r[j] lane i. */
+AVX512 static inline __attribute__((always_inline)) void transpose16(__m512i r[16])
+{
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    /* u[4g + e], 128-bit lane L: rows 4g..4g+3, element 4L + e */
+    for (int e = 0; e < 4; e++) {
+        const __m512i vlo = _mm512_shuffle_i32x4(u[e], u[4 + e], 0x44), vhi = _mm512_shuffle_i32x4(u[e], u[4 + e], 0xee);
+        const __m512i wlo = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0x44), whi = _mm512_shuffle_i32x4(u[8 + e], u[12 + e], 0xee);
+        r[e] = _mm512_shuffle_i32x4(vlo, wlo, 0x88);
+        r[4 + e] = _mm512_shuffle_i32x4(vlo, wlo, 0xdd);
+        r[8 + e] = _mm512_shuffle_i32x4(vhi, whi, 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(vhi, whi, 0xdd);
+    }
+}
+
+/* ---- Q4_K x Q8_K, AVX-512 VNNI ----------------------------------------
+ *
+ * One weight row per 32-bit lane: a panel of 16 rows is unpacked per
+ * super-block into 64 vectors of codes (group j, four codes 4c..4c+3 of
+ * every row: dpbusd against the token's four q8 bytes broadcast), the
+ * group scales and the minimums per lane, d and dmin as floats per lane.
+ * A token then costs 64 dpbusd, 8 multiplies by the scales and 8 dpwssd
+ * for the minimums per super-block for all 16 rows, against 4 maddubs +
+ * 4 dpwssd per row in the row kernel. The floats follow the definition
+ * at vecdot.c's q4_k_rows: per super-block, the exact integer dot T and
+ * minimum term M, acc = fma(d * d(y), T, acc), accm = fma(dmin * d(y), M,
+ * accm), then acc - accm; lanes are rows, so the lane arithmetic is that
+ * scalar sequence per row. */
+
+#define Q4K_SB 8   /* super-blocks unpacked at a time (41 KiB) */
+#define Q4K_NT 4   /* tokens in registers at a time */
+
+struct q4k_panel {
+    __m512i q[Q4K_SB][64];   /* [group j * 8 + c]: codes 4c..4c+3 of group j, per row */
+    __m512i sc[Q4K_SB][8];   /* scale of group j, per row (int32) */
+    __m512i mn[Q4K_SB][8];   /* min of group j twice (int16 pair), per row */
+    __m512 d[Q4K_SB], dm[Q4K_SB];
+};
+
+AVX512 static void q4k_unpack(struct q4k_panel *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0,
+                              int nsb)
+{
+    static const uint8_t zero[sizeof(struct moe_block_q4_k)];
+    const __m512i m4 = _mm512_set1_epi8(0xf);
+    const __m512i m6 = _mm512_set1_epi32(0x3f3f3f3f), k4 = _mm512_set1_epi32(0x0f0f0f0f);
+    const __m512i k2 = _mm512_set1_epi32(0x03030303), b8 = _mm512_set1_epi32(0xff);
+    for (int s = 0; s < nsb; s++) {
+        const struct moe_block_q4_k *b[16];
+        for (int r = 0; r < 16; r++)
+            b[r] = r < nr ? (const struct moe_block_q4_k *)(w + (size_t)r * row_bytes) + i0 + s
+                          : (const struct moe_block_q4_k *)zero;
+        /* header: d | dmin, scales[0..3], [4..7], [8..11] per row */
+        __m512i h[16];
+        for (int r = 0; r < 16; r++)
+            h[r] = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b[r]));
+        transpose16(h);
+        const __m512i u0 = h[1], u1 = h[2], u2 = h[3];
+        /* blocks.h's scale layout with the word operations of
+         * vecdot.c's unpack_k_scales, one row per lane */
+        const __m512i o[4] = {
+            _mm512_and_si512(u0, m6),
+            _mm512_or_si512(_mm512_and_si512(u2, k4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k2), 4)),
+            _mm512_and_si512(u1, m6),
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u2, 4), k4),
+                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k2), 4)),
+        };
+        for (int j = 0; j < 8; j++) {
+            p->sc[s][j] = _mm512_and_si512(_mm512_srli_epi32(o[j / 4], 8 * (j % 4)), b8);
+            const __m512i m = _mm512_and_si512(_mm512_srli_epi32(o[2 + j / 4], 8 * (j % 4)), b8);
+            p->mn[s][j] = _mm512_or_si512(m, _mm512_slli_epi32(m, 16));
+        }
+        p->d[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h[0]));
+        p->dm[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h[0], 16)));
+        /* codes: dword k of qs (bytes 4k..4k+3) of every row; its low
+         * nibbles are codes 4c..4c+3 of group 2 (k / 8), its high ones of
+         * group 2 (k / 8) + 1, c = k % 8 */
+        for (int half = 0; half < 2; half++) {
+            __m512i q[16];
+            for (int r = 0; r < 16; r++)
+                q[r] = _mm512_loadu_si512(b[r]->qs + 64 * half);
+            transpose16(q);
+            for (int k = 0; k < 16; k++) {
+                const int kk = 16 * half + k, j = 2 * (kk / 8), c = kk % 8;
+                p->q[s][j * 8 + c] = _mm512_and_si512(q[k], m4);
+                p->q[s][(j + 1) * 8 + c] = _mm512_and_si512(_mm512_srli_epi32(q[k], 4), m4);
+            }
+        }
+    }
+}
+
+AVX512 static inline __attribute__((always_inline)) void q4k_tokens(const struct q4k_panel *p, int nsb, int64_t i0,
+                                                                    const uint8_t *act, size_t stride, const int NT,
+                                                                    __m512 *acc, __m512 *accm)
+{
+    for (int s = 0; s < nsb; s++) {
+        const struct moe_block_q8_k *y[Q4K_NT];
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+            y[t] = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i0 + s;
+        __m512i isum[Q4K_NT], msum[Q4K_NT];
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            isum[t] = _mm512_setzero_si512();
+            msum[t] = _mm512_setzero_si512();
+        }
+        for (int j = 0; j < 8; j++) {
+            __m512i dsum[Q4K_NT];
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+                dsum[t] = _mm512_setzero_si512();
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
+                const __m512i wq = p->q[s][j * 8 + c];
+                _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+                    int32_t yy;
+                    memcpy(&yy, y[t]->qs + 32 * j + 4 * c, 4);
+                    dsum[t] = _mm512_dpbusd_epi32(dsum[t], wq, _mm512_set1_epi32(yy));
+                }
+            }
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+                int32_t bs;
+                memcpy(&bs, y[t]->bsums + 2 * j, 4);
+                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dsum[t], p->sc[s][j]));
+                msum[t] = _mm512_dpwssd_epi32(msum[t], p->mn[s][j], _mm512_set1_epi32(bs));
+            }
+        }
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            const __m512 yd = _mm512_set1_ps(y[t]->d);
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(p->d[s], yd), _mm512_cvtepi32_ps(isum[t]), acc[t]);
+            accm[t] = _mm512_fmadd_ps(_mm512_mul_ps(p->dm[s], yd), _mm512_cvtepi32_ps(msum[t]), accm[t]);
+        }
+    }
+}
+
+/* Tokens are taken in blocks of GEMM_TOK so that the running sums of a
+ * block fit on the stack when a row has more than Q4K_SB super-blocks. */
+#define GEMM_TOK 64
+
+AVX512 static void q4k_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                            int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    struct q4k_panel p;
+    __m512 sacc[GEMM_TOK], saccm[GEMM_TOK];
+    const int64_t nb = n / MOE_QK_K;
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < n_tok; k0 += GEMM_TOK) {
+        const int64_t nk = n_tok - k0 < GEMM_TOK ? n_tok - k0 : GEMM_TOK;
+        for (int64_t k = 0; k < nk; k++)
+            sacc[k] = saccm[k] = _mm512_setzero_ps();
+        for (int64_t i0 = 0; i0 < nb; i0 += Q4K_SB) {
+            const int nsb = nb - i0 < Q4K_SB ? (int)(nb - i0) : Q4K_SB;
+            q4k_unpack(&p, w, row_bytes, nr, i0, nsb);
+            for (int64_t k = 0; k < nk; k += Q4K_NT) {
+                const uint8_t *a = act + (size_t)(k0 + k) * stride;
+                switch (nk - k < Q4K_NT ? (int)(nk - k) : Q4K_NT) {
+                case 4: q4k_tokens(&p, nsb, i0, a, stride, 4, sacc + k, saccm + k); break;
+                case 3: q4k_tokens(&p, nsb, i0, a, stride, 3, sacc + k, saccm + k); break;
+                case 2: q4k_tokens(&p, nsb, i0, a, stride, 2, sacc + k, saccm + k); break;
+                default: q4k_tokens(&p, nsb, i0, a, stride, 1, sacc + k, saccm + k); break;
+                }
+            }
+        }
+        for (int64_t k = 0; k < nk; k++) {
+            __m512 v = _mm512_sub_ps(sacc[k], saccm[k]);
+            if (bias)
+                v = _mm512_add_ps(v, vb);
+            _mm512_mask_storeu_ps(y + (k0 + k) * ldy, keep, v);
+        }
+    }
+}
+#endif
+
 static const struct gemm_tile tiles[] = {
+#ifdef MOE_X86
+    { LEVEL_AVX512, MOE_DTYPE_Q4_K, 5, q4k_tile },   /* 2-4 tokens: the row kernel is faster */
+#endif
     { LEVEL_SCALAR, MOE_DTYPE_COUNT, 0, NULL },   /* no row; keeps the table non-empty */
     /* one token: dot_bf16_avx512 streams a single row fastest (decode) */
     { LEVEL_AVX512, MOE_DTYPE_BF16, 2, moe_gemm_tile_bf16 },

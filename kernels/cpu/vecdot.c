@@ -941,27 +941,112 @@ AVX512 static inline __m512i halves16(short lo, short hi)
  * of 32 bytes, by a per-half shift of the same bytes), maddubs into pair
  * sums, then dpwssd by the two groups' scales; the minimums come from
  * bsums once per super-block. NT activation rows at a time (prefill: the
- * weight row is unpacked once for up to four tokens); each token's sums go
- * through the same operations in the same order for any NT, so a token's
- * result does not depend on how many it was computed with. */
+ * weight row is unpacked once for up to four tokens).
+ *
+ * The float sum is defined per super-block, not per vector lane, so that
+ * gemm.c's tile kernel (one weight row per lane) gives the same floats:
+ * with T the super-block's integer dot (sum of scale x code x q8) and M
+ * its integer minimum term (sum of min x block sums), both exact,
+ *   acc  = fma(d(w) * d(y), (float)T, acc)
+ *   accm = fma(dmin(w) * d(y), (float)M, accm)
+ * over the super-blocks in order, and the dot is acc - accm. */
+AVX512 static inline int hsum8_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Lane k of the result: the sum of the 16 lanes of v[k] (and of the 8
+ * lanes of m[k] into *mt), for four vectors at once. */
+AVX512 static inline void reduce4(const __m512i v[4], const __m256i m[4], __m128i *vt, __m128i *mt)
+{
+    const __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    const __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+    const __m256i a2 = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+    *vt = _mm_add_epi32(_mm256_castsi256_si128(a2), _mm256_extracti128_si256(a2, 1));
+    const __m256i b01 = _mm256_add_epi32(_mm256_unpacklo_epi32(m[0], m[1]), _mm256_unpackhi_epi32(m[0], m[1]));
+    const __m256i b23 = _mm256_add_epi32(_mm256_unpacklo_epi32(m[2], m[3]), _mm256_unpackhi_epi32(m[2], m[3]));
+    const __m256i bb = _mm256_add_epi32(_mm256_unpacklo_epi64(b01, b23), _mm256_unpackhi_epi64(b01, b23));
+    *mt = _mm_add_epi32(_mm256_castsi256_si128(bb), _mm256_extracti128_si256(bb, 1));
+}
+
+/* One Q4_K super-block against one Q8_K block: the 16 lanes whose sum is
+ * T and the 8 whose sum is M (q4_k_rows). */
+AVX512 static inline __attribute__((always_inline)) void q4_k_block(const struct moe_block_q4_k *x,
+                                                                    const struct moe_block_q8_k *y, __m512i *isum,
+                                                                    __m256i *msum)
+{
+    const __m512i m4 = _mm512_set1_epi8(0xf), shift = halves16(0, 4);
+    uint32_t u[4];
+    unpack_k_scales(x->scales, u);
+    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+    *msum = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y->bsums), _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm)));
+    __m512i acc = _mm512_setzero_si512();
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+        const __m512i q = _mm512_and_si512(
+            _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x->qs + 32 * k))), shift), m4);
+        acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q, _mm512_loadu_si512(y->qs + 64 * k)),
+                                  _mm512_permutexvar_epi16(halves16((short)(2 * k), (short)(2 * k + 1)), sc));
+    }
+    *isum = acc;
+}
+
+/* q4_k_rows for one token (decode): four super-blocks' totals reduced
+ * together, then their floats in order. */
+AVX512 static float q4_k_row1(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    float acc = 0.0f, accm = 0.0f;
+    int64_t i = 0;
+    for (; i + 4 <= nb; i += 4) {
+        __m512i v[4];
+        __m256i m[4];
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+            q4_k_block(&x[i + k], &y[i + k], &v[k], &m[k]);
+        __m128i vt, mt;
+        reduce4(v, m, &vt, &mt);
+        int32_t tt[4], mm[4];
+        _mm_storeu_si128((__m128i *)tt, vt);
+        _mm_storeu_si128((__m128i *)mm, mt);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            acc = __builtin_fmaf(hf(x[i + k].d) * y[i + k].d, (float)tt[k], acc);
+            accm = __builtin_fmaf(hf(x[i + k].dmin) * y[i + k].d, (float)mm[k], accm);
+        }
+    }
+    for (; i < nb; i++) {
+        __m512i v;
+        __m256i m;
+        q4_k_block(&x[i], &y[i], &v, &m);
+        acc = __builtin_fmaf(hf(x[i].d) * y[i].d, (float)_mm512_reduce_add_epi32(v), acc);
+        accm = __builtin_fmaf(hf(x[i].dmin) * y[i].d, (float)hsum8_epi32(m), accm);
+    }
+    return acc - accm;
+}
+
 AVX512 static inline __attribute__((always_inline)) void q4_k_rows(const struct moe_block_q4_k *x,
                                                                    const uint8_t *act, size_t stride,
                                                                    int64_t nb, const int NT, float *out)
 {
     const __m512i m4 = _mm512_set1_epi8(0xf), shift = halves16(0, 4);
     const __m512i idx0 = halves16(0, 1), idx1 = halves16(2, 3), idx2 = halves16(4, 5), idx3 = halves16(6, 7);
-    __m512 acc[4];
-    __m256 accm[4];
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
-        acc[t] = _mm512_setzero_ps();
-        accm[t] = _mm256_setzero_ps();
+    /* one token: q4_k_row1; several: the tokens' totals reduced together
+     * and their floats in the lanes of one vector (lane t = token t: the
+     * same scalar operations) */
+    if (NT == 1) {
+        out[0] = q4_k_row1(x, (const struct moe_block_q8_k *)act, nb);
+        return;
     }
+    __m128 acc = _mm_setzero_ps(), accm = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *q4 = x[i].qs;
         uint32_t u[4];
         unpack_k_scales(x[i].scales, u);
         const __m128i sm = _mm_loadu_si128((const __m128i *)u);
-        const __m256i mins = _mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8));
+        /* each minimum twice, as 16-bit pairs against bsums' pairs */
+        const __m256i mins = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm));
         const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
         const __m512i s0 = _mm512_permutexvar_epi16(idx0, sc), s1 = _mm512_permutexvar_epi16(idx1, sc);
         const __m512i s2 = _mm512_permutexvar_epi16(idx2, sc), s3 = _mm512_permutexvar_epi16(idx3, sc);
@@ -970,20 +1055,33 @@ AVX512 static inline __attribute__((always_inline)) void q4_k_rows(const struct 
         const __m512i q2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 64))), shift), m4);
         const __m512i q3 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q4 + 96))), shift), m4);
         const float dw = hf(x[i].d), dmw = hf(x[i].dmin);
+        __m512i isum[4];
+        __m256i msum[4];
+        float yd[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
         _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
             const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i;
             const int8_t *q8 = y->qs;
-            const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y->bsums), _mm256_set1_epi16(1));
-            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmw * y->d), _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, bs)), accm[t]);
-            __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q0, _mm512_loadu_si512(q8)), s0);
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q1, _mm512_loadu_si512(q8 + 64)), s1);
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q2, _mm512_loadu_si512(q8 + 128)), s2);
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q3, _mm512_loadu_si512(q8 + 192)), s3);
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(dw * y->d), _mm512_cvtepi32_ps(isum), acc[t]);
+            yd[t] = y->d;
+            msum[t] = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y->bsums), mins);
+            isum[t] = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q0, _mm512_loadu_si512(q8)), s0);
+            isum[t] = _mm512_dpwssd_epi32(isum[t], _mm512_maddubs_epi16(q1, _mm512_loadu_si512(q8 + 64)), s1);
+            isum[t] = _mm512_dpwssd_epi32(isum[t], _mm512_maddubs_epi16(q2, _mm512_loadu_si512(q8 + 128)), s2);
+            isum[t] = _mm512_dpwssd_epi32(isum[t], _mm512_maddubs_epi16(q3, _mm512_loadu_si512(q8 + 192)), s3);
         }
+        _Pragma("GCC unroll 4") for (int t = NT; t < 4; t++) {
+            isum[t] = _mm512_setzero_si512();
+            msum[t] = _mm256_setzero_si256();
+        }
+        __m128i tt, mm;
+        reduce4(isum, msum, &tt, &mm);
+        const __m128 vyd = _mm_loadu_ps(yd);
+        acc = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(dw), vyd), _mm_cvtepi32_ps(tt), acc);
+        accm = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(dmw), vyd), _mm_cvtepi32_ps(mm), accm);
     }
+    float r[4];
+    _mm_storeu_ps(r, _mm_sub_ps(acc, accm));
     _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
-        out[t] = _mm512_reduce_add_ps(acc[t]) - hsum8(accm[t]);
+        out[t] = r[t];
 }
 
 AVX512 static float dot_q4_k_avx512(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
