@@ -17,4 +17,11 @@
 void moe_gemm_tile_bf16(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
                         int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias);
 
+/* Q8_0 and MXFP4 on the AVX-512 path only: register tiles of 2 rows x 4
+ * tokens of the QUAD_ROWS kernels. */
+void moe_gemm_tile_q8_0(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
+                        int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias);
+void moe_gemm_tile_mxfp4(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
+                         int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias);
+
 #endif

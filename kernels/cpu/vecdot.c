@@ -909,6 +909,15 @@ AVX512BF16 static void tile_bf16_avx512(const uint16_t *x, size_t ws, int nr, co
 static int has_bf16_now(void);
 #endif
 
+/* + bias[r], after the sum as moe_gemm adds it */
+static void tile_bias(float *y, int64_t ldy, int nr, int64_t n_tok, const float *bias)
+{
+    if (bias != NULL)
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int r = 0; r < nr; r++)
+                y[t * ldy + r] += bias[r];
+}
+
 void moe_gemm_tile_bf16(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
                         int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
 {
@@ -923,10 +932,7 @@ void moe_gemm_tile_bf16(const uint8_t *w, size_t row_bytes, int nr, const uint8_
             for (int64_t t = 0; t < n_tok; t++)
                 y[t * ldy + r] = moe_vecdot(MOE_DTYPE_BF16, w + (size_t)r * row_bytes, act + (size_t)t * act_stride, n);
     }
-    if (bias != NULL)
-        for (int64_t t = 0; t < n_tok; t++)
-            for (int r = 0; r < nr; r++)
-                y[t * ldy + r] += bias[r];
+    tile_bias(y, ldy, nr, n_tok, bias);
 }
 
 #ifdef MOE_X86
@@ -1225,6 +1231,143 @@ AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const stru
     return r;
 }
 
+/* Q8_0 and MXFP4 tiles for gemm.c (vecdot-impl.h): R weight rows x T
+ * tokens of QUAD_ROWS, each pair's floats computed by the same operations
+ * in the same order as dot_q8_0_avx512 / dot_mxfp4_avx512 (the rows
+ * kernels with NT = 1). What is shared moves out of the pairs: a row's
+ * weights and scales are unpacked, and a token's blocks loaded and its
+ * scales converted, once per step for all pairs. The integer dot is
+ * dpbusd(y + 128, w) started at -128 * sum(w), the exact sum(w * y) that
+ * s8_dot gives (activations are within +-127), without s8_dot's sign
+ * flip per pair. */
+#define QUAD_TILE(WEIGHTS, DW, TAIL, wtype)                                                        \
+    const __m512i ia = halves32(0, 1), ib = halves32(2, 3), x80 = _mm512_set1_epi8((char)0x80);    \
+    const __m512i zero = _mm512_setzero_si512();                                                   \
+    __m512 acc0[2][4], acc1[2][4];                                                                 \
+    _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)                                            \
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)                                        \
+            acc0[r][t] = acc1[r][t] = _mm512_setzero_ps();                                         \
+    int64_t i = 0;                                                                                 \
+    for (; i + 4 <= nb; i += 4) {                                                                  \
+        __m512i w0[2], w1[2], n0[2], n1[2];                                                        \
+        __m128 dw[2];                                                                              \
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {                                      \
+            const wtype *x = (const wtype *)(w + (size_t)r * rb);                                  \
+            w0[r] = WEIGHTS(i);                                                                    \
+            w1[r] = WEIGHTS(i + 2);                                                                \
+            dw[r] = DW(i);                                                                         \
+            n0[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, x80, w0[r]));                 \
+            n1[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, x80, w1[r]));                 \
+        }                                                                                          \
+        _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {                                      \
+            const struct moe_block_q8_0 *yb = (const struct moe_block_q8_0 *)(act + (size_t)t * as); \
+            const __m512i y0 = _mm512_xor_si512(load2x256(yb[i].qs, yb[i + 1].qs), x80);           \
+            const __m512i y1 = _mm512_xor_si512(load2x256(yb[i + 2].qs, yb[i + 3].qs), x80);       \
+            const __m128 dy = f16x4(yb[i].d, yb[i + 1].d, yb[i + 2].d, yb[i + 3].d);               \
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {                                  \
+                const __m512i v0 = _mm512_dpbusd_epi32(n0[r], y0, w0[r]);                          \
+                const __m512i v1 = _mm512_dpbusd_epi32(n1[r], y1, w1[r]);                          \
+                const __m512 d4 = _mm512_castps128_ps512(_mm_mul_ps(dw[r], dy));                   \
+                acc0[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), _mm512_permutexvar_ps(ia, d4), acc0[r][t]); \
+                acc1[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), _mm512_permutexvar_ps(ib, d4), acc1[r][t]); \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    _Pragma("GCC unroll 4") for (int t = 0; t < T; t++)                                            \
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {                                      \
+            const wtype *x = (const wtype *)(w + (size_t)r * rb);                                  \
+            const struct moe_block_q8_0 *yb = (const struct moe_block_q8_0 *)(act + (size_t)t * as); \
+            float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][t], acc1[r][t]));                 \
+            if (i < nb)                                                                            \
+                s += TAIL(x + i, yb + i, nb - i);                                                  \
+            y[t * ldy + r] = s;                                                                    \
+        }
+
+#define QUAD_TILE_FN(name)                                                                         \
+    AVX512 static inline __attribute__((always_inline)) void name(const uint8_t *w, size_t rb, const uint8_t *act, \
+                                                                  size_t as, int64_t nb, const int R, const int T, \
+                                                                  float *y, int64_t ldy)
+
+QUAD_TILE_FN(q8_0_tile)
+{
+    QUAD_TILE(Q8_0_W, HALF_DW, dot_q8_0_avx2, struct moe_block_q8_0)
+}
+
+QUAD_TILE_FN(mxfp4_tile)
+{
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_mxfp4_values));
+    QUAD_TILE(IQ4_W, MX_DW, dot_mxfp4_avx2, struct moe_block_mxfp4)
+}
+
+/* 2 rows x 4 tokens per call (16 accumulators, 10 registers of unpacked
+ * rows), then the last 1-3 tokens, then an odd row. */
+#define QUAD_TILE_DRIVER(name, fn)                                                                  \
+    AVX512 static void name(const uint8_t *w, size_t rb, int nr, const uint8_t *act, size_t as, int64_t n_tok, \
+                            int64_t nb, float *y, int64_t ldy)                                      \
+    {                                                                                               \
+        int r = 0;                                                                                  \
+        for (; r + 2 <= nr; r += 2) {                                                               \
+            int64_t t = 0;                                                                          \
+            for (; t + 4 <= n_tok; t += 4)                                                          \
+                fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 2, 4, y + t * ldy + r, ldy); \
+            switch (n_tok - t) {                                                                    \
+            case 3: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 2, 3, y + t * ldy + r, ldy); break; \
+            case 2: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 2, 2, y + t * ldy + r, ldy); break; \
+            case 1: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 2, 1, y + t * ldy + r, ldy); break; \
+            default: break;                                                                         \
+            }                                                                                       \
+        }                                                                                           \
+        if (r < nr) {                                                                               \
+            int64_t t = 0;                                                                          \
+            for (; t + 4 <= n_tok; t += 4)                                                          \
+                fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 1, 4, y + t * ldy + r, ldy); \
+            switch (n_tok - t) {                                                                    \
+            case 3: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 1, 3, y + t * ldy + r, ldy); break; \
+            case 2: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 1, 2, y + t * ldy + r, ldy); break; \
+            case 1: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 1, 1, y + t * ldy + r, ldy); break; \
+            default: break;                                                                         \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+QUAD_TILE_DRIVER(tile_q8_0_avx512, q8_0_tile)
+QUAD_TILE_DRIVER(tile_mxfp4_avx512, mxfp4_tile)
+#endif
+
+#ifdef MOE_X86
+static int avx512_now(void);
+#endif
+
+void moe_gemm_tile_q8_0(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
+                        int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+#ifdef MOE_X86
+    MOE_ASSERT(avx512_now());
+    tile_q8_0_avx512(w, row_bytes, nr, act, act_stride, n_tok, n / MOE_QK8_0, y, ldy);
+    tile_bias(y, ldy, nr, n_tok, bias);
+#else
+    (void)w; (void)row_bytes; (void)nr; (void)act; (void)act_stride; (void)n_tok; (void)n; (void)y; (void)ldy;
+    (void)bias;
+    MOE_ASSERT(0);
+#endif
+}
+
+void moe_gemm_tile_mxfp4(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
+                         int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+#ifdef MOE_X86
+    MOE_ASSERT(avx512_now());
+    tile_mxfp4_avx512(w, row_bytes, nr, act, act_stride, n_tok, n / MOE_QK_MXFP4, y, ldy);
+    tile_bias(y, ldy, nr, n_tok, bias);
+#else
+    (void)w; (void)row_bytes; (void)nr; (void)act; (void)act_stride; (void)n_tok; (void)n; (void)y; (void)ldy;
+    (void)bias;
+    MOE_ASSERT(0);
+#endif
+}
+
+#ifdef MOE_X86
+
 /* Up to four activation rows against one weight row (AVX-512 types). */
 #define ROWS_CASE(fn, wtype, qk)                                                                    \
     switch (nt) {                                                                                  \
@@ -1312,6 +1455,11 @@ static int simd(void)
 }
 
 #ifdef MOE_X86
+static int avx512_now(void)
+{
+    return simd() == SIMD_AVX512;
+}
+
 static int has_bf16_now(void)
 {
     return simd() == SIMD_AVX512 && has_bf16;
