@@ -84,6 +84,18 @@ struct moe_gating_params {
     int n_group_used;     /*      with the best top-2 sums are eligible (deepseek) */
 };
 
+/* qwen35moe's gated delta rule (gated_delta_net), llama.cpp's qwen35moe
+ * graph: n_k key heads and n_v value heads of d_state dims; value head h
+ * reads key head h % n_k (ggml's broadcast). */
+struct moe_gdn_params {
+    int n_k, n_v, d_state;
+    float eps;            /* rms_eps: q and k are L2-normalised with eps / d_state,
+                           * the output RMS-normed with eps */
+    const float *dt_bias; /* [n_v] ssm_dt.bias */
+    const float *a;       /* [n_v] ssm_a (the log decay's negative rate) */
+    const float *norm;    /* [d_state] ssm_norm */
+};
+
 /* One attention call over a single sequence's KV cache. q is
  * [n_tok][n_head][head_dim], out is [n_tok][n_head][head_dim_v]. Cache row
  * c holds kv head h's key at k_cache + c*k_row + h*head_dim, its value at
@@ -257,6 +269,31 @@ struct moe_backend_ops {
     /* y[r][i] = x[r][i] * w[i] for rows of n. y may equal x. */
     int (*mul_rows)(struct moe_backend *be, float *y, const float *x, const float *w,
                     int64_t n_rows, int64_t n);
+    /* Optional (NULL: the model refuses qwen35moe's gated delta-net layers
+     * at load). Both run over one sequence's n_tok tokens and advance its
+     * recurrent state, which is backend memory that the caller owns and
+     * zeroes before the sequence's first token.
+     *
+     * ssm_conv: the short causal conv and silu, per channel c < n_ch:
+     * y[t][c] = silu(sum_i win[t + i] * w[c][i]) for i < d_conv, where win
+     * is the channel's d_conv - 1 previous inputs (state[c][0..d_conv-2],
+     * oldest first) followed by x[0..n_tok)[c]; the state then holds the
+     * channel's last d_conv - 1 inputs. x and y are [n_tok][n_ch] and must
+     * not overlap; w is [n_ch][d_conv]. */
+    int (*ssm_conv)(struct moe_backend *be, float *y, const float *x, float *state,
+                    const float *w, int64_t n_tok, int n_ch, int d_conv);
+    /* gated_delta_net: qkv [n_tok][2 n_k D + n_v D] (q | k | v, ssm_conv's
+     * output; D = d_state) with q and k L2-normalised per head (their
+     * parts of qkv may be overwritten), z [n_tok][n_v D], beta and alpha
+     * [n_tok][n_v] (projections, before their activations), state
+     * [n_v][D][D] (head h, value index j, key index i). Per token and
+     * value head h: b = sigmoid(beta), g = softplus(alpha + dt_bias[h]) *
+     * a[h], S *= exp(g), d_j = (v_j - sum_i S_ji k_i) b, S_ji += k_i d_j,
+     * o_j = (sum_i S_ji q_i) / sqrt(D); out [n_tok][n_v D] = per head
+     * rmsnorm(o) * norm * silu(z). */
+    int (*gated_delta_net)(struct moe_backend *be, float *out, float *qkv, const float *z,
+                           const float *beta, const float *alpha, float *state, int64_t n_tok,
+                           const struct moe_gdn_params *p);
 };
 
 struct moe_backend {

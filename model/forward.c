@@ -118,7 +118,7 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
     };
     TRY(moe_model_matmuls(m, qkv, L->v_is_k ? 2 : 3));
     if (gated)
-        moe_attn_gate_split(m, n);
+        TRY(moe_attn_gate_split(m, n));
     if (L->v_is_k)   /* gemma4 without attn_v: V is K's projection, before K's norm */
         TRY(ops->copy_rows(be, m->a.v, kvd, NULL, m->a.k, kvd, NULL, n, kvd));
     if (c->ad->qk_norm || c->ad->qk_norm_optional) {
@@ -152,7 +152,7 @@ static int attention_block(struct moe_model *m, int il, int64_t n)
         TRY(ops->attention(be, m->a.att + g->off * qd, m->a.q + g->off * qd, g->n, pos, &ap));
     }
     if (gated)
-        moe_attn_gate_apply(m, n);
+        TRY(moe_attn_gate_apply(m, n));
     TRY(ops->matmul(be, m->a.tmp, &L->wo, L->bo, m->a.att, n));
     if (L->attn_post_norm)
         TRY(ops->rmsnorm(be, m->a.tmp, m->a.tmp, L->attn_post_norm, n, c->n_embd, c->rms_eps));
@@ -338,7 +338,7 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     for (int i = 0; c->deltanet && i < m->a.n_segs; i++) {
         struct moe_seq *s = m->a.segs[i].s;
         if (s->pos == 0)
-            memset(s->rs, 0, moe_deltanet_state_floats(m) * sizeof(float));
+            TRY(m->be->ops->fill(m->be, s->rs, 0.0f, (int64_t)moe_deltanet_state_floats(m)));
         s->rs_lost = true;
     }
     for (int il = 0; il < c->n_layer; il++) {

@@ -695,10 +695,11 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
         rc = moe_backend_cpu_create(&m->be, o.n_threads > 0 ? o.n_threads : moe_threadpool_default_threads(), diag);
     if (rc)
         goto fail;
-    if (c->deltanet && !m->be->ops->host_memory) {
+    if (c->deltanet && (m->be->ops->ssm_conv == NULL || m->be->ops->gated_delta_net == NULL)) {
         rc = moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: architecture '%s' (gated delta-net layers)"
-                          " runs on the CPU backend only; the %s backend has no delta-net kernels"
-                          " yet (doc/cuda.md)", path, c->arch_name, m->be->ops->name);
+                          " needs the ssm_conv and gated_delta_net ops that the %s backend does not"
+                          " have (doc/%s.md); use the cpu backend", path, c->arch_name,
+                          m->be->ops->name, m->be->ops->name);
         goto fail;
     }
     if (!m->be->ops->kv_supports(m->be, m->kv_dtype)) {
@@ -866,8 +867,10 @@ int moe_seq_create(struct moe_seq **out, struct moe_model *m, struct moe_diag *d
     s->blocks = moe_calloc((size_t)s->max_blocks, sizeof(int32_t));
     s->hashes = moe_calloc((size_t)s->max_blocks, sizeof(uint64_t));
     s->toks = moe_calloc((size_t)m->n_ctx, sizeof(int32_t));
+    /* the recurrent state is backend memory (the delta-net ops read it);
+     * forward zeroes it at position 0 */
     const size_t rs = moe_deltanet_state_floats(m);
-    s->rs = rs ? moe_calloc(rs, sizeof(float)) : NULL;
+    s->rs = rs ? m->be->ops->alloc(m->be, rs * sizeof(float)) : NULL;
     if (s->blocks == NULL || s->hashes == NULL || s->toks == NULL || (rs && s->rs == NULL)) {
         moe_seq_free(s);
         return moe_diag_set(diag, -ENOMEM, "out of memory");
@@ -885,7 +888,8 @@ void moe_seq_free(struct moe_seq *s)
     moe_free(s->blocks);
     moe_free(s->hashes);
     moe_free(s->toks);
-    moe_free(s->rs);
+    if (s->rs != NULL)
+        s->m->be->ops->free(s->m->be, s->rs);
     moe_free(s);
 }
 

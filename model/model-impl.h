@@ -191,7 +191,9 @@ struct model_deltanet {
     int conv_dim, d_inner, key_dim;      /* 2 key_dim + d_inner; n_v x d_state; n_k x d_state */
     size_t conv_floats, ssm_floats;      /* per recurrent layer and sequence */
     int *rs_index;                       /* [n_layer]: the layer's state slot, or -1 */
-    float *qkv, *conv, *z, *beta, *gdecay, *core, *win, *delta;
+    /* scratch (backend memory): [n_batch] rows of conv_dim, conv_dim, d_inner,
+     * n_v, n_v, d_inner floats */
+    float *qkv, *conv, *z, *beta, *gdecay, *core;
     float *qg, *gate;                    /* gated attention: q and gate [n][H][2 hd], gate [n][H hd] */
 };
 
@@ -222,9 +224,10 @@ struct moe_seq {
     int32_t *toks;                       /* [n_ctx]: the token at each position */
     uint64_t *hashes;                    /* [max_blocks]: chain hash of each full block */
     int n_hashed;                        /* full blocks hashed (and offered to the index) */
-    /* delta-net models: conv and SSM state of each recurrent layer (host), zeroed
-     * when a step starts at position 0; rs_lost after a failed step, which may
-     * have advanced part of it (the sequence must then be reset) */
+    /* delta-net models: conv and SSM state of each recurrent layer (backend
+     * memory: the device's on CUDA), zeroed when a step starts at position 0;
+     * rs_lost after a failed step, which may have advanced part of it (the
+     * sequence must then be reset) */
     float *rs;
     bool rs_lost;
 };
@@ -283,8 +286,9 @@ int moe_model_slot_of_gguf(const struct moe_gguf *g, size_t *slot, int *n_moe, b
                            struct moe_diag *diag);
 
 /* deltanet.c */
-/* Scratch and layout for the delta-net layers (nothing without them);
- * MOE_EUNSUPPORTED on a backend whose memory is not host memory. */
+/* Scratch (backend memory) and layout for the delta-net layers (nothing
+ * without them); MOE_EUNSUPPORTED on a backend without the ssm_conv and
+ * gated_delta_net ops. */
 int moe_deltanet_init(struct moe_model *m, struct moe_diag *diag);
 void moe_deltanet_free(struct moe_model *m);
 /* Floats of a sequence's recurrent state (0 without delta-net layers). */
@@ -294,8 +298,8 @@ size_t moe_deltanet_state_floats(const struct moe_model *m);
 int moe_deltanet_layer(struct moe_model *m, int il, int64_t n);
 /* Gated attention: splits the [n][H][2 hd] projection in dn.qg into m->a.q
  * and dn.gate; after attention, m->a.att *= sigmoid(dn.gate). */
-void moe_attn_gate_split(struct moe_model *m, int64_t n);
-void moe_attn_gate_apply(struct moe_model *m, int64_t n);
+int moe_attn_gate_split(struct moe_model *m, int64_t n);
+int moe_attn_gate_apply(struct moe_model *m, int64_t n);
 
 /* config.c */
 int moe_model_read_cfg(const struct moe_gguf *g, struct moe_model_cfg *c, struct moe_diag *diag);

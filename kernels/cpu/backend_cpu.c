@@ -17,6 +17,7 @@
 #include "kernels/blocks.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/ops_ssm.h"
 #include "kernels/cpu/threadpool.h"
 #include "kernels/cpu/vecdot.h"
 #include "common/dtype.h"
@@ -854,6 +855,8 @@ static const struct moe_backend_ops cpu_ops = {
     .copy_stats = cpu_copy_stats,
     .host_memory = 1,
     .matmul_multi = cpu_matmul_multi,
+    .ssm_conv = moe_cpu_ssm_conv,               /* kernels/cpu/ops_ssm.c */
+    .gated_delta_net = moe_cpu_gated_delta_net,
 };
 
 int moe_backend_cpu_create(struct moe_backend **out, int n_threads, struct moe_diag *diag)

@@ -993,6 +993,22 @@ int cu_mul_rows(struct moe_backend *be, float *y, const float *x, const float *w
     return LAUNCHED(c, "mul_rows");
 }
 
+int cu_ssm_conv(struct moe_backend *be, float *y, const float *x, float *state, const float *w,
+                int64_t n_tok, int n_ch, int d_conv)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    return ssm_conv(c, y, x, state, w, n_tok, n_ch, d_conv);
+}
+
+int cu_gated_delta_net(struct moe_backend *be, float *out, float *qkv, const float *z, const float *beta,
+                       const float *alpha, float *state, int64_t n_tok, const struct moe_gdn_params *p)
+{
+    cuda_ctx *c = ctx_of(be);
+    FATAL_GUARD(c);
+    return gated_delta_net(c, out, qkv, z, beta, alpha, state, n_tok, p);
+}
+
 int cu_axpy(struct moe_backend *be, float *y, float a, const float *x, int64_t n)
 {
     cuda_ctx *c = ctx_of(be);
@@ -1157,6 +1173,8 @@ const struct moe_backend_ops cuda_ops = {
     cu_geglu,
     cu_scale,
     cu_mul_rows,
+    cu_ssm_conv,   // kernels/cuda/ssm.cu
+    cu_gated_delta_net,
 };
 
 } // namespace

@@ -110,6 +110,13 @@ int convert_act(cuda_ctx *c, void *dst, int64_t stride, const float *x, int64_t 
 int attention(cuda_ctx *c, float *out, const float *q, int64_t n_tok, const int32_t *host_pos,
               const struct moe_attn_params *ap);
 
+// qwen35moe's delta-net ops (kernels/cuda/ssm.cu), as the table's
+// ssm_conv and gated_delta_net.
+int ssm_conv(cuda_ctx *c, float *y, const float *x, float *state, const float *w, int64_t n_tok, int n_ch,
+             int d_conv);
+int gated_delta_net(cuda_ctx *c, float *out, const float *qkv, const float *z, const float *beta,
+                    const float *alpha, float *state, int64_t n_tok, const struct moe_gdn_params *p);
+
 unsigned grid_for(int64_t n, int threads = 256);
 
 } // namespace moecu

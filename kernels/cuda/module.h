@@ -14,7 +14,7 @@
 extern "C" {
 #endif
 
-#define MOE_CUDA_MODULE_ABI 4
+#define MOE_CUDA_MODULE_ABI 5
 
 struct moe_backend;
 

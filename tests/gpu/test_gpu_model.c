@@ -15,7 +15,7 @@
  *     the largest), then eight greedy decode steps with the same tokens.
  *
  * And the families of issue 22 whose ops are new to the CUDA backend
- * (gemma4), from tests/fixtures/arch: GPU against CPU through
+ * (gemma4, qwen35moe), from tests/fixtures/arch: GPU against CPU through
  * a prompt and decode steps, against llama.cpp's prompt logits, and two
  * sequences decoding in one batch (run_family below).
  *
@@ -476,8 +476,9 @@ int main(void)
         cur_kind = variants[i].kind;
         moe_test_run(name, run_variant);
     }
-    /* gemma4: GELU, scale, row multiply, rope divisors */
-    static const char *const fams[] = { "gemma4" };
+    /* gemma4 (GELU, scale, row multiply, rope divisors) and qwen35moe (the
+     * delta-net ops and a recurrent state per sequence in device memory) */
+    static const char *const fams[] = { "gemma4", "qwen35moe" };
     for (size_t i = 0; i < sizeof(fams) / sizeof(fams[0]); i++) {
         char name[128];
         snprintf(name, sizeof(name), "tiny-%s (tests/fixtures/arch)", fams[i]);

@@ -9,7 +9,8 @@
  * sinks, V narrower than K and inside the K rows as MLA does, split-K
  * decode at long contexts, prefill), router_topk (every gating rule),
  * swiglu, swiglu_oai, axpy, add, fill, gate_rows, copy_rows, gemma4's geglu,
- * scale, mul_rows and rope divisors, on sizes that
+ * scale, mul_rows and rope divisors, qwen35moe's ssm_conv and
+ * gated_delta_net (state carried across calls), on sizes that
  * are not multiples of a block or a warp, one past a grid's stride. Every
  * device output has guard floats after it that must come back untouched.
  *
@@ -20,7 +21,7 @@
  *   matmul, block types through cuBLAS (9+ tokens): 3e-3 against float64
  *     sums of the dequantized weights (f16 weights and activations);
  *   get_rows 1e-6; elementwise 1e-6 (geglu, scale, mul_rows: equal bits);
- *   rmsnorm 1e-5; rope 2e-5; attention
+ *   rmsnorm 1e-5; rope 2e-5; delta-net ops 1e-4; attention
  *     2e-5 (f32 cache), 2e-3 (f16 cache: the CPU rounds probabilities to
  *     f16, the GPU's online softmax cannot); router ids and weights equal.
  *
@@ -647,6 +648,100 @@ static void test_gemma4_ops(void)
     close_backends();
 }
 
+/* qwen35moe's delta-net ops: ssm_conv and gated_delta_net over a sequence
+ * fed in chunks (1, 6 and 300 tokens: the state carried between calls on
+ * the device), outputs and the final state against the CPU backend; state
+ * dims 128 (Qwen3.5's: the state in shared memory, past the 48 KiB default),
+ * 40 (a partial warp) and 256 (more than the opt-in shared memory: the
+ * state used in place in device memory), value heads sharing key heads.
+ * Tolerance 1e-4 of the largest value: the same float operations in the
+ * same order as the CPU, but CUDA's expf / logf are not glibc's, and the
+ * recurrence carries their ulps through 307 tokens. */
+static int check_ssm(int NK, int NV, int D, int d_conv)
+{
+    const int C = 2 * NK * D + NV * D, DI = NV * D, hist = d_conv - 1;
+    const int chunks[3] = { 1, 6, 300 }, N = 307;
+    const size_t conv_f = (size_t)C * hist, ssm_f = (size_t)NV * D * D;
+    float *w = xmalloc((size_t)C * d_conv * 4), *dt = xmalloc((size_t)NV * 4), *a = xmalloc((size_t)NV * 4);
+    float *norm = xmalloc((size_t)D * 4), *x = xmalloc((size_t)N * C * 4), *z = xmalloc((size_t)N * DI * 4);
+    float *beta = xmalloc((size_t)N * NV * 4), *alpha = xmalloc((size_t)N * NV * 4);
+    float *st = xmalloc((conv_f + ssm_f) * 4), *cv = xmalloc((size_t)N * C * 4);
+    float *o = xmalloc((size_t)N * DI * 4), *go = xmalloc((size_t)N * DI * 4);
+    float *gst = xmalloc((conv_f + ssm_f) * 4);
+    for (size_t i = 0; i < (size_t)C * d_conv; i++)
+        w[i] = frand();
+    for (int i = 0; i < NV; i++) {
+        dt[i] = frand();
+        a[i] = -1.0f - frand();
+    }
+    for (int i = 0; i < D; i++)
+        norm[i] = 1.0f + frand();
+    for (size_t i = 0; i < (size_t)N * C; i++)
+        x[i] = frand() * 3;
+    for (size_t i = 0; i < (size_t)N * DI; i++)
+        z[i] = frand() * 3;
+    for (size_t i = 0; i < (size_t)N * NV; i++) {
+        beta[i] = frand() * 3;
+        alpha[i] = frand() * 3;
+    }
+    memset(st, 0, (conv_f + ssm_f) * 4);
+    float *dw = dev(w, (size_t)C * d_conv), *ddt = dev(dt, (size_t)NV), *da = dev(a, (size_t)NV);
+    float *dnorm = dev(norm, (size_t)D), *dx = dev(x, (size_t)N * C), *dz = dev(z, (size_t)N * DI);
+    float *dbeta = dev(beta, (size_t)N * NV), *dalpha = dev(alpha, (size_t)N * NV);
+    float *dst = dev(st, conv_f + ssm_f), *dcv = dev(NULL, (size_t)N * C), *dout = dev(NULL, (size_t)N * DI);
+    const struct moe_gdn_params hp = { NK, NV, D, 1e-6f, dt, a, norm };
+    const struct moe_gdn_params gp = { NK, NV, D, 1e-6f, ddt, da, dnorm };
+    int bad = 0, off = 0;
+    for (int k = 0; k < 3 && !bad; k++) {
+        const int m = chunks[k];
+        const size_t xo = (size_t)off * C, oo = (size_t)off * DI;
+        if (cpu->ops->ssm_conv(cpu, cv + xo, x + xo, st, w, m, C, d_conv) != 0 ||
+            cpu->ops->gated_delta_net(cpu, o + oo, cv + xo, z + oo, beta + off * NV, alpha + off * NV,
+                                      st + conv_f, m, &hp) != 0) {
+            MOE_FAIL_AT("CPU delta-net ops failed");
+            bad = 1;
+        }
+        int rc = gpu->ops->ssm_conv(gpu, dcv + xo, dx + xo, dst, dw, m, C, d_conv);
+        if (rc == 0)
+            rc = gpu->ops->gated_delta_net(gpu, dout + oo, dcv + xo, dz + oo, dbeta + off * NV,
+                                           dalpha + off * NV, dst + conv_f, m, &gp);
+        if (rc != 0 && !bad) {
+            MOE_FAIL_AT("nk %d nv %d D %d: delta-net ops on the GPU: %d", NK, NV, D, rc);
+            bad = 1;
+        }
+        off += m;
+    }
+    if (!bad) {
+        const int r1 = back(go, dout, (size_t)N * DI), r2 = back(gst, dst, conv_f + ssm_f);
+        const double e1 = max_rel(go, o, (size_t)N * DI), e2 = max_rel(gst, st, conv_f + ssm_f);
+        printf("  nk %d nv %d D %d d_conv %d, %d tokens in 3 calls: outputs %.3g, state %.3g (max rel)\n",
+               NK, NV, D, d_conv, N, e1, e2);
+        if (r1 != 0 || r2 != 0) {
+            MOE_FAIL_AT("nk %d nv %d D %d: error or guard (%d, %d)", NK, NV, D, r1, r2);
+            bad = 1;
+        } else if (!(e1 <= 1e-4 && e2 <= 1e-4)) {
+            MOE_FAIL_AT("nk %d nv %d D %d: outputs %g, state %g > 1e-4", NK, NV, D, e1, e2);
+            bad = 1;
+        }
+    }
+    float *dv[] = { dw, ddt, da, dnorm, dx, dz, dbeta, dalpha, dst, dcv, dout };
+    for (size_t i = 0; i < sizeof(dv) / sizeof(dv[0]); i++)
+        gpu->ops->free(gpu, dv[i]);
+    float *hv[] = { w, dt, a, norm, x, z, beta, alpha, st, cv, o, go, gst };
+    for (size_t i = 0; i < sizeof(hv) / sizeof(hv[0]); i++)
+        free(hv[i]);
+    return bad;
+}
+
+static void test_ssm_ops(void)
+{
+    OPEN();
+    CHECK(gpu->ops->ssm_conv != NULL && gpu->ops->gated_delta_net != NULL);
+    if (!check_ssm(2, 4, 128, 4) && !check_ssm(1, 3, 40, 4) && !quick)
+        check_ssm(2, 2, 256, 3);
+    close_backends();
+}
+
 /* ---- kv_store and attention ---------------------------------------------------- */
 
 struct attn_case {
@@ -940,6 +1035,7 @@ int main(void)
     moe_test_run("rmsnorm", test_rmsnorm);
     moe_test_run("rope", test_rope);
     moe_test_run("gemma4: geglu, scale, mul_rows, rope freq_factors", test_gemma4_ops);
+    moe_test_run("qwen35moe: ssm_conv, gated_delta_net", test_ssm_ops);
     moe_test_run("kv_store and attention", test_attention);
     moe_test_run("router_topk: every gating rule", test_router);
     if (!moe_test_gpu_stand_in())   /* the CPU backend refuses other things */
