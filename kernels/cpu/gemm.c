@@ -11,6 +11,7 @@
  * Adding a type: write the kernel (gemm_tile_fn), add a row to tiles[]
  * with the SIMD level it needs. Types without a row fall back to
  * moe_vecdot_rows, four tokens per call. */
+#include <stddef.h>
 #include <string.h>
 
 #include "common/dtype.h"
@@ -95,18 +96,21 @@ struct q4k_panel {
     __m512 d[Q4K_SB], dm[Q4K_SB];
 };
 
-AVX512 static void q4k_unpack(struct q4k_panel *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0,
-                              int nsb)
+/* Q4_K or, with five set, Q5_K (the same header; the fifth bit of code l
+ * of group j is bit j of qh[l]). */
+AVX512 static void q4k_unpack(struct q4k_panel *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0, int nsb,
+                              int five)
 {
-    static const uint8_t zero[sizeof(struct moe_block_q4_k)];
-    const __m512i m4 = _mm512_set1_epi8(0xf);
+    static const uint8_t zero[sizeof(struct moe_block_q5_k)];
+    const size_t bsize = five ? sizeof(struct moe_block_q5_k) : sizeof(struct moe_block_q4_k);
+    const size_t qs_off = five ? offsetof(struct moe_block_q5_k, qs) : offsetof(struct moe_block_q4_k, qs);
+    const __m512i m4 = _mm512_set1_epi8(0xf), one = _mm512_set1_epi8(1);
     const __m512i m6 = _mm512_set1_epi32(0x3f3f3f3f), k4 = _mm512_set1_epi32(0x0f0f0f0f);
     const __m512i k2 = _mm512_set1_epi32(0x03030303), b8 = _mm512_set1_epi32(0xff);
     for (int s = 0; s < nsb; s++) {
-        const struct moe_block_q4_k *b[16];
+        const uint8_t *b[16];
         for (int r = 0; r < 16; r++)
-            b[r] = r < nr ? (const struct moe_block_q4_k *)(w + (size_t)r * row_bytes) + i0 + s
-                          : (const struct moe_block_q4_k *)zero;
+            b[r] = r < nr ? w + (size_t)r * row_bytes + (size_t)(i0 + s) * bsize : zero;
         /* header: d | dmin, scales[0..3], [4..7], [8..11] per row */
         __m512i h[16];
         for (int r = 0; r < 16; r++)
@@ -129,18 +133,29 @@ AVX512 static void q4k_unpack(struct q4k_panel *p, const uint8_t *w, size_t row_
         }
         p->d[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h[0]));
         p->dm[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h[0], 16)));
+        __m512i qh[16];
+        if (five) {
+            for (int r = 0; r < 16; r++)
+                qh[r] = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b[r] + offsetof(struct moe_block_q5_k, qh))));
+            transpose16(qh);
+        }
         /* codes: dword k of qs (bytes 4k..4k+3) of every row; its low
          * nibbles are codes 4c..4c+3 of group 2 (k / 8), its high ones of
          * group 2 (k / 8) + 1, c = k % 8 */
         for (int half = 0; half < 2; half++) {
             __m512i q[16];
             for (int r = 0; r < 16; r++)
-                q[r] = _mm512_loadu_si512(b[r]->qs + 64 * half);
+                q[r] = _mm512_loadu_si512(b[r] + qs_off + 64 * half);
             transpose16(q);
             for (int k = 0; k < 16; k++) {
                 const int kk = 16 * half + k, j = 2 * (kk / 8), c = kk % 8;
-                p->q[s][j * 8 + c] = _mm512_and_si512(q[k], m4);
-                p->q[s][(j + 1) * 8 + c] = _mm512_and_si512(_mm512_srli_epi32(q[k], 4), m4);
+                __m512i lo = _mm512_and_si512(q[k], m4), hi = _mm512_and_si512(_mm512_srli_epi32(q[k], 4), m4);
+                if (five) {
+                    lo = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(qh[c], j), one), 4));
+                    hi = _mm512_or_si512(hi, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(qh[c], j + 1), one), 4));
+                }
+                p->q[s][j * 8 + c] = lo;
+                p->q[s][(j + 1) * 8 + c] = hi;
             }
         }
     }
@@ -190,8 +205,8 @@ AVX512 static inline __attribute__((always_inline)) void q4k_tokens(const struct
  * block fit on the stack when a row has more than Q4K_SB super-blocks. */
 #define GEMM_TOK 64
 
-AVX512 static void q4k_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
-                            int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+AVX512 static void q45k_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                             int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias, int five)
 {
     struct q4k_panel p;
     __m512 sacc[GEMM_TOK], saccm[GEMM_TOK];
@@ -204,7 +219,7 @@ AVX512 static void q4k_tile(const uint8_t *w, size_t row_bytes, int nr, const ui
             sacc[k] = saccm[k] = _mm512_setzero_ps();
         for (int64_t i0 = 0; i0 < nb; i0 += Q4K_SB) {
             const int nsb = nb - i0 < Q4K_SB ? (int)(nb - i0) : Q4K_SB;
-            q4k_unpack(&p, w, row_bytes, nr, i0, nsb);
+            q4k_unpack(&p, w, row_bytes, nr, i0, nsb, five);
             for (int64_t k = 0; k < nk; k += Q4K_NT) {
                 const uint8_t *a = act + (size_t)(k0 + k) * stride;
                 switch (nk - k < Q4K_NT ? (int)(nk - k) : Q4K_NT) {
@@ -223,11 +238,159 @@ AVX512 static void q4k_tile(const uint8_t *w, size_t row_bytes, int nr, const ui
         }
     }
 }
+
+AVX512 static void q4k_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                            int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q45k_tile(w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias, 0);
+}
+
+/* Q5_K: Q4_K's kernel with the fifth bit in the codes (0..31); the floats
+ * as vecdot.c's q5_k_rows (Q4_K's definition). */
+AVX512 static void q5k_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                            int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q45k_tile(w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias, 1);
+}
+
+/* ---- Q6_K x Q8_K, AVX-512 VNNI ----------------------------------------
+ *
+ * As Q4_K: one row per lane, 64 vectors of codes 0..63 per super-block
+ * (ql's nibble and qh's bit pair of four elements), the 16 group scales
+ * per lane (int32) and as pairs (int16) for the block-sum term. The floats
+ * follow vecdot.c's q6_k_rows: per super-block the exact S = T - 32 C,
+ * acc = fma(d * d(y), S, acc). */
+
+struct q6k_panel {
+    __m512i q[Q4K_SB][64];   /* codes 4e..4e+3 per row */
+    __m512i sc[Q4K_SB][16];  /* scale of group g (16 elements), per row */
+    __m512i sp[Q4K_SB][8];   /* scales of groups 2p, 2p + 1 as an int16 pair */
+    __m512 d[Q4K_SB];
+};
+
+AVX512 static void q6k_unpack(struct q6k_panel *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0, int nsb)
+{
+    static const uint8_t zero[sizeof(struct moe_block_q6_k)];
+    const __m512i k4 = _mm512_set1_epi32(0x0f0f0f0f), k2 = _mm512_set1_epi32(0x03030303);
+    const __m512i lo16 = _mm512_set1_epi32(0xffff);
+    for (int s = 0; s < nsb; s++) {
+        const struct moe_block_q6_k *b[16];
+        uint16_t dh[16];
+        for (int r = 0; r < 16; r++) {
+            b[r] = r < nr ? (const struct moe_block_q6_k *)(w + (size_t)r * row_bytes) + i0 + s
+                          : (const struct moe_block_q6_k *)zero;
+            dh[r] = b[r]->d;
+        }
+        p->d[s] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh));
+        __m512i h[16];
+        for (int r = 0; r < 16; r++)
+            h[r] = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b[r]->scales));
+        transpose16(h);
+        for (int g = 0; g < 16; g++)
+            p->sc[s][g] = _mm512_srai_epi32(_mm512_slli_epi32(h[g / 4], 24 - 8 * (g % 4)), 24);
+        for (int q = 0; q < 8; q++)
+            p->sp[s][q] = _mm512_or_si512(_mm512_and_si512(p->sc[s][2 * q], lo16), _mm512_slli_epi32(p->sc[s][2 * q + 1], 16));
+        __m512i la[16], lb[16], hh[16];
+        for (int r = 0; r < 16; r++) {
+            la[r] = _mm512_loadu_si512(b[r]->ql);
+            lb[r] = _mm512_loadu_si512(b[r]->ql + 64);
+            hh[r] = _mm512_loadu_si512(b[r]->qh);
+        }
+        transpose16(la);
+        transpose16(lb);
+        transpose16(hh);
+        /* codes 4e..4e+3: half n of 128, part (which 32) and l in it */
+        for (int e = 0; e < 64; e++) {
+            const int n = e / 32, off = (e % 32) * 4, part = off / 32, l = off % 32;
+            const int k = n * 16 + (part & 1) * 8 + l / 4;
+            const __m512i ql = k < 16 ? la[k] : lb[k - 16];
+            const __m512i lo = _mm512_and_si512(_mm512_srli_epi32(ql, 4 * (part >> 1)), k4);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(hh[n * 8 + l / 4], 2 * part), k2);
+            p->q[s][e] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
+        }
+    }
+}
+
+AVX512 static inline __attribute__((always_inline)) void q6k_tokens(const struct q6k_panel *p, int nsb, int64_t i0,
+                                                                    const uint8_t *act, size_t stride, const int NT,
+                                                                    __m512 *acc)
+{
+    for (int s = 0; s < nsb; s++) {
+        const struct moe_block_q8_k *y[Q4K_NT];
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+            y[t] = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i0 + s;
+        __m512i isum[Q4K_NT], csum[Q4K_NT];
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            isum[t] = _mm512_setzero_si512();
+            csum[t] = _mm512_setzero_si512();
+        }
+        for (int g = 0; g < 16; g++) {
+            __m512i dsum[Q4K_NT];
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+                dsum[t] = _mm512_setzero_si512();
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+                const __m512i wq = p->q[s][4 * g + c];
+                _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+                    int32_t yy;
+                    memcpy(&yy, y[t]->qs + 16 * g + 4 * c, 4);
+                    dsum[t] = _mm512_dpbusd_epi32(dsum[t], wq, _mm512_set1_epi32(yy));
+                }
+            }
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dsum[t], p->sc[s][g]));
+        }
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            _Pragma("GCC unroll 8") for (int q = 0; q < 8; q++) {
+                int32_t bs;
+                memcpy(&bs, y[t]->bsums + 2 * q, 4);
+                csum[t] = _mm512_dpwssd_epi32(csum[t], p->sp[s][q], _mm512_set1_epi32(bs));
+            }
+            const __m512i st = _mm512_sub_epi32(isum[t], _mm512_slli_epi32(csum[t], 5));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(p->d[s], _mm512_set1_ps(y[t]->d)), _mm512_cvtepi32_ps(st), acc[t]);
+        }
+    }
+}
+
+AVX512 static void q6k_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                            int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    struct q6k_panel p;
+    __m512 sacc[GEMM_TOK];
+    const int64_t nb = n / MOE_QK_K;
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < n_tok; k0 += GEMM_TOK) {
+        const int64_t nk = n_tok - k0 < GEMM_TOK ? n_tok - k0 : GEMM_TOK;
+        for (int64_t k = 0; k < nk; k++)
+            sacc[k] = _mm512_setzero_ps();
+        for (int64_t i0 = 0; i0 < nb; i0 += Q4K_SB) {
+            const int nsb = nb - i0 < Q4K_SB ? (int)(nb - i0) : Q4K_SB;
+            q6k_unpack(&p, w, row_bytes, nr, i0, nsb);
+            for (int64_t k = 0; k < nk; k += Q4K_NT) {
+                const uint8_t *a = act + (size_t)(k0 + k) * stride;
+                switch (nk - k < Q4K_NT ? (int)(nk - k) : Q4K_NT) {
+                case 4: q6k_tokens(&p, nsb, i0, a, stride, 4, sacc + k); break;
+                case 3: q6k_tokens(&p, nsb, i0, a, stride, 3, sacc + k); break;
+                case 2: q6k_tokens(&p, nsb, i0, a, stride, 2, sacc + k); break;
+                default: q6k_tokens(&p, nsb, i0, a, stride, 1, sacc + k); break;
+                }
+            }
+        }
+        for (int64_t k = 0; k < nk; k++) {
+            __m512 v = sacc[k];
+            if (bias)
+                v = _mm512_add_ps(v, vb);
+            _mm512_mask_storeu_ps(y + (k0 + k) * ldy, keep, v);
+        }
+    }
+}
 #endif
 
 static const struct gemm_tile tiles[] = {
 #ifdef MOE_X86
     { LEVEL_AVX512, MOE_DTYPE_Q4_K, 5, q4k_tile },   /* 2-4 tokens: the row kernel is faster */
+    { LEVEL_AVX512, MOE_DTYPE_Q5_K, 5, q5k_tile },
+    { LEVEL_AVX512, MOE_DTYPE_Q6_K, 12, q6k_tile },  /* its unpacking costs more */
 #endif
     { LEVEL_SCALAR, MOE_DTYPE_COUNT, 0, NULL },   /* no row; keeps the table non-empty */
     /* one token: dot_bf16_avx512 streams a single row fastest (decode) */

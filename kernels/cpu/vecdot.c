@@ -1098,92 +1098,217 @@ AVX512 static float dot_q4_k_avx512(const struct moe_block_q4_k *x, const struct
 }
 
 /* Q5_K: Q4_K plus the fifth bit: group j's bit j of qh, added as 16 where
- * set (a byte test against [1 << j | 1 << (j + 1)] per half). */
-AVX512 static float dot_q5_k_avx512(const struct moe_block_q5_k *x, const struct moe_block_q8_k *y, int64_t nb)
+ * set (a byte test against [1 << j | 1 << (j + 1)] per half). The floats
+ * as Q4_K's (q4_k_rows): per super-block the exact T and M, two fma. */
+AVX512 static inline __attribute__((always_inline)) void q5_k_block(const struct moe_block_q5_k *x,
+                                                                    const struct moe_block_q8_k *y, __m512i *isum,
+                                                                    __m256i *msum)
 {
     const __m512i m4 = _mm512_set1_epi8(0xf), shift = halves16(0, 4), sixteen = _mm512_set1_epi8(16);
-    __m512i idx[4], bit[4];
-    for (int k = 0; k < 4; k++) {
-        idx[k] = halves16((short)(2 * k), (short)(2 * k + 1));
-        bit[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char)(1 << (2 * k)))),
-                                    _mm256_set1_epi8((char)(1 << (2 * k + 1))), 1);
+    uint32_t u[4];
+    unpack_k_scales(x->scales, u);
+    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+    *msum = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y->bsums), _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm)));
+    const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x->qh));
+    __m512i acc = _mm512_setzero_si512();
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+        const __m512i bit = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char)(1 << (2 * k)))),
+                                               _mm256_set1_epi8((char)(1 << (2 * k + 1))), 1);
+        __m512i q = _mm512_and_si512(
+            _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x->qs + 32 * k))), shift), m4);
+        q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hb, bit), q, sixteen);
+        acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q, _mm512_loadu_si512(y->qs + 64 * k)),
+                                  _mm512_permutexvar_epi16(halves16((short)(2 * k), (short)(2 * k + 1)), sc));
     }
-    __m512 acc = _mm512_setzero_ps();
-    __m256 accm = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++) {
-        const uint8_t *q5 = x[i].qs;
-        const int8_t *q8 = y[i].qs;
-        uint32_t u[4];
-        unpack_k_scales(x[i].scales, u);
-        const __m128i sm = _mm_loadu_si128((const __m128i *)u);
-        const __m256i bs = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums), _mm256_set1_epi16(1));
-        const __m256i mp = _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)), bs);
-        accm = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].dmin) * y[i].d), _mm256_cvtepi32_ps(mp), accm);
-        const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
-        const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x[i].qh));
-        __m512i isum = _mm512_setzero_si512();
-        for (int k = 0; k < 4; k++) {
-            __m512i q = _mm512_and_si512(
-                _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q5 + 32 * k))), shift), m4);
-            q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hb, bit[k]), q, sixteen);
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q, _mm512_loadu_si512(q8 + 64 * k)),
-                                       _mm512_permutexvar_epi16(idx[k], sc));
+    *isum = acc;
+}
+
+AVX512 static inline __attribute__((always_inline)) void q5_k_rows(const struct moe_block_q5_k *x,
+                                                                   const uint8_t *act, size_t stride,
+                                                                   int64_t nb, const int NT, float *out)
+{
+    if (NT == 1) {
+        /* one token: four super-blocks' totals reduced together */
+        const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)act;
+        float acc = 0.0f, accm = 0.0f;
+        int64_t i = 0;
+        for (; i + 4 <= nb; i += 4) {
+            __m512i v[4];
+            __m256i m[4];
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+                q5_k_block(&x[i + k], &y[i + k], &v[k], &m[k]);
+            __m128i vt, mt;
+            reduce4(v, m, &vt, &mt);
+            int32_t tt[4], mm[4];
+            _mm_storeu_si128((__m128i *)tt, vt);
+            _mm_storeu_si128((__m128i *)mm, mt);
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                acc = __builtin_fmaf(hf(x[i + k].d) * y[i + k].d, (float)tt[k], acc);
+                accm = __builtin_fmaf(hf(x[i + k].dmin) * y[i + k].d, (float)mm[k], accm);
+            }
         }
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(hf(x[i].d) * y[i].d), _mm512_cvtepi32_ps(isum), acc);
+        for (; i < nb; i++) {
+            __m512i v;
+            __m256i m;
+            q5_k_block(&x[i], &y[i], &v, &m);
+            acc = __builtin_fmaf(hf(x[i].d) * y[i].d, (float)_mm512_reduce_add_epi32(v), acc);
+            accm = __builtin_fmaf(hf(x[i].dmin) * y[i].d, (float)hsum8_epi32(m), accm);
+        }
+        out[0] = acc - accm;
+        return;
     }
-    return _mm512_reduce_add_ps(acc) - hsum8(accm);
+    __m128 acc = _mm_setzero_ps(), accm = _mm_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m512i isum[4];
+        __m256i msum[4];
+        float yd[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i;
+            yd[t] = y->d;
+            q5_k_block(&x[i], y, &isum[t], &msum[t]);
+        }
+        _Pragma("GCC unroll 4") for (int t = NT; t < 4; t++) {
+            isum[t] = _mm512_setzero_si512();
+            msum[t] = _mm256_setzero_si256();
+        }
+        __m128i tt, mm;
+        reduce4(isum, msum, &tt, &mm);
+        const __m128 vyd = _mm_loadu_ps(yd);
+        acc = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(hf(x[i].d)), vyd), _mm_cvtepi32_ps(tt), acc);
+        accm = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(hf(x[i].dmin)), vyd), _mm_cvtepi32_ps(mm), accm);
+    }
+    float r[4];
+    _mm_storeu_ps(r, _mm_sub_ps(acc, accm));
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        out[t] = r[t];
+}
+
+AVX512 static float dot_q5_k_avx512(const struct moe_block_q5_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    float r;
+    q5_k_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
+    return r;
 }
 
 /* Q6_K: per 128 elements, 64 bytes of ql give codes 0..63 and 64..127 (low
  * and high nibbles), qh's bit pairs are shifted per half; maddubs then
- * dpwssd by the four 16-element groups' scales. The -32 is folded out as
- * 32 * sum(scale * bsum). NT activation rows at a time, as q4_k_rows. */
-AVX512 static inline __attribute__((always_inline)) void q6_k_rows(const struct moe_block_q6_k *x,
-                                                                   const uint8_t *act, size_t stride,
-                                                                   int64_t nb, const int NT, float *out)
+ * dpwssd by the four 16-element groups' scales; C = sum(scale * bsum)
+ * carries the -32. NT activation rows at a time, as q4_k_rows.
+ *
+ * The float sum, as Q4_K's, per super-block: with T the integer dot of
+ * the codes 0..63 and S = T - 32 C (the exact dot of the signed codes),
+ * acc = fma(d(w) * d(y), (float)S, acc) over the super-blocks in order
+ * (gemm.c's tile kernel computes the same S one row per lane). */
+/* The 16-bit permute indices that spread scales 4k..4k+3 over the lanes
+ * of the codes of part k. */
+AVX512 static inline void q6_k_idx(__m512i idx[4])
 {
-    const __m512i m4 = _mm512_set1_epi8(0xf), m2 = _mm512_set1_epi8(3);
-    const __m512i sh01 = halves16(0, 2), sh23 = halves16(4, 6);
-    __m512i idx[4];
     for (int k = 0; k < 4; k++)
         idx[k] = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 1)), _mm_set1_epi16((short)(4 * k)))),
             _mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 3)), _mm_set1_epi16((short)(4 * k + 2))), 1);
-    __m512 acc[4];
-    __m256 accc[4];
-    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
-        acc[t] = _mm512_setzero_ps();
-        accc[t] = _mm256_setzero_ps();
+}
+
+AVX512 static inline __attribute__((always_inline)) void q6_k_unpack(const struct moe_block_q6_k *x, const __m512i idx[4],
+                                                                     __m512i q[4], __m512i s[4], __m256i *sc16)
+{
+    const __m512i m4 = _mm512_set1_epi8(0xf), m2 = _mm512_set1_epi8(3);
+    const __m512i sh01 = halves16(0, 2), sh23 = halves16(4, 6);
+    *sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
+    const __m512i sc = _mm512_castsi256_si512(*sc16);
+    _Pragma("GCC unroll 2") for (int n = 0; n < 2; n++) {
+        const __m512i l = _mm512_loadu_si512(x->ql + 64 * n);
+        const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x->qh + 32 * n)));
+        const __m512i h01 = _mm512_and_si512(_mm512_srlv_epi16(h, sh01), m2);
+        const __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(h, sh23), m2);
+        q[2 * n] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_slli_epi16(h01, 4));
+        q[2 * n + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), _mm512_slli_epi16(h23, 4));
+        s[2 * n] = _mm512_permutexvar_epi16(idx[2 * n], sc);
+        s[2 * n + 1] = _mm512_permutexvar_epi16(idx[2 * n + 1], sc);
     }
-    for (int64_t i = 0; i < nb; i++) {
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x[i].scales));
-        const __m512i sc = _mm512_castsi256_si512(sc16);
-        __m512i q[4], s[4];
-        for (int n = 0; n < 2; n++) {
-            const __m512i l = _mm512_loadu_si512(x[i].ql + 64 * n);
-            const __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x[i].qh + 32 * n)));
-            const __m512i h01 = _mm512_and_si512(_mm512_srlv_epi16(h, sh01), m2);
-            const __m512i h23 = _mm512_and_si512(_mm512_srlv_epi16(h, sh23), m2);
-            q[2 * n] = _mm512_or_si512(_mm512_and_si512(l, m4), _mm512_slli_epi16(h01, 4));
-            q[2 * n + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4), _mm512_slli_epi16(h23, 4));
-            s[2 * n] = _mm512_permutexvar_epi16(idx[2 * n], sc);
-            s[2 * n + 1] = _mm512_permutexvar_epi16(idx[2 * n + 1], sc);
+}
+
+AVX512 static inline __attribute__((always_inline)) void q6_k_dot(const __m512i q[4], const __m512i s[4], __m256i sc16,
+                                                                  const struct moe_block_q8_k *y, __m512i *isum,
+                                                                  __m256i *corr)
+{
+    *corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)y->bsums));
+    __m512i v = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q[0], _mm512_loadu_si512(y->qs)), s[0]);
+    v = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(q[1], _mm512_loadu_si512(y->qs + 64)), s[1]);
+    v = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(q[2], _mm512_loadu_si512(y->qs + 128)), s[2]);
+    *isum = _mm512_dpwssd_epi32(v, _mm512_maddubs_epi16(q[3], _mm512_loadu_si512(y->qs + 192)), s[3]);
+}
+
+/* q6_k_rows for one token: four super-blocks reduced together. */
+AVX512 static float q6_k_row1(const struct moe_block_q6_k *x, const struct moe_block_q8_k *y, int64_t nb)
+{
+    __m512i idx[4];
+    q6_k_idx(idx);
+    float acc = 0.0f;
+    int64_t i = 0;
+    for (; i + 4 <= nb; i += 4) {
+        __m512i v[4];
+        __m256i c[4];
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            __m512i q[4], s[4];
+            __m256i sc16;
+            q6_k_unpack(&x[i + k], idx, q, s, &sc16);
+            q6_k_dot(q, s, sc16, &y[i + k], &v[k], &c[k]);
         }
-        const float dw = hf(x[i].d);
+        __m128i vt, ct;
+        reduce4(v, c, &vt, &ct);
+        int32_t st[4];
+        _mm_storeu_si128((__m128i *)st, _mm_sub_epi32(vt, _mm_slli_epi32(ct, 5)));
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+            acc = __builtin_fmaf(hf(x[i + k].d) * y[i + k].d, (float)st[k], acc);
+    }
+    for (; i < nb; i++) {
+        __m512i q[4], s[4], v;
+        __m256i sc16, c;
+        q6_k_unpack(&x[i], idx, q, s, &sc16);
+        q6_k_dot(q, s, sc16, &y[i], &v, &c);
+        acc = __builtin_fmaf(hf(x[i].d) * y[i].d, (float)(_mm512_reduce_add_epi32(v) - 32 * hsum8_epi32(c)), acc);
+    }
+    return acc;
+}
+
+AVX512 static inline __attribute__((always_inline)) void q6_k_rows(const struct moe_block_q6_k *x,
+                                                                   const uint8_t *act, size_t stride,
+                                                                   int64_t nb, const int NT, float *out)
+{
+    if (NT == 1) {
+        out[0] = q6_k_row1(x, (const struct moe_block_q8_k *)act, nb);
+        return;
+    }
+    __m512i idx[4];
+    q6_k_idx(idx);
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t i = 0; i < nb; i++) {
+        __m512i q[4], s[4];
+        __m256i sc16;
+        q6_k_unpack(&x[i], idx, q, s, &sc16);
+        __m512i isum[4];
+        __m256i corr[4];
+        float yd[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
         _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
             const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i;
-            const __m256i corr = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)y->bsums));
-            const float d = dw * y->d;
-            accc[t] = _mm256_fmadd_ps(_mm256_set1_ps(32.0f * d), _mm256_cvtepi32_ps(corr), accc[t]);
-            __m512i isum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(q[0], _mm512_loadu_si512(y->qs)), s[0]);
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[1], _mm512_loadu_si512(y->qs + 64)), s[1]);
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[2], _mm512_loadu_si512(y->qs + 128)), s[2]);
-            isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(q[3], _mm512_loadu_si512(y->qs + 192)), s[3]);
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum), acc[t]);
+            yd[t] = y->d;
+            q6_k_dot(q, s, sc16, y, &isum[t], &corr[t]);
         }
+        _Pragma("GCC unroll 4") for (int t = NT; t < 4; t++) {
+            isum[t] = _mm512_setzero_si512();
+            corr[t] = _mm256_setzero_si256();
+        }
+        __m128i tt, ct;
+        reduce4(isum, corr, &tt, &ct);
+        acc = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(hf(x[i].d)), _mm_loadu_ps(yd)),
+                           _mm_cvtepi32_ps(_mm_sub_epi32(tt, _mm_slli_epi32(ct, 5))), acc);
     }
+    float r[4];
+    _mm_storeu_ps(r, acc);
     _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
-        out[t] = _mm512_reduce_add_ps(acc[t]) - hsum8(accc[t]);
+        out[t] = r[t];
 }
 
 AVX512 static float dot_q6_k_avx512(const struct moe_block_q6_k *x, const struct moe_block_q8_k *y, int64_t nb)
@@ -1386,6 +1511,7 @@ AVX512 static int rows_avx512(uint32_t t, const void *w, const uint8_t *act, siz
     case MOE_DTYPE_IQ4_NL: ROWS_CASE(iq4_nl_rows, struct moe_block_iq4_nl, MOE_QK4_NL)
     case MOE_DTYPE_MXFP4: ROWS_CASE(mxfp4_rows, struct moe_block_mxfp4, MOE_QK_MXFP4)
     case MOE_DTYPE_Q4_K: ROWS_CASE(q4_k_rows, struct moe_block_q4_k, MOE_QK_K)
+    case MOE_DTYPE_Q5_K: ROWS_CASE(q5_k_rows, struct moe_block_q5_k, MOE_QK_K)
     case MOE_DTYPE_Q6_K: ROWS_CASE(q6_k_rows, struct moe_block_q6_k, MOE_QK_K)
     default: return 0;
     }
