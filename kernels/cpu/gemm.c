@@ -384,6 +384,165 @@ AVX512 static void q6k_tile(const uint8_t *w, size_t row_bytes, int nr, const ui
         }
     }
 }
+
+/* ---- Q4_K x Q8_K, AVX2 ------------------------------------------------
+ *
+ * The AVX-512 kernel's scheme with 8 rows per vector and no VNNI: maddubs
+ * of four codes of every row by the token's four q8 bytes gives 16-bit
+ * pair sums, which add up exactly over a group's 8 chunks (at most 8 x 2
+ * x 15 x 127 = 30480), then one madd by the group scale (both halves of a
+ * lane) makes the row's int32. Two tokens at a time (16 ymm registers).
+ * The floats are vecdot.c's dot_q4_k_avx2 (the definition shared with the
+ * AVX-512 path). */
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static inline __attribute__((always_inline)) void transpose8(__m256i r[8])
+{
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int e = 0; e < 4; e++) {
+        r[e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x20);
+        r[4 + e] = _mm256_permute2x128_si256(u[e], u[4 + e], 0x31);
+    }
+}
+
+struct q4k_panel8 {
+    __m256i q[Q4K_SB][64];
+    __m256i sc[Q4K_SB][8];   /* scale of group j in both halves of the lane */
+    __m256i mn[Q4K_SB][8];   /* min of group j, likewise */
+    __m256 d[Q4K_SB], dm[Q4K_SB];
+};
+
+AVX2 static void q4k_unpack8(struct q4k_panel8 *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0, int nsb)
+{
+    static const uint8_t zero[sizeof(struct moe_block_q4_k)];
+    const __m256i m4 = _mm256_set1_epi8(0xf);
+    const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), k4 = _mm256_set1_epi32(0x0f0f0f0f);
+    const __m256i k2 = _mm256_set1_epi32(0x03030303), b8 = _mm256_set1_epi32(0xff);
+    for (int s = 0; s < nsb; s++) {
+        const struct moe_block_q4_k *b[8];
+        for (int r = 0; r < 8; r++)
+            b[r] = r < nr ? (const struct moe_block_q4_k *)(w + (size_t)r * row_bytes) + i0 + s
+                          : (const struct moe_block_q4_k *)zero;
+        __m256i h[8];
+        for (int r = 0; r < 8; r++)
+            h[r] = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)b[r]));
+        transpose8(h);
+        const __m256i u0 = h[1], u1 = h[2], u2 = h[3];
+        const __m256i o[4] = {
+            _mm256_and_si256(u0, m6),
+            _mm256_or_si256(_mm256_and_si256(u2, k4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), k2), 4)),
+            _mm256_and_si256(u1, m6),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), k4),
+                            _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), k2), 4)),
+        };
+        for (int j = 0; j < 8; j++) {
+            const __m256i c = _mm256_and_si256(_mm256_srli_epi32(o[j / 4], 8 * (j % 4)), b8);
+            const __m256i m = _mm256_and_si256(_mm256_srli_epi32(o[2 + j / 4], 8 * (j % 4)), b8);
+            p->sc[s][j] = _mm256_or_si256(c, _mm256_slli_epi32(c, 16));
+            p->mn[s][j] = _mm256_or_si256(m, _mm256_slli_epi32(m, 16));
+        }
+        const __m256i hd = _mm256_and_si256(h[0], _mm256_set1_epi32(0xffff));
+        const __m256i hm = _mm256_srli_epi32(h[0], 16);
+        /* 8 x 32-bit -> 8 x 16-bit halves: packus keeps 128-bit lanes */
+        p->d[s] = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(hd, hd), 0x08)));
+        p->dm[s] = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(hm, hm), 0x08)));
+        for (int m = 0; m < 4; m++) {
+            __m256i q[8];
+            for (int r = 0; r < 8; r++)
+                q[r] = _mm256_loadu_si256((const __m256i *)(b[r]->qs + 32 * m));
+            transpose8(q);
+            for (int e = 0; e < 8; e++) {
+                p->q[s][(2 * m) * 8 + e] = _mm256_and_si256(q[e], m4);
+                p->q[s][(2 * m + 1) * 8 + e] = _mm256_and_si256(_mm256_srli_epi32(q[e], 4), m4);
+            }
+        }
+    }
+}
+
+AVX2 static inline __attribute__((always_inline)) void q4k_tokens8(const struct q4k_panel8 *p, int nsb, int64_t i0,
+                                                                   const uint8_t *act, size_t stride, const int NT,
+                                                                   __m256 *acc, __m256 *accm)
+{
+    for (int s = 0; s < nsb; s++) {
+        const struct moe_block_q8_k *y[2];
+        _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++)
+            y[t] = (const struct moe_block_q8_k *)(act + (size_t)t * stride) + i0 + s;
+        __m256i isum[2], msum[2];
+        _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++) {
+            isum[t] = _mm256_setzero_si256();
+            msum[t] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < 8; j++) {
+            __m256i g[2];
+            _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++)
+                g[t] = _mm256_setzero_si256();
+            _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
+                const __m256i wq = p->q[s][j * 8 + c];
+                _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++) {
+                    int32_t yy;
+                    memcpy(&yy, y[t]->qs + 32 * j + 4 * c, 4);
+                    g[t] = _mm256_add_epi16(g[t], _mm256_maddubs_epi16(wq, _mm256_set1_epi32(yy)));
+                }
+            }
+            _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++) {
+                int32_t bs;
+                memcpy(&bs, y[t]->bsums + 2 * j, 4);
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_madd_epi16(g[t], p->sc[s][j]));
+                msum[t] = _mm256_add_epi32(msum[t], _mm256_madd_epi16(p->mn[s][j], _mm256_set1_epi32(bs)));
+            }
+        }
+        _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++) {
+            const __m256 yd = _mm256_set1_ps(y[t]->d);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(p->d[s], yd), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+            accm[t] = _mm256_fmadd_ps(_mm256_mul_ps(p->dm[s], yd), _mm256_cvtepi32_ps(msum[t]), accm[t]);
+        }
+    }
+}
+
+AVX2 static void q4k_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                               int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    struct q4k_panel8 p;
+    __m256 sacc[GEMM_TOK], saccm[GEMM_TOK];
+    const int64_t nb = n / MOE_QK_K;
+    for (int r0 = 0; r0 < nr; r0 += 8) {
+        const int n8 = nr - r0 < 8 ? nr - r0 : 8;
+        const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(n8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 vb = bias ? _mm256_maskload_ps(bias + r0, keep) : _mm256_setzero_ps();
+        for (int64_t k0 = 0; k0 < n_tok; k0 += GEMM_TOK) {
+            const int64_t nk = n_tok - k0 < GEMM_TOK ? n_tok - k0 : GEMM_TOK;
+            for (int64_t k = 0; k < nk; k++)
+                sacc[k] = saccm[k] = _mm256_setzero_ps();
+            for (int64_t i0 = 0; i0 < nb; i0 += Q4K_SB) {
+                const int nsb = nb - i0 < Q4K_SB ? (int)(nb - i0) : Q4K_SB;
+                q4k_unpack8(&p, w + (size_t)r0 * row_bytes, row_bytes, n8, i0, nsb);
+                for (int64_t k = 0; k < nk; k += 2) {
+                    const uint8_t *a = act + (size_t)(k0 + k) * stride;
+                    if (nk - k >= 2)
+                        q4k_tokens8(&p, nsb, i0, a, stride, 2, sacc + k, saccm + k);
+                    else
+                        q4k_tokens8(&p, nsb, i0, a, stride, 1, sacc + k, saccm + k);
+                }
+            }
+            for (int64_t k = 0; k < nk; k++) {
+                __m256 v = _mm256_sub_ps(sacc[k], saccm[k]);
+                if (bias)
+                    v = _mm256_add_ps(v, vb);
+                _mm256_maskstore_ps(y + (k0 + k) * ldy + r0, keep, v);
+            }
+        }
+    }
+}
 #endif
 
 static const struct gemm_tile tiles[] = {
@@ -391,6 +550,7 @@ static const struct gemm_tile tiles[] = {
     { LEVEL_AVX512, MOE_DTYPE_Q4_K, 5, q4k_tile },   /* 2-4 tokens: the row kernel is faster */
     { LEVEL_AVX512, MOE_DTYPE_Q5_K, 5, q5k_tile },
     { LEVEL_AVX512, MOE_DTYPE_Q6_K, 12, q6k_tile },  /* its unpacking costs more */
+    { LEVEL_AVX2, MOE_DTYPE_Q4_K, 2, q4k_tile_avx2 },
 #endif
     { LEVEL_SCALAR, MOE_DTYPE_COUNT, 0, NULL },   /* no row; keeps the table non-empty */
     /* one token: dot_bf16_avx512 streams a single row fastest (decode) */

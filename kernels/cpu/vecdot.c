@@ -483,21 +483,46 @@ AVX2 static float dot_q4_0_avx2(const struct moe_block_q4_0 *x, const struct moe
     return hsum8(acc);
 }
 
+/* Q4_K's and Q5_K's 12 bytes of scales as 16 bytes: the 8 six-bit scales,
+ * then the 8 six-bit minimums (the layout moe_q4k_scale_min reads, done
+ * with four word operations). */
+static inline void unpack_k_scales(const uint8_t *s, uint32_t out[4])
+{
+    uint32_t u[3];
+    memcpy(u, s, 12);
+    const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
+    out[0] = u[0] & m6;
+    out[1] = (u[2] & m4) | ((u[0] >> 6) & m2) << 4;
+    out[2] = u[1] & m6;
+    out[3] = ((u[2] >> 4) & m4) | ((u[1] >> 6) & m2) << 4;
+}
+
+AVX2 static inline int hsum8_epi32_avx2(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* The floats as the AVX-512 path's (q4_k_rows there): per super-block the
+ * exact integer dot T and minimum term M, acc = fma(d * d(y), T, acc),
+ * accm = fma(dmin * d(y), M, accm), then acc - accm; gemm.c's AVX2 tile
+ * kernel computes the same with one row per lane. */
 AVX2 static float dot_q4_k_avx2(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
 {
-    /* integer sums stay in 8 lanes; each superblock adds d * lanes to a
-     * float accumulator, so there is one horizontal sum per row */
-    __m256 acc = _mm256_setzero_ps();
-    float msum_f = 0.0f;
+    float acc = 0.0f, accm = 0.0f;
     const __m256i lowmask = _mm256_set1_epi8(0xf);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *q4 = x[i].qs;
         const int8_t *q8 = y[i].qs;
-        int sc[8], mn[8], msum = 0;
-        for (int j = 0; j < 8; j++) {
-            moe_q4k_scale_min(j, x[i].scales, &sc[j], &mn[j]);
-            msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
-        }
+        uint32_t u[4];
+        unpack_k_scales(x[i].scales, u);
+        const uint8_t *sc = (const uint8_t *)u;
+        const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+        /* minimums twice, as 16-bit pairs against bsums' pairs */
+        const int msum = hsum8_epi32_avx2(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums),
+                                                            _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm))));
         __m256i isum = _mm256_setzero_si256();
         for (int j = 0; j < 8; j += 2) {
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(q4 + 16 * j));
@@ -510,10 +535,10 @@ AVX2 static float dot_q4_k_avx2(const struct moe_block_q4_k *x, const struct moe
             __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16((short)sc[j + 1]));
             isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(hf(x[i].d) * y[i].d), _mm256_cvtepi32_ps(isum), acc);
-        msum_f += (hf(x[i].dmin) * y[i].d) * (float)msum;
+        acc = __builtin_fmaf(hf(x[i].d) * y[i].d, (float)hsum8_epi32_avx2(isum), acc);
+        accm = __builtin_fmaf(hf(x[i].dmin) * y[i].d, (float)msum, accm);
     }
-    return hsum8(acc) - msum_f;
+    return acc - accm;
 }
 
 AVX2 static float dot_q6_k_avx2(const struct moe_block_q6_k *x, const struct moe_block_q8_k *y, int64_t nb)
@@ -553,20 +578,6 @@ AVX2 static float dot_q6_k_avx2(const struct moe_block_q6_k *x, const struct moe
         corr_f += d * (float)(32 * corr);
     }
     return hsum8(accf) - corr_f;
-}
-
-/* Q4_K's and Q5_K's 12 bytes of scales as 16 bytes: the 8 six-bit scales,
- * then the 8 six-bit minimums (the layout moe_q4k_scale_min reads, done
- * with four word operations). */
-static inline void unpack_k_scales(const uint8_t *s, uint32_t out[4])
-{
-    uint32_t u[3];
-    memcpy(u, s, 12);
-    const uint32_t m6 = 0x3f3f3f3f, m4 = 0x0f0f0f0f, m2 = 0x03030303;
-    out[0] = u[0] & m6;
-    out[1] = (u[2] & m4) | ((u[0] >> 6) & m2) << 4;
-    out[2] = u[1] & m6;
-    out[3] = ((u[2] >> 4) & m4) | ((u[1] >> 6) & m2) << 4;
 }
 
 AVX2 static float dot_bf16_avx2(const uint16_t *w, const uint16_t *x, int64_t n)
