@@ -9,6 +9,12 @@
  * or never */
 #define PRED_SINCE_BUCKETS 10
 #define PRED_REUSE_PRIOR 10.0   /* weight of the overall rate in a bucket's estimate */
+/* predict's frequency time scales when pred_alpha is 0: EMA weights
+ * 0.01 x 2^j per layer visit (memories of ~100 down to ~6 visits) */
+#define PRED_ALPHAS 5
+#define PRED_ALPHA_MIN 0.01
+#define PRED_FREQ_CLIP 1e-3     /* the frequency's log loss: f in [clip, 1 - clip] */
+#define PRED_POW_N 1024         /* (1 - alpha)^d tabulated for d below this */
 
 struct moe_policy {
     enum moe_policy_kind kind;
@@ -34,6 +40,16 @@ struct moe_policy {
      * since_bucket(s)), how many that visit used */
     double reuse_n[PRED_SINCE_BUCKETS], reuse_d[PRED_SINCE_BUCKETS];
     double used_n, used_d;  /* the same over every bucket */
+    /* frequency: one exponentially weighted count per time scale, decayed
+     * from stamp[key]; the counts before the latest use (made at pseen[key])
+     * give the estimate the finished visit was predicted with */
+    int n_alpha;
+    double alpha[PRED_ALPHAS];
+    double *fc;             /* [key][n_alpha] */
+    double *fc_prev;        /* [key][n_alpha] */
+    double loss[PRED_ALPHAS]; /* log loss of each scale's estimate over the finished visits */
+    double *keep_pow;       /* [j][PRED_POW_N] (1 - alpha[j])^d */
+    double *gathered;       /* [layer][n_alpha] 1 - (1 - alpha[j])^visit[layer] */
 };
 
 /* predict's fixed shape parameters (doc/cache.md) */
@@ -61,7 +77,7 @@ void moe_policy_defaults(struct moe_policy_params *p)
     p->layer_alpha = 0.05;
     p->layer_beta = 1.0;
     p->layer_recent = 0.2;
-    p->pred_alpha = 0.02;
+    p->pred_alpha = 0.0;
     p->pred_freq = 0.5;
     p->pred_trans = 1.2;
     p->pred_dist = 1.0;
@@ -101,10 +117,21 @@ struct moe_policy *moe_policy_create(enum moe_policy_kind kind, int n_layer, int
         p->tc = moe_calloc(nk * (size_t)n_expert, sizeof(float));
         p->tn = moe_calloc(nk, sizeof(float));
         p->pseen = moe_malloc(nk * sizeof(int32_t));
-        if (!p->set || !p->pset || !p->tc || !p->tn || !p->pseen) {
+        p->n_alpha = p->prm.pred_alpha > 0.0 ? 1 : PRED_ALPHAS;
+        for (int j = 0; j < p->n_alpha; j++)
+            p->alpha[j] = p->prm.pred_alpha > 0.0 ? p->prm.pred_alpha : PRED_ALPHA_MIN * (double)(1 << j);
+        p->fc = moe_calloc(nk * (size_t)p->n_alpha, sizeof(double));
+        p->fc_prev = moe_calloc(nk * (size_t)p->n_alpha, sizeof(double));
+        p->keep_pow = moe_malloc((size_t)p->n_alpha * PRED_POW_N * sizeof(double));
+        p->gathered = moe_calloc((size_t)n_layer * (size_t)p->n_alpha, sizeof(double));
+        if (!p->set || !p->pset || !p->tc || !p->tn || !p->pseen || !p->fc || !p->fc_prev || !p->keep_pow ||
+            !p->gathered) {
             moe_policy_free(p);
             return NULL;
         }
+        for (int j = 0; j < p->n_alpha; j++)
+            for (int d = 0; d < PRED_POW_N; d++)
+                p->keep_pow[j * PRED_POW_N + d] = pow(1.0 - p->alpha[j], (double)d);
     }
     for (int l = 0; l < n_layer; l++)
         p->visit_step[l] = -1;
@@ -131,6 +158,10 @@ void moe_policy_free(struct moe_policy *p)
     moe_free(p->tc);
     moe_free(p->tn);
     moe_free(p->pseen);
+    moe_free(p->fc);
+    moe_free(p->fc_prev);
+    moe_free(p->keep_pow);
+    moe_free(p->gathered);
     moe_free(p);
 }
 
@@ -139,15 +170,37 @@ static double lfu_now(const struct moe_policy *p, int32_t key, int32_t step)
     return p->count[key] * pow(p->prm.lfu_decay, (double)(step - p->stamp[key]));
 }
 
-/* frequency of key at its layer's current visit count */
-static double ema_alpha(const struct moe_policy *p)
-{
-    return p->kind == MOE_POLICY_PREDICT ? p->prm.pred_alpha : p->prm.layer_alpha;
-}
-
+/* layer: frequency of key at its layer's current visit count */
 static double freq_now(const struct moe_policy *p, int32_t key, int layer)
 {
-    return p->count[key] * pow(1.0 - ema_alpha(p), (double)(p->visit[layer] - p->stamp[key]));
+    return p->count[key] * pow(1.0 - p->prm.layer_alpha, (double)(p->visit[layer] - p->stamp[key]));
+}
+
+/* predict: the time scale whose estimates predicted the finished visits
+ * best so far (the first of near-equal ones) */
+static int pred_scale(const struct moe_policy *p)
+{
+    int b = 0;
+    for (int j = 1; j < p->n_alpha; j++)
+        if (p->loss[j] < p->loss[b] - 1e-9 * p->loss[b])
+            b = j;
+    return b;
+}
+
+/* predict: (1 - alpha[j])^d, d >= 0 */
+static double pred_keep(const struct moe_policy *p, int j, int32_t d)
+{
+    return d < PRED_POW_N ? p->keep_pow[j * PRED_POW_N + d] : pow(1.0 - p->alpha[j], (double)d);
+}
+
+/* predict: the frequency on scale j at a visit v >= 1 of the layer, from
+ * counts c last updated at visit st <= v, divided by the weight the average
+ * has gathered by then, 1 - (1 - alpha)^v (so that a short history is not
+ * read as a rare expert) */
+static double pred_freq(const struct moe_policy *p, const double *c, int32_t st, int j, int32_t v,
+                        double gathered)
+{
+    return c[j] * pred_keep(p, j, v - st) / gathered;
 }
 
 static int since_bucket(int32_t since)
@@ -170,6 +223,22 @@ static void pred_visit(struct moe_policy *p, int layer, int32_t step)
     if (v > 0) {
         const int32_t *seen = p->seen + (size_t)layer * p->n_expert;
         const int32_t *pseen = p->pseen + (size_t)layer * p->n_expert;
+        const int32_t *stamp = p->stamp + (size_t)layer * p->n_expert;
+        /* each time scale's frequency at the visit before, as the
+         * probability of a use in this one: its log loss picks the scale */
+        double gath[PRED_ALPHAS];   /* the weight gathered by visit v - 1 */
+        for (int j = 0; j < p->n_alpha; j++)
+            gath[j] = 1.0 - pred_keep(p, j, v - 1);
+        for (int e = 0; p->n_alpha > 1 && v >= 2 && e < p->n_expert; e++) {
+            const size_t k = (size_t)layer * p->n_expert + (size_t)e;
+            const int used = seen[e] == v;
+            const double *c = (used ? p->fc_prev : p->fc) + k * (size_t)p->n_alpha;
+            for (int j = 0; j < p->n_alpha; j++) {
+                double f = pred_freq(p, c, used ? pseen[e] : stamp[e], j, v - 1, gath[j]);
+                f = f < PRED_FREQ_CLIP ? PRED_FREQ_CLIP : f > 1.0 - PRED_FREQ_CLIP ? 1.0 - PRED_FREQ_CLIP : f;
+                p->loss[j] -= log(used ? f : 1.0 - f);
+            }
+        }
         for (int e = 0; e < p->n_expert; e++) {
             const int used = seen[e] == v;
             const int32_t before = used ? pseen[e] : seen[e];
@@ -188,6 +257,8 @@ static void pred_visit(struct moe_policy *p, int layer, int32_t step)
     }
     p->visit_step[layer] = step;
     p->visit[layer]++;
+    for (int j = 0; j < p->n_alpha; j++)
+        p->gathered[layer * p->n_alpha + j] = 1.0 - pred_keep(p, j, p->visit[layer]);
     if (p->cur_layer >= 0)
         p->layer_major = layer == p->cur_layer;
     p->cur_layer = layer;
@@ -222,7 +293,11 @@ static double pred_wait(const struct moe_policy *p, int32_t key, int cur_layer)
     /* the visit that may use it next, and its recency then */
     const int32_t next = pending ? p->visit[layer] : p->visit[layer] + 1;
     const int b = last < 0 ? PRED_SINCE_BUCKETS - 1 : since_bucket(next - last);
-    double pr = p->prm.pred_freq * freq_now(p, key, layer);
+    const int j = pred_scale(p);
+    double pr = p->visit[layer] > 0 ? p->prm.pred_freq * pred_freq(p, p->fc + (size_t)key * p->n_alpha, p->stamp[key],
+                                                                  j, p->visit[layer],
+                                                                  p->gathered[layer * p->n_alpha + j])
+                                    : 0.0;
     if (p->used_d > 0.0) {
         /* how much more often than the average expert one of this recency
          * was used, estimated with the average as a prior */
@@ -277,7 +352,11 @@ void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now,
                 for (uint64_t m = pset[w]; m; m &= m - 1)
                     tc[(size_t)(w * 64 + __builtin_ctzll(m)) * p->n_expert + expert] += 1.0f;
             set[expert / 64] |= 1ull << (expert % 64);
-            p->count[key] = freq_now(p, key, layer) + p->prm.pred_alpha;
+            double *c = p->fc + (size_t)key * p->n_alpha, *cp = p->fc_prev + (size_t)key * p->n_alpha;
+            for (int j = 0; j < p->n_alpha; j++) {
+                cp[j] = c[j];
+                c[j] = c[j] * pred_keep(p, j, p->visit[layer] - p->stamp[key]) + p->alpha[j];
+            }
             p->stamp[key] = p->visit[layer];
             p->pseen[key] = p->seen[key];
             p->seen[key] = p->visit[layer];

@@ -19,17 +19,19 @@
  *          the measurements that chose the parameters.
  *   predict the same expected-wait ranking with a better estimate of p,
  *          learned online from the routing stream only: half an
- *          exponentially weighted frequency, a recency term learned from
- *          the routing itself (how much more often than the average expert
- *          one last used s visits ago is used at the next visit, counted
- *          over every layer's visits so far, so a model whose routing
- *          repeats from token to token gets a large term and one whose
- *          routing barely does gets almost none), and a per-layer
- *          transition model P(expert b at this visit | experts used at the
- *          layer's previous visit), counted from past token steps. It also
- *          notices layer-major (prefill) order, where the layer being
- *          computed is the one needed next. The closest to Belady at 5-10%
- *          capacity on every real trace measured (doc/cache.md).
+ *          exponentially weighted frequency (its time scale chosen online:
+ *          the one whose estimates predicted the past visits best), a
+ *          recency term learned from the routing itself (how much more
+ *          often than the average expert one last used s visits ago is
+ *          used at the next visit, counted over every layer's visits so
+ *          far, so a model whose routing repeats from token to token gets a
+ *          large term and one whose routing barely does gets almost none),
+ *          and a per-layer transition model P(expert b at this visit |
+ *          experts used at the layer's previous visit), counted from past
+ *          token steps. It also notices layer-major (prefill) order, where
+ *          the layer being computed is the one needed next. The closest to
+ *          Belady at 5-10% capacity on every real trace measured
+ *          (doc/cache.md).
  */
 #ifndef MOE_CACHE_POLICY_H
 #define MOE_CACHE_POLICY_H
@@ -57,7 +59,9 @@ struct moe_policy_params {
     double layer_recent;  /* added to p when the latest visit used it, default 0.2 */
     /* predict: p = pred_freq f + learned recency + pred_trans transition,
      * see policy.c and doc/cache.md */
-    double pred_alpha;    /* frequency EMA weight per layer visit, default 0.02 */
+    double pred_alpha;    /* frequency EMA weight per layer visit; default 0: chosen
+                           * online among 0.01, 0.02, 0.04, 0.08, 0.16 by the log
+                           * loss of each one's estimates of the visits so far */
     double pred_freq;     /* weight of the frequency, default 0.5 */
     double pred_trans;    /* weight of the transition estimate, default 1.2 */
     double pred_dist;     /* weight of the layers until the next visit, default 1 */
@@ -68,7 +72,8 @@ void moe_policy_defaults(struct moe_policy_params *p);
 struct moe_policy;
 
 /* NULL on allocation failure or for MOE_POLICY_BELADY. `predict` keeps
- * n_layer * n_expert^2 float transition counts (2 MB for 30 x 128). */
+ * n_layer * n_expert^2 float transition counts (2 MB for 30 x 128) and
+ * 10 doubles of frequency counts per expert. */
 struct moe_policy *moe_policy_create(enum moe_policy_kind kind, int n_layer, int n_expert,
                                      const struct moe_policy_params *params);
 void moe_policy_free(struct moe_policy *p);

@@ -192,20 +192,57 @@ static int pref_used(const struct pref_ctx *c, const int *vis_of, int l, int e, 
     return 0;
 }
 
+/* frequency of (l, e) at visit v from its uses in visits 1..v: count =
+ * count * (1 - a)^(visits since) + a at each use, decayed to v, over the
+ * weight 1 - (1 - a)^v the average has gathered; *last: its latest use */
+static double pref_freq(const struct pref_ctx *c, const int *vis_of, int l, int e, double a, int v, int *last)
+{
+    double count = 0.0;
+    int stamp = 0;
+    *last = -1;
+    for (int64_t j = 0; j < c->i; j++) {
+        if (c->t->a[j].layer != l || c->t->a[j].expert != e || vis_of[j] == *last || vis_of[j] > v)
+            continue;
+        count = count * pow(1.0 - a, (double)(vis_of[j] - stamp)) + a;
+        stamp = *last = vis_of[j];
+    }
+    return v > 0 ? count * pow(1.0 - a, (double)(v - stamp)) / (1.0 - pow(1.0 - a, (double)v)) : 0.0;
+}
+
+/* the frequency's weight: pred_alpha, or when it is 0 the one of 0.01 x
+ * 2^j (j < 5) whose frequencies at visit v - 1, as the probability of a use
+ * at visit v, had the least log loss over every finished visit v >= 2 of
+ * every layer (the first of near-equal ones) */
+static double pref_alpha(const struct pref_ctx *c, const int *vis_of, const int *nvis,
+                         const struct moe_policy_params *prm)
+{
+    if (prm->pred_alpha > 0.0)
+        return prm->pred_alpha;
+    double loss[5] = { 0 };
+    int last;
+    for (int ll = 0; ll < c->t->n_layer; ll++)
+        for (int v = 2; v < nvis[ll]; v++)
+            for (int x = 0; x < c->t->n_expert; x++) {
+                const int used = pref_used(c, vis_of, ll, x, v);
+                for (int j = 0; j < 5; j++) {
+                    double f = pref_freq(c, vis_of, ll, x, 0.01 * (1 << j), v - 1, &last);
+                    f = f < 1e-3 ? 1e-3 : f > 1.0 - 1e-3 ? 1.0 - 1e-3 : f;
+                    loss[j] -= log(used ? f : 1.0 - f);
+                }
+            }
+    int b = 0;
+    for (int j = 1; j < 5; j++)
+        if (loss[j] < loss[b] - 1e-9 * loss[b])
+            b = j;
+    return 0.01 * (1 << b);
+}
+
 static double pref_wait(const struct pref_ctx *c, const int *vis_of, const int *nvis, int layer_major,
-                        int l, int e, const struct moe_policy_params *prm)
+                        int l, int e, double alpha, const struct moe_policy_params *prm)
 {
     const int ne = c->t->n_expert, nl = c->t->n_layer, V = nvis[l];
-    /* frequency: count = count * (1 - a)^(visits since) + a at each use */
-    double count = 0.0;
-    int stamp = 0, last = -1;
-    for (int64_t j = 0; j < c->i; j++) {
-        if (c->t->a[j].layer != l || c->t->a[j].expert != e || vis_of[j] == last)
-            continue;
-        count = count * pow(1.0 - prm->pred_alpha, (double)(vis_of[j] - stamp)) + prm->pred_alpha;
-        stamp = last = vis_of[j];
-    }
-    const double f = count * pow(1.0 - prm->pred_alpha, (double)(V - stamp));
+    int last;
+    const double f = pref_freq(c, vis_of, l, e, alpha, V, &last);
     const int cur = l == c->cl;
     const int pending = cur && last < V;
     double pr = prm->pred_freq * f;
@@ -284,9 +321,10 @@ static int64_t ref_predict(const struct moe_trace *t, int cap)
             pref_visits(&c, vis_of, nvis, &layer_major);
             int v = 0;
             double vw = -1.0;
+            const double alpha = pref_alpha(&c, vis_of, nvis, &prm);
             for (int j = 0; j < n; j++) {
                 double w = pref_wait(&c, vis_of, nvis, layer_major, keys[j] / t->n_expert,
-                                     keys[j] % t->n_expert, &prm);
+                                     keys[j] % t->n_expert, alpha, &prm);
                 if (w > vw || (w == vw && last_use[keys[j]] < last_use[keys[v]])) {
                     vw = w;
                     v = j;
