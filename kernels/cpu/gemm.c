@@ -109,8 +109,15 @@ AVX512 static void q4k_unpack(struct q4k_panel *p, const uint8_t *w, size_t row_
     const __m512i k2 = _mm512_set1_epi32(0x03030303), b8 = _mm512_set1_epi32(0xff);
     for (int s = 0; s < nsb; s++) {
         const uint8_t *b[16];
-        for (int r = 0; r < 16; r++)
+        for (int r = 0; r < 16; r++) {
             b[r] = r < nr ? w + (size_t)r * row_bytes + (size_t)(i0 + s) * bsize : zero;
+            /* the next panel's rows (the next call, most often): from
+             * memory, 16 rows' blocks in step are not streamed ahead by
+             * the hardware as one row's are */
+            const char *nx = (const char *)w + (size_t)(r + 16) * row_bytes + (size_t)(i0 + s) * bsize;
+            for (size_t o = 0; o < bsize; o += 64)
+                _mm_prefetch(nx + o, _MM_HINT_T1);
+        }
         /* header: d | dmin, scales[0..3], [4..7], [8..11] per row */
         __m512i h[16];
         for (int r = 0; r < 16; r++)
@@ -280,6 +287,10 @@ AVX512 static void q6k_unpack(struct q6k_panel *p, const uint8_t *w, size_t row_
             b[r] = r < nr ? (const struct moe_block_q6_k *)(w + (size_t)r * row_bytes) + i0 + s
                           : (const struct moe_block_q6_k *)zero;
             dh[r] = b[r]->d;
+            /* the next panel's rows, as q4k_unpack */
+            const char *nx = (const char *)w + (size_t)(r + 16) * row_bytes + (size_t)(i0 + s) * sizeof(*b[r]);
+            for (size_t o = 0; o < sizeof(*b[r]); o += 64)
+                _mm_prefetch(nx + o, _MM_HINT_T1);
         }
         p->d[s] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dh));
         __m512i h[16];
@@ -430,9 +441,14 @@ AVX2 static void q4k_unpack8(struct q4k_panel8 *p, const uint8_t *w, size_t row_
     const __m256i k2 = _mm256_set1_epi32(0x03030303), b8 = _mm256_set1_epi32(0xff);
     for (int s = 0; s < nsb; s++) {
         const struct moe_block_q4_k *b[8];
-        for (int r = 0; r < 8; r++)
+        for (int r = 0; r < 8; r++) {
             b[r] = r < nr ? (const struct moe_block_q4_k *)(w + (size_t)r * row_bytes) + i0 + s
                           : (const struct moe_block_q4_k *)zero;
+            /* the next 8 rows, as q4k_unpack */
+            const char *nx = (const char *)w + (size_t)(r + 8) * row_bytes + (size_t)(i0 + s) * sizeof(*b[r]);
+            for (size_t o = 0; o < sizeof(*b[r]); o += 64)
+                _mm_prefetch(nx + o, _MM_HINT_T1);
+        }
         __m256i h[8];
         for (int r = 0; r < 8; r++)
             h[r] = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)b[r]));
@@ -547,8 +563,10 @@ AVX2 static void q4k_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const
 
 static const struct gemm_tile tiles[] = {
 #ifdef MOE_X86
-    { LEVEL_AVX512, MOE_DTYPE_Q4_K, 5, q4k_tile },   /* 2-4 tokens: the row kernel is faster */
-    { LEVEL_AVX512, MOE_DTYPE_Q5_K, 5, q5k_tile },
+    /* fewer tokens: the row kernels (measured on experts streamed from
+     * memory, Qwen3-shape prompt of 64 tokens: 4-8 per expert) */
+    { LEVEL_AVX512, MOE_DTYPE_Q4_K, 8, q4k_tile },
+    { LEVEL_AVX512, MOE_DTYPE_Q5_K, 8, q5k_tile },
     { LEVEL_AVX512, MOE_DTYPE_Q6_K, 12, q6k_tile },  /* its unpacking costs more */
     { LEVEL_AVX2, MOE_DTYPE_Q4_K, 2, q4k_tile_avx2 },
 #endif
