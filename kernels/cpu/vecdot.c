@@ -1376,7 +1376,7 @@ AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const stru
  * dpbusd(y + 128, w) started at -128 * sum(w), the exact sum(w * y) that
  * s8_dot gives (activations are within +-127), without s8_dot's sign
  * flip per pair. */
-#define QUAD_TILE(WEIGHTS, DW, TAIL, wtype)                                                        \
+#define QUAD_TILE(WEIGHTS, TAIL, wtype)                                                            \
     const __m512i ia = halves32(0, 1), ib = halves32(2, 3), x80 = _mm512_set1_epi8((char)0x80);    \
     const __m512i zero = _mm512_setzero_si512();                                                   \
     __m512 acc0[2][4], acc1[2][4];                                                                 \
@@ -1391,7 +1391,7 @@ AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const stru
             const wtype *x = (const wtype *)(w + (size_t)r * rb);                                  \
             w0[r] = WEIGHTS(i);                                                                    \
             w1[r] = WEIGHTS(i + 2);                                                                \
-            dw[r] = DW(i);                                                                         \
+            dw[r] = _mm_loadu_ps(dws + (size_t)r * nb + i);                                        \
             n0[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, x80, w0[r]));                 \
             n1[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, x80, w1[r]));                 \
         }                                                                                          \
@@ -1399,7 +1399,7 @@ AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const stru
             const struct moe_block_q8_0 *yb = (const struct moe_block_q8_0 *)(act + (size_t)t * as); \
             const __m512i y0 = _mm512_xor_si512(load2x256(yb[i].qs, yb[i + 1].qs), x80);           \
             const __m512i y1 = _mm512_xor_si512(load2x256(yb[i + 2].qs, yb[i + 3].qs), x80);       \
-            const __m128 dy = f16x4(yb[i].d, yb[i + 1].d, yb[i + 2].d, yb[i + 3].d);               \
+            const __m128 dy = _mm_loadu_ps(dys + (size_t)t * nb + i);                               \
             _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {                                  \
                 const __m512i v0 = _mm512_dpbusd_epi32(n0[r], y0, w0[r]);                          \
                 const __m512i v1 = _mm512_dpbusd_epi32(n1[r], y1, w1[r]);                          \
@@ -1422,52 +1422,91 @@ AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const stru
 #define QUAD_TILE_FN(name)                                                                         \
     AVX512 static inline __attribute__((always_inline)) void name(const uint8_t *w, size_t rb, const uint8_t *act, \
                                                                   size_t as, int64_t nb, const int R, const int T, \
-                                                                  float *y, int64_t ldy)
+                                                                  float *y, int64_t ldy, const float *dws,     \
+                                                                  const float *dys)
 
 QUAD_TILE_FN(q8_0_tile)
 {
-    QUAD_TILE(Q8_0_W, HALF_DW, dot_q8_0_avx2, struct moe_block_q8_0)
+    QUAD_TILE(Q8_0_W, dot_q8_0_avx2, struct moe_block_q8_0)
 }
 
 QUAD_TILE_FN(mxfp4_tile)
 {
     const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_mxfp4_values));
-    QUAD_TILE(IQ4_W, MX_DW, dot_mxfp4_avx2, struct moe_block_mxfp4)
+    QUAD_TILE(IQ4_W, dot_mxfp4_avx2, struct moe_block_mxfp4)
 }
 
-/* 2 rows x 4 tokens per call (16 accumulators, 10 registers of unpacked
+/* The blocks' scales as floats, converted once per tile call rather than
+ * once per (row pair, token group, step): the tokens' for a chunk of
+ * tokens, each row pair's for all of them (the same values the rows
+ * kernels convert, so the products are the same). */
+#define QUAD_SCALES 8192
+#define QUAD_MAX_NB 2048
+AVX512 static inline float q8_0_scale(const struct moe_block_q8_0 *b)
+{
+    return hf(b->d);
+}
+
+AVX512 static inline float mxfp4_scale(const struct moe_block_mxfp4 *b)
+{
+    return moe_e8m0_half(b->e);
+}
+
+/* 2 rows x 4 tokens per call (16 accumulators, 6 registers of unpacked
  * rows), then the last 1-3 tokens, then an odd row. */
-#define QUAD_TILE_DRIVER(name, fn)                                                                  \
+#define QUAD_TILE_CALL(fn, R, T) fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, R, T, y + t * ldy + r, ldy, dws, dys + (size_t)(t - t0) * nb)
+#define QUAD_TILE_DRIVER(name, fn, wtype, dtype, wscale)                                                   \
     AVX512 static void name(const uint8_t *w, size_t rb, int nr, const uint8_t *act, size_t as, int64_t n_tok, \
                             int64_t nb, float *y, int64_t ldy)                                      \
     {                                                                                               \
-        int r = 0;                                                                                  \
-        for (; r + 2 <= nr; r += 2) {                                                               \
-            int64_t t = 0;                                                                          \
-            for (; t + 4 <= n_tok; t += 4)                                                          \
-                fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 2, 4, y + t * ldy + r, ldy); \
-            switch (n_tok - t) {                                                                    \
-            case 3: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 2, 3, y + t * ldy + r, ldy); break; \
-            case 2: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 2, 2, y + t * ldy + r, ldy); break; \
-            case 1: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 2, 1, y + t * ldy + r, ldy); break; \
-            default: break;                                                                         \
-            }                                                                                       \
+        if (nb > QUAD_MAX_NB) {                                                                     \
+            for (int r = 0; r < nr; r++)                                                            \
+                for (int64_t t = 0; t < n_tok; t++)                                                 \
+                    y[t * ldy + r] = moe_vecdot(dtype, w + (size_t)r * rb, act + (size_t)t * as, nb * 32); \
+            return;                                                                                 \
         }                                                                                           \
-        if (r < nr) {                                                                               \
-            int64_t t = 0;                                                                          \
-            for (; t + 4 <= n_tok; t += 4)                                                          \
-                fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 1, 4, y + t * ldy + r, ldy); \
-            switch (n_tok - t) {                                                                    \
-            case 3: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 1, 3, y + t * ldy + r, ldy); break; \
-            case 2: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 1, 2, y + t * ldy + r, ldy); break; \
-            case 1: fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, 1, 1, y + t * ldy + r, ldy); break; \
-            default: break;                                                                         \
+        float dys[QUAD_SCALES], dws[2 * QUAD_MAX_NB];                                               \
+        const int64_t chunk = QUAD_SCALES / nb;                                                     \
+        for (int64_t t0 = 0; t0 < n_tok; t0 += chunk) {                                             \
+            const int64_t t1 = t0 + chunk < n_tok ? t0 + chunk : n_tok;                             \
+            for (int64_t t = t0; t < t1; t++) {                                                     \
+                const struct moe_block_q8_0 *yb = (const struct moe_block_q8_0 *)(act + (size_t)t * as); \
+                for (int64_t k = 0; k < nb; k++)                                                    \
+                    dys[(t - t0) * nb + k] = hf(yb[k].d);                                           \
+            }                                                                                       \
+            for (int r = 0; r < nr; r += 2) {                                                       \
+                const int R2 = nr - r >= 2 ? 2 : 1;                                                 \
+                for (int q = 0; q < R2; q++) {                                                      \
+                    const wtype *xb = (const wtype *)(w + (size_t)(r + q) * rb);                    \
+                    for (int64_t k = 0; k < nb; k++)                                                \
+                        dws[q * nb + k] = wscale(&xb[k]);                                           \
+                }                                                                                   \
+                int64_t t = t0;                                                                     \
+                if (R2 == 2) {                                                                      \
+                    for (; t + 4 <= t1; t += 4)                                                     \
+                        QUAD_TILE_CALL(fn, 2, 4);                                                       \
+                    switch (t1 - t) {                                                               \
+                    case 3: QUAD_TILE_CALL(fn, 2, 3); break;                                            \
+                    case 2: QUAD_TILE_CALL(fn, 2, 2); break;                                            \
+                    case 1: QUAD_TILE_CALL(fn, 2, 1); break;                                            \
+                    default: break;                                                                 \
+                    }                                                                               \
+                } else {                                                                            \
+                    for (; t + 4 <= t1; t += 4)                                                     \
+                        QUAD_TILE_CALL(fn, 1, 4);                                                       \
+                    switch (t1 - t) {                                                               \
+                    case 3: QUAD_TILE_CALL(fn, 1, 3); break;                                            \
+                    case 2: QUAD_TILE_CALL(fn, 1, 2); break;                                            \
+                    case 1: QUAD_TILE_CALL(fn, 1, 1); break;                                            \
+                    default: break;                                                                 \
+                    }                                                                               \
+                }                                                                                   \
             }                                                                                       \
         }                                                                                           \
     }
 
-QUAD_TILE_DRIVER(tile_q8_0_avx512, q8_0_tile)
-QUAD_TILE_DRIVER(tile_mxfp4_avx512, mxfp4_tile)
+QUAD_TILE_DRIVER(tile_q8_0_avx512, q8_0_tile, struct moe_block_q8_0, MOE_DTYPE_Q8_0, q8_0_scale)
+QUAD_TILE_DRIVER(tile_mxfp4_avx512, mxfp4_tile, struct moe_block_mxfp4, MOE_DTYPE_MXFP4, mxfp4_scale)
 #endif
 
 #ifdef MOE_X86
