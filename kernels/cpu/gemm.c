@@ -36,11 +36,16 @@ typedef void (*gemm_tile_fn)(const uint8_t *w, size_t row_bytes, int nr, const u
 
 enum gemm_level { LEVEL_SCALAR, LEVEL_AVX2, LEVEL_AVX512 };
 
+/* One token (decode): n_rows rows, y[r] (+ bias[r]). */
+typedef void (*gemm_gemv_fn)(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n,
+                             float *y, const float *bias);
+
 struct gemm_tile {
     enum gemm_level level;   /* the path it belongs to (moe_vecdot_impl) */
     uint32_t dtype;
     int min_tok;             /* fewer tokens: the row kernels are faster */
     gemm_tile_fn fn;
+    gemm_gemv_fn gemv;       /* optional: one token, several rows at a time */
 };
 
 
@@ -396,6 +401,192 @@ AVX512 static void q6k_tile(const uint8_t *w, size_t row_bytes, int nr, const ui
     }
 }
 
+/* ---- one token (decode), AVX-512: four rows at a time -------------------
+ *
+ * The K-quant row kernels need each super-block's integer total before
+ * its floats (vecdot.c); for one token, four rows' totals are reduced
+ * together and their floats run in the lanes of one vector (lane k = row
+ * k: the same scalar operations as vecdot.c's q4_k_rows / q6_k_rows). The
+ * integer work is vecdot.c's q4_k_block / q6_k_dot (exact, so any copy of
+ * it gives the same totals). */
+
+/* Lane k of *vt: the sum of v[k]'s 16 lanes; of *mt: m[k]'s 8. */
+AVX512 static inline void reduce4x(const __m512i v[4], const __m256i m[4], __m128i *vt, __m128i *mt)
+{
+    const __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    const __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+    const __m256i a2 = _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+    *vt = _mm_add_epi32(_mm256_castsi256_si128(a2), _mm256_extracti128_si256(a2, 1));
+    const __m256i b01 = _mm256_add_epi32(_mm256_unpacklo_epi32(m[0], m[1]), _mm256_unpackhi_epi32(m[0], m[1]));
+    const __m256i b23 = _mm256_add_epi32(_mm256_unpacklo_epi32(m[2], m[3]), _mm256_unpackhi_epi32(m[2], m[3]));
+    const __m256i bb = _mm256_add_epi32(_mm256_unpacklo_epi64(b01, b23), _mm256_unpackhi_epi64(b01, b23));
+    *mt = _mm_add_epi32(_mm256_castsi256_si128(bb), _mm256_extracti128_si256(bb, 1));
+}
+
+AVX512 static inline __m512i halves16x(short lo, short hi)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(lo)), _mm256_set1_epi16(hi), 1);
+}
+
+/* Q4_K and (five) Q5_K: the 16 lanes summing to T, the 8 summing to M. */
+AVX512 static inline __attribute__((always_inline)) void q45k_block(const uint8_t *blk, const struct moe_block_q8_k *y,
+                                                                    int five, __m512i *isum, __m256i *msum)
+{
+    const __m512i m4 = _mm512_set1_epi8(0xf), shift = halves16x(0, 4), sixteen = _mm512_set1_epi8(16);
+    const uint8_t *scales = blk + offsetof(struct moe_block_q4_k, scales);
+    const uint8_t *qs = blk + (five ? offsetof(struct moe_block_q5_k, qs) : offsetof(struct moe_block_q4_k, qs));
+    uint32_t su[3], u[4];
+    memcpy(su, scales, 12);
+    const uint32_t m6 = 0x3f3f3f3f, k4 = 0x0f0f0f0f, k2 = 0x03030303;
+    u[0] = su[0] & m6;
+    u[1] = (su[2] & k4) | ((su[0] >> 6) & k2) << 4;
+    u[2] = su[1] & m6;
+    u[3] = ((su[2] >> 4) & k4) | ((su[1] >> 6) & k2) << 4;
+    const __m128i sm = _mm_loadu_si128((const __m128i *)u);
+    const __m512i sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(sm));
+    *msum = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y->bsums), _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm)));
+    __m512i hb = _mm512_setzero_si512();
+    if (five)
+        hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + offsetof(struct moe_block_q5_k, qh))));
+    __m512i acc = _mm512_setzero_si512();
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+        __m512i q = _mm512_and_si512(
+            _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * k))), shift), m4);
+        if (five) {
+            const __m512i bit = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char)(1 << (2 * k)))),
+                                                   _mm256_set1_epi8((char)(1 << (2 * k + 1))), 1);
+            q = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hb, bit), q, sixteen);
+        }
+        acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q, _mm512_loadu_si512(y->qs + 64 * k)),
+                                  _mm512_permutexvar_epi16(halves16x((short)(2 * k), (short)(2 * k + 1)), sc));
+    }
+    *isum = acc;
+}
+
+AVX512 static inline __attribute__((always_inline)) void q45k_gemv(const uint8_t *w, size_t row_bytes, int64_t n_rows,
+                                                                   const uint8_t *act, int64_t n, float *y,
+                                                                   const float *bias, int five)
+{
+    const size_t bsize = five ? sizeof(struct moe_block_q5_k) : sizeof(struct moe_block_q4_k);
+    const struct moe_block_q8_k *yb = (const struct moe_block_q8_k *)act;
+    const int64_t nb = n / MOE_QK_K;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += 4) {
+        const int nr = n_rows - r0 < 4 ? (int)(n_rows - r0) : 4;
+        __m128 acc = _mm_setzero_ps(), accm = _mm_setzero_ps();
+        for (int64_t i = 0; i < nb; i++) {
+            __m512i v[4];
+            __m256i m[4];
+            uint16_t hd[4] = { 0, 0, 0, 0 }, hm[4] = { 0, 0, 0, 0 };
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                {
+                    /* the block two groups of rows ahead: four rows in step
+                     * are not streamed ahead by the hardware as one row is */
+                    const char *nx = (const char *)w + (size_t)(r0 + 8 + k) * row_bytes + (size_t)i * bsize;
+                    for (size_t o = 0; o < bsize; o += 64)
+                        _mm_prefetch(nx + o, _MM_HINT_T0);
+                }
+                if (k < nr) {
+                    const uint8_t *blk = w + (size_t)(r0 + k) * row_bytes + (size_t)i * bsize;
+                    q45k_block(blk, &yb[i], five, &v[k], &m[k]);
+                    memcpy(&hd[k], blk, 2);
+                    memcpy(&hm[k], blk + 2, 2);
+                } else {
+                    v[k] = _mm512_setzero_si512();
+                    m[k] = _mm256_setzero_si256();
+                }
+            }
+            __m128i vt, mt;
+            reduce4x(v, m, &vt, &mt);
+            const __m128 yd = _mm_set1_ps(yb[i].d);
+            const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)hd));
+            const __m128 dm = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)hm));
+            acc = _mm_fmadd_ps(_mm_mul_ps(d, yd), _mm_cvtepi32_ps(vt), acc);
+            accm = _mm_fmadd_ps(_mm_mul_ps(dm, yd), _mm_cvtepi32_ps(mt), accm);
+        }
+        float out[4];
+        _mm_storeu_ps(out, _mm_sub_ps(acc, accm));
+        for (int k = 0; k < nr; k++)
+            y[r0 + k] = bias ? out[k] + bias[r0 + k] : out[k];
+    }
+}
+
+AVX512 static void q4k_gemv(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                            const float *bias)
+{
+    q45k_gemv(w, row_bytes, n_rows, act, n, y, bias, 0);
+}
+
+AVX512 static void q5k_gemv(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                            const float *bias)
+{
+    q45k_gemv(w, row_bytes, n_rows, act, n, y, bias, 1);
+}
+
+AVX512 static void q6k_gemv(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                            const float *bias)
+{
+    const __m512i m4 = _mm512_set1_epi8(0xf), m2 = _mm512_set1_epi8(3);
+    const __m512i sh01 = halves16x(0, 2), sh23 = halves16x(4, 6);
+    __m512i idx[4];
+    for (int k = 0; k < 4; k++)
+        idx[k] = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 1)), _mm_set1_epi16((short)(4 * k)))),
+            _mm256_set_m128i(_mm_set1_epi16((short)(4 * k + 3)), _mm_set1_epi16((short)(4 * k + 2))), 1);
+    const struct moe_block_q8_k *yb = (const struct moe_block_q8_k *)act;
+    const int64_t nb = n / MOE_QK_K;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += 4) {
+        const int nr = n_rows - r0 < 4 ? (int)(n_rows - r0) : 4;
+        __m128 acc = _mm_setzero_ps();
+        for (int64_t i = 0; i < nb; i++) {
+            __m512i v[4];
+            __m256i c[4];
+            uint16_t hd[4] = { 0, 0, 0, 0 };
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                if (k >= nr) {
+                    v[k] = _mm512_setzero_si512();
+                    c[k] = _mm256_setzero_si256();
+                    continue;
+                }
+                const struct moe_block_q6_k *x = (const struct moe_block_q6_k *)(w + (size_t)(r0 + k) * row_bytes) + i;
+                {
+                    /* two groups of rows ahead, as q45k_gemv */
+                    const char *nx = (const char *)w + (size_t)(r0 + 8 + k) * row_bytes + (size_t)i * sizeof(*x);
+                    for (size_t o = 0; o < sizeof(*x); o += 64)
+                        _mm_prefetch(nx + o, _MM_HINT_T0);
+                }
+                hd[k] = x->d;
+                const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)x->scales));
+                const __m512i sc = _mm512_castsi256_si512(sc16);
+                c[k] = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)yb[i].bsums));
+                __m512i a = _mm512_setzero_si512();
+                _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+                    const __m512i l = _mm512_loadu_si512(x->ql + 64 * h);
+                    const __m512i hh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x->qh + 32 * h)));
+                    const __m512i q0 = _mm512_or_si512(_mm512_and_si512(l, m4),
+                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hh, sh01), m2), 4));
+                    const __m512i q1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hh, sh23), m2), 4));
+                    a = _mm512_dpwssd_epi32(a, _mm512_maddubs_epi16(q0, _mm512_loadu_si512(yb[i].qs + 128 * h)),
+                                            _mm512_permutexvar_epi16(idx[2 * h], sc));
+                    a = _mm512_dpwssd_epi32(a, _mm512_maddubs_epi16(q1, _mm512_loadu_si512(yb[i].qs + 128 * h + 64)),
+                                            _mm512_permutexvar_epi16(idx[2 * h + 1], sc));
+                }
+                v[k] = a;
+            }
+            __m128i vt, ct;
+            reduce4x(v, c, &vt, &ct);
+            const __m128 d = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)hd));
+            acc = _mm_fmadd_ps(_mm_mul_ps(d, _mm_set1_ps(yb[i].d)),
+                               _mm_cvtepi32_ps(_mm_sub_epi32(vt, _mm_slli_epi32(ct, 5))), acc);
+        }
+        float out[4];
+        _mm_storeu_ps(out, acc);
+        for (int k = 0; k < nr; k++)
+            y[r0 + k] = bias ? out[k] + bias[r0 + k] : out[k];
+    }
+}
+
 /* ---- Q4_K x Q8_K, AVX2 ------------------------------------------------
  *
  * The AVX-512 kernel's scheme with 8 rows per vector and no VNNI: maddubs
@@ -565,9 +756,9 @@ static const struct gemm_tile tiles[] = {
 #ifdef MOE_X86
     /* fewer tokens: the row kernels (measured on experts streamed from
      * memory, Qwen3-shape prompt of 64 tokens: 4-8 per expert) */
-    { LEVEL_AVX512, MOE_DTYPE_Q4_K, 8, q4k_tile },
-    { LEVEL_AVX512, MOE_DTYPE_Q5_K, 8, q5k_tile },
-    { LEVEL_AVX512, MOE_DTYPE_Q6_K, 12, q6k_tile },  /* its unpacking costs more */
+    { LEVEL_AVX512, MOE_DTYPE_Q4_K, 8, q4k_tile, q4k_gemv },
+    { LEVEL_AVX512, MOE_DTYPE_Q5_K, 8, q5k_tile, q5k_gemv },
+    { LEVEL_AVX512, MOE_DTYPE_Q6_K, 12, q6k_tile, q6k_gemv },  /* its unpacking costs more */
     { LEVEL_AVX2, MOE_DTYPE_Q4_K, 2, q4k_tile_avx2 },
 #endif
     { LEVEL_SCALAR, MOE_DTYPE_COUNT, 0, NULL },   /* no row; keeps the table non-empty */
@@ -605,6 +796,10 @@ void moe_gemm(uint32_t t, const void *w, size_t row_bytes, int64_t n_rows, const
 {
     const uint8_t *wb = w, *ab = act;
     const struct gemm_tile *k = tile_for(t);
+    if (k != NULL && n_tok == 1 && k->gemv != NULL) {
+        k->gemv(wb, row_bytes, n_rows, ab, n, y, bias);
+        return;
+    }
     if (k != NULL && n_tok >= k->min_tok) {
         for (int64_t r = 0; r < n_rows; r += GEMM_MR) {
             const int nr = n_rows - r < GEMM_MR ? (int)(n_rows - r) : GEMM_MR;
