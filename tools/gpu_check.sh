@@ -339,6 +339,7 @@ step_build() {
   local targets="$gpu_targets"
   # the GEMV lanes on the host: built where CUDA is
   grep -q "test_gpu_lanes" "$build/build.ninja" 2>/dev/null && targets="$targets tests/test_gpu_lanes"
+  grep -q "test_gpu_ssm_host" "$build/build.ninja" 2>/dev/null && targets="$targets tests/test_gpu_ssm_host"
   run_step build $(( $(left) - 30 )) "$NINJA" -C "$build" -j"$(nproc)" $targets
   if [ $step_rc -eq 0 ]; then
     record build ok "$step_s" "$(echo $targets | wc -w) targets, -j$(nproc)"

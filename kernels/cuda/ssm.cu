@@ -7,7 +7,8 @@
 // last d_conv - 1 inputs into the state.
 //
 // gated_delta_net: a block per value head, a thread per state row j (value
-// index); the tokens in order. Per token the block stages the head's q and
+// index); the tokens in order. The per-thread arithmetic is in
+// kernels/cuda/ssm-impl.h, which the host test runs thread by thread. Per token the block stages the head's q and
 // k, L2-normalises them, and each thread decays its row, takes d_j, updates
 // the row and reads o_j; then the block RMS-norms o and gates it with
 // silu(z). Each row's D x D state stays in shared memory for the whole call
@@ -26,54 +27,18 @@
 #include <math.h>
 
 #include "kernels/cuda/cuda-impl.h"
+#include "kernels/cuda/ssm-impl.h"
 
 namespace moecu {
 
 namespace {
 
-__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float softplus_f(float x) { return x > 20.0f ? x : logf(1.0f + expf(x)); }
-
-// ggml's rms_norm scale: the sum of squares in double, in element order
-__device__ float rms_scale_seq(const float *x, int n, float eps)
-{
-    double sum = 0.0;
-    for (int i = 0; i < n; i++)
-        sum += (double)__fmul_rn(x[i], x[i]);
-    const float mean = (float)(sum / n);
-    return 1.0f / sqrtf(mean + eps);
-}
-
 __global__ void ssm_conv_kernel(float *y, const float *x, float *state, const float *w, int64_t n_tok,
                                 int n_ch, int d_conv)
 {
-    const int hist = d_conv - 1;
-    for (int ch = blockIdx.x * blockDim.x + threadIdx.x; ch < n_ch; ch += gridDim.x * blockDim.x) {
-        float *st = state + (size_t)ch * (size_t)hist;
-        const float *wc = w + (size_t)ch * (size_t)d_conv;
-        for (int64_t t = 0; t < n_tok; t++) {
-            float sum = 0.0f;
-            for (int i = 0; i < d_conv; i++) {
-                const int64_t p = t + i;
-                const float v = p < hist ? st[p] : x[(p - hist) * n_ch + ch];
-                sum = __fadd_rn(sum, __fmul_rn(v, wc[i]));
-            }
-            y[t * n_ch + ch] = silu_f(sum);
-        }
-        // ascending: st[j] is written after st[n_tok + j] was read
-        for (int j = 0; j < hist; j++) {
-            const int64_t p = n_tok + j;
-            st[j] = p < hist ? st[p] : x[(p - hist) * n_ch + ch];
-        }
-    }
+    for (int ch = blockIdx.x * blockDim.x + threadIdx.x; ch < n_ch; ch += gridDim.x * blockDim.x)
+        ssm_conv_channel(y, x, state, w, n_tok, n_ch, d_conv, ch);
 }
-
-struct gdn_args {
-    int n_k, n_v, D;
-    float eps, l2eps, l2s;   // output norm eps; q/k norm eps / D; 1 / sqrt(D)
-    const float *dt, *a, *norm;
-};
 
 template <bool SH>
 __global__ void gdn_kernel(float *out, const float *qkv, const float *z, const float *beta,
@@ -85,9 +50,11 @@ __global__ void gdn_kernel(float *out, const float *qkv, const float *z, const f
     const int key_dim = p.n_k * D, d_inner = p.n_v * D, C = 2 * key_dim + d_inner;
     float *qs = sh, *ks = sh + D, *os = sh + 2 * D, *Ss = sh + 3 * D;
     float *Sg = state + (size_t)h * (size_t)D * (size_t)D;   // row j at Sg + j D
+    // element (j, i): Ss[i D + j] in shared memory, Sg[j D + i] in place
+    float *S = SH ? Ss : Sg;
+    const int64_t sj = SH ? 1 : D, si = SH ? D : 1;
     const bool act = j < D;
     const int kt = blockDim.x > 32 ? 32 : 0;   // the k norm's thread, in another warp
-#define S_AT(i) (*(SH ? &Ss[(size_t)(i) * D + j] : &Sg[(size_t)j * D + (i)]))
     if (SH) {
         for (int e = threadIdx.x; e < D * D; e += blockDim.x)
             Ss[(size_t)(e % D) * D + e / D] = Sg[e];
@@ -101,41 +68,26 @@ __global__ void gdn_kernel(float *out, const float *qkv, const float *z, const f
         }
         __syncthreads();
         if (threadIdx.x == 0)
-            scs[0] = rms_scale_seq(qs, D, p.l2eps);
+            scs[0] = ssm_rms_scale(qs, D, p.l2eps);
         if (threadIdx.x == kt)
-            scs[1] = rms_scale_seq(ks, D, p.l2eps);
+            scs[1] = ssm_rms_scale(ks, D, p.l2eps);
         __syncthreads();
         if (act) {
-            qs[j] = __fmul_rn(__fmul_rn(qs[j], scs[0]), p.l2s);
-            ks[j] = __fmul_rn(__fmul_rn(ks[j], scs[1]), p.l2s);
+            qs[j] = gdn_l2(qs[j], scs[0], p.l2s);
+            ks[j] = gdn_l2(ks[j], scs[1], p.l2s);
         }
         __syncthreads();
-        const float b = sigmoid_f(beta[t * p.n_v + h]);
-        const float g = __fmul_rn(softplus_f(__fadd_rn(alpha[t * p.n_v + h], p.dt[h])), p.a[h]);
-        const float eg = expf(g);
-        if (act) {
-            float s = 0.0f;
-            for (int i = 0; i < D; i++) {
-                const float v = __fmul_rn(S_AT(i), eg);
-                S_AT(i) = v;
-                s = __fadd_rn(s, __fmul_rn(v, ks[i]));
-            }
-            const float dj = __fmul_rn(__fsub_rn(row[2 * key_dim + h * D + j], s), b);
-            float o = 0.0f;
-            for (int i = 0; i < D; i++) {
-                const float v = __fadd_rn(S_AT(i), __fmul_rn(ks[i], dj));
-                S_AT(i) = v;
-                o = __fadd_rn(o, __fmul_rn(v, qs[i]));
-            }
-            os[j] = __fmul_rn(o, p.l2s);
-        }
+        float b, eg;
+        gdn_gates(p, beta, alpha, t, h, &b, &eg);
+        if (act)
+            os[j] = gdn_row(S, sj, si, j, D, qs, ks, row[2 * key_dim + h * D + j], b, eg, p.l2s);
         __syncthreads();
         if (threadIdx.x == 0)
-            scs[0] = rms_scale_seq(os, D, p.eps);
+            scs[0] = ssm_rms_scale(os, D, p.eps);
         __syncthreads();
         if (act) {
             const int64_t at = t * d_inner + h * D + j;
-            out[at] = __fmul_rn(__fmul_rn(__fmul_rn(os[j], scs[0]), p.norm[j]), silu_f(z[at]));
+            out[at] = gdn_out(os[j], scs[0], p.norm[j], z[at]);
         }
         __syncthreads();   // q, k, o and the scales are the next token's
     }
@@ -143,7 +95,6 @@ __global__ void gdn_kernel(float *out, const float *qkv, const float *z, const f
         for (int e = threadIdx.x; e < D * D; e += blockDim.x)
             Sg[e] = Ss[(size_t)(e % D) * D + e / D];
     }
-#undef S_AT
 }
 
 } // namespace
