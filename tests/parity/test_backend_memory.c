@@ -5,7 +5,10 @@
  * and weights only through backend ops. On the CPU backend the results must
  * be bit-identical to the normal in-place path, for every architecture,
  * with experts resident, through a small cache, with the host tier and with
- * prefetch. */
+ * prefetch. The issue-22 families with state or ops of their own (qwen35moe:
+ * the delta-net ops and a recurrent state per sequence in backend memory;
+ * gemma4: GELU, scale, row multiply, host-side scales) from
+ * tests/fixtures/arch. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,11 +16,20 @@
 #include "model/options.h"
 #include "tests/harness.h"
 
+/* shared/ref/models/<file>, or tests/fixtures/arch/<file> for "arch:<file>" */
+static void model_path(char *path, size_t n, const char *file)
+{
+    if (strncmp(file, "arch:", 5) == 0)
+        snprintf(path, n, "%s/tests/fixtures/arch/%s", getenv("MOE_SOURCE_ROOT"), file + 5);
+    else
+        snprintf(path, n, "%s/models/%s", moe_test_ref_dir(), file);
+}
+
 static float *run(const char *file, bool upload, int cache_experts, size_t host_bytes,
                   const char *prefetch, int n_tok, int n_gen)
 {
     char path[4096];
-    snprintf(path, sizeof(path), "%s/models/%s", moe_test_ref_dir(), file);
+    model_path(path, sizeof(path), file);
     struct moe_model_opts o = { .n_threads = 2, .n_ctx = 128, .cache_experts = cache_experts,
                                 .host_bytes = host_bytes, .prefetch_always = true,
                                 .upload_weights = upload };
@@ -59,7 +71,7 @@ static void same(const char *file, int cache_experts, size_t host_bytes, const c
     float *b = run(file, true, cache_experts, host_bytes, prefetch, n_tok, n_gen);
     CHECK(a && b);
     char path[4096];
-    snprintf(path, sizeof(path), "%s/models/%s", moe_test_ref_dir(), file);
+    model_path(path, sizeof(path), file);
     struct moe_model *m;
     struct moe_model_opts o = { .n_threads = 1, .n_ctx = 16 };
     CHECK(moe_model_load(&m, path, &o, NULL) == 0);
@@ -80,6 +92,10 @@ static void test_qwen3_host_tier(void) { same("tiny-qwen3moe-Q4_K_M.gguf", 8, 64
 static void test_deepseek2(void) { same("tiny-deepseek2-F32.gguf", 0, 0, NULL); }
 static void test_deepseek2_cache(void) { same("tiny-deepseek2-F32.gguf", 6, 0, "gate"); }
 static void test_gptoss(void) { same("tiny-gptoss-MXFP4_MOE.gguf", 5, 0, NULL); }
+static void test_qwen35moe(void) { same("arch:tiny-qwen35moe-F32.gguf", 0, 0, NULL); }
+static void test_qwen35moe_cache(void) { same("arch:tiny-qwen35moe-Q8_0.gguf", 2, 0, "gate"); }
+static void test_gemma4(void) { same("arch:tiny-gemma4-F32.gguf", 0, 0, NULL); }
+static void test_gemma4_cache(void) { same("arch:tiny-gemma4-Q8_0.gguf", 2, 0, "gate"); }
 
 int main(void)
 {
@@ -91,5 +107,11 @@ int main(void)
     moe_test_run("deepseek2 resident (MLA, sel bias)", test_deepseek2);
     moe_test_run("deepseek2 cache", test_deepseek2_cache);
     moe_test_run("gpt-oss MXFP4 cache (sinks, biases)", test_gptoss);
+    if (getenv("MOE_SOURCE_ROOT") != NULL) {
+        moe_test_run("qwen35moe F32 resident (delta-net state in backend memory)", test_qwen35moe);
+        moe_test_run("qwen35moe Q8_0 cache", test_qwen35moe_cache);
+        moe_test_run("gemma4 F32 resident", test_gemma4);
+        moe_test_run("gemma4 Q8_0 cache", test_gemma4_cache);
+    }
     return moe_test_exit_code();
 }
