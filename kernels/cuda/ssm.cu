@@ -138,7 +138,8 @@ int gated_delta_net(cuda_ctx *c, float *out, const float *qkv, const float *z, c
                    "gated_delta_net");
     if (rc)
         return rc;
-    if (with_state <= (size_t)optin) {
+    // the kernel's static shared memory (two floats) counts against the same limit
+    if (with_state + 64 <= (size_t)optin) {
         if (with_state > 48 * 1024 &&
             (rc = check(c, cudaFuncSetAttribute(gdn_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 (int)with_state), "gated_delta_net")) != 0)
