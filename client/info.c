@@ -206,7 +206,7 @@ static void info_text(const struct moe_gguf *g, const struct moe_hparams *hp,
                " %u, inner %u, conv %u taps\n", n_recr, hp->n_layer - hp->n_layer_nextn,
                hp->ssm_n_group, hp->ssm_dt_rank, hp->ssm_d_state, hp->ssm_d_inner, hp->ssm_d_conv);
         printf("recurrent state:   %" PRIu64 " bytes (%.2f MiB) per sequence (conv + SSM, f32),"
-               " host memory\n", rs, mib(rs));
+               " in the backend's memory\n", rs, mib(rs));
     }
     if (hp->n_ff && hp->n_expert == 0) /* with experts, the dense width shows below if used */
         printf("FFN:               %u\n", hp->n_ff);
