@@ -518,11 +518,13 @@ AVX2 static float dot_q4_k_avx2(const struct moe_block_q4_k *x, const struct moe
         const int8_t *q8 = y[i].qs;
         uint32_t u[4];
         unpack_k_scales(x[i].scales, u);
-        const uint8_t *sc = (const uint8_t *)u;
         const __m128i sm = _mm_loadu_si128((const __m128i *)u);
         /* minimums twice, as 16-bit pairs against bsums' pairs */
         const int msum = hsum8_epi32_avx2(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)y[i].bsums),
                                                             _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(sm, sm))));
+        /* the 8 scales as 16-bit words in both halves; scale j spread by a
+         * byte shuffle (bytes 2j, 2j + 1 everywhere) */
+        const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));
         __m256i isum = _mm256_setzero_si256();
         for (int j = 0; j < 8; j += 2) {
             const __m256i raw = _mm256_loadu_si256((const __m256i *)(q4 + 16 * j));
@@ -531,8 +533,10 @@ AVX2 static float dot_q4_k_avx2(const struct moe_block_q4_k *x, const struct moe
             const __m256i y0 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j));
             const __m256i y1 = _mm256_loadu_si256((const __m256i *)(q8 + 32 * j + 32));
             /* unsigned 4-bit x signed 8-bit: maddubs directly */
-            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16((short)sc[j]));
-            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16((short)sc[j + 1]));
+            const __m256i s0 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * j)));
+            const __m256i s1 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (j + 1))));
+            __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
+            __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
             isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
         }
         acc = __builtin_fmaf(hf(x[i].d) * y[i].d, (float)hsum8_epi32_avx2(isum), acc);
