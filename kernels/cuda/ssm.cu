@@ -7,14 +7,15 @@
 // last d_conv - 1 inputs into the state.
 //
 // gated_delta_net: a block per value head, a thread per state row j (value
-// index); the tokens in order. The per-thread arithmetic is in
-// kernels/cuda/ssm-impl.h, which the host test runs thread by thread. Per token the block stages the head's q and
+// index); the tokens in order. Per token the block stages the head's q and
 // k, L2-normalises them, and each thread decays its row, takes d_j, updates
 // the row and reads o_j; then the block RMS-norms o and gates it with
-// silu(z). Each row's D x D state stays in shared memory for the whole call
+// silu(z). The head's D x D state stays in shared memory for the whole call
 // (transposed, so that the threads of a warp read consecutive banks) when
 // it fits the device's opt-in limit (D = 128: 64 KiB), else it is used in
-// place in device memory.
+// place in device memory. The per-thread arithmetic is in
+// kernels/cuda/ssm-impl.h, which tests/gpu/test_gpu_ssm_host.cu runs on the
+// host thread by thread.
 //
 // Numerics against the CPU backend (kernels/cpu/ops_ssm.c): the same float
 // operations in the same order, each rounded as there (__fmul_rn /
