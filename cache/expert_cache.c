@@ -677,6 +677,23 @@ int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert,
     return 1;
 }
 
+int moe_expert_cache_policy_export(struct moe_expert_cache *c, uint32_t *trans, uint32_t *follows,
+                                   double *stats)
+{
+    pthread_mutex_lock(&c->mu);
+    const int rc = moe_policy_export(c->policy, trans, follows, stats);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+void moe_expert_cache_policy_seed(struct moe_expert_cache *c, const uint32_t *uses, int k, const uint32_t *trans,
+                                  const uint32_t *follows, const double *stats)
+{
+    pthread_mutex_lock(&c->mu);
+    moe_policy_seed(c->policy, uses, k, trans, follows, stats);
+    pthread_mutex_unlock(&c->mu);
+}
+
 int moe_expert_cache_warm(struct moe_expert_cache *c, int layer, int expert)
 {
     if (layer < 0 || layer >= c->n_layer || expert < 0 || expert >= c->n_expert)

@@ -117,6 +117,14 @@ int moe_expert_cache_lookup(struct moe_expert_cache *c, int layer, int expert);
  * is cached already, -ENOSPC when no slot is empty, or a negative error. */
 int moe_expert_cache_warm(struct moe_expert_cache *c, int layer, int expert);
 
+/* Warm restarts: the policy's learned transitions out (moe_policy_export:
+ * -1 for a policy without them) and a fresh policy seeded with a previous
+ * run's uses and transitions (moe_policy_seed; before the first access). */
+int moe_expert_cache_policy_export(struct moe_expert_cache *c, uint32_t *trans, uint32_t *follows,
+                                   double *stats);
+void moe_expert_cache_policy_seed(struct moe_expert_cache *c, const uint32_t *uses, int k, const uint32_t *trans,
+                                  const uint32_t *follows, const double *stats);
+
 int moe_expert_cache_prefetch(struct moe_expert_cache *c, int layer, int expert, int32_t step,
                               int max_inflight);
 

@@ -1,4 +1,5 @@
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -15,6 +16,8 @@
 #define PRED_ALPHA_MIN 0.01
 #define PRED_FREQ_CLIP 1e-3     /* the frequency's log loss: f in [clip, 1 - clip] */
 #define PRED_POW_N 1024         /* (1 - alpha)^d tabulated for d below this */
+#define SEED_VISITS_MAX 1000    /* moe_policy_seed: the history a warm start stands for */
+#define SEEDED_STEP INT32_MIN   /* visit_step of a layer whose only visits are seeded */
 
 struct moe_policy {
     enum moe_policy_kind kind;
@@ -220,7 +223,8 @@ static void pred_visit(struct moe_policy *p, int layer, int32_t step)
     uint64_t *set = p->set + (size_t)layer * p->words, *pset = p->pset + (size_t)layer * p->words;
     float *tn = p->tn + (size_t)layer * p->n_expert;
     const int32_t v = p->visit[layer]; /* the finished visit, 0: none */
-    if (v > 0) {
+    /* a seeded history (moe_policy_seed) has no finished visit to score */
+    if (v > 0 && p->visit_step[layer] != SEEDED_STEP) {
         const int32_t *seen = p->seen + (size_t)layer * p->n_expert;
         const int32_t *pseen = p->pseen + (size_t)layer * p->n_expert;
         const int32_t *stamp = p->stamp + (size_t)layer * p->n_expert;
@@ -365,6 +369,94 @@ void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now,
     default:
         break;
     }
+}
+
+/* predict's scalars in a warm file: reuse by recency, overall reuse, the
+ * number of time scales, each one's log loss */
+_Static_assert(2 * PRED_SINCE_BUCKETS + 2 + PRED_ALPHAS + 1 <= MOE_POLICY_STATS, "policy stats");
+
+int moe_policy_export(const struct moe_policy *p, uint32_t *trans, uint32_t *follows, double *stats)
+{
+    if (p->kind != MOE_POLICY_PREDICT)
+        return -1;
+    if (stats != NULL) {
+        memset(stats, 0, MOE_POLICY_STATS * sizeof(double));
+        int i = 0;
+        for (int b = 0; b < PRED_SINCE_BUCKETS; b++) {
+            stats[i++] = p->reuse_n[b];
+            stats[i++] = p->reuse_d[b];
+        }
+        stats[i++] = p->used_n;
+        stats[i++] = p->used_d;
+        stats[i++] = p->n_alpha;
+        for (int j = 0; j < p->n_alpha; j++)
+            stats[i++] = p->loss[j];
+    }
+    const size_t nk = (size_t)p->n_layer * (size_t)p->n_expert;
+    for (size_t i = 0; i < nk * (size_t)p->n_expert; i++)
+        trans[i] = (uint32_t)lrintf(p->tc[i]);
+    for (size_t i = 0; i < nk; i++)
+        follows[i] = (uint32_t)lrintf(p->tn[i]);
+    return 0;
+}
+
+void moe_policy_seed(struct moe_policy *p, const uint32_t *uses, int k, const uint32_t *trans,
+                     const uint32_t *follows, const double *stats)
+{
+    if (p->kind != MOE_POLICY_LAYER && p->kind != MOE_POLICY_PREDICT)
+        return;
+    if (p->kind == MOE_POLICY_PREDICT && stats != NULL) {
+        bool ok = stats[2 * PRED_SINCE_BUCKETS + 2] == (double)p->n_alpha;
+        for (int i = 0; ok && i < MOE_POLICY_STATS; i++)
+            ok = isfinite(stats[i]) && stats[i] >= 0.0;
+        int i = 0;
+        for (int b = 0; ok && b < PRED_SINCE_BUCKETS; b++) {
+            p->reuse_n[b] = stats[i++];
+            p->reuse_d[b] = stats[i++];
+        }
+        if (ok) {
+            p->used_n = stats[i++];
+            p->used_d = stats[i++];
+            i++;
+            for (int j = 0; j < p->n_alpha; j++)
+                p->loss[j] = stats[i++];
+        }
+    }
+    const int ne = p->n_expert;
+    for (int l = 0; uses != NULL && k > 0 && l < p->n_layer; l++) {
+        const uint32_t *u = uses + (size_t)l * (size_t)ne;
+        uint64_t sum = 0;
+        for (int e = 0; e < ne; e++)
+            sum += u[e];
+        const uint64_t tokens = sum / (uint64_t)k;
+        if (tokens == 0)
+            continue;
+        const int32_t v0 = tokens < SEED_VISITS_MAX ? (int32_t)tokens : SEED_VISITS_MAX;
+        p->visit[l] = v0;
+        p->visit_step[l] = SEEDED_STEP;
+        for (int e = 0; e < ne; e++) {
+            const size_t key = (size_t)l * (size_t)ne + (size_t)e;
+            double f = (double)u[e] / (double)tokens;
+            f = f > 1.0 ? 1.0 : f;
+            p->stamp[key] = v0;
+            if (p->kind == MOE_POLICY_LAYER) {
+                p->count[key] = f;
+                continue;
+            }
+            /* an average that has gathered v0 visits at rate f */
+            for (int j = 0; j < p->n_alpha; j++)
+                p->fc[key * (size_t)p->n_alpha + (size_t)j] = f * (1.0 - pred_keep(p, j, v0));
+        }
+        for (int j = 0; p->kind == MOE_POLICY_PREDICT && j < p->n_alpha; j++)
+            p->gathered[l * p->n_alpha + j] = 1.0 - pred_keep(p, j, v0);
+    }
+    if (p->kind != MOE_POLICY_PREDICT || trans == NULL || follows == NULL)
+        return;
+    const size_t nk = (size_t)p->n_layer * (size_t)ne;
+    for (size_t i = 0; i < nk * (size_t)ne; i++)
+        p->tc[i] = (float)trans[i];
+    for (size_t i = 0; i < nk; i++)
+        p->tn[i] = (float)follows[i];
 }
 
 void moe_policy_touch(struct moe_policy *p, int layer, int expert, int64_t now)

@@ -87,6 +87,26 @@ void moe_policy_access(struct moe_policy *p, int layer, int expert, int64_t now,
  * as a use. */
 void moe_policy_touch(struct moe_policy *p, int layer, int expert, int64_t now);
 
+/* Warm restarts (cache/warm.h): what a policy learned, exported at the end
+ * of one run and seeded into a fresh policy at the start of the next.
+ * moe_policy_export fills trans [n_layer][n_expert][n_expert] and follows
+ * [n_layer][n_expert] with `predict`'s transition counts (visits using b
+ * right after a visit using a; visits using a that were followed by
+ * another), rounded; it returns -1 (nothing written) for the other
+ * policies, which learn no transitions. moe_policy_seed starts a fresh
+ * policy from them: `uses` [n_layer][n_expert] (tokens routed to each
+ * expert, every policy but lru/lfu) sets each expert's frequency, as if each
+ * layer had seen its tokens (at most 1000 visits) with the expert used at
+ * that rate; trans and follows (NULL: none) become `predict`'s transition
+ * counts; stats (MOE_POLICY_STATS doubles, NULL: none) `predict`'s
+ * learned scalars: how often experts of each recency were used again, and
+ * how well each frequency time scale predicted. Which experts were used
+ * recently is not carried over. Call before the first access. */
+#define MOE_POLICY_STATS 32   /* doubles; MOE_WARM_POLICY_STATS in cache/warm.h */
+int moe_policy_export(const struct moe_policy *p, uint32_t *trans, uint32_t *follows, double *stats);
+void moe_policy_seed(struct moe_policy *p, const uint32_t *uses, int k, const uint32_t *trans,
+                     const uint32_t *follows, const double *stats);
+
 /* Index into keys[0..n) (keys = layer * n_expert + expert) of the entry to
  * evict, while layer `cur_layer` is being computed. */
 int moe_policy_victim(struct moe_policy *p, const int32_t *keys, int n, int cur_layer, int32_t step);

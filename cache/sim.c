@@ -206,6 +206,39 @@ out:
     return rc;
 }
 
+/* Keys by warm uses, the most used first (ties: the lower key). */
+static int cmp_warm(const void *a, const void *b, void *ctx)
+{
+    const uint32_t *u = ctx;
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return u[x] != u[y] ? (u[x] < u[y] ? 1 : -1) : (x > y) - (x < y);
+}
+
+/* A warm start: the policy seeded (warm_seed), then the most used experts
+ * loaded into the empty slots, touched in that order at times before the
+ * trace's first access (as model/warm.c does before serving). */
+static int sim_warm(struct sim *s, const struct moe_sim_opts *o)
+{
+    const struct moe_trace *t = s->t;
+    const int64_t nk = (int64_t)t->n_layer * t->n_expert;
+    if (o->warm_seed)
+        moe_policy_seed(s->p, o->warm_uses, t->n_expert_used > 0 ? t->n_expert_used : 1, o->warm_trans,
+                        o->warm_follows, o->warm_stats);
+    int32_t *order = moe_malloc((size_t)nk * sizeof(int32_t));
+    if (order == NULL)
+        return -ENOMEM;
+    for (int64_t k = 0; k < nk; k++)
+        order[k] = (int32_t)k;
+    qsort_r(order, (size_t)nk, sizeof(int32_t), cmp_warm, (void *)o->warm_uses);
+    for (int64_t i = 0; i < nk && s->n_cached < s->capacity && o->warm_uses[order[i]] > 0; i++) {
+        const int32_t key = order[i];
+        sim_insert(s, key, key / t->n_expert, -1, 0);
+        moe_policy_touch(s->p, key / t->n_expert, key % t->n_expert, i - nk);
+    }
+    moe_free(order);
+    return 0;
+}
+
 /* index of the first access of the visit after the one holding access i
  * (the same layer and step), or t->n */
 static int64_t visit_end(const struct moe_trace *t, int64_t i)
@@ -225,7 +258,8 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
     const enum moe_sim_prefetch_kind pk = pf->kind;
     if (capacity < 1 || (unsigned)pk > MOE_SIM_PREFETCH_ORACLE ||
         (pk != MOE_SIM_PREFETCH_NONE && (pf->depth < 1 || kind == MOE_POLICY_BELADY)) ||
-        o->lookahead < 0 || (o->lookahead > 0 && kind == MOE_POLICY_BELADY))
+        o->lookahead < 0 || (o->lookahead > 0 && kind == MOE_POLICY_BELADY) ||
+        (o->warm_uses != NULL && kind == MOE_POLICY_BELADY))
         return -EINVAL;
     r->accesses = t->n;
     if (kind == MOE_POLICY_BELADY) {
@@ -282,6 +316,9 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
         s.slot_of[k] = -1;
         s.predicted[k] = -1;
     }
+    if (o->warm_uses != NULL && (rc = sim_warm(&s, o)) != 0)
+        goto out;
+    rc = -ENOMEM;
     if (pk == MOE_SIM_PREFETCH_HISTORY) {
         if ((rc = moe_history_init(&hist, t->n_layer, t->n_expert, K)) != 0)
             goto out;
@@ -371,6 +408,16 @@ int moe_cache_sim(const struct moe_trace *t, const struct moe_sim_opts *o, struc
                     sim_prefetch(&s, l, t->a[j].expert, a->step, i);
             }
         }
+    }
+    if (o->out_uses != NULL) {
+        memset(o->out_uses, 0, (size_t)nk * sizeof(uint32_t));
+        for (int64_t i = 0; i < t->n; i++)
+            o->out_uses[t->a[i].layer * t->n_expert + t->a[i].expert]++;
+    }
+    if (o->out_trans != NULL && o->out_follows != NULL &&
+        moe_policy_export(s.p, o->out_trans, o->out_follows, o->out_stats) != 0) {
+        memset(o->out_trans, 0, (size_t)nk * (size_t)t->n_expert * sizeof(uint32_t));
+        memset(o->out_follows, 0, (size_t)nk * sizeof(uint32_t));
     }
     r->pf_wasted += s.held; /* never used before the end */
     r->loads += r->pf_issued;

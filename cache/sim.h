@@ -73,6 +73,21 @@ struct moe_sim_opts {
      * the next tokens' routing would be worth to a demand-paging cache (the
      * ceiling for any online predictor feeding the policy); not with Belady. */
     int lookahead;
+    /* A warm start as the engine makes one (model/warm.c, not with Belady):
+     * warm_uses [n_layer][n_expert] (NULL: a cold start) are the accesses
+     * of a previous run; the most used experts fill the empty cache first
+     * (up to capacity, ties to the lower key; touched, not used, in that
+     * order), and with warm_seed the policy starts from them and from
+     * warm_trans/warm_follows/warm_stats (moe_policy_seed; NULL: frequencies
+     * only). */
+    const uint32_t *warm_uses, *warm_trans, *warm_follows;
+    const double *warm_stats;               /* MOE_POLICY_STATS, or NULL */
+    int warm_seed;
+    /* Filled after the run when not NULL, for a next warm run: every key's
+     * accesses [n_layer][n_expert], and the policy's transition counts
+     * (moe_policy_export; left zero for policies without them). */
+    uint32_t *out_uses, *out_trans, *out_follows;
+    double *out_stats;
 };
 
 /* 0, -EINVAL (capacity < 1, a bad prefetch, prefetch or lookahead with

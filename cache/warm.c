@@ -19,13 +19,16 @@
 /* a file beyond this is not one we wrote: 2 x 4096 layers x 1024^2 would
  * be absurd; 2 GiB bounds any real model's tables */
 #define WARM_MAX_PAYLOAD (2ull << 30)
+#define WARM_HISTORY 1u   /* tr_tok, tr_layer */
+#define WARM_POLICY 2u    /* pol_trans, pol_follows, pol_stats */
+#define STATS_BYTES (MOE_WARM_POLICY_STATS * sizeof(double))
 
 struct warm_header {
     char magic[8];
     uint32_t version;
     uint32_t header_size;
     uint32_t n_layer, n_expert, k;
-    uint32_t has_history;
+    uint32_t tables;          /* WARM_HISTORY | WARM_POLICY */
     uint64_t model_id;
     uint64_t payload_bytes;
     uint64_t payload_xxh3;
@@ -55,23 +58,52 @@ static void sync_dir(const char *path)
     }
 }
 
+/* The payload after the header, in file order: up to 6 arrays. */
+struct part {
+    const void *p;
+    uint64_t bytes;
+};
+
+static int parts_of(const struct moe_warm *w, uint32_t tables, struct part *out)
+{
+    int n = 0;
+    out[n++] = (struct part){ w->uses, uses_bytes(w) };
+    if (tables & WARM_HISTORY) {
+        out[n++] = (struct part){ w->tr_tok, table_bytes(w) };
+        out[n++] = (struct part){ w->tr_layer, table_bytes(w) };
+    }
+    if (tables & WARM_POLICY) {
+        out[n++] = (struct part){ w->pol_trans, table_bytes(w) };
+        out[n++] = (struct part){ w->pol_follows, uses_bytes(w) };
+        out[n++] = (struct part){ w->pol_stats, STATS_BYTES };
+    }
+    return n;
+}
+
+static uint64_t payload_bytes(const struct moe_warm *w, uint32_t tables)
+{
+    return uses_bytes(w) + (tables & WARM_HISTORY ? 2 * table_bytes(w) : 0) +
+           (tables & WARM_POLICY ? table_bytes(w) + uses_bytes(w) + STATS_BYTES : 0);
+}
+
 int moe_warm_write(const char *path, const struct moe_warm *w, struct moe_diag *diag)
 {
-    const bool hist = w->tr_tok != NULL && w->tr_layer != NULL;
+    const uint32_t tables = (w->tr_tok != NULL && w->tr_layer != NULL ? WARM_HISTORY : 0) |
+                            (w->pol_trans != NULL && w->pol_follows != NULL && w->pol_stats != NULL
+                                 ? WARM_POLICY : 0);
     struct warm_header h = { .version = WARM_VERSION, .header_size = sizeof(h), .n_layer = w->n_layer,
-                             .n_expert = w->n_expert, .k = w->k, .has_history = hist,
+                             .n_expert = w->n_expert, .k = w->k, .tables = tables,
                              .model_id = w->model_id };
     memcpy(h.magic, WARM_MAGIC, 8);
-    h.payload_bytes = uses_bytes(w) + (hist ? 2 * table_bytes(w) : 0);
+    h.payload_bytes = payload_bytes(w, tables);
+    struct part parts[6];
+    const int n_parts = parts_of(w, tables, parts);
     XXH3_state_t *xs = XXH3_createState();
     if (xs == NULL)
         return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
     XXH3_64bits_reset(xs);
-    XXH3_64bits_update(xs, w->uses, (size_t)uses_bytes(w));
-    if (hist) {
-        XXH3_64bits_update(xs, w->tr_tok, (size_t)table_bytes(w));
-        XXH3_64bits_update(xs, w->tr_layer, (size_t)table_bytes(w));
-    }
+    for (int i = 0; i < n_parts; i++)
+        XXH3_64bits_update(xs, parts[i].p, (size_t)parts[i].bytes);
     h.payload_xxh3 = XXH3_64bits_digest(xs);
     XXH3_freeState(xs);
     h.header_xxh3 = XXH3_64bits(&h, offsetof(struct warm_header, header_xxh3));
@@ -89,10 +121,9 @@ int moe_warm_write(const char *path, const struct moe_warm *w, struct moe_diag *
         rc = moe_fault_fire(MOE_FAULT_ENOSPC, -1, -1) ? -ENOSPC
                                                       : moe_file_pwrite(fd, w->uses, (size_t)uses_bytes(w), off);
     off += uses_bytes(w);
-    if (rc == 0 && hist) {
-        rc = moe_file_pwrite(fd, w->tr_tok, (size_t)table_bytes(w), off);
-        if (rc == 0)
-            rc = moe_file_pwrite(fd, w->tr_layer, (size_t)table_bytes(w), off + table_bytes(w));
+    for (int i = 1; rc == 0 && i < n_parts; i++) {
+        rc = moe_file_pwrite(fd, parts[i].p, (size_t)parts[i].bytes, off);
+        off += parts[i].bytes;
     }
     if (rc == 0 && fsync(fd) != 0)
         rc = -errno;
@@ -113,7 +144,11 @@ void moe_warm_free(struct moe_warm *w)
     moe_free(w->uses);
     moe_free(w->tr_tok);
     moe_free(w->tr_layer);
-    w->uses = w->tr_tok = w->tr_layer = NULL;
+    moe_free(w->pol_trans);
+    moe_free(w->pol_follows);
+    moe_free(w->pol_stats);
+    w->uses = w->tr_tok = w->tr_layer = w->pol_trans = w->pol_follows = NULL;
+    w->pol_stats = NULL;
 }
 
 static int check_header(const char *path, const struct warm_header *h, const struct moe_warm *w,
@@ -132,8 +167,11 @@ static int check_header(const char *path, const struct warm_header *h, const str
                             " experts, id %016" PRIx64 "; this one %u x %u, id %016" PRIx64 "): stale",
                             path, h->n_layer, h->n_expert, h->model_id, w->n_layer, w->n_expert,
                             w->model_id);
-    const uint64_t want = uses_bytes(w) + (h->has_history ? 2 * table_bytes(w) : 0);
-    if (h->has_history > 1 || h->payload_bytes != want || want > WARM_MAX_PAYLOAD ||
+    if (h->tables > (WARM_HISTORY | WARM_POLICY))
+        return moe_diag_set(diag, MOE_EFORMAT, "%s: tables %#x, expected a combination of 1 (history)"
+                            " and 2 (policy)", path, h->tables);
+    const uint64_t want = payload_bytes(w, h->tables);
+    if (h->payload_bytes != want || want > WARM_MAX_PAYLOAD ||
         file_size != sizeof(*h) + want)
         return moe_diag_set(diag, MOE_EFORMAT, "%s: %" PRIu64 " bytes, expected %" PRIu64
                             " (truncated or padded)", path, file_size, sizeof(*h) + want);
@@ -144,19 +182,25 @@ static int read_payload(int fd, const char *path, const struct warm_header *h, s
                         struct moe_diag *diag)
 {
     w->uses = moe_malloc((size_t)uses_bytes(w));
-    if (h->has_history) {
+    if (h->tables & WARM_HISTORY) {
         w->tr_tok = moe_malloc((size_t)table_bytes(w));
         w->tr_layer = moe_malloc((size_t)table_bytes(w));
     }
-    if (w->uses == NULL || (h->has_history && (w->tr_tok == NULL || w->tr_layer == NULL)))
+    if (h->tables & WARM_POLICY) {
+        w->pol_trans = moe_malloc((size_t)table_bytes(w));
+        w->pol_follows = moe_malloc((size_t)uses_bytes(w));
+        w->pol_stats = moe_malloc(STATS_BYTES);
+    }
+    if (w->uses == NULL || ((h->tables & WARM_HISTORY) && (w->tr_tok == NULL || w->tr_layer == NULL)) ||
+        ((h->tables & WARM_POLICY) && (w->pol_trans == NULL || w->pol_follows == NULL || w->pol_stats == NULL)))
         return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
+    struct part parts[6];
+    const int n_parts = parts_of(w, h->tables, parts);
     uint64_t off = sizeof(*h);
-    int rc = moe_file_pread(fd, w->uses, (size_t)uses_bytes(w), off, NULL);
-    if (rc == 0 && h->has_history) {
-        off += uses_bytes(w);
-        rc = moe_file_pread(fd, w->tr_tok, (size_t)table_bytes(w), off, NULL);
-        if (rc == 0)
-            rc = moe_file_pread(fd, w->tr_layer, (size_t)table_bytes(w), off + table_bytes(w), NULL);
+    int rc = 0;
+    for (int i = 0; rc == 0 && i < n_parts; i++) {
+        rc = moe_file_pread(fd, (void *)parts[i].p, (size_t)parts[i].bytes, off, NULL);
+        off += parts[i].bytes;
     }
     if (rc != 0)
         return moe_diag_set(diag, rc, "%s: read: %s", path, moe_strerror(rc));
@@ -164,11 +208,8 @@ static int read_payload(int fd, const char *path, const struct warm_header *h, s
     if (xs == NULL)
         return moe_diag_set(diag, -ENOMEM, "%s: out of memory", path);
     XXH3_64bits_reset(xs);
-    XXH3_64bits_update(xs, w->uses, (size_t)uses_bytes(w));
-    if (h->has_history) {
-        XXH3_64bits_update(xs, w->tr_tok, (size_t)table_bytes(w));
-        XXH3_64bits_update(xs, w->tr_layer, (size_t)table_bytes(w));
-    }
+    for (int i = 0; i < n_parts; i++)
+        XXH3_64bits_update(xs, parts[i].p, (size_t)parts[i].bytes);
     const uint64_t x = XXH3_64bits_digest(xs);
     XXH3_freeState(xs);
     if (x != h->payload_xxh3)
@@ -179,7 +220,8 @@ static int read_payload(int fd, const char *path, const struct warm_header *h, s
 
 int moe_warm_read(const char *path, struct moe_warm *w, struct moe_diag *diag)
 {
-    w->uses = w->tr_tok = w->tr_layer = NULL;
+    w->uses = w->tr_tok = w->tr_layer = w->pol_trans = w->pol_follows = NULL;
+    w->pol_stats = NULL;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return errno == ENOENT ? -ENOENT : moe_diag_set(diag, -errno, "%s: %s", path, strerror(errno));

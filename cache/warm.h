@@ -11,6 +11,10 @@
  * (another model, another shape) or a corrupt one is refused with a message
  * the caller logs as a warning, and the run goes on cold.
  *
+ * Tables (header field `tables`, a bit each): 1 the history predictor's
+ * two transition tables, 2 the policy's transition counts. A file written
+ * before the policy's table existed (tables 0 or 1) reads as it did.
+ *
  * Errors: 0, or a negative code with a message naming the file.
  */
 #ifndef MOE_CACHE_WARM_H
@@ -21,12 +25,19 @@
 
 #include "common/error.h"
 
+#define MOE_WARM_POLICY_STATS 32   /* = MOE_POLICY_STATS (cache/policy.h) */
+
 struct moe_warm {
     uint32_t n_layer, n_expert, k;
     uint64_t model_id;        /* identity of the model (caller's hash) */
     uint32_t *uses;           /* [n_layer][n_expert] tokens routed to each expert */
     uint32_t *tr_tok;         /* [n_layer][n_expert][n_expert] or NULL (history predictor) */
     uint32_t *tr_layer;       /* the same shape, or NULL */
+    /* the eviction policy's transition counts and scalars
+     * (moe_policy_export), or NULL: [n_layer][n_expert][n_expert],
+     * [n_layer][n_expert] and MOE_WARM_POLICY_STATS doubles */
+    uint32_t *pol_trans, *pol_follows;
+    double *pol_stats;
 };
 
 /* Writes w to path atomically. */

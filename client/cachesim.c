@@ -3,7 +3,7 @@
  *   moectl cache-sim --trace FILE [--capacity N | --capacity-pct P]
  *                    [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...] [--plot OUT.svg]
  *                    [--prefetch none|history|oracle] [--prefetch-depth D] [--per-layer]
- *                    [--lookahead H]
+ *                    [--lookahead H] [--warm-from FILE [--warm preload|seed]]
  *   moectl cache-sim --lanes ...   (client/lanesim.c: copy, CPU or both per miss)
  *
  * One line per policy and capacity:
@@ -18,6 +18,13 @@
  * --lookahead H (an oracle, cache/sim.h) protects from eviction the experts
  * the next H visits of their layer use; the lines of every policy but Belady
  * then end with `lookahead=H`.
+ * --warm-from FILE replays a warm restart (cache/sim.h, model/warm.c): FILE,
+ * a trace of the same model, is run first with the same policy and
+ * capacity; what the engine would have saved from it (each expert's uses,
+ * `predict`'s transition counts) preloads the most used experts and, with
+ * `--warm seed` (the default, what moed does), seeds the policy; `--warm
+ * preload` only preloads. The lines of every policy but Belady (cold: the
+ * optimum from an empty cache) then end with `warm=MODE`.
  * Every policy (Belady included) when --policy is not given. --sweep takes
  * capacities in percent of all (layer, expert) keys; --plot writes hit rate
  * vs capacity per policy as an SVG.
@@ -38,7 +45,7 @@ static void usage(FILE *f)
                "                        [--policy lru|lfu|layer|predict|belady] [--sweep P1,P2,...]"
                " [--plot OUT.svg]\n"
                "                        [--prefetch none|history|oracle] [--prefetch-depth D] [--per-layer]\n"
-               "                        [--lookahead H]\n"
+               "                        [--lookahead H] [--warm-from FILE [--warm preload|seed]]\n"
                "       moectl cache-sim --lanes --help   (miss lanes under hardware profiles)\n");
 }
 
@@ -84,7 +91,8 @@ static int write_svg(const char *path, const int *pct, int n_pts, const double r
 
 int moectl_cachesim_main(int argc, char **argv)
 {
-    const char *trace_path = NULL, *plot = NULL, *sweep = NULL;
+    const char *trace_path = NULL, *plot = NULL, *sweep = NULL, *warm_path = NULL;
+    int warm_seed = 1;
     long capacity = -1;
     double cap_pct = -1;
     int policy = -1, per_layer = 0, lookahead = 0;
@@ -108,6 +116,16 @@ int moectl_cachesim_main(int argc, char **argv)
                 return 2;
             }
             lookahead = (int)h;
+            i++;
+        } else if (strcmp(a, "--warm-from") == 0 && v) {
+            warm_path = v;
+            i++;
+        } else if (strcmp(a, "--warm") == 0 && v) {
+            if (strcmp(v, "seed") != 0 && strcmp(v, "preload") != 0) {
+                fprintf(stderr, "moectl: --warm '%s': expected preload or seed\n", v);
+                return 2;
+            }
+            warm_seed = strcmp(v, "seed") == 0;
             i++;
         } else if (strcmp(a, "--trace") == 0 && v) {
             trace_path = v;
@@ -189,7 +207,39 @@ int moectl_cachesim_main(int argc, char **argv)
         fprintf(stderr, "moectl: %s\n", d.msg);
         return 1;
     }
+    struct moe_trace wt = { 0 };
+    if (warm_path != NULL) {
+        if (moe_trace_load(&wt, warm_path, &d)) {
+            fprintf(stderr, "moectl: %s\n", d.msg);
+            moe_trace_free(&t);
+            return 1;
+        }
+        if (wt.n_layer != t.n_layer || wt.n_expert != t.n_expert || wt.n_expert_used != t.n_expert_used) {
+            fprintf(stderr, "moectl: --warm-from %s: %d layers x %d experts (top-%d), the trace %s has"
+                            " %d x %d (top-%d): not the same model\n", warm_path, wt.n_layer, wt.n_expert,
+                    wt.n_expert_used, trace_path, t.n_layer, t.n_expert, t.n_expert_used);
+            moe_trace_free(&wt);
+            moe_trace_free(&t);
+            return 2;
+        }
+    }
     const long n_keys = (long)t.n_layer * t.n_expert;
+    uint32_t *w_uses = NULL, *w_trans = NULL, *w_follows = NULL;
+    double w_stats[MOE_POLICY_STATS];
+    if (warm_path != NULL) {
+        w_uses = calloc((size_t)n_keys, sizeof(uint32_t));
+        w_follows = calloc((size_t)n_keys, sizeof(uint32_t));
+        w_trans = calloc((size_t)n_keys * (size_t)t.n_expert, sizeof(uint32_t));
+        if (!w_uses || !w_follows || !w_trans) {
+            fprintf(stderr, "moectl: cache-sim: out of memory\n");
+            free(w_uses);
+            free(w_follows);
+            free(w_trans);
+            moe_trace_free(&wt);
+            moe_trace_free(&t);
+            return 1;
+        }
+    }
     int caps[MAX_POINTS], n_caps = 0;
     if (n_pts) {
         for (int i = 0; i < n_pts; i++)
@@ -220,10 +270,30 @@ int moectl_cachesim_main(int argc, char **argv)
             struct moe_sim_result r;
             const int with_pf = pf.kind != MOE_SIM_PREFETCH_NONE && pols[p] != MOE_POLICY_BELADY;
             const int la = pols[p] != MOE_POLICY_BELADY ? lookahead : 0;
-            const struct moe_sim_opts so = { .policy = (enum moe_policy_kind)pols[p], .capacity = caps[c],
-                                             .params = &prm, .prefetch = with_pf ? pf : (struct moe_sim_prefetch){ 0 },
-                                             .per_layer = layers, .lookahead = la };
-            const int e = moe_cache_sim(&t, &so, &r);
+            const int warm = warm_path != NULL && pols[p] != MOE_POLICY_BELADY;
+            struct moe_sim_opts so = { .policy = (enum moe_policy_kind)pols[p], .capacity = caps[c],
+                                       .params = &prm, .prefetch = with_pf ? pf : (struct moe_sim_prefetch){ 0 },
+                                       .lookahead = la };
+            int e = 0;
+            if (warm) {
+                /* the previous run, and what moed saves at its end */
+                so.out_uses = w_uses;
+                so.out_trans = w_trans;
+                so.out_follows = w_follows;
+                so.out_stats = w_stats;
+                memset(w_stats, 0, sizeof(w_stats));
+                e = moe_cache_sim(&wt, &so, &r);
+                so.out_uses = so.out_trans = so.out_follows = NULL;
+                so.out_stats = NULL;
+                so.warm_stats = pols[p] == MOE_POLICY_PREDICT ? w_stats : NULL;
+                so.warm_uses = w_uses;
+                so.warm_trans = w_trans;
+                so.warm_follows = w_follows;
+                so.warm_seed = warm_seed;
+            }
+            so.per_layer = layers;
+            if (e == 0)
+                e = moe_cache_sim(&t, &so, &r);
             if (e) {
                 fprintf(stderr, "moectl: cache-sim: %s: %s\n", trace_path,
                         e == -ENOMEM ? "out of memory" : "the trace's sizes do not allow this simulation");
@@ -241,6 +311,8 @@ int moectl_cachesim_main(int argc, char **argv)
                        (long long)r.loads);
             if (la)
                 printf(" lookahead=%d", la);
+            if (warm)
+                printf(" warm=%s", warm_seed ? "seed" : "preload");
             printf("\n");
             for (int l = 0; layers && l < t.n_layer; l++)
                 printf("layer=%d accesses=%lld hits=%lld hit_rate=%.4f slots=%.2f\n", l,
@@ -257,6 +329,10 @@ int moectl_cachesim_main(int argc, char **argv)
         }
     }
     free(layers);
+    free(w_uses);
+    free(w_trans);
+    free(w_follows);
+    moe_trace_free(&wt);
     moe_trace_free(&t);
     return rc;
 }

@@ -1,14 +1,17 @@
 /* Warm restarts (cache/warm.h) for a loaded model: what the statistics
  * file identifies a model by, reading it at load (the hottest experts are
- * loaded into empty slots in the background; the history predictor gets
- * its counts back) and writing it at exit. */
+ * loaded into empty slots in the background; the eviction policy and the
+ * history predictor get their counts back) and writing it at exit. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <xxhash.h>
 
 #include "cache/expert_cache.h"
+#include "cache/policy.h"
 #include "cache/warm.h"
+
+_Static_assert(MOE_POLICY_STATS == MOE_WARM_POLICY_STATS, "warm policy stats");
 #include "common/alloc.h"
 #include "common/log.h"
 #include "io/gguf.h"
@@ -93,6 +96,11 @@ void moe_model_warm_load(struct moe_model *m, const char *path)
         return;
     }
     memcpy(m->ex.uses, w.uses, n * sizeof(uint32_t));
+    /* the eviction policy starts from what it learned (frequencies, and
+     * predict's transitions when the file has them): a warm start that only
+     * pre-loads leaves it deciding from nothing for the first tokens */
+    moe_expert_cache_policy_seed(m->ex.cache, w.uses, m->cfg.n_expert_used, w.pol_trans, w.pol_follows,
+                                 w.pol_stats);
     if (m->ex.prefetch_history && w.tr_tok != NULL) {
         const size_t nn = n * (size_t)m->cfg.n_expert * sizeof(uint32_t);
         memcpy(m->ex.hist.tr_tok, w.tr_tok, nn);
@@ -115,7 +123,20 @@ int moe_model_warm_save(struct moe_model *m, struct moe_diag *diag)
         w.tr_tok = m->ex.hist.tr_tok;
         w.tr_layer = m->ex.hist.tr_layer;
     }
-    return moe_warm_write(m->ex.warm_path, &w, diag);
+    const size_t n = (size_t)m->cfg.n_layer * (size_t)m->cfg.n_expert;
+    uint32_t *trans = moe_malloc(n * (size_t)m->cfg.n_expert * sizeof(uint32_t));
+    uint32_t *follows = moe_malloc(n * sizeof(uint32_t));
+    double stats[MOE_POLICY_STATS];
+    if (trans != NULL && follows != NULL &&
+        moe_expert_cache_policy_export(m->ex.cache, trans, follows, stats) == 0) {
+        w.pol_trans = trans;
+        w.pol_follows = follows;
+        w.pol_stats = stats;
+    }
+    const int rc = moe_warm_write(m->ex.warm_path, &w, diag);
+    moe_free(trans);
+    moe_free(follows);
+    return rc;
 }
 
 int moe_model_warm_loads(const struct moe_model *m)

@@ -2,8 +2,9 @@
  * trips; a corrupt, truncated, stale or foreign file is refused with its
  * reason; kill -9 at any moment of a write leaves the old file or the new
  * one, never a broken one; and a second run of moectl on the same pack
- * starts with the hottest experts of the first loading, hitting at least as
- * often over its first tokens as a cold start. */
+ * starts with the hottest experts of the first loading and its policy
+ * seeded with what the first learned, hitting at least as often over its
+ * first tokens as a cold start. */
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -17,6 +18,20 @@
 #include "common/alloc.h"
 #include "io/pack.h"
 #include "tests/harness.h"
+
+static void fill_policy(struct moe_warm *w, uint32_t seed)
+{
+    const size_t n = (size_t)w->n_layer * w->n_expert, nn = n * w->n_expert;
+    w->pol_trans = moe_malloc(nn * 4);
+    w->pol_follows = moe_malloc(n * 4);
+    for (size_t i = 0; i < nn; i++)
+        w->pol_trans[i] = (uint32_t)(i * 13) ^ seed;
+    for (size_t i = 0; i < n; i++)
+        w->pol_follows[i] = (uint32_t)(i * 5) ^ seed;
+    w->pol_stats = moe_malloc(MOE_WARM_POLICY_STATS * sizeof(double));
+    for (int i = 0; i < MOE_WARM_POLICY_STATS; i++)
+        w->pol_stats[i] = i * 0.5 + seed;
+}
 
 static void fill(struct moe_warm *w, uint32_t n_layer, uint32_t n_expert, bool hist, uint32_t seed)
 {
@@ -38,7 +53,12 @@ static void fill(struct moe_warm *w, uint32_t n_layer, uint32_t n_expert, bool h
 static bool same(const struct moe_warm *a, const struct moe_warm *b)
 {
     const size_t n = (size_t)a->n_layer * a->n_expert, nn = n * a->n_expert;
-    if (memcmp(a->uses, b->uses, n * 4) != 0 || (a->tr_tok == NULL) != (b->tr_tok == NULL))
+    if (memcmp(a->uses, b->uses, n * 4) != 0 || (a->tr_tok == NULL) != (b->tr_tok == NULL) ||
+        (a->pol_trans == NULL) != (b->pol_trans == NULL))
+        return false;
+    if (a->pol_trans != NULL &&
+        (memcmp(a->pol_trans, b->pol_trans, nn * 4) != 0 || memcmp(a->pol_follows, b->pol_follows, n * 4) != 0 ||
+         memcmp(a->pol_stats, b->pol_stats, MOE_WARM_POLICY_STATS * sizeof(double)) != 0))
         return false;
     return a->tr_tok == NULL ||
            (memcmp(a->tr_tok, b->tr_tok, nn * 4) == 0 && memcmp(a->tr_layer, b->tr_layer, nn * 4) == 0);
@@ -98,8 +118,25 @@ static void test_round_trip_and_refusals(void)
     a.tr_tok = a.tr_layer = NULL;
     CHECK(moe_warm_write(path, &a, &d) == 0);
     CHECK(moe_warm_read(path, &b, &d) == 0 && same(&a, &b) && b.tr_tok == NULL);
-    moe_warm_free(&a);
     moe_warm_free(&b);
+    /* the policy's table, alone and beside the history's: each file the
+     * size of what it holds, each read back as written */
+    const long long uses = 4 * 16 * 4, table = uses * 16;
+    for (int hist = 0; hist < 2; hist++) {
+        moe_warm_free(&a);
+        fill(&a, 4, 16, hist, 3);
+        fill_policy(&a, 5);
+        memset(&d, 0, sizeof(d));
+        CHECK_MSG(moe_warm_write(path, &a, &d) == 0, "%s", d.msg);
+        bytes = moe_test_read_file(path, &len);
+        CHECK_INT((long long)len, ==, 64 + uses + (hist ? 2 * table : 0) + table + uses + 256);
+        free(bytes);
+        b = (struct moe_warm){ .n_layer = 4, .n_expert = 16, .k = 2, .model_id = 0xabcdef };
+        CHECK_MSG(moe_warm_read(path, &b, &d) == 0, "%s", d.msg);
+        CHECK(same(&a, &b) && b.pol_trans != NULL && (b.tr_tok != NULL) == hist);
+        moe_warm_free(&b);
+    }
+    moe_warm_free(&a);
 }
 
 /* A child rewrites the file with A and B in turn (2 MB each, synced); after
@@ -178,6 +215,20 @@ static void test_second_run_is_warm(void)
     CHECK_INT(warm[0], ==, 0);
     CHECK(warm[1] > 0 && warm[1] <= 24);
     CHECK(hits[1] >= hits[0]);
+    /* the default policy (predict) saved its transition counts beside the
+     * uses, and the second run read them without a warning */
+    char wp[4200];
+    snprintf(wp, sizeof(wp), "%s.warm", pack);
+    size_t wlen;
+    char *wbytes = moe_test_read_file(wp, &wlen);
+    CHECK(wbytes != NULL && wlen > 64);
+    uint32_t nl, ne;
+    memcpy(&nl, wbytes + 16, 4);   /* the header: magic, version, size, n_layer, n_expert */
+    memcpy(&ne, wbytes + 20, 4);
+    const long long wu = (long long)nl * ne * 4;
+    CHECK_INT((long long)wlen, ==, 64 + wu + wu * ne + wu + 256);
+    free(wbytes);
+    CHECK_MSG(strstr(out, "warm start ignored") == NULL, "%s", out);
     /* a corrupt file: warned about, and the run goes on cold */
     char wpath[4200];
     snprintf(wpath, sizeof(wpath), "%s.warm", pack);
