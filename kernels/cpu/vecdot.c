@@ -842,7 +842,7 @@ AVX512BF16 static float dot_bf16_avx512(const uint16_t *w, const uint16_t *x, in
 AVX512BF16 static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, size_t ws,
                                                                        const uint16_t *x, size_t xs, int64_t n,
                                                                        const int R, const int T, float *out,
-                                                                       size_t os)
+                                                                       size_t os, const int PF)
 {
     __m512 a0[4][4], a1[4][4];
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
@@ -851,8 +851,16 @@ AVX512BF16 static inline __attribute__((always_inline)) void bf16_tile(const uin
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
         __m512i wv[4];
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            if (PF) {
+                /* the next tile's rows at the same offset: from memory, a
+                 * few rows read in step are not streamed ahead by the
+                 * hardware as one row is */
+                _mm_prefetch((const char *)(w + (r + R) * ws + i), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + (r + R) * ws + i + 32), _MM_HINT_T0);
+            }
             wv[r] = _mm512_loadu_si512(w + r * ws + i);
+        }
         _Pragma("GCC unroll 4") for (int t = 0; t < T; t++) {
             const __m512i xv = _mm512_loadu_si512(x + t * xs + i);
             _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
@@ -884,8 +892,9 @@ AVX512BF16 static inline __attribute__((always_inline)) void bf16_tile(const uin
 
 /* gemm.c's BF16 tile (vecdot-impl.h): tiles of 3 rows x 4 tokens (24
  * accumulators, 3 + 4 loads per 12 products), 4 rows for the last 1-3
- * tokens. */
-#define BF16_TILE(R, T) bf16_tile(x + (size_t)r * ws, ws, a + (size_t)t * as, as, n, R, T, y + t * ldy + r, (size_t)ldy)
+ * tokens; the first token group, which reads the rows from memory,
+ * prefetches the next tile's rows. */
+#define BF16_TILE(R, T) bf16_tile(x + (size_t)r * ws, ws, a + (size_t)t * as, as, n, R, T, y + t * ldy + r, (size_t)ldy, t == 0)
 AVX512BF16 static void tile_bf16_avx512(const uint16_t *x, size_t ws, int nr, const uint16_t *a, size_t as,
                                         int64_t n_tok, int64_t n, float *y, int64_t ldy)
 {
