@@ -1402,6 +1402,13 @@ AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const stru
         __m128 dw[2];                                                                              \
         _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {                                      \
             const wtype *x = (const wtype *)(w + (size_t)r * rb);                                  \
+            if (PF) {                                                                              \
+                const char *nx = (const char *)(x + i) + (size_t)R * rb;                           \
+                _mm_prefetch(nx, _MM_HINT_T0);                                                     \
+                _mm_prefetch(nx + 64, _MM_HINT_T0);                                                \
+                if (4 * sizeof(wtype) > 128)                                                       \
+                    _mm_prefetch(nx + 128, _MM_HINT_T0);                                           \
+            }                                                                                      \
             w0[r] = WEIGHTS(i);                                                                    \
             w1[r] = WEIGHTS(i + 2);                                                                \
             dw[r] = _mm_loadu_ps(dws + (size_t)r * nb + i);                                        \
@@ -1436,7 +1443,7 @@ AVX512 static float dot_mxfp4_avx512(const struct moe_block_mxfp4 *x, const stru
     AVX512 static inline __attribute__((always_inline)) void name(const uint8_t *w, size_t rb, const uint8_t *act, \
                                                                   size_t as, int64_t nb, const int R, const int T, \
                                                                   float *y, int64_t ldy, const float *dws,     \
-                                                                  const float *dys)
+                                                                  const float *dys, const int PF)
 
 QUAD_TILE_FN(q8_0_tile)
 {
@@ -1466,8 +1473,9 @@ AVX512 static inline float mxfp4_scale(const struct moe_block_mxfp4 *b)
 }
 
 /* 2 rows x 4 tokens per call (16 accumulators, 6 registers of unpacked
- * rows), then the last 1-3 tokens, then an odd row. */
-#define QUAD_TILE_CALL(fn, R, T) fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, R, T, y + t * ldy + r, ldy, dws, dys + (size_t)(t - t0) * nb)
+ * rows), then the last 1-3 tokens, then an odd row; the first token
+ * group, which reads the rows from memory, prefetches the next pair's. */
+#define QUAD_TILE_CALL(fn, R, T) fn(w + (size_t)r * rb, rb, act + (size_t)t * as, as, nb, R, T, y + t * ldy + r, ldy, dws, dys + (size_t)(t - t0) * nb, t == 0)
 #define QUAD_TILE_DRIVER(name, fn, wtype, dtype, wscale)                                                   \
     AVX512 static void name(const uint8_t *w, size_t rb, int nr, const uint8_t *act, size_t as, int64_t n_tok, \
                             int64_t nb, float *y, int64_t ldy)                                      \
