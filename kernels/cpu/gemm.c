@@ -587,6 +587,179 @@ AVX512 static void q6k_gemv(const uint8_t *w, size_t row_bytes, int64_t n_rows, 
     }
 }
 
+/* ---- Q4_0 and IQ4_NL x Q8_0, AVX-512 VNNI -------------------------------
+ *
+ * One weight row per 32-bit lane. A panel of 16 rows is unpacked per
+ * Q4T_SB blocks into 8 vectors of signed codes per block (vector k: the
+ * codes of elements 4k..4k+3 of every row, code - 8 for Q4_0, the grid
+ * value for IQ4_NL), the block's d per lane, and -128 times the sum of its
+ * codes per lane. The tokens' Q8_0 values are taken as unsigned (y + 128,
+ * an XOR) so that dpbusd multiplies them, broadcast four at a time, by the
+ * signed codes: sum((y + 128) * w) - 128 * sum(w) is the block's exact
+ * integer dot T for all 16 rows in 8 dpbusd per token, against 2 x 3 per
+ * row and pair of blocks in the row kernel. The floats follow the
+ * definition at vecdot.c's q4c_rows: per block s_b = d(w) * d(y), chain b
+ * mod 4 takes fma(s_b, (float)T_b, acc), the dot is (acc_0 + acc_2) +
+ * (acc_1 + acc_3); lanes are rows, so the lane arithmetic is that scalar
+ * sequence per row. Panels start at multiples of 4 blocks, so a block's
+ * chain is its place in its group of four. */
+
+#define Q4T_SB 16    /* blocks unpacked at a time (10 KiB) */
+#define Q4T_NT 4     /* tokens in registers at a time */
+#define Q4T_TOK 64   /* tokens whose running sums are kept (16 KiB) */
+
+struct q4t_panel {
+    __m512i q[Q4T_SB][8];   /* block s, codes of elements 4k..4k+3 (k < 4: low nibbles of dword k) */
+    __m512i c[Q4T_SB];      /* -128 * sum of block s's codes */
+    __m512 d[Q4T_SB];
+};
+
+AVX512 static void q4t_unpack(struct q4t_panel *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0,
+                                  int nsb, int iq4)
+{
+    static const uint8_t zero[4 * sizeof(struct moe_block_q4_0)];
+    const size_t bb = sizeof(struct moe_block_q4_0);
+    const __m512i m4 = _mm512_set1_epi8(0xf), k8 = _mm512_set1_epi8(8), k80 = _mm512_set1_epi8((char)0x80);
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_iq4nl_values));
+    /* each row's offset for the scales' gather (rows are < 128 MiB) */
+    const __m512i vrow = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)row_bytes));
+    const __mmask16 rows = (__mmask16)((1u << nr) - 1);
+    for (int s0 = 0; s0 < nsb; s0 += 4) {
+        const int nblk = nsb - s0 < 4 ? nsb - s0 : 4;
+        /* row r: the 16 code bytes of each of the group's blocks */
+        __m512i r[16];
+        for (int rr = 0; rr < 16; rr++) {
+            const uint8_t *b = rr < nr ? w + (size_t)rr * row_bytes + (size_t)(i0 + s0) * bb : zero;
+            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b + 2)));
+            if (nblk > 1)
+                v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + bb + 2)), 1);
+            if (nblk > 2)
+                v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 2 * bb + 2)), 2);
+            if (nblk > 3)
+                v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 3 * bb + 2)), 3);
+            r[rr] = v;
+        }
+        transpose16(r);
+        for (int j = 0; j < nblk; j++) {
+            const int s = s0 + j;
+            __m512i csum = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++) {
+                __m512i lo = _mm512_and_si512(r[4 * j + k], m4);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(r[4 * j + k], 4), m4);
+                if (iq4) {
+                    lo = _mm512_shuffle_epi8(grid, lo);
+                    hi = _mm512_shuffle_epi8(grid, hi);
+                } else {
+                    lo = _mm512_sub_epi8(lo, k8);
+                    hi = _mm512_sub_epi8(hi, k8);
+                }
+                p->q[s][k] = lo;
+                p->q[s][k + 4] = hi;
+                csum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(csum, k80, lo), k80, hi);
+            }
+            p->c[s] = _mm512_sub_epi32(_mm512_setzero_si512(), csum);
+            const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, vrow,
+                                                          w + (size_t)(i0 + s) * bb, 1);
+            p->d[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+        }
+    }
+}
+
+/* NT tokens against a panel: yq[t][s] the token's block s as y + 128,
+ * yd[t][s] its d; acc[t][c] chain c's running sums of token t. */
+AVX512 static inline __attribute__((always_inline)) void q4t_tokens(const struct q4t_panel *p, int nsb,
+                                                                        const uint8_t (*yq)[Q4T_SB][32],
+                                                                        const float (*yd)[Q4T_SB], const int NT,
+                                                                        __m512 (*acc)[4])
+{
+    __m512 a[4][Q4T_NT];
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+            a[c][t] = acc[t][c];
+    for (int s0 = 0; s0 < nsb; s0 += 4) {
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+            const int s = s0 + c;
+            if (s >= nsb)
+                break;
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+                __m512i lo = p->c[s], hi = _mm512_setzero_si512();
+                _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                    int32_t v0, v1;
+                    memcpy(&v0, yq[t][s] + 4 * k, 4);
+                    memcpy(&v1, yq[t][s] + 16 + 4 * k, 4);
+                    lo = _mm512_dpbusd_epi32(lo, _mm512_set1_epi32(v0), p->q[s][k]);
+                    hi = _mm512_dpbusd_epi32(hi, _mm512_set1_epi32(v1), p->q[s][k + 4]);
+                }
+                const __m512 sc = _mm512_mul_ps(p->d[s], _mm512_set1_ps(yd[t][s]));
+                a[c][t] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), a[c][t]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+            acc[t][c] = a[c][t];
+}
+
+AVX512 static inline __attribute__((always_inline)) void q4t_tile(int iq4, const uint8_t *w, size_t row_bytes,
+                                                                      int nr, const uint8_t *act, size_t stride,
+                                                                      int64_t n_tok, int64_t n, float *y, int64_t ldy,
+                                                                      const float *bias)
+{
+    struct q4t_panel p;
+    __m512 sacc[Q4T_TOK][4];
+    _Alignas(64) uint8_t yq[Q4T_NT][Q4T_SB][32];
+    float yd[Q4T_NT][Q4T_SB];
+    const int64_t nb = n / MOE_QK4_0;
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < n_tok; k0 += Q4T_TOK) {
+        const int64_t nk = n_tok - k0 < Q4T_TOK ? n_tok - k0 : Q4T_TOK;
+        for (int64_t k = 0; k < nk; k++)
+            for (int c = 0; c < 4; c++)
+                sacc[k][c] = _mm512_setzero_ps();
+        for (int64_t i0 = 0; i0 < nb; i0 += Q4T_SB) {
+            const int nsb = nb - i0 < Q4T_SB ? (int)(nb - i0) : Q4T_SB;
+            q4t_unpack(&p, w, row_bytes, nr, i0, nsb, iq4);
+            for (int64_t k = 0; k < nk; k += Q4T_NT) {
+                const int nt = nk - k < Q4T_NT ? (int)(nk - k) : Q4T_NT;
+                for (int t = 0; t < nt; t++) {
+                    const struct moe_block_q8_0 *yb = (const struct moe_block_q8_0 *)(act + (size_t)(k0 + k + t) * stride) + i0;
+                    for (int s = 0; s < nsb; s++) {
+                        _mm256_store_si256((__m256i *)yq[t][s],
+                                           _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)yb[s].qs), flip));
+                        yd[t][s] = _cvtsh_ss(yb[s].d);
+                    }
+                }
+                switch (nt) {
+                case 4: q4t_tokens(&p, nsb, yq, yd, 4, sacc + k); break;
+                case 3: q4t_tokens(&p, nsb, yq, yd, 3, sacc + k); break;
+                case 2: q4t_tokens(&p, nsb, yq, yd, 2, sacc + k); break;
+                default: q4t_tokens(&p, nsb, yq, yd, 1, sacc + k); break;
+                }
+            }
+        }
+        for (int64_t k = 0; k < nk; k++) {
+            __m512 v = _mm512_add_ps(_mm512_add_ps(sacc[k][0], sacc[k][2]), _mm512_add_ps(sacc[k][1], sacc[k][3]));
+            if (bias)
+                v = _mm512_add_ps(v, vb);
+            _mm512_mask_storeu_ps(y + (k0 + k) * ldy, keep, v);
+        }
+    }
+}
+
+AVX512 static void q4_0_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                                 int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q4t_tile(0, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
+
+AVX512 static void iq4_nl_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                                   int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q4t_tile(1, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
 /* ---- Q4_K x Q8_K, AVX2 ------------------------------------------------
  *
  * The AVX-512 kernel's scheme with 8 rows per vector and no VNNI: maddubs
@@ -754,6 +927,8 @@ AVX2 static void q4k_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const
 
 static const struct gemm_tile tiles[] = {
 #ifdef MOE_X86
+    { LEVEL_AVX512, MOE_DTYPE_Q4_0, 2, q4_0_tile },
+    { LEVEL_AVX512, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile },
     /* fewer tokens: the row kernels (measured on experts streamed from
      * memory, Qwen3-shape prompt of 64 tokens: 4-8 per expert) */
     { LEVEL_AVX512, MOE_DTYPE_Q4_K, 8, q4k_tile, q4k_gemv },

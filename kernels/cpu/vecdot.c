@@ -6,6 +6,7 @@
  * and activation rows are arrays of kernels/blocks.h's structs. */
 #include <math.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -777,15 +778,7 @@ AVX512 static inline __m512i s8_dot(__m512i w, __m512i yx)
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), sy);
 }
 
-AVX512 static inline __m512i q4_0_dot(__m512i w, __m512i yx)
-{
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, yx);
-    const __m512i sy = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), yx);
-    return _mm512_sub_epi32(dot, _mm512_slli_epi32(sy, 3));
-}
-
 #define Q8_0_W(k) load2x256(x[k].qs, x[k + 1].qs)
-#define Q4_0_W(k) _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(x[k].qs)), nibbles32(x[k + 1].qs), 1)
 #define HALF_DW(k) f16x4(x[k].d, x[k + 1].d, x[k + 2].d, x[k + 3].d)
 
 ROWS_FN(q8_0_rows, struct moe_block_q8_0)
@@ -793,22 +786,10 @@ ROWS_FN(q8_0_rows, struct moe_block_q8_0)
     QUAD_ROWS(Q8_0_W, s8_dot, HALF_DW, dot_q8_0_avx2)
 }
 
-ROWS_FN(q4_0_rows, struct moe_block_q4_0)
-{
-    QUAD_ROWS(Q4_0_W, q4_0_dot, HALF_DW, dot_q4_0_avx2)
-}
-
 AVX512 static float dot_q8_0_avx512(const struct moe_block_q8_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
 {
     float r;
     q8_0_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
-    return r;
-}
-
-AVX512 static float dot_q4_0_avx512(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
-{
-    float r;
-    q4_0_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
     return r;
 }
 
@@ -1354,16 +1335,152 @@ AVX512 static inline __m512i grid64(const uint8_t *q0, const uint8_t *q1, __m512
 #define MX_DW(k) _mm_setr_ps(moe_e8m0_half(x[k].e), moe_e8m0_half(x[k + 1].e), moe_e8m0_half(x[k + 2].e), \
                              moe_e8m0_half(x[k + 3].e))
 
-ROWS_FN(iq4_nl_rows, struct moe_block_iq4_nl)
-{
-    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_iq4nl_values));
-    QUAD_ROWS(IQ4_W, s8_dot, HALF_DW, dot_iq4_nl_avx2)
-}
-
 ROWS_FN(mxfp4_rows, struct moe_block_mxfp4)
 {
     const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_mxfp4_values));
     QUAD_ROWS(IQ4_W, s8_dot, MX_DW, dot_mxfp4_avx2)
+}
+
+/* Q4_0 and IQ4_NL (18-byte blocks: f16 d, 16 bytes of codes) x Q8_0.
+ *
+ * The float sum is defined per block, in four chains, so that gemm.c's
+ * tile kernel (one weight row per vector lane) gives the same floats: with
+ * T_b block b's integer dot (exact) and s_b = d(w_b) * d(y_b) (a float
+ * product), chain c = b mod 4 runs acc_c = fma(s_b, (float)T_b, acc_c) over
+ * its blocks in order, and the dot is (acc_0 + acc_2) + (acc_1 + acc_3).
+ * Eight (then four) blocks per step: their T reduced together into the
+ * lanes of one vector (lane c of each half = chain c), one multiply and
+ * one fma per four blocks and token. IQ4_NL's block has Q4_0's layout;
+ * its codes index the grid. */
+static_assert(sizeof(struct moe_block_iq4_nl) == sizeof(struct moe_block_q4_0) &&
+                  offsetof(struct moe_block_iq4_nl, qs) == offsetof(struct moe_block_q4_0, qs),
+              "IQ4_NL's block is laid out as Q4_0's");
+AVX512 static inline __m512i q4c_codes2(const uint8_t *q0, const uint8_t *q1, int iq4, __m512i grid)
+{
+    const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(q0)), nibbles32(q1), 1);
+    return iq4 ? _mm512_shuffle_epi8(grid, idx) : idx;
+}
+
+/* [T_0, T_1, T_2, T_3] from the lanes of two blocks per vector (v0: blocks
+ * 0 and 1, v1: 2 and 3; eight lanes each). */
+AVX512 static inline __m128i q4c_sum4(__m512i v0, __m512i v1)
+{
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi64(v0, v1), _mm512_unpackhi_epi64(v0, v1));
+    const __m512i b = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB));
+    const __m512i c = _mm512_add_epi32(b, _mm512_shuffle_i32x4(b, b, _MM_SHUFFLE(2, 3, 0, 1)));
+    /* c: dword 0 = T_0, 2 = T_2, 8 = T_1, 10 = T_3 */
+    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 8, 2, 10, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                              0, 0, 0, 0), c));
+}
+
+/* [T_0 .. T_7] from four vectors of two blocks each (v[k]: blocks 2k and
+ * 2k + 1). */
+AVX512 static inline __m256i q4c_sum8(const __m512i v[4])
+{
+    const __m512i a01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    const __m512i a23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    /* 128-bit lane L: dword e = v[e]'s sum over lane L */
+    const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi64(a01, a23), _mm512_unpackhi_epi64(a01, a23));
+    /* lane 0: T_0, T_2, T_4, T_6; lane 2: T_1, T_3, T_5, T_7 */
+    const __m512i c = _mm512_add_epi32(a, _mm512_shuffle_i32x4(a, a, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 0, 0, 0, 0,
+                                                                              0, 0, 0, 0), c));
+}
+
+/* the f16 scales of eight blocks */
+#define Q4C_D8(b) _mm256_cvtph_ps(_mm_setr_epi16((short)(b)[0].d, (short)(b)[1].d, (short)(b)[2].d, (short)(b)[3].d, \
+                                                 (short)(b)[4].d, (short)(b)[5].d, (short)(b)[6].d, (short)(b)[7].d))
+
+/* one block's exact integer dot (the chains' tail) */
+static inline int q4c_block_dot(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int iq4)
+{
+    int sumi = 0;
+    for (int j = 0; j < MOE_QK4_0 / 2; j++) {
+        const int lo = iq4 ? moe_iq4nl_values[x->qs[j] & 0xf] : (x->qs[j] & 0xf) - 8;
+        const int hi = iq4 ? moe_iq4nl_values[x->qs[j] >> 4] : (x->qs[j] >> 4) - 8;
+        sumi += lo * y->qs[j] + hi * y->qs[j + 16];
+    }
+    return sumi;
+}
+
+AVX512 static inline __attribute__((always_inline)) void q4c_rows(const struct moe_block_q4_0 *x, int iq4,
+                                                                  const uint8_t *act, size_t stride, int64_t nb,
+                                                                  const int NT, float *out)
+{
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_iq4nl_values));
+    const __m512i eight = _mm512_set1_epi8(8);
+    __m128 acc[4];
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        acc[t] = _mm_setzero_ps();
+    int64_t i = 0;
+    /* eight blocks per step: chain c takes block i + c, then i + 4 + c */
+    for (; i + 8 <= nb; i += 8) {
+        __m512i w[4];
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+            w[k] = q4c_codes2(x[i + 2 * k].qs, x[i + 2 * k + 1].qs, iq4, grid);
+        const __m256 dw = Q4C_D8(x + i);
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            const struct moe_block_q8_0 *y = (const struct moe_block_q8_0 *)(act + (size_t)t * stride) + i;
+            __m512i v[4];
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                const __m512i yy = load2x256(y[2 * k].qs, y[2 * k + 1].qs);
+                v[k] = iq4 ? s8_dot(w[k], yy)
+                           : _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w[k], yy),
+                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, yy));
+            }
+            const __m256 s = _mm256_mul_ps(dw, Q4C_D8(y));
+            const __m256 tf = _mm256_cvtepi32_ps(q4c_sum8(v));
+            acc[t] = _mm_fmadd_ps(_mm256_castps256_ps128(s), _mm256_castps256_ps128(tf), acc[t]);
+            acc[t] = _mm_fmadd_ps(_mm256_extractf128_ps(s, 1), _mm256_extractf128_ps(tf, 1), acc[t]);
+        }
+    }
+    for (; i + 4 <= nb; i += 4) {
+        const __m512i w0 = q4c_codes2(x[i].qs, x[i + 1].qs, iq4, grid);
+        const __m512i w1 = q4c_codes2(x[i + 2].qs, x[i + 3].qs, iq4, grid);
+        const __m128 dw = f16x4(x[i].d, x[i + 1].d, x[i + 2].d, x[i + 3].d);
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            const struct moe_block_q8_0 *y = (const struct moe_block_q8_0 *)(act + (size_t)t * stride) + i;
+            const __m512i y0 = load2x256(y[0].qs, y[1].qs), y1 = load2x256(y[2].qs, y[3].qs);
+            __m512i v0, v1;
+            if (iq4) {
+                v0 = s8_dot(w0, y0);
+                v1 = s8_dot(w1, y1);
+            } else {
+                /* unsigned codes: sum(q * y) - 8 * sum(y) */
+                v0 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, y0),
+                                      _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, y0));
+                v1 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, y1),
+                                      _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, y1));
+            }
+            const __m128 s = _mm_mul_ps(dw, f16x4(y[0].d, y[1].d, y[2].d, y[3].d));
+            acc[t] = _mm_fmadd_ps(s, _mm_cvtepi32_ps(q4c_sum4(v0, v1)), acc[t]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+        const struct moe_block_q8_0 *y = (const struct moe_block_q8_0 *)(act + (size_t)t * stride);
+        float a[4];
+        _mm_storeu_ps(a, acc[t]);
+        for (int64_t j = i; j < nb; j++)
+            a[j & 3] = __builtin_fmaf(hf(x[j].d) * hf(y[j].d), (float)q4c_block_dot(&x[j], &y[j], iq4), a[j & 3]);
+        out[t] = (a[0] + a[2]) + (a[1] + a[3]);
+    }
+}
+
+ROWS_FN(q4_0_rows, struct moe_block_q4_0)
+{
+    q4c_rows(x, 0, act, stride, nb, NT, out);
+}
+
+ROWS_FN(iq4_nl_rows, struct moe_block_iq4_nl)
+{
+    q4c_rows((const struct moe_block_q4_0 *)x, 1, act, stride, nb, NT, out);
+}
+
+AVX512 static float dot_q4_0_avx512(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int64_t nb)
+{
+    float r;
+    q4_0_rows(x, (const uint8_t *)y, 0, nb, 1, &r);
+    return r;
 }
 
 AVX512 static float dot_iq4_nl_avx512(const struct moe_block_iq4_nl *x, const struct moe_block_q8_0 *y, int64_t nb)
