@@ -631,6 +631,10 @@ AVX512 static void q4t_unpack(struct q4t_panel *p, const uint8_t *w, size_t row_
         __m512i r[16];
         for (int rr = 0; rr < 16; rr++) {
             const uint8_t *b = rr < nr ? w + (size_t)rr * row_bytes + (size_t)(i0 + s0) * bb : zero;
+            /* the next panel's rows, as q4k_unpack */
+            const char *nx = (const char *)w + (size_t)(rr + 16) * row_bytes + (size_t)(i0 + s0) * bb;
+            _mm_prefetch(nx, _MM_HINT_T1);
+            _mm_prefetch(nx + 64, _MM_HINT_T1);
             __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b + 2)));
             if (nblk > 1)
                 v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + bb + 2)), 1);
