@@ -927,12 +927,144 @@ AVX2 static void q4k_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const
         }
     }
 }
+
+/* ---- Q4_0 and IQ4_NL x Q8_0, AVX2 ---------------------------------------
+ *
+ * tinyBLAS's scheme: register tiles of 4 rows x 2 tokens, each pair an
+ * 8-lane float accumulator that takes, per block, exactly the operations
+ * of vecdot.c's dot_q4_0_avx2 / dot_iq4_nl_avx2 (mul_sum_i8's 8 int32
+ * lanes, converted, then fma by the broadcast d(w) * d(y)), and hsum8's
+ * order at the end. The rows' signed codes and their absolute values are
+ * unpacked once per Q4A_SB blocks and token tile, so that a block costs a
+ * pair six operations (sign, maddubs, madd, convert, multiply, fma)
+ * against fifteen in the row kernel. */
+#define Q4A_SB 32    /* blocks unpacked at a time (8 KiB for 4 rows) */
+#define Q4A_TOK 64
+
+struct q4a_panel {
+    __m256i q[4][Q4A_SB];   /* row, block: the 32 signed codes in element order */
+    __m256i a[4][Q4A_SB];   /* their absolute values */
+    float d[4][Q4A_SB];
+};
+
+/* vecdot.c's hsum8 */
+AVX2 static inline float q4a_hsum8(__m256 v)
+{
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+AVX2 static void q4a_unpack(struct q4a_panel *p, const uint8_t *w, size_t row_bytes, int nr4, int64_t i0, int nsb,
+                            int iq4)
+{
+    const __m256i grid = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)moe_iq4nl_values));
+    const __m256i m4 = _mm256_set1_epi8(0xf), k8 = _mm256_set1_epi8(8);
+    for (int r = 0; r < 4; r++) {
+        for (int s = 0; s < nsb; s++) {
+            if (r >= nr4) {
+                p->q[r][s] = p->a[r][s] = _mm256_setzero_si256();
+                p->d[r][s] = 0.0f;
+                continue;
+            }
+            const struct moe_block_q4_0 *b = (const struct moe_block_q4_0 *)(w + (size_t)r * row_bytes) + i0 + s;
+            const __m128i raw = _mm_loadu_si128((const __m128i *)b->qs);
+            const __m256i v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+            const __m256i q = iq4 ? _mm256_shuffle_epi8(grid, v) : _mm256_sub_epi8(v, k8);
+            p->q[r][s] = q;
+            p->a[r][s] = _mm256_sign_epi8(q, q);
+            p->d[r][s] = _cvtsh_ss(b->d);
+        }
+    }
+}
+
+AVX2 static inline __attribute__((always_inline)) void q4a_tokens(const struct q4a_panel *p, int nsb,
+                                                                  const uint8_t *act, size_t stride, int64_t i0,
+                                                                  const int NT, __m256 (*acc)[4])
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 c[2][4];
+    _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++)
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)
+            c[t][r] = acc[t][r];
+    for (int s = 0; s < nsb; s++) {
+        __m256i yv[2];
+        __m256 dy[2];
+        _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++) {
+            const struct moe_block_q8_0 *yb = (const struct moe_block_q8_0 *)(act + (size_t)t * stride) + i0 + s;
+            yv[t] = _mm256_loadu_si256((const __m256i *)yb->qs);
+            dy[t] = _mm256_set1_ps(_cvtsh_ss(yb->d));
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {
+            const __m256 dw = _mm256_set1_ps(p->d[r][s]);
+            _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++) {
+                const __m256i sy = _mm256_sign_epi8(yv[t], p->q[r][s]);
+                const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(p->a[r][s], sy), ones);
+                c[t][r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dy[t]), _mm256_cvtepi32_ps(i), c[t][r]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++)
+        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)
+            acc[t][r] = c[t][r];
+}
+
+AVX2 static inline __attribute__((always_inline)) void q4a_tile(int iq4, const uint8_t *w, size_t row_bytes, int nr,
+                                                                const uint8_t *act, size_t stride, int64_t n_tok,
+                                                                int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    struct q4a_panel p;
+    __m256 sacc[Q4A_TOK][4];
+    const int64_t nb = n / MOE_QK4_0;
+    for (int r0 = 0; r0 < nr; r0 += 4) {
+        const int nr4 = nr - r0 < 4 ? nr - r0 : 4;
+        const uint8_t *wr = w + (size_t)r0 * row_bytes;
+        for (int64_t k0 = 0; k0 < n_tok; k0 += Q4A_TOK) {
+            const int64_t nk = n_tok - k0 < Q4A_TOK ? n_tok - k0 : Q4A_TOK;
+            for (int64_t k = 0; k < nk; k++)
+                for (int r = 0; r < 4; r++)
+                    sacc[k][r] = _mm256_setzero_ps();
+            for (int64_t i0 = 0; i0 < nb; i0 += Q4A_SB) {
+                const int nsb = nb - i0 < Q4A_SB ? (int)(nb - i0) : Q4A_SB;
+                q4a_unpack(&p, wr, row_bytes, nr4, i0, nsb, iq4);
+                for (int64_t k = 0; k < nk; k += 2) {
+                    const uint8_t *a = act + (size_t)(k0 + k) * stride;
+                    if (nk - k >= 2)
+                        q4a_tokens(&p, nsb, a, stride, i0, 2, sacc + k);
+                    else
+                        q4a_tokens(&p, nsb, a, stride, i0, 1, sacc + k);
+                }
+            }
+            for (int64_t k = 0; k < nk; k++)
+                for (int r = 0; r < nr4; r++) {
+                    const float v = q4a_hsum8(sacc[k][r]);
+                    y[(k0 + k) * ldy + r0 + r] = bias ? v + bias[r0 + r] : v;
+                }
+        }
+    }
+}
+
+AVX2 static void q4_0_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                                int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q4a_tile(0, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
+
+AVX2 static void iq4_nl_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                                  int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q4a_tile(1, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
 #endif
 
 static const struct gemm_tile tiles[] = {
 #ifdef MOE_X86
     { LEVEL_AVX512, MOE_DTYPE_Q4_0, 2, q4_0_tile },
     { LEVEL_AVX512, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile },
+    { LEVEL_AVX2, MOE_DTYPE_Q4_0, 2, q4_0_tile_avx2 },
+    { LEVEL_AVX2, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile_avx2 },
     /* fewer tokens: the row kernels (measured on experts streamed from
      * memory, Qwen3-shape prompt of 64 tokens: 4-8 per expert) */
     { LEVEL_AVX512, MOE_DTYPE_Q4_K, 8, q4k_tile, q4k_gemv },
