@@ -764,6 +764,197 @@ AVX512 static void iq4_nl_tile(const uint8_t *w, size_t row_bytes, int nr, const
 {
     q4t_tile(1, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
 }
+/* ---- Q4_1, Q5_0 and Q5_1, AVX-512 VNNI -----------------------------------
+ *
+ * These types have only vecdot.c's scalar dots, on every path: one float
+ * chain per row over the blocks, with T the block's exact integer dot,
+ * Q5_0: acc = acc + (float)T * (d(w) * d(y)); Q4_1 and Q5_1 (Q8_1
+ * activations): acc = acc + ((d(w) * d(y)) * (float)T + m(w) * s(y)), each
+ * operation rounded (the scalar code is compiled without FMA). The tile is
+ * Q4_0's (one row per lane, codes as signed bytes against the tokens'
+ * flipped values, -128 * sum(codes) as the start), with the fifth bits
+ * added from qh and that float chain per lane. */
+enum q5t_kind { Q5T_Q4_1, Q5T_Q5_0, Q5T_Q5_1 };
+
+struct q5t_panel {
+    __m512i q[Q4T_SB][8];
+    __m512i c[Q4T_SB];
+    __m512 d[Q4T_SB], m[Q4T_SB];
+};
+
+AVX512 static void q5t_unpack(struct q5t_panel *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0, int nsb,
+                              const int kind)
+{
+    /* block layouts (kernels/blocks.h): d [m] [qh] qs */
+    const size_t bb = kind == Q5T_Q4_1 ? sizeof(struct moe_block_q4_1)
+                      : kind == Q5T_Q5_0 ? sizeof(struct moe_block_q5_0) : sizeof(struct moe_block_q5_1);
+    const size_t oqs = kind == Q5T_Q4_1 ? offsetof(struct moe_block_q4_1, qs)
+                       : kind == Q5T_Q5_0 ? offsetof(struct moe_block_q5_0, qs) : offsetof(struct moe_block_q5_1, qs);
+    const size_t oqh = kind == Q5T_Q5_0 ? offsetof(struct moe_block_q5_0, qh) : offsetof(struct moe_block_q5_1, qh);
+    static const uint8_t zero[4 * sizeof(struct moe_block_q5_1)];
+    const __m512i m4 = _mm512_set1_epi8(0xf), k16 = _mm512_set1_epi8(16), k80 = _mm512_set1_epi8((char)0x80);
+    const __m512i vrow = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32((int)row_bytes));
+    const __mmask16 rows = (__mmask16)((1u << nr) - 1);
+    /* code vector kk holds elements 4kk..4kk+3, whose fifth bits are bits
+     * 4(kk % 2)..+3 of byte kk / 2 of qh: that byte in each of the
+     * dword's bytes, tested against one bit per byte */
+    __m512i hidx[4];
+    for (int b = 0; b < 4; b++) {
+        /* dword p of each 128-bit lane: its own byte b (4p + b) */
+        hidx[b] = _mm512_add_epi8(_mm512_set1_epi8((char)b),
+                                  _mm512_broadcast_i32x4(_mm_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12)));
+    }
+    const __m512i hbit[2] = { _mm512_set1_epi32(0x08040201), _mm512_set1_epi32((int)0x80402010) };
+    for (int s0 = 0; s0 < nsb; s0 += 4) {
+        const int nblk = nsb - s0 < 4 ? nsb - s0 : 4;
+        __m512i r[16];
+        for (int rr = 0; rr < 16; rr++) {
+            const uint8_t *b = rr < nr ? w + (size_t)rr * row_bytes + (size_t)(i0 + s0) * bb : zero;
+            const char *nx = (const char *)w + (size_t)(rr + 16) * row_bytes + (size_t)(i0 + s0) * bb;
+            _mm_prefetch(nx, _MM_HINT_T1);
+            _mm_prefetch(nx + 64, _MM_HINT_T1);
+            __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(b + oqs)));
+            if (nblk > 1)
+                v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + bb + oqs)), 1);
+            if (nblk > 2)
+                v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 2 * bb + oqs)), 2);
+            if (nblk > 3)
+                v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 3 * bb + oqs)), 3);
+            r[rr] = v;
+        }
+        transpose16(r);
+        for (int j = 0; j < nblk; j++) {
+            const int s = s0 + j;
+            const uint8_t *base = w + (size_t)(i0 + s) * bb;
+            /* d (and m, the next half-word) of every row */
+            const __m512i dm = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, vrow, base, 1);
+            p->d[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+            p->m[s] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
+            __m512i qh = _mm512_setzero_si512();
+            if (kind != Q5T_Q4_1)
+                qh = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, vrow, base + oqh, 1);
+            __m512i csum = _mm512_setzero_si512();
+            for (int kk = 0; kk < 8; kk++) {
+                const __m512i raw = r[4 * j + (kk & 3)];
+                __m512i q = kk < 4 ? _mm512_and_si512(raw, m4) : _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                if (kind != Q5T_Q4_1) {
+                    const __mmask64 h = _mm512_test_epi8_mask(_mm512_shuffle_epi8(qh, hidx[kk / 2]), hbit[kk % 2]);
+                    q = _mm512_mask_add_epi8(q, h, q, k16);
+                }
+                if (kind == Q5T_Q5_0)
+                    q = _mm512_sub_epi8(q, k16);
+                p->q[s][kk] = q;
+                csum = _mm512_dpbusd_epi32(csum, k80, q);
+            }
+            p->c[s] = _mm512_sub_epi32(_mm512_setzero_si512(), csum);
+        }
+    }
+}
+
+AVX512 static inline __attribute__((always_inline)) void q5t_tokens(const struct q5t_panel *p, int nsb,
+                                                                    const uint8_t (*yq)[Q4T_SB][32],
+                                                                    const float (*yd)[Q4T_SB],
+                                                                    const float (*ys)[Q4T_SB], const int NT,
+                                                                    const int kind, __m512 *acc)
+{
+    __m512 a[Q4T_NT];
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        a[t] = acc[t];
+    for (int s = 0; s < nsb; s++) {
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            __m512i lo = p->c[s], hi = _mm512_setzero_si512();
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                int32_t v0, v1;
+                memcpy(&v0, yq[t][s] + 4 * k, 4);
+                memcpy(&v1, yq[t][s] + 16 + 4 * k, 4);
+                lo = _mm512_dpbusd_epi32(lo, _mm512_set1_epi32(v0), p->q[s][k]);
+                hi = _mm512_dpbusd_epi32(hi, _mm512_set1_epi32(v1), p->q[s][k + 4]);
+            }
+            const __m512 tf = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+            const __m512 sc = _mm512_mul_ps(p->d[s], _mm512_set1_ps(yd[t][s]));
+            if (kind == Q5T_Q5_0)
+                a[t] = _mm512_add_ps(a[t], _mm512_mul_ps(tf, sc));
+            else
+                a[t] = _mm512_add_ps(a[t], _mm512_add_ps(_mm512_mul_ps(sc, tf),
+                                                         _mm512_mul_ps(p->m[s], _mm512_set1_ps(ys[t][s]))));
+        }
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        acc[t] = a[t];
+}
+
+AVX512 static inline __attribute__((always_inline)) void q5t_tile(const int kind, const uint8_t *w, size_t row_bytes,
+                                                                  int nr, const uint8_t *act, size_t stride,
+                                                                  int64_t n_tok, int64_t n, float *y, int64_t ldy,
+                                                                  const float *bias)
+{
+    struct q5t_panel p;
+    __m512 sacc[Q4T_TOK];
+    _Alignas(64) uint8_t yq[Q4T_NT][Q4T_SB][32];
+    float yd[Q4T_NT][Q4T_SB], ys[Q4T_NT][Q4T_SB];
+    const int64_t nb = n / 32;
+    const int q81 = kind != Q5T_Q5_0;   /* Q8_1 activations */
+    const size_t ab = q81 ? sizeof(struct moe_block_q8_1) : sizeof(struct moe_block_q8_0);
+    const size_t aq = q81 ? offsetof(struct moe_block_q8_1, qs) : offsetof(struct moe_block_q8_0, qs);
+    const __mmask16 keep = (__mmask16)((1u << nr) - 1);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < n_tok; k0 += Q4T_TOK) {
+        const int64_t nk = n_tok - k0 < Q4T_TOK ? n_tok - k0 : Q4T_TOK;
+        for (int64_t k = 0; k < nk; k++)
+            sacc[k] = _mm512_setzero_ps();
+        for (int64_t i0 = 0; i0 < nb; i0 += Q4T_SB) {
+            const int nsb = nb - i0 < Q4T_SB ? (int)(nb - i0) : Q4T_SB;
+            q5t_unpack(&p, w, row_bytes, nr, i0, nsb, kind);
+            for (int64_t k = 0; k < nk; k += Q4T_NT) {
+                const int nt = nk - k < Q4T_NT ? (int)(nk - k) : Q4T_NT;
+                for (int t = 0; t < nt; t++) {
+                    const uint8_t *yb = act + (size_t)(k0 + k + t) * stride + (size_t)i0 * ab;
+                    for (int s = 0; s < nsb; s++, yb += ab) {
+                        _mm256_store_si256((__m256i *)yq[t][s],
+                                           _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(yb + aq)), flip));
+                        uint16_t h[2];
+                        memcpy(h, yb, 4);
+                        yd[t][s] = _cvtsh_ss(h[0]);
+                        ys[t][s] = q81 ? _cvtsh_ss(h[1]) : 0.0f;
+                    }
+                }
+                switch (nt) {
+                case 4: q5t_tokens(&p, nsb, yq, yd, ys, 4, kind, sacc + k); break;
+                case 3: q5t_tokens(&p, nsb, yq, yd, ys, 3, kind, sacc + k); break;
+                case 2: q5t_tokens(&p, nsb, yq, yd, ys, 2, kind, sacc + k); break;
+                default: q5t_tokens(&p, nsb, yq, yd, ys, 1, kind, sacc + k); break;
+                }
+            }
+        }
+        for (int64_t k = 0; k < nk; k++) {
+            __m512 v = sacc[k];
+            if (bias)
+                v = _mm512_add_ps(v, vb);
+            _mm512_mask_storeu_ps(y + (k0 + k) * ldy, keep, v);
+        }
+    }
+}
+
+AVX512 static void q4_1_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                             int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q5t_tile(Q5T_Q4_1, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
+
+AVX512 static void q5_0_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                             int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q5t_tile(Q5T_Q5_0, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
+
+AVX512 static void q5_1_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                             int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q5t_tile(Q5T_Q5_1, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
+
 /* ---- Q4_K x Q8_K, AVX2 ------------------------------------------------
  *
  * The AVX-512 kernel's scheme with 8 rows per vector and no VNNI: maddubs
@@ -1064,6 +1255,9 @@ static const struct gemm_tile tiles[] = {
     { LEVEL_AVX512, MOE_DTYPE_Q4_0, 2, q4_0_tile },
     { LEVEL_AVX512, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile },
     { LEVEL_AVX2, MOE_DTYPE_Q4_0, 2, q4_0_tile_avx2 },
+    { LEVEL_AVX512, MOE_DTYPE_Q4_1, 1, q4_1_tile },   /* scalar row kernels: any batch */
+    { LEVEL_AVX512, MOE_DTYPE_Q5_0, 1, q5_0_tile },
+    { LEVEL_AVX512, MOE_DTYPE_Q5_1, 1, q5_1_tile },
     { LEVEL_AVX2, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile_avx2 },
     /* fewer tokens: the row kernels (measured on experts streamed from
      * memory, Qwen3-shape prompt of 64 tokens: 4-8 per expert) */
