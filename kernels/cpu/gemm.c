@@ -1248,6 +1248,192 @@ AVX2 static void iq4_nl_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, co
 {
     q4a_tile(1, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
 }
+
+/* ---- Q4_1, Q5_0 and Q5_1, AVX2 ------------------------------------------
+ *
+ * The AVX-512 tile's scheme with 8 rows per vector and no VNNI: per pair of
+ * code vectors, maddubs of the token's flipped bytes (broadcast) by the
+ * signed codes, the two 16-bit results added (at most 2 x 2 x 255 x 31 =
+ * 31620) and madd into 32 bits; the scalar dot's single float chain per
+ * lane. */
+#define Q5A_SB 16
+
+struct q5a_panel {
+    __m256i q[Q5A_SB][8];
+    __m256i c[Q5A_SB];
+    __m256 d[Q5A_SB], m[Q5A_SB];
+};
+
+AVX2 static void q5a_unpack(struct q5a_panel *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0, int nsb,
+                            const int kind)
+{
+    const size_t bb = kind == Q5T_Q4_1 ? sizeof(struct moe_block_q4_1)
+                      : kind == Q5T_Q5_0 ? sizeof(struct moe_block_q5_0) : sizeof(struct moe_block_q5_1);
+    const size_t oqs = kind == Q5T_Q4_1 ? offsetof(struct moe_block_q4_1, qs)
+                       : kind == Q5T_Q5_0 ? offsetof(struct moe_block_q5_0, qs) : offsetof(struct moe_block_q5_1, qs);
+    const size_t oqh = kind == Q5T_Q5_0 ? offsetof(struct moe_block_q5_0, qh) : offsetof(struct moe_block_q5_1, qh);
+    static const uint8_t zero[2 * sizeof(struct moe_block_q5_1)];
+    const __m256i m4 = _mm256_set1_epi8(0xf), k16 = _mm256_set1_epi8(16), k80 = _mm256_set1_epi8((char)0x80);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i hidx[4];
+    for (int b = 0; b < 4; b++)
+        hidx[b] = _mm256_add_epi8(_mm256_set1_epi8((char)b),
+                                  _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12)));
+    const __m256i hbit[2] = { _mm256_set1_epi32(0x08040201), _mm256_set1_epi32((int)0x80402010) };
+    for (int s0 = 0; s0 < nsb; s0 += 2) {
+        const int nblk = nsb - s0 < 2 ? nsb - s0 : 2;
+        __m256i r[8];
+        for (int rr = 0; rr < 8; rr++) {
+            const uint8_t *b = rr < nr ? w + (size_t)rr * row_bytes + (size_t)(i0 + s0) * bb : zero;
+            __m256i v = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b + oqs)));
+            if (nblk > 1)
+                v = _mm256_inserti128_si256(v, _mm_loadu_si128((const __m128i *)(b + bb + oqs)), 1);
+            r[rr] = v;
+        }
+        transpose8(r);
+        for (int j = 0; j < nblk; j++) {
+            const int s = s0 + j;
+            float d[8], m[8];
+            uint32_t qh[8];
+            for (int rr = 0; rr < 8; rr++) {
+                uint16_t h[2] = { 0, 0 };
+                qh[rr] = 0;
+                if (rr < nr) {
+                    const uint8_t *blk = w + (size_t)rr * row_bytes + (size_t)(i0 + s) * bb;
+                    memcpy(h, blk, 4);
+                    if (kind != Q5T_Q4_1)
+                        memcpy(&qh[rr], blk + oqh, 4);
+                }
+                d[rr] = _cvtsh_ss(h[0]);
+                m[rr] = kind != Q5T_Q5_0 ? _cvtsh_ss(h[1]) : 0.0f;
+            }
+            p->d[s] = _mm256_loadu_ps(d);
+            p->m[s] = _mm256_loadu_ps(m);
+            const __m256i qhv = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i csum = _mm256_setzero_si256();
+            for (int kk = 0; kk < 8; kk++) {
+                const __m256i raw = r[4 * j + (kk & 3)];
+                __m256i q = kk < 4 ? _mm256_and_si256(raw, m4) : _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                if (kind != Q5T_Q4_1) {
+                    const __m256i sel = _mm256_and_si256(_mm256_shuffle_epi8(qhv, hidx[kk / 2]), hbit[kk % 2]);
+                    q = _mm256_add_epi8(q, _mm256_and_si256(_mm256_cmpeq_epi8(sel, hbit[kk % 2]), k16));
+                }
+                if (kind == Q5T_Q5_0)
+                    q = _mm256_sub_epi8(q, k16);
+                p->q[s][kk] = q;
+                csum = _mm256_add_epi32(csum, _mm256_madd_epi16(_mm256_maddubs_epi16(k80, q), ones));
+            }
+            p->c[s] = _mm256_sub_epi32(_mm256_setzero_si256(), csum);
+        }
+    }
+}
+
+AVX2 static inline __attribute__((always_inline)) void q5a_tokens(const struct q5a_panel *p, int nsb,
+                                                                  const uint8_t (*yq)[Q5A_SB][32],
+                                                                  const float (*yd)[Q5A_SB],
+                                                                  const float (*ys)[Q5A_SB], const int NT,
+                                                                  const int kind, __m256 *acc)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 a[4];
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        a[t] = acc[t];
+    for (int s = 0; s < nsb; s++) {
+        _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+            __m256i isum = p->c[s];
+            _Pragma("GCC unroll 4") for (int k = 0; k < 8; k += 2) {
+                int32_t v0, v1;
+                memcpy(&v0, yq[t][s] + 4 * k, 4);
+                memcpy(&v1, yq[t][s] + 4 * k + 4, 4);
+                const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_set1_epi32(v0), p->q[s][k]),
+                                                     _mm256_maddubs_epi16(_mm256_set1_epi32(v1), p->q[s][k + 1]));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(s16, ones));
+            }
+            const __m256 tf = _mm256_cvtepi32_ps(isum);
+            const __m256 sc = _mm256_mul_ps(p->d[s], _mm256_set1_ps(yd[t][s]));
+            if (kind == Q5T_Q5_0)
+                a[t] = _mm256_add_ps(a[t], _mm256_mul_ps(tf, sc));
+            else
+                a[t] = _mm256_add_ps(a[t], _mm256_add_ps(_mm256_mul_ps(sc, tf),
+                                                         _mm256_mul_ps(p->m[s], _mm256_set1_ps(ys[t][s]))));
+        }
+    }
+    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+        acc[t] = a[t];
+}
+
+AVX2 static inline __attribute__((always_inline)) void q5a_tile(const int kind, const uint8_t *w, size_t row_bytes,
+                                                                int nr, const uint8_t *act, size_t stride,
+                                                                int64_t n_tok, int64_t n, float *y, int64_t ldy,
+                                                                const float *bias)
+{
+    struct q5a_panel p;
+    __m256 sacc[Q4A_TOK];
+    _Alignas(32) uint8_t yq[4][Q5A_SB][32];
+    float yd[4][Q5A_SB], ys[4][Q5A_SB];
+    const int64_t nb = n / 32;
+    const int q81 = kind != Q5T_Q5_0;
+    const size_t ab = q81 ? sizeof(struct moe_block_q8_1) : sizeof(struct moe_block_q8_0);
+    const size_t aq = q81 ? offsetof(struct moe_block_q8_1, qs) : offsetof(struct moe_block_q8_0, qs);
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    for (int r0 = 0; r0 < nr; r0 += 8) {
+        const int nr8 = nr - r0 < 8 ? nr - r0 : 8;
+        const uint8_t *wr = w + (size_t)r0 * row_bytes;
+        for (int64_t k0 = 0; k0 < n_tok; k0 += Q4A_TOK) {
+            const int64_t nk = n_tok - k0 < Q4A_TOK ? n_tok - k0 : Q4A_TOK;
+            for (int64_t k = 0; k < nk; k++)
+                sacc[k] = _mm256_setzero_ps();
+            for (int64_t i0 = 0; i0 < nb; i0 += Q5A_SB) {
+                const int nsb = nb - i0 < Q5A_SB ? (int)(nb - i0) : Q5A_SB;
+                q5a_unpack(&p, wr, row_bytes, nr8, i0, nsb, kind);
+                for (int64_t k = 0; k < nk; k += 4) {
+                    const int nt = nk - k < 4 ? (int)(nk - k) : 4;
+                    for (int t = 0; t < nt; t++) {
+                        const uint8_t *yb = act + (size_t)(k0 + k + t) * stride + (size_t)i0 * ab;
+                        for (int s = 0; s < nsb; s++, yb += ab) {
+                            _mm256_store_si256((__m256i *)yq[t][s],
+                                               _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(yb + aq)), flip));
+                            uint16_t h[2];
+                            memcpy(h, yb, 4);
+                            yd[t][s] = _cvtsh_ss(h[0]);
+                            ys[t][s] = q81 ? _cvtsh_ss(h[1]) : 0.0f;
+                        }
+                    }
+                    switch (nt) {
+                    case 4: q5a_tokens(&p, nsb, yq, yd, ys, 4, kind, sacc + k); break;
+                    case 3: q5a_tokens(&p, nsb, yq, yd, ys, 3, kind, sacc + k); break;
+                    case 2: q5a_tokens(&p, nsb, yq, yd, ys, 2, kind, sacc + k); break;
+                    default: q5a_tokens(&p, nsb, yq, yd, ys, 1, kind, sacc + k); break;
+                    }
+                }
+            }
+            for (int64_t k = 0; k < nk; k++) {
+                float v[8];
+                _mm256_storeu_ps(v, sacc[k]);
+                for (int r = 0; r < nr8; r++)
+                    y[(k0 + k) * ldy + r0 + r] = bias ? v[r] + bias[r0 + r] : v[r];
+            }
+        }
+    }
+}
+
+AVX2 static void q4_1_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                                int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q5a_tile(Q5T_Q4_1, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
+
+AVX2 static void q5_0_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                                int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q5a_tile(Q5T_Q5_0, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
+
+AVX2 static void q5_1_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
+                                int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
+{
+    q5a_tile(Q5T_Q5_1, w, row_bytes, nr, act, stride, n_tok, n, y, ldy, bias);
+}
 #endif
 
 static const struct gemm_tile tiles[] = {
@@ -1258,6 +1444,9 @@ static const struct gemm_tile tiles[] = {
     { LEVEL_AVX512, MOE_DTYPE_Q4_1, 1, q4_1_tile },   /* scalar row kernels: any batch */
     { LEVEL_AVX512, MOE_DTYPE_Q5_0, 1, q5_0_tile },
     { LEVEL_AVX512, MOE_DTYPE_Q5_1, 1, q5_1_tile },
+    { LEVEL_AVX2, MOE_DTYPE_Q4_1, 1, q4_1_tile_avx2 },
+    { LEVEL_AVX2, MOE_DTYPE_Q5_0, 1, q5_0_tile_avx2 },
+    { LEVEL_AVX2, MOE_DTYPE_Q5_1, 1, q5_1_tile_avx2 },
     { LEVEL_AVX2, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile_avx2 },
     /* fewer tokens: the row kernels (measured on experts streamed from
      * memory, Qwen3-shape prompt of 64 tokens: 4-8 per expert) */
