@@ -323,6 +323,65 @@ static double mono_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* The last layer's FFN only for the rows whose output is read (as
+ * llama.cpp keeps only its output rows, inp_out_ids, before the last
+ * layer's FFN): the KV of every row is written by the attention before
+ * it, and a row's FFN does not depend on the others (every op is
+ * batch-invariant), so the rows that are read get the same floats.
+ * Returns the number of rows that are read (n when a segment reads all
+ * of its rows). */
+static int64_t out_rows(const struct moe_model *m, int64_t n)
+{
+    int64_t k = 0;
+    for (int i = 0; i < m->a.n_segs; i++) {
+        const struct seg *g = &m->a.segs[i];
+        if (g->out == SEG_OUT_ALL)
+            return n;
+        k += g->out == SEG_OUT_LAST && g->n > 0;
+    }
+    return k;
+}
+
+/* Moves each segment's read row to the front of m->a.x (in order: row j
+ * comes from a row >= j, so nothing is overwritten before it is moved)
+ * and points the segments at them; out_rows_restore undoes it. */
+static int out_rows_gather(struct moe_model *m)
+{
+    const int64_t E = m->cfg.n_embd;
+    int64_t j = 0;
+    for (int i = 0; i < m->a.n_segs; i++) {
+        struct seg *g = &m->a.segs[i];
+        g->off_all = g->off;
+        g->n_all = g->n;
+        g->off = j;
+        g->n = g->out == SEG_OUT_LAST && g->n_all > 0;
+        if (g->n == 0)
+            continue;
+        const int64_t src = g->off_all + g->n_all - 1;
+        if (src != j)
+            TRY(m->be->ops->copy_rows(m->be, m->a.x + j * E, E, NULL, m->a.x + src * E, E, NULL, 1, E));
+        j++;
+    }
+    return 0;
+}
+
+/* The rows back to their places, last first (row j goes to a row >= j
+ * that no row before it occupies), and the segments' layout restored. */
+static int out_rows_restore(struct moe_model *m)
+{
+    const int64_t E = m->cfg.n_embd;
+    int rc = 0;
+    for (int i = m->a.n_segs - 1; i >= 0; i--) {
+        struct seg *g = &m->a.segs[i];
+        const int64_t dst = g->off_all + g->n_all - 1;
+        if (g->n == 1 && dst != g->off && rc == 0)
+            rc = m->be->ops->copy_rows(m->be, m->a.x + dst * E, E, NULL, m->a.x + g->off * E, E, NULL, 1, E);
+        g->off = g->off_all;
+        g->n = g->n_all;
+    }
+    return rc;
+}
+
 /* Runs the n tokens laid out by m->a.segs (positions in m->a.pos, embeddings
  * gathered by the caller into m->a.x) through every layer. */
 static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_route_fn route, void *ud,
@@ -343,9 +402,18 @@ static int forward_layers(struct moe_model *m, int64_t n, int64_t tok0, moe_rout
     }
     for (int il = 0; il < c->n_layer; il++) {
         TRY(attention_block(m, il, n));
-        TRY(moe_block(m, il, n, tok0, route, ud, diag));
-        if (pf)
-            moe_model_experts_prefetch(m, il, n);
+        /* a routing trace records every row's experts: then all rows */
+        const int64_t nf = il == c->n_layer - 1 && route == NULL ? out_rows(m, n) : n;
+        if (nf < n) {
+            TRY(out_rows_gather(m));
+            int rc = nf > 0 ? moe_block(m, il, nf, tok0, route, ud, diag) : 0;
+            const int rc2 = out_rows_restore(m);
+            TRY(rc ? rc : rc2);
+        } else {
+            TRY(moe_block(m, il, n, tok0, route, ud, diag));
+        }
+        if (pf && nf > 0)
+            moe_model_experts_prefetch(m, il, nf);
         /* sequences fail alone when an expert of theirs failed to load
          * (experts.c); once every one has, nothing is left to compute */
         int failed = 0;
@@ -418,7 +486,8 @@ static int forward_batch(struct moe_model *m, struct moe_seq *s, const int32_t *
         m->a.kvrow[t] = moe_seq_row(s, s->pos + (int)t);
         s->toks[s->pos + t] = tokens[t];
     }
-    m->a.segs[0] = (struct seg){ .s = s, .off = 0, .n = n };
+    m->a.segs[0] = (struct seg){ .s = s, .off = 0, .n = n,
+                                 .out = logits == NULL ? SEG_OUT_NONE : all_logits ? SEG_OUT_ALL : SEG_OUT_LAST };
     m->a.segs[0].err[0] = '\0';
     m->a.n_segs = 1;
     TRY(embed(m, m->a.x, tokens, n));
@@ -510,7 +579,8 @@ static int forward_multi(struct moe_model *m, const struct moe_batch_seg *segs, 
     int rc = 0;
     for (int i = 0; i < n_segs && rc == 0; i++) {
         const struct moe_batch_seg *g = &segs[i];
-        m->a.segs[i] = (struct seg){ .s = g->seq, .off = off, .n = g->n };
+        m->a.segs[i] = (struct seg){ .s = g->seq, .off = off, .n = g->n,
+                                     .out = g->logits != NULL ? SEG_OUT_LAST : SEG_OUT_NONE };
         m->a.segs[i].err[0] = '\0';
         for (int t = 0; t < g->n; t++) {
             m->a.pos[off + t] = g->seq->pos + t;

@@ -99,7 +99,12 @@ struct seg {
     int64_t off, n;
     int status;          /* 0, or the error that failed this sequence alone */
     char err[256];       /* its message (names the file, layer and expert) */
+    /* rows whose last layer's output is read (logits): SEG_OUT_ALL (0,
+     * the default), SEG_OUT_LAST (its last row) or SEG_OUT_NONE */
+    int out;
+    int64_t off_all, n_all;   /* off, n while the last layer's FFN runs on fewer rows */
 };
+enum { SEG_OUT_ALL, SEG_OUT_LAST, SEG_OUT_NONE };
 
 /* Weights bound from the file, or their copies in backend memory. */
 struct model_weights {

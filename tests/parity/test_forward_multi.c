@@ -57,6 +57,22 @@ static void run_model(const char *file, int cache_experts, const char *prefetch)
             pos += n;
         }
         moe_seq_free(s);
+        /* the prompt's last row equals itself computed with every row's
+         * logits (the last layer's FFN then runs for every row, where a
+         * last-token-only forward runs it for the last row alone) */
+        if (prompt_len[i] > 1) {
+            float *all = malloc((size_t)prompt_len[i] * V * sizeof(float));
+            CHECK(all != NULL);
+            CHECK(moe_seq_create(&s, m, &d) == 0);
+            CHECK_MSG(moe_model_forward(m, s, toks[i], prompt_len[i], all, true, NULL, NULL, &d) == 0, "%s",
+                      d.msg);
+            CHECK_MSG(memcmp(all + (size_t)(prompt_len[i] - 1) * V, ref + (size_t)i * STEPS * V,
+                             (size_t)V * sizeof(float)) == 0,
+                      "%s: sequence %d: the last prompt row's logits differ between all rows and the last only",
+                      file, i);
+            moe_seq_free(s);
+            free(all);
+        }
     }
 
     /* batched: at each global step every live sequence contributes its next
