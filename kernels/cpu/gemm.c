@@ -1438,8 +1438,8 @@ AVX2 static void q5_1_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, cons
 
 static const struct gemm_tile tiles[] = {
 #ifdef MOE_X86
-    { LEVEL_AVX512, MOE_DTYPE_Q4_0, 2, q4_0_tile },
-    { LEVEL_AVX512, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile },
+    { LEVEL_AVX512, MOE_DTYPE_Q4_0, 2, q4_0_tile, moe_gemm_gemv_q4_0 },
+    { LEVEL_AVX512, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile, moe_gemm_gemv_iq4_nl },
     { LEVEL_AVX2, MOE_DTYPE_Q4_0, 2, q4_0_tile_avx2 },
     { LEVEL_AVX512, MOE_DTYPE_Q4_1, 1, q4_1_tile },   /* scalar row kernels: any batch */
     { LEVEL_AVX512, MOE_DTYPE_Q5_0, 1, q5_0_tile },

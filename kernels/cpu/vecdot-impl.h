@@ -24,4 +24,12 @@ void moe_gemm_tile_q8_0(const uint8_t *w, size_t row_bytes, int nr, const uint8_
 void moe_gemm_tile_mxfp4(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
                          int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias);
 
+/* Q4_0 and IQ4_NL on the AVX-512 path only: one token against four rows at
+ * a time (gemm.c's gemv), each row q4c_rows' float operations; y[r] (+
+ * bias[r]) for r < n_rows. */
+void moe_gemm_gemv_q4_0(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                        const float *bias);
+void moe_gemm_gemv_iq4_nl(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                          const float *bias);
+
 #endif

@@ -1466,6 +1466,99 @@ AVX512 static inline __attribute__((always_inline)) void q4c_rows(const struct m
     }
 }
 
+/* One token against up to four rows at a time (decode through moe_gemm):
+ * q4c_rows' operations per row, with the token's blocks, their scales and
+ * (Q4_0) 8 x their sums loaded once for the four rows. */
+AVX512 static inline __attribute__((always_inline)) void q4c_gemv(const uint8_t *w, size_t row_bytes, int64_t n_rows,
+                                                                  const uint8_t *act, int64_t n, float *y,
+                                                                  const float *bias, int iq4)
+{
+    const __m512i grid = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)moe_iq4nl_values));
+    const __m512i eight = _mm512_set1_epi8(8);
+    const struct moe_block_q8_0 *yb = (const struct moe_block_q8_0 *)act;
+    const int64_t nb = n / MOE_QK4_0;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += 4) {
+        const int nr = n_rows - r0 < 4 ? (int)(n_rows - r0) : 4;
+        const struct moe_block_q4_0 *x[4];
+        for (int k = 0; k < 4; k++)
+            x[k] = (const struct moe_block_q4_0 *)(w + (size_t)(r0 + (k < nr ? k : 0)) * row_bytes);
+        __m128 acc[4] = { _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps() };
+        int64_t i = 0;
+        for (; i + 8 <= nb; i += 8) {
+            __m512i yy[4], e[4];
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+                yy[j] = load2x256(yb[i + 2 * j].qs, yb[i + 2 * j + 1].qs);
+                if (!iq4)
+                    e[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, yy[j]);
+            }
+            const __m256 dy = Q4C_D8(yb + i);
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                if (k >= nr)
+                    break;
+                {
+                    /* the rows two groups ahead: four rows in step are not
+                     * streamed ahead by the hardware as one row is */
+                    const char *nx = (const char *)(w + (size_t)(r0 + 8 + k) * row_bytes) + (size_t)i * sizeof(x[0][0]);
+                    _mm_prefetch(nx, _MM_HINT_T0);
+                    _mm_prefetch(nx + 64, _MM_HINT_T0);
+                    _mm_prefetch(nx + 128, _MM_HINT_T0);
+                }
+                __m512i v[4];
+                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
+                    const __m512i wq = q4c_codes2(x[k][i + 2 * j].qs, x[k][i + 2 * j + 1].qs, iq4, grid);
+                    v[j] = iq4 ? s8_dot(wq, yy[j])
+                               : _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, yy[j]), e[j]);
+                }
+                const __m256 sc = _mm256_mul_ps(Q4C_D8(x[k] + i), dy);
+                const __m256 tf = _mm256_cvtepi32_ps(q4c_sum8(v));
+                acc[k] = _mm_fmadd_ps(_mm256_castps256_ps128(sc), _mm256_castps256_ps128(tf), acc[k]);
+                acc[k] = _mm_fmadd_ps(_mm256_extractf128_ps(sc, 1), _mm256_extractf128_ps(tf, 1), acc[k]);
+            }
+        }
+        for (int k = 0; k < nr; k++) {
+            /* the rest as q4c_rows: four blocks, then one at a time */
+            int64_t j = i;
+            for (; j + 4 <= nb; j += 4) {
+                const __m512i w0 = q4c_codes2(x[k][j].qs, x[k][j + 1].qs, iq4, grid);
+                const __m512i w1 = q4c_codes2(x[k][j + 2].qs, x[k][j + 3].qs, iq4, grid);
+                const __m512i y0 = load2x256(yb[j].qs, yb[j + 1].qs), y1 = load2x256(yb[j + 2].qs, yb[j + 3].qs);
+                __m512i v0, v1;
+                if (iq4) {
+                    v0 = s8_dot(w0, y0);
+                    v1 = s8_dot(w1, y1);
+                } else {
+                    v0 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, y0),
+                                          _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, y0));
+                    v1 = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w1, y1),
+                                          _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, y1));
+                }
+                const __m128 sc = _mm_mul_ps(f16x4(x[k][j].d, x[k][j + 1].d, x[k][j + 2].d, x[k][j + 3].d),
+                                             f16x4(yb[j].d, yb[j + 1].d, yb[j + 2].d, yb[j + 3].d));
+                acc[k] = _mm_fmadd_ps(sc, _mm_cvtepi32_ps(q4c_sum4(v0, v1)), acc[k]);
+            }
+            float a[4];
+            _mm_storeu_ps(a, acc[k]);
+            for (; j < nb; j++)
+                a[j & 3] = __builtin_fmaf(hf(x[k][j].d) * hf(yb[j].d), (float)q4c_block_dot(&x[k][j], &yb[j], iq4),
+                                          a[j & 3]);
+            const float r = (a[0] + a[2]) + (a[1] + a[3]);
+            y[r0 + k] = bias ? r + bias[r0 + k] : r;
+        }
+    }
+}
+
+AVX512 void moe_gemm_gemv_q4_0(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n,
+                               float *y, const float *bias)
+{
+    q4c_gemv(w, row_bytes, n_rows, act, n, y, bias, 0);
+}
+
+AVX512 void moe_gemm_gemv_iq4_nl(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n,
+                                 float *y, const float *bias)
+{
+    q4c_gemv(w, row_bytes, n_rows, act, n, y, bias, 1);
+}
+
 ROWS_FN(q4_0_rows, struct moe_block_q4_0)
 {
     q4c_rows(x, 0, act, stride, nb, NT, out);
