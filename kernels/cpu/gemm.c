@@ -1458,6 +1458,7 @@ static const struct gemm_tile tiles[] = {
     { LEVEL_SCALAR, MOE_DTYPE_COUNT, 0, NULL },   /* no row; keeps the table non-empty */
     /* one token: dot_bf16_avx512 streams a single row fastest (decode) */
     { LEVEL_AVX512, MOE_DTYPE_BF16, 2, moe_gemm_tile_bf16 },
+    { LEVEL_AVX2, MOE_DTYPE_BF16, 2, moe_gemm_tile_bf16 },
     { LEVEL_AVX512, MOE_DTYPE_Q8_0, 2, moe_gemm_tile_q8_0 },
     { LEVEL_AVX512, MOE_DTYPE_MXFP4, 2, moe_gemm_tile_mxfp4 },
 };

@@ -12,8 +12,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* BF16: with AVX512_BF16 (else moe_vecdot per pair), register tiles of 3
- * rows x 4 tokens, each pair keeping dot_bf16_avx512's two accumulators. */
+/* BF16: with AVX512_BF16 register tiles of 3 rows x 4 tokens, each pair
+ * keeping dot_bf16_avx512's two accumulators; with AVX2 alone (or AVX-512
+ * without BF16) tiles of 2 rows x 2 tokens of dot_bf16_avx2's. */
 void moe_gemm_tile_bf16(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t act_stride,
                         int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias);
 

@@ -607,6 +607,68 @@ AVX2 static float dot_bf16_avx2(const uint16_t *w, const uint16_t *x, int64_t n)
     return s;
 }
 
+/* R rows x T tokens of dot_bf16_avx2 (gemm.c's BF16 tile on the AVX2
+ * path and where AVX512_BF16 is missing): each pair keeps its two
+ * accumulators and gets that function's operations in its order; a row's
+ * and a token's halves are widened to floats once per step for all pairs
+ * instead of once per pair. */
+static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 bf16x8(const uint16_t *p)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+AVX2 static inline __attribute__((always_inline)) void bf16_tile_avx2(const uint16_t *w, size_t ws, const uint16_t *x,
+                                                                      size_t xs, int64_t n, const int R, const int T,
+                                                                      float *y, int64_t ldy)
+{
+    __m256 a0[2][2], a1[2][2];
+    _Pragma("GCC unroll 2") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 2") for (int t = 0; t < T; t++)
+            a0[r][t] = a1[r][t] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0[2], w1[2];
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {
+            w0[r] = bf16x8(w + r * ws + i);
+            w1[r] = bf16x8(w + r * ws + i + 8);
+        }
+        _Pragma("GCC unroll 2") for (int t = 0; t < T; t++) {
+            const __m256 x0 = bf16x8(x + t * xs + i), x1 = bf16x8(x + t * xs + i + 8);
+            _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {
+                a0[r][t] = _mm256_fmadd_ps(w0[r], x0, a0[r][t]);
+                a1[r][t] = _mm256_fmadd_ps(w1[r], x1, a1[r][t]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 2") for (int t = 0; t < T; t++)
+        _Pragma("GCC unroll 2") for (int r = 0; r < R; r++) {
+            float s = hsum8(_mm256_add_ps(a0[r][t], a1[r][t]));
+            for (int64_t k = i; k < n; k++)
+                s += moe_bf16_to_fp32(w[r * ws + k]) * moe_bf16_to_fp32(x[t * xs + k]);
+            y[t * ldy + r] = s;
+        }
+}
+
+#define BF16_TILE2(R, T) bf16_tile_avx2(w + (size_t)r * ws, ws, x + (size_t)t * xs, xs, n, R, T, y + t * ldy + r, ldy)
+AVX2 static void tile_bf16_avx2(const uint16_t *w, size_t ws, int nr, const uint16_t *x, size_t xs, int64_t n_tok,
+                                int64_t n, float *y, int64_t ldy)
+{
+    for (int r = 0; r < nr; r += 2) {
+        int64_t t = 0;
+        if (nr - r >= 2) {
+            for (; t + 2 <= n_tok; t += 2)
+                BF16_TILE2(2, 2);
+            if (t < n_tok)
+                BF16_TILE2(2, 1);
+        } else {
+            for (; t + 2 <= n_tok; t += 2)
+                BF16_TILE2(1, 2);
+            if (t < n_tok)
+                BF16_TILE2(1, 1);
+        }
+    }
+}
+
 /* Codes 0..15 of a 32-element block (low nibbles, then high) looked up in a
  * 16-entry signed grid (IQ4_NL, MXFP4): one byte shuffle. */
 AVX2 static inline __m256i grid32(const uint8_t *q, __m256i grid)
@@ -912,6 +974,7 @@ AVX512BF16 static void tile_bf16_avx512(const uint16_t *x, size_t ws, int nr, co
 
 #ifdef MOE_X86
 static int has_bf16_now(void);
+static int simd_avx2_now(void);
 #endif
 
 /* + bias[r], after the sum as moe_gemm adds it */
@@ -930,6 +993,8 @@ void moe_gemm_tile_bf16(const uint8_t *w, size_t row_bytes, int nr, const uint8_
     if (has_bf16_now()) {
         tile_bf16_avx512((const uint16_t *)w, row_bytes / 2, nr, (const uint16_t *)act, act_stride / 2, n_tok, n, y,
                          ldy);
+    } else if (simd_avx2_now()) {
+        tile_bf16_avx2((const uint16_t *)w, row_bytes / 2, nr, (const uint16_t *)act, act_stride / 2, n_tok, n, y, ldy);
     } else
 #endif
     {
@@ -1865,6 +1930,12 @@ static int simd(void)
 static int avx512_now(void)
 {
     return simd() == SIMD_AVX512;
+}
+
+/* AVX2 or better without AVX512_BF16: moe_vecdot's BF16 dot is dot_bf16_avx2 */
+static int simd_avx2_now(void)
+{
+    return simd() >= SIMD_AVX2 && !has_bf16_now();
 }
 
 static int has_bf16_now(void)
