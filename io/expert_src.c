@@ -366,6 +366,11 @@ static void *pool_main(void *arg)
         }
         pthread_mutex_unlock(&s->mu);
         struct moe_diag diag = {0};
+        /* a decoder context refused once (memory pressure, an injected
+         * fault) is asked for again: one load fails, not every later one
+         * this worker takes */
+        if (derr < 0)
+            derr = moe_codec_dctx_create(&d);
         int rc = derr < 0 ? moe_diag_set(&diag, -ENOMEM, "%s: out of memory", s->path)
                           : decode(s, r, d, &diag);
         pthread_mutex_lock(&s->mu);
