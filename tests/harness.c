@@ -1,4 +1,7 @@
 #include <errno.h>
+#include <ftw.h>
+#include <stdbool.h>
+#include <stdio.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -13,6 +16,31 @@ int moe_test_failed;
 int moe_test_skipped;
 
 static int n_pass, n_fail, n_skip;
+
+static char tmpdir_buf[4096];
+static pid_t tmpdir_pid;   /* the process that created it: a case's child, or main */
+
+static int remove_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path) == 0 || errno == ENOENT ? 0 : -1;
+}
+
+/* The scratch directory goes with the process that made it when that
+ * passed; a failure keeps it for a look (and says where), as does
+ * MOE_TEST_KEEP_TMP=1. Each case runs in its own child, which makes its own
+ * directory unless main made one before the fork. */
+static void tmpdir_done(bool passed)
+{
+    if (tmpdir_buf[0] == '\0' || tmpdir_pid != getpid())
+        return;
+    if (passed && getenv("MOE_TEST_KEEP_TMP") == NULL)
+        nftw(tmpdir_buf, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    else
+        printf("  scratch files kept in %s\n", tmpdir_buf);
+}
 
 /* Each test runs in a forked child so that a crash, an abort or a hang in
  * one case is reported as that case's failure and the others still run. */
@@ -35,6 +63,7 @@ void moe_test_run(const char *name, void (*fn)(void))
         moe_test_failed = 0;
         moe_test_skipped = 0;
         fn();
+        tmpdir_done(moe_test_failed == 0);
         fflush(stdout);
         fflush(stderr);
         _exit(moe_test_failed ? 1 : moe_test_skipped ? MOE_TEST_SKIP : 0);
@@ -62,6 +91,7 @@ void moe_test_run(const char *name, void (*fn)(void))
 int moe_test_exit_code(void)
 {
     printf("%d passed, %d failed, %d skipped\n", n_pass, n_fail, n_skip);
+    tmpdir_done(n_fail == 0);
     if (n_fail)
         return 1;
     if (n_pass == 0 && n_skip > 0)
@@ -89,15 +119,16 @@ const char *moe_test_ref_dir(void)
 
 const char *moe_test_tmpdir(void)
 {
-    static char buf[4096];
+    char *buf = tmpdir_buf;
     if (buf[0])
         return buf;
     const char *base = getenv("TMPDIR");
-    snprintf(buf, sizeof(buf), "%s/moe-test-XXXXXX", base && base[0] ? base : "/tmp");
+    snprintf(buf, sizeof(tmpdir_buf), "%s/moe-test-XXXXXX", base && base[0] ? base : "/tmp");
     if (mkdtemp(buf) == NULL) {
         perror("mkdtemp");
         exit(1);
     }
+    tmpdir_pid = getpid();
     return buf;
 }
 
