@@ -852,6 +852,22 @@ AVX512 static void q5t_unpack(struct q5t_panel *p, const uint8_t *w, size_t row_
     }
 }
 
+/* One token's nsb Q8_0/Q8_1 blocks from yb (blocks ab bytes apart, codes at
+ * aq) as the Q4_1/Q5_0/Q5_1 tiles of both paths take them: the 32 codes
+ * xor flip, the scale d and, for Q8_1, the sum term s as floats. */
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
+q8_token_prep(const uint8_t *yb, size_t ab, size_t aq, int q81, int nsb, __m256i flip, uint8_t (*yq)[32],
+              float *yd, float *ys)
+{
+    for (int s = 0; s < nsb; s++, yb += ab) {
+        _mm256_store_si256((__m256i *)yq[s], _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(yb + aq)), flip));
+        uint16_t h[2];
+        memcpy(h, yb, 4);
+        yd[s] = _cvtsh_ss(h[0]);
+        ys[s] = q81 ? _cvtsh_ss(h[1]) : 0.0f;
+    }
+}
+
 AVX512 static inline __attribute__((always_inline)) void q5t_tokens(const struct q5t_panel *p, int nsb,
                                                                     const uint8_t (*yq)[Q4T_SB][32],
                                                                     const float (*yd)[Q4T_SB],
@@ -909,17 +925,9 @@ AVX512 static inline __attribute__((always_inline)) void q5t_tile(const int kind
             q5t_unpack(&p, w, row_bytes, nr, i0, nsb, kind);
             for (int64_t k = 0; k < nk; k += Q4T_NT) {
                 const int nt = nk - k < Q4T_NT ? (int)(nk - k) : Q4T_NT;
-                for (int t = 0; t < nt; t++) {
-                    const uint8_t *yb = act + (size_t)(k0 + k + t) * stride + (size_t)i0 * ab;
-                    for (int s = 0; s < nsb; s++, yb += ab) {
-                        _mm256_store_si256((__m256i *)yq[t][s],
-                                           _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(yb + aq)), flip));
-                        uint16_t h[2];
-                        memcpy(h, yb, 4);
-                        yd[t][s] = _cvtsh_ss(h[0]);
-                        ys[t][s] = q81 ? _cvtsh_ss(h[1]) : 0.0f;
-                    }
-                }
+                for (int t = 0; t < nt; t++)
+                    q8_token_prep(act + (size_t)(k0 + k + t) * stride + (size_t)i0 * ab, ab, aq, q81, nsb, flip,
+                                  yq[t], yd[t], ys[t]);
                 switch (nt) {
                 case 4: q5t_tokens(&p, nsb, yq, yd, ys, 4, kind, sacc + k); break;
                 case 3: q5t_tokens(&p, nsb, yq, yd, ys, 3, kind, sacc + k); break;
@@ -1388,17 +1396,9 @@ AVX2 static inline __attribute__((always_inline)) void q5a_tile(const int kind, 
                 q5a_unpack(&p, wr, row_bytes, nr8, i0, nsb, kind);
                 for (int64_t k = 0; k < nk; k += 4) {
                     const int nt = nk - k < 4 ? (int)(nk - k) : 4;
-                    for (int t = 0; t < nt; t++) {
-                        const uint8_t *yb = act + (size_t)(k0 + k + t) * stride + (size_t)i0 * ab;
-                        for (int s = 0; s < nsb; s++, yb += ab) {
-                            _mm256_store_si256((__m256i *)yq[t][s],
-                                               _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(yb + aq)), flip));
-                            uint16_t h[2];
-                            memcpy(h, yb, 4);
-                            yd[t][s] = _cvtsh_ss(h[0]);
-                            ys[t][s] = q81 ? _cvtsh_ss(h[1]) : 0.0f;
-                        }
-                    }
+                    for (int t = 0; t < nt; t++)
+                        q8_token_prep(act + (size_t)(k0 + k + t) * stride + (size_t)i0 * ab, ab, aq, q81, nsb,
+                                      flip, yq[t], yd[t], ys[t]);
                     switch (nt) {
                     case 4: q5a_tokens(&p, nsb, yq, yd, ys, 4, kind, sacc + k); break;
                     case 3: q5a_tokens(&p, nsb, yq, yd, ys, 3, kind, sacc + k); break;

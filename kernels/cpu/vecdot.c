@@ -1071,36 +1071,42 @@ AVX512 static inline __attribute__((always_inline)) void q4_k_block(const struct
     *isum = acc;
 }
 
-/* q4_k_rows for one token (decode): four super-blocks' totals reduced
- * together, then their floats in order. */
-AVX512 static float q4_k_row1(const struct moe_block_q4_k *x, const struct moe_block_q8_k *y, int64_t nb)
-{
-    float acc = 0.0f, accm = 0.0f;
-    int64_t i = 0;
-    for (; i + 4 <= nb; i += 4) {
-        __m512i v[4];
-        __m256i m[4];
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-            q4_k_block(&x[i + k], &y[i + k], &v[k], &m[k]);
-        __m128i vt, mt;
-        reduce4(v, m, &vt, &mt);
-        int32_t tt[4], mm[4];
-        _mm_storeu_si128((__m128i *)tt, vt);
-        _mm_storeu_si128((__m128i *)mm, mt);
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
-            acc = __builtin_fmaf(hf(x[i + k].d) * y[i + k].d, (float)tt[k], acc);
-            accm = __builtin_fmaf(hf(x[i + k].dmin) * y[i + k].d, (float)mm[k], accm);
-        }
+/* The Q4_K/Q5_K rows kernels for one token (decode): four super-blocks'
+ * totals reduced together, then their floats in order, each super-block's
+ * acc = fma(d(w) d(y), T, acc) and accm = fma(dmin(w) d(y), M, accm), as
+ * the tiles do. BLOCK computes one super-block's integer dot T (a vector of
+ * lanes) and minimum term M. */
+#define KQ_ROW1(NAME, BT, BLOCK)                                                                    \
+    AVX512 static float NAME(const BT *x, const struct moe_block_q8_k *y, int64_t nb)                \
+    {                                                                                               \
+        float acc = 0.0f, accm = 0.0f;                                                              \
+        int64_t i = 0;                                                                              \
+        for (; i + 4 <= nb; i += 4) {                                                               \
+            __m512i v[4];                                                                           \
+            __m256i m[4];                                                                           \
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)                                     \
+                BLOCK(&x[i + k], &y[i + k], &v[k], &m[k]);                                          \
+            __m128i vt, mt;                                                                         \
+            reduce4(v, m, &vt, &mt);                                                                \
+            int32_t tt[4], mm[4];                                                                   \
+            _mm_storeu_si128((__m128i *)tt, vt);                                                    \
+            _mm_storeu_si128((__m128i *)mm, mt);                                                    \
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {                                   \
+                acc = __builtin_fmaf(hf(x[i + k].d) * y[i + k].d, (float)tt[k], acc);               \
+                accm = __builtin_fmaf(hf(x[i + k].dmin) * y[i + k].d, (float)mm[k], accm);          \
+            }                                                                                       \
+        }                                                                                           \
+        for (; i < nb; i++) {                                                                       \
+            __m512i v;                                                                              \
+            __m256i m;                                                                              \
+            BLOCK(&x[i], &y[i], &v, &m);                                                            \
+            acc = __builtin_fmaf(hf(x[i].d) * y[i].d, (float)_mm512_reduce_add_epi32(v), acc);      \
+            accm = __builtin_fmaf(hf(x[i].dmin) * y[i].d, (float)hsum8_epi32(m), accm);             \
+        }                                                                                           \
+        return acc - accm;                                                                          \
     }
-    for (; i < nb; i++) {
-        __m512i v;
-        __m256i m;
-        q4_k_block(&x[i], &y[i], &v, &m);
-        acc = __builtin_fmaf(hf(x[i].d) * y[i].d, (float)_mm512_reduce_add_epi32(v), acc);
-        accm = __builtin_fmaf(hf(x[i].dmin) * y[i].d, (float)hsum8_epi32(m), accm);
-    }
-    return acc - accm;
-}
+
+KQ_ROW1(q4_k_row1, struct moe_block_q4_k, q4_k_block)
 
 AVX512 static inline __attribute__((always_inline)) void q4_k_rows(const struct moe_block_q4_k *x,
                                                                    const uint8_t *act, size_t stride,
@@ -1194,38 +1200,14 @@ AVX512 static inline __attribute__((always_inline)) void q5_k_block(const struct
     *isum = acc;
 }
 
+KQ_ROW1(q5_k_row1, struct moe_block_q5_k, q5_k_block)
+
 AVX512 static inline __attribute__((always_inline)) void q5_k_rows(const struct moe_block_q5_k *x,
                                                                    const uint8_t *act, size_t stride,
                                                                    int64_t nb, const int NT, float *out)
 {
     if (NT == 1) {
-        /* one token: four super-blocks' totals reduced together */
-        const struct moe_block_q8_k *y = (const struct moe_block_q8_k *)act;
-        float acc = 0.0f, accm = 0.0f;
-        int64_t i = 0;
-        for (; i + 4 <= nb; i += 4) {
-            __m512i v[4];
-            __m256i m[4];
-            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
-                q5_k_block(&x[i + k], &y[i + k], &v[k], &m[k]);
-            __m128i vt, mt;
-            reduce4(v, m, &vt, &mt);
-            int32_t tt[4], mm[4];
-            _mm_storeu_si128((__m128i *)tt, vt);
-            _mm_storeu_si128((__m128i *)mm, mt);
-            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
-                acc = __builtin_fmaf(hf(x[i + k].d) * y[i + k].d, (float)tt[k], acc);
-                accm = __builtin_fmaf(hf(x[i + k].dmin) * y[i + k].d, (float)mm[k], accm);
-            }
-        }
-        for (; i < nb; i++) {
-            __m512i v;
-            __m256i m;
-            q5_k_block(&x[i], &y[i], &v, &m);
-            acc = __builtin_fmaf(hf(x[i].d) * y[i].d, (float)_mm512_reduce_add_epi32(v), acc);
-            accm = __builtin_fmaf(hf(x[i].dmin) * y[i].d, (float)hsum8_epi32(m), accm);
-        }
-        out[0] = acc - accm;
+        out[0] = q5_k_row1(x, (const struct moe_block_q8_k *)act, nb);
         return;
     }
     __m128 acc = _mm_setzero_ps(), accm = _mm_setzero_ps();
