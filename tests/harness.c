@@ -99,6 +99,35 @@ int moe_test_exit_code(void)
     return 0;
 }
 
+uint8_t *moe_test_gguf_set_str(const uint8_t *data, size_t len, const char *key, const char *val, size_t *out_len)
+{
+    const uint64_t kl = strlen(key);
+    for (size_t at = 0; at + 8 + kl + 12 <= len; at++) {
+        uint64_t n;
+        memcpy(&n, data + at, 8);
+        if (n != kl || memcmp(data + at + 8, key, kl) != 0)
+            continue;
+        const size_t p = at + 8 + kl;
+        uint32_t type;
+        uint64_t sl;
+        memcpy(&type, data + p, 4);
+        memcpy(&sl, data + p + 4, 8);
+        if (type != 8 || p + 12 + sl > len)
+            return NULL;
+        const uint64_t nl = strlen(val);
+        uint8_t *o = malloc(len - sl + nl);
+        if (o == NULL)
+            return NULL;
+        memcpy(o, data, p + 4);
+        memcpy(o + p + 4, &nl, 8);
+        memcpy(o + p + 12, val, nl);
+        memcpy(o + p + 12 + nl, data + p + 12 + sl, len - (p + 12 + sl));
+        *out_len = len - sl + nl;
+        return o;
+    }
+    return NULL;
+}
+
 const char *moe_test_ref_dir(void)
 {
     static char buf[4096];

@@ -25,6 +25,10 @@ int moe_test_exit_code(void);
 /* Directory of shared/ref (env MOE_REF_DIR), or NULL when it is missing:
  * then tests skip, except under CI=true where the harness fails them. */
 const char *moe_test_ref_dir(void);
+/* A copy of GGUF bytes data[len] with the string value of metadata `key`
+ * replaced by val (malloc'ed, *out_len set), or NULL when the key is not
+ * there as a string or the bytes end inside it. */
+uint8_t *moe_test_gguf_set_str(const uint8_t *data, size_t len, const char *key, const char *val, size_t *out_len);
 /* Directory for scratch files of this test program (created, unique). */
 const char *moe_test_tmpdir(void);
 /* Runs a shell command, its stdout into out (NUL-terminated, truncated to

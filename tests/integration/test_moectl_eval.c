@@ -187,6 +187,29 @@ static void test_bad_input(void)
         struct stat st;
         CHECK_MSG(stat(lpath, &st) != 0, "'%s' left %s behind", args, lpath);
     }
+    /* cache-sim --warm-from: a bad mode, a missing or foreign warm trace,
+     * one of another model's shape; then a real warm replay */
+    const char *root = getenv("MOE_SOURCE_ROOT");
+    if (root != NULL) {
+        char qwen[4096], goss[4096];
+        snprintf(qwen, sizeof(qwen), "%s/tests/fixtures/traces/qwen.route.csv", root);
+        snprintf(goss, sizeof(goss), "%s/tests/fixtures/traces/gptoss.route.csv", root);
+        struct { const char *warm, *mode; int code; const char *needle; } w[] = {
+            { qwen, "maybe", 2, "--warm 'maybe'" },
+            { "/nonexistent/warm.csv", "seed", 1, "warm.csv" },
+            { model, "seed", 1, ".gguf:1: expected" },
+            { goss, "seed", 2, "not the same model" },
+            { qwen, "preload", 0, "warm=preload" },
+            { qwen, "seed", 0, "warm=seed" },
+        };
+        for (size_t i = 0; i < sizeof(w) / sizeof(w[0]); i++) {
+            snprintf(cmd, sizeof(cmd), "%s cache-sim --trace %s --capacity 600 --policy predict --warm-from %s"
+                     " --warm %s", moectl(), qwen, w[i].warm, w[i].mode);
+            const int wrc = run_cmd(cmd, out, sizeof(out));
+            CHECK_MSG(wrc == w[i].code && strstr(out, w[i].needle) != NULL, "'%s': exit %d, expected %d with"
+                      " '%s': %s", cmd, wrc, w[i].code, w[i].needle, out);
+        }
+    }
     /* a truncated model: exit 1 naming the file */
     char trunc[4096];
     snprintf(trunc, sizeof(trunc), "%s/trunc.gguf", moe_test_tmpdir());

@@ -21,36 +21,6 @@
 #include "model/tokenizer.h"
 #include "tests/harness.h"
 
-/* data with the string value of `key` replaced by val (a new buffer) */
-static uint8_t *splice_str(const uint8_t *data, size_t len, const char *key, const char *val, size_t *out_len)
-{
-    const uint64_t kl = strlen(key);
-    for (size_t at = 0; at + 8 + kl + 12 <= len; at++) {
-        uint64_t n;
-        memcpy(&n, data + at, 8);
-        if (n != kl || memcmp(data + at + 8, key, kl) != 0)
-            continue;
-        const size_t p = at + 8 + kl;
-        uint32_t type;
-        uint64_t sl;
-        memcpy(&type, data + p, 4);
-        memcpy(&sl, data + p + 4, 8);
-        if (type != 8 || p + 12 + sl > len)
-            return NULL;
-        const uint64_t nl = strlen(val);
-        uint8_t *o = malloc(len - sl + nl);
-        if (o == NULL)
-            return NULL;
-        memcpy(o, data, p + 4);
-        memcpy(o + p + 4, &nl, 8);
-        memcpy(o + p + 12, val, nl);
-        memcpy(o + p + 12 + nl, data + p + 12 + sl, len - (p + 12 + sl));
-        *out_len = len - sl + nl;
-        return o;
-    }
-    return NULL;
-}
-
 static size_t unhex(const char *h, uint8_t *out)
 {
     size_t n = strlen(h) / 2;
@@ -101,8 +71,8 @@ static void run_variant(const uint8_t *data, size_t data_len, json_t *texts, jso
     const char *model = json_string_value(json_object_get(v, "model"));
     const char *pre = json_string_value(json_object_get(v, "pre"));
     size_t l1 = 0, l2 = 0;
-    uint8_t *d1 = splice_str(data, data_len, "tokenizer.ggml.model", model, &l1);
-    uint8_t *d2 = d1 ? splice_str(d1, l1, "tokenizer.ggml.pre", pre, &l2) : NULL;
+    uint8_t *d1 = moe_test_gguf_set_str(data, data_len, "tokenizer.ggml.model", model, &l1);
+    uint8_t *d2 = d1 ? moe_test_gguf_set_str(d1, l1, "tokenizer.ggml.pre", pre, &l2) : NULL;
     CHECK_MSG(d2 != NULL, "gemma4-vocab.gguf: no tokenizer.ggml.model / pre string");
     struct moe_diag d = { 0 };
     struct moe_gguf *g = NULL;

@@ -17,37 +17,6 @@
 #include "model/tokenizer.h"
 #include "tests/harness.h"
 
-/* data with tokenizer.ggml.pre's string replaced by pre (a new buffer) */
-static uint8_t *splice_pre(const uint8_t *data, size_t len, const char *pre, size_t *out_len)
-{
-    static const char key[] = "tokenizer.ggml.pre";
-    const uint64_t kl = sizeof(key) - 1;
-    for (size_t at = 0; at + 8 + kl + 12 <= len; at++) {
-        uint64_t n;
-        memcpy(&n, data + at, 8);
-        if (n != kl || memcmp(data + at + 8, key, kl) != 0)
-            continue;
-        const size_t p = at + 8 + kl;
-        uint32_t type;
-        uint64_t sl;
-        memcpy(&type, data + p, 4);
-        memcpy(&sl, data + p + 4, 8);
-        if (type != 8 || p + 12 + sl > len)
-            return NULL;
-        const uint64_t nl = strlen(pre);
-        uint8_t *o = malloc(len - sl + nl);
-        if (o == NULL)
-            return NULL;
-        memcpy(o, data, p + 4);
-        memcpy(o + p + 4, &nl, 8);
-        memcpy(o + p + 12, pre, nl);
-        memcpy(o + p + 12 + nl, data + p + 12 + sl, len - (p + 12 + sl));
-        *out_len = len - sl + nl;
-        return o;
-    }
-    return NULL;
-}
-
 static void test_pre_values(void)
 {
     const char *root = getenv("MOE_SOURCE_ROOT");
@@ -68,7 +37,7 @@ static void test_pre_values(void)
         size_t len = 0, nlen = 0;
         uint8_t *data = moe_test_read_file(path, &len);
         CHECK_MSG(data != NULL, "%s", path);
-        uint8_t *mod = splice_pre(data, len, pre, &nlen);
+        uint8_t *mod = moe_test_gguf_set_str(data, len, "tokenizer.ggml.pre", pre, &nlen);
         CHECK_MSG(mod != NULL, "%s: no tokenizer.ggml.pre string", path);
         struct moe_diag d = { 0 };
         struct moe_gguf *g;
