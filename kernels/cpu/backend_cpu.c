@@ -377,22 +377,33 @@ static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head,
     float mscale = rp->attn_factor != 0.0f ? rp->attn_factor : 1.0f;
     if (rp->ext_factor != 0.0f)
         mscale *= 1.0f + 0.1f * logf(1.0f / rp->freq_scale);
+    /* The angles depend on the position and the pair, not the head: one
+     * cos/sin table per token, applied to every head (the same floats as
+     * computing them per head). */
+    float stack_tab[1024];
+    float *cs = n_rot <= 1024 ? stack_tab : moe_malloc((size_t)n_rot * sizeof(float));
+    if (cs == NULL)
+        return -ENOMEM;
+    float *sn = cs + n_rot / 2;
     for (int64_t t = 0; t < n_tok; t++) {
+        float theta = (float)pos[t];
+        for (int i0 = 0; i0 < n_rot; i0 += 2) {
+            const float base = rp->freq_factors ? theta / rp->freq_factors[i0 / 2] : theta;
+            float th = rp->freq_scale * base;
+            if (rp->ext_factor != 0.0f) {
+                /* ramp from extrapolation (low dims) to interpolation */
+                const float y = (float)(i0 / 2 - rp->corr_dims[0]) /
+                                fmaxf(0.001f, rp->corr_dims[1] - rp->corr_dims[0]);
+                const float mix = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * rp->ext_factor;
+                th = th * (1.0f - mix) + base * mix;
+            }
+            cs[i0 / 2] = cosf(th) * mscale;
+            sn[i0 / 2] = sinf(th) * mscale;
+            theta *= theta_scale;
+        }
         for (int h = 0; h < n_head; h++) {
             float *v = x + (t * n_head + h) * head_stride + offset;
-            float theta = (float)pos[t];
             for (int i0 = 0; i0 < n_rot; i0 += 2) {
-                const float base = rp->freq_factors ? theta / rp->freq_factors[i0 / 2] : theta;
-                float th = rp->freq_scale * base;
-                if (rp->ext_factor != 0.0f) {
-                    /* ramp from extrapolation (low dims) to interpolation */
-                    const float y = (float)(i0 / 2 - rp->corr_dims[0]) /
-                                    fmaxf(0.001f, rp->corr_dims[1] - rp->corr_dims[0]);
-                    const float mix = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * rp->ext_factor;
-                    th = th * (1.0f - mix) + base * mix;
-                }
-                const float cs = cosf(th) * mscale, sn = sinf(th) * mscale;
-                theta *= theta_scale;
                 int a, b;
                 if (rp->mode == MOE_ROPE_NEOX) {
                     a = i0 / 2;
@@ -402,11 +413,13 @@ static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head,
                     b = i0 + 1;
                 }
                 const float x0 = v[a], x1 = v[b];
-                v[a] = x0 * cs - x1 * sn;
-                v[b] = x0 * sn + x1 * cs;
+                v[a] = x0 * cs[i0 / 2] - x1 * sn[i0 / 2];
+                v[b] = x0 * sn[i0 / 2] + x1 * cs[i0 / 2];
             }
         }
     }
+    if (cs != stack_tab)
+        moe_free(cs);
     return 0;
 }
 
