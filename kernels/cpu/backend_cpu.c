@@ -172,26 +172,89 @@ static int cpu_get_rows(struct moe_backend *be, float *y, const struct moe_weigh
     return 0;
 }
 
+/* ---- element-wise ops over the pool ------------------------------------ */
+
+/* Element-wise and row-wise ops split [0, n) into chunks over the pool when
+ * there is enough work (a prefill batch); a decode step's vectors stay on
+ * the calling thread, where a hand-off would cost more than the op. Every
+ * element is computed by the same expression either way. */
+enum { PAR_MIN_ELEMS = 32768, PAR_CHUNK_ALIGN = 64 };
+
+typedef void (*range_fn)(void *arg, int64_t begin, int64_t end);
+
+struct range_job {
+    range_fn fn;
+    void *arg;
+    int64_t n, chunk;
+};
+
+static void range_task(void *arg, int64_t task, int worker)
+{
+    (void)worker;
+    const struct range_job *r = arg;
+    const int64_t b = task * r->chunk;
+    const int64_t e = b + r->chunk < r->n ? b + r->chunk : r->n;
+    r->fn(r->arg, b, e);
+}
+
+/* fn over [0, n) units of `unit_elems` elements each. */
+static void par_range(struct cpu_ctx *c, int64_t n, int64_t unit_elems, range_fn fn, void *arg)
+{
+    if (c->n_threads <= 1 || n * unit_elems < PAR_MIN_ELEMS || n < 2) {
+        fn(arg, 0, n);
+        return;
+    }
+    int64_t chunk = (n + (int64_t)c->n_threads * 4 - 1) / ((int64_t)c->n_threads * 4);
+    if (unit_elems == 1)
+        chunk = (chunk + PAR_CHUNK_ALIGN - 1) / PAR_CHUNK_ALIGN * PAR_CHUNK_ALIGN;
+    if (chunk < 1)
+        chunk = 1;
+    struct range_job r = { .fn = fn, .arg = arg, .n = n, .chunk = chunk };
+    moe_threadpool_run(c->pool, range_task, &r, (n + chunk - 1) / chunk);
+}
+
+/* Arguments of the element-wise ops. */
+struct ew_args {
+    float *y;
+    const float *a, *b;
+    float s, s2;
+    int64_t n;
+};
+
 /* ---- rmsnorm --------------------------------------------------------- */
 
-static int cpu_rmsnorm(struct moe_backend *be, float *y, const float *x, const float *w,
-                       int64_t n_rows, int64_t n, float eps)
+struct rmsnorm_args {
+    float *y;
+    const float *x, *w;
+    int64_t n;
+    float eps;
+};
+
+static void rmsnorm_rows(void *arg, int64_t r0, int64_t r1)
 {
-    (void)be;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float *xr = x + r * n;
-        float *yr = y + r * n;
+    const struct rmsnorm_args *a = arg;
+    const int64_t n = a->n;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = a->x + r * n;
+        float *yr = a->y + r * n;
         double sum = 0.0;
         for (int64_t i = 0; i < n; i++)
             sum += (double)(xr[i] * xr[i]);
         const float mean = (float)(sum / (double)n);
-        const float scale = 1.0f / sqrtf(mean + eps);
+        const float scale = 1.0f / sqrtf(mean + a->eps);
         for (int64_t i = 0; i < n; i++)
             yr[i] = xr[i] * scale;
-        if (w != NULL)
+        if (a->w != NULL)
             for (int64_t i = 0; i < n; i++)
-                yr[i] = yr[i] * w[i];
+                yr[i] = yr[i] * a->w[i];
     }
+}
+
+static int cpu_rmsnorm(struct moe_backend *be, float *y, const float *x, const float *w,
+                       int64_t n_rows, int64_t n, float eps)
+{
+    struct rmsnorm_args a = { .y = y, .x = x, .w = w, .n = n, .eps = eps };
+    par_range(ctx_of(be), n_rows, n, rmsnorm_rows, &a);
     return 0;
 }
 
@@ -702,13 +765,22 @@ static int cpu_router_topk(struct moe_backend *be, const float *logits, int64_t 
 
 /* ---- elementwise ----------------------------------------------------- */
 
+static void swiglu_range(void *arg, int64_t b, int64_t e)
+{
+    const struct ew_args *a = arg;
+    float *y = a->y;
+    const float *xa = a->a;
+    const float *xb = a->b;
+    for (int64_t i = b; i < e; i++) {
+        const float g = xa[i];
+        y[i] = g / (1.0f + expf(-g)) * xb[i];
+    }
+}
+
 static int cpu_swiglu(struct moe_backend *be, float *y, const float *gate, const float *up, int64_t n)
 {
-    (void)be;
-    for (int64_t i = 0; i < n; i++) {
-        const float g = gate[i];
-        y[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+    struct ew_args a = { .y = y, .a = gate, .b = up };
+    par_range(ctx_of(be), n, 1, swiglu_range, &a);
     return 0;
 }
 
@@ -726,65 +798,121 @@ static void gelu_table_init(void)
     }
 }
 
-static int cpu_geglu(struct moe_backend *be, float *y, const float *gate, const float *up, int64_t n)
+static void geglu_range(void *arg, int64_t b, int64_t e)
 {
-    (void)be;
-    pthread_once(&gelu_once, gelu_table_init);
-    for (int64_t i = 0; i < n; i++) {
-        const float g = gate[i];
+    const struct ew_args *a = arg;
+    float *y = a->y;
+    const float *xa = a->a;
+    const float *xb = a->b;
+    for (int64_t i = b; i < e; i++) {
+        const float g = xa[i];
         if (g <= -10.0f)
             y[i] = 0.0f;
         else if (g >= 10.0f)
-            y[i] = g * up[i];
+            y[i] = g * xb[i];
         else
-            y[i] = moe_fp16_to_fp32(gelu_table[moe_fp32_to_fp16(g)]) * up[i];
+            y[i] = moe_fp16_to_fp32(gelu_table[moe_fp32_to_fp16(g)]) * xb[i];
     }
+}
+
+static int cpu_geglu(struct moe_backend *be, float *y, const float *gate, const float *up, int64_t n)
+{
+    pthread_once(&gelu_once, gelu_table_init);
+    struct ew_args a = { .y = y, .a = gate, .b = up };
+    par_range(ctx_of(be), n, 1, geglu_range, &a);
     return 0;
+}
+
+static void scale_range(void *arg, int64_t b, int64_t e)
+{
+    const struct ew_args *a = arg;
+    float *y = a->y;
+    const float *xa = a->a;
+    const float s = a->s;
+    for (int64_t i = b; i < e; i++)
+        y[i] = xa[i] * s;
 }
 
 static int cpu_scale(struct moe_backend *be, float *y, const float *x, float s, int64_t n)
 {
-    (void)be;
-    for (int64_t i = 0; i < n; i++)
-        y[i] = x[i] * s;
+    struct ew_args a = { .y = y, .a = x, .s = s };
+    par_range(ctx_of(be), n, 1, scale_range, &a);
     return 0;
+}
+
+static void mul_rows_range(void *arg, int64_t r0, int64_t r1)
+{
+    const struct ew_args *a = arg;
+    float *y = a->y;
+    const float *xa = a->a;
+    const float *xb = a->b;
+    const int64_t n = a->n;
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < n; i++)
+            y[r * n + i] = xa[r * n + i] * xb[i];
 }
 
 static int cpu_mul_rows(struct moe_backend *be, float *y, const float *x, const float *w,
                         int64_t n_rows, int64_t n)
 {
-    (void)be;
-    for (int64_t r = 0; r < n_rows; r++)
-        for (int64_t i = 0; i < n; i++)
-            y[r * n + i] = x[r * n + i] * w[i];
+    struct ew_args a = { .y = y, .a = x, .b = w, .n = n };
+    par_range(ctx_of(be), n_rows, n, mul_rows_range, &a);
     return 0;
+}
+
+static void swiglu_oai_range(void *arg, int64_t b, int64_t e)
+{
+    const struct ew_args *a = arg;
+    float *y = a->y;
+    const float *xa = a->a;
+    const float *xb = a->b;
+    const float alpha = a->s, limit = a->s2;
+    for (int64_t i = b; i < e; i++) {
+        const float x = fminf(xa[i], limit);
+        const float u = fminf(fmaxf(xb[i], -limit), limit);
+        y[i] = x / (1.0f + expf(alpha * -x)) * (u + 1.0f);
+    }
 }
 
 static int cpu_swiglu_oai(struct moe_backend *be, float *y, const float *gate, const float *up,
                           int64_t n, float alpha, float limit)
 {
-    (void)be;
-    for (int64_t i = 0; i < n; i++) {
-        const float x = fminf(gate[i], limit);
-        const float u = fminf(fmaxf(up[i], -limit), limit);
-        y[i] = x / (1.0f + expf(alpha * -x)) * (u + 1.0f);
-    }
+    struct ew_args a = { .y = y, .a = gate, .b = up, .s = alpha, .s2 = limit };
+    par_range(ctx_of(be), n, 1, swiglu_oai_range, &a);
     return 0;
+}
+
+static void axpy_range(void *arg, int64_t b, int64_t e)
+{
+    const struct ew_args *a = arg;
+    float *y = a->y;
+    const float *xa = a->a;
+    const float s = a->s;
+    for (int64_t i = b; i < e; i++)
+        y[i] += s * xa[i];
 }
 
 static int cpu_axpy(struct moe_backend *be, float *y, float a, const float *x, int64_t n)
 {
-    (void)be;
-    for (int64_t i = 0; i < n; i++)
-        y[i] += a * x[i];
+    struct ew_args r = { .y = y, .a = x, .s = a };
+    par_range(ctx_of(be), n, 1, axpy_range, &r);
     return 0;
+}
+
+static void add_range(void *arg, int64_t b, int64_t e)
+{
+    const struct ew_args *a = arg;
+    float *y = a->y;
+    const float *xa = a->a;
+    const float *xb = a->b;
+    for (int64_t i = b; i < e; i++)
+        y[i] = xa[i] + xb[i];
 }
 
 static int cpu_add(struct moe_backend *be, float *y, const float *a, const float *b, int64_t n)
 {
-    (void)be;
-    for (int64_t i = 0; i < n; i++)
-        y[i] = a[i] + b[i];
+    struct ew_args r = { .y = y, .a = a, .b = b };
+    par_range(ctx_of(be), n, 1, add_range, &r);
     return 0;
 }
 
@@ -807,15 +935,24 @@ static int cpu_fill(struct moe_backend *be, float *y, float v, int64_t n)
     return 0;
 }
 
-static int cpu_gate_rows(struct moe_backend *be, float *y, const float *g, int64_t n_rows, int64_t n)
+static void gate_rows_range(void *arg, int64_t r0, int64_t r1)
 {
-    (void)be;
-    for (int64_t r = 0; r < n_rows; r++) {
-        const float s = 1.0f / (1.0f + expf(-g[r]));
+    const struct ew_args *a = arg;
+    float *y = a->y;
+    const float *xa = a->a;
+    const int64_t n = a->n;
+    for (int64_t r = r0; r < r1; r++) {
+        const float s = 1.0f / (1.0f + expf(-xa[r]));
         float *yr = y + r * n;
         for (int64_t i = 0; i < n; i++)
             yr[i] *= s;
     }
+}
+
+static int cpu_gate_rows(struct moe_backend *be, float *y, const float *g, int64_t n_rows, int64_t n)
+{
+    struct ew_args a = { .y = y, .a = g, .n = n };
+    par_range(ctx_of(be), n_rows, n, gate_rows_range, &a);
     return 0;
 }
 

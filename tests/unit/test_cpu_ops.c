@@ -2,7 +2,10 @@
  * what the matmul op gives for each (the same kernels on the same rows), with
  * inputs shared between jobs (converted once), with and without bias, for
  * 1 and several tokens, on 1 and 3 threads, and when the jobs' converted
- * inputs do not fit the scratch together (the op then splits the jobs). */
+ * inputs do not fit the scratch together (the op then splits the jobs).
+ * The element-wise and row-wise ops, split over the pool for a batch, give
+ * every element the plain expression's float on 1 and 3 threads, below and
+ * above the size where they start to split, in place and not. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,6 +114,105 @@ static void test_multi_refuses(void)
     moe_backend_destroy(be);
 }
 
+/* ---- element-wise ops ---------------------------------------------------- */
+
+static float silu_ref(float g) { return g / (1.0f + expf(-g)); }
+
+static void check_elementwise(int n_threads, int64_t n_rows, int64_t n)
+{
+    struct moe_backend *be;
+    struct moe_diag d = { 0 };
+    CHECK(moe_backend_cpu_create(&be, n_threads, &d) == 0);
+    const int64_t tot = n_rows * n;
+    float *a = malloc((size_t)tot * sizeof(float)), *b = malloc((size_t)tot * sizeof(float));
+    float *y = malloc((size_t)tot * sizeof(float)), *r = malloc((size_t)tot * sizeof(float));
+    float *w = malloc((size_t)n * sizeof(float)), *g = malloc((size_t)n_rows * sizeof(float));
+    for (int64_t i = 0; i < tot; i++) {
+        a[i] = frand() * 24.0f;
+        b[i] = frand() * 8.0f;
+    }
+    for (int64_t i = 0; i < n; i++)
+        w[i] = frand() + 1.0f;
+    for (int64_t i = 0; i < n_rows; i++)
+        g[i] = frand() * 6.0f;
+    const size_t bytes = (size_t)tot * sizeof(float);
+#define SAME(what) CHECK_MSG(memcmp(y, r, bytes) == 0, "%s: %d threads, %lld x %lld", what, n_threads, \
+                             (long long)n_rows, (long long)n)
+    CHECK(be->ops->swiglu(be, y, a, b, tot) == 0);
+    for (int64_t i = 0; i < tot; i++)
+        r[i] = silu_ref(a[i]) * b[i];
+    SAME("swiglu");
+    CHECK(be->ops->swiglu_oai(be, y, a, b, tot, 1.702f, 7.0f) == 0);
+    for (int64_t i = 0; i < tot; i++) {
+        const float x = fminf(a[i], 7.0f), u = fminf(fmaxf(b[i], -7.0f), 7.0f);
+        r[i] = x / (1.0f + expf(1.702f * -x)) * (u + 1.0f);
+    }
+    SAME("swiglu_oai");
+    CHECK(be->ops->scale(be, y, a, 0.37f, tot) == 0);
+    for (int64_t i = 0; i < tot; i++)
+        r[i] = a[i] * 0.37f;
+    SAME("scale");
+    CHECK(be->ops->add(be, y, a, b, tot) == 0);
+    for (int64_t i = 0; i < tot; i++)
+        r[i] = a[i] + b[i];
+    SAME("add");
+    memcpy(y, b, bytes);
+    memcpy(r, b, bytes);
+    CHECK(be->ops->add(be, y, y, a, tot) == 0);   /* in place */
+    for (int64_t i = 0; i < tot; i++)
+        r[i] = r[i] + a[i];
+    SAME("add in place");
+    CHECK(be->ops->axpy(be, y, -0.61f, a, tot) == 0);
+    for (int64_t i = 0; i < tot; i++)
+        r[i] += -0.61f * a[i];
+    SAME("axpy");
+    CHECK(be->ops->mul_rows(be, y, a, w, n_rows, n) == 0);
+    for (int64_t i = 0; i < tot; i++)
+        r[i] = a[i] * w[i % n];
+    SAME("mul_rows");
+    memcpy(y, b, bytes);
+    memcpy(r, b, bytes);
+    CHECK(be->ops->gate_rows(be, y, g, n_rows, n) == 0);
+    for (int64_t row = 0; row < n_rows; row++) {
+        const float s = 1.0f / (1.0f + expf(-g[row]));
+        for (int64_t i = 0; i < n; i++)
+            r[row * n + i] *= s;
+    }
+    SAME("gate_rows");
+    for (int with_w = 0; with_w < 2; with_w++) {
+        CHECK(be->ops->rmsnorm(be, y, a, with_w ? w : NULL, n_rows, n, 1e-6f) == 0);
+        for (int64_t row = 0; row < n_rows; row++) {
+            const float *xr = a + row * n;
+            double sum = 0.0;
+            for (int64_t i = 0; i < n; i++)
+                sum += (double)(xr[i] * xr[i]);
+            const float scale = 1.0f / sqrtf((float)(sum / (double)n) + 1e-6f);
+            for (int64_t i = 0; i < n; i++) {
+                r[row * n + i] = xr[i] * scale;
+                if (with_w)
+                    r[row * n + i] = r[row * n + i] * w[i];
+            }
+        }
+        SAME(with_w ? "rmsnorm" : "rmsnorm without weight");
+    }
+#undef SAME
+    free(a);
+    free(b);
+    free(y);
+    free(r);
+    free(w);
+    free(g);
+    moe_backend_destroy(be);
+}
+
+static void test_elementwise(void)
+{
+    const int64_t shapes[][2] = { { 1, 7 }, { 3, 2048 }, { 16, 2048 }, { 17, 2047 }, { 5, 100003 }, { 512, 130 } };
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+        for (int t = 1; t <= 3; t += 2)
+            check_elementwise(t, shapes[s][0], shapes[s][1]);
+}
+
 int main(void)
 {
     MOE_TEST_RUN(test_multi_decode);
@@ -118,5 +220,6 @@ int main(void)
     MOE_TEST_RUN(test_multi_one_thread);
     MOE_TEST_RUN(test_multi_split);
     MOE_TEST_RUN(test_multi_refuses);
+    MOE_TEST_RUN(test_elementwise);
     return moe_test_exit_code();
 }
