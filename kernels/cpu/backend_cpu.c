@@ -429,27 +429,28 @@ static int cpu_matmul(struct moe_backend *be, float *y, const struct moe_weight 
 
 /* ---- rope ------------------------------------------------------------ */
 
-static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_stride,
-                    int offset, const int32_t *pos, const struct moe_rope_params *rp)
+struct rope_args {
+    float *x;
+    const int32_t *pos;
+    const struct moe_rope_params *rp;
+    float *tab;   /* n_rot floats: cos then sin, or NULL: the stack's */
+    int n_head, head_stride, offset;
+    float theta_scale, mscale;
+};
+
+/* Tokens [t0, t1). The angles depend on the position and the pair, not the
+ * head: one cos/sin table per token, applied to every head (the same floats
+ * as computing them per head). */
+static void rope_tokens(void *arg, int64_t t0, int64_t t1)
 {
-    (void)be;
-    const int n_rot = rp->n_rot;
-    if (n_rot <= 0 || offset < 0 || offset + n_rot > head_stride || n_rot % 2 != 0)
-        return -EINVAL;
-    const float theta_scale = powf(rp->freq_base, -2.0f / (float)n_rot);
-    float mscale = rp->attn_factor != 0.0f ? rp->attn_factor : 1.0f;
-    if (rp->ext_factor != 0.0f)
-        mscale *= 1.0f + 0.1f * logf(1.0f / rp->freq_scale);
-    /* The angles depend on the position and the pair, not the head: one
-     * cos/sin table per token, applied to every head (the same floats as
-     * computing them per head). */
+    const struct rope_args *ra = arg;
+    const struct moe_rope_params *rp = ra->rp;
+    const int n_rot = rp->n_rot, n_head = ra->n_head;
     float stack_tab[1024];
-    float *cs = n_rot <= 1024 ? stack_tab : moe_malloc((size_t)n_rot * sizeof(float));
-    if (cs == NULL)
-        return -ENOMEM;
+    float *cs = ra->tab ? ra->tab : stack_tab;
     float *sn = cs + n_rot / 2;
-    for (int64_t t = 0; t < n_tok; t++) {
-        float theta = (float)pos[t];
+    for (int64_t t = t0; t < t1; t++) {
+        float theta = (float)ra->pos[t];
         for (int i0 = 0; i0 < n_rot; i0 += 2) {
             const float base = rp->freq_factors ? theta / rp->freq_factors[i0 / 2] : theta;
             float th = rp->freq_scale * base;
@@ -460,12 +461,12 @@ static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head,
                 const float mix = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * rp->ext_factor;
                 th = th * (1.0f - mix) + base * mix;
             }
-            cs[i0 / 2] = cosf(th) * mscale;
-            sn[i0 / 2] = sinf(th) * mscale;
-            theta *= theta_scale;
+            cs[i0 / 2] = cosf(th) * ra->mscale;
+            sn[i0 / 2] = sinf(th) * ra->mscale;
+            theta *= ra->theta_scale;
         }
         for (int h = 0; h < n_head; h++) {
-            float *v = x + (t * n_head + h) * head_stride + offset;
+            float *v = ra->x + (t * n_head + h) * ra->head_stride + ra->offset;
             for (int i0 = 0; i0 < n_rot; i0 += 2) {
                 int a, b;
                 if (rp->mode == MOE_ROPE_NEOX) {
@@ -481,8 +482,29 @@ static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head,
             }
         }
     }
-    if (cs != stack_tab)
-        moe_free(cs);
+}
+
+static int cpu_rope(struct moe_backend *be, float *x, int64_t n_tok, int n_head, int head_stride,
+                    int offset, const int32_t *pos, const struct moe_rope_params *rp)
+{
+    const int n_rot = rp->n_rot;
+    if (n_rot <= 0 || offset < 0 || offset + n_rot > head_stride || n_rot % 2 != 0)
+        return -EINVAL;
+    struct rope_args ra = { .x = x, .pos = pos, .rp = rp, .n_head = n_head,
+                            .head_stride = head_stride, .offset = offset };
+    ra.theta_scale = powf(rp->freq_base, -2.0f / (float)n_rot);
+    ra.mscale = rp->attn_factor != 0.0f ? rp->attn_factor : 1.0f;
+    if (rp->ext_factor != 0.0f)
+        ra.mscale *= 1.0f + 0.1f * logf(1.0f / rp->freq_scale);
+    if (n_rot <= 1024) {
+        /* each chunk of tokens has its table on its worker's stack */
+        par_range(ctx_of(be), n_tok, (int64_t)n_head * n_rot, rope_tokens, &ra);
+        return 0;
+    }
+    if ((ra.tab = moe_malloc((size_t)n_rot * sizeof(float))) == NULL)
+        return -ENOMEM;
+    rope_tokens(&ra, 0, n_tok);
+    moe_free(ra.tab);
     return 0;
 }
 

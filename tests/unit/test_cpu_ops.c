@@ -213,6 +213,52 @@ static void test_elementwise(void)
             check_elementwise(t, shapes[s][0], shapes[s][1]);
 }
 
+/* rope split over tokens gives the one-thread op's floats (that one is the
+ * reference the parity suite checks), NEOX and normal, with YaRN and with
+ * per-pair frequency factors. */
+static void test_rope_threads(void)
+{
+    struct moe_backend *b1, *b3;
+    struct moe_diag d = { 0 };
+    CHECK(moe_backend_cpu_create(&b1, 1, &d) == 0);
+    CHECK(moe_backend_cpu_create(&b3, 3, &d) == 0);
+    const int n_head = 8, hs = 136, n_tok = 301;
+    const size_t n = (size_t)n_tok * n_head * hs;
+    float *x = malloc(n * sizeof(float)), *y1 = malloc(n * sizeof(float)), *y3 = malloc(n * sizeof(float));
+    int32_t *pos = malloc((size_t)n_tok * sizeof(int32_t));
+    float ff[64];
+    for (size_t i = 0; i < n; i++)
+        x[i] = frand();
+    for (int t = 0; t < n_tok; t++)
+        pos[t] = 3 * t + 1;
+    for (int i = 0; i < 64; i++)
+        ff[i] = 1.0f + (float)i * 0.25f;
+    for (int v = 0; v < 4; v++) {
+        struct moe_rope_params rp = { .mode = (v & 1) ? MOE_ROPE_NEOX : MOE_ROPE_NORM, .n_rot = 128,
+                                      .freq_base = 10000.0f, .freq_scale = 1.0f };
+        if (v & 2) {
+            rp.freq_scale = 0.25f;
+            rp.ext_factor = 1.0f;
+            rp.attn_factor = 1.0f;
+            rp.corr_dims[0] = 8.0f;
+            rp.corr_dims[1] = 40.0f;
+            rp.freq_factors = ff;
+        }
+        memcpy(y1, x, n * sizeof(float));
+        memcpy(y3, x, n * sizeof(float));
+        CHECK(b1->ops->rope(b1, y1, n_tok, n_head, hs, 4, pos, &rp) == 0);
+        CHECK(b3->ops->rope(b3, y3, n_tok, n_head, hs, 4, pos, &rp) == 0);
+        CHECK_MSG(memcmp(y1, y3, n * sizeof(float)) == 0, "rope variant %d: 3 threads differ", v);
+        CHECK_MSG(memcmp(y1, x, n * sizeof(float)) != 0, "rope variant %d: nothing rotated", v);
+    }
+    free(x);
+    free(y1);
+    free(y3);
+    free(pos);
+    moe_backend_destroy(b1);
+    moe_backend_destroy(b3);
+}
+
 int main(void)
 {
     MOE_TEST_RUN(test_multi_decode);
@@ -221,5 +267,6 @@ int main(void)
     MOE_TEST_RUN(test_multi_split);
     MOE_TEST_RUN(test_multi_refuses);
     MOE_TEST_RUN(test_elementwise);
+    MOE_TEST_RUN(test_rope_threads);
     return moe_test_exit_code();
 }
