@@ -1456,11 +1456,11 @@ static const struct gemm_tile tiles[] = {
     { LEVEL_AVX2, MOE_DTYPE_Q4_K, 2, q4k_tile_avx2 },
 #endif
     { LEVEL_SCALAR, MOE_DTYPE_COUNT, 0, NULL },   /* no row; keeps the table non-empty */
-    /* one token: dot_bf16_avx512 streams a single row fastest (decode) */
-    { LEVEL_AVX512, MOE_DTYPE_BF16, 2, moe_gemm_tile_bf16 },
+    /* one token: four rows in step, the next four prefetched (vecdot.c) */
+    { LEVEL_AVX512, MOE_DTYPE_BF16, 2, moe_gemm_tile_bf16, moe_gemm_gemv_bf16 },
     { LEVEL_AVX2, MOE_DTYPE_BF16, 2, moe_gemm_tile_bf16 },
-    { LEVEL_AVX512, MOE_DTYPE_Q8_0, 2, moe_gemm_tile_q8_0 },
-    { LEVEL_AVX512, MOE_DTYPE_MXFP4, 2, moe_gemm_tile_mxfp4 },
+    { LEVEL_AVX512, MOE_DTYPE_Q8_0, 2, moe_gemm_tile_q8_0, moe_gemm_gemv_q8_0 },
+    { LEVEL_AVX512, MOE_DTYPE_MXFP4, 2, moe_gemm_tile_mxfp4, moe_gemm_gemv_mxfp4 },
 };
 
 static enum gemm_level level(void)

@@ -33,4 +33,16 @@ void moe_gemm_gemv_q4_0(const uint8_t *w, size_t row_bytes, int64_t n_rows, cons
 void moe_gemm_gemv_iq4_nl(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
                           const float *bias);
 
+/* BF16, Q8_0 and MXFP4, one token against n_rows rows four at a time (the
+ * next four prefetched): y[r] (+ bias[r]) as moe_vecdot gives it (+ the
+ * bias) on the running path; on paths without a kernel for the type (BF16
+ * without AVX512_BF16, Q8_0 and MXFP4 below AVX-512, rows of more than
+ * 16384 elements), moe_vecdot row by row. */
+void moe_gemm_gemv_bf16(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                        const float *bias);
+void moe_gemm_gemv_q8_0(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                        const float *bias);
+void moe_gemm_gemv_mxfp4(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                         const float *bias);
+
 #endif

@@ -10,6 +10,7 @@
 #include "kernels/blocks.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/vecdot.h"
+#include "kernels/cpu/vecdot-impl.h"
 #include "kernels/fp16.h"
 #include "tests/harness.h"
 
@@ -180,6 +181,71 @@ static void check_len(uint32_t t, int64_t n)
     free(w); free(act); free(x); free(wf); free(xf);
 }
 
+/* The one-token kernels of vecdot-impl.h (moe_gemm_gemv_*) give every
+ * row's moe_vecdot bit for bit (+ the bias), on every path: row counts
+ * around their groups of four, lengths that leave every remainder of the
+ * dot kernels' steps (BF16: 64/32/16 elements; Q8_0 and MXFP4: 4 blocks),
+ * a real width, rows too long for the AVX-512 kernels' scale buffers
+ * (513 blocks: the row-by-row fallback), and Q8_0's extreme bytes (-128
+ * weights, activations at +-127) against random ones. */
+typedef void (*gemv_fn)(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
+                        const float *bias);
+
+static void check_gemv_shape(uint32_t t, gemv_fn fn, int64_t n_rows, int64_t n, int extreme)
+{
+    const size_t rb = moe_dtype_row_bytes(t, n, NULL), ab = moe_vecdot_act_bytes(t, n);
+    uint8_t *w = malloc(rb * (size_t)n_rows), *act = malloc(ab);
+    float *x = malloc((size_t)n * 4), *bias = malloc((size_t)n_rows * 4), *y = malloc((size_t)(n_rows + 1) * 4);
+    CHECK(w && act && x && bias && y);
+    random_blocks(t, w, rb * (size_t)n_rows);
+    if (extreme && t == MOE_DTYPE_Q8_0)
+        for (int64_t b = 0; b < n_rows * (n / 32); b++)
+            memset(w + (size_t)b * 34 + 2, b % 2 ? 0x80 : 0x7f, 32);
+    for (int64_t i = 0; i < n; i++)
+        x[i] = extreme ? (i % 3 ? -1.0f : 1.0f) : randn();
+    moe_vecdot_quantize_act(t, x, act, n);
+    for (int64_t r = 0; r < n_rows; r++)
+        bias[r] = randn();
+    for (int b = 0; b < 2; b++) {
+        y[n_rows] = -12345.0f;
+        fn(w, rb, n_rows, act, n, y, b ? bias : NULL);
+        CHECK_MSG(y[n_rows] == -12345.0f, "%s gemv rows %lld: wrote past the rows", moe_dtype_name(t),
+                  (long long)n_rows);
+        for (int64_t r = 0; r < n_rows; r++) {
+            float want = moe_vecdot(t, w + (size_t)r * rb, act, n);
+            if (b)
+                want = want + bias[r];
+            CHECK_MSG(memcmp(&want, &y[r], 4) == 0, "%s (%s) gemv rows %lld n %lld%s%s: y[%lld] %.9g, vecdot %.9g",
+                      moe_dtype_name(t), moe_vecdot_impl(), (long long)n_rows, (long long)n, b ? " bias" : "",
+                      extreme ? " extreme" : "", (long long)r, (double)y[r], (double)want);
+        }
+    }
+    free(w); free(act); free(x); free(bias); free(y);
+}
+
+static void check_gemv(void)
+{
+    static const int64_t rows[] = { 1, 2, 3, 4, 5, 7, 8, 9, 17 };
+    static const int64_t l1[] = { 17, 32, 95, 100, 160, 2048 }, l32[] = { 32, 96, 160, 224, 2880, 513 * 32 };
+    static const struct { uint32_t t; gemv_fn fn; } ks[] = {
+        { MOE_DTYPE_BF16, moe_gemm_gemv_bf16 },
+        { MOE_DTYPE_Q8_0, moe_gemm_gemv_q8_0 },
+        { MOE_DTYPE_MXFP4, moe_gemm_gemv_mxfp4 },
+    };
+    for (size_t k = 0; k < sizeof(ks) / sizeof(ks[0]); k++) {
+        const int64_t *l = ks[k].t == MOE_DTYPE_BF16 ? l1 : l32;
+        for (size_t li = 0; li < 6; li++)
+            for (size_t ri = 0; ri < sizeof(rows) / sizeof(rows[0]); ri++) {
+                if (li == 5 && ri % 3)
+                    continue; /* the longest rows on fewer counts */
+                check_gemv_shape(ks[k].t, ks[k].fn, rows[ri], l[li], 0);
+                if (moe_test_failed)
+                    return;
+            }
+        check_gemv_shape(ks[k].t, ks[k].fn, 6, l[4], 1);
+    }
+}
+
 /* moe_vec_axpy (attention's value sums) gives the scalar loop's floats
  * exactly on this path: F16 (normal, subnormal, zero halves) and F32, at
  * lengths that are and are not multiples of the vector width. */
@@ -299,6 +365,9 @@ static void test_all_types(void)
         if (moe_test_failed)
             return;
     }
+    check_gemv();
+    if (moe_test_failed)
+        return;
     check_axpy();
     if (moe_test_failed)
         return;
