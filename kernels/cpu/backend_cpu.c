@@ -328,10 +328,13 @@ static void multi_task(void *arg, int64_t task, int worker)
      * Q8_0 values). Every output is the float moe_vecdot gives for its
      * (row, token) whatever the tiles (gemm.h), so results do not depend
      * on them. */
+    /* (a tile kernel that unpacks a row block once per call gets all the
+     * tokens: gemm.h's moe_gemm_whole_tokens) */
+    const int64_t tt = moe_gemm_whole_tokens(w->dtype) ? jb->n_tok : MULTI_TOK_TILE;
     for (int64_t rb = r0; rb < r1; rb += MULTI_ROW_BLOCK) {
         const int64_t re = rb + MULTI_ROW_BLOCK < r1 ? rb + MULTI_ROW_BLOCK : r1;
-        for (int64_t t0 = 0; t0 < jb->n_tok; t0 += MULTI_TOK_TILE) {
-            const int64_t te = t0 + MULTI_TOK_TILE < jb->n_tok ? t0 + MULTI_TOK_TILE : jb->n_tok;
+        for (int64_t t0 = 0; t0 < jb->n_tok; t0 += tt) {
+            const int64_t te = t0 + tt < jb->n_tok ? t0 + tt : jb->n_tok;
             moe_gemm(w->dtype, (const uint8_t *)w->data + (size_t)rb * w->row_bytes, w->row_bytes, re - rb,
                      act + (size_t)t0 * ab, ab, te - t0, w->n_in, jb->y + t0 * w->n_out + rb, w->n_out,
                      jb->bias ? jb->bias + rb : NULL);

@@ -46,6 +46,7 @@ struct gemm_tile {
     int min_tok;             /* fewer tokens: the row kernels are faster */
     gemm_tile_fn fn;
     gemm_gemv_fn gemv;       /* optional: one token, several rows at a time */
+    int whole;               /* unpacks each row once per call (moe_gemm_whole_tokens) */
 };
 
 
@@ -91,8 +92,9 @@ AVX512 static inline __attribute__((always_inline)) void transpose16(__m512i r[1
  * accm), then acc - accm; lanes are rows, so the lane arithmetic is that
  * scalar sequence per row. */
 
-#define Q4K_SB 8   /* super-blocks unpacked at a time (41 KiB) */
+#define Q4K_SB 16  /* super-blocks unpacked at a time (82 KiB): rows of up to 4096 at once */
 #define Q4K_NT 4   /* tokens in registers at a time */
+#define Q4K_G 2    /* groups whose sums are in registers at a time */
 
 struct q4k_panel {
     __m512i q[Q4K_SB][64];   /* [group j * 8 + c]: codes 4c..4c+3 of group j, per row */
@@ -173,6 +175,15 @@ AVX512 static void q4k_unpack(struct q4k_panel *p, const uint8_t *w, size_t row_
     }
 }
 
+/* acc + dpbusd(w, the four bytes at p in every lane): the broadcast as
+ * the instruction's memory operand (one fused uop; the compilers emit a
+ * separate vpbroadcastd for _mm512_set1_epi32 of a load) */
+AVX512 static inline __attribute__((always_inline)) __m512i dpbusd_bcast(__m512i acc, __m512i w, const int8_t *p)
+{
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*(const int32_t *)p));
+    return acc;
+}
+
 AVX512 static inline __attribute__((always_inline)) void q4k_tokens(const struct q4k_panel *p, int nsb, int64_t i0,
                                                                     const uint8_t *act, size_t stride, const int NT,
                                                                     __m512 *acc, __m512 *accm)
@@ -186,24 +197,27 @@ AVX512 static inline __attribute__((always_inline)) void q4k_tokens(const struct
             isum[t] = _mm512_setzero_si512();
             msum[t] = _mm512_setzero_si512();
         }
-        for (int j = 0; j < 8; j++) {
-            __m512i dsum[Q4K_NT];
-            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
-                dsum[t] = _mm512_setzero_si512();
+        /* Q4K_G groups at a time: Q4K_G x NT independent dpbusd chains
+         * (the eight of one group and token are a chain of 8 x 5 cycles) */
+        for (int j = 0; j < 8; j += Q4K_G) {
+            __m512i ds[Q4K_G][Q4K_NT];
+            _Pragma("GCC unroll 4") for (int g = 0; g < Q4K_G; g++)
+                _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+                    ds[g][t] = _mm512_setzero_si512();
             _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++) {
-                const __m512i wq = p->q[s][j * 8 + c];
-                _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
-                    int32_t yy;
-                    memcpy(&yy, y[t]->qs + 32 * j + 4 * c, 4);
-                    dsum[t] = _mm512_dpbusd_epi32(dsum[t], wq, _mm512_set1_epi32(yy));
+                _Pragma("GCC unroll 4") for (int g = 0; g < Q4K_G; g++) {
+                    const __m512i wq = p->q[s][(j + g) * 8 + c];
+                    _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
+                        ds[g][t] = dpbusd_bcast(ds[g][t], wq, y[t]->qs + 32 * (j + g) + 4 * c);
                 }
             }
-            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
-                int32_t bs;
-                memcpy(&bs, y[t]->bsums + 2 * j, 4);
-                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dsum[t], p->sc[s][j]));
-                msum[t] = _mm512_dpwssd_epi32(msum[t], p->mn[s][j], _mm512_set1_epi32(bs));
-            }
+            _Pragma("GCC unroll 4") for (int g = 0; g < Q4K_G; g++)
+                _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+                    int32_t bs;
+                    memcpy(&bs, y[t]->bsums + 2 * (j + g), 4);
+                    isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(ds[g][t], p->sc[s][j + g]));
+                    msum[t] = _mm512_dpwssd_epi32(msum[t], p->mn[s][j + g], _mm512_set1_epi32(bs));
+                }
         }
         _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
             const __m512 yd = _mm512_set1_ps(y[t]->d);
@@ -217,14 +231,47 @@ AVX512 static inline __attribute__((always_inline)) void q4k_tokens(const struct
  * block fit on the stack when a row has more than Q4K_SB super-blocks. */
 #define GEMM_TOK 64
 
+/* y[t * ldy + lane] = acc[t] (- accm[t]) (+ bias) for t < nt, lanes in keep */
+AVX512 static inline __attribute__((always_inline)) void tile_store(int64_t nt, const __m512 *acc,
+                                                                    const __m512 *accm, float *y, int64_t ldy,
+                                                                    __mmask16 keep, const float *bias, __m512 vb)
+{
+    for (int64_t t = 0; t < nt; t++) {
+        __m512 v = accm ? _mm512_sub_ps(acc[t], accm[t]) : acc[t];
+        if (bias)
+            v = _mm512_add_ps(v, vb);
+        _mm512_mask_storeu_ps(y + t * ldy, keep, v);
+    }
+}
+
 AVX512 static void q45k_tile(const uint8_t *w, size_t row_bytes, int nr, const uint8_t *act, size_t stride,
                              int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias, int five)
 {
     struct q4k_panel p;
-    __m512 sacc[GEMM_TOK], saccm[GEMM_TOK];
     const int64_t nb = n / MOE_QK_K;
     const __mmask16 keep = (__mmask16)((1u << nr) - 1);
     const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+    if (nb <= Q4K_SB) {
+        /* the whole rows unpacked once for every token, the sums of four
+         * tokens in registers */
+        q4k_unpack(&p, w, row_bytes, nr, 0, (int)nb, five);
+        for (int64_t k = 0; k < n_tok; k += Q4K_NT) {
+            const uint8_t *a = act + (size_t)k * stride;
+            __m512 acc[Q4K_NT], accm[Q4K_NT];
+            for (int t = 0; t < Q4K_NT; t++)
+                acc[t] = accm[t] = _mm512_setzero_ps();
+            const int nt = n_tok - k < Q4K_NT ? (int)(n_tok - k) : Q4K_NT;
+            switch (nt) {
+            case 4: q4k_tokens(&p, (int)nb, 0, a, stride, 4, acc, accm); break;
+            case 3: q4k_tokens(&p, (int)nb, 0, a, stride, 3, acc, accm); break;
+            case 2: q4k_tokens(&p, (int)nb, 0, a, stride, 2, acc, accm); break;
+            default: q4k_tokens(&p, (int)nb, 0, a, stride, 1, acc, accm); break;
+            }
+            tile_store(nt, acc, accm, y + k * ldy, ldy, keep, bias, vb);
+        }
+        return;
+    }
+    __m512 sacc[GEMM_TOK], saccm[GEMM_TOK];
     for (int64_t k0 = 0; k0 < n_tok; k0 += GEMM_TOK) {
         const int64_t nk = n_tok - k0 < GEMM_TOK ? n_tok - k0 : GEMM_TOK;
         for (int64_t k = 0; k < nk; k++)
@@ -242,12 +289,7 @@ AVX512 static void q45k_tile(const uint8_t *w, size_t row_bytes, int nr, const u
                 }
             }
         }
-        for (int64_t k = 0; k < nk; k++) {
-            __m512 v = _mm512_sub_ps(sacc[k], saccm[k]);
-            if (bias)
-                v = _mm512_add_ps(v, vb);
-            _mm512_mask_storeu_ps(y + (k0 + k) * ldy, keep, v);
-        }
+        tile_store(nk, sacc, saccm, y + k0 * ldy, ldy, keep, bias, vb);
     }
 }
 
@@ -340,20 +382,22 @@ AVX512 static inline __attribute__((always_inline)) void q6k_tokens(const struct
             isum[t] = _mm512_setzero_si512();
             csum[t] = _mm512_setzero_si512();
         }
-        for (int g = 0; g < 16; g++) {
-            __m512i dsum[Q4K_NT];
+        /* two groups at a time, as q4k_tokens */
+        for (int g = 0; g < 16; g += 2) {
+            __m512i da[Q4K_NT], db[Q4K_NT];
             _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
-                dsum[t] = _mm512_setzero_si512();
+                da[t] = db[t] = _mm512_setzero_si512();
             _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
-                const __m512i wq = p->q[s][4 * g + c];
+                const __m512i wa = p->q[s][4 * g + c], wb = p->q[s][4 * (g + 1) + c];
                 _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
-                    int32_t yy;
-                    memcpy(&yy, y[t]->qs + 16 * g + 4 * c, 4);
-                    dsum[t] = _mm512_dpbusd_epi32(dsum[t], wq, _mm512_set1_epi32(yy));
+                    da[t] = dpbusd_bcast(da[t], wa, y[t]->qs + 16 * g + 4 * c);
+                    db[t] = dpbusd_bcast(db[t], wb, y[t]->qs + 16 * (g + 1) + 4 * c);
                 }
             }
-            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
-                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(dsum[t], p->sc[s][g]));
+            _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
+                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(da[t], p->sc[s][g]));
+                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(db[t], p->sc[s][g + 1]));
+            }
         }
         _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) {
             _Pragma("GCC unroll 8") for (int q = 0; q < 8; q++) {
@@ -371,10 +415,29 @@ AVX512 static void q6k_tile(const uint8_t *w, size_t row_bytes, int nr, const ui
                             int64_t n_tok, int64_t n, float *y, int64_t ldy, const float *bias)
 {
     struct q6k_panel p;
-    __m512 sacc[GEMM_TOK];
     const int64_t nb = n / MOE_QK_K;
     const __mmask16 keep = (__mmask16)((1u << nr) - 1);
     const __m512 vb = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+    if (nb <= Q4K_SB) {
+        /* as q45k_tile: the whole rows unpacked once */
+        q6k_unpack(&p, w, row_bytes, nr, 0, (int)nb);
+        for (int64_t k = 0; k < n_tok; k += Q4K_NT) {
+            const uint8_t *a = act + (size_t)k * stride;
+            __m512 acc[Q4K_NT];
+            for (int t = 0; t < Q4K_NT; t++)
+                acc[t] = _mm512_setzero_ps();
+            const int nt = n_tok - k < Q4K_NT ? (int)(n_tok - k) : Q4K_NT;
+            switch (nt) {
+            case 4: q6k_tokens(&p, (int)nb, 0, a, stride, 4, acc); break;
+            case 3: q6k_tokens(&p, (int)nb, 0, a, stride, 3, acc); break;
+            case 2: q6k_tokens(&p, (int)nb, 0, a, stride, 2, acc); break;
+            default: q6k_tokens(&p, (int)nb, 0, a, stride, 1, acc); break;
+            }
+            tile_store(nt, acc, NULL, y + k * ldy, ldy, keep, bias, vb);
+        }
+        return;
+    }
+    __m512 sacc[GEMM_TOK];
     for (int64_t k0 = 0; k0 < n_tok; k0 += GEMM_TOK) {
         const int64_t nk = n_tok - k0 < GEMM_TOK ? n_tok - k0 : GEMM_TOK;
         for (int64_t k = 0; k < nk; k++)
@@ -392,12 +455,7 @@ AVX512 static void q6k_tile(const uint8_t *w, size_t row_bytes, int nr, const ui
                 }
             }
         }
-        for (int64_t k = 0; k < nk; k++) {
-            __m512 v = sacc[k];
-            if (bias)
-                v = _mm512_add_ps(v, vb);
-            _mm512_mask_storeu_ps(y + (k0 + k) * ldy, keep, v);
-        }
+        tile_store(nk, sacc, NULL, y + k0 * ldy, ldy, keep, bias, vb);
     }
 }
 
@@ -993,11 +1051,13 @@ AVX2 static inline __attribute__((always_inline)) void transpose8(__m256i r[8])
     }
 }
 
+#define Q4K8_SB 8   /* super-blocks unpacked at a time (20 KiB for 8 rows) */
+
 struct q4k_panel8 {
-    __m256i q[Q4K_SB][64];
-    __m256i sc[Q4K_SB][8];   /* scale of group j in both halves of the lane */
-    __m256i mn[Q4K_SB][8];   /* min of group j, likewise */
-    __m256 d[Q4K_SB], dm[Q4K_SB];
+    __m256i q[Q4K8_SB][64];
+    __m256i sc[Q4K8_SB][8];   /* scale of group j in both halves of the lane */
+    __m256i mn[Q4K8_SB][8];   /* min of group j, likewise */
+    __m256 d[Q4K8_SB], dm[Q4K8_SB];
 };
 
 AVX2 static void q4k_unpack8(struct q4k_panel8 *p, const uint8_t *w, size_t row_bytes, int nr, int64_t i0, int nsb)
@@ -1106,8 +1166,8 @@ AVX2 static void q4k_tile_avx2(const uint8_t *w, size_t row_bytes, int nr, const
             const int64_t nk = n_tok - k0 < GEMM_TOK ? n_tok - k0 : GEMM_TOK;
             for (int64_t k = 0; k < nk; k++)
                 sacc[k] = saccm[k] = _mm256_setzero_ps();
-            for (int64_t i0 = 0; i0 < nb; i0 += Q4K_SB) {
-                const int nsb = nb - i0 < Q4K_SB ? (int)(nb - i0) : Q4K_SB;
+            for (int64_t i0 = 0; i0 < nb; i0 += Q4K8_SB) {
+                const int nsb = nb - i0 < Q4K8_SB ? (int)(nb - i0) : Q4K8_SB;
                 q4k_unpack8(&p, w + (size_t)r0 * row_bytes, row_bytes, n8, i0, nsb);
                 for (int64_t k = 0; k < nk; k += 2) {
                     const uint8_t *a = act + (size_t)(k0 + k) * stride;
@@ -1450,9 +1510,9 @@ static const struct gemm_tile tiles[] = {
     { LEVEL_AVX2, MOE_DTYPE_IQ4_NL, 2, iq4_nl_tile_avx2 },
     /* fewer tokens: the row kernels (measured on experts streamed from
      * memory, Qwen3-shape prompt of 64 tokens: 4-8 per expert) */
-    { LEVEL_AVX512, MOE_DTYPE_Q4_K, 8, q4k_tile, q4k_gemv },
-    { LEVEL_AVX512, MOE_DTYPE_Q5_K, 8, q5k_tile, q5k_gemv },
-    { LEVEL_AVX512, MOE_DTYPE_Q6_K, 12, q6k_tile, q6k_gemv },  /* its unpacking costs more */
+    { LEVEL_AVX512, MOE_DTYPE_Q4_K, 8, q4k_tile, q4k_gemv, 1 },
+    { LEVEL_AVX512, MOE_DTYPE_Q5_K, 8, q5k_tile, q5k_gemv, 1 },
+    { LEVEL_AVX512, MOE_DTYPE_Q6_K, 12, q6k_tile, q6k_gemv, 1 },  /* its unpacking costs more */
     { LEVEL_AVX2, MOE_DTYPE_Q4_K, 2, q4k_tile_avx2 },
 #endif
     { LEVEL_SCALAR, MOE_DTYPE_COUNT, 0, NULL },   /* no row; keeps the table non-empty */
@@ -1484,6 +1544,12 @@ static const struct gemm_tile *tile_for(uint32_t t)
 int moe_gemm_tiled(uint32_t t)
 {
     return tile_for(t) != NULL;
+}
+
+int moe_gemm_whole_tokens(uint32_t t)
+{
+    const struct gemm_tile *k = tile_for(t);
+    return k != NULL && k->whole;
 }
 
 void moe_gemm(uint32_t t, const void *w, size_t row_bytes, int64_t n_rows, const void *act, size_t act_stride,

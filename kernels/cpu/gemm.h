@@ -26,4 +26,9 @@ void moe_gemm(uint32_t t, const void *w, size_t row_bytes, int64_t n_rows, const
  * it is moe_vecdot_rows in a loop). */
 int moe_gemm_tiled(uint32_t t);
 
+/* Whether a call of moe_gemm for type t unpacks each weight row once
+ * whatever n_tok (the AVX-512 K-quant tiles, rows of up to 4096): the
+ * caller then gives it all its tokens at once rather than in blocks. */
+int moe_gemm_whole_tokens(uint32_t t);
+
 #endif

@@ -129,7 +129,7 @@ static void check_type(uint32_t t)
     /* lengths: one block, odd block counts, a real width */
     const int64_t lens[3] = { bs == 1 ? 17 : bs, bs == 1 ? 95 : 3 * bs, bs == 1 ? 2048 : (bs == 32 ? 2880 : 2048) };
     static const int64_t rows[] = { 1, 5, 16, 17, 33 };
-    static const int64_t toks[] = { 1, 2, 3, 4, 5, 7, 13 };
+    static const int64_t toks[] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13 };
     for (size_t li = 0; li < 3; li++)
         for (size_t ri = 0; ri < sizeof(rows) / sizeof(rows[0]); ri++)
             for (size_t ti = 0; ti < sizeof(toks) / sizeof(toks[0]); ti++) {
@@ -144,13 +144,33 @@ static void check_type(uint32_t t)
         check_shape(t, 7, 9, 100, 0); /* 64 + 32 + 4: every step of the float kernels */
     if (moe_test_failed)
         return;
-    /* rows longer than the K-quant tiles unpack at a time (8 super-blocks:
-     * 9 carry the sums across two panels), and more tokens than one call's
-     * block of running sums (64) */
-    check_shape(t, 17, 9, bs == 256 ? 9 * 256 : lens[2], 0);
+    /* rows longer than the AVX-512 K-quant tiles unpack at a time (16
+     * super-blocks: 17 carry the sums across two panels in blocks of 64
+     * tokens), and more tokens than one call's block of running sums (64) */
+    check_shape(t, 17, 9, bs == 256 ? 17 * 256 : lens[2], 0);
     if (moe_test_failed)
         return;
     check_shape(t, 5, 70, lens[1], 0);
+    if (moe_test_failed)
+        return;
+    /* the token counts of a prefill: the K-quant tiles unpack rows of up to
+     * 16 super-blocks once for all the tokens of a call (the backend then
+     * gives them every token), longer rows in blocks of 64 */
+    static const int64_t many[] = { 64, 65, 130, 512 };
+    for (size_t ti = 0; ti < sizeof(many) / sizeof(many[0]); ti++) {
+        check_shape(t, ti % 2 ? 17 : 5, many[ti], bs == 256 ? 8 * 256 : lens[1], 0);
+        if (moe_test_failed)
+            return;
+    }
+    if (bs == 256) {
+        check_shape(t, 16, 130, 16 * 256, 0);
+        if (moe_test_failed)
+            return;
+        check_shape(t, 3, 130, 17 * 256, 0);
+        if (moe_test_failed)
+            return;
+        check_shape(t, 19, 65, 2 * 256, 1);
+    }
 }
 
 static void test_all_types(void)
