@@ -15,6 +15,7 @@
 #include "common/error.h"
 #include "kernels/backend.h"
 #include "kernels/blocks.h"
+#include "kernels/cpu/attn.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops_ssm.h"
@@ -529,98 +530,14 @@ static inline size_t kv_bytes(uint32_t t, int64_t n)
     return (size_t)n * (t == MOE_DTYPE_F16 ? 2 : 4);
 }
 
-/* Worker scratch after the scores: q in K's dot format (f16 halves, or
- * q8_0 blocks as ggml's flash attention quantizes it), then a dequantized
- * V row (q8_0). */
-static size_t attn_q_bytes(uint32_t t, int hd)
-{
-    return (kv_bytes(t == MOE_DTYPE_F32 ? MOE_DTYPE_F16 : t, hd) + 63) & ~(size_t)63;
-}
-
-static size_t attn_scratch(const struct moe_attn_params *ap, int32_t p)
-{
-    return (size_t)(p + 1) * sizeof(float) + 64 + attn_q_bytes(ap->kv_type, ap->head_dim) +
-           (ap->kv_type == MOE_DTYPE_Q8_0 ? (size_t)ap->head_dim_v * sizeof(float) : 0);
-}
-
-/* The cache row of position r (through the block table, if any). */
-static inline int64_t cache_row(const struct moe_attn_params *ap, int32_t r)
-{
-    if (ap->host_blocks == NULL)
-        return r;
-    return (int64_t)ap->host_blocks[r / ap->block_rows] * ap->block_rows + r % ap->block_rows;
-}
-
-static inline float kv_dot(const struct moe_attn_params *ap, const float *q, const void *qx,
-                           int64_t row, int kvh)
-{
-    const int64_t off = row * ap->k_row + (int64_t)kvh * ap->head_dim;
-    const uint8_t *k = (const uint8_t *)ap->k_cache + kv_bytes(ap->kv_type, off);
-    if (ap->kv_type == MOE_DTYPE_F32)
-        return moe_vecdot(MOE_DTYPE_F32, k, q, ap->head_dim);
-    return moe_vecdot(ap->kv_type, k, qx, ap->head_dim);
-}
-
 static void attn_task(void *arg, int64_t task, int worker)
 {
     struct attn_job *j = arg;
     const struct moe_attn_params *ap = j->ap;
     const int64_t t = task / ap->n_head;
     const int h = (int)(task % ap->n_head);
-    const int kvh = h / (ap->n_head / ap->n_head_kv);
-    const int hd = ap->head_dim, hdv = ap->head_dim_v;
-    const uint32_t kt = ap->kv_type;
-    const float *q = j->q + (t * ap->n_head + h) * hd;
-    float *out = j->out + (t * ap->n_head + h) * hdv;
-    const int32_t p = j->pos[t];
-    int32_t first = 0;
-    if (ap->window > 0 && p - ap->window + 1 > 0)
-        first = p - ap->window + 1;
-
-    /* Worker scratch: scores [p + 1], q in K's format, a V row. */
-    uint8_t *base = j->c->per_worker + (size_t)worker * j->c->per_worker_bytes;
-    float *s = (float *)base;
-    uint8_t *qx = base + (((size_t)(p + 1) * sizeof(float) + 63) & ~(size_t)63);
-    float *vrow = (float *)(qx + attn_q_bytes(kt, hd));
-    if (kt == MOE_DTYPE_F16)
-        for (int d = 0; d < hd; d++)
-            ((uint16_t *)qx)[d] = moe_fp32_to_fp16(q[d]);
-    else if (kt == MOE_DTYPE_Q8_0)
-        moe_vecdot_quantize_act(MOE_DTYPE_Q8_0, q, qx, hd);
-
-    float max = -INFINITY;
-    for (int32_t r = first; r <= p; r++) {
-        s[r] = kv_dot(ap, q, qx, cache_row(ap, r), kvh) * ap->scale;
-        if (s[r] > max)
-            max = s[r];
-    }
-    const float sink = ap->sinks ? ap->sinks[h] : -INFINITY;
-    if (sink > max)
-        max = sink;
-    double sum = 0.0;
-    for (int32_t r = first; r <= p; r++) {
-        s[r] = expf(s[r] - max);
-        sum += (double)s[r];
-    }
-    if (ap->sinks)
-        sum += (double)expf(sink - max);
-    const float inv = (float)(1.0 / sum);
-    for (int d = 0; d < hdv; d++)
-        out[d] = 0.0f;
-    for (int32_t r = first; r <= p; r++) {
-        const float pr = s[r] * inv;
-        const int64_t off = cache_row(ap, r) * ap->v_row + (int64_t)kvh * hdv;
-        const uint8_t *vb = (const uint8_t *)ap->v_cache + kv_bytes(kt, off);
-        if (kt == MOE_DTYPE_F16) {
-            moe_vec_axpy(MOE_DTYPE_F16, out, moe_fp16_to_fp32(moe_fp32_to_fp16(pr)), vb, hdv);
-        } else if (kt == MOE_DTYPE_Q8_0) {
-            /* as ggml's flash attention: V to float, then a float axpy */
-            moe_dequantize_row(MOE_DTYPE_Q8_0, vb, vrow, hdv);
-            moe_vec_axpy(MOE_DTYPE_F32, out, pr, vrow, hdv);
-        } else {
-            moe_vec_axpy(MOE_DTYPE_F32, out, pr, vb, hdv);
-        }
-    }
+    moe_cpu_attn_head(ap, j->out + (t * ap->n_head + h) * ap->head_dim_v, j->q + (t * ap->n_head + h) * ap->head_dim,
+                      j->pos[t], h, j->c->per_worker + (size_t)worker * j->c->per_worker_bytes);
 }
 
 static int cpu_kv_supports(const struct moe_backend *be, uint32_t t)
@@ -640,7 +557,7 @@ static int cpu_attention(struct moe_backend *be, float *out, const float *q, int
         (ap->head_dim % 32 || ap->head_dim_v % 32 || ap->k_row % 32 || ap->v_row % 32))
         return -EINVAL;
     for (int64_t t = 0; t < n_tok; t++)
-        if (pos[t] < 0 || attn_scratch(ap, pos[t]) > c->per_worker_bytes)
+        if (pos[t] < 0 || moe_cpu_attn_scratch(ap, pos[t]) > c->per_worker_bytes)
             return MOE_ELIMIT;
     struct attn_job j = { .c = c, .out = out, .q = q, .pos = pos, .ap = ap };
     moe_threadpool_run(c->pool, attn_task, &j, n_tok * ap->n_head);
