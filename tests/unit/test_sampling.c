@@ -29,6 +29,62 @@ static void test_greedy(void)
     moe_sampler_free(s);
 }
 
+/* Greedy gives the plain loop's index (first maximum, strict >) on rows
+ * with ties, both zeros, -inf, NaNs (at 0 and elsewhere) and lengths that
+ * are not multiples of eight. */
+static int32_t argmax_loop(const float *l, int n)
+{
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (l[i] > l[best])
+            best = i;
+    return best;
+}
+
+static void test_greedy_rows(void)
+{
+    struct moe_sampler_params p;
+    moe_sampler_defaults(&p);
+    uint32_t rng = 12345;
+    static const int lens[] = { 1, 2, 7, 8, 9, 15, 16, 17, 100, 32000 };
+    for (size_t li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+        const int n = lens[li];
+        float *l = malloc((size_t)n * sizeof(float)), *c = malloc((size_t)n * sizeof(float));
+        struct moe_sampler *s;
+        CHECK(l && c && moe_sampler_create(&s, &p, n, NULL) == 0);
+        for (int rep = 0; rep < 40; rep++) {
+            for (int i = 0; i < n; i++) {
+                rng = rng * 1664525u + 1013904223u;
+                const uint32_t r = rng >> 8;
+                /* few distinct values: many ties */
+                l[i] = rep % 4 == 0 ? (float)(r % 5) : (float)(int)(r % 2001) / 100.0f - 10.0f;
+                switch ((r >> 12) % 16) {
+                case 0: l[i] = -INFINITY; break;
+                case 1: l[i] = rep % 3 == 1 ? NAN : l[i]; break;
+                case 2: l[i] = rep % 5 == 2 ? 0.0f : l[i]; break;
+                case 3: l[i] = rep % 5 == 2 ? -0.0f : l[i]; break;
+                default: break;
+                }
+            }
+            if (rep % 7 == 3)
+                l[0] = NAN;
+            if (rep % 7 == 4)
+                for (int i = 0; i < n; i++)
+                    l[i] = i % 3 ? -INFINITY : NAN;
+            if (rep % 7 == 5)
+                for (int i = 0; i < n; i++)
+                    l[i] = i % 2 ? 0.0f : -0.0f;
+            memcpy(c, l, (size_t)n * sizeof(float));
+            const int32_t want = argmax_loop(l, n);
+            CHECK_MSG(moe_sampler_sample(s, c, NULL, 0) == want, "n %d rep %d: greedy differs from the loop (%d)",
+                      n, rep, (int)want);
+        }
+        moe_sampler_free(s);
+        free(l);
+        free(c);
+    }
+}
+
 static void test_distribution(void)
 {
     struct moe_sampler_params p = plain();
@@ -190,6 +246,7 @@ static void test_bad_params(void)
 int main(void)
 {
     MOE_TEST_RUN(test_greedy);
+    MOE_TEST_RUN(test_greedy_rows);
     MOE_TEST_RUN(test_distribution);
     MOE_TEST_RUN(test_seeded);
     MOE_TEST_RUN(test_cutoffs);
