@@ -406,8 +406,16 @@ static int cpu_matmul_multi(struct moe_backend *be, const struct moe_matmul_job 
     } else {
         moe_threadpool_run(c->pool, multi_quant_task, &r, nq);
     }
-    /* Enough tasks to balance, few enough to keep scheduling cheap. */
-    const int64_t want = (int64_t)c->n_threads * 8;
+    /* Enough tasks to balance, few enough to keep scheduling cheap. A
+     * decode step's products (a few tokens) are each a few hundred
+     * microseconds of streaming weights, and the run waits for its last
+     * task: four times finer tasks there (a few rows of 16 each) cut the
+     * idle tail while the task counter stays cheap; a prefill's tasks keep
+     * their size (each re-reads its tokens' tiles). */
+    int64_t tok_max = 0;
+    for (int j = 0; j < n_jobs; j++)
+        tok_max = jobs[j].n_tok > tok_max ? jobs[j].n_tok : tok_max;
+    const int64_t want = (int64_t)c->n_threads * (tok_max <= 4 ? 32 : 8);
     r.rows_per_task = (rows + want - 1) / want;
     if (r.rows_per_task < 4)
         r.rows_per_task = 4;
