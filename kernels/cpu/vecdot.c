@@ -1822,8 +1822,19 @@ QUAD_TILE_DRIVER(tile_mxfp4_avx512, mxfp4_tile, struct moe_block_mxfp4, MOE_DTYP
 #define Q8_0_U(x, k) _mm512_xor_si512(load2x256((x)[k].qs, (x)[k + 1].qs), x80)
 #define MX_U(x, k) grid64((x)[k].qs, (x)[k + 1].qs, gridu)
 #define Q8_0_DW4(x, k) f16x4((x)[k].d, (x)[k + 1].d, (x)[k + 2].d, (x)[k + 3].d)
-#define MX_DW4(x, k) _mm_setr_ps(moe_e8m0_half((x)[k].e), moe_e8m0_half((x)[k + 1].e), moe_e8m0_half((x)[k + 2].e), \
-                                 moe_e8m0_half((x)[k + 3].e))
+#define MX_DW4(x, k) e8m0_half4((x)[k].e, (x)[k + 1].e, (x)[k + 2].e, (x)[k + 3].e)
+
+/* moe_e8m0_half of four exponents in the lanes of one vector: the same
+ * bits (0x00200000 << e below 2, (e - 1) << 23 from 2), without four
+ * scalar compare-and-shift chains and inserts (MXFP4 one-token kernel on
+ * 1 GiB of 2880-wide rows, 1 thread: 8.3-8.5 -> 8.8-9.0 GB/s). */
+AVX512 static inline __m128 e8m0_half4(uint8_t a, uint8_t b, uint8_t c, uint8_t d)
+{
+    const __m128i e = _mm_setr_epi32(a, b, c, d);
+    const __m128i big = _mm_slli_epi32(_mm_sub_epi32(e, _mm_set1_epi32(1)), 23);
+    const __m128i small = _mm_sllv_epi32(_mm_set1_epi32(0x00200000), e);
+    return _mm_castsi128_ps(_mm_mask_blend_epi32(_mm_cmplt_epu32_mask(e, _mm_set1_epi32(2)), big, small));
+}
 
 #define QUAD_GEMV(wtype, WU, DW4, TAIL)                                                              \
     const struct moe_block_q8_0 *yb = (const struct moe_block_q8_0 *)act;                          \

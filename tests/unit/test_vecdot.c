@@ -186,8 +186,9 @@ static void check_len(uint32_t t, int64_t n)
  * around their groups of four, lengths that leave every remainder of the
  * dot kernels' steps (BF16: 64/32/16 elements; Q8_0 and MXFP4: 4 blocks),
  * a real width, rows too long for the AVX-512 kernels' scale buffers
- * (513 blocks: the row-by-row fallback), and Q8_0's extreme bytes (-128
- * weights, activations at +-127) against random ones. */
+ * (513 blocks: the row-by-row fallback), Q8_0's extreme bytes (-128
+ * weights, activations at +-127) and MXFP4's exponents of every class
+ * (subnormal scales from 0 and 1, 254) against random ones. */
 typedef void (*gemv_fn)(const uint8_t *w, size_t row_bytes, int64_t n_rows, const uint8_t *act, int64_t n, float *y,
                         const float *bias);
 
@@ -201,6 +202,13 @@ static void check_gemv_shape(uint32_t t, gemv_fn fn, int64_t n_rows, int64_t n, 
     if (extreme && t == MOE_DTYPE_Q8_0)
         for (int64_t b = 0; b < n_rows * (n / 32); b++)
             memset(w + (size_t)b * 34 + 2, b % 2 ? 0x80 : 0x7f, 32);
+    if (extreme && t == MOE_DTYPE_MXFP4) {
+        /* every exponent class of the scale: subnormal (0, 1), normal, the largest */
+        static const uint8_t es[] = { 0, 1, 2, 3, 100, 127, 128, 200, 253, 254 };
+        const int64_t nb = n / 32;
+        for (int64_t b = 0; b < n_rows * nb; b++)   /* even rows: subnormal scales only */
+            w[(size_t)b * 17] = (b / nb) % 2 ? es[b % (int64_t)sizeof(es)] : (uint8_t)(b % 2);
+    }
     for (int64_t i = 0; i < n; i++)
         x[i] = extreme ? (i % 3 ? -1.0f : 1.0f) : randn();
     moe_vecdot_quantize_act(t, x, act, n);
