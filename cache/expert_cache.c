@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "cache/expert_cache.h"
@@ -97,6 +98,30 @@ size_t moe_expert_cache_pool_bytes(size_t slot_bytes, int n_slots)
     return (size_t)n_slots * stride + MOE_CACHE_SLOT_ALIGN;
 }
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* linux/mman.h, Linux 5.14 */
+#endif
+
+/* Host slots are committed when the cache is made: transparent huge pages
+ * asked for (where the kernel's THP mode is madvise or always), then every
+ * page faulted in (MADV_POPULATE_WRITE). Otherwise the first fill of the
+ * cache faults the pool in 4 KiB at a time inside the reader: an O_DIRECT
+ * read pins its destination pages, faulting in those not yet there on the
+ * one I/O thread, so the fill ran at the page-fault rate, not the disk's
+ * (issue 18: 7 GiB of fresh slots read at 0.65-0.75 GB/s during a prefill
+ * on a VM where first-touch of 4 KiB pages ran at 0.3-1.5 GB/s and of huge
+ * pages at 4 GB/s; doc/benchmarks.md). Best effort: older kernels refuse
+ * the advice (EINVAL) and the pool faults in on use as before. */
+static void pool_commit(void *mem, size_t bytes)
+{
+    const uintptr_t a = ((uintptr_t)mem + 4095) & ~(uintptr_t)4095;
+    const uintptr_t e = ((uintptr_t)mem + bytes) & ~(uintptr_t)4095;
+    if (e <= a)
+        return;
+    (void)madvise((void *)a, e - a, MADV_HUGEPAGE);
+    (void)madvise((void *)a, e - a, MADV_POPULATE_WRITE);
+}
+
 int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src *src,
                             struct moe_backend *be, size_t slot_bytes, int n_slots,
                             enum moe_policy_kind policy, struct moe_diag *diag)
@@ -142,6 +167,8 @@ int moe_expert_cache_create(struct moe_expert_cache **out, struct moe_expert_src
         return moe_diag_set(diag, -ENOMEM, "expert cache: cannot allocate %d slots x %zu bytes"
                             " (%zu MiB)", n_slots, slot_bytes, mib);
     }
+    if (be->ops->host_memory)
+        pool_commit(c->mem, pool);
     for (size_t k = 0; k < n_keys; k++) {
         c->slot_of[k] = -1;
         c->predicted[k] = -1;

@@ -1150,6 +1150,66 @@ int moe_gguf_populate(struct moe_gguf *g)
     return 0;
 }
 
+/* The part whose mapping holds [p, p + n), or NULL. */
+static const struct moe_gguf *part_mapping(const struct moe_gguf *g, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    for (uint32_t i = 0; i == 0 || (g->parts && i < g->n_parts); i++) {
+        const struct moe_gguf *q = i == 0 ? g : g->parts[i - 1];
+        if (q->map != NULL && b >= q->map && b <= q->map + q->map_len &&
+            n <= (size_t)(q->map + q->map_len - b))
+            return q;
+    }
+    return NULL;
+}
+
+bool moe_gguf_maps(const struct moe_gguf *g, const void *p, size_t n)
+{
+    return part_mapping(g, p, n) != NULL;
+}
+
+int moe_gguf_read_mapped(const struct moe_gguf *g, const void *p, size_t n, void *dst,
+                         struct moe_diag *diag)
+{
+    const uint8_t *b = p;
+    const struct moe_gguf *q = part_mapping(g, p, n);
+    if (q != NULL) {
+        if (q->mem != NULL) {
+            memcpy(dst, b, n);
+            return 0;
+        }
+        /* a descriptor of its own: FADV_RANDOM is a property of the open
+         * file, and q->fd's is shared with the mapping */
+        char proc[64];
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", q->fd);
+        int fd = open(proc, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return moe_diag_set(diag, -errno, "%s: reopen: %s", q->name, strerror(errno));
+        (void)posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);
+        const uint64_t off = (uint64_t)(b - q->map);
+        uint64_t at;
+        int rc = moe_file_pread(fd, dst, n, off, &at);
+        close(fd);
+        if (rc == MOE_EFORMAT)
+            return moe_diag_set(diag, rc, "%s: file ends at 0x%" PRIx64 " (it shrank after open)", q->name, at);
+        if (rc < 0)
+            return moe_diag_set(diag, rc, "%s: read at offset 0x%" PRIx64 ": %s", q->name, at, strerror(-rc));
+        return 0;
+    }
+    return moe_diag_set(diag, -EINVAL, "%s: %zu bytes at %p are not in its mapping", g->name, n, p);
+}
+
+void moe_gguf_drop_cache(struct moe_gguf *g)
+{
+    for (uint32_t i = 0; i == 0 || (g->parts && i < g->n_parts); i++) {
+        struct moe_gguf *q = i == 0 ? g : g->parts[i - 1];
+        if (q->map == NULL || q->mem != NULL)
+            continue;
+        (void)madvise((void *)q->map, q->map_len, MADV_DONTNEED);
+        (void)posix_fadvise(q->fd, 0, 0, POSIX_FADV_DONTNEED);
+    }
+}
+
 const void *moe_gguf_tensor_data(const struct moe_gguf *g, const struct moe_gguf_tensor *t)
 {
     g = part_of(g, t);

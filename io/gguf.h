@@ -185,6 +185,26 @@ const void *moe_gguf_tensor_data(const struct moe_gguf *g, const struct moe_gguf
  * Call after moe_gguf_map. */
 int moe_gguf_populate(struct moe_gguf *g);
 
+/* Copies the n bytes that p points to, inside the mapping of one of g's
+ * parts, into dst. A file is read with pread through a descriptor of its
+ * own set to POSIX_FADV_RANDOM: exactly those bytes, none of the
+ * neighbouring tensors' that a page fault on the mapping would read around
+ * it (read_ahead_kb, often MiBs); an in-memory source is copied. 0, -EINVAL
+ * where [p, p + n) is not inside one part's mapping, or -errno (diag
+ * names the file). Call after moe_gguf_map. */
+/* Whether [p, p + n) lies inside the mapping of one of g's parts. */
+bool moe_gguf_maps(const struct moe_gguf *g, const void *p, size_t n);
+
+int moe_gguf_read_mapped(const struct moe_gguf *g, const void *p, size_t n, void *dst,
+                         struct moe_diag *diag);
+
+/* Gives back the page cache behind every part's mapping: unmaps its pages
+ * (MADV_DONTNEED; the mapping stays valid, a later access reads the file
+ * again) and asks the kernel to drop the file's clean cached pages
+ * (POSIX_FADV_DONTNEED), so that under a memory cgroup they stop counting
+ * against the limit. Best effort; nothing for an in-memory source. */
+void moe_gguf_drop_cache(struct moe_gguf *g);
+
 #ifdef __cplusplus
 }
 #endif

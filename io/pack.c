@@ -550,6 +550,14 @@ const char *moe_pack_path(const struct moe_pack *p) { return p->path; }
 uint64_t moe_pack_file_size(const struct moe_pack *p) { return p->h.file_size; }
 uint32_t moe_pack_n_layer(const struct moe_pack *p) { return p->h.n_layer; }
 uint32_t moe_pack_n_expert(const struct moe_pack *p) { return p->h.n_expert; }
+void moe_pack_drop_cache(const struct moe_pack *p)
+{
+    if (p->map == NULL)
+        return;
+    (void)madvise(p->map, p->map_len, MADV_DONTNEED);
+    (void)posix_fadvise(p->fd, 0, (off_t)p->map_len, POSIX_FADV_DONTNEED);
+}
+
 const struct moe_gguf *moe_pack_gguf(const struct moe_pack *p) { return p->gguf; }
 uint64_t moe_pack_max_raw(const struct moe_pack *p) { return p->max_raw; }
 uint64_t moe_pack_max_stored(const struct moe_pack *p) { return p->max_stored; }

@@ -117,6 +117,11 @@ uint32_t moe_pack_n_expert(const struct moe_pack *p);
 /* Metadata and dense tensors (the embedded GGUF); its tensors do not
  * include the expert tensors. Borrowed until moe_pack_close(). */
 const struct moe_gguf *moe_pack_gguf(const struct moe_pack *p);
+/* Gives back the page cache behind the mapped dense section (unmaps its
+ * pages, MADV_DONTNEED, and drops the file's clean cached pages,
+ * POSIX_FADV_DONTNEED): for a caller that copied what it needs out of it.
+ * The mapping stays valid (an access reads the file again). Best effort. */
+void moe_pack_drop_cache(const struct moe_pack *p);
 /* Layout of layer's experts; NULL when layer >= n_layer or has no experts. */
 const struct moe_expert_layout *moe_pack_layout(const struct moe_pack *p, uint32_t layer);
 /* Largest raw blob and largest stored blob (for sizing buffers). */

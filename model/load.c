@@ -15,6 +15,7 @@
 #include "io/expert_src.h"
 #include "io/file.h"
 #include "io/gguf.h"
+#include "io/pack.h"
 #include "kernels/cpu/dequant.h"
 #include "kernels/cpu/threadpool.h"
 #include "kernels/cuda.h"
@@ -231,12 +232,24 @@ static int bind_vector2(struct moe_model *m, const char *name, int64_t n, int64_
         return moe_diag_set(diag, MOE_EUNSUPPORTED, "%s: tensor '%s' has type %s, expected F32",
                             moe_gguf_path(m->gguf), name, moe_dtype_name(t->dtype));
     float *v = moe_malloc((size_t)n * (size_t)n2 * sizeof(float));
-    if (v == NULL)
-        return moe_diag_set(diag, -ENOMEM, "out of memory");
-    const uint8_t *src = moe_gguf_tensor_data(m->gguf, t);
     const size_t rb = moe_dtype_row_bytes(t->dtype, (uint64_t)n, NULL);
+    /* read, not touched through the mapping: a page fault there reads
+     * read_ahead_kb around these few KiB, the neighbouring experts' bytes
+     * included, into the page cache */
+    uint8_t *src = moe_malloc(rb * (size_t)n2);
+    if (v == NULL || src == NULL) {
+        moe_free(v);
+        moe_free(src);
+        return moe_diag_set(diag, -ENOMEM, "out of memory");
+    }
+    if ((rc = moe_gguf_pread(m->gguf, t, 0, src, rb * (size_t)n2, diag))) {
+        moe_free(v);
+        moe_free(src);
+        return rc;
+    }
     for (int64_t r = 0; r < n2; r++)
         moe_dequantize_row(t->dtype, src + (size_t)r * rb, v + r * n, n);
+    moe_free(src);
     *out = v;
     return remember(m, (void **)out, (size_t)n * (size_t)n2 * sizeof(float), diag);
 }
@@ -612,6 +625,40 @@ static int upload_weights(struct moe_model *m, const struct moe_model_opts *o, s
     return 0;
 }
 
+/* The plan's dense_copied: every bound weight still in the file's mapping
+ * is read into backend (anonymous host) memory, then the page cache behind
+ * the mapping is given back. With an expert cache the cache fills the
+ * memory budget, and mapped weights are page cache the kernel may reclaim
+ * at the limit: each refault of a dense page then waited behind the expert
+ * reads and read read_ahead_kb around it, experts' bytes included, which
+ * pushed out more (issue 18: GGUF-direct prefill under a cgroup limit).
+ * Anonymous memory is not reclaimed without swap. */
+static int copy_dense(struct moe_model *m, struct moe_diag *diag)
+{
+    size_t total = 0;
+    for (size_t i = 0; i < m->w.n_bound; i++) {
+        struct bound *b = &m->w.bound[i];
+        if (b->host != NULL || !moe_gguf_maps(m->gguf, *b->field, b->bytes))
+            continue;   /* already a copy (norms dequantized at bind time) */
+        void *d = m->be->ops->alloc(m->be, b->bytes);
+        if (d == NULL)
+            return moe_diag_set(diag, -ENOMEM, "weights: cannot allocate %zu MiB more for the dense"
+                                " weights (%zu MiB copied so far)", b->bytes >> 20, total >> 20);
+        int rc = moe_gguf_read_mapped(m->gguf, *b->field, b->bytes, d, diag);
+        b->host = *b->field;
+        *b->field = d;
+        if (rc)
+            return rc;
+        total += b->bytes;
+    }
+    const struct moe_pack *pk = m->ex.src ? moe_expert_src_pack(m->ex.src) : NULL;
+    if (pk)
+        moe_pack_drop_cache(pk);
+    else
+        moe_gguf_drop_cache(m->gguf);
+    return 0;
+}
+
 /* The plan of what this load opened (the same terms moe_model_plan() gives
  * for the path); context, batch and cache sizes come from it. */
 static int plan_loaded(struct moe_model *m, const struct moe_model_opts *o, bool is_pack,
@@ -746,6 +793,10 @@ int moe_model_load(struct moe_model **out, const char *path, const struct moe_mo
             o.progress(o.progress_ud, "binding", (double)(il + 1) / c->n_layer);
     }
 
+    /* before the expert cache commits its pool: the page cache the binding
+     * read is given back first */
+    if (m->plan.dense_copied && (rc = copy_dense(m, diag)))
+        goto fail;
     if (m->ex.src != NULL && (rc = moe_model_experts_create(m, &o, diag)))
         goto fail;
     if (m->ex.cache != NULL && o.warm_start)

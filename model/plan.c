@@ -195,6 +195,11 @@ int moe_model_plan_cache(const struct moe_model_opts *o, size_t slot_bytes, int 
     p->n_moe_layers = n_moe_layers;
     p->all_slots = n_moe_layers * p->n_expert;
     p->expert_bytes = (uint64_t)p->slot_bytes * (uint64_t)p->all_slots;
+    /* With an expert cache the plan fills the memory budget, so nothing used
+     * every token may be page cache the kernel can reclaim at the limit:
+     * the CPU backend reads the dense weights into anonymous memory
+     * (load.c, copy_dense). Without one, they stay mapped with the experts. */
+    p->dense_copied = p->expert_cache && o->backend == MOE_BACKEND_CPU && !o->upload_weights;
     if (!p->expert_cache) {
         p->n_slots = 0;
         p->cache_bytes = 0;
@@ -613,8 +618,9 @@ uint64_t moe_model_plan_device_bytes(const struct moe_model_plan *p)
 
 uint64_t moe_model_plan_host_bytes(const struct moe_model_plan *p, int backend)
 {
-    if (backend == MOE_BACKEND_CPU)   /* dense (and resident experts) stay mapped */
-        return p->kv_bytes + p->cache_bytes + p->host_bytes + p->workspace_bytes + p->staging_bytes;
+    if (backend == MOE_BACKEND_CPU)   /* dense (and resident experts) mapped, or dense copied */
+        return (p->dense_copied ? p->dense_bytes : 0) + p->kv_bytes + p->cache_bytes + p->host_bytes +
+               p->workspace_bytes + p->staging_bytes;
     /* loads are staged per slot in host memory before the upload */
     return p->host_bytes + p->staging_bytes + (p->expert_cache ? p->cache_bytes : 0);
 }
@@ -628,13 +634,16 @@ int moe_model_plan_fits(const struct moe_model_plan *p, int backend, uint64_t ho
                         const struct moe_device_memory *dev, struct moe_diag *diag)
 {
     const uint64_t host = moe_model_plan_host_bytes(p, backend);
+    char dense[64] = "";
+    if (backend == MOE_BACKEND_CPU && p->dense_copied)
+        snprintf(dense, sizeof(dense), ", dense weights %.1f MiB", mib(p->dense_bytes));
     if (host_ram > 0 && host > host_ram)
         return moe_diag_set(diag, MOE_ELIMIT, "KV pool %.1f MiB (%d sequences (max_seqs) of ctx_size"
                             " %d, kv_size), with the expert cache %.1f MiB, host tier %.1f MiB, read"
-                            " buffers %.1f MiB and workspace %.1f MiB, %.1f MiB in all, exceed the"
+                            " buffers %.1f MiB%s and workspace %.1f MiB, %.1f MiB in all, exceed the"
                             " host's memory of %.1f MiB: lower max_seqs, ctx_size, kv_size,"
                             " cache_bytes or host_bytes", mib(p->kv_bytes), p->n_seqs, p->n_ctx,
-                            mib(p->cache_bytes), mib(p->host_bytes), mib(p->staging_bytes),
+                            mib(p->cache_bytes), mib(p->host_bytes), mib(p->staging_bytes), dense,
                             mib(p->workspace_bytes), mib(host), mib(host_ram));
     if (backend == MOE_BACKEND_CPU || dev == NULL)
         return 0;
@@ -658,8 +667,9 @@ int moe_model_plan_format(const struct moe_model_plan *p, struct moe_buf *out)
                            p->staging_bytes + p->workspace_bytes +
                            (p->expert_cache ? 0 : p->expert_bytes);
     LINE("  %-16s %12s  %s\n", "component", "MiB", "why");
-    LINE("  %-16s %12.1f  dense tensors (embeddings, attention, norms, routers, output)\n",
-         "dense weights", mib(p->dense_bytes));
+    LINE("  %-16s %12.1f  dense tensors (embeddings, attention, norms, routers, output), %s\n",
+         "dense weights", mib(p->dense_bytes), p->dense_copied ? "read into anonymous memory (the"
+         " expert cache fills the budget)" : "mapped from the file");
     LINE("  %-16s %12.1f  paged pool of %d blocks x %d tokens (%s, %.1f KiB a token), shared by"
          " %d sequence%s of up to %d tokens (a full one: %.1f MiB)\n", "KV cache", mib(p->kv_bytes),
          p->kv_blocks, p->kv_block, moe_kv_type_name(p->kv_type), (double)p->kv_bytes_per_token / 1024.0,

@@ -30,6 +30,8 @@ struct moe_model_plan {
     /* the model */
     bool pack;                  /* a .moe expert store (else a GGUF) */
     uint64_t dense_bytes;       /* dense tensors as stored */
+    bool dense_copied;          /* read into anonymous memory at load (an expert cache on
+                                 * the CPU backend), else mapped from the file */
     uint64_t expert_bytes;      /* every expert, as a cache slot holds it */
     int n_moe_layers, n_expert, n_expert_used;
     /* terms */
@@ -90,7 +92,8 @@ int moe_model_device_memory(int backend, struct moe_device_memory *out, struct m
  * tier stays in host memory. */
 uint64_t moe_model_plan_device_bytes(const struct moe_model_plan *p);
 /* Bytes the plan reserves in host memory (anonymous, not the page cache of
- * a mapped file): everything on the CPU backend except mapped weights;
+ * a mapped file): everything on the CPU backend except mapped weights
+ * (dense weights count where dense_copied);
  * on a device backend, the host tier and the loads' staging. */
 uint64_t moe_model_plan_host_bytes(const struct moe_model_plan *p, int backend);
 

@@ -25,7 +25,7 @@ static int same_plan(const struct moe_model_plan *a, const struct moe_model_plan
     F(n_ctx) F(n_batch) F(n_seqs) F(kv_type) F(pack) F(dense_bytes) F(expert_bytes)
     F(n_moe_layers) F(n_expert) F(n_expert_used) F(kv_bytes_per_seq) F(kv_bytes) F(kv_block) F(kv_blocks) F(kv_bytes_per_token)
     F(expert_cache) F(slot_bytes) F(slot_stride) F(n_slots) F(min_slots) F(all_slots)
-    F(cache_bytes) F(host_bytes) F(staging_bytes) F(workspace_bytes)
+    F(cache_bytes) F(host_bytes) F(staging_bytes) F(workspace_bytes) F(dense_copied)
 #undef F
     return 1;
 }
@@ -115,6 +115,60 @@ static void test_every_model(void)
         CHECK_INT(moe_model_plan(path, &o, &p, &d), ==, MOE_ELIMIT);
         CHECK_MSG(strstr(d.msg, files[i]) && strstr(d.msg, "minimum"), "%s", d.msg);
     }
+}
+
+/* With an expert cache on the CPU backend the dense weights are read into
+ * anonymous memory and counted on the host (the cache fills the budget:
+ * mapped weights would be page cache reclaimed and refaulted at the
+ * limit); resident experts keep them mapped, and a device backend (here
+ * upload_weights) uploads them. The loaded model computes the same. */
+static void test_dense_copied(void)
+{
+    const char *ref = moe_test_ref_dir();
+    if (ref == NULL)
+        MOE_SKIP("shared/ref not found");
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/models/tiny-mixtral-Q4_0.gguf", ref);
+    struct moe_diag d = { 0 };
+    struct moe_model_opts o = { .n_threads = 2, .n_ctx = 64 };
+    struct moe_model_plan p;
+    CHECK_MSG(moe_model_plan(path, &o, &p, &d) == 0, "%s", d.msg);
+    CHECK(!p.expert_cache && !p.dense_copied);
+    CHECK_INT(moe_model_plan_host_bytes(&p, MOE_BACKEND_CPU), ==,
+              p.kv_bytes + p.workspace_bytes);
+    o.cache_experts = 5;
+    CHECK_MSG(moe_model_plan(path, &o, &p, &d) == 0, "%s", d.msg);
+    CHECK(p.expert_cache && p.dense_copied && p.dense_bytes > 0);
+    CHECK_INT(moe_model_plan_host_bytes(&p, MOE_BACKEND_CPU), ==, p.dense_bytes + p.kv_bytes +
+              p.cache_bytes + p.host_bytes + p.workspace_bytes + p.staging_bytes);
+    struct moe_buf b;
+    moe_buf_init(&b, 0);
+    CHECK(moe_model_plan_format(&p, &b) == 0);
+    CHECK_MSG(strstr(b.data, "read into anonymous memory"), "%s", b.data);
+    moe_buf_free(&b);
+    o.upload_weights = true;
+    CHECK_MSG(moe_model_plan(path, &o, &p, &d) == 0, "%s", d.msg);
+    CHECK(p.expert_cache && !p.dense_copied);
+    /* the same logits from copied and mapped dense weights */
+    const int32_t toks[] = { 1, 5, 9, 200, 31 };
+    float *lg[2] = { NULL, NULL };
+    int n_vocab = 0;
+    for (int k = 0; k < 2; k++) {
+        struct moe_model_opts ok = { .n_threads = 2, .n_ctx = 64, .cache_experts = k ? 5 : 0 };
+        struct moe_model *m;
+        struct moe_seq *s = NULL;
+        CHECK_MSG(moe_model_load(&m, path, &ok, &d) == 0, "%s", d.msg);
+        CHECK_INT(moe_model_plan_of(m)->dense_copied, ==, k == 1);
+        n_vocab = moe_model_cfg(m)->n_vocab;
+        lg[k] = calloc((size_t)n_vocab, sizeof(float));
+        CHECK_MSG(moe_seq_create(&s, m, &d) == 0, "%s", d.msg);
+        CHECK_MSG(moe_model_forward(m, s, toks, 5, lg[k], false, NULL, NULL, &d) == 0, "%s", d.msg);
+        moe_seq_free(s);
+        moe_model_free(m);
+    }
+    CHECK(memcmp(lg[0], lg[1], (size_t)n_vocab * sizeof(float)) == 0);
+    free(lg[0]);
+    free(lg[1]);
 }
 
 static void test_missing_and_garbage(void)
@@ -217,6 +271,7 @@ static void test_memory_limit_rss(void)
 int main(void)
 {
     MOE_TEST_RUN(test_every_model);
+    MOE_TEST_RUN(test_dense_copied);
     MOE_TEST_RUN(test_missing_and_garbage);
     MOE_TEST_RUN(test_memory_limit_rss);
     return moe_test_exit_code();

@@ -512,6 +512,15 @@ static void check_base(struct moe_gguf *g, const char *name, uint64_t file_size)
         for (uint64_t j = 0; j < t->size; j++)
             CHECK_MSG(buf[j] == gb_data_byte(j), "%s byte %" PRIu64, t->name, j);
         CHECK(memcmp(moe_gguf_tensor_data(g, t), buf, (size_t)t->size) == 0);
+        /* mapped bytes copied out by a read of exactly them (the loader's
+         * dense weights with an expert cache) */
+        const uint8_t *mp = moe_gguf_tensor_data(g, t);
+        uint8_t cp[136];
+        CHECK(moe_gguf_maps(g, mp, (size_t)t->size));
+        CHECK(moe_gguf_read_mapped(g, mp, (size_t)t->size, cp, &d) == 0);
+        CHECK(memcmp(cp, buf, (size_t)t->size) == 0);
+        CHECK(moe_gguf_read_mapped(g, mp + 1, (size_t)t->size - 1, cp, &d) == 0);
+        CHECK(memcmp(cp, buf + 1, (size_t)t->size - 1) == 0);
         /* reads are range-checked against the tensor */
         moe_diag_clear(&d);
         CHECK(moe_gguf_pread(g, t, 1, buf, (size_t)t->size, &d) == -EINVAL);
@@ -521,6 +530,18 @@ static void check_base(struct moe_gguf *g, const char *name, uint64_t file_size)
         CHECK(moe_gguf_pread(g, t, t->size - 3, buf, 3, &d) == 0);
         CHECK(buf[2] == gb_data_byte(t->size - 1));
     }
+    /* outside the mapping: refused; the page cache given back, the mapping
+     * still reads the file */
+    uint8_t own[8] = { 0 }, cp[8];
+    const struct moe_gguf_tensor *t0 = moe_gguf_tensor_at(g, 0);
+    const uint8_t *m0 = moe_gguf_tensor_data(g, t0);
+    CHECK(!moe_gguf_maps(g, own, sizeof(own)));
+    moe_diag_clear(&d);
+    CHECK(moe_gguf_read_mapped(g, own, sizeof(own), cp, &d) == -EINVAL);
+    CHECK(strstr(d.msg, "not in its mapping") != NULL);
+    moe_gguf_drop_cache(g);
+    for (uint64_t j = 0; j < t0->size; j++)
+        CHECK_MSG(m0[j] == gb_data_byte(j), "after drop_cache: byte %" PRIu64, j);
     CHECK(moe_gguf_tensor_at(g, 3) == NULL);
     CHECK(moe_gguf_find_tensor(g, "t.none") == NULL);
     CHECK(moe_gguf_find_tensor(g, "") == NULL);

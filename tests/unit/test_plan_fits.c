@@ -42,6 +42,13 @@ static void test_cpu_host_memory(void)
               strstr(d.msg, "workspace 200.0 MiB") && strstr(d.msg, "3812.0 MiB in all") &&
               strstr(d.msg, "host's memory of 3811.0 MiB") && strstr(d.msg, "lower max_seqs"),
               "%s", d.msg);
+    /* dense weights copied into memory (an expert cache on the CPU) count */
+    p.dense_copied = true;
+    CHECK_INT(moe_model_plan_host_bytes(&p, MOE_BACKEND_CPU), ==, 4812 * MiB);
+    moe_diag_clear(&d);
+    CHECK_INT(moe_model_plan_fits(&p, MOE_BACKEND_CPU, 4811 * MiB, NULL, &d), ==, MOE_ELIMIT);
+    CHECK_MSG(strstr(d.msg, "dense weights 1000.0 MiB") && strstr(d.msg, "4812.0 MiB in all"), "%s", d.msg);
+    CHECK_INT(moe_model_plan_host_bytes(&p, MOE_BACKEND_CUDA), ==, 3100 * MiB);  /* uploaded there */
 }
 
 static void test_gpu_device_memory(void)

@@ -86,12 +86,53 @@ def cg_read(name):
         return ""
 
 
-def run_in_cg(cmd, timeout=3600):
+SAMPLE_STAT = ("cache", "rss", "mapped_file", "active_file", "inactive_file", "active_anon", "inactive_anon",
+               "pgmajfault", "pgpgin", "workingset_refault_file", "workingset_activate_file")
+SAMPLE_PERIOD = 0.25
+SAMPLES = []   # --sample: the timeline of the last run_in_cg
+
+
+def cg_sample(t0):
+    """One sample of the benchmark cgroup (v1): usage, kernel memory, the
+    times usage hit the limit, memory.stat's file/anon split and its fault
+    and refault counters, and the machine's memory pressure (PSI)."""
+    stat = {l.split()[0]: int(l.split()[1]) for l in cg_read("memory.stat").splitlines() if l.strip()}
+    d = {"t": time.time() - t0, "usage": int(cg_read("memory.usage_in_bytes") or 0),
+         "kmem": int(cg_read("memory.kmem.usage_in_bytes") or 0),
+         "failcnt": int(cg_read("memory.failcnt") or 0)}
+    d.update({k: stat.get(k, 0) for k in SAMPLE_STAT})
+    try:
+        with open("/proc/pressure/memory") as f:
+            for line in f:
+                w = line.split()
+                d["psi_" + w[0]] = int(w[4].split("=")[1])   # total=us stalled
+    except OSError:
+        pass
+    return d
+
+
+def run_in_cg(cmd, timeout=3600, sample=False):
     drop_caches()
     with open(CG + "/memory.max_usage_in_bytes", "w") as f:
         f.write("0")
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cgroup_enter, timeout=timeout)
+    if sample:
+        # the engine's output is read by communicate() in a thread while
+        # this one samples the cgroup
+        import threading
+        del SAMPLES[:]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=cgroup_enter)
+        out = {}
+        th = threading.Thread(target=lambda: out.update(zip(("stdout", "stderr"), proc.communicate())))
+        th.start()
+        while th.is_alive():
+            SAMPLES.append(cg_sample(t0))
+            th.join(SAMPLE_PERIOD)
+        SAMPLES.append(cg_sample(t0))
+        p = subprocess.CompletedProcess(cmd, proc.returncode, out.get("stdout", ""), out.get("stderr", ""))
+    else:
+        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cgroup_enter, timeout=timeout)
     wall = time.time() - t0
     stat = {l.split()[0]: int(l.split()[1]) for l in cg_read("memory.stat").splitlines() if l.strip()}
     peak = int(cg_read("memory.max_usage_in_bytes") or 0)
@@ -126,12 +167,48 @@ def moed(moectl, model, tokens, a, limit=None, extra=()):
            "--threads", str(a.threads), "--ctx-size", str(len(tokens) + a.gen + 8), "--stats"] + list(extra)
     if limit:
         cmd += ["--memory-limit", str(limit)]
-    p, wall, peak, stat, oom = run_in_cg(cmd)
+    p, wall, peak, stat, oom = run_in_cg(cmd, sample=a.sample)
     d = moed_stats(p.stderr)
     d["wall_s"], d["cg_peak"], d["oom_control"] = wall, peak, oom.replace("\n", " ")
+    if a.sample:
+        d["phases"] = phases(SAMPLES, wall, d)
+        log("cgroup during %s: %s" % (os.path.basename(model), json.dumps(d["phases"])))
+        with open(os.path.join(a.work, "timeline-%d.json" % int(time.time())), "w") as f:
+            json.dump({"cmd": cmd, "samples": SAMPLES}, f)
     d["plan"] = "\n".join(l for l in p.stderr.splitlines() if not l.startswith("{"))
     d["tokens"] = [int(t) for t in p.stdout.split()]
     return d
+
+
+def phases(samples, wall, d):
+    """The samples summed up per phase: load (up to prefill), prefill,
+    decode. The phases are placed from the end of the run with the engine's
+    own prefill_s and decode_s (the exit, freeing the memory, is counted in
+    decode's window). Counters as deltas over the phase, sizes in MiB at the
+    phase's end and their most within it."""
+    if not samples or "prefill_s" not in d:
+        return {}
+    dec0 = wall - d["decode_s"] - 0.3
+    pre0 = dec0 - d["prefill_s"]
+    out = {}
+    for name, lo, hi in (("load", 0, pre0), ("prefill", pre0, dec0), ("decode", dec0, wall + 1)):
+        w = [x for x in samples if lo <= x["t"] <= hi]
+        before = [x for x in samples if x["t"] < lo]
+        if not w:
+            continue
+        a0 = before[-1] if before else samples[0]   # the first sample: before the engine started
+        a1 = w[-1]
+        r = {"s": round(a1["t"] - (a0["t"] if before else 0), 2)}
+        for k in ("pgmajfault", "pgpgin", "workingset_refault_file", "workingset_activate_file", "failcnt"):
+            r[k] = a1[k] - a0[k]
+        for k in ("psi_some", "psi_full"):
+            if k in a1:
+                r[k + "_s"] = round((a1[k] - a0.get(k, 0)) / 1e6, 2)
+        for k in ("usage", "rss", "cache", "mapped_file", "active_file", "inactive_file", "kmem"):
+            r[k + "_mib"] = round(a1[k] / 2 ** 20)
+            r[k + "_max_mib"] = round(max(x[k] for x in w) / 2 ** 20)
+        out[name] = r
+    return out
 
 
 def llama_child(model, prompt, gen, threads, forced):
@@ -207,6 +284,9 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:FLAGS",
                     help="also run moed with these extra flags (space-separated), on both files;"
                          " e.g. 'no prefetch:--prefetch none'")
+    ap.add_argument("--sample", action="store_true",
+                    help="sample the cgroup (memory.stat, failcnt, PSI) every 0.25 s during moed's runs and"
+                         " report it per phase; the timelines go to WORK/timeline-*.json")
     ap.add_argument("--llama-child", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.llama_child:
@@ -310,15 +390,15 @@ def report(res):
     if comp:
         print("compute (every expert resident): %.3f s/token" % comp)
     print()
-    print("| engine | prefill tok/s | decode tok/s | decode vs llama.cpp | disk reads / decode token |"
+    print("| engine | load s | prefill tok/s | decode tok/s | decode vs llama.cpp | disk reads / decode token |"
           " expert bytes missed / token | hit rate | stall | reader GB/s in decode (wall, busy) |"
           " depth achieved | fio GB/s | s/token | bound s/token | ratio | peak cgroup GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     lld = None
     if ll:
         lld = ll["decode_tokens"] / ll["decode_s"]
-        print("| llama.cpp mmap | %.2f | %.3f | 1.00 | %.0f MB | - | - | - | %.2f | - | - | %.3f | - | - | %.2f |" % (
-            ll["prefill_tokens"] / ll["prefill_s"], lld, ll["decode_read"] / ll["decode_tokens"] / 1e6,
+        print("| llama.cpp mmap | %.1f | %.2f | %.3f | 1.00 | %.0f MB | - | - | - | %.2f | - | - | %.3f | - | - | %.2f |" % (
+            ll["load_s"], ll["prefill_tokens"] / ll["prefill_s"], lld, ll["decode_read"] / ll["decode_tokens"] / 1e6,
             ll["decode_read"] / ll["decode_s"] / 1e9, ll["decode_s"] / ll["decode_tokens"], ll["cg_peak"] / 2 ** 30))
     for key in [x for x in res if x.startswith("moed_")]:
         d = res[key]
@@ -336,9 +416,9 @@ def report(res):
         spt = dec_s / nt
         bound = max(comp or 0, missed / fio if fio else 0)
         disk = (d["read_bytes"] - d["prefill_read_bytes"]) / nt
-        print("| moed %s | %.2f | %.3f | %s | %.0f MB | %.0f MB | %.3f | %.2f | %.2f, %.2f | %.1f | %.2f | %.3f | %.3f | %.2f | %.2f |" % (
+        print("| moed %s | %.1f | %.2f | %.3f | %s | %.0f MB | %.0f MB | %.3f | %.2f | %.2f, %.2f | %.1f | %.2f | %.3f | %.3f | %.2f | %.2f |" % (
             ("GGUF direct" if k == "gguf" else "pack") + (", " + d["label"] if "label" in d else ""),
-            d["prefill_tok_s"], d["decode_tok_s"],
+            d["wall_s"] - d["prefill_s"] - d["decode_s"], d["prefill_tok_s"], d["decode_tok_s"],
             "%.2f" % (d["decode_tok_s"] / lld) if lld else "-", disk / 1e6, missed / 1e6,
             hits / (hits + misses) if hits + misses else 0, stall, iob / dec_s / 1e9, iob / busy / 1e9 if busy else 0,
             depth, fio / 1e9, spt, bound, spt / bound if bound else 0, d["cg_peak"] / 2 ** 30))
