@@ -80,9 +80,13 @@ int moe_model_acts_layout(const struct moe_model_cfg *c, int n_batch, int n_ctx,
     size_t widest = zmax(zmax(E, qd), zmax(ff, ad));
     widest = zmax(widest, zmax((size_t)c->q_lora_rank, lat));
     *shared = B * widest * 4 + 4096;
-    /* scores, q in K's format (at most 2 bytes an element), a V row */
-    *per_worker = (size_t)n_ctx * F + (size_t)c->head_dim * 2 + (size_t)zmax((size_t)c->head_dim_v,
-                  (size_t)c->head_dim) * F + 256;
+    /* scores, q in K's format (at most 2 bytes an element), a V row; the
+     * scores of all the query heads of a KV head (up to 16), which the CPU
+     * backend then computes together (kernels/cpu/attn.c) */
+    size_t group = c->n_head_kv > 0 ? (size_t)(c->n_head / c->n_head_kv) : 1;
+    group = group < 1 ? 1 : group > 16 ? 16 : group;
+    *per_worker = ((size_t)n_ctx + 16) * F * group + (size_t)c->head_dim * 2 +
+                  (size_t)zmax((size_t)c->head_dim_v, (size_t)c->head_dim) * F + 256;
     return n;
 }
 

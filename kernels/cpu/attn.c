@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "common/dtype.h"
+#include "common/error.h"
 #include "kernels/backend.h"
 #include "kernels/blocks.h"
 #include "kernels/cpu/attn.h"
@@ -137,6 +138,24 @@ static void values_rows(const struct moe_attn_params *ap, float *out, const floa
             moe_vec_axpy(ap->kv_type, out, pr[r], vb, hdv);
         }
     }
+}
+
+/* The softmax of scores s[first..p] with maximum max (the sink's logit
+ * included when there is one): s[r] = expf(s[r] - max), returns 1 / their
+ * double sum, all in row order. */
+static float softmax_rows(const struct moe_attn_params *ap, float *s, int32_t first, int32_t p, float max, int h)
+{
+    const float sink = ap->sinks ? ap->sinks[h] : -INFINITY;
+    if (sink > max)
+        max = sink;
+    double sum = 0.0;
+    for (int32_t r = first; r <= p; r++) {
+        s[r] = expf(s[r] - max);
+        sum += (double)s[r];
+    }
+    if (ap->sinks)
+        sum += (double)expf(sink - max);
+    return (float)(1.0 / sum);
 }
 
 /* ---- AVX2 --------------------------------------------------------------- */
@@ -675,6 +694,201 @@ AVX512 static void values_avx512(const struct moe_attn_params *ap, float *out, c
     default: values_avx512_t(ap, out, pr, first, p, kvh, MOE_DTYPE_F32); break;
     }
 }
+
+/* ---- a GQA group on AVX-512 --------------------------------------------- */
+
+/* The query heads that share a KV head, together: each block of 16 K rows
+ * and V rows is loaded (and converted from half or Q8_0) once for all of
+ * them, then every head does what moe_cpu_attn_head does with it. Each
+ * head's floats are moe_cpu_attn_head's: the same products, the same
+ * reductions, the output accumulated in the same row order (kept in the
+ * output row between blocks). */
+#define GROUP_MAX 16
+#define GROUP_HD 256
+
+/* dots16_f16's arithmetic on K rows already converted to floats */
+AVX512 INLINE __m512 dots16_f16f(const float *kf, const float *qf, const int hd)
+{
+    __m512 S[16];
+    const int hm = hd & ~31;
+    _Pragma("GCC unroll 16") for (int j = 0; j < 16; j++) {
+        const float *k = kf + j * GROUP_HD;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+        for (int i = 0; i < hm; i += 32) {
+            a0 = _mm512_fmadd_ps(_mm512_load_ps(k + i), _mm512_load_ps(qf + i), a0);
+            a1 = _mm512_fmadd_ps(_mm512_load_ps(k + i + 16), _mm512_load_ps(qf + i + 16), a1);
+        }
+        S[j] = _mm512_add_ps(a0, a1);
+    }
+    __m512 r = reduce16(S);
+    if (hm < hd) { /* 16 left: dot_f16_avx2 */
+        __m256 T[16];
+        for (int j = 0; j < 16; j++) {
+            const float *k = kf + j * GROUP_HD + hm;
+            const __m256 a0 = _mm256_fmadd_ps(_mm256_load_ps(k), _mm256_load_ps(qf + hm), _mm256_setzero_ps());
+            const __m256 a1 = _mm256_fmadd_ps(_mm256_load_ps(k + 8), _mm256_load_ps(qf + hm + 8),
+                                              _mm256_setzero_ps());
+            T[j] = _mm256_add_ps(a0, a1);
+        }
+        r = _mm512_add_ps(r, reduce8x2(T));
+    }
+    return r;
+}
+
+AVX512 INLINE void group_scores_t(const struct moe_attn_params *ap, const float *q, const uint8_t *qx,
+                                  size_t qx_stride, const float *qf, float *s, size_t s_stride, int32_t first,
+                                  int32_t p, int kvh, float *max, const int hd, const uint32_t kt)
+{
+    const int G = ap->n_head / ap->n_head_kv;
+    const __m512 vscale = _mm512_set1_ps(ap->scale);
+    const uint8_t *k0 = (const uint8_t *)ap->k_cache + kv_bytes(kt, (int64_t)kvh * hd);
+    struct row_iter it = row_iter_at(ap, first);
+    __m512 vmax[GROUP_MAX];
+    for (int g = 0; g < G; g++)
+        vmax[g] = _mm512_set1_ps(-INFINITY);
+    float kf[16 * GROUP_HD] __attribute__((aligned(64)));
+    for (int32_t r0 = first; r0 <= p; r0 += 16) {
+        const int n = p - r0 + 1 < 16 ? p - r0 + 1 : 16;
+        const uint8_t *kp[16];
+        gather_rows(ap, &it, k0, n, 16, kp);
+        if (kt == MOE_DTYPE_F16)
+            for (int j = 0; j < 16; j++)
+                _Pragma("GCC unroll 16") for (int c = 0; c < hd / 16; c++)
+                    _mm512_store_ps(kf + j * GROUP_HD + 16 * c,
+                                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)kp[j] + 16 * c))));
+        const __mmask16 m = (__mmask16)((1u << n) - 1);
+        for (int g = 0; g < G; g++) {
+            __m512 d;
+            if (kt == MOE_DTYPE_F16)
+                d = dots16_f16f(kf, qf + (size_t)g * GROUP_HD, hd);
+            else if (kt == MOE_DTYPE_F32)
+                d = dots16_f32(kp, q + (size_t)g * hd, hd);
+            else
+                d = dots16_q8_0(kp, (const struct moe_block_q8_0 *)(qx + (size_t)g * qx_stride), hd / 32);
+            const __m512 sc = _mm512_mul_ps(d, vscale);
+            _mm512_mask_storeu_ps(s + (size_t)g * s_stride + r0, m, sc);
+            vmax[g] = _mm512_mask_max_ps(vmax[g], m, sc, vmax[g]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        max[g] = _mm512_reduce_max_ps(vmax[g]);
+}
+
+/* The group's value sums for elements d0 .. d0 + 16 nv of every head */
+AVX512 INLINE void group_values16(const struct moe_attn_params *ap, float *out, const float *pr, size_t s_stride,
+                                  int32_t first, int32_t p, int kvh, int d0, const int nv, __mmask16 mlast,
+                                  const uint32_t kt)
+{
+    const int G = ap->n_head / ap->n_head_kv, hdv = ap->head_dim_v;
+    const uint8_t *v0 = (const uint8_t *)ap->v_cache + kv_bytes(kt, (int64_t)kvh * hdv);
+    struct row_iter it = row_iter_at(ap, first);
+    float vf[16 * 128] __attribute__((aligned(64)));
+    for (int g = 0; g < G; g++)
+        _Pragma("GCC unroll 8") for (int c = 0; c < nv; c++)
+            _mm512_mask_storeu_ps(out + (size_t)g * hdv + d0 + 16 * c, c == nv - 1 ? mlast : (__mmask16)0xffff,
+                                  _mm512_setzero_ps());
+    for (int32_t r0 = first; r0 <= p; r0 += 16) {
+        const int n = p - r0 + 1 < 16 ? p - r0 + 1 : 16;
+        for (int j = 0; j < n; j++) {
+            const uint8_t *vb = v0 + kv_bytes(kt, row_iter_next(&it) * ap->v_row);
+            _Pragma("GCC unroll 8") for (int c = 0; c < nv; c++)
+                _mm512_store_ps(vf + j * 128 + 16 * c,
+                                vload16(vb, kt, d0 + 16 * c, c == nv - 1 ? mlast : (__mmask16)0xffff));
+        }
+        for (int g = 0; g < G; g++) {
+            float *o = out + (size_t)g * hdv + d0;
+            const float *prg = pr + (size_t)g * s_stride + r0;
+            __m512 acc[8];
+            _Pragma("GCC unroll 8") for (int c = 0; c < nv; c++)
+                acc[c] = _mm512_maskz_loadu_ps(c == nv - 1 ? mlast : (__mmask16)0xffff, o + 16 * c);
+            for (int j = 0; j < n; j++) {
+                const __m512 a = _mm512_set1_ps(prg[j]);
+                _Pragma("GCC unroll 8") for (int c = 0; c < nv; c++)
+                    acc[c] = _mm512_add_ps(acc[c], _mm512_mul_ps(a, _mm512_load_ps(vf + j * 128 + 16 * c)));
+            }
+            _Pragma("GCC unroll 8") for (int c = 0; c < nv; c++)
+                _mm512_mask_storeu_ps(o + 16 * c, c == nv - 1 ? mlast : (__mmask16)0xffff, acc[c]);
+        }
+    }
+}
+
+AVX512 INLINE void group_values_t(const struct moe_attn_params *ap, float *out, const float *pr, size_t s_stride,
+                                  int32_t first, int32_t p, int kvh, const uint32_t kt)
+{
+    const int hdv = ap->head_dim_v;
+    for (int d0 = 0; d0 < hdv; d0 += 128) {
+        const int left = hdv - d0, nv = left >= 128 ? 8 : (left + 15) / 16;
+        const __mmask16 ml = left >= 16 * nv ? (__mmask16)0xffff : (__mmask16)((1u << (left % 16)) - 1);
+        switch (nv) {
+        case 1: group_values16(ap, out, pr, s_stride, first, p, kvh, d0, 1, ml, kt); break;
+        case 2: group_values16(ap, out, pr, s_stride, first, p, kvh, d0, 2, ml, kt); break;
+        case 3: group_values16(ap, out, pr, s_stride, first, p, kvh, d0, 3, ml, kt); break;
+        case 4: group_values16(ap, out, pr, s_stride, first, p, kvh, d0, 4, ml, kt); break;
+        case 5: group_values16(ap, out, pr, s_stride, first, p, kvh, d0, 5, ml, kt); break;
+        case 6: group_values16(ap, out, pr, s_stride, first, p, kvh, d0, 6, ml, kt); break;
+        case 7: group_values16(ap, out, pr, s_stride, first, p, kvh, d0, 7, ml, kt); break;
+        default: group_values16(ap, out, pr, s_stride, first, p, kvh, d0, 8, ml, kt); break;
+        }
+    }
+}
+
+/* scores rows of the group in the scratch: 64-byte aligned, s_stride floats */
+static size_t group_stride(int32_t p)
+{
+    return ((size_t)(p + 1) + 15) & ~(size_t)15;
+}
+
+AVX512 static void group_avx512(const struct moe_attn_params *ap, float *out, const float *q, int32_t p, int kvh,
+                                void *scratch)
+{
+    const int G = ap->n_head / ap->n_head_kv, hd = ap->head_dim;
+    const uint32_t kt = ap->kv_type;
+    int32_t first = 0;
+    if (ap->window > 0 && p - ap->window + 1 > 0)
+        first = p - ap->window + 1;
+    float *s = scratch;
+    const size_t ss = group_stride(p);
+    /* q in K's format per head (as moe_cpu_attn_head), F16's as floats */
+    uint8_t qx[GROUP_MAX * GROUP_HD * 2] __attribute__((aligned(64)));
+    float qf[GROUP_MAX * GROUP_HD] __attribute__((aligned(64)));
+    const size_t qxs = GROUP_HD * 2;
+    for (int g = 0; g < G; g++) {
+        const float *qg = q + (size_t)g * hd;
+        if (kt == MOE_DTYPE_F16)
+            for (int d = 0; d < hd; d++)
+                qf[(size_t)g * GROUP_HD + d] = moe_fp16_to_fp32(moe_fp32_to_fp16(qg[d]));
+        else if (kt == MOE_DTYPE_Q8_0)
+            moe_vecdot_quantize_act(MOE_DTYPE_Q8_0, qg, qx + (size_t)g * qxs, hd);
+    }
+    float max[GROUP_MAX];
+    switch (kt) {
+    case MOE_DTYPE_F16:
+        if (hd == 128)
+            group_scores_t(ap, q, qx, qxs, qf, s, ss, first, p, kvh, max, 128, MOE_DTYPE_F16);
+        else if (hd == 64)
+            group_scores_t(ap, q, qx, qxs, qf, s, ss, first, p, kvh, max, 64, MOE_DTYPE_F16);
+        else
+            group_scores_t(ap, q, qx, qxs, qf, s, ss, first, p, kvh, max, hd, MOE_DTYPE_F16);
+        break;
+    case MOE_DTYPE_F32: group_scores_t(ap, q, qx, qxs, qf, s, ss, first, p, kvh, max, hd, MOE_DTYPE_F32); break;
+    default:
+        if (hd == 128)
+            group_scores_t(ap, q, qx, qxs, qf, s, ss, first, p, kvh, max, 128, MOE_DTYPE_Q8_0);
+        else
+            group_scores_t(ap, q, qx, qxs, qf, s, ss, first, p, kvh, max, hd, MOE_DTYPE_Q8_0);
+        break;
+    }
+    for (int g = 0; g < G; g++) {
+        float *sg = s + (size_t)g * ss;
+        const float inv = softmax_rows(ap, sg, first, p, max[g], kvh * G + g);
+        probs_avx512(sg, first, p, inv, kt == MOE_DTYPE_F16);
+    }
+    switch (kt) {
+    case MOE_DTYPE_F16: group_values_t(ap, out, s, ss, first, p, kvh, MOE_DTYPE_F16); break;
+    case MOE_DTYPE_Q8_0: group_values_t(ap, out, s, ss, first, p, kvh, MOE_DTYPE_Q8_0); break;
+    default: group_values_t(ap, out, s, ss, first, p, kvh, MOE_DTYPE_F32); break;
+    }
+}
 #endif
 
 /* ---- one (token, head) ------------------------------------------------ */
@@ -720,17 +934,7 @@ void moe_cpu_attn_head(const struct moe_attn_params *ap, float *out, const float
     if (!done)
         max = scores_rows(ap, q, qx, s, first, p, kvh);
 
-    const float sink = ap->sinks ? ap->sinks[h] : -INFINITY;
-    if (sink > max)
-        max = sink;
-    double sum = 0.0;
-    for (int32_t r = first; r <= p; r++) {
-        s[r] = expf(s[r] - max);
-        sum += (double)s[r];
-    }
-    if (ap->sinks)
-        sum += (double)expf(sink - max);
-    const float inv = (float)(1.0 / sum);
+    const float inv = softmax_rows(ap, s, first, p, max, h);
     /* s[r] becomes what V row r is multiplied by */
 #ifdef MOE_X86
     if (path == PATH_AVX512) {
@@ -749,4 +953,30 @@ void moe_cpu_attn_head(const struct moe_attn_params *ap, float *out, const float
         s[r] = kt == MOE_DTYPE_F16 ? moe_fp16_to_fp32(moe_fp32_to_fp16(pr)) : pr;
     }
     values_rows(ap, out, s, first, p, kvh, vrow);
+}
+
+size_t moe_cpu_attn_group_scratch(const struct moe_attn_params *ap, int32_t p)
+{
+#ifdef MOE_X86
+    const int G = ap->n_head / ap->n_head_kv, hd = ap->head_dim;
+    if (path_now() != PATH_AVX512 || G < 2 || G > GROUP_MAX || hd > GROUP_HD ||
+        (ap->kv_type == MOE_DTYPE_F16 && hd % 16) || (ap->kv_type == MOE_DTYPE_F32 && hd % 8))
+        return 0;
+    return (size_t)G * group_stride(p) * sizeof(float);
+#else
+    (void)ap;
+    (void)p;
+    return 0;
+#endif
+}
+
+void moe_cpu_attn_group(const struct moe_attn_params *ap, float *out, const float *q, int32_t p, int kvh,
+                        void *scratch)
+{
+#ifdef MOE_X86
+    group_avx512(ap, out, q, p, kvh, scratch);
+#else
+    (void)ap, (void)out, (void)q, (void)p, (void)kvh, (void)scratch;
+    MOE_ASSERT(0);
+#endif
 }

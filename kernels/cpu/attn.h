@@ -29,4 +29,13 @@ size_t moe_cpu_attn_scratch(const struct moe_attn_params *ap, int32_t pos);
 void moe_cpu_attn_head(const struct moe_attn_params *ap, float *out, const float *q, int32_t pos, int h,
                        void *scratch);
 
+/* The n_head / n_head_kv query heads of KV head kvh together (each K and V
+ * row loaded once for all), every float moe_cpu_attn_head's: q and out are
+ * the group's first head's rows, the others following. Scratch bytes at
+ * position pos, or 0 where this does not apply (path, shape): then
+ * moe_cpu_attn_head does each head. */
+size_t moe_cpu_attn_group_scratch(const struct moe_attn_params *ap, int32_t pos);
+void moe_cpu_attn_group(const struct moe_attn_params *ap, float *out, const float *q, int32_t pos, int kvh,
+                        void *scratch);
+
 #endif

@@ -548,6 +548,17 @@ static void attn_task(void *arg, int64_t task, int worker)
                       j->pos[t], h, j->c->per_worker + (size_t)worker * j->c->per_worker_bytes);
 }
 
+/* The query heads of one KV head of one token (moe_cpu_attn_group). */
+static void attn_group_task(void *arg, int64_t task, int worker)
+{
+    struct attn_job *j = arg;
+    const struct moe_attn_params *ap = j->ap;
+    const int64_t t = task / ap->n_head_kv;
+    const int kvh = (int)(task % ap->n_head_kv), h = kvh * (ap->n_head / ap->n_head_kv);
+    moe_cpu_attn_group(ap, j->out + (t * ap->n_head + h) * ap->head_dim_v, j->q + (t * ap->n_head + h) * ap->head_dim,
+                       j->pos[t], kvh, j->c->per_worker + (size_t)worker * j->c->per_worker_bytes);
+}
+
 static int cpu_kv_supports(const struct moe_backend *be, uint32_t t)
 {
     (void)be;
@@ -564,11 +575,21 @@ static int cpu_attention(struct moe_backend *be, float *out, const float *q, int
     if (ap->kv_type == MOE_DTYPE_Q8_0 &&
         (ap->head_dim % 32 || ap->head_dim_v % 32 || ap->k_row % 32 || ap->v_row % 32))
         return -EINVAL;
-    for (int64_t t = 0; t < n_tok; t++)
+    int32_t pmax = 0;
+    for (int64_t t = 0; t < n_tok; t++) {
         if (pos[t] < 0 || moe_cpu_attn_scratch(ap, pos[t]) > c->per_worker_bytes)
             return MOE_ELIMIT;
+        pmax = pos[t] > pmax ? pos[t] : pmax;
+    }
     struct attn_job j = { .c = c, .out = out, .q = q, .pos = pos, .ap = ap };
-    moe_threadpool_run(c->pool, attn_task, &j, n_tok * ap->n_head);
+    /* A KV head's query heads together where that leaves every worker
+     * enough tasks (the floats are the same either way) and its scores fit
+     * the scratch. */
+    const size_t gs = n_tok * ap->n_head_kv >= 2 * (int64_t)c->n_threads ? moe_cpu_attn_group_scratch(ap, pmax) : 0;
+    if (gs != 0 && gs <= c->per_worker_bytes)
+        moe_threadpool_run(c->pool, attn_group_task, &j, n_tok * ap->n_head_kv);
+    else
+        moe_threadpool_run(c->pool, attn_task, &j, n_tok * ap->n_head);
     return 0;
 }
 

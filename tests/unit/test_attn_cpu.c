@@ -6,7 +6,9 @@
  * head dims 16..256 (tails of the 32- and 16-element loops and of the
  * four-block Q8_0 loop included), V head dims unlike K's, positions 0..599
  * (rows not a multiple of 8 or 16), GQA ratios 1, 4 and 8, sliding windows,
- * sinks and block tables. */
+ * sinks and block tables; each with the scratch model/plan.c reserves and
+ * with room for a GQA group's scores (the query heads of a KV head computed
+ * together, moe_cpu_attn_group), in batches and alone (decode). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -137,7 +139,7 @@ static int n_checked;
 
 /* Every position of pos[] as one batch (and the last alone, as decode)
  * against ref_head, bit for bit. */
-static void check_shape(struct moe_backend *be, const struct shape *sh, const int32_t *pos, int n_pos)
+static void check_shape(struct moe_backend *be, struct moe_backend *be_group, const struct shape *sh, const int32_t *pos, int n_pos)
 {
     const int hd = sh->head_dim, hdv = sh->head_dim_v, nh = sh->n_head, nkv = sh->n_head_kv;
     int32_t max_pos = 0;
@@ -171,24 +173,36 @@ static void check_shape(struct moe_backend *be, const struct shape *sh, const in
         q[i] = frand() * 3.0f;
     float *got = malloc((size_t)n_pos * nh * hdv * sizeof(float));
     float *want = malloc((size_t)nh * hdv * sizeof(float));
+    /* be: the scratch model/plan.c reserves (a head at a time, or the
+     * groups where their scores fit); be_group (one thread): room for a
+     * whole GQA group's scores (the heads of a KV head together) */
     CHECK(be->ops->reserve(be, 0, (size_t)(max_pos + 1) * 4 + (size_t)hd * 2 + (size_t)(hd > hdv ? hd : hdv) * 4 +
                                       256) == 0);
+    CHECK(be_group->ops->reserve(be_group, 0, (size_t)(max_pos + 16) * 4 * (size_t)(nh / nkv) + 4096) == 0);
+    float *got2 = malloc((size_t)n_pos * nh * hdv * sizeof(float));
     CHECK_INT(be->ops->attention(be, got, q, n_pos, pos, &ap), ==, 0);
+    CHECK_INT(be_group->ops->attention(be_group, got2, q, n_pos, pos, &ap), ==, 0);
     for (int t = 0; t < n_pos; t++) {
         for (int h = 0; h < nh; h++)
             ref_head(&ap, want + (size_t)h * hdv, q + ((size_t)t * nh + h) * hd, pos[t], h);
-        const float *g = got + (size_t)t * nh * hdv;
-        for (int i = 0; i < nh * hdv; i++) {
-            CHECK_MSG(memcmp(&g[i], &want[i], sizeof(float)) == 0,
-                      "kv %u hd %d hdv %d heads %d/%d window %d sinks %d blocks %d: pos %d head %d dim %d: "
-                      "%.9g vs %.9g",
-                      sh->kv_type, hd, hdv, nh, nkv, sh->window, sh->sinks, sh->block_rows, pos[t], i / hdv,
-                      i % hdv, g[i], want[i]);
+        for (int k = 0; k < 2; k++) {
+            const float *g = (k ? got2 : got) + (size_t)t * nh * hdv;
+            for (int i = 0; i < nh * hdv; i++) {
+                CHECK_MSG(memcmp(&g[i], &want[i], sizeof(float)) == 0,
+                          "%s kv %u hd %d hdv %d heads %d/%d window %d sinks %d blocks %d: pos %d head %d dim %d: "
+                          "%.9g vs %.9g",
+                          k ? "group scratch" : "plan scratch", sh->kv_type, hd, hdv, nh, nkv, sh->window, sh->sinks,
+                          sh->block_rows, pos[t], i / hdv, i % hdv, g[i], want[i]);
+            }
         }
     }
     /* decode: the last position alone */
     CHECK_INT(be->ops->attention(be, got, q + (size_t)(n_pos - 1) * nh * hd, 1, pos + n_pos - 1, &ap), ==, 0);
     CHECK(memcmp(got, want, (size_t)nh * hdv * sizeof(float)) == 0);
+    CHECK_INT(be_group->ops->attention(be_group, got, q + (size_t)(n_pos - 1) * nh * hd, 1, pos + n_pos - 1, &ap), ==,
+              0);
+    CHECK(memcmp(got, want, (size_t)nh * hdv * sizeof(float)) == 0);
+    free(got2);
     n_checked++;
     free(q);
     free(got);
@@ -203,7 +217,9 @@ static void check_all(void)
 {
     struct moe_backend *be;
     struct moe_diag d = { 0 };
+    struct moe_backend *be_group;
     CHECK(moe_backend_cpu_create(&be, 2, &d) == 0);
+    CHECK(moe_backend_cpu_create(&be_group, 1, &d) == 0);
     printf("  implementation: %s\n", moe_vecdot_impl());
     static const int32_t pos_a[] = { 0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 100, 255, 256, 257, 599 };
     static const int32_t pos_b[] = { 3, 5, 63, 64, 65, 130, 301 };
@@ -222,27 +238,28 @@ static void check_all(void)
                 if (gi > 1 && di > 2) /* all GQA ratios on the common head dims */
                     continue;
                 const struct shape sh = { t, dims[di][0], dims[di][1], gqa[gi][0], gqa[gi][1], 0, 0, 0 };
-                check_shape(be, &sh, pos_a, (int)(sizeof(pos_a) / sizeof(pos_a[0])));
+                check_shape(be, be_group, &sh, pos_a, (int)(sizeof(pos_a) / sizeof(pos_a[0])));
                 if (moe_test_failed)
                     goto out;
             }
             /* windows, sinks, block tables */
             const struct shape w = { t, dims[di][0], dims[di][1], 4, 1, 37, 1, 0 };
-            check_shape(be, &w, pos_b, (int)(sizeof(pos_b) / sizeof(pos_b[0])));
+            check_shape(be, be_group, &w, pos_b, (int)(sizeof(pos_b) / sizeof(pos_b[0])));
             if (moe_test_failed)
                 goto out;
             const struct shape b = { t, dims[di][0], dims[di][1], 8, 1, 0, di % 2, 16 };
-            check_shape(be, &b, pos_b, (int)(sizeof(pos_b) / sizeof(pos_b[0])));
+            check_shape(be, be_group, &b, pos_b, (int)(sizeof(pos_b) / sizeof(pos_b[0])));
             if (moe_test_failed)
                 goto out;
             const struct shape bw = { t, dims[di][0], dims[di][1], 2, 2, 128, 1, 7 };
-            check_shape(be, &bw, pos_a, (int)(sizeof(pos_a) / sizeof(pos_a[0])));
+            check_shape(be, be_group, &bw, pos_a, (int)(sizeof(pos_a) / sizeof(pos_a[0])));
             if (moe_test_failed)
                 goto out;
         }
     printf("  %d shapes\n", n_checked);
 out:
     moe_backend_destroy(be);
+    moe_backend_destroy(be_group);
 }
 
 /* Large scores (softmax picks one row), a sink far above them, and
