@@ -1457,6 +1457,20 @@ AVX512 static inline __m256i q4c_sum8(const __m512i v[4])
 #define Q4C_D8(b) _mm256_cvtph_ps(_mm_setr_epi16((short)(b)[0].d, (short)(b)[1].d, (short)(b)[2].d, (short)(b)[3].d, \
                                                  (short)(b)[4].d, (short)(b)[5].d, (short)(b)[6].d, (short)(b)[7].d))
 
+/* The same eight scales from two 64-byte loads and one word permute
+ * (their d fields lie in the group's first 128 bytes, 9 words apart)
+ * instead of eight loads and seven inserts (q4c_gemv's rows, 1 GiB of
+ * 2048-wide Q4_0 rows, 1 thread: 9.4-9.5 -> 10.3-10.5 GB/s). */
+AVX512 static inline __m256 q4c_d8_rows(const struct moe_block_q4_0 *b)
+{
+    static_assert(sizeof(struct moe_block_q4_0) == 18 && offsetof(struct moe_block_q4_0, d) == 0,
+                  "Q4_0/IQ4_NL block: f16 d first, 18 bytes");
+    const __m512i idx = _mm512_zextsi128_si512(_mm_setr_epi16(0, 9, 18, 27, 36, 45, 54, 63));
+    const __m512i h = _mm512_permutex2var_epi16(_mm512_loadu_si512(b), idx,
+                                                _mm512_loadu_si512((const uint8_t *)b + 64));
+    return _mm256_cvtph_ps(_mm512_castsi512_si128(h));
+}
+
 /* one block's exact integer dot (the chains' tail) */
 static inline int q4c_block_dot(const struct moe_block_q4_0 *x, const struct moe_block_q8_0 *y, int iq4)
 {
@@ -1554,8 +1568,10 @@ AVX512 static inline __attribute__((always_inline)) void q4c_gemv(const uint8_t 
             __m512i yy[4], e[4];
             _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
                 yy[j] = load2x256(yb[i + 2 * j].qs, yb[i + 2 * j + 1].qs);
+                /* -8 * sum(y) per lane: the dpbusd below starts from it */
                 if (!iq4)
-                    e[j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, yy[j]);
+                    e[j] = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, yy[j]));
             }
             const __m256 dy = Q4C_D8(yb + i);
             _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
@@ -1572,10 +1588,9 @@ AVX512 static inline __attribute__((always_inline)) void q4c_gemv(const uint8_t 
                 __m512i v[4];
                 _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) {
                     const __m512i wq = q4c_codes2(x[k][i + 2 * j].qs, x[k][i + 2 * j + 1].qs, iq4, grid);
-                    v[j] = iq4 ? s8_dot(wq, yy[j])
-                               : _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, yy[j]), e[j]);
+                    v[j] = iq4 ? s8_dot(wq, yy[j]) : _mm512_dpbusd_epi32(e[j], wq, yy[j]);
                 }
-                const __m256 sc = _mm256_mul_ps(Q4C_D8(x[k] + i), dy);
+                const __m256 sc = _mm256_mul_ps(q4c_d8_rows(x[k] + i), dy);
                 const __m256 tf = _mm256_cvtepi32_ps(q4c_sum8(v));
                 acc[k] = _mm_fmadd_ps(_mm256_castps256_ps128(sc), _mm256_castps256_ps128(tf), acc[k]);
                 acc[k] = _mm_fmadd_ps(_mm256_extractf128_ps(sc, 1), _mm256_extractf128_ps(tf, 1), acc[k]);

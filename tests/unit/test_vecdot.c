@@ -182,7 +182,8 @@ static void check_len(uint32_t t, int64_t n)
 }
 
 /* The one-token kernels of vecdot-impl.h (moe_gemm_gemv_*) give every
- * row's moe_vecdot bit for bit (+ the bias), on every path: row counts
+ * row's moe_vecdot bit for bit (+ the bias), on every path (Q4_0 and
+ * IQ4_NL: on the AVX-512 path, the only one they run on): row counts
  * around their groups of four, lengths that leave every remainder of the
  * dot kernels' steps (BF16: 64/32/16 elements; Q8_0 and MXFP4: 4 blocks),
  * a real width, rows too long for the AVX-512 kernels' scale buffers
@@ -235,12 +236,18 @@ static void check_gemv(void)
 {
     static const int64_t rows[] = { 1, 2, 3, 4, 5, 7, 8, 9, 17 };
     static const int64_t l1[] = { 17, 32, 95, 100, 160, 2048 }, l32[] = { 32, 96, 160, 224, 2880, 513 * 32 };
-    static const struct { uint32_t t; gemv_fn fn; } ks[] = {
-        { MOE_DTYPE_BF16, moe_gemm_gemv_bf16 },
-        { MOE_DTYPE_Q8_0, moe_gemm_gemv_q8_0 },
-        { MOE_DTYPE_MXFP4, moe_gemm_gemv_mxfp4 },
+    /* Q4_0 and IQ4_NL's are AVX-512 kernels without a fallback (gemm.c
+     * calls them on that path only) */
+    static const struct { uint32_t t; gemv_fn fn; int avx512_only; } ks[] = {
+        { MOE_DTYPE_BF16, moe_gemm_gemv_bf16, 0 },
+        { MOE_DTYPE_Q8_0, moe_gemm_gemv_q8_0, 0 },
+        { MOE_DTYPE_MXFP4, moe_gemm_gemv_mxfp4, 0 },
+        { MOE_DTYPE_Q4_0, moe_gemm_gemv_q4_0, 1 },
+        { MOE_DTYPE_IQ4_NL, moe_gemm_gemv_iq4_nl, 1 },
     };
     for (size_t k = 0; k < sizeof(ks) / sizeof(ks[0]); k++) {
+        if (ks[k].avx512_only && strcmp(moe_vecdot_impl(), "avx512vnni") != 0)
+            continue;
         const int64_t *l = ks[k].t == MOE_DTYPE_BF16 ? l1 : l32;
         for (size_t li = 0; li < 6; li++)
             for (size_t ri = 0; ri < sizeof(rows) / sizeof(rows[0]); ri++) {
