@@ -249,29 +249,39 @@ static int expert_ffn(struct moe_model *m, int e, const struct moe_weight *wg, c
     return 0;
 }
 
-/* Every selected expert of a layer at once, when the batch's (token, slot)
- * pairs fit the activation buffers (n * k <= n_batch rows: decode and short
- * batches): the pairs are gathered in expert order, so expert e's rows are
- * rows expert_start[e].. of xe, ge, ue and de; then one matmul op for every
- * expert's gate and up, one glu over all rows, one op for every down, one
- * scatter. Each expert's rows see the same operations as in expert_ffn. */
-static int experts_together(struct moe_model *m, const struct layer *L, int64_t n)
+/* pairs per run of experts_together in a batch with more pairs than
+ * n_batch: Qwen3-30B-A3B's shape at 512 tokens, 2 threads, 1400 -> 1500
+ * tok/s against one run per expert, no better with 512 (doc/benchmarks.md) */
+#define EXPERT_RUN_ROWS 128
+
+/* The experts e0..e1-1 of a layer at once, when their (token, slot) pairs
+ * fit the activation buffers (at most n_batch rows; every expert of the
+ * layer for decode and short batches, runs of consecutive experts for a
+ * prefill): the pairs are in expert order (group_by_expert), so expert e's
+ * rows are rows expert_start[e] - expert_start[e0].. of xe, ge, ue and de;
+ * then one matmul op for every expert's gate and up (each expert's input
+ * converted once for both), one glu over all rows, one op for every down,
+ * one scatter. Each expert's rows see the same operations as in
+ * expert_ffn. At most 256 experts. */
+static int experts_together(struct moe_model *m, const struct layer *L, int e0, int e1)
 {
     const struct moe_model_cfg *c = &m->cfg;
     const struct moe_backend_ops *ops = m->be->ops;
     struct moe_backend *be = m->be;
     const int K = c->n_expert_used;
-    const int64_t E = c->n_embd, F = c->n_ff_exp, rows = n * K;
+    const int64_t E = c->n_embd, F = c->n_ff_exp, base = m->a.expert_start[e0];
+    const int64_t rows = m->a.expert_start[e1 - 1] + m->a.expert_count[e1 - 1] - base;
+    const int32_t *pairs = m->a.tok_by_expert + base;
     struct moe_matmul_job jobs[2 * 256];
     for (int64_t i = 0; i < rows; i++)
-        m->a.row_idx[i] = m->a.tok_by_expert[i] / K;
+        m->a.row_idx[i] = pairs[i] / K;
     TRY(ops->copy_rows(be, m->a.xe, E, NULL, m->a.xn, E, m->a.row_idx, rows, E));
     int nj = 0;
-    for (int e = 0; e < c->n_expert; e++) {
+    for (int e = e0; e < e1; e++) {
         const int cnt = m->a.expert_count[e];
         if (cnt == 0)
             continue;
-        const int64_t r0 = m->a.expert_start[e];
+        const int64_t r0 = m->a.expert_start[e] - base;
         const float *x = m->a.xe + r0 * E;
         jobs[nj++] = (struct moe_matmul_job){ .y = m->a.ge + r0 * F, .w = expert_weight(&L->gate, e),
                                               .bias = L->gate_b ? L->gate_b + e * F : NULL, .x = x,
@@ -282,17 +292,17 @@ static int experts_together(struct moe_model *m, const struct layer *L, int64_t 
     TRY(moe_model_matmuls(m, jobs, nj));
     TRY(glu(m, m->a.ge, m->a.ge, m->a.ue, rows * F));
     nj = 0;
-    for (int e = 0; e < c->n_expert; e++) {
+    for (int e = e0; e < e1; e++) {
         const int cnt = m->a.expert_count[e];
         if (cnt == 0)
             continue;
-        const int64_t r0 = m->a.expert_start[e];
+        const int64_t r0 = m->a.expert_start[e] - base;
         jobs[nj++] = (struct moe_matmul_job){ .y = m->a.de + r0 * E, .w = expert_weight(&L->down, e),
                                               .bias = L->down_b ? L->down_b + e * E : NULL,
                                               .x = m->a.ge + r0 * F, .n_tok = cnt };
     }
     TRY(moe_model_matmuls(m, jobs, nj));
-    TRY(ops->copy_rows(be, m->a.slot_out, E, m->a.tok_by_expert, m->a.de, E, NULL, rows, E));
+    TRY(ops->copy_rows(be, m->a.slot_out, E, pairs, m->a.de, E, NULL, rows, E));
     return 0;
 }
 
@@ -867,15 +877,35 @@ int moe_model_experts_run(struct moe_model *m, int il, int64_t n, struct moe_dia
     if (m->ex.cache != NULL)
         return experts_cached(m, il, n, diag);
     const int64_t E = c->n_embd, F = c->n_ff_exp;
-    if (n * c->n_expert_used <= m->plan.n_batch && n * c->n_expert_used <= 2 * 256)
-        return experts_together(m, L, n);
-    for (int e = 0; e < c->n_expert; e++) {
-        if (m->a.expert_count[e] == 0)
+    /* runs of consecutive experts whose pairs fit the buffers (n_batch
+     * rows), each as one set of matmul ops: every expert at once when the
+     * batch's pairs fit, else runs of about EXPERT_RUN_ROWS pairs, so that a
+     * prefill's experts of a few tokens each share the thread pool's runs
+     * (and gate and up the conversion of their input) instead of three runs
+     * per expert, while a run's rows of xe, ge, ue and de stay in L2 */
+    const int64_t cap = n * c->n_expert_used <= m->n_batch ? m->n_batch : EXPERT_RUN_ROWS;
+    for (int e0 = 0; e0 < c->n_expert;) {
+        int64_t rows = 0;
+        int e1 = e0, used = 0;
+        while (e1 < c->n_expert && rows + m->a.expert_count[e1] <= m->n_batch &&
+               (rows == 0 || rows + m->a.expert_count[e1] <= cap) && used < 256) {
+            rows += m->a.expert_count[e1];
+            used += m->a.expert_count[e1] > 0;
+            e1++;
+        }
+        if (e1 == e0) {
+            /* more pairs than the buffers' rows (not with top-k's distinct
+             * experts per token and n <= n_batch): on its own */
+            const int e = e0++;
+            struct moe_weight wg = expert_weight(&L->gate, e), wu = expert_weight(&L->up, e);
+            struct moe_weight wd = expert_weight(&L->down, e);
+            TRY(expert_ffn(m, e, &wg, &wu, &wd, L->gate_b ? L->gate_b + e * F : NULL,
+                           L->up_b ? L->up_b + e * F : NULL, L->down_b ? L->down_b + e * E : NULL));
             continue;
-        struct moe_weight wg = expert_weight(&L->gate, e), wu = expert_weight(&L->up, e);
-        struct moe_weight wd = expert_weight(&L->down, e);
-        TRY(expert_ffn(m, e, &wg, &wu, &wd, L->gate_b ? L->gate_b + e * F : NULL,
-                       L->up_b ? L->up_b + e * F : NULL, L->down_b ? L->down_b + e * E : NULL));
+        }
+        if (rows > 0)
+            TRY(experts_together(m, L, e0, e1));
+        e0 = e1;
     }
     return 0;
 }
