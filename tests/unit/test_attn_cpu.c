@@ -20,6 +20,7 @@
 #include "kernels/cpu/vecdot.h"
 #include "kernels/fp16.h"
 #include "tests/harness.h"
+#include "tests/simd_paths.h"
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
@@ -305,30 +306,7 @@ static void test_default_path(void)
         check_extremes();
 }
 
-static void test_avx512_path(void)
-{
-    setenv("MOE_CPU_SIMD", "avx512", 1);
-    if (strcmp(moe_vecdot_impl(), "avx512vnni") != 0)
-        MOE_SKIP("no AVX-512 VNNI on this CPU (path %s)", moe_vecdot_impl());
-    test_default_path();
-}
-
-static void test_avx2_path(void)
-{
-    setenv("MOE_CPU_SIMD", "avx2", 1);
-    const char *impl = moe_vecdot_impl();
-    if (strcmp(impl, "scalar") == 0)
-        MOE_SKIP("no AVX2 on this CPU");
-    CHECK_STR(impl, "avx2");
-    test_default_path();
-}
-
-static void test_scalar_path(void)
-{
-    setenv("MOE_CPU_SIMD", "scalar", 1);
-    CHECK_STR(moe_vecdot_impl(), "scalar");
-    test_default_path();
-}
+MOE_TEST_SIMD_PATHS(test_default_path)
 
 int main(void)
 {

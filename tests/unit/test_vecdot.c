@@ -13,6 +13,7 @@
 #include "kernels/cpu/vecdot-impl.h"
 #include "kernels/fp16.h"
 #include "tests/harness.h"
+#include "tests/simd_paths.h"
 
 static uint64_t rng = 88172645463325252ull;
 
@@ -389,32 +390,8 @@ static void test_all_types(void)
     check_quant_act();
 }
 
-/* The path taken without MOE_CPU_SIMD is AVX-512 (VNNI) on a CPU that has
- * it: the test above ran it; say so, and skip when this CPU lacks it. */
-static void test_avx512_path(void)
-{
-    if (strcmp(moe_vecdot_impl(), "avx512vnni") != 0)
-        MOE_SKIP("no AVX-512 VNNI on this CPU (path %s)", moe_vecdot_impl());
-    setenv("MOE_CPU_SIMD", "avx512", 1);
-    test_all_types();
-}
-
-static void test_avx2_path(void)
-{
-    setenv("MOE_CPU_SIMD", "avx2", 1);
-    const char *impl = moe_vecdot_impl();
-    if (strcmp(impl, "scalar") == 0)
-        MOE_SKIP("no AVX2 on this CPU");
-    CHECK_STR(impl, "avx2");
-    test_all_types();
-}
-
-static void test_scalar_path(void)
-{
-    setenv("MOE_CPU_SIMD", "scalar", 1);
-    CHECK_STR(moe_vecdot_impl(), "scalar");
-    test_all_types();
-}
+/* Every type on each path the dispatcher can take (tests/simd_paths.h). */
+MOE_TEST_SIMD_PATHS(test_all_types)
 
 /* ggml's Q8_0 activation rounding is to nearest even at exact halves. */
 static void test_q8_0_rounding(void)
