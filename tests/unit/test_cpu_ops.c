@@ -254,6 +254,23 @@ static void test_rope_threads(void)
     free(x);
     free(y1);
     free(y3);
+    /* more rotary dims than the stack table holds: the heap table, the same
+     * floats on 1 and 3 threads, every pair rotated */
+    const int big = 1040, nt = 5;
+    const size_t nb = (size_t)nt * 2 * big;
+    float *bx = malloc(nb * sizeof(float)), *by1 = malloc(nb * sizeof(float)), *by3 = malloc(nb * sizeof(float));
+    for (size_t i = 0; i < nb; i++)
+        bx[i] = frand();
+    const struct moe_rope_params bp = { .mode = MOE_ROPE_NEOX, .n_rot = big, .freq_base = 10000.0f, .freq_scale = 1.0f };
+    memcpy(by1, bx, nb * sizeof(float));
+    memcpy(by3, bx, nb * sizeof(float));
+    CHECK(b1->ops->rope(b1, by1, nt, 2, big, 0, pos, &bp) == 0);
+    CHECK(b3->ops->rope(b3, by3, nt, 2, big, 0, pos, &bp) == 0);
+    CHECK(memcmp(by1, by3, nb * sizeof(float)) == 0);
+    CHECK(by1[2 * big + big / 2 - 1] != bx[2 * big + big / 2 - 1]);   /* token 1, head 0, last pair */
+    free(bx);
+    free(by1);
+    free(by3);
     free(pos);
     moe_backend_destroy(b1);
     moe_backend_destroy(b3);
